@@ -1,0 +1,2 @@
+//! mbridge: Megatron Bridge reimplemented in Rust.
+pub mod cli;
