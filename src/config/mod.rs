@@ -1,0 +1,2 @@
+//! The config container: sections, recipes, overrides, validation.
+pub mod model;
