@@ -1,3 +1,5 @@
 //! mbridge: Megatron Bridge reimplemented in Rust.
 pub mod cli;
 pub mod config;
+pub mod model;
+pub mod ops;
