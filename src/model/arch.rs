@@ -102,7 +102,7 @@ impl GptArch {
         if cfg.num_layers == 0 || cfg.hidden_size == 0 || heads == 0 || vocab == 0 {
             bail!("model.num_layers, hidden_size, num_attention_heads and vocab_size must be > 0");
         }
-        if groups == 0 || heads % groups != 0 {
+        if groups == 0 || !heads.is_multiple_of(groups) {
             bail!("model.num_attention_heads ({heads}) must be a multiple of num_query_groups ({groups})");
         }
         if cfg.num_moe_experts.is_some() {
@@ -220,7 +220,7 @@ pub fn stage_layers(cfg: &ModelConfig, pp_rank: usize, pp_size: usize) -> Result
             bail!("pipeline stage overrides leave {rest} layers unassigned");
         }
     } else {
-        if rest % middle.len() != 0 {
+        if !rest.is_multiple_of(middle.len()) {
             bail!(
                 "model.num_layers ({n}) cannot be split evenly over {} pipeline stages",
                 middle.len()

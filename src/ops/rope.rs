@@ -32,7 +32,7 @@ impl RopeTable {
     ) -> Result<Self> {
         // Megatron: dim = int(kv_channels * rotary_percent).
         let rot_dim = (head_dim as f64 * rotary_percent) as usize;
-        if rot_dim == 0 || rot_dim % 2 != 0 || rot_dim > head_dim {
+        if rot_dim == 0 || !rot_dim.is_multiple_of(2) || rot_dim > head_dim {
             candle_core::bail!(
                 "rotary dimension {rot_dim} (head_dim {head_dim} × rotary_percent {rotary_percent}) must be even and in 2..=head_dim"
             );
