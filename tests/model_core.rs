@@ -7,6 +7,7 @@ use mbridge::config::model::ModelConfig;
 use mbridge::model::{
     generate, generate_no_cache, ForwardOpts, GptModel, ParallelLayout, ShardLayout,
 };
+use mbridge::ops::DropoutRng;
 use model_common::{tiny_gpt, tiny_llama, tiny_qwen_window};
 
 fn build(cfg: &ModelConfig, layout: ParallelLayout, seed: u64, dtype: DType) -> GptModel {
@@ -328,6 +329,87 @@ fn pipeline_stages_use_global_layer_numbers() {
     assert_eq!(l, vec![3, 4]);
 }
 
+/// Chaining the stages of a PP=2 model equals the PP=1 model built from the same seed
+/// (tied and untied; the tied copy on the last stage starts equal to the embedding).
+#[test]
+fn pipeline_stages_chain_to_the_whole_model() {
+    for base in [tiny_llama(), tiny_qwen_window()] {
+        let cfg = ModelConfig {
+            num_layers: 4,
+            ..base
+        };
+        let dev = Device::Cpu;
+        let whole = build(&cfg, ParallelLayout::single(), 9, DType::F64);
+        let stage = |pp_rank| {
+            let layout = ParallelLayout {
+                tp_rank: 0,
+                tp_size: 1,
+                pp_rank,
+                pp_size: 2,
+            };
+            build(&cfg, layout, 9, DType::F64)
+        };
+        let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]], &dev).unwrap();
+        let opts = ForwardOpts::default();
+        let hidden = stage(0).forward_stage(&tokens, &opts).unwrap();
+        assert_eq!(hidden.dims(), &[2, 6, 16]);
+        let logits = stage(1).forward_stage(&hidden, &opts).unwrap();
+        let want = whole.forward(&tokens, &opts).unwrap();
+        let d = (logits - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
+        assert!(
+            stage(1).forward(&hidden, &opts).is_err(),
+            "forward needs the whole model"
+        );
+    }
+}
+
+#[test]
+fn dropout_is_seeded_and_train_only() {
+    let cfg = ModelConfig {
+        hidden_dropout: 0.2,
+        attention_dropout: 0.2,
+        ..tiny_llama()
+    };
+    let m = build(&cfg, ParallelLayout::single(), 1, DType::F32);
+    let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9]], &Device::Cpu).unwrap();
+    let run = |rng: Option<&DropoutRng>| {
+        let opts = ForwardOpts {
+            dropout: rng,
+            ..Default::default()
+        };
+        m.forward(&tokens, &opts)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let a = run(Some(&DropoutRng::new(5, 10, 0)));
+    assert_eq!(
+        a,
+        run(Some(&DropoutRng::new(5, 10, 0))),
+        "same stream ⇒ same masks"
+    );
+    assert_ne!(
+        a,
+        run(Some(&DropoutRng::new(5, 11, 0))),
+        "next iteration ⇒ new masks"
+    );
+    assert_ne!(
+        a,
+        run(Some(&DropoutRng::new(5, 10, 1))),
+        "next micro-batch ⇒ new masks"
+    );
+    assert_eq!(run(None), run(None), "evaluation is deterministic");
+    assert_ne!(a, run(None));
+    // Inverted dropout keeps the expectation.
+    let ones = Tensor::ones(100_000, DType::F32, &Device::Cpu).unwrap();
+    let y = DropoutRng::new(0, 0, 0).dropout(&ones, 0.3).unwrap();
+    let mean = y.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!((mean - 1.0).abs() < 0.01, "{mean}");
+}
+
 #[test]
 fn bad_input_is_a_clear_error() {
     let cfg = tiny_llama();
@@ -384,6 +466,7 @@ fn packed_documents_with_attention_mask() {
     let opts = ForwardOpts {
         position_ids: Some(&pos),
         attention_mask: Some(&mask),
+        dropout: None,
     };
     let got = m.forward(&tokens, &opts).unwrap();
     let alone = m

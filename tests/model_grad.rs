@@ -9,7 +9,7 @@ use mbridge::model::attention::{AttnInputs, SelfAttention};
 use mbridge::model::mlp::Mlp;
 use mbridge::model::params::{ParamStore, TpCoord};
 use mbridge::model::{loss_for_microbatch, GptArch, GptModel, Microbatch, ParallelLayout};
-use mbridge::ops::{self, RopeTable};
+use mbridge::ops::{self, DropoutRng, RopeTable};
 use model_common::{
     check_grads, project, rand_t, rand_var, tiny_gpt, tiny_llama, tiny_qwen_window,
 };
@@ -55,6 +55,12 @@ fn batch(cfg: &ModelConfig, b: usize, s: usize, dtype: DType) -> Microbatch {
 }
 
 fn check_model(cfg: &ModelConfig, seed: u64) {
+    check_model_dropout(cfg, seed, false);
+}
+
+/// With `dropout`, every loss evaluation replays the same masks (fresh stream, same key), so
+/// finite differences see the same function autograd differentiates.
+fn check_model_dropout(cfg: &ModelConfig, seed: u64, dropout: bool) {
     let model = GptModel::new(
         cfg,
         ParallelLayout::single(),
@@ -66,7 +72,9 @@ fn check_model(cfg: &ModelConfig, seed: u64) {
     jitter(model.params(), seed);
     let mb = batch(cfg, 2, 6, DType::F64);
     let loss = || {
-        let (sum, count) = loss_for_microbatch(&model, &mb).map_err(candle_core::Error::msg)?;
+        let rng = dropout.then(|| DropoutRng::new(seed, 1, 0));
+        let (sum, count) =
+            loss_for_microbatch(&model, &mb, rng.as_ref()).map_err(candle_core::Error::msg)?;
         sum / count
     };
     check_grads(&all_vars(model.params()), &loss, 6);
@@ -85,6 +93,16 @@ fn whole_model_qwen_qknorm_bias_window_tied() {
 #[test]
 fn whole_model_gpt_layernorm_learned_pos_gelu_mqa() {
     check_model(&tiny_gpt(), 3);
+}
+
+#[test]
+fn whole_model_with_dropout() {
+    let cfg = ModelConfig {
+        hidden_dropout: 0.1,
+        attention_dropout: 0.1,
+        ..tiny_llama()
+    };
+    check_model_dropout(&cfg, 4, true);
 }
 
 #[test]
@@ -117,6 +135,7 @@ fn attention_layer_grad() {
         let inputs = AttnInputs {
             rope: Some(&rope),
             allowed: &allowed,
+            dropout: None,
         };
         let loss = || {
             project(
@@ -155,7 +174,7 @@ fn every_parameter_gets_a_gradient() {
         let model =
             GptModel::new(&cfg, ParallelLayout::single(), 4, DType::F32, &Device::Cpu).unwrap();
         let mb = batch(&cfg, 2, 8, DType::F32);
-        let (sum, count) = loss_for_microbatch(&model, &mb).unwrap();
+        let (sum, count) = loss_for_microbatch(&model, &mb, None).unwrap();
         let grads = (sum / count).unwrap().backward().unwrap();
         for p in model.params().params() {
             let g = grads

@@ -121,7 +121,7 @@ fn attention_gqa_window_grad() {
         softmax_scale: 0.7,
     };
     let mask = ops::build_attention_mask(0, s, s, Some(2), None, &Device::Cpu).unwrap();
-    let loss = || project(&ops::attention(&q, &k, &v, &mask, shape)?, 18);
+    let loss = || project(&ops::attention(&q, &k, &v, &mask, shape, None)?, 18);
     check_grads(&named(&[("q", &q), ("k", &k), ("v", &v)]), &loss, 30);
 }
 
@@ -140,7 +140,7 @@ fn attention_matches_naive_reference() {
         softmax_scale: 0.5,
     };
     let mask = ops::build_attention_mask(0, s, s, Some(left), None, &Device::Cpu).unwrap();
-    let got = ops::attention(&q, &k, &v, &mask, shape).unwrap();
+    let got = ops::attention(&q, &k, &v, &mask, shape, None).unwrap();
     let (qv, kv, vv) = (
         q.squeeze(0).unwrap().to_vec3::<f64>().unwrap(),
         k.squeeze(0).unwrap().to_vec3::<f64>().unwrap(),

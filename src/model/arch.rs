@@ -88,6 +88,10 @@ pub struct GptArch {
     pub window_left: Option<i64>,
     /// `init_method_std`.
     pub init_std: f64,
+    /// Dropout after the embedding and on both residual branches (training only).
+    pub hidden_dropout: f64,
+    /// Dropout on attention probabilities (training only).
+    pub attention_dropout: f64,
 }
 
 impl GptArch {
@@ -154,6 +158,8 @@ impl GptArch {
             seq_len_interpolation_factor: cfg.seq_len_interpolation_factor,
             window_left: cfg.window_size.map(|[left, _]| left),
             init_std: cfg.init_method_std,
+            hidden_dropout: cfg.hidden_dropout,
+            attention_dropout: cfg.attention_dropout,
         })
     }
 

@@ -5,7 +5,7 @@ use super::arch::GptArch;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
-use crate::ops::{self, AttentionShape};
+use crate::ops::{self, AttentionShape, DropoutRng};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -23,6 +23,7 @@ pub struct SelfAttention {
     proj_w: Tensor,
     proj_b: Option<Tensor>,
     shape: AttentionShape,
+    attention_dropout: f64,
 }
 
 /// Per-call inputs shared by all layers.
@@ -31,6 +32,8 @@ pub struct AttnInputs<'a> {
     pub rope: Option<&'a (Tensor, Tensor)>,
     /// u8 "may attend" mask `[B, 1, s, t]` over all keys (cached + new).
     pub allowed: &'a Tensor,
+    /// Mask source in training mode; None = evaluation (no dropout).
+    pub dropout: Option<&'a DropoutRng>,
 }
 
 impl SelfAttention {
@@ -124,6 +127,7 @@ impl SelfAttention {
             proj_w,
             proj_b,
             shape,
+            attention_dropout: arch.attention_dropout,
         })
     }
 
@@ -182,7 +186,8 @@ impl SelfAttention {
             }
             None => (k, v),
         };
-        let out = ops::attention(&q, &k, &v, inputs.allowed, self.shape)?;
+        let dropout = inputs.dropout.map(|r| (self.attention_dropout, r));
+        let out = ops::attention(&q, &k, &v, inputs.allowed, self.shape, dropout)?;
         let out = out.transpose(1, 2)?.reshape((b, s, heads * d))?;
         Ok(ops::linear(&out, &self.proj_w, self.proj_b.as_ref())?)
     }

@@ -8,7 +8,7 @@ use super::mlp::Mlp;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout, TpCoord};
 use crate::config::model::{ModelConfig, PositionEmbedding};
-use crate::ops::{self, RopeTable};
+use crate::ops::{self, DropoutRng, RopeTable};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
@@ -27,6 +27,8 @@ pub struct ForwardOpts<'a> {
     /// Megatron-style attention mask `[b or 1, 1, s, s]`, nonzero = masked out, combined with
     /// the causal (and sliding-window) mask; None ⇒ causal only.
     pub attention_mask: Option<&'a Tensor>,
+    /// Dropout mask source: Some in training, None in evaluation/generation.
+    pub dropout: Option<&'a DropoutRng>,
 }
 
 /// Keys/values of every layer of this stage for incremental decoding.
@@ -131,8 +133,16 @@ impl GptModel {
                 _ => {
                     // Untied, or tied on a last stage without the embedding: Megatron keeps an
                     // `output_layer.weight` copy there, synchronised with the embedding.
-                    let w = store.create(
+                    // The tied copy starts from the embedding's own random stream, i.e. equal to
+                    // it, as Megatron's initial embedding all-reduce makes it.
+                    let init_key = if arch.tied_embeddings {
+                        "embedding.word_embeddings.weight"
+                    } else {
+                        "output_layer.weight"
+                    };
+                    let w = store.create_keyed(
                         "output_layer.weight",
+                        init_key,
                         &[arch.vocab, h],
                         Some(0),
                         ShardLayout::Contiguous,
@@ -199,11 +209,21 @@ impl GptModel {
         }
     }
 
-    fn require_whole_model(&self) -> Result<()> {
-        if self.layout.tp_size != 1 || self.layout.pp_size != 1 {
+    fn require_tp1(&self) -> Result<()> {
+        if self.layout.tp_size != 1 {
             bail!(
-                "this forward runs a whole model on one rank; TP={} PP={} stages are driven by the parallel engine",
-                self.layout.tp_size,
+                "TP={} layers need the tensor-parallel communicator of the parallel engine; this forward runs TP=1 stages",
+                self.layout.tp_size
+            );
+        }
+        Ok(())
+    }
+
+    fn require_whole_model(&self) -> Result<()> {
+        self.require_tp1()?;
+        if self.layout.pp_size != 1 {
+            bail!(
+                "PP={} model: run each stage with forward_stage (this forward needs the whole model)",
                 self.layout.pp_size
             );
         }
@@ -211,9 +231,19 @@ impl GptModel {
     }
 
     /// Full forward of a TP=1/PP=1 model: token ids `[b, s]` (u32) → logits `[b, s, vocab]`.
+    /// Pass `opts.dropout` in training; without it the forward is in evaluation mode.
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
         self.require_whole_model()?;
         self.run(tokens, 0, opts, None)
+    }
+
+    /// Forward of one pipeline stage (TP=1): the first stage takes token ids `[b, s]`, later
+    /// stages the previous stage's hidden states `[b, s, h]`; the last stage returns logits
+    /// `[b, s, vocab]`, earlier stages hidden states. Every stage needs the same `opts`
+    /// (positions, mask) and, in training, its own [`DropoutRng`] stream.
+    pub fn forward_stage(&self, input: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        self.require_tp1()?;
+        self.run(input, 0, opts, None)
     }
 
     /// Incremental forward with a KV cache: `tokens` `[b, s]` continue the cached sequence
@@ -230,17 +260,24 @@ impl GptModel {
     }
 
     /// Rejects token ids outside the vocabulary and sequences past `max_positions`.
-    fn check_inputs(&self, tokens: &Tensor, start: usize, pos: Option<&Tensor>) -> Result<()> {
-        let (_, s) = tokens.dims2()?;
+    fn check_inputs(
+        &self,
+        tokens: Option<&Tensor>,
+        start: usize,
+        s: usize,
+        pos: Option<&Tensor>,
+    ) -> Result<()> {
         if s == 0 {
             bail!("empty input sequence");
         }
-        let max_id = tokens.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize;
-        if max_id >= self.arch.vocab {
-            bail!(
-                "token id {max_id} is out of range for vocabulary size {}",
-                self.arch.vocab
-            );
+        if let Some(tokens) = tokens {
+            let max_id = tokens.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize;
+            if max_id >= self.arch.vocab {
+                bail!(
+                    "token id {max_id} is out of range for vocabulary size {}",
+                    self.arch.vocab
+                );
+            }
         }
         let end = start + s;
         if end > self.arch.max_positions {
@@ -261,22 +298,45 @@ impl GptModel {
         Ok(())
     }
 
+    /// Runs this stage: `input` is token ids on the first stage, hidden states otherwise.
     fn run(
         &self,
-        tokens: &Tensor,
+        input: &Tensor,
         start: usize,
         opts: &ForwardOpts,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        self.check_inputs(tokens, start, opts.position_ids)?;
-        let (b, s) = tokens.dims2()?;
+        let pre = self.layout.pre_process();
+        let (b, s) = if pre {
+            input.dims2()?
+        } else {
+            let (b, s, h) = input.dims3()?;
+            if h != self.arch.hidden {
+                bail!(
+                    "stage input has width {h}, expected hidden size {}",
+                    self.arch.hidden
+                );
+            }
+            (b, s)
+        };
+        self.check_inputs(pre.then_some(input), start, s, opts.position_ids)?;
         let pos = match opts.position_ids {
             Some(p) => p.to_dtype(DType::U32)?,
             None => Tensor::arange(start as u32, (start + s) as u32, &self.device)?
                 .unsqueeze(0)?
                 .repeat((b, 1))?,
         };
-        let mut x = self.embed(tokens, &pos)?;
+        let hidden_dropout = |t: Tensor| -> Result<Tensor> {
+            Ok(match opts.dropout {
+                Some(r) => r.dropout(&t, self.arch.hidden_dropout)?,
+                None => t,
+            })
+        };
+        let mut x = if pre {
+            hidden_dropout(self.embed(input, &pos)?)?
+        } else {
+            input.clone()
+        };
         let rope = match &self.rope {
             Some(r) => Some(r.cos_sin(&pos, self.dtype)?),
             None => None,
@@ -292,13 +352,18 @@ impl GptModel {
         let inputs = AttnInputs {
             rope: rope.as_ref(),
             allowed: &allowed,
+            dropout: opts.dropout,
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);
-            x = (&x + layer.attn.forward(&x, &inputs, entry)?)?;
-            x = (&x + layer.mlp.forward(&x)?)?;
+            x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;
+            x = (&x + hidden_dropout(layer.mlp.forward(&x)?)?)?;
         }
-        self.head(&x)
+        if self.layout.post_process() {
+            self.head(&x)
+        } else {
+            Ok(x)
+        }
     }
 
     /// Embedding stage input: word embeddings (+ learned positions) `[b, s, h]`.

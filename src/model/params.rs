@@ -87,11 +87,25 @@ impl ParamStore {
         layout: ShardLayout,
         init: Init,
     ) -> Result<Tensor> {
+        self.create_keyed(name, name, global_shape, partition_dim, layout, init)
+    }
+
+    /// Like [`Self::create`], but draws the initial values from the random stream of
+    /// `init_key` instead of `name` (a tied copy starts equal to its original).
+    pub fn create_keyed(
+        &mut self,
+        name: &str,
+        init_key: &str,
+        global_shape: &[usize],
+        partition_dim: Option<usize>,
+        layout: ShardLayout,
+        init: Init,
+    ) -> Result<Tensor> {
         if self.index.contains_key(name) {
             candle_core::bail!("parameter {name} registered twice");
         }
         let full = init_full(
-            name,
+            init_key,
             global_shape,
             init,
             self.seed,

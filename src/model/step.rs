@@ -1,7 +1,7 @@
 //! The per-micro-batch training building block: forward + masked cross-entropy.
 
 use super::gpt::{ForwardOpts, GptModel};
-use crate::ops::masked_cross_entropy;
+use crate::ops::{masked_cross_entropy, DropoutRng};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -23,10 +23,17 @@ pub struct Microbatch {
 /// Runs the model on `batch` and returns `(Σ mask·CE, Σ mask)` (see
 /// [`masked_cross_entropy`]); call `.backward()` on `sum / global_count` after summing the
 /// counts over the global batch, exactly as Megatron reduces `{"lm loss": [sum, count]}`.
-pub fn loss_for_microbatch(model: &GptModel, batch: &Microbatch) -> Result<(Tensor, f64)> {
+/// `dropout` is the mask source of this micro-batch in training (None = no dropout, e.g.
+/// for validation or when the config's dropouts are zero).
+pub fn loss_for_microbatch(
+    model: &GptModel,
+    batch: &Microbatch,
+    dropout: Option<&DropoutRng>,
+) -> Result<(Tensor, f64)> {
     let opts = ForwardOpts {
         position_ids: batch.position_ids.as_ref(),
         attention_mask: batch.attention_mask.as_ref(),
+        dropout,
     };
     let logits = model.forward(&batch.tokens, &opts)?;
     Ok(masked_cross_entropy(

@@ -1,5 +1,6 @@
 //! Causal (optionally sliding-window) grouped-query attention, differentiable.
 
+use super::dropout::DropoutRng;
 use super::softmax::softmax_last_dim;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -62,13 +63,15 @@ pub fn build_attention_mask(
 /// group `g`, as Megatron's per-group QKV layout yields), `k`/`v` are `[b, groups, sk, d]`,
 /// `allowed` is the u8 mask of [`build_attention_mask`]. Instead of repeating K/V per head,
 /// the `hpg` heads of a group are folded into the query-length axis so one batched matmul per
-/// group serves them all. Returns `[b, heads, sq, d]`.
+/// group serves them all. `dropout` = (attention_dropout, mask source) drops attention
+/// probabilities in training. Returns `[b, heads, sq, d]`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     allowed: &Tensor,
     shape: AttentionShape,
+    dropout: Option<(f64, &DropoutRng)>,
 ) -> Result<Tensor> {
     let (b, heads, sq, d) = q.dims4()?;
     let (_, groups, sk, _) = k.dims4()?;
@@ -90,9 +93,14 @@ pub fn attention(
         _ => scores,
     };
     let mask = allowed.unsqueeze(1)?.broadcast_as(scores.shape())?;
-    let fill =
-        Tensor::full(MASKED_SCORE, scores.shape(), scores.device())?.to_dtype(scores.dtype())?;
+    let fill = Tensor::new(MASKED_SCORE, scores.device())?
+        .to_dtype(scores.dtype())?
+        .broadcast_as(scores.shape())?;
     let probs = softmax_last_dim(&mask.where_cond(&scores, &fill)?)?.to_dtype(in_dtype)?;
+    let probs = match dropout {
+        Some((p, rng)) => rng.dropout(&probs, p)?,
+        None => probs,
+    };
     let out = probs
         .reshape((b, groups, hpg * sq, sk))?
         .matmul(&v.contiguous()?)?;

@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod attention;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod linear;
 pub mod norm;
 pub mod rope;
@@ -18,6 +19,7 @@ pub mod softmax;
 pub use activation::{apply_activation, swiglu};
 pub use attention::{attention, build_attention_mask, AttentionShape};
 pub use cross_entropy::masked_cross_entropy;
+pub use dropout::DropoutRng;
 pub use linear::linear;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{apply_rope, RopeTable};
