@@ -535,3 +535,28 @@ fn kv_cache_equals_full_recompute() {
         );
     }
 }
+
+#[test]
+fn state_round_trip_between_models() {
+    let cfg = tiny_gpt();
+    let a = build(&cfg, ParallelLayout::single(), 1, DType::F32);
+    let b = build(&cfg, ParallelLayout::single(), 2, DType::F32);
+    let state: std::collections::HashMap<String, Tensor> =
+        a.params().local_state().unwrap().into_iter().collect();
+    assert!(b.params().load_full_state(&state).unwrap().is_empty());
+    let tokens = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+    let la = a.forward(&tokens, &ForwardOpts::default()).unwrap();
+    let lb = b.forward(&tokens, &ForwardOpts::default()).unwrap();
+    assert_eq!(
+        la.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        lb.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let mut partial = state.clone();
+    partial.remove("decoder.final_layernorm.bias");
+    let err = b
+        .params()
+        .load_full_state(&partial)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("decoder.final_layernorm.bias"), "{err}");
+}

@@ -169,6 +169,94 @@ pub fn load_from_hf_state(model: &GptModel, hf: &HashMap<String, Tensor>) -> Res
     Ok(unused)
 }
 
+/// Inverse of [`fuse_qkv`]: splits Megatron's per-group rows back into (q, k, v).
+pub fn split_qkv(fused: &Tensor, heads: usize, groups: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let hpg = heads / groups;
+    let d = fused.dim(0)? / (heads + 2 * groups);
+    let block = (hpg + 2) * d;
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for g in 0..groups {
+        q.push(fused.narrow(0, g * block, hpg * d)?);
+        k.push(fused.narrow(0, g * block + hpg * d, d)?);
+        v.push(fused.narrow(0, g * block + (hpg + 1) * d, d)?);
+    }
+    Ok((
+        Tensor::cat(&q, 0)?,
+        Tensor::cat(&k, 0)?,
+        Tensor::cat(&v, 0)?,
+    ))
+}
+
+/// Writes a TP=1 model's weights under HF names (the inverse of [`load_from_hf_state`]):
+/// QKV un-interleaved, fc1 split into gate/up, vocabulary rows truncated to `hf_vocab`, no
+/// `lm_head.weight` for tied models. Meant for exchanging weights with PyTorch references.
+pub fn export_to_hf_state(model: &GptModel, hf_vocab: usize) -> Result<HashMap<String, Tensor>> {
+    megatron_to_hf(model, hf_vocab, &model.params().local_state()?)
+}
+
+/// Renames and splits full (TP=1) tensors shaped like `model`'s parameters — weights or their
+/// gradients — from Megatron names to HF names (see [`export_to_hf_state`]). Tied copies
+/// (`shared_embedding`) are skipped.
+pub fn megatron_to_hf(
+    model: &GptModel,
+    hf_vocab: usize,
+    state: &[(String, Tensor)],
+) -> Result<HashMap<String, Tensor>> {
+    let table: HashMap<&str, HfRule> = HF_LLAMA_TABLE.iter().copied().collect();
+    let arch = model.arch();
+    if hf_vocab > arch.vocab {
+        bail!(
+            "HF vocabulary {hf_vocab} is larger than the model's {}",
+            arch.vocab
+        );
+    }
+    let mut out = HashMap::new();
+    for (mname, t) in state {
+        let p = model
+            .params()
+            .get(mname)
+            .ok_or_else(|| anyhow!("{mname} is not a parameter of this model"))?;
+        if t.dims() != p.global_shape.as_slice() {
+            bail!(
+                "{mname}: expected the full shape {:?}, got {:?}",
+                p.global_shape,
+                t.dims()
+            );
+        }
+        if p.shared_embedding {
+            continue; // tied copy: HF ties lm_head to embed_tokens at load
+        }
+        let (pattern, layer) = pattern_of(mname);
+        let rule = table
+            .get(pattern.as_str())
+            .ok_or_else(|| anyhow!("no HF mapping for parameter {mname}"))?;
+        let name = |src: &str| match layer {
+            Some(i) => src.replace("{i}", &i.to_string()),
+            None => src.to_string(),
+        };
+        match *rule {
+            HfRule::Copy(src) => {
+                out.insert(name(src), t.clone());
+            }
+            HfRule::PadVocab(src) => {
+                out.insert(name(src), t.narrow(0, 0, hf_vocab)?.contiguous()?);
+            }
+            HfRule::Qkv(q, k, v) => {
+                let (tq, tk, tv) = split_qkv(t, arch.heads, arch.groups)?;
+                out.insert(name(q), tq.contiguous()?);
+                out.insert(name(k), tk.contiguous()?);
+                out.insert(name(v), tv.contiguous()?);
+            }
+            HfRule::Gated(g, u) => {
+                let f = t.dim(0)? / 2;
+                out.insert(name(g), t.narrow(0, 0, f)?.contiguous()?);
+                out.insert(name(u), t.narrow(0, f, f)?.contiguous()?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +274,10 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(f, vec![0., 1., 10., 20., 2., 3., 11., 21.]);
+        let fused = Tensor::new(f.as_slice(), &dev).unwrap();
+        let (q2, k2, v2) = split_qkv(&fused, 4, 2).unwrap();
+        assert_eq!(q2.to_vec1::<f32>().unwrap(), vec![0., 1., 2., 3.]);
+        assert_eq!(k2.to_vec1::<f32>().unwrap(), vec![10., 11.]);
+        assert_eq!(v2.to_vec1::<f32>().unwrap(), vec![20., 21.]);
     }
 }

@@ -16,6 +16,6 @@ pub mod step;
 pub use arch::{stage_layers, GptArch, ParallelLayout};
 pub use generate::{generate, generate_no_cache};
 pub use gpt::{ForwardOpts, GptModel, KvCache};
-pub use hf::load_from_hf_state;
+pub use hf::{export_to_hf_state, load_from_hf_state, megatron_to_hf};
 pub use params::{Param, ParamStore, ShardLayout};
 pub use step::{loss_for_microbatch, Microbatch};

@@ -171,6 +171,37 @@ impl ParamStore {
         let shard = shard_of(&full, p.partition_dim, p.layout, self.tp)?;
         p.var.set(&shard)
     }
+
+    /// Loads every parameter from full (global-shape) tensors keyed by Megatron name, e.g. a
+    /// TP=1 checkpoint. A missing parameter is an error; returns the names in `state` that
+    /// this stage does not use (other stages' layers, for example).
+    pub fn load_full_state(&self, state: &HashMap<String, Tensor>) -> Result<Vec<String>> {
+        for p in &self.params {
+            let t = state.get(&p.name).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "parameter {} missing from the loaded state",
+                    p.name
+                ))
+            })?;
+            self.set_full(&p.name, t)?;
+        }
+        let mut unused: Vec<String> = state
+            .keys()
+            .filter(|k| !self.index.contains_key(*k))
+            .cloned()
+            .collect();
+        unused.sort();
+        Ok(unused)
+    }
+
+    /// This rank's shards by Megatron name, in creation order (the full tensors when TP=1).
+    /// The tensors are detached snapshots: later optimizer steps do not change them.
+    pub fn local_state(&self) -> Result<Vec<(String, Tensor)>> {
+        self.params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.var.as_tensor().detach().copy()?)))
+            .collect()
+    }
 }
 
 /// Cuts this rank's shard out of a global tensor.
