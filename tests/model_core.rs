@@ -560,3 +560,56 @@ fn state_round_trip_between_models() {
         .to_string();
     assert!(err.contains("decoder.final_layernorm.bias"), "{err}");
 }
+
+/// Same seed and batch ⇒ bit-identical loss and gradients (the basis of reproducible curves).
+#[test]
+fn forward_backward_is_bit_reproducible() {
+    let cfg = ModelConfig {
+        hidden_dropout: 0.1,
+        attention_dropout: 0.1,
+        ..tiny_llama()
+    };
+    let run = || {
+        let m = build(&cfg, ParallelLayout::single(), 21, DType::F32);
+        let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[[1u32, 4, 1, 5, 9, 2, 6, 5]], &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, 8), DType::F32, &Device::Cpu).unwrap();
+        let mb = mbridge::model::Microbatch {
+            tokens,
+            labels,
+            loss_mask: mask,
+            position_ids: None,
+            attention_mask: None,
+        };
+        let rng = DropoutRng::new(21, 3, 0);
+        let (sum, count) = mbridge::model::loss_for_microbatch(&m, &mb, Some(&rng)).unwrap();
+        let loss = (sum / count).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut bits = vec![loss.to_scalar::<f32>().unwrap().to_bits()];
+        for p in m.params().params() {
+            let g = grads.get(p.var.as_tensor()).unwrap().flatten_all().unwrap();
+            bits.extend(g.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()));
+        }
+        bits
+    };
+    assert_eq!(run(), run());
+}
+
+/// bf16 parameters run (norm statistics, softmax and loss in f32) and stay close to f32.
+#[test]
+fn bf16_forward_tracks_f32() {
+    let cfg = tiny_qwen_window();
+    let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9]], &Device::Cpu).unwrap();
+    let logits = |dt| {
+        let m = build(&cfg, ParallelLayout::single(), 2, dt);
+        let l = m.forward(&tokens, &ForwardOpts::default()).unwrap();
+        assert_eq!(l.dtype(), dt);
+        l.to_dtype(DType::F32).unwrap()
+    };
+    let d = (logits(DType::BF16) - logits(DType::F32))
+        .unwrap()
+        .abs()
+        .unwrap();
+    let d = d.max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 0.1, "bf16 logits off by {d}");
+}
