@@ -571,16 +571,14 @@ fn forward_backward_is_bit_reproducible() {
     };
     let run = || {
         let m = build(&cfg, ParallelLayout::single(), 21, DType::F32);
-        let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu).unwrap();
-        let labels = Tensor::new(&[[1u32, 4, 1, 5, 9, 2, 6, 5]], &Device::Cpu).unwrap();
-        let mask = Tensor::ones((1, 8), DType::F32, &Device::Cpu).unwrap();
-        let mb = mbridge::model::Microbatch {
-            tokens,
-            labels,
-            loss_mask: mask,
-            position_ids: None,
-            attention_mask: None,
-        };
+        let mb = mbridge::model::Microbatch::from_rows(
+            &[vec![3, 1, 4, 1, 5, 9, 2, 6]],
+            &[vec![1, 4, 1, 5, 9, 2, 6, 5]],
+            &[vec![1.0; 8]],
+            Some(&[(0..8).collect()]),
+            &Device::Cpu,
+        )
+        .unwrap();
         let rng = DropoutRng::new(21, 3, 0);
         let (sum, count) = mbridge::model::loss_for_microbatch(&m, &mb, Some(&rng)).unwrap();
         let loss = (sum / count).unwrap();
@@ -612,4 +610,29 @@ fn bf16_forward_tracks_f32() {
         .unwrap();
     let d = d.max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 0.1, "bf16 logits off by {d}");
+}
+
+#[test]
+fn microbatch_from_rows_validates() {
+    use mbridge::model::Microbatch;
+    let dev = Device::Cpu;
+    let mb = Microbatch::from_rows(
+        &[vec![1, 2], vec![3, 4]],
+        &[vec![2, 3], vec![4, 5]],
+        &[vec![1.0, 0.0], vec![1.0, 1.0]],
+        None,
+        &dev,
+    )
+    .unwrap();
+    assert_eq!(
+        mb.tokens.to_vec2::<u32>().unwrap(),
+        vec![vec![1, 2], vec![3, 4]]
+    );
+    assert!(
+        Microbatch::from_rows(&[vec![1, -2]], &[vec![2, 3]], &[vec![1.0, 1.0]], None, &dev)
+            .is_err()
+    );
+    assert!(
+        Microbatch::from_rows(&[vec![1, 2]], &[vec![2]], &[vec![1.0, 1.0]], None, &dev).is_err()
+    );
 }

@@ -149,6 +149,14 @@ impl ParamStore {
         self.params.iter().map(|p| p.var.clone()).collect()
     }
 
+    /// `(name, var)` pairs in creation order (the optimizer's input format).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.clone()))
+            .collect()
+    }
+
     /// Number of scalars held by this rank.
     pub fn num_local_elements(&self) -> usize {
         self.params.iter().map(|p| p.var.elem_count()).sum()

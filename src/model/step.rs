@@ -2,8 +2,8 @@
 
 use super::gpt::{ForwardOpts, GptModel};
 use crate::ops::{masked_cross_entropy, DropoutRng};
-use anyhow::Result;
-use candle_core::Tensor;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
 
 /// One micro-batch as the GPT datasets produce it.
 #[derive(Debug, Clone)]
@@ -18,6 +18,48 @@ pub struct Microbatch {
     pub position_ids: Option<Tensor>,
     /// Megatron attention mask `[b, 1, s, s]`, nonzero = masked out; None ⇒ causal.
     pub attention_mask: Option<Tensor>,
+}
+
+impl Microbatch {
+    /// Stacks per-sample rows (as the GPT datasets yield them: i64 ids, f32 loss mask) into a
+    /// micro-batch on `device`. All rows must have the same length; negative ids are errors.
+    pub fn from_rows(
+        tokens: &[Vec<i64>],
+        labels: &[Vec<i64>],
+        loss_mask: &[Vec<f32>],
+        position_ids: Option<&[Vec<i64>]>,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = tokens.len();
+        let s = tokens.first().map_or(0, Vec::len);
+        if b == 0 || s == 0 {
+            bail!("empty micro-batch");
+        }
+        let ids = |what: &str, rows: &[Vec<i64>]| -> Result<Tensor> {
+            if rows.len() != b || rows.iter().any(|r| r.len() != s) {
+                bail!("micro-batch {what}: expected {b} rows of {s}");
+            }
+            let mut flat = Vec::with_capacity(b * s);
+            for &v in rows.iter().flatten() {
+                if v < 0 || v > i64::from(u32::MAX) {
+                    bail!("micro-batch {what}: id {v} out of range");
+                }
+                flat.push(v as u32);
+            }
+            Ok(Tensor::from_vec(flat, (b, s), device)?)
+        };
+        if loss_mask.len() != b || loss_mask.iter().any(|r| r.len() != s) {
+            bail!("micro-batch loss_mask: expected {b} rows of {s}");
+        }
+        let mask: Vec<f32> = loss_mask.iter().flatten().copied().collect();
+        Ok(Self {
+            tokens: ids("tokens", tokens)?,
+            labels: ids("labels", labels)?,
+            loss_mask: Tensor::from_vec(mask, (b, s), device)?,
+            position_ids: position_ids.map(|p| ids("position_ids", p)).transpose()?,
+            attention_mask: None,
+        })
+    }
 }
 
 /// Runs the model on `batch` and returns `(Σ mask·CE, Σ mask)` (see
