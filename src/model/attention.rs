@@ -37,7 +37,8 @@ pub struct AttnInputs<'a> {
 }
 
 impl SelfAttention {
-    /// Registers the parameters of layer `layer` (global number) on TP rank `tp_size`'s shard.
+    /// Registers the parameters of layer `layer` (global number); heads are split over
+    /// `tp_size` tensor-parallel ranks.
     pub fn new(
         store: &mut ParamStore,
         arch: &GptArch,
