@@ -239,3 +239,67 @@ fn cross_entropy_rejects_label_out_of_range() {
         "{err}"
     );
 }
+
+/// A per-batch mask `[2, 1, 4, 5]` with one fully masked row (→ uniform, as padding).
+fn test_mask() -> Tensor {
+    let mut m = vec![0u8; 2 * 4 * 5];
+    for (i, v) in m.iter_mut().enumerate() {
+        let (bb, r, c) = (i / 20, (i / 5) % 4, i % 5);
+        *v = u8::from(c <= r + bb && !(bb == 1 && r == 2));
+    }
+    Tensor::from_vec(m, (2, 1, 4, 5), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn masked_softmax_fused_equals_composite_and_grads() {
+    let x = rand_var(&[2, 3, 2, 4, 5], 31, 3.0);
+    let mask = test_mask();
+    let fused = ops::masked_softmax(&x, &mask, 0.7).unwrap();
+    let comp = ops::masked_softmax_composite(&x, &mask, 0.7).unwrap();
+    let d = (&fused - &comp).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f64>().unwrap() < 1e-14);
+    // The fully masked row is uniform.
+    let row = fused
+        .get(1)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(2)
+        .unwrap();
+    assert!(row
+        .to_vec1::<f64>()
+        .unwrap()
+        .iter()
+        .all(|v| (v - 0.2).abs() < 1e-15));
+    let lf = || project(&ops::masked_softmax(&x, &mask, 0.7)?, 32);
+    check_grads(&named(&[("x", &x)]), &lf, 40);
+    let lc = || project(&ops::masked_softmax_composite(&x, &mask, 0.7)?, 32);
+    check_grads(&named(&[("x", &x)]), &lc, 40);
+    let gf = lf().unwrap().backward().unwrap().get(&x).unwrap().clone();
+    let gc = lc().unwrap().backward().unwrap().get(&x).unwrap().clone();
+    let d = (gf - gc).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f64>().unwrap() < 1e-13);
+    // Mask with batch dim 1 broadcasts over the batch; f32 takes the fused path too.
+    let m1 = test_mask().narrow(0, 0, 1).unwrap();
+    let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
+    let f = ops::masked_softmax(&x32, &m1, 0.7).unwrap();
+    let c = ops::masked_softmax_composite(&x32, &m1, 0.7).unwrap();
+    let d = (f - c).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+}
+
+#[test]
+fn token_cross_entropy_fused_equals_composite_and_grads() {
+    let logits = rand_var(&[6, 9], 33, 5.0);
+    let labels = Tensor::new(&[0u32, 8, 3, 3, 5, 1], &Device::Cpu).unwrap();
+    let f = ops::token_cross_entropy(&logits, &labels).unwrap();
+    let c = ops::token_cross_entropy_composite(&logits, &labels).unwrap();
+    let d = (&f - &c).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f64>().unwrap() < 1e-13);
+    let lf = || project(&ops::token_cross_entropy(&logits, &labels)?, 34);
+    check_grads(&named(&[("logits", &logits)]), &lf, 54);
+    let lc = || project(&ops::token_cross_entropy_composite(&logits, &labels)?, 34);
+    check_grads(&named(&[("logits", &logits)]), &lc, 54);
+}

@@ -56,3 +56,62 @@ fn forward_backward_speed() {
         );
     }
 }
+
+#[test]
+#[ignore]
+fn op_speed() {
+    use candle_core::Var;
+    use mbridge::ops;
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 8, 1024, 1024), &dev).unwrap()).unwrap();
+    let mask = ops::build_attention_mask(0, 1024, 1024, None, None, &dev).unwrap();
+    for _ in 0..2 {
+        let t = Instant::now();
+        let y = ops::masked_softmax_composite(x.as_tensor(), &mask, 0.125).unwrap();
+        let f = t.elapsed();
+        let _g = (y.sum_all().unwrap()).backward().unwrap();
+        eprintln!(
+            "composite masked softmax [8,1024,1024]: fwd {:?} total {:?}",
+            f,
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let y = ops::masked_softmax(x.as_tensor(), &mask, 0.125).unwrap();
+        let f = t.elapsed();
+        let _g = (y.sum_all().unwrap()).backward().unwrap();
+        eprintln!(
+            "fused masked softmax [8,1024,1024]: fwd {:?} total {:?}",
+            f,
+            t.elapsed()
+        );
+    }
+    let logits =
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 1024, 32768), &dev).unwrap()).unwrap();
+    let labels = Tensor::arange(0u32, 1024, &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let lm = Tensor::ones((1, 1024), DType::F32, &dev).unwrap();
+    for _ in 0..2 {
+        let t = Instant::now();
+        let (s, _) = ops::masked_cross_entropy(&logits, &labels, &lm).unwrap();
+        let f = t.elapsed();
+        let _g = s.backward().unwrap();
+        eprintln!(
+            "fused CE [1024, 32768]: fwd {:?} total {:?}",
+            f,
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let flat = logits.as_tensor().reshape((1024, 32768)).unwrap();
+        let s = ops::token_cross_entropy_composite(&flat, &labels.flatten_all().unwrap()).unwrap();
+        let s = s.sum_all().unwrap();
+        let f = t.elapsed();
+        let _g = s.backward().unwrap();
+        eprintln!(
+            "composite CE [1024, 32768]: fwd {:?} total {:?}",
+            f,
+            t.elapsed()
+        );
+    }
+}

@@ -1,12 +1,8 @@
 //! Causal (optionally sliding-window) grouped-query attention, differentiable.
 
 use super::dropout::DropoutRng;
-use super::softmax::softmax_last_dim;
+use super::softmax::masked_softmax;
 use candle_core::{DType, Device, Result, Tensor};
-
-/// Value written into masked-out scores before softmax: finite so that a fully masked row
-/// (padding) gives a uniform distribution instead of NaN, and far below any real score.
-const MASKED_SCORE: f64 = -1e30;
 
 /// Head layout of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,18 +81,14 @@ pub fn attention(
     let hpg = heads / groups;
     let qg = q.reshape((b, groups, hpg * sq, d))?;
     let scores = qg.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let scores = (scores.reshape((b, groups, hpg, sq, sk))? * shape.softmax_scale)?;
+    let scores = scores.reshape((b, groups, hpg, sq, sk))?;
     // Softmax in fp32 for half-precision inputs (Megatron's attention_softmax_in_fp32).
     let in_dtype = scores.dtype();
     let scores = match in_dtype {
         DType::BF16 | DType::F16 => scores.to_dtype(DType::F32)?,
         _ => scores,
     };
-    let mask = allowed.unsqueeze(1)?.broadcast_as(scores.shape())?;
-    let fill = Tensor::new(MASKED_SCORE, scores.device())?
-        .to_dtype(scores.dtype())?
-        .broadcast_as(scores.shape())?;
-    let probs = softmax_last_dim(&mask.where_cond(&scores, &fill)?)?.to_dtype(in_dtype)?;
+    let probs = masked_softmax(&scores, allowed, shape.softmax_scale)?.to_dtype(in_dtype)?;
     let probs = match dropout {
         Some((p, rng)) => rng.dropout(&probs, p)?,
         None => probs,

@@ -1,7 +1,29 @@
 //! Masked token cross-entropy returning `(sum, count)` for global-batch reduction.
 
+use super::fused_cpu::CrossEntropyRows;
 use super::softmax::logsumexp_keepdim;
 use candle_core::{DType, Result, Tensor, D};
+
+/// Per-token cross-entropy `logsumexp(x) − x[label]` of logits `[N, V]` and labels `[N]`
+/// (u32) → `[N]`. Uses the fused CPU kernel for f32/f64 on CPU, else
+/// [`token_cross_entropy_composite`].
+pub fn token_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
+        logits
+            .contiguous()?
+            .apply_op2(&labels.contiguous()?, CrossEntropyRows)
+    } else {
+        token_cross_entropy_composite(logits, labels)
+    }
+}
+
+/// Device-generic form of [`token_cross_entropy`] from basic ops (max-shifted, so stable).
+pub fn token_cross_entropy_composite(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let lse = logsumexp_keepdim(logits)?;
+    let target = logits.gather(&labels.reshape((n, 1))?, D::Minus1)?;
+    (lse - target)?.reshape(n)
+}
 
 /// Cross-entropy of `logits` `[b, s, V]` against `labels` `[b, s]` (u32), weighted by
 /// `loss_mask` `[b, s]` (float, usually 0/1).
@@ -20,15 +42,12 @@ pub fn masked_cross_entropy(
         _ => logits.clone(),
     };
     let (b, s, v) = logits.dims3()?;
-    let flat = logits.reshape((b * s, v))?;
-    let labels = labels.to_dtype(DType::U32)?.reshape((b * s, 1))?;
+    let labels = labels.to_dtype(DType::U32)?.reshape(b * s)?;
     let max_label = labels.max_all()?.to_scalar::<u32>()? as usize;
     if max_label >= v {
         candle_core::bail!("label id {max_label} out of range for vocabulary of size {v}");
     }
-    let lse = logsumexp_keepdim(&flat)?;
-    let target = flat.gather(&labels, D::Minus1)?;
-    let ce = (lse - target)?.reshape((b, s))?;
+    let ce = token_cross_entropy(&logits.reshape((b * s, v))?, &labels)?.reshape((b, s))?;
     let mask = loss_mask.to_dtype(ce.dtype())?;
     let sum = ce.mul(&mask)?.sum_all()?;
     let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;

@@ -4,13 +4,16 @@
 //! `exp`, `sum_keepdim`, `index_select`, `gather`, `where_cond`, ...), all of which have a
 //! backward pass. candle-nn's fast kernels (`softmax_last_dim`, `rms_norm`, `layer_norm`,
 //! `rope*`, `sdpa`) have none and silently cut gradients, so they are never used in the
-//! training path. Fused CUDA kernels will later replace these bodies as CustomOps whose
-//! backward is checked against these reference forms.
+//! training path. Two elementwise-heavy ops (masked softmax, token cross-entropy) also have
+//! fused CPU CustomOps with their own backward (`fused_cpu.rs`), chosen automatically on CPU
+//! for f32/f64; the composite forms stay public as the reference and the path for other
+//! devices. Fused CUDA kernels will join them the same way, checked against these forms.
 
 pub mod activation;
 pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
+mod fused_cpu;
 pub mod linear;
 pub mod norm;
 pub mod rope;
@@ -18,9 +21,9 @@ pub mod softmax;
 
 pub use activation::{apply_activation, swiglu};
 pub use attention::{attention, build_attention_mask, AttentionShape};
-pub use cross_entropy::masked_cross_entropy;
+pub use cross_entropy::{masked_cross_entropy, token_cross_entropy, token_cross_entropy_composite};
 pub use dropout::DropoutRng;
 pub use linear::linear;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{apply_rope, RopeTable};
-pub use softmax::softmax_last_dim;
+pub use softmax::{masked_softmax, masked_softmax_composite, softmax_last_dim};
