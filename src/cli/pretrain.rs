@@ -73,9 +73,7 @@ pub fn plan(fin: &Finalized, recipe: Option<&str>) -> String {
         m.pipeline_model_parallel_size,
         m.context_parallel_size,
         d.data_parallel_size,
-        m.virtual_pipeline_model_parallel_size
-            .map(|v| format!(" (VP {v})"))
-            .unwrap_or_default()
+        m.virtual_pipeline_model_parallel_size.map(|v| format!(" (VP {v})")).unwrap_or_default()
     );
     s += &format!(
         "batch: global {} = micro {} × {} micro-batches × DP {}\n",

@@ -128,9 +128,7 @@ impl DatasetConfig {
 
     /// True when offline sequence packing is on.
     pub fn packing_enabled(&self) -> bool {
-        self.packed_sequence_specs
-            .as_ref()
-            .is_some_and(|p| p.packed_sequence_size > 0)
+        self.packed_sequence_specs.as_ref().is_some_and(|p| p.packed_sequence_size > 0)
     }
 }
 
@@ -140,7 +138,7 @@ pub fn check_blend(items: &[BlendItem]) -> Result<(), String> {
     if all_paths {
         return Ok(());
     }
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(format!(
             "`dataset.blend` mixes weights and paths; expected pairs like [0.3, \"a\", 0.7, \"b\"] \
              (got {} items)",

@@ -54,13 +54,11 @@ pub fn load(req: &ConfigRequest) -> ConfigResult<LoadedConfig> {
         raw.merge(&table, &Source::File(origin));
     }
     if let Some(scheme) = req.peft {
-        let keep_existing = raw
-            .to_container()
-            .ok()
-            .and_then(|c| c.peft)
-            .filter(|p| p.peft_scheme == scheme);
+        let keep_existing =
+            raw.to_container().ok().and_then(|c| c.peft).filter(|p| p.peft_scheme == scheme);
         if keep_existing.is_none() {
-            let table = serde_json::to_value(PeftConfig::for_scheme(scheme)).expect("peft serializes");
+            let table =
+                serde_json::to_value(PeftConfig::for_scheme(scheme)).expect("peft serializes");
             raw.set(&["peft"], table, Source::Override(format!("--peft {}", scheme_name(scheme))));
         }
     }

@@ -206,8 +206,7 @@ impl ModelConfig {
 
     /// Per-head dimension (`kv_channels`, defaulting to h / heads).
     pub fn head_dim(&self) -> usize {
-        self.kv_channels
-            .unwrap_or_else(|| self.hidden_size / self.num_attention_heads.max(1))
+        self.kv_channels.unwrap_or_else(|| self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Longest sequence the position encoding supports.
@@ -217,7 +216,8 @@ impl ModelConfig {
 
     /// Vocabulary padded the way Megatron pads it: to a multiple of `divisible_by × TP`.
     pub fn padded_vocab_size(&self, unpadded: usize) -> usize {
-        let multiple = self.make_vocab_size_divisible_by.max(1) * self.tensor_model_parallel_size.max(1);
+        let multiple =
+            self.make_vocab_size_divisible_by.max(1) * self.tensor_model_parallel_size.max(1);
         unpadded.div_ceil(multiple) * multiple
     }
 }

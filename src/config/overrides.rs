@@ -62,8 +62,7 @@ pub fn parse(text: &str) -> Result<Override, String> {
 }
 
 fn is_valid_key(part: &str) -> bool {
-    !part.is_empty()
-        && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Parse an override value as a TOML literal (`10`, `1e-4`, `true`, `"s"`, `[1, 2]`,
@@ -140,7 +139,10 @@ mod tests {
     #[test]
     fn parses_every_form() {
         let o = parse("train.train_iters=10").unwrap();
-        assert_eq!((o.op, o.key(), o.value), (OverrideOp::Set, "train.train_iters".into(), Some(json!(10))));
+        assert_eq!(
+            (o.op, o.key(), o.value),
+            (OverrideOp::Set, "train.train_iters".into(), Some(json!(10)))
+        );
         assert_eq!(parse("+train.foo=1").unwrap().op, OverrideOp::Add);
         assert_eq!(parse("++a.b=x").unwrap().op, OverrideOp::ForceSet);
         let d = parse("~logger.wandb_project").unwrap();

@@ -49,8 +49,13 @@ impl PeftConfig {
             PeftScheme::Dora => cfg.alpha = 64.0,
             PeftScheme::CanonicalLora => {
                 cfg.target_modules = [
-                    "linear_q", "linear_k", "linear_v", "linear_proj", "linear_fc1_up",
-                    "linear_fc1_gate", "linear_fc2",
+                    "linear_q",
+                    "linear_k",
+                    "linear_v",
+                    "linear_proj",
+                    "linear_fc1_up",
+                    "linear_fc1_gate",
+                    "linear_fc2",
                 ]
                 .map(String::from)
                 .to_vec()

@@ -167,7 +167,9 @@ impl RawConfig {
                 .map(|(path, hint)| {
                     let src = self.source_of(path);
                     match hint {
-                        Some(h) => format!("unknown key `{path}` (from {src}); did you mean `{h}`?"),
+                        Some(h) => {
+                            format!("unknown key `{path}` (from {src}); did you mean `{h}`?")
+                        }
                         None => format!("unknown key `{path}` (from {src})"),
                     }
                 })

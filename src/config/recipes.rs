@@ -107,11 +107,8 @@ pub fn resolve(name: &str, task: Task) -> ConfigResult<RecipeRef> {
         }
     }
     if RECIPES.get_dir(bare).is_some() {
-        let tasks: Vec<String> = list()
-            .into_iter()
-            .filter(|r| r.model == bare)
-            .map(|r| r.task)
-            .collect();
+        let tasks: Vec<String> =
+            list().into_iter().filter(|r| r.model == bare).map(|r| r.task).collect();
         return Err(config_err!(
             "recipe `{bare}` has no `{}` variant (it has: {})",
             task.stem(),
@@ -120,16 +117,17 @@ pub fn resolve(name: &str, task: Task) -> ConfigResult<RecipeRef> {
     }
     let mut names: Vec<String> = list().into_iter().map(|r| r.model).collect();
     names.dedup();
-    let mut close: Vec<(f64, &String)> = names
+    // Edit distance first (llama3_7b → llama3_8b), similarity to break ties.
+    let mut close: Vec<(usize, f64, &String)> = names
         .iter()
-        .map(|n| (strsim::jaro_winkler(n, bare), n))
-        .filter(|(s, _)| *s > 0.75)
+        .map(|n| (strsim::levenshtein(n, bare), strsim::jaro_winkler(n, bare), n))
+        .filter(|(d, _, _)| *d <= (bare.len() / 3).max(2))
         .collect();
-    close.sort_by(|a, b| b.0.total_cmp(&a.0));
+    close.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)));
     let hint = if close.is_empty() {
         "run `mbridge recipes list` to see them".to_string()
     } else {
-        let c: Vec<&str> = close.iter().take(3).map(|(_, n)| n.as_str()).collect();
+        let c: Vec<&str> = close.iter().take(4).map(|(_, _, n)| n.as_str()).collect();
         format!("did you mean {}?", c.join(", "))
     };
     Err(config_err!("unknown recipe `{name}`: {hint}"))
@@ -157,8 +155,8 @@ fn load_into(
 ) -> ConfigResult<()> {
     let (name, text, base_dir) = match recipe {
         RecipeRef::Embedded(n) => {
-            let text = embedded_text(n)
-                .ok_or_else(|| config_err!("unknown recipe or preset `{n}`"))?;
+            let text =
+                embedded_text(n).ok_or_else(|| config_err!("unknown recipe or preset `{n}`"))?;
             (n.clone(), text.to_string(), None)
         }
         RecipeRef::File(p) => {
@@ -185,7 +183,9 @@ fn load_into(
             })
             .collect::<ConfigResult<_>>()?,
         Some(other) => {
-            return Err(config_err!("`extends` in `{name}` must be a name or a list, found {other}"))
+            return Err(config_err!(
+                "`extends` in `{name}` must be a name or a list, found {other}"
+            ))
         }
     };
     for parent in parents {
@@ -209,10 +209,7 @@ fn load_into(
 /// Parse TOML into a JSON table; errors name the file, line and column.
 pub fn parse_toml(text: &str, origin: &str) -> ConfigResult<Map<String, Value>> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
-        let (line, col) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((0, 0));
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
         ConfigError(format!(
             "malformed TOML in `{origin}` at line {line}, column {col}: {}",
             e.message()

@@ -82,12 +82,19 @@ fn render_table(
                 let _ = writeln!(body, "# {key} = (unset){}", comment(raw, &dotted, opts));
             }
             v => {
-                let _ = writeln!(body, "{} = {}{}", toml_key(key), toml_value(v), comment(raw, &dotted, opts));
+                let _ = writeln!(
+                    body,
+                    "{} = {}{}",
+                    toml_key(key),
+                    toml_value(v),
+                    comment(raw, &dotted, opts)
+                );
             }
         }
     }
     if !path.is_empty() && (!body.is_empty() || subtables.is_empty()) {
-        let _ = writeln!(out, "\n[{}]", path.iter().map(|p| toml_key(p)).collect::<Vec<_>>().join("."));
+        let _ =
+            writeln!(out, "\n[{}]", path.iter().map(|p| toml_key(p)).collect::<Vec<_>>().join("."));
     }
     out.push_str(&body);
     for (key, value) in subtables {

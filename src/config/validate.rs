@@ -93,7 +93,7 @@ pub fn finalize(
     );
     let model_parallel = tp * pp * cp;
     let world = world_size.unwrap_or(model_parallel);
-    let dp = if world % model_parallel != 0 {
+    let dp = if !world.is_multiple_of(model_parallel) {
         errs.push(format!(
             "world size {world} is not divisible by tensor_model_parallel_size ({tp}) × \
              pipeline_model_parallel_size ({pp}) × context_parallel_size ({cp}) = {model_parallel}"
@@ -113,7 +113,7 @@ pub fn finalize(
     };
     let gbs = cfg.train.global_batch_size.unwrap_or(mbs * dp).max(1);
     cfg.train.global_batch_size = Some(gbs);
-    if gbs % (mbs * dp) != 0 {
+    if !gbs.is_multiple_of(mbs * dp) {
         errs.push(format!(
             "`train.global_batch_size` ({gbs}) must be divisible by `train.micro_batch_size` \
              ({mbs}) × data-parallel size ({dp})"
@@ -151,15 +151,26 @@ pub fn finalize(
 
     // 5. Scheduler.
     let s = &mut cfg.scheduler;
-    if sample_based && (s.lr_decay_iters.is_some() || s.lr_warmup_iters > 0 || s.lr_wsd_decay_iters.is_some()) {
+    if sample_based
+        && (s.lr_decay_iters.is_some() || s.lr_warmup_iters > 0 || s.lr_wsd_decay_iters.is_some())
+    {
         errs.push("sample-based training (`train.train_samples`) cannot use `scheduler.*_iters` fields; use `*_samples`".into());
     }
-    if !sample_based && (s.lr_decay_samples.is_some() || s.lr_warmup_samples > 0 || s.lr_wsd_decay_samples.is_some()) {
-        errs.push("iteration-based training cannot use `scheduler.*_samples` fields; use `*_iters`".into());
+    if !sample_based
+        && (s.lr_decay_samples.is_some()
+            || s.lr_warmup_samples > 0
+            || s.lr_wsd_decay_samples.is_some())
+    {
+        errs.push(
+            "iteration-based training cannot use `scheduler.*_samples` fields; use `*_iters`"
+                .into(),
+        );
     }
     if let Some(max_steps) = s.max_steps {
         if max_steps < train_iters {
-            errs.push(format!("`scheduler.max_steps` ({max_steps}) must be ≥ `train.train_iters` ({train_iters})"));
+            errs.push(format!(
+                "`scheduler.max_steps` ({max_steps}) must be ≥ `train.train_iters` ({train_iters})"
+            ));
         }
     }
     if s.lr_warmup_fraction.is_some() && (s.lr_warmup_iters > 0 || s.lr_warmup_samples > 0) {
@@ -181,7 +192,10 @@ pub fn finalize(
         s.lr_decay_iters.unwrap_or(0)
     };
     if lr_decay_iters == 0 && set.len() == 1 && cfg.train.num_epochs.is_none() {
-        errs.push("learning-rate decay length is 0: set `scheduler.lr_decay_iters` or a run length".into());
+        errs.push(
+            "learning-rate decay length is 0: set `scheduler.lr_decay_iters` or a run length"
+                .into(),
+        );
     }
     let mut warmup = match s.lr_warmup_fraction {
         Some(f) => (f * lr_decay_iters as f64) as usize,
@@ -207,7 +221,9 @@ pub fn finalize(
         Some(lr) => {
             if let Some(min) = cfg.optimizer.min_lr {
                 if min > lr {
-                    errs.push(format!("`optimizer.min_lr` ({min}) must be ≤ `optimizer.lr` ({lr})"));
+                    errs.push(format!(
+                        "`optimizer.min_lr` ({min}) must be ≤ `optimizer.lr` ({lr})"
+                    ));
                 }
             }
         }
@@ -217,16 +233,16 @@ pub fn finalize(
     let m = &mut cfg.model;
     let heads = m.num_attention_heads;
     let groups = m.query_groups();
-    if heads > 0 && heads % tp != 0 {
+    if heads > 0 && !heads.is_multiple_of(tp) {
         errs.push(format!("`model.num_attention_heads` ({heads}) must be divisible by `model.tensor_model_parallel_size` ({tp})"));
     }
-    if groups > 0 && groups % tp != 0 {
+    if groups > 0 && !groups.is_multiple_of(tp) {
         errs.push(format!("`model.num_query_groups` ({groups}) must be divisible by `model.tensor_model_parallel_size` ({tp})"));
     }
-    if heads > 0 && groups > 0 && heads % groups != 0 {
+    if heads > 0 && groups > 0 && !heads.is_multiple_of(groups) {
         errs.push(format!("`model.num_attention_heads` ({heads}) must be divisible by `model.num_query_groups` ({groups})"));
     }
-    if m.kv_channels.is_none() && heads > 0 && m.hidden_size % heads != 0 {
+    if m.kv_channels.is_none() && heads > 0 && !m.hidden_size.is_multiple_of(heads) {
         errs.push(format!("`model.hidden_size` ({}) must be divisible by `model.num_attention_heads` ({heads}) unless `model.kv_channels` is set", m.hidden_size));
     }
     check_pipeline_split(m, pp, &mut errs);
@@ -238,11 +254,18 @@ pub fn finalize(
     } else if m.expert_model_parallel_size > 1 {
         errs.push("`model.expert_model_parallel_size` > 1 needs `model.num_moe_experts`".into());
     }
-    if cp > 1 && m.seq_length % (2 * cp) != 0 {
-        errs.push(format!("`model.seq_length` ({}) must be divisible by 2 × `model.context_parallel_size` ({})", m.seq_length, 2 * cp));
+    if cp > 1 && !m.seq_length.is_multiple_of(2 * cp) {
+        errs.push(format!(
+            "`model.seq_length` ({}) must be divisible by 2 × `model.context_parallel_size` ({})",
+            m.seq_length,
+            2 * cp
+        ));
     }
     if m.sequence_parallel && tp == 1 {
-        warnings.push("`model.sequence_parallel` needs tensor parallelism; switched off because TP = 1".into());
+        warnings.push(
+            "`model.sequence_parallel` needs tensor parallelism; switched off because TP = 1"
+                .into(),
+        );
         m.sequence_parallel = false;
     }
     if m.fp16 && m.bf16 {
@@ -250,7 +273,10 @@ pub fn finalize(
     }
     if let Some(maxpos) = m.max_position_embeddings {
         if maxpos < m.seq_length {
-            errs.push(format!("`model.seq_length` ({}) exceeds `model.max_position_embeddings` ({maxpos})", m.seq_length));
+            errs.push(format!(
+                "`model.seq_length` ({}) exceeds `model.max_position_embeddings` ({maxpos})",
+                m.seq_length
+            ));
         }
     }
 
@@ -270,13 +296,17 @@ pub fn finalize(
         Some(TokenizerType::NullTokenizer) => cfg.tokenizer.vocab_size,
         _ => None,
     });
-    if cfg.tokenizer.tokenizer_type == Some(TokenizerType::NullTokenizer) && cfg.tokenizer.vocab_size.is_none() {
+    if cfg.tokenizer.tokenizer_type == Some(TokenizerType::NullTokenizer)
+        && cfg.tokenizer.vocab_size.is_none()
+    {
         errs.push("`tokenizer.vocab_size` must be set for the NullTokenizer".into());
     }
     let padded_vocab_size = match (cfg.model.vocab_size, tok_vocab) {
         (Some(mv), Some(tv)) if !cfg.tokenizer.use_tokenizer_vocab_size => {
             if mv < tv {
-                errs.push(format!("`model.vocab_size` ({mv}) is smaller than the tokenizer's vocabulary ({tv})"));
+                errs.push(format!(
+                    "`model.vocab_size` ({mv}) is smaller than the tokenizer's vocabulary ({tv})"
+                ));
             }
             Some(mv)
         }
@@ -302,7 +332,9 @@ pub fn finalize(
         errs.push("`dataset.dataset_root` (finetuning) cannot be combined with `dataset.blend`/`dataset.data_path`".into());
     }
     if cfg.peft.is_some() && cfg.checkpoint.pretrained_checkpoint.is_none() {
-        errs.push("`peft` requires `checkpoint.pretrained_checkpoint` (the base model to adapt)".into());
+        errs.push(
+            "`peft` requires `checkpoint.pretrained_checkpoint` (the base model to adapt)".into(),
+        );
     }
     if d.packing_enabled() && mbs != 1 {
         errs.push(format!("packed sequences (`dataset.packed_sequence_specs.packed_sequence_size` > 0) require `train.micro_batch_size` = 1 (got {mbs})"));
@@ -311,7 +343,7 @@ pub fn finalize(
     // 10. Evaluation batches.
     let eval_mbs = cfg.validation.eval_micro_batch_size.unwrap_or(mbs).max(1);
     let eval_gbs = cfg.validation.eval_global_batch_size.unwrap_or(gbs).max(1);
-    if eval_gbs % (eval_mbs * dp) != 0 {
+    if !eval_gbs.is_multiple_of(eval_mbs * dp) {
         errs.push(format!("`validation.eval_global_batch_size` ({eval_gbs}) must be divisible by eval micro batch ({eval_mbs}) × data-parallel size ({dp})"));
     }
 
@@ -319,7 +351,7 @@ pub fn finalize(
     if cfg.optimizer.fp16 && cfg.optimizer.bf16 {
         errs.push("`optimizer.fp16` and `optimizer.bf16` are mutually exclusive".into());
     }
-    if !(cfg.optimizer.clip_grad >= 0.0) {
+    if cfg.optimizer.clip_grad.is_nan() || cfg.optimizer.clip_grad < 0.0 {
         errs.push(format!("`optimizer.clip_grad` must be ≥ 0 (got {})", cfg.optimizer.clip_grad));
     }
     if cfg.checkpoint.ckpt_step.is_some() && cfg.checkpoint.load.is_none() {
@@ -329,11 +361,17 @@ pub fn finalize(
         errs.push("`checkpoint.async_save` needs `checkpoint.save`".into());
     }
     if cfg.checkpoint.most_recent_k == 0 || cfg.checkpoint.most_recent_k < -1 {
-        errs.push(format!("`checkpoint.most_recent_k` must be -1 (keep all) or ≥ 1 (got {})", cfg.checkpoint.most_recent_k));
+        errs.push(format!(
+            "`checkpoint.most_recent_k` must be -1 (keep all) or ≥ 1 (got {})",
+            cfg.checkpoint.most_recent_k
+        ));
     }
     let p = &cfg.profiling;
     if p.use_nsys_profiler && p.use_pytorch_profiler {
-        errs.push("enable only one of `profiling.use_nsys_profiler` and `profiling.use_pytorch_profiler`".into());
+        errs.push(
+            "enable only one of `profiling.use_nsys_profiler` and `profiling.use_pytorch_profiler`"
+                .into(),
+        );
     }
     if p.profile_step_end < p.profile_step_start {
         errs.push("`profiling.profile_step_end` must be ≥ `profiling.profile_step_start`".into());
@@ -341,7 +379,11 @@ pub fn finalize(
 
     if !errs.is_empty() {
         return Err(ConfigError::many(
-            &format!("invalid configuration ({} problem{}):", errs.len(), if errs.len() == 1 { "" } else { "s" }),
+            &format!(
+                "invalid configuration ({} problem{}):",
+                errs.len(),
+                if errs.len() == 1 { "" } else { "s" }
+            ),
             &errs,
         ));
     }
@@ -392,7 +434,7 @@ fn check_pipeline_split(m: &super::model::ModelConfig, pp: usize, errs: &mut Vec
             middle_stages -= 1;
         }
     }
-    if middle_stages > 0 && total % middle_stages != 0 {
+    if middle_stages > 0 && !total.is_multiple_of(middle_stages) {
         errs.push(format!(
             "`model.num_layers` ({layers}) cannot be split evenly over `model.pipeline_model_parallel_size` ({pp}) stages{}",
             if first.is_some() || last.is_some() { " after the first/last stage layers" } else { "" }
@@ -400,8 +442,8 @@ fn check_pipeline_split(m: &super::model::ModelConfig, pp: usize, errs: &mut Vec
         return;
     }
     if let Some(vp) = m.virtual_pipeline_model_parallel_size {
-        let per_stage = if middle_stages > 0 { total / middle_stages } else { 0 };
-        if vp == 0 || per_stage % vp != 0 {
+        let per_stage = total.checked_div(middle_stages).unwrap_or(0);
+        if vp == 0 || !per_stage.is_multiple_of(vp) {
             errs.push(format!("layers per pipeline stage ({per_stage}) must be divisible by `model.virtual_pipeline_model_parallel_size` ({vp})"));
         }
     }
@@ -418,7 +460,9 @@ fn resolve_mixed_precision(mp: &MixedPrecision) -> Result<MixedPrecisionConfig, 
         })?,
     };
     if table.fp16 && table.bf16 {
-        return Err("`mixed_precision.fp16` and `mixed_precision.bf16` are mutually exclusive".into());
+        return Err(
+            "`mixed_precision.fp16` and `mixed_precision.bf16` are mutually exclusive".into()
+        );
     }
     if table.fp8.is_some() && table.fp4.is_some() {
         return Err("`mixed_precision.fp8` and `mixed_precision.fp4` are mutually exclusive".into());
