@@ -1,3 +1,4 @@
 //! mbridge: Megatron Bridge reimplemented in Rust.
+pub mod ckpt;
 pub mod cli;
 pub mod config;
