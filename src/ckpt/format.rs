@@ -126,11 +126,13 @@ pub fn save_checkpoint(save: &Path, w: &CheckpointWrite, most_recent_k: i64) -> 
     Ok(final_dir)
 }
 
+/// (tp rank, file, local shape, partition, dtype) of one written shard.
+type ShardRecord = (usize, String, Vec<usize>, Partition, String);
+
 fn write_tensor_dir(dir: &Path, sets: &[TensorSet]) -> Result<()> {
     fs::create_dir_all(dir)?;
     let mut index = Index { format: FORMAT.into(), version: 1, tensors: BTreeMap::new() };
-    let mut by_name: BTreeMap<String, Vec<(usize, String, Vec<usize>, Partition, String)>> =
-        BTreeMap::new();
+    let mut by_name: BTreeMap<String, Vec<ShardRecord>> = BTreeMap::new();
     for set in sets {
         let file = set.file_name();
         let tensors: Vec<(String, Tensor)> =
