@@ -1,0 +1,2 @@
+//! Training: the loop and its parts.
+pub mod tensorboard;
