@@ -226,16 +226,28 @@ impl OptimizerParamScheduler {
     /// WSD needs its decay steps and style, constant weight decay needs `start_wd == end_wd`).
     pub fn new(p: SchedulerParams) -> Result<Self, SchedulerError> {
         let bad = |m: String| Err(SchedulerError::Invalid(m));
-        if !(p.min_lr >= 0.0) {
+        for (name, v) in [
+            ("lr", p.max_lr),
+            ("min_lr", p.min_lr),
+            ("lr_warmup_init", p.init_lr),
+            ("lr_warmup_steps", p.lr_warmup_steps),
+            ("start_wd", p.start_wd),
+            ("end_wd", p.end_wd),
+        ] {
+            if !v.is_finite() {
+                return bad(format!("{name} must be a finite number, got {v}"));
+            }
+        }
+        if p.min_lr < 0.0 {
             return bad(format!("min_lr must be >= 0, got {}", p.min_lr));
         }
-        if !(p.max_lr >= p.min_lr) {
+        if p.max_lr < p.min_lr {
             return bad(format!(
                 "lr ({}) must be >= min_lr ({})",
                 p.max_lr, p.min_lr
             ));
         }
-        if !(p.init_lr <= p.max_lr) {
+        if p.init_lr > p.max_lr {
             return bad(format!(
                 "lr_warmup_init ({}) must be <= lr ({})",
                 p.init_lr, p.max_lr
@@ -244,7 +256,7 @@ impl OptimizerParamScheduler {
         if p.lr_decay_steps == 0 {
             return bad("lr_decay_steps must be > 0".into());
         }
-        if !(p.lr_warmup_steps >= 0.0 && p.lr_warmup_steps < p.lr_decay_steps as f64) {
+        if p.lr_warmup_steps < 0.0 || p.lr_warmup_steps >= p.lr_decay_steps as f64 {
             return bad(format!(
                 "lr_warmup_steps ({}) must be in [0, lr_decay_steps = {})",
                 p.lr_warmup_steps, p.lr_decay_steps
@@ -255,7 +267,7 @@ impl OptimizerParamScheduler {
         {
             return bad("lr_decay_style WSD needs wsd_decay_steps and lr_wsd_decay_style".into());
         }
-        if !(p.start_wd >= 0.0 && p.end_wd >= p.start_wd) {
+        if p.start_wd < 0.0 || p.end_wd < p.start_wd {
             return bad(format!(
                 "weight decay must satisfy 0 <= start_wd ({}) <= end_wd ({})",
                 p.start_wd, p.end_wd
