@@ -6,7 +6,7 @@
 //! [`local_sq_norm`] → (sum over ranks) → [`clip_by_total_norm`]. [`clip_grad_norm`] does both
 //! on one rank.
 
-use candle_core::{DType, Var};
+use candle_core::{DType, Tensor, Var};
 
 use super::grads::{GradSource, GradSourceMut};
 
@@ -23,7 +23,9 @@ where
     G: GradSource + ?Sized,
     I: IntoIterator<Item = &'a Var>,
 {
-    let mut total = 0.0f64;
+    // One host transfer per run of same-device tensors instead of one per tensor: the
+    // per-tensor sums stay on their device until the end.
+    let mut sums: Vec<Tensor> = Vec::new();
     for var in vars {
         let Some(g) = grads.grad_of(var) else {
             continue;
@@ -33,13 +35,25 @@ where
         } else {
             DType::F32
         };
-        let sq = g
-            .to_dtype(dtype)?
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        total += sq;
+        sums.push(
+            g.to_dtype(dtype)?
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .reshape(1)?,
+        );
+    }
+    let mut total = 0.0f64;
+    let mut start = 0;
+    while start < sums.len() {
+        let device = sums[start].device().clone();
+        let end = (start..sums.len())
+            .find(|&i| !sums[i].device().same_device(&device))
+            .unwrap_or(sums.len());
+        for v in Tensor::cat(&sums[start..end], 0)?.to_vec1::<f64>()? {
+            total += v;
+        }
+        start = end;
     }
     Ok(total)
 }
@@ -113,4 +127,57 @@ where
         None
     };
     Ok(GradNorm { norm, coeff })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::backprop::GradStore;
+    use candle_core::Device;
+
+    fn setup(values: &[f32]) -> (Var, GradStore) {
+        let var = Var::zeros(values.len(), DType::F32, &Device::Cpu).unwrap();
+        let mut grads = GradStore::default();
+        grads.insert(var.as_tensor(), Tensor::new(values, &Device::Cpu).unwrap());
+        (var, grads)
+    }
+
+    #[test]
+    fn clips_to_the_norm_with_megatron_epsilon() {
+        let (var, mut grads) = setup(&[3.0, 4.0]);
+        let n = clip_grad_norm(&mut grads, [&var], 1.0).unwrap();
+        assert_eq!(n.norm, 5.0);
+        let coeff = 1.0 / (5.0 + 1e-6);
+        assert_eq!(n.coeff, Some(coeff));
+        let g: Vec<f32> = grads.grad_of(&var).unwrap().to_vec1().unwrap();
+        assert_eq!(g, vec![3.0 * coeff as f32, 4.0 * coeff as f32]);
+    }
+
+    #[test]
+    fn leaves_small_or_unclipped_gradients_alone() {
+        let (var, mut grads) = setup(&[0.3, 0.4]);
+        let n = clip_grad_norm(&mut grads, [&var], 1.0).unwrap();
+        assert_eq!((n.coeff, n.is_finite()), (None, true));
+        let (var, mut grads) = setup(&[30.0, 40.0]);
+        let n = clip_grad_norm(&mut grads, [&var], 0.0).unwrap();
+        assert_eq!((n.norm, n.coeff), (50.0, None));
+        assert_eq!(
+            grads.grad_of(&var).unwrap().to_vec1::<f32>().unwrap(),
+            vec![30.0, 40.0]
+        );
+    }
+
+    #[test]
+    fn non_finite_norm_is_reported_not_applied() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let (var, mut grads) = setup(&[1.0, bad]);
+            let n = clip_grad_norm(&mut grads, [&var], 1.0).unwrap();
+            assert!(!n.is_finite());
+            assert_eq!(n.coeff, None);
+            assert_eq!(
+                grads.grad_of(&var).unwrap().to_vec1::<f32>().unwrap()[0],
+                1.0
+            );
+        }
+    }
 }

@@ -175,3 +175,62 @@ impl OptimizerParamScheduler {
         Self::new(inputs.resolve()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(style: LrDecayStyle) -> ScheduleInputs {
+        ScheduleInputs {
+            lr: 1.0,
+            min_lr: 0.0,
+            lr_warmup_init: 0.0,
+            weight_decay: 0.1,
+            start_weight_decay: None,
+            end_weight_decay: None,
+            weight_decay_incr_style: WdIncrStyle::Constant,
+            lr_decay_style: style,
+            lr_wsd_decay_style: WsdDecayStyle::Linear,
+            global_batch_size: 4,
+            train_iters: Some(6),
+            train_samples: None,
+            max_steps: None,
+            lr_decay_iters: None,
+            lr_decay_samples: None,
+            lr_warmup_iters: 2,
+            lr_warmup_samples: 0,
+            lr_warmup_fraction: None,
+            lr_wsd_decay_iters: Some(2),
+            lr_wsd_decay_samples: None,
+        }
+    }
+
+    /// The loop contract: iteration k steps with lr((k-1)·GBS), then advances by GBS; the log
+    /// line of iteration k shows lr(k·GBS).
+    #[test]
+    fn iteration_semantics() {
+        let mut s = OptimizerParamScheduler::from_resolved(&tiny(LrDecayStyle::Linear)).unwrap();
+        let (mut used, mut logged) = (vec![], vec![]);
+        for _iteration in 1..=7 {
+            used.push(s.get_lr());
+            s.step(4);
+            logged.push(s.get_lr());
+        }
+        // warmup 8 samples, decay to 0 at 24 samples, min_lr after.
+        assert_eq!(used, vec![0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]);
+        assert_eq!(&logged[..6], &used[1..]);
+        assert_eq!(s.get_wd(), 0.1);
+    }
+
+    #[test]
+    fn wsd_holds_then_anneals() {
+        let mut s = OptimizerParamScheduler::from_resolved(&tiny(LrDecayStyle::Wsd)).unwrap();
+        let mut used = vec![];
+        for _ in 1..=7 {
+            used.push(s.get_lr());
+            s.step(4);
+        }
+        // Stable until 24 - 8 = 16 samples, then linear over the last 8.
+        assert_eq!(used, vec![0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0]);
+    }
+}
