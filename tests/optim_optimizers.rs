@@ -383,6 +383,7 @@ fn default_groups_and_missing_grads() {
     );
     let e = opt.step(&bad, 0.5, 0.1).unwrap_err().to_string();
     assert!(e.contains("w.weight") && e.contains("[3]"), "{e}");
+    assert_eq!(opt.steps(), 1, "a rejected step changes nothing");
 
     // Accumulated gradients are summed in f32 even for bf16 micro-batch gradients.
     let b = Var::from_tensor(&Tensor::zeros(2, DType::BF16, &Device::Cpu).unwrap()).unwrap();

@@ -302,22 +302,24 @@ impl Optimizer {
         lr: f64,
         wd: f64,
     ) -> Result<(), OptimError> {
+        // Check every gradient first so a bad one leaves the optimizer and model untouched.
+        for p in &self.params {
+            if let Some(g) = grads.grad_of(&p.var) {
+                if g.dims() != p.var.dims() {
+                    return Err(OptimError::GradShape {
+                        name: p.name.clone(),
+                        expected: p.var.dims().to_vec(),
+                        got: g.dims().to_vec(),
+                    });
+                }
+            }
+        }
         self.steps += 1;
         let t = self.steps as f64;
         let algorithm = self.algorithm;
         for p in &mut self.params {
-            let mdt = master_dtype(p.var.dtype());
             let grad = match grads.grad_of(&p.var) {
-                Some(g) => {
-                    if g.dims() != p.var.dims() {
-                        return Err(OptimError::GradShape {
-                            name: p.name.clone(),
-                            expected: p.var.dims().to_vec(),
-                            got: g.dims().to_vec(),
-                        });
-                    }
-                    g.detach().to_dtype(mdt)?
-                }
+                Some(g) => g.detach().to_dtype(master_dtype(p.var.dtype()))?,
                 None => p.exp_avg.zeros_like()?,
             };
             let param = p.master_value();
