@@ -2,4 +2,6 @@
 pub mod ckpt;
 pub mod cli;
 pub mod config;
+pub mod model;
+pub mod ops;
 pub mod train;

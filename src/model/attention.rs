@@ -1,0 +1,194 @@
+//! Self-attention block: pre-norm fused into `linear_qkv` (TE layer spec), per-query-group
+//! fused QKV, optional per-head QK-norm, RoPE, grouped-query attention, `linear_proj`.
+
+use super::arch::GptArch;
+use super::init::Init;
+use super::norm::Norm;
+use super::params::{ParamStore, ShardLayout};
+use crate::ops::{self, AttentionShape, DropoutRng};
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// Per-layer key/value cache entry: keys (after RoPE) and values, `[b, groups, t, d]`.
+pub type KvEntry = Option<(Tensor, Tensor)>;
+
+/// One layer's self-attention with its pre-norm.
+#[derive(Debug, Clone)]
+pub struct SelfAttention {
+    norm: Norm,
+    qkv_w: Tensor,
+    qkv_b: Option<Tensor>,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    proj_w: Tensor,
+    proj_b: Option<Tensor>,
+    shape: AttentionShape,
+    attention_dropout: f64,
+}
+
+/// Per-call inputs shared by all layers.
+pub struct AttnInputs<'a> {
+    /// RoPE `(cos, sin)` `[b, 1, s, rot_dim]`, None without rotary embeddings.
+    pub rope: Option<&'a (Tensor, Tensor)>,
+    /// u8 "may attend" mask `[B, 1, s, t]` over all keys (cached + new).
+    pub allowed: &'a Tensor,
+    /// Mask source in training mode; None = evaluation (no dropout).
+    pub dropout: Option<&'a DropoutRng>,
+}
+
+impl SelfAttention {
+    /// Registers the parameters of layer `layer` (global number) on TP rank `tp_size`'s shard.
+    pub fn new(
+        store: &mut ParamStore,
+        arch: &GptArch,
+        layer: usize,
+        tp_size: usize,
+    ) -> Result<Self> {
+        let p = format!("decoder.layers.{layer}.self_attention");
+        let (h, d) = (arch.hidden, arch.head_dim);
+        let std = arch.init_std;
+        let out_std = std / (2.0 * arch.num_layers as f64).sqrt();
+        let rows = arch.qkv_rows();
+        let norm = Norm::new(
+            store,
+            arch,
+            &format!("{p}.linear_qkv.layer_norm_weight"),
+            &format!("{p}.linear_qkv.layer_norm_bias"),
+            h,
+        )?;
+        let qkv_w = store.create(
+            &format!("{p}.linear_qkv.weight"),
+            &[rows, h],
+            Some(0),
+            ShardLayout::Contiguous,
+            Init::Normal(std),
+        )?;
+        let qkv_b = if arch.add_qkv_bias {
+            Some(store.create(
+                &format!("{p}.linear_qkv.bias"),
+                &[rows],
+                Some(0),
+                ShardLayout::Contiguous,
+                Init::Zeros,
+            )?)
+        } else {
+            None
+        };
+        let (q_norm, k_norm) = if arch.qk_layernorm {
+            (
+                Some(Norm::new(
+                    store,
+                    arch,
+                    &format!("{p}.q_layernorm.weight"),
+                    &format!("{p}.q_layernorm.bias"),
+                    d,
+                )?),
+                Some(Norm::new(
+                    store,
+                    arch,
+                    &format!("{p}.k_layernorm.weight"),
+                    &format!("{p}.k_layernorm.bias"),
+                    d,
+                )?),
+            )
+        } else {
+            (None, None)
+        };
+        let proj_w = store.create(
+            &format!("{p}.linear_proj.weight"),
+            &[h, arch.heads * d],
+            Some(1),
+            ShardLayout::Contiguous,
+            Init::Normal(out_std),
+        )?;
+        let proj_b = if arch.add_bias_linear {
+            Some(store.create(
+                &format!("{p}.linear_proj.bias"),
+                &[h],
+                None,
+                ShardLayout::Contiguous,
+                Init::Zeros,
+            )?)
+        } else {
+            None
+        };
+        let shape = AttentionShape {
+            heads: arch.heads / tp_size,
+            groups: arch.groups / tp_size,
+            head_dim: d,
+            softmax_scale: 1.0 / (d as f64).sqrt(),
+        };
+        Ok(Self {
+            norm,
+            qkv_w,
+            qkv_b,
+            q_norm,
+            k_norm,
+            proj_w,
+            proj_b,
+            shape,
+            attention_dropout: arch.attention_dropout,
+        })
+    }
+
+    /// Attention output (before the residual add) for `x` `[b, s, h]`; with `cache`, the new
+    /// keys/values are appended to it and attention runs over all cached positions.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        inputs: &AttnInputs,
+        cache: Option<&mut KvEntry>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let AttentionShape {
+            heads,
+            groups,
+            head_dim: d,
+            ..
+        } = self.shape;
+        let hpg = heads / groups;
+        let qkv = ops::linear(&self.norm.forward(x)?, &self.qkv_w, self.qkv_b.as_ref())?;
+        // Megatron layout: per query group, hpg query heads then one key and one value head.
+        let qkv = qkv.reshape((b, s, groups, hpg + 2, d))?;
+        let q = qkv
+            .narrow(3, 0, hpg)?
+            .reshape((b, s, heads, d))?
+            .transpose(1, 2)?;
+        let k = qkv.narrow(3, hpg, 1)?.squeeze(3)?.transpose(1, 2)?;
+        let v = qkv
+            .narrow(3, hpg + 1, 1)?
+            .squeeze(3)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q.contiguous()?)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k.contiguous()?)?,
+            None => k,
+        };
+        let (q, k) = match inputs.rope {
+            Some((cos, sin)) => (
+                ops::apply_rope(&q, cos, sin)?,
+                ops::apply_rope(&k, cos, sin)?,
+            ),
+            None => (q, k),
+        };
+        let (k, v) = match cache {
+            Some(entry) => {
+                let (k, v) = match entry.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k.contiguous()?, v),
+                };
+                *entry = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let dropout = inputs.dropout.map(|r| (self.attention_dropout, r));
+        let out = ops::attention(&q, &k, &v, inputs.allowed, self.shape, dropout)?;
+        let out = out.transpose(1, 2)?.reshape((b, s, heads * d))?;
+        Ok(ops::linear(&out, &self.proj_w, self.proj_b.as_ref())?)
+    }
+}

@@ -1,0 +1,394 @@
+//! The GPT decoder of one pipeline stage: embedding → transformer layers → final norm →
+//! output layer (or tied embedding), with Megatron parameter names.
+
+use super::arch::{stage_layers, GptArch, ParallelLayout};
+use super::attention::{AttnInputs, KvEntry, SelfAttention};
+use super::init::Init;
+use super::mlp::Mlp;
+use super::norm::Norm;
+use super::params::{ParamStore, ShardLayout, TpCoord};
+use crate::config::model::{ModelConfig, PositionEmbedding};
+use crate::ops::{self, DropoutRng, RopeTable};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// One pre-norm transformer layer.
+#[derive(Debug, Clone)]
+struct Layer {
+    attn: SelfAttention,
+    mlp: Mlp,
+}
+
+/// Optional inputs of a forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOpts<'a> {
+    /// Position ids `[b, s]` (u32/i64); None ⇒ `0..s` for every row.
+    pub position_ids: Option<&'a Tensor>,
+    /// Megatron-style attention mask `[b or 1, 1, s, s]`, nonzero = masked out, combined with
+    /// the causal (and sliding-window) mask; None ⇒ causal only.
+    pub attention_mask: Option<&'a Tensor>,
+    /// Dropout mask source: Some in training, None in evaluation/generation.
+    pub dropout: Option<&'a DropoutRng>,
+}
+
+/// Keys/values of every layer of this stage for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    entries: Vec<KvEntry>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True before the first forward.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A GPT decoder stage holding this rank's parameter shards.
+#[derive(Debug)]
+pub struct GptModel {
+    arch: GptArch,
+    layout: ParallelLayout,
+    store: ParamStore,
+    layer_numbers: Vec<usize>,
+    word_emb: Option<Tensor>,
+    pos_emb: Option<Tensor>,
+    layers: Vec<Layer>,
+    final_norm: Option<Norm>,
+    output_w: Option<Tensor>,
+    rope: Option<RopeTable>,
+    dtype: DType,
+    device: Device,
+}
+
+impl GptModel {
+    /// Builds and initializes the stage `layout` of the model described by `cfg`
+    /// (see [`super::init`] for the seeded initialization). `cfg.vocab_size` must hold the
+    /// padded vocabulary.
+    pub fn new(
+        cfg: &ModelConfig,
+        layout: ParallelLayout,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let arch = GptArch::from_config(cfg)?;
+        arch.check_tp(layout.tp_size)?;
+        if layout.tp_rank >= layout.tp_size {
+            bail!(
+                "tensor-parallel rank {} out of range for size {}",
+                layout.tp_rank,
+                layout.tp_size
+            );
+        }
+        let layer_numbers = stage_layers(cfg, layout.pp_rank, layout.pp_size)?;
+        let tp = TpCoord {
+            rank: layout.tp_rank,
+            size: layout.tp_size,
+        };
+        let mut store = ParamStore::new(tp, seed, dtype, device.clone());
+        let (h, std) = (arch.hidden, arch.init_std);
+
+        let (mut word_emb, mut pos_emb) = (None, None);
+        if layout.pre_process() {
+            word_emb = Some(store.create(
+                "embedding.word_embeddings.weight",
+                &[arch.vocab, h],
+                Some(0),
+                ShardLayout::Contiguous,
+                Init::Normal(std),
+            )?);
+            if arch.position_embedding == PositionEmbedding::LearnedAbsolute {
+                pos_emb = Some(store.create(
+                    "embedding.position_embeddings.weight",
+                    &[arch.max_positions, h],
+                    None,
+                    ShardLayout::Contiguous,
+                    Init::Normal(std),
+                )?);
+            }
+        }
+        let mut layers = Vec::with_capacity(layer_numbers.len());
+        for &l in &layer_numbers {
+            let attn = SelfAttention::new(&mut store, &arch, l, layout.tp_size)?;
+            let mlp = Mlp::new(&mut store, &arch, l)?;
+            layers.push(Layer { attn, mlp });
+        }
+        let (mut final_norm, mut output_w) = (None, None);
+        if layout.post_process() {
+            final_norm = Some(Norm::new(
+                &mut store,
+                &arch,
+                "decoder.final_layernorm.weight",
+                "decoder.final_layernorm.bias",
+                h,
+            )?);
+            output_w = match (&word_emb, arch.tied_embeddings) {
+                (Some(w), true) => Some(w.clone()),
+                _ => {
+                    // Untied, or tied on a last stage without the embedding: Megatron keeps an
+                    // `output_layer.weight` copy there, synchronised with the embedding.
+                    // The tied copy starts from the embedding's own random stream, i.e. equal to
+                    // it, as Megatron's initial embedding all-reduce makes it.
+                    let init_key = if arch.tied_embeddings {
+                        "embedding.word_embeddings.weight"
+                    } else {
+                        "output_layer.weight"
+                    };
+                    let w = store.create_keyed(
+                        "output_layer.weight",
+                        init_key,
+                        &[arch.vocab, h],
+                        Some(0),
+                        ShardLayout::Contiguous,
+                        Init::Normal(std),
+                    )?;
+                    if arch.tied_embeddings {
+                        store.mark_shared_embedding("output_layer.weight");
+                    }
+                    Some(w)
+                }
+            };
+        }
+        let rope = match arch.position_embedding {
+            PositionEmbedding::Rope => Some(RopeTable::new(
+                arch.head_dim,
+                arch.rotary_percent,
+                arch.rotary_base,
+                arch.rope_scaling_factor,
+                arch.seq_len_interpolation_factor,
+            )?),
+            _ => None,
+        };
+        Ok(Self {
+            arch,
+            layout,
+            store,
+            layer_numbers,
+            word_emb,
+            pos_emb,
+            layers,
+            final_norm,
+            output_w,
+            rope,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The resolved architecture.
+    pub fn arch(&self) -> &GptArch {
+        &self.arch
+    }
+    /// Named parameters of this stage/rank.
+    pub fn params(&self) -> &ParamStore {
+        &self.store
+    }
+    /// Global numbers of the layers this stage holds.
+    pub fn layer_numbers(&self) -> &[usize] {
+        &self.layer_numbers
+    }
+    /// Parameter dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// An empty KV cache for [`Self::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            entries: vec![None; self.layers.len()],
+            len: 0,
+        }
+    }
+
+    fn require_tp1(&self) -> Result<()> {
+        if self.layout.tp_size != 1 {
+            bail!(
+                "TP={} layers need the tensor-parallel communicator of the parallel engine; this forward runs TP=1 stages",
+                self.layout.tp_size
+            );
+        }
+        Ok(())
+    }
+
+    fn require_whole_model(&self) -> Result<()> {
+        self.require_tp1()?;
+        if self.layout.pp_size != 1 {
+            bail!(
+                "PP={} model: run each stage with forward_stage (this forward needs the whole model)",
+                self.layout.pp_size
+            );
+        }
+        Ok(())
+    }
+
+    /// Full forward of a TP=1/PP=1 model: token ids `[b, s]` (u32) → logits `[b, s, vocab]`.
+    /// Pass `opts.dropout` in training; without it the forward is in evaluation mode.
+    pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        self.require_whole_model()?;
+        self.run(tokens, 0, opts, None)
+    }
+
+    /// Forward of one pipeline stage (TP=1): the first stage takes token ids `[b, s]`, later
+    /// stages the previous stage's hidden states `[b, s, h]`; the last stage returns logits
+    /// `[b, s, vocab]`, earlier stages hidden states. Every stage needs the same `opts`
+    /// (positions, mask) and, in training, its own [`DropoutRng`] stream.
+    pub fn forward_stage(&self, input: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+        self.require_tp1()?;
+        self.run(input, 0, opts, None)
+    }
+
+    /// Incremental forward with a KV cache: `tokens` `[b, s]` continue the cached sequence
+    /// (positions `cache.len()..cache.len()+s`); returns logits of the new tokens.
+    pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.require_whole_model()?;
+        if cache.entries.len() != self.layers.len() {
+            bail!("KV cache was made for a different model");
+        }
+        let start = cache.len;
+        let logits = self.run(tokens, start, &ForwardOpts::default(), Some(cache))?;
+        cache.len = start + tokens.dim(1)?;
+        Ok(logits)
+    }
+
+    /// Rejects token ids outside the vocabulary and sequences past `max_positions`.
+    fn check_inputs(
+        &self,
+        tokens: Option<&Tensor>,
+        start: usize,
+        s: usize,
+        pos: Option<&Tensor>,
+    ) -> Result<()> {
+        if s == 0 {
+            bail!("empty input sequence");
+        }
+        if let Some(tokens) = tokens {
+            let max_id = tokens.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize;
+            if max_id >= self.arch.vocab {
+                bail!(
+                    "token id {max_id} is out of range for vocabulary size {}",
+                    self.arch.vocab
+                );
+            }
+        }
+        let end = start + s;
+        if end > self.arch.max_positions {
+            bail!(
+                "sequence length {end} exceeds the model's maximum of {} positions (max_position_embeddings)",
+                self.arch.max_positions
+            );
+        }
+        if let Some(p) = pos {
+            let max_pos = p.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize;
+            if max_pos >= self.arch.max_positions {
+                bail!(
+                    "position id {max_pos} exceeds the model's maximum of {} positions (max_position_embeddings)",
+                    self.arch.max_positions
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs this stage: `input` is token ids on the first stage, hidden states otherwise.
+    fn run(
+        &self,
+        input: &Tensor,
+        start: usize,
+        opts: &ForwardOpts,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let pre = self.layout.pre_process();
+        let (b, s) = if pre {
+            input.dims2()?
+        } else {
+            let (b, s, h) = input.dims3()?;
+            if h != self.arch.hidden {
+                bail!(
+                    "stage input has width {h}, expected hidden size {}",
+                    self.arch.hidden
+                );
+            }
+            (b, s)
+        };
+        self.check_inputs(pre.then_some(input), start, s, opts.position_ids)?;
+        let pos = match opts.position_ids {
+            Some(p) => p.to_dtype(DType::U32)?,
+            None => Tensor::arange(start as u32, (start + s) as u32, &self.device)?
+                .unsqueeze(0)?
+                .repeat((b, 1))?,
+        };
+        let hidden_dropout = |t: Tensor| -> Result<Tensor> {
+            Ok(match opts.dropout {
+                Some(r) => r.dropout(&t, self.arch.hidden_dropout)?,
+                None => t,
+            })
+        };
+        let mut x = if pre {
+            hidden_dropout(self.embed(input, &pos)?)?
+        } else {
+            input.clone()
+        };
+        let rope = match &self.rope {
+            Some(r) => Some(r.cos_sin(&pos, self.dtype)?),
+            None => None,
+        };
+        let allowed = ops::build_attention_mask(
+            start,
+            s,
+            start + s,
+            self.arch.window_left,
+            opts.attention_mask,
+            &self.device,
+        )?;
+        let inputs = AttnInputs {
+            rope: rope.as_ref(),
+            allowed: &allowed,
+            dropout: opts.dropout,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);
+            x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;
+            x = (&x + hidden_dropout(layer.mlp.forward(&x)?)?)?;
+        }
+        if self.layout.post_process() {
+            self.head(&x)
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// Embedding stage input: word embeddings (+ learned positions) `[b, s, h]`.
+    fn embed(&self, tokens: &Tensor, pos: &Tensor) -> Result<Tensor> {
+        let w = self
+            .word_emb
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("stage has no embedding"))?;
+        let (b, s) = tokens.dims2()?;
+        let ids = tokens.to_dtype(DType::U32)?.flatten_all()?;
+        let mut x = w.index_select(&ids, 0)?.reshape((b, s, self.arch.hidden))?;
+        if let Some(pw) = &self.pos_emb {
+            let pe = pw
+                .index_select(&pos.flatten_all()?, 0)?
+                .reshape((b, s, self.arch.hidden))?;
+            x = (x + pe)?;
+        }
+        Ok(x)
+    }
+
+    /// Final norm and output projection: `[b, s, h]` → logits `[b, s, vocab]`.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let (Some(norm), Some(w)) = (&self.final_norm, &self.output_w) else {
+            bail!("stage has no output layer");
+        };
+        Ok(ops::linear(&norm.forward(x)?, w, None)?)
+    }
+}

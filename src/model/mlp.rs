@@ -1,0 +1,103 @@
+//! The MLP block: column-parallel `linear_fc1` (fused `[gate; up]` when gated), activation,
+//! row-parallel `linear_fc2`; the pre-MLP norm lives in `linear_fc1` as in TE's layer spec.
+
+use super::arch::GptArch;
+use super::init::Init;
+use super::norm::Norm;
+use super::params::{ParamStore, ShardLayout};
+use crate::config::model::Activation;
+use crate::ops;
+use anyhow::Result;
+use candle_core::Tensor;
+
+/// One layer's MLP with its pre-norm.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    norm: Norm,
+    fc1_w: Tensor,
+    fc1_b: Option<Tensor>,
+    fc2_w: Tensor,
+    fc2_b: Option<Tensor>,
+    gated: bool,
+    activation: Activation,
+}
+
+impl Mlp {
+    /// Registers the parameters of layer `layer` (global number) under `decoder.layers.{layer}.mlp`.
+    pub fn new(store: &mut ParamStore, arch: &GptArch, layer: usize) -> Result<Self> {
+        let p = format!("decoder.layers.{layer}.mlp");
+        let h = arch.hidden;
+        let fc1_rows = if arch.gated { 2 * arch.ffn } else { arch.ffn };
+        let fc1_layout = if arch.gated {
+            ShardLayout::GatedHalves
+        } else {
+            ShardLayout::Contiguous
+        };
+        let std = arch.init_std;
+        let out_std = std / (2.0 * arch.num_layers as f64).sqrt();
+        let norm = Norm::new(
+            store,
+            arch,
+            &format!("{p}.linear_fc1.layer_norm_weight"),
+            &format!("{p}.linear_fc1.layer_norm_bias"),
+            h,
+        )?;
+        let fc1_w = store.create(
+            &format!("{p}.linear_fc1.weight"),
+            &[fc1_rows, h],
+            Some(0),
+            fc1_layout,
+            Init::Normal(std),
+        )?;
+        let fc1_b = if arch.add_bias_linear {
+            Some(store.create(
+                &format!("{p}.linear_fc1.bias"),
+                &[fc1_rows],
+                Some(0),
+                fc1_layout,
+                Init::Zeros,
+            )?)
+        } else {
+            None
+        };
+        let fc2_w = store.create(
+            &format!("{p}.linear_fc2.weight"),
+            &[h, arch.ffn],
+            Some(1),
+            ShardLayout::Contiguous,
+            Init::Normal(out_std),
+        )?;
+        // Row-parallel bias is added once after the reduction, so it is replicated.
+        let fc2_b = if arch.add_bias_linear {
+            Some(store.create(
+                &format!("{p}.linear_fc2.bias"),
+                &[h],
+                None,
+                ShardLayout::Contiguous,
+                Init::Zeros,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm,
+            fc1_w,
+            fc1_b,
+            fc2_w,
+            fc2_b,
+            gated: arch.gated,
+            activation: arch.activation,
+        })
+    }
+
+    /// `fc2(act(fc1(norm(x))))` for `x` `[b, s, h]` (no residual).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = ops::linear(&self.norm.forward(x)?, &self.fc1_w, self.fc1_b.as_ref())?;
+        let y = if self.gated {
+            ops::activation::gated(&y, self.activation)?
+        } else {
+            ops::apply_activation(&y, self.activation)?
+        };
+        Ok(ops::linear(&y, &self.fc2_w, self.fc2_b.as_ref())?)
+    }
+}

@@ -1,0 +1,240 @@
+//! Named parameter registry: every trainable tensor under its Megatron name, with its global
+//! shape and tensor-parallel partition dim, holding only this rank's shard.
+
+use super::init::{init_full, Init};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::collections::HashMap;
+
+/// How the global tensor is cut into TP shards along `partition_dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardLayout {
+    /// Rank r holds the r-th contiguous chunk (QKV is laid out per query group, so this is
+    /// also right for `linear_qkv` as long as `groups % tp == 0`).
+    Contiguous,
+    /// Gated `linear_fc1` `[gate; up]`: rank r holds `cat(gate_r, up_r)` (each half chunked
+    /// separately), as Megatron's column-parallel GLU does.
+    GatedHalves,
+}
+
+/// Tensor-parallel coordinates of this rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TpCoord {
+    /// This rank's index in its tensor-parallel group.
+    pub rank: usize,
+    /// Tensor-parallel group size.
+    pub size: usize,
+}
+
+/// One registered parameter.
+#[derive(Debug, Clone)]
+pub struct Param {
+    /// Megatron name with global layer numbers, e.g. `decoder.layers.3.mlp.linear_fc2.weight`.
+    pub name: String,
+    /// This rank's shard (trainable).
+    pub var: Var,
+    /// Shape of the unsharded tensor.
+    pub global_shape: Vec<usize>,
+    /// TP partition dim: 0 for column-parallel and vocab-parallel, 1 for row-parallel, None
+    /// for replicated tensors (norms, row-parallel biases).
+    pub partition_dim: Option<usize>,
+    /// How shards are cut along `partition_dim`.
+    pub layout: ShardLayout,
+    /// True for `output_layer.weight` on a last PP stage whose model ties embeddings: a copy
+    /// of the first stage's word embeddings that the loop must keep in sync (Megatron's
+    /// `shared_embedding` flag).
+    pub shared_embedding: bool,
+}
+
+impl Param {
+    /// True for biases and norm weights (1-D), which Megatron's default param groups exempt
+    /// from weight decay.
+    pub fn is_bias_or_norm(&self) -> bool {
+        self.global_shape.len() == 1
+    }
+}
+
+/// All parameters of one model stage on one rank, in creation order.
+#[derive(Debug)]
+pub struct ParamStore {
+    params: Vec<Param>,
+    index: HashMap<String, usize>,
+    tp: TpCoord,
+    seed: u64,
+    dtype: DType,
+    device: Device,
+}
+
+impl ParamStore {
+    /// An empty registry for rank `tp` whose initial values derive from `seed`.
+    pub fn new(tp: TpCoord, seed: u64, dtype: DType, device: Device) -> Self {
+        Self {
+            params: Vec::new(),
+            index: HashMap::new(),
+            tp,
+            seed,
+            dtype,
+            device,
+        }
+    }
+
+    /// Creates, initializes and registers a parameter; returns its shard as a tensor that
+    /// shares storage (and gradient identity) with the registered `Var`.
+    pub fn create(
+        &mut self,
+        name: &str,
+        global_shape: &[usize],
+        partition_dim: Option<usize>,
+        layout: ShardLayout,
+        init: Init,
+    ) -> Result<Tensor> {
+        self.create_keyed(name, name, global_shape, partition_dim, layout, init)
+    }
+
+    /// Like [`Self::create`], but draws the initial values from the random stream of
+    /// `init_key` instead of `name` (a tied copy starts equal to its original).
+    pub fn create_keyed(
+        &mut self,
+        name: &str,
+        init_key: &str,
+        global_shape: &[usize],
+        partition_dim: Option<usize>,
+        layout: ShardLayout,
+        init: Init,
+    ) -> Result<Tensor> {
+        if self.index.contains_key(name) {
+            candle_core::bail!("parameter {name} registered twice");
+        }
+        let full = init_full(
+            init_key,
+            global_shape,
+            init,
+            self.seed,
+            self.dtype,
+            &self.device,
+        )?;
+        let shard = shard_of(&full, partition_dim, layout, self.tp)?;
+        let var = Var::from_tensor(&shard)?;
+        let t = var.as_tensor().clone();
+        self.index.insert(name.to_string(), self.params.len());
+        self.params.push(Param {
+            name: name.to_string(),
+            var,
+            global_shape: global_shape.to_vec(),
+            partition_dim,
+            layout,
+            shared_embedding: false,
+        });
+        Ok(t)
+    }
+
+    /// Marks a registered parameter as a tied copy of the word embeddings.
+    pub(crate) fn mark_shared_embedding(&mut self, name: &str) {
+        if let Some(&i) = self.index.get(name) {
+            self.params[i].shared_embedding = true;
+        }
+    }
+
+    /// The parameter called `name`, if this stage has it.
+    pub fn get(&self, name: &str) -> Option<&Param> {
+        self.index.get(name).map(|&i| &self.params[i])
+    }
+
+    /// All parameters in creation order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// The trainable variables in creation order (what an optimizer consumes).
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
+    /// Number of scalars held by this rank.
+    pub fn num_local_elements(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// Overwrites parameter `name` from its full (global-shape) value, keeping only this
+    /// rank's shard; the value is cast to the parameter dtype.
+    pub fn set_full(&self, name: &str, full: &Tensor) -> Result<()> {
+        let p = self
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("unknown parameter {name}")))?;
+        if full.dims() != p.global_shape.as_slice() {
+            candle_core::bail!(
+                "parameter {name}: expected global shape {:?}, got {:?}",
+                p.global_shape,
+                full.dims()
+            );
+        }
+        let full = full.to_dtype(self.dtype)?.to_device(&self.device)?;
+        let shard = shard_of(&full, p.partition_dim, p.layout, self.tp)?;
+        p.var.set(&shard)
+    }
+
+    /// Loads every parameter from full (global-shape) tensors keyed by Megatron name, e.g. a
+    /// TP=1 checkpoint. A missing parameter is an error; returns the names in `state` that
+    /// this stage does not use (other stages' layers, for example).
+    pub fn load_full_state(&self, state: &HashMap<String, Tensor>) -> Result<Vec<String>> {
+        for p in &self.params {
+            let t = state.get(&p.name).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "parameter {} missing from the loaded state",
+                    p.name
+                ))
+            })?;
+            self.set_full(&p.name, t)?;
+        }
+        let mut unused: Vec<String> = state
+            .keys()
+            .filter(|k| !self.index.contains_key(*k))
+            .cloned()
+            .collect();
+        unused.sort();
+        Ok(unused)
+    }
+
+    /// This rank's shards by Megatron name, in creation order (the full tensors when TP=1).
+    /// The tensors are detached snapshots: later optimizer steps do not change them.
+    pub fn local_state(&self) -> Result<Vec<(String, Tensor)>> {
+        self.params
+            .iter()
+            .map(|p| Ok((p.name.clone(), p.var.as_tensor().detach().copy()?)))
+            .collect()
+    }
+}
+
+/// Cuts this rank's shard out of a global tensor.
+pub fn shard_of(
+    full: &Tensor,
+    partition_dim: Option<usize>,
+    layout: ShardLayout,
+    tp: TpCoord,
+) -> Result<Tensor> {
+    let Some(dim) = partition_dim else {
+        return Ok(full.clone());
+    };
+    if tp.size == 1 {
+        return Ok(full.clone());
+    }
+    let n = full.dim(dim)?;
+    match layout {
+        ShardLayout::Contiguous => {
+            if n % tp.size != 0 {
+                candle_core::bail!("dim {dim} of size {n} not divisible by TP size {}", tp.size);
+            }
+            let c = n / tp.size;
+            full.narrow(dim, tp.rank * c, c)?.contiguous()
+        }
+        ShardLayout::GatedHalves => {
+            if n % (2 * tp.size) != 0 {
+                candle_core::bail!("gated dim {n} not divisible by 2·TP ({})", 2 * tp.size);
+            }
+            let half = n / 2;
+            let c = half / tp.size;
+            let gate = full.narrow(dim, tp.rank * c, c)?;
+            let up = full.narrow(dim, half + tp.rank * c, c)?;
+            Tensor::cat(&[&gate, &up], dim)?.contiguous()
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Causal (optionally sliding-window) grouped-query attention, differentiable.
+
+use super::dropout::DropoutRng;
+use super::softmax::softmax_last_dim;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Value written into masked-out scores before softmax: finite so that a fully masked row
+/// (padding) gives a uniform distribution instead of NaN, and far below any real score.
+const MASKED_SCORE: f64 = -1e30;
+
+/// Head layout of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Query heads (local to this TP rank).
+    pub heads: usize,
+    /// Key/value heads = query groups (local to this TP rank).
+    pub groups: usize,
+    /// Per-head channels.
+    pub head_dim: usize,
+    /// Multiplier on `q·k` (Megatron: `1/sqrt(kv_channels)`).
+    pub softmax_scale: f64,
+}
+
+/// Builds the boolean "may attend" mask `[B, 1, sq, sk]` (u8, 1 = attend) for queries at
+/// absolute positions `q_start..q_start+sq` over keys `0..sk`: causal, limited to the
+/// `window_left` previous tokens when set (Megatron/TE `window_size = [left, right]` with
+/// `right = 0`; a negative `left` means unlimited), and further restricted by an optional
+/// Megatron-style `attention_mask` `[B, 1, sq, sk]` where nonzero means *masked out*.
+pub fn build_attention_mask(
+    q_start: usize,
+    sq: usize,
+    sk: usize,
+    window_left: Option<i64>,
+    extra_masked_out: Option<&Tensor>,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut m = vec![0u8; sq * sk];
+    for i in 0..sq {
+        let qi = (q_start + i) as i64;
+        for j in 0..sk {
+            let kj = j as i64;
+            let causal = kj <= qi;
+            let in_window = match window_left {
+                Some(left) if left >= 0 => qi - kj <= left,
+                _ => true,
+            };
+            m[i * sk + j] = u8::from(causal && in_window);
+        }
+    }
+    let base = Tensor::from_vec(m, (1, 1, sq, sk), device)?;
+    match extra_masked_out {
+        None => Ok(base),
+        Some(extra) => {
+            let keep = extra.to_dtype(DType::U8)?.eq(0u8)?.to_dtype(DType::U8)?;
+            keep.broadcast_mul(&base)
+        }
+    }
+}
+
+/// Scaled-dot-product attention with grouped queries.
+///
+/// `q` is `[b, heads, sq, d]` with heads ordered group-major (head `g·hpg + j` belongs to
+/// group `g`, as Megatron's per-group QKV layout yields), `k`/`v` are `[b, groups, sk, d]`,
+/// `allowed` is the u8 mask of [`build_attention_mask`]. Instead of repeating K/V per head,
+/// the `hpg` heads of a group are folded into the query-length axis so one batched matmul per
+/// group serves them all. `dropout` = (attention_dropout, mask source) drops attention
+/// probabilities in training. Returns `[b, heads, sq, d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    allowed: &Tensor,
+    shape: AttentionShape,
+    dropout: Option<(f64, &DropoutRng)>,
+) -> Result<Tensor> {
+    let (b, heads, sq, d) = q.dims4()?;
+    let (_, groups, sk, _) = k.dims4()?;
+    if heads != shape.heads || groups != shape.groups || heads % groups != 0 {
+        candle_core::bail!(
+            "attention: got {heads} query heads / {groups} kv heads, expected {} / {}",
+            shape.heads,
+            shape.groups
+        );
+    }
+    let hpg = heads / groups;
+    let qg = q.reshape((b, groups, hpg * sq, d))?;
+    let scores = qg.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let scores = (scores.reshape((b, groups, hpg, sq, sk))? * shape.softmax_scale)?;
+    // Softmax in fp32 for half-precision inputs (Megatron's attention_softmax_in_fp32).
+    let in_dtype = scores.dtype();
+    let scores = match in_dtype {
+        DType::BF16 | DType::F16 => scores.to_dtype(DType::F32)?,
+        _ => scores,
+    };
+    let mask = allowed.unsqueeze(1)?.broadcast_as(scores.shape())?;
+    let fill = Tensor::new(MASKED_SCORE, scores.device())?
+        .to_dtype(scores.dtype())?
+        .broadcast_as(scores.shape())?;
+    let probs = softmax_last_dim(&mask.where_cond(&scores, &fill)?)?.to_dtype(in_dtype)?;
+    let probs = match dropout {
+        Some((p, rng)) => rng.dropout(&probs, p)?,
+        None => probs,
+    };
+    let out = probs
+        .reshape((b, groups, hpg * sq, sk))?
+        .matmul(&v.contiguous()?)?;
+    out.reshape((b, heads, sq, d))
+}

@@ -1,0 +1,36 @@
+//! Masked token cross-entropy returning `(sum, count)` for global-batch reduction.
+
+use super::softmax::logsumexp_keepdim;
+use candle_core::{DType, Result, Tensor, D};
+
+/// Cross-entropy of `logits` `[b, s, V]` against `labels` `[b, s]` (u32), weighted by
+/// `loss_mask` `[b, s]` (float, usually 0/1).
+///
+/// Returns `(Σ mask·CE, Σ mask)`: the training loop adds both over all micro-batches (and DP
+/// ranks) and divides once, which is Megatron Bridge's `{key: [sum, count]}` contract. The sum
+/// is an f32 (or f64 for f64 logits) scalar tensor that carries the gradient. Log-softmax is
+/// computed stably (max-shifted) in at least f32.
+pub fn masked_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    loss_mask: &Tensor,
+) -> Result<(Tensor, f64)> {
+    let logits = match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+        _ => logits.clone(),
+    };
+    let (b, s, v) = logits.dims3()?;
+    let flat = logits.reshape((b * s, v))?;
+    let labels = labels.to_dtype(DType::U32)?.reshape((b * s, 1))?;
+    let max_label = labels.max_all()?.to_scalar::<u32>()? as usize;
+    if max_label >= v {
+        candle_core::bail!("label id {max_label} out of range for vocabulary of size {v}");
+    }
+    let lse = logsumexp_keepdim(&flat)?;
+    let target = flat.gather(&labels, D::Minus1)?;
+    let ce = (lse - target)?.reshape((b, s))?;
+    let mask = loss_mask.to_dtype(ce.dtype())?;
+    let sum = ce.mul(&mask)?.sum_all()?;
+    let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok((sum, count))
+}
