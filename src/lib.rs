@@ -1,2 +1,3 @@
 //! mbridge: Megatron Bridge reimplemented in Rust.
 pub mod cli;
+pub mod data;
