@@ -64,9 +64,9 @@ pub struct GptDatasetParams {
     pub mmap_bin_files: bool,
     /// Extra fraction of samples each blended child builds (default 0.005).
     pub mid_level_dataset_surplus: f64,
-    /// Tokenizer vocabulary size for the mock dataset (tokens wrap below it); None = Megatron's
-    /// unbounded `1..len` tokens.
-    pub mock_vocab_size: Option<usize>,
+    /// Tokenizer vocabulary size (unpadded). Required by the mock dataset (its tokens wrap
+    /// modulo it); when set, fetched samples with a token >= it are an error.
+    pub vocab_size: Option<usize>,
 }
 
 impl Default for GptDatasetParams {
@@ -85,7 +85,7 @@ impl Default for GptDatasetParams {
             path_to_cache: None,
             mmap_bin_files: true,
             mid_level_dataset_surplus: 0.005,
-            mock_vocab_size: None,
+            vocab_size: None,
         }
     }
 }
@@ -424,6 +424,15 @@ impl GptDataset {
     /// `__getitem__(idx)`.
     pub fn get(&self, idx: usize) -> Result<Sample> {
         let text = self.text(idx)?;
+        if let Some(v) = self.params.vocab_size {
+            if let Some(t) = text.iter().find(|&&t| t != self.params.pad_id && (t < 0 || t >= v as i64)) {
+                bail!(
+                    "sample {idx} of {} holds token id {t}, outside the tokenizer vocabulary of {v}; \
+                     was the data preprocessed with another tokenizer?",
+                    self.low.path_prefix()
+                );
+            }
+        }
         Ok(make_sample(text, &self.params))
     }
 

@@ -1,7 +1,15 @@
 //! Megatron-compatible data pipeline: indexed datasets, GPT sample construction, blending,
 //! tokenizers and preprocessing.
+pub mod blended;
+pub mod builder;
 pub mod cache;
 pub mod gpt_dataset;
 pub mod indexed;
+pub mod mock;
 pub mod numpy_rng;
 pub mod split;
+
+pub use blended::{parse_blend, Blend, BlendSpec, BlendedDataset};
+pub use builder::{build_gpt_datasets, PretrainDataset};
+pub use gpt_dataset::{GptDataset, GptDatasetParams, Sample};
+pub use indexed::{DType, IndexedDataset, IndexedDatasetBuilder};
