@@ -38,6 +38,16 @@ impl PretrainDataset {
             PretrainDataset::Blended(d) => Ok(d.get(idx)?.1),
         }
     }
+    /// The raw `seq_length + extra` token window of sample `idx` (before label shifting).
+    pub fn text(&self, idx: usize) -> Result<Vec<i64>> {
+        match self {
+            PretrainDataset::Gpt(d) => d.text(idx),
+            PretrainDataset::Blended(d) => {
+                let (c, s) = d.locate(idx)?;
+                d.datasets()[c].text(s)
+            }
+        }
+    }
     /// Sample `idx` with the id of the blended dataset it came from (0 for a single dataset).
     pub fn get_with_source(&self, idx: usize) -> Result<(usize, Sample)> {
         match self {
