@@ -8,6 +8,7 @@ pub mod indexed;
 pub mod mock;
 pub mod numpy_rng;
 pub mod split;
+pub mod tokenizer;
 
 pub use blended::{parse_blend, Blend, BlendSpec, BlendedDataset};
 pub use builder::{build_gpt_datasets, PretrainDataset};
