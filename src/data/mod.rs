@@ -7,6 +7,8 @@ pub mod gpt_dataset;
 pub mod indexed;
 pub mod mock;
 pub mod numpy_rng;
+pub mod preprocess;
+pub mod show;
 pub mod split;
 pub mod tokenizer;
 
