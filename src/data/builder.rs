@@ -86,6 +86,10 @@ fn build_splits(
         let i = split as usize;
         if let Some(bookend) = matrix[i] {
             let range = split_range(bookend, n);
+            if range.is_empty() && sizes[i] == Some(0) {
+                // Nothing is asked of an empty split (e.g. eval disabled): not an error.
+                continue;
+            }
             let ds = GptDataset::new(low.clone(), range, sizes[i], split, matrix_json(matrix), params)?;
             out[i] = Some(ds);
         }
@@ -106,6 +110,14 @@ fn build_blend(
     only: Option<Split>,
 ) -> Result<[Option<PretrainDataset>; 3]> {
     let weights = blend.weights.as_ref().map(|w| normalize(w)).transpose()?;
+    if weights.is_some() {
+        for split in Split::ALL {
+            let i = split as usize;
+            if matrix[i].is_some() && sizes[i].is_none() && only.is_none_or(|o| o == split) {
+                bail!("blend weights require a sample count for the {} split", split.name());
+            }
+        }
+    }
     let mut children: [Vec<GptDataset>; 3] = [vec![], vec![], vec![]];
     for (d, prefix) in blend.prefixes.iter().enumerate() {
         let buffer: [Option<usize>; 3] = std::array::from_fn(|i| match (&weights, sizes[i]) {
@@ -126,6 +138,10 @@ fn build_blend(
             continue;
         }
         let ds = std::mem::take(&mut children[i]);
+        if ds.len() != blend.prefixes.len() {
+            // Only reachable when a split is empty and asked for zero samples.
+            continue;
+        }
         let (w, size) = match (&weights, sizes[i]) {
             (Some(w), Some(s)) => (w.clone(), Some(w.iter().map(|&x| ceil_target(s, x, 0.0)).sum())),
             (None, s) => {
