@@ -29,7 +29,11 @@ fn null_tokenizer_jsonl_matches_builder_layout() {
     for d in 0..5000 {
         let n = d % 7;
         let body: Vec<String> = (0..n).map(|i| ((d + i) % 90).to_string()).collect();
-        text.push_str(&format!("{{\"text\": \"{}\", \"title\": [\"{}\", \"\", \"5\"]}}\n", body.join(" "), d % 90));
+        text.push_str(&format!(
+            "{{\"text\": \"{}\", \"title\": [\"{}\", \"\", \"5\"]}}\n",
+            body.join(" "),
+            d % 90
+        ));
     }
     std::fs::write(&input, text).unwrap();
     let tok = NullTokenizer::new(100);
@@ -47,7 +51,9 @@ fn null_tokenizer_jsonl_matches_builder_layout() {
         }
         let got: Vec<i64> = {
             let docs = text_ds.document_indices();
-            (docs[d] as usize..docs[d + 1] as usize).flat_map(|s| text_ds.get(s, 0, None)).collect()
+            (docs[d] as usize..docs[d + 1] as usize)
+                .flat_map(|s| text_ds.get(s, 0, None))
+                .collect()
         };
         assert_eq!(got, want, "document {d}");
     }
@@ -57,8 +63,10 @@ fn null_tokenizer_jsonl_matches_builder_layout() {
     assert_eq!(title.get(1, 0, None), vec![5, 100]);
     assert_eq!(title.get(2, 0, None), vec![1]);
     // No temporary files are left.
-    let names: Vec<String> =
-        std::fs::read_dir(dir.path().join("out")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(names.len(), 4, "{names:?}");
 }
 
@@ -67,7 +75,10 @@ fn hf_tokenizer_plain_text() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.txt");
     std::fs::write(&input, "The lazy fox.\n\nreads datasets\n").unwrap();
-    let tok = HfTokenizer::from_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok")).unwrap();
+    let tok = HfTokenizer::from_path(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok"),
+    )
+    .unwrap();
     let prefix = dir.path().join("t");
     preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap();
     let ds = IndexedDataset::open(dir.path().join("t_text_document")).unwrap();
@@ -83,16 +94,30 @@ fn hf_tokenizer_plain_text() {
 fn bad_line_reports_line_number_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
-    std::fs::write(&input, "{\"text\": \"1 2\"}\n{\"text\": \"3\"}\n{not json\n{\"text\": \"4\"}\n").unwrap();
+    std::fs::write(
+        &input,
+        "{\"text\": \"1 2\"}\n{\"text\": \"3\"}\n{not json\n{\"text\": \"4\"}\n",
+    )
+    .unwrap();
     let tok = NullTokenizer::new(10);
     let prefix = dir.path().join("bad");
     let err = preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("in.jsonl:3") && msg.contains("invalid JSON"), "{msg}");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the input remains");
+    assert!(
+        msg.contains("in.jsonl:3") && msg.contains("invalid JSON"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only the input remains"
+    );
     // Missing key and non-integer ids are errors too.
     std::fs::write(&input, "{\"body\": \"1\"}\n").unwrap();
-    let msg = format!("{:#}", preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err()
+    );
     assert!(msg.contains(":1") && msg.contains("missing"), "{msg}");
     // --skip-bad-lines skips and counts.
     std::fs::write(&input, "{\"text\": \"1 2\"}\n{oops\n{\"text\": \"3\"}\n").unwrap();
@@ -105,6 +130,13 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
     assert!(bin_path(&dir.path().join("bad_text_document")).is_file());
     assert!(idx_path(&dir.path().join("bad_text_document")).is_file());
     // Missing input.
-    let msg = format!("{:#}", preprocess(&cfg(&dir.path().join("nope.jsonl"), &prefix, &["text"]), &tok).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        preprocess(
+            &cfg(&dir.path().join("nope.jsonl"), &prefix, &["text"]),
+            &tok
+        )
+        .unwrap_err()
+    );
     assert!(msg.contains("nope.jsonl"), "{msg}");
 }

@@ -129,7 +129,10 @@ pub fn build_indices(
     let l = seq_length as i64;
     ensure!(seq_length > 0, "seq_length must be positive");
     let t: i64 = indices.iter().map(|&i| sizes[i as usize] as i64).sum();
-    ensure!(t > extra, "the split holds {t} tokens, too few for one sample");
+    ensure!(
+        t > extra,
+        "the split holds {t} tokens, too few for one sample"
+    );
     let mut epochs: i64 = 1;
     if let Some(n) = num_samples {
         let requested = n as i64 * l + extra;
@@ -146,7 +149,10 @@ pub fn build_indices(
         let n_sans = ((epochs - 1) * t - extra) / l;
         let n_final = n - n_sans;
         let n_per_epoch = (t - extra) / l;
-        ensure!(n_final >= 0 && n_final <= n_per_epoch + 1, "epoch arithmetic failed");
+        ensure!(
+            n_final >= 0 && n_final <= n_per_epoch + 1,
+            "epoch arithmetic failed"
+        );
         (n_final < (0.80 * n_per_epoch as f64) as i64, n_sans)
     };
     let mut rng = RandomState::new(seed);
@@ -181,7 +187,11 @@ pub fn build_indices(
     if let Some(n) = num_samples {
         ensure!(n as i64 <= m, "built {m} samples but {n} were requested");
     }
-    Ok(GptIndices { document_index, sample_index, shuffle_index })
+    Ok(GptIndices {
+        document_index,
+        sample_index,
+        shuffle_index,
+    })
 }
 
 /// `helpers.cpp::build_sample_idx`.
@@ -232,8 +242,10 @@ pub fn ltor_loss_mask_and_positions(
     reset_position_ids: bool,
     eod_mask_loss: bool,
 ) -> (Vec<f32>, Vec<i64>) {
-    let mut loss_mask: Vec<f32> =
-        tokens.iter().map(|&t| if eod_mask_loss && t == eod { 0.0 } else { 1.0 }).collect();
+    let mut loss_mask: Vec<f32> = tokens
+        .iter()
+        .map(|&t| if eod_mask_loss && t == eod { 0.0 } else { 1.0 })
+        .collect();
     let mut pos: Vec<i64> = (0..tokens.len() as i64).collect();
     if reset_position_ids {
         let mut prev = 0i64;
@@ -255,12 +267,16 @@ pub fn ltor_attention_mask(tokens: &[i64], eod: i64, reset_attention_mask: bool)
     let n = tokens.len();
     let mut allowed = vec![false; n * n];
     for r in 0..n {
-        allowed[r * n..r * n + r + 1].iter_mut().for_each(|a| *a = true);
+        allowed[r * n..r * n + r + 1]
+            .iter_mut()
+            .for_each(|a| *a = true);
     }
     if reset_attention_mask {
         for i in (0..n).filter(|&i| tokens[i] == eod) {
             for r in i + 1..n {
-                allowed[r * n..r * n + i + 1].iter_mut().for_each(|a| *a = false);
+                allowed[r * n..r * n + i + 1]
+                    .iter_mut()
+                    .for_each(|a| *a = false);
             }
         }
     }
@@ -320,10 +336,13 @@ impl GptDataset {
             None
         } else {
             Some(params.path_to_cache.clone().unwrap_or_else(|| {
-                PathBuf::from(&prefix).join("cache").join("GPTDataset_indices")
+                PathBuf::from(&prefix)
+                    .join("cache")
+                    .join("GPTDataset_indices")
             }))
         };
-        let entry = cache_dir.map(|d| CacheEntry::new(&d, "GPTDataset", split.name(), description.clone()));
+        let entry =
+            cache_dir.map(|d| CacheEntry::new(&d, "GPTDataset", split.name(), description.clone()));
         let names = ["document_index", "sample_index", "shuffle_index"];
         let ids: Vec<i32> = seq_ids.clone().map(|i| i as i32).collect();
         let mut indices = None;
@@ -346,7 +365,12 @@ impl GptDataset {
                     drop_last,
                     params.random_seed,
                 )
-                .with_context(|| format!("building GPTDataset indices for {prefix} ({})", split.name()))?;
+                .with_context(|| {
+                    format!(
+                        "building GPTDataset indices for {prefix} ({})",
+                        split.name()
+                    )
+                })?;
                 if let Some(e) = &entry {
                     store_cached(e, &ix, sizes)?;
                 }
@@ -354,7 +378,10 @@ impl GptDataset {
             }
         };
         if let Some(n) = num_samples {
-            ensure!(n <= indices.shuffle_index.len(), "cached index holds fewer samples than {n}");
+            ensure!(
+                n <= indices.shuffle_index.len(),
+                "cached index holds fewer samples than {n}"
+            );
         }
         Ok(GptDataset {
             low,
@@ -397,7 +424,11 @@ impl GptDataset {
 
     /// The raw `seq_length + extra` token window of sample `idx` (padded with `pad_id`).
     pub fn text(&self, idx: usize) -> Result<Vec<i64>> {
-        ensure!(idx < self.len(), "sample {idx} out of range: dataset has {} samples", self.len());
+        ensure!(
+            idx < self.len(),
+            "sample {idx} out of range: dataset has {} samples",
+            self.len()
+        );
         let ix = &self.indices;
         let j = ix.shuffle_index[idx] as usize;
         let [b, ob] = ix.sample_index[j];
@@ -406,11 +437,18 @@ impl GptDataset {
         let doc = |p: i64| ix.document_index[p as usize] as usize;
         let mut text = Vec::with_capacity(self.params.seq_length + 1);
         if b == e {
-            text.extend(self.low.get(doc(b), ob as usize, Some((oe - ob + extra) as usize)));
+            text.extend(
+                self.low
+                    .get(doc(b), ob as usize, Some((oe - ob + extra) as usize)),
+            );
         } else {
             for i in b..=e {
                 let off = if i > b { 0 } else { ob as usize };
-                let len = if i < e { None } else { Some((oe + extra) as usize) };
+                let len = if i < e {
+                    None
+                } else {
+                    Some((oe + extra) as usize)
+                };
                 text.extend(self.low.get(doc(i), off, len));
             }
         }
@@ -425,7 +463,10 @@ impl GptDataset {
     pub fn get(&self, idx: usize) -> Result<Sample> {
         let text = self.text(idx)?;
         if let Some(v) = self.params.vocab_size {
-            if let Some(t) = text.iter().find(|&&t| t != self.params.pad_id && (t < 0 || t >= v as i64)) {
+            if let Some(t) = text
+                .iter()
+                .find(|&&t| t != self.params.pad_id && (t < 0 || t >= v as i64))
+            {
                 bail!(
                     "sample {idx} of {} holds token id {t}, outside the tokenizer vocabulary of {v}; \
                      was the data preprocessed with another tokenizer?",
@@ -461,9 +502,20 @@ pub fn make_sample(text: Vec<i64>, p: &GptDatasetParams) -> Sample {
             *m = 0.0;
         }
     }
-    tokens.iter_mut().filter(|t| **t == pad).for_each(|t| *t = 0);
-    labels.iter_mut().filter(|t| **t == pad).for_each(|t| *t = 0);
-    Sample { tokens, labels, loss_mask, position_ids }
+    tokens
+        .iter_mut()
+        .filter(|t| **t == pad)
+        .for_each(|t| *t = 0);
+    labels
+        .iter_mut()
+        .filter(|t| **t == pad)
+        .for_each(|t| *t = 0);
+    Sample {
+        tokens,
+        labels,
+        loss_mask,
+        position_ids,
+    }
 }
 
 fn store_cached(e: &CacheEntry, ix: &GptIndices, sizes: &[i32]) -> Result<()> {
@@ -471,15 +523,29 @@ fn store_cached(e: &CacheEntry, ix: &GptIndices, sizes: &[i32]) -> Result<()> {
     let wide = ix.document_index.len() as i64 > i32::MAX as i64 || max_size > i32::MAX as i64;
     let flat: Vec<i64> = ix.sample_index.iter().flatten().copied().collect();
     let m = ix.shuffle_index.len() as i64;
-    let shuffle_dtype = if m >= u32::MAX as i64 - 1 { NpyDtype::I64 } else { NpyDtype::U32 };
+    let shuffle_dtype = if m >= u32::MAX as i64 - 1 {
+        NpyDtype::I64
+    } else {
+        NpyDtype::U32
+    };
     let doc: Vec<i64> = ix.document_index.iter().map(|&d| d as i64).collect();
     e.store(&[
-        ("document_index", npy_bytes(&doc, &[doc.len()], NpyDtype::I32)),
+        (
+            "document_index",
+            npy_bytes(&doc, &[doc.len()], NpyDtype::I32),
+        ),
         (
             "sample_index",
-            npy_bytes(&flat, &[ix.sample_index.len(), 2], if wide { NpyDtype::I64 } else { NpyDtype::I32 }),
+            npy_bytes(
+                &flat,
+                &[ix.sample_index.len(), 2],
+                if wide { NpyDtype::I64 } else { NpyDtype::I32 },
+            ),
         ),
-        ("shuffle_index", npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()], shuffle_dtype)),
+        (
+            "shuffle_index",
+            npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()], shuffle_dtype),
+        ),
     ])
 }
 
@@ -487,20 +553,33 @@ fn load_cached(e: &CacheEntry, sizes: &[i32]) -> Result<GptIndices> {
     let (doc, _) = e.load("document_index")?;
     let (flat, shape) = e.load("sample_index")?;
     let (shuffle, _) = e.load("shuffle_index")?;
-    ensure!(shape.len() == 2 && shape[1] == 2, "sample_index has shape {shape:?}");
+    ensure!(
+        shape.len() == 2 && shape[1] == 2,
+        "sample_index has shape {shape:?}"
+    );
     let document_index: Vec<i32> = doc.iter().map(|&d| d as i32).collect();
-    if document_index.iter().any(|&d| d < 0 || d as usize >= sizes.len()) {
+    if document_index
+        .iter()
+        .any(|&d| d < 0 || d as usize >= sizes.len())
+    {
         bail!("document_index refers to missing sequences");
     }
     let sample_index: Vec<[i64; 2]> = flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
-    if sample_index.iter().any(|&[d, _]| d < 0 || d as usize >= document_index.len().max(1)) {
+    if sample_index
+        .iter()
+        .any(|&[d, _]| d < 0 || d as usize >= document_index.len().max(1))
+    {
         bail!("sample_index out of range");
     }
     let m = sample_index.len() as i64 - 1;
     if shuffle.len() as i64 != m || shuffle.iter().any(|&s| s < 0 || s >= m) {
         bail!("shuffle_index inconsistent with sample_index");
     }
-    Ok(GptIndices { document_index, sample_index, shuffle_index: shuffle })
+    Ok(GptIndices {
+        document_index,
+        sample_index,
+        shuffle_index: shuffle,
+    })
 }
 
 #[cfg(test)]
@@ -513,8 +592,19 @@ mod tests {
         let ix = build_indices(&sizes, &[0, 1, 2, 3, 4], 4, Some(8), true, true, 1234).unwrap();
         assert_eq!(ix.document_index, vec![4, 0, 1, 2, 3, 3, 2, 1, 0, 4]);
         let want: Vec<[i64; 2]> = vec![
-            [0, 0], [0, 4], [1, 2], [2, 1], [3, 2], [3, 6], [4, 3], [5, 3], [6, 3], [7, 0],
-            [8, 1], [9, 0], [9, 4],
+            [0, 0],
+            [0, 4],
+            [1, 2],
+            [2, 1],
+            [3, 2],
+            [3, 6],
+            [4, 3],
+            [5, 3],
+            [6, 3],
+            [7, 0],
+            [8, 1],
+            [9, 0],
+            [9, 4],
         ];
         assert_eq!(ix.sample_index, want);
         assert_eq!(ix.shuffle_index, vec![0, 4, 3, 2, 5, 1, 7, 6, 9, 8, 11, 10]);
@@ -526,6 +616,9 @@ mod tests {
         assert_eq!(pos, vec![0, 1, 0, 1, 2, 0]);
         assert_eq!(mask, vec![1.0, 0.0, 1.0, 1.0, 0.0, 1.0]);
         let am = ltor_attention_mask(&[5, 0, 6], 0, true);
-        assert_eq!(am, vec![false, true, true, false, false, true, true, true, false]);
+        assert_eq!(
+            am,
+            vec![false, true, true, false, false, true, true, true, false]
+        );
     }
 }

@@ -89,7 +89,10 @@ impl DType {
     /// Encode one token, failing when it does not fit (numpy would silently wrap; we refuse).
     fn encode(self, v: i64, out: &mut Vec<u8>) -> Result<()> {
         let fits = |lo: i64, hi: i64| -> Result<()> {
-            ensure!(v >= lo && v <= hi, "token id {v} does not fit dtype {self:?}");
+            ensure!(
+                v >= lo && v <= hi,
+                "token id {v} does not fit dtype {self:?}"
+            );
             Ok(())
         };
         match self {
@@ -178,12 +181,25 @@ impl IndexedDataset {
         let (ip, bp) = (idx_path(&prefix), bin_path(&prefix));
         let idx = map(&ip)?.with_context(|| format!("{} is empty", ip.display()))?;
         let ctx = || format!("invalid index file {}", ip.display());
-        ensure!(idx.len() >= HEADER_LEN, "{}: truncated header ({} bytes, need 34)", ctx(), idx.len());
+        ensure!(
+            idx.len() >= HEADER_LEN,
+            "{}: truncated header ({} bytes, need 34)",
+            ctx(),
+            idx.len()
+        );
         if &idx[..9] != IDX_MAGIC {
-            bail!("{}: wrong magic {:02x?}, expected MMIDIDX\\0\\0", ctx(), &idx[..9]);
+            bail!(
+                "{}: wrong magic {:02x?}, expected MMIDIDX\\0\\0",
+                ctx(),
+                &idx[..9]
+            );
         }
         let version = rd_u64(&idx, 9);
-        ensure!(version == IDX_VERSION, "{}: version {version}, expected 1", ctx());
+        ensure!(
+            version == IDX_VERSION,
+            "{}: version {version}, expected 1",
+            ctx()
+        );
         let dtype = DType::from_code(idx[17])
             .with_context(|| format!("{}: unknown dtype code {}", ctx(), idx[17]))?;
         let seq_count = rd_u64(&idx, 18) as usize;
@@ -200,12 +216,25 @@ impl IndexedDataset {
             .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         let bin = map(&bp)?;
-        let ds = IndexedDataset { prefix, dtype, idx, bin, seq_count, doc_count, lengths };
+        let ds = IndexedDataset {
+            prefix,
+            dtype,
+            idx,
+            bin,
+            seq_count,
+            doc_count,
+            lengths,
+        };
         ensure!(doc_count >= 1, "{}: empty document index", ctx());
         let last = ds.document_index(doc_count - 1);
-        ensure!(last as usize == seq_count, "{}: document_indices[-1]={last} but {seq_count} sequences", ctx());
+        ensure!(
+            last as usize == seq_count,
+            "{}: document_indices[-1]={last} but {seq_count} sequences",
+            ctx()
+        );
         let bin_len = ds.bin.as_ref().map_or(0, |m| m.len()) as u64;
-        let expected: u64 = ds.lengths.iter().map(|&l| l as u64).sum::<u64>() * dtype.itemsize() as u64;
+        let expected: u64 =
+            ds.lengths.iter().map(|&l| l as u64).sum::<u64>() * dtype.itemsize() as u64;
         if seq_count > 0 {
             let end = ds.pointer(seq_count - 1) as u64
                 + ds.lengths[seq_count - 1] as u64 * dtype.itemsize() as u64;
@@ -256,7 +285,9 @@ impl IndexedDataset {
     }
     /// All document-index entries.
     pub fn document_indices(&self) -> Vec<i64> {
-        (0..self.doc_count).map(|k| self.document_index(k)).collect()
+        (0..self.doc_count)
+            .map(|k| self.document_index(k))
+            .collect()
     }
 
     /// `get(idx, offset, length)`: tokens of sequence `idx` from `offset`, `length` items
@@ -268,8 +299,13 @@ impl IndexedDataset {
         assert!(offset + length <= len, "read past sequence {idx}");
         let isz = self.dtype.itemsize();
         let start = self.pointer(idx) as usize + offset * isz;
-        let Some(bin) = &self.bin else { return Vec::new() };
-        bin[start..start + length * isz].chunks_exact(isz).map(|c| self.dtype.decode(c)).collect()
+        let Some(bin) = &self.bin else {
+            return Vec::new();
+        };
+        bin[start..start + length * isz]
+            .chunks_exact(isz)
+            .map(|c| self.dtype.decode(c))
+            .collect()
     }
 }
 
@@ -287,8 +323,16 @@ impl IndexedDatasetBuilder {
     /// Create (truncate) the `.bin` file at `bin_path`.
     pub fn new(bin_path: impl AsRef<Path>, dtype: DType) -> Result<Self> {
         let bin_path = bin_path.as_ref().to_path_buf();
-        let f = File::create(&bin_path).with_context(|| format!("cannot create {}", bin_path.display()))?;
-        Ok(Self { bin: BufWriter::new(f), bin_path, dtype, lengths: vec![], doc_indices: vec![0], buf: vec![] })
+        let f = File::create(&bin_path)
+            .with_context(|| format!("cannot create {}", bin_path.display()))?;
+        Ok(Self {
+            bin: BufWriter::new(f),
+            bin_path,
+            dtype,
+            lengths: vec![],
+            doc_indices: vec![0],
+            buf: vec![],
+        })
     }
 
     /// Token dtype.
@@ -299,15 +343,20 @@ impl IndexedDatasetBuilder {
     fn write_tokens(&mut self, tokens: &[i64]) -> Result<()> {
         self.buf.clear();
         for &t in tokens {
-            self.dtype.encode(t, &mut self.buf).with_context(|| format!("writing {}", self.bin_path.display()))?;
+            self.dtype
+                .encode(t, &mut self.buf)
+                .with_context(|| format!("writing {}", self.bin_path.display()))?;
         }
-        self.bin.write_all(&self.buf).with_context(|| format!("writing {}", self.bin_path.display()))
+        self.bin
+            .write_all(&self.buf)
+            .with_context(|| format!("writing {}", self.bin_path.display()))
     }
 
     /// `add_item`: one sequence, not ending the document.
     pub fn add_item(&mut self, tokens: &[i64]) -> Result<()> {
         self.write_tokens(tokens)?;
-        self.lengths.push(i32::try_from(tokens.len()).context("sequence longer than i32::MAX")?);
+        self.lengths
+            .push(i32::try_from(tokens.len()).context("sequence longer than i32::MAX")?);
         Ok(())
     }
 
@@ -320,10 +369,15 @@ impl IndexedDatasetBuilder {
     /// count).
     pub fn add_document(&mut self, tokens: &[i64], lengths: &[usize]) -> Result<()> {
         let total: usize = lengths.iter().sum();
-        ensure!(total == tokens.len(), "add_document: lengths sum to {total} but {} tokens", tokens.len());
+        ensure!(
+            total == tokens.len(),
+            "add_document: lengths sum to {total} but {} tokens",
+            tokens.len()
+        );
         self.write_tokens(tokens)?;
         for &l in lengths {
-            self.lengths.push(i32::try_from(l).context("sequence longer than i32::MAX")?);
+            self.lengths
+                .push(i32::try_from(l).context("sequence longer than i32::MAX")?);
         }
         self.end_document();
         Ok(())
@@ -341,7 +395,8 @@ impl IndexedDatasetBuilder {
         );
         let offset = self.lengths.len() as i64;
         self.lengths.extend_from_slice(other.sequence_lengths());
-        self.doc_indices.extend(other.document_indices()[1..].iter().map(|d| d + offset));
+        self.doc_indices
+            .extend(other.document_indices()[1..].iter().map(|d| d + offset));
         if let Some(b) = &other.bin {
             self.bin.write_all(b)?;
         }
@@ -350,10 +405,13 @@ impl IndexedDatasetBuilder {
 
     /// Flush the `.bin` and write the `.idx` at `idx_path`.
     pub fn finalize(mut self, idx_path: impl AsRef<Path>) -> Result<()> {
-        self.bin.flush().with_context(|| format!("writing {}", self.bin_path.display()))?;
+        self.bin
+            .flush()
+            .with_context(|| format!("writing {}", self.bin_path.display()))?;
         let idx_path = idx_path.as_ref();
         let bytes = encode_index(self.dtype, &self.lengths, &self.doc_indices);
-        std::fs::write(idx_path, bytes).with_context(|| format!("cannot write {}", idx_path.display()))
+        std::fs::write(idx_path, bytes)
+            .with_context(|| format!("cannot write {}", idx_path.display()))
     }
 }
 

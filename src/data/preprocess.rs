@@ -66,7 +66,13 @@ pub struct PreprocessReport {
 /// One document per key: flattened ids and sentence lengths.
 type Encoded = Vec<(Vec<i64>, Vec<usize>)>;
 
-fn encode_line(line: &str, fmt: InputFormat, keys: &[String], tok: &dyn Tokenizer, eod: bool) -> Result<Encoded> {
+fn encode_line(
+    line: &str,
+    fmt: InputFormat,
+    keys: &[String],
+    tok: &dyn Tokenizer,
+    eod: bool,
+) -> Result<Encoded> {
     let texts: Vec<Vec<String>> = match fmt {
         InputFormat::Text => vec![vec![line.to_string()]],
         _ => {
@@ -76,9 +82,16 @@ fn encode_line(line: &str, fmt: InputFormat, keys: &[String], tok: &dyn Tokenize
                     Some(serde_json::Value::String(s)) => Ok(vec![s.clone()]),
                     Some(serde_json::Value::Array(a)) => a
                         .iter()
-                        .map(|x| x.as_str().map(str::to_string).context("sentence list holds a non-string"))
+                        .map(|x| {
+                            x.as_str()
+                                .map(str::to_string)
+                                .context("sentence list holds a non-string")
+                        })
                         .collect(),
-                    Some(other) => bail!("key {k:?} holds {}, expected a string or a list of strings", kind(other)),
+                    Some(other) => bail!(
+                        "key {k:?} holds {}, expected a string or a list of strings",
+                        kind(other)
+                    ),
                     None => bail!("key {k:?} missing"),
                 })
                 .collect::<Result<_>>()?
@@ -137,34 +150,62 @@ fn path_with(prefix: &str, suffix: &str) -> PathBuf {
 
 /// Run preprocessing with `tok`. On any error no output file is left behind.
 pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<PreprocessReport> {
-    ensure!(!cfg.json_keys.is_empty(), "--json-keys needs at least one key");
+    ensure!(
+        !cfg.json_keys.is_empty(),
+        "--json-keys needs at least one key"
+    );
     ensure!(cfg.workers > 0, "--workers must be at least 1");
     let fmt = match cfg.input_format {
         InputFormat::Auto if cfg.input.extension().is_some_and(|e| e == "txt") => InputFormat::Text,
         InputFormat::Auto => InputFormat::Jsonl,
         f => f,
     };
-    let keys: Vec<String> = if fmt == InputFormat::Text { cfg.json_keys[..1].to_vec() } else { cfg.json_keys.clone() };
-    let file = File::open(&cfg.input).with_context(|| format!("cannot open input {}", cfg.input.display()))?;
+    let keys: Vec<String> = if fmt == InputFormat::Text {
+        cfg.json_keys[..1].to_vec()
+    } else {
+        cfg.json_keys.clone()
+    };
+    let file = File::open(&cfg.input)
+        .with_context(|| format!("cannot open input {}", cfg.input.display()))?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    if let Some(dir) = Path::new(&cfg.output_prefix).parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create output dir {}", dir.display()))?;
+    if let Some(dir) = Path::new(&cfg.output_prefix)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create output dir {}", dir.display()))?;
     }
     let dtype = DType::optimal(Some(tok.vocab_size()));
-    let outputs: Vec<String> = keys.iter().map(|k| format!("{}_{k}_document", cfg.output_prefix)).collect();
+    let outputs: Vec<String> = keys
+        .iter()
+        .map(|k| format!("{}_{k}_document", cfg.output_prefix))
+        .collect();
     let tag = format!(".tmp{}", std::process::id());
-    let mut pending = PendingOutput { tmp: vec![], committed: false };
+    let mut pending = PendingOutput {
+        tmp: vec![],
+        committed: false,
+    };
     let mut builders = Vec::new();
     for out in &outputs {
         let (bin, idx) = (path_with(out, ".bin"), path_with(out, ".idx"));
-        let (tbin, tidx) = (path_with(out, &format!(".bin{tag}")), path_with(out, &format!(".idx{tag}")));
+        let (tbin, tidx) = (
+            path_with(out, &format!(".bin{tag}")),
+            path_with(out, &format!(".idx{tag}")),
+        );
         pending.tmp.push((tbin.clone(), bin));
         pending.tmp.push((tidx, idx));
         builders.push(IndexedDatasetBuilder::new(&tbin, dtype)?);
     }
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.workers).build().context("thread pool")?;
-    let bar = if cfg.show_progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.workers)
+        .build()
+        .context("thread pool")?;
+    let bar = if cfg.show_progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg}")
             .expect("static template is valid"),
@@ -180,7 +221,9 @@ pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<Preproc
         let mut batch_bytes = 0usize;
         while batch.len() < 4096 && batch_bytes < (8 << 20) {
             raw.clear();
-            let n = reader.read_until(b'\n', &mut raw).with_context(|| format!("reading {}", cfg.input.display()))?;
+            let n = reader
+                .read_until(b'\n', &mut raw)
+                .with_context(|| format!("reading {}", cfg.input.display()))?;
             if n == 0 {
                 break;
             }
@@ -190,7 +233,10 @@ pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<Preproc
             let text = match std::str::from_utf8(&raw) {
                 Ok(s) => s.trim_end_matches(['\n', '\r']).to_string(),
                 Err(e) if cfg.skip_bad_lines => {
-                    tracing::warn!("{}:{lineno}: skipped: invalid UTF-8 ({e})", cfg.input.display());
+                    tracing::warn!(
+                        "{}:{lineno}: skipped: invalid UTF-8 ({e})",
+                        cfg.input.display()
+                    );
                     skipped += 1;
                     continue;
                 }
@@ -205,7 +251,10 @@ pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<Preproc
             break;
         }
         let encoded: Vec<Result<Encoded>> = pool.install(|| {
-            batch.par_iter().map(|(_, l)| encode_line(l, fmt, &keys, tok, cfg.append_eod)).collect()
+            batch
+                .par_iter()
+                .map(|(_, l)| encode_line(l, fmt, &keys, tok, cfg.append_eod))
+                .collect()
         });
         for ((ln, _), enc) in batch.iter().zip(encoded) {
             let enc = match enc {
@@ -215,7 +264,10 @@ pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<Preproc
                     skipped += 1;
                     continue;
                 }
-                Err(e) => bail!("{}:{ln}: {e:#} (use --skip-bad-lines to skip such lines)", cfg.input.display()),
+                Err(e) => bail!(
+                    "{}:{ln}: {e:#} (use --skip-bad-lines to skip such lines)",
+                    cfg.input.display()
+                ),
             };
             for (k, (ids, lens)) in enc.iter().enumerate() {
                 builders[k].add_document(ids, lens)?;
@@ -225,9 +277,17 @@ pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<Preproc
         }
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(bytes);
-        bar.set_message(format!("{docs} docs, {:.0} docs/s, {:.2} MB/s", docs as f64 / secs, bytes as f64 / 1e6 / secs));
+        bar.set_message(format!(
+            "{docs} docs, {:.0} docs/s, {:.2} MB/s",
+            docs as f64 / secs,
+            bytes as f64 / 1e6 / secs
+        ));
         if cfg.log_interval > 0 && docs >= next_log {
-            tracing::info!("processed {docs} documents ({:.0} docs/s, {:.2} MB/s)", docs as f64 / secs, bytes as f64 / 1e6 / secs);
+            tracing::info!(
+                "processed {docs} documents ({:.0} docs/s, {:.2} MB/s)",
+                docs as f64 / secs,
+                bytes as f64 / 1e6 / secs
+            );
             next_log = docs + cfg.log_interval;
         }
     }
@@ -235,9 +295,17 @@ pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<Preproc
         b.finalize(&pending.tmp[2 * k + 1].0)?;
     }
     for (tmp, fin) in &pending.tmp {
-        std::fs::rename(tmp, fin).with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
+        std::fs::rename(tmp, fin)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), fin.display()))?;
     }
     pending.committed = true;
     bar.finish_and_clear();
-    Ok(PreprocessReport { documents: docs, skipped_lines: skipped, bytes, tokens, outputs, dtype })
+    Ok(PreprocessReport {
+        documents: docs,
+        skipped_lines: skipped,
+        bytes,
+        tokens,
+        outputs,
+        dtype,
+    })
 }

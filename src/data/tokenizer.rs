@@ -20,7 +20,11 @@ pub trait Tokenizer: Send + Sync {
 }
 
 /// `ceil(V / (divisible_by·tp)) · divisible_by·tp`: Megatron's padded embedding size.
-pub fn padded_vocab_size(vocab_size: usize, make_vocab_size_divisible_by: usize, tp: usize) -> usize {
+pub fn padded_vocab_size(
+    vocab_size: usize,
+    make_vocab_size_divisible_by: usize,
+    tp: usize,
+) -> usize {
     let m = (make_vocab_size_divisible_by * tp).max(1);
     vocab_size.div_ceil(m) * m
 }
@@ -28,7 +32,10 @@ pub fn padded_vocab_size(vocab_size: usize, make_vocab_size_divisible_by: usize,
 fn to_u32(ids: &[i64], vocab: usize) -> Result<Vec<u32>> {
     ids.iter()
         .map(|&i| {
-            ensure!(i >= 0 && (i as usize) < vocab, "token id {i} outside the vocabulary of {vocab}");
+            ensure!(
+                i >= 0 && (i as usize) < vocab,
+                "token id {i} outside the vocabulary of {vocab}"
+            );
             Ok(i as u32)
         })
         .collect()
@@ -56,11 +63,23 @@ impl HfTokenizer {
     /// else from well-known token names.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_path_buf()
+        };
         if file.extension().is_some_and(|e| e == "model") {
-            bail!("{} looks like a SentencePiece model; {}", file.display(), SENTENCEPIECE_MSG);
+            bail!(
+                "{} looks like a SentencePiece model; {}",
+                file.display(),
+                SENTENCEPIECE_MSG
+            );
         }
-        ensure!(file.is_file(), "tokenizer file {} not found (expected tokenizer.json)", file.display());
+        ensure!(
+            file.is_file(),
+            "tokenizer file {} not found (expected tokenizer.json)",
+            file.display()
+        );
         let inner = tokenizers::Tokenizer::from_file(&file)
             .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
         let cfg: serde_json::Value = file
@@ -74,13 +93,25 @@ impl HfTokenizer {
         let eod = config_token(&cfg, "eos_token")
             .and_then(|t| id(&t))
             .or_else(|| {
-                ["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>"]
-                    .iter()
-                    .find_map(|t| id(t))
+                [
+                    "<|endoftext|>",
+                    "<|end_of_text|>",
+                    "</s>",
+                    "<eos>",
+                    "<|im_end|>",
+                    "<|eot_id|>",
+                ]
+                .iter()
+                .find_map(|t| id(t))
             })
             .with_context(|| format!("{}: no EOS/EOD token found", file.display()))?;
         let pad = config_token(&cfg, "pad_token").and_then(|t| id(&t));
-        Ok(HfTokenizer { inner, eod, pad, add_special_tokens: false })
+        Ok(HfTokenizer {
+            inner,
+            eod,
+            pad,
+            add_special_tokens: false,
+        })
     }
 
     /// Make `encode` add the tokenizer's special tokens (e.g. BOS), as calling the HF tokenizer
@@ -101,7 +132,9 @@ impl Tokenizer for HfTokenizer {
     }
     fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids = to_u32(ids, self.vocab_size())?;
-        self.inner.decode(&ids, false).map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
+        self.inner
+            .decode(&ids, false)
+            .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
     }
     fn eod(&self) -> i64 {
         self.eod
@@ -134,13 +167,20 @@ impl Gpt2BpeTokenizer {
         }
         let bpe = BPE::from_file(&v.display().to_string(), &m.display().to_string())
             .build()
-            .map_err(|e| anyhow::anyhow!("cannot load GPT-2 BPE from {} / {}: {e}", v.display(), m.display()))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot load GPT-2 BPE from {} / {}: {e}",
+                    v.display(),
+                    m.display()
+                )
+            })?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(ByteLevelDec::default()));
         let eod = inner
             .token_to_id("<|endoftext|>")
-            .with_context(|| format!("{} has no <|endoftext|> token", v.display()))? as i64;
+            .with_context(|| format!("{} has no <|endoftext|> token", v.display()))?
+            as i64;
         let vocab = inner.get_vocab_size(true);
         Ok(Gpt2BpeTokenizer { inner, eod, vocab })
     }
@@ -148,12 +188,17 @@ impl Gpt2BpeTokenizer {
 
 impl Tokenizer for Gpt2BpeTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
     fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids = to_u32(ids, self.vocab)?;
-        self.inner.decode(&ids, false).map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
+        self.inner
+            .decode(&ids, false)
+            .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
     }
     fn eod(&self) -> i64 {
         self.eod
@@ -177,7 +222,9 @@ pub struct NullTokenizer {
 impl NullTokenizer {
     /// `--vocab-size N`.
     pub fn new(vocab_size: usize) -> Self {
-        NullTokenizer { vocab_size_without_eod: vocab_size }
+        NullTokenizer {
+            vocab_size_without_eod: vocab_size,
+        }
     }
 }
 
@@ -185,7 +232,9 @@ impl Tokenizer for NullTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<i64>> {
         text.split_whitespace()
             .map(|w| {
-                let id: i64 = w.parse().with_context(|| format!("NullTokenizer: {w:?} is not an integer id"))?;
+                let id: i64 = w
+                    .parse()
+                    .with_context(|| format!("NullTokenizer: {w:?} is not an integer id"))?;
                 ensure!(
                     id >= 0 && (id as usize) < self.vocab_size(),
                     "NullTokenizer: id {id} outside the vocabulary of {}",
@@ -196,7 +245,11 @@ impl Tokenizer for NullTokenizer {
             .collect()
     }
     fn decode(&self, ids: &[i64]) -> Result<String> {
-        Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "))
+        Ok(ids
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(" "))
     }
     fn eod(&self) -> i64 {
         self.vocab_size_without_eod as i64
@@ -275,8 +328,13 @@ mod tests {
         assert_eq!(padded_vocab_size(50257, 128, 1), 50304);
         assert_eq!(padded_vocab_size(50257, 128, 2), 50432);
         assert_eq!(padded_vocab_size(128256, 128, 8), 129024);
-        let spec = TokenizerSpec { tokenizer_type: Some("SentencePieceTokenizer".into()), ..Default::default() };
-        let err = build_tokenizer(&spec).err().expect("SentencePiece is refused");
+        let spec = TokenizerSpec {
+            tokenizer_type: Some("SentencePieceTokenizer".into()),
+            ..Default::default()
+        };
+        let err = build_tokenizer(&spec)
+            .err()
+            .expect("SentencePiece is refused");
         assert!(err.to_string().contains("tokenizer.json"));
     }
 }
