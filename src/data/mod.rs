@@ -4,6 +4,7 @@ pub mod blended;
 pub mod builder;
 pub mod cache;
 pub mod gpt_dataset;
+pub mod gpt_indices;
 pub mod indexed;
 pub mod mock;
 pub mod numpy_rng;
