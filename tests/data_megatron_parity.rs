@@ -228,7 +228,24 @@ fn gpt_and_blended_datasets_match_megatron() {
                 prefixes: vec![prefix("corpus_a"), prefix("corpus_b")],
                 weights: None,
             },
+            "per_split" => Blend {
+                prefixes: vec![],
+                weights: None,
+            },
             other => panic!("unknown case {other}"),
+        };
+        let spec = if name == "per_split" {
+            let a = Blend {
+                prefixes: vec![prefix("corpus_a")],
+                weights: None,
+            };
+            let ab = Blend {
+                prefixes: vec![prefix("corpus_a"), prefix("corpus_b")],
+                weights: Some(vec![1.0, 3.0]),
+            };
+            BlendSpec::PerSplit([Some(a), Some(ab), None])
+        } else {
+            BlendSpec::Blend(blend)
         };
         let cache = tempfile::tempdir().unwrap();
         let mut p = params(seed, case["split"].as_str(), cache.path());
@@ -238,9 +255,7 @@ fn gpt_and_blended_datasets_match_megatron() {
         }
         for pass in 0..2 {
             // The second pass loads every index from the cache written by the first.
-            let built =
-                build_gpt_datasets(&p, &BlendSpec::Blend(blend.clone()), sizes(&case["sizes"]))
-                    .unwrap();
+            let built = build_gpt_datasets(&p, &spec, sizes(&case["sizes"])).unwrap();
             for (i, want) in case["splits"].as_array().unwrap().iter().enumerate() {
                 let what = format!("{name} seed {seed} split {i} pass {pass}");
                 match (&built[i], want.is_null()) {

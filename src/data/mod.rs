@@ -9,6 +9,7 @@ pub mod indexed;
 pub mod mock;
 pub mod numpy_rng;
 pub mod preprocess;
+pub mod sampler;
 pub mod show;
 pub mod split;
 pub mod tokenizer;
