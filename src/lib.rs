@@ -2,6 +2,7 @@
 pub mod ckpt;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod model;
 pub mod ops;
 pub mod train;

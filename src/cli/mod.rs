@@ -2,6 +2,7 @@
 
 mod config_args;
 mod config_cmd;
+mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;
 
@@ -42,7 +43,7 @@ pub enum Command {
     /// Greedy generation from a checkpoint.
     Generate(NotYet),
     /// Tokenize JSONL into Megatron .bin/.idx files.
-    PreprocessData(NotYet),
+    PreprocessData(preprocess_data::PreprocessDataArgs),
 }
 
 /// Arguments of a command that this build does not implement yet (accepted, then refused).
@@ -97,7 +98,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::ImportHf(_) => not_yet("import-hf"),
         Command::ExportHf(_) => not_yet("export-hf"),
         Command::Generate(_) => not_yet("generate"),
-        Command::PreprocessData(_) => not_yet("preprocess-data"),
+        Command::PreprocessData(a) => preprocess_data::run(a),
     }
 }
 
@@ -111,3 +112,4 @@ pub(crate) fn out(text: &str) {
 fn not_yet(cmd: &str) -> anyhow::Result<()> {
     anyhow::bail!("`mbridge {cmd}` is not implemented in this version of mbridge yet")
 }
+
