@@ -45,8 +45,7 @@ fn save(dir: &Path, iteration: u64, tp: usize, k: i64) -> std::path::PathBuf {
         iteration,
         model: &model,
         optimizer: None,
-        scheduler: Some(serde_json::json!({"num_steps": iteration * 8})),
-        rng: None,
+        json: vec![("scheduler".into(), serde_json::json!({"num_steps": iteration * 8}))],
         train_state: &state,
         run_config_toml: "[train]\ntrain_iters = 10\n",
         tokenizer_files: &[],
@@ -80,6 +79,8 @@ fn layout_tracker_and_resharded_load() {
     assert_eq!(fc1.to_vec2::<f32>().unwrap(), expect.to_vec2::<f32>().unwrap());
     assert_eq!(loaded["decoder.layers.0.self_attention.linear_qkv.weight"].0.dims(), &[4, 6]);
     assert_eq!(find_checkpoint(dir.path(), None).unwrap(), Some(it.clone()));
+    assert_eq!(read_json(&it, "scheduler").unwrap().unwrap()["num_steps"], 800);
+    assert!(read_json(&it, "rng").unwrap().is_none());
     assert_eq!(find_checkpoint(&it, None).unwrap(), Some(it));
 }
 

@@ -51,9 +51,7 @@ fn null_tokenizer_jsonl_matches_builder_layout() {
         }
         let got: Vec<i64> = {
             let docs = text_ds.document_indices();
-            (docs[d] as usize..docs[d + 1] as usize)
-                .flat_map(|s| text_ds.get(s, 0, None))
-                .collect()
+            (docs[d] as usize..docs[d + 1] as usize).flat_map(|s| text_ds.get(s, 0, None)).collect()
         };
         assert_eq!(got, want, "document {d}");
     }
@@ -103,21 +101,11 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
     let prefix = dir.path().join("bad");
     let err = preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("in.jsonl:3") && msg.contains("invalid JSON"),
-        "{msg}"
-    );
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        1,
-        "only the input remains"
-    );
+    assert!(msg.contains("in.jsonl:3") && msg.contains("invalid JSON"), "{msg}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the input remains");
     // Missing key and non-integer ids are errors too.
     std::fs::write(&input, "{\"body\": \"1\"}\n").unwrap();
-    let msg = format!(
-        "{:#}",
-        preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err()
-    );
+    let msg = format!("{:#}", preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err());
     assert!(msg.contains(":1") && msg.contains("missing"), "{msg}");
     // --skip-bad-lines skips and counts.
     std::fs::write(&input, "{\"text\": \"1 2\"}\n{oops\n{\"text\": \"3\"}\n").unwrap();
@@ -132,11 +120,7 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
     // Missing input.
     let msg = format!(
         "{:#}",
-        preprocess(
-            &cfg(&dir.path().join("nope.jsonl"), &prefix, &["text"]),
-            &tok
-        )
-        .unwrap_err()
+        preprocess(&cfg(&dir.path().join("nope.jsonl"), &prefix, &["text"]), &tok).unwrap_err()
     );
     assert!(msg.contains("nope.jsonl"), "{msg}");
 }

@@ -15,12 +15,7 @@ fn build(cfg: &ModelConfig, layout: ParallelLayout, seed: u64, dtype: DType) -> 
 }
 
 fn tp(rank: usize, size: usize) -> ParallelLayout {
-    ParallelLayout {
-        tp_rank: rank,
-        tp_size: size,
-        pp_rank: 0,
-        pp_size: 1,
-    }
+    ParallelLayout { tp_rank: rank, tp_size: size, pp_rank: 0, pp_size: 1 }
 }
 
 #[test]
@@ -34,29 +29,13 @@ fn megatron_names_shapes_and_partition_dims() {
         .map(|p| (p.name.clone(), p.global_shape.clone(), p.partition_dim))
         .collect();
     let l = |i: usize, rest: &str| format!("decoder.layers.{i}.{rest}");
-    let mut want = vec![(
-        "embedding.word_embeddings.weight".to_string(),
-        vec![32, 16],
-        Some(0),
-    )];
+    let mut want = vec![("embedding.word_embeddings.weight".to_string(), vec![32, 16], Some(0))];
     for i in 0..2 {
         want.extend([
-            (
-                l(i, "self_attention.linear_qkv.layer_norm_weight"),
-                vec![16],
-                None,
-            ),
+            (l(i, "self_attention.linear_qkv.layer_norm_weight"), vec![16], None),
             // (4 + 2·2) heads × 4 channels.
-            (
-                l(i, "self_attention.linear_qkv.weight"),
-                vec![32, 16],
-                Some(0),
-            ),
-            (
-                l(i, "self_attention.linear_proj.weight"),
-                vec![16, 16],
-                Some(1),
-            ),
+            (l(i, "self_attention.linear_qkv.weight"), vec![32, 16], Some(0)),
+            (l(i, "self_attention.linear_proj.weight"), vec![16, 16], Some(1)),
             (l(i, "mlp.linear_fc1.layer_norm_weight"), vec![16], None),
             (l(i, "mlp.linear_fc1.weight"), vec![48, 16], Some(0)),
             (l(i, "mlp.linear_fc2.weight"), vec![16, 24], Some(1)),
@@ -66,10 +45,7 @@ fn megatron_names_shapes_and_partition_dims() {
     want.push(("output_layer.weight".into(), vec![32, 16], Some(0)));
     assert_eq!(got, want);
     assert_eq!(
-        m.params()
-            .get("decoder.layers.0.mlp.linear_fc1.weight")
-            .unwrap()
-            .layout,
+        m.params().get("decoder.layers.0.mlp.linear_fc1.weight").unwrap().layout,
         ShardLayout::GatedHalves
     );
 }
@@ -77,12 +53,7 @@ fn megatron_names_shapes_and_partition_dims() {
 #[test]
 fn optional_parameters_follow_the_config() {
     let q = build(&tiny_qwen_window(), ParallelLayout::single(), 0, DType::F32);
-    let names: Vec<&str> = q
-        .params()
-        .params()
-        .iter()
-        .map(|p| p.name.as_str())
-        .collect();
+    let names: Vec<&str> = q.params().params().iter().map(|p| p.name.as_str()).collect();
     for n in [
         "decoder.layers.1.self_attention.linear_qkv.bias",
         "decoder.layers.1.self_attention.q_layernorm.weight",
@@ -90,15 +61,9 @@ fn optional_parameters_follow_the_config() {
     ] {
         assert!(names.contains(&n), "missing {n}");
     }
-    assert!(
-        !names.contains(&"output_layer.weight"),
-        "tied model has no output layer"
-    );
+    assert!(!names.contains(&"output_layer.weight"), "tied model has no output layer");
     assert_eq!(
-        q.params()
-            .get("decoder.layers.0.self_attention.q_layernorm.weight")
-            .unwrap()
-            .global_shape,
+        q.params().get("decoder.layers.0.self_attention.q_layernorm.weight").unwrap().global_shape,
         vec![6]
     );
     let g = build(&tiny_gpt(), ParallelLayout::single(), 0, DType::F32);
@@ -115,14 +80,7 @@ fn optional_parameters_follow_the_config() {
     // Zero-centered gamma starts at zero; plain gamma at one.
     let zc = g.params().get("decoder.final_layernorm.weight").unwrap();
     assert_eq!(
-        zc.var
-            .as_tensor()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
+        zc.var.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
         0.0
     );
 }
@@ -133,60 +91,23 @@ fn init_is_seeded_bit_exact_and_scaled() {
     let a = build(&cfg, ParallelLayout::single(), 42, DType::F32);
     let b = build(&cfg, ParallelLayout::single(), 42, DType::F32);
     let c = build(&cfg, ParallelLayout::single(), 43, DType::F32);
-    for ((pa, pb), pc) in a
-        .params()
-        .params()
-        .iter()
-        .zip(b.params().params())
-        .zip(c.params().params())
+    for ((pa, pb), pc) in
+        a.params().params().iter().zip(b.params().params()).zip(c.params().params())
     {
-        let va = pa
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let vb = pb
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let vc = pc
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert!(
-            va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{}",
-            pa.name
-        );
+        let va = pa.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vb = pb.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vc = pc.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{}", pa.name);
         if pa.global_shape.len() == 2 {
             assert_ne!(va, vc, "{} must depend on the seed", pa.name);
         }
     }
     // A larger model for the statistics: std of qkv ≈ σ, of proj/fc2 ≈ σ/sqrt(2L).
-    let big = ModelConfig {
-        hidden_size: 64,
-        ffn_hidden_size: Some(256),
-        init_method_std: 0.02,
-        ..cfg
-    };
+    let big =
+        ModelConfig { hidden_size: 64, ffn_hidden_size: Some(256), init_method_std: 0.02, ..cfg };
     let m = build(&big, ParallelLayout::single(), 1, DType::F64);
     let std_of = |n: &str| {
-        let t = m
-            .params()
-            .get(n)
-            .unwrap()
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap();
+        let t = m.params().get(n).unwrap().var.as_tensor().flatten_all().unwrap();
         let v = t.to_vec1::<f64>().unwrap();
         (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
     };
@@ -206,125 +127,60 @@ fn tp_shards_are_slices_of_the_tp1_init() {
         let eq =
             |a: &Tensor, b: &Tensor| a.to_vec2::<f32>().unwrap() == b.to_vec2::<f32>().unwrap();
         let qkv = "decoder.layers.0.self_attention.linear_qkv.weight";
-        assert!(eq(
-            &get(&m, qkv),
-            &get(&full, qkv).narrow(0, rank * 16, 16).unwrap()
-        ));
+        assert!(eq(&get(&m, qkv), &get(&full, qkv).narrow(0, rank * 16, 16).unwrap()));
         let proj = "decoder.layers.1.self_attention.linear_proj.weight";
-        assert!(eq(
-            &get(&m, proj),
-            &get(&full, proj).narrow(1, rank * 8, 8).unwrap()
-        ));
+        assert!(eq(&get(&m, proj), &get(&full, proj).narrow(1, rank * 8, 8).unwrap()));
         let fc1 = "decoder.layers.0.mlp.linear_fc1.weight";
         let f = get(&full, fc1);
         let want = Tensor::cat(
-            &[
-                f.narrow(0, rank * 12, 12).unwrap(),
-                f.narrow(0, 24 + rank * 12, 12).unwrap(),
-            ],
+            &[f.narrow(0, rank * 12, 12).unwrap(), f.narrow(0, 24 + rank * 12, 12).unwrap()],
             0,
         )
         .unwrap();
         assert!(eq(&get(&m, fc1), &want));
         let emb = "embedding.word_embeddings.weight";
-        assert!(eq(
-            &get(&m, emb),
-            &get(&full, emb).narrow(0, rank * 16, 16).unwrap()
-        ));
-        let err = m.forward(
-            &Tensor::new(&[[1u32]], &Device::Cpu).unwrap(),
-            &ForwardOpts::default(),
-        );
+        assert!(eq(&get(&m, emb), &get(&full, emb).narrow(0, rank * 16, 16).unwrap()));
+        let err =
+            m.forward(&Tensor::new(&[[1u32]], &Device::Cpu).unwrap(), &ForwardOpts::default());
         assert!(err.unwrap_err().to_string().contains("TP=2"));
     }
-    let bad = ModelConfig {
-        num_query_groups: Some(1),
-        ..cfg
-    };
+    let bad = ModelConfig { num_query_groups: Some(1), ..cfg };
     let err = GptModel::new(&bad, tp(0, 2), 0, DType::F32, &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("num_query_groups"), "{err}");
 }
 
 #[test]
 fn pipeline_stages_use_global_layer_numbers() {
-    let cfg = ModelConfig {
-        num_layers: 4,
-        ..tiny_qwen_window()
-    };
+    let cfg = ModelConfig { num_layers: 4, ..tiny_qwen_window() };
     let stage = |pp_rank| {
-        build(
-            &cfg,
-            ParallelLayout {
-                tp_rank: 0,
-                tp_size: 1,
-                pp_rank,
-                pp_size: 2,
-            },
-            3,
-            DType::F32,
-        )
+        build(&cfg, ParallelLayout { tp_rank: 0, tp_size: 1, pp_rank, pp_size: 2 }, 3, DType::F32)
     };
     let (s0, s1) = (stage(0), stage(1));
     assert_eq!(s0.layer_numbers(), &[0, 1]);
     assert_eq!(s1.layer_numbers(), &[2, 3]);
-    assert!(s0
-        .params()
-        .get("embedding.word_embeddings.weight")
-        .is_some());
+    assert!(s0.params().get("embedding.word_embeddings.weight").is_some());
     assert!(s0.params().get("output_layer.weight").is_none());
-    assert!(s1
-        .params()
-        .get("embedding.word_embeddings.weight")
-        .is_none());
-    assert!(s1
-        .params()
-        .get("decoder.layers.3.mlp.linear_fc2.weight")
-        .is_some());
+    assert!(s1.params().get("embedding.word_embeddings.weight").is_none());
+    assert!(s1.params().get("decoder.layers.3.mlp.linear_fc2.weight").is_some());
     // Tied model: the last stage holds Megatron's shared copy of the embedding.
     let out = s1.params().get("output_layer.weight").unwrap();
     assert!(out.shared_embedding);
     // Same seed ⇒ stage 1's layer 2 equals layer 2 of the whole model.
     let whole = build(&cfg, ParallelLayout::single(), 3, DType::F32);
     let n = "decoder.layers.2.self_attention.linear_qkv.weight";
-    let a = s1
-        .params()
-        .get(n)
-        .unwrap()
-        .var
-        .as_tensor()
-        .to_vec2::<f32>()
-        .unwrap();
-    let b = whole
-        .params()
-        .get(n)
-        .unwrap()
-        .var
-        .as_tensor()
-        .to_vec2::<f32>()
-        .unwrap();
+    let a = s1.params().get(n).unwrap().var.as_tensor().to_vec2::<f32>().unwrap();
+    let b = whole.params().get(n).unwrap().var.as_tensor().to_vec2::<f32>().unwrap();
     assert_eq!(a, b);
-    let uneven = ModelConfig {
-        num_layers: 5,
-        ..cfg.clone()
-    };
+    let uneven = ModelConfig { num_layers: 5, ..cfg.clone() };
     let err = GptModel::new(
         &uneven,
-        ParallelLayout {
-            tp_rank: 0,
-            tp_size: 1,
-            pp_rank: 0,
-            pp_size: 2,
-        },
+        ParallelLayout { tp_rank: 0, tp_size: 1, pp_rank: 0, pp_size: 2 },
         0,
         DType::F32,
         &Device::Cpu,
     );
     assert!(err.is_err());
-    let first = ModelConfig {
-        num_layers: 5,
-        num_layers_in_first_pipeline_stage: Some(1),
-        ..cfg
-    };
+    let first = ModelConfig { num_layers: 5, num_layers_in_first_pipeline_stage: Some(1), ..cfg };
     let l = mbridge::model::stage_layers(&first, 2, 3).unwrap();
     assert_eq!(l, vec![3, 4]);
 }
@@ -334,19 +190,11 @@ fn pipeline_stages_use_global_layer_numbers() {
 #[test]
 fn pipeline_stages_chain_to_the_whole_model() {
     for base in [tiny_llama(), tiny_qwen_window()] {
-        let cfg = ModelConfig {
-            num_layers: 4,
-            ..base
-        };
+        let cfg = ModelConfig { num_layers: 4, ..base };
         let dev = Device::Cpu;
         let whole = build(&cfg, ParallelLayout::single(), 9, DType::F64);
         let stage = |pp_rank| {
-            let layout = ParallelLayout {
-                tp_rank: 0,
-                tp_size: 1,
-                pp_rank,
-                pp_size: 2,
-            };
+            let layout = ParallelLayout { tp_rank: 0, tp_size: 1, pp_rank, pp_size: 2 };
             build(&cfg, layout, 9, DType::F64)
         };
         let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]], &dev).unwrap();
@@ -357,50 +205,23 @@ fn pipeline_stages_chain_to_the_whole_model() {
         let want = whole.forward(&tokens, &opts).unwrap();
         let d = (logits - want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
-        assert!(
-            stage(1).forward(&hidden, &opts).is_err(),
-            "forward needs the whole model"
-        );
+        assert!(stage(1).forward(&hidden, &opts).is_err(), "forward needs the whole model");
     }
 }
 
 #[test]
 fn dropout_is_seeded_and_train_only() {
-    let cfg = ModelConfig {
-        hidden_dropout: 0.2,
-        attention_dropout: 0.2,
-        ..tiny_llama()
-    };
+    let cfg = ModelConfig { hidden_dropout: 0.2, attention_dropout: 0.2, ..tiny_llama() };
     let m = build(&cfg, ParallelLayout::single(), 1, DType::F32);
     let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9]], &Device::Cpu).unwrap();
     let run = |rng: Option<&DropoutRng>| {
-        let opts = ForwardOpts {
-            dropout: rng,
-            ..Default::default()
-        };
-        m.forward(&tokens, &opts)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
+        let opts = ForwardOpts { dropout: rng, ..Default::default() };
+        m.forward(&tokens, &opts).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
     let a = run(Some(&DropoutRng::new(5, 10, 0)));
-    assert_eq!(
-        a,
-        run(Some(&DropoutRng::new(5, 10, 0))),
-        "same stream ⇒ same masks"
-    );
-    assert_ne!(
-        a,
-        run(Some(&DropoutRng::new(5, 11, 0))),
-        "next iteration ⇒ new masks"
-    );
-    assert_ne!(
-        a,
-        run(Some(&DropoutRng::new(5, 10, 1))),
-        "next micro-batch ⇒ new masks"
-    );
+    assert_eq!(a, run(Some(&DropoutRng::new(5, 10, 0))), "same stream ⇒ same masks");
+    assert_ne!(a, run(Some(&DropoutRng::new(5, 11, 0))), "next iteration ⇒ new masks");
+    assert_ne!(a, run(Some(&DropoutRng::new(5, 10, 1))), "next micro-batch ⇒ new masks");
     assert_eq!(run(None), run(None), "evaluation is deterministic");
     assert_ne!(a, run(None));
     // Inverted dropout keeps the expectation.
@@ -416,27 +237,12 @@ fn bad_input_is_a_clear_error() {
     let m = build(&cfg, ParallelLayout::single(), 0, DType::F32);
     let dev = Device::Cpu;
     let long = Tensor::zeros((1, 17), DType::U32, &dev).unwrap();
-    let err = m
-        .forward(&long, &ForwardOpts::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("sequence length 17") && err.contains("16"),
-        "{err}"
-    );
+    let err = m.forward(&long, &ForwardOpts::default()).unwrap_err().to_string();
+    assert!(err.contains("sequence length 17") && err.contains("16"), "{err}");
     let oov = Tensor::new(&[[1u32, 32, 2]], &dev).unwrap();
-    let err = m
-        .forward(&oov, &ForwardOpts::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("token id 32") && err.contains("vocabulary size 32"),
-        "{err}"
-    );
-    let no_vocab = ModelConfig {
-        vocab_size: None,
-        ..cfg
-    };
+    let err = m.forward(&oov, &ForwardOpts::default()).unwrap_err().to_string();
+    assert!(err.contains("token id 32") && err.contains("vocabulary size 32"), "{err}");
+    let no_vocab = ModelConfig { vocab_size: None, ..cfg };
     let err = GptModel::new(&no_vocab, ParallelLayout::single(), 0, DType::F32, &dev).unwrap_err();
     assert!(err.to_string().contains("vocab_size"), "{err}");
     let err = generate(&m, &[1; 10], 8, None).unwrap_err().to_string();
@@ -463,25 +269,15 @@ fn packed_documents_with_attention_mask() {
     let pos: Vec<u32> = (0..a.len() as u32).chain(0..b.len() as u32).collect();
     let pos = Tensor::from_vec(pos, (1, s), &dev).unwrap();
     let tokens = Tensor::from_vec(packed, (1, s), &dev).unwrap();
-    let opts = ForwardOpts {
-        position_ids: Some(&pos),
-        attention_mask: Some(&mask),
-        dropout: None,
-    };
+    let opts = ForwardOpts { position_ids: Some(&pos), attention_mask: Some(&mask), dropout: None };
     let got = m.forward(&tokens, &opts).unwrap();
     let alone = m
         .forward(
-            &Tensor::new(b.as_slice(), &dev)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
+            &Tensor::new(b.as_slice(), &dev).unwrap().unsqueeze(0).unwrap(),
             &ForwardOpts::default(),
         )
         .unwrap();
-    let diff = (got.i((.., a.len().., ..)).unwrap() - alone)
-        .unwrap()
-        .abs()
-        .unwrap();
+    let diff = (got.i((.., a.len().., ..)).unwrap() - alone).unwrap().abs().unwrap();
     assert!(diff.max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
 }
 
@@ -489,10 +285,7 @@ fn packed_documents_with_attention_mask() {
 fn kv_cache_equals_full_recompute() {
     for cfg in [tiny_llama(), tiny_qwen_window(), tiny_gpt()] {
         // Large weights so greedy decoding does not collapse onto one token.
-        let cfg = ModelConfig {
-            init_method_std: 1.0,
-            ..cfg
-        };
+        let cfg = ModelConfig { init_method_std: 1.0, ..cfg };
         let m = build(&cfg, ParallelLayout::single(), 11, DType::F64);
         let dev = Device::Cpu;
         let seq = [4u32, 17, 3, 29, 8, 8, 1, 30, 12, 5];
@@ -510,14 +303,7 @@ fn kv_cache_equals_full_recompute() {
         }
         assert_eq!(cache.len(), seq.len());
         let inc = Tensor::cat(&pieces, 1).unwrap();
-        let d = (inc - full)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = (inc - full).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(d < 1e-12, "cached logits differ by {d}");
 
         let prompt = [4u32, 17, 3];
@@ -529,10 +315,7 @@ fn kv_cache_equals_full_recompute() {
         // Stops right after EOD (and includes it).
         let eod = cached[2];
         let first = cached.iter().position(|&t| t == eod).unwrap();
-        assert_eq!(
-            generate(&m, &prompt, 8, Some(eod)).unwrap(),
-            cached[..=first].to_vec()
-        );
+        assert_eq!(generate(&m, &prompt, 8, Some(eod)).unwrap(), cached[..=first].to_vec());
     }
 }
 
@@ -553,10 +336,6 @@ fn state_round_trip_between_models() {
     );
     let mut partial = state.clone();
     partial.remove("decoder.final_layernorm.bias");
-    let err = b
-        .params()
-        .load_full_state(&partial)
-        .unwrap_err()
-        .to_string();
+    let err = b.params().load_full_state(&partial).unwrap_err().to_string();
     assert!(err.contains("decoder.final_layernorm.bias"), "{err}");
 }

@@ -10,18 +10,9 @@ use std::time::Instant;
 #[test]
 #[ignore]
 fn forward_backward_speed() {
-    let layers: usize = std::env::var("MB_LAYERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let hidden: usize = std::env::var("MB_HIDDEN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let s: usize = std::env::var("MB_SEQ")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+    let layers: usize = std::env::var("MB_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let hidden: usize = std::env::var("MB_HIDDEN").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let s: usize = std::env::var("MB_SEQ").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
     let cfg = ModelConfig {
         num_layers: layers,
         hidden_size: hidden,

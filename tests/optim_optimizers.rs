@@ -30,16 +30,11 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     fn t(&self, key: &str) -> &Tensor {
-        self.tensors
-            .get(key)
-            .unwrap_or_else(|| panic!("fixture has no tensor {key}"))
+        self.tensors.get(key).unwrap_or_else(|| panic!("fixture has no tensor {key}"))
     }
     fn names(&self) -> Vec<String> {
         let params = self.meta["params"].as_array().unwrap();
-        params
-            .iter()
-            .map(|p| p["name"].as_str().unwrap().to_string())
-            .collect()
+        params.iter().map(|p| p["name"].as_str().unwrap().to_string()).collect()
     }
 }
 
@@ -53,41 +48,23 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, rtol: f64) {
 /// candle's separate multiply and add round differently there, so moments are compared
 /// normwise (floor 1), while parameters are compared entry by entry.
 fn assert_close_floor(what: &str, got: &Tensor, want: &Tensor, rtol: f64, floor: f64) {
-    let got: Vec<f64> = got
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<f64> = want
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let got: Vec<f64> = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f64> =
+        want.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(got.len(), want.len(), "{what}: element count");
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         let tol = rtol * w.abs() + rtol * floor * scale;
-        assert!(
-            (g - w).abs() <= tol,
-            "{what}[{i}]: got {g:e}, torch {w:e} (tol {tol:e})"
-        );
+        assert!((g - w).abs() <= tol, "{what}[{i}]: got {g:e}, torch {w:e} (tol {tol:e})");
     }
 }
 
 fn algorithm(kind: &str) -> Algorithm {
     match kind {
-        "adamw" => Algorithm::Adam(AdamConfig {
-            beta2: 0.95,
-            ..AdamConfig::default()
-        }),
-        "adam" => Algorithm::Adam(AdamConfig {
-            decoupled_weight_decay: false,
-            ..AdamConfig::default()
-        }),
+        "adamw" => Algorithm::Adam(AdamConfig { beta2: 0.95, ..AdamConfig::default() }),
+        "adam" => {
+            Algorithm::Adam(AdamConfig { decoupled_weight_decay: false, ..AdamConfig::default() })
+        }
         "sgd" => Algorithm::Sgd(SgdConfig { momentum: 0.9 }),
         k => panic!("unknown kind {k}"),
     }
@@ -98,22 +75,14 @@ fn algorithm(kind: &str) -> Algorithm {
 fn replay(fx: &Fixture, case: &str, accumulate: bool) -> Optimizer {
     let meta = &fx.meta["cases"][case];
     let bf16 = meta["model_dtype"].as_str().is_some();
-    let rtol = if meta["dtype"] == "torch.float64" {
-        1e-12
-    } else {
-        1e-6
-    };
+    let rtol = if meta["dtype"] == "torch.float64" { 1e-12 } else { 1e-6 };
     let names = fx.names();
     let vars: Vec<Var> = names
         .iter()
         .map(|n| {
             let t = fx.t(&format!("{case}.init.{n}"));
-            Var::from_tensor(&if bf16 {
-                t.to_dtype(DType::BF16).unwrap()
-            } else {
-                t.clone()
-            })
-            .unwrap()
+            Var::from_tensor(&if bf16 { t.to_dtype(DType::BF16).unwrap() } else { t.clone() })
+                .unwrap()
         })
         .collect();
     let algo = algorithm(meta["kind"].as_str().unwrap());
@@ -155,11 +124,7 @@ fn replay(fx: &Fixture, case: &str, accumulate: bool) -> Optimizer {
                 "{case} step {step}: norm {} vs {want}",
                 norm.norm
             );
-            assert_eq!(
-                norm.coeff.is_some(),
-                clip / (want + 1e-6) < 1.0,
-                "{case} step {step}"
-            );
+            assert_eq!(norm.coeff.is_some(), clip / (want + 1e-6) < 1.0, "{case} step {step}");
         }
         let lr = meta["lr"][step].as_f64().unwrap();
         let wd = meta["wd"][step].as_f64().unwrap();
@@ -172,26 +137,11 @@ fn replay(fx: &Fixture, case: &str, accumulate: bool) -> Optimizer {
                 assert_eq!(v.dtype(), DType::BF16);
                 let master = &by_name[&format!("{n}.master")];
                 assert_eq!(master.dtype(), DType::F32);
-                assert_close(
-                    &format!("{case} step {step} master {n}"),
-                    master,
-                    want,
-                    rtol,
-                );
+                assert_close(&format!("{case} step {step} master {n}"), master, want, rtol);
                 let model = fx.t(&format!("{case}.model.{step}.{n}"));
-                assert_close(
-                    &format!("{case} step {step} bf16 {n}"),
-                    v.as_tensor(),
-                    model,
-                    0.0,
-                );
+                assert_close(&format!("{case} step {step} bf16 {n}"), v.as_tensor(), model, 0.0);
             } else {
-                assert_close(
-                    &format!("{case} step {step} {n}"),
-                    v.as_tensor(),
-                    want,
-                    rtol,
-                );
+                assert_close(&format!("{case} step {step} {n}"), v.as_tensor(), want, rtol);
             }
         }
     }
@@ -201,20 +151,11 @@ fn replay(fx: &Fixture, case: &str, accumulate: bool) -> Optimizer {
     let mut checked = 0;
     for (key, want) in fx.tensors.iter().filter(|(k, _)| k.starts_with(&prefix)) {
         let name = &key[prefix.len()..];
-        let got = by_name
-            .get(name)
-            .unwrap_or_else(|| panic!("{case}: no exported state {name}"));
+        let got = by_name.get(name).unwrap_or_else(|| panic!("{case}: no exported state {name}"));
         assert_close_floor(&format!("{case} state {name}"), got, want, rtol, 1.0);
         checked += 1;
     }
-    assert_eq!(
-        checked,
-        if matches!(algo, Algorithm::Sgd(_)) {
-            4
-        } else {
-            8
-        }
-    );
+    assert_eq!(checked, if matches!(algo, Algorithm::Sgd(_)) { 4 } else { 8 });
     opt
 }
 
@@ -311,10 +252,7 @@ fn state_import_names_the_problem() {
     let mut missing = state.clone();
     missing.tensors.retain(|(n, _)| n != key);
     let e = fresh().import_state(&missing).unwrap_err();
-    assert!(
-        matches!(&e, OptimError::MissingStateTensor(n) if n == key),
-        "{e}"
-    );
+    assert!(matches!(&e, OptimError::MissingStateTensor(n) if n == key), "{e}");
 
     let mut misshaped = state.clone();
     for (n, t) in misshaped.tensors.iter_mut() {
@@ -323,10 +261,7 @@ fn state_import_names_the_problem() {
         }
     }
     let e = fresh().import_state(&misshaped).unwrap_err().to_string();
-    assert!(
-        e.contains(key) && e.contains("[3, 4]") && e.contains("[4, 3]"),
-        "{e}"
-    );
+    assert!(e.contains(key) && e.contains("[3, 4]") && e.contains("[4, 3]"), "{e}");
 
     let mut extra = state.clone();
     extra.tensors.push((
@@ -340,27 +275,15 @@ fn state_import_names_the_problem() {
 
     let mut sgd_state = state.clone();
     sgd_state.algorithm = "sgd".into();
-    assert!(matches!(
-        fresh().import_state(&sgd_state),
-        Err(OptimError::AlgorithmMismatch { .. })
-    ));
+    assert!(matches!(fresh().import_state(&sgd_state), Err(OptimError::AlgorithmMismatch { .. })));
 }
 
 #[test]
 fn default_groups_and_missing_grads() {
     use mbridge::train::optimizer::default_wd_mult;
-    assert_eq!(
-        default_wd_mult("decoder.layers.0.self_attention.linear_qkv.bias", 1),
-        0.0
-    );
-    assert_eq!(
-        default_wd_mult("decoder.layers.0.input_layernorm.weight", 1),
-        0.0
-    );
-    assert_eq!(
-        default_wd_mult("decoder.layers.0.self_attention.linear_qkv.weight", 2),
-        1.0
-    );
+    assert_eq!(default_wd_mult("decoder.layers.0.self_attention.linear_qkv.bias", 1), 0.0);
+    assert_eq!(default_wd_mult("decoder.layers.0.input_layernorm.weight", 1), 0.0);
+    assert_eq!(default_wd_mult("decoder.layers.0.self_attention.linear_qkv.weight", 2), 1.0);
 
     // A parameter with no gradient still gets weight decay (megatron-core's zero main_grad).
     let w = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap()).unwrap();
@@ -377,10 +300,7 @@ fn default_groups_and_missing_grads() {
 
     // A gradient of the wrong shape is named.
     let mut bad = GradStore::default();
-    bad.insert(
-        w.as_tensor(),
-        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
-    );
+    bad.insert(w.as_tensor(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
     let e = opt.step(&bad, 0.5, 0.1).unwrap_err().to_string();
     assert!(e.contains("w.weight") && e.contains("[3]"), "{e}");
     assert_eq!(opt.steps(), 1, "a rejected step changes nothing");
@@ -404,10 +324,7 @@ fn default_groups_and_missing_grads() {
     // In bf16, 1 + 1/256 rounds back to 1; in f32 the sum is exact.
     assert_eq!(g.to_vec1::<f32>().unwrap(), vec![3.0, 3.0 / 256.0]);
     acc.scale(0.5).unwrap();
-    assert_eq!(
-        acc.grad_of(&b).unwrap().to_vec1::<f32>().unwrap(),
-        vec![1.5, 1.5 / 256.0]
-    );
+    assert_eq!(acc.grad_of(&b).unwrap().to_vec1::<f32>().unwrap(), vec![1.5, 1.5 / 256.0]);
     acc.clear();
     assert!(acc.grad_of(&b).is_none());
 }

@@ -175,10 +175,7 @@ fn resolution_rules() {
     i.lr_warmup_iters = 0;
     i.lr_warmup_samples = 100;
     let p = i.resolve().unwrap();
-    assert_eq!(
-        (p.lr_decay_steps, p.wd_incr_steps, p.lr_warmup_steps),
-        (1000, 1000, 100.0)
-    );
+    assert_eq!((p.lr_decay_steps, p.wd_incr_steps, p.lr_warmup_steps), (1000, 1000, 100.0));
     i.lr_decay_iters = Some(3);
     assert!(i.resolve().is_err());
 
@@ -202,45 +199,16 @@ fn resolution_rules() {
 fn invalid_settings_are_named() {
     let base = inputs().resolve().unwrap();
     let err = |p: SchedulerParams| OptimizerParamScheduler::new(p).unwrap_err().to_string();
-    assert!(err(SchedulerParams {
-        min_lr: 1.0,
-        ..base.clone()
-    })
-    .contains("min_lr"));
-    assert!(err(SchedulerParams {
-        init_lr: 1.0,
-        ..base.clone()
-    })
-    .contains("lr_warmup_init"));
-    assert!(err(SchedulerParams {
-        lr_decay_steps: 0,
-        ..base.clone()
-    })
-    .contains("lr_decay_steps"));
-    assert!(err(SchedulerParams {
-        start_wd: 0.0,
-        ..base.clone()
-    })
-    .contains("start_wd"));
-    let wsd = SchedulerParams {
-        lr_decay_style: LrDecayStyle::Wsd,
-        wsd_decay_steps: None,
-        ..base
-    };
+    assert!(err(SchedulerParams { min_lr: 1.0, ..base.clone() }).contains("min_lr"));
+    assert!(err(SchedulerParams { init_lr: 1.0, ..base.clone() }).contains("lr_warmup_init"));
+    assert!(err(SchedulerParams { lr_decay_steps: 0, ..base.clone() }).contains("lr_decay_steps"));
+    assert!(err(SchedulerParams { start_wd: 0.0, ..base.clone() }).contains("start_wd"));
+    let wsd = SchedulerParams { lr_decay_style: LrDecayStyle::Wsd, wsd_decay_steps: None, ..base };
     assert!(err(wsd).contains("WSD"));
-    let e = "cosine-ish"
-        .parse::<LrDecayStyle>()
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("cosine-ish") && e.contains("inverse-square-root"),
-        "{e}"
-    );
+    let e = "cosine-ish".parse::<LrDecayStyle>().unwrap_err().to_string();
+    assert!(e.contains("cosine-ish") && e.contains("inverse-square-root"), "{e}");
     assert_eq!("WSD".parse::<LrDecayStyle>().unwrap(), LrDecayStyle::Wsd);
-    assert_eq!(
-        LrDecayStyle::InverseSquareRoot.to_string(),
-        "inverse-square-root"
-    );
+    assert_eq!(LrDecayStyle::InverseSquareRoot.to_string(), "inverse-square-root");
 }
 
 #[test]
@@ -268,20 +236,12 @@ fn state_round_trip_and_resume_policies() {
     let mut changed = inputs();
     changed.lr = 1e-3;
     let mut other = OptimizerParamScheduler::from_resolved(&changed).unwrap();
-    let e = other
-        .load_state(&state, ResumePolicy::Strict)
-        .unwrap_err()
-        .to_string();
+    let e = other.load_state(&state, ResumePolicy::Strict).unwrap_err().to_string();
     assert!(e.contains("learning rate") && e.contains("0.001"), "{e}");
-    assert_eq!(
-        other.num_steps, 0,
-        "failed load leaves the scheduler untouched"
-    );
+    assert_eq!(other.num_steps, 0, "failed load leaves the scheduler untouched");
     other.load_state(&state, ResumePolicy::Override).unwrap();
     assert_eq!((other.params().max_lr, other.num_steps), (1e-3, 39488));
     let mut other = OptimizerParamScheduler::from_resolved(&changed).unwrap();
-    other
-        .load_state(&state, ResumePolicy::UseCheckpoint)
-        .unwrap();
+    other.load_state(&state, ResumePolicy::UseCheckpoint).unwrap();
     assert_eq!(other.params().max_lr, 3e-4);
 }

@@ -50,8 +50,8 @@ pub struct CheckpointWrite<'a> {
     pub iteration: u64,
     pub model: &'a [TensorSet],
     pub optimizer: Option<&'a [TensorSet]>,
-    pub scheduler: Option<serde_json::Value>,
-    pub rng: Option<serde_json::Value>,
+    /// Small JSON documents written as `<name>.json` (scheduler, rng, optimizer metadata).
+    pub json: Vec<(String, serde_json::Value)>,
     pub train_state: &'a TrainState,
     /// The resolved config (`config show` form), so a checkpoint is self-describing.
     pub run_config_toml: &'a str,
@@ -87,11 +87,9 @@ pub fn save_checkpoint(save: &Path, w: &CheckpointWrite, most_recent_k: i64) -> 
     if let Some(opt) = w.optimizer {
         write_tensor_dir(&tmp.join("optimizer"), opt)?;
     }
-    if let Some(s) = &w.scheduler {
-        write_synced(&tmp.join("scheduler.json"), serde_json::to_string_pretty(s)?.as_bytes())?;
-    }
-    if let Some(r) = &w.rng {
-        write_synced(&tmp.join("rng.json"), serde_json::to_string_pretty(r)?.as_bytes())?;
+    for (name, doc) in &w.json {
+        let path = tmp.join(format!("{name}.json"));
+        write_synced(&path, serde_json::to_string_pretty(doc)?.as_bytes())?;
     }
     write_synced(&tmp.join("run_config.toml"), w.run_config_toml.as_bytes())?;
     if !w.tokenizer_files.is_empty() {
@@ -212,6 +210,18 @@ pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Ten
         out.insert(name, (global, entry.partition));
     }
     Ok(out)
+}
+
+/// Read `<name>.json` of a checkpoint directory; None when the checkpoint has no such file.
+pub fn read_json(iter_dir: &Path, name: &str) -> Result<Option<serde_json::Value>> {
+    let path = iter_dir.join(format!("{name}.json"));
+    match fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .with_context(|| format!("`{}` is not valid JSON", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read `{}`", path.display())),
+    }
 }
 
 /// The iteration in `save/latest_checkpointed_iteration.txt`, if any.

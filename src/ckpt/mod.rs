@@ -17,8 +17,8 @@ pub mod layout;
 pub mod state;
 
 pub use format::{
-    find_checkpoint, iter_dir_name, load_tensors, prune_old, read_tracker, save_checkpoint,
-    CheckpointWrite, TensorSet,
+    find_checkpoint, iter_dir_name, load_tensors, prune_old, read_json, read_tracker,
+    save_checkpoint, CheckpointWrite, TensorSet,
 };
 pub use layout::{Partition, ShardedParam};
 pub use state::TrainState;

@@ -84,6 +84,7 @@ fn init_tracing(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -112,4 +113,3 @@ pub(crate) fn out(text: &str) {
 fn not_yet(cmd: &str) -> anyhow::Result<()> {
     anyhow::bail!("`mbridge {cmd}` is not implemented in this version of mbridge yet")
 }
-

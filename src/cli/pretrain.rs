@@ -3,7 +3,11 @@
 use super::config_args::{world_size, ConfigArgs};
 use super::config_cmd::PeftArg;
 use crate::config::recipes::Task;
+use crate::config::show::{render, ShowOptions};
 use crate::config::{finalize, load, Finalized};
+use crate::config_err;
+use crate::train::trainer::Trainer;
+use candle_core::Device;
 
 /// Which entry point was called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +30,9 @@ pub struct TrainArgs {
     /// Validate and print the plan, then exit without training.
     #[arg(long)]
     pub dry_run: bool,
+    /// Device to train on: `cpu` (default in CPU builds) or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Run `pretrain` or `finetune`.
@@ -36,7 +43,7 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
         (Mode::Finetune, Some(_)) => Task::Peft,
     };
     let loaded = load(&args.config.request(task, args.peft.map(Into::into)))?;
-    let fin = finalize(loaded.cfg, world_size(args.world_size), None)?;
+    let fin = finalize(loaded.cfg.clone(), world_size(args.world_size), None)?;
     for w in &fin.warnings {
         tracing::warn!("{w}");
     }
@@ -44,9 +51,37 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     if args.dry_run {
         return Ok(());
     }
-    anyhow::bail!(
-        "the training engine is not part of this build yet; use --dry-run to only validate"
-    )
+    if fin.cfg.peft.is_some() {
+        anyhow::bail!("PEFT finetuning (`peft.*`) is not implemented in this build yet");
+    }
+    let device = parse_device(&args.device)?;
+    let run_config = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
+    let mut trainer = Trainer::new(fin, run_config, device)?;
+    let outcome = trainer.train()?;
+    tracing::info!("training stopped at iteration {} ({:?})", outcome.final_step, outcome.reason);
+    Ok(())
+}
+
+/// `cpu` or `cuda:N` (the latter only in builds with the `cuda` feature).
+pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .map_err(|_| config_err!("`--device {s}`: expected cuda:N"))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(config_err!(
+                    "`--device {s}`: this mbridge was built without CUDA (build with --features cuda)"
+                )
+                .into());
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => Err(config_err!("unknown `--device {other}`: expected cpu or cuda:N").into()),
+    }
 }
 
 /// A human-readable summary of what a run will do.

@@ -292,8 +292,9 @@ pub fn finalize(
     cfg.dataset.random_seed = cfg.dataset.random_seed.or(Some(cfg.rng.seed));
 
     // 8. Vocabulary.
+    // Megatron's NullTokenizer appends its EOD id after `vocab_size` ids: V + 1 in all.
     let tok_vocab = tokenizer_vocab.or(match cfg.tokenizer.tokenizer_type {
-        Some(TokenizerType::NullTokenizer) => cfg.tokenizer.vocab_size,
+        Some(TokenizerType::NullTokenizer) => cfg.tokenizer.vocab_size.map(|v| v + 1),
         _ => None,
     });
     if cfg.tokenizer.tokenizer_type == Some(TokenizerType::NullTokenizer)

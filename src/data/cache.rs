@@ -46,20 +46,10 @@ impl NpyDtype {
 pub fn npy_bytes(values: &[i64], shape: &[usize], dtype: NpyDtype) -> Vec<u8> {
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        _ => format!("({})", shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
     };
-    let mut header = format!(
-        "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
-        dtype.descr(),
-        shape_s
-    );
+    let mut header =
+        format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", dtype.descr(), shape_s);
     let pad = 64 - ((10 + header.len() + 1) % 64);
     header.push_str(&" ".repeat(pad));
     header.push('\n');
@@ -81,27 +71,16 @@ pub fn npy_bytes(values: &[i64], shape: &[usize], dtype: NpyDtype) -> Vec<u8> {
 /// Read a `.npy` file of one of [`NpyDtype`]; returns values as i64 and the shape.
 pub fn read_npy(path: &Path) -> Result<(Vec<i64>, Vec<usize>)> {
     let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    ensure!(
-        b.len() >= 10 && &b[..6] == b"\x93NUMPY",
-        "{} is not a .npy file",
-        path.display()
-    );
+    ensure!(b.len() >= 10 && &b[..6] == b"\x93NUMPY", "{} is not a .npy file", path.display());
     let (hlen, hstart) = match b[6] {
         1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
         2 | 3 => {
             ensure!(b.len() >= 12, "{}: truncated header", path.display());
-            (
-                u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize,
-                12,
-            )
+            (u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize, 12)
         }
         v => bail!("{}: unsupported .npy version {v}", path.display()),
     };
-    ensure!(
-        b.len() >= hstart + hlen,
-        "{}: truncated header",
-        path.display()
-    );
+    ensure!(b.len() >= hstart + hlen, "{}: truncated header", path.display());
     let header = std::str::from_utf8(&b[hstart..hstart + hlen]).context("npy header not UTF-8")?;
     let dtype = [NpyDtype::I16, NpyDtype::I32, NpyDtype::U32, NpyDtype::I64]
         .into_iter()
@@ -151,8 +130,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
     f.sync_all().ok();
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))
 }
@@ -184,11 +162,7 @@ impl CacheEntry {
     /// A cache entry for `description` in `dir`.
     pub fn new(dir: &Path, class: &str, split: &str, description: String) -> Self {
         let base = format!("{}-{class}-{split}", md5_hex(&description));
-        CacheEntry {
-            dir: dir.to_path_buf(),
-            base,
-            description,
-        }
+        CacheEntry { dir: dir.to_path_buf(), base, description }
     }
 
     /// Full path of `{base}-{suffix}`.
@@ -201,10 +175,7 @@ impl CacheEntry {
         let Ok(text) = std::fs::read_to_string(self.path("description.txt")) else {
             return false;
         };
-        text == self.description
-            && arrays
-                .iter()
-                .all(|a| self.path(&format!("{a}.npy")).is_file())
+        text == self.description && arrays.iter().all(|a| self.path(&format!("{a}.npy")).is_file())
     }
 
     /// Write all arrays, then the description last (it marks the entry complete).

@@ -31,10 +31,7 @@ pub fn build_indices(
     let l = seq_length as i64;
     ensure!(seq_length > 0, "seq_length must be positive");
     let t: i64 = indices.iter().map(|&i| sizes[i as usize] as i64).sum();
-    ensure!(
-        t > extra,
-        "the split holds {t} tokens, too few for one sample"
-    );
+    ensure!(t > extra, "the split holds {t} tokens, too few for one sample");
     let mut epochs: i64 = 1;
     if let Some(n) = num_samples {
         let requested = n as i64 * l + extra;
@@ -51,10 +48,7 @@ pub fn build_indices(
         let n_sans = ((epochs - 1) * t - extra) / l;
         let n_final = n - n_sans;
         let n_per_epoch = (t - extra) / l;
-        ensure!(
-            n_final >= 0 && n_final <= n_per_epoch + 1,
-            "epoch arithmetic failed"
-        );
+        ensure!(n_final >= 0 && n_final <= n_per_epoch + 1, "epoch arithmetic failed");
         (n_final < (0.80 * n_per_epoch as f64) as i64, n_sans)
     };
     let mut rng = RandomState::new(seed);
@@ -89,11 +83,7 @@ pub fn build_indices(
     if let Some(n) = num_samples {
         ensure!(n as i64 <= m, "built {m} samples but {n} were requested");
     }
-    Ok(GptIndices {
-        document_index,
-        sample_index,
-        shuffle_index,
-    })
+    Ok(GptIndices { document_index, sample_index, shuffle_index })
 }
 
 /// `helpers.cpp::build_sample_idx`.
@@ -143,17 +133,10 @@ pub(crate) fn store_cached(e: &CacheEntry, ix: &GptIndices, sizes: &[i32]) -> Re
     let wide = ix.document_index.len() as i64 > i32::MAX as i64 || max_size > i32::MAX as i64;
     let flat: Vec<i64> = ix.sample_index.iter().flatten().copied().collect();
     let m = ix.shuffle_index.len() as i64;
-    let shuffle_dtype = if m >= u32::MAX as i64 - 1 {
-        NpyDtype::I64
-    } else {
-        NpyDtype::U32
-    };
+    let shuffle_dtype = if m >= u32::MAX as i64 - 1 { NpyDtype::I64 } else { NpyDtype::U32 };
     let doc: Vec<i64> = ix.document_index.iter().map(|&d| d as i64).collect();
     e.store(&[
-        (
-            "document_index",
-            npy_bytes(&doc, &[doc.len()], NpyDtype::I32),
-        ),
+        ("document_index", npy_bytes(&doc, &[doc.len()], NpyDtype::I32)),
         (
             "sample_index",
             npy_bytes(
@@ -162,10 +145,7 @@ pub(crate) fn store_cached(e: &CacheEntry, ix: &GptIndices, sizes: &[i32]) -> Re
                 if wide { NpyDtype::I64 } else { NpyDtype::I32 },
             ),
         ),
-        (
-            "shuffle_index",
-            npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()], shuffle_dtype),
-        ),
+        ("shuffle_index", npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()], shuffle_dtype)),
     ])
 }
 
@@ -174,33 +154,20 @@ pub(crate) fn load_cached(e: &CacheEntry, sizes: &[i32]) -> Result<GptIndices> {
     let (doc, _) = e.load("document_index")?;
     let (flat, shape) = e.load("sample_index")?;
     let (shuffle, _) = e.load("shuffle_index")?;
-    ensure!(
-        shape.len() == 2 && shape[1] == 2,
-        "sample_index has shape {shape:?}"
-    );
+    ensure!(shape.len() == 2 && shape[1] == 2, "sample_index has shape {shape:?}");
     let document_index: Vec<i32> = doc.iter().map(|&d| d as i32).collect();
-    if document_index
-        .iter()
-        .any(|&d| d < 0 || d as usize >= sizes.len())
-    {
+    if document_index.iter().any(|&d| d < 0 || d as usize >= sizes.len()) {
         bail!("document_index refers to missing sequences");
     }
     let sample_index: Vec<[i64; 2]> = flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
-    if sample_index
-        .iter()
-        .any(|&[d, _]| d < 0 || d as usize >= document_index.len().max(1))
-    {
+    if sample_index.iter().any(|&[d, _]| d < 0 || d as usize >= document_index.len().max(1)) {
         bail!("sample_index out of range");
     }
     let m = sample_index.len() as i64 - 1;
     if shuffle.len() as i64 != m || shuffle.iter().any(|&s| s < 0 || s >= m) {
         bail!("shuffle_index inconsistent with sample_index");
     }
-    Ok(GptIndices {
-        document_index,
-        sample_index,
-        shuffle_index: shuffle,
-    })
+    Ok(GptIndices { document_index, sample_index, shuffle_index: shuffle })
 }
 
 #[cfg(test)]

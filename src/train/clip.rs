@@ -30,18 +30,8 @@ where
         let Some(g) = grads.grad_of(var) else {
             continue;
         };
-        let dtype = if g.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        sums.push(
-            g.to_dtype(dtype)?
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .reshape(1)?,
-        );
+        let dtype = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        sums.push(g.to_dtype(dtype)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.reshape(1)?);
     }
     let mut total = 0.0f64;
     let mut start = 0;
@@ -121,11 +111,8 @@ where
     I: IntoIterator<Item = &'a Var> + Clone,
 {
     let norm = local_sq_norm(grads, vars.clone())?.powf(0.5);
-    let coeff = if clip_grad > 0.0 {
-        clip_by_total_norm(grads, vars, clip_grad, norm)?
-    } else {
-        None
-    };
+    let coeff =
+        if clip_grad > 0.0 { clip_by_total_norm(grads, vars, clip_grad, norm)? } else { None };
     Ok(GradNorm { norm, coeff })
 }
 
@@ -161,10 +148,7 @@ mod tests {
         let (var, mut grads) = setup(&[30.0, 40.0]);
         let n = clip_grad_norm(&mut grads, [&var], 0.0).unwrap();
         assert_eq!((n.norm, n.coeff), (50.0, None));
-        assert_eq!(
-            grads.grad_of(&var).unwrap().to_vec1::<f32>().unwrap(),
-            vec![30.0, 40.0]
-        );
+        assert_eq!(grads.grad_of(&var).unwrap().to_vec1::<f32>().unwrap(), vec![30.0, 40.0]);
     }
 
     #[test]
@@ -174,10 +158,7 @@ mod tests {
             let n = clip_grad_norm(&mut grads, [&var], 1.0).unwrap();
             assert!(!n.is_finite());
             assert_eq!(n.coeff, None);
-            assert_eq!(
-                grads.grad_of(&var).unwrap().to_vec1::<f32>().unwrap()[0],
-                1.0
-            );
+            assert_eq!(grads.grad_of(&var).unwrap().to_vec1::<f32>().unwrap()[0], 1.0);
         }
     }
 }

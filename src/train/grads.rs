@@ -50,12 +50,7 @@ impl GradAccumulator {
     pub fn new(vars: Vec<Var>) -> Self {
         let index = vars.iter().enumerate().map(|(i, v)| (v.id(), i)).collect();
         let grads = vec![None; vars.len()];
-        Self {
-            vars,
-            grads,
-            index,
-            micro_batches: 0,
-        }
+        Self { vars, grads, index, micro_batches: 0 }
     }
 
     /// Adds the gradients of one micro-batch. Variables absent from `store` contribute nothing;
@@ -108,9 +103,7 @@ impl GradAccumulator {
 
 impl GradSource for GradAccumulator {
     fn grad_of(&self, var: &Var) -> Option<&Tensor> {
-        self.index
-            .get(&var.id())
-            .and_then(|&i| self.grads[i].as_ref())
+        self.index.get(&var.id()).and_then(|&i| self.grads[i].as_ref())
     }
 }
 

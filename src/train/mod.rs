@@ -49,10 +49,14 @@
 //! # }
 //! ```
 
+pub mod checkpointing;
 pub mod clip;
+pub mod datasets;
 pub mod grads;
+pub mod log;
 pub mod optimizer;
 mod optimizer_state;
 mod schedule_resolve;
 pub mod scheduler;
 pub mod tensorboard;
+pub mod trainer;

@@ -92,12 +92,7 @@ pub struct AdamConfig {
 impl Default for AdamConfig {
     /// megatron-core's `OptimizerConfig` defaults.
     fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            decoupled_weight_decay: true,
-        }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, decoupled_weight_decay: true }
     }
 }
 
@@ -219,30 +214,16 @@ impl Optimizer {
                 return Err(OptimError::NonFloatParam { name, dtype });
             }
             let mdt = master_dtype(dtype);
-            let master = if dtype == mdt {
-                None
-            } else {
-                Some(var.as_detached_tensor().to_dtype(mdt)?)
-            };
+            let master =
+                if dtype == mdt { None } else { Some(var.as_detached_tensor().to_dtype(mdt)?) };
             let zeros = Tensor::zeros(var.shape(), mdt, var.device())?;
             let exp_avg_sq = match algorithm {
                 Algorithm::Adam(_) => Some(zeros.clone()),
                 Algorithm::Sgd(_) => None,
             };
-            states.push(ParamState {
-                name,
-                var,
-                wd_mult,
-                master,
-                exp_avg: zeros,
-                exp_avg_sq,
-            });
+            states.push(ParamState { name, var, wd_mult, master, exp_avg: zeros, exp_avg_sq });
         }
-        Ok(Self {
-            algorithm,
-            params: states,
-            steps: 0,
-        })
+        Ok(Self { algorithm, params: states, steps: 0 })
     }
 
     /// The update rule.
@@ -271,11 +252,7 @@ impl Optimizer {
     pub fn sync_master_from_model(&mut self) -> Result<(), OptimError> {
         for p in &mut self.params {
             if p.master.is_some() {
-                p.master = Some(
-                    p.var
-                        .as_detached_tensor()
-                        .to_dtype(master_dtype(p.var.dtype()))?,
-                );
+                p.master = Some(p.var.as_detached_tensor().to_dtype(master_dtype(p.var.dtype()))?);
             }
         }
         Ok(())

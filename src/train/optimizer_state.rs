@@ -88,24 +88,14 @@ impl Optimizer {
                 }
                 Ok(t.to_dtype(dtype)?.to_device(p.var.device())?.detach())
             };
-            let master = if p.master.is_some() {
-                Some(take(format!("{}.master", p.name))?)
-            } else {
-                None
-            };
+            let master =
+                if p.master.is_some() { Some(take(format!("{}.master", p.name))?) } else { None };
             let exp_avg = take(format!("{}.{m1}", p.name))?;
-            let exp_avg_sq = if is_adam {
-                Some(take(format!("{}.exp_avg_sq", p.name))?)
-            } else {
-                None
-            };
+            let exp_avg_sq =
+                if is_adam { Some(take(format!("{}.exp_avg_sq", p.name))?) } else { None };
             restored.push((master, exp_avg, exp_avg_sq));
         }
-        if let Some(extra) = state
-            .tensors
-            .iter()
-            .find(|(n, _)| by_name.contains_key(n.as_str()))
-        {
+        if let Some(extra) = state.tensors.iter().find(|(n, _)| by_name.contains_key(n.as_str())) {
             return Err(OptimError::UnexpectedStateTensor(extra.0.clone()));
         }
         for (p, (master, exp_avg, exp_avg_sq)) in self.params_mut().iter_mut().zip(restored) {

@@ -100,10 +100,7 @@ impl ScheduleInputs {
                             ));
                         }
                     }
-                    let decay_iters = self
-                        .lr_decay_iters
-                        .or(self.max_steps)
-                        .unwrap_or(train_iters);
+                    let decay_iters = self.lr_decay_iters.or(self.max_steps).unwrap_or(train_iters);
                     let wsd_iters = self.lr_wsd_decay_iters.unwrap_or(decay_iters);
                     (
                         decay_iters * gbs,
@@ -130,11 +127,9 @@ impl ScheduleInputs {
                 _ => return bad("exactly one of train_iters and train_samples must be set".into()),
             };
         if lr_decay_steps == 0 {
-            return bad(
-                "lr_decay_steps must be > 0: increase train_iters/train_samples or \
+            return bad("lr_decay_steps must be > 0: increase train_iters/train_samples or \
                         lr_decay_iters/lr_decay_samples"
-                    .into(),
-            );
+                .into());
         }
         let mut lr_warmup_steps = match self.lr_warmup_fraction {
             Some(fraction) => fraction * lr_decay_steps as f64,

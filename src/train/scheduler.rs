@@ -242,16 +242,10 @@ impl OptimizerParamScheduler {
             return bad(format!("min_lr must be >= 0, got {}", p.min_lr));
         }
         if p.max_lr < p.min_lr {
-            return bad(format!(
-                "lr ({}) must be >= min_lr ({})",
-                p.max_lr, p.min_lr
-            ));
+            return bad(format!("lr ({}) must be >= min_lr ({})", p.max_lr, p.min_lr));
         }
         if p.init_lr > p.max_lr {
-            return bad(format!(
-                "lr_warmup_init ({}) must be <= lr ({})",
-                p.init_lr, p.max_lr
-            ));
+            return bad(format!("lr_warmup_init ({}) must be <= lr ({})", p.init_lr, p.max_lr));
         }
         if p.lr_decay_steps == 0 {
             return bad("lr_decay_steps must be > 0".into());
@@ -413,24 +407,12 @@ impl OptimizerParamScheduler {
         let mut p = self.p.clone();
         p.max_lr = pick(policy, "learning rate", p.max_lr, s.max_lr)?;
         p.min_lr = pick(policy, "minimum learning rate", p.min_lr, s.min_lr)?;
-        p.lr_warmup_steps = pick(
-            policy,
-            "warmup iterations",
-            p.lr_warmup_steps,
-            s.lr_warmup_steps,
-        )?;
-        p.lr_decay_steps = pick(
-            policy,
-            "total number of iterations",
-            p.lr_decay_steps,
-            s.lr_decay_steps,
-        )?;
-        p.lr_decay_style = pick(
-            policy,
-            "learning rate decay style",
-            p.lr_decay_style,
-            s.lr_decay_style,
-        )?;
+        p.lr_warmup_steps =
+            pick(policy, "warmup iterations", p.lr_warmup_steps, s.lr_warmup_steps)?;
+        p.lr_decay_steps =
+            pick(policy, "total number of iterations", p.lr_decay_steps, s.lr_decay_steps)?;
+        p.lr_decay_style =
+            pick(policy, "learning rate decay style", p.lr_decay_style, s.lr_decay_style)?;
         p.start_wd = pick(policy, "start weight decay", p.start_wd, s.start_wd)?;
         p.end_wd = pick(policy, "end weight decay", p.end_wd, s.end_wd)?;
         p.wd_incr_steps = pick(
@@ -439,12 +421,8 @@ impl OptimizerParamScheduler {
             p.wd_incr_steps,
             s.wd_incr_steps,
         )?;
-        p.wd_incr_style = pick(
-            policy,
-            "weight decay incr style",
-            p.wd_incr_style,
-            s.wd_incr_style,
-        )?;
+        p.wd_incr_style =
+            pick(policy, "weight decay incr style", p.wd_incr_style, s.wd_incr_style)?;
         // Re-check invariants: checkpoint values may not fit this run's other settings.
         let mut restored = Self::new(p)?;
         restored.num_steps = s.num_steps;
