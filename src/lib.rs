@@ -1,5 +1,8 @@
 //! mbridge: Megatron Bridge reimplemented in Rust.
+pub mod ckpt;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod model;
 pub mod ops;
+pub mod train;

@@ -23,29 +23,13 @@ fn megatron_names_shapes_and_partition_dims() {
         .map(|p| (p.name.clone(), p.global_shape.clone(), p.partition_dim))
         .collect();
     let l = |i: usize, rest: &str| format!("decoder.layers.{i}.{rest}");
-    let mut want = vec![(
-        "embedding.word_embeddings.weight".to_string(),
-        vec![32, 16],
-        Some(0),
-    )];
+    let mut want = vec![("embedding.word_embeddings.weight".to_string(), vec![32, 16], Some(0))];
     for i in 0..2 {
         want.extend([
-            (
-                l(i, "self_attention.linear_qkv.layer_norm_weight"),
-                vec![16],
-                None,
-            ),
+            (l(i, "self_attention.linear_qkv.layer_norm_weight"), vec![16], None),
             // (4 + 2·2) heads × 4 channels.
-            (
-                l(i, "self_attention.linear_qkv.weight"),
-                vec![32, 16],
-                Some(0),
-            ),
-            (
-                l(i, "self_attention.linear_proj.weight"),
-                vec![16, 16],
-                Some(1),
-            ),
+            (l(i, "self_attention.linear_qkv.weight"), vec![32, 16], Some(0)),
+            (l(i, "self_attention.linear_proj.weight"), vec![16, 16], Some(1)),
             (l(i, "mlp.linear_fc1.layer_norm_weight"), vec![16], None),
             (l(i, "mlp.linear_fc1.weight"), vec![48, 16], Some(0)),
             (l(i, "mlp.linear_fc2.weight"), vec![16, 24], Some(1)),
@@ -55,10 +39,7 @@ fn megatron_names_shapes_and_partition_dims() {
     want.push(("output_layer.weight".into(), vec![32, 16], Some(0)));
     assert_eq!(got, want);
     assert_eq!(
-        m.params()
-            .get("decoder.layers.0.mlp.linear_fc1.weight")
-            .unwrap()
-            .layout,
+        m.params().get("decoder.layers.0.mlp.linear_fc1.weight").unwrap().layout,
         ShardLayout::GatedHalves
     );
 }
@@ -66,12 +47,7 @@ fn megatron_names_shapes_and_partition_dims() {
 #[test]
 fn optional_parameters_follow_the_config() {
     let q = build(&tiny_qwen_window(), ParallelLayout::single(), 0, DType::F32);
-    let names: Vec<&str> = q
-        .params()
-        .params()
-        .iter()
-        .map(|p| p.name.as_str())
-        .collect();
+    let names: Vec<&str> = q.params().params().iter().map(|p| p.name.as_str()).collect();
     for n in [
         "decoder.layers.1.self_attention.linear_qkv.bias",
         "decoder.layers.1.self_attention.q_layernorm.weight",
@@ -79,15 +55,9 @@ fn optional_parameters_follow_the_config() {
     ] {
         assert!(names.contains(&n), "missing {n}");
     }
-    assert!(
-        !names.contains(&"output_layer.weight"),
-        "tied model has no output layer"
-    );
+    assert!(!names.contains(&"output_layer.weight"), "tied model has no output layer");
     assert_eq!(
-        q.params()
-            .get("decoder.layers.0.self_attention.q_layernorm.weight")
-            .unwrap()
-            .global_shape,
+        q.params().get("decoder.layers.0.self_attention.q_layernorm.weight").unwrap().global_shape,
         vec![6]
     );
     let g = build(&tiny_gpt(), ParallelLayout::single(), 0, DType::F32);
@@ -104,14 +74,7 @@ fn optional_parameters_follow_the_config() {
     // Zero-centered gamma starts at zero; plain gamma at one.
     let zc = g.params().get("decoder.final_layernorm.weight").unwrap();
     assert_eq!(
-        zc.var
-            .as_tensor()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
+        zc.var.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
         0.0
     );
 }
@@ -122,60 +85,23 @@ fn init_is_seeded_bit_exact_and_scaled() {
     let a = build(&cfg, ParallelLayout::single(), 42, DType::F32);
     let b = build(&cfg, ParallelLayout::single(), 42, DType::F32);
     let c = build(&cfg, ParallelLayout::single(), 43, DType::F32);
-    for ((pa, pb), pc) in a
-        .params()
-        .params()
-        .iter()
-        .zip(b.params().params())
-        .zip(c.params().params())
+    for ((pa, pb), pc) in
+        a.params().params().iter().zip(b.params().params()).zip(c.params().params())
     {
-        let va = pa
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let vb = pb
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let vc = pc
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert!(
-            va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{}",
-            pa.name
-        );
+        let va = pa.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vb = pb.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vc = pc.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()), "{}", pa.name);
         if pa.global_shape.len() == 2 {
             assert_ne!(va, vc, "{} must depend on the seed", pa.name);
         }
     }
     // A larger model for the statistics: std of qkv ≈ σ, of proj/fc2 ≈ σ/sqrt(2L).
-    let big = ModelConfig {
-        hidden_size: 64,
-        ffn_hidden_size: Some(256),
-        init_method_std: 0.02,
-        ..cfg
-    };
+    let big =
+        ModelConfig { hidden_size: 64, ffn_hidden_size: Some(256), init_method_std: 0.02, ..cfg };
     let m = build(&big, ParallelLayout::single(), 1, DType::F64);
     let std_of = |n: &str| {
-        let t = m
-            .params()
-            .get(n)
-            .unwrap()
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap();
+        let t = m.params().get(n).unwrap().var.as_tensor().flatten_all().unwrap();
         let v = t.to_vec1::<f64>().unwrap();
         (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
     };
@@ -187,41 +113,17 @@ fn init_is_seeded_bit_exact_and_scaled() {
 
 #[test]
 fn dropout_is_seeded_and_train_only() {
-    let cfg = ModelConfig {
-        hidden_dropout: 0.2,
-        attention_dropout: 0.2,
-        ..tiny_llama()
-    };
+    let cfg = ModelConfig { hidden_dropout: 0.2, attention_dropout: 0.2, ..tiny_llama() };
     let m = build(&cfg, ParallelLayout::single(), 1, DType::F32);
     let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9]], &Device::Cpu).unwrap();
     let run = |rng: Option<&DropoutRng>| {
-        let opts = ForwardOpts {
-            dropout: rng,
-            ..Default::default()
-        };
-        m.forward(&tokens, &opts)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
+        let opts = ForwardOpts { dropout: rng, ..Default::default() };
+        m.forward(&tokens, &opts).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
     let a = run(Some(&DropoutRng::new(5, 10, 0)));
-    assert_eq!(
-        a,
-        run(Some(&DropoutRng::new(5, 10, 0))),
-        "same stream ⇒ same masks"
-    );
-    assert_ne!(
-        a,
-        run(Some(&DropoutRng::new(5, 11, 0))),
-        "next iteration ⇒ new masks"
-    );
-    assert_ne!(
-        a,
-        run(Some(&DropoutRng::new(5, 10, 1))),
-        "next micro-batch ⇒ new masks"
-    );
+    assert_eq!(a, run(Some(&DropoutRng::new(5, 10, 0))), "same stream ⇒ same masks");
+    assert_ne!(a, run(Some(&DropoutRng::new(5, 11, 0))), "next iteration ⇒ new masks");
+    assert_ne!(a, run(Some(&DropoutRng::new(5, 10, 1))), "next micro-batch ⇒ new masks");
     assert_eq!(run(None), run(None), "evaluation is deterministic");
     assert_ne!(a, run(None));
     // Inverted dropout keeps the expectation.
@@ -237,27 +139,12 @@ fn bad_input_is_a_clear_error() {
     let m = build(&cfg, ParallelLayout::single(), 0, DType::F32);
     let dev = Device::Cpu;
     let long = Tensor::zeros((1, 17), DType::U32, &dev).unwrap();
-    let err = m
-        .forward(&long, &ForwardOpts::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("sequence length 17") && err.contains("16"),
-        "{err}"
-    );
+    let err = m.forward(&long, &ForwardOpts::default()).unwrap_err().to_string();
+    assert!(err.contains("sequence length 17") && err.contains("16"), "{err}");
     let oov = Tensor::new(&[[1u32, 32, 2]], &dev).unwrap();
-    let err = m
-        .forward(&oov, &ForwardOpts::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("token id 32") && err.contains("vocabulary size 32"),
-        "{err}"
-    );
-    let no_vocab = ModelConfig {
-        vocab_size: None,
-        ..cfg
-    };
+    let err = m.forward(&oov, &ForwardOpts::default()).unwrap_err().to_string();
+    assert!(err.contains("token id 32") && err.contains("vocabulary size 32"), "{err}");
+    let no_vocab = ModelConfig { vocab_size: None, ..cfg };
     let err = GptModel::new(&no_vocab, ParallelLayout::single(), 0, DType::F32, &dev).unwrap_err();
     assert!(err.to_string().contains("vocab_size"), "{err}");
     let err = generate(&m, &[1; 10], 8, None).unwrap_err().to_string();
@@ -284,25 +171,15 @@ fn packed_documents_with_attention_mask() {
     let pos: Vec<u32> = (0..a.len() as u32).chain(0..b.len() as u32).collect();
     let pos = Tensor::from_vec(pos, (1, s), &dev).unwrap();
     let tokens = Tensor::from_vec(packed, (1, s), &dev).unwrap();
-    let opts = ForwardOpts {
-        position_ids: Some(&pos),
-        attention_mask: Some(&mask),
-        dropout: None,
-    };
+    let opts = ForwardOpts { position_ids: Some(&pos), attention_mask: Some(&mask), dropout: None };
     let got = m.forward(&tokens, &opts).unwrap();
     let alone = m
         .forward(
-            &Tensor::new(b.as_slice(), &dev)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
+            &Tensor::new(b.as_slice(), &dev).unwrap().unsqueeze(0).unwrap(),
             &ForwardOpts::default(),
         )
         .unwrap();
-    let diff = (got.i((.., a.len().., ..)).unwrap() - alone)
-        .unwrap()
-        .abs()
-        .unwrap();
+    let diff = (got.i((.., a.len().., ..)).unwrap() - alone).unwrap().abs().unwrap();
     assert!(diff.max_all().unwrap().to_scalar::<f64>().unwrap() < 1e-12);
 }
 
@@ -323,22 +200,14 @@ fn state_round_trip_between_models() {
     );
     let mut partial = state.clone();
     partial.remove("decoder.final_layernorm.bias");
-    let err = b
-        .params()
-        .load_full_state(&partial)
-        .unwrap_err()
-        .to_string();
+    let err = b.params().load_full_state(&partial).unwrap_err().to_string();
     assert!(err.contains("decoder.final_layernorm.bias"), "{err}");
 }
 
 /// Same seed and batch ⇒ bit-identical loss and gradients (the basis of reproducible curves).
 #[test]
 fn forward_backward_is_bit_reproducible() {
-    let cfg = ModelConfig {
-        hidden_dropout: 0.1,
-        attention_dropout: 0.1,
-        ..tiny_llama()
-    };
+    let cfg = ModelConfig { hidden_dropout: 0.1, attention_dropout: 0.1, ..tiny_llama() };
     let run = || {
         let m = build(&cfg, ParallelLayout::single(), 21, DType::F32);
         let mb = mbridge::model::Microbatch::from_rows(
@@ -374,10 +243,7 @@ fn bf16_forward_tracks_f32() {
         assert_eq!(l.dtype(), dt);
         l.to_dtype(DType::F32).unwrap()
     };
-    let d = (logits(DType::BF16) - logits(DType::F32))
-        .unwrap()
-        .abs()
-        .unwrap();
+    let d = (logits(DType::BF16) - logits(DType::F32)).unwrap().abs().unwrap();
     let d = d.max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 0.1, "bf16 logits off by {d}");
 }
@@ -394,14 +260,9 @@ fn microbatch_from_rows_validates() {
         &dev,
     )
     .unwrap();
-    assert_eq!(
-        mb.tokens.to_vec2::<u32>().unwrap(),
-        vec![vec![1, 2], vec![3, 4]]
-    );
-    assert!(
-        Microbatch::from_rows(&[vec![1, -2]], &[vec![2, 3]], &[vec![1.0, 1.0]], None, &dev)
-            .is_err()
-    );
+    assert_eq!(mb.tokens.to_vec2::<u32>().unwrap(), vec![vec![1, 2], vec![3, 4]]);
+    assert!(Microbatch::from_rows(&[vec![1, -2]], &[vec![2, 3]], &[vec![1.0, 1.0]], None, &dev)
+        .is_err());
     assert!(
         Microbatch::from_rows(&[vec![1, 2]], &[vec![2]], &[vec![1.0, 1.0]], None, &dev).is_err()
     );

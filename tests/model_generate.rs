@@ -15,10 +15,7 @@ fn build(cfg: &ModelConfig, layout: ParallelLayout, seed: u64, dtype: DType) -> 
 fn kv_cache_equals_full_recompute() {
     for cfg in [tiny_llama(), tiny_qwen_window(), tiny_gpt()] {
         // Large weights so greedy decoding does not collapse onto one token.
-        let cfg = ModelConfig {
-            init_method_std: 1.0,
-            ..cfg
-        };
+        let cfg = ModelConfig { init_method_std: 1.0, ..cfg };
         let m = build(&cfg, ParallelLayout::single(), 11, DType::F64);
         let dev = Device::Cpu;
         let seq = [4u32, 17, 3, 29, 8, 8, 1, 30, 12, 5];
@@ -36,14 +33,7 @@ fn kv_cache_equals_full_recompute() {
         }
         assert_eq!(cache.len(), seq.len());
         let inc = Tensor::cat(&pieces, 1).unwrap();
-        let d = (inc - full)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = (inc - full).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(d < 1e-12, "cached logits differ by {d}");
 
         let prompt = [4u32, 17, 3];
@@ -55,9 +45,6 @@ fn kv_cache_equals_full_recompute() {
         // Stops right after EOD (and includes it).
         let eod = cached[2];
         let first = cached.iter().position(|&t| t == eod).unwrap();
-        assert_eq!(
-            generate(&m, &prompt, 8, Some(eod)).unwrap(),
-            cached[..=first].to_vec()
-        );
+        assert_eq!(generate(&m, &prompt, 8, Some(eod)).unwrap(), cached[..=first].to_vec());
     }
 }

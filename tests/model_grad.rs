@@ -18,19 +18,13 @@ use model_common::{
 /// accidentally trivial.
 fn jitter(store: &ParamStore, seed: u64) {
     for (i, p) in store.params().iter().enumerate() {
-        let noise = rand_t(p.var.dims(), seed + i as u64, 0.2)
-            .to_dtype(p.var.dtype())
-            .unwrap();
+        let noise = rand_t(p.var.dims(), seed + i as u64, 0.2).to_dtype(p.var.dtype()).unwrap();
         p.var.set(&(p.var.as_tensor() + noise).unwrap()).unwrap();
     }
 }
 
 fn all_vars(store: &ParamStore) -> Vec<(String, Var)> {
-    store
-        .params()
-        .iter()
-        .map(|p| (p.name.clone(), p.var.clone()))
-        .collect()
+    store.params().iter().map(|p| (p.name.clone(), p.var.clone())).collect()
 }
 
 fn batch(cfg: &ModelConfig, b: usize, s: usize, dtype: DType) -> Microbatch {
@@ -41,17 +35,8 @@ fn batch(cfg: &ModelConfig, b: usize, s: usize, dtype: DType) -> Microbatch {
     let labels = Tensor::from_vec(ids[1..].to_vec(), (b, s), &dev).unwrap();
     let mut mask = vec![1.0f64; b * s];
     mask[1] = 0.0;
-    let loss_mask = Tensor::from_vec(mask, (b, s), &dev)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
-    Microbatch {
-        tokens,
-        labels,
-        loss_mask,
-        position_ids: None,
-        attention_mask: None,
-    }
+    let loss_mask = Tensor::from_vec(mask, (b, s), &dev).unwrap().to_dtype(dtype).unwrap();
+    Microbatch { tokens, labels, loss_mask, position_ids: None, attention_mask: None }
 }
 
 fn check_model(cfg: &ModelConfig, seed: u64) {
@@ -61,14 +46,8 @@ fn check_model(cfg: &ModelConfig, seed: u64) {
 /// With `dropout`, every loss evaluation replays the same masks (fresh stream, same key), so
 /// finite differences see the same function autograd differentiates.
 fn check_model_dropout(cfg: &ModelConfig, seed: u64, dropout: bool) {
-    let model = GptModel::new(
-        cfg,
-        ParallelLayout::single(),
-        seed,
-        DType::F64,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let model =
+        GptModel::new(cfg, ParallelLayout::single(), seed, DType::F64, &Device::Cpu).unwrap();
     jitter(model.params(), seed);
     let mb = batch(cfg, 2, 6, DType::F64);
     let loss = || {
@@ -97,11 +76,7 @@ fn whole_model_gpt_layernorm_learned_pos_gelu_mqa() {
 
 #[test]
 fn whole_model_with_dropout() {
-    let cfg = ModelConfig {
-        hidden_dropout: 0.1,
-        attention_dropout: 0.1,
-        ..tiny_llama()
-    };
+    let cfg = ModelConfig { hidden_dropout: 0.1, attention_dropout: 0.1, ..tiny_llama() };
     check_model_dropout(&cfg, 4, true);
 }
 
@@ -132,19 +107,9 @@ fn attention_layer_grad() {
         let rope = table.cos_sin(&pos, DType::F64).unwrap();
         let allowed =
             ops::build_attention_mask(0, s, s, arch.window_left, None, &Device::Cpu).unwrap();
-        let inputs = AttnInputs {
-            rope: Some(&rope),
-            allowed: &allowed,
-            dropout: None,
-        };
-        let loss = || {
-            project(
-                &attn
-                    .forward(&x, &inputs, None)
-                    .map_err(candle_core::Error::msg)?,
-                8,
-            )
-        };
+        let inputs = AttnInputs { rope: Some(&rope), allowed: &allowed, dropout: None };
+        let loss =
+            || project(&attn.forward(&x, &inputs, None).map_err(candle_core::Error::msg)?, 8);
         let mut vars = all_vars(&store);
         vars.push(("x".into(), x.clone()));
         check_grads(&vars, &loss, 8);
@@ -177,21 +142,10 @@ fn every_parameter_gets_a_gradient() {
         let (sum, count) = loss_for_microbatch(&model, &mb, None).unwrap();
         let grads = (sum / count).unwrap().backward().unwrap();
         for p in model.params().params() {
-            let g = grads
-                .get(p.var.as_tensor())
-                .unwrap_or_else(|| panic!("{}: no gradient", p.name));
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                norm > 0.0 && norm.is_finite(),
-                "{}: gradient norm {norm}",
-                p.name
-            );
+            let g =
+                grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient", p.name));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm > 0.0 && norm.is_finite(), "{}: gradient norm {norm}", p.name);
         }
     }
 }

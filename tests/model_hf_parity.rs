@@ -11,9 +11,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/model")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/model").join(name)
 }
 
 /// The subset of config.json → ModelConfig the fixtures need (the full mapping is the
@@ -34,9 +32,7 @@ fn model_config(hf: &Value) -> ModelConfig {
         gated_linear_unit: true,
         activation_func: Activation::Silu,
         add_bias_linear: false,
-        add_qkv_bias: hf["attention_bias"]
-            .as_bool()
-            .unwrap_or(hf["model_type"] == "qwen2"),
+        add_qkv_bias: hf["attention_bias"].as_bool().unwrap_or(hf["model_type"] == "qwen2"),
         qk_layernorm: hf["model_type"] == "qwen3",
         share_embeddings_and_output_weights: hf["tie_word_embeddings"].as_bool().unwrap(),
         position_embedding_type: PositionEmbedding::Rope,
@@ -76,25 +72,9 @@ fn check(name: &str) {
     let got = model.forward(&ids, &ForwardOpts::default()).unwrap();
     assert_eq!(got.dim(2).unwrap(), cfg.vocab_size.unwrap());
     let got = got.narrow(2, 0, v).unwrap();
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(
-        diff <= 1e-4 * scale.max(1.0),
-        "{name}: max |Δlogit| {diff} (max |logit| {scale})"
-    );
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= 1e-4 * scale.max(1.0), "{name}: max |Δlogit| {diff} (max |logit| {scale})");
     eprintln!("{name}: max |Δlogit| {diff:.2e} (max |logit| {scale:.2})");
 
     // Export inverts the import bit for bit (split QKV, split fc1, vocabulary truncated).
@@ -134,21 +114,13 @@ fn check_grads_vs_torch(name: &str) {
     let want = r["loss"].to_vec1::<f64>().unwrap()[0];
     let got = loss.to_scalar::<f64>().unwrap();
     // HF computes RoPE angles in f32 even for an f64 model, hence not 1e-12.
-    assert!(
-        (got - want).abs() < 1e-7 * want.abs().max(1.0),
-        "{name}: loss {got} vs {want}"
-    );
+    assert!((got - want).abs() < 1e-7 * want.abs().max(1.0), "{name}: loss {got} vs {want}");
     let grads = loss.backward().unwrap();
     let named: Vec<(String, Tensor)> = model
         .params()
         .params()
         .iter()
-        .map(|p| {
-            (
-                p.name.clone(),
-                grads.get(p.var.as_tensor()).unwrap().clone(),
-            )
-        })
+        .map(|p| (p.name.clone(), grads.get(p.var.as_tensor()).unwrap().clone()))
         .collect();
     let ours = megatron_to_hf(&model, v, &named).unwrap();
     let mut compared = 0;
@@ -157,31 +129,15 @@ fn check_grads_vs_torch(name: &str) {
             continue;
         };
         let a = ours[hf_name].to_dtype(DType::F32).unwrap();
-        let scale = g
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let d = (a - g)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - g).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(
             d <= 1e-5 * scale.max(1e-3),
             "{name}: grad of {hf_name} off by {d} (scale {scale})"
         );
         compared += 1;
     }
-    assert!(
-        compared >= 6,
-        "{name}: only {compared} gradients in the fixture"
-    );
+    assert!(compared >= 6, "{name}: only {compared} gradients in the fixture");
 }
 
 #[test]

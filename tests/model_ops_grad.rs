@@ -8,9 +8,7 @@ use mbridge::ops::{self, AttentionShape, RopeTable};
 use model_common::{check_grads, project, rand_t, rand_var};
 
 fn named(vars: &[(&str, &candle_core::Var)]) -> Vec<(String, candle_core::Var)> {
-    vars.iter()
-        .map(|(n, v)| (n.to_string(), (*v).clone()))
-        .collect()
+    vars.iter().map(|(n, v)| (n.to_string(), (*v).clone())).collect()
 }
 
 #[test]
@@ -38,10 +36,7 @@ fn layer_norm_grad() {
 fn rms_norm_matches_definition() {
     let x = rand_t(&[1, 4], 8, 1.0);
     let w = rand_t(&[4], 9, 1.0);
-    let got = ops::rms_norm(&x, &w, 0.0, false)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
+    let got = ops::rms_norm(&x, &w, 0.0, false).unwrap().flatten_all().unwrap();
     let xv = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let wv = w.to_vec1::<f64>().unwrap();
     let rms = (xv.iter().map(|v| v * v).sum::<f64>() / 4.0).sqrt();
@@ -99,12 +94,7 @@ fn softmax_grad_and_sum() {
     let x = rand_var(&[3, 5], 13, 3.0);
     let loss = || project(&ops::softmax_last_dim(&x)?, 14);
     check_grads(&named(&[("x", &x)]), &loss, 15);
-    let s = ops::softmax_last_dim(&x)
-        .unwrap()
-        .sum(1)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let s = ops::softmax_last_dim(&x).unwrap().sum(1).unwrap().to_vec1::<f64>().unwrap();
     assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-12));
 }
 
@@ -114,12 +104,7 @@ fn attention_gqa_window_grad() {
     let q = rand_var(&[b, heads, s, d], 15, 1.0);
     let k = rand_var(&[b, groups, s, d], 16, 1.0);
     let v = rand_var(&[b, groups, s, d], 17, 1.0);
-    let shape = AttentionShape {
-        heads,
-        groups,
-        head_dim: d,
-        softmax_scale: 0.7,
-    };
+    let shape = AttentionShape { heads, groups, head_dim: d, softmax_scale: 0.7 };
     let mask = ops::build_attention_mask(0, s, s, Some(2), None, &Device::Cpu).unwrap();
     let loss = || project(&ops::attention(&q, &k, &v, &mask, shape, None)?, 18);
     check_grads(&named(&[("q", &q), ("k", &k), ("v", &v)]), &loss, 30);
@@ -133,12 +118,7 @@ fn attention_matches_naive_reference() {
     let q = rand_t(&[1, heads, s, d], 19, 1.0);
     let k = rand_t(&[1, groups, s, d], 20, 1.0);
     let v = rand_t(&[1, groups, s, d], 21, 1.0);
-    let shape = AttentionShape {
-        heads,
-        groups,
-        head_dim: d,
-        softmax_scale: 0.5,
-    };
+    let shape = AttentionShape { heads, groups, head_dim: d, softmax_scale: 0.5 };
     let mask = ops::build_attention_mask(0, s, s, Some(left), None, &Device::Cpu).unwrap();
     let got = ops::attention(&q, &k, &v, &mask, shape, None).unwrap();
     let (qv, kv, vv) = (
@@ -168,12 +148,7 @@ fn attention_matches_naive_reference() {
 
 #[test]
 fn activations_and_glu_grad() {
-    for act in [
-        Activation::Gelu,
-        Activation::GeluTanh,
-        Activation::Silu,
-        Activation::SquaredRelu,
-    ] {
+    for act in [Activation::Gelu, Activation::GeluTanh, Activation::Silu, Activation::SquaredRelu] {
         let x = rand_var(&[3, 8], 22, 2.0);
         let plain = || project(&ops::apply_activation(&x, act)?, 23);
         check_grads(&named(&[("x", &x)]), &plain, 24);
@@ -207,10 +182,7 @@ fn cross_entropy_grad_and_value() {
     let (sum, count) = ops::masked_cross_entropy(&logits, &labels, &mask).unwrap();
     assert_eq!(count, 4.0);
     let lv = logits.as_tensor().to_vec3::<f64>().unwrap();
-    let (lab, mv) = (
-        labels.to_vec2::<u32>().unwrap(),
-        mask.to_vec2::<f64>().unwrap(),
-    );
+    let (lab, mv) = (labels.to_vec2::<u32>().unwrap(), mask.to_vec2::<f64>().unwrap());
     let mut want = 0.0;
     for bi in 0..2 {
         for si in 0..3 {
@@ -231,13 +203,8 @@ fn cross_entropy_rejects_label_out_of_range() {
     let logits = rand_t(&[1, 2, 4], 30, 1.0);
     let labels = Tensor::new(&[[1u32, 4]], &Device::Cpu).unwrap();
     let mask = Tensor::ones((1, 2), DType::F64, &Device::Cpu).unwrap();
-    let err = ops::masked_cross_entropy(&logits, &labels, &mask)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("label id 4") && err.contains("size 4"),
-        "{err}"
-    );
+    let err = ops::masked_cross_entropy(&logits, &labels, &mask).unwrap_err().to_string();
+    assert!(err.contains("label id 4") && err.contains("size 4"), "{err}");
 }
 
 /// A per-batch mask `[2, 1, 4, 5]` with one fully masked row (→ uniform, as padding).
@@ -259,20 +226,8 @@ fn masked_softmax_fused_equals_composite_and_grads() {
     let d = (&fused - &comp).unwrap().abs().unwrap().max_all().unwrap();
     assert!(d.to_scalar::<f64>().unwrap() < 1e-14);
     // The fully masked row is uniform.
-    let row = fused
-        .get(1)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .get(2)
-        .unwrap();
-    assert!(row
-        .to_vec1::<f64>()
-        .unwrap()
-        .iter()
-        .all(|v| (v - 0.2).abs() < 1e-15));
+    let row = fused.get(1).unwrap().get(0).unwrap().get(0).unwrap().get(2).unwrap();
+    assert!(row.to_vec1::<f64>().unwrap().iter().all(|v| (v - 0.2).abs() < 1e-15));
     let lf = || project(&ops::masked_softmax(&x, &mask, 0.7)?, 32);
     check_grads(&named(&[("x", &x)]), &lf, 40);
     let lc = || project(&ops::masked_softmax_composite(&x, &mask, 0.7)?, 32);

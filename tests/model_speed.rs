@@ -10,18 +10,9 @@ use std::time::Instant;
 #[test]
 #[ignore]
 fn forward_backward_speed() {
-    let layers: usize = std::env::var("MB_LAYERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let hidden: usize = std::env::var("MB_HIDDEN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let s: usize = std::env::var("MB_SEQ")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+    let layers: usize = std::env::var("MB_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let hidden: usize = std::env::var("MB_HIDDEN").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let s: usize = std::env::var("MB_SEQ").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
     let cfg = ModelConfig {
         num_layers: layers,
         hidden_size: hidden,
@@ -70,48 +61,29 @@ fn op_speed() {
         let y = ops::masked_softmax_composite(x.as_tensor(), &mask, 0.125).unwrap();
         let f = t.elapsed();
         let _g = (y.sum_all().unwrap()).backward().unwrap();
-        eprintln!(
-            "composite masked softmax [8,1024,1024]: fwd {:?} total {:?}",
-            f,
-            t.elapsed()
-        );
+        eprintln!("composite masked softmax [8,1024,1024]: fwd {:?} total {:?}", f, t.elapsed());
         let t = Instant::now();
         let y = ops::masked_softmax(x.as_tensor(), &mask, 0.125).unwrap();
         let f = t.elapsed();
         let _g = (y.sum_all().unwrap()).backward().unwrap();
-        eprintln!(
-            "fused masked softmax [8,1024,1024]: fwd {:?} total {:?}",
-            f,
-            t.elapsed()
-        );
+        eprintln!("fused masked softmax [8,1024,1024]: fwd {:?} total {:?}", f, t.elapsed());
     }
     let logits =
         Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 1024, 32768), &dev).unwrap()).unwrap();
-    let labels = Tensor::arange(0u32, 1024, &dev)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    let labels = Tensor::arange(0u32, 1024, &dev).unwrap().unsqueeze(0).unwrap();
     let lm = Tensor::ones((1, 1024), DType::F32, &dev).unwrap();
     for _ in 0..2 {
         let t = Instant::now();
         let (s, _) = ops::masked_cross_entropy(&logits, &labels, &lm).unwrap();
         let f = t.elapsed();
         let _g = s.backward().unwrap();
-        eprintln!(
-            "fused CE [1024, 32768]: fwd {:?} total {:?}",
-            f,
-            t.elapsed()
-        );
+        eprintln!("fused CE [1024, 32768]: fwd {:?} total {:?}", f, t.elapsed());
         let t = Instant::now();
         let flat = logits.as_tensor().reshape((1024, 32768)).unwrap();
         let s = ops::token_cross_entropy_composite(&flat, &labels.flatten_all().unwrap()).unwrap();
         let s = s.sum_all().unwrap();
         let f = t.elapsed();
         let _g = s.backward().unwrap();
-        eprintln!(
-            "composite CE [1024, 32768]: fwd {:?} total {:?}",
-            f,
-            t.elapsed()
-        );
+        eprintln!("composite CE [1024, 32768]: fwd {:?} total {:?}", f, t.elapsed());
     }
 }

@@ -52,10 +52,7 @@ fn sgd_learns_a_repeating_sequence() {
         }
     }
     let first = first.unwrap();
-    assert!(
-        (first - (32f32).ln()).abs() < 0.3,
-        "initial loss {first} should be ≈ ln(32)"
-    );
+    assert!((first - (32f32).ln()).abs() < 0.3, "initial loss {first} should be ≈ ln(32)");
     assert!(last < 0.3, "loss went from {first} to {last}");
     // Greedy decoding continues the pattern.
     let out = generate(&model, &[5, 6, 7], 5, None).unwrap();

@@ -206,8 +206,7 @@ impl ModelConfig {
 
     /// Per-head dimension (`kv_channels`, defaulting to h / heads).
     pub fn head_dim(&self) -> usize {
-        self.kv_channels
-            .unwrap_or_else(|| self.hidden_size / self.num_attention_heads.max(1))
+        self.kv_channels.unwrap_or_else(|| self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Longest sequence the position encoding supports.

@@ -20,12 +20,7 @@ pub struct ParallelLayout {
 impl ParallelLayout {
     /// A single-process layout (TP=1, PP=1).
     pub fn single() -> Self {
-        Self {
-            tp_rank: 0,
-            tp_size: 1,
-            pp_rank: 0,
-            pp_size: 1,
-        }
+        Self { tp_rank: 0, tp_size: 1, pp_rank: 0, pp_size: 1 }
     }
     /// True on the first pipeline stage (it owns the embedding).
     pub fn pre_process(&self) -> bool {
@@ -195,16 +190,8 @@ pub fn stage_layers(cfg: &ModelConfig, pp_rank: usize, pp_size: usize) -> Result
         bail!("pipeline rank {pp_rank} out of range for pipeline size {pp_size}");
     }
     let mut counts = vec![0usize; pp_size];
-    let first = if pp_size > 1 {
-        cfg.num_layers_in_first_pipeline_stage
-    } else {
-        None
-    };
-    let last = if pp_size > 1 {
-        cfg.num_layers_in_last_pipeline_stage
-    } else {
-        None
-    };
+    let first = if pp_size > 1 { cfg.num_layers_in_first_pipeline_stage } else { None };
+    let last = if pp_size > 1 { cfg.num_layers_in_last_pipeline_stage } else { None };
     let mut rest = n;
     let mut middle: Vec<usize> = (0..pp_size).collect();
     if let Some(f) = first {

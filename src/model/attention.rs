@@ -141,26 +141,14 @@ impl SelfAttention {
         cache: Option<&mut KvEntry>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let AttentionShape {
-            heads,
-            groups,
-            head_dim: d,
-            ..
-        } = self.shape;
+        let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
         let qkv = ops::linear(&self.norm.forward(x)?, &self.qkv_w, self.qkv_b.as_ref())?;
         // Megatron layout: per query group, hpg query heads then one key and one value head.
         let qkv = qkv.reshape((b, s, groups, hpg + 2, d))?;
-        let q = qkv
-            .narrow(3, 0, hpg)?
-            .reshape((b, s, heads, d))?
-            .transpose(1, 2)?;
+        let q = qkv.narrow(3, 0, hpg)?.reshape((b, s, heads, d))?.transpose(1, 2)?;
         let k = qkv.narrow(3, hpg, 1)?.squeeze(3)?.transpose(1, 2)?;
-        let v = qkv
-            .narrow(3, hpg + 1, 1)?
-            .squeeze(3)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let v = qkv.narrow(3, hpg + 1, 1)?.squeeze(3)?.transpose(1, 2)?.contiguous()?;
         let q = match &self.q_norm {
             Some(n) => n.forward(&q.contiguous()?)?,
             None => q,
@@ -170,10 +158,7 @@ impl SelfAttention {
             None => k,
         };
         let (q, k) = match inputs.rope {
-            Some((cos, sin)) => (
-                ops::apply_rope(&q, cos, sin)?,
-                ops::apply_rope(&k, cos, sin)?,
-            ),
+            Some((cos, sin)) => (ops::apply_rope(&q, cos, sin)?, ops::apply_rope(&k, cos, sin)?),
             None => (q, k),
         };
         let (k, v) = match cache {

@@ -87,10 +87,7 @@ impl GptModel {
             );
         }
         let layer_numbers = stage_layers(cfg, layout.pp_rank, layout.pp_size)?;
-        let tp = TpCoord {
-            rank: layout.tp_rank,
-            size: layout.tp_size,
-        };
+        let tp = TpCoord { rank: layout.tp_rank, size: layout.tp_size };
         let mut store = ParamStore::new(tp, seed, dtype, device.clone());
         let (h, std) = (arch.hidden, arch.init_std);
 
@@ -203,10 +200,7 @@ impl GptModel {
     }
     /// An empty KV cache for [`Self::forward_cached`].
     pub fn new_cache(&self) -> KvCache {
-        KvCache {
-            entries: vec![None; self.layers.len()],
-            len: 0,
-        }
+        KvCache { entries: vec![None; self.layers.len()], len: 0 }
     }
 
     fn require_tp1(&self) -> Result<()> {
@@ -273,10 +267,7 @@ impl GptModel {
         if let Some(tokens) = tokens {
             let max_id = tokens.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize;
             if max_id >= self.arch.vocab {
-                bail!(
-                    "token id {max_id} is out of range for vocabulary size {}",
-                    self.arch.vocab
-                );
+                bail!("token id {max_id} is out of range for vocabulary size {}", self.arch.vocab);
             }
         }
         let end = start + s;
@@ -312,10 +303,7 @@ impl GptModel {
         } else {
             let (b, s, h) = input.dims3()?;
             if h != self.arch.hidden {
-                bail!(
-                    "stage input has width {h}, expected hidden size {}",
-                    self.arch.hidden
-                );
+                bail!("stage input has width {h}, expected hidden size {}", self.arch.hidden);
             }
             (b, s)
         };
@@ -332,11 +320,7 @@ impl GptModel {
                 None => t,
             })
         };
-        let mut x = if pre {
-            hidden_dropout(self.embed(input, &pos)?)?
-        } else {
-            input.clone()
-        };
+        let mut x = if pre { hidden_dropout(self.embed(input, &pos)?)? } else { input.clone() };
         let rope = match &self.rope {
             Some(r) => Some(r.cos_sin(&pos, self.dtype)?),
             None => None,
@@ -349,11 +333,7 @@ impl GptModel {
             opts.attention_mask,
             &self.device,
         )?;
-        let inputs = AttnInputs {
-            rope: rope.as_ref(),
-            allowed: &allowed,
-            dropout: opts.dropout,
-        };
+        let inputs = AttnInputs { rope: rope.as_ref(), allowed: &allowed, dropout: opts.dropout };
         for (i, layer) in self.layers.iter().enumerate() {
             let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);
             x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;
@@ -368,17 +348,12 @@ impl GptModel {
 
     /// Embedding stage input: word embeddings (+ learned positions) `[b, s, h]`.
     fn embed(&self, tokens: &Tensor, pos: &Tensor) -> Result<Tensor> {
-        let w = self
-            .word_emb
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("stage has no embedding"))?;
+        let w = self.word_emb.as_ref().ok_or_else(|| anyhow::anyhow!("stage has no embedding"))?;
         let (b, s) = tokens.dims2()?;
         let ids = tokens.to_dtype(DType::U32)?.flatten_all()?;
         let mut x = w.index_select(&ids, 0)?.reshape((b, s, self.arch.hidden))?;
         if let Some(pw) = &self.pos_emb {
-            let pe = pw
-                .index_select(&pos.flatten_all()?, 0)?
-                .reshape((b, s, self.arch.hidden))?;
+            let pe = pw.index_select(&pos.flatten_all()?, 0)?.reshape((b, s, self.arch.hidden))?;
             x = (x + pe)?;
         }
         Ok(x)

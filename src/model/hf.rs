@@ -24,15 +24,9 @@ pub enum HfRule {
 
 /// Megatron name pattern → HF source (hf-mapping §1, TE layer spec names).
 pub const HF_LLAMA_TABLE: &[(&str, HfRule)] = &[
-    (
-        "embedding.word_embeddings.weight",
-        HfRule::PadVocab("model.embed_tokens.weight"),
-    ),
+    ("embedding.word_embeddings.weight", HfRule::PadVocab("model.embed_tokens.weight")),
     ("output_layer.weight", HfRule::PadVocab("lm_head.weight")),
-    (
-        "decoder.final_layernorm.weight",
-        HfRule::Copy("model.norm.weight"),
-    ),
+    ("decoder.final_layernorm.weight", HfRule::Copy("model.norm.weight")),
     (
         "decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
         HfRule::Copy("model.layers.{i}.input_layernorm.weight"),
@@ -180,11 +174,7 @@ pub fn split_qkv(fused: &Tensor, heads: usize, groups: usize) -> Result<(Tensor,
         k.push(fused.narrow(0, g * block + hpg * d, d)?);
         v.push(fused.narrow(0, g * block + (hpg + 1) * d, d)?);
     }
-    Ok((
-        Tensor::cat(&q, 0)?,
-        Tensor::cat(&k, 0)?,
-        Tensor::cat(&v, 0)?,
-    ))
+    Ok((Tensor::cat(&q, 0)?, Tensor::cat(&k, 0)?, Tensor::cat(&v, 0)?))
 }
 
 /// Writes a TP=1 model's weights under HF names (the inverse of [`load_from_hf_state`]):
@@ -205,10 +195,7 @@ pub fn megatron_to_hf(
     let table: HashMap<&str, HfRule> = HF_LLAMA_TABLE.iter().copied().collect();
     let arch = model.arch();
     if hf_vocab > arch.vocab {
-        bail!(
-            "HF vocabulary {hf_vocab} is larger than the model's {}",
-            arch.vocab
-        );
+        bail!("HF vocabulary {hf_vocab} is larger than the model's {}", arch.vocab);
     }
     let mut out = HashMap::new();
     for (mname, t) in state {
@@ -217,11 +204,7 @@ pub fn megatron_to_hf(
             .get(mname)
             .ok_or_else(|| anyhow!("{mname} is not a parameter of this model"))?;
         if t.dims() != p.global_shape.as_slice() {
-            bail!(
-                "{mname}: expected the full shape {:?}, got {:?}",
-                p.global_shape,
-                t.dims()
-            );
+            bail!("{mname}: expected the full shape {:?}, got {:?}", p.global_shape, t.dims());
         }
         if p.shared_embedding {
             continue; // tied copy: HF ties lm_head to embed_tokens at load
@@ -269,10 +252,7 @@ mod tests {
         let q = Tensor::new(&[0f32, 1., 2., 3.], &dev).unwrap();
         let k = Tensor::new(&[10f32, 11.], &dev).unwrap();
         let v = Tensor::new(&[20f32, 21.], &dev).unwrap();
-        let f = fuse_qkv(&q, &k, &v, 4, 2)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let f = fuse_qkv(&q, &k, &v, 4, 2).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(f, vec![0., 1., 10., 20., 2., 3., 11., 21.]);
         let fused = Tensor::new(f.as_slice(), &dev).unwrap();
         let (q2, k2, v2) = split_qkv(&fused, 4, 2).unwrap();

@@ -28,11 +28,8 @@ impl Mlp {
         let p = format!("decoder.layers.{layer}.mlp");
         let h = arch.hidden;
         let fc1_rows = if arch.gated { 2 * arch.ffn } else { arch.ffn };
-        let fc1_layout = if arch.gated {
-            ShardLayout::GatedHalves
-        } else {
-            ShardLayout::Contiguous
-        };
+        let fc1_layout =
+            if arch.gated { ShardLayout::GatedHalves } else { ShardLayout::Contiguous };
         let std = arch.init_std;
         let out_std = std / (2.0 * arch.num_layers as f64).sqrt();
         let norm = Norm::new(

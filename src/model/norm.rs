@@ -28,20 +28,12 @@ impl Norm {
         bias_name: &str,
         dim: usize,
     ) -> Result<Self> {
-        let w_init = if arch.zero_centered_gamma {
-            Init::Zeros
-        } else {
-            Init::Ones
-        };
+        let w_init = if arch.zero_centered_gamma { Init::Zeros } else { Init::Ones };
         let weight = store.create(weight_name, &[dim], None, ShardLayout::Contiguous, w_init)?;
         let bias = match arch.normalization {
-            Normalization::LayerNorm => Some(store.create(
-                bias_name,
-                &[dim],
-                None,
-                ShardLayout::Contiguous,
-                Init::Zeros,
-            )?),
+            Normalization::LayerNorm => {
+                Some(store.create(bias_name, &[dim], None, ShardLayout::Contiguous, Init::Zeros)?)
+            }
             Normalization::RMSNorm => None,
         };
         Ok(Self {

@@ -67,14 +67,7 @@ pub struct ParamStore {
 impl ParamStore {
     /// An empty registry for rank `tp` whose initial values derive from `seed`.
     pub fn new(tp: TpCoord, seed: u64, dtype: DType, device: Device) -> Self {
-        Self {
-            params: Vec::new(),
-            index: HashMap::new(),
-            tp,
-            seed,
-            dtype,
-            device,
-        }
+        Self { params: Vec::new(), index: HashMap::new(), tp, seed, dtype, device }
     }
 
     /// Creates, initializes and registers a parameter; returns its shard as a tensor that
@@ -104,14 +97,7 @@ impl ParamStore {
         if self.index.contains_key(name) {
             candle_core::bail!("parameter {name} registered twice");
         }
-        let full = init_full(
-            init_key,
-            global_shape,
-            init,
-            self.seed,
-            self.dtype,
-            &self.device,
-        )?;
+        let full = init_full(init_key, global_shape, init, self.seed, self.dtype, &self.device)?;
         let shard = shard_of(&full, partition_dim, layout, self.tp)?;
         let var = Var::from_tensor(&shard)?;
         let t = var.as_tensor().clone();
@@ -151,10 +137,7 @@ impl ParamStore {
 
     /// `(name, var)` pairs in creation order (the optimizer's input format).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        self.params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.clone()))
-            .collect()
+        self.params.iter().map(|p| (p.name.clone(), p.var.clone())).collect()
     }
 
     /// Number of scalars held by this rank.
@@ -193,11 +176,8 @@ impl ParamStore {
             })?;
             self.set_full(&p.name, t)?;
         }
-        let mut unused: Vec<String> = state
-            .keys()
-            .filter(|k| !self.index.contains_key(*k))
-            .cloned()
-            .collect();
+        let mut unused: Vec<String> =
+            state.keys().filter(|k| !self.index.contains_key(*k)).cloned().collect();
         unused.sort();
         Ok(unused)
     }

@@ -78,9 +78,5 @@ pub fn loss_for_microbatch(
         dropout,
     };
     let logits = model.forward(&batch.tokens, &opts)?;
-    Ok(masked_cross_entropy(
-        &logits,
-        &batch.labels,
-        &batch.loss_mask,
-    )?)
+    Ok(masked_cross_entropy(&logits, &batch.labels, &batch.loss_mask)?)
 }

@@ -93,8 +93,6 @@ pub fn attention(
         Some((p, rng)) => rng.dropout(&probs, p)?,
         None => probs,
     };
-    let out = probs
-        .reshape((b, groups, hpg * sq, sk))?
-        .matmul(&v.contiguous()?)?;
+    let out = probs.reshape((b, groups, hpg * sq, sk))?.matmul(&v.contiguous()?)?;
     out.reshape((b, heads, sq, d))
 }

@@ -9,9 +9,7 @@ use candle_core::{DType, Result, Tensor, D};
 /// [`token_cross_entropy_composite`].
 pub fn token_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64) {
-        logits
-            .contiguous()?
-            .apply_op2(&labels.contiguous()?, CrossEntropyRows)
+        logits.contiguous()?.apply_op2(&labels.contiguous()?, CrossEntropyRows)
     } else {
         token_cross_entropy_composite(logits, labels)
     }

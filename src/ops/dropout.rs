@@ -28,9 +28,7 @@ impl DropoutRng {
     /// The mask stream of micro-batch `microbatch` of training iteration `iteration`.
     pub fn new(seed: u64, iteration: u64, microbatch: u64) -> Self {
         let key = mix(mix(mix(seed) ^ iteration) ^ microbatch);
-        Self {
-            rng: RefCell::new(ChaCha8Rng::seed_from_u64(key)),
-        }
+        Self { rng: RefCell::new(ChaCha8Rng::seed_from_u64(key)) }
     }
 
     /// Applies dropout with drop probability `p` to `x` (identity for `p == 0`).
@@ -45,13 +43,7 @@ impl DropoutRng {
         let p = p as f32;
         let mut rng = self.rng.borrow_mut();
         let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f32>() >= p {
-                    keep_scale
-                } else {
-                    0.0
-                }
-            })
+            .map(|_| if rng.random::<f32>() >= p { keep_scale } else { 0.0 })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)

@@ -37,11 +37,7 @@ pub(crate) struct MaskedSoftmax {
 impl MaskedSoftmax {
     /// The mask row of score row `r`.
     fn mask_row(&self, r: usize) -> &[u8] {
-        let mb = if self.mask_batches == 1 {
-            0
-        } else {
-            r / self.rows_per_batch
-        };
+        let mb = if self.mask_batches == 1 { 0 } else { r / self.rows_per_batch };
         let i = r % self.sq;
         &self.allowed[(mb * self.sq + i) * self.sk..(mb * self.sq + i + 1) * self.sk]
     }
@@ -52,29 +48,26 @@ macro_rules! softmax_rows {
         let op = $op;
         let mut out = vec![0 as $t; $x.len()];
         let scale = op.scale as $t;
-        out.par_chunks_mut(op.sk)
-            .zip($x.par_chunks(op.sk))
-            .enumerate()
-            .for_each(|(r, (o, xr))| {
-                let m = op.mask_row(r);
-                let mut max = <$t>::NEG_INFINITY;
-                for (v, &a) in xr.iter().zip(m) {
-                    if a != 0 && v * scale > max {
-                        max = v * scale;
-                    }
+        out.par_chunks_mut(op.sk).zip($x.par_chunks(op.sk)).enumerate().for_each(|(r, (o, xr))| {
+            let m = op.mask_row(r);
+            let mut max = <$t>::NEG_INFINITY;
+            for (v, &a) in xr.iter().zip(m) {
+                if a != 0 && v * scale > max {
+                    max = v * scale;
                 }
-                if max == <$t>::NEG_INFINITY {
-                    o.fill(1.0 / op.sk as $t);
-                    return;
-                }
-                let mut sum = 0 as $t;
-                for ((ov, v), &a) in o.iter_mut().zip(xr).zip(m) {
-                    *ov = if a != 0 { (v * scale - max).exp() } else { 0.0 };
-                    sum += *ov;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|ov| *ov *= inv);
-            });
+            }
+            if max == <$t>::NEG_INFINITY {
+                o.fill(1.0 / op.sk as $t);
+                return;
+            }
+            let mut sum = 0 as $t;
+            for ((ov, v), &a) in o.iter_mut().zip(xr).zip(m) {
+                *ov = if a != 0 { (v * scale - max).exp() } else { 0.0 };
+                sum += *ov;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|ov| *ov *= inv);
+        });
         out
     }};
 }
@@ -88,22 +81,15 @@ impl CustomOp1 for MaskedSoftmax {
         if l.dims().last() != Some(&self.sk)
             || !l.shape().elem_count().is_multiple_of(self.sq * self.sk)
         {
-            candle_core::bail!(
-                "masked-softmax: scores {:?} do not match the mask",
-                l.dims()
-            );
+            candle_core::bail!("masked-softmax: scores {:?} do not match the mask", l.dims());
         }
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(softmax_rows!(
-                f32,
-                self,
-                contiguous(v, l, "masked-softmax")?
-            )),
-            CpuStorage::F64(v) => CpuStorage::F64(softmax_rows!(
-                f64,
-                self,
-                contiguous(v, l, "masked-softmax")?
-            )),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(softmax_rows!(f32, self, contiguous(v, l, "masked-softmax")?))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(softmax_rows!(f64, self, contiguous(v, l, "masked-softmax")?))
+            }
             _ => candle_core::bail!("masked-softmax: f32/f64 only"),
         };
         Ok((out, l.shape().clone()))
@@ -111,10 +97,7 @@ impl CustomOp1 for MaskedSoftmax {
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        Ok(Some(res.apply_op2_no_bwd(
-            &grad,
-            &SoftmaxBwd { fwd: self.clone() },
-        )?))
+        Ok(Some(res.apply_op2_no_bwd(&grad, &SoftmaxBwd { fwd: self.clone() })?))
     }
 }
 
@@ -129,10 +112,8 @@ macro_rules! softmax_bwd_rows {
         let fwd = $fwd;
         let (sk, scale) = (fwd.sk, fwd.scale as $t);
         let mut out = vec![0 as $t; $y.len()];
-        out.par_chunks_mut(sk)
-            .zip($y.par_chunks(sk).zip($dy.par_chunks(sk)))
-            .enumerate()
-            .for_each(|(r, (o, (y, dy)))| {
+        out.par_chunks_mut(sk).zip($y.par_chunks(sk).zip($dy.par_chunks(sk))).enumerate().for_each(
+            |(r, (o, (y, dy)))| {
                 if fwd.mask_row(r).iter().all(|&a| a == 0) {
                     return; // stays zero
                 }
@@ -140,7 +121,8 @@ macro_rules! softmax_bwd_rows {
                 for ((ov, a), b) in o.iter_mut().zip(y).zip(dy) {
                     *ov = scale * a * (b - dot);
                 }
-            });
+            },
+        );
         out
     }};
 }
@@ -182,13 +164,13 @@ pub(crate) struct CrossEntropyRows;
 macro_rules! ce_rows {
     ($t:ty, $x:expr, $labels:expr, $v:expr) => {{
         let mut out = vec![0 as $t; $labels.len()];
-        out.par_iter_mut()
-            .zip($x.par_chunks($v).zip($labels.par_iter()))
-            .for_each(|(o, (xr, &lab))| {
+        out.par_iter_mut().zip($x.par_chunks($v).zip($labels.par_iter())).for_each(
+            |(o, (xr, &lab))| {
                 let max = xr.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
                 let sum: $t = xr.iter().map(|v| (v - max).exp()).sum();
                 *o = sum.ln() + max - xr[lab as usize];
-            });
+            },
+        );
         out
     }};
 }
@@ -206,26 +188,18 @@ impl CustomOp2 for CrossEntropyRows {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let CpuStorage::U32(labels) = s2 else {
-            candle_core::bail!("cross-entropy: u32 labels")
-        };
+        let CpuStorage::U32(labels) = s2 else { candle_core::bail!("cross-entropy: u32 labels") };
         let labels = contiguous(labels, l2, "cross-entropy labels")?;
         if labels.len() != n || labels.iter().any(|&t| t as usize >= v) {
             candle_core::bail!("cross-entropy: labels must be {n} ids below {v}");
         }
         let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(ce_rows!(
-                f32,
-                contiguous(x, l1, "cross-entropy")?,
-                labels,
-                v
-            )),
-            CpuStorage::F64(x) => CpuStorage::F64(ce_rows!(
-                f64,
-                contiguous(x, l1, "cross-entropy")?,
-                labels,
-                v
-            )),
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(ce_rows!(f32, contiguous(x, l1, "cross-entropy")?, labels, v))
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(ce_rows!(f64, contiguous(x, l1, "cross-entropy")?, labels, v))
+            }
             _ => candle_core::bail!("cross-entropy: f32/f64 logits only"),
         };
         Ok((out, Shape::from(n)))
@@ -239,10 +213,7 @@ impl CustomOp2 for CrossEntropyRows {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        Ok((
-            Some(logits.apply_op3_no_bwd(labels, &grad, &CrossEntropyBwd)?),
-            None,
-        ))
+        Ok((Some(logits.apply_op3_no_bwd(labels, &grad, &CrossEntropyBwd)?), None))
     }
 }
 

@@ -44,6 +44,5 @@ pub fn layer_norm(
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (var + eps)?.sqrt()?.recip()?;
     let y = xc.broadcast_mul(&inv)?.to_dtype(dt)?;
-    y.broadcast_mul(&gamma(weight, zero_centered)?)?
-        .broadcast_add(bias)
+    y.broadcast_mul(&gamma(weight, zero_centered)?)?.broadcast_add(bias)
 }

@@ -37,19 +37,14 @@ impl RopeTable {
                 "rotary dimension {rot_dim} (head_dim {head_dim} × rotary_percent {rotary_percent}) must be even and in 2..=head_dim"
             );
         }
-        let mut inv_freq: Vec<f64> = (0..rot_dim / 2)
-            .map(|k| 1.0 / base.powf((2 * k) as f64 / rot_dim as f64))
-            .collect();
+        let mut inv_freq: Vec<f64> =
+            (0..rot_dim / 2).map(|k| 1.0 / base.powf((2 * k) as f64 / rot_dim as f64)).collect();
         if let Some(factor) = llama3_factor {
             for f in inv_freq.iter_mut() {
                 *f = llama3_scale(*f, factor);
             }
         }
-        Ok(Self {
-            inv_freq,
-            rot_dim,
-            interpolation: interpolation.unwrap_or(1.0),
-        })
+        Ok(Self { inv_freq, rot_dim, interpolation: interpolation.unwrap_or(1.0) })
     }
 
     /// The (possibly scaled) inverse frequencies, one per rotated pair.
@@ -94,9 +89,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x1 = x_rot.narrow(D::Minus1, 0, r / 2)?;
     let x2 = x_rot.narrow(D::Minus1, r / 2, r / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let out = x_rot
-        .broadcast_mul(cos)?
-        .add(&rotated.broadcast_mul(sin)?)?;
+    let out = x_rot.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)?;
     if r == d {
         Ok(out)
     } else {

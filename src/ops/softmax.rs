@@ -39,11 +39,7 @@ pub fn masked_softmax(scores: &Tensor, allowed: &Tensor, scale: f64) -> Result<T
     let (b, sq, sk) = (dims[0], dims[dims.len() - 2], dims[dims.len() - 1]);
     let (mb, _, msq, msk) = allowed.dims4()?;
     if (msq, msk) != (sq, sk) || (mb != 1 && mb != b) {
-        candle_core::bail!(
-            "attention mask {:?} does not fit scores {:?}",
-            allowed.dims(),
-            dims
-        );
+        candle_core::bail!("attention mask {:?} does not fit scores {:?}", allowed.dims(), dims);
     }
     let op = MaskedSoftmax {
         scale,
@@ -64,8 +60,7 @@ pub fn masked_softmax_composite(scores: &Tensor, allowed: &Tensor, scale: f64) -
     let heads = scores.elem_count() / (b * sq * sk);
     let s4 = (scores.reshape((b, heads, sq, sk))? * scale)?;
     let mask = allowed.broadcast_as(s4.shape())?;
-    let fill = Tensor::new(MASKED_SCORE, s4.device())?
-        .to_dtype(s4.dtype())?
-        .broadcast_as(s4.shape())?;
+    let fill =
+        Tensor::new(MASKED_SCORE, s4.device())?.to_dtype(s4.dtype())?.broadcast_as(s4.shape())?;
     softmax_last_dim(&mask.where_cond(&s4, &fill)?)?.reshape(dims)
 }

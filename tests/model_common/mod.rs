@@ -53,12 +53,7 @@ pub fn check_grads(vars: &[(String, Var)], loss: &dyn Fn() -> Result<Tensor>, sa
             .to_vec1::<f64>()
             .unwrap();
         let shape = var.shape().clone();
-        let orig = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let n = orig.len();
         let k = samples.min(n);
         for s in 0..k {
@@ -67,13 +62,11 @@ pub fn check_grads(vars: &[(String, Var)], loss: &dyn Fn() -> Result<Tensor>, sa
             let eval = |delta: f64| {
                 let mut v = orig.clone();
                 v[idx] += delta;
-                var.set(&Tensor::from_vec(v, &shape, &Device::Cpu).unwrap())
-                    .unwrap();
+                var.set(&Tensor::from_vec(v, &shape, &Device::Cpu).unwrap()).unwrap();
                 loss().unwrap().to_scalar::<f64>().unwrap()
             };
             let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(orig.clone(), &shape, &Device::Cpu).unwrap())
-                .unwrap();
+            var.set(&Tensor::from_vec(orig.clone(), &shape, &Device::Cpu).unwrap()).unwrap();
             let ana = g[idx];
             let tol = 1e-6 * (1.0 + num.abs().max(ana.abs()));
             assert!(

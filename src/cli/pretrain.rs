@@ -1,0 +1,134 @@
+//! `mbridge pretrain` / `mbridge finetune`: resolve, validate, print the plan, train.
+
+use super::config_args::{world_size, ConfigArgs};
+use super::config_cmd::PeftArg;
+use crate::config::recipes::Task;
+use crate::config::show::{render, ShowOptions};
+use crate::config::{finalize, load, Finalized};
+use crate::config_err;
+use crate::train::trainer::Trainer;
+use candle_core::Device;
+
+/// Which entry point was called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Pretrain,
+    Finetune,
+}
+
+/// Arguments of `pretrain` and `finetune`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Finetune with adapters (picks the `<model>/peft` recipe).
+    #[arg(long, value_enum)]
+    pub peft: Option<PeftArg>,
+    /// Number of ranks (default: WORLD_SIZE or TP·PP·CP).
+    #[arg(long)]
+    pub world_size: Option<usize>,
+    /// Validate and print the plan, then exit without training.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Device to train on: `cpu` (default in CPU builds) or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Run `pretrain` or `finetune`.
+pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
+    let task = match (mode, args.peft) {
+        (Mode::Pretrain, _) => Task::Pretrain,
+        (Mode::Finetune, None) => Task::Sft,
+        (Mode::Finetune, Some(_)) => Task::Peft,
+    };
+    let loaded = load(&args.config.request(task, args.peft.map(Into::into)))?;
+    let fin = finalize(loaded.cfg.clone(), world_size(args.world_size), None)?;
+    for w in &fin.warnings {
+        tracing::warn!("{w}");
+    }
+    super::out(&plan(&fin, args.config.recipe.as_deref()));
+    if args.dry_run {
+        return Ok(());
+    }
+    if fin.cfg.peft.is_some() {
+        anyhow::bail!("PEFT finetuning (`peft.*`) is not implemented in this build yet");
+    }
+    let device = parse_device(&args.device)?;
+    let run_config = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
+    let mut trainer = Trainer::new(fin, run_config, device)?;
+    let outcome = trainer.train()?;
+    tracing::info!("training stopped at iteration {} ({:?})", outcome.final_step, outcome.reason);
+    Ok(())
+}
+
+/// `cpu` or `cuda:N` (the latter only in builds with the `cuda` feature).
+pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .map_err(|_| config_err!("`--device {s}`: expected cuda:N"))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(config_err!(
+                    "`--device {s}`: this mbridge was built without CUDA (build with --features cuda)"
+                )
+                .into());
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => Err(config_err!("unknown `--device {other}`: expected cpu or cuda:N").into()),
+    }
+}
+
+/// A human-readable summary of what a run will do.
+pub fn plan(fin: &Finalized, recipe: Option<&str>) -> String {
+    let c = &fin.cfg;
+    let d = &fin.derived;
+    let m = &c.model;
+    let mut s = String::new();
+    s += &format!("recipe: {}\n", recipe.unwrap_or("(defaults)"));
+    s += &format!(
+        "model: {} layers, hidden {}, ffn {}, heads {} (query groups {}, head dim {}), seq {}\n",
+        m.num_layers,
+        m.hidden_size,
+        m.ffn_hidden(),
+        m.num_attention_heads,
+        m.query_groups(),
+        m.head_dim(),
+        m.seq_length
+    );
+    s += &format!(
+        "parallelism: world {} = TP {} × PP {} × CP {} × DP {}{}\n",
+        d.world_size,
+        m.tensor_model_parallel_size,
+        m.pipeline_model_parallel_size,
+        m.context_parallel_size,
+        d.data_parallel_size,
+        m.virtual_pipeline_model_parallel_size.map(|v| format!(" (VP {v})")).unwrap_or_default()
+    );
+    s += &format!(
+        "batch: global {} = micro {} × {} micro-batches × DP {}\n",
+        d.global_batch_size, d.micro_batch_size, d.num_microbatches, d.data_parallel_size
+    );
+    s += &format!(
+        "schedule: {} iterations, lr {} → {} ({:?}), warmup {} iterations, decay over {}\n",
+        d.train_iters,
+        c.optimizer.lr.unwrap_or(0.0),
+        c.optimizer.min_lr.unwrap_or(0.0),
+        c.scheduler.lr_decay_style,
+        d.lr_warmup_iters,
+        d.lr_decay_iters
+    );
+    s += &format!("data: {:?}\n", c.dataset.kind());
+    s += &format!(
+        "checkpoint: save {} every {} iterations, load {}\n",
+        c.checkpoint.save.as_deref().unwrap_or("(never)"),
+        c.checkpoint.save_interval.map(|i| i.to_string()).unwrap_or_else(|| "(end only)".into()),
+        c.checkpoint.load.as_deref().unwrap_or("(none)")
+    );
+    s
+}

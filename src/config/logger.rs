@@ -1,0 +1,43 @@
+//! `logger.*`: console log line cadence, TensorBoard and experiment trackers.
+
+use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
+
+/// `logger.*`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggerConfig {
+    #[default = 100]
+    pub log_interval: usize,
+    pub log_params_norm: bool,
+    pub log_throughput: bool,
+    pub log_throughput_to_tensorboard: bool,
+    #[default = 100]
+    pub throughput_window_size: usize,
+    pub log_progress: bool,
+    pub timing_log_level: i64,
+    #[default = "minmax"]
+    pub timing_log_option: String,
+    pub tensorboard_dir: Option<String>,
+    #[default = 1]
+    pub tensorboard_log_interval: usize,
+    #[default = 1000]
+    pub tensorboard_queue_size: usize,
+    pub log_timers_to_tensorboard: bool,
+    #[default = true]
+    pub log_loss_scale_to_tensorboard: bool,
+    pub log_validation_ppl_to_tensorboard: bool,
+    pub log_memory_to_tensorboard: bool,
+    pub log_l2_norm_grad_to_tensorboard: bool,
+    pub log_num_zeros_in_grad: bool,
+    pub log_world_size_to_tensorboard: bool,
+    pub wandb_project: Option<String>,
+    pub wandb_exp_name: Option<String>,
+    pub wandb_save_dir: Option<String>,
+    pub wandb_entity: Option<String>,
+    pub logging_level: Option<i64>,
+    #[default = true]
+    pub filter_warnings: bool,
+    pub skip_train_metrics_log: bool,
+    pub save_config_filepath: Option<String>,
+}

@@ -1,0 +1,76 @@
+//! `ddp.*`, `dist.*` and `comm_overlap.*`: how gradients and ranks are wired together.
+
+use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
+
+/// `ddp.*` — MCore `DistributedDataParallelConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct DdpConfig {
+    pub grad_reduce_in_fp32: bool,
+    pub overlap_grad_reduce: bool,
+    pub overlap_param_gather: bool,
+    pub align_param_gather: bool,
+    pub use_distributed_optimizer: bool,
+    #[default = 1]
+    pub num_distributed_optimizer_instances: usize,
+    pub check_for_nan_in_grad: bool,
+    pub check_for_large_grads: bool,
+    /// Elements per gradient bucket; None ⇒ automatic.
+    pub bucket_size: Option<usize>,
+    pub num_buckets: Option<usize>,
+    pub pad_buckets_for_high_nccl_busbw: bool,
+    pub average_in_collective: bool,
+    pub fp8_param_gather: bool,
+    pub use_megatron_fsdp: bool,
+    #[default = "no_shard"]
+    pub data_parallel_sharding_strategy: String,
+    #[default = true]
+    pub gradient_reduce_div_fusion: bool,
+}
+
+/// Distributed backend (`dist.distributed_backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistBackend {
+    Nccl,
+    Gloo,
+}
+
+/// `dist.*` — process-group initialisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistConfig {
+    #[default(DistBackend::Nccl)]
+    pub distributed_backend: DistBackend,
+    #[default = 10]
+    pub distributed_timeout_minutes: u64,
+    #[default = true]
+    pub align_grad_reduce: bool,
+    pub lazy_mpu_init: bool,
+    /// Rank order tp-cp-ep-dp-pp (false, Megatron's default) or tp-cp-ep-pp-dp (true).
+    pub use_tp_pp_dp_mapping: bool,
+    #[default = true]
+    pub use_gloo_process_groups: bool,
+    pub use_sharp: bool,
+    pub external_gpu_device_mapping: bool,
+}
+
+/// `comm_overlap.*` — present only when a recipe tunes communication overlap; None = auto.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommOverlapConfig {
+    pub tp_comm_overlap: bool,
+    #[default = "nccl"]
+    pub tp_comm_bootstrap_backend: String,
+    pub overlap_p2p_comm: Option<bool>,
+    pub batch_p2p_comm: Option<bool>,
+    pub overlap_grad_reduce: Option<bool>,
+    pub overlap_param_gather: Option<bool>,
+    pub overlap_param_gather_with_optimizer_step: Option<bool>,
+    pub align_param_gather: Option<bool>,
+    pub bucket_size: Option<usize>,
+    pub defer_embedding_wgrad_compute: Option<bool>,
+    pub wgrad_deferral_limit: Option<usize>,
+    pub delay_wgrad_compute: Option<bool>,
+}

@@ -1,0 +1,53 @@
+//! `train.*` and `validation.*`: batch sizes, run length, exits, and evaluation cadence.
+
+use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
+
+/// `train.*` — Megatron-LM `TrainingConfig` plus Megatron Bridge's extensions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub micro_batch_size: Option<usize>,
+    /// None ⇒ micro_batch_size × data-parallel size.
+    pub global_batch_size: Option<usize>,
+    /// `[start, increment, ramp_samples]`; accepted for compatibility, rejected by validation.
+    pub rampup_batch_size: Option<Vec<usize>>,
+    pub decrease_batch_size_if_needed: bool,
+    pub empty_unused_memory_level: u8,
+    pub check_weight_hash_across_dp_replicas_interval: Option<usize>,
+    pub train_sync_interval: Option<usize>,
+    pub train_iters: Option<usize>,
+    pub train_samples: Option<usize>,
+    pub num_epochs: Option<f64>,
+    pub exit_interval: Option<usize>,
+    pub exit_duration_in_mins: Option<usize>,
+    pub exit_signal_handler: bool,
+    #[default = "SIGTERM"]
+    pub exit_signal: String,
+    pub manual_gc: bool,
+    pub manual_gc_interval: usize,
+    #[default = true]
+    pub manual_gc_eval: bool,
+    /// 1-indexed iterations whose optimizer step is skipped (data still consumed).
+    pub iterations_to_skip: Vec<usize>,
+    #[default = true]
+    pub check_optimizer_step_success: bool,
+    pub skip_sync_grad_norm_across_mp: bool,
+}
+
+/// `validation.*` — Megatron-LM `ValidationConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Batches per evaluation; 0 disables validation.
+    #[default(Some(100))]
+    pub eval_iters: Option<usize>,
+    /// None ⇒ evaluate only after training.
+    pub eval_interval: Option<usize>,
+    pub start_eval_at_iter: Option<usize>,
+    pub eval_global_batch_size: Option<usize>,
+    pub eval_micro_batch_size: Option<usize>,
+    pub skip_train: bool,
+    pub test_mode: bool,
+    pub full_validation: bool,
+}

@@ -1,0 +1,200 @@
+//! GPTDataset index arrays: `_build_document_sample_shuffle_indices` and `build_sample_idx`
+//! (gpt-dataset.md §5–6), and their `.npy` cache form.
+use anyhow::{bail, ensure, Result};
+
+use super::cache::{npy_bytes, CacheEntry, NpyDtype};
+use super::numpy_rng::RandomState;
+
+/// The three index arrays of a GPTDataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptIndices {
+    /// Document (sequence) ids in epoch order.
+    pub document_index: Vec<i32>,
+    /// `[m+1]` pairs (position in document_index, token offset).
+    pub sample_index: Vec<[i64; 2]>,
+    /// Permutation of `0..m`.
+    pub shuffle_index: Vec<i64>,
+}
+
+/// `_build_document_sample_shuffle_indices` for sequence `sizes`, the split's sequence ids
+/// `indices`, `num_samples` (None = one epoch).
+pub fn build_indices(
+    sizes: &[i32],
+    indices: &[i32],
+    seq_length: usize,
+    num_samples: Option<usize>,
+    add_extra_token: bool,
+    drop_last: bool,
+    seed: u32,
+) -> Result<GptIndices> {
+    let extra = add_extra_token as i64;
+    let l = seq_length as i64;
+    ensure!(seq_length > 0, "seq_length must be positive");
+    let t: i64 = indices.iter().map(|&i| sizes[i as usize] as i64).sum();
+    ensure!(t > extra, "the split holds {t} tokens, too few for one sample");
+    let mut epochs: i64 = 1;
+    if let Some(n) = num_samples {
+        let requested = n as i64 * l + extra;
+        let mut tok = t;
+        while tok < requested {
+            tok += t;
+            epochs += 1;
+        }
+    }
+    let (separate, n_sans) = if epochs == 1 {
+        (false, 0)
+    } else {
+        let n = num_samples.expect("several epochs imply num_samples") as i64;
+        let n_sans = ((epochs - 1) * t - extra) / l;
+        let n_final = n - n_sans;
+        let n_per_epoch = (t - extra) / l;
+        ensure!(n_final >= 0 && n_final <= n_per_epoch + 1, "epoch arithmetic failed");
+        (n_final < (0.80 * n_per_epoch as f64) as i64, n_sans)
+    };
+    let mut rng = RandomState::new(seed);
+    let tile = |e: i64, rng: &mut RandomState| {
+        let mut v: Vec<i32> = Vec::with_capacity(indices.len() * e as usize);
+        for _ in 0..e {
+            v.extend_from_slice(indices);
+        }
+        rng.shuffle(&mut v);
+        v
+    };
+    let document_index = if separate {
+        let mut first = tile(epochs - 1, &mut rng);
+        first.extend(tile(1, &mut rng));
+        first
+    } else {
+        tile(epochs, &mut rng)
+    };
+    let sample_index = build_sample_idx(sizes, &document_index, l, epochs, t, drop_last, extra);
+    let m = sample_index.len() as i64 - 1;
+    let mut shuffle_index: Vec<i64>;
+    if separate {
+        shuffle_index = (0..n_sans).collect();
+        rng.shuffle(&mut shuffle_index);
+        let mut b: Vec<i64> = (n_sans..m).collect();
+        rng.shuffle(&mut b);
+        shuffle_index.extend(b);
+    } else {
+        shuffle_index = (0..m).collect();
+        rng.shuffle(&mut shuffle_index);
+    }
+    if let Some(n) = num_samples {
+        ensure!(n as i64 <= m, "built {m} samples but {n} were requested");
+    }
+    Ok(GptIndices { document_index, sample_index, shuffle_index })
+}
+
+/// `helpers.cpp::build_sample_idx`.
+fn build_sample_idx(
+    sizes: &[i32],
+    doc_idx: &[i32],
+    l: i64,
+    epochs: i64,
+    t: i64,
+    drop_last: bool,
+    extra: i64,
+) -> Vec<[i64; 2]> {
+    let m = if drop_last {
+        (epochs * t - extra) / l
+    } else {
+        // C++ computes this in single precision.
+        ((epochs * t - extra) as f32 / l as f32).ceil() as i64
+    };
+    let mut out = Vec::with_capacity(m as usize + 1);
+    out.push([0, 0]);
+    let (mut di, mut off) = (0usize, 0i64);
+    for _ in 1..=m {
+        let mut rem = l + extra;
+        while rem != 0 {
+            let dlen = sizes[doc_idx[di] as usize] as i64 - off;
+            rem -= dlen;
+            if rem <= 0 {
+                off += rem + dlen - extra;
+                rem = 0;
+            } else {
+                if di == doc_idx.len() - 1 {
+                    off = sizes[doc_idx[di] as usize] as i64 - extra;
+                    break;
+                }
+                di += 1;
+                off = 0;
+            }
+        }
+        out.push([di as i64, off]);
+    }
+    out
+}
+
+/// Write the three arrays of a GPTDataset cache entry (dtypes as megatron-core picks them).
+pub(crate) fn store_cached(e: &CacheEntry, ix: &GptIndices, sizes: &[i32]) -> Result<()> {
+    let max_size = sizes.iter().copied().max().unwrap_or(0) as i64;
+    let wide = ix.document_index.len() as i64 > i32::MAX as i64 || max_size > i32::MAX as i64;
+    let flat: Vec<i64> = ix.sample_index.iter().flatten().copied().collect();
+    let m = ix.shuffle_index.len() as i64;
+    let shuffle_dtype = if m >= u32::MAX as i64 - 1 { NpyDtype::I64 } else { NpyDtype::U32 };
+    let doc: Vec<i64> = ix.document_index.iter().map(|&d| d as i64).collect();
+    e.store(&[
+        ("document_index", npy_bytes(&doc, &[doc.len()], NpyDtype::I32)),
+        (
+            "sample_index",
+            npy_bytes(
+                &flat,
+                &[ix.sample_index.len(), 2],
+                if wide { NpyDtype::I64 } else { NpyDtype::I32 },
+            ),
+        ),
+        ("shuffle_index", npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()], shuffle_dtype)),
+    ])
+}
+
+/// Load and sanity-check a cached entry; any inconsistency is an error (the caller rebuilds).
+pub(crate) fn load_cached(e: &CacheEntry, sizes: &[i32]) -> Result<GptIndices> {
+    let (doc, _) = e.load("document_index")?;
+    let (flat, shape) = e.load("sample_index")?;
+    let (shuffle, _) = e.load("shuffle_index")?;
+    ensure!(shape.len() == 2 && shape[1] == 2, "sample_index has shape {shape:?}");
+    let document_index: Vec<i32> = doc.iter().map(|&d| d as i32).collect();
+    if document_index.iter().any(|&d| d < 0 || d as usize >= sizes.len()) {
+        bail!("document_index refers to missing sequences");
+    }
+    let sample_index: Vec<[i64; 2]> = flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
+    if sample_index.iter().any(|&[d, _]| d < 0 || d as usize >= document_index.len().max(1)) {
+        bail!("sample_index out of range");
+    }
+    let m = sample_index.len() as i64 - 1;
+    if shuffle.len() as i64 != m || shuffle.iter().any(|&s| s < 0 || s >= m) {
+        bail!("shuffle_index inconsistent with sample_index");
+    }
+    Ok(GptIndices { document_index, sample_index, shuffle_index: shuffle })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_worked_example() {
+        let sizes = [5, 3, 7, 4, 6];
+        let ix = build_indices(&sizes, &[0, 1, 2, 3, 4], 4, Some(8), true, true, 1234).unwrap();
+        assert_eq!(ix.document_index, vec![4, 0, 1, 2, 3, 3, 2, 1, 0, 4]);
+        let want: Vec<[i64; 2]> = vec![
+            [0, 0],
+            [0, 4],
+            [1, 2],
+            [2, 1],
+            [3, 2],
+            [3, 6],
+            [4, 3],
+            [5, 3],
+            [6, 3],
+            [7, 0],
+            [8, 1],
+            [9, 0],
+            [9, 4],
+        ];
+        assert_eq!(ix.sample_index, want);
+        assert_eq!(ix.shuffle_index, vec![0, 4, 3, 2, 5, 1, 7, 6, 9, 8, 11, 10]);
+    }
+}

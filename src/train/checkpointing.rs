@@ -1,0 +1,165 @@
+//! Saving and restoring a training run through [`crate::ckpt`]: model shards, optimizer state,
+//! scheduler, train state and the resolved config.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde_json::json;
+
+use crate::ckpt::{self, CheckpointWrite, Partition, ShardedParam, TensorSet, TrainState};
+use crate::model::params::{shard_of, Param, ShardLayout, TpCoord};
+use crate::model::GptModel;
+use crate::train::optimizer::{Optimizer, OptimizerState};
+use crate::train::scheduler::{OptimizerParamScheduler, ResumePolicy, SchedulerState};
+
+/// The checkpoint partition of a model parameter.
+pub fn partition_of(p: &Param) -> Partition {
+    match (p.partition_dim, p.layout) {
+        (None, _) => Partition::Replicated,
+        (Some(_), ShardLayout::GatedHalves) => Partition::GatedSplit,
+        (Some(d), ShardLayout::Contiguous) => Partition::Split(d),
+    }
+}
+
+/// What a run hands to [`save`].
+pub struct SaveRequest<'a> {
+    pub save_dir: &'a Path,
+    pub model: &'a GptModel,
+    pub optimizer: Option<&'a Optimizer>,
+    pub scheduler: &'a OptimizerParamScheduler,
+    pub state: &'a TrainState,
+    pub run_config_toml: &'a str,
+    pub seed: u64,
+    pub most_recent_k: i64,
+    pub tp_rank: usize,
+    pub pp_rank: usize,
+}
+
+/// Write `iter_{step}` for this rank.
+pub fn save(req: &SaveRequest) -> Result<PathBuf> {
+    let params = req.model.params().params();
+    let partitions: HashMap<&str, Partition> =
+        params.iter().map(|p| (p.name.as_str(), partition_of(p))).collect();
+    let model = vec![TensorSet {
+        tp_rank: req.tp_rank,
+        pp_rank: req.pp_rank,
+        dp_rank: None,
+        params: req
+            .model
+            .params()
+            .local_state()?
+            .into_iter()
+            .map(|(name, tensor)| {
+                let partition = partitions[name.as_str()];
+                ShardedParam { name, tensor, partition }
+            })
+            .collect(),
+    }];
+    let mut json_docs = vec![
+        ("scheduler".to_string(), serde_json::to_value(req.scheduler.state())?),
+        ("rng".to_string(), json!({ "seed": req.seed })),
+    ];
+    let optimizer_sets;
+    let optimizer = match req.optimizer {
+        Some(opt) => {
+            let state = opt.export_state();
+            json_docs.push((
+                "optimizer".to_string(),
+                json!({ "algorithm": state.algorithm, "steps": state.steps }),
+            ));
+            let params = state
+                .tensors
+                .into_iter()
+                .map(|(name, tensor)| {
+                    let owner = name.rsplit_once('.').map(|(p, _)| p).unwrap_or(&name);
+                    let partition = partitions.get(owner).copied().unwrap_or(Partition::Replicated);
+                    ShardedParam { name, tensor, partition }
+                })
+                .collect();
+            optimizer_sets = vec![TensorSet {
+                tp_rank: req.tp_rank,
+                pp_rank: req.pp_rank,
+                dp_rank: None,
+                params,
+            }];
+            Some(optimizer_sets.as_slice())
+        }
+        None => None,
+    };
+    let w = CheckpointWrite {
+        iteration: req.state.step,
+        model: &model,
+        optimizer,
+        json: json_docs,
+        train_state: req.state,
+        run_config_toml: req.run_config_toml,
+        tokenizer_files: &[],
+    };
+    ckpt::save_checkpoint(req.save_dir, &w, req.most_recent_k)
+}
+
+/// Load model weights (any TP layout) into `model`.
+pub fn load_model(iter_dir: &Path, model: &GptModel) -> Result<()> {
+    let tensors: HashMap<String, Tensor> =
+        ckpt::load_tensors(iter_dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
+    let unused = model
+        .params()
+        .load_full_state(&tensors)
+        .with_context(|| format!("checkpoint `{}` does not fit this model", iter_dir.display()))?;
+    if !unused.is_empty() && model.layer_numbers().len() == model.arch().num_layers {
+        bail!(
+            "checkpoint `{}` holds parameters this model does not have: {}",
+            iter_dir.display(),
+            unused.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Restore optimizer state (resharded to this rank's TP slice).
+pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -> Result<()> {
+    let meta = ckpt::read_json(iter_dir, "optimizer")?
+        .with_context(|| format!("`{}` has no optimizer state", iter_dir.display()))?;
+    let global = ckpt::load_tensors(iter_dir, "optimizer")?;
+    let mut tensors = Vec::new();
+    for (name, (t, partition)) in global {
+        let (dim, layout) = match partition {
+            Partition::Replicated => (None, ShardLayout::Contiguous),
+            Partition::Split(d) => (Some(d), ShardLayout::Contiguous),
+            Partition::GatedSplit => (Some(0), ShardLayout::GatedHalves),
+        };
+        tensors.push((name, shard_of(&t, dim, layout, tp)?));
+    }
+    let state = OptimizerState {
+        algorithm: meta["algorithm"].as_str().unwrap_or_default().to_string(),
+        steps: meta["steps"].as_u64().unwrap_or(0),
+        tensors,
+    };
+    optimizer
+        .import_state(&state)
+        .with_context(|| format!("optimizer state in `{}` does not fit", iter_dir.display()))?;
+    Ok(())
+}
+
+/// Restore the LR/WD scheduler.
+pub fn load_scheduler(iter_dir: &Path, scheduler: &mut OptimizerParamScheduler) -> Result<()> {
+    let doc = ckpt::read_json(iter_dir, "scheduler")?
+        .with_context(|| format!("`{}` has no scheduler state", iter_dir.display()))?;
+    let state: SchedulerState = serde_json::from_value(doc)
+        .with_context(|| format!("bad scheduler state in `{}`", iter_dir.display()))?;
+    scheduler
+        .load_state(&state, ResumePolicy::UseCheckpoint)
+        .with_context(|| format!("scheduler state in `{}` does not fit", iter_dir.display()))?;
+    Ok(())
+}
+
+/// Read `train_state.json`.
+pub fn load_train_state(iter_dir: &Path) -> Result<TrainState> {
+    let path = iter_dir.join("train_state.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("`{}` is not a train state", path.display()))
+}

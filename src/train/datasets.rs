@@ -1,0 +1,108 @@
+//! From the config to the tokenizer and the train/valid/test datasets of a pretraining run.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::dataset::{Blend as CfgBlend, DatasetKind};
+use crate::config::tokenizer::TokenizerType;
+use crate::config::{ConfigContainer, Derived};
+use crate::data::tokenizer::{build_tokenizer, Tokenizer, TokenizerSpec};
+use crate::data::{build_gpt_datasets, parse_blend, BlendSpec, GptDatasetParams, PretrainDataset};
+
+/// The tokenizer described by `tokenizer.*`.
+pub fn tokenizer_from_config(cfg: &ConfigContainer) -> Result<Box<dyn Tokenizer>> {
+    let t = &cfg.tokenizer;
+    let ty = t.tokenizer_type.map(|ty| format!("{ty:?}"));
+    let spec = TokenizerSpec {
+        tokenizer_type: ty,
+        tokenizer_model: t.tokenizer_model.as_ref().map(PathBuf::from),
+        vocab_file: t.vocab_file.as_ref().map(PathBuf::from),
+        merge_file: t.merge_file.as_ref().map(PathBuf::from),
+        vocab_size: t.vocab_size,
+    };
+    if t.tokenizer_type == Some(TokenizerType::HuggingFaceTokenizer) && t.tokenizer_model.is_none()
+    {
+        bail!("`tokenizer.tokenizer_model` must name a tokenizer.json or HF model directory");
+    }
+    build_tokenizer(&spec).context("cannot build the tokenizer from `tokenizer.*`")
+}
+
+/// `train_valid_test_num_samples`: what each split must serve over the whole run.
+pub fn split_sample_counts(cfg: &ConfigContainer, d: &Derived) -> [usize; 3] {
+    let eval_iters = cfg.validation.eval_iters.unwrap_or(0);
+    let evals = match cfg.validation.eval_interval {
+        Some(every) if every > 0 => d.train_iters / every + 1,
+        _ => 1,
+    };
+    [
+        d.train_iters * d.global_batch_size,
+        eval_iters * d.eval_global_batch_size * evals,
+        eval_iters * d.eval_global_batch_size,
+    ]
+}
+
+/// Train, validation and test datasets of a pretraining (or mock) run.
+pub fn build_pretrain_datasets(
+    cfg: &ConfigContainer,
+    d: &Derived,
+    tokenizer: &dyn Tokenizer,
+) -> Result<[Option<PretrainDataset>; 3]> {
+    let ds = &cfg.dataset;
+    let blend = match ds.kind() {
+        DatasetKind::Mock => BlendSpec::Mock,
+        DatasetKind::Finetuning => bail!(
+            "`dataset.dataset_root` (SFT data) is not supported by this build's trainer yet; \
+             pretraining and mock data are"
+        ),
+        DatasetKind::Pretraining => {
+            match (&ds.blend_per_split, ds.blend.as_ref().or(ds.data_path.as_ref())) {
+                (Some(per_split), _) => {
+                    if per_split.len() != 3 {
+                        bail!("`dataset.blend_per_split` needs 3 entries (train, valid, test), got {}", per_split.len());
+                    }
+                    let mut out = [None, None, None];
+                    for (i, items) in per_split.iter().enumerate() {
+                        if !items.is_empty() {
+                            out[i] = Some(parse_blend(
+                                &serde_json::to_value(items)?
+                                    .as_array()
+                                    .cloned()
+                                    .unwrap_or_default(),
+                            )?);
+                        }
+                    }
+                    BlendSpec::PerSplit(out)
+                }
+                (None, Some(b)) => {
+                    let items = match b {
+                        CfgBlend::One(s) => vec![serde_json::Value::String(s.clone())],
+                        CfgBlend::Many(v) => {
+                            serde_json::to_value(v)?.as_array().cloned().unwrap_or_default()
+                        }
+                    };
+                    BlendSpec::Blend(parse_blend(&items)?)
+                }
+                (None, None) => unreachable!("pretraining kind implies a blend"),
+            }
+        }
+    };
+    let params = GptDatasetParams {
+        random_seed: ds.random_seed.unwrap_or(cfg.rng.seed) as u32,
+        seq_length: cfg.model.seq_length,
+        split: ds.split.clone(),
+        add_extra_token_to_sequence: ds.add_extra_token_to_sequence,
+        reset_position_ids: ds.reset_position_ids,
+        reset_attention_mask: ds.reset_attention_mask,
+        eod_mask_loss: ds.eod_mask_loss,
+        drop_last_partial_validation_sequence: ds.drop_last_partial_validation_sequence,
+        eod_id: tokenizer.eod(),
+        pad_id: tokenizer.pad().unwrap_or(-1),
+        path_to_cache: ds.path_to_cache.as_ref().map(PathBuf::from),
+        mmap_bin_files: ds.mmap_bin_files,
+        mid_level_dataset_surplus: ds.mid_level_dataset_surplus,
+        vocab_size: Some(tokenizer.vocab_size()),
+    };
+    let counts = split_sample_counts(cfg, d).map(Some);
+    build_gpt_datasets(&params, &blend, counts)
+}

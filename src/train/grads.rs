@@ -1,0 +1,116 @@
+//! Where the optimizer and the clipper read gradients from: candle's [`GradStore`] straight
+//! from `loss.backward()`, or a [`GradAccumulator`] that sums micro-batch gradients in f32.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, TensorId, Var};
+
+use super::optimizer::master_dtype;
+
+/// Read access to gradients keyed by variable.
+pub trait GradSource {
+    /// Gradient of `var`, if it has one.
+    fn grad_of(&self, var: &Var) -> Option<&Tensor>;
+}
+
+/// Write access, for in-place clipping and data-parallel reduction.
+pub trait GradSourceMut: GradSource {
+    /// Replaces the gradient of `var` (which must already have one).
+    fn set_grad(&mut self, var: &Var, grad: Tensor);
+}
+
+impl GradSource for GradStore {
+    fn grad_of(&self, var: &Var) -> Option<&Tensor> {
+        self.get(var.as_tensor())
+    }
+}
+
+impl GradSourceMut for GradStore {
+    fn set_grad(&mut self, var: &Var, grad: Tensor) {
+        self.insert(var.as_tensor(), grad);
+    }
+}
+
+/// Sums gradients over the micro-batches of one global batch, in f32 (f64 for f64
+/// parameters), like megatron-core's fp32 `main_grad` buffers (`grad_reduce_in_fp32`).
+///
+/// Gradients are kept in the order of the variables given to [`GradAccumulator::new`], so
+/// iteration (for norms and data-parallel all-reduce) is deterministic.
+#[derive(Debug)]
+pub struct GradAccumulator {
+    vars: Vec<Var>,
+    grads: Vec<Option<Tensor>>,
+    index: HashMap<TensorId, usize>,
+    micro_batches: usize,
+}
+
+impl GradAccumulator {
+    /// An empty accumulator for `vars` (typically [`super::optimizer::Optimizer::vars`]).
+    pub fn new(vars: Vec<Var>) -> Self {
+        let index = vars.iter().enumerate().map(|(i, v)| (v.id(), i)).collect();
+        let grads = vec![None; vars.len()];
+        Self { vars, grads, index, micro_batches: 0 }
+    }
+
+    /// Adds the gradients of one micro-batch. Variables absent from `store` contribute nothing;
+    /// gradients of tensors that are not among the variables are ignored.
+    pub fn accumulate(&mut self, store: &GradStore) -> candle_core::Result<()> {
+        for (var, slot) in self.vars.iter().zip(self.grads.iter_mut()) {
+            let Some(g) = store.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = g.detach().to_dtype(master_dtype(var.dtype()))?;
+            *slot = Some(match slot.take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
+        }
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    /// Number of [`Self::accumulate`] calls since the last [`Self::clear`].
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// Multiplies every gradient by `factor` (e.g. `1 / num_tokens` of the global batch).
+    pub fn scale(&mut self, factor: f64) -> candle_core::Result<()> {
+        for g in self.grads.iter_mut().flatten() {
+            *g = g.affine(factor, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// Variables and their accumulated gradients, in order; the gradient can be replaced
+    /// (e.g. by its all-reduced value).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&Var, &mut Option<Tensor>)> {
+        self.vars.iter().zip(self.grads.iter_mut())
+    }
+
+    /// Variables and their accumulated gradients, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Var, Option<&Tensor>)> {
+        self.vars.iter().zip(self.grads.iter().map(|g| g.as_ref()))
+    }
+
+    /// Drops all gradients (start of the next global batch).
+    pub fn clear(&mut self) {
+        self.grads.iter_mut().for_each(|g| *g = None);
+        self.micro_batches = 0;
+    }
+}
+
+impl GradSource for GradAccumulator {
+    fn grad_of(&self, var: &Var) -> Option<&Tensor> {
+        self.index.get(&var.id()).and_then(|&i| self.grads[i].as_ref())
+    }
+}
+
+impl GradSourceMut for GradAccumulator {
+    fn set_grad(&mut self, var: &Var, grad: Tensor) {
+        if let Some(&i) = self.index.get(&var.id()) {
+            self.grads[i] = Some(grad);
+        }
+    }
+}

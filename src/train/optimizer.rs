@@ -1,0 +1,390 @@
+//! Optimizers over candle [`Var`]s with fp32 master weights: Adam (decoupled weight decay =
+//! AdamW by default, or coupled L2) and SGD with momentum, with the update formulas and the
+//! operation order of `torch.optim.Adam/AdamW/SGD` (single-tensor path), which megatron-core's
+//! fused optimizers match mathematically.
+//!
+//! Precision: a parameter stored in bf16/f16 gets an f32 master copy; the update runs on the
+//! master and the result is cast back into the model's `Var`. f32 parameters are their own
+//! master (no copy), f64 parameters keep f64 everything (gradient checks on CPU). Moments are
+//! kept in the master dtype.
+//!
+//! Parameter groups follow Megatron's default: no weight decay for biases (name ending in
+//! `.bias`) and 1-D parameters (norm weights); see [`default_wd_mult`].
+
+use std::collections::HashSet;
+
+use candle_core::{DType, Tensor, Var};
+
+use super::grads::GradSource;
+use super::scheduler::OptimizerParamScheduler;
+
+pub use super::grads::GradAccumulator;
+pub use super::optimizer_state::OptimizerState;
+
+/// Errors from building, stepping or restoring an optimizer. Messages name the parameter.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    /// Two parameters share a name.
+    #[error("parameter {0:?} is registered twice")]
+    DuplicateParam(String),
+    /// A parameter is not a floating-point tensor.
+    #[error(
+        "parameter {name:?} has dtype {dtype:?}; only floating-point parameters can be trained"
+    )]
+    NonFloatParam {
+        /// Parameter name.
+        name: String,
+        /// Its dtype.
+        dtype: DType,
+    },
+    /// A gradient's shape differs from its parameter's.
+    #[error("gradient of {name:?} has shape {got:?}, parameter has {expected:?}")]
+    GradShape {
+        /// Parameter name.
+        name: String,
+        /// Parameter shape.
+        expected: Vec<usize>,
+        /// Gradient shape.
+        got: Vec<usize>,
+    },
+    /// State import: a tensor the optimizer needs is absent.
+    #[error("optimizer state has no tensor {0:?}")]
+    MissingStateTensor(String),
+    /// State import: a tensor has the wrong shape.
+    #[error("optimizer state tensor {name:?} has shape {got:?}, expected {expected:?}")]
+    StateShape {
+        /// Tensor name.
+        name: String,
+        /// Shape the parameter needs.
+        expected: Vec<usize>,
+        /// Shape found.
+        got: Vec<usize>,
+    },
+    /// State import: a tensor belongs to no parameter (probably another model or optimizer).
+    #[error("optimizer state tensor {0:?} matches no parameter of this optimizer")]
+    UnexpectedStateTensor(String),
+    /// State import: the state was written by another algorithm.
+    #[error("optimizer state is for {found:?}, this optimizer is {expected:?}")]
+    AlgorithmMismatch {
+        /// This optimizer's algorithm.
+        expected: String,
+        /// The state's.
+        found: String,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Adam hyper-parameters (`optimizer.adam_*`, `optimizer.decoupled_weight_decay`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamConfig {
+    /// `adam_beta1`.
+    pub beta1: f64,
+    /// `adam_beta2`.
+    pub beta2: f64,
+    /// `adam_eps`, added outside the square root.
+    pub eps: f64,
+    /// true: AdamW (`p ← p·(1 − lr·wd)`); false: Adam with L2 (`g ← g + wd·p`).
+    pub decoupled_weight_decay: bool,
+}
+
+impl Default for AdamConfig {
+    /// megatron-core's `OptimizerConfig` defaults.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, decoupled_weight_decay: true }
+    }
+}
+
+/// SGD hyper-parameters (`optimizer.sgd_momentum`); no dampening, no Nesterov, as Megatron.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdConfig {
+    /// Momentum factor; 0 disables the buffer's effect.
+    pub momentum: f64,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        Self { momentum: 0.9 }
+    }
+}
+
+/// Which update rule the optimizer applies (`optimizer.optimizer`: "adam" or "sgd").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Algorithm {
+    /// Adam / AdamW.
+    Adam(AdamConfig),
+    /// SGD with momentum.
+    Sgd(SgdConfig),
+}
+
+impl Algorithm {
+    /// Name written into checkpoints ("adam" or "sgd").
+    pub fn name(&self) -> &'static str {
+        match self {
+            Algorithm::Adam(_) => "adam",
+            Algorithm::Sgd(_) => "sgd",
+        }
+    }
+}
+
+/// Megatron's default parameter grouping: weight-decay multiplier 0 for biases and 1-D
+/// parameters (norm weights), 1 otherwise.
+pub fn default_wd_mult(name: &str, rank: usize) -> f64 {
+    if name.ends_with(".bias") || rank == 1 {
+        0.0
+    } else {
+        1.0
+    }
+}
+
+/// dtype of the master copy and optimizer state for a parameter of `dtype`.
+pub fn master_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// One trainable parameter and its optimizer state.
+#[derive(Debug)]
+pub struct ParamState {
+    /// Megatron name, e.g. `decoder.layers.0.self_attention.linear_qkv.weight`.
+    pub name: String,
+    /// The model's variable; updated in place after each step.
+    pub var: Var,
+    /// Multiplier on the scheduler's weight decay (0 for the no-decay group).
+    pub wd_mult: f64,
+    /// fp32 master copy when the variable is stored in a narrower dtype; `None` when the
+    /// variable itself is the master (f32/f64).
+    pub master: Option<Tensor>,
+    /// Adam first moment or SGD momentum buffer (zeros before the first step; with zero
+    /// dampening `0·μ + g` equals torch's lazily cloned buffer exactly).
+    pub exp_avg: Tensor,
+    /// Adam second moment (`None` for SGD).
+    pub exp_avg_sq: Option<Tensor>,
+}
+
+impl ParamState {
+    /// Current master value (detached, so updates never build an autograd graph).
+    pub fn master_value(&self) -> Tensor {
+        match &self.master {
+            Some(m) => m.clone(),
+            None => self.var.as_detached_tensor(),
+        }
+    }
+}
+
+/// Adam/AdamW or SGD over a fixed, ordered list of named parameters.
+#[derive(Debug)]
+pub struct Optimizer {
+    algorithm: Algorithm,
+    params: Vec<ParamState>,
+    /// Optimizer steps taken (Adam's bias-correction `t`).
+    steps: u64,
+}
+
+impl Optimizer {
+    /// Builds an optimizer with Megatron's default groups ([`default_wd_mult`]).
+    pub fn new(algorithm: Algorithm, params: Vec<(String, Var)>) -> Result<Self, OptimError> {
+        let with_mults = params
+            .into_iter()
+            .map(|(name, var)| {
+                let wd_mult = default_wd_mult(&name, var.rank());
+                (name, var, wd_mult)
+            })
+            .collect();
+        Self::with_wd_mults(algorithm, with_mults)
+    }
+
+    /// Builds an optimizer with explicit weight-decay multipliers per parameter.
+    pub fn with_wd_mults(
+        algorithm: Algorithm,
+        params: Vec<(String, Var, f64)>,
+    ) -> Result<Self, OptimError> {
+        let mut seen = HashSet::new();
+        let mut states = Vec::with_capacity(params.len());
+        for (name, var, wd_mult) in params {
+            if !seen.insert(name.clone()) {
+                return Err(OptimError::DuplicateParam(name));
+            }
+            let dtype = var.dtype();
+            if !dtype.is_float() {
+                return Err(OptimError::NonFloatParam { name, dtype });
+            }
+            let mdt = master_dtype(dtype);
+            let master =
+                if dtype == mdt { None } else { Some(var.as_detached_tensor().to_dtype(mdt)?) };
+            let zeros = Tensor::zeros(var.shape(), mdt, var.device())?;
+            let exp_avg_sq = match algorithm {
+                Algorithm::Adam(_) => Some(zeros.clone()),
+                Algorithm::Sgd(_) => None,
+            };
+            states.push(ParamState { name, var, wd_mult, master, exp_avg: zeros, exp_avg_sq });
+        }
+        Ok(Self { algorithm, params: states, steps: 0 })
+    }
+
+    /// The update rule.
+    pub fn algorithm(&self) -> &Algorithm {
+        &self.algorithm
+    }
+
+    /// Parameters with their state, in registration order (the order used for norms).
+    pub fn params(&self) -> &[ParamState] {
+        &self.params
+    }
+
+    /// The variables, in registration order.
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Re-reads master copies from the model variables, for when the model's weights were
+    /// replaced after the optimizer was built (e.g. loaded from a checkpoint without optimizer
+    /// state).
+    pub fn sync_master_from_model(&mut self) -> Result<(), OptimError> {
+        for p in &mut self.params {
+            if p.master.is_some() {
+                p.master = Some(p.var.as_detached_tensor().to_dtype(master_dtype(p.var.dtype()))?);
+            }
+        }
+        Ok(())
+    }
+
+    /// One step with the scheduler's current lr and weight decay (`wd · wd_mult` per group).
+    /// Call `scheduler.step(GBS)` afterwards, as megatron-core does.
+    pub fn step_scheduled<G: GradSource + ?Sized>(
+        &mut self,
+        grads: &G,
+        scheduler: &OptimizerParamScheduler,
+    ) -> Result<(), OptimError> {
+        self.step(grads, scheduler.get_lr(), scheduler.get_wd())
+    }
+
+    /// One optimizer step with learning rate `lr` and base weight decay `wd`.
+    ///
+    /// A parameter without a gradient is updated with a zero gradient, like megatron-core whose
+    /// gradient buffers always exist (its moments still decay and weight decay still applies).
+    /// Use [`Self::params_without_grad`] to detect such parameters.
+    pub fn step<G: GradSource + ?Sized>(
+        &mut self,
+        grads: &G,
+        lr: f64,
+        wd: f64,
+    ) -> Result<(), OptimError> {
+        // Check every gradient first so a bad one leaves the optimizer and model untouched.
+        for p in &self.params {
+            if let Some(g) = grads.grad_of(&p.var) {
+                if g.dims() != p.var.dims() {
+                    return Err(OptimError::GradShape {
+                        name: p.name.clone(),
+                        expected: p.var.dims().to_vec(),
+                        got: g.dims().to_vec(),
+                    });
+                }
+            }
+        }
+        self.steps += 1;
+        let t = self.steps as f64;
+        let algorithm = self.algorithm;
+        for p in &mut self.params {
+            let grad = match grads.grad_of(&p.var) {
+                Some(g) => g.detach().to_dtype(master_dtype(p.var.dtype()))?,
+                None => p.exp_avg.zeros_like()?,
+            };
+            let param = p.master_value();
+            let group_wd = wd * p.wd_mult;
+            let new_param = match algorithm {
+                Algorithm::Adam(c) => adam_update(p, &param, grad, lr, group_wd, t, &c)?,
+                Algorithm::Sgd(c) => sgd_update(p, &param, grad, lr, group_wd, &c)?,
+            };
+            if p.master.is_some() {
+                p.var.set(&new_param.to_dtype(p.var.dtype())?)?;
+                p.master = Some(new_param);
+            } else {
+                p.var.set(&new_param)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of parameters that have no gradient in `grads`.
+    pub fn params_without_grad<G: GradSource + ?Sized>(&self, grads: &G) -> Vec<&str> {
+        self.params
+            .iter()
+            .filter(|p| grads.grad_of(&p.var).is_none())
+            .map(|p| p.name.as_str())
+            .collect()
+    }
+
+    pub(super) fn params_mut(&mut self) -> &mut [ParamState] {
+        &mut self.params
+    }
+
+    pub(super) fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+}
+
+/// torch `_single_tensor_adam`, step `t` (1-based), returning the new parameter value.
+fn adam_update(
+    p: &mut ParamState,
+    param: &Tensor,
+    mut grad: Tensor,
+    lr: f64,
+    wd: f64,
+    t: f64,
+    c: &AdamConfig,
+) -> Result<Tensor, OptimError> {
+    let mut param = param.clone();
+    if wd != 0.0 {
+        if c.decoupled_weight_decay {
+            param = param.affine(1.0 - lr * wd, 0.0)?;
+        } else {
+            grad = (grad + param.affine(wd, 0.0)?)?;
+        }
+    }
+    // exp_avg.lerp_(grad, 1 - beta1)  ==  m + (1-β1)·(g − m)
+    let m = (&p.exp_avg + (&grad - &p.exp_avg)?.affine(1.0 - c.beta1, 0.0)?)?;
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    let v_prev = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment");
+    let v = (v_prev.affine(c.beta2, 0.0)? + grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+    let bias_correction1 = 1.0 - c.beta1.powf(t);
+    let bias_correction2 = 1.0 - c.beta2.powf(t);
+    let step_size = lr / bias_correction1;
+    let bias_correction2_sqrt = bias_correction2.powf(0.5);
+    // denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps); param.addcdiv_(exp_avg, denom, -step_size)
+    let denom = v.sqrt()?.affine(1.0 / bias_correction2_sqrt, c.eps)?;
+    let new_param = (param + m.affine(-step_size, 0.0)?.div(&denom)?)?;
+    p.exp_avg = m;
+    p.exp_avg_sq = Some(v);
+    Ok(new_param)
+}
+
+/// torch `_single_tensor_sgd` with dampening 0 and no Nesterov.
+fn sgd_update(
+    p: &mut ParamState,
+    param: &Tensor,
+    mut grad: Tensor,
+    lr: f64,
+    wd: f64,
+    c: &SgdConfig,
+) -> Result<Tensor, OptimError> {
+    if wd != 0.0 {
+        grad = (grad + param.affine(wd, 0.0)?)?;
+    }
+    if c.momentum != 0.0 {
+        // buf.mul_(momentum).add_(grad); the first step's buffer is 0, giving torch's clone.
+        let buf = (p.exp_avg.affine(c.momentum, 0.0)? + grad)?;
+        grad = buf.clone();
+        p.exp_avg = buf;
+    }
+    Ok((param + grad.affine(-lr, 0.0)?)?)
+}

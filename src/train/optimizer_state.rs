@@ -1,0 +1,109 @@
+//! Optimizer state as named tensors, for checkpoints.
+//!
+//! Names are `<param>.exp_avg`, `<param>.exp_avg_sq` (Adam), `<param>.momentum_buffer` (SGD) and
+//! `<param>.master` (only for parameters whose model dtype is narrower than f32). The step
+//! count travels beside the tensors.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use super::optimizer::{master_dtype, Algorithm, OptimError, Optimizer};
+
+/// Everything needed to resume an optimizer exactly.
+#[derive(Debug, Clone)]
+pub struct OptimizerState {
+    /// "adam" or "sgd" ([`Algorithm::name`]).
+    pub algorithm: String,
+    /// Optimizer steps taken (Adam's bias-correction step).
+    pub steps: u64,
+    /// Named state tensors, in parameter order.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+fn first_moment_suffix(algorithm: &Algorithm) -> &'static str {
+    match algorithm {
+        Algorithm::Adam(_) => "exp_avg",
+        Algorithm::Sgd(_) => "momentum_buffer",
+    }
+}
+
+impl Optimizer {
+    /// Exports the state (tensors share storage with the optimizer; they are never mutated in
+    /// place, so this is a cheap snapshot).
+    pub fn export_state(&self) -> OptimizerState {
+        let m1 = first_moment_suffix(self.algorithm());
+        let mut tensors = Vec::new();
+        for p in self.params() {
+            if let Some(master) = &p.master {
+                tensors.push((format!("{}.master", p.name), master.clone()));
+            }
+            tensors.push((format!("{}.{m1}", p.name), p.exp_avg.clone()));
+            if let Some(v) = &p.exp_avg_sq {
+                tensors.push((format!("{}.exp_avg_sq", p.name), v.clone()));
+            }
+        }
+        OptimizerState {
+            algorithm: self.algorithm().name().to_string(),
+            steps: self.steps(),
+            tensors,
+        }
+    }
+
+    /// Restores a state written by [`Self::export_state`] for the same parameters. Every
+    /// expected tensor must be present with the parameter's shape, and no extra tensor may be
+    /// present; tensors are cast to the master dtype and moved to the parameter's device.
+    /// A restored master copy is not written into the model variable: the model weights come
+    /// from the checkpoint's model tensors (which equal the master rounded to the model dtype).
+    /// On error nothing is changed.
+    pub fn import_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
+        let name = self.algorithm().name();
+        if state.algorithm != name {
+            return Err(OptimError::AlgorithmMismatch {
+                expected: name.to_string(),
+                found: state.algorithm.clone(),
+            });
+        }
+        let mut by_name: HashMap<&str, &Tensor> = HashMap::new();
+        for (n, t) in &state.tensors {
+            by_name.insert(n.as_str(), t);
+        }
+        let m1 = first_moment_suffix(self.algorithm());
+        let is_adam = matches!(self.algorithm(), Algorithm::Adam(_));
+        // Validate and convert everything first so a failure leaves the optimizer untouched.
+        let mut restored = Vec::with_capacity(self.params().len());
+        for p in self.params() {
+            let dims = p.var.dims().to_vec();
+            let dtype = master_dtype(p.var.dtype());
+            let mut take = |key: String| -> Result<Tensor, OptimError> {
+                let t = by_name
+                    .remove(key.as_str())
+                    .ok_or_else(|| OptimError::MissingStateTensor(key.clone()))?;
+                if t.dims() != dims.as_slice() {
+                    return Err(OptimError::StateShape {
+                        name: key,
+                        expected: dims.clone(),
+                        got: t.dims().to_vec(),
+                    });
+                }
+                Ok(t.to_dtype(dtype)?.to_device(p.var.device())?.detach())
+            };
+            let master =
+                if p.master.is_some() { Some(take(format!("{}.master", p.name))?) } else { None };
+            let exp_avg = take(format!("{}.{m1}", p.name))?;
+            let exp_avg_sq =
+                if is_adam { Some(take(format!("{}.exp_avg_sq", p.name))?) } else { None };
+            restored.push((master, exp_avg, exp_avg_sq));
+        }
+        if let Some(extra) = state.tensors.iter().find(|(n, _)| by_name.contains_key(n.as_str())) {
+            return Err(OptimError::UnexpectedStateTensor(extra.0.clone()));
+        }
+        for (p, (master, exp_avg, exp_avg_sq)) in self.params_mut().iter_mut().zip(restored) {
+            p.master = master;
+            p.exp_avg = exp_avg;
+            p.exp_avg_sq = exp_avg_sq;
+        }
+        self.set_steps(state.steps);
+        Ok(())
+    }
+}

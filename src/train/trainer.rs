@@ -1,0 +1,584 @@
+//! The pretraining loop: build the run from a finalized config, train with Megatron's step
+//! semantics, evaluate, log, checkpoint and decide when to exit.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::checkpointing::{self, SaveRequest};
+use super::clip::clip_grad_norm;
+use super::datasets::{build_pretrain_datasets, tokenizer_from_config};
+use super::log::{timestamp, validation_box, LogLine};
+use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
+use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
+use super::tensorboard::SummaryWriter;
+use crate::ckpt::{self, TrainState};
+use crate::config::model::DType as CfgDType;
+use crate::config::optimizer::OptimizerKind;
+use crate::config::{finalize, ConfigContainer, Derived, Finalized};
+use crate::data::sampler::{collate, Batch, PretrainingSampler};
+use crate::data::PretrainDataset;
+use crate::model::flops::num_floating_point_operations;
+use crate::model::params::TpCoord;
+use crate::model::{loss_for_microbatch, GptModel, Microbatch, ParallelLayout};
+use crate::ops::DropoutRng;
+
+/// Why training stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    Finished,
+    ExitInterval,
+    ExitDuration,
+    Signal,
+}
+
+/// What a finished (or stopped) run reports back.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub reason: ExitReason,
+    pub final_step: u64,
+    /// `lm loss` of every iteration this process ran, in order.
+    pub losses: Vec<(u64, f64)>,
+    pub last_validation_loss: Option<f64>,
+}
+
+/// Everything a running job holds.
+pub struct Trainer {
+    cfg: ConfigContainer,
+    d: Derived,
+    run_config_toml: String,
+    model: GptModel,
+    optimizer: Optimizer,
+    scheduler: OptimizerParamScheduler,
+    acc: GradAccumulator,
+    datasets: [Option<PretrainDataset>; 3],
+    state: TrainState,
+    device: Device,
+    tb: Option<SummaryWriter>,
+    stop: Arc<AtomicBool>,
+}
+
+fn candle_dtype(d: CfgDType) -> DType {
+    match d {
+        CfgDType::F32 => DType::F32,
+        CfgDType::BF16 => DType::BF16,
+        CfgDType::F16 => DType::F16,
+    }
+}
+
+impl Trainer {
+    /// Build model, optimizer, scheduler and data for `fin`; resume from `checkpoint.load` or
+    /// start from `checkpoint.pretrained_checkpoint` when they hold a checkpoint.
+    pub fn new(fin: Finalized, run_config_toml: String, device: Device) -> Result<Self> {
+        let tokenizer = tokenizer_from_config(&fin.cfg)?;
+        // Finalize again now that the tokenizer's vocabulary is known (vocab padding).
+        let fin = finalize(fin.cfg, Some(fin.derived.world_size), Some(tokenizer.vocab_size()))?;
+        let Finalized { cfg, derived: d, .. } = fin;
+        if d.world_size != 1 {
+            bail!(
+                "this build trains on one process (world size 1); the config asks for {} ranks \
+                 (TP {} × PP {} × CP {} × DP {})",
+                d.world_size,
+                cfg.model.tensor_model_parallel_size,
+                cfg.model.pipeline_model_parallel_size,
+                cfg.model.context_parallel_size,
+                d.data_parallel_size
+            );
+        }
+        let dtype = candle_dtype(cfg.model.params_dtype);
+        let model =
+            GptModel::new(&cfg.model, ParallelLayout::single(), cfg.rng.seed, dtype, &device)
+                .context("cannot build the model")?;
+        let named: Vec<(String, candle_core::Var)> =
+            model.params().params().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
+        let o = &cfg.optimizer;
+        let algorithm = match o.optimizer {
+            OptimizerKind::Adam => Algorithm::Adam(AdamConfig {
+                beta1: o.adam_beta1,
+                beta2: o.adam_beta2,
+                eps: o.adam_eps,
+                decoupled_weight_decay: o.decoupled_weight_decay,
+            }),
+            OptimizerKind::Sgd => Algorithm::Sgd(SgdConfig { momentum: o.sgd_momentum }),
+        };
+        let optimizer = Optimizer::new(algorithm, named)?;
+        let acc = GradAccumulator::new(optimizer.vars());
+        let scheduler = build_scheduler(&cfg, &d)?;
+        let datasets = build_pretrain_datasets(&cfg, &d, tokenizer.as_ref())?;
+        let tb = match &cfg.logger.tensorboard_dir {
+            Some(dir) => Some(SummaryWriter::new(&PathBuf::from(dir))?),
+            None => None,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        if cfg.train.exit_signal_handler {
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, Arc::clone(&stop))
+                    .context("cannot install the exit signal handler")?;
+            }
+        }
+        let mut t = Trainer {
+            cfg,
+            d,
+            run_config_toml,
+            model,
+            optimizer,
+            scheduler,
+            acc,
+            datasets,
+            state: TrainState { do_train: true, ..Default::default() },
+            device,
+            tb,
+            stop,
+        };
+        t.restore()?;
+        Ok(t)
+    }
+
+    /// The finalized config of this run.
+    pub fn config(&self) -> &ConfigContainer {
+        &self.cfg
+    }
+
+    /// Progress so far.
+    pub fn state(&self) -> &TrainState {
+        &self.state
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &GptModel {
+        &self.model
+    }
+
+    fn restore(&mut self) -> Result<()> {
+        let c = &self.cfg.checkpoint;
+        let resume = match &c.load {
+            Some(load) => {
+                ckpt::find_checkpoint(&PathBuf::from(load), c.ckpt_step.map(|s| s as u64))?
+            }
+            None => None,
+        };
+        if let Some(dir) = resume {
+            checkpointing::load_model(&dir, &self.model)?;
+            if c.finetune {
+                tracing::info!(
+                    "loaded weights from {} (finetune: iteration reset to 0)",
+                    dir.display()
+                );
+                return Ok(());
+            }
+            if c.load_optim {
+                let tp = TpCoord { rank: 0, size: 1 };
+                checkpointing::load_optimizer(&dir, &mut self.optimizer, tp)?;
+            }
+            checkpointing::load_scheduler(&dir, &mut self.scheduler)?;
+            self.state = checkpointing::load_train_state(&dir)?;
+            tracing::info!("resumed from {} at iteration {}", dir.display(), self.state.step);
+            return Ok(());
+        }
+        if let Some(pre) = &c.pretrained_checkpoint {
+            let dir = ckpt::find_checkpoint(&PathBuf::from(pre), None)?.with_context(|| {
+                format!("`checkpoint.pretrained_checkpoint` `{pre}` holds no mbridge checkpoint")
+            })?;
+            checkpointing::load_model(&dir, &self.model)?;
+            tracing::info!("initialized weights from pretrained checkpoint {}", dir.display());
+            return Ok(());
+        }
+        if c.exit_on_missing_checkpoint {
+            bail!(
+                "`checkpoint.exit_on_missing_checkpoint` is set and `checkpoint.load` ({}) holds no checkpoint",
+                c.load.as_deref().unwrap_or("unset")
+            );
+        }
+        Ok(())
+    }
+
+    /// Run until `train_iters` or an exit condition; evaluate and save as configured.
+    pub fn train(&mut self) -> Result<TrainOutcome> {
+        let train_iters = self.d.train_iters as u64;
+        let gbs = self.d.global_batch_size;
+        let mbs = self.d.micro_batch_size;
+        let train_ds = self.datasets[0].take().context("no training dataset was built")?;
+        let mut sampler = PretrainingSampler::new(
+            train_ds.len(),
+            self.state.consumed_train_samples as usize,
+            mbs,
+            0,
+            self.d.data_parallel_size,
+            true,
+            false,
+        )?;
+        let start = Instant::now();
+        let mut losses = Vec::new();
+        let mut last_val = None;
+        let mut window = Window::default();
+        let flops_per_iter =
+            num_floating_point_operations(&self.cfg.model, gbs, self.cfg.model.seq_length as f64);
+        let mut reason = ExitReason::Finished;
+        let mut saved_at = None;
+        while self.state.step < train_iters {
+            let iteration = self.state.step + 1;
+            let t0 = Instant::now();
+            let mut micro = Vec::with_capacity(self.d.num_microbatches);
+            for _ in 0..self.d.num_microbatches {
+                let idx = sampler.next().context("training data ran out")?;
+                micro.push(collate(&train_ds, &idx)?);
+            }
+            let skip = self.cfg.train.iterations_to_skip.contains(&(iteration as usize));
+            let step = self.train_step(iteration, &micro, skip)?;
+            self.state.step = iteration;
+            self.state.consumed_train_samples += gbs as u64;
+            if skip {
+                self.state.skipped_train_samples += gbs as u64;
+            }
+            self.state.floating_point_operations_so_far += flops_per_iter;
+            losses.push((iteration, step.loss));
+            window.add(&step, t0.elapsed().as_secs_f64());
+            if iteration.is_multiple_of(self.cfg.logger.log_interval as u64) {
+                self.log(iteration, &mut window, flops_per_iter)?;
+            }
+            self.tensorboard(iteration, &step)?;
+            if let Some(every) = self.cfg.validation.eval_interval {
+                if self.eval_enabled()
+                    && iteration.is_multiple_of(every as u64)
+                    && iteration < train_iters
+                {
+                    last_val =
+                        self.evaluate(1, &format!("iteration {iteration} on validation set"))?;
+                }
+            }
+            // Exit decisions in Megatron Bridge's order: signal, periodic save, duration, interval.
+            if self.stop.load(Ordering::Relaxed) {
+                reason = ExitReason::Signal;
+            }
+            if let Some(every) = self.cfg.checkpoint.save_interval {
+                if iteration.is_multiple_of(every as u64) && reason == ExitReason::Finished {
+                    self.save()?;
+                    saved_at = Some(iteration);
+                }
+            }
+            if let Some(mins) = self.cfg.train.exit_duration_in_mins {
+                if start.elapsed().as_secs_f64() / 60.0 > mins as f64 {
+                    reason = ExitReason::ExitDuration;
+                }
+            }
+            if let Some(every) = self.cfg.train.exit_interval {
+                if iteration.is_multiple_of(every as u64) {
+                    reason = ExitReason::ExitInterval;
+                }
+            }
+            if reason != ExitReason::Finished {
+                if saved_at != Some(iteration) {
+                    self.save()?;
+                }
+                tracing::info!("exiting at iteration {iteration} ({reason:?})");
+                return Ok(TrainOutcome {
+                    reason,
+                    final_step: iteration,
+                    losses,
+                    last_validation_loss: last_val,
+                });
+            }
+        }
+        if saved_at != Some(self.state.step) && self.state.step > 0 {
+            self.save()?;
+        }
+        if self.eval_enabled() {
+            let step = self.state.step;
+            last_val =
+                self.evaluate(1, &format!("iteration {step} on validation set"))?.or(last_val);
+            self.evaluate(2, &format!("iteration {step} on test set"))?;
+        }
+        Ok(TrainOutcome {
+            reason,
+            final_step: self.state.step,
+            losses,
+            last_validation_loss: last_val,
+        })
+    }
+
+    fn eval_enabled(&self) -> bool {
+        self.cfg.validation.eval_iters.unwrap_or(0) > 0
+    }
+
+    /// One iteration: accumulate micro-batch gradients of Σ CE, divide by the global token
+    /// count, clip, step with `lr((k-1)·GBS)`, then advance the scheduler by GBS.
+    fn train_step(&mut self, iteration: u64, micro: &[Batch], skip: bool) -> Result<StepResult> {
+        self.acc.clear();
+        let (mut loss_sum, mut tokens) = (0.0f64, 0.0f64);
+        let dropout_on =
+            self.cfg.model.hidden_dropout > 0.0 || self.cfg.model.attention_dropout > 0.0;
+        for (i, b) in micro.iter().enumerate() {
+            let mb = to_microbatch(b, &self.device)?;
+            let rng = dropout_on.then(|| DropoutRng::new(self.cfg.rng.seed, iteration, i as u64));
+            let (sum, count) = loss_for_microbatch(&self.model, &mb, rng.as_ref())?;
+            loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            tokens += count;
+            if !skip {
+                self.acc.accumulate(&sum.backward()?)?;
+            }
+        }
+        let loss = if tokens > 0.0 { loss_sum / tokens } else { 0.0 };
+        let nan_loss = !loss.is_finite();
+        if nan_loss && self.cfg.rerun_state_machine.check_for_nan_in_loss {
+            bail!("loss is {loss} at iteration {iteration} (rank 0); stopping (set rerun_state_machine.check_for_nan_in_loss=false to skip such steps)");
+        }
+        if skip || nan_loss {
+            return Ok(StepResult {
+                loss,
+                grad_norm: None,
+                skipped: true,
+                nan: nan_loss,
+                lr: self.scheduler.get_lr(),
+            });
+        }
+        if tokens > 0.0 {
+            self.acc.scale(1.0 / tokens)?;
+        }
+        let vars = self.optimizer.vars();
+        let norm = clip_grad_norm(&mut self.acc, vars.iter(), self.cfg.optimizer.clip_grad)?;
+        if !norm.is_finite() {
+            if self.cfg.rerun_state_machine.check_for_nan_in_loss
+                || self.cfg.ddp.check_for_nan_in_grad
+            {
+                bail!("gradient norm is {} at iteration {iteration} (rank 0); stopping", norm.norm);
+            }
+            return Ok(StepResult {
+                loss,
+                grad_norm: Some(norm.norm),
+                skipped: true,
+                nan: true,
+                lr: self.scheduler.get_lr(),
+            });
+        }
+        self.optimizer.step_scheduled(&self.acc, &self.scheduler)?;
+        self.scheduler.step(self.d.global_batch_size as u64);
+        Ok(StepResult {
+            loss,
+            grad_norm: Some(norm.norm),
+            skipped: false,
+            nan: false,
+            lr: self.scheduler.get_lr(),
+        })
+    }
+
+    /// Token-weighted loss over `eval_iters` batches of split `split` (1 valid, 2 test).
+    fn evaluate(&mut self, split: usize, prefix: &str) -> Result<Option<f64>> {
+        let Some(ds) = self.datasets[split].as_ref() else { return Ok(None) };
+        let eval_iters = self.cfg.validation.eval_iters.unwrap_or(0);
+        let egbs = self.d.eval_global_batch_size;
+        let embs = self.d.eval_micro_batch_size;
+        let consumed = if split == 1 { self.state.consumed_valid_samples as usize } else { 0 };
+        if consumed >= ds.len() {
+            return Ok(None);
+        }
+        let mut sampler = PretrainingSampler::new(
+            ds.len(),
+            consumed,
+            embs,
+            0,
+            self.d.data_parallel_size,
+            true,
+            false,
+        )?;
+        let (mut sum, mut count) = (0.0, 0.0);
+        for _ in 0..eval_iters {
+            for _ in 0..egbs / (embs * self.d.data_parallel_size) {
+                let Some(idx) = sampler.next() else { break };
+                let mb = to_microbatch(&collate(ds, &idx)?, &self.device)?;
+                let (s, c) = loss_for_microbatch(&self.model, &mb, None)?;
+                sum += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                count += c;
+            }
+            if split == 1 {
+                self.state.consumed_valid_samples += egbs as u64;
+            }
+        }
+        if count == 0.0 {
+            return Ok(None);
+        }
+        let loss = sum / count;
+        println!("{}", validation_box(prefix, loss));
+        if let (Some(tb), 1) = (self.tb.as_mut(), split) {
+            let samples = self.state.consumed_train_samples as i64;
+            tb.add_scalar("lm loss validation", loss as f32, self.state.step as i64)?;
+            tb.add_scalar("lm loss validation vs samples", loss as f32, samples)?;
+            if self.cfg.logger.log_validation_ppl_to_tensorboard {
+                tb.add_scalar(
+                    "lm loss validation ppl",
+                    super::log::perplexity(loss) as f32,
+                    self.state.step as i64,
+                )?;
+            }
+            tb.flush()?;
+        }
+        Ok(Some(loss))
+    }
+
+    fn log(&mut self, iteration: u64, w: &mut Window, flops_per_iter: f64) -> Result<()> {
+        let iters = w.iterations.max(1) as f64;
+        let secs_per_iter = w.seconds / iters;
+        let line = LogLine {
+            iteration,
+            train_iters: self.d.train_iters as u64,
+            consumed_samples: self.state.consumed_train_samples,
+            skipped_samples: self.state.skipped_train_samples,
+            elapsed_ms_per_iter: secs_per_iter * 1000.0,
+            tflops_per_gpu: self
+                .cfg
+                .logger
+                .log_throughput
+                .then(|| flops_per_iter / secs_per_iter / self.d.world_size as f64 / 1e12),
+            learning_rate: w.lr,
+            global_batch_size: self.d.global_batch_size,
+            lm_loss: (w.advanced > 0).then(|| w.loss_sum / w.advanced as f64),
+            loss_scale: 1.0,
+            grad_norm: w.grad_norm,
+            skipped_iterations: w.skipped,
+            nan_iterations: w.nan,
+        };
+        println!("{}", line.render(&timestamp()));
+        *w = Window::default();
+        Ok(())
+    }
+
+    fn tensorboard(&mut self, iteration: u64, s: &StepResult) -> Result<()> {
+        let every = self.cfg.logger.tensorboard_log_interval.max(1) as u64;
+        let Some(tb) = self.tb.as_mut() else { return Ok(()) };
+        if !iteration.is_multiple_of(every) {
+            return Ok(());
+        }
+        let (it, samples) = (iteration as i64, self.state.consumed_train_samples as i64);
+        for (tag, v) in [
+            ("learning-rate", s.lr),
+            ("batch-size", self.d.global_batch_size as f64),
+            ("lm loss", s.loss),
+        ] {
+            tb.add_scalar(tag, v as f32, it)?;
+            tb.add_scalar(&format!("{tag} vs samples"), v as f32, samples)?;
+        }
+        if self.cfg.logger.log_loss_scale_to_tensorboard {
+            tb.add_scalar("loss-scale", 1.0, it)?;
+        }
+        if let Some(g) = s.grad_norm {
+            tb.add_scalar("grad-norm", g as f32, it)?;
+            tb.add_scalar("grad-norm vs samples", g as f32, samples)?;
+        }
+        tb.flush()
+    }
+
+    /// Save a checkpoint of the current state when `checkpoint.save` is set.
+    pub fn save(&mut self) -> Result<()> {
+        let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
+        let path = checkpointing::save(&SaveRequest {
+            save_dir: &PathBuf::from(&dir),
+            model: &self.model,
+            optimizer: self.cfg.checkpoint.save_optim.then_some(&self.optimizer),
+            scheduler: &self.scheduler,
+            state: &self.state,
+            run_config_toml: &self.run_config_toml,
+            seed: self.cfg.rng.seed,
+            most_recent_k: self.cfg.checkpoint.most_recent_k,
+            tp_rank: 0,
+            pp_rank: 0,
+        })?;
+        println!(
+            " successfully saved checkpoint from iteration {:7} to {}",
+            self.state.step,
+            path.display()
+        );
+        Ok(())
+    }
+}
+
+/// Result of one iteration.
+#[derive(Debug, Clone)]
+struct StepResult {
+    loss: f64,
+    grad_norm: Option<f64>,
+    skipped: bool,
+    nan: bool,
+    lr: f64,
+}
+
+/// Accumulates what the next log line averages.
+#[derive(Debug, Default)]
+struct Window {
+    iterations: u64,
+    advanced: u64,
+    seconds: f64,
+    loss_sum: f64,
+    lr: f64,
+    grad_norm: Option<f64>,
+    skipped: u64,
+    nan: u64,
+}
+
+impl Window {
+    fn add(&mut self, s: &StepResult, seconds: f64) {
+        self.iterations += 1;
+        self.seconds += seconds;
+        self.lr = s.lr;
+        if s.nan {
+            self.nan += 1;
+        }
+        if s.skipped {
+            self.skipped += 1;
+        } else {
+            self.advanced += 1;
+            self.loss_sum += s.loss;
+            self.grad_norm = s.grad_norm;
+        }
+    }
+}
+
+fn build_scheduler(cfg: &ConfigContainer, d: &Derived) -> Result<OptimizerParamScheduler> {
+    let s = &cfg.scheduler;
+    let style = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let inputs = ScheduleInputs {
+        lr: cfg.optimizer.lr.unwrap_or(0.0),
+        min_lr: cfg.optimizer.min_lr.unwrap_or(0.0),
+        lr_warmup_init: s.lr_warmup_init,
+        weight_decay: cfg.optimizer.weight_decay,
+        start_weight_decay: s.start_weight_decay,
+        end_weight_decay: s.end_weight_decay,
+        weight_decay_incr_style: style(serde_json::to_value(s.weight_decay_incr_style)?).parse()?,
+        lr_decay_style: style(serde_json::to_value(s.lr_decay_style)?).parse()?,
+        lr_wsd_decay_style: style(serde_json::to_value(s.lr_wsd_decay_style)?).parse()?,
+        global_batch_size: d.global_batch_size as u64,
+        train_iters: cfg.train.train_samples.is_none().then_some(d.train_iters as u64),
+        train_samples: cfg.train.train_samples.map(|v| v as u64),
+        max_steps: s.max_steps.map(|v| v as u64),
+        lr_decay_iters: s.lr_decay_iters.map(|v| v as u64),
+        lr_decay_samples: s.lr_decay_samples.map(|v| v as u64),
+        lr_warmup_iters: s.lr_warmup_iters as u64,
+        lr_warmup_samples: s.lr_warmup_samples as u64,
+        lr_warmup_fraction: s.lr_warmup_fraction,
+        lr_wsd_decay_iters: s.lr_wsd_decay_iters.map(|v| v as u64),
+        lr_wsd_decay_samples: s.lr_wsd_decay_samples.map(|v| v as u64),
+    };
+    Ok(OptimizerParamScheduler::from_resolved(&inputs)?)
+}
+
+fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
+    let shape = (b.batch_size, b.seq_length);
+    let ids = |v: &[i64]| -> Result<Tensor> {
+        let v: Vec<u32> = v
+            .iter()
+            .map(|&x| {
+                u32::try_from(x).with_context(|| format!("token id {x} is negative or too large"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Tensor::from_vec(v, shape, device)?)
+    };
+    Ok(Microbatch {
+        tokens: ids(&b.tokens)?,
+        labels: ids(&b.labels)?,
+        loss_mask: Tensor::from_vec(b.loss_mask.clone(), shape, device)?,
+        position_ids: Some(ids(&b.position_ids)?),
+        attention_mask: None,
+    })
+}
