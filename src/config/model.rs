@@ -216,7 +216,8 @@ impl ModelConfig {
 
     /// Vocabulary padded the way Megatron pads it: to a multiple of `divisible_by × TP`.
     pub fn padded_vocab_size(&self, unpadded: usize) -> usize {
-        let multiple = self.make_vocab_size_divisible_by.max(1) * self.tensor_model_parallel_size.max(1);
+        let multiple =
+            self.make_vocab_size_divisible_by.max(1) * self.tensor_model_parallel_size.max(1);
         unpadded.div_ceil(multiple) * multiple
     }
 }
