@@ -113,6 +113,47 @@ pub fn parse_blend(items: &[serde_json::Value]) -> Result<Blend> {
     get_blend_from_list(&strs)
 }
 
+/// `--data-path`-style string: whitespace-separated `[weight] prefix` list.
+pub fn parse_blend_str(s: &str) -> Result<Blend> {
+    let items: Vec<String> = s.split_whitespace().map(str::to_string).collect();
+    get_blend_from_list(&items)
+}
+
+impl BlendSpec {
+    /// From the config fields: `blend` (a list like `[0.3, "a", 0.7, "b"]`) or
+    /// `blend_per_split` (three optional lists); neither ⇒ mock data; both ⇒ error.
+    pub fn from_config(
+        blend: Option<&[serde_json::Value]>,
+        blend_per_split: Option<&[Option<Vec<serde_json::Value>>]>,
+    ) -> Result<BlendSpec> {
+        let per_split = blend_per_split.filter(|b| b.iter().any(Option::is_some));
+        match (blend, per_split) {
+            (Some(_), Some(_)) => {
+                bail!("dataset.blend and dataset.blend_per_split are mutually exclusive")
+            }
+            (Some(b), None) => Ok(BlendSpec::Blend(parse_blend(b)?)),
+            (None, Some(ps)) => {
+                ensure!(
+                    ps.len() == 3,
+                    "dataset.blend_per_split needs 3 entries (train, valid, test), got {}",
+                    ps.len()
+                );
+                let mut out: [Option<Blend>; 3] = [None, None, None];
+                for (i, b) in ps.iter().enumerate() {
+                    if let Some(b) = b {
+                        out[i] = Some(
+                            parse_blend(b)
+                                .with_context(|| format!("dataset.blend_per_split[{i}]"))?,
+                        );
+                    }
+                }
+                Ok(BlendSpec::PerSplit(out))
+            }
+            (None, None) => Ok(BlendSpec::Mock),
+        }
+    }
+}
+
 /// `helpers.cpp::build_blending_indices`: greedy error-minimising schedule of `size` samples.
 pub fn build_blending_indices(weights: &[f64], size: usize) -> (Vec<i16>, Vec<i64>) {
     let mut cur = vec![0i64; weights.len()];
@@ -352,6 +393,14 @@ mod tests {
         assert_eq!(get_blend_from_list(&s(&["a", "b"])).unwrap().weights, None);
         let j: Vec<serde_json::Value> = serde_json::from_str(r#"[0.3, "a", 0.7, "b"]"#).unwrap();
         assert_eq!(parse_blend(&j).unwrap().weights, Some(vec![0.3, 0.7]));
+        assert_eq!(
+            parse_blend_str("0.3 a 0.7 b").unwrap().prefixes,
+            s(&["a", "b"])
+        );
+        assert_eq!(BlendSpec::from_config(None, None).unwrap(), BlendSpec::Mock);
+        assert!(BlendSpec::from_config(Some(&j), Some(&[Some(j.clone()), None, None])).is_err());
+        let ps = BlendSpec::from_config(None, Some(&[Some(j.clone()), None, None])).unwrap();
+        assert!(matches!(ps, BlendSpec::PerSplit([Some(_), None, None])));
         let bad: Vec<serde_json::Value> = serde_json::from_str(r#"[0.3, "a", 0.7]"#).unwrap();
         assert!(parse_blend(&bad)
             .unwrap_err()

@@ -436,3 +436,39 @@ pub fn encode_index(dtype: DType, lengths: &[i32], doc_indices: &[i64]) -> Vec<u
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_test_vector() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("v");
+        let mut b = IndexedDatasetBuilder::new(bin_path(&prefix), DType::U16).unwrap();
+        for d in [&[10i64, 11, 0][..], &[20, 21, 22, 23, 0], &[30, 0]] {
+            b.add_document(d, &[d.len()]).unwrap();
+        }
+        b.finalize(idx_path(&prefix)).unwrap();
+        let idx = std::fs::read(idx_path(&prefix)).unwrap();
+        assert_eq!(idx.len(), 102);
+        assert_eq!(&idx[..18], b"MMIDIDX\0\0\x01\0\0\0\0\0\0\0\x08");
+        let bin = std::fs::read(bin_path(&prefix)).unwrap();
+        let want: Vec<u8> = [10u16, 11, 0, 20, 21, 22, 23, 0, 30, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(bin, want);
+        let ds = IndexedDataset::open(&prefix).unwrap();
+        assert_eq!((ds.pointer(1), ds.pointer(2)), (6, 16));
+        assert_eq!(ds.get(1, 1, Some(2)), vec![21, 22]);
+        // Sentence-split variant: S=4, D=4, 114 bytes.
+        let idx = encode_index(DType::U16, &[3, 2, 3, 2], &[0, 1, 3, 4]);
+        assert_eq!(idx.len(), 114);
+        assert_eq!(DType::optimal(Some(50257)), DType::U16);
+        assert_eq!(DType::optimal(Some(65500)), DType::I32);
+        // Tokens that do not fit the dtype are refused rather than wrapped.
+        let mut b = IndexedDatasetBuilder::new(dir.path().join("w.bin"), DType::U16).unwrap();
+        assert!(b.add_item(&[70000]).is_err());
+    }
+}

@@ -15,6 +15,6 @@ pub mod split;
 pub mod tokenizer;
 
 pub use blended::{parse_blend, Blend, BlendSpec, BlendedDataset};
-pub use builder::{build_gpt_datasets, PretrainDataset};
+pub use builder::{build_gpt_datasets, train_valid_test_num_samples, PretrainDataset};
 pub use gpt_dataset::{GptDataset, GptDatasetParams, Sample};
 pub use indexed::{DType, IndexedDataset, IndexedDatasetBuilder};
