@@ -52,7 +52,7 @@ fn null_tokenizer_jsonl_matches_builder_layout() {
         let got: Vec<i64> = {
             let docs = text_ds.document_indices();
             (docs[d] as usize..docs[d + 1] as usize)
-                .flat_map(|s| text_ds.get(s, 0, None))
+                .flat_map(|s| text_ds.get(s, 0, None).unwrap())
                 .collect()
         };
         assert_eq!(got, want, "document {d}");
@@ -60,8 +60,8 @@ fn null_tokenizer_jsonl_matches_builder_layout() {
     // A list value is a list of sentences: empty sentences dropped, EOD joins the last one.
     let title = IndexedDataset::open(dir.path().join("out/corpus_title_document")).unwrap();
     assert_eq!(title.len(), 2 * 5000);
-    assert_eq!(title.get(1, 0, None), vec![5, 100]);
-    assert_eq!(title.get(2, 0, None), vec![1]);
+    assert_eq!(title.get(1, 0, None).unwrap(), vec![5, 100]);
+    assert_eq!(title.get(2, 0, None).unwrap(), vec![1]);
     // No temporary files are left.
     let names: Vec<String> = std::fs::read_dir(dir.path().join("out"))
         .unwrap()
@@ -85,7 +85,7 @@ fn hf_tokenizer_plain_text() {
     assert_eq!(ds.num_documents(), 3);
     let mut want = tok.encode("The lazy fox.").unwrap();
     want.push(tok.eod());
-    assert_eq!(ds.get(0, 0, None), want);
+    assert_eq!(ds.get(0, 0, None).unwrap(), want);
     // The empty line is an empty document: a boundary without sequences.
     assert_eq!(ds.document_indices(), vec![0, 1, 1, 2]);
 }
@@ -126,7 +126,7 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
     let r = preprocess(&c, &tok).unwrap();
     assert_eq!((r.documents, r.skipped_lines), (2, 1));
     let ds = IndexedDataset::open(dir.path().join("bad_text_document")).unwrap();
-    assert_eq!(ds.get(1, 0, None), vec![3, 10]);
+    assert_eq!(ds.get(1, 0, None).unwrap(), vec![3, 10]);
     assert!(bin_path(&dir.path().join("bad_text_document")).is_file());
     assert!(idx_path(&dir.path().join("bad_text_document")).is_file());
     // Missing input.

@@ -17,7 +17,7 @@ pub trait LowLevelDataset: Send + Sync + std::fmt::Debug {
     /// Token count of every sequence.
     fn sequence_lengths(&self) -> &[i32];
     /// `length` tokens of sequence `idx` from `offset` (to its end when None).
-    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Vec<i64>;
+    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Result<Vec<i64>>;
     /// True for synthetic data, which is never cached (Megatron caches only real prefixes).
     fn is_mock(&self) -> bool {
         false
@@ -31,7 +31,7 @@ impl LowLevelDataset for IndexedDataset {
     fn sequence_lengths(&self) -> &[i32] {
         IndexedDataset::sequence_lengths(self)
     }
-    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Vec<i64> {
+    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Result<Vec<i64>> {
         IndexedDataset::get(self, idx, offset, length)
     }
 }
@@ -308,7 +308,7 @@ impl GptDataset {
         if b == e {
             text.extend(
                 self.low
-                    .get(doc(b), ob as usize, Some((oe - ob + extra) as usize)),
+                    .get(doc(b), ob as usize, Some((oe - ob + extra) as usize))?,
             );
         } else {
             for i in b..=e {
@@ -318,7 +318,7 @@ impl GptDataset {
                 } else {
                     Some((oe + extra) as usize)
                 };
-                text.extend(self.low.get(doc(i), off, len));
+                text.extend(self.low.get(doc(i), off, len)?);
             }
         }
         let want = self.params.seq_length + extra as usize;

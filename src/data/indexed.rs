@@ -291,21 +291,34 @@ impl IndexedDataset {
     }
 
     /// `get(idx, offset, length)`: tokens of sequence `idx` from `offset`, `length` items
-    /// (to the end when None). Panics on out-of-range requests, which are programming errors:
-    /// indices come from validated sample indices.
-    pub fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Vec<i64> {
-        let len = self.lengths[idx] as usize;
-        let length = length.unwrap_or(len - offset);
-        assert!(offset + length <= len, "read past sequence {idx}");
+    /// (to the end when None). Out-of-range requests and pointers past the `.bin` are errors.
+    pub fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Result<Vec<i64>> {
+        ensure!(
+            idx < self.seq_count,
+            "{}: sequence {idx} out of range ({} sequences)",
+            self.prefix.display(),
+            self.seq_count
+        );
+        let len = self.lengths[idx].max(0) as usize;
+        let length = length.unwrap_or(len.saturating_sub(offset));
+        ensure!(
+            offset + length <= len,
+            "{}: read of {length} tokens at offset {offset} past sequence {idx} ({len} tokens)",
+            self.prefix.display()
+        );
         let isz = self.dtype.itemsize();
         let start = self.pointer(idx) as usize + offset * isz;
-        let Some(bin) = &self.bin else {
-            return Vec::new();
-        };
-        bin[start..start + length * isz]
+        let bin: &[u8] = self.bin.as_deref().unwrap_or(&[]);
+        let bytes = bin.get(start..start + length * isz).with_context(|| {
+            format!(
+                "{}: sequence {idx} points past the end of the .bin (corrupt .idx?)",
+                self.prefix.display()
+            )
+        })?;
+        Ok(bytes
             .chunks_exact(isz)
             .map(|c| self.dtype.decode(c))
-            .collect()
+            .collect())
     }
 }
 
@@ -461,7 +474,9 @@ mod tests {
         assert_eq!(bin, want);
         let ds = IndexedDataset::open(&prefix).unwrap();
         assert_eq!((ds.pointer(1), ds.pointer(2)), (6, 16));
-        assert_eq!(ds.get(1, 1, Some(2)), vec![21, 22]);
+        assert_eq!(ds.get(1, 1, Some(2)).unwrap(), vec![21, 22]);
+        assert!(ds.get(1, 4, Some(2)).is_err());
+        assert!(ds.get(3, 0, None).is_err());
         // Sentence-split variant: S=4, D=4, 114 bytes.
         let idx = encode_index(DType::U16, &[3, 2, 3, 2], &[0, 1, 3, 4]);
         assert_eq!(idx.len(), 114);
