@@ -140,3 +140,23 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
     );
     assert!(msg.contains("nope.jsonl"), "{msg}");
 }
+
+#[test]
+fn output_is_byte_identical_to_megatron_reference() {
+    // Reference written by scripts/fixtures/data_preprocess.py (Megatron's Encoder logic +
+    // megatron-core's IndexedDatasetBuilder) for the same JSONL and tokenizer.
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data");
+    let dir = tempfile::tempdir().unwrap();
+    let tok = HfTokenizer::from_path(fx.join("tok")).unwrap();
+    let prefix = dir.path().join("mine");
+    let mut c = cfg(&fx.join("preprocess_input.jsonl"), &prefix, &["text", "title"]);
+    c.workers = 2;
+    preprocess(&c, &tok).unwrap();
+    for key in ["text", "title"] {
+        for ext in ["bin", "idx"] {
+            let mine = std::fs::read(dir.path().join(format!("mine_{key}_document.{ext}"))).unwrap();
+            let want = std::fs::read(fx.join(format!("preprocess_ref_{key}_document.{ext}"))).unwrap();
+            assert_eq!(mine, want, "{key} .{ext}");
+        }
+    }
+}
