@@ -126,7 +126,7 @@ impl Tokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self
             .inner
-            .encode(text, self.add_special_tokens)
+            .encode_fast(text, self.add_special_tokens)
             .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
@@ -190,7 +190,7 @@ impl Tokenizer for Gpt2BpeTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode_fast(text, false)
             .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
