@@ -149,13 +149,19 @@ fn output_is_byte_identical_to_megatron_reference() {
     let dir = tempfile::tempdir().unwrap();
     let tok = HfTokenizer::from_path(fx.join("tok")).unwrap();
     let prefix = dir.path().join("mine");
-    let mut c = cfg(&fx.join("preprocess_input.jsonl"), &prefix, &["text", "title"]);
+    let mut c = cfg(
+        &fx.join("preprocess_input.jsonl"),
+        &prefix,
+        &["text", "title"],
+    );
     c.workers = 2;
     preprocess(&c, &tok).unwrap();
     for key in ["text", "title"] {
         for ext in ["bin", "idx"] {
-            let mine = std::fs::read(dir.path().join(format!("mine_{key}_document.{ext}"))).unwrap();
-            let want = std::fs::read(fx.join(format!("preprocess_ref_{key}_document.{ext}"))).unwrap();
+            let mine =
+                std::fs::read(dir.path().join(format!("mine_{key}_document.{ext}"))).unwrap();
+            let want =
+                std::fs::read(fx.join(format!("preprocess_ref_{key}_document.{ext}"))).unwrap();
             assert_eq!(mine, want, "{key} .{ext}");
         }
     }

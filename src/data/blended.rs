@@ -2,7 +2,7 @@
 //! (gpt-dataset.md §1, §9).
 use anyhow::{bail, ensure, Context, Result};
 
-use super::cache::{describe, npy_bytes, CacheEntry, NpyDtype};
+use super::cache::{describe, npy_bytes, CacheEntry, IndexVec};
 use super::gpt_dataset::{GptDataset, Sample};
 use super::split::normalize;
 
@@ -265,9 +265,13 @@ impl BlendedDataset {
         let entry = cache_dir.map(|d| CacheEntry::new(d, "BlendedDataset", split.name(), desc));
         let names = ["dataset_index", "dataset_sample_index"];
         let cached = entry.as_ref().filter(|e| e.is_valid(&names)).and_then(|e| {
-            let (a, _) = e.load("dataset_index").ok()?;
-            let (b, _) = e.load("dataset_sample_index").ok()?;
-            (a.len() == b.len()).then(|| (a.into_iter().map(|x| x as i16).collect::<Vec<_>>(), b))
+            let (IndexVec::I16(a), _) = e.load("dataset_index").ok()? else {
+                return None;
+            };
+            let (IndexVec::I64(b), _) = e.load("dataset_sample_index").ok()? else {
+                return None;
+            };
+            (a.len() == b.len()).then_some((a, b))
         });
         let (dataset_index, dataset_sample_index) = match cached {
             Some(c) => c,
@@ -280,16 +284,18 @@ impl BlendedDataset {
                     }
                 };
                 if let Some(e) = &entry {
-                    let a: Vec<i64> = built.0.iter().map(|&x| x as i64).collect();
+                    let (a, b) = (IndexVec::I16(built.0), IndexVec::I64(built.1));
                     e.store(&[
-                        ("dataset_index", npy_bytes(&a, &[a.len()], NpyDtype::I16)),
-                        (
-                            "dataset_sample_index",
-                            npy_bytes(&built.1, &[built.1.len()], NpyDtype::I64),
-                        ),
+                        ("dataset_index", npy_bytes(&a, &[a.len()])),
+                        ("dataset_sample_index", npy_bytes(&b, &[b.len()])),
                     ])?;
+                    match (a, b) {
+                        (IndexVec::I16(a), IndexVec::I64(b)) => (a, b),
+                        _ => unreachable!("constructed just above"),
+                    }
+                } else {
+                    built
                 }
-                built
             }
         };
         // Every child must hold the samples the schedule asks of it.

@@ -41,9 +41,79 @@ impl NpyDtype {
     }
 }
 
+/// A typed index array as stored in a `.npy` cache (kept in its narrow dtype to save memory).
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexVec {
+    /// `<i2`
+    I16(Vec<i16>),
+    /// `<i4`
+    I32(Vec<i32>),
+    /// `<u4`
+    U32(Vec<u32>),
+    /// `<i8`
+    I64(Vec<i64>),
+}
+
+impl IndexVec {
+    /// An empty array of `dtype` with room for `cap` items.
+    pub fn with_capacity(dtype: NpyDtype, cap: usize) -> Self {
+        match dtype {
+            NpyDtype::I16 => IndexVec::I16(Vec::with_capacity(cap)),
+            NpyDtype::I32 => IndexVec::I32(Vec::with_capacity(cap)),
+            NpyDtype::U32 => IndexVec::U32(Vec::with_capacity(cap)),
+            NpyDtype::I64 => IndexVec::I64(Vec::with_capacity(cap)),
+        }
+    }
+    /// Append (the caller picked a dtype wide enough, as megatron-core does).
+    pub fn push(&mut self, v: i64) {
+        match self {
+            IndexVec::I16(x) => x.push(v as i16),
+            IndexVec::I32(x) => x.push(v as i32),
+            IndexVec::U32(x) => x.push(v as u32),
+            IndexVec::I64(x) => x.push(v),
+        }
+    }
+    /// Element `i` widened to i64.
+    pub fn get(&self, i: usize) -> i64 {
+        match self {
+            IndexVec::I16(x) => x[i] as i64,
+            IndexVec::I32(x) => x[i] as i64,
+            IndexVec::U32(x) => x[i] as i64,
+            IndexVec::I64(x) => x[i],
+        }
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            IndexVec::I16(x) => x.len(),
+            IndexVec::I32(x) => x.len(),
+            IndexVec::U32(x) => x.len(),
+            IndexVec::I64(x) => x.len(),
+        }
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// All elements widened to i64.
+    pub fn to_i64(&self) -> Vec<i64> {
+        (0..self.len()).map(|i| self.get(i)).collect()
+    }
+    /// The element dtype.
+    pub fn dtype(&self) -> NpyDtype {
+        match self {
+            IndexVec::I16(_) => NpyDtype::I16,
+            IndexVec::I32(_) => NpyDtype::I32,
+            IndexVec::U32(_) => NpyDtype::U32,
+            IndexVec::I64(_) => NpyDtype::I64,
+        }
+    }
+}
+
 /// Serialize a C-order array of `shape` as `.npy` v1.0 bytes (same header text and 64-byte
 /// alignment as `numpy.save`).
-pub fn npy_bytes(values: &[i64], shape: &[usize], dtype: NpyDtype) -> Vec<u8> {
+pub fn npy_bytes(values: &IndexVec, shape: &[usize]) -> Vec<u8> {
+    let dtype = values.dtype();
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
         _ => format!(
@@ -67,19 +137,25 @@ pub fn npy_bytes(values: &[i64], shape: &[usize], dtype: NpyDtype) -> Vec<u8> {
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for &v in values {
-        match dtype {
-            NpyDtype::I16 => out.extend_from_slice(&(v as i16).to_le_bytes()),
-            NpyDtype::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
-            NpyDtype::U32 => out.extend_from_slice(&(v as u32).to_le_bytes()),
-            NpyDtype::I64 => out.extend_from_slice(&v.to_le_bytes()),
-        }
+    match values {
+        IndexVec::I16(x) => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::I32(x) => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::U32(x) => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::I64(x) => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
     }
     out
 }
 
-/// Read a `.npy` file of one of [`NpyDtype`]; returns values as i64 and the shape.
-pub fn read_npy(path: &Path) -> Result<(Vec<i64>, Vec<usize>)> {
+/// Read a `.npy` file of one of [`NpyDtype`]; returns the typed values and the shape.
+pub fn read_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
     let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     ensure!(
         b.len() >= 10 && &b[..6] == b"\x93NUMPY",
@@ -133,15 +209,26 @@ pub fn read_npy(path: &Path) -> Result<(Vec<i64>, Vec<usize>)> {
         data.len(),
         count * dtype.size()
     );
-    let vals = data
-        .chunks_exact(dtype.size())
-        .map(|c| match dtype {
-            NpyDtype::I16 => i16::from_le_bytes([c[0], c[1]]) as i64,
-            NpyDtype::I32 => i32::from_le_bytes(c.try_into().unwrap()) as i64,
-            NpyDtype::U32 => u32::from_le_bytes(c.try_into().unwrap()) as i64,
-            NpyDtype::I64 => i64::from_le_bytes(c.try_into().unwrap()),
-        })
-        .collect();
+    let sz = dtype.size();
+    let chunks = data.chunks_exact(sz);
+    let vals = match dtype {
+        NpyDtype::I16 => IndexVec::I16(chunks.map(|c| i16::from_le_bytes([c[0], c[1]])).collect()),
+        NpyDtype::I32 => IndexVec::I32(
+            chunks
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        NpyDtype::U32 => IndexVec::U32(
+            chunks
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        NpyDtype::I64 => IndexVec::I64(
+            chunks
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+    };
     Ok((vals, shape))
 }
 
@@ -218,7 +305,7 @@ impl CacheEntry {
     }
 
     /// Load one array of the entry.
-    pub fn load(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+    pub fn load(&self, name: &str) -> Result<(IndexVec, Vec<usize>)> {
         read_npy(&self.path(&format!("{name}.npy")))
     }
 }
@@ -229,7 +316,8 @@ mod tests {
 
     #[test]
     fn npy_roundtrip_and_header() {
-        let b = npy_bytes(&[1, 2, 3, 4, 5, 6], &[3, 2], NpyDtype::I32);
+        let v = IndexVec::I32(vec![1, 2, 3, 4, 5, 6]);
+        let b = npy_bytes(&v, &[3, 2]);
         assert_eq!((b.len() - 24) % 64, 0);
         assert!(std::str::from_utf8(&b[10..74])
             .unwrap()
@@ -237,7 +325,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.npy");
         write_atomic(&p, &b).unwrap();
-        assert_eq!(read_npy(&p).unwrap(), (vec![1, 2, 3, 4, 5, 6], vec![3, 2]));
+        assert_eq!(read_npy(&p).unwrap(), (v, vec![3, 2]));
         assert_eq!(md5_hex(""), "d41d8cd98f00b204e9800998ecf8427e");
     }
 }

@@ -241,14 +241,14 @@ impl GptDataset {
                     )
                 })?;
                 if let Some(e) = &entry {
-                    store_cached(e, &ix, sizes)?;
+                    store_cached(e, &ix)?;
                 }
                 ix
             }
         };
         if let Some(n) = num_samples {
             ensure!(
-                n <= indices.shuffle_index.len(),
+                n <= indices.num_samples(),
                 "cached index holds fewer samples than {n}"
             );
         }
@@ -264,7 +264,7 @@ impl GptDataset {
 
     /// Number of samples (all epochs built, ≥ the requested count).
     pub fn len(&self) -> usize {
-        self.indices.shuffle_index.len()
+        self.indices.num_samples()
     }
     /// True when no sample was built.
     pub fn is_empty(&self) -> bool {
@@ -299,9 +299,9 @@ impl GptDataset {
             self.len()
         );
         let ix = &self.indices;
-        let j = ix.shuffle_index[idx] as usize;
-        let [b, ob] = ix.sample_index[j];
-        let [e, oe] = ix.sample_index[j + 1];
+        let j = ix.shuffled(idx);
+        let [b, ob] = ix.sample(j);
+        let [e, oe] = ix.sample(j + 1);
         let extra = self.params.add_extra_token_to_sequence as i64;
         let doc = |p: i64| ix.document_index[p as usize] as usize;
         let mut text = Vec::with_capacity(self.params.seq_length + 1);
