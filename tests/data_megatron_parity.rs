@@ -231,6 +231,10 @@ fn gpt_and_blended_datasets_match_megatron() {
                 prefixes: vec![prefix("corpus_a"), prefix("corpus_b")],
                 weights: None,
             },
+            "no_extra" => Blend {
+                prefixes: vec![prefix("corpus_a")],
+                weights: None,
+            },
             "per_split" => Blend {
                 prefixes: vec![],
                 weights: None,
@@ -252,7 +256,10 @@ fn gpt_and_blended_datasets_match_megatron() {
         };
         let cache = tempfile::tempdir().unwrap();
         let mut p = params(seed, case["split"].as_str(), cache.path());
-        if name == "valid_keep_partial" {
+        if name == "no_extra" {
+            p.add_extra_token_to_sequence = false;
+        }
+        if name == "valid_keep_partial" || name == "no_extra" {
             p.drop_last_partial_validation_sequence = false;
             p.pad_id = case["pad"].as_i64().unwrap();
         }
@@ -288,6 +295,7 @@ fn sample_tensors_match_megatron_getitem() {
         p.reset_position_ids = it["rp"].as_bool().unwrap();
         p.eod_mask_loss = it["em"].as_bool().unwrap();
         p.pad_id = it["pad"].as_i64().unwrap_or(-1);
+        p.add_extra_token_to_sequence = it["extra"].as_bool().unwrap();
         let blend = BlendSpec::Blend(Blend {
             prefixes: vec![prefix("corpus_a")],
             weights: None,
