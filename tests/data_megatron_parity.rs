@@ -175,7 +175,7 @@ fn check_split(got: &PretrainDataset, want: &Value, what: &str) {
         PretrainDataset::Gpt(d) => {
             let ix = d.indices();
             if let Some(di) = want.get("document_index") {
-                let doc: Vec<i64> = ix.document_index.iter().map(|&x| x as i64).collect();
+                let doc: Vec<i64> = ix.document_index.to_i64();
                 assert_eq!(doc, ints(di), "{what} document_index");
                 assert_eq!(
                     ix.shuffle_index.to_i64(),

@@ -6,9 +6,11 @@
 //! cache written by another configuration is rebuilt, never silently reused.
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use md5::{Digest, Md5};
+use memmap2::Mmap;
 
 /// Element types the index caches use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +43,38 @@ impl NpyDtype {
     }
 }
 
-/// A typed index array as stored in a `.npy` cache (kept in its narrow dtype to save memory).
-#[derive(Debug, Clone, PartialEq)]
+/// A read-only `.npy` payload inside a memory map (shared page cache across ranks, as
+/// megatron-core's `numpy.load(mmap_mode="r")`).
+#[derive(Clone)]
+pub struct MappedArray {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+    dtype: NpyDtype,
+}
+
+impl std::fmt::Debug for MappedArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedArray({:?} x {})", self.dtype, self.len)
+    }
+}
+
+impl MappedArray {
+    fn get(&self, i: usize) -> i64 {
+        let sz = self.dtype.size();
+        let b = &self.map[self.start + i * sz..self.start + (i + 1) * sz];
+        match self.dtype {
+            NpyDtype::I16 => i16::from_le_bytes([b[0], b[1]]) as i64,
+            NpyDtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as i64,
+            NpyDtype::U32 => u32::from_le_bytes(b.try_into().unwrap()) as i64,
+            NpyDtype::I64 => i64::from_le_bytes(b.try_into().unwrap()),
+        }
+    }
+}
+
+/// A typed index array as stored in a `.npy` cache: owned in its narrow dtype while being
+/// built, memory-mapped once it is cached.
+#[derive(Debug, Clone)]
 pub enum IndexVec {
     /// `<i2`
     I16(Vec<i16>),
@@ -52,6 +84,15 @@ pub enum IndexVec {
     U32(Vec<u32>),
     /// `<i8`
     I64(Vec<i64>),
+    /// A memory-mapped cache array.
+    Mapped(MappedArray),
+}
+
+impl PartialEq for IndexVec {
+    /// Equal when the values are equal, whatever the storage.
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && (0..self.len()).all(|i| self.get(i) == other.get(i))
+    }
 }
 
 impl IndexVec {
@@ -71,6 +112,8 @@ impl IndexVec {
             IndexVec::I32(x) => x.push(v as i32),
             IndexVec::U32(x) => x.push(v as u32),
             IndexVec::I64(x) => x.push(v),
+            // Only freshly built (owned) arrays are appended to.
+            IndexVec::Mapped(_) => unreachable!("push on a memory-mapped cache array"),
         }
     }
     /// Element `i` widened to i64.
@@ -80,6 +123,7 @@ impl IndexVec {
             IndexVec::I32(x) => x[i] as i64,
             IndexVec::U32(x) => x[i] as i64,
             IndexVec::I64(x) => x[i],
+            IndexVec::Mapped(m) => m.get(i),
         }
     }
     /// Number of elements.
@@ -89,6 +133,7 @@ impl IndexVec {
             IndexVec::I32(x) => x.len(),
             IndexVec::U32(x) => x.len(),
             IndexVec::I64(x) => x.len(),
+            IndexVec::Mapped(m) => m.len,
         }
     }
     /// True when empty.
@@ -106,6 +151,7 @@ impl IndexVec {
             IndexVec::I32(_) => NpyDtype::I32,
             IndexVec::U32(_) => NpyDtype::U32,
             IndexVec::I64(_) => NpyDtype::I64,
+            IndexVec::Mapped(m) => m.dtype,
         }
     }
 }
@@ -150,13 +196,15 @@ pub fn npy_bytes(values: &IndexVec, shape: &[usize]) -> Vec<u8> {
         IndexVec::I64(x) => x
             .iter()
             .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::Mapped(m) => {
+            out.extend_from_slice(&m.map[m.start..m.start + m.len * dtype.size()]);
+        }
     }
     out
 }
 
-/// Read a `.npy` file of one of [`NpyDtype`]; returns the typed values and the shape.
-pub fn read_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
-    let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+/// Parse a `.npy` header: dtype, shape and the byte offset of the data (checked for size).
+fn parse_npy(b: &[u8], path: &Path) -> Result<(NpyDtype, Vec<usize>, usize)> {
     ensure!(
         b.len() >= 10 && &b[..6] == b"\x93NUMPY",
         "{} is not a .npy file",
@@ -201,16 +249,21 @@ pub fn read_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
         .collect::<std::result::Result<_, _>>()
         .with_context(|| format!("{}: bad shape {shape_txt}", path.display()))?;
     let count: usize = shape.iter().product();
-    let data = &b[hstart + hlen..];
+    let data = b.len() - hstart - hlen;
     ensure!(
-        data.len() == count * dtype.size(),
-        "{}: {} data bytes, shape {shape:?} needs {}",
+        data == count * dtype.size(),
+        "{}: {data} data bytes, shape {shape:?} needs {}",
         path.display(),
-        data.len(),
         count * dtype.size()
     );
-    let sz = dtype.size();
-    let chunks = data.chunks_exact(sz);
+    Ok((dtype, shape, hstart + hlen))
+}
+
+/// Read a `.npy` file of one of [`NpyDtype`] into memory; returns values and shape.
+pub fn read_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
+    let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (dtype, shape, off) = parse_npy(&b, path)?;
+    let chunks = b[off..].chunks_exact(dtype.size());
     let vals = match dtype {
         NpyDtype::I16 => IndexVec::I16(chunks.map(|c| i16::from_le_bytes([c[0], c[1]])).collect()),
         NpyDtype::I32 => IndexVec::I32(
@@ -230,6 +283,26 @@ pub fn read_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
         ),
     };
     Ok((vals, shape))
+}
+
+/// Memory-map a `.npy` file (values are decoded on access).
+pub fn map_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: cache files are written once under a temporary name and renamed into place,
+    // never modified afterwards, so the mapping stays valid.
+    let map =
+        unsafe { Mmap::map(&f) }.with_context(|| format!("cannot mmap {}", path.display()))?;
+    let (dtype, shape, start) = parse_npy(&map, path)?;
+    let len = shape.iter().product();
+    Ok((
+        IndexVec::Mapped(MappedArray {
+            map: Arc::new(map),
+            start,
+            len,
+            dtype,
+        }),
+        shape,
+    ))
 }
 
 /// Write `bytes` to `path` through a temporary name and a rename, so readers never see a
@@ -308,6 +381,11 @@ impl CacheEntry {
     pub fn load(&self, name: &str) -> Result<(IndexVec, Vec<usize>)> {
         read_npy(&self.path(&format!("{name}.npy")))
     }
+
+    /// Memory-map one array of the entry.
+    pub fn load_mapped(&self, name: &str) -> Result<(IndexVec, Vec<usize>)> {
+        map_npy(&self.path(&format!("{name}.npy")))
+    }
 }
 
 #[cfg(test)]
@@ -325,7 +403,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.npy");
         write_atomic(&p, &b).unwrap();
-        assert_eq!(read_npy(&p).unwrap(), (v, vec![3, 2]));
+        assert_eq!(read_npy(&p).unwrap(), (v.clone(), vec![3, 2]));
+        let (m, shape) = map_npy(&p).unwrap();
+        assert!(matches!(m, IndexVec::Mapped(_)));
+        assert_eq!((m.to_i64(), shape), (vec![1, 2, 3, 4, 5, 6], vec![3, 2]));
+        assert_eq!(npy_bytes(&m, &[3, 2]), b);
+        std::fs::write(&p, &b[..b.len() - 1]).unwrap();
+        assert!(map_npy(&p).is_err());
         assert_eq!(md5_hex(""), "d41d8cd98f00b204e9800998ecf8427e");
     }
 }

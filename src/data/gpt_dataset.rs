@@ -240,10 +240,14 @@ impl GptDataset {
                         split.name()
                     )
                 })?;
-                if let Some(e) = &entry {
-                    store_cached(e, &ix)?;
+                match &entry {
+                    Some(e) => {
+                        store_cached(e, &ix)?;
+                        // Serve from the mapped cache, as later runs do, freeing the heap copy.
+                        load_cached(e, sizes).unwrap_or(ix)
+                    }
+                    None => ix,
                 }
-                ix
             }
         };
         if let Some(n) = num_samples {
@@ -303,7 +307,7 @@ impl GptDataset {
         let [b, ob] = ix.sample(j);
         let [e, oe] = ix.sample(j + 1);
         let extra = self.params.add_extra_token_to_sequence as i64;
-        let doc = |p: i64| ix.document_index[p as usize] as usize;
+        let doc = |p: i64| ix.document_index.get(p as usize) as usize;
         let mut text = Vec::with_capacity(self.params.seq_length + 1);
         if b == e {
             text.extend(

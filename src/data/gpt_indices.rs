@@ -9,8 +9,8 @@ use super::numpy_rng::RandomState;
 /// sample index and uint32 shuffle index unless the data is too large) to halve memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GptIndices {
-    /// Document (sequence) ids in epoch order.
-    pub document_index: Vec<i32>,
+    /// Document (sequence) ids in epoch order (int32).
+    pub document_index: IndexVec,
     /// `[m+1, 2]` row-major pairs (position in document_index, token offset).
     pub sample_index: IndexVec,
     /// Permutation of `0..m`.
@@ -127,7 +127,7 @@ pub fn build_indices(
         ensure!(n as i64 <= m, "built {m} samples but {n} were requested");
     }
     Ok(GptIndices {
-        document_index,
+        document_index: IndexVec::I32(document_index),
         sample_index,
         shuffle_index,
     })
@@ -181,9 +181,11 @@ fn build_sample_idx(
 
 /// Write the three arrays of a GPTDataset cache entry (dtypes as megatron-core picks them).
 pub(crate) fn store_cached(e: &CacheEntry, ix: &GptIndices) -> Result<()> {
-    let doc = IndexVec::I32(ix.document_index.clone());
     e.store(&[
-        ("document_index", npy_bytes(&doc, &[doc.len()])),
+        (
+            "document_index",
+            npy_bytes(&ix.document_index, &[ix.document_index.len()]),
+        ),
         (
             "sample_index",
             npy_bytes(&ix.sample_index, &[ix.sample_index.len() / 2, 2]),
@@ -195,22 +197,25 @@ pub(crate) fn store_cached(e: &CacheEntry, ix: &GptIndices) -> Result<()> {
     ])
 }
 
-/// Load and sanity-check a cached entry; any inconsistency is an error (the caller rebuilds).
+/// Memory-map and sanity-check a cached entry; any inconsistency is an error (the caller
+/// rebuilds). The checks are linear scans, cheap next to one epoch of training.
 pub(crate) fn load_cached(e: &CacheEntry, sizes: &[i32]) -> Result<GptIndices> {
-    let (doc, _) = e.load("document_index")?;
-    let (sample_index, shape) = e.load("sample_index")?;
-    let (shuffle_index, _) = e.load("shuffle_index")?;
+    let (document_index, _) = e.load_mapped("document_index")?;
+    let (sample_index, shape) = e.load_mapped("sample_index")?;
+    let (shuffle_index, _) = e.load_mapped("shuffle_index")?;
     ensure!(
         shape.len() == 2 && shape[1] == 2 && shape[0] >= 1,
         "sample_index has shape {shape:?}"
     );
-    let IndexVec::I32(document_index) = doc else {
-        bail!("document_index is not int32");
-    };
-    if document_index
-        .iter()
-        .any(|&d| d < 0 || d as usize >= sizes.len())
-    {
+    ensure!(
+        document_index.dtype() == NpyDtype::I32,
+        "document_index is not int32"
+    );
+    let n_docs = document_index.len();
+    if (0..n_docs).any(|k| {
+        let d = document_index.get(k);
+        d < 0 || d as usize >= sizes.len()
+    }) {
         bail!("document_index refers to missing sequences");
     }
     let ix = GptIndices {
@@ -221,15 +226,13 @@ pub(crate) fn load_cached(e: &CacheEntry, sizes: &[i32]) -> Result<GptIndices> {
     let rows = shape[0];
     if (0..rows).any(|j| {
         let [d, o] = ix.sample(j);
-        d < 0 || d as usize >= ix.document_index.len().max(1) || o < 0
+        d < 0 || d as usize >= n_docs.max(1) || o < 0
     }) {
         bail!("sample_index out of range");
     }
     let m = rows as i64 - 1;
-    if ix.shuffle_index.len() as i64 != m
-        || (0..ix.shuffle_index.len())
-            .any(|k| ix.shuffle_index.get(k) >= m || ix.shuffle_index.get(k) < 0)
-    {
+    let sh = &ix.shuffle_index;
+    if sh.len() as i64 != m || (0..sh.len()).any(|k| sh.get(k) < 0 || sh.get(k) >= m) {
         bail!("shuffle_index inconsistent with sample_index");
     }
     Ok(ix)
@@ -243,7 +246,10 @@ mod tests {
     fn spec_worked_example() {
         let sizes = [5, 3, 7, 4, 6];
         let ix = build_indices(&sizes, &[0, 1, 2, 3, 4], 4, Some(8), true, true, 1234).unwrap();
-        assert_eq!(ix.document_index, vec![4, 0, 1, 2, 3, 3, 2, 1, 0, 4]);
+        assert_eq!(
+            ix.document_index,
+            IndexVec::I32(vec![4, 0, 1, 2, 3, 3, 2, 1, 0, 4])
+        );
         let want: Vec<[i64; 2]> = vec![
             [0, 0],
             [0, 4],
