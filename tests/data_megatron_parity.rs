@@ -191,10 +191,10 @@ fn check_split(got: &PretrainDataset, want: &Value, what: &str) {
         }
         PretrainDataset::Blended(b) => {
             let (di, dsi) = b.blending_indices();
-            let di: Vec<i64> = di.iter().map(|&x| x as i64).collect();
+            let di: Vec<i64> = di.to_i64();
             assert_eq!(di, ints(&want["dataset_index"]), "{what} dataset_index");
             assert_eq!(
-                dsi.to_vec(),
+                dsi.to_i64(),
                 ints(&want["dataset_sample_index"]),
                 "{what} dataset_sample_index"
             );

@@ -2,7 +2,7 @@
 //! (gpt-dataset.md §1, §9).
 use anyhow::{bail, ensure, Context, Result};
 
-use super::cache::{describe, npy_bytes, CacheEntry, IndexVec};
+use super::cache::{describe, npy_bytes, CacheEntry, IndexVec, NpyDtype};
 use super::gpt_dataset::{GptDataset, Sample};
 use super::split::normalize;
 
@@ -212,8 +212,8 @@ pub fn build_exhaustive_blending_indices(lengths: &[usize]) -> (Vec<i16>, Vec<i6
 pub struct BlendedDataset {
     datasets: Vec<GptDataset>,
     weights: Vec<f64>,
-    dataset_index: Vec<i16>,
-    dataset_sample_index: Vec<i64>,
+    dataset_index: IndexVec,
+    dataset_sample_index: IndexVec,
 }
 
 impl BlendedDataset {
@@ -264,15 +264,13 @@ impl BlendedDataset {
         }));
         let entry = cache_dir.map(|d| CacheEntry::new(d, "BlendedDataset", split.name(), desc));
         let names = ["dataset_index", "dataset_sample_index"];
-        let cached = entry.as_ref().filter(|e| e.is_valid(&names)).and_then(|e| {
-            let (IndexVec::I16(a), _) = e.load("dataset_index").ok()? else {
-                return None;
-            };
-            let (IndexVec::I64(b), _) = e.load("dataset_sample_index").ok()? else {
-                return None;
-            };
-            (a.len() == b.len()).then_some((a, b))
-        });
+        let load = |e: &CacheEntry| -> Option<(IndexVec, IndexVec)> {
+            let (a, _) = e.load_mapped("dataset_index").ok()?;
+            let (b, _) = e.load_mapped("dataset_sample_index").ok()?;
+            let ok = a.dtype() == NpyDtype::I16 && b.dtype() == NpyDtype::I64 && a.len() == b.len();
+            ok.then_some((a, b))
+        };
+        let cached = entry.as_ref().filter(|e| e.is_valid(&names)).and_then(load);
         let (dataset_index, dataset_sample_index) = match cached {
             Some(c) => c,
             None => {
@@ -283,27 +281,30 @@ impl BlendedDataset {
                         build_exhaustive_blending_indices(&lens)
                     }
                 };
-                if let Some(e) = &entry {
-                    let (a, b) = (IndexVec::I16(built.0), IndexVec::I64(built.1));
-                    e.store(&[
-                        ("dataset_index", npy_bytes(&a, &[a.len()])),
-                        ("dataset_sample_index", npy_bytes(&b, &[b.len()])),
-                    ])?;
-                    match (a, b) {
-                        (IndexVec::I16(a), IndexVec::I64(b)) => (a, b),
-                        _ => unreachable!("constructed just above"),
+                let (a, b) = (IndexVec::I16(built.0), IndexVec::I64(built.1));
+                match &entry {
+                    Some(e) => {
+                        e.store(&[
+                            ("dataset_index", npy_bytes(&a, &[a.len()])),
+                            ("dataset_sample_index", npy_bytes(&b, &[b.len()])),
+                        ])?;
+                        // Serve from the mapped cache, freeing the heap copy.
+                        load(e).unwrap_or((a, b))
                     }
-                } else {
-                    built
+                    None => (a, b),
                 }
             }
         };
-        // Every child must hold the samples the schedule asks of it.
+        // Every child must hold the samples the schedule asks of it (a damaged cache fails
+        // here too, naming the dataset).
         let mut need = vec![0i64; datasets.len()];
-        for (&d, &s) in dataset_index.iter().zip(&dataset_sample_index) {
-            let d = d as usize;
-            ensure!(d < datasets.len(), "blend index refers to dataset {d}");
-            need[d] = need[d].max(s + 1);
+        for k in 0..dataset_index.len() {
+            let (d, s) = (dataset_index.get(k), dataset_sample_index.get(k));
+            ensure!(
+                d >= 0 && (d as usize) < datasets.len(),
+                "blend index refers to dataset {d}"
+            );
+            need[d as usize] = need[d as usize].max(s + 1);
         }
         for (d, ds) in datasets.iter().enumerate() {
             ensure!(
@@ -339,8 +340,8 @@ impl BlendedDataset {
     pub fn datasets(&self) -> &[GptDataset] {
         &self.datasets
     }
-    /// `(dataset_index, dataset_sample_index)` arrays.
-    pub fn blending_indices(&self) -> (&[i16], &[i64]) {
+    /// `(dataset_index, dataset_sample_index)` arrays (int16, int64).
+    pub fn blending_indices(&self) -> (&IndexVec, &IndexVec) {
         (&self.dataset_index, &self.dataset_sample_index)
     }
     /// Which child and which of its samples serve blended sample `idx`.
@@ -351,8 +352,8 @@ impl BlendedDataset {
             self.len()
         );
         Ok((
-            self.dataset_index[idx] as usize,
-            self.dataset_sample_index[idx] as usize,
+            self.dataset_index.get(idx) as usize,
+            self.dataset_sample_index.get(idx) as usize,
         ))
     }
     /// Sample `idx` and the id of the dataset it came from.
