@@ -166,3 +166,46 @@ fn output_is_byte_identical_to_megatron_reference() {
         }
     }
 }
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: mbridge::cli::preprocess_data::PreprocessDataArgs,
+}
+
+#[test]
+fn megatron_flag_names_parse_and_run() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"text\": \"1 2 3\", \"title\": \"4\"}\n").unwrap();
+    let prefix = dir.path().join("cli");
+    let argv = |extra: &[&str]| {
+        let mut v = vec![
+            "mbridge",
+            "--input",
+            input.to_str().unwrap(),
+            "--json-keys",
+            "text",
+            "title",
+        ];
+        v.extend(["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]);
+        v.extend([
+            "--output-prefix",
+            prefix.to_str().unwrap(),
+            "--append-eod",
+            "--workers",
+            "2",
+        ]);
+        v.extend(["--log-interval", "1"]);
+        v.extend_from_slice(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let cli = Cli::try_parse_from(argv(&[])).unwrap();
+    mbridge::cli::preprocess_data::run(cli.args).unwrap();
+    let ds = IndexedDataset::open(dir.path().join("cli_title_document")).unwrap();
+    assert_eq!(ds.get(0, 0, None).unwrap(), vec![4, 100]);
+    let cli = Cli::try_parse_from(argv(&["--split-sentences"])).unwrap();
+    let e = mbridge::cli::preprocess_data::run(cli.args).unwrap_err();
+    assert!(e.to_string().contains("--split-sentences"), "{e}");
+}
