@@ -7,9 +7,7 @@ use mbridge::data::{
 };
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/data")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data").join(name)
 }
 
 /// Copy corpus_a into `dir` as `name`, letting `edit` change the .idx bytes.
@@ -67,10 +65,7 @@ fn params(cache: &Path) -> GptDatasetParams {
 }
 
 fn single(p: &Path) -> BlendSpec {
-    BlendSpec::Blend(Blend {
-        prefixes: vec![p.display().to_string()],
-        weights: None,
-    })
+    BlendSpec::Blend(Blend { prefixes: vec![p.display().to_string()], weights: None })
 }
 
 #[test]
@@ -79,10 +74,7 @@ fn bad_split_blend_and_vocab() {
     let a = fixture("corpus_a");
     let mut p = params(cache.path());
     p.split = Some("1,2,3,4".into());
-    let e = format!(
-        "{:#}",
-        build_gpt_datasets(&p, &single(&a), [Some(10); 3]).unwrap_err()
-    );
+    let e = format!("{:#}", build_gpt_datasets(&p, &single(&a), [Some(10); 3]).unwrap_err());
     assert!(e.contains("at most 3"), "{e}");
     p.split = Some("999,1,0".into());
     // 80 sequences: valid gets round(0.999*80)=80..80, empty but 10 samples are needed.
@@ -101,15 +93,9 @@ fn bad_split_blend_and_vocab() {
         prefixes: vec![a.display().to_string(), "x".into()],
         weights: Some(vec![1.0, 1.0]),
     });
-    let e = format!(
-        "{:#}",
-        build_gpt_datasets(&p, &weighted, [Some(10); 3]).unwrap_err()
-    );
+    let e = format!("{:#}", build_gpt_datasets(&p, &weighted, [Some(10); 3]).unwrap_err());
     assert!(e.contains("\"x\"") && e.contains("x.idx"), "{e}");
-    let e = format!(
-        "{:#}",
-        build_gpt_datasets(&p, &weighted, [None; 3]).unwrap_err()
-    );
+    let e = format!("{:#}", build_gpt_datasets(&p, &weighted, [None; 3]).unwrap_err());
     assert!(e.contains("sample count"), "{e}");
     // corpus_b holds ids up to 70000: a 1000-word vocabulary is a mismatch.
     let mut p = params(cache.path());
@@ -140,9 +126,7 @@ fn cache_is_reused_only_for_the_same_config() {
     };
     let n = files().len();
     assert_eq!(n, 12, "{:?}", files());
-    assert!(files()
-        .iter()
-        .any(|f| f.ends_with("-GPTDataset-train-shuffle_index.npy")));
+    assert!(files().iter().any(|f| f.ends_with("-GPTDataset-train-shuffle_index.npy")));
     // Same config: no new files, same samples.
     let again = build_gpt_datasets(&p, &single(&a), [Some(50), Some(5), Some(5)]).unwrap();
     assert_eq!(files().len(), n);
@@ -156,16 +140,11 @@ fn cache_is_reused_only_for_the_same_config() {
     let other = build_gpt_datasets(&p2, &single(&a), [Some(50), Some(5), Some(5)]).unwrap();
     assert_eq!(files().len(), 2 * n);
     let t = |d: &[Option<mbridge::data::PretrainDataset>; 3]| {
-        (0..20)
-            .map(|i| d[0].as_ref().unwrap().text(i).unwrap())
-            .collect::<Vec<_>>()
+        (0..20).map(|i| d[0].as_ref().unwrap().text(i).unwrap()).collect::<Vec<_>>()
     };
     assert_ne!(t(&first), t(&other));
     // A corrupted cache array is detected and rebuilt, not trusted.
-    let shuffle = files()
-        .into_iter()
-        .find(|f| f.ends_with("train-shuffle_index.npy"))
-        .unwrap();
+    let shuffle = files().into_iter().find(|f| f.ends_with("train-shuffle_index.npy")).unwrap();
     let path = cache.path().join(&shuffle);
     let mut bytes = std::fs::read(&path).unwrap();
     let len = bytes.len();

@@ -18,11 +18,7 @@ fn load(name: &str) -> Value {
 }
 
 fn ints(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
 
 #[test]
@@ -38,19 +34,12 @@ fn legacy_random_state_matches_numpy() {
         assert_eq!(raw[620..640].to_vec(), ints(&case["raw_tail"]));
         assert_eq!(raw[1296..].to_vec(), ints(&case["raw_last"]));
         let mut r = RandomState::new(seed);
-        for (want, n) in case["shuffles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .zip([1, 2, 3, 10, 37, 100, 1000])
+        for (want, n) in
+            case["shuffles"].as_array().unwrap().iter().zip([1, 2, 3, 10, 37, 100, 1000])
         {
             let mut a: Vec<i64> = (0..n).collect();
             r.shuffle(&mut a);
-            let got = if n <= 100 {
-                a
-            } else {
-                [&a[..20], &a[a.len() - 20..]].concat()
-            };
+            let got = if n <= 100 { a } else { [&a[..20], &a[a.len() - 20..]].concat() };
             assert_eq!(got, ints(want), "seed {seed} n {n}");
         }
     }
@@ -60,14 +49,9 @@ fn legacy_random_state_matches_numpy() {
 fn pcg64_integers_match_numpy() {
     let f = load("numpy_rng.json");
     for case in f["pcg"].as_array().unwrap() {
-        let (seed, n) = (
-            case["seed"].as_u64().unwrap(),
-            case["n"].as_u64().unwrap() as usize,
-        );
-        let (lo, hi) = (
-            case["low"].as_i64().unwrap() as i32,
-            case["high"].as_i64().unwrap() as i32,
-        );
+        let (seed, n) = (case["seed"].as_u64().unwrap(), case["n"].as_u64().unwrap() as usize);
+        let (lo, hi) =
+            (case["low"].as_i64().unwrap() as i32, case["high"].as_i64().unwrap() as i32);
         let v = Pcg64Generator::new(seed).integers_i32(lo, hi, n);
         let v: Vec<i64> = v.into_iter().map(|x| x as i64).collect();
         assert_eq!(v[..40.min(n)].to_vec(), ints(&case["first"]), "seed {seed}");
@@ -95,11 +79,7 @@ fn indexed_reader_and_writer_match_megatron_bytes() {
     w.finalize(idx_path(&out)).unwrap();
     for ext in ["bin", "idx"] {
         let want = std::fs::read(fixtures().join(format!("corpus_a.{ext}"))).unwrap();
-        assert_eq!(
-            std::fs::read(dir.path().join(format!("a.{ext}"))).unwrap(),
-            want,
-            "{ext}"
-        );
+        assert_eq!(std::fs::read(dir.path().join(format!("a.{ext}"))).unwrap(), want, "{ext}");
     }
     // corpus_b: several sentences per document, int32, and a trailing empty document.
     let b = IndexedDataset::open(fixtures().join("corpus_b")).unwrap();
@@ -124,11 +104,7 @@ fn indexed_reader_and_writer_match_megatron_bytes() {
     w.finalize(idx_path(&out)).unwrap();
     for ext in ["bin", "idx"] {
         let want = std::fs::read(fixtures().join(format!("corpus_b.{ext}"))).unwrap();
-        assert_eq!(
-            std::fs::read(dir.path().join(format!("b.{ext}"))).unwrap(),
-            want,
-            "{ext}"
-        );
+        assert_eq!(std::fs::read(dir.path().join(format!("b.{ext}"))).unwrap(), want, "{ext}");
     }
     // Merging (add_index) reproduces the concatenation.
     let out = dir.path().join("ab");
@@ -138,14 +114,8 @@ fn indexed_reader_and_writer_match_megatron_bytes() {
     w.finalize(idx_path(&out)).unwrap();
     let ab = IndexedDataset::open(&out).unwrap();
     assert_eq!(ab.len(), 2 * a.len());
-    assert_eq!(
-        ab.get(a.len() + 3, 0, None).unwrap(),
-        a.get(3, 0, None).unwrap()
-    );
-    assert_eq!(
-        ab.document_indices().last().copied(),
-        Some(2 * a.len() as i64)
-    );
+    assert_eq!(ab.get(a.len() + 3, 0, None).unwrap(), a.get(3, 0, None).unwrap());
+    assert_eq!(ab.document_indices().last().copied(), Some(2 * a.len() as i64));
 }
 
 fn params(seed: u32, split: Option<&str>, cache: &Path) -> GptDatasetParams {
@@ -163,11 +133,7 @@ fn prefix(name: &str) -> String {
 }
 
 fn check_split(got: &PretrainDataset, want: &Value, what: &str) {
-    assert_eq!(
-        got.len() as u64,
-        want["len"].as_u64().unwrap(),
-        "{what} len"
-    );
+    assert_eq!(got.len() as u64, want["len"].as_u64().unwrap(), "{what} len");
     for (i, t) in want["texts"].as_array().unwrap().iter().enumerate() {
         assert_eq!(got.text(i).unwrap(), ints(t), "{what} sample {i}");
     }
@@ -215,37 +181,23 @@ fn gpt_and_blended_datasets_match_megatron() {
         let name = case["name"].as_str().unwrap();
         let seed = case["seed"].as_u64().unwrap() as u32;
         let blend = match name {
-            "single_a" | "valid_keep_partial" => Blend {
-                prefixes: vec![prefix("corpus_a")],
-                weights: None,
-            },
-            "single_b" => Blend {
-                prefixes: vec![prefix("corpus_b")],
-                weights: None,
-            },
+            "single_a" | "valid_keep_partial" => {
+                Blend { prefixes: vec![prefix("corpus_a")], weights: None }
+            }
+            "single_b" => Blend { prefixes: vec![prefix("corpus_b")], weights: None },
             "blend_ab" => Blend {
                 prefixes: vec![prefix("corpus_a"), prefix("corpus_b")],
                 weights: Some(vec![0.3, 0.7]),
             },
-            "blend_ab_unweighted" => Blend {
-                prefixes: vec![prefix("corpus_a"), prefix("corpus_b")],
-                weights: None,
-            },
-            "no_extra" => Blend {
-                prefixes: vec![prefix("corpus_a")],
-                weights: None,
-            },
-            "per_split" => Blend {
-                prefixes: vec![],
-                weights: None,
-            },
+            "blend_ab_unweighted" => {
+                Blend { prefixes: vec![prefix("corpus_a"), prefix("corpus_b")], weights: None }
+            }
+            "no_extra" => Blend { prefixes: vec![prefix("corpus_a")], weights: None },
+            "per_split" => Blend { prefixes: vec![], weights: None },
             other => panic!("unknown case {other}"),
         };
         let spec = if name == "per_split" {
-            let a = Blend {
-                prefixes: vec![prefix("corpus_a")],
-                weights: None,
-            };
+            let a = Blend { prefixes: vec![prefix("corpus_a")], weights: None };
             let ab = Blend {
                 prefixes: vec![prefix("corpus_a"), prefix("corpus_b")],
                 weights: Some(vec![1.0, 3.0]),
@@ -279,10 +231,7 @@ fn gpt_and_blended_datasets_match_megatron() {
                 }
             }
         }
-        assert!(
-            std::fs::read_dir(cache.path()).unwrap().count() > 0,
-            "cache files written"
-        );
+        assert!(std::fs::read_dir(cache.path()).unwrap().count() > 0, "cache files written");
     }
 }
 
@@ -296,10 +245,7 @@ fn sample_tensors_match_megatron_getitem() {
         p.eod_mask_loss = it["em"].as_bool().unwrap();
         p.pad_id = it["pad"].as_i64().unwrap_or(-1);
         p.add_extra_token_to_sequence = it["extra"].as_bool().unwrap();
-        let blend = BlendSpec::Blend(Blend {
-            prefixes: vec![prefix("corpus_a")],
-            weights: None,
-        });
+        let blend = BlendSpec::Blend(Blend { prefixes: vec![prefix("corpus_a")], weights: None });
         let ds = build_gpt_datasets(&p, &blend, [Some(50), Some(5), Some(5)]).unwrap();
         let train = ds[0].as_ref().unwrap();
         let s = match it["idx"].as_u64() {

@@ -103,21 +103,11 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
     let prefix = dir.path().join("bad");
     let err = preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("in.jsonl:3") && msg.contains("invalid JSON"),
-        "{msg}"
-    );
-    assert_eq!(
-        std::fs::read_dir(dir.path()).unwrap().count(),
-        1,
-        "only the input remains"
-    );
+    assert!(msg.contains("in.jsonl:3") && msg.contains("invalid JSON"), "{msg}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the input remains");
     // Missing key and non-integer ids are errors too.
     std::fs::write(&input, "{\"body\": \"1\"}\n").unwrap();
-    let msg = format!(
-        "{:#}",
-        preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err()
-    );
+    let msg = format!("{:#}", preprocess(&cfg(&input, &prefix, &["text"]), &tok).unwrap_err());
     assert!(msg.contains(":1") && msg.contains("missing"), "{msg}");
     // --skip-bad-lines skips and counts.
     std::fs::write(&input, "{\"text\": \"1 2\"}\n{oops\n{\"text\": \"3\"}\n").unwrap();
@@ -132,11 +122,7 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
     // Missing input.
     let msg = format!(
         "{:#}",
-        preprocess(
-            &cfg(&dir.path().join("nope.jsonl"), &prefix, &["text"]),
-            &tok
-        )
-        .unwrap_err()
+        preprocess(&cfg(&dir.path().join("nope.jsonl"), &prefix, &["text"]), &tok).unwrap_err()
     );
     assert!(msg.contains("nope.jsonl"), "{msg}");
 }
@@ -149,11 +135,7 @@ fn output_is_byte_identical_to_megatron_reference() {
     let dir = tempfile::tempdir().unwrap();
     let tok = HfTokenizer::from_path(fx.join("tok")).unwrap();
     let prefix = dir.path().join("mine");
-    let mut c = cfg(
-        &fx.join("preprocess_input.jsonl"),
-        &prefix,
-        &["text", "title"],
-    );
+    let mut c = cfg(&fx.join("preprocess_input.jsonl"), &prefix, &["text", "title"]);
     c.workers = 2;
     preprocess(&c, &tok).unwrap();
     for key in ["text", "title"] {
@@ -181,22 +163,10 @@ fn megatron_flag_names_parse_and_run() {
     std::fs::write(&input, "{\"text\": \"1 2 3\", \"title\": \"4\"}\n").unwrap();
     let prefix = dir.path().join("cli");
     let argv = |extra: &[&str]| {
-        let mut v = vec![
-            "mbridge",
-            "--input",
-            input.to_str().unwrap(),
-            "--json-keys",
-            "text",
-            "title",
-        ];
+        let mut v =
+            vec!["mbridge", "--input", input.to_str().unwrap(), "--json-keys", "text", "title"];
         v.extend(["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]);
-        v.extend([
-            "--output-prefix",
-            prefix.to_str().unwrap(),
-            "--append-eod",
-            "--workers",
-            "2",
-        ]);
+        v.extend(["--output-prefix", prefix.to_str().unwrap(), "--append-eod", "--workers", "2"]);
         v.extend(["--log-interval", "1"]);
         v.extend_from_slice(extra);
         v.into_iter().map(String::from).collect::<Vec<_>>()

@@ -16,10 +16,8 @@ fn render_and_collate() {
         path_to_cache: Some(cache.path().into()),
         ..Default::default()
     };
-    let blend = BlendSpec::Blend(Blend {
-        prefixes: vec![prefix.display().to_string()],
-        weights: None,
-    });
+    let blend =
+        BlendSpec::Blend(Blend { prefixes: vec![prefix.display().to_string()], weights: None });
     let ds = build_gpt_datasets(&p, &blend, [Some(20), Some(4), Some(2)]).unwrap();
     let train = ds[0].as_ref().unwrap();
     let tok = NullTokenizer::new(1000);
@@ -32,14 +30,8 @@ fn render_and_collate() {
     assert!(out.contains("--- sample 1"));
     assert!(!out.contains("--- sample 2"));
     // Two DP ranks of micro-batch 2 cover the first global batch without overlap.
-    let b0 = PretrainingSampler::new(train.len(), 0, 2, 0, 2, true, false)
-        .unwrap()
-        .next()
-        .unwrap();
-    let b1 = PretrainingSampler::new(train.len(), 0, 2, 1, 2, true, false)
-        .unwrap()
-        .next()
-        .unwrap();
+    let b0 = PretrainingSampler::new(train.len(), 0, 2, 0, 2, true, false).unwrap().next().unwrap();
+    let b1 = PretrainingSampler::new(train.len(), 0, 2, 1, 2, true, false).unwrap().next().unwrap();
     let batch = collate(train, &b1).unwrap();
     assert_eq!((batch.batch_size, batch.seq_length), (2, 8));
     assert_eq!(batch.tokens[..8], train.get(2).unwrap().tokens[..]);

@@ -10,11 +10,7 @@ fn tok_dir() -> PathBuf {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
 
 #[test]
@@ -30,10 +26,7 @@ fn hf_and_gpt2_match_python() {
     let g =
         Gpt2BpeTokenizer::from_files(tok_dir().join("vocab.json"), tok_dir().join("merges.txt"))
             .unwrap();
-    assert_eq!(
-        g.vocab_size() as u64,
-        exp["gpt2_vocab_size"].as_u64().unwrap()
-    );
+    assert_eq!(g.vocab_size() as u64, exp["gpt2_vocab_size"].as_u64().unwrap());
     assert_eq!(g.eod(), exp["eod"].as_i64().unwrap());
     for c in exp["cases"].as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
@@ -47,29 +40,17 @@ fn hf_and_gpt2_match_python() {
         tokenizer_model: Some(tok_dir().join("tokenizer.json")),
         ..Default::default()
     };
-    assert_eq!(
-        build_tokenizer(&spec).unwrap().encode("fox").unwrap(),
-        hf.encode("fox").unwrap()
-    );
+    assert_eq!(build_tokenizer(&spec).unwrap().encode("fox").unwrap(), hf.encode("fox").unwrap());
 }
 
 #[test]
 fn tokenizer_errors_name_the_problem() {
-    let missing = HfTokenizer::from_path("/nonexistent/tokenizer.json")
-        .err()
-        .unwrap();
+    let missing = HfTokenizer::from_path("/nonexistent/tokenizer.json").err().unwrap();
     assert!(missing.to_string().contains("not found"), "{missing}");
     let spm = HfTokenizer::from_path("/x/tokenizer.model").err().unwrap();
     assert!(spm.to_string().contains("SentencePiece"), "{spm}");
-    let spec = TokenizerSpec {
-        tokenizer_type: Some("Bogus".into()),
-        ..Default::default()
-    };
-    assert!(build_tokenizer(&spec)
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("unknown --tokenizer-type"));
+    let spec = TokenizerSpec { tokenizer_type: Some("Bogus".into()), ..Default::default() };
+    assert!(build_tokenizer(&spec).err().unwrap().to_string().contains("unknown --tokenizer-type"));
     let gpt2 = Gpt2BpeTokenizer::from_files(tok_dir().join("vocab.json"), "/nope/merges.txt")
         .err()
         .unwrap();

@@ -67,10 +67,7 @@ pub fn run(args: PreprocessDataArgs) -> Result<()> {
         bail!("--split-sentences is not supported (Megatron uses NLTK punkt, which has no Rust port here); pre-split documents into a JSON list of sentences instead, which is read as sentences");
     }
     if args.partitions != 1 {
-        bail!(
-            "--partitions {} is not supported; only 1 (Megatron's default) is",
-            args.partitions
-        );
+        bail!("--partitions {} is not supported; only 1 (Megatron's default) is", args.partitions);
     }
     let tok = build_tokenizer(&TokenizerSpec {
         tokenizer_type: args.tokenizer_type.clone(),
@@ -98,10 +95,7 @@ pub fn run(args: PreprocessDataArgs) -> Result<()> {
     let r = preprocess(&cfg, tok.as_ref())?;
     let secs = start.elapsed().as_secs_f64().max(1e-9);
     for (out, t) in r.outputs.iter().zip(&r.tokens) {
-        println!(
-            "wrote {out}.bin/.idx: {} documents, {t} tokens ({:?})",
-            r.documents, r.dtype
-        );
+        println!("wrote {out}.bin/.idx: {} documents, {t} tokens ({:?})", r.documents, r.dtype);
     }
     if r.skipped_lines > 0 {
         println!("skipped {} bad lines", r.skipped_lines);

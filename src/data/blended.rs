@@ -29,14 +29,9 @@ pub enum BlendSpec {
 /// `get_blend_from_list` for string lists: odd length ⇒ all prefixes; even length ⇒
 /// `(weight, prefix)` pairs unless some weight does not parse, in which case all are prefixes.
 pub fn get_blend_from_list(list: &[String]) -> Result<Blend> {
-    ensure!(
-        !list.is_empty(),
-        "empty blend: give at least one dataset prefix"
-    );
-    let all_prefixes = || Blend {
-        prefixes: list.iter().map(|s| s.trim().to_string()).collect(),
-        weights: None,
-    };
+    ensure!(!list.is_empty(), "empty blend: give at least one dataset prefix");
+    let all_prefixes =
+        || Blend { prefixes: list.iter().map(|s| s.trim().to_string()).collect(), weights: None };
     if list.len() % 2 == 1 {
         return Ok(all_prefixes());
     }
@@ -50,18 +45,12 @@ pub fn get_blend_from_list(list: &[String]) -> Result<Blend> {
         prefixes.push(pair[1].trim().to_string());
     }
     check_weights(&weights, &prefixes)?;
-    Ok(Blend {
-        prefixes,
-        weights: Some(weights),
-    })
+    Ok(Blend { prefixes, weights: Some(weights) })
 }
 
 fn check_weights(w: &[f64], prefixes: &[String]) -> Result<()> {
     for (x, p) in w.iter().zip(prefixes) {
-        ensure!(
-            x.is_finite() && *x > 0.0,
-            "blend weight {x} for {p:?} must be a positive number"
-        );
+        ensure!(x.is_finite() && *x > 0.0, "blend weight {x} for {p:?} must be a positive number");
     }
     Ok(())
 }
@@ -97,10 +86,7 @@ pub fn parse_blend(items: &[serde_json::Value]) -> Result<Blend> {
             prefixes.push(p.trim().to_string());
         }
         check_weights(&weights, &prefixes)?;
-        return Ok(Blend {
-            prefixes,
-            weights: Some(weights),
-        });
+        return Ok(Blend { prefixes, weights: Some(weights) });
     }
     let strs: Vec<String> = items
         .iter()
@@ -226,30 +212,20 @@ impl BlendedDataset {
         cache_dir: Option<&std::path::Path>,
     ) -> Result<Self> {
         ensure!(!datasets.is_empty(), "a blend needs at least one dataset");
-        ensure!(
-            datasets.len() < 32767,
-            "at most 32766 datasets can be blended"
-        );
+        ensure!(datasets.len() < 32767, "at most 32766 datasets can be blended");
         ensure!(
             weights.len() == datasets.len(),
             "{} weights for {} datasets",
             weights.len(),
             datasets.len()
         );
-        ensure!(
-            weights.iter().all(|w| *w > 0.0),
-            "blend weights must be positive: {weights:?}"
-        );
+        ensure!(weights.iter().all(|w| *w > 0.0), "blend weights must be positive: {weights:?}");
         let split = datasets[0].split();
         ensure!(
             datasets.iter().all(|d| d.split() == split),
             "blended datasets have different splits"
         );
-        let weights = if size.is_some() {
-            normalize(&weights)?
-        } else {
-            weights
-        };
+        let weights = if size.is_some() { normalize(&weights)? } else { weights };
         let children: Vec<serde_json::Value> = datasets
             .iter()
             .map(|d| serde_json::from_str(d.description()).unwrap_or(serde_json::Value::Null))
@@ -300,10 +276,7 @@ impl BlendedDataset {
         let mut need = vec![0i64; datasets.len()];
         for k in 0..dataset_index.len() {
             let (d, s) = (dataset_index.get(k), dataset_sample_index.get(k));
-            ensure!(
-                d >= 0 && (d as usize) < datasets.len(),
-                "blend index refers to dataset {d}"
-            );
+            ensure!(d >= 0 && (d as usize) < datasets.len(), "blend index refers to dataset {d}");
             need[d as usize] = need[d as usize].max(s + 1);
         }
         for (d, ds) in datasets.iter().enumerate() {
@@ -316,12 +289,7 @@ impl BlendedDataset {
                 ds.len()
             );
         }
-        Ok(BlendedDataset {
-            datasets,
-            weights,
-            dataset_index,
-            dataset_sample_index,
-        })
+        Ok(BlendedDataset { datasets, weights, dataset_index, dataset_sample_index })
     }
 
     /// Number of samples.
@@ -346,15 +314,8 @@ impl BlendedDataset {
     }
     /// Which child and which of its samples serve blended sample `idx`.
     pub fn locate(&self, idx: usize) -> Result<(usize, usize)> {
-        ensure!(
-            idx < self.len(),
-            "sample {idx} out of range: blend has {} samples",
-            self.len()
-        );
-        Ok((
-            self.dataset_index.get(idx) as usize,
-            self.dataset_sample_index.get(idx) as usize,
-        ))
+        ensure!(idx < self.len(), "sample {idx} out of range: blend has {} samples", self.len());
+        Ok((self.dataset_index.get(idx) as usize, self.dataset_sample_index.get(idx) as usize))
     }
     /// Sample `idx` and the id of the dataset it came from.
     pub fn get(&self, idx: usize) -> Result<(usize, Sample)> {
@@ -380,39 +341,24 @@ mod tests {
         assert_eq!(a.iter().filter(|&&d| d == 0).count(), 2);
         assert_eq!(a.len(), 5);
         // Tie at s=2 keeps the previous choice, as helpers.cpp does.
-        assert_eq!(
-            build_exhaustive_blending_indices(&[2, 2]).0,
-            vec![0, 1, 1, 0]
-        );
+        assert_eq!(build_exhaustive_blending_indices(&[2, 2]).0, vec![0, 1, 1, 0]);
     }
 
     #[test]
     fn blend_lists() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let b = get_blend_from_list(&s(&["30", "a", "70", " b "])).unwrap();
-        assert_eq!(
-            b,
-            Blend {
-                prefixes: s(&["a", "b"]),
-                weights: Some(vec![30.0, 70.0])
-            }
-        );
+        assert_eq!(b, Blend { prefixes: s(&["a", "b"]), weights: Some(vec![30.0, 70.0]) });
         assert_eq!(get_blend_from_list(&s(&["a", "b"])).unwrap().weights, None);
         let j: Vec<serde_json::Value> = serde_json::from_str(r#"[0.3, "a", 0.7, "b"]"#).unwrap();
         assert_eq!(parse_blend(&j).unwrap().weights, Some(vec![0.3, 0.7]));
-        assert_eq!(
-            parse_blend_str("0.3 a 0.7 b").unwrap().prefixes,
-            s(&["a", "b"])
-        );
+        assert_eq!(parse_blend_str("0.3 a 0.7 b").unwrap().prefixes, s(&["a", "b"]));
         assert_eq!(BlendSpec::from_config(None, None).unwrap(), BlendSpec::Mock);
         assert!(BlendSpec::from_config(Some(&j), Some(&[Some(j.clone()), None, None])).is_err());
         let ps = BlendSpec::from_config(None, Some(&[Some(j.clone()), None, None])).unwrap();
         assert!(matches!(ps, BlendSpec::PerSplit([Some(_), None, None])));
         let bad: Vec<serde_json::Value> = serde_json::from_str(r#"[0.3, "a", 0.7]"#).unwrap();
-        assert!(parse_blend(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("odd length"));
+        assert!(parse_blend(&bad).unwrap_err().to_string().contains("odd length"));
         let neg: Vec<serde_json::Value> = serde_json::from_str(r#"[-0.3, "a", 0.7, "b"]"#).unwrap();
         assert!(parse_blend(&neg).is_err());
         assert!(get_blend_from_list(&s(&["-1", "a", "2", "b"])).is_err());

@@ -94,14 +94,8 @@ fn build_splits(
                 // Nothing is asked of an empty split (e.g. eval disabled): not an error.
                 continue;
             }
-            let ds = GptDataset::new(
-                low.clone(),
-                range,
-                sizes[i],
-                split,
-                matrix_json(matrix),
-                params,
-            )?;
+            let ds =
+                GptDataset::new(low.clone(), range, sizes[i], split, matrix_json(matrix), params)?;
             out[i] = Some(ds);
         }
     }
@@ -125,10 +119,7 @@ fn build_blend(
         for split in Split::ALL {
             let i = split as usize;
             if matrix[i].is_some() && sizes[i].is_none() && only.is_none_or(|o| o == split) {
-                bail!(
-                    "blend weights require a sample count for the {} split",
-                    split.name()
-                );
+                bail!("blend weights require a sample count for the {} split", split.name());
             }
         }
     }
@@ -157,24 +148,20 @@ fn build_blend(
             continue;
         }
         let (w, size) = match (&weights, sizes[i]) {
-            (Some(w), Some(s)) => (
-                w.clone(),
-                Some(w.iter().map(|&x| ceil_target(s, x, 0.0)).sum()),
-            ),
+            (Some(w), Some(s)) => {
+                (w.clone(), Some(w.iter().map(|&x| ceil_target(s, x, 0.0)).sum()))
+            }
             (None, s) => {
                 let lens: Vec<f64> = ds.iter().map(|d| d.len() as f64).collect();
                 let total = ds.iter().map(|d| d.len()).sum::<usize>();
                 (lens, s.map(|s| s.min(total)))
             }
-            (Some(_), None) => bail!(
-                "blend weights require a sample count for the {} split",
-                split.name()
-            ),
+            (Some(_), None) => {
+                bail!("blend weights require a sample count for the {} split", split.name())
+            }
         };
         let cache = params.path_to_cache.as_deref();
-        out[i] = Some(PretrainDataset::Blended(BlendedDataset::new(
-            ds, w, size, cache,
-        )?));
+        out[i] = Some(PretrainDataset::Blended(BlendedDataset::new(ds, w, size, cache)?));
     }
     Ok(out)
 }
@@ -189,9 +176,7 @@ pub fn train_valid_test_num_samples(
     eval_global_batch_size: usize,
     eval_interval: Option<usize>,
 ) -> [usize; 3] {
-    let runs = eval_interval
-        .filter(|&i| i > 0)
-        .map_or(1, |i| train_iters / i + 1);
+    let runs = eval_interval.filter(|&i| i > 0).map_or(1, |i| train_iters / i + 1);
     [
         train_iters * global_batch_size,
         eval_iters * eval_global_batch_size * runs,
@@ -212,24 +197,15 @@ pub fn build_gpt_datasets(
     let wrap = |a: [Option<GptDataset>; 3]| a.map(|d| d.map(PretrainDataset::Gpt));
     match blend {
         BlendSpec::Mock => {
-            let vocab = params
-                .vocab_size
-                .context("mock data needs the tokenizer vocab size")?;
+            let vocab = params.vocab_size.context("mock data needs the tokenizer vocab size")?;
             let low: Arc<dyn LowLevelDataset> =
                 Arc::new(MockLowLevelDataset::new(vocab, params.eod_id)?);
             let matrix = split_matrix(&parse_split("1,1,1")?);
-            Ok(wrap(build_splits(
-                low,
-                &matrix,
-                &split_sample_counts,
-                params,
-            )?))
+            Ok(wrap(build_splits(low, &matrix, &split_sample_counts, params)?))
         }
         BlendSpec::Blend(b) => {
-            let split = params
-                .split
-                .as_deref()
-                .context("dataset.split is required with a blend")?;
+            let split =
+                params.split.as_deref().context("dataset.split is required with a blend")?;
             let matrix = split_matrix(&parse_split(split)?);
             if b.prefixes.len() == 1 && b.weights.is_none() {
                 return Ok(wrap(build_splits(
@@ -270,17 +246,8 @@ mod tests {
 
     #[test]
     fn sample_counts() {
-        assert_eq!(
-            train_valid_test_num_samples(100, 8, 5, 4, Some(50)),
-            [800, 60, 20]
-        );
-        assert_eq!(
-            train_valid_test_num_samples(100, 8, 0, 4, Some(50)),
-            [800, 0, 0]
-        );
-        assert_eq!(
-            train_valid_test_num_samples(100, 8, 2, 4, None),
-            [800, 8, 8]
-        );
+        assert_eq!(train_valid_test_num_samples(100, 8, 5, 4, Some(50)), [800, 60, 20]);
+        assert_eq!(train_valid_test_num_samples(100, 8, 0, 4, Some(50)), [800, 0, 0]);
+        assert_eq!(train_valid_test_num_samples(100, 8, 2, 4, None), [800, 8, 8]);
     }
 }

@@ -162,20 +162,10 @@ pub fn npy_bytes(values: &IndexVec, shape: &[usize]) -> Vec<u8> {
     let dtype = values.dtype();
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        _ => format!("({})", shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
     };
-    let mut header = format!(
-        "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
-        dtype.descr(),
-        shape_s
-    );
+    let mut header =
+        format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", dtype.descr(), shape_s);
     let pad = 64 - ((10 + header.len() + 1) % 64);
     header.push_str(&" ".repeat(pad));
     header.push('\n');
@@ -184,18 +174,10 @@ pub fn npy_bytes(values: &IndexVec, shape: &[usize]) -> Vec<u8> {
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     match values {
-        IndexVec::I16(x) => x
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        IndexVec::I32(x) => x
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        IndexVec::U32(x) => x
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        IndexVec::I64(x) => x
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::I16(x) => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::I32(x) => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::U32(x) => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::I64(x) => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         IndexVec::Mapped(m) => {
             out.extend_from_slice(&m.map[m.start..m.start + m.len * dtype.size()]);
         }
@@ -205,27 +187,16 @@ pub fn npy_bytes(values: &IndexVec, shape: &[usize]) -> Vec<u8> {
 
 /// Parse a `.npy` header: dtype, shape and the byte offset of the data (checked for size).
 fn parse_npy(b: &[u8], path: &Path) -> Result<(NpyDtype, Vec<usize>, usize)> {
-    ensure!(
-        b.len() >= 10 && &b[..6] == b"\x93NUMPY",
-        "{} is not a .npy file",
-        path.display()
-    );
+    ensure!(b.len() >= 10 && &b[..6] == b"\x93NUMPY", "{} is not a .npy file", path.display());
     let (hlen, hstart) = match b[6] {
         1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
         2 | 3 => {
             ensure!(b.len() >= 12, "{}: truncated header", path.display());
-            (
-                u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize,
-                12,
-            )
+            (u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize, 12)
         }
         v => bail!("{}: unsupported .npy version {v}", path.display()),
     };
-    ensure!(
-        b.len() >= hstart + hlen,
-        "{}: truncated header",
-        path.display()
-    );
+    ensure!(b.len() >= hstart + hlen, "{}: truncated header", path.display());
     let header = std::str::from_utf8(&b[hstart..hstart + hlen]).context("npy header not UTF-8")?;
     let dtype = [NpyDtype::I16, NpyDtype::I32, NpyDtype::U32, NpyDtype::I64]
         .into_iter()
@@ -266,21 +237,15 @@ pub fn read_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
     let chunks = b[off..].chunks_exact(dtype.size());
     let vals = match dtype {
         NpyDtype::I16 => IndexVec::I16(chunks.map(|c| i16::from_le_bytes([c[0], c[1]])).collect()),
-        NpyDtype::I32 => IndexVec::I32(
-            chunks
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        NpyDtype::U32 => IndexVec::U32(
-            chunks
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        NpyDtype::I64 => IndexVec::I64(
-            chunks
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
+        NpyDtype::I32 => {
+            IndexVec::I32(chunks.map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        NpyDtype::U32 => {
+            IndexVec::U32(chunks.map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        NpyDtype::I64 => {
+            IndexVec::I64(chunks.map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
+        }
     };
     Ok((vals, shape))
 }
@@ -294,15 +259,7 @@ pub fn map_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
         unsafe { Mmap::map(&f) }.with_context(|| format!("cannot mmap {}", path.display()))?;
     let (dtype, shape, start) = parse_npy(&map, path)?;
     let len = shape.iter().product();
-    Ok((
-        IndexVec::Mapped(MappedArray {
-            map: Arc::new(map),
-            start,
-            len,
-            dtype,
-        }),
-        shape,
-    ))
+    Ok((IndexVec::Mapped(MappedArray { map: Arc::new(map), start, len, dtype }), shape))
 }
 
 /// Write `bytes` to `path` through a temporary name and a rename, so readers never see a
@@ -311,8 +268,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f =
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
     f.sync_all().ok();
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))
 }
@@ -344,11 +300,7 @@ impl CacheEntry {
     /// A cache entry for `description` in `dir`.
     pub fn new(dir: &Path, class: &str, split: &str, description: String) -> Self {
         let base = format!("{}-{class}-{split}", md5_hex(&description));
-        CacheEntry {
-            dir: dir.to_path_buf(),
-            base,
-            description,
-        }
+        CacheEntry { dir: dir.to_path_buf(), base, description }
     }
 
     /// Full path of `{base}-{suffix}`.
@@ -361,10 +313,7 @@ impl CacheEntry {
         let Ok(text) = std::fs::read_to_string(self.path("description.txt")) else {
             return false;
         };
-        text == self.description
-            && arrays
-                .iter()
-                .all(|a| self.path(&format!("{a}.npy")).is_file())
+        text == self.description && arrays.iter().all(|a| self.path(&format!("{a}.npy")).is_file())
     }
 
     /// Write all arrays, then the description last (it marks the entry complete).

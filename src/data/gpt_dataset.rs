@@ -111,10 +111,8 @@ pub fn ltor_loss_mask_and_positions(
     reset_position_ids: bool,
     eod_mask_loss: bool,
 ) -> (Vec<f32>, Vec<i64>) {
-    let mut loss_mask: Vec<f32> = tokens
-        .iter()
-        .map(|&t| if eod_mask_loss && t == eod { 0.0 } else { 1.0 })
-        .collect();
+    let mut loss_mask: Vec<f32> =
+        tokens.iter().map(|&t| if eod_mask_loss && t == eod { 0.0 } else { 1.0 }).collect();
     let mut pos: Vec<i64> = (0..tokens.len() as i64).collect();
     if reset_position_ids {
         let mut prev = 0i64;
@@ -136,16 +134,12 @@ pub fn ltor_attention_mask(tokens: &[i64], eod: i64, reset_attention_mask: bool)
     let n = tokens.len();
     let mut allowed = vec![false; n * n];
     for r in 0..n {
-        allowed[r * n..r * n + r + 1]
-            .iter_mut()
-            .for_each(|a| *a = true);
+        allowed[r * n..r * n + r + 1].iter_mut().for_each(|a| *a = true);
     }
     if reset_attention_mask {
         for i in (0..n).filter(|&i| tokens[i] == eod) {
             for r in i + 1..n {
-                allowed[r * n..r * n + i + 1]
-                    .iter_mut()
-                    .for_each(|a| *a = false);
+                allowed[r * n..r * n + i + 1].iter_mut().for_each(|a| *a = false);
             }
         }
     }
@@ -201,15 +195,14 @@ impl GptDataset {
             "producer": "mbridge",
         });
         let description = describe(&desc);
-        let cache_dir = if low.is_mock() {
-            None
-        } else {
-            Some(params.path_to_cache.clone().unwrap_or_else(|| {
-                PathBuf::from(&prefix)
-                    .join("cache")
-                    .join("GPTDataset_indices")
-            }))
-        };
+        let cache_dir =
+            if low.is_mock() {
+                None
+            } else {
+                Some(params.path_to_cache.clone().unwrap_or_else(|| {
+                    PathBuf::from(&prefix).join("cache").join("GPTDataset_indices")
+                }))
+            };
         let entry =
             cache_dir.map(|d| CacheEntry::new(&d, "GPTDataset", split.name(), description.clone()));
         let names = ["document_index", "sample_index", "shuffle_index"];
@@ -235,10 +228,7 @@ impl GptDataset {
                     params.random_seed,
                 )
                 .with_context(|| {
-                    format!(
-                        "building GPTDataset indices for {prefix} ({})",
-                        split.name()
-                    )
+                    format!("building GPTDataset indices for {prefix} ({})", split.name())
                 })?;
                 match &entry {
                     Some(e) => {
@@ -251,10 +241,7 @@ impl GptDataset {
             }
         };
         if let Some(n) = num_samples {
-            ensure!(
-                n <= indices.num_samples(),
-                "cached index holds fewer samples than {n}"
-            );
+            ensure!(n <= indices.num_samples(), "cached index holds fewer samples than {n}");
         }
         Ok(GptDataset {
             low,
@@ -297,11 +284,7 @@ impl GptDataset {
 
     /// The raw `seq_length + extra` token window of sample `idx` (padded with `pad_id`).
     pub fn text(&self, idx: usize) -> Result<Vec<i64>> {
-        ensure!(
-            idx < self.len(),
-            "sample {idx} out of range: dataset has {} samples",
-            self.len()
-        );
+        ensure!(idx < self.len(), "sample {idx} out of range: dataset has {} samples", self.len());
         let ix = &self.indices;
         let j = ix.shuffled(idx);
         let [b, ob] = ix.sample(j);
@@ -310,18 +293,11 @@ impl GptDataset {
         let doc = |p: i64| ix.document_index.get(p as usize) as usize;
         let mut text = Vec::with_capacity(self.params.seq_length + 1);
         if b == e {
-            text.extend(
-                self.low
-                    .get(doc(b), ob as usize, Some((oe - ob + extra) as usize))?,
-            );
+            text.extend(self.low.get(doc(b), ob as usize, Some((oe - ob + extra) as usize))?);
         } else {
             for i in b..=e {
                 let off = if i > b { 0 } else { ob as usize };
-                let len = if i < e {
-                    None
-                } else {
-                    Some((oe + extra) as usize)
-                };
+                let len = if i < e { None } else { Some((oe + extra) as usize) };
                 text.extend(self.low.get(doc(i), off, len)?);
             }
         }
@@ -336,9 +312,8 @@ impl GptDataset {
     pub fn get(&self, idx: usize) -> Result<Sample> {
         let text = self.text(idx)?;
         if let Some(v) = self.params.vocab_size {
-            if let Some(t) = text
-                .iter()
-                .find(|&&t| t != self.params.pad_id && (t < 0 || t >= v as i64))
+            if let Some(t) =
+                text.iter().find(|&&t| t != self.params.pad_id && (t < 0 || t >= v as i64))
             {
                 bail!(
                     "sample {idx} of {} holds token id {t}, outside the tokenizer vocabulary of {v}; \
@@ -375,20 +350,9 @@ pub fn make_sample(text: Vec<i64>, p: &GptDatasetParams) -> Sample {
             *m = 0.0;
         }
     }
-    tokens
-        .iter_mut()
-        .filter(|t| **t == pad)
-        .for_each(|t| *t = 0);
-    labels
-        .iter_mut()
-        .filter(|t| **t == pad)
-        .for_each(|t| *t = 0);
-    Sample {
-        tokens,
-        labels,
-        loss_mask,
-        position_ids,
-    }
+    tokens.iter_mut().filter(|t| **t == pad).for_each(|t| *t = 0);
+    labels.iter_mut().filter(|t| **t == pad).for_each(|t| *t = 0);
+    Sample { tokens, labels, loss_mask, position_ids }
 }
 
 #[cfg(test)]
@@ -401,9 +365,6 @@ mod tests {
         assert_eq!(pos, vec![0, 1, 0, 1, 2, 0]);
         assert_eq!(mask, vec![1.0, 0.0, 1.0, 1.0, 0.0, 1.0]);
         let am = ltor_attention_mask(&[5, 0, 6], 0, true);
-        assert_eq!(
-            am,
-            vec![false, true, true, false, false, true, true, true, false]
-        );
+        assert_eq!(am, vec![false, true, true, false, false, true, true, true, false]);
     }
 }

@@ -24,10 +24,7 @@ impl GptIndices {
     }
     /// Row `j` of the sample index.
     pub fn sample(&self, j: usize) -> [i64; 2] {
-        [
-            self.sample_index.get(2 * j),
-            self.sample_index.get(2 * j + 1),
-        ]
+        [self.sample_index.get(2 * j), self.sample_index.get(2 * j + 1)]
     }
     /// The sample-index row shuffled to position `k`.
     pub fn shuffled(&self, k: usize) -> usize {
@@ -62,10 +59,7 @@ pub fn build_indices(
     let l = seq_length as i64;
     ensure!(seq_length > 0, "seq_length must be positive");
     let t: i64 = indices.iter().map(|&i| sizes[i as usize] as i64).sum();
-    ensure!(
-        t > extra,
-        "the split holds {t} tokens, too few for one sample"
-    );
+    ensure!(t > extra, "the split holds {t} tokens, too few for one sample");
     let mut epochs: i64 = 1;
     if let Some(n) = num_samples {
         let requested = n as i64 * l + extra;
@@ -82,10 +76,7 @@ pub fn build_indices(
         let n_sans = ((epochs - 1) * t - extra) / l;
         let n_final = n - n_sans;
         let n_per_epoch = (t - extra) / l;
-        ensure!(
-            n_final >= 0 && n_final <= n_per_epoch + 1,
-            "epoch arithmetic failed"
-        );
+        ensure!(n_final >= 0 && n_final <= n_per_epoch + 1, "epoch arithmetic failed");
         (n_final < (0.80 * n_per_epoch as f64) as i64, n_sans)
     };
     let mut rng = RandomState::new(seed);
@@ -126,11 +117,7 @@ pub fn build_indices(
     if let Some(n) = num_samples {
         ensure!(n as i64 <= m, "built {m} samples but {n} were requested");
     }
-    Ok(GptIndices {
-        document_index: IndexVec::I32(document_index),
-        sample_index,
-        shuffle_index,
-    })
+    Ok(GptIndices { document_index: IndexVec::I32(document_index), sample_index, shuffle_index })
 }
 
 /// `helpers.cpp::build_sample_idx`, flattened `[m+1, 2]`, int32 unless `wide`.
@@ -182,18 +169,9 @@ fn build_sample_idx(
 /// Write the three arrays of a GPTDataset cache entry (dtypes as megatron-core picks them).
 pub(crate) fn store_cached(e: &CacheEntry, ix: &GptIndices) -> Result<()> {
     e.store(&[
-        (
-            "document_index",
-            npy_bytes(&ix.document_index, &[ix.document_index.len()]),
-        ),
-        (
-            "sample_index",
-            npy_bytes(&ix.sample_index, &[ix.sample_index.len() / 2, 2]),
-        ),
-        (
-            "shuffle_index",
-            npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()]),
-        ),
+        ("document_index", npy_bytes(&ix.document_index, &[ix.document_index.len()])),
+        ("sample_index", npy_bytes(&ix.sample_index, &[ix.sample_index.len() / 2, 2])),
+        ("shuffle_index", npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()])),
     ])
 }
 
@@ -203,14 +181,8 @@ pub(crate) fn load_cached(e: &CacheEntry, sizes: &[i32]) -> Result<GptIndices> {
     let (document_index, _) = e.load_mapped("document_index")?;
     let (sample_index, shape) = e.load_mapped("sample_index")?;
     let (shuffle_index, _) = e.load_mapped("shuffle_index")?;
-    ensure!(
-        shape.len() == 2 && shape[1] == 2 && shape[0] >= 1,
-        "sample_index has shape {shape:?}"
-    );
-    ensure!(
-        document_index.dtype() == NpyDtype::I32,
-        "document_index is not int32"
-    );
+    ensure!(shape.len() == 2 && shape[1] == 2 && shape[0] >= 1, "sample_index has shape {shape:?}");
+    ensure!(document_index.dtype() == NpyDtype::I32, "document_index is not int32");
     let n_docs = document_index.len();
     if (0..n_docs).any(|k| {
         let d = document_index.get(k);
@@ -218,11 +190,7 @@ pub(crate) fn load_cached(e: &CacheEntry, sizes: &[i32]) -> Result<GptIndices> {
     }) {
         bail!("document_index refers to missing sequences");
     }
-    let ix = GptIndices {
-        document_index,
-        sample_index,
-        shuffle_index,
-    };
+    let ix = GptIndices { document_index, sample_index, shuffle_index };
     let rows = shape[0];
     if (0..rows).any(|j| {
         let [d, o] = ix.sample(j);
@@ -246,10 +214,7 @@ mod tests {
     fn spec_worked_example() {
         let sizes = [5, 3, 7, 4, 6];
         let ix = build_indices(&sizes, &[0, 1, 2, 3, 4], 4, Some(8), true, true, 1234).unwrap();
-        assert_eq!(
-            ix.document_index,
-            IndexVec::I32(vec![4, 0, 1, 2, 3, 3, 2, 1, 0, 4])
-        );
+        assert_eq!(ix.document_index, IndexVec::I32(vec![4, 0, 1, 2, 3, 3, 2, 1, 0, 4]));
         let want: Vec<[i64; 2]> = vec![
             [0, 0],
             [0, 4],
@@ -267,10 +232,7 @@ mod tests {
         ];
         let rows: Vec<[i64; 2]> = (0..13).map(|j| ix.sample(j)).collect();
         assert_eq!(rows, want);
-        assert_eq!(
-            ix.shuffle_index,
-            IndexVec::U32(vec![0, 4, 3, 2, 5, 1, 7, 6, 9, 8, 11, 10])
-        );
+        assert_eq!(ix.shuffle_index, IndexVec::U32(vec![0, 4, 3, 2, 5, 1, 7, 6, 9, 8, 11, 10]));
         assert_eq!(ix.sample_index.dtype(), NpyDtype::I32);
     }
 }

@@ -89,10 +89,7 @@ impl DType {
     /// Encode one token, failing when it does not fit (numpy would silently wrap; we refuse).
     fn encode(self, v: i64, out: &mut Vec<u8>) -> Result<()> {
         let fits = |lo: i64, hi: i64| -> Result<()> {
-            ensure!(
-                v >= lo && v <= hi,
-                "token id {v} does not fit dtype {self:?}"
-            );
+            ensure!(v >= lo && v <= hi, "token id {v} does not fit dtype {self:?}");
             Ok(())
         };
         match self {
@@ -188,18 +185,10 @@ impl IndexedDataset {
             idx.len()
         );
         if &idx[..9] != IDX_MAGIC {
-            bail!(
-                "{}: wrong magic {:02x?}, expected MMIDIDX\\0\\0",
-                ctx(),
-                &idx[..9]
-            );
+            bail!("{}: wrong magic {:02x?}, expected MMIDIDX\\0\\0", ctx(), &idx[..9]);
         }
         let version = rd_u64(&idx, 9);
-        ensure!(
-            version == IDX_VERSION,
-            "{}: version {version}, expected 1",
-            ctx()
-        );
+        ensure!(version == IDX_VERSION, "{}: version {version}, expected 1", ctx());
         let dtype = DType::from_code(idx[17])
             .with_context(|| format!("{}: unknown dtype code {}", ctx(), idx[17]))?;
         let seq_count = rd_u64(&idx, 18) as usize;
@@ -216,15 +205,7 @@ impl IndexedDataset {
             .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
             .collect();
         let bin = map(&bp)?;
-        let ds = IndexedDataset {
-            prefix,
-            dtype,
-            idx,
-            bin,
-            seq_count,
-            doc_count,
-            lengths,
-        };
+        let ds = IndexedDataset { prefix, dtype, idx, bin, seq_count, doc_count, lengths };
         ensure!(doc_count >= 1, "{}: empty document index", ctx());
         let last = ds.document_index(doc_count - 1);
         ensure!(
@@ -285,9 +266,7 @@ impl IndexedDataset {
     }
     /// All document-index entries.
     pub fn document_indices(&self) -> Vec<i64> {
-        (0..self.doc_count)
-            .map(|k| self.document_index(k))
-            .collect()
+        (0..self.doc_count).map(|k| self.document_index(k)).collect()
     }
 
     /// `get(idx, offset, length)`: tokens of sequence `idx` from `offset`, `length` items
@@ -315,10 +294,7 @@ impl IndexedDataset {
                 self.prefix.display()
             )
         })?;
-        Ok(bytes
-            .chunks_exact(isz)
-            .map(|c| self.dtype.decode(c))
-            .collect())
+        Ok(bytes.chunks_exact(isz).map(|c| self.dtype.decode(c)).collect())
     }
 }
 
@@ -368,8 +344,7 @@ impl IndexedDatasetBuilder {
     /// `add_item`: one sequence, not ending the document.
     pub fn add_item(&mut self, tokens: &[i64]) -> Result<()> {
         self.write_tokens(tokens)?;
-        self.lengths
-            .push(i32::try_from(tokens.len()).context("sequence longer than i32::MAX")?);
+        self.lengths.push(i32::try_from(tokens.len()).context("sequence longer than i32::MAX")?);
         Ok(())
     }
 
@@ -389,8 +364,7 @@ impl IndexedDatasetBuilder {
         );
         self.write_tokens(tokens)?;
         for &l in lengths {
-            self.lengths
-                .push(i32::try_from(l).context("sequence longer than i32::MAX")?);
+            self.lengths.push(i32::try_from(l).context("sequence longer than i32::MAX")?);
         }
         self.end_document();
         Ok(())
@@ -408,8 +382,7 @@ impl IndexedDatasetBuilder {
         );
         let offset = self.lengths.len() as i64;
         self.lengths.extend_from_slice(other.sequence_lengths());
-        self.doc_indices
-            .extend(other.document_indices()[1..].iter().map(|d| d + offset));
+        self.doc_indices.extend(other.document_indices()[1..].iter().map(|d| d + offset));
         if let Some(b) = &other.bin {
             self.bin.write_all(b)?;
         }
@@ -418,9 +391,7 @@ impl IndexedDatasetBuilder {
 
     /// Flush the `.bin` and write the `.idx` at `idx_path`.
     pub fn finalize(mut self, idx_path: impl AsRef<Path>) -> Result<()> {
-        self.bin
-            .flush()
-            .with_context(|| format!("writing {}", self.bin_path.display()))?;
+        self.bin.flush().with_context(|| format!("writing {}", self.bin_path.display()))?;
         let idx_path = idx_path.as_ref();
         let bytes = encode_index(self.dtype, &self.lengths, &self.doc_indices);
         std::fs::write(idx_path, bytes)
@@ -467,10 +438,8 @@ mod tests {
         assert_eq!(idx.len(), 102);
         assert_eq!(&idx[..18], b"MMIDIDX\0\0\x01\0\0\0\0\0\0\0\x08");
         let bin = std::fs::read(bin_path(&prefix)).unwrap();
-        let want: Vec<u8> = [10u16, 11, 0, 20, 21, 22, 23, 0, 30, 0]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let want: Vec<u8> =
+            [10u16, 11, 0, 20, 21, 22, 23, 0, 30, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(bin, want);
         let ds = IndexedDataset::open(&prefix).unwrap();
         assert_eq!((ds.pointer(1), ds.pointer(2)), (6, 16));

@@ -26,11 +26,7 @@ impl MockLowLevelDataset {
         ensure!(vocab_size > 0, "mock data needs a positive vocab size");
         let lengths =
             Pcg64Generator::new(MOCK_SEED).integers_i32(1, MOCK_MAX_SEQUENCE_LENGTH, MOCK_SIZE);
-        Ok(MockLowLevelDataset {
-            vocab_size: vocab_size as i64,
-            eod,
-            lengths,
-        })
+        Ok(MockLowLevelDataset { vocab_size: vocab_size as i64, eod, lengths })
     }
 }
 
@@ -46,13 +42,7 @@ impl LowLevelDataset for MockLowLevelDataset {
         // Python slicing of the document clamps at its end.
         let end = length.map_or(len, |l| (offset + l).min(len));
         Ok((offset..end)
-            .map(|i| {
-                if i + 1 == len {
-                    self.eod
-                } else {
-                    (i as i64 + 1) % self.vocab_size
-                }
-            })
+            .map(|i| if i + 1 == len { self.eod } else { (i as i64 + 1) % self.vocab_size })
             .collect())
     }
     fn is_mock(&self) -> bool {

@@ -24,9 +24,7 @@ pub struct RandomState {
 
 impl std::fmt::Debug for RandomState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RandomState")
-            .field("pos", &self.pos)
-            .finish_non_exhaustive()
+        f.debug_struct("RandomState").field("pos", &self.pos).finish_non_exhaustive()
     }
 }
 
@@ -37,9 +35,7 @@ impl RandomState {
         key[0] = seed;
         for i in 1..N {
             let prev = key[i - 1];
-            key[i] = 1_812_433_253u32
-                .wrapping_mul(prev ^ (prev >> 30))
-                .wrapping_add(i as u32);
+            key[i] = 1_812_433_253u32.wrapping_mul(prev ^ (prev >> 30)).wrapping_add(i as u32);
         }
         RandomState { key, pos: N }
     }
@@ -147,9 +143,7 @@ fn hashmix(value: u32, hash_const: &mut u32) -> u32 {
 }
 
 fn mix(x: u32, y: u32) -> u32 {
-    let r = MIX_MULT_L
-        .wrapping_mul(x)
-        .wrapping_sub(MIX_MULT_R.wrapping_mul(y));
+    let r = MIX_MULT_L.wrapping_mul(x).wrapping_sub(MIX_MULT_R.wrapping_mul(y));
     r ^ (r >> XSHIFT)
 }
 
@@ -194,10 +188,7 @@ pub fn seed_sequence_u64(entropy: u128, n_words: usize) -> Vec<u64> {
             v ^ (v >> XSHIFT)
         })
         .collect();
-    words32
-        .chunks(2)
-        .map(|c| c[0] as u64 | ((c[1] as u64) << 32))
-        .collect()
+    words32.chunks(2).map(|c| c[0] as u64 | ((c[1] as u64) << 32)).collect()
 }
 
 const PCG_MULT: u128 = (2_549_297_995_355_413_924u128 << 64) | 4_865_540_595_714_422_341u128;
@@ -217,12 +208,8 @@ impl Pcg64Generator {
         let s = seed_sequence_u64(seed as u128, 4);
         let initstate = ((s[0] as u128) << 64) | s[1] as u128;
         let initseq = ((s[2] as u128) << 64) | s[3] as u128;
-        let mut g = Pcg64Generator {
-            state: 0,
-            inc: (initseq << 1) | 1,
-            has_u32: false,
-            uinteger: 0,
-        };
+        let mut g =
+            Pcg64Generator { state: 0, inc: (initseq << 1) | 1, has_u32: false, uinteger: 0 };
         g.step();
         g.state = g.state.wrapping_add(initstate);
         g.step();
@@ -287,18 +274,9 @@ mod tests {
         let mut r = RandomState::new(1234);
         assert_eq!(&r.key()[..4], &[1234, 3159640283, 4062961311, 3954462607]);
         let first: Vec<u32> = (0..5).map(|_| r.next_u32()).collect();
-        assert_eq!(
-            first,
-            vec![822569775, 2137449171, 2671936806, 3512589365, 1880026316]
-        );
-        assert_eq!(
-            RandomState::new(1234).permutation(10),
-            vec![7, 2, 9, 1, 0, 8, 4, 5, 6, 3]
-        );
-        assert_eq!(
-            RandomState::new(0).permutation(10),
-            vec![2, 8, 4, 9, 1, 6, 7, 3, 0, 5]
-        );
+        assert_eq!(first, vec![822569775, 2137449171, 2671936806, 3512589365, 1880026316]);
+        assert_eq!(RandomState::new(1234).permutation(10), vec![7, 2, 9, 1, 0, 8, 4, 5, 6, 3]);
+        assert_eq!(RandomState::new(0).permutation(10), vec![2, 8, 4, 9, 1, 6, 7, 3, 0, 5]);
         let mut r = RandomState::new(1234);
         let mut a: Vec<u32> = (0..10).collect();
         r.shuffle(&mut a);

@@ -150,62 +150,41 @@ fn path_with(prefix: &str, suffix: &str) -> PathBuf {
 
 /// Run preprocessing with `tok`. On any error no output file is left behind.
 pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<PreprocessReport> {
-    ensure!(
-        !cfg.json_keys.is_empty(),
-        "--json-keys needs at least one key"
-    );
+    ensure!(!cfg.json_keys.is_empty(), "--json-keys needs at least one key");
     ensure!(cfg.workers > 0, "--workers must be at least 1");
     let fmt = match cfg.input_format {
         InputFormat::Auto if cfg.input.extension().is_some_and(|e| e == "txt") => InputFormat::Text,
         InputFormat::Auto => InputFormat::Jsonl,
         f => f,
     };
-    let keys: Vec<String> = if fmt == InputFormat::Text {
-        cfg.json_keys[..1].to_vec()
-    } else {
-        cfg.json_keys.clone()
-    };
+    let keys: Vec<String> =
+        if fmt == InputFormat::Text { cfg.json_keys[..1].to_vec() } else { cfg.json_keys.clone() };
     let file = File::open(&cfg.input)
         .with_context(|| format!("cannot open input {}", cfg.input.display()))?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    if let Some(dir) = Path::new(&cfg.output_prefix)
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
+    if let Some(dir) = Path::new(&cfg.output_prefix).parent().filter(|d| !d.as_os_str().is_empty())
     {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create output dir {}", dir.display()))?;
     }
     let dtype = DType::optimal(Some(tok.vocab_size()));
-    let outputs: Vec<String> = keys
-        .iter()
-        .map(|k| format!("{}_{k}_document", cfg.output_prefix))
-        .collect();
+    let outputs: Vec<String> =
+        keys.iter().map(|k| format!("{}_{k}_document", cfg.output_prefix)).collect();
     let tag = format!(".tmp{}", std::process::id());
-    let mut pending = PendingOutput {
-        tmp: vec![],
-        committed: false,
-    };
+    let mut pending = PendingOutput { tmp: vec![], committed: false };
     let mut builders = Vec::new();
     for out in &outputs {
         let (bin, idx) = (path_with(out, ".bin"), path_with(out, ".idx"));
-        let (tbin, tidx) = (
-            path_with(out, &format!(".bin{tag}")),
-            path_with(out, &format!(".idx{tag}")),
-        );
+        let (tbin, tidx) =
+            (path_with(out, &format!(".bin{tag}")), path_with(out, &format!(".idx{tag}")));
         pending.tmp.push((tbin.clone(), bin));
         pending.tmp.push((tidx, idx));
         builders.push(IndexedDatasetBuilder::new(&tbin, dtype)?);
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(cfg.workers)
-        .build()
-        .context("thread pool")?;
-    let bar = if cfg.show_progress {
-        ProgressBar::new(total)
-    } else {
-        ProgressBar::hidden()
-    };
+    let pool =
+        rayon::ThreadPoolBuilder::new().num_threads(cfg.workers).build().context("thread pool")?;
+    let bar = if cfg.show_progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg}")
             .expect("static template is valid"),
@@ -251,10 +230,7 @@ pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<Preproc
             break;
         }
         let encoded: Vec<Result<Encoded>> = pool.install(|| {
-            batch
-                .par_iter()
-                .map(|(_, l)| encode_line(l, fmt, &keys, tok, cfg.append_eod))
-                .collect()
+            batch.par_iter().map(|(_, l)| encode_line(l, fmt, &keys, tok, cfg.append_eod)).collect()
         });
         for ((ln, _), enc) in batch.iter().zip(encoded) {
             let enc = match enc {
@@ -300,12 +276,5 @@ pub fn preprocess(cfg: &PreprocessConfig, tok: &dyn Tokenizer) -> Result<Preproc
     }
     pending.committed = true;
     bar.finish_and_clear();
-    Ok(PreprocessReport {
-        documents: docs,
-        skipped_lines: skipped,
-        bytes,
-        tokens,
-        outputs,
-        dtype,
-    })
+    Ok(PreprocessReport { documents: docs, skipped_lines: skipped, bytes, tokens, outputs, dtype })
 }

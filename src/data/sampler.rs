@@ -41,10 +41,7 @@ impl PretrainingSampler {
             micro_batch_size > 0 && dp_size > 0,
             "micro batch size and DP size must be positive"
         );
-        ensure!(
-            dp_rank < dp_size,
-            "DP rank {dp_rank} out of range for DP size {dp_size}"
-        );
+        ensure!(dp_rank < dp_size, "DP rank {dp_rank} out of range for DP size {dp_size}");
         Ok(PretrainingSampler {
             next: consumed_samples,
             total_samples,
@@ -99,10 +96,7 @@ pub struct Batch {
 
 /// Fetch and stack the samples of one micro-batch (`None` ⇒ padding sample).
 pub fn collate(ds: &PretrainDataset, indices: &[Option<usize>]) -> Result<Batch> {
-    let mut b = Batch {
-        batch_size: indices.len(),
-        ..Default::default()
-    };
+    let mut b = Batch { batch_size: indices.len(), ..Default::default() };
     for idx in indices {
         let s: Sample = match idx {
             Some(i) => ds.get(*i)?,

@@ -16,11 +16,7 @@ pub fn render_samples(
 ) -> Result<String> {
     let mut out = String::new();
     let end = (start + count).min(ds.len());
-    writeln!(
-        out,
-        "{} samples in dataset; showing {start}..{end}",
-        ds.len()
-    )?;
+    writeln!(out, "{} samples in dataset; showing {start}..{end}", ds.len())?;
     for i in start..end {
         let (src, s) = ds.get_with_source(i)?;
         let mask_sum: f32 = s.loss_mask.iter().sum();

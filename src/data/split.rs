@@ -57,10 +57,7 @@ pub fn numpy_sum(a: &[f64]) -> f64 {
 /// `normalize(weights)`: each weight divided by the float64 sum.
 pub fn normalize(w: &[f64]) -> Result<Vec<f64>> {
     let s = numpy_sum(w);
-    ensure!(
-        s > 0.0 && s.is_finite(),
-        "weights {w:?} must have a positive finite sum"
-    );
+    ensure!(s > 0.0 && s.is_finite(), "weights {w:?} must have a positive finite sum");
     Ok(w.iter().map(|x| x / s).collect())
 }
 
@@ -84,10 +81,7 @@ pub fn parse_split(s: &str) -> Result<[f64; 3]> {
     if s.contains('-') {
         bail!("bad split {s:?}: weights must be non-negative");
     }
-    ensure!(
-        !vals.is_empty(),
-        "bad split {s:?}: no weights found (expected e.g. \"969,30,1\")"
-    );
+    ensure!(!vals.is_empty(), "bad split {s:?}: no weights found (expected e.g. \"969,30,1\")");
     ensure!(
         vals.len() <= 3,
         "bad split {s:?}: {} weights, at most 3 (train,valid,test)",
@@ -105,13 +99,7 @@ pub fn split_matrix(v: &[f64; 3]) -> [Option<(f64, f64)>; 3] {
     for i in 0..3 {
         e[i + 1] = e[i] + v[i];
     }
-    std::array::from_fn(|i| {
-        if e[i + 1] <= e[i] {
-            None
-        } else {
-            Some((e[i], e[i + 1]))
-        }
-    })
+    std::array::from_fn(|i| if e[i + 1] <= e[i] { None } else { Some((e[i], e[i + 1])) })
 }
 
 /// Sequence ids `[round(a·N), round(b·N))` (Python banker's rounding) of one split.

@@ -74,17 +74,9 @@ impl HfTokenizer {
     /// else from well-known token names.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = if path.is_dir() {
-            path.join("tokenizer.json")
-        } else {
-            path.to_path_buf()
-        };
+        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
         if file.extension().is_some_and(|e| e == "model") {
-            bail!(
-                "{} looks like a SentencePiece model; {}",
-                file.display(),
-                SENTENCEPIECE_MSG
-            );
+            bail!("{} looks like a SentencePiece model; {}", file.display(), SENTENCEPIECE_MSG);
         }
         ensure!(
             file.is_file(),
@@ -104,25 +96,13 @@ impl HfTokenizer {
         let eod = config_token(&cfg, "eos_token")
             .and_then(|t| id(&t))
             .or_else(|| {
-                [
-                    "<|endoftext|>",
-                    "<|end_of_text|>",
-                    "</s>",
-                    "<eos>",
-                    "<|im_end|>",
-                    "<|eot_id|>",
-                ]
-                .iter()
-                .find_map(|t| id(t))
+                ["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>"]
+                    .iter()
+                    .find_map(|t| id(t))
             })
             .with_context(|| format!("{}: no EOS/EOD token found", file.display()))?;
         let pad = config_token(&cfg, "pad_token").and_then(|t| id(&t));
-        Ok(HfTokenizer {
-            inner,
-            eod,
-            pad,
-            add_special_tokens: false,
-        })
+        Ok(HfTokenizer { inner, eod, pad, add_special_tokens: false })
     }
 
     /// Make `encode` add the tokenizer's special tokens (e.g. BOS), as calling the HF tokenizer
@@ -143,9 +123,7 @@ impl Tokenizer for HfTokenizer {
     }
     fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids = to_u32(ids, self.vocab_size())?;
-        self.inner
-            .decode(&ids, false)
-            .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
+        self.inner.decode(&ids, false).map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
     }
     fn eod(&self) -> i64 {
         self.eod
@@ -179,11 +157,7 @@ impl Gpt2BpeTokenizer {
         let bpe = BPE::from_file(&v.display().to_string(), &m.display().to_string())
             .build()
             .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot load GPT-2 BPE from {} / {}: {e}",
-                    v.display(),
-                    m.display()
-                )
+                anyhow::anyhow!("cannot load GPT-2 BPE from {} / {}: {e}", v.display(), m.display())
             })?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
@@ -207,9 +181,7 @@ impl Tokenizer for Gpt2BpeTokenizer {
     }
     fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids = to_u32(ids, self.vocab)?;
-        self.inner
-            .decode(&ids, false)
-            .map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
+        self.inner.decode(&ids, false).map_err(|e| anyhow::anyhow!("detokenization failed: {e}"))
     }
     fn eod(&self) -> i64 {
         self.eod
@@ -233,9 +205,7 @@ pub struct NullTokenizer {
 impl NullTokenizer {
     /// `--vocab-size N`.
     pub fn new(vocab_size: usize) -> Self {
-        NullTokenizer {
-            vocab_size_without_eod: vocab_size,
-        }
+        NullTokenizer { vocab_size_without_eod: vocab_size }
     }
 }
 
@@ -256,11 +226,7 @@ impl Tokenizer for NullTokenizer {
             .collect()
     }
     fn decode(&self, ids: &[i64]) -> Result<String> {
-        Ok(ids
-            .iter()
-            .map(|i| i.to_string())
-            .collect::<Vec<_>>()
-            .join(" "))
+        Ok(ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "))
     }
     fn eod(&self) -> i64 {
         self.vocab_size_without_eod as i64
@@ -344,9 +310,7 @@ mod tests {
             tokenizer_type: Some("SentencePieceTokenizer".into()),
             ..Default::default()
         };
-        let err = build_tokenizer(&spec)
-            .err()
-            .expect("SentencePiece is refused");
+        let err = build_tokenizer(&spec).err().expect("SentencePiece is refused");
         assert!(err.to_string().contains("tokenizer.json"));
     }
 }
