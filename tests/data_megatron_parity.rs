@@ -1,6 +1,7 @@
 //! Parity with megatron-core 0.16.1 and NumPy: fixtures from scripts/fixtures/data_megatron.py.
 use std::path::{Path, PathBuf};
 
+use mbridge::data::gpt_dataset::ltor_attention_mask;
 use mbridge::data::indexed::{bin_path, idx_path};
 use mbridge::data::numpy_rng::{Pcg64Generator, RandomState};
 use mbridge::data::{
@@ -240,6 +241,21 @@ fn sample_tensors_match_megatron_getitem() {
     let items = load("gpt_items.json");
     let cache = tempfile::tempdir().unwrap();
     for it in items.as_array().unwrap() {
+        if let Some(masks) = it.get("attention_masks") {
+            let p = params(1234, Some("90,8,2"), cache.path());
+            let blend =
+                BlendSpec::Blend(Blend { prefixes: vec![prefix("corpus_a")], weights: None });
+            let ds = build_gpt_datasets(&p, &blend, [Some(50), Some(5), Some(5)]).unwrap();
+            let train = ds[0].as_ref().unwrap();
+            assert_eq!(masks.as_array().unwrap().len(), 2);
+            for m in masks.as_array().unwrap() {
+                let s = train.get(m["idx"].as_u64().unwrap() as usize).unwrap();
+                let got: Vec<i64> =
+                    ltor_attention_mask(&s.tokens, 0, true).into_iter().map(i64::from).collect();
+                assert_eq!(got, ints(&m["mask"]), "attention mask of sample {}", m["idx"]);
+            }
+            continue;
+        }
         let mut p = params(1234, Some("90,8,2"), cache.path());
         p.reset_position_ids = it["rp"].as_bool().unwrap();
         p.eod_mask_loss = it["em"].as_bool().unwrap();
