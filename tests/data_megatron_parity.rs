@@ -1,6 +1,7 @@
 //! Parity with megatron-core 0.16.1 and NumPy: fixtures from scripts/fixtures/data_megatron.py.
 use std::path::{Path, PathBuf};
 
+use mbridge::data::gpt_dataset::ltor_attention_mask;
 use mbridge::data::indexed::{bin_path, idx_path};
 use mbridge::data::numpy_rng::{Pcg64Generator, RandomState};
 use mbridge::data::{
@@ -73,7 +74,7 @@ fn indexed_reader_and_writer_match_megatron_bytes() {
     let mut w = IndexedDatasetBuilder::new(bin_path(&out), DType::U16).unwrap();
     for (i, d) in docs_a.iter().enumerate() {
         let toks = ints(d);
-        assert_eq!(a.get(i, 0, None), toks);
+        assert_eq!(a.get(i, 0, None).unwrap(), toks);
         w.add_document(&toks, &[toks.len()]).unwrap();
     }
     w.finalize(idx_path(&out)).unwrap();
@@ -94,7 +95,7 @@ fn indexed_reader_and_writer_match_megatron_bytes() {
             continue;
         }
         for s in &sents {
-            assert_eq!(b.get(seq, 0, None), *s);
+            assert_eq!(b.get(seq, 0, None).unwrap(), *s);
             seq += 1;
         }
         let lens: Vec<usize> = sents.iter().map(|s| s.len()).collect();
@@ -114,7 +115,7 @@ fn indexed_reader_and_writer_match_megatron_bytes() {
     w.finalize(idx_path(&out)).unwrap();
     let ab = IndexedDataset::open(&out).unwrap();
     assert_eq!(ab.len(), 2 * a.len());
-    assert_eq!(ab.get(a.len() + 3, 0, None), a.get(3, 0, None));
+    assert_eq!(ab.get(a.len() + 3, 0, None).unwrap(), a.get(3, 0, None).unwrap());
     assert_eq!(ab.document_indices().last().copied(), Some(2 * a.len() as i64));
 }
 
@@ -141,22 +142,26 @@ fn check_split(got: &PretrainDataset, want: &Value, what: &str) {
         PretrainDataset::Gpt(d) => {
             let ix = d.indices();
             if let Some(di) = want.get("document_index") {
-                let doc: Vec<i64> = ix.document_index.iter().map(|&x| x as i64).collect();
+                let doc: Vec<i64> = ix.document_index.to_i64();
                 assert_eq!(doc, ints(di), "{what} document_index");
-                assert_eq!(ix.shuffle_index, ints(&want["shuffle_index"]), "{what} shuffle_index");
+                assert_eq!(
+                    ix.shuffle_index.to_i64(),
+                    ints(&want["shuffle_index"]),
+                    "{what} shuffle_index"
+                );
             }
             if let Some(si) = want.get("sample_index") {
-                let flat: Vec<i64> = ix.sample_index.iter().flatten().copied().collect();
+                let flat: Vec<i64> = ix.sample_index.to_i64();
                 let want_flat: Vec<i64> = si.as_array().unwrap().iter().flat_map(ints).collect();
                 assert_eq!(flat, want_flat, "{what} sample_index");
             }
         }
         PretrainDataset::Blended(b) => {
             let (di, dsi) = b.blending_indices();
-            let di: Vec<i64> = di.iter().map(|&x| x as i64).collect();
+            let di: Vec<i64> = di.to_i64();
             assert_eq!(di, ints(&want["dataset_index"]), "{what} dataset_index");
             assert_eq!(
-                dsi.to_vec(),
+                dsi.to_i64(),
                 ints(&want["dataset_sample_index"]),
                 "{what} dataset_sample_index"
             );
@@ -188,6 +193,7 @@ fn gpt_and_blended_datasets_match_megatron() {
             "blend_ab_unweighted" => {
                 Blend { prefixes: vec![prefix("corpus_a"), prefix("corpus_b")], weights: None }
             }
+            "no_extra" => Blend { prefixes: vec![prefix("corpus_a")], weights: None },
             "per_split" => Blend { prefixes: vec![], weights: None },
             other => panic!("unknown case {other}"),
         };
@@ -203,7 +209,10 @@ fn gpt_and_blended_datasets_match_megatron() {
         };
         let cache = tempfile::tempdir().unwrap();
         let mut p = params(seed, case["split"].as_str(), cache.path());
-        if name == "valid_keep_partial" {
+        if name == "no_extra" {
+            p.add_extra_token_to_sequence = false;
+        }
+        if name == "valid_keep_partial" || name == "no_extra" {
             p.drop_last_partial_validation_sequence = false;
             p.pad_id = case["pad"].as_i64().unwrap();
         }
@@ -232,10 +241,26 @@ fn sample_tensors_match_megatron_getitem() {
     let items = load("gpt_items.json");
     let cache = tempfile::tempdir().unwrap();
     for it in items.as_array().unwrap() {
+        if let Some(masks) = it.get("attention_masks") {
+            let p = params(1234, Some("90,8,2"), cache.path());
+            let blend =
+                BlendSpec::Blend(Blend { prefixes: vec![prefix("corpus_a")], weights: None });
+            let ds = build_gpt_datasets(&p, &blend, [Some(50), Some(5), Some(5)]).unwrap();
+            let train = ds[0].as_ref().unwrap();
+            assert_eq!(masks.as_array().unwrap().len(), 2);
+            for m in masks.as_array().unwrap() {
+                let s = train.get(m["idx"].as_u64().unwrap() as usize).unwrap();
+                let got: Vec<i64> =
+                    ltor_attention_mask(&s.tokens, 0, true).into_iter().map(i64::from).collect();
+                assert_eq!(got, ints(&m["mask"]), "attention mask of sample {}", m["idx"]);
+            }
+            continue;
+        }
         let mut p = params(1234, Some("90,8,2"), cache.path());
         p.reset_position_ids = it["rp"].as_bool().unwrap();
         p.eod_mask_loss = it["em"].as_bool().unwrap();
         p.pad_id = it["pad"].as_i64().unwrap_or(-1);
+        p.add_extra_token_to_sequence = it["extra"].as_bool().unwrap();
         let blend = BlendSpec::Blend(Blend { prefixes: vec![prefix("corpus_a")], weights: None });
         let ds = build_gpt_datasets(&p, &blend, [Some(50), Some(5), Some(5)]).unwrap();
         let train = ds[0].as_ref().unwrap();

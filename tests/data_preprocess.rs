@@ -51,15 +51,17 @@ fn null_tokenizer_jsonl_matches_builder_layout() {
         }
         let got: Vec<i64> = {
             let docs = text_ds.document_indices();
-            (docs[d] as usize..docs[d + 1] as usize).flat_map(|s| text_ds.get(s, 0, None)).collect()
+            (docs[d] as usize..docs[d + 1] as usize)
+                .flat_map(|s| text_ds.get(s, 0, None).unwrap())
+                .collect()
         };
         assert_eq!(got, want, "document {d}");
     }
     // A list value is a list of sentences: empty sentences dropped, EOD joins the last one.
     let title = IndexedDataset::open(dir.path().join("out/corpus_title_document")).unwrap();
     assert_eq!(title.len(), 2 * 5000);
-    assert_eq!(title.get(1, 0, None), vec![5, 100]);
-    assert_eq!(title.get(2, 0, None), vec![1]);
+    assert_eq!(title.get(1, 0, None).unwrap(), vec![5, 100]);
+    assert_eq!(title.get(2, 0, None).unwrap(), vec![1]);
     // No temporary files are left.
     let names: Vec<String> = std::fs::read_dir(dir.path().join("out"))
         .unwrap()
@@ -83,7 +85,7 @@ fn hf_tokenizer_plain_text() {
     assert_eq!(ds.num_documents(), 3);
     let mut want = tok.encode("The lazy fox.").unwrap();
     want.push(tok.eod());
-    assert_eq!(ds.get(0, 0, None), want);
+    assert_eq!(ds.get(0, 0, None).unwrap(), want);
     // The empty line is an empty document: a boundary without sequences.
     assert_eq!(ds.document_indices(), vec![0, 1, 1, 2]);
 }
@@ -114,7 +116,7 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
     let r = preprocess(&c, &tok).unwrap();
     assert_eq!((r.documents, r.skipped_lines), (2, 1));
     let ds = IndexedDataset::open(dir.path().join("bad_text_document")).unwrap();
-    assert_eq!(ds.get(1, 0, None), vec![3, 10]);
+    assert_eq!(ds.get(1, 0, None).unwrap(), vec![3, 10]);
     assert!(bin_path(&dir.path().join("bad_text_document")).is_file());
     assert!(idx_path(&dir.path().join("bad_text_document")).is_file());
     // Missing input.
@@ -123,4 +125,57 @@ fn bad_line_reports_line_number_and_leaves_nothing() {
         preprocess(&cfg(&dir.path().join("nope.jsonl"), &prefix, &["text"]), &tok).unwrap_err()
     );
     assert!(msg.contains("nope.jsonl"), "{msg}");
+}
+
+#[test]
+fn output_is_byte_identical_to_megatron_reference() {
+    // Reference written by scripts/fixtures/data_preprocess.py (Megatron's Encoder logic +
+    // megatron-core's IndexedDatasetBuilder) for the same JSONL and tokenizer.
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data");
+    let dir = tempfile::tempdir().unwrap();
+    let tok = HfTokenizer::from_path(fx.join("tok")).unwrap();
+    let prefix = dir.path().join("mine");
+    let mut c = cfg(&fx.join("preprocess_input.jsonl"), &prefix, &["text", "title"]);
+    c.workers = 2;
+    preprocess(&c, &tok).unwrap();
+    for key in ["text", "title"] {
+        for ext in ["bin", "idx"] {
+            let mine =
+                std::fs::read(dir.path().join(format!("mine_{key}_document.{ext}"))).unwrap();
+            let want =
+                std::fs::read(fx.join(format!("preprocess_ref_{key}_document.{ext}"))).unwrap();
+            assert_eq!(mine, want, "{key} .{ext}");
+        }
+    }
+}
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: mbridge::cli::preprocess_data::PreprocessDataArgs,
+}
+
+#[test]
+fn megatron_flag_names_parse_and_run() {
+    use clap::Parser;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, "{\"text\": \"1 2 3\", \"title\": \"4\"}\n").unwrap();
+    let prefix = dir.path().join("cli");
+    let argv = |extra: &[&str]| {
+        let mut v =
+            vec!["mbridge", "--input", input.to_str().unwrap(), "--json-keys", "text", "title"];
+        v.extend(["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"]);
+        v.extend(["--output-prefix", prefix.to_str().unwrap(), "--append-eod", "--workers", "2"]);
+        v.extend(["--log-interval", "1"]);
+        v.extend_from_slice(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let cli = Cli::try_parse_from(argv(&[])).unwrap();
+    mbridge::cli::preprocess_data::run(cli.args).unwrap();
+    let ds = IndexedDataset::open(dir.path().join("cli_title_document")).unwrap();
+    assert_eq!(ds.get(0, 0, None).unwrap(), vec![4, 100]);
+    let cli = Cli::try_parse_from(argv(&["--split-sentences"])).unwrap();
+    let e = mbridge::cli::preprocess_data::run(cli.args).unwrap_err();
+    assert!(e.to_string().contains("--split-sentences"), "{e}");
 }

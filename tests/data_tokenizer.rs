@@ -22,6 +22,7 @@ fn hf_and_gpt2_match_python() {
     assert_eq!(hf.vocab_size() as u64, exp["vocab_size"].as_u64().unwrap());
     assert_eq!(hf.eod(), exp["eod"].as_i64().unwrap());
     assert_eq!(hf.pad(), exp["pad"].as_i64());
+    assert_eq!(mbridge::data::tokenizer::dataset_pad_id(&hf, false), 1);
     let g =
         Gpt2BpeTokenizer::from_files(tok_dir().join("vocab.json"), tok_dir().join("merges.txt"))
             .unwrap();

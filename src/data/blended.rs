@@ -2,7 +2,7 @@
 //! (gpt-dataset.md §1, §9).
 use anyhow::{bail, ensure, Context, Result};
 
-use super::cache::{describe, npy_bytes, CacheEntry, NpyDtype};
+use super::cache::{describe, npy_bytes, CacheEntry, IndexVec, NpyDtype};
 use super::gpt_dataset::{GptDataset, Sample};
 use super::split::normalize;
 
@@ -99,6 +99,47 @@ pub fn parse_blend(items: &[serde_json::Value]) -> Result<Blend> {
     get_blend_from_list(&strs)
 }
 
+/// `--data-path`-style string: whitespace-separated `[weight] prefix` list.
+pub fn parse_blend_str(s: &str) -> Result<Blend> {
+    let items: Vec<String> = s.split_whitespace().map(str::to_string).collect();
+    get_blend_from_list(&items)
+}
+
+impl BlendSpec {
+    /// From the config fields: `blend` (a list like `[0.3, "a", 0.7, "b"]`) or
+    /// `blend_per_split` (three optional lists); neither ⇒ mock data; both ⇒ error.
+    pub fn from_config(
+        blend: Option<&[serde_json::Value]>,
+        blend_per_split: Option<&[Option<Vec<serde_json::Value>>]>,
+    ) -> Result<BlendSpec> {
+        let per_split = blend_per_split.filter(|b| b.iter().any(Option::is_some));
+        match (blend, per_split) {
+            (Some(_), Some(_)) => {
+                bail!("dataset.blend and dataset.blend_per_split are mutually exclusive")
+            }
+            (Some(b), None) => Ok(BlendSpec::Blend(parse_blend(b)?)),
+            (None, Some(ps)) => {
+                ensure!(
+                    ps.len() == 3,
+                    "dataset.blend_per_split needs 3 entries (train, valid, test), got {}",
+                    ps.len()
+                );
+                let mut out: [Option<Blend>; 3] = [None, None, None];
+                for (i, b) in ps.iter().enumerate() {
+                    if let Some(b) = b {
+                        out[i] = Some(
+                            parse_blend(b)
+                                .with_context(|| format!("dataset.blend_per_split[{i}]"))?,
+                        );
+                    }
+                }
+                Ok(BlendSpec::PerSplit(out))
+            }
+            (None, None) => Ok(BlendSpec::Mock),
+        }
+    }
+}
+
 /// `helpers.cpp::build_blending_indices`: greedy error-minimising schedule of `size` samples.
 pub fn build_blending_indices(weights: &[f64], size: usize) -> (Vec<i16>, Vec<i64>) {
     let mut cur = vec![0i64; weights.len()];
@@ -157,8 +198,8 @@ pub fn build_exhaustive_blending_indices(lengths: &[usize]) -> (Vec<i16>, Vec<i6
 pub struct BlendedDataset {
     datasets: Vec<GptDataset>,
     weights: Vec<f64>,
-    dataset_index: Vec<i16>,
-    dataset_sample_index: Vec<i64>,
+    dataset_index: IndexVec,
+    dataset_sample_index: IndexVec,
 }
 
 impl BlendedDataset {
@@ -199,11 +240,13 @@ impl BlendedDataset {
         }));
         let entry = cache_dir.map(|d| CacheEntry::new(d, "BlendedDataset", split.name(), desc));
         let names = ["dataset_index", "dataset_sample_index"];
-        let cached = entry.as_ref().filter(|e| e.is_valid(&names)).and_then(|e| {
-            let (a, _) = e.load("dataset_index").ok()?;
-            let (b, _) = e.load("dataset_sample_index").ok()?;
-            (a.len() == b.len()).then(|| (a.into_iter().map(|x| x as i16).collect::<Vec<_>>(), b))
-        });
+        let load = |e: &CacheEntry| -> Option<(IndexVec, IndexVec)> {
+            let (a, _) = e.load_mapped("dataset_index").ok()?;
+            let (b, _) = e.load_mapped("dataset_sample_index").ok()?;
+            let ok = a.dtype() == NpyDtype::I16 && b.dtype() == NpyDtype::I64 && a.len() == b.len();
+            ok.then_some((a, b))
+        };
+        let cached = entry.as_ref().filter(|e| e.is_valid(&names)).and_then(load);
         let (dataset_index, dataset_sample_index) = match cached {
             Some(c) => c,
             None => {
@@ -214,25 +257,27 @@ impl BlendedDataset {
                         build_exhaustive_blending_indices(&lens)
                     }
                 };
-                if let Some(e) = &entry {
-                    let a: Vec<i64> = built.0.iter().map(|&x| x as i64).collect();
-                    e.store(&[
-                        ("dataset_index", npy_bytes(&a, &[a.len()], NpyDtype::I16)),
-                        (
-                            "dataset_sample_index",
-                            npy_bytes(&built.1, &[built.1.len()], NpyDtype::I64),
-                        ),
-                    ])?;
+                let (a, b) = (IndexVec::I16(built.0), IndexVec::I64(built.1));
+                match &entry {
+                    Some(e) => {
+                        e.store(&[
+                            ("dataset_index", npy_bytes(&a, &[a.len()])),
+                            ("dataset_sample_index", npy_bytes(&b, &[b.len()])),
+                        ])?;
+                        // Serve from the mapped cache, freeing the heap copy.
+                        load(e).unwrap_or((a, b))
+                    }
+                    None => (a, b),
                 }
-                built
             }
         };
-        // Every child must hold the samples the schedule asks of it.
+        // Every child must hold the samples the schedule asks of it (a damaged cache fails
+        // here too, naming the dataset).
         let mut need = vec![0i64; datasets.len()];
-        for (&d, &s) in dataset_index.iter().zip(&dataset_sample_index) {
-            let d = d as usize;
-            ensure!(d < datasets.len(), "blend index refers to dataset {d}");
-            need[d] = need[d].max(s + 1);
+        for k in 0..dataset_index.len() {
+            let (d, s) = (dataset_index.get(k), dataset_sample_index.get(k));
+            ensure!(d >= 0 && (d as usize) < datasets.len(), "blend index refers to dataset {d}");
+            need[d as usize] = need[d as usize].max(s + 1);
         }
         for (d, ds) in datasets.iter().enumerate() {
             ensure!(
@@ -263,14 +308,14 @@ impl BlendedDataset {
     pub fn datasets(&self) -> &[GptDataset] {
         &self.datasets
     }
-    /// `(dataset_index, dataset_sample_index)` arrays.
-    pub fn blending_indices(&self) -> (&[i16], &[i64]) {
+    /// `(dataset_index, dataset_sample_index)` arrays (int16, int64).
+    pub fn blending_indices(&self) -> (&IndexVec, &IndexVec) {
         (&self.dataset_index, &self.dataset_sample_index)
     }
     /// Which child and which of its samples serve blended sample `idx`.
     pub fn locate(&self, idx: usize) -> Result<(usize, usize)> {
         ensure!(idx < self.len(), "sample {idx} out of range: blend has {} samples", self.len());
-        Ok((self.dataset_index[idx] as usize, self.dataset_sample_index[idx] as usize))
+        Ok((self.dataset_index.get(idx) as usize, self.dataset_sample_index.get(idx) as usize))
     }
     /// Sample `idx` and the id of the dataset it came from.
     pub fn get(&self, idx: usize) -> Result<(usize, Sample)> {
@@ -307,6 +352,11 @@ mod tests {
         assert_eq!(get_blend_from_list(&s(&["a", "b"])).unwrap().weights, None);
         let j: Vec<serde_json::Value> = serde_json::from_str(r#"[0.3, "a", 0.7, "b"]"#).unwrap();
         assert_eq!(parse_blend(&j).unwrap().weights, Some(vec![0.3, 0.7]));
+        assert_eq!(parse_blend_str("0.3 a 0.7 b").unwrap().prefixes, s(&["a", "b"]));
+        assert_eq!(BlendSpec::from_config(None, None).unwrap(), BlendSpec::Mock);
+        assert!(BlendSpec::from_config(Some(&j), Some(&[Some(j.clone()), None, None])).is_err());
+        let ps = BlendSpec::from_config(None, Some(&[Some(j.clone()), None, None])).unwrap();
+        assert!(matches!(ps, BlendSpec::PerSplit([Some(_), None, None])));
         let bad: Vec<serde_json::Value> = serde_json::from_str(r#"[0.3, "a", 0.7]"#).unwrap();
         assert!(parse_blend(&bad).unwrap_err().to_string().contains("odd length"));
         let neg: Vec<serde_json::Value> = serde_json::from_str(r#"[-0.3, "a", 0.7, "b"]"#).unwrap();

@@ -166,6 +166,24 @@ fn build_blend(
     Ok(out)
 }
 
+/// `train_valid_test_num_samples` (gpt-dataset.md §3, MLM semantics):
+/// `[train_iters·gbs, eval_iters·eval_gbs·(train_iters/eval_interval + 1), eval_iters·eval_gbs]`;
+/// `eval_interval` None means evaluation only at the end (one run).
+pub fn train_valid_test_num_samples(
+    train_iters: usize,
+    global_batch_size: usize,
+    eval_iters: usize,
+    eval_global_batch_size: usize,
+    eval_interval: Option<usize>,
+) -> [usize; 3] {
+    let runs = eval_interval.filter(|&i| i > 0).map_or(1, |i| train_iters / i + 1);
+    [
+        train_iters * global_batch_size,
+        eval_iters * eval_global_batch_size * runs,
+        eval_iters * eval_global_batch_size,
+    ]
+}
+
 /// Build train/valid/test datasets as megatron-core's builder does.
 ///
 /// `split_sample_counts[i]` is the number of samples split i must serve (Megatron's
@@ -219,5 +237,17 @@ pub fn build_gpt_datasets(
             }
             Ok(out)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_counts() {
+        assert_eq!(train_valid_test_num_samples(100, 8, 5, 4, Some(50)), [800, 60, 20]);
+        assert_eq!(train_valid_test_num_samples(100, 8, 0, 4, Some(50)), [800, 0, 0]);
+        assert_eq!(train_valid_test_num_samples(100, 8, 2, 4, None), [800, 8, 8]);
     }
 }

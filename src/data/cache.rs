@@ -6,9 +6,11 @@
 //! cache written by another configuration is rebuilt, never silently reused.
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use md5::{Digest, Md5};
+use memmap2::Mmap;
 
 /// Element types the index caches use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,9 +43,123 @@ impl NpyDtype {
     }
 }
 
+/// A read-only `.npy` payload inside a memory map (shared page cache across ranks, as
+/// megatron-core's `numpy.load(mmap_mode="r")`).
+#[derive(Clone)]
+pub struct MappedArray {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+    dtype: NpyDtype,
+}
+
+impl std::fmt::Debug for MappedArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedArray({:?} x {})", self.dtype, self.len)
+    }
+}
+
+impl MappedArray {
+    fn get(&self, i: usize) -> i64 {
+        let sz = self.dtype.size();
+        let b = &self.map[self.start + i * sz..self.start + (i + 1) * sz];
+        match self.dtype {
+            NpyDtype::I16 => i16::from_le_bytes([b[0], b[1]]) as i64,
+            NpyDtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as i64,
+            NpyDtype::U32 => u32::from_le_bytes(b.try_into().unwrap()) as i64,
+            NpyDtype::I64 => i64::from_le_bytes(b.try_into().unwrap()),
+        }
+    }
+}
+
+/// A typed index array as stored in a `.npy` cache: owned in its narrow dtype while being
+/// built, memory-mapped once it is cached.
+#[derive(Debug, Clone)]
+pub enum IndexVec {
+    /// `<i2`
+    I16(Vec<i16>),
+    /// `<i4`
+    I32(Vec<i32>),
+    /// `<u4`
+    U32(Vec<u32>),
+    /// `<i8`
+    I64(Vec<i64>),
+    /// A memory-mapped cache array.
+    Mapped(MappedArray),
+}
+
+impl PartialEq for IndexVec {
+    /// Equal when the values are equal, whatever the storage.
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && (0..self.len()).all(|i| self.get(i) == other.get(i))
+    }
+}
+
+impl IndexVec {
+    /// An empty array of `dtype` with room for `cap` items.
+    pub fn with_capacity(dtype: NpyDtype, cap: usize) -> Self {
+        match dtype {
+            NpyDtype::I16 => IndexVec::I16(Vec::with_capacity(cap)),
+            NpyDtype::I32 => IndexVec::I32(Vec::with_capacity(cap)),
+            NpyDtype::U32 => IndexVec::U32(Vec::with_capacity(cap)),
+            NpyDtype::I64 => IndexVec::I64(Vec::with_capacity(cap)),
+        }
+    }
+    /// Append (the caller picked a dtype wide enough, as megatron-core does).
+    pub fn push(&mut self, v: i64) {
+        match self {
+            IndexVec::I16(x) => x.push(v as i16),
+            IndexVec::I32(x) => x.push(v as i32),
+            IndexVec::U32(x) => x.push(v as u32),
+            IndexVec::I64(x) => x.push(v),
+            // Only freshly built (owned) arrays are appended to.
+            IndexVec::Mapped(_) => unreachable!("push on a memory-mapped cache array"),
+        }
+    }
+    /// Element `i` widened to i64.
+    pub fn get(&self, i: usize) -> i64 {
+        match self {
+            IndexVec::I16(x) => x[i] as i64,
+            IndexVec::I32(x) => x[i] as i64,
+            IndexVec::U32(x) => x[i] as i64,
+            IndexVec::I64(x) => x[i],
+            IndexVec::Mapped(m) => m.get(i),
+        }
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            IndexVec::I16(x) => x.len(),
+            IndexVec::I32(x) => x.len(),
+            IndexVec::U32(x) => x.len(),
+            IndexVec::I64(x) => x.len(),
+            IndexVec::Mapped(m) => m.len,
+        }
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// All elements widened to i64.
+    pub fn to_i64(&self) -> Vec<i64> {
+        (0..self.len()).map(|i| self.get(i)).collect()
+    }
+    /// The element dtype.
+    pub fn dtype(&self) -> NpyDtype {
+        match self {
+            IndexVec::I16(_) => NpyDtype::I16,
+            IndexVec::I32(_) => NpyDtype::I32,
+            IndexVec::U32(_) => NpyDtype::U32,
+            IndexVec::I64(_) => NpyDtype::I64,
+            IndexVec::Mapped(m) => m.dtype,
+        }
+    }
+}
+
 /// Serialize a C-order array of `shape` as `.npy` v1.0 bytes (same header text and 64-byte
 /// alignment as `numpy.save`).
-pub fn npy_bytes(values: &[i64], shape: &[usize], dtype: NpyDtype) -> Vec<u8> {
+pub fn npy_bytes(values: &IndexVec, shape: &[usize]) -> Vec<u8> {
+    let dtype = values.dtype();
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
         _ => format!("({})", shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
@@ -57,20 +173,20 @@ pub fn npy_bytes(values: &[i64], shape: &[usize], dtype: NpyDtype) -> Vec<u8> {
     out.extend_from_slice(b"\x93NUMPY\x01\x00");
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
-    for &v in values {
-        match dtype {
-            NpyDtype::I16 => out.extend_from_slice(&(v as i16).to_le_bytes()),
-            NpyDtype::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
-            NpyDtype::U32 => out.extend_from_slice(&(v as u32).to_le_bytes()),
-            NpyDtype::I64 => out.extend_from_slice(&v.to_le_bytes()),
+    match values {
+        IndexVec::I16(x) => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::I32(x) => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::U32(x) => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::I64(x) => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        IndexVec::Mapped(m) => {
+            out.extend_from_slice(&m.map[m.start..m.start + m.len * dtype.size()]);
         }
     }
     out
 }
 
-/// Read a `.npy` file of one of [`NpyDtype`]; returns values as i64 and the shape.
-pub fn read_npy(path: &Path) -> Result<(Vec<i64>, Vec<usize>)> {
-    let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+/// Parse a `.npy` header: dtype, shape and the byte offset of the data (checked for size).
+fn parse_npy(b: &[u8], path: &Path) -> Result<(NpyDtype, Vec<usize>, usize)> {
     ensure!(b.len() >= 10 && &b[..6] == b"\x93NUMPY", "{} is not a .npy file", path.display());
     let (hlen, hstart) = match b[6] {
         1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
@@ -104,24 +220,46 @@ pub fn read_npy(path: &Path) -> Result<(Vec<i64>, Vec<usize>)> {
         .collect::<std::result::Result<_, _>>()
         .with_context(|| format!("{}: bad shape {shape_txt}", path.display()))?;
     let count: usize = shape.iter().product();
-    let data = &b[hstart + hlen..];
+    let data = b.len() - hstart - hlen;
     ensure!(
-        data.len() == count * dtype.size(),
-        "{}: {} data bytes, shape {shape:?} needs {}",
+        data == count * dtype.size(),
+        "{}: {data} data bytes, shape {shape:?} needs {}",
         path.display(),
-        data.len(),
         count * dtype.size()
     );
-    let vals = data
-        .chunks_exact(dtype.size())
-        .map(|c| match dtype {
-            NpyDtype::I16 => i16::from_le_bytes([c[0], c[1]]) as i64,
-            NpyDtype::I32 => i32::from_le_bytes(c.try_into().unwrap()) as i64,
-            NpyDtype::U32 => u32::from_le_bytes(c.try_into().unwrap()) as i64,
-            NpyDtype::I64 => i64::from_le_bytes(c.try_into().unwrap()),
-        })
-        .collect();
+    Ok((dtype, shape, hstart + hlen))
+}
+
+/// Read a `.npy` file of one of [`NpyDtype`] into memory; returns values and shape.
+pub fn read_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
+    let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (dtype, shape, off) = parse_npy(&b, path)?;
+    let chunks = b[off..].chunks_exact(dtype.size());
+    let vals = match dtype {
+        NpyDtype::I16 => IndexVec::I16(chunks.map(|c| i16::from_le_bytes([c[0], c[1]])).collect()),
+        NpyDtype::I32 => {
+            IndexVec::I32(chunks.map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        NpyDtype::U32 => {
+            IndexVec::U32(chunks.map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        NpyDtype::I64 => {
+            IndexVec::I64(chunks.map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+    };
     Ok((vals, shape))
+}
+
+/// Memory-map a `.npy` file (values are decoded on access).
+pub fn map_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: cache files are written once under a temporary name and renamed into place,
+    // never modified afterwards, so the mapping stays valid.
+    let map =
+        unsafe { Mmap::map(&f) }.with_context(|| format!("cannot mmap {}", path.display()))?;
+    let (dtype, shape, start) = parse_npy(&map, path)?;
+    let len = shape.iter().product();
+    Ok((IndexVec::Mapped(MappedArray { map: Arc::new(map), start, len, dtype }), shape))
 }
 
 /// Write `bytes` to `path` through a temporary name and a rename, so readers never see a
@@ -189,8 +327,13 @@ impl CacheEntry {
     }
 
     /// Load one array of the entry.
-    pub fn load(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+    pub fn load(&self, name: &str) -> Result<(IndexVec, Vec<usize>)> {
         read_npy(&self.path(&format!("{name}.npy")))
+    }
+
+    /// Memory-map one array of the entry.
+    pub fn load_mapped(&self, name: &str) -> Result<(IndexVec, Vec<usize>)> {
+        map_npy(&self.path(&format!("{name}.npy")))
     }
 }
 
@@ -200,7 +343,8 @@ mod tests {
 
     #[test]
     fn npy_roundtrip_and_header() {
-        let b = npy_bytes(&[1, 2, 3, 4, 5, 6], &[3, 2], NpyDtype::I32);
+        let v = IndexVec::I32(vec![1, 2, 3, 4, 5, 6]);
+        let b = npy_bytes(&v, &[3, 2]);
         assert_eq!((b.len() - 24) % 64, 0);
         assert!(std::str::from_utf8(&b[10..74])
             .unwrap()
@@ -208,7 +352,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.npy");
         write_atomic(&p, &b).unwrap();
-        assert_eq!(read_npy(&p).unwrap(), (vec![1, 2, 3, 4, 5, 6], vec![3, 2]));
+        assert_eq!(read_npy(&p).unwrap(), (v.clone(), vec![3, 2]));
+        let (m, shape) = map_npy(&p).unwrap();
+        assert!(matches!(m, IndexVec::Mapped(_)));
+        assert_eq!((m.to_i64(), shape), (vec![1, 2, 3, 4, 5, 6], vec![3, 2]));
+        assert_eq!(npy_bytes(&m, &[3, 2]), b);
+        std::fs::write(&p, &b[..b.len() - 1]).unwrap();
+        assert!(map_npy(&p).is_err());
         assert_eq!(md5_hex(""), "d41d8cd98f00b204e9800998ecf8427e");
     }
 }

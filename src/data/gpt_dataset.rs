@@ -17,7 +17,7 @@ pub trait LowLevelDataset: Send + Sync + std::fmt::Debug {
     /// Token count of every sequence.
     fn sequence_lengths(&self) -> &[i32];
     /// `length` tokens of sequence `idx` from `offset` (to its end when None).
-    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Vec<i64>;
+    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Result<Vec<i64>>;
     /// True for synthetic data, which is never cached (Megatron caches only real prefixes).
     fn is_mock(&self) -> bool {
         false
@@ -31,7 +31,7 @@ impl LowLevelDataset for IndexedDataset {
     fn sequence_lengths(&self) -> &[i32] {
         IndexedDataset::sequence_lengths(self)
     }
-    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Vec<i64> {
+    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Result<Vec<i64>> {
         IndexedDataset::get(self, idx, offset, length)
     }
 }
@@ -230,14 +230,18 @@ impl GptDataset {
                 .with_context(|| {
                     format!("building GPTDataset indices for {prefix} ({})", split.name())
                 })?;
-                if let Some(e) = &entry {
-                    store_cached(e, &ix, sizes)?;
+                match &entry {
+                    Some(e) => {
+                        store_cached(e, &ix)?;
+                        // Serve from the mapped cache, as later runs do, freeing the heap copy.
+                        load_cached(e, sizes).unwrap_or(ix)
+                    }
+                    None => ix,
                 }
-                ix
             }
         };
         if let Some(n) = num_samples {
-            ensure!(n <= indices.shuffle_index.len(), "cached index holds fewer samples than {n}");
+            ensure!(n <= indices.num_samples(), "cached index holds fewer samples than {n}");
         }
         Ok(GptDataset {
             low,
@@ -251,7 +255,7 @@ impl GptDataset {
 
     /// Number of samples (all epochs built, ≥ the requested count).
     pub fn len(&self) -> usize {
-        self.indices.shuffle_index.len()
+        self.indices.num_samples()
     }
     /// True when no sample was built.
     pub fn is_empty(&self) -> bool {
@@ -282,19 +286,19 @@ impl GptDataset {
     pub fn text(&self, idx: usize) -> Result<Vec<i64>> {
         ensure!(idx < self.len(), "sample {idx} out of range: dataset has {} samples", self.len());
         let ix = &self.indices;
-        let j = ix.shuffle_index[idx] as usize;
-        let [b, ob] = ix.sample_index[j];
-        let [e, oe] = ix.sample_index[j + 1];
+        let j = ix.shuffled(idx);
+        let [b, ob] = ix.sample(j);
+        let [e, oe] = ix.sample(j + 1);
         let extra = self.params.add_extra_token_to_sequence as i64;
-        let doc = |p: i64| ix.document_index[p as usize] as usize;
+        let doc = |p: i64| ix.document_index.get(p as usize) as usize;
         let mut text = Vec::with_capacity(self.params.seq_length + 1);
         if b == e {
-            text.extend(self.low.get(doc(b), ob as usize, Some((oe - ob + extra) as usize)));
+            text.extend(self.low.get(doc(b), ob as usize, Some((oe - ob + extra) as usize))?);
         } else {
             for i in b..=e {
                 let off = if i > b { 0 } else { ob as usize };
                 let len = if i < e { None } else { Some((oe + extra) as usize) };
-                text.extend(self.low.get(doc(i), off, len));
+                text.extend(self.low.get(doc(i), off, len)?);
             }
         }
         let want = self.params.seq_length + extra as usize;

@@ -2,18 +2,46 @@
 //! (gpt-dataset.md §5–6), and their `.npy` cache form.
 use anyhow::{bail, ensure, Result};
 
-use super::cache::{npy_bytes, CacheEntry, NpyDtype};
+use super::cache::{npy_bytes, CacheEntry, IndexVec, NpyDtype};
 use super::numpy_rng::RandomState;
 
-/// The three index arrays of a GPTDataset.
+/// The three index arrays of a GPTDataset, kept in megatron-core's narrow dtypes (int32
+/// sample index and uint32 shuffle index unless the data is too large) to halve memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GptIndices {
-    /// Document (sequence) ids in epoch order.
-    pub document_index: Vec<i32>,
-    /// `[m+1]` pairs (position in document_index, token offset).
-    pub sample_index: Vec<[i64; 2]>,
+    /// Document (sequence) ids in epoch order (int32).
+    pub document_index: IndexVec,
+    /// `[m+1, 2]` row-major pairs (position in document_index, token offset).
+    pub sample_index: IndexVec,
     /// Permutation of `0..m`.
-    pub shuffle_index: Vec<i64>,
+    pub shuffle_index: IndexVec,
+}
+
+impl GptIndices {
+    /// Number of samples `m`.
+    pub fn num_samples(&self) -> usize {
+        self.shuffle_index.len()
+    }
+    /// Row `j` of the sample index.
+    pub fn sample(&self, j: usize) -> [i64; 2] {
+        [self.sample_index.get(2 * j), self.sample_index.get(2 * j + 1)]
+    }
+    /// The sample-index row shuffled to position `k`.
+    pub fn shuffled(&self, k: usize) -> usize {
+        self.shuffle_index.get(k) as usize
+    }
+}
+
+fn shuffled_range(rng: &mut RandomState, lo: i64, hi: i64, wide: bool) -> IndexVec {
+    if wide {
+        let mut v: Vec<i64> = (lo..hi).collect();
+        rng.shuffle(&mut v);
+        IndexVec::I64(v)
+    } else {
+        let mut v: Vec<u32> = (lo as u32..hi as u32).collect();
+        rng.shuffle(&mut v);
+        IndexVec::U32(v)
+    }
 }
 
 /// `_build_document_sample_shuffle_indices` for sequence `sizes`, the split's sequence ids
@@ -67,26 +95,33 @@ pub fn build_indices(
     } else {
         tile(epochs, &mut rng)
     };
-    let sample_index = build_sample_idx(sizes, &document_index, l, epochs, t, drop_last, extra);
-    let m = sample_index.len() as i64 - 1;
-    let mut shuffle_index: Vec<i64>;
-    if separate {
-        shuffle_index = (0..n_sans).collect();
-        rng.shuffle(&mut shuffle_index);
-        let mut b: Vec<i64> = (n_sans..m).collect();
-        rng.shuffle(&mut b);
-        shuffle_index.extend(b);
+    let wide = document_index.len() as i64 > i32::MAX as i64
+        || sizes.iter().any(|&x| x as i64 > i32::MAX as i64);
+    let sample_index =
+        build_sample_idx(sizes, &document_index, l, epochs, t, drop_last, extra, wide);
+    let m = sample_index.len() as i64 / 2 - 1;
+    let wide_shuffle = m >= u32::MAX as i64 - 1;
+    let shuffle_index = if separate {
+        let a = shuffled_range(&mut rng, 0, n_sans, wide_shuffle);
+        let b = shuffled_range(&mut rng, n_sans, m, wide_shuffle);
+        match (a, b) {
+            (IndexVec::U32(mut a), IndexVec::U32(b)) => {
+                a.extend(b);
+                IndexVec::U32(a)
+            }
+            (a, b) => IndexVec::I64(a.to_i64().into_iter().chain(b.to_i64()).collect()),
+        }
     } else {
-        shuffle_index = (0..m).collect();
-        rng.shuffle(&mut shuffle_index);
-    }
+        shuffled_range(&mut rng, 0, m, wide_shuffle)
+    };
     if let Some(n) = num_samples {
         ensure!(n as i64 <= m, "built {m} samples but {n} were requested");
     }
-    Ok(GptIndices { document_index, sample_index, shuffle_index })
+    Ok(GptIndices { document_index: IndexVec::I32(document_index), sample_index, shuffle_index })
 }
 
-/// `helpers.cpp::build_sample_idx`.
+/// `helpers.cpp::build_sample_idx`, flattened `[m+1, 2]`, int32 unless `wide`.
+#[allow(clippy::too_many_arguments)]
 fn build_sample_idx(
     sizes: &[i32],
     doc_idx: &[i32],
@@ -95,15 +130,18 @@ fn build_sample_idx(
     t: i64,
     drop_last: bool,
     extra: i64,
-) -> Vec<[i64; 2]> {
+    wide: bool,
+) -> IndexVec {
     let m = if drop_last {
         (epochs * t - extra) / l
     } else {
         // C++ computes this in single precision.
         ((epochs * t - extra) as f32 / l as f32).ceil() as i64
     };
-    let mut out = Vec::with_capacity(m as usize + 1);
-    out.push([0, 0]);
+    let dtype = if wide { NpyDtype::I64 } else { NpyDtype::I32 };
+    let mut out = IndexVec::with_capacity(dtype, 2 * (m as usize + 1));
+    out.push(0);
+    out.push(0);
     let (mut di, mut off) = (0usize, 0i64);
     for _ in 1..=m {
         let mut rem = l + extra;
@@ -122,52 +160,50 @@ fn build_sample_idx(
                 off = 0;
             }
         }
-        out.push([di as i64, off]);
+        out.push(di as i64);
+        out.push(off);
     }
     out
 }
 
 /// Write the three arrays of a GPTDataset cache entry (dtypes as megatron-core picks them).
-pub(crate) fn store_cached(e: &CacheEntry, ix: &GptIndices, sizes: &[i32]) -> Result<()> {
-    let max_size = sizes.iter().copied().max().unwrap_or(0) as i64;
-    let wide = ix.document_index.len() as i64 > i32::MAX as i64 || max_size > i32::MAX as i64;
-    let flat: Vec<i64> = ix.sample_index.iter().flatten().copied().collect();
-    let m = ix.shuffle_index.len() as i64;
-    let shuffle_dtype = if m >= u32::MAX as i64 - 1 { NpyDtype::I64 } else { NpyDtype::U32 };
-    let doc: Vec<i64> = ix.document_index.iter().map(|&d| d as i64).collect();
+pub(crate) fn store_cached(e: &CacheEntry, ix: &GptIndices) -> Result<()> {
     e.store(&[
-        ("document_index", npy_bytes(&doc, &[doc.len()], NpyDtype::I32)),
-        (
-            "sample_index",
-            npy_bytes(
-                &flat,
-                &[ix.sample_index.len(), 2],
-                if wide { NpyDtype::I64 } else { NpyDtype::I32 },
-            ),
-        ),
-        ("shuffle_index", npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()], shuffle_dtype)),
+        ("document_index", npy_bytes(&ix.document_index, &[ix.document_index.len()])),
+        ("sample_index", npy_bytes(&ix.sample_index, &[ix.sample_index.len() / 2, 2])),
+        ("shuffle_index", npy_bytes(&ix.shuffle_index, &[ix.shuffle_index.len()])),
     ])
 }
 
-/// Load and sanity-check a cached entry; any inconsistency is an error (the caller rebuilds).
+/// Memory-map and sanity-check a cached entry; any inconsistency is an error (the caller
+/// rebuilds). The checks are linear scans, cheap next to one epoch of training.
 pub(crate) fn load_cached(e: &CacheEntry, sizes: &[i32]) -> Result<GptIndices> {
-    let (doc, _) = e.load("document_index")?;
-    let (flat, shape) = e.load("sample_index")?;
-    let (shuffle, _) = e.load("shuffle_index")?;
-    ensure!(shape.len() == 2 && shape[1] == 2, "sample_index has shape {shape:?}");
-    let document_index: Vec<i32> = doc.iter().map(|&d| d as i32).collect();
-    if document_index.iter().any(|&d| d < 0 || d as usize >= sizes.len()) {
+    let (document_index, _) = e.load_mapped("document_index")?;
+    let (sample_index, shape) = e.load_mapped("sample_index")?;
+    let (shuffle_index, _) = e.load_mapped("shuffle_index")?;
+    ensure!(shape.len() == 2 && shape[1] == 2 && shape[0] >= 1, "sample_index has shape {shape:?}");
+    ensure!(document_index.dtype() == NpyDtype::I32, "document_index is not int32");
+    let n_docs = document_index.len();
+    if (0..n_docs).any(|k| {
+        let d = document_index.get(k);
+        d < 0 || d as usize >= sizes.len()
+    }) {
         bail!("document_index refers to missing sequences");
     }
-    let sample_index: Vec<[i64; 2]> = flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
-    if sample_index.iter().any(|&[d, _]| d < 0 || d as usize >= document_index.len().max(1)) {
+    let ix = GptIndices { document_index, sample_index, shuffle_index };
+    let rows = shape[0];
+    if (0..rows).any(|j| {
+        let [d, o] = ix.sample(j);
+        d < 0 || d as usize >= n_docs.max(1) || o < 0
+    }) {
         bail!("sample_index out of range");
     }
-    let m = sample_index.len() as i64 - 1;
-    if shuffle.len() as i64 != m || shuffle.iter().any(|&s| s < 0 || s >= m) {
+    let m = rows as i64 - 1;
+    let sh = &ix.shuffle_index;
+    if sh.len() as i64 != m || (0..sh.len()).any(|k| sh.get(k) < 0 || sh.get(k) >= m) {
         bail!("shuffle_index inconsistent with sample_index");
     }
-    Ok(GptIndices { document_index, sample_index, shuffle_index: shuffle })
+    Ok(ix)
 }
 
 #[cfg(test)]
@@ -178,7 +214,7 @@ mod tests {
     fn spec_worked_example() {
         let sizes = [5, 3, 7, 4, 6];
         let ix = build_indices(&sizes, &[0, 1, 2, 3, 4], 4, Some(8), true, true, 1234).unwrap();
-        assert_eq!(ix.document_index, vec![4, 0, 1, 2, 3, 3, 2, 1, 0, 4]);
+        assert_eq!(ix.document_index, IndexVec::I32(vec![4, 0, 1, 2, 3, 3, 2, 1, 0, 4]));
         let want: Vec<[i64; 2]> = vec![
             [0, 0],
             [0, 4],
@@ -194,7 +230,9 @@ mod tests {
             [9, 0],
             [9, 4],
         ];
-        assert_eq!(ix.sample_index, want);
-        assert_eq!(ix.shuffle_index, vec![0, 4, 3, 2, 5, 1, 7, 6, 9, 8, 11, 10]);
+        let rows: Vec<[i64; 2]> = (0..13).map(|j| ix.sample(j)).collect();
+        assert_eq!(rows, want);
+        assert_eq!(ix.shuffle_index, IndexVec::U32(vec![0, 4, 3, 2, 5, 1, 7, 6, 9, 8, 11, 10]));
+        assert_eq!(ix.sample_index.dtype(), NpyDtype::I32);
     }
 }

@@ -270,18 +270,31 @@ impl IndexedDataset {
     }
 
     /// `get(idx, offset, length)`: tokens of sequence `idx` from `offset`, `length` items
-    /// (to the end when None). Panics on out-of-range requests, which are programming errors:
-    /// indices come from validated sample indices.
-    pub fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Vec<i64> {
-        let len = self.lengths[idx] as usize;
-        let length = length.unwrap_or(len - offset);
-        assert!(offset + length <= len, "read past sequence {idx}");
+    /// (to the end when None). Out-of-range requests and pointers past the `.bin` are errors.
+    pub fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Result<Vec<i64>> {
+        ensure!(
+            idx < self.seq_count,
+            "{}: sequence {idx} out of range ({} sequences)",
+            self.prefix.display(),
+            self.seq_count
+        );
+        let len = self.lengths[idx].max(0) as usize;
+        let length = length.unwrap_or(len.saturating_sub(offset));
+        ensure!(
+            offset + length <= len,
+            "{}: read of {length} tokens at offset {offset} past sequence {idx} ({len} tokens)",
+            self.prefix.display()
+        );
         let isz = self.dtype.itemsize();
         let start = self.pointer(idx) as usize + offset * isz;
-        let Some(bin) = &self.bin else {
-            return Vec::new();
-        };
-        bin[start..start + length * isz].chunks_exact(isz).map(|c| self.dtype.decode(c)).collect()
+        let bin: &[u8] = self.bin.as_deref().unwrap_or(&[]);
+        let bytes = bin.get(start..start + length * isz).with_context(|| {
+            format!(
+                "{}: sequence {idx} points past the end of the .bin (corrupt .idx?)",
+                self.prefix.display()
+            )
+        })?;
+        Ok(bytes.chunks_exact(isz).map(|c| self.dtype.decode(c)).collect())
     }
 }
 
@@ -406,4 +419,40 @@ pub fn encode_index(dtype: DType, lengths: &[i32], doc_indices: &[i64]) -> Vec<u
         out.extend_from_slice(&d.to_le_bytes());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_test_vector() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("v");
+        let mut b = IndexedDatasetBuilder::new(bin_path(&prefix), DType::U16).unwrap();
+        for d in [&[10i64, 11, 0][..], &[20, 21, 22, 23, 0], &[30, 0]] {
+            b.add_document(d, &[d.len()]).unwrap();
+        }
+        b.finalize(idx_path(&prefix)).unwrap();
+        let idx = std::fs::read(idx_path(&prefix)).unwrap();
+        assert_eq!(idx.len(), 102);
+        assert_eq!(&idx[..18], b"MMIDIDX\0\0\x01\0\0\0\0\0\0\0\x08");
+        let bin = std::fs::read(bin_path(&prefix)).unwrap();
+        let want: Vec<u8> =
+            [10u16, 11, 0, 20, 21, 22, 23, 0, 30, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(bin, want);
+        let ds = IndexedDataset::open(&prefix).unwrap();
+        assert_eq!((ds.pointer(1), ds.pointer(2)), (6, 16));
+        assert_eq!(ds.get(1, 1, Some(2)).unwrap(), vec![21, 22]);
+        assert!(ds.get(1, 4, Some(2)).is_err());
+        assert!(ds.get(3, 0, None).is_err());
+        // Sentence-split variant: S=4, D=4, 114 bytes.
+        let idx = encode_index(DType::U16, &[3, 2, 3, 2], &[0, 1, 3, 4]);
+        assert_eq!(idx.len(), 114);
+        assert_eq!(DType::optimal(Some(50257)), DType::U16);
+        assert_eq!(DType::optimal(Some(65500)), DType::I32);
+        // Tokens that do not fit the dtype are refused rather than wrapped.
+        let mut b = IndexedDatasetBuilder::new(dir.path().join("w.bin"), DType::U16).unwrap();
+        assert!(b.add_item(&[70000]).is_err());
+    }
 }

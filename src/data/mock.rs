@@ -37,13 +37,13 @@ impl LowLevelDataset for MockLowLevelDataset {
     fn sequence_lengths(&self) -> &[i32] {
         &self.lengths
     }
-    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Vec<i64> {
+    fn get(&self, idx: usize, offset: usize, length: Option<usize>) -> Result<Vec<i64>> {
         let len = self.lengths[idx] as usize;
         // Python slicing of the document clamps at its end.
         let end = length.map_or(len, |l| (offset + l).min(len));
-        (offset..end)
+        Ok((offset..end)
             .map(|i| if i + 1 == len { self.eod } else { (i as i64 + 1) % self.vocab_size })
-            .collect()
+            .collect())
     }
     fn is_mock(&self) -> bool {
         true

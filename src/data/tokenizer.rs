@@ -29,6 +29,17 @@ pub fn padded_vocab_size(
     vocab_size.div_ceil(m) * m
 }
 
+/// The pad id GPTDataset uses (`MegatronDataset._pad_token_id`): the tokenizer's pad, or -1
+/// when it has none or when it collides with EOD and `allow_ambiguous_pad_tokens` is false
+/// (Qwen's pad is its EOD: masking it would drop every document end from the loss).
+pub fn dataset_pad_id(tok: &dyn Tokenizer, allow_ambiguous_pad_tokens: bool) -> i64 {
+    match tok.pad() {
+        Some(p) if p == tok.eod() && !allow_ambiguous_pad_tokens => -1,
+        Some(p) => p,
+        None => -1,
+    }
+}
+
 fn to_u32(ids: &[i64], vocab: usize) -> Result<Vec<u32>> {
     ids.iter()
         .map(|&i| {
@@ -106,7 +117,7 @@ impl Tokenizer for HfTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self
             .inner
-            .encode(text, self.add_special_tokens)
+            .encode_fast(text, self.add_special_tokens)
             .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
@@ -164,7 +175,7 @@ impl Tokenizer for Gpt2BpeTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self
             .inner
-            .encode(text, false)
+            .encode_fast(text, false)
             .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
@@ -291,6 +302,7 @@ mod tests {
         assert!(t.encode("1 x").is_err());
         assert!(t.encode("101").is_err());
         assert_eq!(t.decode(&[1, 2]).unwrap(), "1 2");
+        assert_eq!(dataset_pad_id(&t, false), -1);
         assert_eq!(padded_vocab_size(50257, 128, 1), 50304);
         assert_eq!(padded_vocab_size(50257, 128, 2), 50432);
         assert_eq!(padded_vocab_size(128256, 128, 8), 129024);
