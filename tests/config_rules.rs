@@ -240,7 +240,7 @@ fn remaining_rules() {
         ),
         (
             &["+model.vocab_size=100"],
-            "`model.vocab_size` (100) is smaller than the tokenizer's vocabulary (257)",
+            "`model.vocab_size` (100) is smaller than the tokenizer's vocabulary (256)",
         ),
         (&["+peft.dim=8"], "`peft` requires `checkpoint.pretrained_checkpoint`"),
         (

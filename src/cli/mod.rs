@@ -2,7 +2,7 @@
 
 mod config_args;
 mod config_cmd;
-mod preprocess_data;
+pub mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;
 

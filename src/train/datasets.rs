@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use crate::config::dataset::{Blend as CfgBlend, DatasetKind};
 use crate::config::tokenizer::TokenizerType;
 use crate::config::{ConfigContainer, Derived};
-use crate::data::tokenizer::{build_tokenizer, Tokenizer, TokenizerSpec};
+use crate::data::tokenizer::{build_tokenizer, dataset_pad_id, Tokenizer, TokenizerSpec};
 use crate::data::{build_gpt_datasets, parse_blend, BlendSpec, GptDatasetParams, PretrainDataset};
 
 /// The tokenizer described by `tokenizer.*`.
@@ -97,7 +97,7 @@ pub fn build_pretrain_datasets(
         eod_mask_loss: ds.eod_mask_loss,
         drop_last_partial_validation_sequence: ds.drop_last_partial_validation_sequence,
         eod_id: tokenizer.eod(),
-        pad_id: tokenizer.pad().unwrap_or(-1),
+        pad_id: dataset_pad_id(tokenizer, false),
         path_to_cache: ds.path_to_cache.as_ref().map(PathBuf::from),
         mmap_bin_files: ds.mmap_bin_files,
         mid_level_dataset_surplus: ds.mid_level_dataset_surplus,

@@ -1,0 +1,117 @@
+//! Pretraining end to end on CPU: loss falls, runs are reproducible, resume is bit-identical.
+
+use assert_cmd::Command;
+use candle_core::Device;
+use mbridge::config::recipes::Task;
+use mbridge::config::show::{render, ShowOptions};
+use mbridge::config::{finalize, load, ConfigRequest};
+use mbridge::train::trainer::{ExitReason, TrainOutcome, Trainer};
+
+fn run(overrides: &[String]) -> anyhow::Result<TrainOutcome> {
+    let req = ConfigRequest {
+        recipe: Some("tiny_llama".into()),
+        task: Some(Task::Pretrain),
+        overrides: overrides.to_vec(),
+        ..Default::default()
+    };
+    let loaded = load(&req)?;
+    let fin = finalize(loaded.cfg.clone(), None, None)?;
+    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
+    Trainer::new(fin, toml, Device::Cpu)?.train()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn pretrain_through_the_binary_logs_and_learns() {
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args([
+            "pretrain",
+            "--recipe",
+            "tiny_llama",
+            "train.train_iters=30",
+            "logger.log_interval=5",
+        ])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).unwrap();
+    let losses: Vec<f64> = out
+        .lines()
+        .filter(|l| l.contains("iteration") && l.contains("lm loss:"))
+        .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 6, "{out}");
+    assert!(losses[5] < losses[0] * 0.8, "loss did not fall: {losses:?}");
+    assert!(
+        out.contains("iteration       30/      30 | consumed samples:          240 |"),
+        "{out}"
+    );
+    assert!(out.contains("validation loss at iteration 30 on validation set"), "{out}");
+    assert!(out.contains("on test set"), "{out}");
+}
+
+#[test]
+fn same_seed_same_losses_bit_for_bit() {
+    let a = run(&args(&["train.train_iters=6", "validation.eval_iters=0"])).unwrap();
+    let b = run(&args(&["train.train_iters=6", "validation.eval_iters=0"])).unwrap();
+    assert_eq!(a.losses, b.losses);
+    let c = run(&args(&["train.train_iters=6", "validation.eval_iters=0", "rng.seed=7"])).unwrap();
+    assert_ne!(a.losses, c.losses);
+}
+
+#[test]
+fn resume_continues_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt").display().to_string();
+    let base = ["train.train_iters=12", "validation.eval_iters=0"];
+    let full = run(&args(&base)).unwrap();
+    let mut first = args(&base);
+    first.extend(args(&[
+        "+train.exit_interval=5",
+        &format!("+checkpoint.save={ckpt}"),
+        &format!("+checkpoint.load={ckpt}"),
+    ]));
+    let stopped = run(&first).unwrap();
+    assert_eq!(stopped.reason, ExitReason::ExitInterval);
+    assert_eq!(stopped.final_step, 5);
+    assert!(dir.path().join("ckpt/iter_0000005/optimizer/index.json").is_file());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("ckpt/latest_checkpointed_iteration.txt")).unwrap(),
+        "5"
+    );
+    // The same command again resumes at 6 (exit_interval removed so it runs to the end).
+    let mut again = args(&base);
+    again.extend(args(&[&format!("+checkpoint.save={ckpt}"), &format!("+checkpoint.load={ckpt}")]));
+    let resumed = run(&again).unwrap();
+    assert_eq!(resumed.losses.first().unwrap().0, 6);
+    assert_eq!(&full.losses[5..], resumed.losses.as_slice());
+    assert_eq!(&full.losses[..5], stopped.losses.as_slice());
+    // The checkpoint's run_config.toml is itself a loadable recipe.
+    let rc = dir.path().join("ckpt/iter_0000012/run_config.toml");
+    let req = ConfigRequest { recipe: Some(rc.display().to_string()), ..Default::default() };
+    assert_eq!(load(&req).unwrap().cfg.train.train_iters, Some(12));
+}
+
+#[test]
+fn nan_loss_stops_with_the_iteration() {
+    let e = run(&args(&["train.train_iters=3", "model.init_method_std=1e30"])).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("at iteration 1") && msg.contains("stopping"), "{msg}");
+}
+
+#[test]
+fn missing_checkpoint_is_an_error_when_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = run(&args(&[
+        &format!("+checkpoint.load={}", dir.path().display()),
+        "checkpoint.exit_on_missing_checkpoint=true",
+    ]))
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("holds no checkpoint"), "{e:#}");
+}
