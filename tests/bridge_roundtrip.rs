@@ -241,3 +241,90 @@ fn dry_run_prints_the_mapping_and_writes_nothing() {
     assert!(!ck.exists());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn tokenizer_files_travel_through_import_and_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("llama").join(f), src.join(f)).unwrap();
+    }
+    let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok.join(f), src.join(f)).unwrap();
+    }
+    std::fs::write(src.join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": 2}"#)
+        .unwrap();
+    let (ck, hf) = (tmp.path().join("ck"), tmp.path().join("hf"));
+    mbridge(&["import-hf", s(&src), s(&ck)]);
+    let iter = ck.join("iter_0000000");
+    let toml = std::fs::read_to_string(iter.join("run_config.toml")).unwrap();
+    assert!(toml.contains("tokenizer_type = \"HuggingFaceTokenizer\""), "{toml}");
+    let tok_dir = iter.join("tokenizer");
+    assert!(toml.contains(&format!("tokenizer_model = \"{}\"", tok_dir.display())), "{toml}");
+    mbridge(&["export-hf", s(&ck), s(&hf)]);
+    for f in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        let a = std::fs::read(src.join(f)).unwrap();
+        assert_eq!(a, std::fs::read(tok_dir.join(f)).unwrap(), "{f} in checkpoint");
+        assert_eq!(a, std::fs::read(hf.join(f)).unwrap(), "{f} in export");
+    }
+    // generate decodes with the checkpoint's own tokenizer.
+    let out = mbridge(&["generate", s(&ck), "--prompt-ids", "5 17 3", "--max-new-tokens", "4"]);
+    assert!(!out.trim().is_empty());
+}
+
+#[test]
+fn dtype_conversion_on_import_and_export() {
+    let (_tmp, ck, hf) = import_export("qwen2", &["--dtype", "bf16"]);
+    let index = json(&ck.join("iter_0000000/model/index.json"));
+    assert_eq!(index["tensors"]["decoder.final_layernorm.weight"]["dtype"], "BF16");
+    let out = load(&hf.join("model.safetensors"));
+    let want: HashMap<String, Tensor> = load(&fixture("qwen2").join("model.safetensors"))
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap()))
+        .collect();
+    assert_same_tensors(&out, &want, "bf16");
+    assert_eq!(json(&hf.join("config.json"))["dtype"], "bfloat16");
+    let hf32 = ck.parent().unwrap().join("hf32");
+    mbridge(&["export-hf", s(&ck), s(&hf32), "--dtype", "fp32"]);
+    assert_eq!(load(&hf32.join("model.safetensors"))["model.norm.weight"].dtype(), DType::F32);
+}
+
+#[test]
+fn exports_shard_by_size_with_an_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ck, hf) = (tmp.path().join("ck"), tmp.path().join("hf"));
+    mbridge(&["import-hf", s(&fixture("mistral")), s(&ck)]);
+    mbridge(&["export-hf", s(&ck), s(&hf), "--max-shard-size-gb", "0.00002"]);
+    let index = json(&hf.join("model.safetensors.index.json"));
+    let map = index["weight_map"].as_object().unwrap();
+    let mut all = HashMap::new();
+    let mut files: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    files.sort();
+    files.dedup();
+    assert!(files.len() > 2, "{files:?}");
+    for f in files {
+        all.extend(load(&hf.join(f)));
+    }
+    assert_eq!(map.len(), all.len());
+    assert_same_tensors(&all, &load(&fixture("mistral").join("model.safetensors")), "sharded");
+}
+
+#[test]
+fn run_config_finalizes_to_the_checkpoint_vocab() {
+    use mbridge::config::{finalize, load as load_config, ConfigRequest};
+    let (_tmp, ck, _hf) = import_export("llama", &["--tp", "2"]);
+    let rc = ck.join("iter_0000000/run_config.toml");
+    // A finetune run adds its training settings on top of the imported config.
+    let overrides = ["train.micro_batch_size=1", "train.train_iters=1", "optimizer.lr=1e-4"];
+    let req = ConfigRequest {
+        recipe: Some(s(&rc).to_string()),
+        overrides: overrides.iter().map(|o| o.to_string()).collect(),
+        ..Default::default()
+    };
+    let loaded = load_config(&req).unwrap();
+    let fin = finalize(loaded.cfg, Some(2), None).unwrap();
+    assert_eq!(fin.derived.padded_vocab_size, Some(104));
+    assert_eq!(fin.cfg.model.tensor_model_parallel_size, 2);
+}
