@@ -146,8 +146,8 @@ fn load_hf_weights_fills_a_model_like_import() {
         let imported = load_checkpoint_model(&ck, None, DType::F32, &Device::Cpu).unwrap();
         let mut cfg = imported.cfg.model.clone();
         cfg.vocab_size = Some(imported.model.arch().vocab);
-        let model = GptModel::new(&cfg, ParallelLayout::single(), 99, DType::F32, &Device::Cpu)
-            .unwrap();
+        let model =
+            GptModel::new(&cfg, ParallelLayout::single(), 99, DType::F32, &Device::Cpu).unwrap();
         mbridge::bridge::load_hf_weights(&fixture(name), &model).unwrap();
         let a: HashMap<String, Tensor> =
             model.params().local_state().unwrap().into_iter().collect();
@@ -163,7 +163,8 @@ fn generate_through_the_binary_equals_the_no_cache_oracle() {
         let tmp = tempfile::tempdir().unwrap();
         let ck = tmp.path().join("ck");
         mbridge(&["import-hf", s(&fixture(name)), s(&ck), "--tp", "2"]);
-        let out = mbridge(&["generate", s(&ck), "--prompt-ids", "5 17 3 42", "--max-new-tokens", "8"]);
+        let out =
+            mbridge(&["generate", s(&ck), "--prompt-ids", "5 17 3 42", "--max-new-tokens", "8"]);
         let got: Vec<u32> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
         let loaded = load_checkpoint_model(&ck, None, DType::F32, &Device::Cpu).unwrap();
         // NullTokenizer fallback (the fixtures ship no tokenizer): EOD = V - 1.

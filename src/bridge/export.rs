@@ -88,7 +88,11 @@ pub fn export_hf(opts: &ExportOptions) -> Result<PathBuf> {
         megatron_params(&arch, &layers, 0, 1)?.into_iter().map(|p| p.name).collect();
     let extra: Vec<&String> = tensors
         .keys()
-        .filter(|n| !known.contains(*n) && !(*n == "output_layer.weight" && arch.tied_embeddings))
+        .filter(|n| {
+            // A tied model's output copy (PP>1 runs) has no HF tensor: HF ties at load.
+            let tied_copy = *n == "output_layer.weight" && arch.tied_embeddings;
+            !known.contains(*n) && !tied_copy
+        })
         .collect();
     if !extra.is_empty() {
         bail!("checkpoint `{}` holds tensors with no HF mapping: {extra:?}", iter_dir.display());

@@ -330,7 +330,7 @@ pub fn dtype_name(d: DType) -> &'static str {
 /// `make_vocab_size_divisible_by`, so the HF vocabulary is normally kept (hf-mapping §4).
 pub fn vocab_divisor(vocab: usize) -> usize {
     let mut d = 128;
-    while d > 1 && vocab % d != 0 {
+    while d > 1 && !vocab.is_multiple_of(d) {
         d /= 2;
     }
     d
@@ -465,8 +465,11 @@ mod tests {
         assert!(!m.share_embeddings_and_output_weights && !m.add_qkv_bias && !m.qk_layernorm);
         assert_eq!((a.dtype, m.params_dtype, m.bf16), (Some(DType::BF16), DType::BF16, true));
         // Written back in each source's own layout with every math field intact.
-        for (src, cfg) in [(llama31(Layout::Transformers4), &a), (llama31(Layout::Transformers5), &b)] {
-            let out = to_hf_config(&cfg.model, cfg.family, 128256, DType::BF16, Some(&src)).unwrap();
+        for (src, cfg) in
+            [(llama31(Layout::Transformers4), &a), (llama31(Layout::Transformers5), &b)]
+        {
+            let out =
+                to_hf_config(&cfg.model, cfg.family, 128256, DType::BF16, Some(&src)).unwrap();
             for (k, v) in src.as_object().unwrap() {
                 assert_eq!(&out[k], v, "{k}");
             }
