@@ -6,7 +6,7 @@
 //! partition of [`megatron_params`].
 
 use crate::ckpt::Partition;
-use crate::config::model::{Normalization, PositionEmbedding};
+use crate::config::model::{Activation, Normalization, PositionEmbedding};
 use crate::model::{GptArch, GptModel};
 use anyhow::{anyhow, bail, Result};
 use candle_core::Tensor;
@@ -166,8 +166,13 @@ pub fn megatron_params(
         || !arch.gated
         || arch.add_bias_linear
         || arch.position_embedding != PositionEmbedding::Rope
+        || arch.activation != Activation::Silu
+        || arch.zero_centered_gamma
     {
-        bail!("the HF bridge maps Llama-style models only (RMSNorm, gated SiLU MLP, RoPE, no linear biases)");
+        bail!(
+            "the HF bridge maps Llama-style models only (RMSNorm without zero-centered gamma, \
+             gated SiLU MLP, RoPE, no linear biases)"
+        );
     }
     let (h, d) = (arch.hidden, arch.head_dim);
     let p = |name: String, shape: Vec<usize>, partition| MegatronParam { name, shape, partition };
@@ -434,7 +439,7 @@ mod tests {
     /// family quirk, tie and pipeline stage.
     #[test]
     fn megatron_params_match_the_model_registry() {
-        use crate::config::model::{Activation, ModelConfig};
+        use crate::config::model::ModelConfig;
         use crate::model::{stage_layers, ParallelLayout};
         for (qkv_bias, qk_norm, tied) in
             [(false, false, false), (true, false, true), (false, true, false)]
