@@ -329,3 +329,30 @@ fn run_config_finalizes_to_the_checkpoint_vocab() {
     assert_eq!(fin.derived.padded_vocab_size, Some(104));
     assert_eq!(fin.cfg.model.tensor_model_parallel_size, 2);
 }
+
+#[test]
+fn a_pretraining_run_exports_and_reimports_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let save = format!("checkpoint.save={}", s(&run));
+    mbridge(&["pretrain", "--recipe", "tiny_llama", "train.train_iters=2", &save]);
+    let (hf, ck, hf2) = (tmp.path().join("hf"), tmp.path().join("ck"), tmp.path().join("hf2"));
+    mbridge(&["export-hf", s(&run), s(&hf)]);
+    // No source config.json in a pretraining run: transformers-4 style, NullTokenizer vocab.
+    let cfg = json(&hf.join("config.json"));
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert!(cfg.get("rope_theta").is_some() && cfg.get("rope_parameters").is_none());
+    assert_eq!(cfg["vocab_size"], 256);
+    mbridge(&["import-hf", s(&hf), s(&ck), "--tp", "2"]);
+    mbridge(&["export-hf", s(&ck), s(&hf2)]);
+    assert_same_tensors(
+        &load(&hf2.join("model.safetensors")),
+        &load(&hf.join("model.safetensors")),
+        "re-export",
+    );
+    assert_config_round_trip(&cfg, &json(&hf2.join("config.json")), "re-export");
+    let args = ["--prompt-ids", "1 2 3", "--max-new-tokens", "6", "--ignore-eod"];
+    let a = mbridge(&[&["generate", s(&run)][..], &args].concat());
+    let b = mbridge(&[&["generate", s(&ck)][..], &args].concat());
+    assert_eq!(a, b);
+}
