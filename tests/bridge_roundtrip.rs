@@ -356,3 +356,23 @@ fn a_pretraining_run_exports_and_reimports_identically() {
     let b = mbridge(&[&["generate", s(&ck)][..], &args].concat());
     assert_eq!(a, b);
 }
+
+#[test]
+fn load_hf_weights_fills_one_tp_rank_and_rejects_other_architectures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    mbridge(&["import-hf", s(&fixture("llama")), s(&ck), "--tp", "2"]);
+    let imported = load_checkpoint_model(&ck, None, DType::F32, &Device::Cpu).unwrap();
+    let mut cfg = imported.cfg.model.clone();
+    cfg.vocab_size = Some(104);
+    let layout = ParallelLayout { tp_rank: 1, tp_size: 2, pp_rank: 0, pp_size: 1 };
+    let model = GptModel::new(&cfg, layout, 5, DType::F32, &Device::Cpu).unwrap();
+    mbridge::bridge::load_hf_weights(&fixture("llama"), &model).unwrap();
+    let got: HashMap<String, Tensor> = model.params().local_state().unwrap().into_iter().collect();
+    let shard = load(&ck.join("iter_0000000/model/shard_tp01_pp00.safetensors"));
+    assert_same_tensors(&got, &shard, "tp rank 1");
+
+    let other = GptModel::new(&cfg, ParallelLayout::single(), 5, DType::F32, &Device::Cpu).unwrap();
+    let err = mbridge::bridge::load_hf_weights(&fixture("qwen3"), &other).unwrap_err().to_string();
+    assert!(err.contains("qwen3/config.json") && err.contains("qk_layernorm"), "{err}");
+}

@@ -122,3 +122,16 @@ pub fn load_checkpoint_model(
     }
     Ok(LoadedCheckpoint { iter_dir, cfg, model })
 }
+
+/// The bridge's JSON documents of a checkpoint (`hf_source`, `hf_config`), for a training run
+/// to pass on in `CheckpointWrite::json` so its own checkpoints still export with the source
+/// model's config.json layout, token ids and family.
+pub fn hf_docs(iter_dir: &Path) -> Result<Vec<(String, serde_json::Value)>> {
+    let mut out = Vec::new();
+    for name in ["hf_source", "hf_config"] {
+        if let Some(doc) = ckpt::read_json(iter_dir, name)? {
+            out.push((name.to_string(), doc));
+        }
+    }
+    Ok(out)
+}

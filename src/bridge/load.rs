@@ -34,6 +34,14 @@ pub fn load_hf_weights(dir: &Path, model: &GptModel) -> Result<()> {
     cmp("qk_layernorm", want.qk_layernorm.to_string(), have.qk_layernorm.to_string());
     cmp("tied embeddings", want.tied_embeddings.to_string(), have.tied_embeddings.to_string());
     cmp("gated_linear_unit", want.gated.to_string(), have.gated.to_string());
+    cmp("layernorm_epsilon", want.eps.to_string(), have.eps.to_string());
+    cmp("rotary_base", want.rotary_base.to_string(), have.rotary_base.to_string());
+    cmp(
+        "rope_scaling_factor",
+        format!("{:?}", want.rope_scaling_factor),
+        format!("{:?}", have.rope_scaling_factor),
+    );
+    cmp("window_size", format!("{:?}", want.window_left), format!("{:?}", have.window_left));
     if !diffs.is_empty() {
         bail!(
             "`{}` does not match the model being trained: {}",
