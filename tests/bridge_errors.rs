@@ -204,3 +204,22 @@ fn export_errors_are_clear() {
     assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
     assert!(!hf.exists());
 }
+
+#[test]
+fn temporaries_of_killed_conversions_are_cleaned_and_never_taken_for_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    // What a conversion killed mid-write leaves: a hidden temporary, never the final name.
+    let stale = tmp.path().join(".ck.mbridge-tmp-999999999");
+    std::fs::create_dir_all(stale.join("iter_0000000")).unwrap();
+    let ck = tmp.path().join("ck");
+    let err =
+        fails(&["export-hf", ck.to_str().unwrap(), tmp.path().join("hf").to_str().unwrap()], 2);
+    assert!(err.contains("does not exist"), "{err}");
+    Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["import-hf", fixture("llama").to_str().unwrap(), ck.to_str().unwrap()])
+        .assert()
+        .success();
+    assert!(!stale.exists(), "stale temporary not removed");
+    assert!(ck.join("iter_0000000/model/index.json").is_file());
+}

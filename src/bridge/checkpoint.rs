@@ -42,8 +42,13 @@ pub fn read_run_config(iter_dir: &Path) -> Result<ConfigContainer> {
 }
 
 /// The tokenizer a checkpoint was trained/imported with: its own `tokenizer/` copy first, then
-/// `tokenizer.*` of the run config (NullTokenizer or an HF tokenizer path).
-pub fn checkpoint_tokenizer(cfg: &ConfigContainer, iter_dir: &Path) -> Result<Box<dyn Tokenizer>> {
+/// `tokenizer.*` of the run config (NullTokenizer or an HF tokenizer path). `add_special`
+/// makes an HF tokenizer add its special tokens (BOS) as transformers' `tokenizer(text)` does.
+pub fn checkpoint_tokenizer(
+    cfg: &ConfigContainer,
+    iter_dir: &Path,
+    add_special: bool,
+) -> Result<Box<dyn Tokenizer>> {
     let own = iter_dir.join("tokenizer").join("tokenizer.json");
     let t = &cfg.tokenizer;
     match t.tokenizer_type {
@@ -51,10 +56,10 @@ pub fn checkpoint_tokenizer(cfg: &ConfigContainer, iter_dir: &Path) -> Result<Bo
             let v = t.vocab_size.context("run config: NullTokenizer without tokenizer.vocab_size")?;
             Ok(Box::new(NullTokenizer::new(v)))
         }
-        _ if own.is_file() => Ok(Box::new(HfTokenizer::from_path(&own)?)),
+        _ if own.is_file() => Ok(Box::new(HfTokenizer::from_path(&own)?.with_special_tokens(add_special))),
         Some(TokenizerType::HuggingFaceTokenizer) => {
             let m = t.tokenizer_model.as_ref().context("run config: tokenizer.tokenizer_model unset")?;
-            Ok(Box::new(HfTokenizer::from_path(m)?))
+            Ok(Box::new(HfTokenizer::from_path(m)?.with_special_tokens(add_special)))
         }
         other => bail!("checkpoint `{}`: tokenizer {other:?} is not supported here (HuggingFaceTokenizer or NullTokenizer are)", iter_dir.display()),
     }
@@ -65,7 +70,7 @@ pub fn checkpoint_tokenizer(cfg: &ConfigContainer, iter_dir: &Path) -> Result<Bo
 pub fn unpadded_vocab(cfg: &ConfigContainer, iter_dir: &Path, padded: usize) -> Result<usize> {
     let v = match cfg.model.vocab_size {
         Some(v) => v,
-        None => checkpoint_tokenizer(cfg, iter_dir)?.vocab_size(),
+        None => checkpoint_tokenizer(cfg, iter_dir, false)?.vocab_size(),
     };
     if v > padded {
         bail!(

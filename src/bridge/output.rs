@@ -28,6 +28,7 @@ pub fn prepare_output(out: &Path) -> Result<PathBuf> {
         .with_context(|| format!("cannot create `{}`", parent.display()))?;
     let name =
         out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    remove_stale_temps(&parent, &name)?;
     let tmp = parent.join(format!(".{name}.mbridge-tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
@@ -45,4 +46,23 @@ pub fn publish_output(tmp: &Path, out: &Path) -> Result<PathBuf> {
     std::fs::rename(tmp, out)
         .with_context(|| format!("cannot move the result into `{}`", out.display()))?;
     Ok(out.to_path_buf())
+}
+
+/// Removes temporaries of earlier conversions into the same target whose process is gone
+/// (killed mid-write): they were never renamed, so nothing else refers to them.
+fn remove_stale_temps(parent: &Path, name: &str) -> Result<()> {
+    let prefix = format!(".{name}.mbridge-tmp-");
+    for e in std::fs::read_dir(parent)? {
+        let e = e?;
+        let file = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = file.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && pid != std::process::id() {
+            std::fs::remove_dir_all(e.path())
+                .with_context(|| format!("cannot remove stale `{}`", e.path().display()))?;
+        }
+    }
+    Ok(())
 }

@@ -22,6 +22,10 @@ pub struct GenerateArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
+    /// Tokenize `--prompt` without the tokenizer's special tokens (by default they are added,
+    /// e.g. Llama's BOS, as transformers' `tokenizer(text)` does).
+    #[arg(long)]
+    pub no_special_tokens: bool,
     /// Keep generating after the tokenizer's end-of-document token.
     #[arg(long)]
     pub ignore_eod: bool,
@@ -37,7 +41,7 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let device = parse_device(&a.device)?;
     let loaded = load_checkpoint_model(&a.checkpoint, a.iteration, DType::F32, &device)?;
-    let tok = checkpoint_tokenizer(&loaded.cfg, &loaded.iter_dir)?;
+    let tok = checkpoint_tokenizer(&loaded.cfg, &loaded.iter_dir, !a.no_special_tokens)?;
     let ids: Vec<i64> = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids
             .split_whitespace()
