@@ -1,4 +1,5 @@
 //! mbridge: Megatron Bridge reimplemented in Rust.
+pub mod bridge;
 pub mod ckpt;
 pub mod cli;
 pub mod config;

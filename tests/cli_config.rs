@@ -220,10 +220,16 @@ fn pretrain_dry_run_prints_the_plan() {
 }
 
 #[test]
-fn unimplemented_commands_say_so() {
+fn import_hf_of_an_uncached_repo_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
     mbridge()
-        .args(["import-hf", "meta-llama/Meta-Llama-3-8B", "out"])
+        .env("HF_HUB_CACHE", tmp.path())
+        .env("HF_HOME", tmp.path())
+        .env("HOME", tmp.path())
+        .args(["import-hf", "meta-llama/Meta-Llama-3-8B", out.to_str().unwrap()])
         .assert()
-        .code(1)
-        .stderr(predicate::str::contains("not implemented"));
+        .code(2)
+        .stderr(predicate::str::contains("not in the local Hugging Face cache"));
+    assert!(!out.exists());
 }

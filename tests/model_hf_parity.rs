@@ -2,10 +2,9 @@
 //! equal ours after mapping the HF weights onto Megatron names and fused layouts.
 
 use candle_core::{DType, Device, Tensor};
+use mbridge::bridge::mapping::{export_to_hf_state, load_from_hf_state, megatron_to_hf};
 use mbridge::config::model::{Activation, ModelConfig, Normalization, PositionEmbedding};
-use mbridge::model::{
-    export_to_hf_state, load_from_hf_state, megatron_to_hf, ForwardOpts, GptModel, ParallelLayout,
-};
+use mbridge::model::{ForwardOpts, GptModel, ParallelLayout};
 use mbridge::ops::masked_cross_entropy;
 use serde_json::Value;
 use std::path::PathBuf;

@@ -3,6 +3,9 @@
 mod config_args;
 mod config_cmd;
 mod data_cmd;
+pub mod export_hf;
+pub mod generate;
+pub mod import_hf;
 pub mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;
@@ -38,23 +41,16 @@ pub enum Command {
     /// Finetune a model (`<model>/sft`, or `<model>/peft` with --peft).
     Finetune(pretrain::TrainArgs),
     /// Convert a Hugging Face checkpoint into an mbridge checkpoint.
-    ImportHf(NotYet),
+    ImportHf(import_hf::ImportHfArgs),
     /// Convert an mbridge checkpoint into a Hugging Face model directory.
-    ExportHf(NotYet),
+    ExportHf(export_hf::ExportHfArgs),
     /// Greedy generation from a checkpoint.
-    Generate(NotYet),
+    Generate(generate::GenerateArgs),
     /// Inspect datasets as a config resolves them.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
     /// Tokenize JSONL into Megatron .bin/.idx files.
     PreprocessData(preprocess_data::PreprocessDataArgs),
-}
-
-/// Arguments of a command that this build does not implement yet (accepted, then refused).
-#[derive(Debug, clap::Args)]
-pub struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
 }
 
 /// Parse arguments, run, and map the outcome to an exit code: 0 ok, 2 usage or config error,
@@ -100,9 +96,9 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Config(c) => config_cmd::run(c),
         Command::Pretrain(a) => pretrain::run(a, pretrain::Mode::Pretrain),
         Command::Finetune(a) => pretrain::run(a, pretrain::Mode::Finetune),
-        Command::ImportHf(_) => not_yet("import-hf"),
-        Command::ExportHf(_) => not_yet("export-hf"),
-        Command::Generate(_) => not_yet("generate"),
+        Command::ImportHf(a) => import_hf::run(a),
+        Command::ExportHf(a) => export_hf::run(a),
+        Command::Generate(a) => generate::run(a),
         Command::PreprocessData(a) => preprocess_data::run(a),
         Command::Data(c) => data_cmd::run(c),
     }
@@ -113,8 +109,4 @@ pub(crate) fn out(text: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush());
-}
-
-fn not_yet(cmd: &str) -> anyhow::Result<()> {
-    anyhow::bail!("`mbridge {cmd}` is not implemented in this version of mbridge yet")
 }

@@ -78,6 +78,8 @@ pub struct ModelConfig {
     pub vocab_size: Option<usize>,
     #[default = 128]
     pub make_vocab_size_divisible_by: usize,
+    /// Pad an explicit `vocab_size` to a multiple of `make_vocab_size_divisible_by × TP` (set by
+    /// `import-hf`, whose `vocab_size` is the HF one; export drops the padded rows again).
     pub should_pad_vocab: bool,
     #[default = 1024]
     pub seq_length: usize,

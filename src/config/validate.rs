@@ -303,6 +303,15 @@ pub fn finalize(
         errs.push("`tokenizer.vocab_size` must be set for the NullTokenizer".into());
     }
     let padded_vocab_size = match (cfg.model.vocab_size, tok_vocab) {
+        // Megatron Bridge's provider pads an explicit (HF-derived) vocab when asked to.
+        (Some(mv), tv) if cfg.model.should_pad_vocab && !cfg.tokenizer.use_tokenizer_vocab_size => {
+            if let Some(tv) = tv.filter(|&tv| mv < tv) {
+                errs.push(format!(
+                    "`model.vocab_size` ({mv}) is smaller than the tokenizer's vocabulary ({tv})"
+                ));
+            }
+            Some(cfg.model.padded_vocab_size(mv))
+        }
         (Some(mv), Some(tv)) if !cfg.tokenizer.use_tokenizer_vocab_size => {
             if mv < tv {
                 errs.push(format!(
