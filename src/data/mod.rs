@@ -28,6 +28,7 @@ pub mod preprocess;
 pub mod sampler;
 pub mod show;
 pub mod split;
+pub mod sft;
 pub mod tokenizer;
 
 pub use blended::{parse_blend, Blend, BlendSpec, BlendedDataset};
