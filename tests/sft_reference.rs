@@ -4,16 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use mbridge::config::dataset::{DatasetConfig, PackedSequenceSpecs};
+use mbridge::data::numpy_rng::RandomState;
 use mbridge::data::sft::chat::tokenize_chat;
 use mbridge::data::sft::prompt::{
-    is_space_sensitive, tokenize_prompt_completion, PcLossMode, PcTokenInfo, PromptCompletionConfig,
-    Truncation,
+    is_space_sensitive, tokenize_prompt_completion, PcLossMode, PcTokenInfo,
+    PromptCompletionConfig, Truncation,
 };
 use mbridge::data::sft::{
     build_sft_datasets, pack_examples, ChatLossMode, ChatTemplate, PackParams, PackedBin,
     PackingAlgorithm, PackingMetadata, SftBatch, SftBuildOptions, SftExample, SftSplit,
 };
-use mbridge::data::numpy_rng::RandomState;
 use mbridge::data::tokenizer::{HfTokenizer, Tokenizer};
 use serde_json::Value;
 
@@ -21,7 +21,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sft")
 }
 fn expected() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap())
+        .unwrap()
 }
 fn tok() -> HfTokenizer {
     HfTokenizer::from_path(fixtures().join("tok")).unwrap()
@@ -56,8 +57,16 @@ fn prompt_completion_matches_reference() {
         let kw = &c["kwargs"];
         let cfg = PromptCompletionConfig {
             separator: kw["separator"].as_str().unwrap_or(" ").into(),
-            truncation: if kw["truncation"] == "left" { Truncation::Left } else { Truncation::Right },
-            loss_mode: if kw["loss_mode"] == "full" { PcLossMode::Full } else { PcLossMode::Completion },
+            truncation: if kw["truncation"] == "left" {
+                Truncation::Left
+            } else {
+                Truncation::Right
+            },
+            loss_mode: if kw["loss_mode"] == "full" {
+                PcLossMode::Full
+            } else {
+                PcLossMode::Completion
+            },
             prompt_template: kw["template"].as_str().unwrap_or("{prompt}").into(),
             ..base.clone()
         };
@@ -73,17 +82,24 @@ fn prompt_completion_matches_reference() {
         .unwrap();
         assert_eq!(got.input_ids, ids(&c["input_ids"]), "case {i}: {kw}");
         assert_eq!(got.loss_mask, mask(&c["loss_mask"]), "case {i}: {kw}");
-        assert_eq!(got.answer_start_idx as u64, c["answer_start_idx"].as_u64().unwrap(), "case {i}");
+        assert_eq!(
+            got.answer_start_idx as u64,
+            c["answer_start_idx"].as_u64().unwrap(),
+            "case {i}"
+        );
     }
 }
 
 fn chat_rows() -> Vec<(Vec<Value>, Option<Value>, serde_json::Map<String, Value>)> {
-    let cols = mbridge::data::sft::rows::Columns { prompt: "input".into(), completion: "output".into() };
+    let cols =
+        mbridge::data::sft::rows::Columns { prompt: "input".into(), completion: "output".into() };
     mbridge::data::sft::rows::read_rows(&fixtures().join("chat/training.jsonl"), &cols)
         .unwrap()
         .into_iter()
         .map(|(_, r)| match r {
-            mbridge::data::sft::rows::SftRow::Chat { messages, tools, kwargs } => (messages, tools, kwargs),
+            mbridge::data::sft::rows::SftRow::Chat { messages, tools, kwargs } => {
+                (messages, tools, kwargs)
+            }
             other => panic!("not a chat row: {other:?}"),
         })
         .collect()
@@ -97,18 +113,25 @@ fn chat_matches_transformers() {
     assert!(tmpl.has_generation());
     let plain = ChatTemplate::new(e["chat_template_plain"].as_str().unwrap(), &tok).unwrap();
     assert!(!plain.has_generation());
-    for (i, ((msgs, tools, kw), c)) in chat_rows().iter().zip(e["chat"].as_array().unwrap()).enumerate() {
+    for (i, ((msgs, tools, kw), c)) in
+        chat_rows().iter().zip(e["chat"].as_array().unwrap()).enumerate()
+    {
         let r = tmpl.render(msgs, tools.as_ref(), kw, false).unwrap();
         assert_eq!(r.text, c["text"].as_str().unwrap(), "row {i}");
-        for (mode, key) in [(ChatLossMode::Assistant, "assistant"), (ChatLossMode::LastTurn, "last_turn")] {
+        for (mode, key) in
+            [(ChatLossMode::Assistant, "assistant"), (ChatLossMode::LastTurn, "last_turn")]
+        {
             let got = tokenize_chat(msgs, tools.as_ref(), kw, &tmpl, &tok, mode, 4096).unwrap();
             assert_eq!(got.input_ids, ids(&c["input_ids"]), "row {i}");
             assert_eq!(got.loss_mask, mask(&c[key]), "row {i} {key}");
         }
-        let full = tokenize_chat(msgs, tools.as_ref(), kw, &tmpl, &tok, ChatLossMode::Full, 4096).unwrap();
+        let full =
+            tokenize_chat(msgs, tools.as_ref(), kw, &tmpl, &tok, ChatLossMode::Full, 4096).unwrap();
         assert!(full.loss_mask.iter().all(|&m| m == 1));
         // Without {% generation %}: prefix-diff assistant spans.
-        let got = tokenize_chat(msgs, tools.as_ref(), kw, &plain, &tok, ChatLossMode::Assistant, 4096).unwrap();
+        let got =
+            tokenize_chat(msgs, tools.as_ref(), kw, &plain, &tok, ChatLossMode::Assistant, 4096)
+                .unwrap();
         assert_eq!(got.input_ids, ids(&c["plain_ids"]), "row {i}");
         assert_eq!(got.loss_mask, mask(&c["plain"]), "row {i} plain");
     }
@@ -123,7 +146,8 @@ fn chat_truncation_and_generation_prompt() {
     assert!(r.text.ends_with("<|im_start|>assistant\n"), "{:?}", r.text);
     assert!(r.spans.is_empty());
     // Truncated before the answer: falls back to training on everything (reference behaviour).
-    let ex = tokenize_chat(&msgs, tools.as_ref(), &kw, &tmpl, &tok, ChatLossMode::Assistant, 10).unwrap();
+    let ex = tokenize_chat(&msgs, tools.as_ref(), &kw, &tmpl, &tok, ChatLossMode::Assistant, 10)
+        .unwrap();
     assert_eq!(ex.input_ids.len(), 11);
     assert!(ex.loss_mask.iter().all(|&m| m == 1));
 }
@@ -177,7 +201,10 @@ fn build_packs_once_and_reuses() {
     }
     let cfg = DatasetConfig {
         dataset_root: Some(dir.path().display().to_string()),
-        packed_sequence_specs: Some(PackedSequenceSpecs { packed_sequence_size: 64, ..Default::default() }),
+        packed_sequence_specs: Some(PackedSequenceSpecs {
+            packed_sequence_size: 64,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let tok = tok();
@@ -194,8 +221,10 @@ fn build_packs_once_and_reuses() {
     let want: Vec<PackedBin> = serde_json::from_value(e["packing"][0]["bins"].clone()).unwrap();
     let SftSplit::Packed(train) = &ds.train else { panic!("train is not packed") };
     assert_eq!(train.bins, want);
-    let meta: Vec<PackingMetadata> =
-        serde_json::from_str(&std::fs::read_to_string(packed_dir.join("64_metadata.jsonl")).unwrap()).unwrap();
+    let meta: Vec<PackingMetadata> = serde_json::from_str(
+        &std::fs::read_to_string(packed_dir.join("64_metadata.jsonl")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(meta.len(), 2);
     assert!(matches!(ds.test, Some(SftSplit::Unpacked(_))));
     // Packed batch: THD boundaries over the bin's rows, positions restart per row.
@@ -203,14 +232,23 @@ fn build_packs_once_and_reuses() {
     let SftBatch::Packed(pb) = &b else { panic!() };
     let bin = &train.bins[0];
     let n_rows = bin.seq_start_id.len();
-    assert_eq!(pb.cu_seqlens[0].len(), n_rows + 1 + usize::from(*pb.cu_seqlens[0].last().unwrap() as usize != bin.input_ids.len() - n_rows));
+    assert_eq!(
+        pb.cu_seqlens[0].len(),
+        n_rows
+            + 1
+            + usize::from(
+                *pb.cu_seqlens[0].last().unwrap() as usize != bin.input_ids.len() - n_rows
+            )
+    );
     let m = b.attention_mask(&candle_core::Device::Cpu).unwrap().unwrap();
     assert_eq!(m.dims(), &[1, 1, pb.batch.seq_length, pb.batch.seq_length]);
     // Reuse: a second build reads the same directory (its files untouched).
-    let stamp = std::fs::metadata(packed_dir.join("training_64.idx.jsonl")).unwrap().modified().unwrap();
+    let stamp =
+        std::fs::metadata(packed_dir.join("training_64.idx.jsonl")).unwrap().modified().unwrap();
     let again = build_sft_datasets(&cfg, &tok, &opts).unwrap();
     assert_eq!(again.packed_dir.as_ref(), Some(&packed_dir));
-    let stamp2 = std::fs::metadata(packed_dir.join("training_64.idx.jsonl")).unwrap().modified().unwrap();
+    let stamp2 =
+        std::fs::metadata(packed_dir.join("training_64.idx.jsonl")).unwrap().modified().unwrap();
     assert_eq!(stamp, stamp2);
     // Changed data ⇒ new fingerprint ⇒ repacked elsewhere.
     let mut text = std::fs::read_to_string(dir.path().join("training.jsonl")).unwrap();
@@ -224,7 +262,14 @@ fn build_packs_once_and_reuses() {
 fn packed_and_unpacked_batches_carry_the_same_tokens() {
     // Every row of a packed bin appears, shifted, exactly as its unpacked collate would.
     let examples = corpus_examples("validation", 64);
-    let p = PackParams { pack_size: 64, max_seq_len: 64, pad_seq_to_mult: 1, pad_id: 0, seed: 1234, algorithm: PackingAlgorithm::FirstFitShuffle };
+    let p = PackParams {
+        pack_size: 64,
+        max_seq_len: 64,
+        pad_seq_to_mult: 1,
+        pad_id: 0,
+        seed: 1234,
+        algorithm: PackingAlgorithm::FirstFitShuffle,
+    };
     let (bins, _) = pack_examples(&examples, &p).unwrap();
     let mut seen = 0;
     for bin in &bins {
@@ -232,7 +277,8 @@ fn packed_and_unpacked_batches_carry_the_same_tokens() {
         b.push(bin.input_ids.len());
         for w in b.windows(2) {
             let row = &bin.input_ids[w[0]..w[1]];
-            let ex = examples.iter().find(|e| e.input_ids == row).expect("row comes from the split");
+            let ex =
+                examples.iter().find(|e| e.input_ids == row).expect("row comes from the split");
             assert_eq!(&bin.loss_mask[w[0]..w[1] - 1], &ex.loss_mask[1..]);
             seen += 1;
         }

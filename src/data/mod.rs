@@ -26,9 +26,9 @@ pub mod mock;
 pub mod numpy_rng;
 pub mod preprocess;
 pub mod sampler;
+pub mod sft;
 pub mod show;
 pub mod split;
-pub mod sft;
 pub mod tokenizer;
 
 pub use blended::{parse_blend, Blend, BlendSpec, BlendedDataset};

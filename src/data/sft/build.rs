@@ -60,7 +60,11 @@ pub struct SftTokenization<'a> {
 impl<'a> SftTokenization<'a> {
     /// Resolve `dataset.preprocessing` against `tok` (chat template: `override_template`, else
     /// the tokenizer's).
-    pub fn new(cfg: &DatasetConfig, tok: &'a dyn Tokenizer, override_template: Option<&str>) -> Result<Self> {
+    pub fn new(
+        cfg: &DatasetConfig,
+        tok: &'a dyn Tokenizer,
+        override_template: Option<&str>,
+    ) -> Result<Self> {
         let pc = PromptCompletionConfig::resolve(&cfg.preprocessing)?;
         let chat_mode = ChatLossMode::parse(cfg.preprocessing.loss_mode.as_deref())?;
         let chat = match override_template.or(tok.chat_template()) {
@@ -73,26 +77,39 @@ impl<'a> SftTokenization<'a> {
     /// Tokenize one row to at most `max_length` tokens (chat rows: `max_length + 1`).
     pub fn tokenize(&self, row: &SftRow, max_length: usize) -> Result<SftExample> {
         match row {
-            SftRow::PromptCompletion { prompt, completion } => {
-                tokenize_prompt_completion(prompt, completion, &self.pc, &self.info, self.tok, max_length)
-            }
+            SftRow::PromptCompletion { prompt, completion } => tokenize_prompt_completion(
+                prompt, completion, &self.pc, &self.info, self.tok, max_length,
+            ),
             SftRow::Chat { messages, tools, kwargs } => {
                 let tmpl = self.chat.as_ref().context(
                     "chat row, but the tokenizer has no chat_template (set tokenizer.chat_template \
                      or use a tokenizer whose tokenizer_config.json has one)",
                 )?;
-                tokenize_chat(messages, tools.as_ref(), kwargs, tmpl, self.tok, self.chat_mode, max_length)
+                tokenize_chat(
+                    messages,
+                    tools.as_ref(),
+                    kwargs,
+                    tmpl,
+                    self.tok,
+                    self.chat_mode,
+                    max_length,
+                )
             }
         }
     }
 
     /// Read and tokenize every row of a JSONL file; errors name the file and line.
     pub fn tokenize_file(&self, path: &Path, max_length: usize) -> Result<Vec<SftExample>> {
-        let cols = Columns { prompt: self.pc.prompt_column.clone(), completion: self.pc.completion_column.clone() };
+        let cols = Columns {
+            prompt: self.pc.prompt_column.clone(),
+            completion: self.pc.completion_column.clone(),
+        };
         let rows = read_rows(path, &cols)?;
         ensure!(!rows.is_empty(), "{} has no rows", path.display());
         rows.iter()
-            .map(|(line, row)| self.tokenize(row, max_length).with_context(|| format!("{}:{line}", path.display())))
+            .map(|(line, row)| {
+                self.tokenize(row, max_length).with_context(|| format!("{}:{line}", path.display()))
+            })
             .collect()
     }
 }
@@ -230,8 +247,13 @@ fn sample_mapping(n: usize, max: usize, seed: u64) -> Vec<usize> {
 }
 
 /// Build train / validation / test from `dataset.*` with tokenizer `tok`.
-pub fn build_sft_datasets(cfg: &DatasetConfig, tok: &dyn Tokenizer, opts: &SftBuildOptions) -> Result<SftDatasets> {
-    let root = PathBuf::from(cfg.dataset_root.as_deref().context("dataset.dataset_root is not set")?);
+pub fn build_sft_datasets(
+    cfg: &DatasetConfig,
+    tok: &dyn Tokenizer,
+    opts: &SftBuildOptions,
+) -> Result<SftDatasets> {
+    let root =
+        PathBuf::from(cfg.dataset_root.as_deref().context("dataset.dataset_root is not set")?);
     ensure!(root.is_dir(), "dataset.dataset_root {} is not a directory", root.display());
     let train_path = root.join("training.jsonl");
     ensure!(
@@ -244,7 +266,11 @@ pub fn build_sft_datasets(cfg: &DatasetConfig, tok: &dyn Tokenizer, opts: &SftBu
             return Ok(None);
         }
         let p = root.join(name);
-        ensure!(p.is_file(), "{} not found (set dataset.{flag}=false to run without it)", p.display());
+        ensure!(
+            p.is_file(),
+            "{} not found (set dataset.{flag}=false to run without it)",
+            p.display()
+        );
         Ok(Some(p))
     };
     let valid_path = split_file(cfg.do_validation, "validation.jsonl", "do_validation")?;
@@ -270,7 +296,9 @@ pub fn build_sft_datasets(cfg: &DatasetConfig, tok: &dyn Tokenizer, opts: &SftBu
     if let Some(max) = cfg.max_train_samples {
         ensure!(max > 0, "dataset.max_train_samples must be positive");
         match &mut train {
-            SftSplit::Unpacked(d) => d.mapping = Some(sample_mapping(d.examples.len(), max, cfg.seed)),
+            SftSplit::Unpacked(d) => {
+                d.mapping = Some(sample_mapping(d.examples.len(), max, cfg.seed))
+            }
             SftSplit::Packed(d) => d.mapping = Some(sample_mapping(d.bins.len(), max, cfg.seed)),
         }
     }
@@ -313,7 +341,8 @@ fn build_packed(
         fp["validation_sha256"] = store::file_sha256(v)?.into();
     }
     let tok_name = spec.tokenizer_model_name.clone().unwrap_or_else(|| opts.tokenizer_name.clone());
-    let dir = root.join("packed").join(store::packed_dir_name(&tok_name, k, &store::fingerprint(&fp)));
+    let dir =
+        root.join("packed").join(store::packed_dir_name(&tok_name, k, &store::fingerprint(&fp)));
     let paths = PackedPaths::new(
         &dir,
         pack_size,
@@ -321,7 +350,9 @@ fn build_packed(
         spec.packed_val_data_path.as_deref(),
         spec.packed_metadata_path.as_deref(),
     )?;
-    let reusable = paths.train.is_file() && paths.metadata.is_file() && (valid_path.is_none() || paths.valid.is_file());
+    let reusable = paths.train.is_file()
+        && paths.metadata.is_file()
+        && (valid_path.is_none() || paths.valid.is_file());
     let (train_bins, valid_bins, metadata) = if reusable {
         tracing::info!("reusing packed SFT data in {}", dir.display());
         let metadata = store::read_metadata(&paths.metadata)?;
@@ -371,7 +402,13 @@ fn build_packed(
         pad_cu_seqlens: spec.pad_cu_seqlens,
     };
     let split = |path: PathBuf, bins: Vec<PackedBin>| {
-        SftSplit::Packed(PackedSftDataset { path, bins, metadata: metadata.clone(), mapping: None, params })
+        SftSplit::Packed(PackedSftDataset {
+            path,
+            bins,
+            metadata: metadata.clone(),
+            mapping: None,
+            params,
+        })
     };
     let valid = valid_bins.map(|b| split(paths.valid.clone(), b));
     Ok((split(paths.train.clone(), train_bins), valid, dir))

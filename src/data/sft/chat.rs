@@ -183,7 +183,9 @@ impl ChatTemplate {
             match ch {
                 GEN_START => open = Some(text.len()),
                 GEN_END => {
-                    let s = open.take().ok_or_else(|| anyhow!("{{% endgeneration %}} without {{% generation %}}"))?;
+                    let s = open.take().ok_or_else(|| {
+                        anyhow!("{{% endgeneration %}} without {{% generation %}}")
+                    })?;
                     spans.push((s, text.len()));
                 }
                 c => text.push(c),

@@ -169,7 +169,9 @@ pub fn collate_packed(
             let (a, b) = (w[0], w[1]);
             toks.extend_from_slice(&bin.input_ids[a..b - 1]);
             labs.extend_from_slice(&bin.input_ids[a + 1..b]);
-            mask.extend(bin.loss_mask[a..b - 1].iter().map(|&m| if *keep { f32::from(m) } else { 0.0 }));
+            mask.extend(
+                bin.loss_mask[a..b - 1].iter().map(|&m| if *keep { f32::from(m) } else { 0.0 }),
+            );
             pos.extend(0..(b - a - 1) as i64);
             cu.push(cu.last().expect("non-empty") + (b - a - 1) as i32);
             let sub = &bin.input_ids[a..b - 1];
@@ -179,7 +181,11 @@ pub fn collate_packed(
         rows.push((toks, labs, mask, pos, cu, cu_logical));
     }
     let longest = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-    ensure!(longest <= c.max_seq_length, "packed bin of {longest} tokens exceeds the pack size {}", c.max_seq_length);
+    ensure!(
+        longest <= c.max_seq_length,
+        "packed bin of {longest} tokens exceeds the pack size {}",
+        c.max_seq_length
+    );
     let len = c.padded_len(longest);
     let mut out = PackedBatch {
         batch: Batch { batch_size: bins.len(), seq_length: len, ..Default::default() },
@@ -229,8 +235,17 @@ mod tests {
 
     #[test]
     fn spec_vector_unpacked() {
-        let ex = SftExample { input_ids: vec![5, 7, 8, 2], loss_mask: vec![0, 1, 1, 1], answer_start_idx: 1 };
-        let p = CollateParams { max_seq_length: 8, pad_to_max_length: false, pad_seq_length_to_mult: 1, eos_id: 2 };
+        let ex = SftExample {
+            input_ids: vec![5, 7, 8, 2],
+            loss_mask: vec![0, 1, 1, 1],
+            answer_start_idx: 1,
+        };
+        let p = CollateParams {
+            max_seq_length: 8,
+            pad_to_max_length: false,
+            pad_seq_length_to_mult: 1,
+            eos_id: 2,
+        };
         let b = collate_unpacked(&[(&ex, true)], &p).unwrap();
         assert_eq!(b.tokens, vec![5, 7, 8]);
         assert_eq!(b.labels, vec![7, 8, 2]);
@@ -250,7 +265,12 @@ mod tests {
             loss_mask: vec![0, 1, 1, 0, 1, 1, 0],
             seq_start_id: vec![0, 4],
         };
-        let collate = CollateParams { max_seq_length: 8, pad_to_max_length: true, pad_seq_length_to_mult: 1, eos_id: 2 };
+        let collate = CollateParams {
+            max_seq_length: 8,
+            pad_to_max_length: true,
+            pad_seq_length_to_mult: 1,
+            eos_id: 2,
+        };
         let p = PackedParams { collate, pad_seq_to_mult: 1, pad_cu_seqlens: false };
         let b = collate_packed(&[(&bin, true)], &[], &p).unwrap();
         assert_eq!(&b.batch.tokens[..5], &[10, 11, 12, 20, 21]);
@@ -258,10 +278,24 @@ mod tests {
         assert_eq!(b.batch.position_ids, vec![0, 1, 2, 0, 1, 0, 0, 0]);
         assert_eq!(b.cu_seqlens, vec![vec![0, 3, 5, 8]]);
         assert_eq!(b.max_seqlen, vec![3]);
-        let p2 = PackedParams { collate: CollateParams { pad_to_max_length: false, pad_seq_length_to_mult: 1, ..collate }, ..p };
+        let p2 = PackedParams {
+            collate: CollateParams {
+                pad_to_max_length: false,
+                pad_seq_length_to_mult: 1,
+                ..collate
+            },
+            ..p
+        };
         let b = collate_packed(&[(&bin, true)], &[], &p2).unwrap();
         assert_eq!(b.cu_seqlens, vec![vec![0, 3, 5]]);
-        let p3 = PackedParams { collate: CollateParams { pad_to_max_length: false, pad_seq_length_to_mult: 4, ..collate }, ..p };
+        let p3 = PackedParams {
+            collate: CollateParams {
+                pad_to_max_length: false,
+                pad_seq_length_to_mult: 4,
+                ..collate
+            },
+            ..p
+        };
         let b = collate_packed(&[(&bin, true)], &[], &p3).unwrap();
         assert_eq!(b.cu_seqlens, vec![vec![0, 3, 5, 8]]);
         let m = block_causal_mask(&[0, 3, 5], 5);

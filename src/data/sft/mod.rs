@@ -20,9 +20,13 @@ pub mod prompt;
 pub mod rows;
 pub mod store;
 
-pub use build::{build_sft_datasets, SftBatch, SftBuildOptions, SftDatasets, SftSplit, SftTokenization};
+pub use build::{
+    build_sft_datasets, SftBatch, SftBuildOptions, SftDatasets, SftSplit, SftTokenization,
+};
 pub use chat::{ChatLossMode, ChatTemplate};
-pub use collate::{block_causal_mask, collate_packed, collate_unpacked, CollateParams, PackedBatch, PackedParams};
+pub use collate::{
+    block_causal_mask, collate_packed, collate_unpacked, CollateParams, PackedBatch, PackedParams,
+};
 pub use packing::{pack_examples, PackParams, PackedBin, PackingAlgorithm, PackingMetadata};
 
 /// One tokenized SFT row.

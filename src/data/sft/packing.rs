@@ -149,7 +149,8 @@ pub fn fill_packing_strategy(
 ) -> Result<Vec<PackedBin>> {
     for rows in sequences.iter_mut().filter(|r| !r.is_empty()) {
         let perm = rng.permutation(rows.len());
-        let mut taken: Vec<Option<SftExample>> = std::mem::take(rows).into_iter().map(Some).collect();
+        let mut taken: Vec<Option<SftExample>> =
+            std::mem::take(rows).into_iter().map(Some).collect();
         *rows = perm.iter().map(|&p| taken[p as usize].take().expect("a permutation")).collect();
         for r in rows.iter_mut() {
             // Align with next-token labels: train on the output after the last context token.
@@ -159,7 +160,8 @@ pub fn fill_packing_strategy(
     }
     let mut out = Vec::with_capacity(assignments.len());
     for bin in assignments {
-        let mut b = PackedBin { input_ids: Vec::new(), loss_mask: Vec::new(), seq_start_id: Vec::new() };
+        let mut b =
+            PackedBin { input_ids: Vec::new(), loss_mask: Vec::new(), seq_start_id: Vec::new() };
         for &len in bin {
             let Some(row) = sequences.get_mut(len).and_then(Vec::pop) else {
                 bail!("packing strategy asks for more rows of length {len} than exist");
@@ -198,7 +200,12 @@ pub fn pack_examples(
     p: &PackParams,
 ) -> Result<(Vec<PackedBin>, PackingMetadata)> {
     ensure!(p.pack_size > 0, "pack size must be positive");
-    ensure!(p.max_seq_len <= p.pack_size, "max_single_sequence_length {} exceeds the pack size {}", p.max_seq_len, p.pack_size);
+    ensure!(
+        p.max_seq_len <= p.pack_size,
+        "max_single_sequence_length {} exceeds the pack size {}",
+        p.max_seq_len,
+        p.pack_size
+    );
     let k = p.pad_seq_to_mult.max(1);
     let mut sequences: Vec<Vec<SftExample>> = vec![Vec::new(); p.max_seq_len + 1];
     let mut skipped = 0usize;
@@ -230,7 +237,8 @@ pub fn pack_examples(
     }
     let histogram: Vec<usize> = sequences.iter().map(Vec::len).collect();
     let mut rng = RandomState::new(p.seed);
-    let (assignments, meta) = create_packing_strategy(&histogram, p.pack_size, p.algorithm, &mut rng)?;
+    let (assignments, meta) =
+        create_packing_strategy(&histogram, p.pack_size, p.algorithm, &mut rng)?;
     let bins = fill_packing_strategy(&assignments, sequences, &mut rng)?;
     Ok((bins, meta))
 }

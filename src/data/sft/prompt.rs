@@ -223,7 +223,9 @@ pub fn tokenize_prompt_completion(
         input_ids.len()
     );
     let mut loss_mask: Vec<u8> = match cfg.loss_mode {
-        PcLossMode::Completion => (0..input_ids.len()).map(|i| u8::from(i >= context_len)).collect(),
+        PcLossMode::Completion => {
+            (0..input_ids.len()).map(|i| u8::from(i >= context_len)).collect()
+        }
         PcLossMode::Full => vec![1; input_ids.len()],
     };
     for (m, id) in loss_mask.iter_mut().zip(&input_ids) {
@@ -255,7 +257,8 @@ mod tests {
     fn spec_vector_and_truncation() {
         // NullTokenizer: "x y" is not a number, so use ids directly: "5" → [5], "7 8" → [7, 8].
         let tok = NullTokenizer::new(100);
-        let info = PcTokenInfo { space_sensitive: false, bos: None, sep: None, eos: 2, skipped: vec![] };
+        let info =
+            PcTokenInfo { space_sensitive: false, bos: None, sep: None, eos: 2, skipped: vec![] };
         let cfg = PromptCompletionConfig::resolve(&Default::default()).unwrap();
         assert_eq!(cfg.separator, " ");
         let ex = tokenize_prompt_completion("5", "7 8", &cfg, &info, &tok, 16).unwrap();

@@ -48,8 +48,8 @@ pub fn read_rows(path: &Path, cols: &Columns) -> Result<Vec<(usize, SftRow)>> {
             continue;
         }
         let at = || format!("{}:{}", path.display(), i + 1);
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}: not valid JSON", at()))?;
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", at()))?;
         let Value::Object(obj) = v else {
             bail!("{}: expected a JSON object per line, got {}", at(), kind_of(&v));
         };

@@ -21,7 +21,8 @@ use crate::data::cache::write_atomic;
 fn canonical(v: &Value) -> Value {
     match v {
         Value::Object(m) => {
-            let sorted: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, Value> =
+                m.iter().map(|(k, v)| (k, canonical(v))).collect();
             Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
         }
         Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
@@ -130,8 +131,9 @@ pub fn write_metadata(path: &Path, meta: &[PackingMetadata]) -> Result<()> {
 pub fn read_metadata(path: &Path) -> Result<Vec<PackingMetadata>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read packing metadata {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected a JSON list of packing metadata objects", path.display()))
+    serde_json::from_str(&text).with_context(|| {
+        format!("{}: expected a JSON list of packing metadata objects", path.display())
+    })
 }
 
 #[cfg(test)]
@@ -145,7 +147,10 @@ mod tests {
         assert_eq!(fingerprint(&a), fingerprint(&b));
         assert_eq!(fingerprint(&a).len(), 12);
         assert_ne!(fingerprint(&a), fingerprint(&serde_json::json!({"b": 2})));
-        assert_eq!(packed_dir_name("meta-llama/Llama-3", 2, "abc"), "meta-llama--Llama-3_pad_seq_to_mult2_sft_abc");
+        assert_eq!(
+            packed_dir_name("meta-llama/Llama-3", 2, "abc"),
+            "meta-llama--Llama-3_pad_seq_to_mult2_sft_abc"
+        );
         assert!(PackedPaths::new(Path::new("d"), 8, Some("x.parquet"), None, None).is_err());
     }
 }
