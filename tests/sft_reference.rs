@@ -90,7 +90,10 @@ fn prompt_completion_matches_reference() {
     }
 }
 
-fn chat_rows() -> Vec<(Vec<Value>, Option<Value>, serde_json::Map<String, Value>)> {
+/// messages, tools, chat_template_kwargs of one chat row.
+type ChatRow = (Vec<Value>, Option<Value>, serde_json::Map<String, Value>);
+
+fn chat_rows() -> Vec<ChatRow> {
     let cols =
         mbridge::data::sft::rows::Columns { prompt: "input".into(), completion: "output".into() };
     mbridge::data::sft::rows::read_rows(&fixtures().join("chat/training.jsonl"), &cols)

@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 
+/// Token ids with the byte range `[start, end)` of each token in the encoded text.
+pub type IdsWithOffsets = (Vec<i64>, Vec<(usize, usize)>);
+
 /// What preprocessing, datasets and `show-samples` need from a tokenizer.
 pub trait Tokenizer: Send + Sync {
     /// Text → ids, without special tokens (Megatron's `tokenize`).
@@ -19,7 +22,7 @@ pub trait Tokenizer: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// Text → (ids, byte offsets `[start, end)` of each token in `text`), without special
     /// tokens. Chat templating needs it to map assistant character spans onto tokens.
-    fn encode_with_offsets(&self, _text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+    fn encode_with_offsets(&self, _text: &str) -> Result<IdsWithOffsets> {
         bail!("this tokenizer cannot report token offsets; chat data needs a HuggingFace tokenizer.json")
     }
     /// The HF chat template (tokenizer_config.json `chat_template`), if any.
@@ -179,7 +182,7 @@ impl Tokenizer for HfTokenizer {
     fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
-    fn encode_with_offsets(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+    fn encode_with_offsets(&self, text: &str) -> Result<IdsWithOffsets> {
         let enc = self
             .inner
             .encode(text, false)

@@ -235,7 +235,7 @@ pub fn tokenize_prompt_completion(
     }
     if !c.is_empty() {
         ensure!(
-            loss_mask[1..].iter().any(|&m| m == 1),
+            loss_mask[1..].contains(&1),
             "after truncation to {max_length} tokens no completion token is left to train on"
         );
     }
