@@ -222,3 +222,31 @@ fn packing_config_errors() {
     });
     assert!(err(&cfg).contains("JSONL"));
 }
+
+#[test]
+fn preprocessing_settings_load_through_the_config() {
+    use mbridge::config::recipes::Task;
+    use mbridge::config::{finalize, load, ConfigRequest};
+    let req = |ov: &[&str]| ConfigRequest {
+        recipe: Some("tiny_llama".into()),
+        task: Some(Task::Pretrain),
+        overrides: ov.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let loaded = load(&req(&[
+        "+dataset.dataset_root=\"/data/sft\"",
+        "+dataset.preprocessing.loss_mode=\"full\"",
+        "+dataset.preprocessing.separator=\" \"",
+        "+tokenizer.chat_template=\"{{ messages }}\"",
+    ]))
+    .unwrap();
+    let f = finalize(loaded.cfg, None, None).unwrap();
+    assert_eq!(f.cfg.dataset.preprocessing.loss_mode.as_deref(), Some("full"));
+    assert_eq!(f.cfg.dataset.preprocessing.separator.as_deref(), Some(" "));
+    let opts = SftBuildOptions::from_config(&f.cfg).unwrap();
+    assert_eq!(opts.seq_length, f.cfg.model.seq_length);
+    assert_eq!(opts.chat_template.as_deref(), Some("{{ messages }}"));
+    assert!(!opts.pad_to_max_length);
+    let e = load(&req(&["+dataset.preprocessing.los_mode=\"full\""])).unwrap_err().to_string();
+    assert!(e.contains("did you mean `dataset.preprocessing.loss_mode`"), "{e}");
+}

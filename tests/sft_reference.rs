@@ -288,3 +288,19 @@ fn packed_and_unpacked_batches_carry_the_same_tokens() {
     }
     assert_eq!(seen, examples.len());
 }
+
+#[test]
+fn template_features_match_transformers() {
+    // tools | tojson (compact and indented), namespace, loop controls, str methods, filters.
+    let e = expected();
+    let c = &e["tools_case"];
+    let tok = tok();
+    let tmpl = ChatTemplate::new(c["template"].as_str().unwrap(), &tok).unwrap();
+    let msgs: Vec<Value> = c["messages"].as_array().unwrap().clone();
+    let r = tmpl.render(&msgs, Some(&c["tools"]), &Default::default(), true).unwrap();
+    assert_eq!(r.text, c["text"].as_str().unwrap());
+    // raise_exception surfaces as an error naming the message.
+    let bad = vec![serde_json::json!({"role": "robot", "content": "x"})];
+    let err = tmpl.render(&bad, None, &Default::default(), false).unwrap_err().to_string();
+    assert!(err.contains("bad role robot"), "{err}");
+}

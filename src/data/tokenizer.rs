@@ -30,7 +30,7 @@ pub trait Tokenizer: Send + Sync {
         None
     }
     /// A special token's text from tokenizer_config.json (`"bos_token"`, `"eos_token"`,
-    /// `"pad_token"`, `"unk_token"`), as chat templates see it.
+    /// `"pad_token"`, `"unk_token"`, `"sep_token"`), as chat templates see it.
     fn special_token(&self, _name: &str) -> Option<&str> {
         None
     }
@@ -82,7 +82,7 @@ pub struct HfTokenizer {
     add_special_tokens: bool,
     /// `chat_template` of tokenizer_config.json (the `default` one when it is a list).
     chat_template: Option<String>,
-    /// bos/eos/pad/unk token texts from tokenizer_config.json.
+    /// bos/eos/pad/unk/sep token texts from tokenizer_config.json.
     special_tokens: Vec<(String, String)>,
 }
 
@@ -129,7 +129,7 @@ impl HfTokenizer {
             .with_context(|| format!("{}: no EOS/EOD token found", file.display()))?;
         let pad = config_token(&cfg, "pad_token").and_then(|t| id(&t));
         let bos = config_token(&cfg, "bos_token").and_then(|t| id(&t));
-        let special_tokens = ["bos_token", "eos_token", "pad_token", "unk_token"]
+        let special_tokens = ["bos_token", "eos_token", "pad_token", "unk_token", "sep_token"]
             .iter()
             .filter_map(|k| config_token(&cfg, k).map(|t| (k.to_string(), t)))
             .collect();

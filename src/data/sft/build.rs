@@ -12,6 +12,7 @@ use super::prompt::{tokenize_prompt_completion, PcTokenInfo, PromptCompletionCon
 use super::rows::{read_rows, Columns, SftRow};
 use super::store::{self, PackedPaths};
 use super::SftExample;
+use crate::config::container::ConfigContainer;
 use crate::config::dataset::DatasetConfig;
 use crate::data::numpy_rng::RandomState;
 use crate::data::sampler::Batch;
@@ -45,6 +46,40 @@ impl SftBuildOptions {
             pad_seq_length_to_mult: 16,
             packing_algorithm: PackingAlgorithm::FirstFitShuffle,
         }
+    }
+
+    /// Options from a resolved config: `seq_length` (dataset, else model), the tokenizer name
+    /// (`tokenizer.tokenizer_model`: a local path's last component, else the HF id), the chat
+    /// template override (`tokenizer.chat_template`, else the file `chat_template_path`), and
+    /// `pad_to_max_length` when PP > 1 or EP > 1 (Megatron Bridge forces it there).
+    pub fn from_config(cfg: &ConfigContainer) -> Result<Self> {
+        let seq_length = cfg.dataset.seq_length.unwrap_or(cfg.model.seq_length);
+        let name = match cfg.tokenizer.tokenizer_model.as_deref() {
+            Some(m) if Path::new(m).exists() => Path::new(m)
+                .canonicalize()
+                .ok()
+                .and_then(|p| {
+                    let p = if p.is_file() { p.parent()?.to_path_buf() } else { p };
+                    Some(p.file_name()?.to_string_lossy().into_owned())
+                })
+                .unwrap_or_else(|| m.to_string()),
+            Some(m) => m.to_string(),
+            None => "tokenizer".to_string(),
+        };
+        let chat_template = match (&cfg.tokenizer.chat_template, &cfg.tokenizer.chat_template_path)
+        {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(p)) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("tokenizer.chat_template_path {p}: cannot read"))?,
+            ),
+            (None, None) => None,
+        };
+        let mut opts = SftBuildOptions::new(seq_length, name);
+        opts.chat_template = chat_template;
+        opts.pad_to_max_length =
+            cfg.model.pipeline_model_parallel_size > 1 || cfg.model.expert_model_parallel_size > 1;
+        Ok(opts)
     }
 }
 

@@ -11,6 +11,7 @@
 use std::sync::LazyLock;
 
 use anyhow::{anyhow, bail, ensure, Result};
+use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde_json::{Map, Value as Json};
 
@@ -108,13 +109,37 @@ fn py_json(v: &Json, indent: Option<usize>, depth: usize, out: &mut String) {
     }
 }
 
-/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent)`.
-fn tojson(value: Value, indent: Option<usize>) -> Result<Value, Error> {
-    let json: Json = serde_json::to_value(&value)
+/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent,
+/// sort_keys=sort_keys)` (positional or keyword `indent`).
+fn tojson(value: Value, indent: Option<usize>, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent = match indent {
+        Some(i) => Some(i),
+        None => kwargs.get::<Option<usize>>("indent")?,
+    };
+    let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    let _ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let mut json: Json = serde_json::to_value(&value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    if sort_keys {
+        json = sorted(json);
+    }
     let mut out = String::new();
     py_json(&json, indent, 0, &mut out);
     Ok(Value::from_safe_string(out))
+}
+
+fn sorted(v: Json) -> Json {
+    match v {
+        Json::Object(m) => {
+            let mut items: Vec<(String, Json)> =
+                m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+            items.sort_by(|a, b| a.0.cmp(&b.0));
+            Json::Object(items.into_iter().collect())
+        }
+        Json::Array(a) => Json::Array(a.into_iter().map(sorted).collect()),
+        o => o,
+    }
 }
 
 impl ChatTemplate {
