@@ -304,3 +304,49 @@ fn template_features_match_transformers() {
     let err = tmpl.render(&bad, None, &Default::default(), false).unwrap_err().to_string();
     assert!(err.contains("bad role robot"), "{err}");
 }
+
+#[test]
+fn legacy_template_matches_gpt_sft_dataset() {
+    use mbridge::data::sft::legacy::LegacyTemplate;
+    let e = expected();
+    let tok = tok();
+    let info = PcTokenInfo::new(&tok).unwrap();
+    let cases = e["legacy"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    for (i, c) in cases.iter().enumerate() {
+        let kw: toml::Table = serde_json::from_value(c["kwargs"].clone()).unwrap();
+        let t = LegacyTemplate::from_kwargs(Some(&kw)).unwrap().unwrap();
+        let row = c["row"].as_object().unwrap();
+        let got = t.process(row, &tok, &info, c["max_len"].as_u64().unwrap() as usize).unwrap();
+        assert_eq!(got.input_ids, ids(&c["input_ids"]), "case {i}: {}", c["kwargs"]);
+        assert_eq!(
+            got.answer_start_idx as u64,
+            c["answer_start_idx"].as_u64().unwrap(),
+            "case {i}"
+        );
+        assert_eq!(got.loss_mask, mask(&c["loss_mask"]), "case {i}");
+    }
+}
+
+#[test]
+fn legacy_template_through_the_builder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixtures().join("data/training.jsonl"), dir.path().join("training.jsonl"))
+        .unwrap();
+    let kw: toml::Table =
+        toml::from_str("prompt_template = 'Q: {input}\\n\\nA: {output}'\npad_to_max_length = true")
+            .unwrap();
+    let cfg = DatasetConfig {
+        dataset_root: Some(dir.path().display().to_string()),
+        do_validation: false,
+        do_test: false,
+        dataset_kwargs: Some(kw),
+        ..Default::default()
+    };
+    let ds = build_sft_datasets(&cfg, &tok(), &SftBuildOptions::new(64, "t")).unwrap();
+    let e = expected();
+    let b = ds.train.collate(&[Some(0)]).unwrap();
+    assert_eq!(b.batch().seq_length, 64, "dataset_kwargs.pad_to_max_length");
+    let want = ids(&e["legacy"][0]["input_ids"]);
+    assert_eq!(&b.batch().tokens[..want.len() - 1], &want[..want.len() - 1]);
+}

@@ -7,9 +7,10 @@ use candle_core::{Device, Tensor};
 
 use super::chat::{tokenize_chat, ChatLossMode, ChatTemplate};
 use super::collate::{collate_packed, collate_unpacked, CollateParams, PackedBatch, PackedParams};
+use super::legacy::LegacyTemplate;
 use super::packing::{pack_examples, PackParams, PackedBin, PackingAlgorithm, PackingMetadata};
 use super::prompt::{tokenize_prompt_completion, PcTokenInfo, PromptCompletionConfig};
-use super::rows::{read_rows, Columns, SftRow};
+use super::rows::{is_chat, parse_row, read_objects, Columns, SftRow};
 use super::store::{self, PackedPaths};
 use super::SftExample;
 use crate::config::container::ConfigContainer;
@@ -90,6 +91,7 @@ pub struct SftTokenization<'a> {
     info: PcTokenInfo,
     chat: Option<ChatTemplate>,
     chat_mode: ChatLossMode,
+    legacy: Option<LegacyTemplate>,
 }
 
 impl<'a> SftTokenization<'a> {
@@ -106,7 +108,8 @@ impl<'a> SftTokenization<'a> {
             Some(src) => Some(ChatTemplate::new(src, tok)?),
             None => None,
         };
-        Ok(SftTokenization { tok, info: PcTokenInfo::new(tok)?, pc, chat, chat_mode })
+        let legacy = LegacyTemplate::from_kwargs(cfg.dataset_kwargs.as_ref())?;
+        Ok(SftTokenization { tok, info: PcTokenInfo::new(tok)?, pc, chat, chat_mode, legacy })
     }
 
     /// Tokenize one row to at most `max_length` tokens (chat rows: `max_length + 1`).
@@ -133,17 +136,22 @@ impl<'a> SftTokenization<'a> {
         }
     }
 
-    /// Read and tokenize every row of a JSONL file; errors name the file and line.
+    /// Read and tokenize every row of a JSONL file; errors name the file and line. With
+    /// `dataset_kwargs.prompt_template`, non-chat rows go through the legacy template path.
     pub fn tokenize_file(&self, path: &Path, max_length: usize) -> Result<Vec<SftExample>> {
         let cols = Columns {
             prompt: self.pc.prompt_column.clone(),
             completion: self.pc.completion_column.clone(),
         };
-        let rows = read_rows(path, &cols)?;
+        let rows = read_objects(path)?;
         ensure!(!rows.is_empty(), "{} has no rows", path.display());
         rows.iter()
-            .map(|(line, row)| {
-                self.tokenize(row, max_length).with_context(|| format!("{}:{line}", path.display()))
+            .map(|(line, obj)| {
+                match &self.legacy {
+                    Some(l) if !is_chat(obj) => l.process(obj, self.tok, &self.info, max_length),
+                    _ => parse_row(obj, &cols).and_then(|row| self.tokenize(&row, max_length)),
+                }
+                .with_context(|| format!("{}:{line}", path.display()))
             })
             .collect()
     }
@@ -281,6 +289,15 @@ fn sample_mapping(n: usize, max: usize, seed: u64) -> Vec<usize> {
     out
 }
 
+/// `dataset_kwargs.pad_to_max_length` (GPTSFTDataset's kwarg).
+fn kwargs_pad_to_max(cfg: &DatasetConfig) -> Result<bool> {
+    match cfg.dataset_kwargs.as_ref().and_then(|k| k.get("pad_to_max_length")) {
+        None => Ok(false),
+        Some(toml::Value::Boolean(b)) => Ok(*b),
+        Some(v) => bail!("dataset.dataset_kwargs.pad_to_max_length must be a boolean, got {v}"),
+    }
+}
+
 /// Build train / validation / test from `dataset.*` with tokenizer `tok`.
 pub fn build_sft_datasets(
     cfg: &DatasetConfig,
@@ -311,9 +328,10 @@ pub fn build_sft_datasets(
     let valid_path = split_file(cfg.do_validation, "validation.jsonl", "do_validation")?;
     let test_path = split_file(cfg.do_test, "test.jsonl", "do_test")?;
     let tz = SftTokenization::new(cfg, tok, opts.chat_template.as_deref())?;
+    let pad_to_max_length = opts.pad_to_max_length || kwargs_pad_to_max(cfg)?;
     let collate = CollateParams {
         max_seq_length: opts.seq_length,
-        pad_to_max_length: opts.pad_to_max_length,
+        pad_to_max_length,
         pad_seq_length_to_mult: opts.pad_seq_length_to_mult,
         eos_id: tok.eod(),
     };
@@ -429,7 +447,7 @@ fn build_packed(
     let params = PackedParams {
         collate: CollateParams {
             max_seq_length: pack_size,
-            pad_to_max_length: opts.pad_to_max_length,
+            pad_to_max_length: opts.pad_to_max_length || kwargs_pad_to_max(cfg)?,
             pad_seq_length_to_mult: opts.pad_seq_length_to_mult,
             eos_id: tz.tok.eod(),
         },

@@ -15,6 +15,7 @@
 pub mod build;
 pub mod chat;
 pub mod collate;
+pub mod legacy;
 pub mod packing;
 pub mod prompt;
 pub mod rows;

@@ -38,8 +38,8 @@ pub struct Columns {
 
 const CHAT_KEYS: [&str; 3] = ["messages", "conversation", "conversations"];
 
-/// Read every non-blank line of `path` as an [`SftRow`]. Errors name the file and 1-based line.
-pub fn read_rows(path: &Path, cols: &Columns) -> Result<Vec<(usize, SftRow)>> {
+/// Read every non-blank line of `path` as a JSON object, with its 1-based line number.
+pub fn read_objects(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read SFT data file {}", path.display()))?;
     let mut rows = Vec::new();
@@ -53,9 +53,26 @@ pub fn read_rows(path: &Path, cols: &Columns) -> Result<Vec<(usize, SftRow)>> {
         let Value::Object(obj) = v else {
             bail!("{}: expected a JSON object per line, got {}", at(), kind_of(&v));
         };
-        rows.push((i + 1, parse_row(&obj, cols).with_context(at)?));
+        rows.push((i + 1, obj));
     }
     Ok(rows)
+}
+
+/// Read every non-blank line of `path` as an [`SftRow`]. Errors name the file and 1-based line.
+pub fn read_rows(path: &Path, cols: &Columns) -> Result<Vec<(usize, SftRow)>> {
+    read_objects(path)?
+        .into_iter()
+        .map(|(line, obj)| {
+            let row =
+                parse_row(&obj, cols).with_context(|| format!("{}:{line}", path.display()))?;
+            Ok((line, row))
+        })
+        .collect()
+}
+
+/// True when the row carries a chat schema key.
+pub fn is_chat(obj: &Map<String, Value>) -> bool {
+    CHAT_KEYS.iter().any(|k| obj.contains_key(*k))
 }
 
 fn kind_of(v: &Value) -> &'static str {
