@@ -250,3 +250,31 @@ fn preprocessing_settings_load_through_the_config() {
     let e = load(&req(&["+dataset.preprocessing.los_mode=\"full\""])).unwrap_err().to_string();
     assert!(e.contains("did you mean `dataset.preprocessing.loss_mode`"), "{e}");
 }
+
+#[test]
+fn explicit_packed_paths_are_written_then_reused() {
+    let (d, cfg) = root(&[("training.jsonl", &ROW.repeat(5))]);
+    let train = d.path().join("mine/train.jsonl");
+    let meta = d.path().join("mine/meta.jsonl");
+    let cfg = DatasetConfig {
+        do_validation: false,
+        do_test: false,
+        packed_sequence_specs: Some(PackedSequenceSpecs {
+            packed_sequence_size: 32,
+            packed_train_data_path: Some(train.display().to_string()),
+            packed_metadata_path: Some(meta.display().to_string()),
+            ..Default::default()
+        }),
+        ..cfg
+    };
+    let ds = build_sft_datasets(&cfg, &tok(), &SftBuildOptions::new(32, "t")).unwrap();
+    assert!(train.is_file() && meta.is_file());
+    let SftSplit::Packed(p) = &ds.train else { panic!("not packed") };
+    assert_eq!(p.path, train);
+    let rows: usize = p.bins.iter().map(|b| b.seq_start_id.len()).sum();
+    assert_eq!(rows, 5);
+    // A corrupt explicit file is reported with its line, not silently repacked.
+    std::fs::write(&train, "{\"input_ids\": [1]}\n").unwrap();
+    let e = err(&DatasetConfig { ..cfg });
+    assert!(e.contains("train.jsonl:1"), "{e}");
+}
