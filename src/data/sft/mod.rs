@@ -4,7 +4,7 @@
 //!
 //! ```ignore
 //! use mbridge::data::sft::{build_sft_datasets, SftBuildOptions};
-//! let opts = SftBuildOptions::new(seq_length, "meta-llama/Llama-3.2-1B");
+//! let opts = SftBuildOptions::from_config(&cfg)?;   // seq_length, tokenizer name, chat template, PP/EP padding
 //! let ds = build_sft_datasets(&cfg.dataset, tok.as_ref(), &opts)?;
 //! let sampler = PretrainingSampler::new(ds.train.len(), consumed, mbs, dp_rank, dp, true, false)?;
 //! for micro in sampler {

@@ -6,7 +6,9 @@
 //! `{"input_ids": [i64…], "loss_mask": [0|1…], "seq_start_id": [usize…]}` — the Parquet
 //! columns, in the same order as Parquet rows. Files are written atomically; the directory's
 //! fingerprint covers everything that changes the bins (settings and the JSONL bytes), so a
-//! matching directory is reused and any change packs into a new one.
+//! matching directory is reused and any change packs into a new one. Explicit paths
+//! (`packed_train_data_path`, `packed_val_data_path`, `packed_metadata_path`) are the user's:
+//! written when missing, otherwise read as they are, whatever the fingerprint.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
