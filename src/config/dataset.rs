@@ -49,6 +49,40 @@ pub struct PackedSequenceSpecs {
     pub pad_seq_to_mult: usize,
 }
 
+/// `dataset.preprocessing.*`: how SFT rows become tokens (Megatron Bridge's
+/// `PromptCompletionSFTPreprocessingConfig` / `ChatSFTPreprocessingConfig`, flattened).
+///
+/// Every field is optional. When none is set, Megatron Bridge's default for `dataset_root`
+/// applies: columns `input`/`output`, separator `" "`. When any is set, the unset ones take
+/// `PromptCompletionSFTPreprocessingConfig`'s defaults (columns `prompt`/`completion`,
+/// separator `""`). Rows whose configured columns are absent but that carry `prompt` and
+/// `completion` are accepted either way. Chat rows use only `loss_mode`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftPreprocessingConfig {
+    /// Prompt column ("prompt").
+    pub prompt_column: Option<String>,
+    /// Completion column ("completion").
+    pub completion_column: Option<String>,
+    /// Python format string with the single placeholder `{prompt}` ("{prompt}").
+    pub prompt_template: Option<String>,
+    /// Text put before the completion ("").
+    pub separator: Option<String>,
+    /// "completion" | "full" for prompt/completion rows (default "completion");
+    /// "assistant" | "last_turn" | "full" for chat rows (default "assistant").
+    pub loss_mode: Option<String>,
+    /// Strip ASCII spaces around prompt and completion (true).
+    pub strip_whitespace: Option<bool>,
+    /// Prepend the tokenizer's BOS (false).
+    pub add_bos: Option<bool>,
+    /// Append the separator id (the EOS id) after the prompt (false).
+    pub add_sep: Option<bool>,
+    /// Append EOS after the completion (true).
+    pub add_eos: Option<bool>,
+    /// "right" (keep the head) | "left" (keep the tail) when a row is too long ("right").
+    pub truncation_method: Option<String>,
+}
+
 /// `dataset.*`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
@@ -93,6 +127,8 @@ pub struct DatasetConfig {
     pub max_train_samples: Option<usize>,
     pub packed_sequence_specs: Option<PackedSequenceSpecs>,
     pub dataset_kwargs: Option<toml::Table>,
+    /// SFT row tokenization settings (Megatron Bridge `GPTSFTDatasetConfig.preprocessing`).
+    pub preprocessing: SftPreprocessingConfig,
     #[default = true]
     pub do_validation: bool,
     #[default = true]

@@ -1,5 +1,5 @@
 //! Megatron-compatible data pipeline: indexed datasets, GPT sample construction, blending,
-//! tokenizers and preprocessing.
+//! tokenizers and preprocessing; SFT data (JSONL, chat templates, packing) lives in [`sft`].
 //!
 //! Typical use (what `pretrain` and `data show-samples` do):
 //!
@@ -26,6 +26,7 @@ pub mod mock;
 pub mod numpy_rng;
 pub mod preprocess;
 pub mod sampler;
+pub mod sft;
 pub mod show;
 pub mod split;
 pub mod tokenizer;

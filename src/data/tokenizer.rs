@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 
+/// Token ids with the byte range `[start, end)` of each token in the encoded text.
+pub type IdsWithOffsets = (Vec<i64>, Vec<(usize, usize)>);
+
 /// What preprocessing, datasets and `show-samples` need from a tokenizer.
 pub trait Tokenizer: Send + Sync {
     /// Text → ids, without special tokens (Megatron's `tokenize`).
@@ -17,6 +20,24 @@ pub trait Tokenizer: Send + Sync {
     fn pad(&self) -> Option<i64>;
     /// Unpadded vocabulary size (including added tokens).
     fn vocab_size(&self) -> usize;
+    /// Text → (ids, byte offsets `[start, end)` of each token in `text`), without special
+    /// tokens. Chat templating needs it to map assistant character spans onto tokens.
+    fn encode_with_offsets(&self, _text: &str) -> Result<IdsWithOffsets> {
+        bail!("this tokenizer cannot report token offsets; chat data needs a HuggingFace tokenizer.json")
+    }
+    /// The HF chat template (tokenizer_config.json `chat_template`), if any.
+    fn chat_template(&self) -> Option<&str> {
+        None
+    }
+    /// A special token's text from tokenizer_config.json (`"bos_token"`, `"eos_token"`,
+    /// `"pad_token"`, `"unk_token"`, `"sep_token"`), as chat templates see it.
+    fn special_token(&self, _name: &str) -> Option<&str> {
+        None
+    }
+    /// Beginning-of-sequence id, if the tokenizer defines one (`add_bos`).
+    fn bos(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// `ceil(V / (divisible_by·tp)) · divisible_by·tp`: Megatron's padded embedding size.
@@ -57,7 +78,12 @@ pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     eod: i64,
     pad: Option<i64>,
+    bos: Option<i64>,
     add_special_tokens: bool,
+    /// `chat_template` of tokenizer_config.json (the `default` one when it is a list).
+    chat_template: Option<String>,
+    /// bos/eos/pad/unk/sep token texts from tokenizer_config.json.
+    special_tokens: Vec<(String, String)>,
 }
 
 /// Read a special token (string or `{"content": ...}`) from tokenizer_config.json.
@@ -102,7 +128,29 @@ impl HfTokenizer {
             })
             .with_context(|| format!("{}: no EOS/EOD token found", file.display()))?;
         let pad = config_token(&cfg, "pad_token").and_then(|t| id(&t));
-        Ok(HfTokenizer { inner, eod, pad, add_special_tokens: false })
+        let bos = config_token(&cfg, "bos_token").and_then(|t| id(&t));
+        let special_tokens = ["bos_token", "eos_token", "pad_token", "unk_token", "sep_token"]
+            .iter()
+            .filter_map(|k| config_token(&cfg, k).map(|t| (k.to_string(), t)))
+            .collect();
+        let chat_template = match cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: the one called "default".
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        Ok(HfTokenizer {
+            inner,
+            eod,
+            pad,
+            bos,
+            add_special_tokens: false,
+            chat_template,
+            special_tokens,
+        })
     }
 
     /// Make `encode` add the tokenizer's special tokens (e.g. BOS), as calling the HF tokenizer
@@ -133,6 +181,22 @@ impl Tokenizer for HfTokenizer {
     }
     fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+    fn encode_with_offsets(&self, text: &str) -> Result<IdsWithOffsets> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
+        Ok((enc.get_ids().iter().map(|&i| i as i64).collect(), enc.get_offsets().to_vec()))
+    }
+    fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+    fn special_token(&self, name: &str) -> Option<&str> {
+        self.special_tokens.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    fn bos(&self) -> Option<i64> {
+        self.bos
     }
 }
 
