@@ -234,7 +234,8 @@ fn compare(out: &TrainOutcome, want: &[Vec<f64>; 3]) -> ([f64; 3], Option<(usize
         for (i, (g, w)) in got[q].iter().zip(&want[q]).enumerate() {
             let rel = (g - w).abs() / w.abs();
             max[q] = max[q].max(rel);
-            if !(rel <= RTOL) && first_bad.is_none_or(|(it, _)| i + 1 < it) {
+            let within = rel <= RTOL; // false for NaN too
+            if !within && first_bad.is_none_or(|(it, _)| i + 1 < it) {
                 first_bad = Some((i + 1, names[q]));
             }
         }

@@ -43,7 +43,10 @@ bench() {
         }'
 }
 
-echo "machine: $(nproc) CPU cores ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)), no GPU" >&2
+# Other work on the machine slows the runs down: the load average goes with the numbers.
+echo "machine: $(nproc) CPU cores ($(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)), no GPU;" \
+    "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 printf "%-14s %12s %12s %12s %12s\n" model params tokens/iter ms/iter tokens/s
 bench tiny_llama "$TINY_ITERS" "$@"
 bench gpt_125m_cpu "$M125_ITERS" "$@"
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
