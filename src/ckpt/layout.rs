@@ -2,6 +2,8 @@
 //! tensor and its per-rank shards (the basis of loading any TP layout into any other).
 
 use anyhow::{bail, Result};
+
+use crate::model::params::{self, ShardLayout, TpCoord};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -26,29 +28,30 @@ pub struct ShardedParam {
     pub partition: Partition,
 }
 
-/// The slice of a global tensor that `rank` of `size` holds.
-pub fn shard_of(global: &Tensor, partition: Partition, rank: usize, size: usize) -> Result<Tensor> {
-    match partition {
-        Partition::Replicated => Ok(global.clone()),
-        Partition::Split(dim) => {
-            let n = global.dim(dim)?;
-            if n % size != 0 {
-                bail!("dimension {dim} of size {n} does not split over {size} ranks");
-            }
-            Ok(global.narrow(dim, rank * (n / size), n / size)?)
-        }
-        Partition::GatedSplit => {
-            let n = global.dim(0)?;
-            if n % (2 * size) != 0 {
-                bail!("gated dimension of size {n} does not split over {size} ranks");
-            }
-            let half = n / 2;
-            let part = half / size;
-            let gate = global.narrow(0, rank * part, part)?;
-            let up = global.narrow(0, half + rank * part, part)?;
-            Ok(Tensor::cat(&[&gate, &up], 0)?)
+impl Partition {
+    /// The partition of a model parameter with this TP partition dim and shard layout.
+    pub fn from_param(partition_dim: Option<usize>, layout: ShardLayout) -> Self {
+        match (partition_dim, layout) {
+            (None, _) => Partition::Replicated,
+            (Some(_), ShardLayout::GatedHalves) => Partition::GatedSplit,
+            (Some(d), ShardLayout::Contiguous) => Partition::Split(d),
         }
     }
+
+    /// The model's `(partition_dim, layout)` for this partition.
+    pub fn to_param(self) -> (Option<usize>, ShardLayout) {
+        match self {
+            Partition::Replicated => (None, ShardLayout::Contiguous),
+            Partition::Split(d) => (Some(d), ShardLayout::Contiguous),
+            Partition::GatedSplit => (Some(0), ShardLayout::GatedHalves),
+        }
+    }
+}
+
+/// The slice of a global tensor that `rank` of `size` holds (the model's own slicing rule).
+pub fn shard_of(global: &Tensor, partition: Partition, rank: usize, size: usize) -> Result<Tensor> {
+    let (dim, layout) = partition.to_param();
+    Ok(params::shard_of(global, dim, layout, TpCoord { rank, size })?)
 }
 
 /// The global tensor from all ranks' shards, in rank order.

@@ -2,6 +2,7 @@
 
 mod config_args;
 mod config_cmd;
+mod data_cmd;
 pub mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;
@@ -42,6 +43,9 @@ pub enum Command {
     ExportHf(NotYet),
     /// Greedy generation from a checkpoint.
     Generate(NotYet),
+    /// Inspect datasets as a config resolves them.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
     /// Tokenize JSONL into Megatron .bin/.idx files.
     PreprocessData(preprocess_data::PreprocessDataArgs),
 }
@@ -100,6 +104,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::ExportHf(_) => not_yet("export-hf"),
         Command::Generate(_) => not_yet("generate"),
         Command::PreprocessData(a) => preprocess_data::run(a),
+        Command::Data(c) => data_cmd::run(c),
     }
 }
 

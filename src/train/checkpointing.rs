@@ -9,18 +9,14 @@ use candle_core::Tensor;
 use serde_json::json;
 
 use crate::ckpt::{self, CheckpointWrite, Partition, ShardedParam, TensorSet, TrainState};
-use crate::model::params::{shard_of, Param, ShardLayout, TpCoord};
+use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
 use crate::train::optimizer::{Optimizer, OptimizerState};
 use crate::train::scheduler::{OptimizerParamScheduler, ResumePolicy, SchedulerState};
 
 /// The checkpoint partition of a model parameter.
 pub fn partition_of(p: &Param) -> Partition {
-    match (p.partition_dim, p.layout) {
-        (None, _) => Partition::Replicated,
-        (Some(_), ShardLayout::GatedHalves) => Partition::GatedSplit,
-        (Some(d), ShardLayout::Contiguous) => Partition::Split(d),
-    }
+    Partition::from_param(p.partition_dim, p.layout)
 }
 
 /// What a run hands to [`save`].
@@ -125,11 +121,7 @@ pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -
     let global = ckpt::load_tensors(iter_dir, "optimizer")?;
     let mut tensors = Vec::new();
     for (name, (t, partition)) in global {
-        let (dim, layout) = match partition {
-            Partition::Replicated => (None, ShardLayout::Contiguous),
-            Partition::Split(d) => (Some(d), ShardLayout::Contiguous),
-            Partition::GatedSplit => (Some(0), ShardLayout::GatedHalves),
-        };
+        let (dim, layout) = partition.to_param();
         tensors.push((name, shard_of(&t, dim, layout, tp)?));
     }
     let state = OptimizerState {

@@ -171,6 +171,35 @@ impl OptimizerParamScheduler {
     }
 }
 
+impl ScheduleInputs {
+    /// The scheduler inputs of a finalized run (`optimizer.*`, `scheduler.*`, batch sizes).
+    pub fn from_config(cfg: &crate::config::ConfigContainer, d: &crate::config::Derived) -> Self {
+        let s = &cfg.scheduler;
+        ScheduleInputs {
+            lr: cfg.optimizer.lr.unwrap_or(0.0),
+            min_lr: cfg.optimizer.min_lr.unwrap_or(0.0),
+            lr_warmup_init: s.lr_warmup_init,
+            weight_decay: cfg.optimizer.weight_decay,
+            start_weight_decay: s.start_weight_decay,
+            end_weight_decay: s.end_weight_decay,
+            weight_decay_incr_style: s.weight_decay_incr_style,
+            lr_decay_style: s.lr_decay_style,
+            lr_wsd_decay_style: s.lr_wsd_decay_style,
+            global_batch_size: d.global_batch_size as u64,
+            train_iters: cfg.train.train_samples.is_none().then_some(d.train_iters as u64),
+            train_samples: cfg.train.train_samples.map(|v| v as u64),
+            max_steps: s.max_steps.map(|v| v as u64),
+            lr_decay_iters: s.lr_decay_iters.map(|v| v as u64),
+            lr_decay_samples: s.lr_decay_samples.map(|v| v as u64),
+            lr_warmup_iters: s.lr_warmup_iters as u64,
+            lr_warmup_samples: s.lr_warmup_samples as u64,
+            lr_warmup_fraction: s.lr_warmup_fraction,
+            lr_wsd_decay_iters: s.lr_wsd_decay_iters.map(|v| v as u64),
+            lr_wsd_decay_samples: s.lr_wsd_decay_samples.map(|v| v as u64),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

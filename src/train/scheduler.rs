@@ -18,56 +18,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// How the learning rate decays after warmup (`scheduler.lr_decay_style`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum LrDecayStyle {
-    /// Stay at `max_lr` after warmup.
-    #[serde(rename = "constant")]
-    Constant,
-    /// Linear from `max_lr` to `min_lr` between warmup and decay end (Megatron's default).
-    #[serde(rename = "linear")]
-    Linear,
-    /// Half cosine from `max_lr` to `min_lr`.
-    #[serde(rename = "cosine")]
-    Cosine,
-    /// `max_lr · sqrt(warmup) / sqrt(step)`, floored at `min_lr`.
-    #[serde(rename = "inverse-square-root")]
-    InverseSquareRoot,
-    /// Warmup-stable-decay: `max_lr` until the last `wsd_decay_steps`, then anneal.
-    #[serde(rename = "WSD")]
-    Wsd,
-}
-
-/// Annealing shape of the last phase of a WSD schedule (`scheduler.lr_wsd_decay_style`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WsdDecayStyle {
-    /// `coeff = 2·0.5^r − 1` (Megatron's default).
-    #[serde(rename = "exponential")]
-    Exponential,
-    /// `coeff = 1 − r`.
-    #[serde(rename = "linear")]
-    Linear,
-    /// `coeff = 0.5·(cos(π r) + 1)`.
-    #[serde(rename = "cosine")]
-    Cosine,
-    /// `coeff = 1 − sqrt(r)`.
-    #[serde(rename = "minus_sqrt")]
-    MinusSqrt,
-}
-
-/// How weight decay moves from `start_wd` to `end_wd` (`scheduler.weight_decay_incr_style`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WdIncrStyle {
-    /// `start_wd == end_wd` throughout (Megatron's default).
-    #[serde(rename = "constant")]
-    Constant,
-    /// Linear increase over `wd_incr_steps`.
-    #[serde(rename = "linear")]
-    Linear,
-    /// Cosine increase over `wd_incr_steps`.
-    #[serde(rename = "cosine")]
-    Cosine,
-}
+// The style enums are the config's own (`scheduler.*` fields), so a resolved config feeds the
+// scheduler without conversion; their Megatron spellings (serde, FromStr, Display) live here.
+pub use crate::config::optimizer::{LrDecayStyle, WdIncrStyle, WsdDecayStyle};
 
 /// Errors from building or restoring a scheduler. Messages name the offending field.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,6 @@ use candle_core::{DType, Device, Tensor};
 use super::checkpointing::{self, SaveRequest};
 use super::clip::clip_grad_norm;
 use super::datasets::{build_pretrain_datasets, tokenizer_from_config};
-use super::log::{timestamp, validation_box, LogLine};
 use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
 use super::tensorboard::SummaryWriter;
@@ -53,18 +52,18 @@ pub struct TrainOutcome {
 
 /// Everything a running job holds.
 pub struct Trainer {
-    cfg: ConfigContainer,
-    d: Derived,
-    run_config_toml: String,
-    model: GptModel,
-    optimizer: Optimizer,
-    scheduler: OptimizerParamScheduler,
-    acc: GradAccumulator,
-    datasets: [Option<PretrainDataset>; 3],
-    state: TrainState,
-    device: Device,
-    tb: Option<SummaryWriter>,
-    stop: Arc<AtomicBool>,
+    pub(super) cfg: ConfigContainer,
+    pub(super) d: Derived,
+    pub(super) run_config_toml: String,
+    pub(super) model: GptModel,
+    pub(super) optimizer: Optimizer,
+    pub(super) scheduler: OptimizerParamScheduler,
+    pub(super) acc: GradAccumulator,
+    pub(super) datasets: [Option<PretrainDataset>; 3],
+    pub(super) state: TrainState,
+    pub(super) device: Device,
+    pub(super) tb: Option<SummaryWriter>,
+    pub(super) stop: Arc<AtomicBool>,
 }
 
 fn candle_dtype(d: CfgDType) -> DType {
@@ -123,7 +122,8 @@ impl Trainer {
         };
         let optimizer = Optimizer::new(algorithm, named)?;
         let acc = GradAccumulator::new(optimizer.vars());
-        let scheduler = build_scheduler(&cfg, &d)?;
+        let scheduler =
+            OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
         let datasets = build_pretrain_datasets(&cfg, &d, tokenizer.as_ref())?;
         let tb = match &cfg.logger.tensorboard_dir {
             Some(dir) => Some(SummaryWriter::new(&PathBuf::from(dir))?),
@@ -404,111 +404,6 @@ impl Trainer {
         })
     }
 
-    /// Token-weighted loss over `eval_iters` batches of split `split` (1 valid, 2 test).
-    fn evaluate(&mut self, split: usize, prefix: &str) -> Result<Option<f64>> {
-        let Some(ds) = self.datasets[split].as_ref() else { return Ok(None) };
-        let eval_iters = self.cfg.validation.eval_iters.unwrap_or(0);
-        let egbs = self.d.eval_global_batch_size;
-        let embs = self.d.eval_micro_batch_size;
-        let consumed = if split == 1 { self.state.consumed_valid_samples as usize } else { 0 };
-        if consumed >= ds.len() {
-            return Ok(None);
-        }
-        let mut sampler = PretrainingSampler::new(
-            ds.len(),
-            consumed,
-            embs,
-            0,
-            self.d.data_parallel_size,
-            true,
-            false,
-        )?;
-        let (mut sum, mut count) = (0.0, 0.0);
-        for _ in 0..eval_iters {
-            for _ in 0..egbs / (embs * self.d.data_parallel_size) {
-                let Some(idx) = sampler.next() else { break };
-                let mb = to_microbatch(&collate(ds, &idx)?, &self.device)?;
-                let (s, c) = loss_for_microbatch(&self.model, &mb, None)?;
-                sum += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                count += c;
-            }
-            if split == 1 {
-                self.state.consumed_valid_samples += egbs as u64;
-            }
-        }
-        if count == 0.0 {
-            return Ok(None);
-        }
-        let loss = sum / count;
-        println!("{}", validation_box(prefix, loss));
-        if let (Some(tb), 1) = (self.tb.as_mut(), split) {
-            let samples = self.state.consumed_train_samples as i64;
-            tb.add_scalar("lm loss validation", loss as f32, self.state.step as i64)?;
-            tb.add_scalar("lm loss validation vs samples", loss as f32, samples)?;
-            if self.cfg.logger.log_validation_ppl_to_tensorboard {
-                tb.add_scalar(
-                    "lm loss validation ppl",
-                    super::log::perplexity(loss) as f32,
-                    self.state.step as i64,
-                )?;
-            }
-            tb.flush()?;
-        }
-        Ok(Some(loss))
-    }
-
-    fn log(&mut self, iteration: u64, w: &mut Window, flops_per_iter: f64) -> Result<()> {
-        let iters = w.iterations.max(1) as f64;
-        let secs_per_iter = w.seconds / iters;
-        let line = LogLine {
-            iteration,
-            train_iters: self.d.train_iters as u64,
-            consumed_samples: self.state.consumed_train_samples,
-            skipped_samples: self.state.skipped_train_samples,
-            elapsed_ms_per_iter: secs_per_iter * 1000.0,
-            tflops_per_gpu: self
-                .cfg
-                .logger
-                .log_throughput
-                .then(|| flops_per_iter / secs_per_iter / self.d.world_size as f64 / 1e12),
-            learning_rate: w.lr,
-            global_batch_size: self.d.global_batch_size,
-            lm_loss: (w.advanced > 0).then(|| w.loss_sum / w.advanced as f64),
-            loss_scale: 1.0,
-            grad_norm: w.grad_norm,
-            skipped_iterations: w.skipped,
-            nan_iterations: w.nan,
-        };
-        println!("{}", line.render(&timestamp()));
-        *w = Window::default();
-        Ok(())
-    }
-
-    fn tensorboard(&mut self, iteration: u64, s: &StepResult) -> Result<()> {
-        let every = self.cfg.logger.tensorboard_log_interval.max(1) as u64;
-        let Some(tb) = self.tb.as_mut() else { return Ok(()) };
-        if !iteration.is_multiple_of(every) {
-            return Ok(());
-        }
-        let (it, samples) = (iteration as i64, self.state.consumed_train_samples as i64);
-        for (tag, v) in [
-            ("learning-rate", s.lr),
-            ("batch-size", self.d.global_batch_size as f64),
-            ("lm loss", s.loss),
-        ] {
-            tb.add_scalar(tag, v as f32, it)?;
-            tb.add_scalar(&format!("{tag} vs samples"), v as f32, samples)?;
-        }
-        if self.cfg.logger.log_loss_scale_to_tensorboard {
-            tb.add_scalar("loss-scale", 1.0, it)?;
-        }
-        if let Some(g) = s.grad_norm {
-            tb.add_scalar("grad-norm", g as f32, it)?;
-            tb.add_scalar("grad-norm vs samples", g as f32, samples)?;
-        }
-        tb.flush()
-    }
-
     /// Save a checkpoint of the current state when `checkpoint.save` is set.
     pub fn save(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
@@ -535,25 +430,25 @@ impl Trainer {
 
 /// Result of one iteration.
 #[derive(Debug, Clone)]
-struct StepResult {
-    loss: f64,
-    grad_norm: Option<f64>,
-    skipped: bool,
-    nan: bool,
-    lr: f64,
+pub(super) struct StepResult {
+    pub(super) loss: f64,
+    pub(super) grad_norm: Option<f64>,
+    pub(super) skipped: bool,
+    pub(super) nan: bool,
+    pub(super) lr: f64,
 }
 
 /// Accumulates what the next log line averages.
 #[derive(Debug, Default)]
-struct Window {
-    iterations: u64,
-    advanced: u64,
-    seconds: f64,
-    loss_sum: f64,
-    lr: f64,
-    grad_norm: Option<f64>,
-    skipped: u64,
-    nan: u64,
+pub(super) struct Window {
+    pub(super) iterations: u64,
+    pub(super) advanced: u64,
+    pub(super) seconds: f64,
+    pub(super) loss_sum: f64,
+    pub(super) lr: f64,
+    pub(super) grad_norm: Option<f64>,
+    pub(super) skipped: u64,
+    pub(super) nan: u64,
 }
 
 impl Window {
@@ -574,35 +469,7 @@ impl Window {
     }
 }
 
-fn build_scheduler(cfg: &ConfigContainer, d: &Derived) -> Result<OptimizerParamScheduler> {
-    let s = &cfg.scheduler;
-    let style = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
-    let inputs = ScheduleInputs {
-        lr: cfg.optimizer.lr.unwrap_or(0.0),
-        min_lr: cfg.optimizer.min_lr.unwrap_or(0.0),
-        lr_warmup_init: s.lr_warmup_init,
-        weight_decay: cfg.optimizer.weight_decay,
-        start_weight_decay: s.start_weight_decay,
-        end_weight_decay: s.end_weight_decay,
-        weight_decay_incr_style: style(serde_json::to_value(s.weight_decay_incr_style)?).parse()?,
-        lr_decay_style: style(serde_json::to_value(s.lr_decay_style)?).parse()?,
-        lr_wsd_decay_style: style(serde_json::to_value(s.lr_wsd_decay_style)?).parse()?,
-        global_batch_size: d.global_batch_size as u64,
-        train_iters: cfg.train.train_samples.is_none().then_some(d.train_iters as u64),
-        train_samples: cfg.train.train_samples.map(|v| v as u64),
-        max_steps: s.max_steps.map(|v| v as u64),
-        lr_decay_iters: s.lr_decay_iters.map(|v| v as u64),
-        lr_decay_samples: s.lr_decay_samples.map(|v| v as u64),
-        lr_warmup_iters: s.lr_warmup_iters as u64,
-        lr_warmup_samples: s.lr_warmup_samples as u64,
-        lr_warmup_fraction: s.lr_warmup_fraction,
-        lr_wsd_decay_iters: s.lr_wsd_decay_iters.map(|v| v as u64),
-        lr_wsd_decay_samples: s.lr_wsd_decay_samples.map(|v| v as u64),
-    };
-    Ok(OptimizerParamScheduler::from_resolved(&inputs)?)
-}
-
-fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
+pub(super) fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
     let shape = (b.batch_size, b.seq_length);
     let ids = |v: &[i64]| -> Result<Tensor> {
         let v: Vec<u32> = v

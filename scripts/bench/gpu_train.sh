@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU training throughput: mbridge vs the PyTorch peers, in ONE device call (same GPU).
+# Build first with scripts/device/build.sh, then run this through the device tool with
+# carry [".devbuild/bin"], e.g.:  bash scripts/bench/gpu_train.sh 1024 2 20
+# Args: SEQ MBS ITERS (defaults 1024 2 20). Prints the peers' JSON lines and mbridge's log lines.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+SEQ="${1:-1024}"; MBS="${2:-2}"; ITERS="${3:-20}"
+BIN=.devbuild/bin/mbridge
+source .devbuild/bin/env.sh "$BIN" >/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "== peers (Llama-3.2-1B shape, seq $SEQ, micro batch $MBS) =="
+python3 scripts/bench/peers/peer_torch.py "titan:1b:$SEQ:$MBS" "hf:1b:$SEQ:$MBS" 2>&1 | grep '^{' || echo "peer failed"
+echo "== mbridge (llama32_1b recipe, bf16_mixed, seq $SEQ, micro batch $MBS) =="
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log &
+SMI=$!
+"$BIN" pretrain --recipe llama32_1b --device cuda:0 \
+  model.seq_length="$SEQ" train.micro_batch_size="$MBS" \
+  train.global_batch_size="$MBS" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
+  logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \
+  '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' 2>&1 \
+  | grep -E "iteration|error" | tail -6
+kill $SMI 2>/dev/null
+echo "mbridge peak GPU memory (MiB, nvidia-smi): $(sort -n /tmp/mem.log | tail -1)"
