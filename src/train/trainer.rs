@@ -42,6 +42,11 @@ pub struct TrainOutcome {
     pub final_step: u64,
     /// `lm loss` of every iteration this process ran, in order.
     pub losses: Vec<(u64, f64)>,
+    /// Gradient norm (before clipping) of every iteration, as the log line shows it; `None`
+    /// for skipped iterations.
+    pub grad_norms: Vec<(u64, Option<f64>)>,
+    /// Learning rate of every iteration as the log line shows it: after the scheduler advanced.
+    pub lrs: Vec<(u64, f64)>,
     pub last_validation_loss: Option<f64>,
 }
 
@@ -92,6 +97,17 @@ impl Trainer {
         let model =
             GptModel::new(&cfg.model, ParallelLayout::single(), cfg.rng.seed, dtype, &device)
                 .context("cannot build the model")?;
+        // Megatron's start-up line, so a log shows the model size (benchmarks read it too).
+        let num_params: usize = model
+            .params()
+            .params()
+            .iter()
+            .filter(|p| !p.shared_embedding)
+            .map(|p| p.var.elem_count())
+            .sum();
+        println!(
+            " > number of parameters on (tensor, pipeline) model parallel rank (0, 0): {num_params}"
+        );
         let named: Vec<(String, candle_core::Var)> =
             model.params().params().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
         let o = &cfg.optimizer;
@@ -213,6 +229,8 @@ impl Trainer {
         )?;
         let start = Instant::now();
         let mut losses = Vec::new();
+        let mut grad_norms = Vec::new();
+        let mut lrs = Vec::new();
         let mut last_val = None;
         let mut window = Window::default();
         let flops_per_iter =
@@ -236,6 +254,8 @@ impl Trainer {
             }
             self.state.floating_point_operations_so_far += flops_per_iter;
             losses.push((iteration, step.loss));
+            grad_norms.push((iteration, step.grad_norm));
+            lrs.push((iteration, step.lr));
             window.add(&step, t0.elapsed().as_secs_f64());
             if iteration.is_multiple_of(self.cfg.logger.log_interval as u64) {
                 self.log(iteration, &mut window, flops_per_iter)?;
@@ -279,6 +299,8 @@ impl Trainer {
                     reason,
                     final_step: iteration,
                     losses,
+                    grad_norms,
+                    lrs,
                     last_validation_loss: last_val,
                 });
             }
@@ -296,6 +318,8 @@ impl Trainer {
             reason,
             final_step: self.state.step,
             losses,
+            grad_norms,
+            lrs,
             last_validation_loss: last_val,
         })
     }
@@ -304,13 +328,22 @@ impl Trainer {
         self.cfg.validation.eval_iters.unwrap_or(0) > 0
     }
 
-    /// One iteration: accumulate micro-batch gradients of Σ CE, divide by the global token
-    /// count, clip, step with `lr((k-1)·GBS)`, then advance the scheduler by GBS.
+    /// One iteration: accumulate micro-batch gradients, normalise them as megatron-core does
+    /// (see below), clip, step with `lr((k-1)·GBS)`, then advance the scheduler by GBS.
+    ///
+    /// Gradient normalisation follows `model.calculate_per_token_loss` like megatron-core's
+    /// `forward_step_calc_loss` / `finalize_model_grads`: when false (the default) each
+    /// micro-batch back-propagates its own token mean divided by the number of micro-batches
+    /// (a mean of micro-batch means); when true the gradients of Σ CE are summed and divided by
+    /// the global batch's loss-token count. The two agree when every micro-batch has the same
+    /// number of loss tokens. The reported loss is always Σ CE / Σ tokens of the global batch.
     fn train_step(&mut self, iteration: u64, micro: &[Batch], skip: bool) -> Result<StepResult> {
         self.acc.clear();
         let (mut loss_sum, mut tokens) = (0.0f64, 0.0f64);
         let dropout_on =
             self.cfg.model.hidden_dropout > 0.0 || self.cfg.model.attention_dropout > 0.0;
+        let per_token = self.cfg.model.calculate_per_token_loss;
+        let num_micro = micro.len() as f64;
         for (i, b) in micro.iter().enumerate() {
             let mb = to_microbatch(b, &self.device)?;
             let rng = dropout_on.then(|| DropoutRng::new(self.cfg.rng.seed, iteration, i as u64));
@@ -318,7 +351,13 @@ impl Trainer {
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             tokens += count;
             if !skip {
-                self.acc.accumulate(&sum.backward()?)?;
+                let objective = if per_token {
+                    sum
+                } else {
+                    // `output_tensor /= clamp(num_tokens, min=1); output_tensor /= num_microbatches`
+                    sum.affine(1.0 / (count.max(1.0) * num_micro), 0.0)?
+                };
+                self.acc.accumulate(&objective.backward()?)?;
             }
         }
         let loss = if tokens > 0.0 { loss_sum / tokens } else { 0.0 };
@@ -335,7 +374,7 @@ impl Trainer {
                 lr: self.scheduler.get_lr(),
             });
         }
-        if tokens > 0.0 {
+        if per_token && tokens > 0.0 {
             self.acc.scale(1.0 / tokens)?;
         }
         let vars = self.optimizer.vars();
