@@ -196,8 +196,18 @@ impl Trainer {
             return Ok(());
         }
         if let Some(pre) = &c.pretrained_checkpoint {
-            let dir = ckpt::find_checkpoint(&PathBuf::from(pre), None)?.with_context(|| {
-                format!("`checkpoint.pretrained_checkpoint` `{pre}` holds no mbridge checkpoint")
+            let pre_path = PathBuf::from(pre);
+            // A local Hugging Face directory is converted on the fly, as Megatron Bridge does.
+            if pre_path.join("config.json").is_file() {
+                crate::bridge::load_hf_weights(&pre_path, &self.model)?;
+                tracing::info!("initialized weights from Hugging Face directory {pre}");
+                return Ok(());
+            }
+            let dir = ckpt::find_checkpoint(&pre_path, None)?.with_context(|| {
+                format!(
+                    "`checkpoint.pretrained_checkpoint` `{pre}` holds neither an mbridge checkpoint \
+                     nor a Hugging Face model (config.json)"
+                )
             })?;
             checkpointing::load_model(&dir, &self.model)?;
             tracing::info!("initialized weights from pretrained checkpoint {}", dir.display());
