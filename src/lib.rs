@@ -5,4 +5,5 @@ pub mod config;
 pub mod data;
 pub mod model;
 pub mod ops;
+pub mod parallel;
 pub mod train;
