@@ -2,6 +2,7 @@
 
 mod config_args;
 mod config_cmd;
+mod env;
 pub mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;
@@ -44,6 +45,9 @@ pub enum Command {
     Generate(NotYet),
     /// Tokenize JSONL into Megatron .bin/.idx files.
     PreprocessData(preprocess_data::PreprocessDataArgs),
+    /// Show the rank, world and master found in the launcher environment (torchrun, SLURM,
+    /// OpenMPI) and this rank's process groups.
+    Env(env::EnvArgs),
 }
 
 /// Arguments of a command that this build does not implement yet (accepted, then refused).
@@ -100,6 +104,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::ExportHf(_) => not_yet("export-hf"),
         Command::Generate(_) => not_yet("generate"),
         Command::PreprocessData(a) => preprocess_data::run(a),
+        Command::Env(a) => env::run(a),
     }
 }
 

@@ -9,7 +9,11 @@ use candle_core::{DType, Result, Tensor};
 /// normalised). Gradients of the same dtype travel in one flat buffer per call; a variable
 /// without a gradient on this rank contributes zeros (and gets the others' sum). All ranks
 /// must hold the same variables in the same order (the accumulator's fixed order).
-pub fn all_reduce_grads(acc: &mut GradAccumulator, dp: &dyn Communicator, scale: f64) -> Result<()> {
+pub fn all_reduce_grads(
+    acc: &mut GradAccumulator,
+    dp: &dyn Communicator,
+    scale: f64,
+) -> Result<()> {
     if dp.size() == 1 {
         return if scale == 1.0 { Ok(()) } else { acc.scale(scale) };
     }

@@ -78,7 +78,9 @@ fn get<'a>(env: &'a HashMap<String, String>, key: &str) -> Option<&'a str> {
 
 fn num(env: &HashMap<String, String>, key: &str) -> Result<Option<usize>> {
     get(env, key)
-        .map(|v| v.parse::<usize>().map_err(|_| anyhow!("{key}={v:?} is not a non-negative integer")))
+        .map(|v| {
+            v.parse::<usize>().map_err(|_| anyhow!("{key}={v:?} is not a non-negative integer"))
+        })
         .transpose()
 }
 
@@ -94,7 +96,9 @@ pub fn discover_from_process_env() -> Result<DistEnv> {
 /// Rank, world size, local rank and master address from launcher variables in `env`.
 pub fn discover(env: &HashMap<String, String>) -> Result<DistEnv> {
     let master_port = match get(env, "MASTER_PORT") {
-        Some(p) => p.parse::<u16>().map_err(|_| anyhow!("MASTER_PORT={p:?} is not a port number"))?,
+        Some(p) => {
+            p.parse::<u16>().map_err(|_| anyhow!("MASTER_PORT={p:?} is not a port number"))?
+        }
         None => DEFAULT_MASTER_PORT,
     };
     let master_env = get(env, "MASTER_ADDR").map(str::to_string);
@@ -169,13 +173,15 @@ fn slurm(env: &HashMap<String, String>, master: Option<String>, port: u16) -> Re
             .into_iter()
             .next()
             .ok_or_else(|| anyhow!("SLURM_JOB_NODELIST is empty"))?,
-        (None, None) => bail!("SLURM environment: neither MASTER_ADDR nor SLURM_JOB_NODELIST is set"),
+        (None, None) => {
+            bail!("SLURM environment: neither MASTER_ADDR nor SLURM_JOB_NODELIST is set")
+        }
     };
     let per_node = match get(env, "SLURM_TASKS_PER_NODE").or(get(env, "SLURM_STEP_TASKS_PER_NODE"))
     {
         Some(spec) => {
-            let counts =
-                expand_tasks_per_node(spec).with_context(|| format!("SLURM_TASKS_PER_NODE={spec:?}"))?;
+            let counts = expand_tasks_per_node(spec)
+                .with_context(|| format!("SLURM_TASKS_PER_NODE={spec:?}"))?;
             counts.get(node_rank.unwrap_or(0)).copied()
         }
         None => None,

@@ -188,7 +188,11 @@ impl TensorParallel {
         let (n, vocab) = (b * s, vl * self.size());
         let host = labels.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
         if host.len() != n {
-            candle_core::bail!("labels {:?} do not match logits {:?}", labels.dims(), logits.dims());
+            candle_core::bail!(
+                "labels {:?} do not match logits {:?}",
+                labels.dims(),
+                logits.dims()
+            );
         }
         if let Some(&bad) = host.iter().find(|&&l| l as usize >= vocab) {
             candle_core::bail!("label id {bad} out of range for vocabulary of size {vocab}");

@@ -182,7 +182,10 @@ impl Topology {
     pub fn rank_of(&self, coords: RankCoords) -> Result<usize> {
         let v = [coords.tp, coords.cp, coords.dp, coords.pp];
         if v.iter().zip(self.sizes).any(|(&c, s)| c >= s) {
-            bail!("coordinates {coords:?} out of range for sizes (tp, cp, dp, pp) = {:?}", self.sizes);
+            bail!(
+                "coordinates {coords:?} out of range for sizes (tp, cp, dp, pp) = {:?}",
+                self.sizes
+            );
         }
         let st = self.strides();
         Ok((0..4).map(|d| v[d] * st[d]).sum())

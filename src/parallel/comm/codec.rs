@@ -33,7 +33,8 @@ fn code_dtype(code: u8) -> Result<DType> {
 /// Serializes `t` (any device, any layout) into a self-describing byte buffer.
 pub(crate) fn encode(t: &Tensor) -> Result<Vec<u8>> {
     let dims = t.dims();
-    let mut out = Vec::with_capacity(2 + 8 * dims.len() + t.elem_count() * t.dtype().size_in_bytes());
+    let mut out =
+        Vec::with_capacity(2 + 8 * dims.len() + t.elem_count() * t.dtype().size_in_bytes());
     out.push(dtype_code(t.dtype())?);
     out.push(u8::try_from(dims.len()).map_err(|_| candle_core::Error::Msg("rank > 255".into()))?);
     for &d in dims {

@@ -95,5 +95,4 @@ impl Wire for LocalRank {
     fn recv(&self, src: usize, tag: u64, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
         self.world.inboxes[self.rank].pop(src, tag, self.world.timeout, what)
     }
-
 }

@@ -206,7 +206,11 @@ impl Communicator for CpuGroup {
 
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         if dim >= t.rank() {
-            candle_core::bail!("{}: dim {dim} out of range for {:?}", self.what("all_gather"), t.dims());
+            candle_core::bail!(
+                "{}: dim {dim} out of range for {:?}",
+                self.what("all_gather"),
+                t.dims()
+            );
         }
         if self.members.len() == 1 {
             return Ok(t.clone());

@@ -374,5 +374,4 @@ impl Wire for TcpRank {
     fn recv(&self, src: usize, tag: u64, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
         self.0.inbox.pop(src, tag, self.0.timeout, what)
     }
-
 }
