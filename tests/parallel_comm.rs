@@ -222,7 +222,7 @@ fn tcp_between_processes() {
         })
         .collect();
     let end = Instant::now() + DEADLINE;
-    let mut codes = vec![None; 2];
+    let mut codes = [None; 2];
     while codes.iter().any(Option::is_none) {
         for (i, c) in children.iter_mut().enumerate() {
             if codes[i].is_none() {

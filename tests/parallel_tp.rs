@@ -22,14 +22,12 @@ use std::time::Duration;
 const DEADLINE: Duration = Duration::from_secs(300);
 const SEED: u64 = 11;
 
+/// Token, label and loss-mask rows of a batch.
+type Rows = (Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<Vec<f32>>);
+
 /// A deterministic micro-batch of `rows` rows over a vocabulary of `vocab`, with some
 /// masked positions.
-fn batch_rows(
-    rows: usize,
-    s: usize,
-    vocab: usize,
-    seed: u64,
-) -> (Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<Vec<f32>>) {
+fn batch_rows(rows: usize, s: usize, vocab: usize, seed: u64) -> Rows {
     let ids = |k: u64| -> Vec<Vec<i64>> {
         let r = rand_vec(rows * s, seed * 31 + k);
         r.chunks(s)
@@ -42,16 +40,19 @@ fn batch_rows(
     (ids(1), ids(2), mask)
 }
 
-fn microbatch(rows: &(Vec<Vec<i64>>, Vec<Vec<i64>>, Vec<Vec<f32>>)) -> Microbatch {
+fn microbatch(rows: &Rows) -> Microbatch {
     Microbatch::from_rows(&rows.0, &rows.1, &rows.2, None, &Device::Cpu).unwrap()
 }
+
+/// (name, gradient, partition dim, layout) of one parameter.
+type NamedGrad = (String, Tensor, Option<usize>, ShardLayout);
 
 struct Run {
     logits: Vec<f64>,
     loss_sum: f64,
     count: f64,
     /// (name, gradient, partition dim, layout) per parameter of this rank.
-    grads: Vec<(String, Tensor, Option<usize>, ShardLayout)>,
+    grads: Vec<NamedGrad>,
 }
 
 /// Forward, loss and backward of `model` on `batch`; the loss is normalised by `count`.
@@ -81,7 +82,7 @@ fn check_grads(
     full: &HashMap<String, Tensor>,
     rank: usize,
     tp: usize,
-    grads: &[(String, Tensor, Option<usize>, ShardLayout)],
+    grads: &[NamedGrad],
     tol: f64,
 ) {
     assert_eq!(grads.len(), full.len(), "rank {rank}: parameter count");

@@ -103,7 +103,7 @@ impl Topology {
             bail!("world size and parallel sizes must be > 0 (world {world}, tp {tp}, cp {cp}, pp {pp})");
         }
         let mp = tp * cp * pp;
-        if world % mp != 0 {
+        if !world.is_multiple_of(mp) {
             bail!(
                 "world size {world} is not divisible by tensor ({tp}) × context ({cp}) × pipeline ({pp}) parallel size = {mp}"
             );

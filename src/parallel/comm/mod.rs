@@ -221,7 +221,7 @@ impl Communicator for CpuGroup {
 
     fn reduce_scatter(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         let n = self.members.len();
-        if dim >= t.rank() || t.dim(dim)? % n != 0 {
+        if dim >= t.rank() || !t.dim(dim)?.is_multiple_of(n) {
             candle_core::bail!(
                 "{}: dim {dim} of {:?} does not split into {n} equal chunks",
                 self.what("reduce_scatter"),
