@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use mbridge::config::model::ModelConfig;
 use mbridge::model::params::{shard_of, ShardLayout, TpCoord};
 use mbridge::model::{loss_for_microbatch, ForwardOpts, GptModel, Microbatch, ParallelLayout};
+use mbridge::ops::DropoutRng;
 use mbridge::parallel::comm::Communicator;
 use mbridge::parallel::data::all_reduce_grads;
 use mbridge::parallel::{GroupKind, RankOrder, Topology};
@@ -59,7 +60,9 @@ struct Run {
 fn run_model(model: &GptModel, batch: &Microbatch) -> anyhow::Result<Run> {
     let local = model.forward(&batch.tokens, &ForwardOpts::default())?;
     let logits = model.gather_logits(&local)?.flatten_all()?.to_vec1::<f64>()?;
-    let (sum, count) = loss_for_microbatch(model, batch, None)?;
+    // Training mode: every TP rank draws the masks of the same stream.
+    let rng = DropoutRng::new(SEED, 3, 1);
+    let (sum, count) = loss_for_microbatch(model, batch, Some(&rng))?;
     let grads = (&sum / count)?.backward()?;
     let mut out = Vec::new();
     for p in model.params().params() {
@@ -135,6 +138,12 @@ fn tp2_matches_tp1(cfg: ModelConfig) {
 #[test]
 fn tp2_equals_tp1_llama_untied() {
     tp2_matches_tp1(tiny_llama());
+}
+
+/// With hidden and attention dropout: TP ranks drop exactly the elements TP=1 drops.
+#[test]
+fn tp2_equals_tp1_with_dropout() {
+    tp2_matches_tp1(ModelConfig { hidden_dropout: 0.2, attention_dropout: 0.3, ..tiny_llama() });
 }
 
 /// Qwen3/Mistral-like: tied embeddings, QK-norm, QKV bias, sliding window.

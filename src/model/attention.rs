@@ -190,7 +190,8 @@ impl SelfAttention {
             }
             None => (k, v),
         };
-        let dropout = inputs.dropout.map(|r| (self.attention_dropout, r));
+        let shard = self.tp.as_ref().map_or((0, 1), |tp| (tp.rank(), tp.size()));
+        let dropout = inputs.dropout.map(|r| (self.attention_dropout, r, shard));
         let out = ops::attention(&q, &k, &v, inputs.allowed, self.shape, dropout)?;
         let out = out.transpose(1, 2)?.reshape((b, s, heads * d))?;
         row_parallel(&out, &self.proj_w, self.proj_b.as_ref(), self.tp.as_ref())
