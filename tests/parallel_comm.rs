@@ -248,3 +248,37 @@ fn tcp_between_processes() {
         assert!(stdout.contains(&format!("tcp child rank {i} done")), "rank {i}: {stdout}");
     }
 }
+
+/// Every group of a TP=2 × PP=2 grid over TCP from a launcher environment; the groups talk
+/// among their members only.
+#[test]
+fn process_groups_over_tcp_from_env() {
+    use mbridge::parallel::launch::discover;
+    use mbridge::parallel::ProcessGroups;
+    let port = free_port().to_string();
+    let results = run_ranks(4, DEADLINE, move |rank, _| {
+        let env: std::collections::HashMap<String, String> = [
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", "4".to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let d = discover(&env)?;
+        let topo = Topology::new(4, 2, 1, 2, RankOrder::TpCpDpPp)?;
+        let g = ProcessGroups::connect_tcp(&d, topo, Duration::from_secs(60))?;
+        let l = g.layout();
+        let one = Tensor::new(&[rank as f32], &Device::Cpu)?;
+        let tp_sum = g.tp.all_reduce(&one, ReduceOp::Sum)?.to_vec1::<f32>()?[0];
+        let pp_sum = g.pp.all_reduce(&one, ReduceOp::Sum)?.to_vec1::<f32>()?[0];
+        let world_sum = g.world.all_reduce(&one, ReduceOp::Sum)?.to_vec1::<f32>()?[0];
+        let embd = g.embedding.as_ref().map(|e| e.size());
+        Ok((l.tp_rank, l.pp_rank, tp_sum, pp_sum, world_sum, g.dp.size(), embd))
+    });
+    // rank = tp + 2·pp: tp groups {0,1},{2,3}; pp groups {0,2},{1,3}.
+    assert_eq!(results[0], (0, 0, 1.0, 2.0, 6.0, 1, Some(2)));
+    assert_eq!(results[3], (1, 1, 5.0, 4.0, 6.0, 1, Some(2)));
+}
