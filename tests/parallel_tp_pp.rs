@@ -11,7 +11,10 @@ use mbridge::config::model::ModelConfig;
 use mbridge::model::params::{shard_of, TpCoord};
 use mbridge::model::{ForwardOpts, GptModel, Microbatch, ParallelLayout};
 use mbridge::parallel::comm::Communicator;
+use mbridge::parallel::data::model_parallel_grad_sq_norm;
 use mbridge::parallel::{GroupKind, RankOrder, ReduceOp, Topology};
+use mbridge::train::clip::local_sq_norm;
+use mbridge::train::grads::GradSourceMut;
 use model_common::{tiny_llama, tiny_qwen_window};
 use parallel_common::run_ranks;
 use std::sync::Arc;
@@ -71,6 +74,7 @@ fn tp_pp_matches_whole(cfg: ModelConfig) {
             pp.send(grads.get(input.as_tensor()).expect("input gradient"), 0)?;
             grads
         };
+        let mut grads = grads;
         let mut out = Vec::new();
         for p in m.params().params() {
             let mut g = grads
@@ -81,13 +85,19 @@ fn tp_pp_matches_whole(cfg: ModelConfig) {
             // embedding-group all-reduce in finalize_model_grads).
             if tied && (p.name == "embedding.word_embeddings.weight" || p.shared_embedding) {
                 g = emb.all_reduce(&g, ReduceOp::Sum)?;
+                grads.set_grad(&p.var, g.clone());
             }
             out.push((p.name.clone(), g, p.partition_dim, p.layout));
         }
-        Ok((c.tp, loss_value, out))
+        let mp = world.group(rank, "mp", &group(GroupKind::Mp))?;
+        let norm = model_parallel_grad_sq_norm(&grads, m.params().params(), c.tp, &mp)?;
+        Ok((c.tp, loss_value, out, norm))
     });
     let mut seen = std::collections::HashSet::new();
-    for (tp_rank, loss, grads) in &results {
+    let want_norm = local_sq_norm(&grads, whole.params().vars().iter()).unwrap();
+    for (tp_rank, loss, grads, norm) in &results {
+        let e = (norm - want_norm).abs() / want_norm;
+        assert!(e < 1e-12, "squared grad norm {norm} vs {want_norm} on TP rank {tp_rank}");
         if let Some(l) = loss {
             assert!((l - want_loss).abs() < 1e-12 * want_loss.abs(), "loss {l} vs {want_loss}");
         }

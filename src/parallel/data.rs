@@ -1,8 +1,29 @@
-//! Data-parallel gradient reduction over a [`GradAccumulator`].
+//! Gradient reductions of a parallel step: data-parallel all-reduce over a
+//! [`GradAccumulator`], and the global gradient norm over the model-parallel group.
 
 use super::comm::{Communicator, ReduceOp};
-use crate::train::grads::GradAccumulator;
-use candle_core::{DType, Result, Tensor};
+use super::tensor::counts_in_grad_norm;
+use crate::model::Param;
+use crate::train::clip::local_sq_norm;
+use crate::train::grads::{GradAccumulator, GradSource};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Squared global gradient norm of the whole model: this rank's
+/// [`local_sq_norm`] over the parameters that [`counts_in_grad_norm`], summed over the
+/// model-parallel group `mp` (tp × pp). Call it after the data-parallel reduction (DP
+/// replicas then hold equal gradients) and pass `sqrt` of the result to
+/// [`crate::train::clip::clip_by_total_norm`]. Equals the TP=1/PP=1 squared norm.
+pub fn model_parallel_grad_sq_norm<G: GradSource + ?Sized>(
+    grads: &G,
+    params: &[Param],
+    tp_rank: usize,
+    mp: &dyn Communicator,
+) -> Result<f64> {
+    let vars = params.iter().filter(|p| counts_in_grad_norm(p, tp_rank)).map(|p| &p.var);
+    let local = local_sq_norm(grads, vars)?;
+    let total = mp.all_reduce(&Tensor::new(&[local], &Device::Cpu)?, ReduceOp::Sum)?;
+    Ok(total.to_vec1::<f64>()?[0])
+}
 
 /// Sums the accumulated gradients over the data-parallel group `dp` (in place), then
 /// multiplies them by `scale` (e.g. `1 / global_token_count`, or 1 when the loss was already

@@ -232,10 +232,11 @@ impl TensorParallel {
     }
 }
 
-/// Whether `param`'s gradient counts in the global gradient norm on this TP rank:
-/// TP-sharded parameters everywhere, replicated ones only on TP rank 0 (megatron-core's
-/// `param_is_not_tensor_parallel_duplicate`). Sum [`crate::train::clip::local_sq_norm`] over
-/// these, all-reduce the sum over the model-parallel group, then clip.
+/// Whether `param`'s gradient counts in the global gradient norm on this TP rank, so that
+/// every element of the model counts once: TP-sharded parameters everywhere, replicated ones
+/// only on TP rank 0 (megatron-core's `param_is_not_tensor_parallel_duplicate`), and never the
+/// last stage's tied copy of the embedding (`param_is_not_shared`). See
+/// [`super::data::model_parallel_grad_sq_norm`].
 pub fn counts_in_grad_norm(param: &Param, tp_rank: usize) -> bool {
-    param.partition_dim.is_some() || tp_rank == 0
+    !param.shared_embedding && (param.partition_dim.is_some() || tp_rank == 0)
 }
