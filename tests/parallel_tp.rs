@@ -228,3 +228,24 @@ fn tp2_dp2_grads_equal_whole_batch_tp1() {
         check_grads(&full, *tp_rank, 2, grads, 1e-10);
     }
 }
+
+/// Greedy decoding with a KV cache under TP=2 (logits gathered over the group) produces the
+/// TP=1 tokens.
+#[test]
+fn tp2_generation_equals_tp1() {
+    let cfg = tiny_qwen_window();
+    let prompt = [3u32, 1, 4, 1, 5];
+    let whole =
+        GptModel::new(&cfg, ParallelLayout::single(), SEED, DType::F64, &Device::Cpu).unwrap();
+    let want = mbridge::model::generate(&whole, &prompt, 6, None).unwrap();
+    let got = run_ranks(2, DEADLINE, move |rank, world| {
+        let comm: Arc<dyn Communicator> = Arc::new(world.group(rank, "tp", &[0, 1])?);
+        let layout = tp_layout(rank, 2);
+        let m = GptModel::new_parallel(&cfg, layout, Some(comm), SEED, DType::F64, &Device::Cpu)?;
+        let cached = mbridge::model::generate(&m, &prompt, 6, None)?;
+        let uncached = mbridge::model::generate_no_cache(&m, &prompt, 6, None)?;
+        assert_eq!(cached, uncached, "TP rank {rank}");
+        Ok(cached)
+    });
+    assert_eq!(got, vec![want.clone(), want]);
+}
