@@ -282,3 +282,29 @@ fn process_groups_over_tcp_from_env() {
     assert_eq!(results[0], (0, 0, 1.0, 2.0, 6.0, 1, Some(2)));
     assert_eq!(results[3], (1, 1, 5.0, 4.0, 6.0, 1, Some(2)));
 }
+
+/// The library's thread runner returns results in rank order and names the failing rank;
+/// the failure reaches the peers at once instead of after the timeout.
+#[test]
+fn local_world_run_reports_the_failing_rank() {
+    let sums = LocalWorld::run(3, Duration::from_secs(60), |rank, world| {
+        let g = world.world_group(rank)?;
+        let t = Tensor::new(&[rank as f32], &Device::Cpu)?;
+        Ok(g.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f32>()?[0])
+    })
+    .unwrap();
+    assert_eq!(sums, vec![3.0; 3]);
+    let t0 = Instant::now();
+    let err = LocalWorld::run(3, Duration::from_secs(600), |rank, world| {
+        let g = world.world_group(rank)?;
+        if rank == 1 {
+            anyhow::bail!("bad shard file");
+        }
+        g.barrier()?;
+        Ok(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rank 0 of 3 failed") && err.contains("rank 1 is gone"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+}

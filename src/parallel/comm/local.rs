@@ -70,6 +70,55 @@ impl LocalWorld {
         self.group(rank, "world", &all)
     }
 
+    /// Runs `f(rank, world)` for every rank on its own thread and returns the results in
+    /// rank order. A rank that fails (error or panic) is marked gone at once, so its peers'
+    /// pending receives fail instead of waiting for the timeout; the error of the lowest
+    /// failing rank is returned, naming it.
+    pub fn run<T, F>(size: usize, timeout: Duration, f: F) -> anyhow::Result<Vec<T>>
+    where
+        T: Send,
+        F: Fn(usize, &Arc<LocalWorld>) -> anyhow::Result<T> + Sync,
+    {
+        let world = Self::new(size, timeout);
+        let outcomes: Vec<std::result::Result<T, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..size)
+                .map(|rank| {
+                    let (world, f) = (&world, &f);
+                    s.spawn(move || {
+                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            f(rank, world)
+                        }));
+                        let out = match out {
+                            Ok(Ok(v)) => Ok(v),
+                            Ok(Err(e)) => Err(format!("{e:#}")),
+                            Err(p) => Err(p
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| p.downcast_ref::<&str>().map(|m| m.to_string()))
+                                .unwrap_or_else(|| "panicked".to_string())),
+                        };
+                        if let Err(e) = &out {
+                            world.abort_rank(rank, e);
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+                .collect()
+        });
+        let mut results = Vec::with_capacity(size);
+        for (rank, out) in outcomes.into_iter().enumerate() {
+            match out {
+                Ok(v) => results.push(v),
+                Err(e) => anyhow::bail!("rank {rank} of {size} failed: {e}"),
+            }
+        }
+        Ok(results)
+    }
+
     /// Marks `rank` as gone, so that receives from it fail at once instead of timing out
     /// (call when a rank's thread exits with an error).
     pub fn abort_rank(&self, rank: usize, reason: &str) {
