@@ -103,7 +103,7 @@ fn tp_layout(rank: usize, size: usize) -> ParallelLayout {
 
 fn tp2_matches_tp1(cfg: ModelConfig) {
     let vocab = cfg.vocab_size.unwrap();
-    let rows = batch_rows(2, 7, vocab, 5);
+    let rows = batch_rows(2, 8, vocab, 5);
     let whole =
         GptModel::new(&cfg, ParallelLayout::single(), SEED, DType::F64, &Device::Cpu).unwrap();
     let base = run_model(&whole, &microbatch(&rows)).unwrap();
@@ -119,6 +119,7 @@ fn tp2_matches_tp1(cfg: ModelConfig) {
             DType::F64,
             &Device::Cpu,
         )?;
+        assert_eq!(m.tensor_parallel().unwrap().sequence_parallel(), cfg.sequence_parallel);
         run_model(&m, &microbatch(&rows))
     });
     for (rank, r) in runs.iter().enumerate() {
@@ -157,6 +158,31 @@ fn tp2_equals_tp1_tied_qk_norm() {
 #[test]
 fn tp2_equals_tp1_gpt_with_biases() {
     tp2_matches_tp1(ModelConfig { num_query_groups: Some(2), ..tiny_gpt() });
+}
+
+/// Sequence parallelism with dropout: norms, dropout and residuals on sequence shards,
+/// all-gather / reduce-scatter around the TP regions.
+#[test]
+fn tp2_sequence_parallel_equals_tp1_llama_dropout() {
+    let cfg = ModelConfig {
+        sequence_parallel: true,
+        hidden_dropout: 0.2,
+        attention_dropout: 0.3,
+        ..tiny_llama()
+    };
+    tp2_matches_tp1(cfg);
+}
+
+/// Sequence parallelism with LayerNorm biases, row-parallel biases, learned positions, tied
+/// embeddings and QK-norm.
+#[test]
+fn tp2_sequence_parallel_equals_tp1_biases_and_qk_norm() {
+    tp2_matches_tp1(ModelConfig {
+        sequence_parallel: true,
+        num_query_groups: Some(2),
+        ..tiny_gpt()
+    });
+    tp2_matches_tp1(ModelConfig { sequence_parallel: true, ..tiny_qwen_window() });
 }
 
 /// Without a communicator a TP=2 model refuses to run; a communicator of the wrong size is

@@ -23,9 +23,9 @@ use std::time::Duration;
 const SEED: u64 = 23;
 
 fn batch() -> Microbatch {
-    let tokens = vec![vec![3, 1, 4, 1, 5, 9, 2], vec![6, 5, 3, 5, 8, 9, 7]];
-    let labels = vec![vec![1, 4, 1, 5, 9, 2, 6], vec![5, 3, 5, 8, 9, 7, 9]];
-    let mask = vec![vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0], vec![1.0; 7]];
+    let tokens = vec![vec![3, 1, 4, 1, 5, 9, 2, 6], vec![6, 5, 3, 5, 8, 9, 7, 9]];
+    let labels = vec![vec![1, 4, 1, 5, 9, 2, 6, 5], vec![5, 3, 5, 8, 9, 7, 9, 3]];
+    let mask = vec![vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0], vec![1.0; 8]];
     Microbatch::from_rows(&tokens, &labels, &mask, None, &Device::Cpu).unwrap()
 }
 
@@ -56,7 +56,9 @@ fn tp_pp_matches_whole(cfg: ModelConfig) {
         let m = GptModel::new_parallel(&cfg, layout, Some(tp), SEED, DType::F64, &Device::Cpu)?;
         let b = batch();
         let opts = ForwardOpts::default();
-        let (bsz, s, h) = (2, 7, cfg.hidden_size);
+        // Stages exchange this rank's part of the sequence under sequence parallelism.
+        let s = if cfg.sequence_parallel { 4 } else { 8 };
+        let (bsz, h) = (2, cfg.hidden_size);
         let mut loss_value = None;
         let grads = if c.pp == 0 {
             let out = m.forward_stage(&b.tokens, &opts)?;
@@ -130,4 +132,9 @@ fn tp2_pp2_equals_whole_model_untied() {
 #[test]
 fn tp2_pp2_equals_whole_model_tied() {
     tp_pp_matches_whole(tiny_qwen_window());
+}
+
+#[test]
+fn tp2_pp2_sequence_parallel_equals_whole_model() {
+    tp_pp_matches_whole(ModelConfig { sequence_parallel: true, ..tiny_qwen_window() });
 }

@@ -141,6 +141,10 @@ impl SelfAttention {
         // QK-norm runs on this rank's heads only: sum its weight gradients over TP.
         self.q_norm = self.q_norm.map(|n| n.with_tp_grad_sum(tp.clone()));
         self.k_norm = self.k_norm.map(|n| n.with_tp_grad_sum(tp.clone()));
+        if tp.sequence_parallel() {
+            // The pre-norm sees only this rank's part of the sequence.
+            self.norm = self.norm.with_tp_grad_sum(tp.clone());
+        }
         self.tp = Some(tp);
         self
     }
@@ -153,14 +157,15 @@ impl SelfAttention {
         inputs: &AttnInputs,
         cache: Option<&mut KvEntry>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
         let xn = self.norm.forward(x)?;
         let xn = match &self.tp {
-            Some(tp) => tp.copy_to_region(&xn)?,
+            Some(tp) => tp.enter_column(&xn)?,
             None => xn,
         };
+        // The whole sequence (gathered under sequence parallelism).
+        let (b, s, _) = xn.dims3()?;
         let qkv = ops::linear(&xn, &self.qkv_w, self.qkv_b.as_ref())?;
         // Megatron layout: per query group, hpg query heads then one key and one value head.
         let qkv = qkv.reshape((b, s, groups, hpg + 2, d))?;
@@ -198,8 +203,8 @@ impl SelfAttention {
     }
 }
 
-/// `x Wᵀ (+ b)` of a row-parallel linear: the partial products are all-reduced over `tp`
-/// before the replicated bias is added once.
+/// `x Wᵀ (+ b)` of a row-parallel linear: the partial products are all-reduced (or
+/// reduce-scattered over the sequence) over `tp` before the replicated bias is added once.
 pub(crate) fn row_parallel(
     x: &Tensor,
     w: &Tensor,
@@ -209,8 +214,11 @@ pub(crate) fn row_parallel(
     let Some(tp) = tp else {
         return Ok(ops::linear(x, w, b)?);
     };
-    let y = tp.reduce_from_region(&ops::linear(x, w, None)?)?;
+    let y = tp.exit_row(&ops::linear(x, w, None)?)?;
     Ok(match b {
+        // Under sequence parallelism the replicated bias meets only this rank's part of the
+        // sequence, so its gradient is summed over TP.
+        Some(b) if tp.sequence_parallel() => y.broadcast_add(&tp.copy_to_region(b)?)?,
         Some(b) => y.broadcast_add(b)?,
         None => y,
     })

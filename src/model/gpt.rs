@@ -110,7 +110,8 @@ impl GptModel {
                         layout.tp_size
                     );
                 }
-                (layout.tp_size > 1).then(|| TensorParallel::new(c))
+                (layout.tp_size > 1)
+                    .then(|| TensorParallel::new(c).with_sequence_parallel(cfg.sequence_parallel))
             }
             None => None,
         };
@@ -192,6 +193,10 @@ impl GptModel {
                     Some(w)
                 }
             };
+        }
+        if let Some(tp) = tp_group.as_ref().filter(|tp| tp.sequence_parallel()) {
+            // Under sequence parallelism the final norm sees this rank's part of the sequence.
+            final_norm = final_norm.map(|n| n.with_tp_grad_sum(tp.clone()));
         }
         let rope = match arch.position_embedding {
             PositionEmbedding::Rope => Some(RopeTable::new(
@@ -281,7 +286,8 @@ impl GptModel {
     }
 
     /// Forward of one pipeline stage: the first stage takes token ids `[b, s]`, later
-    /// stages the previous stage's hidden states `[b, s, h]` (replicated over TP); the last
+    /// stages the previous stage's hidden states `[b, s, h]` (replicated over TP; `[b, s/tp, h]`,
+    /// this rank's part of the sequence, under sequence parallelism); the last
     /// stage returns logits `[b, s, vocab]` (this rank's vocab shard with TP > 1), earlier
     /// stages hidden states. Every stage needs the same `opts` (positions, mask) and, in
     /// training, its own [`DropoutRng`] stream.
@@ -295,6 +301,9 @@ impl GptModel {
     /// tokens (gathered over TP).
     pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.require_whole_model()?;
+        if self.tp.as_ref().is_some_and(|tp| tp.sequence_parallel()) {
+            bail!("incremental decoding runs without sequence parallelism (model.sequence_parallel = false)");
+        }
         if cache.entries.len() != self.layers.len() {
             bail!("KV cache was made for a different model");
         }
@@ -372,6 +381,8 @@ impl GptModel {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let pre = self.layout.pre_process();
+        // Sequence parallelism: the residual stream holds this rank's part of the sequence.
+        let sp = self.tp.as_ref().filter(|tp| tp.sequence_parallel());
         let (b, s) = if pre {
             input.dims2()?
         } else {
@@ -379,8 +390,16 @@ impl GptModel {
             if h != self.arch.hidden {
                 bail!("stage input has width {h}, expected hidden size {}", self.arch.hidden);
             }
-            (b, s)
+            (b, s * sp.map_or(1, |tp| tp.size()))
         };
+        if let Some(tp) = sp {
+            if !s.is_multiple_of(tp.size()) {
+                bail!(
+                    "sequence parallelism: sequence length {s} is not divisible by tensor_model_parallel_size = {}",
+                    tp.size()
+                );
+            }
+        }
         self.check_inputs(pre.then_some(input), start, s, opts.position_ids)?;
         let pos = match opts.position_ids {
             Some(p) => p.to_dtype(DType::U32)?,
@@ -389,12 +408,24 @@ impl GptModel {
                 .repeat((b, 1))?,
         };
         let hidden_dropout = |t: Tensor| -> Result<Tensor> {
-            Ok(match opts.dropout {
-                Some(r) => r.dropout(&t, self.arch.hidden_dropout)?,
-                None => t,
+            let p = self.arch.hidden_dropout;
+            Ok(match (opts.dropout, sp) {
+                // The TP=1 mask of the whole sequence, this rank's part of it.
+                (Some(r), Some(tp)) => r.dropout_shard(&t, p, 1, tp.rank(), tp.size())?,
+                (Some(r), None) => r.dropout(&t, p)?,
+                (None, _) => t,
             })
         };
-        let mut x = if pre { hidden_dropout(self.embed(input, &pos)?)? } else { input.clone() };
+        let mut x = if pre {
+            let e = self.embed(input, &pos)?;
+            let e = match sp {
+                Some(tp) => tp.scatter_to_sequence_region(&e, 1)?,
+                None => e,
+            };
+            hidden_dropout(e)?
+        } else {
+            input.clone()
+        };
         let rope = match &self.rope {
             Some(r) => Some(r.cos_sin(&pos, self.dtype)?),
             None => None,
@@ -444,7 +475,7 @@ impl GptModel {
         };
         let x = norm.forward(x)?;
         let x = match &self.tp {
-            Some(tp) => tp.copy_to_region(&x)?,
+            Some(tp) => tp.enter_column(&x)?,
             None => x,
         };
         Ok(ops::linear(&x, w, None)?)

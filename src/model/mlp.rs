@@ -93,6 +93,9 @@ impl Mlp {
 
     /// Runs `linear_fc1` column-parallel and `linear_fc2` row-parallel over `tp`.
     pub fn with_tensor_parallel(mut self, tp: TensorParallel) -> Self {
+        if tp.sequence_parallel() {
+            self.norm = self.norm.with_tp_grad_sum(tp.clone());
+        }
         self.tp = Some(tp);
         self
     }
@@ -101,7 +104,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let xn = self.norm.forward(x)?;
         let xn = match &self.tp {
-            Some(tp) => tp.copy_to_region(&xn)?,
+            Some(tp) => tp.enter_column(&xn)?,
             None => xn,
         };
         let y = ops::linear(&xn, &self.fc1_w, self.fc1_b.as_ref())?;

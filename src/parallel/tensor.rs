@@ -53,13 +53,29 @@ impl CustomOp1 for CopyToRegion {
     }
 }
 
-/// `g`: forward returns the already all-reduced second argument; the gradient flows to the
-/// first (local partial) argument unchanged.
-struct ReduceFromRegion;
+/// What the backward of a [`Precomputed`] op does with the output gradient.
+#[derive(Debug, Clone, Copy)]
+enum GradComm {
+    /// Pass it through (`g` of the conjugate pair).
+    Identity,
+    /// All-gather along a dim (backward of a scatter / reduce-scatter).
+    AllGather(usize),
+    /// Reduce-scatter along a dim (backward of an all-gather).
+    ReduceScatter(usize),
+}
 
-impl CustomOp2 for ReduceFromRegion {
+/// An op whose forward value was computed by a collective outside the graph (the second
+/// argument, copied as the result) and whose backward sends the gradient through another
+/// collective to the first argument (the local input).
+struct Precomputed {
+    name: &'static str,
+    comm: Arc<dyn Communicator>,
+    grad: GradComm,
+}
+
+impl CustomOp2 for Precomputed {
     fn name(&self) -> &'static str {
-        "reduce-from-tp-region"
+        self.name
     }
 
     fn cpu_fwd(
@@ -69,7 +85,7 @@ impl CustomOp2 for ReduceFromRegion {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Ok((copy_storage(s2, l2, self.name())?, l2.shape().clone()))
+        Ok((copy_storage(s2, l2, self.name)?, l2.shape().clone()))
     }
 
     fn bwd(
@@ -79,7 +95,12 @@ impl CustomOp2 for ReduceFromRegion {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), None))
+        let g = match self.grad {
+            GradComm::Identity => grad.clone(),
+            GradComm::AllGather(d) => self.comm.all_gather(&grad.contiguous()?, d)?,
+            GradComm::ReduceScatter(d) => self.comm.reduce_scatter(&grad.contiguous()?, d)?,
+        };
+        Ok((Some(g), None))
     }
 }
 
@@ -87,12 +108,25 @@ impl CustomOp2 for ReduceFromRegion {
 #[derive(Debug, Clone)]
 pub struct TensorParallel {
     comm: Arc<dyn Communicator>,
+    sequence_parallel: bool,
 }
 
 impl TensorParallel {
-    /// Wraps the TP group's communicator.
+    /// Wraps the TP group's communicator (without sequence parallelism).
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm }
+        Self { comm, sequence_parallel: false }
+    }
+    /// Turns Megatron's sequence parallelism on or off: outside the TP regions the
+    /// activations `[b, s, h]` are split over the ranks along the sequence (dim 1), entering
+    /// a column-parallel linear all-gathers them and leaving a row-parallel linear
+    /// reduce-scatters them.
+    pub fn with_sequence_parallel(mut self, on: bool) -> Self {
+        self.sequence_parallel = on && self.size() > 1;
+        self
+    }
+    /// True with sequence parallelism.
+    pub fn sequence_parallel(&self) -> bool {
+        self.sequence_parallel
     }
     /// This rank's TP rank.
     pub fn rank(&self) -> usize {
@@ -123,11 +157,82 @@ impl TensorParallel {
         }
         let x = x.contiguous()?;
         let sum = self.comm.all_reduce(&x.detach(), ReduceOp::Sum)?;
+        self.precomputed(&x, sum, "reduce-from-tp-region", GradComm::Identity)
+    }
+
+    fn precomputed(
+        &self,
+        x: &Tensor,
+        value: Tensor,
+        name: &'static str,
+        grad: GradComm,
+    ) -> Result<Tensor> {
         if !x.track_op() {
-            // `x` carries no gradient: a plain all-reduce is enough.
-            return Ok(sum);
+            // `x` carries no gradient: the collective's value is all there is.
+            return Ok(value);
         }
-        x.apply_op2(&sum, ReduceFromRegion)
+        x.apply_op2(&value.contiguous()?, Precomputed { name, comm: self.comm.clone(), grad })
+    }
+
+    /// All-gather along `dim` forward, reduce-scatter of the gradient backward (Megatron's
+    /// `gather_from_sequence_parallel_region`).
+    pub fn gather_from_sequence_region(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        let x = x.contiguous()?;
+        let full = self.comm.all_gather(&x.detach(), dim)?;
+        self.precomputed(&x, full, "gather-from-sp-region", GradComm::ReduceScatter(dim))
+    }
+
+    /// Reduce-scatter along `dim` forward, all-gather of the gradient backward
+    /// (`reduce_scatter_to_sequence_parallel_region`).
+    pub fn reduce_scatter_to_sequence_region(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        let x = x.contiguous()?;
+        let part = self.comm.reduce_scatter(&x.detach(), dim)?;
+        self.precomputed(&x, part, "reduce-scatter-to-sp-region", GradComm::AllGather(dim))
+    }
+
+    /// This rank's chunk along `dim` forward, all-gather of the gradient backward
+    /// (`scatter_to_sequence_parallel_region`).
+    pub fn scatter_to_sequence_region(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        let n = self.size();
+        if n == 1 {
+            return Ok(x.clone());
+        }
+        let len = x.dim(dim)?;
+        if !len.is_multiple_of(n) {
+            candle_core::bail!(
+                "sequence parallelism: dim {dim} of {:?} is not divisible by TP size {n}",
+                x.dims()
+            );
+        }
+        let c = len / n;
+        let part = x.detach().narrow(dim, self.rank() * c, c)?.contiguous()?;
+        self.precomputed(&x.contiguous()?, part, "scatter-to-sp-region", GradComm::AllGather(dim))
+    }
+
+    /// Input of a column-parallel linear: all-gather of the sequence with sequence
+    /// parallelism, else [`Self::copy_to_region`]. Activations are `[b, s, h]`.
+    pub fn enter_column(&self, x: &Tensor) -> Result<Tensor> {
+        if self.sequence_parallel {
+            self.gather_from_sequence_region(x, 1)
+        } else {
+            self.copy_to_region(x)
+        }
+    }
+
+    /// Output of a row-parallel linear: reduce-scatter over the sequence with sequence
+    /// parallelism, else [`Self::reduce_from_region`].
+    pub fn exit_row(&self, y: &Tensor) -> Result<Tensor> {
+        if self.sequence_parallel {
+            self.reduce_scatter_to_sequence_region(y, 1)
+        } else {
+            self.reduce_from_region(y)
+        }
     }
 
     /// Concatenates the ranks' `local` tensors along `dim` (no gradient), e.g. vocab-parallel
