@@ -7,9 +7,17 @@
 //! - [`TensorParallel::reduce_from_region`] (`g`): all-reduce forward, identity backward;
 //!   placed after a row-parallel linear (before its replicated bias).
 //!
+//! - Sequence parallelism ([`TensorParallel::with_sequence_parallel`]): the activations
+//!   between TP regions are split along the sequence; [`TensorParallel::enter_column`]
+//!   all-gathers them (reduce-scatter backward) and [`TensorParallel::exit_row`]
+//!   reduce-scatters (all-gather backward).
+//!
 //! With these, replicated parameters (norms, row-parallel biases) receive the same gradient
 //! on every TP rank, equal to the TP=1 gradient, and sharded parameters receive their shard of
-//! it; no gradient reduction over TP is needed afterwards (without sequence parallelism).
+//! it. Replicated weights that only see a rank's share of the data (QK-norm always; the layer
+//! norms and row-parallel biases under sequence parallelism) enter the graph through
+//! `copy_to_region`, so their gradients are summed over TP in backward: no gradient
+//! reduction over TP is needed after backward.
 //!
 //! The forward passes copy CPU storage; a CUDA forward (a device copy) joins them with the
 //! NCCL communicator.
