@@ -6,6 +6,7 @@ mod data_cmd;
 pub mod export_hf;
 pub mod generate;
 pub mod import_hf;
+mod env;
 pub mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;
@@ -51,6 +52,9 @@ pub enum Command {
     Data(data_cmd::DataCommand),
     /// Tokenize JSONL into Megatron .bin/.idx files.
     PreprocessData(preprocess_data::PreprocessDataArgs),
+    /// Show the rank, world and master found in the launcher environment (torchrun, SLURM,
+    /// OpenMPI) and this rank's process groups.
+    Env(env::EnvArgs),
 }
 
 /// Parse arguments, run, and map the outcome to an exit code: 0 ok, 2 usage or config error,
@@ -101,6 +105,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::PreprocessData(a) => preprocess_data::run(a),
         Command::Data(c) => data_cmd::run(c),
+        Command::Env(a) => env::run(a),
     }
 }
 

@@ -6,6 +6,7 @@ use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::ops::{self, AttentionShape, DropoutRng};
+use crate::parallel::tensor::TensorParallel;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -24,6 +25,7 @@ pub struct SelfAttention {
     proj_b: Option<Tensor>,
     shape: AttentionShape,
     attention_dropout: f64,
+    tp: Option<TensorParallel>,
 }
 
 /// Per-call inputs shared by all layers.
@@ -129,7 +131,22 @@ impl SelfAttention {
             proj_b,
             shape,
             attention_dropout: arch.attention_dropout,
+            tp: None,
         })
+    }
+
+    /// Runs `linear_qkv` column-parallel and `linear_proj` row-parallel over `tp` (required
+    /// when the layer was built with `tp_size > 1`).
+    pub fn with_tensor_parallel(mut self, tp: TensorParallel) -> Self {
+        // QK-norm runs on this rank's heads only: sum its weight gradients over TP.
+        self.q_norm = self.q_norm.map(|n| n.with_tp_grad_sum(tp.clone()));
+        self.k_norm = self.k_norm.map(|n| n.with_tp_grad_sum(tp.clone()));
+        if tp.sequence_parallel() {
+            // The pre-norm sees only this rank's part of the sequence.
+            self.norm = self.norm.with_tp_grad_sum(tp.clone());
+        }
+        self.tp = Some(tp);
+        self
     }
 
     /// Attention output (before the residual add) for `x` `[b, s, h]`; with `cache`, the new
@@ -140,10 +157,16 @@ impl SelfAttention {
         inputs: &AttnInputs,
         cache: Option<&mut KvEntry>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
-        let qkv = ops::linear(&self.norm.forward(x)?, &self.qkv_w, self.qkv_b.as_ref())?;
+        let xn = self.norm.forward(x)?;
+        let xn = match &self.tp {
+            Some(tp) => tp.enter_column(&xn)?,
+            None => xn,
+        };
+        // The whole sequence (gathered under sequence parallelism).
+        let (b, s, _) = xn.dims3()?;
+        let qkv = ops::linear(&xn, &self.qkv_w, self.qkv_b.as_ref())?;
         // Megatron layout: per query group, hpg query heads then one key and one value head.
         let qkv = qkv.reshape((b, s, groups, hpg + 2, d))?;
         let q = qkv.narrow(3, 0, hpg)?.reshape((b, s, heads, d))?.transpose(1, 2)?;
@@ -172,9 +195,31 @@ impl SelfAttention {
             }
             None => (k, v),
         };
-        let dropout = inputs.dropout.map(|r| (self.attention_dropout, r));
+        let shard = self.tp.as_ref().map_or((0, 1), |tp| (tp.rank(), tp.size()));
+        let dropout = inputs.dropout.map(|r| (self.attention_dropout, r, shard));
         let out = ops::attention(&q, &k, &v, inputs.allowed, self.shape, dropout)?;
         let out = out.transpose(1, 2)?.reshape((b, s, heads * d))?;
-        Ok(ops::linear(&out, &self.proj_w, self.proj_b.as_ref())?)
+        row_parallel(&out, &self.proj_w, self.proj_b.as_ref(), self.tp.as_ref())
     }
+}
+
+/// `x Wᵀ (+ b)` of a row-parallel linear: the partial products are all-reduced (or
+/// reduce-scattered over the sequence) over `tp` before the replicated bias is added once.
+pub(crate) fn row_parallel(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    tp: Option<&TensorParallel>,
+) -> Result<Tensor> {
+    let Some(tp) = tp else {
+        return Ok(ops::linear(x, w, b)?);
+    };
+    let y = tp.exit_row(&ops::linear(x, w, None)?)?;
+    Ok(match b {
+        // Under sequence parallelism the replicated bias meets only this rank's part of the
+        // sequence, so its gradient is summed over TP.
+        Some(b) if tp.sequence_parallel() => y.broadcast_add(&tp.copy_to_region(b)?)?,
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }

@@ -64,7 +64,8 @@ pub fn generate_no_cache(
     let mut out = Vec::with_capacity(max_new_tokens);
     for _ in 0..max_new_tokens {
         let input = Tensor::new(seq.as_slice(), model.device())?.unsqueeze(0)?;
-        let next = argmax_last(&model.forward(&input, &ForwardOpts::default())?)?;
+        let logits = model.forward(&input, &ForwardOpts::default())?;
+        let next = argmax_last(&model.gather_logits(&logits)?)?;
         out.push(next);
         seq.push(next);
         if Some(next) == eod {

@@ -9,8 +9,11 @@ use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout, TpCoord};
 use crate::config::model::{ModelConfig, PositionEmbedding};
 use crate::ops::{self, DropoutRng, RopeTable};
+use crate::parallel::comm::Communicator;
+use crate::parallel::tensor::TensorParallel;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// One pre-norm transformer layer.
 #[derive(Debug, Clone)]
@@ -62,6 +65,7 @@ pub struct GptModel {
     final_norm: Option<Norm>,
     output_w: Option<Tensor>,
     rope: Option<RopeTable>,
+    tp: Option<TensorParallel>,
     dtype: DType,
     device: Device,
 }
@@ -69,7 +73,8 @@ pub struct GptModel {
 impl GptModel {
     /// Builds and initializes the stage `layout` of the model described by `cfg`
     /// (see [`super::init`] for the seeded initialization). `cfg.vocab_size` must hold the
-    /// padded vocabulary.
+    /// padded vocabulary. With `layout.tp_size > 1` this holds the rank's shards but cannot
+    /// run a forward; use [`Self::new_parallel`] for that.
     pub fn new(
         cfg: &ModelConfig,
         layout: ParallelLayout,
@@ -77,6 +82,39 @@ impl GptModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::new_parallel(cfg, layout, None, seed, dtype, device)
+    }
+
+    /// Like [`Self::new`], with the communicator of this rank's tensor-parallel group
+    /// (`tp_comm.size() == layout.tp_size`, `tp_comm.rank() == layout.tp_rank`): the layers run
+    /// column/row-parallel, the embedding and the loss vocab-parallel, and every TP rank of
+    /// the group must run the same forward/backward calls. The same `seed` gives the same
+    /// global weights as the TP=1 model.
+    pub fn new_parallel(
+        cfg: &ModelConfig,
+        layout: ParallelLayout,
+        tp_comm: Option<Arc<dyn Communicator>>,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let tp_group = match tp_comm {
+            Some(c) => {
+                if c.size() != layout.tp_size || c.rank() != layout.tp_rank {
+                    bail!(
+                        "tensor-parallel communicator ({}, rank {} of {}) does not match the layout's TP rank {} of {}",
+                        c.describe(),
+                        c.rank(),
+                        c.size(),
+                        layout.tp_rank,
+                        layout.tp_size
+                    );
+                }
+                (layout.tp_size > 1)
+                    .then(|| TensorParallel::new(c).with_sequence_parallel(cfg.sequence_parallel))
+            }
+            None => None,
+        };
         let arch = GptArch::from_config(cfg)?;
         arch.check_tp(layout.tp_size)?;
         if layout.tp_rank >= layout.tp_size {
@@ -112,8 +150,12 @@ impl GptModel {
         }
         let mut layers = Vec::with_capacity(layer_numbers.len());
         for &l in &layer_numbers {
-            let attn = SelfAttention::new(&mut store, &arch, l, layout.tp_size)?;
-            let mlp = Mlp::new(&mut store, &arch, l)?;
+            let mut attn = SelfAttention::new(&mut store, &arch, l, layout.tp_size)?;
+            let mut mlp = Mlp::new(&mut store, &arch, l)?;
+            if let Some(tp) = &tp_group {
+                attn = attn.with_tensor_parallel(tp.clone());
+                mlp = mlp.with_tensor_parallel(tp.clone());
+            }
             layers.push(Layer { attn, mlp });
         }
         let (mut final_norm, mut output_w) = (None, None);
@@ -152,6 +194,10 @@ impl GptModel {
                 }
             };
         }
+        if let Some(tp) = tp_group.as_ref().filter(|tp| tp.sequence_parallel()) {
+            // Under sequence parallelism the final norm sees this rank's part of the sequence.
+            final_norm = final_norm.map(|n| n.with_tp_grad_sum(tp.clone()));
+        }
         let rope = match arch.position_embedding {
             PositionEmbedding::Rope => Some(RopeTable::new(
                 arch.head_dim,
@@ -173,6 +219,7 @@ impl GptModel {
             final_norm,
             output_w,
             rope,
+            tp: tp_group,
             dtype,
             device: device.clone(),
         })
@@ -203,10 +250,15 @@ impl GptModel {
         KvCache { entries: vec![None; self.layers.len()], len: 0 }
     }
 
-    fn require_tp1(&self) -> Result<()> {
-        if self.layout.tp_size != 1 {
+    /// The tensor-parallel group this model runs over (None for TP=1).
+    pub fn tensor_parallel(&self) -> Option<&TensorParallel> {
+        self.tp.as_ref()
+    }
+
+    fn require_tp_comm(&self) -> Result<()> {
+        if self.layout.tp_size != 1 && self.tp.is_none() {
             bail!(
-                "TP={} layers need the tensor-parallel communicator of the parallel engine; this forward runs TP=1 stages",
+                "TP={} layers need the tensor-parallel communicator: build the model with GptModel::new_parallel",
                 self.layout.tp_size
             );
         }
@@ -214,7 +266,7 @@ impl GptModel {
     }
 
     fn require_whole_model(&self) -> Result<()> {
-        self.require_tp1()?;
+        self.require_tp_comm()?;
         if self.layout.pp_size != 1 {
             bail!(
                 "PP={} model: run each stage with forward_stage (this forward needs the whole model)",
@@ -224,33 +276,64 @@ impl GptModel {
         Ok(())
     }
 
-    /// Full forward of a TP=1/PP=1 model: token ids `[b, s]` (u32) → logits `[b, s, vocab]`.
-    /// Pass `opts.dropout` in training; without it the forward is in evaluation mode.
+    /// Full forward of a PP=1 model: token ids `[b, s]` (u32) → logits `[b, s, vocab]`; with
+    /// TP > 1, this rank's vocab shard `[b, s, vocab/tp]` (see [`Self::gather_logits`] and
+    /// [`Self::cross_entropy`]). Pass `opts.dropout` in training; without it the forward is
+    /// in evaluation mode.
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
         self.require_whole_model()?;
         self.run(tokens, 0, opts, None)
     }
 
-    /// Forward of one pipeline stage (TP=1): the first stage takes token ids `[b, s]`, later
-    /// stages the previous stage's hidden states `[b, s, h]`; the last stage returns logits
-    /// `[b, s, vocab]`, earlier stages hidden states. Every stage needs the same `opts`
-    /// (positions, mask) and, in training, its own [`DropoutRng`] stream.
+    /// Forward of one pipeline stage: the first stage takes token ids `[b, s]`, later
+    /// stages the previous stage's hidden states `[b, s, h]` (replicated over TP; `[b, s/tp, h]`,
+    /// this rank's part of the sequence, under sequence parallelism); the last
+    /// stage returns logits `[b, s, vocab]` (this rank's vocab shard with TP > 1), earlier
+    /// stages hidden states. Every stage needs the same `opts` (positions, mask) and, in
+    /// training, its own [`DropoutRng`] stream.
     pub fn forward_stage(&self, input: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
-        self.require_tp1()?;
+        self.require_tp_comm()?;
         self.run(input, 0, opts, None)
     }
 
     /// Incremental forward with a KV cache: `tokens` `[b, s]` continue the cached sequence
-    /// (positions `cache.len()..cache.len()+s`); returns logits of the new tokens.
+    /// (positions `cache.len()..cache.len()+s`); returns the full-vocabulary logits of the new
+    /// tokens (gathered over TP).
     pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         self.require_whole_model()?;
+        if self.tp.as_ref().is_some_and(|tp| tp.sequence_parallel()) {
+            bail!("incremental decoding runs without sequence parallelism (model.sequence_parallel = false)");
+        }
         if cache.entries.len() != self.layers.len() {
             bail!("KV cache was made for a different model");
         }
         let start = cache.len;
         let logits = self.run(tokens, start, &ForwardOpts::default(), Some(cache))?;
         cache.len = start + tokens.dim(1)?;
-        Ok(logits)
+        self.gather_logits(&logits)
+    }
+
+    /// Full-vocabulary logits `[b, s, vocab]` from this rank's vocab-parallel shard (no
+    /// gradient; identity for TP=1).
+    pub fn gather_logits(&self, local: &Tensor) -> Result<Tensor> {
+        match &self.tp {
+            Some(tp) => Ok(tp.gather(local, 2)?),
+            None => Ok(local.clone()),
+        }
+    }
+
+    /// `(Σ mask·CE, Σ mask)` of this model's logits (vocab-parallel with TP > 1; the same
+    /// values on every TP rank) — see [`ops::masked_cross_entropy`].
+    pub fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        loss_mask: &Tensor,
+    ) -> Result<(Tensor, f64)> {
+        match &self.tp {
+            Some(tp) => Ok(tp.cross_entropy(logits, labels, loss_mask)?),
+            None => Ok(ops::masked_cross_entropy(logits, labels, loss_mask)?),
+        }
     }
 
     /// Rejects token ids outside the vocabulary and sequences past `max_positions`.
@@ -298,6 +381,8 @@ impl GptModel {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let pre = self.layout.pre_process();
+        // Sequence parallelism: the residual stream holds this rank's part of the sequence.
+        let sp = self.tp.as_ref().filter(|tp| tp.sequence_parallel());
         let (b, s) = if pre {
             input.dims2()?
         } else {
@@ -305,8 +390,16 @@ impl GptModel {
             if h != self.arch.hidden {
                 bail!("stage input has width {h}, expected hidden size {}", self.arch.hidden);
             }
-            (b, s)
+            (b, s * sp.map_or(1, |tp| tp.size()))
         };
+        if let Some(tp) = sp {
+            if !s.is_multiple_of(tp.size()) {
+                bail!(
+                    "sequence parallelism: sequence length {s} is not divisible by tensor_model_parallel_size = {}",
+                    tp.size()
+                );
+            }
+        }
         self.check_inputs(pre.then_some(input), start, s, opts.position_ids)?;
         let pos = match opts.position_ids {
             Some(p) => p.to_dtype(DType::U32)?,
@@ -315,12 +408,24 @@ impl GptModel {
                 .repeat((b, 1))?,
         };
         let hidden_dropout = |t: Tensor| -> Result<Tensor> {
-            Ok(match opts.dropout {
-                Some(r) => r.dropout(&t, self.arch.hidden_dropout)?,
-                None => t,
+            let p = self.arch.hidden_dropout;
+            Ok(match (opts.dropout, sp) {
+                // The TP=1 mask of the whole sequence, this rank's part of it.
+                (Some(r), Some(tp)) => r.dropout_shard(&t, p, 1, tp.rank(), tp.size())?,
+                (Some(r), None) => r.dropout(&t, p)?,
+                (None, _) => t,
             })
         };
-        let mut x = if pre { hidden_dropout(self.embed(input, &pos)?)? } else { input.clone() };
+        let mut x = if pre {
+            let e = self.embed(input, &pos)?;
+            let e = match sp {
+                Some(tp) => tp.scatter_to_sequence_region(&e, 1)?,
+                None => e,
+            };
+            hidden_dropout(e)?
+        } else {
+            input.clone()
+        };
         let rope = match &self.rope {
             Some(r) => Some(r.cos_sin(&pos, self.dtype)?),
             None => None,
@@ -351,7 +456,11 @@ impl GptModel {
         let w = self.word_emb.as_ref().ok_or_else(|| anyhow::anyhow!("stage has no embedding"))?;
         let (b, s) = tokens.dims2()?;
         let ids = tokens.to_dtype(DType::U32)?.flatten_all()?;
-        let mut x = w.index_select(&ids, 0)?.reshape((b, s, self.arch.hidden))?;
+        let mut x = match &self.tp {
+            Some(tp) => tp.embedding(&ids, w)?,
+            None => w.index_select(&ids, 0)?,
+        }
+        .reshape((b, s, self.arch.hidden))?;
         if let Some(pw) = &self.pos_emb {
             let pe = pw.index_select(&pos.flatten_all()?, 0)?.reshape((b, s, self.arch.hidden))?;
             x = (x + pe)?;
@@ -364,6 +473,11 @@ impl GptModel {
         let (Some(norm), Some(w)) = (&self.final_norm, &self.output_w) else {
             bail!("stage has no output layer");
         };
-        Ok(ops::linear(&norm.forward(x)?, w, None)?)
+        let x = norm.forward(x)?;
+        let x = match &self.tp {
+            Some(tp) => tp.enter_column(&x)?,
+            None => x,
+        };
+        Ok(ops::linear(&x, w, None)?)
     }
 }

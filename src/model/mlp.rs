@@ -2,11 +2,13 @@
 //! row-parallel `linear_fc2`; the pre-MLP norm lives in `linear_fc1` as in TE's layer spec.
 
 use super::arch::GptArch;
+use super::attention::row_parallel;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::Activation;
 use crate::ops;
+use crate::parallel::tensor::TensorParallel;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -20,6 +22,7 @@ pub struct Mlp {
     fc2_b: Option<Tensor>,
     gated: bool,
     activation: Activation,
+    tp: Option<TensorParallel>,
 }
 
 impl Mlp {
@@ -84,17 +87,32 @@ impl Mlp {
             fc2_b,
             gated: arch.gated,
             activation: arch.activation,
+            tp: None,
         })
+    }
+
+    /// Runs `linear_fc1` column-parallel and `linear_fc2` row-parallel over `tp`.
+    pub fn with_tensor_parallel(mut self, tp: TensorParallel) -> Self {
+        if tp.sequence_parallel() {
+            self.norm = self.norm.with_tp_grad_sum(tp.clone());
+        }
+        self.tp = Some(tp);
+        self
     }
 
     /// `fc2(act(fc1(norm(x))))` for `x` `[b, s, h]` (no residual).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::linear(&self.norm.forward(x)?, &self.fc1_w, self.fc1_b.as_ref())?;
+        let xn = self.norm.forward(x)?;
+        let xn = match &self.tp {
+            Some(tp) => tp.enter_column(&xn)?,
+            None => xn,
+        };
+        let y = ops::linear(&xn, &self.fc1_w, self.fc1_b.as_ref())?;
         let y = if self.gated {
             ops::activation::gated(&y, self.activation)?
         } else {
             ops::apply_activation(&y, self.activation)?
         };
-        Ok(ops::linear(&y, &self.fc2_w, self.fc2_b.as_ref())?)
+        row_parallel(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref())
     }
 }

@@ -5,6 +5,7 @@ use super::init::Init;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::Normalization;
 use crate::ops;
+use crate::parallel::tensor::TensorParallel;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -16,6 +17,9 @@ pub struct Norm {
     kind: Normalization,
     eps: f64,
     zero_centered: bool,
+    /// Set for norms applied to TP-local data (QK-norm over this rank's heads): their
+    /// replicated weights then get the sum of the ranks' gradients.
+    grad_sum: Option<TensorParallel>,
 }
 
 impl Norm {
@@ -42,16 +46,32 @@ impl Norm {
             kind: arch.normalization,
             eps: arch.eps,
             zero_centered: arch.zero_centered_gamma,
+            grad_sum: None,
         })
+    }
+
+    /// Marks this norm as applied to tensor-parallel shards of the data (per-head QK-norm):
+    /// its replicated weight and bias enter the graph through `copy_to_region`, so their
+    /// gradients are summed over the TP group and equal the TP=1 gradients on every rank.
+    pub fn with_tp_grad_sum(mut self, tp: TensorParallel) -> Self {
+        self.grad_sum = Some(tp);
+        self
     }
 
     /// Normalizes `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match (&self.kind, &self.bias) {
+        let (weight, bias) = match &self.grad_sum {
+            Some(tp) => (
+                tp.copy_to_region(&self.weight)?,
+                self.bias.as_ref().map(|b| tp.copy_to_region(b)).transpose()?,
+            ),
+            None => (self.weight.clone(), self.bias.clone()),
+        };
+        Ok(match (&self.kind, &bias) {
             (Normalization::LayerNorm, Some(b)) => {
-                ops::layer_norm(x, &self.weight, b, self.eps, self.zero_centered)?
+                ops::layer_norm(x, &weight, b, self.eps, self.zero_centered)?
             }
-            _ => ops::rms_norm(x, &self.weight, self.eps, self.zero_centered)?,
+            _ => ops::rms_norm(x, &weight, self.eps, self.zero_centered)?,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The per-micro-batch training building block: forward + masked cross-entropy.
 
 use super::gpt::{ForwardOpts, GptModel};
-use crate::ops::{masked_cross_entropy, DropoutRng};
+use crate::ops::DropoutRng;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
@@ -63,7 +63,8 @@ impl Microbatch {
 }
 
 /// Runs the model on `batch` and returns `(Σ mask·CE, Σ mask)` (see
-/// [`masked_cross_entropy`]); call `.backward()` on `sum / global_count` after summing the
+/// [`crate::ops::masked_cross_entropy`]; vocab-parallel with TP > 1); call `.backward()` on
+/// `sum / global_count` after summing the
 /// counts over the global batch, exactly as Megatron reduces `{"lm loss": [sum, count]}`.
 /// `dropout` is the mask source of this micro-batch in training (None = no dropout, e.g.
 /// for validation or when the config's dropouts are zero).
@@ -78,5 +79,5 @@ pub fn loss_for_microbatch(
         dropout,
     };
     let logits = model.forward(&batch.tokens, &opts)?;
-    Ok(masked_cross_entropy(&logits, &batch.labels, &batch.loss_mask)?)
+    model.cross_entropy(&logits, &batch.labels, &batch.loss_mask)
 }

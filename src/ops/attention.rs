@@ -59,15 +59,16 @@ pub fn build_attention_mask(
 /// group `g`, as Megatron's per-group QKV layout yields), `k`/`v` are `[b, groups, sk, d]`,
 /// `allowed` is the u8 mask of [`build_attention_mask`]. Instead of repeating K/V per head,
 /// the `hpg` heads of a group are folded into the query-length axis so one batched matmul per
-/// group serves them all. `dropout` = (attention_dropout, mask source) drops attention
-/// probabilities in training. Returns `[b, heads, sq, d]`.
+/// group serves them all. `dropout` = (attention_dropout, mask source, (tp_rank, tp_size))
+/// drops attention probabilities in training; with TP the heads are this rank's share and the
+/// mask is the matching slice of the TP=1 mask. Returns `[b, heads, sq, d]`.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     allowed: &Tensor,
     shape: AttentionShape,
-    dropout: Option<(f64, &DropoutRng)>,
+    dropout: Option<(f64, &DropoutRng, (usize, usize))>,
 ) -> Result<Tensor> {
     let (b, heads, sq, d) = q.dims4()?;
     let (_, groups, sk, _) = k.dims4()?;
@@ -90,7 +91,8 @@ pub fn attention(
     };
     let probs = masked_softmax(&scores, allowed, shape.softmax_scale)?.to_dtype(in_dtype)?;
     let probs = match dropout {
-        Some((p, rng)) => rng.dropout(&probs, p)?,
+        // probs are [b, groups, hpg, sq, sk]: a TP rank holds a contiguous range of groups.
+        Some((p, rng, (rank, size))) => rng.dropout_shard(&probs, p, 1, rank, size)?,
         None => probs,
     };
     let out = probs.reshape((b, groups, hpg * sq, sk))?.matmul(&v.contiguous()?)?;

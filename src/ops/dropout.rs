@@ -33,6 +33,21 @@ impl DropoutRng {
 
     /// Applies dropout with drop probability `p` to `x` (identity for `p == 0`).
     pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        self.dropout_shard(x, p, 0, 0, 1)
+    }
+
+    /// Dropout of a tensor-parallel shard: `x` is part `rank` of `size` equal parts along
+    /// `dim` of a global tensor. The mask of the whole global tensor is drawn (so the stream
+    /// advances as with TP=1) and this rank's part is applied: TP=n and TP=1 drop the same
+    /// elements.
+    pub fn dropout_shard(
+        &self,
+        x: &Tensor,
+        p: f64,
+        dim: usize,
+        rank: usize,
+        size: usize,
+    ) -> Result<Tensor> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
@@ -42,10 +57,19 @@ impl DropoutRng {
         let keep_scale = (1.0 / (1.0 - p)) as f32;
         let p = p as f32;
         let mut rng = self.rng.borrow_mut();
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f32>() >= p { keep_scale } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        let mut global = x.dims().to_vec();
+        if rank >= size || dim >= global.len() {
+            candle_core::bail!("dropout shard {rank}/{size} along dim {dim} of {:?}", x.dims());
+        }
+        let local = global[dim];
+        global[dim] *= size;
+        let n: usize = global.iter().product();
+        let mask: Vec<f32> =
+            (0..n).map(|_| if rng.random::<f32>() >= p { keep_scale } else { 0.0 }).collect();
+        let mut mask = Tensor::from_vec(mask, global, x.device())?;
+        if size > 1 {
+            mask = mask.narrow(dim, rank * local, local)?;
+        }
+        x.mul(&mask.to_dtype(x.dtype())?)
     }
 }

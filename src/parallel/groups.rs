@@ -1,0 +1,117 @@
+//! This rank's communicators for every process group of a [`Topology`], built once at start-up
+//! over any backend (in-process threads, TCP; NCCL later).
+
+use super::comm::{Communicator, LocalWorld, TcpOptions, TcpWorld};
+use super::launch::DistEnv;
+use super::topology::{GroupKind, RankCoords, Topology};
+use crate::model::ParallelLayout;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The communicators of one rank.
+#[derive(Debug, Clone)]
+pub struct ProcessGroups {
+    /// The grid.
+    pub topology: Topology,
+    /// Global rank.
+    pub rank: usize,
+    /// This rank's coordinates.
+    pub coords: RankCoords,
+    /// All ranks.
+    pub world: Arc<dyn Communicator>,
+    /// Tensor-parallel group (pass to `GptModel::new_parallel`).
+    pub tp: Arc<dyn Communicator>,
+    /// Context-parallel group.
+    pub cp: Arc<dyn Communicator>,
+    /// Data-parallel group.
+    pub dp: Arc<dyn Communicator>,
+    /// Data × context parallel group (gradient reduction when cp > 1).
+    pub dp_cp: Arc<dyn Communicator>,
+    /// Pipeline group (stage-to-stage send/recv; group rank = stage).
+    pub pp: Arc<dyn Communicator>,
+    /// Model-parallel group (tp × pp): gradient norm and NaN checks.
+    pub mp: Arc<dyn Communicator>,
+    /// First + last stage (tied-embedding gradients); None on middle stages.
+    pub embedding: Option<Arc<dyn Communicator>>,
+}
+
+impl ProcessGroups {
+    /// Builds every group containing `rank`; `make(name, members)` creates one communicator.
+    /// Every rank must call this (group creation order is the same everywhere).
+    pub fn new(
+        topology: Topology,
+        rank: usize,
+        make: impl Fn(&str, &[usize]) -> Result<Arc<dyn Communicator>>,
+    ) -> Result<Self> {
+        let coords = topology.coords(rank)?;
+        let world: Vec<usize> = (0..topology.world_size()).collect();
+        let group = |kind: GroupKind| -> Result<Arc<dyn Communicator>> {
+            let members = topology.group_of(kind, rank).expect("every rank is in one group");
+            make(kind.name(), &members)
+        };
+        let embedding = match topology.group_of(GroupKind::Embedding, rank) {
+            Some(m) => Some(make(GroupKind::Embedding.name(), &m)?),
+            None => None,
+        };
+        Ok(Self {
+            world: make("world", &world)?,
+            tp: group(GroupKind::Tp)?,
+            cp: group(GroupKind::Cp)?,
+            dp: group(GroupKind::Dp)?,
+            dp_cp: group(GroupKind::DpCp)?,
+            pp: group(GroupKind::Pp)?,
+            mp: group(GroupKind::Mp)?,
+            embedding,
+            topology,
+            rank,
+            coords,
+        })
+    }
+
+    /// Groups of `rank` in an in-process world (ranks as threads).
+    pub fn local(world: &Arc<LocalWorld>, topology: Topology, rank: usize) -> Result<Self> {
+        Self::new(topology, rank, |name, members| {
+            Ok(Arc::new(world.group(rank, name, members)?) as Arc<dyn Communicator>)
+        })
+    }
+
+    /// Groups of this process over TCP.
+    pub fn tcp(world: &Arc<TcpWorld>, topology: Topology) -> Result<Self> {
+        let rank = world.rank();
+        Self::new(topology, rank, |name, members| {
+            Ok(Arc::new(world.group(name, members)?) as Arc<dyn Communicator>)
+        })
+    }
+
+    /// Joins the TCP world described by the launcher environment and builds the groups.
+    pub fn connect_tcp(env: &DistEnv, topology: Topology, timeout: Duration) -> Result<Self> {
+        if env.world_size != topology.world_size() {
+            anyhow::bail!(
+                "launcher world size {} differs from the topology's {}",
+                env.world_size,
+                topology.world_size()
+            );
+        }
+        let opts = TcpOptions {
+            rank: env.rank,
+            world_size: env.world_size,
+            master_addr: env.master_addr.clone(),
+            master_port: env.master_port,
+            timeout,
+        };
+        let world = TcpWorld::connect(&opts)
+            .with_context(|| format!("rank {}: joining the CPU process group", env.rank))?;
+        Self::tcp(&world, topology)
+    }
+
+    /// The model layout of this rank (tp and pp coordinates).
+    pub fn layout(&self) -> ParallelLayout {
+        ParallelLayout {
+            tp_rank: self.coords.tp,
+            tp_size: self.topology.tp(),
+            pp_rank: self.coords.pp,
+            pp_size: self.topology.pp(),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Parallelism: Megatron's rank layout ([`topology`]), communicators between ranks
+//! ([`comm`]), the tensor-parallel building blocks used by the model ([`tensor`]), rank
+//! discovery from launcher environments ([`launch`]), one rank's communicators for all its
+//! groups ([`groups`]) and data-parallel gradient reduction ([`data`]).
+
+pub mod comm;
+pub mod data;
+pub mod groups;
+pub mod launch;
+pub mod tensor;
+pub mod topology;
+
+pub use comm::{Communicator, ReduceOp};
+pub use groups::ProcessGroups;
+pub use topology::{GroupKind, RankCoords, RankOrder, Topology};

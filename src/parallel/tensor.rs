@@ -1,0 +1,355 @@
+//! Tensor-parallel building blocks (Megatron's `mappings.py`, `layers.py` and
+//! `cross_entropy.py`): the conjugate pair of region ops as candle CustomOps with backward,
+//! the vocab-parallel embedding and the vocab-parallel cross-entropy.
+//!
+//! - [`TensorParallel::copy_to_region`] (`f`): identity forward, all-reduce of the gradient
+//!   backward; placed before a column-parallel linear.
+//! - [`TensorParallel::reduce_from_region`] (`g`): all-reduce forward, identity backward;
+//!   placed after a row-parallel linear (before its replicated bias).
+//!
+//! - Sequence parallelism ([`TensorParallel::with_sequence_parallel`]): the activations
+//!   between TP regions are split along the sequence; [`TensorParallel::enter_column`]
+//!   all-gathers them (reduce-scatter backward) and [`TensorParallel::exit_row`]
+//!   reduce-scatters (all-gather backward).
+//!
+//! With these, replicated parameters (norms, row-parallel biases) receive the same gradient
+//! on every TP rank, equal to the TP=1 gradient, and sharded parameters receive their shard of
+//! it. Replicated weights that only see a rank's share of the data (QK-norm always; the layer
+//! norms and row-parallel biases under sequence parallelism) enter the graph through
+//! `copy_to_region`, so their gradients are summed over TP in backward: no gradient
+//! reduction over TP is needed after backward.
+//!
+//! The forward passes copy CPU storage; a CUDA forward (a device copy) joins them with the
+//! NCCL communicator.
+
+use super::comm::{Communicator, ReduceOp};
+use crate::model::Param;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
+
+/// A contiguous copy of CPU storage (the forward of both region ops).
+fn copy_storage(s: &CpuStorage, l: &Layout, op: &str) -> Result<CpuStorage> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous");
+    };
+    Ok(match s {
+        CpuStorage::U8(v) => CpuStorage::U8(v[a..b].to_vec()),
+        CpuStorage::U32(v) => CpuStorage::U32(v[a..b].to_vec()),
+        CpuStorage::I64(v) => CpuStorage::I64(v[a..b].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
+        CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
+        _ => candle_core::bail!("{op}: dtype not supported"),
+    })
+}
+
+/// `f`: identity forward, all-reduce (sum) of the gradient over the TP group backward.
+struct CopyToRegion(Arc<dyn Communicator>);
+
+impl CustomOp1 for CopyToRegion {
+    fn name(&self) -> &'static str {
+        "copy-to-tp-region"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((copy_storage(s, l, self.name())?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.all_reduce(grad, ReduceOp::Sum)?))
+    }
+}
+
+/// What the backward of a [`Precomputed`] op does with the output gradient.
+#[derive(Debug, Clone, Copy)]
+enum GradComm {
+    /// Pass it through (`g` of the conjugate pair).
+    Identity,
+    /// All-gather along a dim (backward of a scatter / reduce-scatter).
+    AllGather(usize),
+    /// Reduce-scatter along a dim (backward of an all-gather).
+    ReduceScatter(usize),
+}
+
+/// An op whose forward value was computed by a collective outside the graph (the second
+/// argument, copied as the result) and whose backward sends the gradient through another
+/// collective to the first argument (the local input).
+struct Precomputed {
+    name: &'static str,
+    comm: Arc<dyn Communicator>,
+    grad: GradComm,
+}
+
+impl CustomOp2 for Precomputed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((copy_storage(s2, l2, self.name)?, l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = match self.grad {
+            GradComm::Identity => grad.clone(),
+            GradComm::AllGather(d) => self.comm.all_gather(&grad.contiguous()?, d)?,
+            GradComm::ReduceScatter(d) => self.comm.reduce_scatter(&grad.contiguous()?, d)?,
+        };
+        Ok((Some(g), None))
+    }
+}
+
+/// This rank's tensor-parallel group, with the region ops of Megatron's TP layers.
+#[derive(Debug, Clone)]
+pub struct TensorParallel {
+    comm: Arc<dyn Communicator>,
+    sequence_parallel: bool,
+}
+
+impl TensorParallel {
+    /// Wraps the TP group's communicator (without sequence parallelism).
+    pub fn new(comm: Arc<dyn Communicator>) -> Self {
+        Self { comm, sequence_parallel: false }
+    }
+    /// Turns Megatron's sequence parallelism on or off: outside the TP regions the
+    /// activations `[b, s, h]` are split over the ranks along the sequence (dim 1), entering
+    /// a column-parallel linear all-gathers them and leaving a row-parallel linear
+    /// reduce-scatters them.
+    pub fn with_sequence_parallel(mut self, on: bool) -> Self {
+        self.sequence_parallel = on && self.size() > 1;
+        self
+    }
+    /// True with sequence parallelism.
+    pub fn sequence_parallel(&self) -> bool {
+        self.sequence_parallel
+    }
+    /// This rank's TP rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    /// TP size.
+    pub fn size(&self) -> usize {
+        self.comm.size()
+    }
+    /// The underlying communicator.
+    pub fn comm(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    /// Identity forward; the backward all-reduces the gradient (input of a column-parallel
+    /// linear).
+    pub fn copy_to_region(&self, x: &Tensor) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        x.contiguous()?.apply_op1(CopyToRegion(self.comm.clone()))
+    }
+
+    /// All-reduce forward; identity backward (output of a row-parallel linear).
+    pub fn reduce_from_region(&self, x: &Tensor) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        let x = x.contiguous()?;
+        let sum = self.comm.all_reduce(&x.detach(), ReduceOp::Sum)?;
+        self.precomputed(&x, sum, "reduce-from-tp-region", GradComm::Identity)
+    }
+
+    fn precomputed(
+        &self,
+        x: &Tensor,
+        value: Tensor,
+        name: &'static str,
+        grad: GradComm,
+    ) -> Result<Tensor> {
+        if !x.track_op() {
+            // `x` carries no gradient: the collective's value is all there is.
+            return Ok(value);
+        }
+        x.apply_op2(&value.contiguous()?, Precomputed { name, comm: self.comm.clone(), grad })
+    }
+
+    /// All-gather along `dim` forward, reduce-scatter of the gradient backward (Megatron's
+    /// `gather_from_sequence_parallel_region`).
+    pub fn gather_from_sequence_region(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        let x = x.contiguous()?;
+        let full = self.comm.all_gather(&x.detach(), dim)?;
+        self.precomputed(&x, full, "gather-from-sp-region", GradComm::ReduceScatter(dim))
+    }
+
+    /// Reduce-scatter along `dim` forward, all-gather of the gradient backward
+    /// (`reduce_scatter_to_sequence_parallel_region`).
+    pub fn reduce_scatter_to_sequence_region(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(x.clone());
+        }
+        let x = x.contiguous()?;
+        let part = self.comm.reduce_scatter(&x.detach(), dim)?;
+        self.precomputed(&x, part, "reduce-scatter-to-sp-region", GradComm::AllGather(dim))
+    }
+
+    /// This rank's chunk along `dim` forward, all-gather of the gradient backward
+    /// (`scatter_to_sequence_parallel_region`).
+    pub fn scatter_to_sequence_region(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        let n = self.size();
+        if n == 1 {
+            return Ok(x.clone());
+        }
+        let len = x.dim(dim)?;
+        if !len.is_multiple_of(n) {
+            candle_core::bail!(
+                "sequence parallelism: dim {dim} of {:?} is not divisible by TP size {n}",
+                x.dims()
+            );
+        }
+        let c = len / n;
+        let part = x.detach().narrow(dim, self.rank() * c, c)?.contiguous()?;
+        self.precomputed(&x.contiguous()?, part, "scatter-to-sp-region", GradComm::AllGather(dim))
+    }
+
+    /// Input of a column-parallel linear: all-gather of the sequence with sequence
+    /// parallelism, else [`Self::copy_to_region`]. Activations are `[b, s, h]`.
+    pub fn enter_column(&self, x: &Tensor) -> Result<Tensor> {
+        if self.sequence_parallel {
+            self.gather_from_sequence_region(x, 1)
+        } else {
+            self.copy_to_region(x)
+        }
+    }
+
+    /// Output of a row-parallel linear: reduce-scatter over the sequence with sequence
+    /// parallelism, else [`Self::reduce_from_region`].
+    pub fn exit_row(&self, y: &Tensor) -> Result<Tensor> {
+        if self.sequence_parallel {
+            self.reduce_scatter_to_sequence_region(y, 1)
+        } else {
+            self.reduce_from_region(y)
+        }
+    }
+
+    /// Concatenates the ranks' `local` tensors along `dim` (no gradient), e.g. vocab-parallel
+    /// logits into full logits.
+    pub fn gather(&self, local: &Tensor, dim: usize) -> Result<Tensor> {
+        if self.size() == 1 {
+            return Ok(local.clone());
+        }
+        self.comm.all_gather(&local.detach(), dim)
+    }
+
+    /// Vocab-parallel embedding lookup (Megatron's `VocabParallelEmbedding`): `w_local`
+    /// `[V/tp, h]` holds rows `rank·V/tp ..`; ids outside them contribute zeros and the
+    /// all-reduce assembles the full lookup. `ids` is any shape of u32 → `[..ids, h]`.
+    pub fn embedding(&self, ids: &Tensor, w_local: &Tensor) -> Result<Tensor> {
+        let (rows, h) = w_local.dims2()?;
+        let mut out_shape = ids.dims().to_vec();
+        out_shape.push(h);
+        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+        if self.size() == 1 {
+            return w_local.index_select(&flat, 0)?.reshape(out_shape);
+        }
+        let (start, end) = (self.rank() * rows, (self.rank() + 1) * rows);
+        let host = flat.to_vec1::<u32>()?;
+        let (local, keep): (Vec<u32>, Vec<f32>) = host
+            .iter()
+            .map(|&id| {
+                let id = id as usize;
+                if (start..end).contains(&id) {
+                    ((id - start) as u32, 1.0)
+                } else {
+                    (0, 0.0)
+                }
+            })
+            .unzip();
+        let dev = w_local.device();
+        let local = Tensor::from_vec(local, host.len(), dev)?;
+        let keep = Tensor::from_vec(keep, (host.len(), 1), dev)?.to_dtype(w_local.dtype())?;
+        let part = w_local.index_select(&local, 0)?.broadcast_mul(&keep)?;
+        self.reduce_from_region(&part)?.reshape(out_shape)
+    }
+
+    /// Vocab-parallel masked cross-entropy (Megatron's `_VocabParallelCrossEntropy`) of
+    /// local logits `[b, s, V/tp]` against global `labels` `[b, s]`, weighted by `loss_mask`;
+    /// returns `(Σ mask·CE, Σ mask)` as [`crate::ops::masked_cross_entropy`] does, identical
+    /// on every TP rank. The max and the two sums are all-reduced over the group.
+    pub fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        loss_mask: &Tensor,
+    ) -> Result<(Tensor, f64)> {
+        let logits = match logits.dtype() {
+            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+            _ => logits.clone(),
+        };
+        let (b, s, vl) = logits.dims3()?;
+        let (n, vocab) = (b * s, vl * self.size());
+        let host = labels.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        if host.len() != n {
+            candle_core::bail!(
+                "labels {:?} do not match logits {:?}",
+                labels.dims(),
+                logits.dims()
+            );
+        }
+        if let Some(&bad) = host.iter().find(|&&l| l as usize >= vocab) {
+            candle_core::bail!("label id {bad} out of range for vocabulary of size {vocab}");
+        }
+        let start = self.rank() * vl;
+        let (local, keep): (Vec<u32>, Vec<f32>) = host
+            .iter()
+            .map(|&l| {
+                let l = l as usize;
+                if (start..start + vl).contains(&l) {
+                    ((l - start) as u32, 1.0)
+                } else {
+                    (0, 0.0)
+                }
+            })
+            .unzip();
+        let dev = logits.device();
+        let x = logits.reshape((n, vl))?;
+        // The shift cancels analytically, so a detached global max keeps the gradient exact.
+        let local_max = x.detach().max_keepdim(1)?;
+        let max = if self.size() == 1 {
+            local_max
+        } else {
+            self.comm.all_reduce(&local_max, ReduceOp::Max)?
+        };
+        let shifted = x.broadcast_sub(&max)?;
+        let local = Tensor::from_vec(local, (n, 1), dev)?;
+        let keep = Tensor::from_vec(keep, n, dev)?.to_dtype(x.dtype())?;
+        let target = shifted.gather(&local, 1)?.reshape(n)?.mul(&keep)?;
+        let target = self.reduce_from_region(&target)?;
+        let sum_exp = self.reduce_from_region(&shifted.exp()?.sum(1)?)?;
+        let ce = (sum_exp.log()? - target)?;
+        let mask = loss_mask.to_dtype(ce.dtype())?.reshape(n)?;
+        let sum = ce.mul(&mask)?.sum_all()?;
+        let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok((sum, count))
+    }
+}
+
+/// Whether `param`'s gradient counts in the global gradient norm on this TP rank, so that
+/// every element of the model counts once: TP-sharded parameters everywhere, replicated ones
+/// only on TP rank 0 (megatron-core's `param_is_not_tensor_parallel_duplicate`), and never the
+/// last stage's tied copy of the embedding (`param_is_not_shared`). See
+/// [`super::data::model_parallel_grad_sq_norm`].
+pub fn counts_in_grad_norm(param: &Param, tp_rank: usize) -> bool {
+    !param.shared_embedding && (param.partition_dim.is_some() || tp_rank == 0)
+}
