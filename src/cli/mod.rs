@@ -3,10 +3,10 @@
 mod config_args;
 mod config_cmd;
 mod data_cmd;
+mod env;
 pub mod export_hf;
 pub mod generate;
 pub mod import_hf;
-mod env;
 pub mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;

@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::ckpt::{self, CheckpointWrite, Partition, ShardedParam, TensorSet, TrainState};
 use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
+use crate::parallel::comm::Communicator;
 use crate::train::optimizer::{Optimizer, OptimizerState};
 use crate::train::scheduler::{OptimizerParamScheduler, ResumePolicy, SchedulerState};
 
@@ -31,10 +32,14 @@ pub struct SaveRequest<'a> {
     pub most_recent_k: i64,
     pub tp_rank: usize,
     pub pp_rank: usize,
+    /// The tensor-parallel group when TP > 1: shards are gathered so one rank writes them all.
+    pub tp: Option<&'a dyn Communicator>,
+    /// Whether this rank writes (global rank 0); the others only join the gathers.
+    pub write: bool,
 }
 
-/// Write `iter_{step}` for this rank.
-pub fn save(req: &SaveRequest) -> Result<PathBuf> {
+/// Write `iter_{step}` (on the writing rank; the others return None after the gathers).
+pub fn save(req: &SaveRequest) -> Result<Option<PathBuf>> {
     let params = req.model.params().params();
     let partitions: HashMap<&str, Partition> =
         params.iter().map(|p| (p.name.as_str(), partition_of(p))).collect();
@@ -84,6 +89,18 @@ pub fn save(req: &SaveRequest) -> Result<PathBuf> {
         }
         None => None,
     };
+    let model = gather_tp(model, req.tp)?;
+    let optimizer_gathered;
+    let optimizer = match optimizer {
+        Some(sets) if req.tp.is_some_and(|tp| tp.size() > 1) => {
+            optimizer_gathered = gather_tp(sets.to_vec(), req.tp)?;
+            Some(optimizer_gathered.as_slice())
+        }
+        other => other,
+    };
+    if !req.write {
+        return Ok(None);
+    }
     let w = CheckpointWrite {
         iteration: req.state.step,
         model: &model,
@@ -93,7 +110,41 @@ pub fn save(req: &SaveRequest) -> Result<PathBuf> {
         run_config_toml: req.run_config_toml,
         tokenizer_files: &[],
     };
-    ckpt::save_checkpoint(req.save_dir, &w, req.most_recent_k)
+    ckpt::save_checkpoint(req.save_dir, &w, req.most_recent_k).map(Some)
+}
+
+/// With TP > 1, every rank contributes its shards and gets back all ranks' [`TensorSet`]s
+/// (one per TP rank, in rank order), so a single rank can write the whole checkpoint.
+fn gather_tp(sets: Vec<TensorSet>, tp: Option<&dyn Communicator>) -> Result<Vec<TensorSet>> {
+    let Some(tp) = tp.filter(|tp| tp.size() > 1) else { return Ok(sets) };
+    let n = tp.size();
+    let mut out: Vec<TensorSet> = Vec::new();
+    for set in sets {
+        let mut per_rank: Vec<Vec<ShardedParam>> = vec![Vec::new(); n];
+        for p in set.params {
+            let dim = match p.partition {
+                Partition::Replicated => None,
+                Partition::Split(d) => Some(d),
+                // Each rank holds [gate_r; up_r]; gathering along dim 0 stacks them by rank.
+                Partition::GatedSplit => Some(0),
+            };
+            let gathered = match dim {
+                None => None,
+                Some(d) => Some((d, tp.all_gather(&p.tensor.contiguous()?, d)?, p.tensor.dim(d)?)),
+            };
+            for (r, slot) in per_rank.iter_mut().enumerate() {
+                let tensor = match &gathered {
+                    None => p.tensor.clone(),
+                    Some((d, all, len)) => all.narrow(*d, r * len, *len)?,
+                };
+                slot.push(ShardedParam { name: p.name.clone(), tensor, partition: p.partition });
+            }
+        }
+        for (r, params) in per_rank.into_iter().enumerate() {
+            out.push(TensorSet { tp_rank: r, pp_rank: set.pp_rank, dp_rank: set.dp_rank, params });
+        }
+    }
+    Ok(out)
 }
 
 /// Load model weights (any TP layout) into `model`.

@@ -1,12 +1,13 @@
 //! What a run reports: validation/test evaluation, the periodic log line and TensorBoard.
 
 use anyhow::Result;
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 
 use super::log::{perplexity, timestamp, validation_box, LogLine};
 use super::trainer::{to_microbatch, StepResult, Trainer, Window};
 use crate::data::sampler::{collate, PretrainingSampler};
 use crate::model::loss_for_microbatch;
+use crate::parallel::ReduceOp;
 
 impl Trainer {
     /// Token-weighted loss over `eval_iters` batches of split `split` (1 valid, 2 test).
@@ -23,7 +24,7 @@ impl Trainer {
             ds.len(),
             consumed,
             embs,
-            0,
+            self.dp_rank(),
             self.d.data_parallel_size,
             true,
             false,
@@ -41,11 +42,18 @@ impl Trainer {
                 self.state.consumed_valid_samples += egbs as u64;
             }
         }
+        if let Some(g) = &self.groups {
+            let t = Tensor::new(&[sum, count], &Device::Cpu)?;
+            let r = g.dp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
+            (sum, count) = (r[0], r[1]);
+        }
         if count == 0.0 {
             return Ok(None);
         }
         let loss = sum / count;
-        println!("{}", validation_box(prefix, loss));
+        if self.reports() {
+            println!("{}", validation_box(prefix, loss));
+        }
         if let (Some(tb), 1) = (self.tb.as_mut(), split) {
             let samples = self.state.consumed_train_samples as i64;
             tb.add_scalar("lm loss validation", loss as f32, self.state.step as i64)?;
@@ -89,7 +97,9 @@ impl Trainer {
             skipped_iterations: w.skipped,
             nan_iterations: w.nan,
         };
-        println!("{}", line.render(&timestamp()));
+        if self.reports() {
+            println!("{}", line.render(&timestamp()));
+        }
         *w = Window::default();
         Ok(())
     }

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::checkpointing::{self, SaveRequest};
-use super::clip::clip_grad_norm;
+use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
 use super::datasets::{build_pretrain_datasets, tokenizer_from_config};
 use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
@@ -25,6 +25,8 @@ use crate::model::flops::num_floating_point_operations;
 use crate::model::params::TpCoord;
 use crate::model::{loss_for_microbatch, GptModel, Microbatch, ParallelLayout};
 use crate::ops::DropoutRng;
+use crate::parallel::data::{all_reduce_grads, model_parallel_grad_sq_norm};
+use crate::parallel::{ProcessGroups, ReduceOp};
 
 /// Why training stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub struct Trainer {
     pub(super) device: Device,
     pub(super) tb: Option<SummaryWriter>,
     pub(super) stop: Arc<AtomicBool>,
+    /// This rank's process groups when the run has more than one rank.
+    pub(super) groups: Option<ProcessGroups>,
 }
 
 fn candle_dtype(d: CfgDType) -> DType {
@@ -78,24 +82,50 @@ impl Trainer {
     /// Build model, optimizer, scheduler and data for `fin`; resume from `checkpoint.load` or
     /// start from `checkpoint.pretrained_checkpoint` when they hold a checkpoint.
     pub fn new(fin: Finalized, run_config_toml: String, device: Device) -> Result<Self> {
+        Self::new_rank(fin, run_config_toml, device, None)
+    }
+
+    /// [`Trainer::new`] for one rank of a multi-rank run (`groups` from
+    /// [`ProcessGroups::local`] for threads or [`ProcessGroups::connect_tcp`] for processes).
+    pub fn new_rank(
+        fin: Finalized,
+        run_config_toml: String,
+        device: Device,
+        groups: Option<ProcessGroups>,
+    ) -> Result<Self> {
         let tokenizer = tokenizer_from_config(&fin.cfg)?;
         // Finalize again now that the tokenizer's vocabulary is known (vocab padding).
         let fin = finalize(fin.cfg, Some(fin.derived.world_size), Some(tokenizer.vocab_size()))?;
         let Finalized { cfg, derived: d, .. } = fin;
-        if d.world_size != 1 {
+        let world = groups.as_ref().map_or(1, |g| g.topology.world_size());
+        if d.world_size != world {
             bail!(
-                "this build trains on one process (world size 1); the config asks for {} ranks \
-                 (TP {} × PP {} × CP {} × DP {})",
+                "the config asks for {} ranks (TP {} × PP {} × CP {} × DP {}) but {world} {} \
+                 running: launch with `--nproc-per-node {}` (or torchrun/SLURM)",
                 d.world_size,
                 cfg.model.tensor_model_parallel_size,
                 cfg.model.pipeline_model_parallel_size,
                 cfg.model.context_parallel_size,
-                d.data_parallel_size
+                d.data_parallel_size,
+                if world == 1 { "is" } else { "are" },
+                d.world_size,
+            );
+        }
+        if cfg.model.pipeline_model_parallel_size > 1 || cfg.model.context_parallel_size > 1 {
+            bail!(
+                "the trainer runs tensor and data parallelism; pipeline (PP {}) and context \
+                 (CP {}) parallel training are not implemented yet",
+                cfg.model.pipeline_model_parallel_size,
+                cfg.model.context_parallel_size
             );
         }
         let dtype = candle_dtype(cfg.model.params_dtype);
+        let (layout, tp_comm) = match &groups {
+            Some(g) => (g.layout(), Some(g.tp.clone())),
+            None => (ParallelLayout::single(), None),
+        };
         let model =
-            GptModel::new(&cfg.model, ParallelLayout::single(), cfg.rng.seed, dtype, &device)
+            GptModel::new_parallel(&cfg.model, layout, tp_comm, cfg.rng.seed, dtype, &device)
                 .context("cannot build the model")?;
         // Megatron's start-up line, so a log shows the model size (benchmarks read it too).
         let num_params: usize = model
@@ -105,9 +135,12 @@ impl Trainer {
             .filter(|p| !p.shared_embedding)
             .map(|p| p.var.elem_count())
             .sum();
-        println!(
-            " > number of parameters on (tensor, pipeline) model parallel rank (0, 0): {num_params}"
-        );
+        if groups.as_ref().is_none_or(|g| g.coords.dp == 0) {
+            let (tp, pp) = (layout.tp_rank, layout.pp_rank);
+            println!(
+                " > number of parameters on (tensor, pipeline) model parallel rank ({tp}, {pp}): {num_params}"
+            );
+        }
         let named: Vec<(String, candle_core::Var)> =
             model.params().params().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
         let o = &cfg.optimizer;
@@ -125,9 +158,10 @@ impl Trainer {
         let scheduler =
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
         let datasets = build_pretrain_datasets(&cfg, &d, tokenizer.as_ref())?;
+        let reporting = groups.as_ref().is_none_or(|g| g.coords.tp == 0 && g.coords.dp == 0);
         let tb = match &cfg.logger.tensorboard_dir {
-            Some(dir) => Some(SummaryWriter::new(&PathBuf::from(dir))?),
-            None => None,
+            Some(dir) if reporting => Some(SummaryWriter::new(&PathBuf::from(dir))?),
+            _ => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
         if cfg.train.exit_signal_handler {
@@ -149,6 +183,7 @@ impl Trainer {
             device,
             tb,
             stop,
+            groups,
         };
         t.restore()?;
         Ok(t)
@@ -232,7 +267,7 @@ impl Trainer {
             train_ds.len(),
             self.state.consumed_train_samples as usize,
             mbs,
-            0,
+            self.dp_rank(),
             self.d.data_parallel_size,
             true,
             false,
@@ -356,7 +391,10 @@ impl Trainer {
         let num_micro = micro.len() as f64;
         for (i, b) in micro.iter().enumerate() {
             let mb = to_microbatch(b, &self.device)?;
-            let rng = dropout_on.then(|| DropoutRng::new(self.cfg.rng.seed, iteration, i as u64));
+            // Key dropout by the micro-batch's place in the global batch, so DP=2 draws what
+            // DP=1 draws for the same samples.
+            let global_mb = (i * self.d.data_parallel_size + self.dp_rank()) as u64;
+            let rng = dropout_on.then(|| DropoutRng::new(self.cfg.rng.seed, iteration, global_mb));
             let (sum, count) = loss_for_microbatch(&self.model, &mb, rng.as_ref())?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             tokens += count;
@@ -369,6 +407,12 @@ impl Trainer {
                 };
                 self.acc.accumulate(&objective.backward()?)?;
             }
+        }
+        // Σ CE and Σ tokens over the data-parallel group, as Megatron reduces `[sum, count]`.
+        if let Some(g) = &self.groups {
+            let t = Tensor::new(&[loss_sum, tokens], &Device::Cpu)?;
+            let r = g.dp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
+            (loss_sum, tokens) = (r[0], r[1]);
         }
         let loss = if tokens > 0.0 { loss_sum / tokens } else { 0.0 };
         let nan_loss = !loss.is_finite();
@@ -384,11 +428,34 @@ impl Trainer {
                 lr: self.scheduler.get_lr(),
             });
         }
-        if per_token && tokens > 0.0 {
-            self.acc.scale(1.0 / tokens)?;
+        // Per-token: Σ grads / global tokens. Otherwise each rank holds the mean of its
+        // micro-batch means and DP averages them (megatron-core's finalize_model_grads).
+        let scale = match (per_token, tokens > 0.0) {
+            (true, true) => 1.0 / tokens,
+            (true, false) => 1.0,
+            (false, _) => 1.0 / self.d.data_parallel_size as f64,
+        };
+        match &self.groups {
+            Some(g) => all_reduce_grads(&mut self.acc, &*g.dp, scale)?,
+            None if scale != 1.0 => self.acc.scale(scale)?,
+            None => {}
         }
         let vars = self.optimizer.vars();
-        let norm = clip_grad_norm(&mut self.acc, vars.iter(), self.cfg.optimizer.clip_grad)?;
+        let norm = match &self.groups {
+            None => clip_grad_norm(&mut self.acc, vars.iter(), self.cfg.optimizer.clip_grad)?,
+            Some(g) => {
+                let params = self.model.params().params();
+                let sq = model_parallel_grad_sq_norm(&self.acc, params, g.coords.tp, &*g.mp)?;
+                let total = sq.sqrt();
+                let coeff = clip_by_total_norm(
+                    &mut self.acc,
+                    vars.iter(),
+                    self.cfg.optimizer.clip_grad,
+                    total,
+                )?;
+                GradNorm { norm: total, coeff }
+            }
+        };
         if !norm.is_finite() {
             if self.cfg.rerun_state_machine.check_for_nan_in_loss
                 || self.cfg.ddp.check_for_nan_in_grad
@@ -426,15 +493,33 @@ impl Trainer {
             run_config_toml: &self.run_config_toml,
             seed: self.cfg.rng.seed,
             most_recent_k: self.cfg.checkpoint.most_recent_k,
-            tp_rank: 0,
+            tp_rank: self.groups.as_ref().map_or(0, |g| g.coords.tp),
             pp_rank: 0,
+            tp: self.groups.as_ref().map(|g| &*g.tp),
+            write: self.groups.as_ref().is_none_or(|g| g.rank == 0),
         })?;
-        println!(
-            " successfully saved checkpoint from iteration {:7} to {}",
-            self.state.step,
-            path.display()
-        );
+        if let Some(g) = &self.groups {
+            // Nobody reads or exits past a save until it is on disk.
+            g.world.barrier()?;
+        }
+        if let Some(path) = path {
+            println!(
+                " successfully saved checkpoint from iteration {:7} to {}",
+                self.state.step,
+                path.display()
+            );
+        }
         Ok(())
+    }
+
+    /// This rank's data-parallel index.
+    pub(super) fn dp_rank(&self) -> usize {
+        self.groups.as_ref().map_or(0, |g| g.coords.dp)
+    }
+
+    /// Whether this rank prints the log line and validation (Megatron: last stage, TP/DP 0).
+    pub(super) fn reports(&self) -> bool {
+        self.groups.as_ref().is_none_or(|g| g.coords.tp == 0 && g.coords.dp == 0)
     }
 }
 

@@ -1,0 +1,105 @@
+//! Tensor and data parallel training on the in-process CPU backend equals one process.
+
+use std::time::Duration;
+
+use candle_core::Device;
+use mbridge::config::recipes::Task;
+use mbridge::config::show::{render, ShowOptions};
+use mbridge::config::{finalize, load, ConfigRequest};
+use mbridge::parallel::comm::LocalWorld;
+use mbridge::parallel::{ProcessGroups, Topology};
+use mbridge::train::trainer::{TrainOutcome, Trainer};
+
+fn config(extra: &[&str]) -> (mbridge::config::LoadedConfig, String) {
+    let mut overrides = vec!["train.train_iters=8", "validation.eval_iters=0", "rng.seed=11"];
+    overrides.extend_from_slice(extra);
+    let req = ConfigRequest {
+        recipe: Some("tiny_llama".into()),
+        task: Some(Task::Pretrain),
+        overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let loaded = load(&req).unwrap();
+    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
+    (loaded, toml)
+}
+
+fn run_ranks(world: usize, extra: &[&str]) -> Vec<TrainOutcome> {
+    let (loaded, toml) = config(extra);
+    LocalWorld::run(world, Duration::from_secs(120), |rank, lw| {
+        let fin = finalize(loaded.cfg.clone(), Some(world), None)?;
+        let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, world)?;
+        let groups = ProcessGroups::local(lw, topo, rank)?;
+        Trainer::new_rank(fin, toml.clone(), Device::Cpu, Some(groups))?.train()
+    })
+    .unwrap()
+}
+
+fn single(extra: &[&str]) -> TrainOutcome {
+    let (loaded, toml) = config(extra);
+    let fin = finalize(loaded.cfg, None, None).unwrap();
+    Trainer::new(fin, toml, Device::Cpu).unwrap().train().unwrap()
+}
+
+fn assert_close(a: &TrainOutcome, b: &TrainOutcome, what: &str) {
+    assert_eq!(a.losses.len(), b.losses.len(), "{what}");
+    for ((it, x), (_, y)) in a.losses.iter().zip(&b.losses) {
+        let rel = (x - y).abs() / x.abs().max(1e-12);
+        assert!(rel < 2e-5, "{what}: iteration {it}: {x} vs {y} (rel {rel:.2e})");
+    }
+    for (x, y) in a.grad_norms.iter().zip(&b.grad_norms) {
+        let (x, y) = (x.1.unwrap_or(0.0), y.1.unwrap_or(0.0));
+        assert!((x - y).abs() / x.abs().max(1e-12) < 2e-4, "{what}: grad norm {x} vs {y}");
+    }
+}
+
+#[test]
+fn tp2_dp2_and_tp2xdp2_match_one_process() {
+    let base = single(&[]);
+    assert!(base.losses.last().unwrap().1 < base.losses[0].1);
+    let tp = run_ranks(2, &["model.tensor_model_parallel_size=2"]);
+    for r in &tp {
+        assert_close(&base, r, "TP=2");
+    }
+    let dp = run_ranks(2, &[]);
+    assert_close(&base, &dp[0], "DP=2");
+    assert_eq!(dp[0].losses, dp[1].losses, "DP ranks report the same reduced loss");
+    let both = run_ranks(4, &["model.tensor_model_parallel_size=2"]);
+    assert_close(&base, &both[3], "TP=2 × DP=2");
+}
+
+#[test]
+fn per_token_loss_with_data_parallel_matches() {
+    let extra = ["model.calculate_per_token_loss=true", "dataset.eod_mask_loss=true"];
+    let base = single(&extra);
+    let dp = run_ranks(2, &extra);
+    assert_close(&base, &dp[1], "DP=2 per-token");
+}
+
+#[test]
+fn checkpoint_saved_with_tp2_resumes_with_tp1() {
+    let dir = tempfile::tempdir().unwrap();
+    let save = format!("+checkpoint.save={}", dir.path().display());
+    let load = format!("+checkpoint.load={}", dir.path().display());
+    let full = single(&[]);
+    let first =
+        run_ranks(2, &["model.tensor_model_parallel_size=2", "+train.exit_interval=4", &save]);
+    assert_eq!(first[0].final_step, 4);
+    assert!(dir.path().join("iter_0000004/model/shard_tp01_pp00.safetensors").is_file());
+    let resumed = single(&[&save, &load]);
+    assert_eq!(resumed.losses[0].0, 5);
+    let tail = TrainOutcome {
+        losses: full.losses[4..].to_vec(),
+        grad_norms: full.grad_norms[4..].to_vec(),
+        ..full
+    };
+    assert_close(&tail, &resumed, "TP=2 checkpoint resumed at TP=1");
+}
+
+#[test]
+fn a_multi_rank_config_in_one_process_says_how_to_launch() {
+    let (loaded, toml) = config(&["model.tensor_model_parallel_size=2"]);
+    let fin = finalize(loaded.cfg, Some(2), None).unwrap();
+    let e = Trainer::new(fin, toml, Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("--nproc-per-node 2"), "{e}");
+}
