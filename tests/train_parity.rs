@@ -26,7 +26,7 @@ use mbridge::config::recipes::Task;
 use mbridge::config::show::{render, ShowOptions};
 use mbridge::config::{finalize, load, ConfigRequest, Finalized};
 use mbridge::data::sampler::{collate, Batch, PretrainingSampler};
-use mbridge::model::export_to_hf_state;
+use mbridge::bridge::mapping::export_to_hf_state;
 use mbridge::train::datasets::{build_pretrain_datasets, tokenizer_from_config};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
 use serde_json::{json, Value};
