@@ -22,11 +22,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use mbridge::bridge::mapping::export_to_hf_state;
 use mbridge::config::recipes::Task;
 use mbridge::config::show::{render, ShowOptions};
 use mbridge::config::{finalize, load, ConfigRequest, Finalized};
 use mbridge::data::sampler::{collate, Batch, PretrainingSampler};
-use mbridge::bridge::mapping::export_to_hf_state;
 use mbridge::train::datasets::{build_pretrain_datasets, tokenizer_from_config};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
 use serde_json::{json, Value};

@@ -71,6 +71,10 @@ pub fn main() -> i32 {
     match run(cli.command) {
         Ok(()) => 0,
         Err(err) => {
+            if let Some(pretrain::RankFailed(code)) = err.downcast_ref::<pretrain::RankFailed>() {
+                eprintln!("error: {err}");
+                return *code;
+            }
             if err.downcast_ref::<ConfigError>().is_some() {
                 eprintln!("error: {err}");
                 2

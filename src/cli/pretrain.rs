@@ -6,8 +6,12 @@ use crate::config::recipes::Task;
 use crate::config::show::{render, ShowOptions};
 use crate::config::{finalize, load, Finalized};
 use crate::config_err;
+use crate::parallel::launch::discover_from_process_env;
+use crate::parallel::spawn::{self, SpawnSpec};
+use crate::parallel::{ProcessGroups, Topology};
 use crate::train::trainer::Trainer;
 use candle_core::Device;
+use std::time::Duration;
 
 /// Which entry point was called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +37,27 @@ pub struct TrainArgs {
     /// Device to train on: `cpu` (default in CPU builds) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Start this many rank processes on this node (torchrun's `--nproc-per-node`).
+    #[arg(long)]
+    pub nproc_per_node: Option<usize>,
+    /// Number of nodes in the launch.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// Index of this node.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Host of rank 0 (rendezvous).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rendezvous port.
+    #[arg(long, default_value_t = 29500)]
+    pub master_port: u16,
 }
+
+/// A rank process exited with this non-zero code (the launcher exits with it too).
+#[derive(Debug, thiserror::Error)]
+#[error("a rank process failed with exit code {0}")]
+pub struct RankFailed(pub i32);
 
 /// Run `pretrain` or `finetune`.
 pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
@@ -42,12 +66,35 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
         (Mode::Finetune, None) => Task::Sft,
         (Mode::Finetune, Some(_)) => Task::Peft,
     };
+    if let (Some(n), false) = (args.nproc_per_node, spawn::is_child()) {
+        if n == 0 || args.nnodes == 0 || args.node_rank >= args.nnodes {
+            return Err(config_err!(
+                "`--nproc-per-node` and `--nnodes` must be ≥ 1 and `--node-rank` < `--nnodes`"
+            )
+            .into());
+        }
+        let spec = SpawnSpec {
+            nproc_per_node: n,
+            nnodes: args.nnodes,
+            node_rank: args.node_rank,
+            master_addr: args.master_addr.clone(),
+            master_port: args.master_port,
+        };
+        let argv: Vec<String> = std::env::args().skip(1).collect();
+        return match spawn::spawn_ranks(&spec, &argv)? {
+            0 => Ok(()),
+            code => Err(RankFailed(code).into()),
+        };
+    }
+    let env = discover_from_process_env()?;
     let loaded = load(&args.config.request(task, args.peft.map(Into::into)))?;
     let fin = finalize(loaded.cfg.clone(), world_size(args.world_size), None)?;
-    for w in &fin.warnings {
-        tracing::warn!("{w}");
+    if env.rank == 0 {
+        for w in &fin.warnings {
+            tracing::warn!("{w}");
+        }
+        super::out(&plan(&fin, args.config.recipe.as_deref()));
     }
-    super::out(&plan(&fin, args.config.recipe.as_deref()));
     if args.dry_run {
         return Ok(());
     }
@@ -56,7 +103,14 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     }
     let device = parse_device(&args.device)?;
     let run_config = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
-    let mut trainer = Trainer::new(fin, run_config, device)?;
+    let groups = if env.world_size > 1 {
+        let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, env.world_size)?;
+        let timeout = Duration::from_secs(60 * fin.cfg.dist.distributed_timeout_minutes);
+        Some(ProcessGroups::connect_tcp(&env, topo, timeout)?)
+    } else {
+        None
+    };
+    let mut trainer = Trainer::new_rank(fin, run_config, device, groups)?;
     let outcome = trainer.train()?;
     tracing::info!("training stopped at iteration {} ({:?})", outcome.final_step, outcome.reason);
     Ok(())

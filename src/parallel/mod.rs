@@ -7,6 +7,7 @@ pub mod comm;
 pub mod data;
 pub mod groups;
 pub mod launch;
+pub mod spawn;
 pub mod tensor;
 pub mod topology;
 
