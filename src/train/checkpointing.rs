@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::json;
 
-use crate::ckpt::{self, CheckpointWrite, Partition, ShardedParam, TensorSet, TrainState};
+use crate::ckpt::{self, OwnedCheckpoint, Partition, ShardedParam, TensorSet, TrainState};
 use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
 use crate::train::optimizer::{Optimizer, OptimizerState};
@@ -27,14 +27,22 @@ pub struct SaveRequest<'a> {
     pub scheduler: &'a OptimizerParamScheduler,
     pub state: &'a TrainState,
     pub run_config_toml: &'a str,
-    pub seed: u64,
+    /// The dropout RNG seed; written as `rng.json` when Some (`checkpoint.save_rng`).
+    pub seed: Option<u64>,
     pub most_recent_k: i64,
     pub tp_rank: usize,
     pub pp_rank: usize,
 }
 
-/// Write `iter_{step}` for this rank.
+/// Write `iter_{step}` for this rank, in the caller's thread.
 pub fn save(req: &SaveRequest) -> Result<PathBuf> {
+    let ckpt = snapshot(req)?;
+    ckpt::save_checkpoint(req.save_dir, &ckpt.as_write(), req.most_recent_k)
+}
+
+/// Detached copies of everything `iter_{step}` holds: later optimizer steps do not change them,
+/// so a background thread can write them while training continues.
+pub fn snapshot(req: &SaveRequest) -> Result<OwnedCheckpoint> {
     let params = req.model.params().params();
     let partitions: HashMap<&str, Partition> =
         params.iter().map(|p| (p.name.as_str(), partition_of(p))).collect();
@@ -53,11 +61,11 @@ pub fn save(req: &SaveRequest) -> Result<PathBuf> {
             })
             .collect(),
     }];
-    let mut json_docs = vec![
-        ("scheduler".to_string(), serde_json::to_value(req.scheduler.state())?),
-        ("rng".to_string(), json!({ "seed": req.seed })),
-    ];
-    let optimizer_sets;
+    let mut json_docs =
+        vec![("scheduler".to_string(), serde_json::to_value(req.scheduler.state())?)];
+    if let Some(seed) = req.seed {
+        json_docs.push(("rng".to_string(), json!({ "seed": seed })));
+    }
     let optimizer = match req.optimizer {
         Some(opt) => {
             let state = opt.export_state();
@@ -74,26 +82,25 @@ pub fn save(req: &SaveRequest) -> Result<PathBuf> {
                     ShardedParam { name, tensor, partition }
                 })
                 .collect();
-            optimizer_sets = vec![TensorSet {
+            // Moment tensors are replaced (not mutated) by each step, so clones are snapshots.
+            Some(vec![TensorSet {
                 tp_rank: req.tp_rank,
                 pp_rank: req.pp_rank,
                 dp_rank: None,
                 params,
-            }];
-            Some(optimizer_sets.as_slice())
+            }])
         }
         None => None,
     };
-    let w = CheckpointWrite {
+    Ok(OwnedCheckpoint {
         iteration: req.state.step,
-        model: &model,
+        model,
         optimizer,
         json: json_docs,
-        train_state: req.state,
-        run_config_toml: req.run_config_toml,
-        tokenizer_files: &[],
-    };
-    ckpt::save_checkpoint(req.save_dir, &w, req.most_recent_k)
+        train_state: req.state.clone(),
+        run_config_toml: req.run_config_toml.to_string(),
+        tokenizer_files: Vec::new(),
+    })
 }
 
 /// Load model weights (any TP layout) into `model`.
@@ -116,8 +123,13 @@ pub fn load_model(iter_dir: &Path, model: &GptModel) -> Result<()> {
 
 /// Restore optimizer state (resharded to this rank's TP slice).
 pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -> Result<()> {
-    let meta = ckpt::read_json(iter_dir, "optimizer")?
-        .with_context(|| format!("`{}` has no optimizer state", iter_dir.display()))?;
+    let meta = ckpt::read_json(iter_dir, "optimizer")?.with_context(|| {
+        format!(
+            "`{}` has no optimizer state (saved with checkpoint.save_optim=false?); \
+             resume with checkpoint.load_optim=false to start a fresh optimizer",
+            iter_dir.display()
+        )
+    })?;
     let global = ckpt::load_tensors(iter_dir, "optimizer")?;
     let mut tensors = Vec::new();
     for (name, (t, partition)) in global {
@@ -133,6 +145,20 @@ pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -
         .import_state(&state)
         .with_context(|| format!("optimizer state in `{}` does not fit", iter_dir.display()))?;
     Ok(())
+}
+
+/// The dropout RNG seed saved in `rng.json`.
+pub fn load_rng_seed(iter_dir: &Path) -> Result<u64> {
+    let doc = ckpt::read_json(iter_dir, "rng")?.with_context(|| {
+        format!(
+            "`{}` has no RNG state (saved with checkpoint.save_rng=false?); resume with \
+             checkpoint.load_rng=false to use the config's rng.seed",
+            iter_dir.display()
+        )
+    })?;
+    doc["seed"]
+        .as_u64()
+        .with_context(|| format!("`{}/rng.json` has no integer `seed`", iter_dir.display()))
 }
 
 /// Restore the LR/WD scheduler.

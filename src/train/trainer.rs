@@ -13,9 +13,10 @@ use super::checkpointing::{self, SaveRequest};
 use super::clip::clip_grad_norm;
 use super::datasets::{build_pretrain_datasets, tokenizer_from_config};
 use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
+use super::report::{metrics_path, wandb_sync_command, MetricsWriter};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
 use super::tensorboard::SummaryWriter;
-use crate::ckpt::{self, TrainState};
+use crate::ckpt::{self, AsyncSaver, SavedCheckpoint, TrainState};
 use crate::config::model::DType as CfgDType;
 use crate::config::optimizer::OptimizerKind;
 use crate::config::{finalize, ConfigContainer, Derived, Finalized};
@@ -58,7 +59,13 @@ pub struct Trainer {
     pub(super) state: TrainState,
     pub(super) device: Device,
     pub(super) tb: Option<SummaryWriter>,
+    /// `metrics.jsonl`: one JSON object per iteration and evaluation, for scripts.
+    pub(super) metrics: Option<MetricsWriter>,
     pub(super) stop: Arc<AtomicBool>,
+    /// Background checkpoint writer (`checkpoint.async_save`).
+    saver: AsyncSaver,
+    /// Seed of the dropout RNG: the config's, or the checkpoint's when `load_rng`.
+    rng_seed: u64,
 }
 
 fn candle_dtype(d: CfgDType) -> DType {
@@ -109,8 +116,13 @@ impl Trainer {
         let scheduler =
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
         let datasets = build_pretrain_datasets(&cfg, &d, tokenizer.as_ref())?;
+        wandb_sync_command(&cfg.logger)?;
         let tb = match &cfg.logger.tensorboard_dir {
             Some(dir) => Some(SummaryWriter::new(&PathBuf::from(dir))?),
+            None => None,
+        };
+        let metrics = match metrics_path(&cfg.logger) {
+            Some(path) => Some(MetricsWriter::open(&path)?),
             None => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -120,6 +132,7 @@ impl Trainer {
                     .context("cannot install the exit signal handler")?;
             }
         }
+        let cfg_seed = cfg.rng.seed;
         let mut t = Trainer {
             cfg,
             d,
@@ -132,7 +145,10 @@ impl Trainer {
             state: TrainState { do_train: true, ..Default::default() },
             device,
             tb,
+            metrics,
             stop,
+            saver: AsyncSaver::new(),
+            rng_seed: cfg_seed,
         };
         t.restore()?;
         Ok(t)
@@ -173,6 +189,9 @@ impl Trainer {
             if c.load_optim {
                 let tp = TpCoord { rank: 0, size: 1 };
                 checkpointing::load_optimizer(&dir, &mut self.optimizer, tp)?;
+            }
+            if c.load_rng {
+                self.rng_seed = checkpointing::load_rng_seed(&dir)?;
             }
             checkpointing::load_scheduler(&dir, &mut self.scheduler)?;
             self.state = checkpointing::load_train_state(&dir)?;
@@ -219,7 +238,10 @@ impl Trainer {
             num_floating_point_operations(&self.cfg.model, gbs, self.cfg.model.seq_length as f64);
         let mut reason = ExitReason::Finished;
         let mut saved_at = None;
+        let start_step = self.state.step;
         while self.state.step < train_iters {
+            // A background save that failed surfaces here, at the next step.
+            self.report_saves(false)?;
             let iteration = self.state.step + 1;
             let t0 = Instant::now();
             let mut micro = Vec::with_capacity(self.d.num_microbatches);
@@ -236,11 +258,13 @@ impl Trainer {
             }
             self.state.floating_point_operations_so_far += flops_per_iter;
             losses.push((iteration, step.loss));
-            window.add(&step, t0.elapsed().as_secs_f64());
+            let seconds = t0.elapsed().as_secs_f64();
+            window.add(&step, seconds);
+            self.write_metrics(iteration, &step, seconds, flops_per_iter)?;
             if iteration.is_multiple_of(self.cfg.logger.log_interval as u64) {
                 self.log(iteration, &mut window, flops_per_iter)?;
             }
-            self.tensorboard(iteration, &step)?;
+            self.tensorboard(iteration, &step, seconds, flops_per_iter)?;
             if let Some(every) = self.cfg.validation.eval_interval {
                 if self.eval_enabled()
                     && iteration.is_multiple_of(every as u64)
@@ -274,6 +298,7 @@ impl Trainer {
                 if saved_at != Some(iteration) {
                     self.save()?;
                 }
+                self.wrap_up()?;
                 tracing::info!("exiting at iteration {iteration} ({reason:?})");
                 return Ok(TrainOutcome {
                     reason,
@@ -283,9 +308,12 @@ impl Trainer {
                 });
             }
         }
-        if saved_at != Some(self.state.step) && self.state.step > 0 {
+        // A final save unless the last step was just saved or this process trained nothing
+        // (then the checkpoint it resumed from is already the final one).
+        if saved_at != Some(self.state.step) && self.state.step > start_step {
             self.save()?;
         }
+        self.wrap_up()?;
         if self.eval_enabled() {
             let step = self.state.step;
             last_val =
@@ -313,7 +341,7 @@ impl Trainer {
             self.cfg.model.hidden_dropout > 0.0 || self.cfg.model.attention_dropout > 0.0;
         for (i, b) in micro.iter().enumerate() {
             let mb = to_microbatch(b, &self.device)?;
-            let rng = dropout_on.then(|| DropoutRng::new(self.cfg.rng.seed, iteration, i as u64));
+            let rng = dropout_on.then(|| DropoutRng::new(self.rng_seed, iteration, i as u64));
             let (sum, count) = loss_for_microbatch(&self.model, &mb, rng.as_ref())?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             tokens += count;
@@ -365,21 +393,39 @@ impl Trainer {
         })
     }
 
-    /// Save a checkpoint of the current state when `checkpoint.save` is set.
+    /// Save a checkpoint of the current state when `checkpoint.save` is set: in this thread,
+    /// or with `checkpoint.async_save` from a detached snapshot in the background (a save still
+    /// in flight is finished first).
     pub fn save(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
-        let path = checkpointing::save(&SaveRequest {
+        let c = &self.cfg.checkpoint;
+        let req = SaveRequest {
             save_dir: &PathBuf::from(&dir),
             model: &self.model,
             optimizer: self.cfg.checkpoint.save_optim.then_some(&self.optimizer),
             scheduler: &self.scheduler,
             state: &self.state,
             run_config_toml: &self.run_config_toml,
-            seed: self.cfg.rng.seed,
-            most_recent_k: self.cfg.checkpoint.most_recent_k,
+            seed: c.save_rng.then_some(self.rng_seed),
+            most_recent_k: c.most_recent_k,
             tp_rank: 0,
             pp_rank: 0,
-        })?;
+        };
+        if c.async_save {
+            let t0 = Instant::now();
+            let snapshot = checkpointing::snapshot(&req)?;
+            let k = c.most_recent_k;
+            if let Some(done) = self.saver.submit(&PathBuf::from(&dir), snapshot, k)? {
+                report_saved(&done);
+            }
+            tracing::info!(
+                "asynchronous save of iteration {} started (training stalled {:.1} ms)",
+                self.state.step,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            return Ok(());
+        }
+        let path = checkpointing::save(&req)?;
         println!(
             " successfully saved checkpoint from iteration {:7} to {}",
             self.state.step,
@@ -387,6 +433,36 @@ impl Trainer {
         );
         Ok(())
     }
+
+    /// Print finished background saves; with `wait`, block until the pending one is done.
+    fn report_saves(&mut self, wait: bool) -> Result<()> {
+        let done = if wait { self.saver.wait()? } else { self.saver.poll()? };
+        if let Some(done) = done {
+            report_saved(&done);
+        }
+        Ok(())
+    }
+
+    /// End of a run: wait for the pending save, flush the logs, print the W&B upload command.
+    fn wrap_up(&mut self) -> Result<()> {
+        self.report_saves(true)?;
+        if let Some(tb) = self.tb.as_mut() {
+            tb.flush()?;
+        }
+        if let Some(cmd) = wandb_sync_command(&self.cfg.logger)? {
+            println!(" W&B: mbridge does not stream to W&B; upload this run with: {cmd}");
+        }
+        Ok(())
+    }
+}
+
+fn report_saved(done: &SavedCheckpoint) {
+    println!(
+        " successfully saved checkpoint from iteration {:7} to {} (asynchronously, {:.2} s)",
+        done.iteration,
+        done.dir.display(),
+        done.seconds
+    );
 }
 
 /// Result of one iteration.

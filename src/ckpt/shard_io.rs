@@ -1,0 +1,150 @@
+//! One safetensors shard file, written in a single streaming pass that also computes its
+//! CRC-32C and refuses NaN/Inf, and read back only when size and checksum match the index.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use safetensors::{Dtype, View};
+use serde::{Deserialize, Serialize};
+
+/// Size and checksum of one shard file, as recorded in `index.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInfo {
+    /// File length in bytes.
+    pub bytes: u64,
+    /// CRC-32C (Castagnoli) of the whole file.
+    pub crc32c: u32,
+}
+
+/// Write `tensors` as a safetensors file at `path` (fsynced) and return its size and CRC-32C.
+/// A floating-point tensor holding NaN or Inf is an error naming it: a checkpoint must never
+/// carry a diverged model.
+pub fn write_shard(path: &Path, tensors: &[(String, Tensor)]) -> Result<FileInfo> {
+    // Header: {"name": {"dtype", "shape", "data_offsets": [begin, end]}}, tensors back to back.
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let len = View::data_len(t);
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": serde_json::to_value(View::dtype(t))?,
+                "shape": t.dims(),
+                "data_offsets": [offset, offset + len],
+            }),
+        );
+        offset += len;
+    }
+    let mut head = serde_json::to_vec(&header)?;
+    // The data section starts 8-byte aligned; safetensors pads the header with spaces.
+    while (head.len() + 8) % 8 != 0 {
+        head.push(b' ');
+    }
+    let file =
+        fs::File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
+    let mut out = CrcWriter { inner: BufWriter::with_capacity(1 << 22, file), crc: 0, bytes: 0 };
+    let write_err = || format!("cannot write `{}`", path.display());
+    out.write_all(&(head.len() as u64).to_le_bytes()).with_context(write_err)?;
+    out.write_all(&head).with_context(write_err)?;
+    for (name, t) in tensors {
+        let data = View::data(t);
+        if !all_finite(View::dtype(t), &data) {
+            bail!("tensor `{name}` holds NaN or Inf values; refusing to write it to a checkpoint");
+        }
+        out.write_all(&data).with_context(write_err)?;
+    }
+    let (crc, bytes) = (out.crc, out.bytes);
+    let file = out.inner.into_inner().map_err(|e| e.into_error()).with_context(write_err)?;
+    file.sync_all().with_context(write_err)?;
+    Ok(FileInfo { bytes, crc32c: crc })
+}
+
+/// Read a shard after checking its length and CRC-32C against `expected`.
+pub fn read_shard(path: &Path, expected: &FileInfo) -> Result<HashMap<String, Tensor>> {
+    let bytes = fs::read(path)
+        .with_context(|| format!("cannot read checkpoint shard `{}`", path.display()))?;
+    if bytes.len() as u64 != expected.bytes {
+        bail!(
+            "checkpoint shard `{}` has {} bytes, the index records {} (truncated or overwritten)",
+            path.display(),
+            bytes.len(),
+            expected.bytes
+        );
+    }
+    let crc = crc32c::crc32c(&bytes);
+    if crc != expected.crc32c {
+        bail!(
+            "checkpoint shard `{}` is corrupted: its CRC-32C is {crc:#010x}, the index records {:#010x}",
+            path.display(),
+            expected.crc32c
+        );
+    }
+    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("cannot parse checkpoint shard `{}`", path.display()))
+}
+
+/// Whether every element of a little-endian float buffer is finite (integers always are).
+fn all_finite(dtype: Dtype, data: &[u8]) -> bool {
+    match dtype {
+        Dtype::F32 => data.chunks_exact(4).all(|c| {
+            let w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            (w >> 23) & 0xff != 0xff
+        }),
+        Dtype::F64 => data.chunks_exact(8).all(|c| {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            (w >> 52) & 0x7ff != 0x7ff
+        }),
+        Dtype::BF16 => {
+            data.chunks_exact(2).all(|c| (u16::from_le_bytes([c[0], c[1]]) >> 7) & 0xff != 0xff)
+        }
+        Dtype::F16 => {
+            data.chunks_exact(2).all(|c| (u16::from_le_bytes([c[0], c[1]]) >> 10) & 0x1f != 0x1f)
+        }
+        _ => true,
+    }
+}
+
+/// A writer that keeps a running CRC-32C and byte count of what passes through it.
+struct CrcWriter<W: Write> {
+    inner: W,
+    crc: u32,
+    bytes: u64,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finite_checks_every_float_width() {
+        let f32s: Vec<u8> = [1.0f32, f32::NAN].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert!(all_finite(Dtype::F32, &f32s[..4]));
+        assert!(!all_finite(Dtype::F32, &f32s));
+        let inf = f64::INFINITY.to_le_bytes();
+        assert!(!all_finite(Dtype::F64, &inf));
+        assert!(all_finite(Dtype::F64, &1e300f64.to_le_bytes()));
+        let b = half::bf16::from_f32(f32::NEG_INFINITY).to_bits().to_le_bytes();
+        assert!(!all_finite(Dtype::BF16, &b));
+        let h = half::f16::from_f32(65504.0).to_bits().to_le_bytes();
+        assert!(all_finite(Dtype::F16, &h));
+        assert!(!all_finite(Dtype::F16, &half::f16::NAN.to_bits().to_le_bytes()));
+    }
+}
