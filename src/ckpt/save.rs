@@ -9,6 +9,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -120,6 +121,8 @@ struct Pending {
     iteration: u64,
     dir: PathBuf,
     started: Instant,
+    /// Signalled (or dropped) once the writer holds its own copy of the model tensors.
+    copied: Option<mpsc::Receiver<()>>,
     handle: JoinHandle<Result<PathBuf>>,
 }
 
@@ -145,6 +148,11 @@ impl AsyncSaver {
 
     /// Start writing `ckpt` into `save`. A save still in flight is waited for first and
     /// returned (or its error).
+    ///
+    /// The model tensors of `ckpt` may share storage with live variables (no copy is made in
+    /// the caller's thread, so the training loop barely stalls): the writer thread copies them
+    /// first, and the caller must call [`wait_snapshot`](Self::wait_snapshot) before it changes
+    /// those variables (the optimizer step). Optimizer tensors must be immutable snapshots.
     pub fn submit(
         &mut self,
         save: &Path,
@@ -155,12 +163,32 @@ impl AsyncSaver {
         let iteration = ckpt.iteration;
         let dir = save.join(iter_dir_name(iteration));
         let save = save.to_path_buf();
+        let (copied_tx, copied) = mpsc::channel();
+        let mut ckpt = ckpt;
         let handle = std::thread::Builder::new()
             .name(format!("ckpt-save-{iteration}"))
-            .spawn(move || save_checkpoint(&save, &ckpt.as_write(), most_recent_k))
+            .spawn(move || {
+                for set in &mut ckpt.model {
+                    for p in &mut set.params {
+                        p.tensor = p.tensor.copy()?;
+                    }
+                }
+                let _ = copied_tx.send(());
+                save_checkpoint(&save, &ckpt.as_write(), most_recent_k)
+            })
             .context("cannot start the checkpoint writer thread")?;
-        self.pending = Some(Pending { iteration, dir, started: Instant::now(), handle });
+        let copied = Some(copied);
+        self.pending = Some(Pending { iteration, dir, started: Instant::now(), copied, handle });
         Ok(previous)
+    }
+
+    /// Block until the pending save holds its own copy of the model tensors, so the caller
+    /// may change them. Returns at once when no save is pending or the copy is done.
+    pub fn wait_snapshot(&mut self) {
+        if let Some(rx) = self.pending.as_mut().and_then(|p| p.copied.take()) {
+            // An error (the writer failed before signalling) surfaces at poll/wait.
+            let _ = rx.recv();
+        }
     }
 
     /// The pending save if it has finished (without blocking).

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -47,19 +47,43 @@ pub fn write_shard(path: &Path, tensors: &[(String, Tensor)]) -> Result<FileInfo
     }
     let file =
         fs::File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
-    let mut out = CrcWriter { inner: BufWriter::with_capacity(1 << 22, file), crc: 0, bytes: 0 };
     let write_err = || format!("cannot write `{}`", path.display());
-    out.write_all(&(head.len() as u64).to_le_bytes()).with_context(write_err)?;
-    out.write_all(&head).with_context(write_err)?;
-    for (name, t) in tensors {
-        let data = View::data(t);
-        if !all_finite(View::dtype(t), &data) {
+    // This thread converts, checks and checksums tensor i+1 while another writes tensor i.
+    let (crc, bytes, file) = std::thread::scope(|s| -> Result<(u32, u64, fs::File)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let writer = s.spawn(move || -> std::io::Result<fs::File> {
+            let mut file = file;
+            for buf in rx {
+                file.write_all(&buf)?;
+            }
+            Ok(file)
+        });
+        let mut first = (head.len() as u64).to_le_bytes().to_vec();
+        first.extend_from_slice(&head);
+        let mut crc = crc32c::crc32c(&first);
+        let mut bytes = first.len() as u64;
+        let mut failed = tx.send(first).is_err();
+        let mut finite_err = None;
+        for (name, t) in tensors {
+            if failed {
+                break;
+            }
+            let data = View::data(t).into_owned();
+            if !all_finite(View::dtype(t), &data) {
+                finite_err = Some(name.clone());
+                break;
+            }
+            crc = crc32c::crc32c_append(crc, &data);
+            bytes += data.len() as u64;
+            failed = tx.send(data).is_err();
+        }
+        drop(tx);
+        let file = writer.join().map_err(|_| anyhow::anyhow!("shard writer thread panicked"))?;
+        if let Some(name) = finite_err {
             bail!("tensor `{name}` holds NaN or Inf values; refusing to write it to a checkpoint");
         }
-        out.write_all(&data).with_context(write_err)?;
-    }
-    let (crc, bytes) = (out.crc, out.bytes);
-    let file = out.inner.into_inner().map_err(|e| e.into_error()).with_context(write_err)?;
+        Ok((crc, bytes, file.with_context(write_err)?))
+    })?;
     file.sync_all().with_context(write_err)?;
     Ok(FileInfo { bytes, crc32c: crc })
 }
@@ -106,26 +130,6 @@ fn all_finite(dtype: Dtype, data: &[u8]) -> bool {
             data.chunks_exact(2).all(|c| (u16::from_le_bytes([c[0], c[1]]) >> 10) & 0x1f != 0x1f)
         }
         _ => true,
-    }
-}
-
-/// A writer that keeps a running CRC-32C and byte count of what passes through it.
-struct CrcWriter<W: Write> {
-    inner: W,
-    crc: u32,
-    bytes: u64,
-}
-
-impl<W: Write> Write for CrcWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
     }
 }
 

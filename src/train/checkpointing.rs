@@ -40,8 +40,10 @@ pub fn save(req: &SaveRequest) -> Result<PathBuf> {
     ckpt::save_checkpoint(req.save_dir, &ckpt.as_write(), req.most_recent_k)
 }
 
-/// Detached copies of everything `iter_{step}` holds: later optimizer steps do not change them,
-/// so a background thread can write them while training continues.
+/// Everything `iter_{step}` holds. The model tensors share storage with the live variables
+/// (no copy): write them before the next optimizer step, or hand them to
+/// [`ckpt::AsyncSaver`], which copies them first. Optimizer moments and masters are replaced,
+/// not mutated, by each step, so their clones are snapshots.
 pub fn snapshot(req: &SaveRequest) -> Result<OwnedCheckpoint> {
     let params = req.model.params().params();
     let partitions: HashMap<&str, Partition> =
@@ -50,14 +52,12 @@ pub fn snapshot(req: &SaveRequest) -> Result<OwnedCheckpoint> {
         tp_rank: req.tp_rank,
         pp_rank: req.pp_rank,
         dp_rank: None,
-        params: req
-            .model
-            .params()
-            .local_state()?
-            .into_iter()
-            .map(|(name, tensor)| {
-                let partition = partitions[name.as_str()];
-                ShardedParam { name, tensor, partition }
+        params: params
+            .iter()
+            .map(|p| ShardedParam {
+                name: p.name.clone(),
+                tensor: p.var.as_tensor().detach(),
+                partition: partition_of(p),
             })
             .collect(),
     }];

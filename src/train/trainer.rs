@@ -382,6 +382,8 @@ impl Trainer {
                 lr: self.scheduler.get_lr(),
             });
         }
+        // A background save must hold its own copy of the weights before they change.
+        self.saver.wait_snapshot();
         self.optimizer.step_scheduled(&self.acc, &self.scheduler)?;
         self.scheduler.step(self.d.global_batch_size as u64);
         Ok(StepResult {
