@@ -49,7 +49,7 @@ fn sigterm_saves_and_exits_cleanly_then_resumes() {
         .trim()
         .parse()
         .unwrap();
-    assert!(step >= 2 && step < 100000, "saved at {step}");
+    assert!((2..100000).contains(&step), "saved at {step}");
     // Re-running the same command resumes after the saved step.
     let out = Command::new(&bin)
         .args(["pretrain", "--recipe", "tiny_llama", &format!("train.train_iters={}", step + 2)])

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::log::{perplexity, timestamp, validation_box, LogLine};
 use super::trainer::{to_microbatch, StepResult, Trainer, Window};
+use crate::ckpt::SavedCheckpoint;
 use crate::config::logger::LoggerConfig;
 use crate::data::sampler::{collate, PretrainingSampler};
 use crate::model::loss_for_microbatch;
@@ -201,6 +202,39 @@ impl Trainer {
             None => Ok(()),
         }
     }
+}
+
+impl Trainer {
+    /// Print finished background saves; with `wait`, block until the pending one is done.
+    pub(super) fn report_saves(&mut self, wait: bool) -> Result<()> {
+        let done = if wait { self.saver.wait()? } else { self.saver.poll()? };
+        if let Some(done) = done {
+            report_saved(&done);
+        }
+        Ok(())
+    }
+
+    /// End of a run: wait for the pending save, flush the logs, print the W&B upload command.
+    pub(super) fn wrap_up(&mut self) -> Result<()> {
+        self.report_saves(true)?;
+        if let Some(tb) = self.tb.as_mut() {
+            tb.flush()?;
+        }
+        if let Some(cmd) = wandb_sync_command(&self.cfg.logger)? {
+            println!(" W&B: mbridge does not stream to W&B; upload this run with: {cmd}");
+        }
+        Ok(())
+    }
+}
+
+/// The "successfully saved" line for a finished background save.
+pub(super) fn report_saved(done: &SavedCheckpoint) {
+    println!(
+        " successfully saved checkpoint from iteration {:7} to {} (asynchronously, {:.2} s)",
+        done.iteration,
+        done.dir.display(),
+        done.seconds
+    );
 }
 
 fn finite_or_null(x: f64) -> Value {

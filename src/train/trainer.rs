@@ -13,10 +13,10 @@ use super::checkpointing::{self, SaveRequest};
 use super::clip::clip_grad_norm;
 use super::datasets::{build_pretrain_datasets, tokenizer_from_config};
 use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
-use super::report::{metrics_path, wandb_sync_command, MetricsWriter};
+use super::report::{metrics_path, report_saved, wandb_sync_command, MetricsWriter};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
 use super::tensorboard::SummaryWriter;
-use crate::ckpt::{self, AsyncSaver, SavedCheckpoint, TrainState};
+use crate::ckpt::{self, AsyncSaver, TrainState};
 use crate::config::model::DType as CfgDType;
 use crate::config::optimizer::OptimizerKind;
 use crate::config::{finalize, ConfigContainer, Derived, Finalized};
@@ -63,7 +63,7 @@ pub struct Trainer {
     pub(super) metrics: Option<MetricsWriter>,
     pub(super) stop: Arc<AtomicBool>,
     /// Background checkpoint writer (`checkpoint.async_save`).
-    saver: AsyncSaver,
+    pub(super) saver: AsyncSaver,
     /// Seed of the dropout RNG: the config's, or the checkpoint's when `load_rng`.
     rng_seed: u64,
 }
@@ -116,7 +116,9 @@ impl Trainer {
         let scheduler =
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
         let datasets = build_pretrain_datasets(&cfg, &d, tokenizer.as_ref())?;
-        wandb_sync_command(&cfg.logger)?;
+        if let Some(cmd) = wandb_sync_command(&cfg.logger)? {
+            println!(" W&B: TensorBoard events go to the tensorboard_dir; upload them with: {cmd}");
+        }
         let tb = match &cfg.logger.tensorboard_dir {
             Some(dir) => Some(SummaryWriter::new(&PathBuf::from(dir))?),
             None => None,
@@ -435,36 +437,6 @@ impl Trainer {
         );
         Ok(())
     }
-
-    /// Print finished background saves; with `wait`, block until the pending one is done.
-    fn report_saves(&mut self, wait: bool) -> Result<()> {
-        let done = if wait { self.saver.wait()? } else { self.saver.poll()? };
-        if let Some(done) = done {
-            report_saved(&done);
-        }
-        Ok(())
-    }
-
-    /// End of a run: wait for the pending save, flush the logs, print the W&B upload command.
-    fn wrap_up(&mut self) -> Result<()> {
-        self.report_saves(true)?;
-        if let Some(tb) = self.tb.as_mut() {
-            tb.flush()?;
-        }
-        if let Some(cmd) = wandb_sync_command(&self.cfg.logger)? {
-            println!(" W&B: mbridge does not stream to W&B; upload this run with: {cmd}");
-        }
-        Ok(())
-    }
-}
-
-fn report_saved(done: &SavedCheckpoint) {
-    println!(
-        " successfully saved checkpoint from iteration {:7} to {} (asynchronously, {:.2} s)",
-        done.iteration,
-        done.dir.display(),
-        done.seconds
-    );
 }
 
 /// Result of one iteration.
