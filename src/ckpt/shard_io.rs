@@ -113,24 +113,39 @@ pub fn read_shard(path: &Path, expected: &FileInfo) -> Result<HashMap<String, Te
 }
 
 /// Whether every element of a little-endian float buffer is finite (integers always are).
+/// Works on 64-bit words (SWAR): a lane is NaN/Inf when its exponent bits are all ones.
 fn all_finite(dtype: Dtype, data: &[u8]) -> bool {
-    match dtype {
-        Dtype::F32 => data.chunks_exact(4).all(|c| {
-            let w = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            (w >> 23) & 0xff != 0xff
-        }),
-        Dtype::F64 => data.chunks_exact(8).all(|c| {
-            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-            (w >> 52) & 0x7ff != 0x7ff
-        }),
-        Dtype::BF16 => {
-            data.chunks_exact(2).all(|c| (u16::from_le_bytes([c[0], c[1]]) >> 7) & 0xff != 0xff)
-        }
-        Dtype::F16 => {
-            data.chunks_exact(2).all(|c| (u16::from_le_bytes([c[0], c[1]]) >> 10) & 0x1f != 0x1f)
-        }
-        _ => true,
+    // (exponent mask per lane, lane width in bytes)
+    let (exp, width) = match dtype {
+        Dtype::F64 => (0x7FF0_0000_0000_0000u64, 8),
+        Dtype::F32 => (0x7F80_0000, 4),
+        Dtype::BF16 => (0x7F80, 2),
+        Dtype::F16 => (0x7C00, 2),
+        _ => return true,
+    };
+    let bits = 8 * width;
+    let (mut mask, mut ones, mut highs) = (0u64, 0u64, 0u64);
+    for lane in 0..8 / width {
+        mask |= exp << (lane * bits);
+        ones |= 1 << (lane * bits);
+        highs |= 1 << (lane * bits + bits - 1);
     }
+    let mut words = data.chunks_exact(8);
+    // x has a zero lane exactly where a lane's exponent is all ones (the sign bit of each
+    // lane of x is clear, so the classic has-zero-lane test is exact).
+    let bad = |w: u64| {
+        let x = (w & mask) ^ mask;
+        x.wrapping_sub(ones) & !x & highs != 0
+    };
+    if words.by_ref().any(|c| bad(u64::from_le_bytes(c.try_into().expect("8 bytes")))) {
+        return false;
+    }
+    words.remainder().chunks_exact(width).all(|c| {
+        let mut lane = [0u8; 8];
+        lane[..width].copy_from_slice(c);
+        let v = u64::from_le_bytes(lane);
+        v & exp != exp
+    })
 }
 
 #[cfg(test)]
@@ -150,5 +165,23 @@ mod tests {
         let h = half::f16::from_f32(65504.0).to_bits().to_le_bytes();
         assert!(all_finite(Dtype::F16, &h));
         assert!(!all_finite(Dtype::F16, &half::f16::NAN.to_bits().to_le_bytes()));
+        // Every lane position of a word, and the tail after the last whole word.
+        for n in [4usize, 5, 9] {
+            for bad in 0..n {
+                let v: Vec<u8> = (0..n)
+                    .flat_map(|i| {
+                        let x = if i == bad { f32::INFINITY } else { -3.3e38 };
+                        half::bf16::from_f32(x).to_bits().to_le_bytes()
+                    })
+                    .collect();
+                assert!(!all_finite(Dtype::BF16, &v), "n={n} bad={bad}");
+                let f: Vec<u8> = (0..n)
+                    .flat_map(|i| if i == bad { f32::NAN } else { f32::MAX }.to_le_bytes())
+                    .collect();
+                assert!(!all_finite(Dtype::F32, &f), "n={n} bad={bad}");
+            }
+            let ok: Vec<u8> = (0..n).flat_map(|i| (-(i as f32) * 1e30).to_le_bytes()).collect();
+            assert!(all_finite(Dtype::F32, &ok));
+        }
     }
 }
