@@ -2,21 +2,24 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::layout::{assemble, Partition, ShardedParam};
+use super::save::write_synced;
+use super::shard_io::{read_shard, write_shard, FileInfo};
 use super::state::TrainState;
 
 /// Megatron-LM's tracker file: the newest complete iteration, as ASCII.
 pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
-const LATEST_STATE: &str = "latest_train_state.json";
+pub(super) const LATEST_STATE: &str = "latest_train_state.json";
 const INDEX: &str = "index.json";
 const FORMAT: &str = "mbridge-checkpoint";
+/// Version 2 added per-file checksums.
+const VERSION: u32 = 2;
 
 /// `iter_{:07d}`.
 pub fn iter_dir_name(iteration: u64) -> String {
@@ -64,6 +67,8 @@ struct Index {
     format: String,
     version: u32,
     tensors: BTreeMap<String, IndexEntry>,
+    /// Size and CRC-32C of every shard file, verified on load.
+    files: BTreeMap<String, FileInfo>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -75,70 +80,25 @@ struct IndexEntry {
     shards: Vec<String>,
 }
 
-/// Write a checkpoint atomically into `save/iter_NNNNNNN`, move the tracker, then prune to the
-/// `most_recent_k` newest (−1 keeps all). Returns the iteration directory.
-pub fn save_checkpoint(save: &Path, w: &CheckpointWrite, most_recent_k: i64) -> Result<PathBuf> {
-    fs::create_dir_all(save).with_context(|| format!("cannot create `{}`", save.display()))?;
-    remove_stale_temps(save)?;
-    let name = iter_dir_name(w.iteration);
-    let tmp = save.join(format!(".{name}.tmp-{}", std::process::id()));
-    fs::create_dir_all(&tmp).with_context(|| format!("cannot create `{}`", tmp.display()))?;
-    write_tensor_dir(&tmp.join("model"), w.model)?;
-    if let Some(opt) = w.optimizer {
-        write_tensor_dir(&tmp.join("optimizer"), opt)?;
-    }
-    for (name, doc) in &w.json {
-        let path = tmp.join(format!("{name}.json"));
-        write_synced(&path, serde_json::to_string_pretty(doc)?.as_bytes())?;
-    }
-    write_synced(&tmp.join("run_config.toml"), w.run_config_toml.as_bytes())?;
-    if !w.tokenizer_files.is_empty() {
-        let dir = tmp.join("tokenizer");
-        fs::create_dir_all(&dir)?;
-        for f in w.tokenizer_files {
-            let dest = dir.join(f.file_name().ok_or_else(|| anyhow!("bad tokenizer path"))?);
-            fs::copy(f, &dest).with_context(|| format!("cannot copy `{}`", f.display()))?;
-        }
-    }
-    let state = serde_json::to_string_pretty(w.train_state)?;
-    // train_state.json is written last inside the directory: its presence marks completeness.
-    write_synced(&tmp.join("train_state.json"), state.as_bytes())?;
-    sync_dir(&tmp)?;
-
-    let final_dir = save.join(&name);
-    if final_dir.exists() {
-        let old = save.join(format!(".{name}.old-{}", std::process::id()));
-        fs::rename(&final_dir, &old)?;
-        fs::rename(&tmp, &final_dir)?;
-        fs::remove_dir_all(&old)?;
-    } else {
-        fs::rename(&tmp, &final_dir)
-            .with_context(|| format!("cannot move checkpoint into `{}`", final_dir.display()))?;
-    }
-    sync_dir(save)?;
-    replace_file(&save.join(LATEST_STATE), state.as_bytes())?;
-    replace_file(&save.join(TRACKER), w.iteration.to_string().as_bytes())?;
-    if most_recent_k > 0 {
-        prune_old(save, most_recent_k as usize)?;
-    }
-    Ok(final_dir)
-}
-
 /// (tp rank, file, local shape, partition, dtype) of one written shard.
 type ShardRecord = (usize, String, Vec<usize>, Partition, String);
 
-fn write_tensor_dir(dir: &Path, sets: &[TensorSet]) -> Result<()> {
-    fs::create_dir_all(dir)?;
-    let mut index = Index { format: FORMAT.into(), version: 1, tensors: BTreeMap::new() };
+/// Write one shard file per set plus `index.json` (global shapes, shard files, checksums).
+pub(super) fn write_tensor_dir(dir: &Path, sets: &[TensorSet]) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    let mut index = Index {
+        format: FORMAT.into(),
+        version: VERSION,
+        tensors: BTreeMap::new(),
+        files: BTreeMap::new(),
+    };
     let mut by_name: BTreeMap<String, Vec<ShardRecord>> = BTreeMap::new();
     for set in sets {
         let file = set.file_name();
         let tensors: Vec<(String, Tensor)> =
             set.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
-        let path = dir.join(&file);
-        candle_core::safetensors::save(&tensors.iter().cloned().collect(), &path)
-            .with_context(|| format!("cannot write `{}`", path.display()))?;
-        fs::File::open(&path)?.sync_all()?;
+        let info = write_shard(&dir.join(&file), &tensors)?;
+        index.files.insert(file.clone(), info);
         for p in &set.params {
             by_name.entry(p.name.clone()).or_default().push((
                 set.tp_rank,
@@ -174,8 +134,13 @@ pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Ten
         .with_context(|| format!("checkpoint is missing `{}`", index_path.display()))?;
     let index: Index = serde_json::from_str(&text)
         .with_context(|| format!("`{}` is not a valid checkpoint index", index_path.display()))?;
-    if index.format != FORMAT {
-        bail!("`{}` has format `{}`, expected `{FORMAT}`", index_path.display(), index.format);
+    if index.format != FORMAT || index.version != VERSION {
+        bail!(
+            "`{}` has format `{}` version {}, expected `{FORMAT}` version {VERSION}",
+            index_path.display(),
+            index.format,
+            index.version
+        );
     }
     let mut files: BTreeMap<String, std::collections::HashMap<String, Tensor>> = BTreeMap::new();
     let mut out = BTreeMap::new();
@@ -184,11 +149,10 @@ pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Ten
         for file in &entry.shards {
             if !files.contains_key(file) {
                 let path = dir.join(file);
-                let loaded =
-                    candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| {
-                        format!("cannot read checkpoint shard `{}` (truncated?)", path.display())
-                    })?;
-                files.insert(file.clone(), loaded);
+                let info = index.files.get(file).ok_or_else(|| {
+                    anyhow!("`{}` lists shard `{file}` without its checksum", index_path.display())
+                })?;
+                files.insert(file.clone(), read_shard(&path, info)?);
             }
             let t = files[file].get(&name).ok_or_else(|| {
                 anyhow!(
@@ -198,7 +162,8 @@ pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Ten
             })?;
             shards.push(t.clone());
         }
-        let global = assemble(&shards, entry.partition)?;
+        let global = assemble(&shards, entry.partition)
+            .with_context(|| format!("cannot assemble tensor `{name}` from `{}`", dir.display()))?;
         if global.dims() != entry.shape.as_slice() {
             bail!(
                 "tensor `{name}` in `{}` has shape {:?}, the index says {:?}",
@@ -265,7 +230,8 @@ pub fn find_checkpoint(load: &Path, ckpt_step: Option<u64>) -> Result<Option<Pat
     Ok(complete_iterations(load)?.last().map(|(_, p)| p.clone()))
 }
 
-fn is_complete(dir: &Path) -> bool {
+/// Whether `dir` is a finished checkpoint (`train_state.json` is written last).
+pub fn is_complete(dir: &Path) -> bool {
     dir.join("train_state.json").is_file() && dir.join("model").join(INDEX).is_file()
 }
 
@@ -285,46 +251,18 @@ fn complete_iterations(save: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Keep the `k` newest complete checkpoints (the newest is never deleted).
-pub fn prune_old(save: &Path, k: usize) -> Result<()> {
+/// Keep the `k` newest complete checkpoints and always `keep` (the one just saved, which the
+/// tracker names — it may be older than a leftover `iter_*` of an earlier, longer run).
+pub fn prune_old(save: &Path, k: usize, keep: u64) -> Result<()> {
     let all = complete_iterations(save)?;
     let k = k.max(1);
     if all.len() > k {
-        for (_, dir) in &all[..all.len() - k] {
-            fs::remove_dir_all(dir).with_context(|| format!("cannot prune `{}`", dir.display()))?;
+        for (n, dir) in &all[..all.len() - k] {
+            if *n != keep {
+                fs::remove_dir_all(dir)
+                    .with_context(|| format!("cannot prune `{}`", dir.display()))?;
+            }
         }
     }
-    Ok(())
-}
-
-fn remove_stale_temps(save: &Path) -> Result<()> {
-    for e in fs::read_dir(save)? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with(".iter_") && (name.contains(".tmp-") || name.contains(".old-")) {
-            fs::remove_dir_all(e.path())?;
-        }
-    }
-    Ok(())
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f =
-        fs::File::create(path).with_context(|| format!("cannot write `{}`", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Replace a file atomically (write a sibling, fsync, rename).
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    write_synced(&tmp, bytes)?;
-    fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)?.sync_all()?;
     Ok(())
 }

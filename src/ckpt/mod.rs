@@ -8,17 +8,20 @@
 //!   latest_train_state.json
 //!   iter_0000100/
 //!     model/shard_tp00_pp00.safetensors  # this rank's tensors, Megatron names
-//!     model/index.json                   # global shape, dtype, partition dim, slices per shard
+//!     model/index.json                   # global shape, dtype, partition, shard files + CRC-32C
 //!     optimizer/shard_tp00_pp00_dp00.safetensors (+ index.json)
 //!     scheduler.json  rng.json  train_state.json  run_config.toml  tokenizer/
 //! ```
 pub mod format;
 pub mod layout;
+pub mod save;
+pub mod shard_io;
 pub mod state;
 
 pub use format::{
-    find_checkpoint, iter_dir_name, load_tensors, prune_old, read_json, read_tracker,
-    save_checkpoint, CheckpointWrite, TensorSet,
+    find_checkpoint, is_complete, iter_dir_name, load_tensors, prune_old, read_json, read_tracker,
+    CheckpointWrite, TensorSet,
 };
 pub use layout::{Partition, ShardedParam};
+pub use save::{save_checkpoint, AsyncSaver, OwnedCheckpoint, SavedCheckpoint};
 pub use state::TrainState;

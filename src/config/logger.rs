@@ -19,6 +19,10 @@ pub struct LoggerConfig {
     #[default = "minmax"]
     pub timing_log_option: String,
     pub tensorboard_dir: Option<String>,
+    /// mbridge addition: JSON-lines metrics file for scripts (one object per iteration and per
+    /// evaluation, keys = TensorBoard tag names). Unset ⇒ `<tensorboard_dir>/metrics.jsonl`
+    /// when `tensorboard_dir` is set, else no file.
+    pub metrics_jsonl: Option<String>,
     #[default = 1]
     pub tensorboard_log_interval: usize,
     #[default = 1000]
@@ -31,6 +35,8 @@ pub struct LoggerConfig {
     pub log_l2_norm_grad_to_tensorboard: bool,
     pub log_num_zeros_in_grad: bool,
     pub log_world_size_to_tensorboard: bool,
+    /// W&B project: mbridge writes TensorBoard files (requires `tensorboard_dir`) and prints
+    /// the `wandb sync --sync-tensorboard` command that uploads them.
     pub wandb_project: Option<String>,
     pub wandb_exp_name: Option<String>,
     pub wandb_save_dir: Option<String>,

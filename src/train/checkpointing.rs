@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::json;
 
-use crate::ckpt::{self, CheckpointWrite, Partition, ShardedParam, TensorSet, TrainState};
+use crate::ckpt::{self, OwnedCheckpoint, Partition, ShardedParam, TensorSet, TrainState};
 use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
 use crate::parallel::comm::Communicator;
@@ -28,7 +28,8 @@ pub struct SaveRequest<'a> {
     pub scheduler: &'a OptimizerParamScheduler,
     pub state: &'a TrainState,
     pub run_config_toml: &'a str,
-    pub seed: u64,
+    /// The dropout RNG seed; written as `rng.json` when Some (`checkpoint.save_rng`).
+    pub seed: Option<u64>,
     pub most_recent_k: i64,
     pub tp_rank: usize,
     pub pp_rank: usize,
@@ -38,8 +39,22 @@ pub struct SaveRequest<'a> {
     pub write: bool,
 }
 
-/// Write `iter_{step}` (on the writing rank; the others return None after the gathers).
+/// Write `iter_{step}` in the caller's thread (on the writing rank; None on the others).
 pub fn save(req: &SaveRequest) -> Result<Option<PathBuf>> {
+    match snapshot(req)? {
+        Some(ckpt) => {
+            ckpt::save_checkpoint(req.save_dir, &ckpt.as_write(), req.most_recent_k).map(Some)
+        }
+        None => Ok(None),
+    }
+}
+
+/// Everything `iter_{step}` holds. The model tensors share storage with the live variables
+/// (no copy): write them before the next optimizer step, or hand them to
+/// [`ckpt::AsyncSaver`], which copies them first. Optimizer moments and masters are replaced,
+/// not mutated, by each step, so their clones are snapshots. With TP > 1 every rank joins the
+/// shard gathers and only the writing rank gets Some.
+pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
     let params = req.model.params().params();
     let partitions: HashMap<&str, Partition> =
         params.iter().map(|p| (p.name.as_str(), partition_of(p))).collect();
@@ -47,22 +62,20 @@ pub fn save(req: &SaveRequest) -> Result<Option<PathBuf>> {
         tp_rank: req.tp_rank,
         pp_rank: req.pp_rank,
         dp_rank: None,
-        params: req
-            .model
-            .params()
-            .local_state()?
-            .into_iter()
-            .map(|(name, tensor)| {
-                let partition = partitions[name.as_str()];
-                ShardedParam { name, tensor, partition }
+        params: params
+            .iter()
+            .map(|p| ShardedParam {
+                name: p.name.clone(),
+                tensor: p.var.as_tensor().detach(),
+                partition: partition_of(p),
             })
             .collect(),
     }];
-    let mut json_docs = vec![
-        ("scheduler".to_string(), serde_json::to_value(req.scheduler.state())?),
-        ("rng".to_string(), json!({ "seed": req.seed })),
-    ];
-    let optimizer_sets;
+    let mut json_docs =
+        vec![("scheduler".to_string(), serde_json::to_value(req.scheduler.state())?)];
+    if let Some(seed) = req.seed {
+        json_docs.push(("rng".to_string(), json!({ "seed": seed })));
+    }
     let optimizer = match req.optimizer {
         Some(opt) => {
             let state = opt.export_state();
@@ -79,38 +92,30 @@ pub fn save(req: &SaveRequest) -> Result<Option<PathBuf>> {
                     ShardedParam { name, tensor, partition }
                 })
                 .collect();
-            optimizer_sets = vec![TensorSet {
+            // Moment tensors are replaced (not mutated) by each step, so clones are snapshots.
+            Some(vec![TensorSet {
                 tp_rank: req.tp_rank,
                 pp_rank: req.pp_rank,
                 dp_rank: None,
                 params,
-            }];
-            Some(optimizer_sets.as_slice())
+            }])
         }
         None => None,
     };
     let model = gather_tp(model, req.tp)?;
-    let optimizer_gathered;
-    let optimizer = match optimizer {
-        Some(sets) if req.tp.is_some_and(|tp| tp.size() > 1) => {
-            optimizer_gathered = gather_tp(sets.to_vec(), req.tp)?;
-            Some(optimizer_gathered.as_slice())
-        }
-        other => other,
-    };
+    let optimizer = optimizer.map(|sets| gather_tp(sets, req.tp)).transpose()?;
     if !req.write {
         return Ok(None);
     }
-    let w = CheckpointWrite {
+    Ok(Some(OwnedCheckpoint {
         iteration: req.state.step,
-        model: &model,
+        model,
         optimizer,
         json: json_docs,
-        train_state: req.state,
-        run_config_toml: req.run_config_toml,
-        tokenizer_files: &[],
-    };
-    ckpt::save_checkpoint(req.save_dir, &w, req.most_recent_k).map(Some)
+        train_state: req.state.clone(),
+        run_config_toml: req.run_config_toml.to_string(),
+        tokenizer_files: Vec::new(),
+    }))
 }
 
 /// With TP > 1, every rank contributes its shards and gets back all ranks' [`TensorSet`]s
@@ -167,8 +172,13 @@ pub fn load_model(iter_dir: &Path, model: &GptModel) -> Result<()> {
 
 /// Restore optimizer state (resharded to this rank's TP slice).
 pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -> Result<()> {
-    let meta = ckpt::read_json(iter_dir, "optimizer")?
-        .with_context(|| format!("`{}` has no optimizer state", iter_dir.display()))?;
+    let meta = ckpt::read_json(iter_dir, "optimizer")?.with_context(|| {
+        format!(
+            "`{}` has no optimizer state (saved with checkpoint.save_optim=false?); \
+             resume with checkpoint.load_optim=false to start a fresh optimizer",
+            iter_dir.display()
+        )
+    })?;
     let global = ckpt::load_tensors(iter_dir, "optimizer")?;
     let mut tensors = Vec::new();
     for (name, (t, partition)) in global {
@@ -184,6 +194,20 @@ pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -
         .import_state(&state)
         .with_context(|| format!("optimizer state in `{}` does not fit", iter_dir.display()))?;
     Ok(())
+}
+
+/// The dropout RNG seed saved in `rng.json`.
+pub fn load_rng_seed(iter_dir: &Path) -> Result<u64> {
+    let doc = ckpt::read_json(iter_dir, "rng")?.with_context(|| {
+        format!(
+            "`{}` has no RNG state (saved with checkpoint.save_rng=false?); resume with \
+             checkpoint.load_rng=false to use the config's rng.seed",
+            iter_dir.display()
+        )
+    })?;
+    doc["seed"]
+        .as_u64()
+        .with_context(|| format!("`{}/rng.json` has no integer `seed`", iter_dir.display()))
 }
 
 /// Restore the LR/WD scheduler.

@@ -1,10 +1,18 @@
-//! What a run reports: validation/test evaluation, the periodic log line and TensorBoard.
+//! What a run reports: validation/test evaluation, the periodic log line, TensorBoard scalars
+//! (tag names of `spec/checkpoint-and-logging.md` §6), `metrics.jsonl`, and the W&B upload hint.
 
-use anyhow::Result;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
 
 use super::log::{perplexity, timestamp, validation_box, LogLine};
 use super::trainer::{to_microbatch, StepResult, Trainer, Window};
+use crate::ckpt::SavedCheckpoint;
+use crate::config::logger::LoggerConfig;
 use crate::data::sampler::{collate, PretrainingSampler};
 use crate::model::loss_for_microbatch;
 use crate::parallel::ReduceOp;
@@ -54,16 +62,22 @@ impl Trainer {
         if self.reports() {
             println!("{}", validation_box(prefix, loss));
         }
+        let kind = if split == 1 { "validation" } else { "test" };
+        self.append_metrics(json!({
+            "kind": kind,
+            "iteration": self.state.step,
+            "consumed_samples": self.state.consumed_train_samples,
+            format!("lm loss {kind}"): loss,
+            format!("lm loss {kind} ppl"): perplexity(loss),
+        }))?;
         if let (Some(tb), 1) = (self.tb.as_mut(), split) {
             let samples = self.state.consumed_train_samples as i64;
             tb.add_scalar("lm loss validation", loss as f32, self.state.step as i64)?;
             tb.add_scalar("lm loss validation vs samples", loss as f32, samples)?;
             if self.cfg.logger.log_validation_ppl_to_tensorboard {
-                tb.add_scalar(
-                    "lm loss validation ppl",
-                    perplexity(loss) as f32,
-                    self.state.step as i64,
-                )?;
+                let ppl = perplexity(loss) as f32;
+                tb.add_scalar("lm loss validation ppl", ppl, self.state.step as i64)?;
+                tb.add_scalar("lm loss validation ppl vs samples", ppl, samples)?;
             }
             tb.flush()?;
         }
@@ -104,8 +118,24 @@ impl Trainer {
         Ok(())
     }
 
-    pub(super) fn tensorboard(&mut self, iteration: u64, s: &StepResult) -> Result<()> {
+    /// TFLOP/s per device for an iteration of `seconds`, when throughput is logged.
+    fn tflops(&self, seconds: f64, flops_per_iter: f64) -> Option<f64> {
+        let l = &self.cfg.logger;
+        (l.log_throughput || l.log_throughput_to_tensorboard)
+            .then(|| flops_per_iter / seconds.max(1e-12) / self.d.world_size as f64 / 1e12)
+    }
+
+    pub(super) fn tensorboard(
+        &mut self,
+        iteration: u64,
+        s: &StepResult,
+        seconds: f64,
+        flops_per_iter: f64,
+    ) -> Result<()> {
         let every = self.cfg.logger.tensorboard_log_interval.max(1) as u64;
+        let tflops = self.tflops(seconds, flops_per_iter);
+        let world = self.d.world_size as f64;
+        let l = self.cfg.logger.clone();
         let Some(tb) = self.tb.as_mut() else { return Ok(()) };
         if !iteration.is_multiple_of(every) {
             return Ok(());
@@ -126,6 +156,182 @@ impl Trainer {
             tb.add_scalar("grad-norm", g as f32, it)?;
             tb.add_scalar("grad-norm vs samples", g as f32, samples)?;
         }
+        let skipped = self.state.skipped_train_samples;
+        tb.add_scalar("skipped-train-samples", skipped as f32, it)?;
+        if l.log_timers_to_tensorboard {
+            tb.add_scalar("iteration-time", seconds as f32, it)?;
+        }
+        if let Some(t) = tflops {
+            tb.add_scalar("throughput/tflops/device", t as f32, it)?;
+            tb.add_scalar("throughput/tflops", (t * world) as f32, it)?;
+        }
+        if l.log_world_size_to_tensorboard {
+            tb.add_scalar("world-size", world as f32, it)?;
+        }
+        if l.log_memory_to_tensorboard {
+            // A CPU run has no allocator statistics; report the process's resident memory.
+            if let Some((rss, peak)) = resident_memory() {
+                tb.add_scalar("mem-resident-bytes", rss as f32, it)?;
+                tb.add_scalar("mem-max-resident-bytes", peak as f32, it)?;
+            }
+        }
         tb.flush()
+    }
+
+    /// One `metrics.jsonl` line for iteration `iteration` (keys are the TensorBoard tags).
+    pub(super) fn write_metrics(
+        &mut self,
+        iteration: u64,
+        s: &StepResult,
+        seconds: f64,
+        flops_per_iter: f64,
+    ) -> Result<()> {
+        if self.metrics.is_none() {
+            return Ok(());
+        }
+        let mut line = json!({
+            "kind": "train",
+            "iteration": iteration,
+            "consumed_samples": self.state.consumed_train_samples,
+            "lm loss": finite_or_null(s.loss),
+            "learning-rate": s.lr,
+            "grad-norm": s.grad_norm.map(finite_or_null),
+            "iteration-time": seconds,
+            "skipped": s.skipped,
+            "nan": s.nan,
+        });
+        if let Some(t) = self.tflops(seconds, flops_per_iter) {
+            line["throughput/tflops/device"] = json!(t);
+        }
+        self.append_metrics(line)
+    }
+
+    fn append_metrics(&mut self, line: Value) -> Result<()> {
+        match self.metrics.as_mut() {
+            Some(m) => m.append(&line),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Trainer {
+    /// Print finished background saves; with `wait`, block until the pending one is done.
+    pub(super) fn report_saves(&mut self, wait: bool) -> Result<()> {
+        let done = if wait { self.saver.wait()? } else { self.saver.poll()? };
+        if let Some(done) = done {
+            report_saved(&done);
+        }
+        Ok(())
+    }
+
+    /// End of a run: wait for the pending save, flush the logs, print the W&B upload command.
+    pub(super) fn wrap_up(&mut self) -> Result<()> {
+        self.report_saves(true)?;
+        if let Some(tb) = self.tb.as_mut() {
+            tb.flush()?;
+        }
+        if let Some(cmd) = wandb_sync_command(&self.cfg.logger)? {
+            println!(" W&B: mbridge does not stream to W&B; upload this run with: {cmd}");
+        }
+        Ok(())
+    }
+}
+
+/// The "successfully saved" line for a finished background save.
+pub(super) fn report_saved(done: &SavedCheckpoint) {
+    println!(
+        " successfully saved checkpoint from iteration {:7} to {} (asynchronously, {:.2} s)",
+        done.iteration,
+        done.dir.display(),
+        done.seconds
+    );
+}
+
+fn finite_or_null(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}
+
+/// `(VmRSS, VmHWM)` of this process in bytes, from `/proc/self/status` (Linux only).
+fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let kb: u64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Where `metrics.jsonl` goes: `logger.metrics_jsonl`, else `<tensorboard_dir>/metrics.jsonl`.
+pub fn metrics_path(l: &LoggerConfig) -> Option<PathBuf> {
+    match (&l.metrics_jsonl, &l.tensorboard_dir) {
+        (Some(p), _) => Some(PathBuf::from(p)),
+        (None, Some(tb)) => Some(Path::new(tb).join("metrics.jsonl")),
+        (None, None) => None,
+    }
+}
+
+/// Appends JSON lines, flushed one by one so a killed run keeps every line it printed. A
+/// resumed run appends after the lines of the run it continues (an iteration logged after the
+/// last checkpoint appears twice: the later line is the one the resumed run produced).
+pub struct MetricsWriter {
+    file: File,
+    path: PathBuf,
+}
+
+impl MetricsWriter {
+    /// Open `path` for appending, creating it and its directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create `{}`", dir.display()))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open `{}`", path.display()))?;
+        Ok(MetricsWriter { file, path: path.to_path_buf() })
+    }
+
+    /// Write one object as a line.
+    pub fn append(&mut self, line: &Value) -> Result<()> {
+        let mut text = serde_json::to_string(line)?;
+        text.push('\n');
+        self.file
+            .write_all(text.as_bytes())
+            .with_context(|| format!("cannot write `{}`", self.path.display()))
+    }
+}
+
+/// With `logger.wandb_project` set, the exact command that uploads this run's TensorBoard
+/// directory to W&B (mbridge has no W&B client; it never falls back silently). Errors when
+/// `logger.tensorboard_dir` is unset, since then there would be nothing to upload.
+pub fn wandb_sync_command(l: &LoggerConfig) -> Result<Option<String>> {
+    let Some(project) = &l.wandb_project else { return Ok(None) };
+    let Some(dir) = &l.tensorboard_dir else {
+        bail!(
+            "`logger.wandb_project={project}` needs `logger.tensorboard_dir`: mbridge does not \
+             stream to W&B; it writes TensorBoard event files and prints the \
+             `wandb sync --sync-tensorboard <dir>` command that uploads them"
+        );
+    };
+    let mut cmd = format!("wandb sync --sync-tensorboard --project {}", shell_quote(project));
+    if let Some(entity) = &l.wandb_entity {
+        cmd += &format!(" --entity {}", shell_quote(entity));
+    }
+    Ok(Some(format!("{cmd} {}", shell_quote(dir))))
+}
+
+/// Quote for a POSIX shell when needed.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:@".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }

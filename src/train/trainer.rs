@@ -13,9 +13,10 @@ use super::checkpointing::{self, SaveRequest};
 use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
 use super::datasets::{build_pretrain_datasets, tokenizer_from_config};
 use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
+use super::report::{metrics_path, report_saved, wandb_sync_command, MetricsWriter};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
 use super::tensorboard::SummaryWriter;
-use crate::ckpt::{self, TrainState};
+use crate::ckpt::{self, AsyncSaver, TrainState};
 use crate::config::model::DType as CfgDType;
 use crate::config::optimizer::OptimizerKind;
 use crate::config::{finalize, ConfigContainer, Derived, Finalized};
@@ -65,9 +66,15 @@ pub struct Trainer {
     pub(super) state: TrainState,
     pub(super) device: Device,
     pub(super) tb: Option<SummaryWriter>,
+    /// `metrics.jsonl`: one JSON object per iteration and evaluation, for scripts.
+    pub(super) metrics: Option<MetricsWriter>,
     pub(super) stop: Arc<AtomicBool>,
     /// This rank's process groups when the run has more than one rank.
     pub(super) groups: Option<ProcessGroups>,
+    /// Background checkpoint writer (`checkpoint.async_save`).
+    pub(super) saver: AsyncSaver,
+    /// Seed of the dropout RNG: the config's, or the checkpoint's when `load_rng`.
+    rng_seed: u64,
 }
 
 fn candle_dtype(d: CfgDType) -> DType {
@@ -159,8 +166,15 @@ impl Trainer {
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
         let datasets = build_pretrain_datasets(&cfg, &d, tokenizer.as_ref())?;
         let reporting = groups.as_ref().is_none_or(|g| g.coords.tp == 0 && g.coords.dp == 0);
+        if let Some(cmd) = wandb_sync_command(&cfg.logger)? {
+            println!(" W&B: TensorBoard events go to the tensorboard_dir; upload them with: {cmd}");
+        }
         let tb = match &cfg.logger.tensorboard_dir {
             Some(dir) if reporting => Some(SummaryWriter::new(&PathBuf::from(dir))?),
+            _ => None,
+        };
+        let metrics = match metrics_path(&cfg.logger) {
+            Some(path) if reporting => Some(MetricsWriter::open(&path)?),
             _ => None,
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -170,6 +184,7 @@ impl Trainer {
                     .context("cannot install the exit signal handler")?;
             }
         }
+        let cfg_seed = cfg.rng.seed;
         let mut t = Trainer {
             cfg,
             d,
@@ -182,8 +197,11 @@ impl Trainer {
             state: TrainState { do_train: true, ..Default::default() },
             device,
             tb,
+            metrics,
             stop,
             groups,
+            saver: AsyncSaver::new(),
+            rng_seed: cfg_seed,
         };
         t.restore()?;
         Ok(t)
@@ -224,6 +242,9 @@ impl Trainer {
             if c.load_optim {
                 let tp = TpCoord { rank: 0, size: 1 };
                 checkpointing::load_optimizer(&dir, &mut self.optimizer, tp)?;
+            }
+            if c.load_rng {
+                self.rng_seed = checkpointing::load_rng_seed(&dir)?;
             }
             checkpointing::load_scheduler(&dir, &mut self.scheduler)?;
             self.state = checkpointing::load_train_state(&dir)?;
@@ -282,7 +303,10 @@ impl Trainer {
             num_floating_point_operations(&self.cfg.model, gbs, self.cfg.model.seq_length as f64);
         let mut reason = ExitReason::Finished;
         let mut saved_at = None;
+        let start_step = self.state.step;
         while self.state.step < train_iters {
+            // A background save that failed surfaces here, at the next step.
+            self.report_saves(false)?;
             let iteration = self.state.step + 1;
             let t0 = Instant::now();
             let mut micro = Vec::with_capacity(self.d.num_microbatches);
@@ -301,11 +325,13 @@ impl Trainer {
             losses.push((iteration, step.loss));
             grad_norms.push((iteration, step.grad_norm));
             lrs.push((iteration, step.lr));
-            window.add(&step, t0.elapsed().as_secs_f64());
+            let seconds = t0.elapsed().as_secs_f64();
+            window.add(&step, seconds);
+            self.write_metrics(iteration, &step, seconds, flops_per_iter)?;
             if iteration.is_multiple_of(self.cfg.logger.log_interval as u64) {
                 self.log(iteration, &mut window, flops_per_iter)?;
             }
-            self.tensorboard(iteration, &step)?;
+            self.tensorboard(iteration, &step, seconds, flops_per_iter)?;
             if let Some(every) = self.cfg.validation.eval_interval {
                 if self.eval_enabled()
                     && iteration.is_multiple_of(every as u64)
@@ -339,6 +365,7 @@ impl Trainer {
                 if saved_at != Some(iteration) {
                     self.save()?;
                 }
+                self.wrap_up()?;
                 tracing::info!("exiting at iteration {iteration} ({reason:?})");
                 return Ok(TrainOutcome {
                     reason,
@@ -350,9 +377,12 @@ impl Trainer {
                 });
             }
         }
-        if saved_at != Some(self.state.step) && self.state.step > 0 {
+        // A final save unless the last step was just saved or this process trained nothing
+        // (then the checkpoint it resumed from is already the final one).
+        if saved_at != Some(self.state.step) && self.state.step > start_step {
             self.save()?;
         }
+        self.wrap_up()?;
         if self.eval_enabled() {
             let step = self.state.step;
             last_val =
@@ -394,7 +424,7 @@ impl Trainer {
             // Key dropout by the micro-batch's place in the global batch, so DP=2 draws what
             // DP=1 draws for the same samples.
             let global_mb = (i * self.d.data_parallel_size + self.dp_rank()) as u64;
-            let rng = dropout_on.then(|| DropoutRng::new(self.cfg.rng.seed, iteration, global_mb));
+            let rng = dropout_on.then(|| DropoutRng::new(self.rng_seed, iteration, global_mb));
             let (sum, count) = loss_for_microbatch(&self.model, &mb, rng.as_ref())?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             tokens += count;
@@ -470,6 +500,8 @@ impl Trainer {
                 lr: self.scheduler.get_lr(),
             });
         }
+        // A background save must hold its own copy of the weights before they change.
+        self.saver.wait_snapshot();
         self.optimizer.step_scheduled(&self.acc, &self.scheduler)?;
         self.scheduler.step(self.d.global_batch_size as u64);
         Ok(StepResult {
@@ -481,23 +513,42 @@ impl Trainer {
         })
     }
 
-    /// Save a checkpoint of the current state when `checkpoint.save` is set.
+    /// Save a checkpoint of the current state when `checkpoint.save` is set: in this thread,
+    /// or with `checkpoint.async_save` from a detached snapshot in the background (a save still
+    /// in flight is finished first).
     pub fn save(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
-        let path = checkpointing::save(&SaveRequest {
+        let c = &self.cfg.checkpoint;
+        let req = SaveRequest {
             save_dir: &PathBuf::from(&dir),
             model: &self.model,
             optimizer: self.cfg.checkpoint.save_optim.then_some(&self.optimizer),
             scheduler: &self.scheduler,
             state: &self.state,
             run_config_toml: &self.run_config_toml,
-            seed: self.cfg.rng.seed,
-            most_recent_k: self.cfg.checkpoint.most_recent_k,
+            seed: c.save_rng.then_some(self.rng_seed),
+            most_recent_k: c.most_recent_k,
             tp_rank: self.groups.as_ref().map_or(0, |g| g.coords.tp),
             pp_rank: 0,
             tp: self.groups.as_ref().map(|g| &*g.tp),
             write: self.groups.as_ref().is_none_or(|g| g.rank == 0),
-        })?;
+        };
+        if c.async_save {
+            let t0 = Instant::now();
+            if let Some(snapshot) = checkpointing::snapshot(&req)? {
+                let k = c.most_recent_k;
+                if let Some(done) = self.saver.submit(&PathBuf::from(&dir), snapshot, k)? {
+                    report_saved(&done);
+                }
+                tracing::info!(
+                    "asynchronous save of iteration {} started (training stalled {:.1} ms)",
+                    self.state.step,
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            return Ok(());
+        }
+        let path = checkpointing::save(&req)?;
         if let Some(g) = &self.groups {
             // Nobody reads or exits past a save until it is on disk.
             g.world.barrier()?;
