@@ -1,0 +1,58 @@
+//! `--nproc-per-node`: rank processes over TCP train like one process; a failing rank fails
+//! the launch with its exit code.
+
+use assert_cmd::Command;
+
+fn losses(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.contains(" iteration ") && l.contains("lm loss:"))
+        .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=6", "logger.log_interval=1"])
+        .args(["validation.eval_iters=0"])
+        .args(args)
+        .timeout(std::time::Duration::from_secs(240))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn two_rank_processes_match_one_process() {
+    let (ok, one, err) = run(&[]);
+    assert!(ok, "{err}");
+    let (ok, two, err) = run(&[
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29731",
+        "model.tensor_model_parallel_size=2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(two.contains("[rank 0]"), "{two}");
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.len(), 6, "only rank 0 logs: {two}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() / x < 1e-5, "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn a_failing_rank_fails_the_launch() {
+    // TP=3 does not divide the 4 heads: every rank fails validation (exit 2).
+    let (ok, _, err) =
+        run(&["--nproc-per-node", "3", "--master-port", "29741", "model.tensor_model_parallel_size=3"]);
+    assert!(!ok);
+    assert!(err.contains("must be divisible by `model.tensor_model_parallel_size` (3)"), "{err}");
+    assert!(err.contains("a rank process failed with exit code 2"), "{err}");
+}
