@@ -13,7 +13,13 @@ fn losses(out: &str) -> Vec<f64> {
 fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::cargo_bin("mbridge")
         .unwrap()
-        .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=6", "logger.log_interval=1"])
+        .args([
+            "pretrain",
+            "--recipe",
+            "tiny_llama",
+            "train.train_iters=6",
+            "logger.log_interval=1",
+        ])
         .args(["validation.eval_iters=0"])
         .args(args)
         .timeout(std::time::Duration::from_secs(240))
@@ -50,8 +56,13 @@ fn two_rank_processes_match_one_process() {
 #[test]
 fn a_failing_rank_fails_the_launch() {
     // TP=3 does not divide the 4 heads: every rank fails validation (exit 2).
-    let (ok, _, err) =
-        run(&["--nproc-per-node", "3", "--master-port", "29741", "model.tensor_model_parallel_size=3"]);
+    let (ok, _, err) = run(&[
+        "--nproc-per-node",
+        "3",
+        "--master-port",
+        "29741",
+        "model.tensor_model_parallel_size=3",
+    ]);
     assert!(!ok);
     assert!(err.contains("must be divisible by `model.tensor_model_parallel_size` (3)"), "{err}");
     assert!(err.contains("a rank process failed with exit code 2"), "{err}");

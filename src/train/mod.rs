@@ -59,5 +59,6 @@ mod optimizer_state;
 mod report;
 mod schedule_resolve;
 pub mod scheduler;
+mod setup;
 pub mod tensorboard;
 pub mod trainer;

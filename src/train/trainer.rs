@@ -11,20 +11,16 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpointing::{self, SaveRequest};
 use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
-use super::datasets::{build_pretrain_datasets, tokenizer_from_config};
-use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
-use super::report::{metrics_path, report_saved, wandb_sync_command, MetricsWriter};
-use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
+use super::optimizer::{GradAccumulator, Optimizer};
+use super::report::{report_saved, MetricsWriter};
+use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
-use crate::ckpt::{self, AsyncSaver, TrainState};
-use crate::config::model::DType as CfgDType;
-use crate::config::optimizer::OptimizerKind;
-use crate::config::{finalize, ConfigContainer, Derived, Finalized};
+use crate::ckpt::{AsyncSaver, TrainState};
+use crate::config::{ConfigContainer, Derived};
 use crate::data::sampler::{collate, Batch, PretrainingSampler};
 use crate::data::PretrainDataset;
 use crate::model::flops::num_floating_point_operations;
-use crate::model::params::TpCoord;
-use crate::model::{loss_for_microbatch, GptModel, Microbatch, ParallelLayout};
+use crate::model::{loss_for_microbatch, GptModel, Microbatch};
 use crate::ops::DropoutRng;
 use crate::parallel::data::{all_reduce_grads, model_parallel_grad_sq_norm};
 use crate::parallel::{ProcessGroups, ReduceOp};
@@ -74,140 +70,10 @@ pub struct Trainer {
     /// Background checkpoint writer (`checkpoint.async_save`).
     pub(super) saver: AsyncSaver,
     /// Seed of the dropout RNG: the config's, or the checkpoint's when `load_rng`.
-    rng_seed: u64,
-}
-
-fn candle_dtype(d: CfgDType) -> DType {
-    match d {
-        CfgDType::F32 => DType::F32,
-        CfgDType::BF16 => DType::BF16,
-        CfgDType::F16 => DType::F16,
-    }
+    pub(super) rng_seed: u64,
 }
 
 impl Trainer {
-    /// Build model, optimizer, scheduler and data for `fin`; resume from `checkpoint.load` or
-    /// start from `checkpoint.pretrained_checkpoint` when they hold a checkpoint.
-    pub fn new(fin: Finalized, run_config_toml: String, device: Device) -> Result<Self> {
-        Self::new_rank(fin, run_config_toml, device, None)
-    }
-
-    /// [`Trainer::new`] for one rank of a multi-rank run (`groups` from
-    /// [`ProcessGroups::local`] for threads or [`ProcessGroups::connect_tcp`] for processes).
-    pub fn new_rank(
-        fin: Finalized,
-        run_config_toml: String,
-        device: Device,
-        groups: Option<ProcessGroups>,
-    ) -> Result<Self> {
-        let tokenizer = tokenizer_from_config(&fin.cfg)?;
-        // Finalize again now that the tokenizer's vocabulary is known (vocab padding).
-        let fin = finalize(fin.cfg, Some(fin.derived.world_size), Some(tokenizer.vocab_size()))?;
-        let Finalized { cfg, derived: d, .. } = fin;
-        let world = groups.as_ref().map_or(1, |g| g.topology.world_size());
-        if d.world_size != world {
-            bail!(
-                "the config asks for {} ranks (TP {} × PP {} × CP {} × DP {}) but {world} {} \
-                 running: launch with `--nproc-per-node {}` (or torchrun/SLURM)",
-                d.world_size,
-                cfg.model.tensor_model_parallel_size,
-                cfg.model.pipeline_model_parallel_size,
-                cfg.model.context_parallel_size,
-                d.data_parallel_size,
-                if world == 1 { "is" } else { "are" },
-                d.world_size,
-            );
-        }
-        if cfg.model.pipeline_model_parallel_size > 1 || cfg.model.context_parallel_size > 1 {
-            bail!(
-                "the trainer runs tensor and data parallelism; pipeline (PP {}) and context \
-                 (CP {}) parallel training are not implemented yet",
-                cfg.model.pipeline_model_parallel_size,
-                cfg.model.context_parallel_size
-            );
-        }
-        let dtype = candle_dtype(cfg.model.params_dtype);
-        let (layout, tp_comm) = match &groups {
-            Some(g) => (g.layout(), Some(g.tp.clone())),
-            None => (ParallelLayout::single(), None),
-        };
-        let model =
-            GptModel::new_parallel(&cfg.model, layout, tp_comm, cfg.rng.seed, dtype, &device)
-                .context("cannot build the model")?;
-        // Megatron's start-up line, so a log shows the model size (benchmarks read it too).
-        let num_params: usize = model
-            .params()
-            .params()
-            .iter()
-            .filter(|p| !p.shared_embedding)
-            .map(|p| p.var.elem_count())
-            .sum();
-        if groups.as_ref().is_none_or(|g| g.coords.dp == 0) {
-            let (tp, pp) = (layout.tp_rank, layout.pp_rank);
-            println!(
-                " > number of parameters on (tensor, pipeline) model parallel rank ({tp}, {pp}): {num_params}"
-            );
-        }
-        let named: Vec<(String, candle_core::Var)> =
-            model.params().params().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
-        let o = &cfg.optimizer;
-        let algorithm = match o.optimizer {
-            OptimizerKind::Adam => Algorithm::Adam(AdamConfig {
-                beta1: o.adam_beta1,
-                beta2: o.adam_beta2,
-                eps: o.adam_eps,
-                decoupled_weight_decay: o.decoupled_weight_decay,
-            }),
-            OptimizerKind::Sgd => Algorithm::Sgd(SgdConfig { momentum: o.sgd_momentum }),
-        };
-        let optimizer = Optimizer::new(algorithm, named)?;
-        let acc = GradAccumulator::new(optimizer.vars());
-        let scheduler =
-            OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
-        let datasets = build_pretrain_datasets(&cfg, &d, tokenizer.as_ref())?;
-        let reporting = groups.as_ref().is_none_or(|g| g.coords.tp == 0 && g.coords.dp == 0);
-        if let Some(cmd) = wandb_sync_command(&cfg.logger)? {
-            println!(" W&B: TensorBoard events go to the tensorboard_dir; upload them with: {cmd}");
-        }
-        let tb = match &cfg.logger.tensorboard_dir {
-            Some(dir) if reporting => Some(SummaryWriter::new(&PathBuf::from(dir))?),
-            _ => None,
-        };
-        let metrics = match metrics_path(&cfg.logger) {
-            Some(path) if reporting => Some(MetricsWriter::open(&path)?),
-            _ => None,
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        if cfg.train.exit_signal_handler {
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, Arc::clone(&stop))
-                    .context("cannot install the exit signal handler")?;
-            }
-        }
-        let cfg_seed = cfg.rng.seed;
-        let mut t = Trainer {
-            cfg,
-            d,
-            run_config_toml,
-            model,
-            optimizer,
-            scheduler,
-            acc,
-            datasets,
-            state: TrainState { do_train: true, ..Default::default() },
-            device,
-            tb,
-            metrics,
-            stop,
-            groups,
-            saver: AsyncSaver::new(),
-            rng_seed: cfg_seed,
-        };
-        t.restore()?;
-        Ok(t)
-    }
-
-    /// The finalized config of this run.
     pub fn config(&self) -> &ConfigContainer {
         &self.cfg
     }
@@ -220,62 +86,6 @@ impl Trainer {
     /// The model being trained.
     pub fn model(&self) -> &GptModel {
         &self.model
-    }
-
-    fn restore(&mut self) -> Result<()> {
-        let c = &self.cfg.checkpoint;
-        let resume = match &c.load {
-            Some(load) => {
-                ckpt::find_checkpoint(&PathBuf::from(load), c.ckpt_step.map(|s| s as u64))?
-            }
-            None => None,
-        };
-        if let Some(dir) = resume {
-            checkpointing::load_model(&dir, &self.model)?;
-            if c.finetune {
-                tracing::info!(
-                    "loaded weights from {} (finetune: iteration reset to 0)",
-                    dir.display()
-                );
-                return Ok(());
-            }
-            if c.load_optim {
-                let tp = TpCoord { rank: 0, size: 1 };
-                checkpointing::load_optimizer(&dir, &mut self.optimizer, tp)?;
-            }
-            if c.load_rng {
-                self.rng_seed = checkpointing::load_rng_seed(&dir)?;
-            }
-            checkpointing::load_scheduler(&dir, &mut self.scheduler)?;
-            self.state = checkpointing::load_train_state(&dir)?;
-            tracing::info!("resumed from {} at iteration {}", dir.display(), self.state.step);
-            return Ok(());
-        }
-        if let Some(pre) = &c.pretrained_checkpoint {
-            let pre_path = PathBuf::from(pre);
-            // A local Hugging Face directory is converted on the fly, as Megatron Bridge does.
-            if pre_path.join("config.json").is_file() {
-                crate::bridge::load_hf_weights(&pre_path, &self.model)?;
-                tracing::info!("initialized weights from Hugging Face directory {pre}");
-                return Ok(());
-            }
-            let dir = ckpt::find_checkpoint(&pre_path, None)?.with_context(|| {
-                format!(
-                    "`checkpoint.pretrained_checkpoint` `{pre}` holds neither an mbridge checkpoint \
-                     nor a Hugging Face model (config.json)"
-                )
-            })?;
-            checkpointing::load_model(&dir, &self.model)?;
-            tracing::info!("initialized weights from pretrained checkpoint {}", dir.display());
-            return Ok(());
-        }
-        if c.exit_on_missing_checkpoint {
-            bail!(
-                "`checkpoint.exit_on_missing_checkpoint` is set and `checkpoint.load` ({}) holds no checkpoint",
-                c.load.as_deref().unwrap_or("unset")
-            );
-        }
-        Ok(())
     }
 
     /// Run until `train_iters` or an exit condition; evaluate and save as configured.
