@@ -153,8 +153,7 @@ impl Trainer {
         Ok(t)
     }
 
-    /// The finalized config of this run.
-
+    /// Resume from `checkpoint.load`, or start from `checkpoint.pretrained_checkpoint`.
     fn restore(&mut self) -> Result<()> {
         let c = &self.cfg.checkpoint;
         let resume = match &c.load {

@@ -74,6 +74,7 @@ pub struct Trainer {
 }
 
 impl Trainer {
+    /// The finalized config of this run.
     pub fn config(&self) -> &ConfigContainer {
         &self.cfg
     }
