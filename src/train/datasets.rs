@@ -3,12 +3,16 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 
 use crate::config::dataset::{Blend as CfgBlend, DatasetKind};
 use crate::config::tokenizer::TokenizerType;
 use crate::config::{ConfigContainer, Derived};
+use crate::data::sampler::{collate, Batch};
+use crate::data::sft::{build_sft_datasets, SftBuildOptions, SftSplit};
 use crate::data::tokenizer::{build_tokenizer, dataset_pad_id, Tokenizer, TokenizerSpec};
 use crate::data::{build_gpt_datasets, parse_blend, BlendSpec, GptDatasetParams, PretrainDataset};
+use crate::model::Microbatch;
 
 /// The tokenizer described by `tokenizer.*`.
 pub fn tokenizer_from_config(cfg: &ConfigContainer) -> Result<Box<dyn Tokenizer>> {
@@ -51,10 +55,9 @@ pub fn build_pretrain_datasets(
     let ds = &cfg.dataset;
     let blend = match ds.kind() {
         DatasetKind::Mock => BlendSpec::Mock,
-        DatasetKind::Finetuning => bail!(
-            "`dataset.dataset_root` (SFT data) is not supported by this build's trainer yet; \
-             pretraining and mock data are"
-        ),
+        DatasetKind::Finetuning => {
+            bail!("`dataset.dataset_root` holds SFT data: build it with `build_run_datasets`")
+        }
         DatasetKind::Pretraining => {
             match (&ds.blend_per_split, ds.blend.as_ref().or(ds.data_path.as_ref())) {
                 (Some(per_split), _) => {
@@ -105,4 +108,105 @@ pub fn build_pretrain_datasets(
     };
     let counts = split_sample_counts(cfg, d).map(Some);
     build_gpt_datasets(&params, &blend, counts)
+}
+
+/// A split the trainer draws micro-batches from: pretraining (GPT/blended/mock) or SFT data.
+#[derive(Debug, Clone)]
+pub enum RunDataset {
+    Pretrain(PretrainDataset),
+    /// SFT examples (or packed bins); `len` is what the sampler may draw: at least the split's
+    /// size, more for the training split so several epochs wrap around it.
+    Sft {
+        split: SftSplit,
+        len: usize,
+    },
+}
+
+impl RunDataset {
+    /// Samples the sampler may draw.
+    pub fn len(&self) -> usize {
+        match self {
+            RunDataset::Pretrain(d) => d.len(),
+            RunDataset::Sft { len, .. } => *len,
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The micro-batch of these sample indices (None = a padding sample with no loss).
+    pub fn microbatch(&self, indices: &[Option<usize>], device: &Device) -> Result<Microbatch> {
+        match self {
+            RunDataset::Pretrain(d) => to_microbatch(&collate(d, indices)?, device),
+            RunDataset::Sft { split, .. } => {
+                let n = split.len();
+                let wrapped: Vec<Option<usize>> =
+                    indices.iter().map(|i| i.map(|i| i % n)).collect();
+                let b = split.collate(&wrapped)?;
+                let mut mb = to_microbatch(b.batch(), device)?;
+                // Packed bins: block-diagonal causal mask so examples never attend to each other.
+                mb.attention_mask = b.attention_mask(device)?;
+                Ok(mb)
+            }
+        }
+    }
+}
+
+/// The train/valid/test splits of any run: SFT data under `dataset.dataset_root`, else
+/// pretraining or mock data.
+pub fn build_run_datasets(
+    cfg: &ConfigContainer,
+    d: &Derived,
+    tokenizer: &dyn Tokenizer,
+) -> Result<[Option<RunDataset>; 3]> {
+    if cfg.dataset.kind() != DatasetKind::Finetuning {
+        return Ok(build_pretrain_datasets(cfg, d, tokenizer)?.map(|s| s.map(RunDataset::Pretrain)));
+    }
+    if cfg.train.num_epochs.is_some() {
+        bail!("`train.num_epochs` is not supported yet; set `train.train_iters`");
+    }
+    let opts = SftBuildOptions::from_config(cfg)?;
+    let sets = build_sft_datasets(&cfg.dataset, tokenizer, &opts)?;
+    let needed = split_sample_counts(cfg, d);
+    let wrap = |split: SftSplit, need: usize| {
+        let len = split.len().max(need);
+        RunDataset::Sft { split, len }
+    };
+    if sets.train.is_empty() {
+        bail!("`dataset.dataset_root` has no usable training examples");
+    }
+    Ok([
+        Some(wrap(sets.train, needed[0])),
+        sets.valid.filter(|s| !s.is_empty()).map(|s| {
+            let len = s.len();
+            RunDataset::Sft { split: s, len }
+        }),
+        sets.test.filter(|s| !s.is_empty()).map(|s| {
+            let len = s.len();
+            RunDataset::Sft { split: s, len }
+        }),
+    ])
+}
+
+/// Tensors of a collated batch (ids as u32, loss mask as f32).
+pub fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
+    let shape = (b.batch_size, b.seq_length);
+    let ids = |v: &[i64]| -> Result<Tensor> {
+        let v: Vec<u32> = v
+            .iter()
+            .map(|&x| {
+                u32::try_from(x).with_context(|| format!("token id {x} is negative or too large"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Tensor::from_vec(v, shape, device)?)
+    };
+    Ok(Microbatch {
+        tokens: ids(&b.tokens)?,
+        labels: ids(&b.labels)?,
+        loss_mask: Tensor::from_vec(b.loss_mask.clone(), shape, device)?,
+        position_ids: Some(ids(&b.position_ids)?),
+        attention_mask: None,
+    })
 }

@@ -10,10 +10,10 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
 use super::log::{perplexity, timestamp, validation_box, LogLine};
-use super::trainer::{to_microbatch, StepResult, Trainer, Window};
+use super::trainer::{StepResult, Trainer, Window};
 use crate::ckpt::SavedCheckpoint;
 use crate::config::logger::LoggerConfig;
-use crate::data::sampler::{collate, PretrainingSampler};
+use crate::data::sampler::PretrainingSampler;
 use crate::model::loss_for_microbatch;
 use crate::parallel::ReduceOp;
 
@@ -41,7 +41,7 @@ impl Trainer {
         for _ in 0..eval_iters {
             for _ in 0..egbs / (embs * self.d.data_parallel_size) {
                 let Some(idx) = sampler.next() else { break };
-                let mb = to_microbatch(&collate(ds, &idx)?, &self.device)?;
+                let mb = ds.microbatch(&idx, &self.device)?;
                 let (s, c) = loss_for_microbatch(&self.model, &mb, None)?;
                 sum += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 count += c;

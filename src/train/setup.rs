@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 use super::checkpointing;
-use super::datasets::{build_pretrain_datasets, tokenizer_from_config};
+use super::datasets::{build_run_datasets, tokenizer_from_config};
 use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
 use super::report::{metrics_path, wandb_sync_command, MetricsWriter};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
@@ -110,7 +110,7 @@ impl Trainer {
         let acc = GradAccumulator::new(optimizer.vars());
         let scheduler =
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
-        let datasets = build_pretrain_datasets(&cfg, &d, tokenizer.as_ref())?;
+        let datasets = build_run_datasets(&cfg, &d, tokenizer.as_ref())?;
         let reporting = groups.as_ref().is_none_or(|g| g.coords.tp == 0 && g.coords.dp == 0);
         if let Some(cmd) = wandb_sync_command(&cfg.logger)? {
             println!(" W&B: TensorBoard events go to the tensorboard_dir; upload them with: {cmd}");

@@ -11,14 +11,14 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpointing::{self, SaveRequest};
 use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
+use super::datasets::RunDataset;
 use super::optimizer::{GradAccumulator, Optimizer};
 use super::report::{report_saved, MetricsWriter};
 use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
 use crate::ckpt::{AsyncSaver, TrainState};
 use crate::config::{ConfigContainer, Derived};
-use crate::data::sampler::{collate, Batch, PretrainingSampler};
-use crate::data::PretrainDataset;
+use crate::data::sampler::PretrainingSampler;
 use crate::model::flops::num_floating_point_operations;
 use crate::model::{loss_for_microbatch, GptModel, Microbatch};
 use crate::ops::DropoutRng;
@@ -58,7 +58,7 @@ pub struct Trainer {
     pub(super) optimizer: Optimizer,
     pub(super) scheduler: OptimizerParamScheduler,
     pub(super) acc: GradAccumulator,
-    pub(super) datasets: [Option<PretrainDataset>; 3],
+    pub(super) datasets: [Option<RunDataset>; 3],
     pub(super) state: TrainState,
     pub(super) device: Device,
     pub(super) tb: Option<SummaryWriter>,
@@ -123,7 +123,7 @@ impl Trainer {
             let mut micro = Vec::with_capacity(self.d.num_microbatches);
             for _ in 0..self.d.num_microbatches {
                 let idx = sampler.next().context("training data ran out")?;
-                micro.push(collate(&train_ds, &idx)?);
+                micro.push(train_ds.microbatch(&idx, &self.device)?);
             }
             let skip = self.cfg.train.iterations_to_skip.contains(&(iteration as usize));
             let step = self.train_step(iteration, &micro, skip)?;
@@ -223,20 +223,24 @@ impl Trainer {
     /// (a mean of micro-batch means); when true the gradients of Σ CE are summed and divided by
     /// the global batch's loss-token count. The two agree when every micro-batch has the same
     /// number of loss tokens. The reported loss is always Σ CE / Σ tokens of the global batch.
-    fn train_step(&mut self, iteration: u64, micro: &[Batch], skip: bool) -> Result<StepResult> {
+    fn train_step(
+        &mut self,
+        iteration: u64,
+        micro: &[Microbatch],
+        skip: bool,
+    ) -> Result<StepResult> {
         self.acc.clear();
         let (mut loss_sum, mut tokens) = (0.0f64, 0.0f64);
         let dropout_on =
             self.cfg.model.hidden_dropout > 0.0 || self.cfg.model.attention_dropout > 0.0;
         let per_token = self.cfg.model.calculate_per_token_loss;
         let num_micro = micro.len() as f64;
-        for (i, b) in micro.iter().enumerate() {
-            let mb = to_microbatch(b, &self.device)?;
+        for (i, mb) in micro.iter().enumerate() {
             // Key dropout by the micro-batch's place in the global batch, so DP=2 draws what
             // DP=1 draws for the same samples.
             let global_mb = (i * self.d.data_parallel_size + self.dp_rank()) as u64;
             let rng = dropout_on.then(|| DropoutRng::new(self.rng_seed, iteration, global_mb));
-            let (sum, count) = loss_for_microbatch(&self.model, &mb, rng.as_ref())?;
+            let (sum, count) = loss_for_microbatch(&self.model, mb, rng.as_ref())?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             tokens += count;
             if !skip {
@@ -424,24 +428,4 @@ impl Window {
             self.grad_norm = s.grad_norm;
         }
     }
-}
-
-pub(super) fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
-    let shape = (b.batch_size, b.seq_length);
-    let ids = |v: &[i64]| -> Result<Tensor> {
-        let v: Vec<u32> = v
-            .iter()
-            .map(|&x| {
-                u32::try_from(x).with_context(|| format!("token id {x} is negative or too large"))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Tensor::from_vec(v, shape, device)?)
-    };
-    Ok(Microbatch {
-        tokens: ids(&b.tokens)?,
-        labels: ids(&b.labels)?,
-        loss_mask: Tensor::from_vec(b.loss_mask.clone(), shape, device)?,
-        position_ids: Some(ids(&b.position_ids)?),
-        attention_mask: None,
-    })
 }

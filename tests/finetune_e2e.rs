@@ -1,0 +1,89 @@
+//! `mbridge finetune` on SFT data (unpacked and packed), from a pretrained checkpoint.
+
+use assert_cmd::Command;
+
+const TOK: &str = "tests/fixtures/sft/tok";
+const DATA: &str = "tests/fixtures/sft/data";
+
+fn losses(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.contains(" iteration ") && l.contains("lm loss:"))
+        .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn finetune(extra: &[String]) -> String {
+    let (out, _) = finetune_with_log(extra);
+    out
+}
+
+fn finetune_with_log(extra: &[String]) -> (String, String) {
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args([
+            "finetune",
+            "--recipe",
+            "tiny_llama",
+            "tokenizer.tokenizer_type=HuggingFaceTokenizer",
+        ])
+        .arg(format!("+tokenizer.tokenizer_model={TOK}"))
+        .arg(format!("+dataset.dataset_root={DATA}"))
+        .args(["train.train_iters=30", "logger.log_interval=5", "validation.eval_interval=15"])
+        .args(["validation.eval_iters=2", "optimizer.lr=3e-3"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let log = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{text}\n{log}");
+    (text, log)
+}
+
+#[test]
+fn sft_unpacked_and_packed_learn_and_evaluate() {
+    let out = finetune(&[]);
+    assert!(out.contains("data: Finetuning"), "{out}");
+    let l = losses(&out);
+    assert_eq!(l.len(), 6, "{out}");
+    assert!(l[5] < l[0], "loss did not fall: {l:?}");
+    assert!(out.contains("validation loss at iteration 15 on validation set"), "{out}");
+    assert!(out.contains("on test set"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let packed = finetune(&[
+        "+dataset.packed_sequence_specs.packed_sequence_size=64".into(),
+        format!(
+            "+dataset.packed_sequence_specs.packed_train_data_path={}",
+            dir.path().join("train.idx.jsonl").display()
+        ),
+    ]);
+    let l = losses(&packed);
+    assert_eq!(l.len(), 6, "{packed}");
+    assert!(dir.path().join("train.idx.jsonl").is_file(), "packed bins were not written");
+    assert!(l[5] < l[0], "packed loss did not fall: {l:?}");
+}
+
+#[test]
+fn finetune_starts_from_a_pretrained_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    // Pretrain with the same tokenizer so the vocabularies agree.
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args([
+            "pretrain",
+            "--recipe",
+            "tiny_llama",
+            "tokenizer.tokenizer_type=HuggingFaceTokenizer",
+        ])
+        .arg(format!("+tokenizer.tokenizer_model={TOK}"))
+        .args(["train.train_iters=3", "validation.eval_iters=0"])
+        .arg(format!("+checkpoint.save={}", base.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (text, log) =
+        finetune_with_log(&[format!("+checkpoint.pretrained_checkpoint={}", base.display())]);
+    assert!(text.contains(" iteration        5/"), "{text}");
+    assert!(log.contains("initialized weights from pretrained checkpoint"), "{log}");
+}
