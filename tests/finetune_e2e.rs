@@ -1,16 +1,12 @@
 //! `mbridge finetune` on SFT data (unpacked and packed), from a pretrained checkpoint.
 
+mod cli_common;
+
 use assert_cmd::Command;
+use cli_common::lm_losses;
 
 const TOK: &str = "tests/fixtures/sft/tok";
 const DATA: &str = "tests/fixtures/sft/data";
-
-fn losses(out: &str) -> Vec<f64> {
-    out.lines()
-        .filter(|l| l.contains(" iteration ") && l.contains("lm loss:"))
-        .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
-        .collect()
-}
 
 fn finetune(extra: &[String]) -> String {
     let (out, _) = finetune_with_log(extra);
@@ -43,7 +39,7 @@ fn finetune_with_log(extra: &[String]) -> (String, String) {
 fn sft_unpacked_and_packed_learn_and_evaluate() {
     let out = finetune(&[]);
     assert!(out.contains("data: Finetuning"), "{out}");
-    let l = losses(&out);
+    let l = lm_losses(&out);
     assert_eq!(l.len(), 6, "{out}");
     assert!(l[5] < l[0], "loss did not fall: {l:?}");
     assert!(out.contains("validation loss at iteration 15 on validation set"), "{out}");
@@ -57,7 +53,7 @@ fn sft_unpacked_and_packed_learn_and_evaluate() {
             dir.path().join("train.idx.jsonl").display()
         ),
     ]);
-    let l = losses(&packed);
+    let l = lm_losses(&packed);
     assert_eq!(l.len(), 6, "{packed}");
     assert!(dir.path().join("train.idx.jsonl").is_file(), "packed bins were not written");
     assert!(l[5] < l[0], "packed loss did not fall: {l:?}");

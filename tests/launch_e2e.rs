@@ -1,14 +1,10 @@
 //! `--nproc-per-node`: rank processes over TCP train like one process; a failing rank fails
 //! the launch with its exit code.
 
-use assert_cmd::Command;
+mod cli_common;
 
-fn losses(out: &str) -> Vec<f64> {
-    out.lines()
-        .filter(|l| l.contains(" iteration ") && l.contains("lm loss:"))
-        .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
-        .collect()
-}
+use assert_cmd::Command;
+use cli_common::lm_losses;
 
 fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::cargo_bin("mbridge")
@@ -45,7 +41,7 @@ fn two_rank_processes_match_one_process() {
     ]);
     assert!(ok, "{err}");
     assert!(two.contains("[rank 0]"), "{two}");
-    let (a, b) = (losses(&one), losses(&two));
+    let (a, b) = (lm_losses(&one), lm_losses(&two));
     assert_eq!(a.len(), 6);
     assert_eq!(b.len(), 6, "only rank 0 logs: {two}");
     for (x, y) in a.iter().zip(&b) {

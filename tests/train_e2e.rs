@@ -1,7 +1,10 @@
 //! Pretraining end to end on CPU: loss falls, runs are reproducible, resume is bit-identical.
 
+mod cli_common;
+
 use assert_cmd::Command;
 use candle_core::Device;
+use cli_common::lm_losses;
 use mbridge::config::recipes::Task;
 use mbridge::config::show::{render, ShowOptions};
 use mbridge::config::{finalize, load, ConfigRequest};
@@ -41,11 +44,7 @@ fn pretrain_through_the_binary_logs_and_learns() {
         .stdout
         .clone();
     let out = String::from_utf8(out).unwrap();
-    let losses: Vec<f64> = out
-        .lines()
-        .filter(|l| l.contains("iteration") && l.contains("lm loss:"))
-        .map(|l| l.split("lm loss: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap())
-        .collect();
+    let losses = lm_losses(&out);
     assert_eq!(losses.len(), 6, "{out}");
     assert!(losses[5] < losses[0] * 0.8, "loss did not fall: {losses:?}");
     assert!(
