@@ -50,7 +50,10 @@ pub fn load_hf_weights(dir: &Path, model: &GptModel) -> Result<()> {
         );
     }
     let weights = HfWeights::open(dir)?;
-    for p in model.params().params() {
+    // Under PEFT only the frozen base comes from the HF model; adapters keep their init.
+    for p in
+        model.params().params().iter().filter(|p| !p.trainable || model.params().peft().is_none())
+    {
         let param = MegatronParam {
             name: p.name.clone(),
             shape: p.global_shape.clone(),

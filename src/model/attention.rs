@@ -7,6 +7,7 @@ use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::ops::{self, AttentionShape, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
+use crate::peft::{Adapter, BaseParallel};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -26,6 +27,8 @@ pub struct SelfAttention {
     shape: AttentionShape,
     attention_dropout: f64,
     tp: Option<TensorParallel>,
+    qkv_adapter: Option<Adapter>,
+    proj_adapter: Option<Adapter>,
 }
 
 /// Per-call inputs shared by all layers.
@@ -121,7 +124,23 @@ impl SelfAttention {
             head_dim: d,
             softmax_scale: 1.0 / (d as f64).sqrt(),
         };
+        let qkv_adapter = Adapter::maybe_new(
+            store,
+            &format!("{p}.linear_qkv"),
+            rows,
+            h,
+            BaseParallel::Column(ShardLayout::Contiguous),
+        )?;
+        let proj_adapter = Adapter::maybe_new(
+            store,
+            &format!("{p}.linear_proj"),
+            h,
+            arch.heads * d,
+            BaseParallel::Row,
+        )?;
         Ok(Self {
+            qkv_adapter,
+            proj_adapter,
             norm,
             qkv_w,
             qkv_b,
@@ -160,13 +179,18 @@ impl SelfAttention {
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
         let xn = self.norm.forward(x)?;
-        let xn = match &self.tp {
+        let xe = match &self.tp {
             Some(tp) => tp.enter_column(&xn)?,
-            None => xn,
+            None => xn.clone(),
         };
         // The whole sequence (gathered under sequence parallelism).
-        let (b, s, _) = xn.dims3()?;
-        let qkv = ops::linear(&xn, &self.qkv_w, self.qkv_b.as_ref())?;
+        let (b, s, _) = xe.dims3()?;
+        let qkv = match &self.qkv_adapter {
+            Some(a) => {
+                a.forward_column(&xn, &xe, &self.qkv_w, self.qkv_b.as_ref(), self.tp.as_ref())?
+            }
+            None => ops::linear(&xe, &self.qkv_w, self.qkv_b.as_ref())?,
+        };
         // Megatron layout: per query group, hpg query heads then one key and one value head.
         let qkv = qkv.reshape((b, s, groups, hpg + 2, d))?;
         let q = qkv.narrow(3, 0, hpg)?.reshape((b, s, heads, d))?.transpose(1, 2)?;
@@ -199,7 +223,20 @@ impl SelfAttention {
         let dropout = inputs.dropout.map(|r| (self.attention_dropout, r, shard));
         let out = ops::attention(&q, &k, &v, inputs.allowed, self.shape, dropout)?;
         let out = out.transpose(1, 2)?.reshape((b, s, heads * d))?;
-        row_parallel(&out, &self.proj_w, self.proj_b.as_ref(), self.tp.as_ref())
+        match &self.proj_adapter {
+            Some(a) => a.forward_row(&out, &self.proj_w, self.proj_b.as_ref(), self.tp.as_ref()),
+            None => row_parallel(&out, &self.proj_w, self.proj_b.as_ref(), self.tp.as_ref()),
+        }
+    }
+
+    /// DoRA: initializes the adapters' magnitudes from the current base weights.
+    pub fn init_dora(&self) -> Result<()> {
+        for (a, w) in [(&self.qkv_adapter, &self.qkv_w), (&self.proj_adapter, &self.proj_w)] {
+            if let Some(a) = a {
+                a.init_magnitude(w)?;
+            }
+        }
+        Ok(())
     }
 }
 

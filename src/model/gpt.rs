@@ -98,6 +98,23 @@ impl GptModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::new_peft(cfg, layout, tp_comm, None, seed, dtype, device)
+    }
+
+    /// Like [`Self::new_parallel`]; with `peft`, every base parameter is frozen (its
+    /// `Param::trainable` is false and the layers use a detached view) and the linear layers
+    /// matched by `peft.target_modules` get trainable LoRA/DoRA adapters
+    /// (`<module>.adapter.linear_in.weight` / `.linear_out.weight`). A target list that
+    /// matches no layer of this stage is an error listing the module names.
+    pub fn new_peft(
+        cfg: &ModelConfig,
+        layout: ParallelLayout,
+        tp_comm: Option<Arc<dyn Communicator>>,
+        peft: Option<&crate::config::peft::PeftConfig>,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let tp_group = match tp_comm {
             Some(c) => {
                 if c.size() != layout.tp_size || c.rank() != layout.tp_rank {
@@ -127,6 +144,9 @@ impl GptModel {
         let layer_numbers = stage_layers(cfg, layout.pp_rank, layout.pp_size)?;
         let tp = TpCoord { rank: layout.tp_rank, size: layout.tp_size };
         let mut store = ParamStore::new(tp, seed, dtype, device.clone());
+        if let Some(p) = peft {
+            store.enable_peft(p.clone());
+        }
         let (h, std) = (arch.hidden, arch.init_std);
 
         let (mut word_emb, mut pos_emb) = (None, None);
@@ -208,6 +228,24 @@ impl GptModel {
             )?),
             _ => None,
         };
+        if let Some(p) = peft {
+            if !layer_numbers.is_empty() && store.trainable_named_vars().is_empty() {
+                let mut modules: Vec<String> = store
+                    .params()
+                    .iter()
+                    .filter_map(|q| q.name.strip_suffix(".weight"))
+                    .filter(|n| crate::peft::matcher::LINEAR_MODULES.iter().any(|m| n.ends_with(m)))
+                    .map(String::from)
+                    .collect();
+                modules.dedup();
+                bail!(
+                    "peft.target_modules {:?} (exclude_modules {:?}) match no linear layer; the modules are: {}",
+                    p.target_modules,
+                    p.exclude_modules,
+                    modules.join(", ")
+                );
+            }
+        }
         Ok(Self {
             arch,
             layout,
@@ -230,6 +268,16 @@ impl GptModel {
         &self.arch
     }
     /// Named parameters of this stage/rank.
+    /// DoRA: sets every adapter magnitude to the row norms of its (now loaded) base weight,
+    /// as Megatron Bridge does when it wraps a pretrained layer; no-op without DoRA.
+    pub fn init_dora_magnitudes(&self) -> Result<()> {
+        for l in &self.layers {
+            l.attn.init_dora()?;
+            l.mlp.init_dora()?;
+        }
+        Ok(())
+    }
+
     pub fn params(&self) -> &ParamStore {
         &self.store
     }

@@ -9,6 +9,7 @@ use super::params::{ParamStore, ShardLayout};
 use crate::config::model::Activation;
 use crate::ops;
 use crate::parallel::tensor::TensorParallel;
+use crate::peft::{Adapter, BaseParallel};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -23,6 +24,8 @@ pub struct Mlp {
     gated: bool,
     activation: Activation,
     tp: Option<TensorParallel>,
+    fc1_adapter: Option<Adapter>,
+    fc2_adapter: Option<Adapter>,
 }
 
 impl Mlp {
@@ -79,7 +82,18 @@ impl Mlp {
         } else {
             None
         };
+        let fc1_adapter = Adapter::maybe_new(
+            store,
+            &format!("{p}.linear_fc1"),
+            fc1_rows,
+            h,
+            BaseParallel::Column(fc1_layout),
+        )?;
+        let fc2_adapter =
+            Adapter::maybe_new(store, &format!("{p}.linear_fc2"), h, arch.ffn, BaseParallel::Row)?;
         Ok(Self {
+            fc1_adapter,
+            fc2_adapter,
             norm,
             fc1_w,
             fc1_b,
@@ -103,16 +117,34 @@ impl Mlp {
     /// `fc2(act(fc1(norm(x))))` for `x` `[b, s, h]` (no residual).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let xn = self.norm.forward(x)?;
-        let xn = match &self.tp {
+        let xe = match &self.tp {
             Some(tp) => tp.enter_column(&xn)?,
-            None => xn,
+            None => xn.clone(),
         };
-        let y = ops::linear(&xn, &self.fc1_w, self.fc1_b.as_ref())?;
+        let y = match &self.fc1_adapter {
+            Some(a) => {
+                a.forward_column(&xn, &xe, &self.fc1_w, self.fc1_b.as_ref(), self.tp.as_ref())?
+            }
+            None => ops::linear(&xe, &self.fc1_w, self.fc1_b.as_ref())?,
+        };
         let y = if self.gated {
             ops::activation::gated(&y, self.activation)?
         } else {
             ops::apply_activation(&y, self.activation)?
         };
-        row_parallel(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref())
+        match &self.fc2_adapter {
+            Some(a) => a.forward_row(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref()),
+            None => row_parallel(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref()),
+        }
+    }
+
+    /// DoRA: initializes the adapters' magnitudes from the current base weights.
+    pub fn init_dora(&self) -> Result<()> {
+        for (a, w) in [(&self.fc1_adapter, &self.fc1_w), (&self.fc2_adapter, &self.fc2_w)] {
+            if let Some(a) = a {
+                a.init_magnitude(w)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -43,6 +43,9 @@ pub struct Param {
     /// of the first stage's word embeddings that the loop must keep in sync (Megatron's
     /// `shared_embedding` flag).
     pub shared_embedding: bool,
+    /// False for frozen base weights under PEFT: they are not optimized, not saved in
+    /// adapter-only checkpoints, and the model uses a detached view of them (no gradient).
+    pub trainable: bool,
 }
 
 impl Param {
@@ -62,12 +65,23 @@ pub struct ParamStore {
     seed: u64,
     dtype: DType,
     device: Device,
+    frozen: bool,
+    peft: Option<crate::config::peft::PeftConfig>,
 }
 
 impl ParamStore {
     /// An empty registry for rank `tp` whose initial values derive from `seed`.
     pub fn new(tp: TpCoord, seed: u64, dtype: DType, device: Device) -> Self {
-        Self { params: Vec::new(), index: HashMap::new(), tp, seed, dtype, device }
+        Self {
+            params: Vec::new(),
+            index: HashMap::new(),
+            tp,
+            seed,
+            dtype,
+            device,
+            frozen: false,
+            peft: None,
+        }
     }
 
     /// Creates, initializes and registers a parameter; returns its shard as a tensor that
@@ -100,7 +114,9 @@ impl ParamStore {
         let full = init_full(init_key, global_shape, init, self.seed, self.dtype, &self.device)?;
         let shard = shard_of(&full, partition_dim, layout, self.tp)?;
         let var = Var::from_tensor(&shard)?;
-        let t = var.as_tensor().clone();
+        // A frozen weight is used through a detached view: it shares the storage (so loads
+        // through `Var::set` reach it) but takes no part in backward.
+        let t = if self.frozen { var.as_tensor().detach() } else { var.as_tensor().clone() };
         self.index.insert(name.to_string(), self.params.len());
         self.params.push(Param {
             name: name.to_string(),
@@ -109,8 +125,51 @@ impl ParamStore {
             partition_dim,
             layout,
             shared_embedding: false,
+            trainable: !self.frozen,
         });
         Ok(t)
+    }
+
+    /// Turns on PEFT: parameters created from now on are frozen base weights until
+    /// [`Self::create_adapter`] registers a trainable one; layers read `cfg` through
+    /// [`Self::peft`] to decide which linear layers get adapters.
+    pub fn enable_peft(&mut self, cfg: crate::config::peft::PeftConfig) {
+        self.frozen = true;
+        self.peft = Some(cfg);
+    }
+
+    /// The PEFT config when adapters are on.
+    pub fn peft(&self) -> Option<&crate::config::peft::PeftConfig> {
+        self.peft.as_ref()
+    }
+
+    /// This rank's TP coordinates.
+    pub fn tp(&self) -> TpCoord {
+        self.tp
+    }
+
+    /// Registers a trainable (adapter) parameter even while the store is frozen.
+    pub fn create_adapter(
+        &mut self,
+        name: &str,
+        global_shape: &[usize],
+        partition_dim: Option<usize>,
+        layout: ShardLayout,
+        init: Init,
+    ) -> Result<Tensor> {
+        let frozen = std::mem::replace(&mut self.frozen, false);
+        let r = self.create(name, global_shape, partition_dim, layout, init);
+        self.frozen = frozen;
+        r
+    }
+
+    /// `(name, var)` of the trainable parameters only (all of them without PEFT).
+    pub fn trainable_named_vars(&self) -> Vec<(String, Var)> {
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| (p.name.clone(), p.var.clone()))
+            .collect()
     }
 
     /// Marks a registered parameter as a tied copy of the word embeddings.
@@ -167,7 +226,18 @@ impl ParamStore {
     /// TP=1 checkpoint. A missing parameter is an error; returns the names in `state` that
     /// this stage does not use (other stages' layers, for example).
     pub fn load_full_state(&self, state: &HashMap<String, Tensor>) -> Result<Vec<String>> {
-        for p in &self.params {
+        self.load_full_state_where(state, |_| true)
+    }
+
+    /// Like [`Self::load_full_state`] for the parameters that `which` selects only (PEFT:
+    /// the frozen base from a pretrained checkpoint, or the adapters from an adapter-only
+    /// checkpoint); names in `state` that this store has but `which` skips count as used.
+    pub fn load_full_state_where(
+        &self,
+        state: &HashMap<String, Tensor>,
+        which: impl Fn(&Param) -> bool,
+    ) -> Result<Vec<String>> {
+        for p in self.params.iter().filter(|p| which(p)) {
             let t = state.get(&p.name).ok_or_else(|| {
                 candle_core::Error::Msg(format!(
                     "parameter {} missing from the loaded state",

@@ -55,7 +55,9 @@ pub fn save(req: &SaveRequest) -> Result<Option<PathBuf>> {
 /// not mutated, by each step, so their clones are snapshots. With TP > 1 every rank joins the
 /// shard gathers and only the writing rank gets Some.
 pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
-    let params = req.model.params().params();
+    // Under PEFT the checkpoint holds the adapters only (the base comes from
+    // `checkpoint.pretrained_checkpoint`).
+    let params: Vec<&Param> = req.model.params().params().iter().filter(|p| p.trainable).collect();
     let partitions: HashMap<&str, Partition> =
         params.iter().map(|p| (p.name.as_str(), partition_of(p))).collect();
     let model = vec![TensorSet {
@@ -152,13 +154,35 @@ fn gather_tp(sets: Vec<TensorSet>, tp: Option<&dyn Communicator>) -> Result<Vec<
     Ok(out)
 }
 
-/// Load model weights (any TP layout) into `model`.
+/// Which parameters [`load_model_part`] restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPart {
+    /// Every parameter (no PEFT).
+    All,
+    /// The frozen base weights (PEFT: from `checkpoint.pretrained_checkpoint`).
+    Base,
+    /// The trainable parameters (PEFT: adapters from an adapter-only checkpoint).
+    Trainable,
+}
+
+/// Load model weights (any TP layout) into `model`: everything without PEFT, the adapters
+/// (what PEFT checkpoints hold) with PEFT.
 pub fn load_model(iter_dir: &Path, model: &GptModel) -> Result<()> {
+    let part = if model.params().peft().is_some() { LoadPart::Trainable } else { LoadPart::All };
+    load_model_part(iter_dir, model, part)
+}
+
+/// Load the `part` of `model`'s weights (any TP layout) from `iter_dir`.
+pub fn load_model_part(iter_dir: &Path, model: &GptModel, part: LoadPart) -> Result<()> {
     let tensors: HashMap<String, Tensor> =
         ckpt::load_tensors(iter_dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
     let unused = model
         .params()
-        .load_full_state(&tensors)
+        .load_full_state_where(&tensors, |p| match part {
+            LoadPart::All => true,
+            LoadPart::Base => !p.trainable,
+            LoadPart::Trainable => p.trainable,
+        })
         .with_context(|| format!("checkpoint `{}` does not fit this model", iter_dir.display()))?;
     if !unused.is_empty() && model.layer_numbers().len() == model.arch().num_layers {
         bail!(

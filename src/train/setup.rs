@@ -77,9 +77,16 @@ impl Trainer {
             Some(g) => (g.layout(), Some(g.tp.clone())),
             None => (ParallelLayout::single(), None),
         };
-        let model =
-            GptModel::new_parallel(&cfg.model, layout, tp_comm, cfg.rng.seed, dtype, &device)
-                .context("cannot build the model")?;
+        let model = GptModel::new_peft(
+            &cfg.model,
+            layout,
+            tp_comm,
+            cfg.peft.as_ref(),
+            cfg.rng.seed,
+            dtype,
+            &device,
+        )
+        .context("cannot build the model")?;
         // Megatron's start-up line, so a log shows the model size (benchmarks read it too).
         let num_params: usize = model
             .params()
@@ -94,8 +101,8 @@ impl Trainer {
                 " > number of parameters on (tensor, pipeline) model parallel rank ({tp}, {pp}): {num_params}"
             );
         }
-        let named: Vec<(String, candle_core::Var)> =
-            model.params().params().iter().map(|p| (p.name.clone(), p.var.clone())).collect();
+        // Under PEFT the frozen base is not optimized: only the adapters are.
+        let named = model.params().trainable_named_vars();
         let o = &cfg.optimizer;
         let algorithm = match o.optimizer {
             OptimizerKind::Adam => Algorithm::Adam(AdamConfig {
@@ -162,6 +169,13 @@ impl Trainer {
             }
             None => None,
         };
+        let peft = self.model.params().peft().is_some();
+        if peft {
+            // The frozen base always comes from the pretrained checkpoint; `load` then adds
+            // the adapters (PEFT checkpoints hold nothing else).
+            self.load_pretrained()?;
+            self.model.init_dora_magnitudes()?;
+        }
         if let Some(dir) = resume {
             checkpointing::load_model(&dir, &self.model)?;
             if c.finetune {
@@ -183,22 +197,7 @@ impl Trainer {
             tracing::info!("resumed from {} at iteration {}", dir.display(), self.state.step);
             return Ok(());
         }
-        if let Some(pre) = &c.pretrained_checkpoint {
-            let pre_path = PathBuf::from(pre);
-            // A local Hugging Face directory is converted on the fly, as Megatron Bridge does.
-            if pre_path.join("config.json").is_file() {
-                crate::bridge::load_hf_weights(&pre_path, &self.model)?;
-                tracing::info!("initialized weights from Hugging Face directory {pre}");
-                return Ok(());
-            }
-            let dir = ckpt::find_checkpoint(&pre_path, None)?.with_context(|| {
-                format!(
-                    "`checkpoint.pretrained_checkpoint` `{pre}` holds neither an mbridge checkpoint \
-                     nor a Hugging Face model (config.json)"
-                )
-            })?;
-            checkpointing::load_model(&dir, &self.model)?;
-            tracing::info!("initialized weights from pretrained checkpoint {}", dir.display());
+        if peft || self.load_pretrained()? {
             return Ok(());
         }
         if c.exit_on_missing_checkpoint {
@@ -208,5 +207,32 @@ impl Trainer {
             );
         }
         Ok(())
+    }
+
+    /// Loads `checkpoint.pretrained_checkpoint` (an mbridge checkpoint or a Hugging Face
+    /// directory) into the model — the frozen base under PEFT; false when it is unset.
+    fn load_pretrained(&self) -> Result<bool> {
+        let Some(pre) = &self.cfg.checkpoint.pretrained_checkpoint else { return Ok(false) };
+        let pre_path = PathBuf::from(pre);
+        // A local Hugging Face directory is converted on the fly, as Megatron Bridge does.
+        if pre_path.join("config.json").is_file() {
+            crate::bridge::load_hf_weights(&pre_path, &self.model)?;
+            tracing::info!("initialized weights from Hugging Face directory {pre}");
+            return Ok(true);
+        }
+        let dir = ckpt::find_checkpoint(&pre_path, None)?.with_context(|| {
+            format!(
+                "`checkpoint.pretrained_checkpoint` `{pre}` holds neither an mbridge checkpoint \
+                 nor a Hugging Face model (config.json)"
+            )
+        })?;
+        let part = if self.model.params().peft().is_some() {
+            checkpointing::LoadPart::Base
+        } else {
+            checkpointing::LoadPart::All
+        };
+        checkpointing::load_model_part(&dir, &self.model, part)?;
+        tracing::info!("initialized weights from pretrained checkpoint {}", dir.display());
+        Ok(true)
     }
 }

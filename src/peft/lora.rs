@@ -1,0 +1,214 @@
+//! LoRA and DoRA adapters on one linear layer, tensor-parallel aware as Megatron Bridge's
+//! `ParallelLinearAdapter`: for a column-parallel base layer `linear_in` (A) is replicated
+//! and `linear_out` (B) is split on dim 0 like the base weight; for a row-parallel base layer
+//! A is split on dim 1 and B is replicated.
+//!
+//! LoRA: `y = base(x) + B(A(x)) · alpha/dim`. DoRA (Megatron Bridge `DoRALinear`):
+//! `y = m / ‖W + s·BA‖_row · (x Wᵀ + s·B(A x)) + b`, the norm detached, `m` initialized to
+//! `‖W‖_row` of the (pretrained) base weight.
+
+use crate::config::peft::{PeftConfig, PeftScheme};
+use crate::model::init::Init;
+use crate::model::params::{ParamStore, ShardLayout};
+use crate::ops;
+use crate::parallel::tensor::TensorParallel;
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var, D};
+
+/// How the adapted base layer is parallelized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseParallel {
+    /// Column-parallel: output rows split over TP with the given layout.
+    Column(ShardLayout),
+    /// Row-parallel: input columns split over TP, partial outputs all-reduced.
+    Row,
+}
+
+/// The adapter of one linear layer.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    kind: BaseParallel,
+    /// DoRA magnitude `[out]` (this rank's rows for a column-parallel base layer).
+    magnitude: Option<(Tensor, Var)>,
+}
+
+impl Adapter {
+    /// Registers the adapter of module `module` (full name, e.g.
+    /// `decoder.layers.0.self_attention.linear_qkv`) with base weight shape `[out, inp]`
+    /// when the store has PEFT on and `module` is a target; `None` otherwise.
+    pub fn maybe_new(
+        store: &mut ParamStore,
+        module: &str,
+        out: usize,
+        inp: usize,
+        kind: BaseParallel,
+    ) -> Result<Option<Self>> {
+        let Some(cfg) = store.peft().cloned() else { return Ok(None) };
+        if !super::matcher::is_target(&cfg, module) {
+            return Ok(None);
+        }
+        check_supported(&cfg, store.tp().size, module)?;
+        let r = cfg.dim;
+        let a_std = (2.0 / (inp + r) as f64).sqrt(); // xavier_normal_ on [r, inp]
+        let (a_part, a_layout, b_part, b_layout) = match kind {
+            BaseParallel::Column(l) => (None, ShardLayout::Contiguous, Some(0), l),
+            BaseParallel::Row => (Some(1), ShardLayout::Contiguous, None, ShardLayout::Contiguous),
+        };
+        let a = store.create_adapter(
+            &format!("{module}.adapter.linear_in.weight"),
+            &[r, inp],
+            a_part,
+            a_layout,
+            Init::Normal(a_std),
+        )?;
+        let b = store.create_adapter(
+            &format!("{module}.adapter.linear_out.weight"),
+            &[out, r],
+            b_part,
+            b_layout,
+            Init::Zeros,
+        )?;
+        let magnitude = if cfg.peft_scheme == PeftScheme::Dora {
+            let name = format!("{module}.adapter.weight_magnitude");
+            let t = store.create_adapter(&name, &[out], b_part, b_layout, Init::Ones)?;
+            let var = store.get(&name).expect("just registered").var.clone();
+            Some((t, var))
+        } else {
+            None
+        };
+        Ok(Some(Self { a, b, scale: cfg.alpha / r as f64, kind, magnitude }))
+    }
+
+    /// `alpha / dim`.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// DoRA: sets the magnitude to `‖W‖_row` of this rank's base weight `w` (call after the
+    /// pretrained base weights are loaded and before training); no-op for LoRA.
+    pub fn init_magnitude(&self, w: &Tensor) -> Result<()> {
+        if let Some((_, var)) = &self.magnitude {
+            let n = w.to_dtype(var.dtype())?.sqr()?.sum(D::Minus1)?.sqrt()?;
+            var.set(&n)?;
+        }
+        Ok(())
+    }
+
+    /// `B(A x) · scale` for a column-parallel base layer, `x` the layer input **before**
+    /// the TP region is entered: A is replicated, so its input gradient must not be summed
+    /// a second time, and the gradient of `A x` is summed over TP instead (copy-to-region).
+    fn column_delta(&self, x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
+        check_no_sp(tp)?;
+        let h = ops::linear(x, &self.a, None)?;
+        let h = match tp {
+            Some(tp) => tp.copy_to_region(&h)?,
+            None => h,
+        };
+        Ok((ops::linear(&h, &self.b, None)? * self.scale)?)
+    }
+
+    /// Column-parallel adapted linear: `x` before and `xe` after entering the TP region.
+    pub fn forward_column(
+        &self,
+        x: &Tensor,
+        xe: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        tp: Option<&TensorParallel>,
+    ) -> Result<Tensor> {
+        debug_assert!(matches!(self.kind, BaseParallel::Column(_)));
+        let y = (ops::linear(xe, w, None)? + self.column_delta(x, tp)?)?;
+        let y = self.dora_scale(y, w)?;
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Row-parallel adapted linear on this rank's input shard `x`: the base partial product
+    /// and `A_r x_r` are each reduced over TP, then the replicated B applies.
+    pub fn forward_row(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        tp: Option<&TensorParallel>,
+    ) -> Result<Tensor> {
+        debug_assert!(self.kind == BaseParallel::Row);
+        check_no_sp(tp)?;
+        let y = ops::linear(x, w, None)?;
+        let h = ops::linear(x, &self.a, None)?;
+        let (y, h) = match tp {
+            Some(tp) => (tp.exit_row(&y)?, tp.exit_row(&h)?),
+            None => (y, h),
+        };
+        let y = (y + (ops::linear(&h, &self.b, None)? * self.scale)?)?;
+        let y = self.dora_scale(y, w)?;
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// DoRA: `y · m / ‖W + s·BA‖_row` (norm detached, as Megatron Bridge); LoRA: `y`.
+    fn dora_scale(&self, y: Tensor, w: &Tensor) -> Result<Tensor> {
+        let Some((m, _)) = &self.magnitude else { return Ok(y) };
+        let merged = (w.detach() + (self.b.detach().matmul(&self.a.detach())? * self.scale)?)?;
+        let norm = merged.sqr()?.sum(D::Minus1)?.sqrt()?;
+        let factor = m.broadcast_div(&norm)?;
+        Ok(y.broadcast_mul(&factor)?)
+    }
+
+    /// The merged weight `W + scale · B A` for full (unsharded) tensors `w`, `a`, `b`
+    /// (DoRA: also rescaled rows by `m / ‖·‖`), the `--merge-lora` math.
+    pub fn merge_full(
+        w: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        magnitude: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let merged = (w + (b.matmul(a)? * scale)?)?;
+        Ok(match magnitude {
+            Some(m) => {
+                let norm = merged.sqr()?.sum(D::Minus1)?.sqrt()?;
+                merged.broadcast_mul(&m.broadcast_div(&norm)?.unsqueeze(1)?)?
+            }
+            None => merged,
+        })
+    }
+}
+
+fn check_no_sp(tp: Option<&TensorParallel>) -> Result<()> {
+    if tp.is_some_and(|t| t.sequence_parallel()) {
+        bail!("LoRA/DoRA adapters with model.sequence_parallel=true are not implemented in this build");
+    }
+    Ok(())
+}
+
+/// Rejects the adapter options this build does not run, naming the module.
+fn check_supported(cfg: &PeftConfig, tp_size: usize, module: &str) -> Result<()> {
+    if cfg.peft_scheme == PeftScheme::CanonicalLora {
+        bail!("peft.peft_scheme = canonical_lora is not implemented in this build (module {module}); use lora or dora");
+    }
+    if cfg.dim == 0 {
+        bail!("peft.dim must be > 0 (module {module})");
+    }
+    if cfg.dropout != 0.0 {
+        bail!("peft.dropout = {} is not implemented in this build (module {module}); set peft.dropout=0", cfg.dropout);
+    }
+    if cfg.lora_a_init_method != "xavier" || cfg.lora_b_init_method != "zero" {
+        bail!(
+            "peft init methods lora_A_init_method={:?} lora_B_init_method={:?} (module {module}): only \"xavier\" / \"zero\" are implemented",
+            cfg.lora_a_init_method,
+            cfg.lora_b_init_method
+        );
+    }
+    if cfg.peft_scheme == PeftScheme::Dora && tp_size > 1 {
+        bail!("DoRA with tensor parallelism (TP={tp_size}) is not implemented in this build (module {module}); use LoRA or TP=1");
+    }
+    Ok(())
+}
