@@ -98,9 +98,6 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     if args.dry_run {
         return Ok(());
     }
-    if fin.cfg.peft.is_some() {
-        anyhow::bail!("PEFT finetuning (`peft.*`) is not implemented in this build yet");
-    }
     let device = parse_device(&args.device)?;
     let run_config = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
     let groups = if env.world_size > 1 {
