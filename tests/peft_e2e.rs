@@ -5,7 +5,9 @@
 mod cli_common;
 
 use assert_cmd::Command;
+use candle_core::{DType, Device, Tensor};
 use cli_common::lm_losses;
+use std::collections::HashMap;
 use std::path::Path;
 
 const TOK: &str = "tests/fixtures/sft/tok";
@@ -83,6 +85,70 @@ fn lora_trains_saves_adapters_only_and_resumes() {
     assert!(!resumed.contains(" iteration        5/"), "did not resume: {resumed}");
     let r = lm_losses(&resumed);
     assert!(r[0] < l[0], "resumed loss {r:?} should continue from {l:?}");
+    check_exports(&base, &run, dir.path());
+}
+
+fn read_st(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// `--adapter-only` writes PEFT names/config; `--merge-lora` weights equal
+/// base + alpha/r · B A for every unfused module and the base elsewhere.
+fn check_exports(base: &Path, run: &Path, tmp: &Path) {
+    let (adapter, merged, plain) = (tmp.join("adapter"), tmp.join("merged"), tmp.join("plain"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    mbridge(&["export-hf".into(), s(run), s(&adapter), "--adapter-only".into()]);
+    mbridge(&["export-hf".into(), s(run), s(&merged), "--merge-lora".into()]);
+    mbridge(&["export-hf".into(), s(base), s(&plain)]);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["use_dora"], false);
+    let targets: Vec<&str> =
+        cfg["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(
+        targets,
+        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    );
+    let scale = cfg["lora_alpha"].as_f64().unwrap() / 8.0;
+    let ad = read_st(&adapter.join("adapter_model.safetensors"));
+    assert_eq!(ad.len(), 2 * 7 * 2, "{:?}", ad.keys());
+    let (m, b) =
+        (read_st(&merged.join("model.safetensors")), read_st(&plain.join("model.safetensors")));
+    assert_eq!(m.len(), b.len());
+    let mut changed = 0;
+    for (name, w) in &b {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let key = |x: &str| format!("base_model.model.{module}.lora_{x}.weight");
+        let want = match (ad.get(&key("A")), ad.get(&key("B"))) {
+            (Some(a), Some(bb)) => {
+                changed += 1;
+                (w.to_dtype(DType::F64).unwrap()
+                    + (bb
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .matmul(&a.to_dtype(DType::F64).unwrap())
+                        .unwrap()
+                        * scale)
+                        .unwrap())
+                .unwrap()
+            }
+            _ => w.clone(),
+        };
+        let e = max_diff(&m[name], &want);
+        assert!(e < 1e-5, "{name}: merged differs from base + s·BA by {e:e}");
+    }
+    assert_eq!(changed, 14, "every q/k/v/o/gate/up/down weight gets its adapter");
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert!(max_diff(&m[q], &b[q]) > 1e-6, "training left the q_proj adapter at zero");
 }
 
 #[test]

@@ -35,19 +35,22 @@ pub struct ExportOptions {
 pub fn export_hf(opts: &ExportOptions) -> Result<PathBuf> {
     let iter_dir = resolve_iter_dir(&opts.checkpoint, opts.iteration)?;
     let cfg = read_run_config(&iter_dir)?;
+    let mut tensors: HashMap<String, Tensor> =
+        ckpt::load_tensors(&iter_dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
     if opts.merge_lora || opts.adapter_only {
         let flag = if opts.merge_lora { "--merge-lora" } else { "--adapter-only" };
-        return Err(match cfg.peft {
-            Some(_) => crate::config_err!("{flag}: PEFT adapter export is not implemented yet"),
-            None => crate::config_err!(
+        let Some(peft) = cfg.peft.clone() else {
+            return Err(crate::config_err!(
                 "{flag}: no adapters in this checkpoint (`{}` was not trained with peft.*)",
                 iter_dir.display()
-            ),
+            )
+            .into());
+        };
+        if opts.adapter_only {
+            return crate::peft::export::export_adapter(opts, &cfg, &peft, &tensors);
         }
-        .into());
+        tensors = crate::peft::export::merged_tensors(&cfg, &peft, &tensors)?;
     }
-    let tensors: HashMap<String, Tensor> =
-        ckpt::load_tensors(&iter_dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
     let padded = padded_rows(&tensors, &iter_dir)?;
     let hf_vocab = unpadded_vocab(&cfg, &iter_dir, padded)?;
     let mut m = cfg.model.clone();
