@@ -86,6 +86,46 @@ fn lora_trains_saves_adapters_only_and_resumes() {
     let r = lm_losses(&resumed);
     assert!(r[0] < l[0], "resumed loss {r:?} should continue from {l:?}");
     check_exports(&base, &run, dir.path());
+    check_peft_parity(&run, dir.path());
+}
+
+/// transformers + peft on the plain base export and the adapter export give mbridge's logits
+/// (runs where `MBRIDGE_PYTHON`, default `/work/pyenv/bin/python`, imports peft; otherwise
+/// says so and checks nothing more).
+fn check_peft_parity(run: &Path, tmp: &Path) {
+    let py = std::env::var("MBRIDGE_PYTHON").unwrap_or_else(|_| "/work/pyenv/bin/python".into());
+    let has_peft = std::process::Command::new(&py)
+        .args(["-c", "import peft, transformers, torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_peft {
+        eprintln!("skipping the peft parity check: `{py}` cannot import peft");
+        return;
+    }
+    let toks = [3u32, 17, 42, 8, 99, 5, 61];
+    let loaded =
+        mbridge::bridge::load_checkpoint_model(run, None, DType::F64, &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[toks], &Device::Cpu).unwrap();
+    let ours = loaded.model.forward(&ids, &mbridge::model::ForwardOpts::default()).unwrap();
+    let list: Vec<String> = toks.iter().map(|t| t.to_string()).collect();
+    let out = std::process::Command::new(&py)
+        .arg("scripts/fixtures/peft_logits.py")
+        .arg(tmp.join("plain"))
+        .arg(tmp.join("adapter"))
+        .arg(list.join(","))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let theirs: Vec<f64> =
+        v["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let vocab = v["shape"][2].as_u64().unwrap() as usize;
+    // mbridge pads the vocabulary; compare the HF rows.
+    let ours = ours.narrow(2, 0, vocab).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    let e = ours.iter().zip(&theirs).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(e < 1e-4, "peft logits differ from mbridge's by {e:e}");
+    eprintln!("peft parity: max |Δlogit| = {e:e}");
 }
 
 fn read_st(path: &Path) -> HashMap<String, Tensor> {

@@ -111,6 +111,29 @@ pub fn load_checkpoint_model(
     let tensors: HashMap<String, Tensor> =
         ckpt::load_tensors(&iter_dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
     let mut m = cfg.model.clone();
+    if let Some(peft) = &cfg.peft {
+        // A PEFT run holds adapters only: the base comes from its pretrained checkpoint.
+        let pre = cfg.checkpoint.pretrained_checkpoint.as_deref().with_context(|| {
+            format!("PEFT checkpoint `{}` names no pretrained_checkpoint", iter_dir.display())
+        })?;
+        let base_dir = ckpt::find_checkpoint(Path::new(pre), None)?.with_context(|| {
+            format!("base `{pre}` of PEFT checkpoint `{}` holds no mbridge checkpoint (HF bases are not supported here)", iter_dir.display())
+        })?;
+        let base: HashMap<String, Tensor> =
+            ckpt::load_tensors(&base_dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
+        m.vocab_size = Some(padded_rows(&base, &base_dir)?);
+        let model =
+            GptModel::new_peft(&m, ParallelLayout::single(), None, Some(peft), 0, dtype, device)?;
+        model
+            .params()
+            .load_full_state_where(&base, |p| !p.trainable)
+            .with_context(|| format!("base `{}` does not fit", base_dir.display()))?;
+        model
+            .params()
+            .load_full_state_where(&tensors, |p| p.trainable)
+            .with_context(|| format!("adapters `{}` do not fit", iter_dir.display()))?;
+        return Ok(LoadedCheckpoint { iter_dir, cfg, model });
+    }
     m.vocab_size = Some(padded_rows(&tensors, &iter_dir)?);
     let model = GptModel::new(&m, ParallelLayout::single(), 0, dtype, device)?;
     let unused = model.params().load_full_state(&tensors).with_context(|| {
