@@ -201,4 +201,12 @@ fn dora_trains_and_saves_magnitudes() {
     assert!(l[1] < l[0], "DoRA loss did not fall: {l:?}");
     let names = model_tensor_names(&run.join("iter_0000010"));
     assert!(names.iter().any(|n| n.ends_with(".adapter.weight_magnitude")), "{names:?}");
+    let (adapter, plain) = (dir.path().join("adapter"), dir.path().join("plain"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    mbridge(&["export-hf".into(), s(&run), s(&adapter), "--adapter-only".into()]);
+    mbridge(&["export-hf".into(), s(&base), s(&plain)]);
+    let ad = read_st(&adapter.join("adapter_model.safetensors"));
+    let mag = "base_model.model.model.layers.0.self_attn.k_proj.lora_magnitude_vector";
+    assert!(ad.contains_key(mag), "{:?}", ad.keys());
+    check_peft_parity(&run, dir.path());
 }
