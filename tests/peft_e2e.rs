@@ -52,10 +52,8 @@ fn finetune(scheme: &str, base: &Path, save: &Path, iters: u32, extra: &[String]
 }
 
 fn model_tensor_names(iter_dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = mbridge::ckpt::load_tensors(iter_dir, "model")
-        .unwrap()
-        .into_keys()
-        .collect();
+    let mut names: Vec<String> =
+        mbridge::ckpt::load_tensors(iter_dir, "model").unwrap().into_keys().collect();
     names.sort();
     names
 }
