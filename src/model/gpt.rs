@@ -228,23 +228,8 @@ impl GptModel {
             )?),
             _ => None,
         };
-        if let Some(p) = peft {
-            if !layer_numbers.is_empty() && store.trainable_named_vars().is_empty() {
-                let mut modules: Vec<String> = store
-                    .params()
-                    .iter()
-                    .filter_map(|q| q.name.strip_suffix(".weight"))
-                    .filter(|n| crate::peft::matcher::LINEAR_MODULES.iter().any(|m| n.ends_with(m)))
-                    .map(String::from)
-                    .collect();
-                modules.dedup();
-                bail!(
-                    "peft.target_modules {:?} (exclude_modules {:?}) match no linear layer; the modules are: {}",
-                    p.target_modules,
-                    p.exclude_modules,
-                    modules.join(", ")
-                );
-            }
+        if let (Some(p), false) = (peft, layer_numbers.is_empty()) {
+            crate::peft::matcher::ensure_matched(&store, p)?;
         }
         Ok(Self {
             arch,

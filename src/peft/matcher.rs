@@ -4,6 +4,7 @@
 //! such as `decoder.layers.0.self_attention.linear_qkv`.
 
 use crate::config::peft::PeftConfig;
+use crate::model::ParamStore;
 
 /// The linear layers LoRA can adapt in a GPT block.
 pub const LINEAR_MODULES: [&str; 4] = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"];
@@ -52,6 +53,26 @@ pub fn is_target(cfg: &PeftConfig, full_name: &str) -> bool {
         cfg.target_modules.iter().any(|p| pattern_matches(p, full_name))
     };
     targeted && !cfg.exclude_modules.iter().any(|p| pattern_matches(p, full_name))
+}
+
+/// Errors (listing the stage's linear modules) when PEFT is on but no adapter was created.
+pub fn ensure_matched(store: &ParamStore, cfg: &PeftConfig) -> anyhow::Result<()> {
+    if !store.trainable_named_vars().is_empty() {
+        return Ok(());
+    }
+    let mut modules: Vec<&str> = store
+        .params()
+        .iter()
+        .filter_map(|q| q.name.strip_suffix(".weight"))
+        .filter(|n| LINEAR_MODULES.iter().any(|m| n.ends_with(m)))
+        .collect();
+    modules.dedup();
+    anyhow::bail!(
+        "peft.target_modules {:?} (exclude_modules {:?}) match no linear layer; the modules are: {}",
+        cfg.target_modules,
+        cfg.exclude_modules,
+        modules.join(", ")
+    )
 }
 
 #[cfg(test)]
