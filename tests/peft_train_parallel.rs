@@ -1,0 +1,85 @@
+//! LoRA training through the trainer with TP=2 (in-process ranks) equals one process, and
+//! its adapter-only checkpoint resumes at TP=1.
+
+use std::time::Duration;
+
+use candle_core::Device;
+use mbridge::config::recipes::Task;
+use mbridge::config::show::{render, ShowOptions};
+use mbridge::config::{finalize, load, ConfigRequest};
+use mbridge::parallel::comm::LocalWorld;
+use mbridge::parallel::{ProcessGroups, Topology};
+use mbridge::train::trainer::{TrainOutcome, Trainer};
+
+fn config(extra: &[String]) -> (mbridge::config::LoadedConfig, String) {
+    let mut overrides: Vec<String> =
+        ["train.train_iters=8", "validation.eval_iters=0", "rng.seed=11", "optimizer.lr=1e-2"]
+            .map(String::from)
+            .to_vec();
+    overrides.extend_from_slice(extra);
+    let req = ConfigRequest {
+        recipe: Some("tiny_llama".into()),
+        task: Some(Task::Pretrain),
+        overrides,
+        ..Default::default()
+    };
+    let loaded = load(&req).unwrap();
+    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
+    (loaded, toml)
+}
+
+fn run_ranks(world: usize, extra: &[String]) -> Vec<TrainOutcome> {
+    let (loaded, toml) = config(extra);
+    LocalWorld::run(world, Duration::from_secs(120), |rank, lw| {
+        let fin = finalize(loaded.cfg.clone(), Some(world), None)?;
+        let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, world)?;
+        let groups = ProcessGroups::local(lw, topo, rank)?;
+        Trainer::new_rank(fin, toml.clone(), Device::Cpu, Some(groups))?.train()
+    })
+    .unwrap()
+}
+
+fn single(extra: &[String]) -> TrainOutcome {
+    let (loaded, toml) = config(extra);
+    let fin = finalize(loaded.cfg, None, None).unwrap();
+    Trainer::new(fin, toml, Device::Cpu).unwrap().train().unwrap()
+}
+
+fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for ((it, x), (_, y)) in a.iter().zip(b) {
+        let rel = (x - y).abs() / x.abs().max(1e-12);
+        assert!(rel < 2e-5, "{what}: iteration {it}: {x} vs {y} (rel {rel:.2e})");
+    }
+}
+
+#[test]
+fn lora_tp2_matches_tp1_and_resumes_at_tp1() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    single(&[format!("+checkpoint.save={}", base.display()), "train.train_iters=2".into()]);
+    let run = dir.path().join("lora");
+    let peft = vec![
+        "+peft.dim=4".to_string(),
+        "+peft.alpha=8.0".into(),
+        format!("checkpoint.pretrained_checkpoint={}", base.display()),
+    ];
+    let one = single(&peft);
+    assert!(one.losses.last().unwrap().1 < one.losses[0].1, "{:?}", one.losses);
+    let mut tp = peft.clone();
+    tp.extend([
+        "model.tensor_model_parallel_size=2".to_string(),
+        "+train.exit_interval=4".into(),
+        format!("+checkpoint.save={}", run.display()),
+    ]);
+    let two = run_ranks(2, &tp);
+    assert_close(&one.losses[..4], &two[0].losses, "LoRA TP=2 vs TP=1");
+    let mut resume = peft.clone();
+    resume.extend([
+        format!("+checkpoint.save={}", run.display()),
+        format!("+checkpoint.load={}", run.display()),
+    ]);
+    let resumed = single(&resume);
+    assert_eq!(resumed.losses[0].0, 5);
+    assert_close(&one.losses[4..], &resumed.losses, "LoRA TP=2 checkpoint resumed at TP=1");
+}
