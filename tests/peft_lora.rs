@@ -217,3 +217,46 @@ fn sgd_trains_adapters_and_leaves_the_base_alone() {
         }
     }
 }
+
+#[test]
+fn lora_dropout_pre_and_post_train_only_and_gradients() {
+    for pos in ["pre", "post"] {
+        let cfg =
+            PeftConfig { dropout: 0.3, dropout_position: pos.into(), ..peft(PeftScheme::Lora, 3) };
+        let m = model(Some(&cfg));
+        randomize_b(&m);
+        let rng = || mbridge::ops::DropoutRng::new(3, 1, 0);
+        let eval = logits(&m);
+        let train: Vec<f64> = {
+            let r = rng();
+            let opts = ForwardOpts { dropout: Some(&r), ..Default::default() };
+            m.forward(&tokens(), &opts).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        assert_ne!(eval, train, "{pos}: dropout changed nothing in training");
+        let vars = m.params().trainable_named_vars();
+        let b = batch();
+        check_grads(
+            &vars,
+            &|| {
+                let r = rng();
+                let (s, c) =
+                    loss_for_microbatch(&m, &b, Some(&r)).map_err(candle_core::Error::msg)?;
+                s / c
+            },
+            3,
+        );
+    }
+    let bad = PeftConfig { dropout: 0.1, ..peft(PeftScheme::Dora, 2) };
+    let err = GptModel::new_peft(
+        &tiny_llama(),
+        ParallelLayout::single(),
+        None,
+        Some(&bad),
+        1,
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("DoRA with peft.dropout"), "{err}");
+}

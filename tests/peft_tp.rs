@@ -17,8 +17,14 @@ use std::time::Duration;
 
 const SEED: u64 = 5;
 
-fn lora() -> PeftConfig {
-    PeftConfig { dim: 4, alpha: 8.0, ..PeftConfig::for_scheme(PeftScheme::Lora) }
+fn lora(dropout: f64, pos: &str) -> PeftConfig {
+    PeftConfig {
+        dim: 4,
+        alpha: 8.0,
+        dropout,
+        dropout_position: pos.into(),
+        ..PeftConfig::for_scheme(PeftScheme::Lora)
+    }
 }
 
 fn batch() -> Microbatch {
@@ -40,7 +46,9 @@ fn randomize_b(m: &GptModel) {
 /// (loss, [(name, grad of this rank's shard)]) of the adapters.
 fn run(m: &GptModel) -> anyhow::Result<(f64, Vec<(String, Tensor)>)> {
     randomize_b(m);
-    let (s, c) = loss_for_microbatch(m, &batch(), None)?;
+    // Adapter dropout draws the global masks on every rank, so TP=2 drops what TP=1 drops.
+    let rng = mbridge::ops::DropoutRng::new(9, 1, 0);
+    let (s, c) = loss_for_microbatch(m, &batch(), Some(&rng))?;
     let loss = (s / c)?;
     let grads = loss.backward()?;
     let g = m
@@ -54,12 +62,18 @@ fn run(m: &GptModel) -> anyhow::Result<(f64, Vec<(String, Tensor)>)> {
 
 #[test]
 fn tp2_lora_matches_tp1() {
+    for (p, pos) in [(0.0, "pre"), (0.3, "pre"), (0.3, "post")] {
+        tp2_matches_tp1(p, pos);
+    }
+}
+
+fn tp2_matches_tp1(p: f64, pos: &'static str) {
     let cfg = tiny_llama();
     let one = GptModel::new_peft(
         &cfg,
         ParallelLayout::single(),
         None,
-        Some(&lora()),
+        Some(&lora(p, pos)),
         SEED,
         DType::F64,
         &Device::Cpu,
@@ -81,7 +95,7 @@ fn tp2_lora_matches_tp1() {
             &cfg2,
             layout,
             Some(comm),
-            Some(&lora()),
+            Some(&lora(p, pos)),
             SEED,
             DType::F64,
             &Device::Cpu,
@@ -89,7 +103,10 @@ fn tp2_lora_matches_tp1() {
         run(&m)
     });
     for (rank, (loss, grads)) in runs.iter().enumerate() {
-        assert!((loss - base_loss).abs() < 1e-12, "rank {rank}: loss {loss} vs {base_loss}");
+        assert!(
+            (loss - base_loss).abs() < 1e-12,
+            "dropout {p} {pos} rank {rank}: loss {loss} vs {base_loss}"
+        );
         assert_eq!(grads.len(), base_grads.len());
         for (((name, g), (_, full)), (dim, layout)) in grads.iter().zip(&base_grads).zip(&infos) {
             let want = shard_of(full, *dim, *layout, TpCoord { rank, size: 2 }).unwrap();

@@ -186,9 +186,14 @@ impl SelfAttention {
         // The whole sequence (gathered under sequence parallelism).
         let (b, s, _) = xe.dims3()?;
         let qkv = match &self.qkv_adapter {
-            Some(a) => {
-                a.forward_column(&xn, &xe, &self.qkv_w, self.qkv_b.as_ref(), self.tp.as_ref())?
-            }
+            Some(a) => a.forward_column(
+                &xn,
+                &xe,
+                &self.qkv_w,
+                self.qkv_b.as_ref(),
+                self.tp.as_ref(),
+                inputs.dropout,
+            )?,
             None => ops::linear(&xe, &self.qkv_w, self.qkv_b.as_ref())?,
         };
         // Megatron layout: per query group, hpg query heads then one key and one value head.
@@ -224,7 +229,13 @@ impl SelfAttention {
         let out = ops::attention(&q, &k, &v, inputs.allowed, self.shape, dropout)?;
         let out = out.transpose(1, 2)?.reshape((b, s, heads * d))?;
         match &self.proj_adapter {
-            Some(a) => a.forward_row(&out, &self.proj_w, self.proj_b.as_ref(), self.tp.as_ref()),
+            Some(a) => a.forward_row(
+                &out,
+                &self.proj_w,
+                self.proj_b.as_ref(),
+                self.tp.as_ref(),
+                inputs.dropout,
+            ),
             None => row_parallel(&out, &self.proj_w, self.proj_b.as_ref(), self.tp.as_ref()),
         }
     }

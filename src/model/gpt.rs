@@ -475,7 +475,7 @@ impl GptModel {
         for (i, layer) in self.layers.iter().enumerate() {
             let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);
             x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;
-            x = (&x + hidden_dropout(layer.mlp.forward(&x)?)?)?;
+            x = (&x + hidden_dropout(layer.mlp.forward_train(&x, opts.dropout)?)?)?;
         }
         if self.layout.post_process() {
             self.head(&x)

@@ -7,7 +7,7 @@ use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::Activation;
-use crate::ops;
+use crate::ops::{self, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
 use crate::peft::{Adapter, BaseParallel};
 use anyhow::Result;
@@ -116,6 +116,11 @@ impl Mlp {
 
     /// `fc2(act(fc1(norm(x))))` for `x` `[b, s, h]` (no residual).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_train(x, None)
+    }
+
+    /// [`Self::forward`] with the dropout stream of a training step (LoRA adapter dropout).
+    pub fn forward_train(&self, x: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
         let xn = self.norm.forward(x)?;
         let xe = match &self.tp {
             Some(tp) => tp.enter_column(&xn)?,
@@ -123,7 +128,7 @@ impl Mlp {
         };
         let y = match &self.fc1_adapter {
             Some(a) => {
-                a.forward_column(&xn, &xe, &self.fc1_w, self.fc1_b.as_ref(), self.tp.as_ref())?
+                a.forward_column(&xn, &xe, &self.fc1_w, self.fc1_b.as_ref(), self.tp.as_ref(), rng)?
             }
             None => ops::linear(&xe, &self.fc1_w, self.fc1_b.as_ref())?,
         };
@@ -133,7 +138,7 @@ impl Mlp {
             ops::apply_activation(&y, self.activation)?
         };
         match &self.fc2_adapter {
-            Some(a) => a.forward_row(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref()),
+            Some(a) => a.forward_row(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref(), rng),
             None => row_parallel(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref()),
         }
     }

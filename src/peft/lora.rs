@@ -3,14 +3,15 @@
 //! and `linear_out` (B) is split on dim 0 like the base weight; for a row-parallel base layer
 //! A is split on dim 1 and B is replicated.
 //!
-//! LoRA: `y = base(x) + B(A(x)) · alpha/dim`. DoRA (Megatron Bridge `DoRALinear`):
+//! LoRA: `y = base(x) + B(A(dropout(x))) · alpha/dim` (`dropout_position = "post"`: dropout
+//! on the adapter output instead). DoRA (Megatron Bridge `DoRALinear`):
 //! `y = m / ‖W + s·BA‖_row · (x Wᵀ + s·B(A x)) + b`, the norm detached, `m` initialized to
 //! `‖W‖_row` of the (pretrained) base weight.
 
 use crate::config::peft::{PeftConfig, PeftScheme};
 use crate::model::init::Init;
-use crate::model::params::{ParamStore, ShardLayout};
-use crate::ops;
+use crate::model::params::{shard_of, ParamStore, ShardLayout, TpCoord};
+use crate::ops::{self, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var, D};
@@ -33,6 +34,9 @@ pub struct Adapter {
     kind: BaseParallel,
     /// DoRA magnitude `[out]` (this rank's rows for a column-parallel base layer).
     magnitude: Option<(Tensor, Var)>,
+    /// `peft.dropout` and whether it applies to the adapter output (`post`) or input (`pre`).
+    dropout: f64,
+    post: bool,
 }
 
 impl Adapter {
@@ -79,7 +83,8 @@ impl Adapter {
         } else {
             None
         };
-        Ok(Some(Self { a, b, scale: cfg.alpha / r as f64, kind, magnitude }))
+        let (dropout, post) = (cfg.dropout, cfg.dropout_position == "post");
+        Ok(Some(Self { a, b, scale: cfg.alpha / r as f64, kind, magnitude, dropout, post }))
     }
 
     /// `alpha / dim`.
@@ -100,14 +105,58 @@ impl Adapter {
     /// `B(A x) · scale` for a column-parallel base layer, `x` the layer input **before**
     /// the TP region is entered: A is replicated, so its input gradient must not be summed
     /// a second time, and the gradient of `A x` is summed over TP instead (copy-to-region).
-    fn column_delta(&self, x: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
+    fn column_delta(
+        &self,
+        x: &Tensor,
+        tp: Option<&TensorParallel>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
         check_no_sp(tp)?;
-        let h = ops::linear(x, &self.a, None)?;
+        // `x` is replicated over TP, so every rank draws the same mask.
+        let x = self.drop(x, rng, false, tp)?;
+        let h = ops::linear(&x, &self.a, None)?;
         let h = match tp {
             Some(tp) => tp.copy_to_region(&h)?,
             None => h,
         };
-        Ok((ops::linear(&h, &self.b, None)? * self.scale)?)
+        let out = (ops::linear(&h, &self.b, None)? * self.scale)?;
+        // Post-dropout: the output is this rank's part of the last dim.
+        self.drop(&out, rng, true, tp)
+    }
+
+    /// Adapter dropout on `t` when it applies at this position (`post` says which): `sharded`
+    /// tensors are this rank's part of the last dim, others are replicated.
+    fn drop(
+        &self,
+        t: &Tensor,
+        rng: Option<&DropoutRng>,
+        sharded: bool,
+        tp: Option<&TensorParallel>,
+    ) -> Result<Tensor> {
+        let pos_post = match self.kind {
+            BaseParallel::Column(_) => sharded,
+            BaseParallel::Row => !sharded,
+        };
+        let Some(r) = rng.filter(|_| self.dropout > 0.0 && pos_post == self.post) else {
+            return Ok(t.clone());
+        };
+        let Some(tp) = tp.filter(|tp| sharded && tp.size() > 1) else {
+            return Ok(r.dropout(t, self.dropout)?);
+        };
+        let last = t.rank() - 1;
+        Ok(match self.kind {
+            BaseParallel::Row => r.dropout_shard(t, self.dropout, last, tp.rank(), tp.size())?,
+            // The output rows may be cut as gated halves: draw the global mask (the TP=1
+            // stream) and keep this rank's part in the base layer's layout.
+            BaseParallel::Column(layout) => {
+                let mut global = t.dims().to_vec();
+                global[last] *= tp.size();
+                let ones = Tensor::ones(global, t.dtype(), t.device())?;
+                let mask = r.dropout(&ones, self.dropout)?;
+                let coord = TpCoord { rank: tp.rank(), size: tp.size() };
+                t.mul(&shard_of(&mask, Some(last), layout, coord)?)?
+            }
+        })
     }
 
     /// Column-parallel adapted linear: `x` before and `xe` after entering the TP region.
@@ -118,9 +167,10 @@ impl Adapter {
         w: &Tensor,
         bias: Option<&Tensor>,
         tp: Option<&TensorParallel>,
+        rng: Option<&DropoutRng>,
     ) -> Result<Tensor> {
         debug_assert!(matches!(self.kind, BaseParallel::Column(_)));
-        let y = (ops::linear(xe, w, None)? + self.column_delta(x, tp)?)?;
+        let y = (ops::linear(xe, w, None)? + self.column_delta(x, tp, rng)?)?;
         let y = self.dora_scale(y, w)?;
         Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
@@ -136,16 +186,19 @@ impl Adapter {
         w: &Tensor,
         bias: Option<&Tensor>,
         tp: Option<&TensorParallel>,
+        rng: Option<&DropoutRng>,
     ) -> Result<Tensor> {
         debug_assert!(self.kind == BaseParallel::Row);
         check_no_sp(tp)?;
         let y = ops::linear(x, w, None)?;
-        let h = ops::linear(x, &self.a, None)?;
+        // Pre-dropout on this rank's input shard (the last dim is split over TP).
+        let h = ops::linear(&self.drop(x, rng, true, tp)?, &self.a, None)?;
         let (y, h) = match tp {
             Some(tp) => (tp.exit_row(&y)?, tp.exit_row(&h)?),
             None => (y, h),
         };
-        let y = (y + (ops::linear(&h, &self.b, None)? * self.scale)?)?;
+        let delta = (ops::linear(&h, &self.b, None)? * self.scale)?;
+        let y = (y + self.drop(&delta, rng, false, tp)?)?;
         let y = self.dora_scale(y, w)?;
         Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
@@ -197,8 +250,17 @@ fn check_supported(cfg: &PeftConfig, tp_size: usize, module: &str) -> Result<()>
     if cfg.dim == 0 {
         bail!("peft.dim must be > 0 (module {module})");
     }
-    if cfg.dropout != 0.0 {
-        bail!("peft.dropout = {} is not implemented in this build (module {module}); set peft.dropout=0", cfg.dropout);
+    if !(0.0..1.0).contains(&cfg.dropout) {
+        bail!("peft.dropout must be in [0, 1), got {} (module {module})", cfg.dropout);
+    }
+    if !matches!(cfg.dropout_position.as_str(), "pre" | "post") {
+        bail!(
+            "peft.dropout_position must be \"pre\" or \"post\", got {:?} (module {module})",
+            cfg.dropout_position
+        );
+    }
+    if cfg.dropout > 0.0 && cfg.peft_scheme == PeftScheme::Dora {
+        bail!("DoRA with peft.dropout > 0 (Megatron Bridge's dropout correction) is not implemented in this build (module {module}); set peft.dropout=0");
     }
     if cfg.lora_a_init_method != "xavier" || cfg.lora_b_init_method != "zero" {
         bail!(
