@@ -107,7 +107,6 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SwitchType=switch/none
-LaunchParameters=
 JobRequeue=1
 ReturnToService=2
 SlurmdParameters=config_overrides
