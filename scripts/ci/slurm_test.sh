@@ -2,7 +2,7 @@
 # A real single-host SLURM (Debian's slurm-wlm + munge, started by hand: no systemd, no
 # cgroups) runs scripts/slurm/pretrain.sbatch with 2 tasks (tiny_llama, TP=2, CPU backend):
 #   1. a short job: checks the training lines in its log and the checkpoint tracker;
-#   2. a long job: `scancel --signal=TERM --batch` (what --signal=B:TERM@120 sends), checks that
+#   2. a long job with a 3-minute limit and --signal=B:TERM@170: SLURM signals the script; checks that
 #      mbridge saved and exited, the script requeued the job, and the restart resumed after the
 #      saved iteration. It runs 2 tasks data-parallel (TP=1, DP=2) by default because resuming a
 #      TP=2 checkpoint fails in mbridge itself today (the optimizer state of the vocab-parallel
@@ -180,7 +180,8 @@ sed 's/^/    /' "$log"
 # ---- 2. preemption: TERM to the batch script, save, requeue, resume
 ck2=$d/ckpt-preempt
 read -ra preempt_overrides <<<"${SLURM_TEST_PREEMPT_OVERRIDES:-}"
-job=$(submit "$ck2" train.train_iters=100000 "${preempt_overrides[@]}") || fail "sbatch refused the job"
+# The real preemption path: SLURM itself signals the batch shell (B:) 170 s before the limit.
+job=$(SBATCH_TIMELIMIT=3 SBATCH_SIGNAL=B:TERM@170 submit "$ck2" train.train_iters=100000 "${preempt_overrides[@]}") || fail "sbatch refused the job"
 log=$d/logs/mbridge-pretrain-$job.out
 logs+=("$log")
 echo "slurm_test: submitted long job $job"
@@ -190,8 +191,12 @@ until (($(iter_lines "$log") >= 2)); do
   if grep -qE 'training step exited with' "$log"; then fail "long job $job: the training step ended before it was preempted"; fi
   sleep 1
 done
-scancel --signal=TERM --batch "$job" || fail "scancel --signal=TERM --batch $job failed"
-echo "slurm_test: sent TERM to the batch script of job $job"
+echo "slurm_test: job $job is training; waiting for SLURM's --signal=B:TERM@170 (time limit 3 min)"
+end=$((SECONDS + 120))
+until grep -q 'TERM received' "$log"; do
+  ((SECONDS < end)) || fail "job $job: SLURM sent no TERM to the batch script within 120 s"
+  sleep 1
+done
 end=$((SECONDS + 240))
 until grep -q 'resumed from' "$log" && grep -qE "^mbridge-slurm: job $job restart 1 " "$log"; do
   ((SECONDS < end)) || fail "job $job did not restart and resume within 240 s (state $(job_state "$job"))"
@@ -205,7 +210,7 @@ done
 saved=$(cat "$ck2/latest_checkpointed_iteration.txt")
 grep -q 'TERM received' "$log" || fail "the trap did not run"
 grep -q "requeueing job $job" "$log" || fail "the script did not requeue"
-grep -q "resumed from $ck2 at iteration $saved" "$log" || fail "no 'resumed from $ck2 at iteration $saved' in $log"
+grep -qE "resumed from $ck2/iter_0*$saved at iteration $saved\$" "$log" || fail "no 'resumed from $ck2/iter_..$saved at iteration $saved' in $log"
 # The restart's training lines continue after the saved iteration.
 end=$((SECONDS + 120))
 until sed -n '/restart 1 /,$p' "$log" | grep -qE " iteration +$((saved + 1))/"; do
