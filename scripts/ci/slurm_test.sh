@@ -58,6 +58,11 @@ cleanup() {
   if command -v scancel >/dev/null && [[ -f $d/slurm.conf ]]; then
     SLURM_CONF=$d/slurm.conf scancel --user=root >/dev/null 2>&1 || true
     sleep 1
+    # Job processes that ignored the cancel (e.g. ranks stuck in a collective) must not outlive the test.
+    local p
+    for p in $(SLURM_CONF=$d/slurm.conf scontrol listpids 2>/dev/null | awk 'NR > 1 && $1 ~ /^[0-9]+$/ {print $1}'); do
+      kill -9 "$p" 2>/dev/null || true
+    done
   fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do
