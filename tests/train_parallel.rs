@@ -103,3 +103,29 @@ fn a_multi_rank_config_in_one_process_says_how_to_launch() {
     let e = Trainer::new(fin, toml, Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("--nproc-per-node 2"), "{e}");
 }
+
+#[test]
+fn tp2_run_resumes_from_its_own_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let save = format!("+checkpoint.save={}", dir.path().display());
+    let load = format!("+checkpoint.load={}", dir.path().display());
+    let tp = "model.tensor_model_parallel_size=2";
+    let full = run_ranks(2, &[tp]);
+    let first = run_ranks(2, &[tp, "+train.exit_interval=3", &save]);
+    assert_eq!(first[0].final_step, 3);
+    let resumed = run_ranks(2, &[tp, &save, &load]);
+    assert_eq!(resumed[0].losses[0].0, 4);
+    assert_eq!(&full[0].losses[3..], resumed[0].losses.as_slice(), "TP=2 resume is exact");
+}
+
+#[test]
+fn every_rank_agrees_to_stop_on_exit_duration() {
+    // A zero-minute budget stops after the first iteration on all ranks at once (no hang).
+    let out =
+        run_ranks(2, &["model.tensor_model_parallel_size=2", "+train.exit_duration_in_mins=0"]);
+    assert!(
+        out.iter().all(|o| o.final_step == 1),
+        "{:?}",
+        out.iter().map(|o| o.final_step).collect::<Vec<_>>()
+    );
+}

@@ -88,7 +88,9 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     }
     let env = discover_from_process_env()?;
     let loaded = load(&args.config.request(task, args.peft.map(Into::into)))?;
-    let fin = finalize(loaded.cfg.clone(), world_size(args.world_size), None)?;
+    // Ranks started by SLURM/OpenMPI know the world size from the environment too.
+    let ranks = world_size(args.world_size).or((env.world_size > 1).then_some(env.world_size));
+    let fin = finalize(loaded.cfg.clone(), ranks, None)?;
     if env.rank == 0 {
         for w in &fin.warnings {
             tracing::warn!("{w}");

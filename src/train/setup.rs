@@ -186,7 +186,10 @@ impl Trainer {
                 return Ok(());
             }
             if c.load_optim {
-                let tp = TpCoord { rank: 0, size: 1 };
+                let tp = match &self.groups {
+                    Some(g) => TpCoord { rank: g.coords.tp, size: g.tp.size() },
+                    None => TpCoord { rank: 0, size: 1 },
+                };
                 checkpointing::load_optimizer(&dir, &mut self.optimizer, tp)?;
             }
             if c.load_rng {

@@ -153,7 +153,10 @@ impl Trainer {
                 }
             }
             // Exit decisions in Megatron Bridge's order: signal, periodic save, duration, interval.
-            if self.stop.load(Ordering::Relaxed) {
+            // Every rank must take the same exit decision, or the ones that go on would wait
+            // forever in the next collective: agree on the signal and the elapsed time (MAX).
+            let (signalled, minutes) = self.agree_on_exit(start.elapsed().as_secs_f64() / 60.0)?;
+            if signalled {
                 reason = ExitReason::Signal;
             }
             if let Some(every) = self.cfg.checkpoint.save_interval {
@@ -163,7 +166,7 @@ impl Trainer {
                 }
             }
             if let Some(mins) = self.cfg.train.exit_duration_in_mins {
-                if start.elapsed().as_secs_f64() / 60.0 > mins as f64 {
+                if minutes > mins as f64 {
                     reason = ExitReason::ExitDuration;
                 }
             }
@@ -376,6 +379,15 @@ impl Trainer {
             );
         }
         Ok(())
+    }
+
+    /// (any rank signalled, max elapsed minutes over ranks); local values on one process.
+    fn agree_on_exit(&self, minutes: f64) -> Result<(bool, f64)> {
+        let signalled = self.stop.load(Ordering::Relaxed);
+        let Some(g) = &self.groups else { return Ok((signalled, minutes)) };
+        let t = Tensor::new(&[f64::from(u8::from(signalled)), minutes], &Device::Cpu)?;
+        let r = g.world.all_reduce(&t, ReduceOp::Max)?.to_vec1::<f64>()?;
+        Ok((r[0] > 0.0, r[1]))
     }
 
     /// This rank's data-parallel index.
