@@ -4,10 +4,8 @@
 #   1. a short job: checks the training lines in its log and the checkpoint tracker;
 #   2. a long job with a 3-minute limit and --signal=B:TERM@170: SLURM signals the script; checks that
 #      mbridge saved and exited, the script requeued the job, and the restart resumed after the
-#      saved iteration. It runs 2 tasks data-parallel (TP=1, DP=2) by default because resuming a
-#      TP=2 checkpoint fails in mbridge itself today (the optimizer state of the vocab-parallel
-#      embedding is saved whole: "has shape [256, 64], expected [128, 64]", also without SLURM);
-#      SLURM_TEST_PREEMPT_OVERRIDES="model.tensor_model_parallel_size=2" runs it with TP=2.
+#      saved iteration. It runs TP=2 by default; SLURM_TEST_PREEMPT_OVERRIDES replaces the
+#      overrides of this job (e.g. "" for 2 data-parallel tasks).
 # Where SLURM cannot be installed or started here it prints a SKIPPED block with the reason and
 # exits 0. Uses $MBRIDGE_BIN or <target>/debug/mbridge (built by `cargo test` / `cargo build`).
 set -euo pipefail
@@ -184,7 +182,7 @@ sed 's/^/    /' "$log"
 
 # ---- 2. preemption: TERM to the batch script, save, requeue, resume
 ck2=$d/ckpt-preempt
-read -ra preempt_overrides <<<"${SLURM_TEST_PREEMPT_OVERRIDES:-}"
+read -ra preempt_overrides <<<"${SLURM_TEST_PREEMPT_OVERRIDES-model.tensor_model_parallel_size=2}"
 # The real preemption path: SLURM itself signals the batch shell (B:) 170 s before the limit.
 job=$(SBATCH_TIMELIMIT=3 SBATCH_SIGNAL=B:TERM@170 submit "$ck2" train.train_iters=100000 "${preempt_overrides[@]}") || fail "sbatch refused the job"
 log=$d/logs/mbridge-pretrain-$job.out
