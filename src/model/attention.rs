@@ -100,24 +100,13 @@ impl SelfAttention {
         } else {
             (None, None)
         };
-        let proj_w = store.create(
-            &format!("{p}.linear_proj.weight"),
-            &[h, arch.heads * d],
-            Some(1),
-            ShardLayout::Contiguous,
-            Init::Normal(out_std),
+        let (proj_w, proj_b) = store.create_row_parallel(
+            &format!("{p}.linear_proj"),
+            h,
+            arch.heads * d,
+            out_std,
+            arch.add_bias_linear,
         )?;
-        let proj_b = if arch.add_bias_linear {
-            Some(store.create(
-                &format!("{p}.linear_proj.bias"),
-                &[h],
-                None,
-                ShardLayout::Contiguous,
-                Init::Zeros,
-            )?)
-        } else {
-            None
-        };
         let shape = AttentionShape {
             heads: arch.heads / tp_size,
             groups: arch.groups / tp_size,

@@ -63,25 +63,14 @@ impl Mlp {
         } else {
             None
         };
-        let fc2_w = store.create(
-            &format!("{p}.linear_fc2.weight"),
-            &[h, arch.ffn],
-            Some(1),
-            ShardLayout::Contiguous,
-            Init::Normal(out_std),
-        )?;
         // Row-parallel bias is added once after the reduction, so it is replicated.
-        let fc2_b = if arch.add_bias_linear {
-            Some(store.create(
-                &format!("{p}.linear_fc2.bias"),
-                &[h],
-                None,
-                ShardLayout::Contiguous,
-                Init::Zeros,
-            )?)
-        } else {
-            None
-        };
+        let (fc2_w, fc2_b) = store.create_row_parallel(
+            &format!("{p}.linear_fc2"),
+            h,
+            arch.ffn,
+            out_std,
+            arch.add_bias_linear,
+        )?;
         let fc1_adapter = Adapter::maybe_new(
             store,
             &format!("{p}.linear_fc1"),

@@ -97,6 +97,38 @@ impl ParamStore {
         self.create_keyed(name, name, global_shape, partition_dim, layout, init)
     }
 
+    /// A row-parallel linear `{prefix}.weight` `[out, in]` split on dim 1, scaled-normal init,
+    /// and, when `bias`, its `{prefix}.bias` — replicated, since it is added once after the
+    /// reduction over TP (`linear_proj`, `linear_fc2`).
+    pub fn create_row_parallel(
+        &mut self,
+        prefix: &str,
+        out_features: usize,
+        in_features: usize,
+        std: f64,
+        bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let w = self.create(
+            &format!("{prefix}.weight"),
+            &[out_features, in_features],
+            Some(1),
+            ShardLayout::Contiguous,
+            Init::Normal(std),
+        )?;
+        let b = if bias {
+            Some(self.create(
+                &format!("{prefix}.bias"),
+                &[out_features],
+                None,
+                ShardLayout::Contiguous,
+                Init::Zeros,
+            )?)
+        } else {
+            None
+        };
+        Ok((w, b))
+    }
+
     /// Like [`Self::create`], but draws the initial values from the random stream of
     /// `init_key` instead of `name` (a tied copy starts equal to its original).
     pub fn create_keyed(
