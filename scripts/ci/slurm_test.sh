@@ -160,7 +160,8 @@ submit() { # CKPT_DIR overrides... -> job id
     sbatch --parsable --nodes=1 --ntasks-per-node=2 --output="$d/logs/%x-%j.out" \
     "$repo/scripts/slurm/pretrain.sbatch" logger.log_interval=1 validation.eval_iters=0 "$@")
 }
-iter_lines() { grep -cE ' iteration +[0-9]+/' "$1" 2>/dev/null || true; }
+# The count of training log lines (0 until the job's log exists).
+iter_lines() { [[ -f $1 ]] || { echo 0; return; }; grep -cE ' iteration +[0-9]+/' "$1" || true; }
 
 # ---- 1. a short job
 ck1=$d/ckpt-short
@@ -191,7 +192,7 @@ echo "slurm_test: submitted long job $job"
 end=$((SECONDS + 180))
 until (($(iter_lines "$log") >= 2)); do
   ((SECONDS < end)) || fail "long job $job: no 2 training lines after 180 s (state $(job_state "$job"))"
-  if grep -qE 'training step exited with' "$log"; then fail "long job $job: the training step ended before it was preempted"; fi
+  if grep -qE 'training step exited with' "$log" 2>/dev/null; then fail "long job $job: the training step ended before it was preempted"; fi
   sleep 1
 done
 echo "slurm_test: job $job is training; waiting for SLURM's --signal=B:TERM@170 (time limit 3 min)"
