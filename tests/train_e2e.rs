@@ -1,26 +1,16 @@
 //! Pretraining end to end on CPU: loss falls, runs are reproducible, resume is bit-identical.
 
 mod cli_common;
+mod train_common;
 
 use assert_cmd::Command;
-use candle_core::Device;
 use cli_common::lm_losses;
-use mbridge::config::recipes::Task;
-use mbridge::config::show::{render, ShowOptions};
-use mbridge::config::{finalize, load, ConfigRequest};
-use mbridge::train::trainer::{ExitReason, TrainOutcome, Trainer};
+use mbridge::config::{load, ConfigRequest};
+use mbridge::train::trainer::{ExitReason, TrainOutcome};
+use train_common::tiny_trainer;
 
 fn run(overrides: &[String]) -> anyhow::Result<TrainOutcome> {
-    let req = ConfigRequest {
-        recipe: Some("tiny_llama".into()),
-        task: Some(Task::Pretrain),
-        overrides: overrides.to_vec(),
-        ..Default::default()
-    };
-    let loaded = load(&req)?;
-    let fin = finalize(loaded.cfg.clone(), None, None)?;
-    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
-    Trainer::new(fin, toml, Device::Cpu)?.train()
+    tiny_trainer(overrides)?.train()
 }
 
 fn args(list: &[&str]) -> Vec<String> {

@@ -1,23 +1,14 @@
 //! Resume through the library: bit-identical after an asynchronous save, RNG state restored
 //! (or not) per `checkpoint.load_rng`, and a model with NaN weights is never saved.
 
+mod train_common;
+
 use candle_core::{Device, Tensor};
-use mbridge::config::recipes::Task;
-use mbridge::config::show::{render, ShowOptions};
-use mbridge::config::{finalize, load, ConfigRequest};
 use mbridge::train::trainer::{ExitReason, TrainOutcome, Trainer};
+use train_common::tiny_trainer;
 
 fn trainer(overrides: &[String]) -> anyhow::Result<Trainer> {
-    let req = ConfigRequest {
-        recipe: Some("tiny_llama".into()),
-        task: Some(Task::Pretrain),
-        overrides: overrides.to_vec(),
-        ..Default::default()
-    };
-    let loaded = load(&req)?;
-    let fin = finalize(loaded.cfg.clone(), None, None)?;
-    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
-    Trainer::new(fin, toml, Device::Cpu)
+    tiny_trainer(overrides)
 }
 
 fn run(overrides: &[String]) -> anyhow::Result<TrainOutcome> {
