@@ -12,6 +12,8 @@
 pub mod activation;
 pub mod attention;
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dropout;
 mod fused_cpu;
 pub mod linear;
