@@ -383,3 +383,14 @@ fn recipe_values_match_megatron_bridge_table() {
     assert!(f.cfg.model.qk_layernorm);
     assert_eq!(f.cfg.model.tensor_model_parallel_size, 4);
 }
+
+#[test]
+fn dataloader_type_is_one_mbridge_runs() {
+    for ok in ["single", "cyclic", "batch"] {
+        resolve("tiny_llama", &[&format!("dataset.dataloader_type=\"{ok}\"")]).unwrap();
+    }
+    let e = err("tiny_llama", &["dataset.dataloader_type=\"external\""]);
+    assert!(e.contains("external") && e.contains("Python data loader"), "{e}");
+    let e = err("tiny_llama", &["dataset.dataloader_type=\"random\""]);
+    assert!(e.contains("dataset.dataloader_type") && e.contains("\"random\""), "{e}");
+}

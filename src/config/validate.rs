@@ -341,6 +341,19 @@ pub fn finalize(
     if d.kind() == DatasetKind::Finetuning && (d.blend.is_some() || d.data_path.is_some()) {
         errs.push("`dataset.dataset_root` (finetuning) cannot be combined with `dataset.blend`/`dataset.data_path`".into());
     }
+    if let Some(t) = d.dataloader_type.as_deref() {
+        match t {
+            "single" | "cyclic" | "batch" => {}
+            "external" => errs.push(
+                "`dataset.dataloader_type` = \"external\" passes a user-built Python data loader \
+                 to the trainer; mbridge has none (use \"single\", \"cyclic\" or \"batch\")"
+                    .into(),
+            ),
+            other => errs.push(format!(
+                "`dataset.dataloader_type` must be \"single\", \"cyclic\" or \"batch\" (got {other:?})"
+            )),
+        }
+    }
     if cfg.peft.is_some() && cfg.checkpoint.pretrained_checkpoint.is_none() {
         errs.push(
             "`peft` requires `checkpoint.pretrained_checkpoint` (the base model to adapt)".into(),

@@ -13,7 +13,7 @@
 //! let n = train_valid_test_num_samples(train_iters, gbs, eval_iters, eval_gbs, eval_interval);
 //! let [train, _valid, _test] = build_gpt_datasets(&params, &blend, n.map(Some))?;
 //! let train = train.context("the split leaves no training data")?;
-//! let sampler = sampler::PretrainingSampler::new(train.len(), consumed, mbs, dp_rank, dp, true, false)?;
+//! let sampler = sampler::PretrainingSampler::new(train.len(), consumed, mbs, dp_rank, dp, true, false)?; // or sampler::DataSampler
 //! for micro in sampler { let batch = sampler::collate(&train, &micro)?; /* tokens [mbs*L] ... */ }
 //! ```
 pub mod blended;

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use crate::config::dataset::{Blend as CfgBlend, DatasetKind};
 use crate::config::tokenizer::TokenizerType;
 use crate::config::{ConfigContainer, Derived};
-use crate::data::sampler::{collate, Batch};
+use crate::data::sampler::{collate, Batch, DataSampler, LoaderKind, SamplerSpec};
 use crate::data::sft::{build_sft_datasets, SftBuildOptions, SftSplit};
 use crate::data::tokenizer::{build_tokenizer, dataset_pad_id, Tokenizer, TokenizerSpec};
 use crate::data::{build_gpt_datasets, parse_blend, BlendSpec, GptDatasetParams, PretrainDataset};
@@ -114,12 +114,8 @@ pub fn build_pretrain_datasets(
 #[derive(Debug, Clone)]
 pub enum RunDataset {
     Pretrain(PretrainDataset),
-    /// SFT examples (or packed bins); `len` is what the sampler may draw: at least the split's
-    /// size, more for the training split so several epochs wrap around it.
-    Sft {
-        split: SftSplit,
-        len: usize,
-    },
+    /// SFT examples (or packed bins).
+    Sft(SftSplit),
 }
 
 impl RunDataset {
@@ -127,7 +123,7 @@ impl RunDataset {
     pub fn len(&self) -> usize {
         match self {
             RunDataset::Pretrain(d) => d.len(),
-            RunDataset::Sft { len, .. } => *len,
+            RunDataset::Sft(split) => split.len(),
         }
     }
 
@@ -140,11 +136,8 @@ impl RunDataset {
     pub fn microbatch(&self, indices: &[Option<usize>], device: &Device) -> Result<Microbatch> {
         match self {
             RunDataset::Pretrain(d) => to_microbatch(&collate(d, indices)?, device),
-            RunDataset::Sft { split, .. } => {
-                let n = split.len();
-                let wrapped: Vec<Option<usize>> =
-                    indices.iter().map(|i| i.map(|i| i % n)).collect();
-                let b = split.collate(&wrapped)?;
+            RunDataset::Sft(split) => {
+                let b = split.collate(indices)?;
                 let mut mb = to_microbatch(b.batch(), device)?;
                 // Packed bins: block-diagonal causal mask so examples never attend to each other.
                 mb.attention_mask = b.attention_mask(device)?;
@@ -169,25 +162,62 @@ pub fn build_run_datasets(
     }
     let opts = SftBuildOptions::from_config(cfg)?;
     let sets = build_sft_datasets(&cfg.dataset, tokenizer, &opts)?;
-    let needed = split_sample_counts(cfg, d);
-    let wrap = |split: SftSplit, need: usize| {
-        let len = split.len().max(need);
-        RunDataset::Sft { split, len }
-    };
     if sets.train.is_empty() {
         bail!("`dataset.dataset_root` has no usable training examples");
     }
-    Ok([
-        Some(wrap(sets.train, needed[0])),
-        sets.valid.filter(|s| !s.is_empty()).map(|s| {
-            let len = s.len();
-            RunDataset::Sft { split: s, len }
-        }),
-        sets.test.filter(|s| !s.is_empty()).map(|s| {
-            let len = s.len();
-            RunDataset::Sft { split: s, len }
-        }),
-    ])
+    // Epochs over the training split come from the (cycling) sampler, as in Megatron Bridge.
+    let keep = |s: Option<SftSplit>| s.filter(|s| !s.is_empty()).map(RunDataset::Sft);
+    Ok([Some(RunDataset::Sft(sets.train)), keep(sets.valid), keep(sets.test)])
+}
+
+/// The sampler of split `split` (0 train, 1 validation, 2 test) as Megatron Bridge's
+/// `build_train_valid_test_data_loaders` picks it: `dataset.dataloader_type` (default
+/// `single` for pretraining data, `batch` for SFT data), except that the validation split of
+/// pretraining data is always `cyclic`; evaluation splits of SFT `batch` loaders keep (and
+/// pad) their last partial batch.
+pub fn sampler_for_split(
+    cfg: &ConfigContainer,
+    d: &Derived,
+    split: usize,
+    ds: &RunDataset,
+    consumed_samples: usize,
+    dp_rank: usize,
+) -> Result<DataSampler> {
+    let sft = matches!(ds, RunDataset::Sft(_));
+    let (kind, drop_last) = loader_for_split(cfg, sft, split)?;
+    let (mbs, gbs) = if split == 0 {
+        (d.micro_batch_size, d.global_batch_size)
+    } else {
+        (d.eval_micro_batch_size, d.eval_global_batch_size)
+    };
+    // Megatron Bridge shuffles with the dataset's seed (`seed` for SFT, `random_seed` for GPT
+    // datasets), falling back to the run's seed.
+    let seed = if sft { cfg.dataset.seed } else { cfg.dataset.random_seed.unwrap_or(cfg.rng.seed) };
+    let spec = SamplerSpec {
+        total_samples: ds.len(),
+        consumed_samples,
+        micro_batch_size: mbs,
+        global_batch_size: gbs,
+        dp_rank,
+        dp_size: d.data_parallel_size,
+        drop_last,
+        data_sharding: cfg.dataset.data_sharding,
+        seed,
+    };
+    DataSampler::new(kind, spec).with_context(|| {
+        let name = ["training", "validation", "test"][split];
+        format!("cannot sample the {name} split ({} samples)", ds.len())
+    })
+}
+
+/// Loader kind and `drop_last` of split `split` (see [`sampler_for_split`]).
+fn loader_for_split(cfg: &ConfigContainer, sft: bool, split: usize) -> Result<(LoaderKind, bool)> {
+    let default = if sft { LoaderKind::Batch } else { LoaderKind::Single };
+    let configured = LoaderKind::parse(cfg.dataset.dataloader_type.as_deref(), default)?;
+    let kind = if split == 1 && !sft { LoaderKind::Cyclic } else { configured };
+    let drop_last =
+        if split == 0 { cfg.dataset.drop_last } else { !(sft && kind == LoaderKind::Batch) };
+    Ok((kind, drop_last))
 }
 
 /// Tensors of a collated batch (ids as u32, loss mask as f32).
@@ -209,4 +239,25 @@ pub fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
         position_ids: Some(ids(&b.position_ids)?),
         attention_mask: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loaders_per_split_follow_megatron_bridge() {
+        let mut cfg = ConfigContainer::default();
+        // Pretraining data: `single` for train/test, validation always `cyclic`.
+        assert_eq!(loader_for_split(&cfg, false, 0).unwrap(), (LoaderKind::Single, true));
+        assert_eq!(loader_for_split(&cfg, false, 1).unwrap(), (LoaderKind::Cyclic, true));
+        assert_eq!(loader_for_split(&cfg, false, 2).unwrap(), (LoaderKind::Single, true));
+        // SFT data: `batch`; evaluation splits keep and pad their last global batch.
+        assert_eq!(loader_for_split(&cfg, true, 0).unwrap(), (LoaderKind::Batch, true));
+        assert_eq!(loader_for_split(&cfg, true, 1).unwrap(), (LoaderKind::Batch, false));
+        cfg.dataset.dataloader_type = Some("cyclic".into());
+        cfg.dataset.drop_last = false;
+        assert_eq!(loader_for_split(&cfg, false, 0).unwrap(), (LoaderKind::Cyclic, false));
+        assert_eq!(loader_for_split(&cfg, true, 2).unwrap(), (LoaderKind::Cyclic, true));
+    }
 }

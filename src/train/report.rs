@@ -9,11 +9,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
+use super::datasets::sampler_for_split;
 use super::log::{perplexity, timestamp, validation_box, LogLine};
 use super::trainer::{StepResult, Trainer, Window};
 use crate::ckpt::SavedCheckpoint;
 use crate::config::logger::LoggerConfig;
-use crate::data::sampler::PretrainingSampler;
 use crate::model::loss_for_microbatch;
 use crate::parallel::ReduceOp;
 
@@ -28,19 +28,12 @@ impl Trainer {
         if consumed >= ds.len() {
             return Ok(None);
         }
-        let mut sampler = PretrainingSampler::new(
-            ds.len(),
-            consumed,
-            embs,
-            self.dp_rank(),
-            self.d.data_parallel_size,
-            true,
-            false,
-        )?;
+        let mut sampler =
+            sampler_for_split(&self.cfg, &self.d, split, ds, consumed, self.dp_rank())?;
         let (mut sum, mut count) = (0.0, 0.0);
         for _ in 0..eval_iters {
             for _ in 0..egbs / (embs * self.d.data_parallel_size) {
-                let Some(idx) = sampler.next() else { break };
+                let Some(idx) = sampler.next_micro()? else { break };
                 let mb = ds.microbatch(&idx, &self.device)?;
                 let (s, c) = loss_for_microbatch(&self.model, &mb, None)?;
                 sum += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;

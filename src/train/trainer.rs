@@ -11,14 +11,13 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpointing::{self, SaveRequest};
 use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
-use super::datasets::RunDataset;
+use super::datasets::{sampler_for_split, RunDataset};
 use super::optimizer::{GradAccumulator, Optimizer};
 use super::report::{report_saved, MetricsWriter};
 use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
 use crate::ckpt::{AsyncSaver, TrainState};
 use crate::config::{ConfigContainer, Derived};
-use crate::data::sampler::PretrainingSampler;
 use crate::model::flops::num_floating_point_operations;
 use crate::model::{loss_for_microbatch, GptModel, Microbatch};
 use crate::ops::DropoutRng;
@@ -93,16 +92,14 @@ impl Trainer {
     pub fn train(&mut self) -> Result<TrainOutcome> {
         let train_iters = self.d.train_iters as u64;
         let gbs = self.d.global_batch_size;
-        let mbs = self.d.micro_batch_size;
         let train_ds = self.datasets[0].take().context("no training dataset was built")?;
-        let mut sampler = PretrainingSampler::new(
-            train_ds.len(),
+        let mut sampler = sampler_for_split(
+            &self.cfg,
+            &self.d,
+            0,
+            &train_ds,
             self.state.consumed_train_samples as usize,
-            mbs,
             self.dp_rank(),
-            self.d.data_parallel_size,
-            true,
-            false,
         )?;
         let start = Instant::now();
         let mut losses = Vec::new();
@@ -122,7 +119,7 @@ impl Trainer {
             let t0 = Instant::now();
             let mut micro = Vec::with_capacity(self.d.num_microbatches);
             for _ in 0..self.d.num_microbatches {
-                let idx = sampler.next().context("training data ran out")?;
+                let idx = sampler.next_micro()?.context("training data ran out")?;
                 micro.push(train_ds.microbatch(&idx, &self.device)?);
             }
             let skip = self.cfg.train.iterations_to_skip.contains(&(iteration as usize));

@@ -3,9 +3,6 @@
 //! resumed run continues exactly where it stopped.
 use anyhow::{ensure, Result};
 
-use super::builder::PretrainDataset;
-use super::gpt_dataset::Sample;
-
 /// Iterator of this rank's micro-batches of sample indices. `None` entries only appear in a
 /// padded last batch (`pad_last_batch`) and stand for a padding sample (zero loss mask).
 #[derive(Debug, Clone)]
@@ -75,40 +72,6 @@ impl Iterator for PretrainingSampler {
         let real = &batch[..remaining];
         Some(real[start.min(remaining)..(start + self.micro_batch_size).min(remaining)].to_vec())
     }
-}
-
-/// A micro-batch as flat row-major `[batch, seq_length]` arrays.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Batch {
-    /// Rows in the batch.
-    pub batch_size: usize,
-    /// Tokens per row.
-    pub seq_length: usize,
-    /// Input ids.
-    pub tokens: Vec<i64>,
-    /// Targets.
-    pub labels: Vec<i64>,
-    /// Loss weights.
-    pub loss_mask: Vec<f32>,
-    /// Position ids.
-    pub position_ids: Vec<i64>,
-}
-
-/// Fetch and stack the samples of one micro-batch (`None` ⇒ padding sample).
-pub fn collate(ds: &PretrainDataset, indices: &[Option<usize>]) -> Result<Batch> {
-    let mut b = Batch { batch_size: indices.len(), ..Default::default() };
-    for idx in indices {
-        let s: Sample = match idx {
-            Some(i) => ds.get(*i)?,
-            None => ds.padding_sample()?,
-        };
-        b.seq_length = s.tokens.len();
-        b.tokens.extend(s.tokens);
-        b.labels.extend(s.labels);
-        b.loss_mask.extend(s.loss_mask);
-        b.position_ids.extend(s.position_ids);
-    }
-    Ok(b)
 }
 
 #[cfg(test)]
