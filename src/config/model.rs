@@ -156,6 +156,9 @@ pub struct ModelConfig {
     #[default = 1]
     pub pipeline_model_parallel_size: usize,
     pub virtual_pipeline_model_parallel_size: Option<usize>,
+    /// Micro-batches run back to back through one model chunk by the interleaved schedule;
+    /// None = `pipeline_model_parallel_size` (megatron-core's default).
+    pub microbatch_group_size_per_vp_stage: Option<usize>,
     pub sequence_parallel: bool,
     #[default = 1]
     pub context_parallel_size: usize,

@@ -245,7 +245,19 @@ pub fn finalize(
     if m.kv_channels.is_none() && heads > 0 && !m.hidden_size.is_multiple_of(heads) {
         errs.push(format!("`model.hidden_size` ({}) must be divisible by `model.num_attention_heads` ({heads}) unless `model.kv_channels` is set", m.hidden_size));
     }
+    let before = errs.len();
     check_pipeline_split(m, pp, &mut errs);
+    if errs.len() == before && pp > 1 {
+        // The remaining rules (uneven stages with virtual pipelining or with the
+        // embedding/loss accounting) are those of the layer assignment itself.
+        let vp = crate::model::arch::virtual_stages(m, pp);
+        let split = (0..pp)
+            .flat_map(|r| (0..vp).map(move |c| (r, c)))
+            .try_for_each(|(r, c)| crate::model::arch::chunk_layers(m, r, pp, c).map(|_| ()));
+        if let Err(e) = split {
+            errs.push(format!("pipeline split: {e}"));
+        }
+    }
     if let Some(experts) = m.num_moe_experts {
         let ep = m.expert_model_parallel_size.max(1);
         if experts % ep != 0 {

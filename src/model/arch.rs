@@ -181,48 +181,141 @@ impl GptArch {
     }
 }
 
-/// Global layer numbers (0-based) owned by pipeline stage `pp_rank`, as Megatron splits them:
-/// `first`/`last` stage overrides (`num_layers_in_{first,last}_pipeline_stage`) take their
-/// layers and the rest are divided evenly among the remaining stages.
+/// Global layer numbers (0-based) owned by pipeline stage `pp_rank` of `pp_size`: every
+/// model chunk of that rank (see [`chunk_layers`]), in chunk order.
 pub fn stage_layers(cfg: &ModelConfig, pp_rank: usize, pp_size: usize) -> Result<Vec<usize>> {
+    let vp = virtual_stages(cfg, pp_size);
+    let mut out = Vec::new();
+    for vp_stage in 0..vp {
+        out.extend(chunk_layers(cfg, pp_rank, pp_size, vp_stage)?);
+    }
+    Ok(out)
+}
+
+/// Model chunks per pipeline rank: `virtual_pipeline_model_parallel_size` when the model is
+/// pipelined (PP > 1), else 1.
+pub fn virtual_stages(cfg: &ModelConfig, pp_size: usize) -> usize {
+    match cfg.virtual_pipeline_model_parallel_size {
+        Some(vp) if pp_size > 1 => vp.max(1),
+        _ => 1,
+    }
+}
+
+/// Global layer numbers of model chunk `vp_stage` on pipeline rank `pp_rank`, as megatron-core
+/// assigns them (`get_num_layers_to_build` and `get_transformer_layer_offset`):
+/// - even split: `num_layers` (+1 with `account_for_embedding_in_pipeline_split`, +1 with
+///   `account_for_loss_in_pipeline_split`) is divided into `pp · vp` equal virtual stages;
+///   virtual stage `c·pp + r` (chunk c of rank r) holds the next slice, and the embedding
+///   (loss) takes the place of one layer in the first (last) virtual stage;
+/// - uneven split: `num_layers_in_{first,last}_pipeline_stage` go to the first/last rank
+///   (divided among its chunks) and the remaining layers are divided evenly among the other
+///   ranks; the embedding/loss accounting is not allowed with it (as in megatron-core).
+pub fn chunk_layers(
+    cfg: &ModelConfig,
+    pp_rank: usize,
+    pp_size: usize,
+    vp_stage: usize,
+) -> Result<Vec<usize>> {
     let n = cfg.num_layers;
     if pp_size == 0 || pp_rank >= pp_size {
         bail!("pipeline rank {pp_rank} out of range for pipeline size {pp_size}");
     }
-    let mut counts = vec![0usize; pp_size];
-    let first = if pp_size > 1 { cfg.num_layers_in_first_pipeline_stage } else { None };
-    let last = if pp_size > 1 { cfg.num_layers_in_last_pipeline_stage } else { None };
-    let mut rest = n;
-    let mut middle: Vec<usize> = (0..pp_size).collect();
-    if let Some(f) = first {
-        counts[0] = f;
-        rest = rest
-            .checked_sub(f)
-            .ok_or_else(|| anyhow::anyhow!("first stage has more layers than the model"))?;
-        middle.retain(|&s| s != 0);
+    let vp = virtual_stages(cfg, pp_size);
+    if vp_stage >= vp {
+        bail!("virtual pipeline stage {vp_stage} out of range for {vp} model chunks");
     }
-    if let Some(l) = last {
-        counts[pp_size - 1] = l;
-        rest = rest
-            .checked_sub(l)
-            .ok_or_else(|| anyhow::anyhow!("last stage has more layers than the model"))?;
-        middle.retain(|&s| s != pp_size - 1);
+    if pp_size == 1 {
+        return Ok((0..n).collect());
     }
-    if middle.is_empty() {
-        if rest != 0 {
-            bail!("pipeline stage overrides leave {rest} layers unassigned");
-        }
-    } else {
-        if !rest.is_multiple_of(middle.len()) {
+    let (first, last) =
+        (cfg.num_layers_in_first_pipeline_stage, cfg.num_layers_in_last_pipeline_stage);
+    let (with_emb, with_loss) =
+        (cfg.account_for_embedding_in_pipeline_split, cfg.account_for_loss_in_pipeline_split);
+    let (offset, count) = if first.is_some() || last.is_some() {
+        if with_emb || with_loss {
             bail!(
-                "model.num_layers ({n}) cannot be split evenly over {} pipeline stages",
-                middle.len()
+                "model.account_for_embedding/loss_in_pipeline_split cannot be combined with \
+                 num_layers_in_first/last_pipeline_stage (megatron-core does not support it)"
             );
         }
-        for &s in &middle {
-            counts[s] = rest / middle.len();
+        let (f, l) = (first.unwrap_or(0), last.unwrap_or(0));
+        let middle_stages = pp_size - usize::from(first.is_some()) - usize::from(last.is_some());
+        let middle_layers = n.checked_sub(f + l).ok_or_else(|| {
+            anyhow::anyhow!(
+                "first ({f}) and last ({l}) pipeline stage layers exceed model.num_layers ({n})"
+            )
+        })?;
+        if middle_stages == 0 && middle_layers != 0 {
+            bail!("pipeline stage overrides leave {middle_layers} layers unassigned");
         }
-    }
-    let start: usize = counts[..pp_rank].iter().sum();
-    Ok((start..start + counts[pp_rank]).collect())
+        if middle_stages > 0 && !middle_layers.is_multiple_of(middle_stages) {
+            bail!(
+                "model.num_layers ({n}) cannot be split evenly over {middle_stages} pipeline stages"
+            );
+        }
+        let per_middle = middle_layers.checked_div(middle_stages).unwrap_or(0);
+        let rank_count = match pp_rank {
+            0 if first.is_some() => f,
+            r if r + 1 == pp_size && last.is_some() => l,
+            _ => per_middle,
+        };
+        let middle_rank = if first.is_some() { pp_rank.saturating_sub(1) } else { pp_rank };
+        for (what, k) in [
+            ("first pipeline stage", f),
+            ("last pipeline stage", l),
+            ("middle pipeline stages", per_middle),
+        ] {
+            if !k.is_multiple_of(vp) {
+                bail!("{k} layers per {what} are not divisible by model.virtual_pipeline_model_parallel_size ({vp})");
+            }
+        }
+        // Per chunk: the first rank's, then the middle ranks', then the last rank's layers.
+        let (fc, lc, mc) = (f / vp, l / vp, middle_layers / vp);
+        let per_chunk_round = fc + mc + lc;
+        let offset = if pp_rank == 0 {
+            vp_stage * per_chunk_round
+        } else {
+            vp_stage * per_chunk_round
+                + fc
+                + middle_rank * mc.checked_div(middle_stages).unwrap_or(0)
+        };
+        (offset, rank_count / vp)
+    } else {
+        let total = n + usize::from(with_emb) + usize::from(with_loss);
+        if !total.is_multiple_of(pp_size) {
+            bail!(
+                "model.num_layers ({n}){} cannot be split evenly over {pp_size} pipeline stages",
+                if with_emb || with_loss {
+                    " with the embedding/loss accounted as layers"
+                } else {
+                    ""
+                }
+            );
+        }
+        let per_rank = total / pp_size;
+        if !per_rank.is_multiple_of(vp) {
+            bail!("{per_rank} layers per pipeline stage are not divisible by model.virtual_pipeline_model_parallel_size ({vp})");
+        }
+        let per_chunk = per_rank / vp;
+        let first_chunk = pp_rank == 0 && vp_stage == 0;
+        let last_chunk = pp_rank + 1 == pp_size && vp_stage + 1 == vp;
+        let mut offset = vp_stage * (total / vp) + pp_rank * per_chunk;
+        let mut count = per_chunk;
+        // The embedding (loss) stands in for one layer of the first (last) virtual stage.
+        if with_emb && !first_chunk {
+            offset -= 1;
+        }
+        if with_emb && first_chunk {
+            count = count.checked_sub(1).ok_or_else(|| {
+                anyhow::anyhow!("the first virtual pipeline stage has no room for the embedding")
+            })?;
+        }
+        if with_loss && last_chunk {
+            count = count.checked_sub(1).ok_or_else(|| {
+                anyhow::anyhow!("the last virtual pipeline stage has no room for the loss")
+            })?;
+        }
+        (offset, count)
+    };
+    Ok((offset..offset + count).collect())
 }

@@ -1,7 +1,7 @@
 //! The GPT decoder of one pipeline stage: embedding → transformer layers → final norm →
 //! output layer (or tied embedding), with Megatron parameter names.
 
-use super::arch::{stage_layers, GptArch, ParallelLayout};
+use super::arch::{chunk_layers, virtual_stages, GptArch, ParallelLayout};
 use super::attention::{AttnInputs, KvEntry, SelfAttention};
 use super::init::Init;
 use super::mlp::Mlp;
@@ -59,6 +59,10 @@ pub struct GptModel {
     layout: ParallelLayout,
     store: ParamStore,
     layer_numbers: Vec<usize>,
+    /// Holds the embedding (first model chunk of the first pipeline stage).
+    pre_process: bool,
+    /// Holds the final norm and output layer (last chunk of the last stage).
+    post_process: bool,
     word_emb: Option<Tensor>,
     pos_emb: Option<Tensor>,
     layers: Vec<Layer>,
@@ -115,6 +119,24 @@ impl GptModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::new_chunk(cfg, layout, 0, tp_comm, peft, seed, dtype, device)
+    }
+
+    /// Like [`Self::new_peft`], for model chunk `vp_stage` of this pipeline rank under the
+    /// interleaved schedule (`model.virtual_pipeline_model_parallel_size`): the chunk holds
+    /// the layers of virtual stage `vp_stage · pp + pp_rank` ([`chunk_layers`]); only chunk 0
+    /// of the first rank embeds and only the last chunk of the last rank has the output layer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_chunk(
+        cfg: &ModelConfig,
+        layout: ParallelLayout,
+        vp_stage: usize,
+        tp_comm: Option<Arc<dyn Communicator>>,
+        peft: Option<&crate::config::peft::PeftConfig>,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let tp_group = match tp_comm {
             Some(c) => {
                 if c.size() != layout.tp_size || c.rank() != layout.tp_rank {
@@ -141,7 +163,10 @@ impl GptModel {
                 layout.tp_size
             );
         }
-        let layer_numbers = stage_layers(cfg, layout.pp_rank, layout.pp_size)?;
+        let layer_numbers = chunk_layers(cfg, layout.pp_rank, layout.pp_size, vp_stage)?;
+        let pre_process = layout.pre_process() && vp_stage == 0;
+        let post_process =
+            layout.post_process() && vp_stage + 1 == virtual_stages(cfg, layout.pp_size);
         let tp = TpCoord { rank: layout.tp_rank, size: layout.tp_size };
         let mut store = ParamStore::new(tp, seed, dtype, device.clone());
         if let Some(p) = peft {
@@ -150,7 +175,7 @@ impl GptModel {
         let (h, std) = (arch.hidden, arch.init_std);
 
         let (mut word_emb, mut pos_emb) = (None, None);
-        if layout.pre_process() {
+        if pre_process {
             word_emb = Some(store.create(
                 "embedding.word_embeddings.weight",
                 &[arch.vocab, h],
@@ -179,7 +204,7 @@ impl GptModel {
             layers.push(Layer { attn, mlp });
         }
         let (mut final_norm, mut output_w) = (None, None);
-        if layout.post_process() {
+        if post_process {
             final_norm = Some(Norm::new(
                 &mut store,
                 &arch,
@@ -236,6 +261,8 @@ impl GptModel {
             layout,
             store,
             layer_numbers,
+            pre_process,
+            post_process,
             word_emb,
             pos_emb,
             layers,
@@ -269,6 +296,14 @@ impl GptModel {
     /// Global numbers of the layers this stage holds.
     pub fn layer_numbers(&self) -> &[usize] {
         &self.layer_numbers
+    }
+    /// True when this chunk embeds token ids (its input is token ids, not hidden states).
+    pub fn pre_process(&self) -> bool {
+        self.pre_process
+    }
+    /// True when this chunk ends in the output layer (its output is logits).
+    pub fn post_process(&self) -> bool {
+        self.post_process
     }
     /// Parameter dtype.
     pub fn dtype(&self) -> DType {
@@ -413,7 +448,7 @@ impl GptModel {
         opts: &ForwardOpts,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let pre = self.layout.pre_process();
+        let pre = self.pre_process;
         // Sequence parallelism: the residual stream holds this rank's part of the sequence.
         let sp = self.tp.as_ref().filter(|tp| tp.sequence_parallel());
         let (b, s) = if pre {
@@ -477,7 +512,7 @@ impl GptModel {
             x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;
             x = (&x + hidden_dropout(layer.mlp.forward_train(&x, opts.dropout)?)?)?;
         }
-        if self.layout.post_process() {
+        if self.post_process {
             self.head(&x)
         } else {
             Ok(x)

@@ -43,7 +43,7 @@ pub mod norm;
 pub mod params;
 pub mod step;
 
-pub use arch::{stage_layers, GptArch, ParallelLayout};
+pub use arch::{chunk_layers, stage_layers, virtual_stages, GptArch, ParallelLayout};
 pub use generate::{generate, generate_no_cache};
 pub use gpt::{ForwardOpts, GptModel, KvCache};
 pub use params::{Param, ParamStore, ShardLayout};

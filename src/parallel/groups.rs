@@ -28,8 +28,11 @@ pub struct ProcessGroups {
     pub dp: Arc<dyn Communicator>,
     /// Data × context parallel group (gradient reduction when cp > 1).
     pub dp_cp: Arc<dyn Communicator>,
-    /// Pipeline group (stage-to-stage send/recv; group rank = stage).
+    /// Pipeline group (stage-to-stage send/recv; group rank = stage): activations.
     pub pp: Arc<dyn Communicator>,
+    /// The pipeline group again, as a second message stream: gradients of activations
+    /// (see [`super::pipeline::p2p`]).
+    pub pp_grad: Arc<dyn Communicator>,
     /// Model-parallel group (tp × pp): gradient norm and NaN checks.
     pub mp: Arc<dyn Communicator>,
     /// First + last stage (tied-embedding gradients); None on middle stages.
@@ -61,6 +64,10 @@ impl ProcessGroups {
             dp: group(GroupKind::Dp)?,
             dp_cp: group(GroupKind::DpCp)?,
             pp: group(GroupKind::Pp)?,
+            pp_grad: make(
+                "pp-grad",
+                &topology.group_of(GroupKind::Pp, rank).expect("every rank is in one group"),
+            )?,
             mp: group(GroupKind::Mp)?,
             embedding,
             topology,

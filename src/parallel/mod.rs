@@ -1,12 +1,14 @@
 //! Parallelism: Megatron's rank layout ([`topology`]), communicators between ranks
 //! ([`comm`]), the tensor-parallel building blocks used by the model ([`tensor`]), rank
 //! discovery from launcher environments ([`launch`]), one rank's communicators for all its
-//! groups ([`groups`]) and data-parallel gradient reduction ([`data`]).
+//! groups ([`groups`]), data-parallel gradient reduction ([`data`]) and pipeline schedules with
+//! their stage-to-stage transfers ([`pipeline`]).
 
 pub mod comm;
 pub mod data;
 pub mod groups;
 pub mod launch;
+pub mod pipeline;
 pub mod spawn;
 pub mod tensor;
 pub mod topology;

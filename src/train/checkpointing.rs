@@ -23,7 +23,8 @@ pub fn partition_of(p: &Param) -> Partition {
 /// What a run hands to [`save`].
 pub struct SaveRequest<'a> {
     pub save_dir: &'a Path,
-    pub model: &'a GptModel,
+    /// This rank's model chunks (one per virtual pipeline stage).
+    pub models: &'a [GptModel],
     pub optimizer: Option<&'a Optimizer>,
     pub scheduler: &'a OptimizerParamScheduler,
     pub state: &'a TrainState,
@@ -35,6 +36,8 @@ pub struct SaveRequest<'a> {
     pub pp_rank: usize,
     /// The tensor-parallel group when TP > 1: shards are gathered so one rank writes them all.
     pub tp: Option<&'a dyn Communicator>,
+    /// The pipeline group when PP > 1: every stage's shards go to stage 0 for writing.
+    pub pp: Option<&'a dyn Communicator>,
     /// Whether this rank writes (global rank 0); the others only join the gathers.
     pub write: bool,
 }
@@ -53,11 +56,14 @@ pub fn save(req: &SaveRequest) -> Result<Option<PathBuf>> {
 /// (no copy): write them before the next optimizer step, or hand them to
 /// [`ckpt::AsyncSaver`], which copies them first. Optimizer moments and masters are replaced,
 /// not mutated, by each step, so their clones are snapshots. With TP > 1 every rank joins the
-/// shard gathers and only the writing rank gets Some.
+/// shard gathers and only the writing rank gets Some. With PP > 1 every stage's shards are
+/// gathered to stage 0 (the last stage's tied `output_layer.weight` copy included, as
+/// `import-hf --pp` writes it); any layout loads them back through the global index.
 pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
     // Under PEFT the checkpoint holds the adapters only (the base comes from
     // `checkpoint.pretrained_checkpoint`).
-    let params: Vec<&Param> = req.model.params().params().iter().filter(|p| p.trainable).collect();
+    let params: Vec<&Param> =
+        req.models.iter().flat_map(|m| m.params().params()).filter(|p| p.trainable).collect();
     let partitions: HashMap<&str, Partition> =
         params.iter().map(|p| (p.name.as_str(), partition_of(p))).collect();
     let model = vec![TensorSet {
@@ -104,8 +110,9 @@ pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
         }
         None => None,
     };
-    let model = gather_tp(model, req.tp)?;
-    let optimizer = optimizer.map(|sets| gather_tp(sets, req.tp)).transpose()?;
+    let model = gather_pp(gather_tp(model, req.tp)?, req.pp)?;
+    let optimizer =
+        optimizer.map(|sets| gather_pp(gather_tp(sets, req.tp)?, req.pp)).transpose()?;
     if !req.write {
         return Ok(None);
     }
@@ -154,6 +161,75 @@ fn gather_tp(sets: Vec<TensorSet>, tp: Option<&dyn Communicator>) -> Result<Vec<
     Ok(out)
 }
 
+/// With PP > 1, stages 1.. send their [`TensorSet`]s (after the TP gather) to stage 0, which
+/// returns every stage's sets; other stages return their own (they do not write). `pp` is
+/// the pipeline group of the writing rank only (others pass None and keep their sets).
+fn gather_pp(sets: Vec<TensorSet>, pp: Option<&dyn Communicator>) -> Result<Vec<TensorSet>> {
+    let Some(pp) = pp.filter(|pp| pp.size() > 1) else { return Ok(sets) };
+    let cpu = candle_core::Device::Cpu;
+    if pp.rank() != 0 {
+        // Names, partitions, shapes and dtypes first (as JSON bytes), then the tensors.
+        let meta: Vec<serde_json::Value> = sets
+            .iter()
+            .map(|set| {
+                let params: Vec<serde_json::Value> = set
+                    .params
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "name": p.name,
+                            "partition": p.partition,
+                            "dims": p.tensor.dims(),
+                            "dtype": p.tensor.dtype().as_str(),
+                        })
+                    })
+                    .collect();
+                json!({ "tp_rank": set.tp_rank, "pp_rank": set.pp_rank, "dp_rank": set.dp_rank, "params": params })
+            })
+            .collect();
+        let bytes = serde_json::to_vec(&meta)?;
+        pp.send(&Tensor::new(&[bytes.len() as u32], &cpu)?, 0)?;
+        pp.send(&Tensor::from_vec(bytes.clone(), (bytes.len(),), &cpu)?, 0)?;
+        for set in &sets {
+            for p in &set.params {
+                pp.send(&p.tensor.contiguous()?, 0)?;
+            }
+        }
+        return Ok(sets);
+    }
+    let mut out = sets;
+    for src in 1..pp.size() {
+        let len = pp.recv(src, &(1,).into(), candle_core::DType::U32, &cpu)?.to_vec1::<u32>()?[0];
+        let bytes = pp.recv(src, &(len as usize,).into(), candle_core::DType::U8, &cpu)?;
+        let meta: Vec<serde_json::Value> = serde_json::from_slice(&bytes.to_vec1::<u8>()?)
+            .context("pipeline checkpoint gather: bad metadata from a pipeline stage")?;
+        for set in meta {
+            let mut params = Vec::new();
+            for p in set["params"].as_array().context("pipeline checkpoint gather: no params")? {
+                let dims: Vec<usize> = serde_json::from_value(p["dims"].clone())?;
+                let dtype: candle_core::DType = p["dtype"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("pipeline checkpoint gather: {e}"))?;
+                let tensor = pp.recv(src, &dims.into(), dtype, &cpu)?;
+                params.push(ShardedParam {
+                    name: p["name"].as_str().unwrap_or_default().to_string(),
+                    tensor,
+                    partition: serde_json::from_value(p["partition"].clone())?,
+                });
+            }
+            out.push(TensorSet {
+                tp_rank: serde_json::from_value(set["tp_rank"].clone())?,
+                pp_rank: serde_json::from_value(set["pp_rank"].clone())?,
+                dp_rank: serde_json::from_value(set["dp_rank"].clone())?,
+                params,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Which parameters [`load_model_part`] restores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadPart {
@@ -165,26 +241,57 @@ pub enum LoadPart {
     Trainable,
 }
 
-/// Load model weights (any TP layout) into `model`: everything without PEFT, the adapters
-/// (what PEFT checkpoints hold) with PEFT.
-pub fn load_model(iter_dir: &Path, model: &GptModel) -> Result<()> {
-    let part = if model.params().peft().is_some() { LoadPart::Trainable } else { LoadPart::All };
-    load_model_part(iter_dir, model, part)
+/// Load model weights (any TP/PP layout) into this rank's model chunks: everything without
+/// PEFT, the adapters (what PEFT checkpoints hold) with PEFT.
+pub fn load_model(iter_dir: &Path, models: &[GptModel]) -> Result<()> {
+    let peft = models.first().is_some_and(|m| m.params().peft().is_some());
+    let part = if peft { LoadPart::Trainable } else { LoadPart::All };
+    load_model_part(iter_dir, models, part)
 }
 
-/// Load the `part` of `model`'s weights (any TP layout) from `iter_dir`.
-pub fn load_model_part(iter_dir: &Path, model: &GptModel, part: LoadPart) -> Result<()> {
-    let tensors: HashMap<String, Tensor> =
+/// The name of the tied embedding's last-stage copy and of its original.
+const TIED_COPY: (&str, &str) = ("output_layer.weight", "embedding.word_embeddings.weight");
+
+/// Load the `part` of the weights of `models` (any TP/PP layout) from `iter_dir`.
+pub fn load_model_part(iter_dir: &Path, models: &[GptModel], part: LoadPart) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> =
         ckpt::load_tensors(iter_dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
-    let unused = model
-        .params()
-        .load_full_state_where(&tensors, |p| match part {
-            LoadPart::All => true,
-            LoadPart::Base => !p.trainable,
-            LoadPart::Trainable => p.trainable,
-        })
-        .with_context(|| format!("checkpoint `{}` does not fit this model", iter_dir.display()))?;
-    if !unused.is_empty() && model.layer_numbers().len() == model.arch().num_layers {
+    // A checkpoint written without pipelining has no last-stage copy of tied embeddings:
+    // the copy is the embedding itself.
+    if !tensors.contains_key(TIED_COPY.0) {
+        if let Some(t) = tensors.get(TIED_COPY.1).cloned() {
+            if models
+                .iter()
+                .any(|m| m.params().get(TIED_COPY.0).is_some_and(|p| p.shared_embedding))
+            {
+                tensors.insert(TIED_COPY.0.to_string(), t);
+            }
+        }
+    }
+    let mut unused: Option<Vec<String>> = None;
+    for m in models {
+        let left = m
+            .params()
+            .load_full_state_where(&tensors, |p| match part {
+                LoadPart::All => true,
+                LoadPart::Base => !p.trainable,
+                LoadPart::Trainable => p.trainable,
+            })
+            .with_context(|| {
+                format!("checkpoint `{}` does not fit this model", iter_dir.display())
+            })?;
+        // A name is unused when no chunk took it.
+        unused = Some(match unused {
+            None => left,
+            Some(prev) => prev.into_iter().filter(|n| left.contains(n)).collect(),
+        });
+    }
+    let whole: usize = models.iter().map(|m| m.layer_numbers().len()).sum();
+    let tied = models.first().is_some_and(|m| m.arch().tied_embeddings);
+    let mut unused = unused.unwrap_or_default();
+    // A pipelined checkpoint of a tied model also holds the last stage's copy.
+    unused.retain(|n| !(tied && n == TIED_COPY.0));
+    if !unused.is_empty() && models.first().is_some_and(|m| whole == m.arch().num_layers) {
         bail!(
             "checkpoint `{}` holds parameters this model does not have: {}",
             iter_dir.display(),
@@ -194,7 +301,8 @@ pub fn load_model_part(iter_dir: &Path, model: &GptModel, part: LoadPart) -> Res
     Ok(())
 }
 
-/// Restore optimizer state (resharded to this rank's TP slice).
+/// Restore optimizer state (resharded to this rank's TP slice; the state of the parameters
+/// this rank's pipeline stage holds).
 pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -> Result<()> {
     let meta = ckpt::read_json(iter_dir, "optimizer")?.with_context(|| {
         format!(
@@ -203,9 +311,29 @@ pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -
             iter_dir.display()
         )
     })?;
-    let global = ckpt::load_tensors(iter_dir, "optimizer")?;
+    let mut global = ckpt::load_tensors(iter_dir, "optimizer")?;
+    let owned: std::collections::HashSet<String> =
+        optimizer.params().iter().map(|p| p.name.clone()).collect();
+    // The tied copy's state equals the embedding's (same gradients, same steps) when the
+    // checkpoint was written without pipelining.
+    if owned.contains(TIED_COPY.0) {
+        let copies: Vec<(String, (Tensor, ckpt::Partition))> = global
+            .iter()
+            .filter_map(|(n, v)| {
+                let suffix = n.strip_prefix(TIED_COPY.1)?;
+                let copy = format!("{}{suffix}", TIED_COPY.0);
+                (!global.contains_key(&copy)).then(|| (copy, v.clone()))
+            })
+            .collect();
+        global.extend(copies);
+    }
     let mut tensors = Vec::new();
     for (name, (t, partition)) in global {
+        // Other pipeline stages' parameters belong to other ranks.
+        let owner = name.rsplit_once('.').map_or(name.as_str(), |(p, _)| p);
+        if !owned.contains(owner) {
+            continue;
+        }
         let (dim, layout) = partition.to_param();
         tensors.push((name, shard_of(&t, dim, layout, tp)?));
     }

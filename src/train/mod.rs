@@ -56,6 +56,7 @@ pub mod grads;
 pub mod log;
 pub mod optimizer;
 mod optimizer_state;
+mod pipeline;
 mod report;
 mod schedule_resolve;
 pub mod scheduler;

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
 use super::datasets::sampler_for_split;
@@ -14,7 +14,6 @@ use super::log::{perplexity, timestamp, validation_box, LogLine};
 use super::trainer::{StepResult, Trainer, Window};
 use crate::ckpt::SavedCheckpoint;
 use crate::config::logger::LoggerConfig;
-use crate::model::loss_for_microbatch;
 use crate::parallel::ReduceOp;
 
 impl Trainer {
@@ -32,11 +31,15 @@ impl Trainer {
             sampler_for_split(&self.cfg, &self.d, split, ds, consumed, self.dp_rank())?;
         let (mut sum, mut count) = (0.0, 0.0);
         for _ in 0..eval_iters {
+            let mut micro = Vec::new();
             for _ in 0..egbs / (embs * self.d.data_parallel_size) {
                 let Some(idx) = sampler.next_micro()? else { break };
-                let mb = ds.microbatch(&idx, &self.device)?;
-                let (s, c) = loss_for_microbatch(&self.model, &mb, None)?;
-                sum += s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                micro.push(ds.microbatch(&idx, &self.device)?);
+            }
+            if !micro.is_empty() {
+                // The forward-only schedule: only the last pipeline stage gets losses.
+                let (s, c) = self.pipeline().eval_batch(&micro)?;
+                sum += s;
                 count += c;
             }
             if split == 1 {
@@ -45,6 +48,7 @@ impl Trainer {
         }
         if let Some(g) = &self.groups {
             let t = Tensor::new(&[sum, count], &Device::Cpu)?;
+            let t = if g.pp.size() > 1 { g.pp.all_reduce(&t, ReduceOp::Sum)? } else { t };
             let r = g.dp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
             (sum, count) = (r[0], r[1]);
         }

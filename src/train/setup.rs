@@ -1,4 +1,4 @@
-//! Building a run: tokenizer, model (this rank's TP shard), optimizer, scheduler, data and
+//! Building a run: tokenizer, model (this rank's TP shard of its pipeline stage(s)), optimizer, scheduler, data and
 //! logging sinks from a finalized config, then resuming from a checkpoint when there is one.
 
 use std::path::PathBuf;
@@ -20,7 +20,8 @@ use crate::config::model::DType as CfgDType;
 use crate::config::optimizer::OptimizerKind;
 use crate::config::{finalize, Finalized};
 use crate::model::params::TpCoord;
-use crate::model::{GptModel, ParallelLayout};
+use crate::model::{virtual_stages, GptModel, ParallelLayout};
+use crate::parallel::pipeline::{schedule, PipelineP2p, ScheduleSpec};
 use crate::parallel::ProcessGroups;
 
 fn candle_dtype(d: CfgDType) -> DType {
@@ -64,11 +65,11 @@ impl Trainer {
                 d.world_size,
             );
         }
-        if cfg.model.pipeline_model_parallel_size > 1 || cfg.model.context_parallel_size > 1 {
+        if cfg.model.context_parallel_size > 1 {
             bail!(
-                "the trainer runs tensor and data parallelism; pipeline (PP {}) and context \
-                 (CP {}) parallel training are not implemented yet",
-                cfg.model.pipeline_model_parallel_size,
+                "model.context_parallel_size = {}: context-parallel (ring attention) training is \
+                 not implemented yet; the trainer runs tensor, pipeline and data parallelism \
+                 (set model.context_parallel_size=1)",
                 cfg.model.context_parallel_size
             );
         }
@@ -77,21 +78,47 @@ impl Trainer {
             Some(g) => (g.layout(), Some(g.tp.clone())),
             None => (ParallelLayout::single(), None),
         };
-        let model = GptModel::new_peft(
-            &cfg.model,
-            layout,
-            tp_comm,
-            cfg.peft.as_ref(),
-            cfg.rng.seed,
-            dtype,
-            &device,
-        )
-        .context("cannot build the model")?;
+        // One model per virtual pipeline stage of this rank (one without interleaving).
+        let num_chunks = virtual_stages(&cfg.model, layout.pp_size);
+        let chunks = (0..num_chunks)
+            .map(|c| {
+                GptModel::new_chunk(
+                    &cfg.model,
+                    layout,
+                    c,
+                    tp_comm.clone(),
+                    cfg.peft.as_ref(),
+                    cfg.rng.seed,
+                    dtype,
+                    &device,
+                )
+                .with_context(|| {
+                    format!("cannot build model chunk {c} of pipeline rank {}", layout.pp_rank)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let p2p = match &groups {
+            Some(g) if layout.pp_size > 1 => {
+                let wire = cfg.model.pipeline_dtype.map_or(dtype, candle_dtype);
+                Some(PipelineP2p::new(g.pp.clone(), g.pp_grad.clone(), wire)?)
+            }
+            _ => None,
+        };
+        let microbatch_group_size =
+            cfg.model.microbatch_group_size_per_vp_stage.unwrap_or(layout.pp_size);
+        // Refuse a schedule megatron-core would refuse before the first step, not at it.
+        schedule(&ScheduleSpec {
+            pp_size: layout.pp_size,
+            pp_rank: layout.pp_rank,
+            num_microbatches: d.num_microbatches,
+            num_chunks,
+            microbatch_group_size,
+            forward_only: false,
+        })?;
         // Megatron's start-up line, so a log shows the model size (benchmarks read it too).
-        let num_params: usize = model
-            .params()
-            .params()
+        let num_params: usize = chunks
             .iter()
+            .flat_map(|m| m.params().params())
             .filter(|p| !p.shared_embedding)
             .map(|p| p.var.elem_count())
             .sum();
@@ -102,7 +129,7 @@ impl Trainer {
             );
         }
         // Under PEFT the frozen base is not optimized: only the adapters are.
-        let named = model.params().trainable_named_vars();
+        let named = chunks.iter().flat_map(|m| m.params().trainable_named_vars()).collect();
         let o = &cfg.optimizer;
         let algorithm = match o.optimizer {
             OptimizerKind::Adam => Algorithm::Adam(AdamConfig {
@@ -118,7 +145,10 @@ impl Trainer {
         let scheduler =
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
         let datasets = build_run_datasets(&cfg, &d, tokenizer.as_ref())?;
-        let reporting = groups.as_ref().is_none_or(|g| g.coords.tp == 0 && g.coords.dp == 0);
+        // Megatron reports from the last pipeline stage (it holds the loss).
+        let reporting = groups.as_ref().is_none_or(|g| {
+            g.coords.tp == 0 && g.coords.dp == 0 && g.coords.pp + 1 == g.topology.pp()
+        });
         if let Some(cmd) = wandb_sync_command(&cfg.logger)? {
             println!(" W&B: TensorBoard events go to the tensorboard_dir; upload them with: {cmd}");
         }
@@ -142,7 +172,9 @@ impl Trainer {
             cfg,
             d,
             run_config_toml,
-            model,
+            chunks,
+            p2p,
+            microbatch_group_size,
             optimizer,
             scheduler,
             acc,
@@ -169,15 +201,17 @@ impl Trainer {
             }
             None => None,
         };
-        let peft = self.model.params().peft().is_some();
+        let peft = self.chunks[0].params().peft().is_some();
         if peft {
             // The frozen base always comes from the pretrained checkpoint; `load` then adds
             // the adapters (PEFT checkpoints hold nothing else).
             self.load_pretrained()?;
-            self.model.init_dora_magnitudes()?;
+            for m in &self.chunks {
+                m.init_dora_magnitudes()?;
+            }
         }
         if let Some(dir) = resume {
-            checkpointing::load_model(&dir, &self.model)?;
+            checkpointing::load_model(&dir, &self.chunks)?;
             if c.finetune {
                 tracing::info!(
                     "loaded weights from {} (finetune: iteration reset to 0)",
@@ -219,7 +253,9 @@ impl Trainer {
         let pre_path = PathBuf::from(pre);
         // A local Hugging Face directory is converted on the fly, as Megatron Bridge does.
         if pre_path.join("config.json").is_file() {
-            crate::bridge::load_hf_weights(&pre_path, &self.model)?;
+            for m in &self.chunks {
+                crate::bridge::load_hf_weights(&pre_path, m)?;
+            }
             tracing::info!("initialized weights from Hugging Face directory {pre}");
             return Ok(true);
         }
@@ -229,12 +265,12 @@ impl Trainer {
                  nor a Hugging Face model (config.json)"
             )
         })?;
-        let part = if self.model.params().peft().is_some() {
+        let part = if self.chunks[0].params().peft().is_some() {
             checkpointing::LoadPart::Base
         } else {
             checkpointing::LoadPart::All
         };
-        checkpointing::load_model_part(&dir, &self.model, part)?;
+        checkpointing::load_model_part(&dir, &self.chunks, part)?;
         tracing::info!("initialized weights from pretrained checkpoint {}", dir.display());
         Ok(true)
     }

@@ -7,21 +7,23 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use super::checkpointing::{self, SaveRequest};
 use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
 use super::datasets::{sampler_for_split, RunDataset};
 use super::optimizer::{GradAccumulator, Optimizer};
+use super::pipeline::{all_reduce_embedding_grads, Pipeline, TrainHooks};
 use super::report::{report_saved, MetricsWriter};
 use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
 use crate::ckpt::{AsyncSaver, TrainState};
 use crate::config::{ConfigContainer, Derived};
 use crate::model::flops::num_floating_point_operations;
-use crate::model::{loss_for_microbatch, GptModel, Microbatch};
+use crate::model::{GptModel, Microbatch};
 use crate::ops::DropoutRng;
 use crate::parallel::data::{all_reduce_grads, model_parallel_grad_sq_norm};
+use crate::parallel::pipeline::PipelineP2p;
 use crate::parallel::{ProcessGroups, ReduceOp};
 
 /// Why training stopped.
@@ -53,7 +55,12 @@ pub struct Trainer {
     pub(super) cfg: ConfigContainer,
     pub(super) d: Derived,
     pub(super) run_config_toml: String,
-    pub(super) model: GptModel,
+    /// This rank's model chunks: its pipeline stage, one chunk per virtual pipeline stage.
+    pub(super) chunks: Vec<GptModel>,
+    /// Transfers to the neighbouring pipeline stages (PP > 1).
+    pub(super) p2p: Option<PipelineP2p>,
+    /// `model.microbatch_group_size_per_vp_stage`, resolved.
+    pub(super) microbatch_group_size: usize,
     pub(super) optimizer: Optimizer,
     pub(super) scheduler: OptimizerParamScheduler,
     pub(super) acc: GradAccumulator,
@@ -83,9 +90,24 @@ impl Trainer {
         &self.state
     }
 
-    /// The model being trained.
+    /// The model being trained: this rank's first model chunk (its whole pipeline stage
+    /// without virtual pipelining).
     pub fn model(&self) -> &GptModel {
-        &self.model
+        &self.chunks[0]
+    }
+
+    /// Every model chunk of this rank, in virtual-stage order.
+    pub fn model_chunks(&self) -> &[GptModel] {
+        &self.chunks
+    }
+
+    /// The pipeline view of this rank's chunks that the schedules run.
+    pub(super) fn pipeline(&self) -> Pipeline<'_> {
+        Pipeline {
+            chunks: &self.chunks,
+            p2p: self.p2p.as_ref(),
+            microbatch_group_size: self.microbatch_group_size,
+        }
     }
 
     /// Run until `train_iters` or an exit condition; evaluate and save as configured.
@@ -230,32 +252,41 @@ impl Trainer {
         skip: bool,
     ) -> Result<StepResult> {
         self.acc.clear();
-        let (mut loss_sum, mut tokens) = (0.0f64, 0.0f64);
         let dropout_on =
             self.cfg.model.hidden_dropout > 0.0 || self.cfg.model.attention_dropout > 0.0;
         let per_token = self.cfg.model.calculate_per_token_loss;
         let num_micro = micro.len() as f64;
-        for (i, mb) in micro.iter().enumerate() {
-            // Key dropout by the micro-batch's place in the global batch, so DP=2 draws what
-            // DP=1 draws for the same samples.
-            let global_mb = (i * self.d.data_parallel_size + self.dp_rank()) as u64;
-            let rng = dropout_on.then(|| DropoutRng::new(self.rng_seed, iteration, global_mb));
-            let (sum, count) = loss_for_microbatch(&self.model, mb, rng.as_ref())?;
-            loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            tokens += count;
-            if !skip {
-                let objective = if per_token {
-                    sum
-                } else {
-                    // `output_tensor /= clamp(num_tokens, min=1); output_tensor /= num_microbatches`
-                    sum.affine(1.0 / (count.max(1.0) * num_micro), 0.0)?
-                };
-                self.acc.accumulate(&objective.backward()?)?;
-            }
-        }
-        // Σ CE and Σ tokens over the data-parallel group, as Megatron reduces `[sum, count]`.
+        let (dp, dp_rank, seed) = (self.d.data_parallel_size, self.dp_rank(), self.rng_seed);
+        let (pp_size, pp_rank) = self.p2p.as_ref().map_or((1, 0), |p| (p.size(), p.rank()));
+        // Key dropout by the micro-batch's place in the global batch, so DP=2 draws what
+        // DP=1 draws for the same samples; each virtual pipeline stage past the first draws
+        // its own stream (PP > 1 drops other elements than PP=1, as in Megatron).
+        let dropout = |chunk: usize, i: usize| {
+            let global_mb = (i * dp + dp_rank) as u64;
+            let stage = (chunk * pp_size + pp_rank) as u64;
+            dropout_on.then(|| DropoutRng::new(seed, iteration, global_mb | (stage << 40)))
+        };
+        let objective = |sum: Tensor, count: f64| -> Result<Tensor> {
+            Ok(if per_token {
+                sum
+            } else {
+                // `output_tensor /= clamp(num_tokens, min=1); output_tensor /= num_microbatches`
+                sum.affine(1.0 / (count.max(1.0) * num_micro), 0.0)?
+            })
+        };
+        let hooks = TrainHooks { dropout: &dropout, objective: &objective };
+        let acc = (!skip).then_some(&mut self.acc);
+        let pipeline = Pipeline {
+            chunks: &self.chunks,
+            p2p: self.p2p.as_ref(),
+            microbatch_group_size: self.microbatch_group_size,
+        };
+        let (mut loss_sum, mut tokens) = pipeline.train_batch(micro, &hooks, acc)?;
         if let Some(g) = &self.groups {
             let t = Tensor::new(&[loss_sum, tokens], &Device::Cpu)?;
+            // Only the last pipeline stage computes the loss: every stage gets its sums.
+            let t = if pp_size > 1 { g.pp.all_reduce(&t, ReduceOp::Sum)? } else { t };
+            // Σ CE and Σ tokens over the data-parallel group, as Megatron reduces `[sum, count]`.
             let r = g.dp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
             (loss_sum, tokens) = (r[0], r[1]);
         }
@@ -281,7 +312,10 @@ impl Trainer {
             (false, _) => 1.0 / self.d.data_parallel_size as f64,
         };
         match &self.groups {
-            Some(g) => all_reduce_grads(&mut self.acc, &*g.dp, scale)?,
+            Some(g) => {
+                all_reduce_grads(&mut self.acc, &*g.dp, scale)?;
+                all_reduce_embedding_grads(&self.chunks, &mut self.acc, g.embedding.as_deref())?;
+            }
             None if scale != 1.0 => self.acc.scale(scale)?,
             None => {}
         }
@@ -289,8 +323,9 @@ impl Trainer {
         let norm = match &self.groups {
             None => clip_grad_norm(&mut self.acc, vars.iter(), self.cfg.optimizer.clip_grad)?,
             Some(g) => {
-                let params = self.model.params().params();
-                let sq = model_parallel_grad_sq_norm(&self.acc, params, g.coords.tp, &*g.mp)?;
+                let params: Vec<_> =
+                    self.chunks.iter().flat_map(|m| m.params().params()).cloned().collect();
+                let sq = model_parallel_grad_sq_norm(&self.acc, &params, g.coords.tp, &*g.mp)?;
                 let total = sq.sqrt();
                 let coeff = clip_by_total_norm(
                     &mut self.acc,
@@ -336,7 +371,7 @@ impl Trainer {
         let c = &self.cfg.checkpoint;
         let req = SaveRequest {
             save_dir: &PathBuf::from(&dir),
-            model: &self.model,
+            models: &self.chunks,
             optimizer: self.cfg.checkpoint.save_optim.then_some(&self.optimizer),
             scheduler: &self.scheduler,
             state: &self.state,
@@ -344,8 +379,14 @@ impl Trainer {
             seed: c.save_rng.then_some(self.rng_seed),
             most_recent_k: c.most_recent_k,
             tp_rank: self.groups.as_ref().map_or(0, |g| g.coords.tp),
-            pp_rank: 0,
+            pp_rank: self.groups.as_ref().map_or(0, |g| g.coords.pp),
             tp: self.groups.as_ref().map(|g| &*g.tp),
+            // Only the writer's pipeline group gathers its stages' shards.
+            pp: self
+                .groups
+                .as_ref()
+                .filter(|g| g.coords.tp == 0 && g.coords.cp == 0 && g.coords.dp == 0)
+                .map(|g| &*g.pp),
             write: self.groups.as_ref().is_none_or(|g| g.rank == 0),
         };
         if c.async_save {
@@ -394,7 +435,9 @@ impl Trainer {
 
     /// Whether this rank prints the log line and validation (Megatron: last stage, TP/DP 0).
     pub(super) fn reports(&self) -> bool {
-        self.groups.as_ref().is_none_or(|g| g.coords.tp == 0 && g.coords.dp == 0)
+        self.groups.as_ref().is_none_or(|g| {
+            g.coords.tp == 0 && g.coords.dp == 0 && g.coords.pp + 1 == g.topology.pp()
+        })
     }
 }
 

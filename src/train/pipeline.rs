@@ -1,0 +1,219 @@
+//! Running one global batch through this rank's model chunks in pipeline-schedule order
+//! ([`crate::parallel::pipeline::schedule`]), and the tied-embedding gradient all-reduce
+//! between the first and last pipeline stage.
+//!
+//! A chunk that does not embed starts from the received activation made a leaf variable, so
+//! its backward yields the gradient to send back; a chunk that does not end in the loss runs
+//! backward from the received gradient `g` as `(output · g).sum().backward()`, whose gradient
+//! at `output` is exactly `g`. With PP=1 this is the plain per-micro-batch
+//! forward/backward loop.
+
+use std::collections::VecDeque;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+
+use super::grads::{GradAccumulator, GradSource, GradSourceMut};
+use crate::model::{ForwardOpts, GptModel, Microbatch};
+use crate::ops::DropoutRng;
+use crate::parallel::comm::{Communicator, ReduceOp};
+use crate::parallel::pipeline::{schedule, Op, PipelineP2p, ScheduleSpec};
+
+/// This rank's share of a pipelined model and how to reach its neighbours.
+pub(crate) struct Pipeline<'a> {
+    /// Model chunks in virtual-stage order (one without virtual pipelining).
+    pub chunks: &'a [GptModel],
+    /// Neighbour transfers; None when PP=1.
+    pub p2p: Option<&'a PipelineP2p>,
+    /// `microbatch_group_size_per_vp_stage` (interleaved schedule only).
+    pub microbatch_group_size: usize,
+}
+
+/// What the training schedule needs besides the micro-batches.
+pub(crate) struct TrainHooks<'a> {
+    /// Dropout stream of (chunk, micro-batch); None disables dropout.
+    pub dropout: &'a dyn Fn(usize, usize) -> Option<DropoutRng>,
+    /// The tensor to back-propagate from a micro-batch's `(Σ CE, Σ tokens)`.
+    pub objective: &'a dyn Fn(Tensor, f64) -> Result<Tensor>,
+}
+
+/// A forward whose backward is still to come.
+struct Pending {
+    microbatch: usize,
+    /// The received input activation (None on the chunk that embeds).
+    input: Option<Var>,
+    /// Chunk output, or the objective on the chunk that ends in the loss.
+    output: Tensor,
+}
+
+impl Pipeline<'_> {
+    fn spec(&self, micro: usize, forward_only: bool) -> ScheduleSpec {
+        ScheduleSpec {
+            pp_size: self.p2p.map_or(1, |p| p.size()),
+            pp_rank: self.p2p.map_or(0, |p| p.rank()),
+            num_microbatches: micro,
+            num_chunks: self.chunks.len(),
+            microbatch_group_size: self.microbatch_group_size,
+            forward_only,
+        }
+    }
+
+    /// Forward and backward of every micro-batch, gradients summed into `acc` (forwards
+    /// only when `acc` is None, e.g. a skipped iteration). Returns `(Σ CE, Σ tokens)` over the
+    /// micro-batches on the rank that computes the loss, zeros on the others.
+    pub fn train_batch(
+        &self,
+        micro: &[Microbatch],
+        hooks: &TrainHooks,
+        mut acc: Option<&mut GradAccumulator>,
+    ) -> Result<(f64, f64)> {
+        let ops = schedule(&self.spec(micro.len(), acc.is_none()))?;
+        let mut pending: Vec<VecDeque<Pending>> =
+            self.chunks.iter().map(|_| VecDeque::new()).collect();
+        let (mut loss_sum, mut tokens) = (0.0, 0.0);
+        for op in ops {
+            match op {
+                Op::Forward { chunk, microbatch } => {
+                    let rng = (hooks.dropout)(chunk, microbatch);
+                    let (input, output, loss) =
+                        self.forward(chunk, &micro[microbatch], rng.as_ref())?;
+                    let output = match loss {
+                        Some((sum, count)) => {
+                            loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                            tokens += count;
+                            (hooks.objective)(sum, count)?
+                        }
+                        None => {
+                            self.p2p().send_forward(&output)?;
+                            output
+                        }
+                    };
+                    if acc.is_some() {
+                        pending[chunk].push_back(Pending { microbatch, input, output });
+                    }
+                }
+                Op::Backward { chunk, microbatch } => {
+                    let acc = acc.as_deref_mut().context("backward pass without gradients")?;
+                    let p = pending[chunk].pop_front().context("backward before its forward")?;
+                    if p.microbatch != microbatch {
+                        bail!(
+                            "pipeline schedule out of order: chunk {chunk} runs backward of \
+                             micro-batch {microbatch} before {}",
+                            p.microbatch
+                        );
+                    }
+                    self.backward(chunk, p, acc)?;
+                }
+            }
+        }
+        Ok((loss_sum, tokens))
+    }
+
+    /// Forward-only schedule (evaluation): `(Σ CE, Σ tokens)` as [`Self::train_batch`].
+    pub fn eval_batch(&self, micro: &[Microbatch]) -> Result<(f64, f64)> {
+        let hooks = TrainHooks { dropout: &|_, _| None, objective: &|sum, _| Ok(sum) };
+        self.train_batch(micro, &hooks, None)
+    }
+
+    fn p2p(&self) -> &PipelineP2p {
+        self.p2p.expect("a chunk without embedding or loss exists only with PP > 1")
+    }
+
+    /// Shape of the activation between chunks: `[b, s, h]`, or `[b, s/tp, h]` under sequence
+    /// parallelism.
+    fn boundary_shape(&self, mb: &Microbatch) -> Result<(usize, usize, usize)> {
+        let (b, s) = mb.tokens.dims2()?;
+        let m = &self.chunks[0];
+        let sp = m.tensor_parallel().filter(|tp| tp.sequence_parallel()).map_or(1, |tp| tp.size());
+        Ok((b, s / sp, m.arch().hidden))
+    }
+
+    /// Runs chunk `chunk` on `mb`: (input variable, output, loss on the last chunk).
+    #[allow(clippy::type_complexity)]
+    fn forward(
+        &self,
+        chunk: usize,
+        mb: &Microbatch,
+        rng: Option<&DropoutRng>,
+    ) -> Result<(Option<Var>, Tensor, Option<(Tensor, f64)>)> {
+        let model = &self.chunks[chunk];
+        let opts = ForwardOpts {
+            position_ids: mb.position_ids.as_ref(),
+            attention_mask: mb.attention_mask.as_ref(),
+            dropout: rng,
+        };
+        let input = if model.pre_process() {
+            None
+        } else {
+            let shape = self.boundary_shape(mb)?;
+            let t = self.p2p().recv_forward(&shape.into(), model.dtype(), model.device())?;
+            Some(Var::from_tensor(&t)?)
+        };
+        let x = input.as_ref().map_or(&mb.tokens, |v| v.as_tensor());
+        let output = model.forward_stage(x, &opts)?;
+        let loss = if model.post_process() {
+            Some(model.cross_entropy(&output, &mb.labels, &mb.loss_mask)?)
+        } else {
+            None
+        };
+        Ok((input, output, loss))
+    }
+
+    fn backward(&self, chunk: usize, p: Pending, acc: &mut GradAccumulator) -> Result<()> {
+        let model = &self.chunks[chunk];
+        let grads = if model.post_process() {
+            p.output.backward()?
+        } else {
+            let g =
+                self.p2p().recv_backward(p.output.shape(), p.output.dtype(), p.output.device())?;
+            (&p.output * g)?.sum_all()?.backward()?
+        };
+        if let Some(input) = &p.input {
+            let g = grads.get(input.as_tensor()).with_context(|| {
+                format!("chunk {chunk}: no gradient reached its input activation")
+            })?;
+            self.p2p().send_backward(g)?;
+        }
+        acc.accumulate(&grads)?;
+        Ok(())
+    }
+}
+
+/// Megatron's `_allreduce_embedding_grads`: with tied embeddings and PP > 1, the first
+/// stage's word embeddings and the last stage's copy (`output_layer.weight`) get the sum of
+/// both gradients over the embedding group, so the two copies take identical steps. No-op
+/// for untied models, PP=1 and middle stages.
+pub(crate) fn all_reduce_embedding_grads(
+    chunks: &[GptModel],
+    acc: &mut GradAccumulator,
+    embedding: Option<&dyn Communicator>,
+) -> Result<()> {
+    let Some(group) = embedding.filter(|g| g.size() > 1) else { return Ok(()) };
+    if !chunks[0].arch().tied_embeddings {
+        return Ok(());
+    }
+    let mut copies = Vec::new();
+    for m in chunks {
+        for p in m.params().params() {
+            let first = m.pre_process() && p.name == "embedding.word_embeddings.weight";
+            if (first || p.shared_embedding) && p.trainable {
+                copies.push(p.var.clone());
+            }
+        }
+    }
+    let [var] = copies.as_slice() else {
+        bail!(
+            "tied embeddings: expected one embedding copy on this rank of the {}, found {}",
+            group.describe(),
+            copies.len()
+        );
+    };
+    let dtype = super::optimizer::master_dtype(var.dtype());
+    let local = match acc.grad_of(var) {
+        Some(g) => g.clone(),
+        None => Tensor::zeros(var.shape(), dtype, var.device())?,
+    };
+    let sum = group.all_reduce(&local, ReduceOp::Sum)?;
+    acc.set_grad(var, sum);
+    Ok(())
+}
