@@ -1,8 +1,11 @@
-//! The pipeline schedules run megatron-core's op order. Expected orders were produced by
+//! Pipeline parallelism as megatron-core does it: layers per model chunk, and the op order of
+//! the schedules. Expected orders were produced by
 //! megatron-core's own `get_schedule_table` and the warm-up / steady / cool-down loops of
 //! `megatron/core/pipeline_parallel/schedules.py` (forward before backward in each steady
 //! step), written as `F<chunk>.<microbatch>` / `B<chunk>.<microbatch>`.
 
+use mbridge::config::model::ModelConfig;
+use mbridge::model::{chunk_layers, stage_layers};
 use mbridge::parallel::pipeline::schedule::schedule_table;
 use mbridge::parallel::pipeline::{schedule, Op, ScheduleSpec};
 
@@ -108,4 +111,46 @@ fn bad_microbatch_groups_are_refused_with_the_field_name() {
     assert!(e.contains("microbatch_group_size_per_vp_stage"), "{e}");
     let e = schedule(&spec(4, 0, 5, 2, 4)).unwrap_err().to_string();
     assert!(e.contains("modulo"), "{e}");
+}
+
+fn layers(cfg: &ModelConfig, pp: usize, vp: usize) -> Vec<Vec<Vec<usize>>> {
+    (0..pp).map(|r| (0..vp).map(|c| chunk_layers(cfg, r, pp, c).unwrap()).collect()).collect()
+}
+
+#[test]
+fn model_chunks_hold_megatron_cores_layers() {
+    let cfg = |n: usize| ModelConfig { num_layers: n, ..Default::default() };
+    // get_num_layers_to_build's docstring: 8 layers, 2 stages, 2 (then 4) model chunks.
+    let mut c = cfg(8);
+    c.virtual_pipeline_model_parallel_size = Some(2);
+    assert_eq!(layers(&c, 2, 2), [[vec![0, 1], vec![4, 5]], [vec![2, 3], vec![6, 7]]]);
+    assert_eq!(stage_layers(&c, 1, 2).unwrap(), [2, 3, 6, 7]);
+    c.virtual_pipeline_model_parallel_size = Some(4);
+    assert_eq!(
+        layers(&c, 2, 4),
+        [[[0], [2], [4], [6]], [[1], [3], [5], [7]]].map(|r| r.map(|l| l.to_vec()).to_vec())
+    );
+    // Embedding and loss counted as layers: 6 + 2 over 4 stages.
+    let mut c = cfg(6);
+    c.account_for_embedding_in_pipeline_split = true;
+    c.account_for_loss_in_pipeline_split = true;
+    assert_eq!(layers(&c, 4, 1), [[vec![0]], [vec![1, 2]], [vec![3, 4]], [vec![5]]]);
+    // Uneven: 1 + 3 + 3 + 3 layers.
+    let mut c = cfg(10);
+    c.num_layers_in_first_pipeline_stage = Some(1);
+    c.num_layers_in_last_pipeline_stage = Some(3);
+    assert_eq!(layers(&c, 4, 1), [[vec![0]], [vec![1, 2, 3]], [vec![4, 5, 6]], [vec![7, 8, 9]]]);
+    // Uneven with virtual stages: 2 + 8 + 2 layers, 2 chunks per rank.
+    let mut c = cfg(12);
+    c.num_layers_in_first_pipeline_stage = Some(2);
+    c.num_layers_in_last_pipeline_stage = Some(2);
+    c.virtual_pipeline_model_parallel_size = Some(2);
+    assert_eq!(
+        layers(&c, 3, 2),
+        [[vec![0], vec![6]], [vec![1, 2, 3, 4], vec![7, 8, 9, 10]], [vec![5], vec![11]],]
+    );
+    // megatron-core refuses uneven stages with the embedding/loss accounting.
+    c.account_for_loss_in_pipeline_split = true;
+    let e = chunk_layers(&c, 0, 3, 0).unwrap_err().to_string();
+    assert!(e.contains("account_for_embedding/loss_in_pipeline_split"), "{e}");
 }
