@@ -248,3 +248,16 @@ fn activations_travel_in_pipeline_dtype() {
     // bf16 rounding of the stage boundary shows in the curve, but only as rounding does.
     assert!(max_rel > 0.0 && max_rel < 1e-2, "f32 vs bf16 activations: max rel {max_rel:e}");
 }
+
+#[test]
+fn lora_with_pipeline_and_tied_embeddings_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let tied = "model.share_embeddings_and_output_weights=true";
+    single(&[tied, &format!("+checkpoint.save={}", base.display()), "train.train_iters=2"]);
+    let pre = format!("checkpoint.pretrained_checkpoint={}", base.display());
+    let peft = [tied, "+peft.dim=4", "+peft.alpha=8.0", "optimizer.lr=1e-2", pre.as_str()];
+    let one = single(&peft);
+    let pp = run_ranks(2, &[&peft[..], &["model.pipeline_model_parallel_size=2"]].concat());
+    assert_all_close(&one, &pp, "LoRA PP=2 (frozen tied embedding)");
+}

@@ -196,18 +196,23 @@ pub(crate) fn all_reduce_embedding_grads(
     for m in chunks {
         for p in m.params().params() {
             let first = m.pre_process() && p.name == "embedding.word_embeddings.weight";
-            if (first || p.shared_embedding) && p.trainable {
-                copies.push(p.var.clone());
+            if first || p.shared_embedding {
+                copies.push(p);
             }
         }
     }
-    let [var] = copies.as_slice() else {
+    let [param] = copies.as_slice() else {
         bail!(
             "tied embeddings: expected one embedding copy on this rank of the {}, found {}",
             group.describe(),
             copies.len()
         );
     };
+    // Under PEFT both copies are frozen (on both stages alike): nothing to synchronise.
+    if !param.trainable {
+        return Ok(());
+    }
+    let var = &param.var;
     let dtype = super::optimizer::master_dtype(var.dtype());
     let local = match acc.grad_of(var) {
         Some(g) => g.clone(),
