@@ -261,3 +261,39 @@ fn lora_with_pipeline_and_tied_embeddings_matches_one_process() {
     let pp = run_ranks(2, &[&peft[..], &["model.pipeline_model_parallel_size=2"]].concat());
     assert_all_close(&one, &pp, "LoRA PP=2 (frozen tied embedding)");
 }
+
+#[test]
+fn pipeline_split_rules_are_megatron_cores() {
+    let err = |extra: &[&str]| {
+        let (loaded, _) = config(&[&["model.pipeline_model_parallel_size=2"], extra].concat());
+        format!("{:#}", finalize(loaded.cfg, Some(2), None).err().expect("config must be refused"))
+    };
+    let e = err(&[
+        "model.num_layers=4",
+        "+model.num_layers_in_first_pipeline_stage=1",
+        "model.account_for_loss_in_pipeline_split=true",
+    ]);
+    assert!(e.contains("cannot be combined with num_layers_in_first/last_pipeline_stage"), "{e}");
+    let e = err(&[
+        "model.num_layers=6",
+        "+model.num_layers_in_first_pipeline_stage=1",
+        "+model.num_layers_in_last_pipeline_stage=5",
+        "+model.virtual_pipeline_model_parallel_size=2",
+    ]);
+    assert!(e.contains("1 layers per first pipeline stage are not divisible"), "{e}");
+    // Interleaving needs at least PP micro-batches per group: 1 micro-batch of 8 is refused.
+    let (loaded, toml) = config(&[
+        "model.num_layers=4",
+        "model.pipeline_model_parallel_size=2",
+        "+model.virtual_pipeline_model_parallel_size=2",
+        "train.micro_batch_size=8",
+    ]);
+    let e = LocalWorld::run(2, Duration::from_secs(60), |rank, lw| {
+        let fin = finalize(loaded.cfg.clone(), Some(2), None)?;
+        let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, 2)?;
+        let groups = ProcessGroups::local(lw, topo, rank)?;
+        Trainer::new_rank(fin, toml.clone(), Device::Cpu, Some(groups)).map(|_| ())
+    })
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("microbatch_group_size_per_vp_stage"), "{e:#}");
+}
