@@ -80,7 +80,7 @@ fn assert_all_close(want: &TrainOutcome, got: &[TrainOutcome], what: &str) {
 }
 
 #[test]
-fn pp2_and_tp2xpp2_and_pp2xdp2_match_one_process() {
+fn pp2_tp2xpp2_sp_and_pp2xdp2_match_one_process() {
     let base = single(&[]);
     assert!(base.losses.last().unwrap().1 < base.losses[0].1 - 0.1, "the model learns");
     let pp = "model.pipeline_model_parallel_size=2";
@@ -91,6 +91,9 @@ fn pp2_and_tp2xpp2_and_pp2xdp2_match_one_process() {
         "TP=2×PP=2",
     );
     assert_all_close(&base, &run_ranks(4, &[pp]), "PP=2×DP=2");
+    // Under sequence parallelism the stages exchange their part of the sequence.
+    let sp = ["model.tensor_model_parallel_size=2", "model.sequence_parallel=true"];
+    assert_all_close(&base, &run_ranks(4, &[&sp[..], &[pp]].concat()), "TP=2 SP×PP=2");
 }
 
 #[test]
