@@ -1,6 +1,7 @@
 //! Causal (optionally sliding-window) grouped-query attention, differentiable.
 
 use super::dropout::DropoutRng;
+use super::flash::{self, FlashSpec};
 use super::softmax::masked_softmax;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -97,4 +98,42 @@ pub fn attention(
     };
     let out = probs.reshape((b, groups, hpg * sq, sk))?.matmul(&v.contiguous()?)?;
     out.reshape((b, heads, sq, d))
+}
+
+/// Which keys each query may attend to.
+#[derive(Debug, Clone, Copy)]
+pub enum AttnMask<'a> {
+    /// A prebuilt u8 mask from [`build_attention_mask`] (packed sequences, or no fused kernel).
+    Dense(&'a Tensor),
+    /// Causal with the queries at the last `sq` of the `sk` key positions (KV cache),
+    /// optionally limited to `window_left` previous keys. With the fused kernel no mask (and no
+    /// `sq×sk` score) tensor is ever built; otherwise the dense mask is built here.
+    Causal { window_left: Option<i64> },
+}
+
+/// [`attention`] with the mask described by `mask`: the fused flash-attention kernel when it
+/// supports the call (CUDA, bf16/f16, no attention dropout, see
+/// [`flash::unsupported_reason`]), else the composite reference.
+pub fn attention_auto(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+    shape: AttentionShape,
+    dropout: Option<(f64, &DropoutRng, (usize, usize))>,
+) -> Result<Tensor> {
+    match mask {
+        AttnMask::Dense(m) => attention(q, k, v, m, shape, dropout),
+        AttnMask::Causal { window_left } => {
+            let p = dropout.map_or(0.0, |(p, _, _)| p);
+            if flash::unsupported_reason(q, k, v, p).is_none() {
+                let spec =
+                    FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
+                return flash::flash_attention(q, k, v, spec);
+            }
+            let (sq, sk) = (q.dim(2)?, k.dim(2)?);
+            let m = build_attention_mask(sk.saturating_sub(sq), sq, sk, window_left, None, q.device())?;
+            attention(q, k, v, &m, shape, dropout)
+        }
+    }
 }

@@ -8,6 +8,8 @@
 //! Conventions for adding a kernel: put `kernels/<module>.cu` (extern "C" `__global__`
 //! functions), declare its PTX below with [`kernel_module!`], launch through [`function`].
 
+pub mod flash_attn;
+
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::Result;
 
