@@ -132,7 +132,8 @@ pub fn attention_auto(
                 return flash::flash_attention(q, k, v, spec);
             }
             let (sq, sk) = (q.dim(2)?, k.dim(2)?);
-            let m = build_attention_mask(sk.saturating_sub(sq), sq, sk, window_left, None, q.device())?;
+            let m =
+                build_attention_mask(sk.saturating_sub(sq), sq, sk, window_left, None, q.device())?;
             attention(q, k, v, &m, shape, dropout)
         }
     }

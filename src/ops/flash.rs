@@ -66,7 +66,12 @@ pub fn device_supports(device: &Device, dtype: DType) -> bool {
 /// Whether a model forward should skip the dense mask and describe attention as causal (the
 /// fused kernel then runs): a CUDA half-precision model, no extra (packed) mask, and no
 /// attention dropout in this pass.
-pub fn model_fast_path(device: &Device, dtype: DType, extra_mask: bool, dropout_active: bool) -> bool {
+pub fn model_fast_path(
+    device: &Device,
+    dtype: DType,
+    extra_mask: bool,
+    dropout_active: bool,
+) -> bool {
     device_supports(device, dtype) && !extra_mask && !dropout_active
 }
 

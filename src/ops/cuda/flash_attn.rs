@@ -124,8 +124,7 @@ impl Varlen {
     /// Validates host offsets (start at 0, non-decreasing) and copies them to `device`.
     pub fn new(cu_seqlens: &[u32], device: &candle_core::Device) -> Result<Self> {
         crate::ops::flash::check_cu_seqlens(cu_seqlens).map_err(candle_core::Error::Msg)?;
-        let max_seqlen =
-            cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let max_seqlen = cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
         let total = *cu_seqlens.last().unwrap_or(&0) as usize;
         Ok(Self { cu_seqlens: Tensor::new(cu_seqlens, device)?, max_seqlen, total })
     }
@@ -216,7 +215,8 @@ fn launch(
         )
         .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory {smem}: {e:?}")))?;
     }
-    let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg =
+        LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
     let mut b = func.builder();
     b.arg(params);
     // SAFETY: the kernel reads exactly the FlashParams layout; every pointer in it refers to
@@ -430,7 +430,8 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), (dq_blocks, 1, 1), 256, 0, &p)?;
     }
     let wrap = |s: CudaStorage, seq: usize, h: usize| -> Result<Tensor> {
-        let t = Tensor::from_storage(Storage::Cuda(s), (d.b, seq, h, d.d), BackpropOp::none(), false);
+        let t =
+            Tensor::from_storage(Storage::Cuda(s), (d.b, seq, h, d.d), BackpropOp::none(), false);
         t.transpose(1, 2)
     };
     Ok((wrap(dq, d.sq, d.heads)?, wrap(dk, d.sk, d.groups)?, wrap(dv, d.sk, d.groups)?))
