@@ -217,7 +217,8 @@ fn launch(
     }
     let cfg =
         LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
-    let mut b = func.builder();
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
     b.arg(params);
     // SAFETY: the kernel reads exactly the FlashParams layout; every pointer in it refers to
     // storage kept alive (and stream-ordered) by the caller until after this launch.
@@ -314,32 +315,34 @@ fn forward(
     let out = alloc_like(dev, dtype, d.b * d.sq * d.heads * d.d)?;
     let lse = dev.alloc_zeros::<f32>(d.b * d.heads * d.sq)?;
     let lse = CudaStorage { slice: CudaStorageSlice::F32(lse), device: dev.clone() };
-    let mut p = base_params(&d, spec, varlen);
-    let cu_guard = varlen.map(|v| v.cu_seqlens.storage_and_layout());
-    let (qp, _g1) = dptr(q, &stream, ql.start_offset())?;
-    let (kp, _g2) = dptr(k, &stream, kl.start_offset())?;
-    let (vp, _g3) = dptr(v, &stream, vl.start_offset())?;
-    let (op, _g4) = dptr(&out, &stream, 0)?;
-    let (lp, _g5) = dptr(&lse, &stream, 0)?;
-    let _g6 = match &cu_guard {
-        Some((s, l)) => {
-            let Storage::Cuda(s) = &**s else {
-                candle_core::bail!("flash attention: cu_seqlens must be on the GPU")
-            };
-            let (cp, g) = dptr(s, &stream, l.start_offset())?;
-            p.cu_seqlens = cp;
-            Some(g)
-        }
-        None => None,
-    };
-    [p.q, p.k, p.v, p.o, p.lse] = [qp, kp, vp, op, lp];
-    [p.q_bs, p.q_hs, p.q_ss] = strides(ql, "q")?;
-    [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
-    [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
-    [p.o_bs, p.o_hs, p.o_ss] = bshd_strides(d.sq, d.heads, d.d);
-    let grid = (tiles(d.sq, varlen, FWD_BM), d.heads as u32, p.batch as u32);
-    let (name, bn) = fwd_kernel(type_name(dtype)?, d.d);
-    launch(dev, &name, grid, FWD_THREADS, fwd_smem(d.d, bn), &p)?;
+    {
+        let mut p = base_params(&d, spec, varlen);
+        let cu_guard = varlen.map(|v| v.cu_seqlens.storage_and_layout());
+        let (qp, _g1) = dptr(q, &stream, ql.start_offset())?;
+        let (kp, _g2) = dptr(k, &stream, kl.start_offset())?;
+        let (vp, _g3) = dptr(v, &stream, vl.start_offset())?;
+        let (op, _g4) = dptr(&out, &stream, 0)?;
+        let (lp, _g5) = dptr(&lse, &stream, 0)?;
+        let _g6 = match &cu_guard {
+            Some((s, l)) => {
+                let Storage::Cuda(s) = &**s else {
+                    candle_core::bail!("flash attention: cu_seqlens must be on the GPU")
+                };
+                let (cp, g) = dptr(s, &stream, l.start_offset())?;
+                p.cu_seqlens = cp;
+                Some(g)
+            }
+            None => None,
+        };
+        [p.q, p.k, p.v, p.o, p.lse] = [qp, kp, vp, op, lp];
+        [p.q_bs, p.q_hs, p.q_ss] = strides(ql, "q")?;
+        [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
+        [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
+        [p.o_bs, p.o_hs, p.o_ss] = bshd_strides(d.sq, d.heads, d.d);
+        let grid = (tiles(d.sq, varlen, FWD_BM), d.heads as u32, p.batch as u32);
+        let (name, bn) = fwd_kernel(type_name(dtype)?, d.d);
+        launch(dev, &name, grid, FWD_THREADS, fwd_smem(d.d, bn), &p)?;
+    }
     Ok((out, lse))
 }
 
