@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+struct FlashParams;
 struct FlashParams {
   const void* q;
   const void* k;
@@ -35,6 +36,7 @@ struct FlashParams {
   float* dsum;        // backward: rowsum(dO * O), same layout as lse
   float* dq_accum;    // backward: fp32 dQ accumulator, contiguous [b, heads, sq, d]
   const int* cu_seqlens;  // null, or [nseq + 1] token offsets (varlen)
+  float* dkv_accum;   // backward with split_heads: fp32 [2][b, groups, sk, d] (dK then dV)
   long long q_bs, q_hs, q_ss;
   long long k_bs, k_hs, k_ss;
   long long v_bs, v_hs, v_ss;
@@ -49,9 +51,12 @@ struct FlashParams {
   int sk;
   int causal;
   int window_left;  // < 0: unlimited
+  int split_heads;  // backward: one block per query head (GQA), dK/dV summed with atomics
   float scale_log2; // softmax_scale * log2(e)
   float scale;      // softmax_scale
 };
+
+static_assert(sizeof(FlashParams) == 312, "FlashParams layout is mirrored in flash_attn.rs");
 
 namespace fa {
 
@@ -98,6 +103,14 @@ __device__ __forceinline__ void mma<__half>(float* c, const uint32_t* a, uint32_
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// exp2 as the single MUFU instruction (no denormal/range fix-ups): arguments are
+// max-subtracted scores, so results lie in [0, 1]; exp2(-inf) = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ void ldsm4(uint32_t* r, uint32_t addr) {
@@ -182,9 +195,10 @@ __device__ __forceinline__ bool allowed(const FlashParams& p, int qabs, int k, i
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int D, int BN>
+template <typename T, int D, int BN, int MT>
 __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
-  constexpr int BM = 128, WARPS = 4, NT = WARPS * 32;
+  // MT m16 row tiles per warp: 2 reuses every K/V fragment twice, 1 halves registers.
+  constexpr int BM = 128, WARPS = BM / (16 * MT), NT = WARPS * 32;
   constexpr int NTILE_N = BN / 8, NTILE_D = D / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -215,16 +229,16 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
   int n_begin = 0;
   if (p.window_left >= 0) n_begin = max(0, m0 + offset - p.window_left) / BN * BN;
 
-  float acc_o[2][NTILE_D][4];
+  float acc_o[MT][NTILE_D][4];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int j = 0; j < NTILE_D; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[mt][j][e] = 0.f;
-  float row_max[2][2], row_sum[2][2];
+  float row_max[MT][2], row_sum[MT][2];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       row_max[mt][hh] = -INFINITY;
@@ -241,9 +255,9 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
     load_tile<BN, D, NT>(sV, v, p.v_ss, n0, sq.sk, tid);
     cp_commit();
 
-    float s[2][NTILE_N][4];
+    float s[MT][NTILE_N][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int j = 0; j < NTILE_N; ++j)
 #pragma unroll
@@ -251,17 +265,17 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
 
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[2][4];
+      uint32_t a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-        ldsm4(a[mt], aQ + 2 * swz<D>(warp * 32 + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+      for (int mt = 0; mt < MT; ++mt)
+        ldsm4(a[mt], aQ + 2 * swz<D>(warp * 16 * MT + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
       for (int j2 = 0; j2 < BN / 16; ++j2) {
         uint32_t b[4];
         ldsm4(b, aK + 2 * swz<D>(j2 * 16 + ((lane >> 4) << 3) + (lane & 7),
                                  kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
           mma<T>(s[mt][2 * j2], a[mt], b[0], b[1]);
           mma<T>(s[mt][2 * j2 + 1], a[mt], b[2], b[3]);
         }
@@ -272,12 +286,12 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
                            (p.window_left >= 0 && m0 + BM - 1 + offset - n0 > p.window_left);
     if (need_mask) {
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int j = 0; j < NTILE_N; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int row = m0 + warp * 32 + mt * 16 + (lane >> 2) + ((e >> 1) << 3);
+            const int row = m0 + warp * 16 * MT + mt * 16 + (lane >> 2) + ((e >> 1) << 3);
             const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1);
             if (!allowed(p, row + offset, col, sq.sk)) s[mt][j][e] = -INFINITY;
           }
@@ -285,7 +299,7 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
 
     // Online softmax: rescale the running output by exp2(old_max - new_max).
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         float mx = row_max[mt][hh];
@@ -295,13 +309,13 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
         // A row with no allowed key so far keeps max -inf; use 0 so exp2 gives 0, not NaN.
         const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-        const float corr = exp2f(row_max[mt][hh] * p.scale_log2 - m_scaled);
+        const float corr = fast_exp2(row_max[mt][hh] * p.scale_log2 - m_scaled);
         row_max[mt][hh] = mx;
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < NTILE_N; ++j) {
-          const float e0 = exp2f(s[mt][j][2 * hh] * p.scale_log2 - m_scaled);
-          const float e1 = exp2f(s[mt][j][2 * hh + 1] * p.scale_log2 - m_scaled);
+          const float e0 = fast_exp2(s[mt][j][2 * hh] * p.scale_log2 - m_scaled);
+          const float e1 = fast_exp2(s[mt][j][2 * hh + 1] * p.scale_log2 - m_scaled);
           s[mt][j][2 * hh] = e0;
           s[mt][j][2 * hh + 1] = e1;
           sum += e0 + e1;
@@ -323,9 +337,9 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
 
 #pragma unroll
     for (int kt = 0; kt < BN / 16; ++kt) {
-      uint32_t a[2][4];
+      uint32_t a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
+      for (int mt = 0; mt < MT; ++mt) {
         a[mt][0] = Vec2<T>::pack(s[mt][2 * kt][0], s[mt][2 * kt][1]);
         a[mt][1] = Vec2<T>::pack(s[mt][2 * kt][2], s[mt][2 * kt][3]);
         a[mt][2] = Vec2<T>::pack(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
@@ -336,7 +350,7 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
         uint32_t b[4];
         ldsm4t(b, aV + 2 * swz<D>(kt * 16 + (lane & 15), d2 * 2 + (lane >> 4)));
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
           mma<T>(acc_o[mt][2 * d2], a[mt], b[0], b[1]);
           mma<T>(acc_o[mt][2 * d2 + 1], a[mt], b[2], b[3]);
         }
@@ -348,14 +362,14 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
   // Normalize, write O and the log2-domain logsumexp.
   float* lse = p.lse + ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       float l = row_sum[mt][hh];
       l += __shfl_xor_sync(0xffffffff, l, 1);
       l += __shfl_xor_sync(0xffffffff, l, 2);
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int row = m0 + warp * 32 + mt * 16 + (lane >> 2) + hh * 8;
+      const int row = m0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hh * 8;
       if (row < sq.sq) {
         T* orow = o + (long long)row * p.o_ss;
 #pragma unroll
@@ -450,8 +464,12 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
   const Seq sq = seq_info(p, blockIdx.z);
   const int n0 = blockIdx.x * BN;
   if (n0 >= sq.sk) return;
-  const int g = blockIdx.y;
   const int hpg = p.heads / p.groups;
+  // Either one block per kv group walking all its query heads (dK/dV stay in registers), or,
+  // with split_heads, one block per query head (more parallelism) adding into fp32 dK/dV.
+  const int g = p.split_heads ? blockIdx.y / hpg : blockIdx.y;
+  const int h_first = p.split_heads ? blockIdx.y : g * hpg;
+  const int nh = p.split_heads ? 1 : hpg;
   const int offset = sq.sk - sq.sq;
 
   const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
@@ -462,7 +480,7 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
   if (p.causal) m_begin = max(0, n0 - offset) / BM * BM;
   if (p.window_left >= 0) m_end = min(m_end, n0 + BN + p.window_left - offset);
   const int n_m = m_end > m_begin ? (m_end - m_begin + BM - 1) / BM : 0;
-  const int n_it = n_m * hpg;
+  const int n_it = n_m * nh;
 
   float acc_dk[NTILE_D][4], acc_dv[NTILE_D][4];
 #pragma unroll
@@ -478,7 +496,7 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
 
   // Loads query block `it` (head-major over the group's heads) into buffer it & 1.
   auto prefetch = [&](int it) {
-    const int h = g * hpg + it / n_m;
+    const int h = h_first + it / n_m;
     const int i0 = m_begin + (it % n_m) * BM;
     const int buf = it & 1;
     const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
@@ -508,7 +526,7 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
     }
     __syncthreads();
     const int buf = it & 1;
-    const int h = g * hpg + it / n_m;
+    const int h = h_first + it / n_m;
     const int i0 = m_begin + (it % n_m) * BM;
     const uint32_t aQ = aQ0 + buf * BM * D * 2;
     const uint32_t adO = adO0 + buf * BM * D * 2;
@@ -551,7 +569,7 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
         const int kr = n0 + warp * 16 + (lane >> 2) + ((e >> 1) << 3);
         const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
         const float pr = allowed(p, i0 + qc + offset, kr, sq.sk)
-                             ? exp2f(st[j][e] * p.scale_log2 - lse[qc])
+                             ? fast_exp2(st[j][e] * p.scale_log2 - lse[qc])
                              : 0.f;
         st[j][e] = pr;
         dpt[j][e] = pr * (dpt[j][e] - dsum[qc]);
@@ -633,6 +651,25 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
 
   cp_wait<0>();
   // Write dK (times the softmax scale) and dV for this block's keys.
+  if (p.split_heads) {
+    const long long rows = (long long)(p.cu_seqlens ? 1 : p.batch) * p.groups * p.sk;
+    float* acck = p.dkv_accum + (((long long)sq.b * p.groups + g) * p.sk + sq.k0) * D;
+    float* accv = acck + rows * D;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = n0 + warp * 16 + (lane >> 2) + hh * 8;
+      if (r < sq.sk) {
+#pragma unroll
+        for (int j = 0; j < NTILE_D; ++j) {
+          const int c = j * 8 + (lane & 3) * 2;
+          atomic_add2(acck + (long long)r * D + c, acc_dk[j][2 * hh] * p.scale,
+                      acc_dk[j][2 * hh + 1] * p.scale);
+          atomic_add2(accv + (long long)r * D + c, acc_dv[j][2 * hh], acc_dv[j][2 * hh + 1]);
+        }
+      }
+    }
+    return;
+  }
   T* dk = static_cast<T*>(p.dk) + sq.b * p.dk_bs + g * p.dk_hs + (long long)sq.k0 * p.dk_ss;
   T* dv = static_cast<T*>(p.dv) + sq.b * p.dk_bs + g * p.dk_hs + (long long)sq.k0 * p.dk_ss;
 #pragma unroll
@@ -651,6 +688,24 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
   }
 }
 
+// split_heads epilogue: dK/dV = the fp32 sums, converted to T with dk_* strides.
+template <typename T, int D>
+__device__ __forceinline__ void bwd_dkv_kernel(const FlashParams& p) {
+  const long long rows = (long long)(p.cu_seqlens ? 1 : p.batch) * p.groups * p.sk;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= 2 * rows * (D / 2)) return;
+  const int which = (int)(i / (rows * (D / 2)));
+  const long long j = i % (rows * (D / 2));
+  const int c = (int)(j % (D / 2)) * 2;
+  const long long r = j / (D / 2);
+  const int s = (int)(r % p.sk);
+  const int g = (int)((r / p.sk) % p.groups);
+  const int b = (int)(r / ((long long)p.sk * p.groups));
+  const float2 a = *reinterpret_cast<const float2*>(p.dkv_accum + (which * rows + r) * D + c);
+  T* dst = static_cast<T*>(which ? p.dv : p.dk) + b * p.dk_bs + g * p.dk_hs + (long long)s * p.dk_ss + c;
+  *reinterpret_cast<uint32_t*>(dst) = Vec2<T>::pack(a.x, a.y);
+}
+
 }  // namespace fa
 
 // Shared memory bytes (the host mirrors these formulas in src/ops/cuda/flash_attn.rs).
@@ -661,7 +716,7 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
 
 #define FA_INSTANCE(NAME, T, D, WARPS)                                                      \
   extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_d##D(FlashParams p) { \
-    fa::fwd_kernel<T, D, 64>(p);                                                            \
+    fa::fwd_kernel<T, D, 64, 2>(p);                                                            \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(256) flash_bwd_dot_##NAME##_d##D(           \
       FlashParams p) {                                                                      \
@@ -670,6 +725,10 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
   extern "C" __global__ void __launch_bounds__(256) flash_bwd_dq_##NAME##_d##D(            \
       FlashParams p) {                                                                      \
     fa::bwd_dq_kernel<T, D>(p);                                                             \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(256) flash_bwd_dkv_##NAME##_d##D(           \
+      FlashParams p) {                                                                      \
+    fa::bwd_dkv_kernel<T, D>(p);                                                            \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(WARPS * 32)                                  \
       flash_bwd_##NAME##_d##D(FlashParams p) {                                              \
@@ -681,9 +740,16 @@ FA_INSTANCE(bf16, __nv_bfloat16, 128, 8)
 FA_INSTANCE(f16, __half, 64, 8)
 FA_INSTANCE(f16, __half, 128, 8)
 
-// Tile variants for tuning (bf16 only).
+// Tile variants for tuning (bf16 only): _n128 forward key tile 128; _w8 forward with 8 warps of
+// 16 query rows; _w4 backward with 4 warps (64 keys per block).
 extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16_d64_n128(FlashParams p) {
-  fa::fwd_kernel<__nv_bfloat16, 64, 128>(p);
+  fa::fwd_kernel<__nv_bfloat16, 64, 128, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) flash_fwd_bf16_d128_w8(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 128, 64, 1>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) flash_fwd_bf16_d64_w8(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 64, 64, 1>(p);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d64_w4(FlashParams p) {
   fa::bwd_kernel<__nv_bfloat16, 64, 4>(p);

@@ -32,31 +32,36 @@ const FWD_BM: usize = 128;
 const FWD_THREADS: u32 = 128;
 const BWD_BM: usize = 64;
 
-/// Tile variants compiled besides the defaults (see the end of `kernels/flash_attn.cu`); the
-/// self-test benchmarks them. Defaults: forward key tile 64, backward 8 warps (128 keys).
-static FWD_BN: AtomicUsize = AtomicUsize::new(64);
+/// Forward tile variants (kernels at the end of `kernels/flash_attn.cu`, bf16 only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FwdTile {
+    /// 4 warps × 32 query rows, 64-key tiles (the default, every dtype and head dim).
+    Default = 0,
+    /// 128-key tiles (d=64 only).
+    Keys128 = 1,
+    /// 8 warps × 16 query rows (fewer registers, more shared-memory reads).
+    Warps8 = 2,
+}
+
+/// Tile selection for later calls (the self-test benchmarks the variants). Defaults: forward
+/// [`FwdTile::Default`], backward 8 warps (128 keys per block).
+static FWD_TILE: AtomicUsize = AtomicUsize::new(FwdTile::Default as usize);
 static BWD_WARPS: AtomicUsize = AtomicUsize::new(8);
 
-/// Selects the tile variant for later calls: `fwd_bn` 64 or 128 (128: bf16, d=64 only),
-/// `bwd_warps` 8 or 4 (4: bf16 only); other combinations fall back to the defaults.
-pub fn set_tiles(fwd_bn: usize, bwd_warps: usize) {
-    FWD_BN.store(fwd_bn, Ordering::Relaxed);
+/// Selects the tile variants: `bwd_warps` 8 or 4 (4: bf16 only). Combinations a dtype/head
+/// dim lacks fall back to the defaults.
+pub fn set_tiles(fwd: FwdTile, bwd_warps: usize) {
+    FWD_TILE.store(fwd as usize, Ordering::Relaxed);
     BWD_WARPS.store(bwd_warps, Ordering::Relaxed);
 }
 
-/// Forward kernel name and key tile for `dtype`/`d` under the current tile selection.
-fn fwd_kernel(tname: &str, d: usize) -> (String, usize) {
-    match (FWD_BN.load(Ordering::Relaxed), tname, d) {
-        (128, "bf16", 64) => (format!("flash_fwd_{tname}_d{d}_n128"), 128),
-        _ => (format!("flash_fwd_{tname}_d{d}"), 64),
-    }
-}
-
-/// Backward kernel name and warps per block.
-fn bwd_kernel(tname: &str, d: usize) -> (String, usize) {
-    match (BWD_WARPS.load(Ordering::Relaxed), tname) {
-        (4, "bf16") => (format!("flash_bwd_{tname}_d{d}_w4"), 4),
-        _ => (format!("flash_bwd_{tname}_d{d}"), 8),
+/// Forward kernel name, key tile and threads for `dtype`/`d` under the current selection.
+fn fwd_kernel(tname: &str, d: usize) -> (String, usize, u32) {
+    let tile = FWD_TILE.load(Ordering::Relaxed);
+    match (tile, tname, d) {
+        (1, "bf16", 64) => (format!("flash_fwd_{tname}_d{d}_n128"), 128, FWD_THREADS),
+        (2, "bf16", _) => (format!("flash_fwd_{tname}_d{d}_w8"), 64, 2 * FWD_THREADS),
+        _ => (format!("flash_fwd_{tname}_d{d}"), 64, FWD_THREADS),
     }
 }
 
@@ -76,6 +81,7 @@ struct FlashParams {
     dsum: u64,
     dq_accum: u64,
     cu_seqlens: u64,
+    dkv_accum: u64,
     q_bs: i64,
     q_hs: i64,
     q_ss: i64,
@@ -104,9 +110,13 @@ struct FlashParams {
     sk: i32,
     causal: i32,
     window_left: i32,
+    split_heads: i32,
     scale_log2: f32,
     scale: f32,
 }
+
+// The kernel static_asserts the same size.
+const _: () = assert!(std::mem::size_of::<FlashParams>() == 312);
 
 // SAFETY: plain-old-data with the C layout of the kernel's by-value parameter.
 unsafe impl DeviceRepr for FlashParams {}
@@ -340,8 +350,8 @@ fn forward(
         [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
         [p.o_bs, p.o_hs, p.o_ss] = bshd_strides(d.sq, d.heads, d.d);
         let grid = (tiles(d.sq, varlen, FWD_BM), d.heads as u32, p.batch as u32);
-        let (name, bn) = fwd_kernel(type_name(dtype)?, d.d);
-        launch(dev, &name, grid, FWD_THREADS, fwd_smem(d.d, bn), &p)?;
+        let (name, bn, threads) = fwd_kernel(type_name(dtype)?, d.d);
+        launch(dev, &name, grid, threads, fwd_smem(d.d, bn), &p)?;
     }
     Ok((out, lse))
 }
@@ -386,6 +396,18 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         device: dev.clone(),
     };
     let dq = alloc_like(dev, dtype, rows * d.d)?;
+    // GQA: one backward block per query head (more blocks in flight) whose dK/dV shares are
+    // summed in fp32; MHA: one block per kv head writes dK/dV directly.
+    let split = d.heads > d.groups;
+    let kv_rows = d.b * d.groups * d.sk;
+    let dkv_acc = CudaStorage {
+        slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(if split {
+            2 * kv_rows * d.d
+        } else {
+            1
+        })?),
+        device: dev.clone(),
+    };
     let dk = alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?;
     let dv = alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?;
     {
@@ -413,6 +435,9 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         let (dqp, _g9) = dptr(&dq, &stream, 0)?;
         let (dkp, _g10) = dptr(&dk, &stream, 0)?;
         let (dvp, _g11) = dptr(&dv, &stream, 0)?;
+        let (dkvp, _g12) = dptr(&dkv_acc, &stream, 0)?;
+        p.dkv_accum = dkvp;
+        p.split_heads = i32::from(split);
         [p.q, p.k, p.v, p.o, p.dout, p.lse] = [qp, kp, vp, op, dop, lp];
         [p.dsum, p.dq_accum, p.dq, p.dk, p.dv] = [sp, ap, dqp, dkp, dvp];
         [p.q_bs, p.q_hs, p.q_ss] = strides(ql, "q")?;
@@ -427,8 +452,13 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         launch(dev, &format!("flash_bwd_dot_{tname}_d{}", d.d), (dot_blocks, 1, 1), 256, 0, &p)?;
         let (name, warps) = bwd_kernel(tname, d.d);
         let bn = 16 * warps;
-        let grid = (tiles(d.sk, a.varlen, bn), d.groups as u32, p.batch as u32);
+        let blocks_y = if split { d.heads } else { d.groups } as u32;
+        let grid = (tiles(d.sk, a.varlen, bn), blocks_y, p.batch as u32);
         launch(dev, &name, grid, (warps * 32) as u32, bwd_smem(d.d, bn), &p)?;
+        if split {
+            let blocks = div_ceil(kv_rows * d.d, 256) as u32;
+            launch(dev, &format!("flash_bwd_dkv_{tname}_d{}", d.d), (blocks, 1, 1), 256, 0, &p)?;
+        }
         let dq_blocks = div_ceil(rows * d.d / 2, 256) as u32;
         launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), (dq_blocks, 1, 1), 256, 0, &p)?;
     }
