@@ -37,8 +37,13 @@ pub struct Check {
 
 /// The CUDA checks, in run order.
 #[cfg(feature = "cuda")]
-pub const CUDA_CHECKS: &[Check] =
-    &[Check { name: "flash_attn", run: crate::ops::cuda::flash_attn::selftest::run }];
+pub const CUDA_CHECKS: &[Check] = &[
+    Check { name: "flash_attn", run: crate::ops::cuda::flash_attn::selftest::run },
+    Check {
+        name: "flash_attn_model",
+        run: |dev, _| crate::ops::cuda::flash_attn::selftest::run_model(dev),
+    },
+];
 
 /// Names of the checks `filter` selects from `checks`.
 pub fn select<'a>(checks: &'a [Check], filter: Option<&str>) -> Vec<&'a Check> {

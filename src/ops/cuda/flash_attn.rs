@@ -65,6 +65,14 @@ fn fwd_kernel(tname: &str, d: usize) -> (String, usize, u32) {
     }
 }
 
+/// Backward kernel name and warps per block.
+fn bwd_kernel(tname: &str, d: usize) -> (String, usize) {
+    match (BWD_WARPS.load(Ordering::Relaxed), tname) {
+        (4, "bf16") => (format!("flash_bwd_{tname}_d{d}_w4"), 4),
+        _ => (format!("flash_bwd_{tname}_d{d}"), 8),
+    }
+}
+
 /// Kernel arguments; mirrors `struct FlashParams` in `kernels/flash_attn.cu` field by field.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
