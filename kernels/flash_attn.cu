@@ -740,10 +740,17 @@ FA_INSTANCE(bf16, __nv_bfloat16, 128, 8)
 FA_INSTANCE(f16, __half, 64, 8)
 FA_INSTANCE(f16, __half, 128, 8)
 
-// Tile variants for tuning (bf16 only): _n128 forward key tile 128; _w8 forward with 8 warps of
-// 16 query rows; _w4 backward with 4 warps (64 keys per block).
+// Tile variants for tuning (bf16 only): _n128 / _n32 forward key tile 128 / 32 (_n32: no
+// register spills at d=128); _b3 forward capped at 168 registers for 3 blocks per SM; _w8
+// forward with 8 warps of 16 query rows; _w4 backward with 4 warps (64 keys per block).
 extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16_d64_n128(FlashParams p) {
   fa::fwd_kernel<__nv_bfloat16, 64, 128, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16_d128_n32(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 128, 32, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_bf16_d64_b3(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 64, 64, 2>(p);
 }
 extern "C" __global__ void __launch_bounds__(256) flash_fwd_bf16_d128_w8(FlashParams p) {
   fa::fwd_kernel<__nv_bfloat16, 128, 64, 1>(p);

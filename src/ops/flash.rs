@@ -36,7 +36,7 @@ pub fn kernel_strides(layout: &Layout) -> Option<[usize; 3]> {
     if stride.len() != 4 || layout.dims()[3] == 0 || stride[3] != 1 {
         return None;
     }
-    let aligned = |x: usize| x % 8 == 0;
+    let aligned = |x: usize| x.is_multiple_of(8);
     if !aligned(layout.start_offset()) || !stride[..3].iter().all(|&s| aligned(s)) {
         return None;
     }
@@ -105,7 +105,7 @@ pub fn unsupported_reason(q: &Tensor, k: &Tensor, v: &Tensor, dropout_p: f64) ->
     if !HEAD_DIMS.contains(&d) {
         return Some(format!("head_dim {d} (kernel has {HEAD_DIMS:?})"));
     }
-    if groups == 0 || heads % groups != 0 {
+    if groups == 0 || !heads.is_multiple_of(groups) {
         return Some(format!("{heads} heads not a multiple of {groups} groups"));
     }
     if sq > sk {

@@ -41,6 +41,10 @@ pub enum FwdTile {
     Keys128 = 1,
     /// 8 warps × 16 query rows (fewer registers, more shared-memory reads).
     Warps8 = 2,
+    /// 32-key tiles (d=128 only): no register spills.
+    Keys32 = 3,
+    /// At most 168 registers so 3 blocks share an SM (d=64 only).
+    Blocks3 = 4,
 }
 
 /// Tile selection for later calls (the self-test benchmarks the variants). Defaults: forward
@@ -61,6 +65,8 @@ fn fwd_kernel(tname: &str, d: usize) -> (String, usize, u32) {
     match (tile, tname, d) {
         (1, "bf16", 64) => (format!("flash_fwd_{tname}_d{d}_n128"), 128, FWD_THREADS),
         (2, "bf16", _) => (format!("flash_fwd_{tname}_d{d}_w8"), 64, 2 * FWD_THREADS),
+        (3, "bf16", 128) => (format!("flash_fwd_{tname}_d{d}_n32"), 32, FWD_THREADS),
+        (4, "bf16", 64) => (format!("flash_fwd_{tname}_d{d}_b3"), 64, FWD_THREADS),
         _ => (format!("flash_fwd_{tname}_d{d}"), 64, FWD_THREADS),
     }
 }
@@ -257,7 +263,7 @@ fn check(d: &Dims, varlen: Option<&Varlen>) -> Result<()> {
     if !HEAD_DIMS.contains(&d.d) {
         candle_core::bail!("flash attention: head_dim {} (supported: {HEAD_DIMS:?})", d.d);
     }
-    if d.groups == 0 || d.heads % d.groups != 0 {
+    if d.groups == 0 || !d.heads.is_multiple_of(d.groups) {
         candle_core::bail!("flash attention: {} heads / {} groups", d.heads, d.groups);
     }
     if d.sq > d.sk {
