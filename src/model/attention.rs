@@ -208,7 +208,7 @@ impl SelfAttention {
             Some(entry) => {
                 let (k, v) = match entry.take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k.contiguous()?, v),
+                    None => (k.contiguous()?, v.contiguous()?),
                 };
                 *entry = Some((k.clone(), v.clone()));
                 (k, v)
