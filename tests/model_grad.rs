@@ -107,7 +107,8 @@ fn attention_layer_grad() {
         let rope = table.cos_sin(&pos, DType::F64).unwrap();
         let allowed =
             ops::build_attention_mask(0, s, s, arch.window_left, None, &Device::Cpu).unwrap();
-        let inputs = AttnInputs { rope: Some(&rope), allowed: &allowed, dropout: None };
+        let inputs =
+            AttnInputs { rope: Some(&rope), mask: ops::AttnMask::Dense(&allowed), dropout: None };
         let loss =
             || project(&attn.forward(&x, &inputs, None).map_err(candle_core::Error::msg)?, 8);
         let mut vars = all_vars(&store);

@@ -5,7 +5,7 @@ use super::arch::GptArch;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
-use crate::ops::{self, AttentionShape, DropoutRng};
+use crate::ops::{self, AttentionShape, AttnMask, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
 use crate::peft::{Adapter, BaseParallel};
 use anyhow::Result;
@@ -35,8 +35,9 @@ pub struct SelfAttention {
 pub struct AttnInputs<'a> {
     /// RoPE `(cos, sin)` `[b, 1, s, rot_dim]`, None without rotary embeddings.
     pub rope: Option<&'a (Tensor, Tensor)>,
-    /// u8 "may attend" mask `[B, 1, s, t]` over all keys (cached + new).
-    pub allowed: &'a Tensor,
+    /// Which keys each query sees: a dense u8 mask `[B, 1, s, t]` over all keys (cached +
+    /// new), or "causal (+ window)" when the fused kernel can run without one.
+    pub mask: AttnMask<'a>,
     /// Mask source in training mode; None = evaluation (no dropout).
     pub dropout: Option<&'a DropoutRng>,
 }
@@ -189,7 +190,8 @@ impl SelfAttention {
         let qkv = qkv.reshape((b, s, groups, hpg + 2, d))?;
         let q = qkv.narrow(3, 0, hpg)?.reshape((b, s, heads, d))?.transpose(1, 2)?;
         let k = qkv.narrow(3, hpg, 1)?.squeeze(3)?.transpose(1, 2)?;
-        let v = qkv.narrow(3, hpg + 1, 1)?.squeeze(3)?.transpose(1, 2)?.contiguous()?;
+        // Left strided: flash attention reads it in place, the composite path copies it.
+        let v = qkv.narrow(3, hpg + 1, 1)?.squeeze(3)?.transpose(1, 2)?;
         let q = match &self.q_norm {
             Some(n) => n.forward(&q.contiguous()?)?,
             None => q,
@@ -206,7 +208,7 @@ impl SelfAttention {
             Some(entry) => {
                 let (k, v) = match entry.take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k.contiguous()?, v),
+                    None => (k.contiguous()?, v.contiguous()?),
                 };
                 *entry = Some((k.clone(), v.clone()));
                 (k, v)
@@ -215,7 +217,7 @@ impl SelfAttention {
         };
         let shard = self.tp.as_ref().map_or((0, 1), |tp| (tp.rank(), tp.size()));
         let dropout = inputs.dropout.map(|r| (self.attention_dropout, r, shard));
-        let out = ops::attention(&q, &k, &v, inputs.allowed, self.shape, dropout)?;
+        let out = ops::attention_auto(&q, &k, &v, inputs.mask, self.shape, dropout)?;
         let out = out.transpose(1, 2)?.reshape((b, s, heads * d))?;
         match &self.proj_adapter {
             Some(a) => a.forward_row(

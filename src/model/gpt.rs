@@ -8,7 +8,7 @@ use super::mlp::Mlp;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout, TpCoord};
 use crate::config::model::{ModelConfig, PositionEmbedding};
-use crate::ops::{self, DropoutRng, RopeTable};
+use crate::ops::{self, AttnMask, DropoutRng, RopeTable};
 use crate::parallel::comm::Communicator;
 use crate::parallel::tensor::TensorParallel;
 use anyhow::{bail, Result};
@@ -498,15 +498,31 @@ impl GptModel {
             Some(r) => Some(r.cos_sin(&pos, self.dtype)?),
             None => None,
         };
-        let allowed = ops::build_attention_mask(
-            start,
-            s,
-            start + s,
-            self.arch.window_left,
-            opts.attention_mask,
+        // On CUDA in half precision the fused kernel masks by itself: no s×s mask is built.
+        let dropout_active = opts.dropout.is_some() && self.arch.attention_dropout > 0.0;
+        let fast = ops::flash::model_fast_path(
             &self.device,
-        )?;
-        let inputs = AttnInputs { rope: rope.as_ref(), allowed: &allowed, dropout: opts.dropout };
+            self.dtype,
+            opts.attention_mask.is_some(),
+            dropout_active,
+        );
+        let dense = if fast {
+            None
+        } else {
+            Some(ops::build_attention_mask(
+                start,
+                s,
+                start + s,
+                self.arch.window_left,
+                opts.attention_mask,
+                &self.device,
+            )?)
+        };
+        let mask = match &dense {
+            Some(m) => AttnMask::Dense(m),
+            None => AttnMask::Causal { window_left: self.arch.window_left },
+        };
+        let inputs = AttnInputs { rope: rope.as_ref(), mask, dropout: opts.dropout };
         for (i, layer) in self.layers.iter().enumerate() {
             let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);
             x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;

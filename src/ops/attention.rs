@@ -1,6 +1,7 @@
 //! Causal (optionally sliding-window) grouped-query attention, differentiable.
 
 use super::dropout::DropoutRng;
+use super::flash::{self, FlashSpec};
 use super::softmax::masked_softmax;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -97,4 +98,87 @@ pub fn attention(
     };
     let out = probs.reshape((b, groups, hpg * sq, sk))?.matmul(&v.contiguous()?)?;
     out.reshape((b, heads, sq, d))
+}
+
+/// Which keys each query may attend to.
+#[derive(Debug, Clone, Copy)]
+pub enum AttnMask<'a> {
+    /// A prebuilt u8 mask from [`build_attention_mask`] (packed sequences, or no fused kernel).
+    Dense(&'a Tensor),
+    /// Causal with the queries at the last `sq` of the `sk` key positions (KV cache),
+    /// optionally limited to `window_left` previous keys. With the fused kernel no mask (and no
+    /// `sq×sk` score) tensor is ever built; otherwise the dense mask is built here.
+    Causal { window_left: Option<i64> },
+}
+
+/// [`attention`] with the mask described by `mask`: the fused flash-attention kernel when it
+/// supports the call (CUDA, bf16/f16, no attention dropout, see
+/// [`flash::unsupported_reason`]), else the composite reference.
+pub fn attention_auto(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+    shape: AttentionShape,
+    dropout: Option<(f64, &DropoutRng, (usize, usize))>,
+) -> Result<Tensor> {
+    match mask {
+        AttnMask::Dense(m) => attention(q, k, v, m, shape, dropout),
+        AttnMask::Causal { window_left } => {
+            let p = dropout.map_or(0.0, |(p, _, _)| p);
+            if flash::unsupported_reason(q, k, v, p).is_none() {
+                let spec =
+                    FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
+                return flash::flash_attention(q, k, v, spec);
+            }
+            let (sq, sk) = (q.dim(2)?, k.dim(2)?);
+            let m =
+                build_attention_mask(sk.saturating_sub(sq), sq, sk, window_left, None, q.device())?;
+            attention(q, k, v, &m, shape, dropout)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Off the fused path, `AttnMask::Causal` must mean exactly the dense mask the model used to
+    /// build: bottom-right aligned (KV cache: queries are the last sq of sk) and windowed.
+    #[test]
+    fn causal_mask_falls_back_to_the_dense_mask() {
+        let shape = AttentionShape { heads: 4, groups: 2, head_dim: 8, softmax_scale: 0.35 };
+        for (sq, sk, window) in [(6, 6, None), (3, 7, None), (5, 9, Some(2)), (7, 7, Some(0))] {
+            let q = rand((2, 4, sq, 8), 1);
+            let k = rand((2, 2, sk, 8), 2);
+            let v = rand((2, 2, sk, 8), 3);
+            let auto =
+                attention_auto(&q, &k, &v, AttnMask::Causal { window_left: window }, shape, None)
+                    .unwrap();
+            let m = build_attention_mask(sk - sq, sq, sk, window, None, &Device::Cpu).unwrap();
+            let dense = attention(&q, &k, &v, &m, shape, None).unwrap();
+            let diff = (auto - dense).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "sq {sq} sk {sk} window {window:?}");
+        }
+    }
+
+    /// A window changes the result (so the test above would notice a dropped window).
+    #[test]
+    fn window_matters() {
+        let shape = AttentionShape { heads: 2, groups: 1, head_dim: 8, softmax_scale: 0.35 };
+        let (q, k, v) = (rand((1, 2, 8, 8), 4), rand((1, 1, 8, 8), 5), rand((1, 1, 8, 8), 6));
+        let full = attention_auto(&q, &k, &v, AttnMask::Causal { window_left: None }, shape, None);
+        let win =
+            attention_auto(&q, &k, &v, AttnMask::Causal { window_left: Some(1) }, shape, None);
+        let diff = (full.unwrap() - win.unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() > 1e-4);
+    }
 }

@@ -15,6 +15,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dropout;
+pub mod flash;
 mod fused_cpu;
 pub mod linear;
 pub mod norm;
@@ -22,7 +23,7 @@ pub mod rope;
 pub mod softmax;
 
 pub use activation::{apply_activation, swiglu};
-pub use attention::{attention, build_attention_mask, AttentionShape};
+pub use attention::{attention, attention_auto, build_attention_mask, AttentionShape, AttnMask};
 pub use cross_entropy::{masked_cross_entropy, token_cross_entropy, token_cross_entropy_composite};
 pub use dropout::DropoutRng;
 pub use linear::linear;

@@ -8,7 +8,9 @@
 //! Conventions for adding a kernel: put `kernels/<module>.cu` (extern "C" `__global__`
 //! functions), declare its PTX below with [`kernel_module!`], launch through [`function`].
 
-use candle_core::cuda_backend::CudaDevice;
+pub mod flash_attn;
+
+use candle_core::cuda_backend::{cudarc, CudaDevice};
 use candle_core::Result;
 
 /// One compiled kernel file: its module name (the `.cu` file stem) and PTX text.
@@ -32,14 +34,18 @@ macro_rules! kernel_module {
 }
 
 /// The kernel `fn_name` of `module` on `dev` (loaded once per device, then cached by candle).
+/// Launch it on candle's stream: `dev.cuda_stream().launch_builder(&f)`.
 pub fn function(
     dev: &CudaDevice,
     module: &KernelModule,
     fn_name: &str,
-) -> Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(fn_name, module.name, module.ptx).map_err(|e| {
-        candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name))
-    })
+) -> Result<cudarc::driver::CudaFunction> {
+    // candle's `CudaFunc` wrapper is not nameable outside candle; keep the cudarc function.
+    dev.get_or_load_custom_func(fn_name, module.name, module.ptx)
+        .map(|f| f.into_cuda_function())
+        .map_err(|e| {
+            candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name))
+        })
 }
 
 /// Ceil division for grid sizes.

@@ -1,0 +1,766 @@
+// Fused causal / sliding-window grouped-query attention, forward and backward
+// (FlashAttention-2 algorithm) for bf16 / f16 with fp32 accumulation.
+//
+// Semantics match `ops::attention` + `build_attention_mask` (src/ops/attention.rs):
+//   query row i (absolute position i + sk - sq) may attend key j iff
+//   j <= i + sk - sq (when causal) and i + sk - sq - j <= window_left (when window_left >= 0).
+//   Query head h reads kv group h / (heads / groups) (heads are group-major, as in Megatron).
+// With cu_seqlens (packed THD batches) grid.z walks the sequences; every sequence attends
+// only to itself and batch strides are ignored (one packed row).
+//
+// Tensor cores: mma.sync m16n8k16 (fp32 accumulate) fed by ldmatrix from XOR-swizzled
+// shared memory, global->shared with cp.async. Tiles (BM query rows x BN key rows):
+//   forward: BM=128, BN=64, 4 warps, each warp owns 32 query rows (two m16 tiles) so every
+//            K/V fragment read from shared memory feeds two MMAs.
+//   backward: one block per BN=16*WARPS key rows; it walks all query blocks of all heads of
+//            the kv group, accumulating dK/dV in registers (the GQA sum needs no atomics);
+//            dQ is accumulated in fp32 with atomics and converted in a last pass.
+// The per-row logsumexp is kept in the log2 domain of the scaled scores:
+//   lse2 = max_j(s_ij) * scale * log2(e) + log2(sum_j exp2(s_ij * scale * log2(e) - max)).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+struct FlashParams;
+struct FlashParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;      // forward: output; backward: forward output O (input)
+  const void* dout;   // backward only: dO
+  void* dq;           // forward: unused; backward: dQ (T, strided like dq_*)
+  void* dk;           // backward: dK [b, groups, sk, d] with dk_* strides
+  void* dv;           // backward: dV, dv_* strides equal dk_*
+  float* lse;         // [b, heads, sq] (varlen: [heads, total]) log2-domain logsumexp
+  float* dsum;        // backward: rowsum(dO * O), same layout as lse
+  float* dq_accum;    // backward: fp32 dQ accumulator, contiguous [b, heads, sq, d]
+  const int* cu_seqlens;  // null, or [nseq + 1] token offsets (varlen)
+  float* dkv_accum;   // backward with split_heads: fp32 [2][b, groups, sk, d] (dK then dV)
+  long long q_bs, q_hs, q_ss;
+  long long k_bs, k_hs, k_ss;
+  long long v_bs, v_hs, v_ss;
+  long long o_bs, o_hs, o_ss;
+  long long do_bs, do_hs, do_ss;
+  long long dq_bs, dq_hs, dq_ss;
+  long long dk_bs, dk_hs, dk_ss;
+  int batch;  // grid.z: batch rows, or sequences with cu_seqlens
+  int heads;
+  int groups;
+  int sq;     // per-row query length (varlen: total tokens)
+  int sk;
+  int causal;
+  int window_left;  // < 0: unlimited
+  int split_heads;  // backward: one block per query head (GQA), dK/dV summed with atomics
+  float scale_log2; // softmax_scale * log2(e)
+  float scale;      // softmax_scale
+};
+
+static_assert(sizeof(FlashParams) == 312, "FlashParams layout is mirrored in flash_attn.rs");
+
+namespace fa {
+
+template <typename T> struct Vec2;
+template <> struct Vec2<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {
+    __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&u);
+    return __bfloat1622float2(v);
+  }
+};
+template <> struct Vec2<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float2 unpack(uint32_t u) {
+    __half2 v = *reinterpret_cast<__half2*>(&u);
+    return __half22float2(v);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0,
+                                                   uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__half>(float* c, const uint32_t* a, uint32_t b0,
+                                            uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// exp2 as the single MUFU instruction (no denormal/range fix-ups): arguments are
+// max-subtracted scores, so results lie in [0, 1]; exp2(-inf) = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void ldsm4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// 16-byte global->shared copy; src_bytes = 0 zero-fills (rows past the sequence end).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Element offset of (row, 16-byte chunk) in a [rows][COLS] tile whose chunks are XOR-swizzled
+// with the row so that ldmatrix's 8 row reads of one chunk column hit 8 different bank groups.
+template <int COLS>
+__device__ __forceinline__ int swz(int row, int chunk) {
+  return row * COLS + ((chunk ^ (row & 7)) << 3);
+}
+
+// Copies rows [row0, row0+ROWS) of a strided [seq][D] matrix into a swizzled shared tile;
+// rows at or past `nrows` become zeros.
+template <int ROWS, int D, int NTHREADS, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, long long stride, int row0,
+                                          int nrows, int tid) {
+  constexpr int CH = D / 8;
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+#pragma unroll
+  for (int i = tid; i < ROWS * CH; i += NTHREADS) {
+    const int r = i / CH, c = i % CH;
+    const int gr = row0 + r;
+    const bool ok = gr < nrows;
+    const T* src = ok ? g + (long long)gr * stride + c * 8 : g;
+    cp_async16(base + swz<D>(r, c) * 2, src, ok ? 16 : 0);
+  }
+}
+
+struct Seq {
+  int b;       // batch index for strides (0 with varlen)
+  int q0, k0;  // first query / key token of this sequence
+  int sq, sk;  // lengths
+};
+
+__device__ __forceinline__ Seq seq_info(const FlashParams& p, int z) {
+  Seq s;
+  if (p.cu_seqlens != nullptr) {
+    const int a = p.cu_seqlens[z], e = p.cu_seqlens[z + 1];
+    s.b = 0;
+    s.q0 = a;
+    s.k0 = a;
+    s.sq = e - a;
+    s.sk = e - a;
+  } else {
+    s.b = z;
+    s.q0 = 0;
+    s.k0 = 0;
+    s.sq = p.sq;
+    s.sk = p.sk;
+  }
+  return s;
+}
+
+__device__ __forceinline__ bool allowed(const FlashParams& p, int qabs, int k, int sk) {
+  if (k >= sk) return false;
+  if (p.causal && k > qabs) return false;
+  if (p.window_left >= 0 && qabs - k > p.window_left) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D, int BN, int MT>
+__device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
+  // MT m16 row tiles per warp: 2 reuses every K/V fragment twice, 1 halves registers.
+  constexpr int BM = 128, WARPS = BM / (16 * MT), NT = WARPS * 32;
+  constexpr int NTILE_N = BN / 8, NTILE_D = D / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BM * D;
+  T* sV = sK + BN * D;
+  const uint32_t aQ = static_cast<uint32_t>(__cvta_generic_to_shared(sQ));
+  const uint32_t aK = static_cast<uint32_t>(__cvta_generic_to_shared(sK));
+  const uint32_t aV = static_cast<uint32_t>(__cvta_generic_to_shared(sV));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const Seq sq = seq_info(p, blockIdx.z);
+  // Heaviest (last) query blocks first: better tail balance under causal masking.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int m0 = m_block * BM;
+  if (m0 >= sq.sq) return;
+  const int h = blockIdx.y;
+  const int g = h / (p.heads / p.groups);
+  const int offset = sq.sk - sq.sq;  // bottom-right aligned causal diagonal
+
+  const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
+  const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
+  const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
+  T* o = const_cast<T*>(static_cast<const T*>(p.o)) + sq.b * p.o_bs + h * p.o_hs +
+         (long long)sq.q0 * p.o_ss;
+
+  int n_end = sq.sk;
+  if (p.causal) n_end = min(n_end, m0 + BM + offset);
+  int n_begin = 0;
+  if (p.window_left >= 0) n_begin = max(0, m0 + offset - p.window_left) / BN * BN;
+
+  float acc_o[MT][NTILE_D][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < NTILE_D; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][j][e] = 0.f;
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      row_max[mt][hh] = -INFINITY;
+      row_sum[mt][hh] = 0.f;
+    }
+
+  load_tile<BM, D, NT>(sQ, q, p.q_ss, m0, sq.sq, tid);
+  if (n_begin < n_end) load_tile<BN, D, NT>(sK, k, p.k_ss, n_begin, sq.sk, tid);
+  cp_commit();
+
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
+    cp_wait<0>();
+    __syncthreads();  // K(n0) landed; every warp finished reading V of the previous block
+    load_tile<BN, D, NT>(sV, v, p.v_ss, n0, sq.sk, tid);
+    cp_commit();
+
+    float s[MT][NTILE_N][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < NTILE_N; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldsm4(a[mt], aQ + 2 * swz<D>(warp * 16 * MT + mt * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+      for (int j2 = 0; j2 < BN / 16; ++j2) {
+        uint32_t b[4];
+        ldsm4(b, aK + 2 * swz<D>(j2 * 16 + ((lane >> 4) << 3) + (lane & 7),
+                                 kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma<T>(s[mt][2 * j2], a[mt], b[0], b[1]);
+          mma<T>(s[mt][2 * j2 + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    const bool need_mask = (n0 + BN > sq.sk) || (p.causal && n0 + BN - 1 > m0 + offset) ||
+                           (p.window_left >= 0 && m0 + BM - 1 + offset - n0 > p.window_left);
+    if (need_mask) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < NTILE_N; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = m0 + warp * 16 * MT + mt * 16 + (lane >> 2) + ((e >> 1) << 3);
+            const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1);
+            if (!allowed(p, row + offset, col, sq.sk)) s[mt][j][e] = -INFINITY;
+          }
+    }
+
+    // Online softmax: rescale the running output by exp2(old_max - new_max).
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float mx = row_max[mt][hh];
+#pragma unroll
+        for (int j = 0; j < NTILE_N; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * hh], s[mt][j][2 * hh + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        // A row with no allowed key so far keeps max -inf; use 0 so exp2 gives 0, not NaN.
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+        const float corr = fast_exp2(row_max[mt][hh] * p.scale_log2 - m_scaled);
+        row_max[mt][hh] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NTILE_N; ++j) {
+          const float e0 = fast_exp2(s[mt][j][2 * hh] * p.scale_log2 - m_scaled);
+          const float e1 = fast_exp2(s[mt][j][2 * hh + 1] * p.scale_log2 - m_scaled);
+          s[mt][j][2 * hh] = e0;
+          s[mt][j][2 * hh + 1] = e1;
+          sum += e0 + e1;
+        }
+        row_sum[mt][hh] = row_sum[mt][hh] * corr + sum;
+#pragma unroll
+        for (int j = 0; j < NTILE_D; ++j) {
+          acc_o[mt][j][2 * hh] *= corr;
+          acc_o[mt][j][2 * hh + 1] *= corr;
+        }
+      }
+
+    cp_wait<0>();
+    __syncthreads();  // V(n0) landed; every warp finished reading K(n0)
+    if (n0 + BN < n_end) {
+      load_tile<BN, D, NT>(sK, k, p.k_ss, n0 + BN, sq.sk, tid);
+      cp_commit();
+    }
+
+#pragma unroll
+    for (int kt = 0; kt < BN / 16; ++kt) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = Vec2<T>::pack(s[mt][2 * kt][0], s[mt][2 * kt][1]);
+        a[mt][1] = Vec2<T>::pack(s[mt][2 * kt][2], s[mt][2 * kt][3]);
+        a[mt][2] = Vec2<T>::pack(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
+        a[mt][3] = Vec2<T>::pack(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
+      }
+#pragma unroll
+      for (int d2 = 0; d2 < D / 16; ++d2) {
+        uint32_t b[4];
+        ldsm4t(b, aV + 2 * swz<D>(kt * 16 + (lane & 15), d2 * 2 + (lane >> 4)));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma<T>(acc_o[mt][2 * d2], a[mt], b[0], b[1]);
+          mma<T>(acc_o[mt][2 * d2 + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  cp_wait<0>();  // nothing may be in flight at exit (e.g. a block with no visible key)
+  // Normalize, write O and the log2-domain logsumexp.
+  float* lse = p.lse + ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float l = row_sum[mt][hh];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = m0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hh * 8;
+      if (row < sq.sq) {
+        T* orow = o + (long long)row * p.o_ss;
+#pragma unroll
+        for (int j = 0; j < NTILE_D; ++j) {
+          const uint32_t pk = Vec2<T>::pack(acc_o[mt][j][2 * hh] * inv, acc_o[mt][j][2 * hh + 1] * inv);
+          *reinterpret_cast<uint32_t*>(orow + j * 8 + (lane & 3) * 2) = pk;
+        }
+        if ((lane & 3) == 0) {
+          const float mx = row_max[mt][hh];
+          lse[row] = (mx == -INFINITY || l <= 0.f) ? INFINITY : mx * p.scale_log2 + log2f(l);
+        }
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// dsum[row] = sum_d dO[row, d] * O[row, d] (fp32), one warp per (batch, head, row).
+template <typename T, int D>
+__device__ __forceinline__ void bwd_dot_kernel(const FlashParams& p) {
+  const int lane = threadIdx.x & 31;
+  const long long wid = (long long)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  const long long rows = (long long)p.sq * p.heads * (p.cu_seqlens ? 1 : p.batch);
+  if (wid >= rows) return;
+  const int row = (int)(wid % p.sq);
+  const int h = (int)((wid / p.sq) % p.heads);
+  const int b = (int)(wid / ((long long)p.sq * p.heads));
+  const T* o = static_cast<const T*>(p.o) + b * p.o_bs + h * p.o_hs + (long long)row * p.o_ss;
+  const T* d = static_cast<const T*>(p.dout) + b * p.do_bs + h * p.do_hs + (long long)row * p.do_ss;
+  float acc = 0.f;
+#pragma unroll
+  for (int c = lane * 2; c < D; c += 64) {
+    const float2 x = Vec2<T>::unpack(*reinterpret_cast<const uint32_t*>(o + c));
+    const float2 y = Vec2<T>::unpack(*reinterpret_cast<const uint32_t*>(d + c));
+    acc += x.x * y.x + x.y * y.y;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
+  if (lane == 0) p.dsum[wid] = acc;
+}
+
+// dQ = scale * dq_accum, converted to T with dq_* strides; one thread per 2 elements.
+template <typename T, int D>
+__device__ __forceinline__ void bwd_dq_kernel(const FlashParams& p) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long total = (long long)p.sq * p.heads * (p.cu_seqlens ? 1 : p.batch) * (D / 2);
+  if (i >= total) return;
+  const int c = (int)(i % (D / 2)) * 2;
+  const long long r = i / (D / 2);
+  const int row = (int)(r % p.sq);
+  const int h = (int)((r / p.sq) % p.heads);
+  const int b = (int)(r / ((long long)p.sq * p.heads));
+  const float2 a = *reinterpret_cast<const float2*>(p.dq_accum + r * D + c);
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_bs + h * p.dq_hs + (long long)row * p.dq_ss + c;
+  *reinterpret_cast<uint32_t*>(dq) = Vec2<T>::pack(a.x * p.scale, a.y * p.scale);
+}
+
+__device__ __forceinline__ void atomic_add2(float* addr, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(addr), make_float2(a, b));
+#else
+  atomicAdd(addr, a);
+  atomicAdd(addr + 1, b);
+#endif
+}
+
+template <typename T, int D, int WARPS>
+__device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
+  constexpr int BN = 16 * WARPS, BM = 64, NT = WARPS * 32;
+  constexpr int NTILE_M = BM / 8, NTILE_D = D / 8;
+  // dQ = dS K is split over the warps: BM/16 row tiles x DSPLIT column ranges.
+  constexpr int DSPLIT = WARPS / (BM / 16);
+  constexpr int DQ_COLS = D / DSPLIT;
+  static_assert(DSPLIT >= 1 && D % DSPLIT == 0 && DQ_COLS % 16 == 0, "dQ warp split");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BN * D;
+  T* sQ = sV + BN * D;            // [2][BM][D]
+  T* sdO = sQ + 2 * BM * D;       // [2][BM][D]
+  T* sdS = sdO + 2 * BM * D;      // [BN][BM]: dS^T
+  float* sLse = reinterpret_cast<float*>(sdS + BN * BM);  // [2][BM]
+  float* sDsum = sLse + 2 * BM;                           // [2][BM]
+  const uint32_t aK = static_cast<uint32_t>(__cvta_generic_to_shared(sK));
+  const uint32_t aV = static_cast<uint32_t>(__cvta_generic_to_shared(sV));
+  const uint32_t aQ0 = static_cast<uint32_t>(__cvta_generic_to_shared(sQ));
+  const uint32_t adO0 = static_cast<uint32_t>(__cvta_generic_to_shared(sdO));
+  const uint32_t adS = static_cast<uint32_t>(__cvta_generic_to_shared(sdS));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const Seq sq = seq_info(p, blockIdx.z);
+  const int n0 = blockIdx.x * BN;
+  if (n0 >= sq.sk) return;
+  const int hpg = p.heads / p.groups;
+  // Either one block per kv group walking all its query heads (dK/dV stay in registers), or,
+  // with split_heads, one block per query head (more parallelism) adding into fp32 dK/dV.
+  const int g = p.split_heads ? blockIdx.y / hpg : blockIdx.y;
+  const int h_first = p.split_heads ? blockIdx.y : g * hpg;
+  const int nh = p.split_heads ? 1 : hpg;
+  const int offset = sq.sk - sq.sq;
+
+  const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
+  const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
+
+  // Query rows that can see at least one key of [n0, n0+BN).
+  int m_begin = 0, m_end = sq.sq;
+  if (p.causal) m_begin = max(0, n0 - offset) / BM * BM;
+  if (p.window_left >= 0) m_end = min(m_end, n0 + BN + p.window_left - offset);
+  const int n_m = m_end > m_begin ? (m_end - m_begin + BM - 1) / BM : 0;
+  const int n_it = n_m * nh;
+
+  float acc_dk[NTILE_D][4], acc_dv[NTILE_D][4];
+#pragma unroll
+  for (int j = 0; j < NTILE_D; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc_dk[j][e] = 0.f;
+      acc_dv[j][e] = 0.f;
+    }
+
+  load_tile<BN, D, NT>(sK, k, p.k_ss, n0, sq.sk, tid);
+  load_tile<BN, D, NT>(sV, v, p.v_ss, n0, sq.sk, tid);
+
+  // Loads query block `it` (head-major over the group's heads) into buffer it & 1.
+  auto prefetch = [&](int it) {
+    const int h = h_first + it / n_m;
+    const int i0 = m_begin + (it % n_m) * BM;
+    const int buf = it & 1;
+    const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
+    const T* dout =
+        static_cast<const T*>(p.dout) + sq.b * p.do_bs + h * p.do_hs + (long long)sq.q0 * p.do_ss;
+    load_tile<BM, D, NT>(sQ + buf * BM * D, q, p.q_ss, i0, sq.sq, tid);
+    load_tile<BM, D, NT>(sdO + buf * BM * D, dout, p.do_ss, i0, sq.sq, tid);
+    const long long lbase = ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
+    for (int r = tid; r < BM; r += NT) {
+      const bool ok = i0 + r < sq.sq;
+      // Rows past the end: lse = +inf makes P = 0, so they contribute nothing.
+      sLse[buf * BM + r] = ok ? p.lse[lbase + i0 + r] : INFINITY;
+      sDsum[buf * BM + r] = ok ? p.dsum[lbase + i0 + r] : 0.f;
+    }
+  };
+
+  if (n_it > 0) prefetch(0);
+  cp_commit();
+
+  for (int it = 0; it < n_it; ++it) {
+    if (it + 1 < n_it) {
+      prefetch(it + 1);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
+    }
+    __syncthreads();
+    const int buf = it & 1;
+    const int h = h_first + it / n_m;
+    const int i0 = m_begin + (it % n_m) * BM;
+    const uint32_t aQ = aQ0 + buf * BM * D * 2;
+    const uint32_t adO = adO0 + buf * BM * D * 2;
+    const float* lse = sLse + buf * BM;
+    const float* dsum = sDsum + buf * BM;
+
+    // S^T = K Q^T and dP^T = V dO^T: this warp's 16 key rows x BM query columns.
+    float st[NTILE_M][4], dpt[NTILE_M][4];
+#pragma unroll
+    for (int j = 0; j < NTILE_M; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        st[j][e] = 0.f;
+        dpt[j][e] = 0.f;
+      }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      ldsm4(ak, aK + 2 * swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+      ldsm4(av, aV + 2 * swz<D>(warp * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+      for (int j2 = 0; j2 < BM / 16; ++j2) {
+        uint32_t bq[4], bo[4];
+        const int r = j2 * 16 + ((lane >> 4) << 3) + (lane & 7);
+        const int c = kk * 2 + ((lane >> 3) & 1);
+        ldsm4(bq, aQ + 2 * swz<D>(r, c));
+        ldsm4(bo, adO + 2 * swz<D>(r, c));
+        mma<T>(st[2 * j2], ak, bq[0], bq[1]);
+        mma<T>(st[2 * j2 + 1], ak, bq[2], bq[3]);
+        mma<T>(dpt[2 * j2], av, bo[0], bo[1]);
+        mma<T>(dpt[2 * j2 + 1], av, bo[2], bo[3]);
+      }
+    }
+
+    // P^T = exp2(S^T * scale_log2 - lse) (0 where masked); dS^T = P^T * (dP^T - dsum).
+#pragma unroll
+    for (int j = 0; j < NTILE_M; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kr = n0 + warp * 16 + (lane >> 2) + ((e >> 1) << 3);
+        const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
+        const float pr = allowed(p, i0 + qc + offset, kr, sq.sk)
+                             ? fast_exp2(st[j][e] * p.scale_log2 - lse[qc])
+                             : 0.f;
+        st[j][e] = pr;
+        dpt[j][e] = pr * (dpt[j][e] - dsum[qc]);
+      }
+
+    // dV += P^T dO and dK += dS^T Q (scale applied at the end); store dS^T for dQ.
+#pragma unroll
+    for (int kt = 0; kt < BM / 16; ++kt) {
+      uint32_t ap[4], ads[4];
+      ap[0] = Vec2<T>::pack(st[2 * kt][0], st[2 * kt][1]);
+      ap[1] = Vec2<T>::pack(st[2 * kt][2], st[2 * kt][3]);
+      ap[2] = Vec2<T>::pack(st[2 * kt + 1][0], st[2 * kt + 1][1]);
+      ap[3] = Vec2<T>::pack(st[2 * kt + 1][2], st[2 * kt + 1][3]);
+      ads[0] = Vec2<T>::pack(dpt[2 * kt][0], dpt[2 * kt][1]);
+      ads[1] = Vec2<T>::pack(dpt[2 * kt][2], dpt[2 * kt][3]);
+      ads[2] = Vec2<T>::pack(dpt[2 * kt + 1][0], dpt[2 * kt + 1][1]);
+      ads[3] = Vec2<T>::pack(dpt[2 * kt + 1][2], dpt[2 * kt + 1][3]);
+      {
+        // dS^T tile [BN][BM]: rows = keys, 16-byte chunks of 8 query columns.
+        const int r0 = warp * 16 + (lane >> 2);
+        const int cb = (lane & 3) * 2;
+        T* base = sdS;
+        *reinterpret_cast<uint32_t*>(base + swz<BM>(r0, 2 * kt) + cb) = ads[0];
+        *reinterpret_cast<uint32_t*>(base + swz<BM>(r0 + 8, 2 * kt) + cb) = ads[1];
+        *reinterpret_cast<uint32_t*>(base + swz<BM>(r0, 2 * kt + 1) + cb) = ads[2];
+        *reinterpret_cast<uint32_t*>(base + swz<BM>(r0 + 8, 2 * kt + 1) + cb) = ads[3];
+      }
+#pragma unroll
+      for (int d2 = 0; d2 < D / 16; ++d2) {
+        uint32_t bo[4], bq[4];
+        ldsm4t(bo, adO + 2 * swz<D>(kt * 16 + (lane & 15), d2 * 2 + (lane >> 4)));
+        ldsm4t(bq, aQ + 2 * swz<D>(kt * 16 + (lane & 15), d2 * 2 + (lane >> 4)));
+        mma<T>(acc_dv[2 * d2], ap, bo[0], bo[1]);
+        mma<T>(acc_dv[2 * d2 + 1], ap, bo[2], bo[3]);
+        mma<T>(acc_dk[2 * d2], ads, bq[0], bq[1]);
+        mma<T>(acc_dk[2 * d2 + 1], ads, bq[2], bq[3]);
+      }
+    }
+    __syncthreads();  // dS^T complete
+
+    // dQ[i0 + rows] += dS K: warp -> (row tile mt, column range dc).
+    {
+      const int mt = warp % (BM / 16);
+      const int dc = (warp / (BM / 16)) * DQ_COLS;
+      float acc[DQ_COLS / 8][4];
+#pragma unroll
+      for (int j = 0; j < DQ_COLS / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+      for (int kt = 0; kt < BN / 16; ++kt) {
+        uint32_t a[4];
+        // A = dS (rows = queries) read transposed out of dS^T [keys][queries].
+        ldsm4t(a, adS + 2 * swz<BM>(kt * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                    mt * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+        for (int d2 = 0; d2 < DQ_COLS / 16; ++d2) {
+          uint32_t b[4];
+          ldsm4t(b, aK + 2 * swz<D>(kt * 16 + (lane & 15), dc / 8 + d2 * 2 + (lane >> 4)));
+          mma<T>(acc[2 * d2], a, b[0], b[1]);
+          mma<T>(acc[2 * d2 + 1], a, b[2], b[3]);
+        }
+      }
+      float* dqa = p.dq_accum +
+                   (((long long)sq.b * p.heads + h) * p.sq + sq.q0 + i0) * (long long)D;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = mt * 16 + (lane >> 2) + hh * 8;
+        if (i0 + r < sq.sq) {
+#pragma unroll
+          for (int j = 0; j < DQ_COLS / 8; ++j)
+            atomic_add2(dqa + (long long)r * D + dc + j * 8 + (lane & 3) * 2, acc[j][2 * hh],
+                        acc[j][2 * hh + 1]);
+        }
+      }
+    }
+    __syncthreads();  // buffers of this block may now be refilled
+  }
+
+  cp_wait<0>();
+  // Write dK (times the softmax scale) and dV for this block's keys.
+  if (p.split_heads) {
+    const long long rows = (long long)(p.cu_seqlens ? 1 : p.batch) * p.groups * p.sk;
+    float* acck = p.dkv_accum + (((long long)sq.b * p.groups + g) * p.sk + sq.k0) * D;
+    float* accv = acck + rows * D;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = n0 + warp * 16 + (lane >> 2) + hh * 8;
+      if (r < sq.sk) {
+#pragma unroll
+        for (int j = 0; j < NTILE_D; ++j) {
+          const int c = j * 8 + (lane & 3) * 2;
+          atomic_add2(acck + (long long)r * D + c, acc_dk[j][2 * hh] * p.scale,
+                      acc_dk[j][2 * hh + 1] * p.scale);
+          atomic_add2(accv + (long long)r * D + c, acc_dv[j][2 * hh], acc_dv[j][2 * hh + 1]);
+        }
+      }
+    }
+    return;
+  }
+  T* dk = static_cast<T*>(p.dk) + sq.b * p.dk_bs + g * p.dk_hs + (long long)sq.k0 * p.dk_ss;
+  T* dv = static_cast<T*>(p.dv) + sq.b * p.dk_bs + g * p.dk_hs + (long long)sq.k0 * p.dk_ss;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = n0 + warp * 16 + (lane >> 2) + hh * 8;
+    if (r < sq.sk) {
+#pragma unroll
+      for (int j = 0; j < NTILE_D; ++j) {
+        const int c = j * 8 + (lane & 3) * 2;
+        *reinterpret_cast<uint32_t*>(dk + (long long)r * p.dk_ss + c) =
+            Vec2<T>::pack(acc_dk[j][2 * hh] * p.scale, acc_dk[j][2 * hh + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dv + (long long)r * p.dk_ss + c) =
+            Vec2<T>::pack(acc_dv[j][2 * hh], acc_dv[j][2 * hh + 1]);
+      }
+    }
+  }
+}
+
+// split_heads epilogue: dK/dV = the fp32 sums, converted to T with dk_* strides.
+template <typename T, int D>
+__device__ __forceinline__ void bwd_dkv_kernel(const FlashParams& p) {
+  const long long rows = (long long)(p.cu_seqlens ? 1 : p.batch) * p.groups * p.sk;
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= 2 * rows * (D / 2)) return;
+  const int which = (int)(i / (rows * (D / 2)));
+  const long long j = i % (rows * (D / 2));
+  const int c = (int)(j % (D / 2)) * 2;
+  const long long r = j / (D / 2);
+  const int s = (int)(r % p.sk);
+  const int g = (int)((r / p.sk) % p.groups);
+  const int b = (int)(r / ((long long)p.sk * p.groups));
+  const float2 a = *reinterpret_cast<const float2*>(p.dkv_accum + (which * rows + r) * D + c);
+  T* dst = static_cast<T*>(which ? p.dv : p.dk) + b * p.dk_bs + g * p.dk_hs + (long long)s * p.dk_ss + c;
+  *reinterpret_cast<uint32_t*>(dst) = Vec2<T>::pack(a.x, a.y);
+}
+
+}  // namespace fa
+
+// Shared memory bytes (the host mirrors these formulas in src/ops/cuda/flash_attn.rs).
+//   fwd: (128 + 2 * BN) * D * 2
+//   bwd: (2 * BN + 4 * 64) * D * 2 + BN * 64 * 2 + 4 * 64 * 4, BN = 16 * WARPS
+// Kernel names: flash_{fwd,bwd_dot,bwd_dq,bwd}_<type>_d<D>; tile variants (picked by the host's
+// tuning knobs) add _n<BN> (forward key tile) or _w<WARPS> (backward warps).
+
+#define FA_INSTANCE(NAME, T, D, WARPS)                                                      \
+  extern "C" __global__ void __launch_bounds__(128) flash_fwd_##NAME##_d##D(FlashParams p) { \
+    fa::fwd_kernel<T, D, 64, 2>(p);                                                            \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(256) flash_bwd_dot_##NAME##_d##D(           \
+      FlashParams p) {                                                                      \
+    fa::bwd_dot_kernel<T, D>(p);                                                            \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(256) flash_bwd_dq_##NAME##_d##D(            \
+      FlashParams p) {                                                                      \
+    fa::bwd_dq_kernel<T, D>(p);                                                             \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(256) flash_bwd_dkv_##NAME##_d##D(           \
+      FlashParams p) {                                                                      \
+    fa::bwd_dkv_kernel<T, D>(p);                                                            \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32)                                  \
+      flash_bwd_##NAME##_d##D(FlashParams p) {                                              \
+    fa::bwd_kernel<T, D, WARPS>(p);                                                         \
+  }
+
+FA_INSTANCE(bf16, __nv_bfloat16, 64, 8)
+FA_INSTANCE(bf16, __nv_bfloat16, 128, 8)
+FA_INSTANCE(f16, __half, 64, 8)
+FA_INSTANCE(f16, __half, 128, 8)
+
+// Tile variants for tuning (bf16 only): _n128 / _n32 forward key tile 128 / 32 (_n32: no
+// register spills at d=128); _b3 forward capped at 168 registers for 3 blocks per SM; _w8
+// forward with 8 warps of 16 query rows; _w4 backward with 4 warps (64 keys per block).
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16_d64_n128(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 64, 128, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_fwd_bf16_d128_n32(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 128, 32, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(128, 3) flash_fwd_bf16_d64_b3(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 64, 64, 2>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) flash_fwd_bf16_d128_w8(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 128, 64, 1>(p);
+}
+extern "C" __global__ void __launch_bounds__(256) flash_fwd_bf16_d64_w8(FlashParams p) {
+  fa::fwd_kernel<__nv_bfloat16, 64, 64, 1>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d64_w4(FlashParams p) {
+  fa::bwd_kernel<__nv_bfloat16, 64, 4>(p);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d128_w4(FlashParams p) {
+  fa::bwd_kernel<__nv_bfloat16, 128, 4>(p);
+}

@@ -1,0 +1,639 @@
+//! Flash attention (forward + backward) on CUDA: the candle op around `kernels/flash_attn.cu`.
+//!
+//! [`flash_attention`] takes `q` `[b, heads, sq, d]` and `k`/`v` `[b, groups, sk, d]` in any
+//! layout whose rows are dense and 16-byte aligned (see [`crate::ops::flash::kernel_strides`];
+//! others are copied once) and returns `[b, heads, sq, d]` as a transposed view of a
+//! `[b, sq, heads, d]` buffer, so the model's `transpose(1, 2).reshape((b, s, h·d))` is free.
+//! The gradients come back in the same `[b, s, h, d]` memory order. No `sq×sk` tensor exists
+//! at any point: the kernel keeps only a per-row logsumexp (fp32) for the backward pass.
+
+use crate::kernel_module;
+use crate::ops::cuda::{div_ceil, function};
+use crate::ops::flash::{kernel_strides, FlashSpec, HEAD_DIMS};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
+use candle_core::op::BackpropOp;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub mod selftest;
+
+kernel_module!(FLASH_ATTN, "flash_attn");
+
+/// Forward tile rows (BM) and threads; backward query rows per step (BM).
+const FWD_BM: usize = 128;
+const FWD_THREADS: u32 = 128;
+const BWD_BM: usize = 64;
+
+/// Forward tile variants (kernels at the end of `kernels/flash_attn.cu`, bf16 only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FwdTile {
+    /// 4 warps × 32 query rows; 64-key tiles, except 128 for bf16 d=64 (measured faster).
+    Default = 0,
+    /// 128-key tiles (d=64 only; the default for bf16).
+    Keys128 = 1,
+    /// 8 warps × 16 query rows (fewer registers, more shared-memory reads).
+    Warps8 = 2,
+    /// 32-key tiles (d=128 only): no register spills.
+    Keys32 = 3,
+    /// At most 168 registers so 3 blocks share an SM (d=64 only).
+    Blocks3 = 4,
+}
+
+/// Tile selection for later calls (the self-test benchmarks the variants). Defaults: forward
+/// [`FwdTile::Default`], backward 8 warps (128 keys per block).
+static FWD_TILE: AtomicUsize = AtomicUsize::new(FwdTile::Default as usize);
+static BWD_WARPS: AtomicUsize = AtomicUsize::new(8);
+
+/// Selects the tile variants: `bwd_warps` 8 or 4 (4: bf16 only). Combinations a dtype/head
+/// dim lacks fall back to the defaults.
+pub fn set_tiles(fwd: FwdTile, bwd_warps: usize) {
+    FWD_TILE.store(fwd as usize, Ordering::Relaxed);
+    BWD_WARPS.store(bwd_warps, Ordering::Relaxed);
+}
+
+/// Forward kernel name, key tile and threads for `dtype`/`d` under the current selection.
+fn fwd_kernel(tname: &str, d: usize) -> (String, usize, u32) {
+    let tile = FWD_TILE.load(Ordering::Relaxed);
+    match (tile, tname, d) {
+        // bf16 d=64: 128-key tiles measured ~5% faster than 64 on H100 (selftest bench), so
+        // they are also the default there.
+        (0 | 1, "bf16", 64) => (format!("flash_fwd_{tname}_d{d}_n128"), 128, FWD_THREADS),
+        (2, "bf16", _) => (format!("flash_fwd_{tname}_d{d}_w8"), 64, 2 * FWD_THREADS),
+        (3, "bf16", 128) => (format!("flash_fwd_{tname}_d{d}_n32"), 32, FWD_THREADS),
+        (4, "bf16", 64) => (format!("flash_fwd_{tname}_d{d}_b3"), 64, FWD_THREADS),
+        _ => (format!("flash_fwd_{tname}_d{d}"), 64, FWD_THREADS),
+    }
+}
+
+/// Backward kernel name and warps per block.
+fn bwd_kernel(tname: &str, d: usize) -> (String, usize) {
+    match (BWD_WARPS.load(Ordering::Relaxed), tname) {
+        (4, "bf16") => (format!("flash_bwd_{tname}_d{d}_w4"), 4),
+        _ => (format!("flash_bwd_{tname}_d{d}"), 8),
+    }
+}
+
+/// Kernel arguments; mirrors `struct FlashParams` in `kernels/flash_attn.cu` field by field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct FlashParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    dout: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    lse: u64,
+    dsum: u64,
+    dq_accum: u64,
+    cu_seqlens: u64,
+    dkv_accum: u64,
+    q_bs: i64,
+    q_hs: i64,
+    q_ss: i64,
+    k_bs: i64,
+    k_hs: i64,
+    k_ss: i64,
+    v_bs: i64,
+    v_hs: i64,
+    v_ss: i64,
+    o_bs: i64,
+    o_hs: i64,
+    o_ss: i64,
+    do_bs: i64,
+    do_hs: i64,
+    do_ss: i64,
+    dq_bs: i64,
+    dq_hs: i64,
+    dq_ss: i64,
+    dk_bs: i64,
+    dk_hs: i64,
+    dk_ss: i64,
+    batch: i32,
+    heads: i32,
+    groups: i32,
+    sq: i32,
+    sk: i32,
+    causal: i32,
+    window_left: i32,
+    split_heads: i32,
+    scale_log2: f32,
+    scale: f32,
+}
+
+// The kernel static_asserts the same size.
+const _: () = assert!(std::mem::size_of::<FlashParams>() == 312);
+
+// SAFETY: plain-old-data with the C layout of the kernel's by-value parameter.
+unsafe impl DeviceRepr for FlashParams {}
+
+/// Packed sequences: `cu_seqlens` (u32 on the device, `[nseq + 1]` token offsets into the
+/// single batch row), the longest sequence (sizes the grid) and the total token count.
+#[derive(Debug, Clone)]
+pub struct Varlen {
+    cu_seqlens: Tensor,
+    max_seqlen: usize,
+    total: usize,
+}
+
+impl Varlen {
+    /// Validates host offsets (start at 0, non-decreasing) and copies them to `device`.
+    pub fn new(cu_seqlens: &[u32], device: &candle_core::Device) -> Result<Self> {
+        crate::ops::flash::check_cu_seqlens(cu_seqlens).map_err(candle_core::Error::Msg)?;
+        let max_seqlen = cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+        let total = *cu_seqlens.last().unwrap_or(&0) as usize;
+        Ok(Self { cu_seqlens: Tensor::new(cu_seqlens, device)?, max_seqlen, total })
+    }
+}
+
+/// Problem sizes shared by forward and backward.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    heads: usize,
+    groups: usize,
+    sq: usize,
+    sk: usize,
+    d: usize,
+}
+
+fn dims(q: &Layout, k: &Layout) -> Result<Dims> {
+    let (b, heads, sq, d) = q.shape().dims4()?;
+    let (_, groups, sk, _) = k.shape().dims4()?;
+    Ok(Dims { b, heads, groups, sq, sk, d })
+}
+
+/// `[b, s, h, d]` memory viewed as `[b, h, s, d]`: strides (batch, head, seq).
+fn bshd_strides(s: usize, h: usize, d: usize) -> [i64; 3] {
+    [(s * h * d) as i64, d as i64, (h * d) as i64]
+}
+
+fn type_name(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => candle_core::bail!("flash attention: dtype {other:?} (bf16 or f16 only)"),
+    }
+}
+
+/// Device address of element `offset` of a half-precision or f32/u32 storage.
+fn dptr<'a>(
+    s: &'a CudaStorage,
+    stream: &'a CudaStream,
+    offset: usize,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let (p, g, size) = match &s.slice {
+        CudaStorageSlice::BF16(x) => {
+            let (p, g) = x.device_ptr(stream);
+            (p, g, 2)
+        }
+        CudaStorageSlice::F16(x) => {
+            let (p, g) = x.device_ptr(stream);
+            (p, g, 2)
+        }
+        CudaStorageSlice::F32(x) => {
+            let (p, g) = x.device_ptr(stream);
+            (p, g, 4)
+        }
+        CudaStorageSlice::U32(x) => {
+            let (p, g) = x.device_ptr(stream);
+            (p, g, 4)
+        }
+        _ => candle_core::bail!("flash attention: unsupported storage dtype {:?}", s.dtype()),
+    };
+    Ok((p + (offset * size) as u64, g))
+}
+
+fn alloc_like(dev: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
+    // Every element is written by a kernel before it is read.
+    let slice = match dtype {
+        DType::BF16 => CudaStorageSlice::BF16(unsafe { dev.alloc::<half::bf16>(len)? }),
+        DType::F16 => CudaStorageSlice::F16(unsafe { dev.alloc::<half::f16>(len)? }),
+        other => candle_core::bail!("flash attention: dtype {other:?}"),
+    };
+    Ok(CudaStorage { slice, device: dev.clone() })
+}
+
+fn launch(
+    dev: &CudaDevice,
+    name: &str,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: usize,
+    params: &FlashParams,
+) -> Result<()> {
+    let func = function(dev, &FLASH_ATTN, name)?;
+    if smem > 48 * 1024 {
+        // Above 48 KiB a kernel must opt in to dynamic shared memory.
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("{name}: shared memory {smem}: {e:?}")))?;
+    }
+    let cfg =
+        LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(params);
+    // SAFETY: the kernel reads exactly the FlashParams layout; every pointer in it refers to
+    // storage kept alive (and stream-ordered) by the caller until after this launch.
+    unsafe { b.launch(cfg) }
+        .map_err(|e| candle_core::Error::Msg(format!("{name}: launch failed: {e:?}")))?;
+    Ok(())
+}
+
+fn fwd_smem(d: usize, bn: usize) -> usize {
+    (FWD_BM + 2 * bn) * d * 2
+}
+
+fn bwd_smem(d: usize, bn: usize) -> usize {
+    (2 * bn + 4 * BWD_BM) * d * 2 + bn * BWD_BM * 2 + 4 * BWD_BM * 4
+}
+
+fn check(d: &Dims, varlen: Option<&Varlen>) -> Result<()> {
+    if !HEAD_DIMS.contains(&d.d) {
+        candle_core::bail!("flash attention: head_dim {} (supported: {HEAD_DIMS:?})", d.d);
+    }
+    if d.groups == 0 || !d.heads.is_multiple_of(d.groups) {
+        candle_core::bail!("flash attention: {} heads / {} groups", d.heads, d.groups);
+    }
+    if d.sq > d.sk {
+        candle_core::bail!("flash attention: {} queries > {} keys", d.sq, d.sk);
+    }
+    if let Some(v) = varlen {
+        if d.b != 1 || d.sq != d.sk || v.total != d.sq {
+            candle_core::bail!(
+                "flash attention: packed sequences cover {} tokens; need one row of that many \
+                 queries and keys (got b={} sq={} sk={})",
+                v.total,
+                d.b,
+                d.sq,
+                d.sk
+            );
+        }
+    }
+    if d.sk > i32::MAX as usize || d.b * d.heads * d.sq > i32::MAX as usize {
+        candle_core::bail!("flash attention: problem too large for 32-bit row indices");
+    }
+    Ok(())
+}
+
+/// The strides the kernel uses for an operand, or an error naming it (the public entry makes
+/// operands kernel-readable first, so this only fires on internal misuse).
+fn strides(l: &Layout, what: &str) -> Result<[i64; 3]> {
+    kernel_strides(l)
+        .map(|s| s.map(|x| x as i64))
+        .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: {what} layout {l:?}")))
+}
+
+fn base_params(d: &Dims, spec: &FlashSpec, varlen: Option<&Varlen>) -> FlashParams {
+    let scale = spec.softmax_scale as f32;
+    FlashParams {
+        batch: varlen.map_or(d.b, |v| v.cu_seqlens.dims1().unwrap_or(1) - 1) as i32,
+        heads: d.heads as i32,
+        groups: d.groups as i32,
+        sq: d.sq as i32,
+        sk: d.sk as i32,
+        causal: i32::from(spec.causal),
+        window_left: spec.kernel_window(),
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        scale,
+        ..Default::default()
+    }
+}
+
+/// Grid rows of query (forward) or key (backward) tiles: the longest sequence decides.
+fn tiles(len: usize, varlen: Option<&Varlen>, tile: usize) -> u32 {
+    div_ceil(varlen.map_or(len, |v| v.max_seqlen), tile).max(1) as u32
+}
+
+/// Runs the forward kernel: returns O (`[b, sq, heads, d]` contiguous) and lse (`[b, heads, sq]`).
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    spec: &FlashSpec,
+    varlen: Option<&Varlen>,
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let d = dims(ql, kl)?;
+    check(&d, varlen)?;
+    let dtype = q.dtype();
+    if k.dtype() != dtype || v.dtype() != dtype {
+        candle_core::bail!("flash attention: q/k/v dtypes differ");
+    }
+    let dev = &q.device;
+    let stream = dev.cuda_stream();
+    let out = alloc_like(dev, dtype, d.b * d.sq * d.heads * d.d)?;
+    let lse = dev.alloc_zeros::<f32>(d.b * d.heads * d.sq)?;
+    let lse = CudaStorage { slice: CudaStorageSlice::F32(lse), device: dev.clone() };
+    {
+        let mut p = base_params(&d, spec, varlen);
+        let cu_guard = varlen.map(|v| v.cu_seqlens.storage_and_layout());
+        let (qp, _g1) = dptr(q, &stream, ql.start_offset())?;
+        let (kp, _g2) = dptr(k, &stream, kl.start_offset())?;
+        let (vp, _g3) = dptr(v, &stream, vl.start_offset())?;
+        let (op, _g4) = dptr(&out, &stream, 0)?;
+        let (lp, _g5) = dptr(&lse, &stream, 0)?;
+        let _g6 = match &cu_guard {
+            Some((s, l)) => {
+                let Storage::Cuda(s) = &**s else {
+                    candle_core::bail!("flash attention: cu_seqlens must be on the GPU")
+                };
+                let (cp, g) = dptr(s, &stream, l.start_offset())?;
+                p.cu_seqlens = cp;
+                Some(g)
+            }
+            None => None,
+        };
+        [p.q, p.k, p.v, p.o, p.lse] = [qp, kp, vp, op, lp];
+        [p.q_bs, p.q_hs, p.q_ss] = strides(ql, "q")?;
+        [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
+        [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
+        [p.o_bs, p.o_hs, p.o_ss] = bshd_strides(d.sq, d.heads, d.d);
+        let grid = (tiles(d.sq, varlen, FWD_BM), d.heads as u32, p.batch as u32);
+        let (name, bn, threads) = fwd_kernel(type_name(dtype)?, d.d);
+        launch(dev, &name, grid, threads, fwd_smem(d.d, bn), &p)?;
+    }
+    Ok((out, lse))
+}
+
+/// Backward launch inputs: the forward's operands and results plus the incoming gradient.
+struct BwdArgs<'a> {
+    spec: &'a FlashSpec,
+    varlen: Option<&'a Varlen>,
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    o: &'a Tensor,
+    lse: &'a Tensor,
+    dout: &'a Tensor,
+}
+
+/// Runs the three backward kernels; dQ/dK/dV come back as `[b, h, s, d]` views of
+/// `[b, s, h, d]` buffers.
+fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
+    let (qs, ql) = a.q.storage_and_layout();
+    let (ks, kl) = a.k.storage_and_layout();
+    let (vs, vl) = a.v.storage_and_layout();
+    let (os, ol) = a.o.storage_and_layout();
+    let (ls, ll) = a.lse.storage_and_layout();
+    let (dos, dol) = a.dout.storage_and_layout();
+    let (q, k, v) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?);
+    let (o, lse, dout) = (as_cuda(&os)?, as_cuda(&ls)?, as_cuda(&dos)?);
+    let d = dims(ql, kl)?;
+    check(&d, a.varlen)?;
+    let dtype = q.dtype();
+    let dev = &q.device;
+    let stream = dev.cuda_stream();
+    let tname = type_name(dtype)?;
+    let rows = d.b * d.heads * d.sq;
+    let dsum = CudaStorage {
+        slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(rows)?),
+        device: dev.clone(),
+    };
+    // fp32 dQ accumulator: starts at zero, every key block adds its share with atomics.
+    let dq_acc = CudaStorage {
+        slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(rows * d.d)?),
+        device: dev.clone(),
+    };
+    let dq = alloc_like(dev, dtype, rows * d.d)?;
+    // GQA: one backward block per query head (more blocks in flight) whose dK/dV shares are
+    // summed in fp32; MHA: one block per kv head writes dK/dV directly.
+    let split = d.heads > d.groups;
+    let kv_rows = d.b * d.groups * d.sk;
+    let dkv_acc = CudaStorage {
+        slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(if split {
+            2 * kv_rows * d.d
+        } else {
+            1
+        })?),
+        device: dev.clone(),
+    };
+    let dk = alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?;
+    let dv = alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?;
+    {
+        let mut p = base_params(&d, a.spec, a.varlen);
+        let cu_guard = a.varlen.map(|v| v.cu_seqlens.storage_and_layout());
+        let _gc = match &cu_guard {
+            Some((s, l)) => {
+                let Storage::Cuda(s) = &**s else {
+                    candle_core::bail!("flash attention: cu_seqlens must be on the GPU")
+                };
+                let (cp, g) = dptr(s, &stream, l.start_offset())?;
+                p.cu_seqlens = cp;
+                Some(g)
+            }
+            None => None,
+        };
+        let (qp, _g1) = dptr(q, &stream, ql.start_offset())?;
+        let (kp, _g2) = dptr(k, &stream, kl.start_offset())?;
+        let (vp, _g3) = dptr(v, &stream, vl.start_offset())?;
+        let (op, _g4) = dptr(o, &stream, ol.start_offset())?;
+        let (dop, _g5) = dptr(dout, &stream, dol.start_offset())?;
+        let (lp, _g6) = dptr(lse, &stream, ll.start_offset())?;
+        let (sp, _g7) = dptr(&dsum, &stream, 0)?;
+        let (ap, _g8) = dptr(&dq_acc, &stream, 0)?;
+        let (dqp, _g9) = dptr(&dq, &stream, 0)?;
+        let (dkp, _g10) = dptr(&dk, &stream, 0)?;
+        let (dvp, _g11) = dptr(&dv, &stream, 0)?;
+        let (dkvp, _g12) = dptr(&dkv_acc, &stream, 0)?;
+        p.dkv_accum = dkvp;
+        p.split_heads = i32::from(split);
+        [p.q, p.k, p.v, p.o, p.dout, p.lse] = [qp, kp, vp, op, dop, lp];
+        [p.dsum, p.dq_accum, p.dq, p.dk, p.dv] = [sp, ap, dqp, dkp, dvp];
+        [p.q_bs, p.q_hs, p.q_ss] = strides(ql, "q")?;
+        [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
+        [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
+        [p.o_bs, p.o_hs, p.o_ss] = strides(ol, "o")?;
+        [p.do_bs, p.do_hs, p.do_ss] = strides(dol, "dO")?;
+        [p.dq_bs, p.dq_hs, p.dq_ss] = bshd_strides(d.sq, d.heads, d.d);
+        [p.dk_bs, p.dk_hs, p.dk_ss] = bshd_strides(d.sk, d.groups, d.d);
+        let warps_per_block = 8;
+        let dot_blocks = div_ceil(rows, warps_per_block) as u32;
+        launch(dev, &format!("flash_bwd_dot_{tname}_d{}", d.d), (dot_blocks, 1, 1), 256, 0, &p)?;
+        let (name, warps) = bwd_kernel(tname, d.d);
+        let bn = 16 * warps;
+        let blocks_y = if split { d.heads } else { d.groups } as u32;
+        let grid = (tiles(d.sk, a.varlen, bn), blocks_y, p.batch as u32);
+        launch(dev, &name, grid, (warps * 32) as u32, bwd_smem(d.d, bn), &p)?;
+        if split {
+            let blocks = div_ceil(kv_rows * d.d, 256) as u32;
+            launch(dev, &format!("flash_bwd_dkv_{tname}_d{}", d.d), (blocks, 1, 1), 256, 0, &p)?;
+        }
+        let dq_blocks = div_ceil(rows * d.d / 2, 256) as u32;
+        launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), (dq_blocks, 1, 1), 256, 0, &p)?;
+    }
+    let wrap = |s: CudaStorage, seq: usize, h: usize| -> Result<Tensor> {
+        let t =
+            Tensor::from_storage(Storage::Cuda(s), (d.b, seq, h, d.d), BackpropOp::none(), false);
+        t.transpose(1, 2)
+    };
+    Ok((wrap(dq, d.sq, d.heads)?, wrap(dk, d.sk, d.groups)?, wrap(dv, d.sk, d.groups)?))
+}
+
+fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("flash attention: tensor not on the GPU"),
+    }
+}
+
+/// The differentiable op: forward kernel in `cuda_fwd`, backward kernels in `bwd`.
+struct FlashAttnOp {
+    spec: FlashSpec,
+    varlen: Option<Varlen>,
+    /// Per-row logsumexp of the forward call, kept for `bwd`.
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for FlashAttnOp {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash attention runs on CUDA only; the CPU path is ops::attention")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = dims(ql, kl)?;
+        let (out, lse) = forward(&self.spec, self.varlen.as_ref(), q, ql, k, kl, v, vl)?;
+        let lse = Tensor::from_storage(
+            Storage::Cuda(lse),
+            (d.b, d.heads, d.sq),
+            BackpropOp::none(),
+            false,
+        );
+        *self.lse.lock().map_err(|_| candle_core::Error::Msg("flash lse lock".into()))? = Some(lse);
+        Ok((out, Shape::from((d.b, d.sq, d.heads, d.d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("flash lse lock".into()))?
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("flash attention: bwd before fwd".into()))?;
+        // res / grad_res are [b, sq, heads, d]; the kernels index them as [b, heads, sq, d].
+        let o = res.transpose(1, 2)?;
+        let dout = kernel_ready(&grad_res.transpose(1, 2)?)?;
+        let (dq, dk, dv) = backward(&BwdArgs {
+            spec: &self.spec,
+            varlen: self.varlen.as_ref(),
+            q: &kernel_ready(q)?,
+            k: &kernel_ready(k)?,
+            v: &kernel_ready(v)?,
+            o: &o,
+            lse: &lse,
+            dout: &dout,
+        })?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// `t` itself when the kernel can read it in place, else a contiguous copy.
+fn kernel_ready(t: &Tensor) -> Result<Tensor> {
+    if kernel_strides(t.layout()).is_some() {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// Flash attention: `q` `[b, heads, sq, d]`, `k`/`v` `[b, groups, sk, d]` (bf16/f16 on CUDA)
+/// → `[b, heads, sq, d]`, differentiable in all three inputs.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: FlashSpec,
+    varlen: Option<Varlen>,
+) -> Result<Tensor> {
+    let op = FlashAttnOp { spec, varlen, lse: Mutex::new(None) };
+    let out = kernel_ready(q)?.apply_op3(&kernel_ready(k)?, &kernel_ready(v)?, op)?;
+    out.transpose(1, 2)
+}
+
+/// Forward only, for benchmarks: O (`[b, h, s, d]` view) and the lse it saves.
+pub fn forward_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: FlashSpec,
+) -> Result<(Tensor, Tensor)> {
+    let op = Arc::new(FlashAttnOp { spec, varlen: None, lse: Mutex::new(None) });
+    let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
+    let out = {
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (Storage::Cuda(qs), Storage::Cuda(ks), Storage::Cuda(vs)) = (&*qs, &*ks, &*vs) else {
+            candle_core::bail!("flash attention: tensors must be on the GPU")
+        };
+        let (s, shape) = op.cuda_fwd(qs, ql, ks, kl, vs, vl)?;
+        Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+    };
+    let lse = op.lse.lock().map_err(|_| candle_core::Error::Msg("lock".into()))?.clone();
+    Ok((out.transpose(1, 2)?, lse.expect("cuda_fwd stores lse")))
+}
+
+/// Backward only, for benchmarks: (dQ, dK, dV) from a [`forward_with_lse`] result.
+pub fn backward_only(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    spec: FlashSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward(&BwdArgs {
+        spec: &spec,
+        varlen: None,
+        q: &kernel_ready(q)?,
+        k: &kernel_ready(k)?,
+        v: &kernel_ready(v)?,
+        o: &kernel_ready(o)?,
+        lse,
+        dout: &kernel_ready(dout)?,
+    })
+}

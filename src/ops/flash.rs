@@ -1,0 +1,191 @@
+//! When the fused flash-attention kernel (`kernels/flash_attn.cu`, launched from
+//! `ops::cuda::flash_attn`) can replace the composite [`super::attention`], and how its
+//! operands are addressed. Kept free of CUDA types so the dispatch rules are tested on CPU.
+
+use candle_core::{DType, Device, Layout, Result, Tensor};
+
+/// Head dims the kernel is instantiated for (`FA_INSTANCE` in `kernels/flash_attn.cu`).
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Masking and scaling of one flash-attention call (the head layout comes from the tensors).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlashSpec {
+    /// Query `i` sees keys `j <= i + sk - sq` (bottom-right aligned, as a KV cache needs).
+    pub causal: bool,
+    /// Only the `left` previous keys as well (Megatron `window_size[0]`; negative = none).
+    pub window_left: Option<i64>,
+    /// Multiplier on `q·k`.
+    pub softmax_scale: f64,
+}
+
+impl FlashSpec {
+    /// The kernel's `window_left` argument: -1 when unlimited.
+    pub fn kernel_window(&self) -> i32 {
+        match self.window_left {
+            Some(l) if l >= 0 => l.min(i32::MAX as i64) as i32,
+            _ => -1,
+        }
+    }
+}
+
+/// Element strides `(batch, head, seq)` of a `[b, h, s, d]` operand, or None when the kernel
+/// cannot read it in place: the last dim must be dense and every row must start on a 16-byte
+/// boundary (cp.async moves 16 bytes = 8 half-precision values at a time).
+pub fn kernel_strides(layout: &Layout) -> Option<[usize; 3]> {
+    let stride = layout.stride();
+    if stride.len() != 4 || layout.dims()[3] == 0 || stride[3] != 1 {
+        return None;
+    }
+    let aligned = |x: usize| x.is_multiple_of(8);
+    if !aligned(layout.start_offset()) || !stride[..3].iter().all(|&s| aligned(s)) {
+        return None;
+    }
+    Some([stride[0], stride[1], stride[2]])
+}
+
+/// Checks packed-sequence offsets: at least one sequence, starting at token 0, non-decreasing,
+/// within the kernel's 32-bit indices.
+pub fn check_cu_seqlens(cu: &[u32]) -> std::result::Result<(), String> {
+    if cu.len() < 2 || cu[0] != 0 {
+        return Err(format!("cu_seqlens must start at 0 and hold >= 2 offsets, got {cu:?}"));
+    }
+    if cu.windows(2).any(|w| w[1] < w[0]) {
+        return Err(format!("cu_seqlens must not decrease, got {cu:?}"));
+    }
+    if cu[cu.len() - 1] > i32::MAX as u32 {
+        return Err("cu_seqlens exceed 2^31 tokens".into());
+    }
+    Ok(())
+}
+
+/// Whether a build of this binary can run flash attention at all on `device` for `dtype`.
+pub fn device_supports(device: &Device, dtype: DType) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// Whether a model forward should skip the dense mask and describe attention as causal (the
+/// fused kernel then runs): a CUDA half-precision model, no extra (packed) mask, and no
+/// attention dropout in this pass.
+pub fn model_fast_path(
+    device: &Device,
+    dtype: DType,
+    extra_mask: bool,
+    dropout_active: bool,
+) -> bool {
+    device_supports(device, dtype) && !extra_mask && !dropout_active
+}
+
+/// Flash attention for `q` `[b, heads, sq, d]`, `k`/`v` `[b, groups, sk, d]` (no packing).
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: FlashSpec) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        super::cuda::flash_attn::flash_attention(q, k, v, spec, None)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, spec);
+        candle_core::bail!("flash attention needs a build with the `cuda` feature")
+    }
+}
+
+/// Why flash attention cannot take `q` `[b, heads, sq, d]`, `k`/`v` `[b, groups, sk, d]`
+/// (None = it can). Anything it rejects runs the composite reference instead.
+pub fn unsupported_reason(q: &Tensor, k: &Tensor, v: &Tensor, dropout_p: f64) -> Option<String> {
+    if dropout_p > 0.0 {
+        return Some(format!("attention dropout {dropout_p} (the kernel has none)"));
+    }
+    let (Ok((b, heads, sq, d)), Ok((bk, groups, sk, dk)), Ok(vd)) =
+        (q.dims4(), k.dims4(), v.dims4())
+    else {
+        return Some("q, k, v must be 4-D".into());
+    };
+    if vd != (bk, groups, sk, dk) || bk != b || dk != d {
+        return Some(format!("k {:?} / v {:?} do not match q {:?}", k.dims(), v.dims(), q.dims()));
+    }
+    if !HEAD_DIMS.contains(&d) {
+        return Some(format!("head_dim {d} (kernel has {HEAD_DIMS:?})"));
+    }
+    if groups == 0 || !heads.is_multiple_of(groups) {
+        return Some(format!("{heads} heads not a multiple of {groups} groups"));
+    }
+    if sq > sk {
+        return Some(format!("more queries ({sq}) than keys ({sk})"));
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        return Some("q, k, v dtypes differ".into());
+    }
+    if !device_supports(q.device(), q.dtype()) {
+        return Some(format!("{:?} on {:?} (needs bf16/f16 on CUDA)", q.dtype(), q.device()));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Shape;
+
+    #[test]
+    fn strides_of_contiguous_and_transposed_views() {
+        let l = Layout::contiguous(Shape::from((2, 4, 16, 64)));
+        assert_eq!(kernel_strides(&l), Some([4 * 16 * 64, 16 * 64, 64]));
+        // [b, s, h, d] storage viewed as [b, h, s, d]: what the kernel writes and reads.
+        let t = Layout::contiguous(Shape::from((2, 16, 4, 64))).transpose(1, 2).unwrap();
+        assert_eq!(kernel_strides(&t), Some([16 * 4 * 64, 64, 4 * 64]));
+    }
+
+    #[test]
+    fn rejects_strided_last_dim_and_misaligned_rows() {
+        let t = Layout::contiguous(Shape::from((1, 2, 64, 8))).transpose(2, 3).unwrap();
+        assert_eq!(kernel_strides(&t), None);
+        // A row offset of 4 elements (8 bytes) cannot be copied 16 bytes at a time.
+        let off = Layout::contiguous_with_offset(Shape::from((1, 1, 4, 64)), 4);
+        assert_eq!(kernel_strides(&off), None);
+        let ok = Layout::contiguous_with_offset(Shape::from((1, 1, 4, 64)), 64);
+        assert!(kernel_strides(&ok).is_some());
+    }
+
+    #[test]
+    fn cpu_tensors_and_dropout_take_the_composite_path() {
+        let q = Tensor::zeros((1, 4, 8, 64), DType::BF16, &Device::Cpu).unwrap();
+        let k = Tensor::zeros((1, 2, 8, 64), DType::BF16, &Device::Cpu).unwrap();
+        assert!(unsupported_reason(&q, &k, &k, 0.0).unwrap().contains("CUDA"));
+        assert!(unsupported_reason(&q, &k, &k, 0.1).unwrap().contains("dropout"));
+        assert!(!device_supports(&Device::Cpu, DType::BF16));
+    }
+
+    #[test]
+    fn shape_problems_are_named() {
+        let z = |s: &[usize]| Tensor::zeros(s, DType::BF16, &Device::Cpu).unwrap();
+        let r = |q: &[usize], k: &[usize]| unsupported_reason(&z(q), &z(k), &z(k), 0.0).unwrap();
+        assert!(r(&[1, 4, 8, 96], &[1, 2, 8, 96]).contains("head_dim 96"));
+        assert!(r(&[1, 6, 8, 64], &[1, 4, 8, 64]).contains("groups"));
+        assert!(r(&[1, 4, 9, 64], &[1, 2, 8, 64]).contains("more queries"));
+        assert!(r(&[1, 4, 8, 64], &[1, 2, 8, 128]).contains("do not match"));
+        // A supported shape on CPU is refused only for the device.
+        assert!(r(&[2, 8, 8, 128], &[2, 2, 16, 128]).contains("CUDA"));
+    }
+
+    #[test]
+    fn model_fast_path_needs_cuda_and_no_mask_or_dropout() {
+        assert!(!model_fast_path(&Device::Cpu, DType::BF16, false, false));
+        assert!(!model_fast_path(&Device::Cpu, DType::F32, false, false));
+    }
+
+    #[test]
+    fn cu_seqlens_validation() {
+        assert!(check_cu_seqlens(&[0, 3, 3, 10]).is_ok());
+        assert!(check_cu_seqlens(&[0]).is_err());
+        assert!(check_cu_seqlens(&[1, 4]).is_err());
+        assert!(check_cu_seqlens(&[0, 5, 4]).is_err());
+    }
+
+    #[test]
+    fn window_argument() {
+        let s = |w| FlashSpec { causal: true, window_left: w, softmax_scale: 1.0 };
+        assert_eq!(s(None).kernel_window(), -1);
+        assert_eq!(s(Some(-1)).kernel_window(), -1);
+        assert_eq!(s(Some(0)).kernel_window(), 0);
+        assert_eq!(s(Some(255)).kernel_window(), 255);
+    }
+}
