@@ -19,6 +19,6 @@ SMI=$!
   train.global_batch_size="$MBS" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
   logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \
   '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' 2>&1 \
-  | grep -E "iteration|error" | tail -6
+  | grep -E "iteration|error|memory \(GB\)" | tail -7
 kill $SMI 2>/dev/null
 echo "mbridge peak GPU memory (MiB, nvidia-smi): $(sort -n /tmp/mem.log | tail -1)"

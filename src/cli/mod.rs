@@ -10,6 +10,7 @@ pub mod import_hf;
 pub mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;
+pub mod selftest;
 
 use clap::{Parser, Subcommand};
 
@@ -55,6 +56,8 @@ pub enum Command {
     /// Show the rank, world and master found in the launcher environment (torchrun, SLURM,
     /// OpenMPI) and this rank's process groups.
     Env(env::EnvArgs),
+    /// Check the fused GPU kernels against the CPU reference (`mbridge selftest cuda`).
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Parse arguments, run, and map the outcome to an exit code: 0 ok, 2 usage or config error,
@@ -110,6 +113,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::PreprocessData(a) => preprocess_data::run(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Env(a) => env::run(a),
+        Command::Selftest(a) => selftest::run(a),
     }
 }
 

@@ -54,6 +54,7 @@ pub mod clip;
 pub mod datasets;
 pub mod grads;
 pub mod log;
+pub mod memory;
 pub mod optimizer;
 mod optimizer_state;
 mod report;

@@ -71,6 +71,8 @@ pub struct Trainer {
     pub(super) saver: AsyncSaver,
     /// Seed of the dropout RNG: the config's, or the checkpoint's when `load_rng`.
     pub(super) rng_seed: u64,
+    /// Whether the one-time GPU memory report has been printed.
+    pub(super) memory_reported: bool,
 }
 
 impl Trainer {
