@@ -2,7 +2,7 @@
 //! the model's (bf16/f16) copy in place, instead of ~15 candle ops that each allocate a
 //! full-size temporary. Semantics (and f32 rounding) of `train::optimizer::adam_update`.
 
-use super::{cuda_storage, dtype_suffix, elementwise_blocks, function};
+use super::{cuda_storage, dtype_suffix, elementwise_blocks};
 use crate::with_float_type;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -108,7 +108,7 @@ pub fn adam_step(
     };
     let dev = master.device().as_cuda_device()?.clone();
     let pdt = param.map_or(DType::F32, |p| p.dtype());
-    let f = function(&dev, &MODULE, &format!("adamw_{}", dtype_suffix(pdt)?))?;
+    let f = crate::function!(&dev, &MODULE, &format!("adamw_{}", dtype_suffix(pdt)?))?;
     let args = step.args(grad.is_some());
     let cfg = LaunchConfig {
         grid_dim: (elementwise_blocks(n, 256).min(4096), 1, 1),
@@ -119,12 +119,12 @@ pub fn adam_step(
     let (ms, ml) = master.storage_and_layout();
     let (es, el) = exp_avg.storage_and_layout();
     let (vs, vl) = exp_avg_sq.storage_and_layout();
-    let view = |s: &candle_core::Storage, l: &candle_core::Layout, what: &str| -> Result<_> {
-        let s = cuda_storage(s, what)?;
-        Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n))
-    };
-    let (mv, ev, vv) =
-        (view(&ms, ml, "master")?, view(&es, el, "exp_avg")?, view(&vs, vl, "exp_avg_sq")?);
+    let view = f32_view;
+    let (mv, ev, vv) = (
+        view(&ms, ml, n, "master")?,
+        view(&es, el, n, "exp_avg")?,
+        view(&vs, vl, n, "exp_avg_sq")?,
+    );
     let gguard = grad.as_ref().map(|g| g.storage_and_layout());
     // Without a gradient the kernel never reads `g`; the master stands in as a valid pointer.
     let gv = match &gguard {

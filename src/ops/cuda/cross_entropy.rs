@@ -4,7 +4,7 @@
 //! direction materializes an f32 copy of the `[tokens, vocab]` logits (the composite path
 //! holds several). Semantics of [`crate::ops::cross_entropy::token_cross_entropy_composite`].
 
-use super::{contiguous_view, cuda_storage, dtype_suffix, function, wrap};
+use super::{contiguous_view, cuda_storage, dtype_suffix, wrap};
 use crate::with_float_type;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -63,7 +63,7 @@ impl CustomOp2 for CrossEntropy {
     ) -> Result<(CudaStorage, Shape)> {
         let (n, v) = dims(xl, tl)?;
         let dev = xs.device().clone();
-        let f = function(&dev, &MODULE, &format!("ce_fwd_{}", dtype_suffix(xs.dtype())?))?;
+        let f = crate::function!(&dev, &MODULE, &format!("ce_fwd_{}", dtype_suffix(xs.dtype())?))?;
         let labels = contiguous_view::<u32>(ts, tl, "fused-cross-entropy labels")?;
         let vi = v as i32;
         // SAFETY: both columns of every row are written by the kernel.
@@ -88,7 +88,7 @@ impl CustomOp2 for CrossEntropy {
         let g = g.contiguous()?;
         let (n, v) = x.dims2()?;
         let dev = x.device().as_cuda_device()?.clone();
-        let f = function(&dev, &MODULE, &format!("ce_bwd_{}", dtype_suffix(x.dtype())?))?;
+        let f = crate::function!(&dev, &MODULE, &format!("ce_bwd_{}", dtype_suffix(x.dtype())?))?;
         let (xs, xl) = x.storage_and_layout();
         let (ts, tl) = labels.storage_and_layout();
         let (rs, rl) = res.storage_and_layout();

@@ -6,7 +6,7 @@
 //! (`mbridge selftest cuda` and the device scripts check that on a GPU).
 //!
 //! Conventions for adding a kernel: put `kernels/<module>.cu` (extern "C" `__global__`
-//! functions), declare its PTX below with [`kernel_module!`], launch through [`function`].
+//! functions), declare its PTX below with [`kernel_module!`], launch through [`function!`].
 //! Forward passes are CustomOps (so candle records them in the graph); backward passes
 //! launch directly from `bwd` and wrap the results with [`wrap`] (a backward result needs
 //! no graph of its own).
@@ -43,15 +43,17 @@ macro_rules! kernel_module {
     };
 }
 
-/// The kernel `fn_name` of `module` on `dev` (loaded once per device, then cached by candle).
-pub fn function(
-    dev: &CudaDevice,
-    module: &KernelModule,
-    fn_name: &str,
-) -> Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(fn_name, module.name, module.ptx).map_err(|e| {
-        candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name))
-    })
+/// `function!(dev, MODULE, fn_name)`: the kernel `fn_name` of `MODULE` on `dev` (loaded once
+/// per device, then cached by candle). A macro because candle's `CudaFunc` type is not
+/// nameable outside candle; the value is only used for `.builder()`.
+#[macro_export]
+macro_rules! function {
+    ($dev:expr, $module:expr, $fn_name:expr) => {{
+        let (module, fn_name): (&$crate::ops::cuda::KernelModule, &str) = (&$module, &$fn_name);
+        $dev.get_or_load_custom_func(fn_name, module.name, module.ptx).map_err(|e| {
+            candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name))
+        })
+    }};
 }
 
 /// Ceil division for grid sizes.

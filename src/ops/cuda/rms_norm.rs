@@ -1,7 +1,7 @@
 //! Fused RMSNorm (forward and backward) for rows of a contiguous tensor; semantics of
 //! [`crate::ops::norm::rms_norm`], including zero-centered gamma.
 
-use super::{contiguous_view, cuda_storage, dtype_suffix, function, wrap};
+use super::{contiguous_view, cuda_storage, dtype_suffix, wrap};
 use crate::with_float_type;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
@@ -54,7 +54,11 @@ impl CustomOp2 for RmsNorm {
         }
         let rows = xl.shape().elem_count() / cols;
         let dev = xs.device().clone();
-        let f = function(&dev, &MODULE, &format!("rms_norm_fwd_{}", dtype_suffix(xs.dtype())?))?;
+        let f = crate::function!(
+            &dev,
+            &MODULE,
+            &format!("rms_norm_fwd_{}", dtype_suffix(xs.dtype())?)
+        )?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (threads_for(cols), 1, 1),
@@ -103,8 +107,8 @@ pub fn rms_norm_backward(
     let dtype = x.dtype();
     let dev = x.device().as_cuda_device()?.clone();
     let sfx = dtype_suffix(dtype)?;
-    let bwd = function(&dev, &MODULE, &format!("rms_norm_bwd_{sfx}"))?;
-    let red = function(&dev, &MODULE, &format!("rms_norm_dw_{sfx}"))?;
+    let bwd = crate::function!(&dev, &MODULE, &format!("rms_norm_bwd_{sfx}"))?;
+    let red = crate::function!(&dev, &MODULE, &format!("rms_norm_dw_{sfx}"))?;
     // Enough blocks to fill the GPU; each walks rows with a grid stride.
     let blocks = rows.clamp(1, 1024);
     let (xs, xl) = x.storage_and_layout();

@@ -2,7 +2,7 @@
 //! strides with `cos`/`sin` `[b or 1, 1, s, rot]`; semantics of [`crate::ops::rope::apply_rope`].
 //! The output is contiguous; reading strided input saves the copy of q/k out of the fused QKV.
 
-use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks, function};
+use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks};
 use crate::with_float_type;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -53,7 +53,7 @@ fn launch(
     inverse: bool,
 ) -> Result<CudaStorage> {
     let (b, h, s, d, rot, cb) = dims(xl, cl, sl)?;
-    let f = function(dev, &MODULE, &format!("rope_{}", dtype_suffix(xs.dtype())?))?;
+    let f = crate::function!(dev, &MODULE, &format!("rope_{}", dtype_suffix(xs.dtype())?))?;
     let n = b * h * s * d;
     let cfg = LaunchConfig {
         grid_dim: (elementwise_blocks(n, 256), 1, 1),

@@ -2,7 +2,7 @@
 //! semantics of [`crate::ops::activation::swiglu`]. The backward writes `d[gate; up]` in one
 //! pass instead of the composite's narrow/mul/silu-backward/cat chain.
 
-use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks, function, wrap};
+use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks, wrap};
 use crate::with_float_type;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -43,7 +43,8 @@ impl CustomOp1 for SwiGlu {
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, f) = split(xl.dims())?;
         let dev = xs.device().clone();
-        let func = function(&dev, &MODULE, &format!("swiglu_fwd_{}", dtype_suffix(xs.dtype())?))?;
+        let func =
+            crate::function!(&dev, &MODULE, &format!("swiglu_fwd_{}", dtype_suffix(xs.dtype())?))?;
         let (r, fi) = (rows as u64, f as i32);
         let out = with_float_type!(xs.dtype(), T, {
             let x = contiguous_view::<T>(xs, xl, "fused-swiglu x")?;
@@ -64,7 +65,8 @@ impl CustomOp1 for SwiGlu {
         let dy = dy.contiguous()?;
         let (rows, f) = split(x.dims())?;
         let dev = x.device().as_cuda_device()?.clone();
-        let func = function(&dev, &MODULE, &format!("swiglu_bwd_{}", dtype_suffix(x.dtype())?))?;
+        let func =
+            crate::function!(&dev, &MODULE, &format!("swiglu_bwd_{}", dtype_suffix(x.dtype())?))?;
         let (xs, xl) = x.storage_and_layout();
         let (gs, gl) = dy.storage_and_layout();
         let (xs, gs) = (cuda_storage(&xs, "swiglu x")?, cuda_storage(&gs, "swiglu dy")?);
