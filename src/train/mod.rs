@@ -57,6 +57,7 @@ pub mod log;
 pub mod memory;
 pub mod optimizer;
 mod optimizer_state;
+pub mod phase_timer;
 mod report;
 mod schedule_resolve;
 pub mod scheduler;

@@ -13,6 +13,7 @@ use super::checkpointing::{self, SaveRequest};
 use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
 use super::datasets::RunDataset;
 use super::optimizer::{GradAccumulator, Optimizer};
+use super::phase_timer::PhaseTimer;
 use super::report::{report_saved, MetricsWriter};
 use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
@@ -235,6 +236,7 @@ impl Trainer {
         skip: bool,
     ) -> Result<StepResult> {
         self.acc.clear();
+        let mut timer = PhaseTimer::new(&self.device);
         let (mut loss_sum, mut tokens) = (0.0f64, 0.0f64);
         let dropout_on =
             self.cfg.model.hidden_dropout > 0.0 || self.cfg.model.attention_dropout > 0.0;
@@ -248,6 +250,7 @@ impl Trainer {
             let (sum, count) = loss_for_microbatch(&self.model, mb, rng.as_ref())?;
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             tokens += count;
+            timer.mark("forward")?;
             if !skip {
                 let objective = if per_token {
                     sum
@@ -255,7 +258,11 @@ impl Trainer {
                     // `output_tensor /= clamp(num_tokens, min=1); output_tensor /= num_microbatches`
                     sum.affine(1.0 / (count.max(1.0) * num_micro), 0.0)?
                 };
-                self.acc.accumulate(&objective.backward()?)?;
+                let grads = objective.backward()?;
+                timer.mark("backward")?;
+                self.acc.accumulate(&grads)?;
+                drop(grads);
+                timer.mark("grad-accumulate")?;
             }
         }
         // Σ CE and Σ tokens over the data-parallel group, as Megatron reduces `[sum, count]`.
@@ -320,9 +327,14 @@ impl Trainer {
                 lr: self.scheduler.get_lr(),
             });
         }
+        timer.mark("grad-reduce-and-clip")?;
         // A background save must hold its own copy of the weights before they change.
         self.saver.wait_snapshot();
         self.optimizer.step_scheduled(&self.acc, &self.scheduler)?;
+        timer.mark("optimizer")?;
+        if let Some(s) = timer.summary() {
+            tracing::debug!("iteration {iteration} phases: {s}");
+        }
         self.scheduler.step(self.d.global_batch_size as u64);
         Ok(StepResult {
             loss,

@@ -25,6 +25,7 @@ pub(super) fn checks() -> Vec<Check> {
         Check { name: "swiglu", run: swiglu },
         Check { name: "cross_entropy", run: cross_entropy },
         Check { name: "adamw", run: adamw },
+        Check { name: "grad_norm", run: grad_norm },
     ]
 }
 
@@ -210,6 +211,29 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
                 ms.push(compare(&what("exp_avg_sq"), gv, cv, 1e-6)?);
             }
             ms.push(compare(&what("bf16 param"), g.var.as_tensor(), c.var.as_tensor(), 1e-6)?);
+        }
+    }
+    Ok(ms)
+}
+
+/// Per-tensor sums of squares (the gradient norm) against f64 sums on the CPU, for tensors
+/// smaller than one block, spanning many blocks, and larger than the fixed grid.
+fn grad_norm(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let mut ms = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let cpu: Vec<Tensor> = [&[7usize][..], &[300, 1000], &[2048, 700]]
+            .iter()
+            .enumerate()
+            .map(|(k, sh)| randn(seed + 200 + k as u64, sh, 0.02, 0.0))
+            .collect::<Result<_>>()?;
+        let gpu: Vec<Tensor> =
+            cpu.iter().map(|t| Ok(t.to_dtype(dtype)?.to_device(dev)?)).collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = gpu.iter().collect();
+        let got = crate::ops::cuda::sumsq::sums_of_squares(&refs)?;
+        for (k, (g, c)) in got.iter().zip(&cpu).enumerate() {
+            let want = c.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            let (g, w) = (Tensor::new(&[*g], &Device::Cpu)?, Tensor::new(&[want], &Device::Cpu)?);
+            ms.push(compare(&format!("{dtype:?} tensor {k} sum of squares"), &g, &w, 1e-5)?);
         }
     }
     Ok(ms)

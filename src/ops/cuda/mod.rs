@@ -16,6 +16,7 @@ pub mod cross_entropy;
 pub mod memory;
 pub mod rms_norm;
 pub mod rope;
+pub mod sumsq;
 pub mod swiglu;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
