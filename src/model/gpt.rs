@@ -7,6 +7,7 @@ use super::init::Init;
 use super::mlp::Mlp;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout, TpCoord};
+use super::recompute::{checkpoint, RecomputeGrads, RecomputePlan, SegmentFn};
 use crate::config::model::{ModelConfig, PositionEmbedding};
 use crate::ops::{self, DropoutRng, RopeTable};
 use crate::parallel::comm::Communicator;
@@ -52,6 +53,12 @@ impl KvCache {
     }
 }
 
+/// One layer without dropout: `x + attn(x)`, then `+ mlp(·)` (the recompute path).
+fn layer_step(layer: &Layer, x: &Tensor, inputs: &AttnInputs) -> Result<Tensor> {
+    let x = (x + layer.attn.forward(x, inputs, None)?)?;
+    Ok((&x + layer.mlp.forward_train(&x, None)?)?)
+}
+
 /// A GPT decoder stage holding this rank's parameter shards.
 #[derive(Debug)]
 pub struct GptModel {
@@ -68,6 +75,8 @@ pub struct GptModel {
     tp: Option<TensorParallel>,
     dtype: DType,
     device: Device,
+    /// Activation recompute of the layers in training (`model.recompute_*`).
+    recompute: Option<RecomputePlan>,
 }
 
 impl GptModel {
@@ -134,6 +143,7 @@ impl GptModel {
         };
         let arch = GptArch::from_config(cfg)?;
         arch.check_tp(layout.tp_size)?;
+        let recompute = RecomputePlan::from_config(cfg)?;
         if layout.tp_rank >= layout.tp_size {
             bail!(
                 "tensor-parallel rank {} out of range for size {}",
@@ -245,6 +255,7 @@ impl GptModel {
             tp: tp_group,
             dtype,
             device: device.clone(),
+            recompute,
         })
     }
 
@@ -315,7 +326,25 @@ impl GptModel {
     /// in evaluation mode.
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
         self.require_whole_model()?;
-        self.run(tokens, 0, opts, None)
+        self.run(tokens, 0, opts, None, None)
+    }
+
+    /// [`Self::forward`] in training with the configured activation recompute: parameter
+    /// gradients of recomputed layers arrive in `grads` during `backward()` (see
+    /// [`super::recompute`]). Without a recompute plan this is [`Self::forward`].
+    pub fn forward_recompute(
+        &self,
+        tokens: &Tensor,
+        opts: &ForwardOpts,
+        grads: &RecomputeGrads,
+    ) -> Result<Tensor> {
+        self.require_whole_model()?;
+        self.run(tokens, 0, opts, None, Some(grads))
+    }
+
+    /// The activation recompute plan, if `model.recompute_granularity` asks for one.
+    pub fn recompute_plan(&self) -> Option<&RecomputePlan> {
+        self.recompute.as_ref()
     }
 
     /// Forward of one pipeline stage: the first stage takes token ids `[b, s]`, later
@@ -326,7 +355,7 @@ impl GptModel {
     /// training, its own [`DropoutRng`] stream.
     pub fn forward_stage(&self, input: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
         self.require_tp_comm()?;
-        self.run(input, 0, opts, None)
+        self.run(input, 0, opts, None, None)
     }
 
     /// Incremental forward with a KV cache: `tokens` `[b, s]` continue the cached sequence
@@ -341,7 +370,7 @@ impl GptModel {
             bail!("KV cache was made for a different model");
         }
         let start = cache.len;
-        let logits = self.run(tokens, start, &ForwardOpts::default(), Some(cache))?;
+        let logits = self.run(tokens, start, &ForwardOpts::default(), Some(cache), None)?;
         cache.len = start + tokens.dim(1)?;
         self.gather_logits(&logits)
     }
@@ -412,6 +441,7 @@ impl GptModel {
         start: usize,
         opts: &ForwardOpts,
         mut cache: Option<&mut KvCache>,
+        recompute: Option<&RecomputeGrads>,
     ) -> Result<Tensor> {
         let pre = self.layout.pre_process();
         // Sequence parallelism: the residual stream holds this rank's part of the sequence.
@@ -471,6 +501,35 @@ impl GptModel {
             opts.attention_mask,
             &self.device,
         )?;
+        if let (Some(plan), Some(grads), None) = (&self.recompute, recompute, &cache) {
+            if opts.dropout.is_some() {
+                bail!("activation recompute with dropout is not supported yet (the recomputed layers would draw new masks)");
+            }
+            for (range, checkpointed) in plan.segments(self.layers.len()) {
+                let layers = self.layers[range].to_vec();
+                if !checkpointed {
+                    let inputs =
+                        AttnInputs { rope: rope.as_ref(), allowed: &allowed, dropout: None };
+                    for layer in &layers {
+                        x = layer_step(layer, &x, &inputs)?;
+                    }
+                    continue;
+                }
+                let (rope, allowed) = (rope.clone(), allowed.clone());
+                let f: SegmentFn = Arc::new(move |x: &Tensor| {
+                    let inputs =
+                        AttnInputs { rope: rope.as_ref(), allowed: &allowed, dropout: None };
+                    let mut x = x.clone();
+                    for layer in &layers {
+                        x = layer_step(layer, &x, &inputs)
+                            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+                    }
+                    Ok(x)
+                });
+                x = checkpoint(&x, f, grads)?;
+            }
+            return if self.layout.post_process() { self.head(&x) } else { Ok(x) };
+        }
         let inputs = AttnInputs { rope: rope.as_ref(), allowed: &allowed, dropout: opts.dropout };
         for (i, layer) in self.layers.iter().enumerate() {
             let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);

@@ -21,7 +21,8 @@ use crate::ckpt::{AsyncSaver, TrainState};
 use crate::config::{ConfigContainer, Derived};
 use crate::data::sampler::PretrainingSampler;
 use crate::model::flops::num_floating_point_operations;
-use crate::model::{loss_for_microbatch, GptModel, Microbatch};
+use crate::model::recompute::RecomputeGrads;
+use crate::model::{loss_for_microbatch, loss_for_microbatch_recompute, GptModel, Microbatch};
 use crate::ops::DropoutRng;
 use crate::parallel::data::{all_reduce_grads, model_parallel_grad_sq_norm};
 use crate::parallel::{ProcessGroups, ReduceOp};
@@ -247,7 +248,11 @@ impl Trainer {
             // DP=1 draws for the same samples.
             let global_mb = (i * self.d.data_parallel_size + self.dp_rank()) as u64;
             let rng = dropout_on.then(|| DropoutRng::new(self.rng_seed, iteration, global_mb));
-            let (sum, count) = loss_for_microbatch(&self.model, mb, rng.as_ref())?;
+            let recomputed = self.model.recompute_plan().map(|_| RecomputeGrads::default());
+            let (sum, count) = match &recomputed {
+                Some(g) => loss_for_microbatch_recompute(&self.model, mb, rng.as_ref(), g)?,
+                None => loss_for_microbatch(&self.model, mb, rng.as_ref())?,
+            };
             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             tokens += count;
             timer.mark("forward")?;
@@ -262,6 +267,9 @@ impl Trainer {
                 timer.mark("backward")?;
                 self.acc.accumulate(&grads)?;
                 drop(grads);
+                for g in recomputed.iter().flat_map(RecomputeGrads::take) {
+                    self.acc.add(&g)?;
+                }
                 timer.mark("grad-accumulate")?;
             }
         }
