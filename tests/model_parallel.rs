@@ -97,9 +97,9 @@ fn pipeline_stages_chain_to_the_whole_model() {
         };
         let tokens = Tensor::new(&[[3u32, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]], &dev).unwrap();
         let opts = ForwardOpts::default();
-        let hidden = stage(0).forward_stage(&tokens, &opts).unwrap();
+        let hidden = stage(0).forward_stage(&tokens, &opts, None).unwrap();
         assert_eq!(hidden.dims(), &[2, 6, 16]);
-        let logits = stage(1).forward_stage(&hidden, &opts).unwrap();
+        let logits = stage(1).forward_stage(&hidden, &opts, None).unwrap();
         let want = whole.forward(&tokens, &opts).unwrap();
         let d = (logits - want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f64>().unwrap() < 1e-12);

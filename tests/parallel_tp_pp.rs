@@ -61,14 +61,14 @@ fn tp_pp_matches_whole(cfg: ModelConfig) {
         let (bsz, h) = (2, cfg.hidden_size);
         let mut loss_value = None;
         let grads = if c.pp == 0 {
-            let out = m.forward_stage(&b.tokens, &opts)?;
+            let out = m.forward_stage(&b.tokens, &opts, None)?;
             pp.send(&out, 1)?;
             let g = pp.recv(1, &(bsz, s, h).into(), DType::F64, &Device::Cpu)?;
             (out * g)?.sum_all()?.backward()?
         } else {
             let input =
                 Var::from_tensor(&pp.recv(0, &(bsz, s, h).into(), DType::F64, &Device::Cpu)?)?;
-            let logits = m.forward_stage(input.as_tensor(), &opts)?;
+            let logits = m.forward_stage(input.as_tensor(), &opts, None)?;
             let (sum, count) = m.cross_entropy(&logits, &b.labels, &b.loss_mask)?;
             let loss = (sum / count)?;
             loss_value = Some(loss.to_scalar::<f64>()?);

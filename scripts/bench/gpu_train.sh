@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # GPU training throughput: mbridge vs the PyTorch peers, in ONE device call (same GPU).
 # Build first with scripts/device/build.sh, then run this through the device tool with
-# carry [".devbuild/bin"], e.g.:  bash scripts/bench/gpu_train.sh 1024 2 20
-# Args: SEQ MBS ITERS (defaults 1024 2 20). Prints the peers' JSON lines and mbridge's log lines.
+# carry [".devbuild/gz"] (or [".devbuild/bin"] while binary + tree fit 64 MiB), e.g.:
+#   bash scripts/bench/gpu_train.sh 1024 2 20
+# Args: SEQ MBS ITERS [OVERRIDES...] (defaults 1024 2 20; overrides go to mbridge, e.g.
+# model.recompute_granularity=full model.recompute_method=uniform model.recompute_num_layers=1). Prints the peers' JSON lines and mbridge's log lines.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SEQ="${1:-1024}"; MBS="${2:-2}"; ITERS="${3:-20}"
+scripts/device/unpack.sh || exit 2
 BIN=.devbuild/bin/mbridge
 source .devbuild/bin/env.sh "$BIN" >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -18,7 +21,7 @@ SMI=$!
   model.seq_length="$SEQ" train.micro_batch_size="$MBS" \
   train.global_batch_size="$MBS" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
   logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \
-  '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' 2>&1 \
-  | grep -E "iteration|error" | tail -6
+  '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${@:4}" 2>&1 \
+  | grep -E "iteration|error|memory \(GB\)" | tail -7
 kill $SMI 2>/dev/null
 echo "mbridge peak GPU memory (MiB, nvidia-smi): $(sort -n /tmp/mem.log | tail -1)"

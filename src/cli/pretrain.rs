@@ -131,7 +131,13 @@ pub fn parse_device(spec: &str) -> anyhow::Result<Device> {
                 )
                 .into());
             }
-            Ok(Device::new_cuda(ordinal)?)
+            let device = Device::new_cuda(ordinal)?;
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(d) = &device {
+                // Before any tensor exists: event tracking applies to buffers created later.
+                crate::ops::cuda::memory::prepare_for_training(d)?;
+            }
+            Ok(device)
         }
         other => Err(config_err!("unknown `--device {other}`: expected cpu or cuda:N").into()),
     }

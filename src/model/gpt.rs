@@ -7,6 +7,7 @@ use super::init::Init;
 use super::mlp::Mlp;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout, TpCoord};
+use super::recompute::{checkpoint, RecomputeGrads, RecomputePlan, SegmentFn};
 use crate::config::model::{ModelConfig, PositionEmbedding};
 use crate::ops::{self, AttnMask, DropoutRng, RopeTable};
 use crate::parallel::comm::Communicator;
@@ -52,6 +53,12 @@ impl KvCache {
     }
 }
 
+/// One layer without dropout: `x + attn(x)`, then `+ mlp(·)` (the recompute path).
+fn layer_step(layer: &Layer, x: &Tensor, inputs: &AttnInputs) -> Result<Tensor> {
+    let x = (x + layer.attn.forward(x, inputs, None)?)?;
+    Ok((&x + layer.mlp.forward_train(&x, None)?)?)
+}
+
 /// A GPT decoder stage holding this rank's parameter shards.
 #[derive(Debug)]
 pub struct GptModel {
@@ -72,6 +79,8 @@ pub struct GptModel {
     tp: Option<TensorParallel>,
     dtype: DType,
     device: Device,
+    /// Activation recompute of the layers in training (`model.recompute_*`).
+    recompute: Option<RecomputePlan>,
 }
 
 impl GptModel {
@@ -156,6 +165,7 @@ impl GptModel {
         };
         let arch = GptArch::from_config(cfg)?;
         arch.check_tp(layout.tp_size)?;
+        let recompute = RecomputePlan::from_config(cfg)?;
         if layout.tp_rank >= layout.tp_size {
             bail!(
                 "tensor-parallel rank {} out of range for size {}",
@@ -272,6 +282,7 @@ impl GptModel {
             tp: tp_group,
             dtype,
             device: device.clone(),
+            recompute,
         })
     }
 
@@ -350,7 +361,25 @@ impl GptModel {
     /// in evaluation mode.
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
         self.require_whole_model()?;
-        self.run(tokens, 0, opts, None)
+        self.run(tokens, 0, opts, None, None)
+    }
+
+    /// [`Self::forward`] in training with the configured activation recompute: parameter
+    /// gradients of recomputed layers arrive in `grads` during `backward()` (see
+    /// [`super::recompute`]). Without a recompute plan this is [`Self::forward`].
+    pub fn forward_recompute(
+        &self,
+        tokens: &Tensor,
+        opts: &ForwardOpts,
+        grads: &RecomputeGrads,
+    ) -> Result<Tensor> {
+        self.require_whole_model()?;
+        self.run(tokens, 0, opts, None, Some(grads))
+    }
+
+    /// The activation recompute plan, if `model.recompute_granularity` asks for one.
+    pub fn recompute_plan(&self) -> Option<&RecomputePlan> {
+        self.recompute.as_ref()
     }
 
     /// Forward of one pipeline stage: the first stage takes token ids `[b, s]`, later
@@ -358,10 +387,16 @@ impl GptModel {
     /// this rank's part of the sequence, under sequence parallelism); the last
     /// stage returns logits `[b, s, vocab]` (this rank's vocab shard with TP > 1), earlier
     /// stages hidden states. Every stage needs the same `opts` (positions, mask) and, in
-    /// training, its own [`DropoutRng`] stream.
-    pub fn forward_stage(&self, input: &Tensor, opts: &ForwardOpts) -> Result<Tensor> {
+    /// training, its own [`DropoutRng`] stream. With `recompute` (training with a recompute
+    /// plan) the checkpointed layers' parameter gradients arrive there during `backward()`.
+    pub fn forward_stage(
+        &self,
+        input: &Tensor,
+        opts: &ForwardOpts,
+        recompute: Option<&RecomputeGrads>,
+    ) -> Result<Tensor> {
         self.require_tp_comm()?;
-        self.run(input, 0, opts, None)
+        self.run(input, 0, opts, None, recompute)
     }
 
     /// Incremental forward with a KV cache: `tokens` `[b, s]` continue the cached sequence
@@ -376,7 +411,7 @@ impl GptModel {
             bail!("KV cache was made for a different model");
         }
         let start = cache.len;
-        let logits = self.run(tokens, start, &ForwardOpts::default(), Some(cache))?;
+        let logits = self.run(tokens, start, &ForwardOpts::default(), Some(cache), None)?;
         cache.len = start + tokens.dim(1)?;
         self.gather_logits(&logits)
     }
@@ -447,6 +482,7 @@ impl GptModel {
         start: usize,
         opts: &ForwardOpts,
         mut cache: Option<&mut KvCache>,
+        recompute: Option<&RecomputeGrads>,
     ) -> Result<Tensor> {
         let pre = self.pre_process;
         // Sequence parallelism: the residual stream holds this rank's part of the sequence.
@@ -518,11 +554,47 @@ impl GptModel {
                 &self.device,
             )?)
         };
-        let mask = match &dense {
-            Some(m) => AttnMask::Dense(m),
-            None => AttnMask::Causal { window_left: self.arch.window_left },
+        let window_left = self.arch.window_left;
+        if let (Some(plan), Some(grads), None) = (&self.recompute, recompute, &cache) {
+            if opts.dropout.is_some() {
+                bail!("activation recompute with dropout is not supported yet (the recomputed layers would draw new masks)");
+            }
+            for (range, checkpointed) in plan.segments(self.layers.len()) {
+                let layers = self.layers[range].to_vec();
+                if !checkpointed {
+                    let inputs = AttnInputs {
+                        rope: rope.as_ref(),
+                        mask: attn_mask(dense.as_ref(), window_left),
+                        dropout: None,
+                    };
+                    for layer in &layers {
+                        x = layer_step(layer, &x, &inputs)?;
+                    }
+                    continue;
+                }
+                let (rope, dense) = (rope.clone(), dense.clone());
+                let f: SegmentFn = Arc::new(move |x: &Tensor| {
+                    let inputs = AttnInputs {
+                        rope: rope.as_ref(),
+                        mask: attn_mask(dense.as_ref(), window_left),
+                        dropout: None,
+                    };
+                    let mut x = x.clone();
+                    for layer in &layers {
+                        x = layer_step(layer, &x, &inputs)
+                            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+                    }
+                    Ok(x)
+                });
+                x = checkpoint(&x, f, grads)?;
+            }
+            return if self.post_process { self.head(&x) } else { Ok(x) };
+        }
+        let inputs = AttnInputs {
+            rope: rope.as_ref(),
+            mask: attn_mask(dense.as_ref(), window_left),
+            dropout: opts.dropout,
         };
-        let inputs = AttnInputs { rope: rope.as_ref(), mask, dropout: opts.dropout };
         for (i, layer) in self.layers.iter().enumerate() {
             let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);
             x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;
@@ -563,5 +635,14 @@ impl GptModel {
             None => x,
         };
         Ok(ops::linear(&x, w, None)?)
+    }
+}
+
+/// The attention mask of a forward pass: the dense mask when one was built, else causal (the
+/// fused kernel masks by itself).
+fn attn_mask(dense: Option<&Tensor>, window_left: Option<i64>) -> AttnMask<'_> {
+    match dense {
+        Some(m) => AttnMask::Dense(m),
+        None => AttnMask::Causal { window_left },
     }
 }

@@ -41,10 +41,11 @@ pub mod init;
 pub mod mlp;
 pub mod norm;
 pub mod params;
+pub mod recompute;
 pub mod step;
 
 pub use arch::{chunk_layers, stage_layers, virtual_stages, GptArch, ParallelLayout};
 pub use generate::{generate, generate_no_cache};
 pub use gpt::{ForwardOpts, GptModel, KvCache};
 pub use params::{Param, ParamStore, ShardLayout};
-pub use step::{loss_for_microbatch, Microbatch};
+pub use step::{loss_for_microbatch, loss_for_microbatch_recompute, Microbatch};

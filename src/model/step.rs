@@ -1,6 +1,7 @@
 //! The per-micro-batch training building block: forward + masked cross-entropy.
 
 use super::gpt::{ForwardOpts, GptModel};
+use super::recompute::RecomputeGrads;
 use crate::ops::DropoutRng;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -79,5 +80,22 @@ pub fn loss_for_microbatch(
         dropout,
     };
     let logits = model.forward(&batch.tokens, &opts)?;
+    model.cross_entropy(&logits, &batch.labels, &batch.loss_mask)
+}
+
+/// [`loss_for_microbatch`] with the model's activation recompute: parameter gradients of the
+/// recomputed layers arrive in `grads` during `backward()`; add them to the step's gradients.
+pub fn loss_for_microbatch_recompute(
+    model: &GptModel,
+    batch: &Microbatch,
+    dropout: Option<&DropoutRng>,
+    grads: &RecomputeGrads,
+) -> Result<(Tensor, f64)> {
+    let opts = ForwardOpts {
+        position_ids: batch.position_ids.as_ref(),
+        attention_mask: batch.attention_mask.as_ref(),
+        dropout,
+    };
+    let logits = model.forward_recompute(&batch.tokens, &opts, grads)?;
     model.cross_entropy(&logits, &batch.labels, &batch.loss_mask)
 }

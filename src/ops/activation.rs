@@ -17,8 +17,18 @@ pub fn apply_activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// Gated linear unit on a fused `[.., 2f]` input laid out `[gate; up]` (Megatron's
 /// `linear_fc1` with `gated_linear_unit=True`): `act(gate) * up`. SwiGLU is `act = Silu`,
-/// GEGLU is `act = Gelu`.
+/// GEGLU is `act = Gelu`. SwiGLU in half precision on CUDA takes the fused kernel;
+/// [`gated_composite`] is the reference.
 pub fn gated(x: &Tensor, act: Activation) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if act == Activation::Silu && super::fused::use_fused(x.device(), x.dtype()) {
+        return x.contiguous()?.apply_op1(super::cuda::swiglu::SwiGlu);
+    }
+    gated_composite(x, act)
+}
+
+/// Device-generic form of [`gated`] from basic ops.
+pub fn gated_composite(x: &Tensor, act: Activation) -> Result<Tensor> {
     let f = x.dim(D::Minus1)? / 2;
     let gate = x.narrow(D::Minus1, 0, f)?;
     let up = x.narrow(D::Minus1, f, f)?;

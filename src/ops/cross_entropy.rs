@@ -23,6 +23,20 @@ pub fn token_cross_entropy_composite(logits: &Tensor, labels: &Tensor) -> Result
     (lse - target)?.reshape(n)
 }
 
+/// Per-token cross-entropy `[N]` (f32) straight from half-precision CUDA logits `[N, V]`.
+#[cfg(feature = "cuda")]
+fn fused_token_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let out = logits
+        .contiguous()?
+        .apply_op2(&labels.contiguous()?, super::cuda::cross_entropy::CrossEntropy)?;
+    out.narrow(1, 0, 1)?.squeeze(1)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_token_cross_entropy(_logits: &Tensor, _labels: &Tensor) -> Result<Tensor> {
+    candle_core::bail!("fused cross-entropy needs the cuda feature")
+}
+
 /// Cross-entropy of `logits` `[b, s, V]` against `labels` `[b, s]` (u32), weighted by
 /// `loss_mask` `[b, s]` (float, usually 0/1).
 ///
@@ -35,17 +49,24 @@ pub fn masked_cross_entropy(
     labels: &Tensor,
     loss_mask: &Tensor,
 ) -> Result<(Tensor, f64)> {
-    let logits = match logits.dtype() {
-        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
-        _ => logits.clone(),
-    };
     let (b, s, v) = logits.dims3()?;
     let labels = labels.to_dtype(DType::U32)?.reshape(b * s)?;
     let max_label = labels.max_all()?.to_scalar::<u32>()? as usize;
     if max_label >= v {
         candle_core::bail!("label id {max_label} out of range for vocabulary of size {v}");
     }
-    let ce = token_cross_entropy(&logits.reshape((b * s, v))?, &labels)?.reshape((b, s))?;
+    let ce = if super::fused::use_fused(logits.device(), logits.dtype()) {
+        fused_token_cross_entropy(&logits.reshape((b * s, v))?, &labels)?
+    } else {
+        // The composite path needs f32 statistics: this is the fp32 copy of the logits the
+        // fused kernel avoids.
+        let logits = match logits.dtype() {
+            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+            _ => logits.clone(),
+        };
+        token_cross_entropy(&logits.reshape((b * s, v))?, &labels)?
+    }
+    .reshape((b, s))?;
     let mask = loss_mask.to_dtype(ce.dtype())?;
     let sum = ce.mul(&mask)?.sum_all()?;
     let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;

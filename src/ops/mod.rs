@@ -7,7 +7,8 @@
 //! training path. Two elementwise-heavy ops (masked softmax, token cross-entropy) also have
 //! fused CPU CustomOps with their own backward (`fused_cpu.rs`), chosen automatically on CPU
 //! for f32/f64; the composite forms stay public as the reference and the path for other
-//! devices. Fused CUDA kernels will join them the same way, checked against these forms.
+//! devices. Fused CUDA kernels (`cuda`, chosen by `fused::use_fused`: half precision on a
+//! GPU) join them the same way, checked against these forms by `mbridge selftest cuda`.
 
 pub mod activation;
 pub mod attention;
@@ -16,17 +17,18 @@ pub mod cross_entropy;
 pub mod cuda;
 pub mod dropout;
 pub mod flash;
+pub mod fused;
 mod fused_cpu;
 pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
 
-pub use activation::{apply_activation, swiglu};
+pub use activation::{apply_activation, gated_composite, swiglu};
 pub use attention::{attention, attention_auto, build_attention_mask, AttentionShape, AttnMask};
 pub use cross_entropy::{masked_cross_entropy, token_cross_entropy, token_cross_entropy_composite};
 pub use dropout::DropoutRng;
 pub use linear::linear;
-pub use norm::{layer_norm, rms_norm};
-pub use rope::{apply_rope, RopeTable};
+pub use norm::{layer_norm, rms_norm, rms_norm_composite};
+pub use rope::{apply_rope, apply_rope_composite, RopeTable};
 pub use softmax::{masked_softmax, masked_softmax_composite, softmax_last_dim};

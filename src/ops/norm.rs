@@ -19,8 +19,27 @@ fn gamma(weight: &Tensor, zero_centered: bool) -> Result<Tensor> {
     }
 }
 
-/// RMSNorm: `x / sqrt(mean(x²) + eps) * gamma`.
+/// RMSNorm: `x / sqrt(mean(x²) + eps) * gamma`. Half precision on CUDA takes the fused
+/// kernel (see [`super::fused`]); [`rms_norm_composite`] is the reference.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, zero_centered: bool) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fused::use_fused(x.device(), x.dtype())
+        && weight.dtype() == x.dtype()
+        && x.dim(D::Minus1)? <= super::cuda::rms_norm::MAX_WIDTH
+    {
+        let op = super::cuda::rms_norm::RmsNorm { eps: eps as f32, zero_centered };
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, op);
+    }
+    rms_norm_composite(x, weight, eps, zero_centered)
+}
+
+/// Device-generic form of [`rms_norm`] from basic ops (statistics in f32).
+pub fn rms_norm_composite(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    zero_centered: bool,
+) -> Result<Tensor> {
     let dt = x.dtype();
     let xf = stats_dtype(x)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;

@@ -82,7 +82,22 @@ pub fn llama3_scale(inv_freq: f64, factor: f64) -> f64 {
 
 /// Rotates the first `rot_dim` channels of `x` `[b, heads, s, d]` by `(cos, sin)`
 /// `[b, 1, s, rot_dim]`; the remaining channels pass through (`rotary_percent < 1`).
+/// Half precision on CUDA takes the fused kernel (any strides of `x`, so q/k need no copy
+/// out of the fused QKV); [`apply_rope_composite`] is the reference.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fused::use_fused(x.device(), x.dtype())
+        && cos.dtype() == x.dtype()
+        && sin.dtype() == x.dtype()
+        && x.rank() == 4
+    {
+        return x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, super::cuda::rope::Rope);
+    }
+    apply_rope_composite(x, cos, sin)
+}
+
+/// Device-generic form of [`apply_rope`] from basic ops.
+pub fn apply_rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let r = cos.dim(D::Minus1)?;
     let x_rot = x.narrow(D::Minus1, 0, r)?;

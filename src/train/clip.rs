@@ -23,13 +23,14 @@ where
     G: GradSource + ?Sized,
     I: IntoIterator<Item = &'a Var>,
 {
+    let present: Vec<&Tensor> = vars.into_iter().filter_map(|v| grads.grad_of(v)).collect();
+    if let Some(per_tensor) = fused_sums_of_squares(&present)? {
+        return Ok(per_tensor.iter().sum());
+    }
     // One host transfer per run of same-device tensors instead of one per tensor: the
     // per-tensor sums stay on their device until the end.
     let mut sums: Vec<Tensor> = Vec::new();
-    for var in vars {
-        let Some(g) = grads.grad_of(var) else {
-            continue;
-        };
+    for g in present {
         let dtype = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         sums.push(g.to_dtype(dtype)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.reshape(1)?);
     }
@@ -46,6 +47,28 @@ where
         start = end;
     }
     Ok(total)
+}
+
+/// Per-tensor sums of squares with the multi-block CUDA reduction, when every gradient is on
+/// one GPU in f32/bf16/f16 and fused kernels are on (candle's `sum_all` reduces a whole
+/// tensor in a single block); `None` = use the composite path.
+#[cfg(feature = "cuda")]
+fn fused_sums_of_squares(gs: &[&Tensor]) -> candle_core::Result<Option<Vec<f64>>> {
+    let Some(first) = gs.first() else { return Ok(None) };
+    let device = first.device();
+    let eligible = gs.iter().all(|g| {
+        g.device().same_device(device)
+            && crate::ops::fused::use_fused_optimizer(g.device(), g.dtype())
+    });
+    if !eligible {
+        return Ok(None);
+    }
+    crate::ops::cuda::sumsq::sums_of_squares(gs).map(Some)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_sums_of_squares(_gs: &[&Tensor]) -> candle_core::Result<Option<Vec<f64>>> {
+    Ok(None)
 }
 
 /// The clipping coefficient for a total norm, or `None` when no scaling applies

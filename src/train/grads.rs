@@ -56,6 +56,14 @@ impl GradAccumulator {
     /// Adds the gradients of one micro-batch. Variables absent from `store` contribute nothing;
     /// gradients of tensors that are not among the variables are ignored.
     pub fn accumulate(&mut self, store: &GradStore) -> candle_core::Result<()> {
+        self.add(store)?;
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    /// Adds more gradients to the current micro-batch (e.g. those of recomputed layers, which
+    /// arrive outside the main [`GradStore`]) without counting another micro-batch.
+    pub fn add(&mut self, store: &GradStore) -> candle_core::Result<()> {
         for (var, slot) in self.vars.iter().zip(self.grads.iter_mut()) {
             let Some(g) = store.get(var.as_tensor()) else {
                 continue;
@@ -66,7 +74,6 @@ impl GradAccumulator {
                 None => g,
             });
         }
-        self.micro_batches += 1;
         Ok(())
     }
 

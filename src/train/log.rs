@@ -10,6 +10,8 @@ pub struct LogLine {
     pub elapsed_ms_per_iter: f64,
     /// Model TFLOP/s per GPU, printed when `logger.log_throughput`.
     pub tflops_per_gpu: Option<f64>,
+    /// Peak GPU memory allocated so far (GiB); printed on GPU runs only.
+    pub mem_max_allocated_gb: Option<f64>,
     pub learning_rate: f64,
     pub global_batch_size: usize,
     /// `lm loss` averaged over the interval; None when no iteration advanced.
@@ -32,6 +34,9 @@ impl LogLine {
         s += &format!(" elapsed time per iteration (ms): {:.1} |", self.elapsed_ms_per_iter);
         if let Some(t) = self.tflops_per_gpu {
             s += &format!(" throughput per GPU (TFLOP/s/GPU): {t:.1} |");
+        }
+        if let Some(m) = self.mem_max_allocated_gb {
+            s += &format!(" mem-max-allocated-gigabytes: {m:.2} |");
         }
         s += &format!(" learning rate: {} |", sci(self.learning_rate));
         s += &format!(" global batch size: {:5} |", self.global_batch_size);
@@ -109,6 +114,7 @@ mod tests {
             skipped_samples: 0,
             elapsed_ms_per_iter: 1234.5,
             tflops_per_gpu: None,
+            mem_max_allocated_gb: None,
             learning_rate: 3e-4,
             global_batch_size: 512,
             lm_loss: Some(2.345678),
@@ -120,6 +126,31 @@ mod tests {
         assert_eq!(
             line.render("2026-01-01 12:00:00"),
             " [2026-01-01 12:00:00] iteration      100/    1000 | consumed samples:        51200 | elapsed time per iteration (ms): 1234.5 | learning rate: 3.000000E-04 | global batch size:   512 | lm loss: 2.345678E+00 | loss scale: 1.0 | grad norm: 0.812 | number of skipped iterations:   0 | number of nan iterations:   0 |"
+        );
+    }
+
+    #[test]
+    fn gpu_peak_memory_follows_throughput() {
+        let line = LogLine {
+            iteration: 5,
+            train_iters: 10,
+            consumed_samples: 10,
+            skipped_samples: 0,
+            elapsed_ms_per_iter: 100.0,
+            tflops_per_gpu: Some(512.25),
+            mem_max_allocated_gb: Some(19.876),
+            learning_rate: 1e-4,
+            global_batch_size: 2,
+            lm_loss: Some(1.0),
+            loss_scale: 1.0,
+            grad_norm: None,
+            skipped_iterations: 0,
+            nan_iterations: 0,
+        };
+        let r = line.render("t");
+        assert!(
+            r.contains("| throughput per GPU (TFLOP/s/GPU): 512.2 | mem-max-allocated-gigabytes: 19.88 | learning rate:"),
+            "{r}"
         );
     }
 

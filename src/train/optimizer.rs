@@ -217,8 +217,10 @@ impl Optimizer {
             let master =
                 if dtype == mdt { None } else { Some(var.as_detached_tensor().to_dtype(mdt)?) };
             let zeros = Tensor::zeros(var.shape(), mdt, var.device())?;
+            // A buffer of its own (not a clone of `zeros`): the fused CUDA step updates the
+            // moments in place, so they must not share storage.
             let exp_avg_sq = match algorithm {
-                Algorithm::Adam(_) => Some(zeros.clone()),
+                Algorithm::Adam(_) => Some(Tensor::zeros(var.shape(), mdt, var.device())?),
                 Algorithm::Sgd(_) => None,
             };
             states.push(ParamState { name, var, wd_mult, master, exp_avg: zeros, exp_avg_sq });
@@ -295,6 +297,11 @@ impl Optimizer {
         let t = self.steps as f64;
         let algorithm = self.algorithm;
         for p in &mut self.params {
+            if let Algorithm::Adam(c) = algorithm {
+                if fused_adam(p, grads.grad_of(&p.var), lr, wd, t, &c)? {
+                    continue;
+                }
+            }
             let grad = match grads.grad_of(&p.var) {
                 Some(g) => g.detach().to_dtype(master_dtype(p.var.dtype()))?,
                 None => p.exp_avg.zeros_like()?,
@@ -331,6 +338,49 @@ impl Optimizer {
     pub(super) fn set_steps(&mut self, steps: u64) {
         self.steps = steps;
     }
+}
+
+/// The Adam step of `p` with the fused CUDA kernel (in place, one launch) when
+/// [`crate::ops::fused::use_fused_optimizer`] allows it; `Ok(false)` = not taken, use
+/// [`adam_update`].
+#[cfg(feature = "cuda")]
+fn fused_adam(
+    p: &mut ParamState,
+    grad: Option<&Tensor>,
+    lr: f64,
+    wd: f64,
+    t: f64,
+    c: &AdamConfig,
+) -> Result<bool, OptimError> {
+    use crate::ops::cuda::adamw::{adam_step, AdamStep, WeightDecay};
+    if !crate::ops::fused::use_fused_optimizer(p.var.device(), p.var.dtype()) {
+        return Ok(false);
+    }
+    let group_wd = wd * p.wd_mult;
+    let weight_decay = match (group_wd != 0.0, c.decoupled_weight_decay) {
+        (false, _) => WeightDecay::None,
+        (true, true) => WeightDecay::Decoupled(group_wd),
+        (true, false) => WeightDecay::Coupled(group_wd),
+    };
+    let step = AdamStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, t, weight_decay };
+    let v = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment");
+    match &p.master {
+        Some(m) => adam_step(m, &p.exp_avg, v, grad, Some(p.var.as_tensor()), &step)?,
+        None => adam_step(p.var.as_tensor(), &p.exp_avg, v, grad, None, &step)?,
+    }
+    Ok(true)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_adam(
+    _p: &mut ParamState,
+    _grad: Option<&Tensor>,
+    _lr: f64,
+    _wd: f64,
+    _t: f64,
+    _c: &AdamConfig,
+) -> Result<bool, OptimError> {
+    Ok(false)
 }
 
 /// torch `_single_tensor_adam`, step `t` (1-based), returning the new parameter value.

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
 use super::grads::{GradAccumulator, GradSource, GradSourceMut};
+use crate::model::recompute::RecomputeGrads;
 use crate::model::{ForwardOpts, GptModel, Microbatch};
 use crate::ops::DropoutRng;
 use crate::parallel::comm::{Communicator, ReduceOp};
@@ -44,6 +45,8 @@ struct Pending {
     input: Option<Var>,
     /// Chunk output, or the objective on the chunk that ends in the loss.
     output: Tensor,
+    /// Parameter gradients of recomputed layers, filled during this forward's backward.
+    recompute: Option<RecomputeGrads>,
 }
 
 impl Pipeline<'_> {
@@ -75,8 +78,17 @@ impl Pipeline<'_> {
             match op {
                 Op::Forward { chunk, microbatch } => {
                     let rng = (hooks.dropout)(chunk, microbatch);
-                    let (input, output, loss) =
-                        self.forward(chunk, &micro[microbatch], rng.as_ref())?;
+                    // Activation recompute only pays off when a backward follows.
+                    let recompute = acc
+                        .as_ref()
+                        .and(self.chunks[chunk].recompute_plan())
+                        .map(|_| RecomputeGrads::default());
+                    let (input, output, loss) = self.forward(
+                        chunk,
+                        &micro[microbatch],
+                        rng.as_ref(),
+                        recompute.as_ref(),
+                    )?;
                     let output = match loss {
                         Some((sum, count)) => {
                             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -89,7 +101,7 @@ impl Pipeline<'_> {
                         }
                     };
                     if acc.is_some() {
-                        pending[chunk].push_back(Pending { microbatch, input, output });
+                        pending[chunk].push_back(Pending { microbatch, input, output, recompute });
                     }
                 }
                 Op::Backward { chunk, microbatch } => {
@@ -135,6 +147,7 @@ impl Pipeline<'_> {
         chunk: usize,
         mb: &Microbatch,
         rng: Option<&DropoutRng>,
+        recompute: Option<&RecomputeGrads>,
     ) -> Result<(Option<Var>, Tensor, Option<(Tensor, f64)>)> {
         let model = &self.chunks[chunk];
         let opts = ForwardOpts {
@@ -150,7 +163,7 @@ impl Pipeline<'_> {
             Some(Var::from_tensor(&t)?)
         };
         let x = input.as_ref().map_or(&mb.tokens, |v| v.as_tensor());
-        let output = model.forward_stage(x, &opts)?;
+        let output = model.forward_stage(x, &opts, recompute)?;
         let loss = if model.post_process() {
             Some(model.cross_entropy(&output, &mb.labels, &mb.loss_mask)?)
         } else {
@@ -175,6 +188,10 @@ impl Pipeline<'_> {
             self.p2p().send_backward(g)?;
         }
         acc.accumulate(&grads)?;
+        drop(grads);
+        for g in p.recompute.iter().flat_map(RecomputeGrads::take) {
+            acc.add(&g)?;
+        }
         Ok(())
     }
 }

@@ -89,6 +89,7 @@ impl Trainer {
     ) -> Result<()> {
         let iters = w.iterations.max(1) as f64;
         let secs_per_iter = w.seconds / iters;
+        let mem = super::memory::device_memory(&self.device);
         let line = LogLine {
             iteration,
             train_iters: self.d.train_iters as u64,
@@ -100,6 +101,7 @@ impl Trainer {
                 .logger
                 .log_throughput
                 .then(|| flops_per_iter / secs_per_iter / self.d.world_size as f64 / 1e12),
+            mem_max_allocated_gb: mem.map(|m| m.max_allocated_gb()),
             learning_rate: w.lr,
             global_batch_size: self.d.global_batch_size,
             lm_loss: (w.advanced > 0).then(|| w.loss_sum / w.advanced as f64),
@@ -110,6 +112,11 @@ impl Trainer {
         };
         if self.reports() {
             println!("{}", line.render(&timestamp()));
+            // Megatron prints the full memory report once, after the first log interval.
+            if let Some(m) = mem.filter(|_| !self.memory_reported) {
+                println!("{}", m.report(iteration));
+                self.memory_reported = true;
+            }
         }
         *w = Window::default();
         Ok(())

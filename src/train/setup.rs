@@ -187,6 +187,7 @@ impl Trainer {
             groups,
             saver: AsyncSaver::new(),
             rng_seed: cfg_seed,
+            memory_reported: false,
         };
         t.restore()?;
         Ok(t)

@@ -14,6 +14,7 @@ use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
 use super::datasets::{sampler_for_split, RunDataset};
 use super::optimizer::{GradAccumulator, Optimizer};
 use super::pipeline::{all_reduce_embedding_grads, Pipeline, TrainHooks};
+use super::phase_timer::PhaseTimer;
 use super::report::{report_saved, MetricsWriter};
 use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
@@ -77,6 +78,8 @@ pub struct Trainer {
     pub(super) saver: AsyncSaver,
     /// Seed of the dropout RNG: the config's, or the checkpoint's when `load_rng`.
     pub(super) rng_seed: u64,
+    /// Whether the one-time GPU memory report has been printed.
+    pub(super) memory_reported: bool,
 }
 
 impl Trainer {
@@ -252,6 +255,7 @@ impl Trainer {
         skip: bool,
     ) -> Result<StepResult> {
         self.acc.clear();
+        let mut timer = PhaseTimer::new(&self.device);
         let dropout_on =
             self.cfg.model.hidden_dropout > 0.0 || self.cfg.model.attention_dropout > 0.0;
         let per_token = self.cfg.model.calculate_per_token_loss;
@@ -282,6 +286,7 @@ impl Trainer {
             microbatch_group_size: self.microbatch_group_size,
         };
         let (mut loss_sum, mut tokens) = pipeline.train_batch(micro, &hooks, acc)?;
+        timer.mark("forward-backward")?;
         if let Some(g) = &self.groups {
             let t = Tensor::new(&[loss_sum, tokens], &Device::Cpu)?;
             // Only the last pipeline stage computes the loss: every stage gets its sums.
@@ -350,9 +355,14 @@ impl Trainer {
                 lr: self.scheduler.get_lr(),
             });
         }
+        timer.mark("grad-reduce-and-clip")?;
         // A background save must hold its own copy of the weights before they change.
         self.saver.wait_snapshot();
         self.optimizer.step_scheduled(&self.acc, &self.scheduler)?;
+        timer.mark("optimizer")?;
+        if let Some(s) = timer.summary() {
+            tracing::debug!("iteration {iteration} phases: {s}");
+        }
         self.scheduler.step(self.d.global_batch_size as u64);
         Ok(StepResult {
             loss,

@@ -1,0 +1,87 @@
+// Shared helpers of the fused kernels: dtype conversions and block reductions.
+// Every kernel computes in f32 and rounds once per value the composite reference rounds,
+// so bf16 results match `ops::*` (the CPU reference) to the last bit in most elements.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+// Rounds through T and back: models a composite op that stores an intermediate in T.
+template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// The leading barrier lets a kernel call it repeatedly with the same shared scratch.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float sh[32];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    if (wid == 0) {
+        const int nw = blockDim.x >> 5;
+        float w = lane < nw ? sh[lane] : 0.f;
+        w = warp_sum(w);
+        if (lane == 0) sh[0] = w;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+// Online-softmax pair (running max m, Σ exp(x − m)) merged across the block.
+__device__ __forceinline__ void merge_max_sum(float &m, float &s, float m2, float s2) {
+    const float mm = fmaxf(m, m2);
+    if (mm == -INFINITY) { s = 0.f; m = mm; return; }
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+__device__ __forceinline__ void block_max_sum(float &m, float &s) {
+    __shared__ float shm[32], shs[32];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        merge_max_sum(m, s, m2, s2);
+    }
+    __syncthreads();
+    if (lane == 0) { shm[wid] = m; shs[wid] = s; }
+    __syncthreads();
+    if (wid == 0) {
+        const int nw = blockDim.x >> 5;
+        float a = lane < nw ? shm[lane] : -INFINITY, b = lane < nw ? shs[lane] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float a2 = __shfl_xor_sync(0xffffffffu, a, o);
+            const float b2 = __shfl_xor_sync(0xffffffffu, b, o);
+            merge_max_sum(a, b, a2, b2);
+        }
+        if (lane == 0) { shm[0] = a; shs[0] = b; }
+    }
+    __syncthreads();
+    m = shm[0];
+    s = shs[0];
+}
+
+// extern "C" entry points for the three float dtypes from one template.
+#define INSTANTIATE3(MACRO) MACRO(f32, float) MACRO(bf16, __nv_bfloat16) MACRO(f16, __half)

@@ -1,0 +1,38 @@
+// Σx² of one tensor in two deterministic passes: a fixed grid of blocks writes per-block f32
+// partial sums, then one block adds them in f64 into out[k]. Replaces candle's `sum_all`,
+// whose reduction runs one block per output element, i.e. one block for a whole tensor
+// (~0.1 s for a 128k×2k embedding gradient).
+#include "common.cuh"
+
+template <typename T>
+__device__ void sumsq_partial_impl(const T *x, unsigned long long n, float *partial) {
+    float s = 0.f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float v = to_f(x[i]);
+        s += v * v;
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+#define SUMSQ(NAME, T)                                                                          \
+    extern "C" __global__ void sumsq_partial_##NAME(const T *x, unsigned long long n,          \
+                                                    float *partial) {                           \
+        sumsq_partial_impl<T>(x, n, partial);                                                   \
+    }
+INSTANTIATE3(SUMSQ)
+
+// One block of 256 threads.
+extern "C" __global__ void sumsq_finish(const float *partial, int blocks, double *out, int k) {
+    __shared__ double sh[256];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < blocks; i += blockDim.x) s += (double)partial[i];
+    sh[threadIdx.x] = s;
+    __syncthreads();
+    for (int stride = 128; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) sh[threadIdx.x] += sh[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[k] = sh[0];
+}

@@ -1,0 +1,240 @@
+//! Checks of the fused kernels (`ops::cuda`): the GPU in bf16 with the fused path forced on,
+//! against the composite ops in f32 on the CPU from the same (bf16-representable) inputs and
+//! the same upstream gradient.
+
+use super::{compare, Check, CheckFn, Measure};
+use crate::ops;
+use crate::ops::fused::set_override;
+use crate::train::optimizer::{AdamConfig, Algorithm, Optimizer};
+use anyhow::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// Forward outputs: bf16 rounding of the result (2^-8) plus accumulated f32 noise.
+const FWD_TOL: f64 = 1e-2;
+/// Gradients pass through one more bf16 rounding (the upstream gradient) and reductions.
+const BWD_TOL: f64 = 2e-2;
+
+pub(super) fn checks() -> Vec<Check> {
+    vec![
+        Check { name: "rms_norm", run: CheckFn::Measures(rms_norm) },
+        Check { name: "rope", run: CheckFn::Measures(rope) },
+        Check { name: "swiglu", run: CheckFn::Measures(swiglu) },
+        Check { name: "cross_entropy", run: CheckFn::Measures(cross_entropy) },
+        Check { name: "adamw", run: CheckFn::Measures(adamw) },
+        Check { name: "grad_norm", run: CheckFn::Measures(grad_norm) },
+    ]
+}
+
+/// Normal(0, scale²) samples rounded to bf16, as a CPU f32 tensor.
+fn randn(seed: u64, dims: &[usize], scale: f32, offset: f32) -> Result<Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let z: f32 = StandardNormal.sample(&mut rng);
+            offset + scale * z
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)
+}
+
+/// An input of the op under test.
+enum In {
+    /// Float tensor (CPU f32, bf16-representable): bf16 on the GPU; `true` = differentiate.
+    Float(Tensor, bool),
+    /// Moved to the GPU as it is (e.g. u32 labels).
+    Fixed(Tensor),
+}
+
+/// Runs `f` on the GPU (bf16, fused on) and on the CPU (f32, composite), backpropagates
+/// `Σ out·dy` with the same `dy` through both, and compares the outputs and the gradients
+/// of the differentiable inputs.
+fn fwd_bwd(
+    dev: &Device,
+    seed: u64,
+    label: &str,
+    inputs: &[In],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<Vec<Measure>> {
+    let prepare = |gpu: bool| -> Result<(Vec<Tensor>, Vec<Option<Var>>)> {
+        let mut ts = Vec::new();
+        let mut vars = Vec::new();
+        for i in inputs {
+            match i {
+                In::Float(t, diff) => {
+                    let t = if gpu { t.to_dtype(DType::BF16)?.to_device(dev)? } else { t.clone() };
+                    if *diff {
+                        let v = Var::from_tensor(&t)?;
+                        ts.push(v.as_tensor().clone());
+                        vars.push(Some(v));
+                    } else {
+                        ts.push(t);
+                        vars.push(None);
+                    }
+                }
+                In::Fixed(t) => {
+                    ts.push(if gpu { t.to_device(dev)? } else { t.clone() });
+                    vars.push(None);
+                }
+            }
+        }
+        Ok((ts, vars))
+    };
+    let run = |gpu: bool| -> Result<(Tensor, GradStore, Vec<Option<Var>>)> {
+        let (ts, vars) = prepare(gpu)?;
+        set_override(Some(true));
+        let out = f(&ts);
+        set_override(None);
+        let out = out?;
+        let dy = randn(seed ^ 0xD1, out.dims(), 1.0, 0.0)?.to_device(out.device())?;
+        let loss = out.to_dtype(DType::F32)?.mul(&dy)?.sum_all()?;
+        Ok((out, loss.backward()?, vars))
+    };
+    let (got, ggrads, gvars) = run(true)?;
+    let (want, wgrads, wvars) = run(false)?;
+    let mut ms = vec![compare(&format!("{label} forward"), &got, &want, FWD_TOL)?];
+    for (i, (gv, wv)) in gvars.iter().zip(&wvars).enumerate() {
+        let (Some(gv), Some(wv)) = (gv, wv) else { continue };
+        let what = format!("{label} backward d(input {i})");
+        match (ggrads.get(gv.as_tensor()), wgrads.get(wv.as_tensor())) {
+            (Some(g), Some(w)) => ms.push(compare(&what, g, w, BWD_TOL)?),
+            (None, _) => ms.push(Measure::failed(format!("{what}: no gradient on the GPU"))),
+            (_, None) => ms.push(Measure::failed(format!("{what}: no reference gradient"))),
+        }
+    }
+    Ok(ms)
+}
+
+fn rms_norm(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let mut ms = Vec::new();
+    // Hidden-size rows (the layer norms) and head-size rows (QK-norm), both gamma styles.
+    for (rows, h, zc) in [(512, 2048, false), (300, 2048, true), (1024, 128, false)] {
+        let x = randn(seed, &[rows, h], 1.5, 0.2)?;
+        let w =
+            if zc { randn(seed + 1, &[h], 0.1, 0.0)? } else { randn(seed + 1, &[h], 0.1, 1.0)? };
+        let label = format!("[{rows},{h}]{}", if zc { " zero-centered" } else { "" });
+        ms.extend(fwd_bwd(dev, seed, &label, &[In::Float(x, true), In::Float(w, true)], &|t| {
+            Ok(ops::rms_norm(&t[0], &t[1], 1e-5, zc)?)
+        })?);
+    }
+    Ok(ms)
+}
+
+fn rope(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let mut ms = Vec::new();
+    // Full and partial rotary; q laid out [b, s, heads, d] and viewed as [b, heads, s, d]
+    // (strided, as it comes out of the fused QKV).
+    for (percent, b, s, heads, d) in [(1.0, 2, 64, 4, 64), (0.5, 1, 48, 3, 128)] {
+        let table = ops::RopeTable::new(d, percent, 500_000.0, Some(32.0), None)?;
+        let pos = Tensor::arange(0u32, s as u32, &Device::Cpu)?.unsqueeze(0)?.repeat((b, 1))?;
+        let (cos, sin) = table.cos_sin(&pos, DType::F32)?;
+        let round =
+            |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?) };
+        let x = randn(seed + 2, &[b, s, heads, d], 1.0, 0.0)?;
+        let label = format!("[{b},{heads},{s},{d}] rot {percent}");
+        let inputs =
+            [In::Float(x, true), In::Float(round(cos)?, false), In::Float(round(sin)?, false)];
+        ms.extend(fwd_bwd(dev, seed, &label, &inputs, &|t| {
+            Ok(ops::apply_rope(&t[0].transpose(1, 2)?, &t[1], &t[2])?)
+        })?);
+    }
+    Ok(ms)
+}
+
+fn swiglu(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let x = randn(seed + 3, &[4, 96, 2 * 1000], 2.0, 0.0)?;
+    fwd_bwd(dev, seed, "[4,96,2x1000]", &[In::Float(x, true)], &|t| Ok(ops::swiglu(&t[0])?))
+}
+
+fn cross_entropy(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    // A vocabulary that is not a multiple of the block size, logits of realistic spread.
+    let (b, s, v) = (2, 96, 32_003);
+    let logits = randn(seed + 4, &[b, s, v], 3.0, 0.0)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 5);
+    let labels: Vec<u32> =
+        (0..b * s).map(|_| rand::Rng::random_range(&mut rng, 0..v as u32)).collect();
+    let mask: Vec<f32> = (0..b * s).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
+    let labels = Tensor::from_vec(labels, (b, s), &Device::Cpu)?;
+    let mask = Tensor::from_vec(mask, (b, s), &Device::Cpu)?;
+    let inputs = [In::Float(logits, true), In::Fixed(labels), In::Float(mask, false)];
+    fwd_bwd(dev, seed, "[2,96,32003] masked", &inputs, &|t| {
+        Ok(ops::masked_cross_entropy(&t[0], &t[1], &t[2])?.0)
+    })
+}
+
+/// Three Adam steps of bf16 parameters (fp32 master) on the GPU (fused kernel) and on the
+/// CPU (composite ops): AdamW and Adam+L2, a no-decay parameter and one without gradient.
+fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let mut ms = Vec::new();
+    for decoupled in [true, false] {
+        let cfg = AdamConfig { decoupled_weight_decay: decoupled, ..AdamConfig::default() };
+        let shapes: [&[usize]; 3] = [&[64, 37], &[37], &[5, 3]];
+        let names = ["w.weight", "norm.weight", "unused.weight"];
+        let build = |d: &Device| -> Result<(Optimizer, Vec<Var>)> {
+            let mut params = Vec::new();
+            for (k, (n, sh)) in names.iter().zip(shapes).enumerate() {
+                let t = randn(seed + 10 + k as u64, sh, 0.5, 0.0)?
+                    .to_dtype(DType::BF16)?
+                    .to_device(d)?;
+                params.push((n.to_string(), Var::from_tensor(&t)?));
+            }
+            let vars = params.iter().map(|(_, v)| v.clone()).collect();
+            Ok((Optimizer::new(Algorithm::Adam(cfg), params)?, vars))
+        };
+        let (mut gpu, gvars) = build(dev)?;
+        let (mut cpu, cvars) = build(&Device::Cpu)?;
+        for step in 0..3u64 {
+            let mut gg = GradStore::default();
+            let mut cg = GradStore::default();
+            for (k, sh) in shapes.iter().enumerate().take(2) {
+                let g = randn(seed + 100 * (step + 1) + k as u64, sh, 0.01, 0.0)?;
+                gg.insert(gvars[k].as_tensor(), g.to_device(dev)?);
+                cg.insert(cvars[k].as_tensor(), g);
+            }
+            set_override(Some(true));
+            let r = gpu.step(&gg, 1e-2, 0.1);
+            set_override(None);
+            r?;
+            cpu.step(&cg, 1e-2, 0.1)?;
+        }
+        let tag = if decoupled { "adamw" } else { "adam+l2" };
+        for (k, (g, c)) in gpu.params().iter().zip(cpu.params()).enumerate() {
+            let what = |s: &str| format!("{tag} {} {s}", names[k]);
+            let (gm, cm) = (g.master_value(), c.master_value());
+            ms.push(compare(&what("master"), &gm, &cm, 1e-6)?);
+            ms.push(compare(&what("exp_avg"), &g.exp_avg, &c.exp_avg, 1e-6)?);
+            if let (Some(gv), Some(cv)) = (&g.exp_avg_sq, &c.exp_avg_sq) {
+                ms.push(compare(&what("exp_avg_sq"), gv, cv, 1e-6)?);
+            }
+            ms.push(compare(&what("bf16 param"), g.var.as_tensor(), c.var.as_tensor(), 1e-6)?);
+        }
+    }
+    Ok(ms)
+}
+
+/// Per-tensor sums of squares (the gradient norm) against f64 sums on the CPU, for tensors
+/// smaller than one block, spanning many blocks, and larger than the fixed grid.
+fn grad_norm(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let mut ms = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let cpu: Vec<Tensor> = [&[7usize][..], &[300, 1000], &[2048, 700]]
+            .iter()
+            .enumerate()
+            .map(|(k, sh)| randn(seed + 200 + k as u64, sh, 0.02, 0.0))
+            .collect::<Result<_>>()?;
+        let gpu: Vec<Tensor> =
+            cpu.iter().map(|t| Ok(t.to_dtype(dtype)?.to_device(dev)?)).collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = gpu.iter().collect();
+        let got = crate::ops::cuda::sumsq::sums_of_squares(&refs)?;
+        for (k, (g, c)) in got.iter().zip(&cpu).enumerate() {
+            let want = c.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            let (g, w) = (Tensor::new(&[*g], &Device::Cpu)?, Tensor::new(&[want], &Device::Cpu)?);
+            ms.push(compare(&format!("{dtype:?} tensor {k} sum of squares"), &g, &w, 1e-5)?);
+        }
+    }
+    Ok(ms)
+}

@@ -1,0 +1,162 @@
+//! Fused Adam/AdamW step: one kernel per parameter updates the f32 master, both moments and
+//! the model's (bf16/f16) copy in place, instead of ~15 candle ops that each allocate a
+//! full-size temporary. Semantics (and f32 rounding) of `train::optimizer::adam_update`.
+
+use super::{cuda_storage, dtype_suffix, elementwise_blocks};
+use crate::with_float_type;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{DType, Layout, Result, Storage, Tensor};
+
+crate::kernel_module!(MODULE, "adamw");
+
+/// Weight decay handling of one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightDecay {
+    None,
+    /// AdamW: `p ← p·(1 − lr·wd)`.
+    Decoupled(f64),
+    /// Adam + L2: `g ← g + wd·p`.
+    Coupled(f64),
+}
+
+/// Scalars of one step as the host computes them (f64, as torch's Python floats).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// 1-based step count (bias correction).
+    pub t: f64,
+    pub weight_decay: WeightDecay,
+}
+
+/// Mirror of `struct AdamArgs` in kernels/adamw.cu (passed by value).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AdamArgs {
+    lr_wd_keep: f32,
+    wd: f32,
+    one_m_beta1: f32,
+    beta2: f32,
+    one_m_beta2: f32,
+    inv_bc2_sqrt: f32,
+    eps: f32,
+    neg_step: f32,
+    mode: i32,
+    has_grad: i32,
+}
+
+// SAFETY: plain-old-data with C layout, matching the kernel's struct.
+unsafe impl DeviceRepr for AdamArgs {}
+
+impl AdamStep {
+    fn args(&self, has_grad: bool) -> AdamArgs {
+        let bc1 = 1.0 - self.beta1.powf(self.t);
+        let bc2_sqrt = (1.0 - self.beta2.powf(self.t)).powf(0.5);
+        let (mode, keep, wd) = match self.weight_decay {
+            WeightDecay::None => (0, 1.0, 0.0),
+            WeightDecay::Decoupled(wd) => (1, 1.0 - self.lr * wd, wd),
+            WeightDecay::Coupled(wd) => (2, 1.0, wd),
+        };
+        AdamArgs {
+            lr_wd_keep: keep as f32,
+            wd: wd as f32,
+            one_m_beta1: (1.0 - self.beta1) as f32,
+            beta2: self.beta2 as f32,
+            one_m_beta2: (1.0 - self.beta2) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+            eps: self.eps as f32,
+            neg_step: (-self.lr / bc1) as f32,
+            mode,
+            has_grad: i32::from(has_grad),
+        }
+    }
+}
+
+/// The `n` f32 elements of a contiguous tensor's storage.
+fn f32_view<'a>(s: &'a Storage, l: &Layout, n: usize, what: &str) -> Result<CudaView<'a, f32>> {
+    let s = cuda_storage(s, what)?;
+    Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n))
+}
+
+/// Updates `master`, `exp_avg`, `exp_avg_sq` (f32, contiguous, distinct buffers) in place from
+/// `grad` (f32; None = zeros) and writes the rounded result into `param` (the model's
+/// variable, any float dtype). With `param = None` the master *is* the f32 parameter.
+pub fn adam_step(
+    master: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    grad: Option<&Tensor>,
+    param: Option<&Tensor>,
+    step: &AdamStep,
+) -> Result<()> {
+    let n = master.elem_count();
+    for (t, what) in [(master, "master"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")] {
+        if t.dtype() != DType::F32 || t.elem_count() != n || !t.is_contiguous() {
+            candle_core::bail!("fused adam: {what} must be contiguous f32 of {n} elements");
+        }
+    }
+    let grad = match grad {
+        Some(g) if g.dtype() != DType::F32 || !g.is_contiguous() => {
+            Some(g.to_dtype(DType::F32)?.contiguous()?)
+        }
+        other => other.cloned(),
+    };
+    let dev = master.device().as_cuda_device()?.clone();
+    let pdt = param.map_or(DType::F32, |p| p.dtype());
+    let f = crate::function!(&dev, &MODULE, &format!("adamw_{}", dtype_suffix(pdt)?))?;
+    let args = step.args(grad.is_some());
+    let cfg = LaunchConfig {
+        grid_dim: (elementwise_blocks(n, 256).min(4096), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let n64 = n as u64;
+    let (ms, ml) = master.storage_and_layout();
+    let (es, el) = exp_avg.storage_and_layout();
+    let (vs, vl) = exp_avg_sq.storage_and_layout();
+    let view = f32_view;
+    let (mv, ev, vv) = (
+        view(&ms, ml, n, "master")?,
+        view(&es, el, n, "exp_avg")?,
+        view(&vs, vl, n, "exp_avg_sq")?,
+    );
+    let gguard = grad.as_ref().map(|g| g.storage_and_layout());
+    // Without a gradient the kernel never reads `g`; the master stands in as a valid pointer.
+    let gv = match &gguard {
+        Some((s, l)) => view(s, l, n, "grad")?,
+        None => view(&ms, ml, n, "master")?,
+    };
+    let pguard = param.map(|p| p.storage_and_layout());
+    with_float_type!(pdt, P, {
+        match &pguard {
+            Some((ps, pl)) => {
+                if pl.shape().elem_count() != n || !pl.is_contiguous() {
+                    candle_core::bail!(
+                        "fused adam: parameter must be contiguous with {n} elements"
+                    );
+                }
+                let pv = cuda_storage(ps, "param")?
+                    .as_cuda_slice::<P>()?
+                    .slice(pl.start_offset()..pl.start_offset() + n);
+                let mut b = f.builder();
+                b.arg(&mv).arg(&ev).arg(&vv).arg(&gv).arg(&pv).arg(&n64).arg(&args);
+                // SAFETY: argument list matches `adamw_*` in kernels/adamw.cu; the buffers are
+                // distinct allocations (the optimizer keeps its state uniquely owned).
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            None => {
+                // f32 parameter that is its own master: the kernel writes the same value twice.
+                let mut b = f.builder();
+                b.arg(&mv).arg(&ev).arg(&vv).arg(&gv).arg(&mv).arg(&n64).arg(&args);
+                // SAFETY: as above; `param` aliases `master` on purpose (identical writes).
+                unsafe { b.launch(cfg) }.w()?;
+            }
+        }
+    });
+    Ok(())
+}
