@@ -83,12 +83,8 @@ impl Pipeline<'_> {
                         .as_ref()
                         .and(self.chunks[chunk].recompute_plan())
                         .map(|_| RecomputeGrads::default());
-                    let (input, output, loss) = self.forward(
-                        chunk,
-                        &micro[microbatch],
-                        rng.as_ref(),
-                        recompute.as_ref(),
-                    )?;
+                    let (input, output, loss) =
+                        self.forward(chunk, &micro[microbatch], rng.as_ref(), recompute.as_ref())?;
                     let output = match loss {
                         Some((sum, count)) => {
                             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
