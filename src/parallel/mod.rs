@@ -1,10 +1,11 @@
 //! Parallelism: Megatron's rank layout ([`topology`]), communicators between ranks
 //! ([`comm`]), the tensor-parallel building blocks used by the model ([`tensor`]), rank
 //! discovery from launcher environments ([`launch`]), one rank's communicators for all its
-//! groups ([`groups`]) and data-parallel gradient reduction ([`data`]).
+//! groups ([`groups`]) and data-parallel gradient reduction ([`data`], [`ddp`]).
 
 pub mod comm;
 pub mod data;
+pub mod ddp;
 pub mod groups;
 pub mod launch;
 pub mod spawn;

@@ -24,7 +24,8 @@ pub fn partition_of(p: &Param) -> Partition {
 pub struct SaveRequest<'a> {
     pub save_dir: &'a Path,
     pub model: &'a GptModel,
-    pub optimizer: Option<&'a Optimizer>,
+    /// Full optimizer state (`RunOptimizer::export_state`) when `checkpoint.save_optim`.
+    pub optimizer: Option<OptimizerState>,
     pub scheduler: &'a OptimizerParamScheduler,
     pub state: &'a TrainState,
     pub run_config_toml: &'a str,
@@ -78,9 +79,9 @@ pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
     if let Some(seed) = req.seed {
         json_docs.push(("rng".to_string(), json!({ "seed": seed })));
     }
-    let optimizer = match req.optimizer {
-        Some(opt) => {
-            let state = opt.export_state();
+    let optimizer = match &req.optimizer {
+        Some(state) => {
+            let state = state.clone();
             json_docs.push((
                 "optimizer".to_string(),
                 json!({ "algorithm": state.algorithm, "steps": state.steps }),
@@ -196,6 +197,16 @@ pub fn load_model_part(iter_dir: &Path, model: &GptModel, part: LoadPart) -> Res
 
 /// Restore optimizer state (resharded to this rank's TP slice).
 pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -> Result<()> {
+    let state = read_optimizer_state(iter_dir, tp)?;
+    optimizer
+        .import_state(&state)
+        .with_context(|| format!("optimizer state in `{}` does not fit", iter_dir.display()))?;
+    Ok(())
+}
+
+/// The full optimizer state of `iter_dir` cut to this rank's TP slice (whatever TP, DP and
+/// optimizer kind saved it): what either optimizer imports.
+pub fn read_optimizer_state(iter_dir: &Path, tp: TpCoord) -> Result<OptimizerState> {
     let meta = ckpt::read_json(iter_dir, "optimizer")?.with_context(|| {
         format!(
             "`{}` has no optimizer state (saved with checkpoint.save_optim=false?); \
@@ -209,15 +220,11 @@ pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -
         let (dim, layout) = partition.to_param();
         tensors.push((name, shard_of(&t, dim, layout, tp)?));
     }
-    let state = OptimizerState {
+    Ok(OptimizerState {
         algorithm: meta["algorithm"].as_str().unwrap_or_default().to_string(),
         steps: meta["steps"].as_u64().unwrap_or(0),
         tensors,
-    };
-    optimizer
-        .import_state(&state)
-        .with_context(|| format!("optimizer state in `{}` does not fit", iter_dir.display()))?;
-    Ok(())
+    })
 }
 
 /// The dropout RNG seed saved in `rng.json`.

@@ -52,11 +52,15 @@
 pub mod checkpointing;
 pub mod clip;
 pub mod datasets;
+pub mod dist_optimizer;
+mod dp_setup;
+mod dp_step;
 pub mod grads;
 pub mod log;
 pub mod optimizer;
 mod optimizer_state;
 mod report;
+pub mod run_optimizer;
 mod schedule_resolve;
 pub mod scheduler;
 mod setup;
