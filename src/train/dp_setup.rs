@@ -55,8 +55,13 @@ pub fn build(
     };
     let layout = BufferLayout::new(&shapes, &opts);
     let buckets = layout.buckets().len();
-    let reducer = GradReducer::new(layout.clone(), cfg.ddp.overlap_grad_reduce);
-    let overlap_gather = cfg.ddp.overlap_param_gather || cfg.optimizer.overlap_param_gather;
+    // On CUDA, NCCL calls only enqueue work on candle's stream and return, so a host
+    // communication thread would overlap nothing (the kernels run in stream order anyway).
+    let on_cuda = named.first().is_some_and(|(_, v)| v.device().is_cuda());
+    let overlap_reduce = cfg.ddp.overlap_grad_reduce && !on_cuda;
+    let reducer = GradReducer::new(layout.clone(), overlap_reduce);
+    let overlap_gather =
+        (cfg.ddp.overlap_param_gather || cfg.optimizer.overlap_param_gather) && !on_cuda;
     let optimizer = if distributed {
         let d = DistributedOptimizer::new(
             algorithm,
@@ -83,7 +88,11 @@ pub fn build(
              backward; {}{}",
             opts.bucket_size.map_or("unlimited".to_string(), |b| b.to_string()),
             if distributed { "reduce-scatter" } else { "all-reduce" },
-            if cfg.ddp.overlap_grad_reduce {
+            if cfg.ddp.overlap_grad_reduce && on_cuda {
+                "NCCL collectives are enqueued on candle's CUDA stream and run in stream order \
+                 after the packing kernels (no separate communication stream yet, so nothing \
+                 overlaps)"
+            } else if overlap_reduce {
                 "bucket i is reduced on a communication thread while bucket i+1 is packed \
                  (candle's backward returns all gradients at once, so nothing overlaps backward \
                  itself)"

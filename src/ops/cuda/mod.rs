@@ -36,13 +36,14 @@ pub fn function(
     dev: &CudaDevice,
     module: &KernelModule,
     fn_name: &str,
-) -> Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(fn_name, module.name, module.ptx)
-        .map_err(|e| candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name)))
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+    // candle's `CudaFunc` wrapper is not exported; hand out the cudarc function it derefs to.
+    dev.get_or_load_custom_func(fn_name, module.name, module.ptx).map(|f| (*f).clone()).map_err(
+        |e| candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name)),
+    )
 }
 
 /// Ceil division for grid sizes.
 pub const fn div_ceil(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
-
