@@ -55,8 +55,11 @@ pub fn build(
     };
     let layout = BufferLayout::new(&shapes, &opts);
     let buckets = layout.buckets().len();
-    // On CUDA, NCCL calls only enqueue work on candle's stream and return, so a host
-    // communication thread would overlap nothing (the kernels run in stream order anyway).
+    // Not on CUDA: candle's device stream is CUDA's per-thread default stream, so NCCL calls
+    // made from a communication thread would run on that thread's stream, unordered with the
+    // packing kernels of the main thread (the first 2-GPU run showed exactly that: a wrong
+    // grad norm, then a hang). NCCL calls only enqueue and return, so the thread would add
+    // nothing there until collectives get their own stream with events.
     let on_cuda = named.first().is_some_and(|(_, v)| v.device().is_cuda());
     let overlap_reduce = cfg.ddp.overlap_grad_reduce && !on_cuda;
     let reducer = GradReducer::new(layout.clone(), overlap_reduce);
