@@ -63,3 +63,26 @@ fn a_failing_rank_fails_the_launch() {
     assert!(err.contains("must be divisible by `model.tensor_model_parallel_size` (3)"), "{err}");
     assert!(err.contains("a rank process failed with exit code 2"), "{err}");
 }
+
+#[test]
+fn two_rank_processes_with_the_distributed_optimizer_match_one_process() {
+    let (ok, one, err) = run(&[]);
+    assert!(ok, "{err}");
+    let (ok, two, err) = run(&[
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29751",
+        "ddp.use_distributed_optimizer=true",
+        "ddp.overlap_grad_reduce=true",
+        "++ddp.bucket_size=5000",
+    ]);
+    assert!(ok, "{err}");
+    assert!(two.contains("> distributed optimizer: DP 2"), "{two}");
+    let (a, b) = (lm_losses(&one), lm_losses(&two));
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.len(), 6, "only rank 0 logs: {two}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() / x < 1e-5, "{a:?} vs {b:?}");
+    }
+}

@@ -2,6 +2,7 @@
 
 use super::config_args::{world_size, ConfigArgs};
 use super::config_cmd::PeftArg;
+use crate::config::parallel::DistBackend;
 use crate::config::recipes::Task;
 use crate::config::show::{render, ShowOptions};
 use crate::config::{finalize, load, Finalized};
@@ -100,12 +101,19 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     if args.dry_run {
         return Ok(());
     }
-    let device = parse_device(&args.device)?;
+    // `--device cuda` (no ordinal) gives each local rank its own GPU, as torchrun users
+    // expect from `torch.cuda.set_device(LOCAL_RANK)`.
+    let device = if args.device == "cuda" {
+        parse_device(&format!("cuda:{}", env.local_rank))?
+    } else {
+        parse_device(&args.device)?
+    };
     let run_config = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
     let groups = if env.world_size > 1 {
         let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, env.world_size)?;
         let timeout = Duration::from_secs(60 * fin.cfg.dist.distributed_timeout_minutes);
-        Some(ProcessGroups::connect_tcp(&env, topo, timeout)?)
+        let nccl = fin.cfg.dist.distributed_backend == DistBackend::Nccl;
+        Some(ProcessGroups::connect(&env, topo, timeout, &device, nccl)?)
     } else {
         None
     };

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod container;
 pub mod dataset;
+pub mod ddp_rules;
 pub mod error;
 pub mod load;
 pub mod logger;

@@ -412,6 +412,9 @@ pub fn finalize(
         errs.push("`profiling.profile_step_end` must be ≥ `profiling.profile_step_start`".into());
     }
 
+    // 12. Data parallelism: distributed optimizer, buckets, comm_overlap.
+    super::ddp_rules::apply(&mut cfg, dp, &mut errs);
+
     if !errs.is_empty() {
         return Err(ConfigError::many(
             &format!(

@@ -93,6 +93,43 @@ impl ProcessGroups {
 
     /// Joins the TCP world described by the launcher environment and builds the groups.
     pub fn connect_tcp(env: &DistEnv, topology: Topology, timeout: Duration) -> Result<Self> {
+        let world = Self::join_tcp(env, &topology, timeout)?;
+        Self::tcp(&world, topology)
+    }
+
+    /// Like [`Self::connect_tcp`], with NCCL communicators for CUDA tensors when `device` is
+    /// CUDA and `nccl` (`dist.distributed_backend = "nccl"`, `cuda` builds): the TCP world then
+    /// carries the NCCL ids and CPU-side values. With `gloo`, CUDA tensors travel through the
+    /// TCP backend via host memory.
+    pub fn connect(
+        env: &DistEnv,
+        topology: Topology,
+        timeout: Duration,
+        device: &candle_core::Device,
+        nccl: bool,
+    ) -> Result<Self> {
+        let world = Self::join_tcp(env, &topology, timeout)?;
+        if !device.is_cuda() || !nccl {
+            return Self::tcp(&world, topology);
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let rank = world.rank();
+            Self::new(topology, rank, |name, members| {
+                let cpu = world.group(name, members)?;
+                let g = super::comm::nccl::NcclGroup::new(cpu, device).with_context(|| {
+                    format!(
+                        "rank {rank}: creating the NCCL communicator of {name} group {members:?}"
+                    )
+                })?;
+                Ok(Arc::new(g) as Arc<dyn Communicator>)
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        anyhow::bail!("a CUDA device needs an mbridge built with --features cuda")
+    }
+
+    fn join_tcp(env: &DistEnv, topology: &Topology, timeout: Duration) -> Result<Arc<TcpWorld>> {
         if env.world_size != topology.world_size() {
             anyhow::bail!(
                 "launcher world size {} differs from the topology's {}",
@@ -107,9 +144,8 @@ impl ProcessGroups {
             master_port: env.master_port,
             timeout,
         };
-        let world = TcpWorld::connect(&opts)
-            .with_context(|| format!("rank {}: joining the CPU process group", env.rank))?;
-        Self::tcp(&world, topology)
+        TcpWorld::connect(&opts)
+            .with_context(|| format!("rank {}: joining the CPU process group", env.rank))
     }
 
     /// The model layout of this rank (tp and pp coordinates).

@@ -1,11 +1,12 @@
 //! Parallelism: Megatron's rank layout ([`topology`]), communicators between ranks
 //! ([`comm`]), the tensor-parallel building blocks used by the model ([`tensor`]), rank
 //! discovery from launcher environments ([`launch`]), one rank's communicators for all its
-//! groups ([`groups`]), data-parallel gradient reduction ([`data`]) and pipeline schedules with
-//! their stage-to-stage transfers ([`pipeline`]).
+//! groups ([`groups`]), data-parallel gradient reduction ([`data`], [`ddp`]) and pipeline
+//! schedules with their stage-to-stage transfers ([`pipeline`]).
 
 pub mod comm;
 pub mod data;
+pub mod ddp;
 pub mod groups;
 pub mod launch;
 pub mod pipeline;

@@ -12,7 +12,7 @@ use crate::ckpt::{self, OwnedCheckpoint, Partition, ShardedParam, TensorSet, Tra
 use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
 use crate::parallel::comm::Communicator;
-use crate::train::optimizer::{Optimizer, OptimizerState};
+use crate::train::optimizer::OptimizerState;
 use crate::train::scheduler::{OptimizerParamScheduler, ResumePolicy, SchedulerState};
 
 /// The checkpoint partition of a model parameter.
@@ -25,7 +25,8 @@ pub struct SaveRequest<'a> {
     pub save_dir: &'a Path,
     /// This rank's model chunks (one per virtual pipeline stage).
     pub models: &'a [GptModel],
-    pub optimizer: Option<&'a Optimizer>,
+    /// Full optimizer state (`RunOptimizer::export_state`) when `checkpoint.save_optim`.
+    pub optimizer: Option<OptimizerState>,
     pub scheduler: &'a OptimizerParamScheduler,
     pub state: &'a TrainState,
     pub run_config_toml: &'a str,
@@ -84,9 +85,9 @@ pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
     if let Some(seed) = req.seed {
         json_docs.push(("rng".to_string(), json!({ "seed": seed })));
     }
-    let optimizer = match req.optimizer {
-        Some(opt) => {
-            let state = opt.export_state();
+    let optimizer = match &req.optimizer {
+        Some(state) => {
+            let state = state.clone();
             json_docs.push((
                 "optimizer".to_string(),
                 json!({ "algorithm": state.algorithm, "steps": state.steps }),
@@ -301,9 +302,14 @@ pub fn load_model_part(iter_dir: &Path, models: &[GptModel], part: LoadPart) -> 
     Ok(())
 }
 
-/// Restore optimizer state (resharded to this rank's TP slice; the state of the parameters
-/// this rank's pipeline stage holds).
-pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -> Result<()> {
+/// The optimizer state of `iter_dir` for the parameters in `owned` (this rank's pipeline
+/// stage), cut to this rank's TP slice (whatever TP, PP, DP and optimizer kind saved it):
+/// what either optimizer imports.
+pub fn read_optimizer_state(
+    iter_dir: &Path,
+    tp: TpCoord,
+    owned: &std::collections::HashSet<String>,
+) -> Result<OptimizerState> {
     let meta = ckpt::read_json(iter_dir, "optimizer")?.with_context(|| {
         format!(
             "`{}` has no optimizer state (saved with checkpoint.save_optim=false?); \
@@ -312,8 +318,6 @@ pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -
         )
     })?;
     let mut global = ckpt::load_tensors(iter_dir, "optimizer")?;
-    let owned: std::collections::HashSet<String> =
-        optimizer.params().iter().map(|p| p.name.clone()).collect();
     // The tied copy's state equals the embedding's (same gradients, same steps) when the
     // checkpoint was written without pipelining.
     if owned.contains(TIED_COPY.0) {
@@ -337,15 +341,11 @@ pub fn load_optimizer(iter_dir: &Path, optimizer: &mut Optimizer, tp: TpCoord) -
         let (dim, layout) = partition.to_param();
         tensors.push((name, shard_of(&t, dim, layout, tp)?));
     }
-    let state = OptimizerState {
+    Ok(OptimizerState {
         algorithm: meta["algorithm"].as_str().unwrap_or_default().to_string(),
         steps: meta["steps"].as_u64().unwrap_or(0),
         tensors,
-    };
-    optimizer
-        .import_state(&state)
-        .with_context(|| format!("optimizer state in `{}` does not fit", iter_dir.display()))?;
-    Ok(())
+    })
 }
 
 /// The dropout RNG seed saved in `rng.json`.

@@ -52,6 +52,9 @@
 pub mod checkpointing;
 pub mod clip;
 pub mod datasets;
+pub mod dist_optimizer;
+mod dp_setup;
+mod dp_step;
 pub mod grads;
 pub mod log;
 pub mod memory;
@@ -60,6 +63,7 @@ mod optimizer_state;
 pub mod phase_timer;
 mod pipeline;
 mod report;
+pub mod run_optimizer;
 mod schedule_resolve;
 pub mod scheduler;
 mod setup;

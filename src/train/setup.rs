@@ -10,7 +10,8 @@ use candle_core::{DType, Device};
 
 use super::checkpointing;
 use super::datasets::{build_run_datasets, tokenizer_from_config};
-use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, Optimizer, SgdConfig};
+use super::dp_setup;
+use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, SgdConfig};
 use super::report::{metrics_path, wandb_sync_command, MetricsWriter};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
 use super::tensorboard::SummaryWriter;
@@ -63,6 +64,13 @@ impl Trainer {
                 d.data_parallel_size,
                 if world == 1 { "is" } else { "are" },
                 d.world_size,
+            );
+        }
+        let unsupported = crate::config::ddp_rules::engine_unsupported(&cfg);
+        if !unsupported.is_empty() {
+            bail!(
+                "this run asks for what mbridge's engine cannot do:\n  - {}",
+                unsupported.join("\n  - ")
             );
         }
         if cfg.model.context_parallel_size > 1 {
@@ -140,7 +148,7 @@ impl Trainer {
             }),
             OptimizerKind::Sgd => Algorithm::Sgd(SgdConfig { momentum: o.sgd_momentum }),
         };
-        let optimizer = Optimizer::new(algorithm, named)?;
+        let (optimizer, reducer) = dp_setup::build(&cfg, groups.as_ref(), algorithm, named)?;
         let acc = GradAccumulator::new(optimizer.vars());
         let scheduler =
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
@@ -176,6 +184,7 @@ impl Trainer {
             p2p,
             microbatch_group_size,
             optimizer,
+            reducer,
             scheduler,
             acc,
             datasets,
@@ -213,6 +222,8 @@ impl Trainer {
         }
         if let Some(dir) = resume {
             checkpointing::load_model(&dir, &self.chunks)?;
+            // Masters follow the loaded weights unless the optimizer state brings its own.
+            self.optimizer.sync_master_from_model()?;
             if c.finetune {
                 tracing::info!(
                     "loaded weights from {} (finetune: iteration reset to 0)",
@@ -225,7 +236,17 @@ impl Trainer {
                     Some(g) => TpCoord { rank: g.coords.tp, size: g.tp.size() },
                     None => TpCoord { rank: 0, size: 1 },
                 };
-                checkpointing::load_optimizer(&dir, &mut self.optimizer, tp)?;
+                let owned = self
+                    .chunks
+                    .iter()
+                    .flat_map(|m| m.params().params())
+                    .filter(|p| p.trainable)
+                    .map(|p| p.name.clone())
+                    .collect();
+                let state = checkpointing::read_optimizer_state(&dir, tp, &owned)?;
+                self.optimizer.import_state(&state).with_context(|| {
+                    format!("optimizer state in `{}` does not fit", dir.display())
+                })?;
             }
             if c.load_rng {
                 self.rng_seed = checkpointing::load_rng_seed(&dir)?;
@@ -236,6 +257,7 @@ impl Trainer {
             return Ok(());
         }
         if peft || self.load_pretrained()? {
+            self.optimizer.sync_master_from_model()?;
             return Ok(());
         }
         if c.exit_on_missing_checkpoint {

@@ -10,12 +10,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 use super::checkpointing::{self, SaveRequest};
-use super::clip::{clip_by_total_norm, clip_grad_norm, GradNorm};
 use super::datasets::{sampler_for_split, RunDataset};
-use super::optimizer::{GradAccumulator, Optimizer};
+use super::optimizer::GradAccumulator;
 use super::phase_timer::PhaseTimer;
-use super::pipeline::{all_reduce_embedding_grads, Pipeline, TrainHooks};
+use super::pipeline::{Pipeline, TrainHooks};
 use super::report::{report_saved, MetricsWriter};
+use super::run_optimizer::RunOptimizer;
 use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
 use crate::ckpt::{AsyncSaver, TrainState};
@@ -23,7 +23,7 @@ use crate::config::{ConfigContainer, Derived};
 use crate::model::flops::num_floating_point_operations;
 use crate::model::{GptModel, Microbatch};
 use crate::ops::DropoutRng;
-use crate::parallel::data::{all_reduce_grads, model_parallel_grad_sq_norm};
+use crate::parallel::ddp::GradReducer;
 use crate::parallel::pipeline::PipelineP2p;
 use crate::parallel::{ProcessGroups, ReduceOp};
 
@@ -62,7 +62,9 @@ pub struct Trainer {
     pub(super) p2p: Option<PipelineP2p>,
     /// `model.microbatch_group_size_per_vp_stage`, resolved.
     pub(super) microbatch_group_size: usize,
-    pub(super) optimizer: Optimizer,
+    pub(super) optimizer: RunOptimizer,
+    /// Bucketed data-parallel gradient reduction when the run has process groups.
+    pub(super) reducer: Option<GradReducer>,
     pub(super) scheduler: OptimizerParamScheduler,
     pub(super) acc: GradAccumulator,
     pub(super) datasets: [Option<RunDataset>; 3],
@@ -149,6 +151,7 @@ impl Trainer {
             }
             let skip = self.cfg.train.iterations_to_skip.contains(&(iteration as usize));
             let step = self.train_step(iteration, &micro, skip)?;
+            self.check_weight_replicas(iteration)?;
             self.state.step = iteration;
             self.state.consumed_train_samples += gbs as u64;
             if skip {
@@ -311,36 +314,8 @@ impl Trainer {
         }
         // Per-token: Σ grads / global tokens. Otherwise each rank holds the mean of its
         // micro-batch means and DP averages them (megatron-core's finalize_model_grads).
-        let scale = match (per_token, tokens > 0.0) {
-            (true, true) => 1.0 / tokens,
-            (true, false) => 1.0,
-            (false, _) => 1.0 / self.d.data_parallel_size as f64,
-        };
-        match &self.groups {
-            Some(g) => {
-                all_reduce_grads(&mut self.acc, &*g.dp, scale)?;
-                all_reduce_embedding_grads(&self.chunks, &mut self.acc, g.embedding.as_deref())?;
-            }
-            None if scale != 1.0 => self.acc.scale(scale)?,
-            None => {}
-        }
-        let vars = self.optimizer.vars();
-        let norm = match &self.groups {
-            None => clip_grad_norm(&mut self.acc, vars.iter(), self.cfg.optimizer.clip_grad)?,
-            Some(g) => {
-                let params: Vec<_> =
-                    self.chunks.iter().flat_map(|m| m.params().params()).cloned().collect();
-                let sq = model_parallel_grad_sq_norm(&self.acc, &params, g.coords.tp, &*g.mp)?;
-                let total = sq.sqrt();
-                let coeff = clip_by_total_norm(
-                    &mut self.acc,
-                    vars.iter(),
-                    self.cfg.optimizer.clip_grad,
-                    total,
-                )?;
-                GradNorm { norm: total, coeff }
-            }
-        };
+        let mut reduced = self.reduce_grads(per_token.then_some(tokens))?;
+        let norm = self.clip_grads(&mut reduced)?;
         if !norm.is_finite() {
             if self.cfg.rerun_state_machine.check_for_nan_in_loss
                 || self.cfg.ddp.check_for_nan_in_grad
@@ -358,7 +333,7 @@ impl Trainer {
         timer.mark("grad-reduce-and-clip")?;
         // A background save must hold its own copy of the weights before they change.
         self.saver.wait_snapshot();
-        self.optimizer.step_scheduled(&self.acc, &self.scheduler)?;
+        self.apply_update(reduced)?;
         timer.mark("optimizer")?;
         if let Some(s) = timer.summary() {
             tracing::debug!("iteration {iteration} phases: {s}");
@@ -382,7 +357,11 @@ impl Trainer {
         let req = SaveRequest {
             save_dir: &PathBuf::from(&dir),
             models: &self.chunks,
-            optimizer: self.cfg.checkpoint.save_optim.then_some(&self.optimizer),
+            optimizer: if self.cfg.checkpoint.save_optim {
+                Some(self.optimizer_state_for_save()?)
+            } else {
+                None
+            },
             scheduler: &self.scheduler,
             state: &self.state,
             run_config_toml: &self.run_config_toml,

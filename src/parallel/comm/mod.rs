@@ -11,6 +11,8 @@
 mod codec;
 pub mod local;
 mod mailbox;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};

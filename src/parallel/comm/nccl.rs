@@ -1,0 +1,295 @@
+//! NCCL backend (`cuda` builds): collectives and point-to-point transfers of CUDA tensors
+//! through cudarc's NCCL bindings, one NCCL communicator per process group.
+//!
+//! The NCCL unique id is created by the group's rank 0 and handed to the other members over
+//! the group's CPU transport (the TCP rendezvous). Operations run on the candle device's
+//! stream, so they are ordered with the kernels that produced their inputs. Tensors on the CPU
+//! (loss sums, exit agreement, hashes) go through the CPU group, as Megatron's gloo groups do.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendDevice;
+use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, DType, Device, Result, Shape, Storage, Tensor};
+
+use super::{Communicator, CpuGroup, ReduceOp};
+
+/// An NCCL communicator (raw pointer inside) made shareable: every use holds the lock, so
+/// one NCCL call at a time enqueues on the stream, as NCCL requires per communicator.
+struct SharedComm(Mutex<Comm>);
+
+// SAFETY: the communicator is only touched under the mutex; NCCL allows a communicator to be
+// used from any thread as long as calls are not concurrent.
+unsafe impl Send for SharedComm {}
+unsafe impl Sync for SharedComm {}
+
+/// One process group over NCCL for CUDA tensors, over its CPU group for the rest.
+pub struct NcclGroup {
+    cpu: CpuGroup,
+    comm: Arc<SharedComm>,
+    device: CudaDevice,
+}
+
+impl std::fmt::Debug for NcclGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NcclGroup({})", self.cpu.describe())
+    }
+}
+
+fn nccl_err(what: impl std::fmt::Display, e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Msg(format!("NCCL {what}: {e:?}"))
+}
+
+impl NcclGroup {
+    /// Creates the group's NCCL communicator on `device`: every member must call this (in the
+    /// same group order); rank 0 of the group makes the id and broadcasts it over `cpu`.
+    pub fn new(cpu: CpuGroup, device: &Device) -> Result<Self> {
+        let Device::Cuda(dev) = device else {
+            candle_core::bail!("NCCL group {}: device {device:?} is not CUDA", cpu.describe());
+        };
+        let what = format!("{} init", cpu.describe());
+        let raw: Vec<u8> = if cpu.rank() == 0 {
+            let id = Id::new().map_err(|e| nccl_err(&what, e))?;
+            id.internal().iter().map(|c| *c as u8).collect()
+        } else {
+            vec![0u8; 128]
+        };
+        let t = Tensor::from_vec(raw, 128, &Device::Cpu)?;
+        let got = cpu.broadcast(&t, 0)?.to_vec1::<u8>()?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (d, s) in internal.iter_mut().zip(got) {
+            *d = s as std::ffi::c_char;
+        }
+        let comm = Comm::from_rank(dev.cuda_stream(), cpu.rank(), cpu.size(), Id::uninit(internal))
+            .map_err(|e| nccl_err(&what, e))?;
+        Ok(Self { cpu, comm: Arc::new(SharedComm(Mutex::new(comm))), device: dev.clone() })
+    }
+
+    fn on_gpu(&self, t: &Tensor) -> bool {
+        matches!(t.device(), Device::Cuda(_))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Comm> {
+        self.comm.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A contiguous CUDA tensor's elements as a slice copy-free view, typed.
+fn with_slice<T: CudaDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*storage else { candle_core::bail!("NCCL: tensor is not on CUDA") };
+    let slice = c.as_cuda_slice::<T>()?;
+    let start = layout.start_offset();
+    let n = layout.shape().elem_count();
+    f(slice.slice(start..start + n))
+}
+
+fn wrap<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    let st = Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone()));
+    Tensor::from_storage(st, shape, BackpropOp::none(), false)
+}
+
+/// Runs `$body` with `$T` bound to the Rust type of `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $T:ident, $body:block) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            DType::BF16 => {
+                type $T = half::bf16;
+                $body
+            }
+            DType::F16 => {
+                type $T = half::f16;
+                $body
+            }
+            DType::U32 => {
+                type $T = u32;
+                $body
+            }
+            DType::I64 => {
+                type $T = i64;
+                $body
+            }
+            DType::U8 => {
+                type $T = u8;
+                $body
+            }
+            other => candle_core::bail!("NCCL: dtype {other:?} is not supported"),
+        }
+    };
+}
+
+fn alloc<
+    T: CudaDType
+        + NcclType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<CudaSlice<T>> {
+    dev.alloc_zeros::<T>(n)
+}
+
+impl Communicator for NcclGroup {
+    fn rank(&self) -> usize {
+        self.cpu.rank()
+    }
+
+    fn size(&self) -> usize {
+        self.cpu.size()
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (NCCL)", self.cpu.describe())
+    }
+
+    fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        if !self.on_gpu(t) || self.size() == 1 {
+            return self.cpu.all_reduce(t, op);
+        }
+        let nop = match op {
+            ReduceOp::Sum => NcclOp::Sum,
+            ReduceOp::Max => NcclOp::Max,
+        };
+        let n = t.elem_count();
+        by_dtype!(t.dtype(), T, {
+            let mut out = alloc::<T>(&self.device, n)?;
+            with_slice::<T, _>(t, |src| {
+                self.lock()
+                    .all_reduce(&src, &mut out, &nop)
+                    .map_err(|e| nccl_err(self.describe(), e))?;
+                Ok(())
+            })?;
+            Ok(wrap(out, &self.device, t.shape().clone()))
+        })
+    }
+
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        if !self.on_gpu(t) || self.size() == 1 {
+            return self.cpu.all_gather(t, dim);
+        }
+        if dim >= t.rank() {
+            candle_core::bail!(
+                "{}: all_gather dim {dim} out of range for {:?}",
+                self.describe(),
+                t.dims()
+            );
+        }
+        let n = t.elem_count();
+        let size = self.size();
+        // NCCL stacks the members' buffers: gather along a new leading dim, then move the
+        // members next to `dim` and merge.
+        let stacked = by_dtype!(t.dtype(), T, {
+            let mut out = alloc::<T>(&self.device, n * size)?;
+            with_slice::<T, _>(t, |src| {
+                self.lock().all_gather(&src, &mut out).map_err(|e| nccl_err(self.describe(), e))?;
+                Ok(())
+            })?;
+            let mut dims = vec![size];
+            dims.extend_from_slice(t.dims());
+            wrap(out, &self.device, dims)
+        });
+        if dim == 0 {
+            let mut dims = t.dims().to_vec();
+            dims[0] *= size;
+            return stacked.reshape(dims);
+        }
+        let parts: Vec<Tensor> = (0..size).map(|r| stacked.get(r)).collect::<Result<_>>()?;
+        Tensor::cat(&parts, dim)
+    }
+
+    fn reduce_scatter(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        if !self.on_gpu(t) || self.size() == 1 {
+            return self.cpu.reduce_scatter(t, dim);
+        }
+        let size = self.size();
+        if dim >= t.rank() || !t.dim(dim)?.is_multiple_of(size) {
+            candle_core::bail!(
+                "{}: reduce_scatter dim {dim} of {:?} does not split into {size} equal chunks",
+                self.describe(),
+                t.dims()
+            );
+        }
+        // NCCL scatters contiguous chunks of the flat buffer: bring `dim` to the front first.
+        let front = if dim == 0 { t.clone() } else { t.transpose(0, dim)?.contiguous()? };
+        let n = front.elem_count() / size;
+        let mut chunk_dims = front.dims().to_vec();
+        chunk_dims[0] /= size;
+        let out = by_dtype!(t.dtype(), T, {
+            let mut out = alloc::<T>(&self.device, n)?;
+            with_slice::<T, _>(&front, |src| {
+                self.lock()
+                    .reduce_scatter(&src, &mut out, &NcclOp::Sum)
+                    .map_err(|e| nccl_err(self.describe(), e))?;
+                Ok(())
+            })?;
+            wrap(out, &self.device, chunk_dims)
+        });
+        if dim == 0 {
+            Ok(out)
+        } else {
+            out.transpose(0, dim)?.contiguous()
+        }
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        if !self.on_gpu(t) || self.size() == 1 {
+            return self.cpu.broadcast(t, root);
+        }
+        let n = t.elem_count();
+        by_dtype!(t.dtype(), T, {
+            let mut out = alloc::<T>(&self.device, n)?;
+            with_slice::<T, _>(t, |src| {
+                let send = (self.rank() == root).then_some(&src);
+                self.lock()
+                    .broadcast(send, &mut out, root as i32)
+                    .map_err(|e| nccl_err(self.describe(), e))?;
+                Ok(())
+            })?;
+            Ok(wrap(out, &self.device, t.shape().clone()))
+        })
+    }
+
+    fn send(&self, t: &Tensor, dst: usize) -> Result<()> {
+        if !self.on_gpu(t) {
+            return self.cpu.send(t, dst);
+        }
+        by_dtype!(t.dtype(), T, {
+            with_slice::<T, _>(t, |src| {
+                self.lock().send(&src, dst as i32).map_err(|e| nccl_err(self.describe(), e))
+            })
+        })
+    }
+
+    fn recv(&self, src: usize, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        if !matches!(device, Device::Cuda(_)) {
+            return self.cpu.recv(src, shape, dtype, device);
+        }
+        by_dtype!(dtype, T, {
+            let mut out = alloc::<T>(&self.device, shape.elem_count())?;
+            self.lock().recv(&mut out, src as i32).map_err(|e| nccl_err(self.describe(), e))?;
+            Ok(wrap(out, &self.device, shape.clone()))
+        })
+    }
+
+    fn barrier(&self) -> Result<()> {
+        // GPU work queued before the barrier is finished first, then the ranks meet.
+        self.device.synchronize()?;
+        self.cpu.barrier()
+    }
+}

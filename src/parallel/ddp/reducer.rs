@@ -1,0 +1,167 @@
+//! Bucketed data-parallel gradient reduction: all-reduce (replicated optimizer) or
+//! reduce-scatter (distributed optimizer) of the gradient buffer's buckets.
+
+use candle_core::{Device, Result, Tensor};
+
+use super::buckets::{Buffer, BufferLayout};
+use super::pipeline::run_buckets;
+use crate::parallel::comm::{Communicator, ReduceOp};
+use crate::train::grads::GradAccumulator;
+use crate::train::optimizer::master_dtype;
+
+/// How gradients are scaled around the collective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReduceScaling {
+    /// `ddp.average_in_collective`: the collective averages (sum, then ÷ DP) instead of each
+    /// rank dividing its gradients by DP before a sum (megatron-core's
+    /// `gradient_scaling_factor`).
+    pub average_in_collective: bool,
+    /// Divide by the DP size at all (false with `calculate_per_token_loss`, where the
+    /// gradients are summed and later divided by the global token count).
+    pub average: bool,
+    /// Extra factor after the reduction (`1 / num_tokens` with per-token loss, else 1).
+    pub post: f64,
+}
+
+/// Reduces an accumulator's gradients over the data-parallel group, bucket by bucket.
+#[derive(Debug, Clone)]
+pub struct GradReducer {
+    layout: BufferLayout,
+    /// `ddp.overlap_grad_reduce`: run the collectives on a communication thread.
+    overlap: bool,
+}
+
+impl GradReducer {
+    pub fn new(layout: BufferLayout, overlap: bool) -> Self {
+        Self { layout, overlap }
+    }
+
+    pub fn layout(&self) -> &BufferLayout {
+        &self.layout
+    }
+
+    /// Sums every gradient over `dp` in place (replicated optimizer).
+    pub fn all_reduce(
+        &self,
+        acc: &mut GradAccumulator,
+        dp: &dyn Communicator,
+        s: ReduceScaling,
+    ) -> Result<()> {
+        let grads: Vec<Option<Tensor>> = acc.iter().map(|(_, g)| g.cloned()).collect();
+        let device = first_device(acc);
+        let mut reduced: Vec<Option<Tensor>> = vec![None; grads.len()];
+        let buckets = self.layout.buckets();
+        let (pre, post) = factors(dp.size(), s);
+        run_buckets(
+            buckets.len(),
+            self.overlap,
+            |i| {
+                let (b, k) = buckets[i];
+                pack(&self.layout.buffers[b], k, &grads, &device, pre)
+            },
+            |t| dp.all_reduce(t, ReduceOp::Sum),
+            |i, flat| {
+                let (b, k) = buckets[i];
+                let buf = &self.layout.buffers[b];
+                let bucket = &buf.buckets[k];
+                let flat = finish(flat, buf, post)?;
+                for span in &buf.params[bucket.params.clone()] {
+                    let g = flat.narrow(0, span.start - bucket.range.start, span.numel)?;
+                    reduced[span.index] = Some(g.reshape(span.dims.as_slice())?);
+                }
+                Ok(())
+            },
+        )?;
+        for ((_, slot), g) in acc.iter_mut().zip(reduced) {
+            *slot = g;
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatters every bucket over `dp`: this rank's shard of each bucket (in
+    /// [`BufferLayout::buckets`] order), summed over ranks and in the master dtype.
+    pub fn reduce_scatter(
+        &self,
+        acc: &GradAccumulator,
+        dp: &dyn Communicator,
+        s: ReduceScaling,
+    ) -> Result<Vec<Tensor>> {
+        let grads: Vec<Option<Tensor>> = acc.iter().map(|(_, g)| g.cloned()).collect();
+        let device = first_device(acc);
+        let buckets = self.layout.buckets();
+        let (pre, post) = factors(dp.size(), s);
+        let mut shards = Vec::with_capacity(buckets.len());
+        run_buckets(
+            buckets.len(),
+            self.overlap,
+            |i| {
+                let (b, k) = buckets[i];
+                pack(&self.layout.buffers[b], k, &grads, &device, pre)
+            },
+            |t| dp.reduce_scatter(t, 0),
+            |i, shard| {
+                let (b, _) = buckets[i];
+                shards.push(finish(shard, &self.layout.buffers[b], post)?);
+                Ok(())
+            },
+        )?;
+        Ok(shards)
+    }
+}
+
+/// (factor before the collective, factor after it).
+fn factors(dp: usize, s: ReduceScaling) -> (f64, f64) {
+    let inv = if s.average { 1.0 / dp as f64 } else { 1.0 };
+    if s.average_in_collective {
+        (1.0, inv * s.post)
+    } else {
+        (inv, s.post)
+    }
+}
+
+fn first_device(acc: &GradAccumulator) -> Device {
+    acc.iter().next().map_or(Device::Cpu, |(v, _)| v.device().clone())
+}
+
+/// The bucket's gradients as one flat tensor in the reduction dtype, zeros in the gaps and
+/// for parameters without a gradient, multiplied by `pre`.
+pub(super) fn pack(
+    buf: &Buffer,
+    k: usize,
+    grads: &[Option<Tensor>],
+    device: &Device,
+    pre: f64,
+) -> Result<Tensor> {
+    let bucket = &buf.buckets[k];
+    let acc_dtype = master_dtype(buf.param_dtype);
+    let mut parts = Vec::new();
+    let mut at = bucket.range.start;
+    for span in &buf.params[bucket.params.clone()] {
+        if span.start > at {
+            parts.push(Tensor::zeros(span.start - at, acc_dtype, device)?);
+        }
+        parts.push(match &grads[span.index] {
+            Some(g) => g.to_dtype(acc_dtype)?.flatten_all()?,
+            None => Tensor::zeros(span.numel, acc_dtype, device)?,
+        });
+        at = span.start + span.numel;
+    }
+    if bucket.range.end > at {
+        parts.push(Tensor::zeros(bucket.range.end - at, acc_dtype, device)?);
+    }
+    let mut flat = Tensor::cat(&parts, 0)?;
+    if pre != 1.0 {
+        flat = flat.affine(pre, 0.0)?;
+    }
+    flat.to_dtype(buf.reduce_dtype)
+}
+
+/// Back to the master dtype, multiplied by `post`.
+fn finish(t: Tensor, buf: &Buffer, post: f64) -> Result<Tensor> {
+    let t = t.to_dtype(master_dtype(buf.param_dtype))?;
+    if post != 1.0 {
+        t.affine(post, 0.0)
+    } else {
+        Ok(t)
+    }
+}

@@ -1,0 +1,336 @@
+//! The distributed optimizer (ZeRO-1, megatron-core's `DistributedOptimizer`): each
+//! data-parallel rank keeps fp32 master weights and optimizer moments only for its shard of
+//! every gradient bucket, steps that shard with the reduce-scattered gradients, and the
+//! updated parameters are all-gathered back into every replica.
+//!
+//! The shard's state lives in an ordinary [`Optimizer`] whose parameters are the slices of
+//! model parameters inside this rank's shard ([`ShardSlice`]), so the update arithmetic is the
+//! replicated optimizer's, element for element. Checkpoints hold full (TP-local) tensors per
+//! parameter, gathered over DP at save time, in the replicated optimizer's names: a
+//! checkpoint loads into any DP size and into either optimizer.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{Device, Tensor, TensorId, Var};
+
+use super::grads::GradSource;
+use super::optimizer::{default_wd_mult, master_dtype, Algorithm, OptimError, Optimizer};
+use super::optimizer_state::OptimizerState;
+use crate::parallel::comm::Communicator;
+use crate::parallel::ddp::pipeline::run_buckets;
+use crate::parallel::ddp::{BufferLayout, ShardSlice};
+
+/// One model parameter as the optimizer sees it.
+#[derive(Debug, Clone)]
+struct ModelParam {
+    name: String,
+    var: Var,
+}
+
+/// ZeRO-1 optimizer state of one data-parallel rank.
+#[derive(Debug)]
+pub struct DistributedOptimizer {
+    layout: BufferLayout,
+    params: Vec<ModelParam>,
+    slices: Vec<ShardSlice>,
+    /// One parameter per slice, in `slices` order; its variables are the master values.
+    inner: Optimizer,
+    dp_rank: usize,
+    /// `overlap_param_gather`: all-gathers run on a communication thread.
+    overlap_param_gather: bool,
+}
+
+/// Gradient of every slice variable: a view into its bucket's reduced shard.
+struct SliceGrads(HashMap<TensorId, Tensor>);
+
+impl GradSource for SliceGrads {
+    fn grad_of(&self, var: &Var) -> Option<&Tensor> {
+        self.0.get(&var.id())
+    }
+}
+
+impl DistributedOptimizer {
+    /// State for DP rank `dp_rank` over `params` (name, variable; the optimizer's order) laid
+    /// out as `layout` (built with `distributed_optimizer: true`); masters start from the
+    /// model's current weights.
+    pub fn new(
+        algorithm: Algorithm,
+        params: Vec<(String, Var)>,
+        layout: BufferLayout,
+        dp_rank: usize,
+        overlap_param_gather: bool,
+    ) -> Result<Self, OptimError> {
+        let params: Vec<ModelParam> =
+            params.into_iter().map(|(name, var)| ModelParam { name, var }).collect();
+        let slices = layout.shard_slices(dp_rank);
+        let mut inner_params = Vec::with_capacity(slices.len());
+        for s in &slices {
+            let p = &params[s.param];
+            let value =
+                slice_of(&p.var.as_detached_tensor(), s)?.to_dtype(master_dtype(p.var.dtype()))?;
+            let name = format!("{}[{}..{}]", p.name, s.param_offset, s.param_offset + s.len);
+            // The group follows the whole parameter (a 1-D slice of a matrix still decays).
+            let wd = default_wd_mult(&p.name, p.var.rank());
+            inner_params.push((name, Var::from_tensor(&value)?, wd));
+        }
+        let inner = Optimizer::with_wd_mults(algorithm, inner_params)?;
+        Ok(Self { layout, params, slices, inner, dp_rank, overlap_param_gather })
+    }
+
+    /// The model variables, in the optimizer's order (for the gradient accumulator).
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
+    /// Elements of optimizer state this rank holds per moment (its shards).
+    pub fn shard_numel(&self) -> usize {
+        self.slices.iter().map(|s| s.len).sum()
+    }
+
+    /// Sum of squares of the reduced gradient shards over the parameters for which
+    /// `counts(param_index)` (the norm's TP de-duplication), in f64.
+    pub fn shard_sq_norm(
+        &self,
+        shards: &[Tensor],
+        counts: impl Fn(usize) -> bool,
+    ) -> candle_core::Result<f64> {
+        let buckets = self.layout.buckets();
+        let mut sums = Vec::new();
+        for s in self.slices.iter().filter(|s| counts(s.param)) {
+            let k = bucket_index(&buckets, s);
+            let g = shards[k].narrow(0, s.shard_offset, s.len)?;
+            sums.push(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.reshape(1)?);
+        }
+        if sums.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(Tensor::cat(&sums, 0)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?.iter().sum())
+    }
+
+    /// One optimizer step of this rank's shards with the reduced (and clipped) gradient shards,
+    /// then the all-gather of the updated parameters into the model over `dp`.
+    pub fn step(
+        &mut self,
+        shards: &[Tensor],
+        lr: f64,
+        wd: f64,
+        dp: &dyn Communicator,
+    ) -> anyhow::Result<()> {
+        let buckets = self.layout.buckets();
+        let mut grads = HashMap::with_capacity(self.slices.len());
+        for (s, p) in self.slices.iter().zip(self.inner.params()) {
+            let k = bucket_index(&buckets, s);
+            grads.insert(p.var.id(), shards[k].narrow(0, s.shard_offset, s.len)?);
+        }
+        self.inner.step(&SliceGrads(grads), lr, wd)?;
+        self.gather_params(dp)
+    }
+
+    /// Writes every rank's updated shards into the model variables (all-gather per bucket).
+    fn gather_params(&self, dp: &dyn Communicator) -> anyhow::Result<()> {
+        let values: Vec<Tensor> = self.inner.params().iter().map(|p| p.master_value()).collect();
+        let buckets = self.layout.buckets();
+        run_buckets(
+            buckets.len(),
+            self.overlap_param_gather,
+            |i| {
+                let (b, _) = buckets[i];
+                let dtype = self.layout.buffers[b].param_dtype;
+                self.shard_tensor(i, dtype, |j| values[j].to_dtype(dtype))
+            },
+            |t| dp.all_gather(t, 0),
+            |i, full| {
+                let (b, k) = buckets[i];
+                let buf = &self.layout.buffers[b];
+                let bucket = &buf.buckets[k];
+                for span in &buf.params[bucket.params.clone()] {
+                    let v = full.narrow(0, span.start - bucket.range.start, span.numel)?;
+                    self.params[span.index].var.set(&v.reshape(span.dims.as_slice())?)?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// This rank's shard of bucket `i` as a flat tensor of `dtype`: `value(j)` for slice j,
+    /// zeros in the gaps.
+    fn shard_tensor(
+        &self,
+        i: usize,
+        dtype: candle_core::DType,
+        value: impl Fn(usize) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let buckets = self.layout.buckets();
+        let (b, k) = buckets[i];
+        let shard_len = self.layout.buffers[b].buckets[k].len() / self.layout.dp;
+        let device = self.params.first().map_or(Device::Cpu, |p| p.var.device().clone());
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for (j, s) in self.slices.iter().enumerate() {
+            if (s.buffer, s.bucket) != (b, k) {
+                continue;
+            }
+            if s.shard_offset > at {
+                parts.push(Tensor::zeros(s.shard_offset - at, dtype, &device)?);
+            }
+            parts.push(value(j)?.flatten_all()?);
+            at = s.shard_offset + s.len;
+        }
+        if shard_len > at {
+            parts.push(Tensor::zeros(shard_len - at, dtype, &device)?);
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    /// The full optimizer state in the replicated optimizer's format (names, shapes and order
+    /// of [`Optimizer::export_state`]), gathered over `dp`. Every DP rank must call it.
+    pub fn export_state(&self, dp: &dyn Communicator) -> anyhow::Result<OptimizerState> {
+        let m1 = first_moment_suffix(self.inner.algorithm());
+        let is_adam = matches!(self.inner.algorithm(), Algorithm::Adam(_));
+        let mut kinds: Vec<&str> = vec!["master", m1];
+        if is_adam {
+            kinds.push("exp_avg_sq");
+        }
+        let mut full: HashMap<(usize, &str), Tensor> = HashMap::new();
+        let buckets = self.layout.buckets();
+        for kind in &kinds {
+            let state: Vec<Tensor> = self
+                .inner
+                .params()
+                .iter()
+                .map(|p| match *kind {
+                    "master" => p.master_value(),
+                    "exp_avg_sq" => p.exp_avg_sq.clone().expect("Adam keeps a second moment"),
+                    _ => p.exp_avg.clone(),
+                })
+                .collect();
+            for (i, &(b, k)) in buckets.iter().enumerate() {
+                let buf = &self.layout.buffers[b];
+                let dtype = master_dtype(buf.param_dtype);
+                let shard = self.shard_tensor(i, dtype, |j| Ok(state[j].clone()))?;
+                let bucket_full = dp.all_gather(&shard, 0)?;
+                let bucket = &buf.buckets[k];
+                for span in &buf.params[bucket.params.clone()] {
+                    let t = bucket_full.narrow(0, span.start - bucket.range.start, span.numel)?;
+                    full.insert((span.index, *kind), t.reshape(span.dims.as_slice())?);
+                }
+            }
+        }
+        let mut tensors = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            for kind in &kinds {
+                // Like the replicated optimizer: a master copy only for narrow dtypes.
+                if *kind == "master" && master_dtype(p.var.dtype()) == p.var.dtype() {
+                    continue;
+                }
+                let t = full.remove(&(i, *kind)).expect("every parameter lies in one bucket");
+                tensors.push((format!("{}.{kind}", p.name), t));
+            }
+        }
+        Ok(OptimizerState {
+            algorithm: self.inner.algorithm().name().to_string(),
+            steps: self.inner.steps(),
+            tensors,
+        })
+    }
+
+    /// Takes this rank's shard of a full state (as [`Self::export_state`] or the replicated
+    /// optimizer writes it). Masters absent from the state (f32 parameters) are read from the
+    /// model variables, which must already hold the checkpoint's weights. On error nothing is
+    /// changed.
+    pub fn import_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
+        let by_name: HashMap<&str, &Tensor> =
+            state.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let m1 = first_moment_suffix(self.inner.algorithm());
+        let is_adam = matches!(self.inner.algorithm(), Algorithm::Adam(_));
+        let mut expected = HashSet::new();
+        for p in &self.params {
+            let mut kinds = vec![m1];
+            if is_adam {
+                kinds.push("exp_avg_sq");
+            }
+            if master_dtype(p.var.dtype()) != p.var.dtype() {
+                kinds.push("master");
+            }
+            for kind in kinds {
+                let key = format!("{}.{kind}", p.name);
+                let t = by_name
+                    .get(key.as_str())
+                    .ok_or_else(|| OptimError::MissingStateTensor(key.clone()))?;
+                if t.dims() != p.var.dims() {
+                    return Err(OptimError::StateShape {
+                        name: key,
+                        expected: p.var.dims().to_vec(),
+                        got: t.dims().to_vec(),
+                    });
+                }
+                expected.insert(key);
+            }
+        }
+        if let Some((extra, _)) = state.tensors.iter().find(|(n, _)| !expected.contains(n)) {
+            return Err(OptimError::UnexpectedStateTensor(extra.clone()));
+        }
+        let mut inner_tensors = Vec::new();
+        let mut masters = Vec::with_capacity(self.slices.len());
+        for (s, ip) in self.slices.iter().zip(self.inner.params()) {
+            let p = &self.params[s.param];
+            let dtype = master_dtype(p.var.dtype());
+            let take = |kind: &str| -> Result<Tensor, OptimError> {
+                let t = by_name[format!("{}.{kind}", p.name).as_str()];
+                Ok(slice_of(t, s)?.to_dtype(dtype)?.to_device(p.var.device())?)
+            };
+            inner_tensors.push((format!("{}.{m1}", ip.name), take(m1)?));
+            if is_adam {
+                inner_tensors.push((format!("{}.exp_avg_sq", ip.name), take("exp_avg_sq")?));
+            }
+            masters.push(if dtype != p.var.dtype() {
+                take("master")?
+            } else {
+                slice_of(&p.var.as_detached_tensor(), s)?.to_dtype(dtype)?
+            });
+        }
+        self.inner.import_state(&OptimizerState {
+            algorithm: state.algorithm.clone(),
+            steps: state.steps,
+            tensors: inner_tensors,
+        })?;
+        for (ip, m) in self.inner.params().iter().zip(masters) {
+            ip.var.set(&m)?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the masters from the model variables (weights replaced after construction,
+    /// e.g. loaded without optimizer state).
+    pub fn sync_master_from_model(&mut self) -> Result<(), OptimError> {
+        for (s, ip) in self.slices.iter().zip(self.inner.params()) {
+            let p = &self.params[s.param];
+            let v =
+                slice_of(&p.var.as_detached_tensor(), s)?.to_dtype(master_dtype(p.var.dtype()))?;
+            ip.var.set(&v)?;
+        }
+        Ok(())
+    }
+
+    /// This rank's data-parallel index.
+    pub fn dp_rank(&self) -> usize {
+        self.dp_rank
+    }
+}
+
+fn first_moment_suffix(a: &Algorithm) -> &'static str {
+    match a {
+        Algorithm::Adam(_) => "exp_avg",
+        Algorithm::Sgd(_) => "momentum_buffer",
+    }
+}
+
+/// The elements of a parameter-shaped tensor that slice `s` covers, flat.
+fn slice_of(t: &Tensor, s: &ShardSlice) -> candle_core::Result<Tensor> {
+    t.flatten_all()?.narrow(0, s.param_offset, s.len)?.contiguous()
+}
+
+fn bucket_index(buckets: &[(usize, usize)], s: &ShardSlice) -> usize {
+    buckets.iter().position(|&bk| bk == (s.buffer, s.bucket)).expect("slice of a known bucket")
+}

@@ -1,0 +1,114 @@
+//! Choosing and building the data-parallel machinery of a run from `ddp.*`: the gradient
+//! buffer layout, the bucketed reducer, and the replicated or distributed optimizer.
+
+use anyhow::Result;
+use candle_core::{DType, Var};
+
+use super::dist_optimizer::DistributedOptimizer;
+use super::optimizer::{Algorithm, Optimizer};
+use super::run_optimizer::RunOptimizer;
+use crate::config::ConfigContainer;
+use crate::parallel::ddp::{BufferLayout, GradReducer, LayoutOptions};
+use crate::parallel::ProcessGroups;
+
+/// megatron-core's default bucket size: `max(40M, 1M · DP)` elements, and a single bucket
+/// (no size limit) when gradients are not reduced with overlap.
+pub fn effective_bucket_size(cfg: &ConfigContainer, dp: usize) -> Option<usize> {
+    if !cfg.ddp.overlap_grad_reduce {
+        return None;
+    }
+    Some(cfg.ddp.bucket_size.unwrap_or_else(|| 40_000_000usize.max(1_000_000 * dp)))
+}
+
+/// Whether the run shards optimizer state over DP: `ddp.use_distributed_optimizer` (which
+/// `finalize` keeps equal to `optimizer.use_distributed_optimizer`).
+pub fn uses_distributed_optimizer(cfg: &ConfigContainer) -> bool {
+    cfg.ddp.use_distributed_optimizer || cfg.optimizer.use_distributed_optimizer
+}
+
+/// The optimizer and (with process groups) the gradient reducer for `named` parameters.
+pub fn build(
+    cfg: &ConfigContainer,
+    groups: Option<&ProcessGroups>,
+    algorithm: Algorithm,
+    named: Vec<(String, Var)>,
+) -> Result<(RunOptimizer, Option<GradReducer>)> {
+    let distributed = uses_distributed_optimizer(cfg);
+    let Some(g) = groups else {
+        if distributed {
+            tracing::info!(
+                "ddp.use_distributed_optimizer: one rank, nothing to shard; the optimizer keeps \
+                 the full state (same arithmetic)"
+            );
+        }
+        return Ok((RunOptimizer::Replicated(Optimizer::new(algorithm, named)?), None));
+    };
+    let dp = g.dp.size();
+    let shapes: Vec<(Vec<usize>, DType)> =
+        named.iter().map(|(_, v)| (v.dims().to_vec(), v.dtype())).collect();
+    let opts = LayoutOptions {
+        dp,
+        bucket_size: effective_bucket_size(cfg, dp),
+        distributed_optimizer: distributed,
+        pad_for_high_nccl_busbw: cfg.ddp.pad_buckets_for_high_nccl_busbw,
+        grad_reduce_in_fp32: cfg.ddp.grad_reduce_in_fp32,
+    };
+    let layout = BufferLayout::new(&shapes, &opts);
+    let buckets = layout.buckets().len();
+    // Not on CUDA: candle's device stream is CUDA's per-thread default stream, so NCCL calls
+    // made from a communication thread would run on that thread's stream, unordered with the
+    // packing kernels of the main thread (the first 2-GPU run showed exactly that: a wrong
+    // grad norm, then a hang). NCCL calls only enqueue and return, so the thread would add
+    // nothing there until collectives get their own stream with events.
+    let on_cuda = named.first().is_some_and(|(_, v)| v.device().is_cuda());
+    let overlap_reduce = cfg.ddp.overlap_grad_reduce && !on_cuda;
+    let reducer = GradReducer::new(layout.clone(), overlap_reduce);
+    let overlap_gather =
+        (cfg.ddp.overlap_param_gather || cfg.optimizer.overlap_param_gather) && !on_cuda;
+    let optimizer = if distributed {
+        let d = DistributedOptimizer::new(
+            algorithm,
+            named,
+            layout.clone(),
+            g.coords.dp,
+            overlap_gather,
+        )?;
+        if g.coords.dp == 0 && g.coords.tp == 0 {
+            println!(
+                " > distributed optimizer: DP {dp}, this rank holds master weights and moments for \
+                 {} of {} buffer elements",
+                d.shard_numel(),
+                layout.total_len()
+            );
+        }
+        RunOptimizer::Distributed(d)
+    } else {
+        RunOptimizer::Replicated(Optimizer::new(algorithm, named)?)
+    };
+    if g.rank == 0 {
+        println!(
+            " > data parallel: DP {dp}, {buckets} gradient bucket(s) of {} elements, {} after \
+             backward; {}{}",
+            opts.bucket_size.map_or("unlimited".to_string(), |b| b.to_string()),
+            if distributed { "reduce-scatter" } else { "all-reduce" },
+            if cfg.ddp.overlap_grad_reduce && on_cuda {
+                "NCCL collectives are enqueued on candle's CUDA stream and run in stream order \
+                 after the packing kernels (no separate communication stream yet, so nothing \
+                 overlaps)"
+            } else if overlap_reduce {
+                "bucket i is reduced on a communication thread while bucket i+1 is packed \
+                 (candle's backward returns all gradients at once, so nothing overlaps backward \
+                 itself)"
+            } else {
+                "buckets are reduced one after the other"
+            },
+            if distributed && overlap_gather {
+                "; parameter all-gathers run on a communication thread while earlier buckets are \
+                 written back, right after the optimizer step (not overlapped with the next forward)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok((optimizer, Some(reducer)))
+}

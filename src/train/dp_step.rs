@@ -1,0 +1,145 @@
+//! The data-parallel half of an iteration: gradient reduction (bucketed all-reduce, or
+//! reduce-scatter for the distributed optimizer), the global gradient norm and clipping, the
+//! optimizer update, and the replica weight check.
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+
+use super::clip::{clip_by_total_norm, clip_coeff, clip_grad_norm, GradNorm};
+use super::pipeline::all_reduce_embedding_grads;
+use super::run_optimizer::RunOptimizer;
+use super::trainer::Trainer;
+use crate::model::params::Param;
+use crate::parallel::data::model_parallel_grad_sq_norm;
+use crate::parallel::ddp::replica_check::check_replicas;
+use crate::parallel::ddp::ReduceScaling;
+use crate::parallel::tensor::counts_in_grad_norm;
+use crate::parallel::{GroupKind, ReduceOp};
+
+/// Gradients after the data-parallel reduction.
+pub(super) enum Reduced {
+    /// Full gradients in the accumulator (one rank, or all-reduced).
+    Full,
+    /// This rank's shard of every bucket (distributed optimizer).
+    Shards(Vec<Tensor>),
+}
+
+impl Trainer {
+    /// Reduces the accumulated gradients over DP. `per_token_tokens` is the global batch's
+    /// loss-token count with `calculate_per_token_loss` (gradients are then summed and divided
+    /// by it), None for the mean-of-means loss (gradients are averaged over DP).
+    pub(super) fn reduce_grads(&mut self, per_token_tokens: Option<f64>) -> Result<Reduced> {
+        let post = match per_token_tokens {
+            Some(t) if t > 0.0 => 1.0 / t,
+            _ => 1.0,
+        };
+        let scaling = ReduceScaling {
+            average_in_collective: self.cfg.ddp.average_in_collective,
+            average: per_token_tokens.is_none(),
+            post,
+        };
+        // Tied embeddings under PP: first and last stage sum their copies' gradients. Done
+        // before the DP reduction (both are sums, so the order does not change the result)
+        // so the distributed optimizer's shards already hold the tied sum.
+        if let Some(g) = &self.groups {
+            all_reduce_embedding_grads(&self.chunks, &mut self.acc, g.embedding.as_deref())?;
+        }
+        let (Some(g), Some(reducer)) = (&self.groups, &self.reducer) else {
+            if post != 1.0 {
+                self.acc.scale(post)?;
+            }
+            return Ok(Reduced::Full);
+        };
+        match &self.optimizer {
+            RunOptimizer::Distributed(_) => {
+                Ok(Reduced::Shards(reducer.reduce_scatter(&self.acc, &*g.dp, scaling)?))
+            }
+            RunOptimizer::Replicated(_) => {
+                reducer.all_reduce(&mut self.acc, &*g.dp, scaling)?;
+                Ok(Reduced::Full)
+            }
+        }
+    }
+
+    /// Global gradient norm (over DP shards and model-parallel ranks, equal to one rank's)
+    /// and clipping to `optimizer.clip_grad` in place.
+    pub(super) fn clip_grads(&mut self, reduced: &mut Reduced) -> Result<GradNorm> {
+        let clip_grad = self.cfg.optimizer.clip_grad;
+        let vars = self.optimizer.vars();
+        let Some(g) = &self.groups else {
+            return Ok(clip_grad_norm(&mut self.acc, vars.iter(), clip_grad)?);
+        };
+        let all: Vec<Param> =
+            self.chunks.iter().flat_map(|m| m.params().params()).cloned().collect();
+        // Same order as the optimizer's parameters (trainable ones of every chunk).
+        let params: Vec<&Param> = all.iter().filter(|p| p.trainable).collect();
+        let tp_rank = g.coords.tp;
+        match reduced {
+            Reduced::Full => {
+                let total = model_parallel_grad_sq_norm(&self.acc, &all, tp_rank, &*g.mp)?.sqrt();
+                let coeff = if clip_grad > 0.0 {
+                    clip_by_total_norm(&mut self.acc, vars.iter(), clip_grad, total)?
+                } else {
+                    None
+                };
+                Ok(GradNorm { norm: total, coeff })
+            }
+            Reduced::Shards(shards) => {
+                let RunOptimizer::Distributed(d) = &self.optimizer else {
+                    unreachable!("shards come from the distributed optimizer's reduction")
+                };
+                let local = d.shard_sq_norm(shards, |i| counts_in_grad_norm(params[i], tp_rank))?;
+                // Σ over the DP shards, then over the model-parallel ranks.
+                let t = Tensor::new(&[local], &Device::Cpu)?;
+                let t = g.dp.all_reduce(&t, ReduceOp::Sum)?;
+                let total = g.mp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?[0].sqrt();
+                let coeff = if clip_grad > 0.0 { clip_coeff(total, clip_grad) } else { None };
+                if let Some(c) = coeff {
+                    for s in shards.iter_mut() {
+                        *s = s.affine(c, 0.0)?;
+                    }
+                }
+                Ok(GradNorm { norm: total, coeff })
+            }
+        }
+    }
+
+    /// The optimizer update with the scheduler's lr and weight decay; the distributed
+    /// optimizer then all-gathers the updated parameters.
+    pub(super) fn apply_update(&mut self, reduced: Reduced) -> Result<()> {
+        let (lr, wd) = (self.scheduler.get_lr(), self.scheduler.get_wd());
+        match (&mut self.optimizer, reduced) {
+            (RunOptimizer::Replicated(o), Reduced::Full) => o.step(&self.acc, lr, wd)?,
+            (RunOptimizer::Distributed(d), Reduced::Shards(shards)) => {
+                let g = self.groups.as_ref().context("the distributed optimizer needs groups")?;
+                d.step(&shards, lr, wd, &*g.dp)?;
+            }
+            _ => unreachable!("the reduction matches the optimizer"),
+        }
+        Ok(())
+    }
+
+    /// `train.check_weight_hash_across_dp_replicas_interval`: stop when DP replicas differ.
+    pub(super) fn check_weight_replicas(&self, iteration: u64) -> Result<()> {
+        let Some(every) = self.cfg.train.check_weight_hash_across_dp_replicas_interval else {
+            return Ok(());
+        };
+        let Some(g) = &self.groups else { return Ok(()) };
+        if !iteration.is_multiple_of(every as u64) {
+            return Ok(());
+        }
+        let members = g.topology.group_of(GroupKind::Dp, g.rank).unwrap_or_default();
+        let params: Vec<(String, candle_core::Var)> = self
+            .chunks
+            .iter()
+            .flat_map(|m| m.params().params())
+            .map(|p| (p.name.clone(), p.var.clone()))
+            .collect();
+        check_replicas(&params, &*g.dp, &members, iteration)
+    }
+
+    /// The optimizer state to save (gathered over DP for the distributed optimizer).
+    pub(super) fn optimizer_state_for_save(&self) -> Result<super::optimizer::OptimizerState> {
+        self.optimizer.export_state(self.groups.as_ref().map(|g| &*g.dp))
+    }
+}
