@@ -3,6 +3,7 @@
 # Build first with scripts/device/build.sh, then run this through the device tool with
 # carry [".devbuild/gz"] (or [".devbuild/bin"] while binary + tree fit 64 MiB), e.g.:
 #   bash scripts/bench/gpu_train.sh 1024 2 20
+# Env: SIZE (peer model size, 1b), RECIPE (llama32_1b), PEERS ("titan hf").
 # Args: SEQ MBS ITERS [OVERRIDES...] (defaults 1024 2 20; overrides go to mbridge, e.g.
 # model.recompute_granularity=full model.recompute_method=uniform model.recompute_num_layers=1). Prints the peers' JSON lines and mbridge's log lines.
 set -uo pipefail
@@ -12,12 +13,14 @@ scripts/device/unpack.sh || exit 2
 BIN=.devbuild/bin/mbridge
 source .devbuild/bin/env.sh "$BIN" >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "== peers (Llama-3.2-1B shape, seq $SEQ, micro batch $MBS) =="
-python3 scripts/bench/peers/peer_torch.py "titan:1b:$SEQ:$MBS" "hf:1b:$SEQ:$MBS" 2>&1 | grep '^{' || echo "peer failed"
-echo "== mbridge (llama32_1b recipe, bf16_mixed, seq $SEQ, micro batch $MBS) =="
+SIZE=${SIZE:-1b}; RECIPE=${RECIPE:-llama32_1b}; PEERS=${PEERS:-titan hf}
+echo "== peers ($SIZE shape, seq $SEQ, micro batch $MBS: $PEERS) =="
+specs=(); for p in $PEERS; do specs+=("$p:$SIZE:$SEQ:$MBS"); done
+python3 scripts/bench/peers/peer_torch.py "${specs[@]}" 2>&1 | grep '^{' || echo "peer failed"
+echo "== mbridge ($RECIPE recipe, bf16_mixed, seq $SEQ, micro batch $MBS) =="
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log &
 SMI=$!
-"$BIN" pretrain --recipe llama32_1b --device cuda:0 \
+"$BIN" pretrain --recipe "$RECIPE" --device cuda:0 \
   model.seq_length="$SEQ" train.micro_batch_size="$MBS" \
   train.global_batch_size="$MBS" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
   logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \

@@ -19,8 +19,8 @@
 //! `copy_to_region`, so their gradients are summed over TP in backward: no gradient
 //! reduction over TP is needed after backward.
 //!
-//! The forward passes copy CPU storage; a CUDA forward (a device copy) joins them with the
-//! NCCL communicator.
+//! The forward passes copy the storage (a host copy on CPU, a device copy on CUDA, where the
+//! collectives go through NCCL).
 
 use super::comm::{Communicator, ReduceOp};
 use crate::model::Param;
@@ -44,6 +44,18 @@ fn copy_storage(s: &CpuStorage, l: &Layout, op: &str) -> Result<CpuStorage> {
     })
 }
 
+/// A contiguous copy of CUDA storage (the forward of both region ops on a GPU).
+#[cfg(feature = "cuda")]
+fn copy_cuda_storage(
+    s: &candle_core::CudaStorage,
+    l: &Layout,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::{BackendDevice, BackendStorage};
+    let mut out = s.device().zeros_impl(l.shape(), s.dtype())?;
+    s.copy_strided_src(&mut out, 0, l)?;
+    Ok((out, l.shape().clone()))
+}
+
 /// `f`: identity forward, all-reduce (sum) of the gradient over the TP group backward.
 struct CopyToRegion(Arc<dyn Communicator>);
 
@@ -54,6 +66,15 @@ impl CustomOp1 for CopyToRegion {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         Ok((copy_storage(s, l, self.name())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        copy_cuda_storage(s, l)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -94,6 +115,17 @@ impl CustomOp2 for Precomputed {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         Ok((copy_storage(s2, l2, self.name)?, l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        copy_cuda_storage(s2, l2)
     }
 
     fn bwd(
