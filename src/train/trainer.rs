@@ -337,6 +337,11 @@ impl Trainer {
     pub fn save(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
         let c = &self.cfg.checkpoint;
+        let tokenizer_files = if c.save_tokenizer_assets {
+            checkpointing::tokenizer_assets(&self.cfg.tokenizer)
+        } else {
+            Vec::new()
+        };
         let req = SaveRequest {
             save_dir: &PathBuf::from(&dir),
             model: &self.model,
@@ -350,6 +355,7 @@ impl Trainer {
             pp_rank: 0,
             tp: self.groups.as_ref().map(|g| &*g.tp),
             write: self.groups.as_ref().is_none_or(|g| g.rank == 0),
+            tokenizer_files: &tokenizer_files,
         };
         if c.async_save {
             let t0 = Instant::now();
