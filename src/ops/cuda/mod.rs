@@ -37,12 +37,12 @@ pub fn function(
     module: &KernelModule,
     fn_name: &str,
 ) -> Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(fn_name, module.name, module.ptx).map_err(|e| {
-        candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name))
-    })
+    dev.get_or_load_custom_func(fn_name, module.name, module.ptx)
+        .map_err(|e| candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name)))
 }
 
 /// Ceil division for grid sizes.
 pub const fn div_ceil(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
+
