@@ -9,9 +9,9 @@ use super::mapping::{megatron_params, megatron_to_hf_tensors, MegatronParam};
 use super::output::{prepare_output, publish_output};
 use super::stream;
 use crate::ckpt;
-use crate::ckpt::shard_io::open_shard;
 use crate::config::model::DType as CfgDType;
 use crate::config::ConfigContainer;
+use crate::io::st_read::{verify_file, MappedSafetensors};
 use crate::io::st_write::{write_safetensors, Data, DoneHook, OutTensor, WriteOptions};
 use crate::model::GptArch;
 use anyhow::{anyhow, bail, Context, Result};
@@ -47,10 +47,21 @@ pub fn export_hf(opts: &ExportOptions) -> Result<PathBuf> {
     // into the HF files: memory stays bounded whatever the model size.
     let model_dir = iter_dir.join("model");
     let index = ckpt::read_index(&model_dir)?;
+    // Checksums are verified by a second thread while the export is written (the result is
+    // published only if they match): the check costs no wall time.
     let mut shards = BTreeMap::new();
     for (file, info) in &index.files {
-        shards.insert(file.clone(), open_shard(&model_dir.join(file), info)?);
+        let path = model_dir.join(file);
+        if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(info.bytes) {
+            verify_file(&path, info)?; // names the missing or truncated file
+        }
+        let shard = MappedSafetensors::open(&path)
+            .with_context(|| format!("cannot parse checkpoint shard `{}`", path.display()))?;
+        shards.insert(file.clone(), shard);
     }
+    let verify = || -> Result<()> {
+        index.files.iter().try_for_each(|(file, info)| verify_file(&model_dir.join(file), info))
+    };
     let padded = ["embedding.word_embeddings.weight", "output_layer.weight"]
         .iter()
         .find_map(|n| index.tensors.get(*n))
@@ -94,7 +105,7 @@ pub fn export_hf(opts: &ExportOptions) -> Result<PathBuf> {
         }
     }
     bar.set_length(hf.iter().map(|t| t.byte_len() as u64).sum());
-    let out = finish(opts, &cfg, &meta, hf, &iter_dir);
+    let out = finish(opts, &cfg, &meta, hf, &iter_dir, &verify);
     bar.finish_and_clear();
     out
 }
@@ -188,7 +199,8 @@ fn export_peft(opts: &ExportOptions, iter_dir: &Path, cfg: &ConfigContainer) -> 
             hf.push(OutTensor::from_tensor(name, t));
         }
     }
-    finish(opts, cfg, &meta, hf, iter_dir)
+    // `load_tensors` verified the shards already.
+    finish(opts, cfg, &meta, hf, iter_dir, &|| Ok(()))
 }
 
 /// Writes the HF directory (weights, config.json, tokenizer files) under a temporary name and
@@ -199,6 +211,7 @@ fn finish(
     meta: &ExportMeta,
     hf: Vec<OutTensor>,
     iter_dir: &Path,
+    verify: &(dyn Fn() -> Result<()> + Sync),
 ) -> Result<PathBuf> {
     let dtype = match hf.first().map(|t| t.dtype) {
         Some(candle_core::DType::BF16) => CfgDType::BF16,
@@ -207,7 +220,12 @@ fn finish(
     };
     let config = to_hf_config(&cfg.model, meta.family, meta.hf_vocab, dtype, meta.base.as_ref())?;
     let tmp = prepare_output(&opts.out)?;
-    let result = write_export(&tmp, hf, &config, iter_dir, opts.max_shard_bytes);
+    let (written, verified) = std::thread::scope(|s| {
+        let check = s.spawn(verify);
+        let written = write_export(&tmp, hf, &config, iter_dir, opts.max_shard_bytes);
+        (written, check.join().unwrap_or_else(|_| Err(anyhow!("checksum thread panicked"))))
+    });
+    let result = verified.and(written);
     match result {
         Ok(()) => publish_output(&tmp, &opts.out),
         Err(e) => {

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
+use rayon::prelude::*;
 
 use super::format::{
     iter_dir_name, prune_old, write_tensor_dir, CheckpointWrite, TensorSet, LATEST_STATE, TRACKER,
@@ -195,10 +196,12 @@ impl AsyncSaver {
         let handle = std::thread::Builder::new()
             .name(format!("ckpt-save-{iteration}"))
             .spawn(move || {
+                // Copied on all cores: the training loop may be waiting for this snapshot.
                 for set in &mut ckpt.model {
-                    for p in &mut set.params {
+                    set.params.par_iter_mut().try_for_each(|p| -> Result<()> {
                         p.tensor = p.tensor.copy()?;
-                    }
+                        Ok(())
+                    })?;
                 }
                 let _ = copied_tx.send(());
                 save_checkpoint(&save, &ckpt.as_write(), most_recent_k)

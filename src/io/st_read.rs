@@ -29,8 +29,8 @@ pub struct MappedSafetensors {
     entries: BTreeMap<String, Entry>,
 }
 
-/// Bytes checksummed per step while verifying, released right after.
-const VERIFY_CHUNK: usize = 64 << 20;
+/// Bytes read per step while verifying a checksum.
+const VERIFY_CHUNK: usize = 8 << 20;
 
 impl MappedSafetensors {
     /// Maps `path` and parses its header.
@@ -63,36 +63,9 @@ impl MappedSafetensors {
         Ok(MappedSafetensors { path: path.to_path_buf(), map, entries })
     }
 
-    /// Maps a checkpoint shard after checking its length and CRC-32C against the index (the
-    /// whole file is read once for the checksum, a chunk at a time, without staying resident).
+    /// Maps a checkpoint shard after checking its length and CRC-32C against the index.
     pub fn open_verified(path: &Path, expected: &FileInfo) -> Result<Self> {
-        let len = std::fs::metadata(path)
-            .with_context(|| format!("cannot read checkpoint shard `{}`", path.display()))?
-            .len();
-        if len != expected.bytes {
-            bail!(
-                "checkpoint shard `{}` has {len} bytes, the index records {} (truncated or overwritten)",
-                path.display(),
-                expected.bytes
-            );
-        }
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("cannot read checkpoint shard `{}`", path.display()))?;
-        let map = map_readonly(&file)
-            .with_context(|| format!("cannot map checkpoint shard `{}`", path.display()))?;
-        let mut crc = 0;
-        for (i, chunk) in map.chunks(VERIFY_CHUNK).enumerate() {
-            crc = crc32c::crc32c_append(crc, chunk);
-            release(&map, i * VERIFY_CHUNK, chunk.len());
-        }
-        if crc != expected.crc32c {
-            bail!(
-                "checkpoint shard `{}` is corrupted: its CRC-32C is {crc:#010x}, the index records {:#010x}",
-                path.display(),
-                expected.crc32c
-            );
-        }
-        drop(map);
+        verify_file(path, expected)?;
         Self::open(path)
             .with_context(|| format!("cannot parse checkpoint shard `{}`", path.display()))
     }
@@ -160,4 +133,39 @@ impl MappedSafetensors {
     pub fn release_all(&self) {
         release(&self.map, 0, self.map.len());
     }
+}
+
+/// Checks a checkpoint shard's length and CRC-32C against the index (one sequential read).
+pub fn verify_file(path: &Path, expected: &FileInfo) -> Result<()> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read checkpoint shard `{}`", path.display()))?
+        .len();
+    if len != expected.bytes {
+        bail!(
+            "checkpoint shard `{}` has {len} bytes, the index records {} (truncated or overwritten)",
+            path.display(),
+            expected.bytes
+        );
+    }
+    // Plain reads into one buffer: cheaper than faulting a map in and out again.
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read checkpoint shard `{}`", path.display()))?;
+    let mut buf = vec![0u8; VERIFY_CHUNK];
+    let mut crc = 0;
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)
+            .with_context(|| format!("cannot read checkpoint shard `{}`", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+    if crc != expected.crc32c {
+        bail!(
+            "checkpoint shard `{}` is corrupted: its CRC-32C is {crc:#010x}, the index records {:#010x}",
+            path.display(),
+            expected.crc32c
+        );
+    }
+    Ok(())
 }
