@@ -120,7 +120,7 @@ fn main() -> Result<()> {
         }
         total += off;
         let mut head = serde_json::to_vec(&header)?;
-        while head.len() % 8 != 0 {
+        while !head.len().is_multiple_of(8) {
             head.push(b' ');
         }
         let mut f =

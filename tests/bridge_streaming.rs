@@ -45,7 +45,7 @@ fn write_model(dir: &Path) -> u64 {
             off += len;
         }
         let mut head = serde_json::to_vec(&header).unwrap();
-        while head.len() % 8 != 0 {
+        while !head.len().is_multiple_of(8) {
             head.push(b' ');
         }
         let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join(&file)).unwrap());

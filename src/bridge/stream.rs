@@ -117,7 +117,7 @@ pub fn shard_matrix<'a>(
         return Ok((full.clone(), local));
     }
     let split = |n: usize, by: usize| -> Result<usize> {
-        if n % by != 0 {
+        if !n.is_multiple_of(by) {
             bail!("dimension of size {n} of shape {shape:?} is not divisible by {by}");
         }
         Ok(n / by)

@@ -77,6 +77,8 @@ const DIRECT: usize = 1 << 20;
 /// Borrowed data is checksummed and written in steps of this size, so checking one step
 /// overlaps writing the previous one.
 const STEP: usize = 4 << 20;
+/// Large pieces are checked and checksummed in blocks of this size, which stay in cache.
+const CACHE_BLOCK: usize = 128 << 10;
 /// Small pieces (per-row slices, converted data, zeros) are gathered into buffers this large.
 const BUF: usize = 4 << 20;
 
@@ -208,7 +210,13 @@ impl<'a> Stream<'a> {
             Chunk::Done(_) => &[],
         };
         self.crc = crc32c::crc32c_append(self.crc, b);
-        self.bytes += b.len() as u64;
+        let len = b.len();
+        self.sent(c, len)
+    }
+
+    /// Queues a chunk whose bytes the caller already added to the checksum.
+    fn sent(&mut self, c: Chunk<'a>, len: usize) -> Result<()> {
+        self.bytes += len as u64;
         let tx = self.tx.as_ref().expect("stream open");
         tx.send(c).map_err(|_| anyhow!("the writer stopped"))
     }
@@ -250,11 +258,16 @@ impl<'a> Stream<'a> {
             Piece::Bytes(b, map) if b.len() >= DIRECT => {
                 self.flush()?;
                 for step in b.chunks(STEP) {
-                    finite(step, t, check)?;
-                    self.send(match map {
+                    // Checked and checksummed in cache-sized blocks: one pass over memory.
+                    for block in step.chunks(CACHE_BLOCK) {
+                        finite(block, t, check)?;
+                        self.crc = crc32c::crc32c_append(self.crc, block);
+                    }
+                    let chunk = match map {
                         Some(map) => Chunk::Mapped(step, map),
                         None => Chunk::Borrowed(step),
-                    })?;
+                    };
+                    self.sent(chunk, step.len())?;
                 }
                 Ok(())
             }
