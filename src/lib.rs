@@ -4,6 +4,7 @@ pub mod ckpt;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod io;
 pub mod model;
 pub mod ops;
 pub mod parallel;

@@ -203,6 +203,20 @@ fn export_errors_are_clear() {
     let err = fails(&["export-hf", missing.to_str().unwrap(), h], 2);
     assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
     assert!(!hf.exists());
+    // A flipped byte in a shard's data (checksummed while the export is written) or a
+    // truncated shard: the error names the file and nothing is published.
+    let shard = ck.join("iter_0000000/model/shard_tp00_pp00.safetensors");
+    let good = std::fs::read(&shard).unwrap();
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 0x01;
+    std::fs::write(&shard, &bad).unwrap();
+    let err = fails(&["export-hf", c, h], 1);
+    assert!(err.contains("shard_tp00_pp00.safetensors") && err.contains("corrupted"), "{err}");
+    std::fs::write(&shard, &good[..good.len() - 10]).unwrap();
+    let err = fails(&["export-hf", c, h], 1);
+    assert!(err.contains("shard_tp00_pp00.safetensors") && err.contains("truncated"), "{err}");
+    assert!(!hf.exists());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "only ck/ remains");
 }
 
 #[test]

@@ -215,18 +215,39 @@ fn repo_ids_resolve_through_the_local_hf_cache() {
         .args(["import-hf", "tiny-org/tiny-qwen2", s(&ck2)])
         .assert()
         .success();
-    // An uncached repo is a clear error naming where it looked; nothing is written.
+    // Offline (HF_HUB_OFFLINE), an uncached repo is a clear error naming what is missing and
+    // where it looked; nothing is written and no download is tried.
     let ck3 = tmp.path().join("ck3");
-    let out = Command::cargo_bin("mbridge")
-        .unwrap()
-        .env("HF_HUB_CACHE", &cache)
-        .args(["import-hf", "meta-llama/Meta-Llama-3-8B", s(&ck3)])
-        .assert()
-        .failure();
-    let err = String::from_utf8(out.get_output().stderr.clone()).unwrap();
+    let offline_import = |repo: &str, out: &Path| {
+        let out = Command::cargo_bin("mbridge")
+            .unwrap()
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["import-hf", repo, s(out)])
+            .assert()
+            .failure();
+        String::from_utf8(out.get_output().stderr.clone()).unwrap()
+    };
+    let err = offline_import("meta-llama/Meta-Llama-3-8B", &ck3);
     assert!(err.contains("not in the local Hugging Face cache"), "{err}");
+    assert!(err.contains("config.json and the safetensors weights"), "{err}");
     assert!(err.contains("models--meta-llama--Meta-Llama-3-8B"), "{err}");
-    assert!(err.contains("cannot download"), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(!ck3.exists());
+    // A partly cached repo (an index naming a shard that was never fetched) lists the file.
+    fake_cache(&cache, "tiny-org/partial", &fixture("qwen2"));
+    let snap =
+        cache.join("models--tiny-org--partial/snapshots/0123456789abcdef0123456789abcdef01234567");
+    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+    std::fs::write(
+        snap.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    std::fs::write(snap.join("model-00001-of-00002.safetensors"), b"").unwrap();
+    let err = offline_import("tiny-org/partial", &ck3);
+    assert!(err.contains("model-00002-of-00002.safetensors missing from"), "{err}");
+    assert!(!err.contains("model-00001-of-00002.safetensors,"), "{err}");
     assert!(!ck3.exists());
 }
 
@@ -375,4 +396,55 @@ fn load_hf_weights_fills_one_tp_rank_and_rejects_other_architectures() {
     let other = GptModel::new(&cfg, ParallelLayout::single(), 5, DType::F32, &Device::Cpu).unwrap();
     let err = mbridge::bridge::load_hf_weights(&fixture("qwen3"), &other).unwrap_err().to_string();
     assert!(err.contains("qwen3/config.json") && err.contains("qk_layernorm"), "{err}");
+}
+
+#[test]
+fn training_checkpoints_carry_the_run_tokenizer_into_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tok");
+    let pretrain = |run: &Path, extra: &[&str]| {
+        let save = format!("checkpoint.save={}", s(run));
+        let mut args = vec!["pretrain", "--recipe", "tiny_llama", "train.train_iters=2", &save];
+        args.extend_from_slice(extra);
+        mbridge(&args);
+    };
+    // An HF tokenizer (given as its tokenizer.json): the file and the config beside it.
+    let run = tmp.path().join("run");
+    let model = format!("tokenizer.tokenizer_model={}", s(&tok.join("tokenizer.json")));
+    pretrain(
+        &run,
+        &["tokenizer.tokenizer_type=HuggingFaceTokenizer", &model, "~tokenizer.vocab_size"],
+    );
+    let saved = run.join("iter_0000002/tokenizer");
+    let mut names: Vec<String> = std::fs::read_dir(&saved)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["tokenizer.json", "tokenizer_config.json"]);
+    let hf = tmp.path().join("hf");
+    mbridge(&["export-hf", s(&run), s(&hf)]);
+    for f in &names {
+        let a = std::fs::read(tok.join(f)).unwrap();
+        assert_eq!(a, std::fs::read(saved.join(f)).unwrap(), "{f} in checkpoint");
+        assert_eq!(a, std::fs::read(hf.join(f)).unwrap(), "{f} in export");
+    }
+    // GPT-2 BPE: vocab and merges; none with save_tokenizer_assets=false.
+    let bpe = [
+        "tokenizer.tokenizer_type=GPT2BPETokenizer".to_string(),
+        format!("tokenizer.vocab_file={}", s(&tok.join("vocab.json"))),
+        format!("tokenizer.merge_file={}", s(&tok.join("merges.txt"))),
+        "~tokenizer.vocab_size".to_string(),
+    ];
+    let bpe: Vec<&str> = bpe.iter().map(String::as_str).collect();
+    let run2 = tmp.path().join("run2");
+    pretrain(&run2, &bpe);
+    for f in ["vocab.json", "merges.txt"] {
+        let a = std::fs::read(tok.join(f)).unwrap();
+        assert_eq!(a, std::fs::read(run2.join("iter_0000002/tokenizer").join(f)).unwrap(), "{f}");
+    }
+    let run3 = tmp.path().join("run3");
+    pretrain(&run3, &[&bpe[..], &["checkpoint.save_tokenizer_assets=false"]].concat());
+    assert!(run3.join("iter_0000002/train_state.json").is_file());
+    assert!(!run3.join("iter_0000002/tokenizer").exists());
 }

@@ -2,8 +2,9 @@
 //! (`$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`, layout
 //! `models--org--name/snapshots/<revision>/`, `refs/main` naming the revision).
 //!
-//! This build has no Hub client: a repo id that is not cached is an error saying where it
-//! looked, never a pretend download.
+//! A repo id whose files are not all cached is downloaded into the first cache root with the
+//! `hf-hub` crate ([`super::download`]) unless `HF_HUB_OFFLINE` is set; offline, or when the
+//! Hub cannot be reached, the error lists the missing files and where it looked.
 
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -64,18 +65,81 @@ pub fn resolve(source: &str) -> Result<HfSource> {
     }
     let roots = cache_roots();
     let folder = format!("models--{}", source.replace('/', "--"));
+    let mut partial: Option<(PathBuf, Vec<String>)> = None;
     for root in &roots {
         let repo = root.join(&folder);
         if let Some((rev, dir)) = snapshot(&repo)? {
-            return Ok(HfSource { dir, repo_id: Some(source.to_string()), revision: Some(rev) });
+            let missing = missing_files(&dir)?;
+            if missing.is_empty() {
+                return Ok(HfSource {
+                    dir,
+                    repo_id: Some(source.to_string()),
+                    revision: Some(rev),
+                });
+            }
+            partial.get_or_insert((dir, missing));
         }
     }
     let looked: Vec<String> = roots.iter().map(|r| r.join(&folder).display().to_string()).collect();
-    Err(crate::config_err!(
-        "`{source}` is not in the local Hugging Face cache (looked in: {}); this build cannot download from the Hub: fetch it where the Hub is reachable (`huggingface-cli download {source}`) and copy the cache here, or pass a local directory",
-        if looked.is_empty() { "(no cache directory: HF_HUB_CACHE, HF_HOME and HOME unset)".into() } else { looked.join(", ") }
-    )
-    .into())
+    let looked = if looked.is_empty() {
+        "(no cache directory: HF_HUB_CACHE, HF_HOME and HOME unset)".to_string()
+    } else {
+        looked.join(", ")
+    };
+    let missing = match &partial {
+        Some((dir, files)) => format!("{} missing from {}", files.join(", "), dir.display()),
+        None => "config.json and the safetensors weights".to_string(),
+    };
+    let advice = format!(
+        "fetch it where the Hub is reachable (`huggingface-cli download {source}`) and copy the cache here, or pass a local directory"
+    );
+    if offline() {
+        return Err(crate::config_err!(
+            "`{source}` is not in the local Hugging Face cache ({missing}; looked in: {looked}) and HF_HUB_OFFLINE is set, so it is not downloaded: {advice}"
+        )
+        .into());
+    }
+    let Some(root) = roots.first() else {
+        return Err(crate::config_err!("`{source}`: nowhere to download it ({looked})").into());
+    };
+    super::download::download(source, root).map_err(|e| {
+        crate::config_err!(
+            "`{source}` is not in the local Hugging Face cache ({missing}; looked in: {looked}) and downloading it failed: {e:#}. Without network: {advice}"
+        )
+        .into()
+    })
+}
+
+/// Whether `HF_HUB_OFFLINE` forbids network access (huggingface_hub's truthy values).
+pub fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .unwrap_or(false)
+}
+
+/// Files an import needs that `dir` lacks: config.json and the weights (the single file, or
+/// the index and every shard it names).
+pub fn missing_files(dir: &Path) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    if !dir.join("config.json").is_file() {
+        missing.push("config.json".to_string());
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| crate::config_err!("`{}` is not valid JSON ({e})", index.display()))?;
+        let mut shards: Vec<&str> = doc["weight_map"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        shards.sort_unstable();
+        shards.dedup();
+        missing.extend(shards.into_iter().filter(|f| !dir.join(f).is_file()).map(String::from));
+    } else if !dir.join("model.safetensors").is_file() {
+        missing.push("model.safetensors (or model.safetensors.index.json and its shards)".into());
+    }
+    Ok(missing)
 }
 
 /// The snapshot of a cached repo: the revision `refs/main` names, else the only snapshot.

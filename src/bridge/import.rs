@@ -4,18 +4,21 @@
 
 use super::hf_config::{read_config, vocab_divisor, HfConfig};
 use super::hub::{self, HfSource};
-use super::mapping::{hf_sources, hf_to_megatron, is_hf_buffer, megatron_params, rule_for};
+use super::mapping::{hf_sources, is_hf_buffer, megatron_params, rule_for};
 use super::output::{prepare_output, publish_output};
+use super::stream;
 use super::weights::HfWeights;
-use crate::ckpt::layout::shard_of;
-use crate::ckpt::{self, CheckpointWrite, ShardedParam, TensorSet, TrainState};
+use crate::ckpt::{
+    self, model_shard_name, write_shard_files, CheckpointWrite, ShardFile, TrainState,
+};
 use crate::config::model::DType as CfgDType;
 use crate::config::raw::RawConfig;
 use crate::config::show::{render, ShowOptions};
 use crate::config::tokenizer::TokenizerType;
 use crate::config::ConfigContainer;
+use crate::io::st_write::{Data, DoneHook, OutTensor};
 use crate::model::{stage_layers, GptArch};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::collections::HashSet;
 use std::fmt::Write;
@@ -146,37 +149,54 @@ pub fn import_hf(opts: &ImportOptions) -> Result<PathBuf> {
 
 fn write_import(opts: &ImportOptions, p: &ImportPlan, tmp: &Path) -> Result<()> {
     let weights = HfWeights::open(&p.source.dir)?;
+    // Plan every shard from the file headers first (shapes and dtypes checked, nothing
+    // read), so a bad source fails before anything is written.
     let mut used = HashSet::new();
-    let mut sets = Vec::new();
-    let bar = indicatif::ProgressBar::new(p.arch.num_layers as u64);
-    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    let bar = stream::byte_bar(0, "import");
     for pp in 0..opts.pp {
         let layers = stage_layers(&p.cfg.model, pp, opts.pp)?;
-        let mut ranks: Vec<TensorSet> = (0..opts.tp)
-            .map(|tp| TensorSet { tp_rank: tp, pp_rank: pp, dp_rank: None, params: Vec::new() })
+        let mut ranks: Vec<ShardFile> = (0..opts.tp)
+            .map(|tp| ShardFile {
+                tp_rank: tp,
+                file: model_shard_name(tp, pp),
+                tensors: Vec::new(),
+            })
             .collect();
         for param in megatron_params(&p.arch, &layers, pp, opts.pp)? {
-            let full = hf_to_megatron(&param, &p.arch, p.hf.vocab_size, &mut |n: &str| {
-                used.insert(n.to_string());
-                weights.load(n)
-            })?;
-            let full = match opts.dtype {
-                Some(d) => full.to_dtype(candle_dtype(d))?,
-                None => full,
-            };
-            for (tp, set) in ranks.iter_mut().enumerate() {
-                let shard = shard_of(&full, param.partition, tp, opts.tp)?.contiguous()?;
-                set.params.push(ShardedParam {
-                    name: param.name.clone(),
-                    tensor: shard,
-                    partition: param.partition,
+            let g = stream::hf_to_megatron(&param, &p.arch, p.hf.vocab_size, &weights)?;
+            used.extend(g.sources.iter().cloned());
+            let out_dtype = opts.dtype.map(candle_dtype).unwrap_or(g.dtype);
+            for (tp, file) in ranks.iter_mut().enumerate() {
+                let (m, shape) = stream::shard_matrix(
+                    &g.matrix,
+                    &param.shape,
+                    g.dtype.size_in_bytes(),
+                    param.partition,
+                    tp,
+                    opts.tp,
+                )
+                .with_context(|| format!("--tp {}: cannot shard {}", opts.tp, param.name))?;
+                let bytes = (shape.iter().product::<usize>() * out_dtype.size_in_bytes()) as u64;
+                total += bytes;
+                let (w, srcs, bar) = (&weights, g.sources.clone(), bar.clone());
+                let done: DoneHook = Box::new(move || {
+                    srcs.iter().for_each(|s| w.release(s));
+                    bar.inc(bytes);
                 });
+                let t = OutTensor {
+                    name: param.name.clone(),
+                    dtype: out_dtype,
+                    shape,
+                    data: Data::Matrix(m, g.dtype),
+                    done: Some(done),
+                };
+                file.tensors.push((t, param.partition));
             }
         }
-        bar.inc(layers.len() as u64);
-        sets.extend(ranks);
+        files.extend(ranks);
     }
-    bar.finish_and_clear();
     let unused: Vec<String> = weights
         .names()
         .into_iter()
@@ -192,6 +212,7 @@ fn write_import(opts: &ImportOptions, p: &ImportPlan, tmp: &Path) -> Result<()> 
         );
     }
 
+    bar.set_length(total);
     let final_out = abs(&opts.out);
     let mut cfg = p.cfg.clone();
     let tok_files: Vec<PathBuf> =
@@ -228,7 +249,7 @@ fn write_import(opts: &ImportOptions, p: &ImportPlan, tmp: &Path) -> Result<()> 
     let state = TrainState::default();
     let write = CheckpointWrite {
         iteration: 0,
-        model: &sets,
+        model: &[],
         optimizer: None,
         json: vec![
             (
@@ -248,7 +269,12 @@ fn write_import(opts: &ImportOptions, p: &ImportPlan, tmp: &Path) -> Result<()> 
         run_config_toml: &run_config,
         tokenizer_files: &tok_files,
     };
-    ckpt::save_checkpoint(tmp, &write, -1)?;
+    let files = std::sync::Mutex::new(Some(files));
+    ckpt::save_checkpoint_with(tmp, &write, -1, &|dir| {
+        let files = files.lock().map_err(|_| anyhow!("poisoned"))?.take();
+        write_shard_files(dir, files.ok_or_else(|| anyhow!("model shards written twice"))?)
+    })?;
+    bar.finish_and_clear();
     Ok(())
 }
 

@@ -107,7 +107,7 @@ pub fn is_hf_buffer(name: &str) -> bool {
 }
 
 /// Splits `decoder.layers.7.rest` into (`decoder.layers.{i}.rest`, Some(7)).
-fn pattern_of(name: &str) -> (String, Option<usize>) {
+pub(crate) fn pattern_of(name: &str) -> (String, Option<usize>) {
     let prefix = "decoder.layers.";
     if let Some(rest) = name.strip_prefix(prefix) {
         if let Some((num, tail)) = rest.split_once('.') {
@@ -135,7 +135,7 @@ pub fn hf_sources(megatron_name: &str) -> Result<Vec<String>> {
     Ok(rule_for(megatron_name)?.sources().into_iter().map(|s| subst(s, layer)).collect())
 }
 
-fn subst(src: &str, layer: Option<usize>) -> String {
+pub(crate) fn subst(src: &str, layer: Option<usize>) -> String {
     match layer {
         Some(i) => src.replace("{i}", &i.to_string()),
         None => src.to_string(),
@@ -221,7 +221,12 @@ pub fn megatron_params(
 
 /// The shapes the HF tensors of `rule` must have for a Megatron parameter of `shape`
 /// (`hf_vocab` = unpadded vocabulary rows).
-fn hf_shapes(rule: HfRule, shape: &[usize], arch: &GptArch, hf_vocab: usize) -> Vec<Vec<usize>> {
+pub(crate) fn hf_shapes(
+    rule: HfRule,
+    shape: &[usize],
+    arch: &GptArch,
+    hf_vocab: usize,
+) -> Vec<Vec<usize>> {
     let tail = &shape[1..];
     let rows = |n: usize| [&[n][..], tail].concat();
     match rule {

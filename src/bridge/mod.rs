@@ -7,6 +7,7 @@
 //! checkpoint (any TP/PP) ──ckpt::load_tensors──mapping──► model.safetensors + config.json
 //! ```
 pub mod checkpoint;
+pub mod download;
 pub mod export;
 pub mod hf_config;
 pub mod hub;
@@ -14,6 +15,7 @@ pub mod import;
 pub mod load;
 pub mod mapping;
 pub mod output;
+pub mod stream;
 pub mod weights;
 
 pub use checkpoint::{load_checkpoint_model, LoadedCheckpoint};

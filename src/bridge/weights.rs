@@ -1,19 +1,20 @@
 //! Reading HF safetensors weights one tensor at a time through mmap (`model.safetensors`, or
 //! the shards a `model.safetensors.index.json` names), so import never holds the source model
-//! in memory. Pickle checkpoints (`pytorch_model.bin`) are refused: loading them would execute
+//! in memory: tensors are byte ranges of the maps, released once written. Pickle checkpoints (`pytorch_model.bin`) are refused: loading them would execute
 //! code from the file.
 
+use crate::io::matrix::Matrix;
+use crate::io::st_read::MappedSafetensors;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The weights of one HF model directory.
 pub struct HfWeights {
-    files: MmapedSafetensors,
-    /// Tensor name → file holding it.
-    owner: BTreeMap<String, PathBuf>,
+    files: Vec<MappedSafetensors>,
+    /// Tensor name → index of the file holding it.
+    owner: BTreeMap<String, usize>,
 }
 
 const INDEX: &str = "model.safetensors.index.json";
@@ -69,20 +70,15 @@ impl HfWeights {
             bail!("`{}` has no model.safetensors or {INDEX}", dir.display());
         };
         let mut owner = BTreeMap::new();
+        let mut maps = Vec::new();
         for f in &files {
-            // SAFETY: the mapping is read-only and lives as long as `HfWeights`; a file changed
-            // under us while importing can only corrupt the values read, as with any reader.
-            let one = unsafe { MmapedSafetensors::new(f) }.with_context(|| {
-                format!("`{}` is not a valid safetensors file (truncated or corrupt?)", f.display())
-            })?;
-            for (name, _) in one.tensors() {
-                owner.insert(name, f.clone());
+            let one = MappedSafetensors::open(f)?;
+            for name in one.names() {
+                owner.insert(name.clone(), maps.len());
             }
+            maps.push(one);
         }
-        // SAFETY: as above.
-        let files = unsafe { MmapedSafetensors::multi(&files) }
-            .context("cannot map the safetensors shards")?;
-        Ok(HfWeights { files, owner })
+        Ok(HfWeights { files: maps, owner })
     }
 
     /// All tensor names, sorted.
@@ -90,20 +86,38 @@ impl HfWeights {
         self.owner.keys().cloned().collect()
     }
 
+    fn file(&self, name: &str) -> Result<&MappedSafetensors> {
+        self.owner.get(name).map(|&i| &self.files[i]).ok_or_else(|| self.missing(name))
+    }
+
     /// Shape of `name` from the file header, without reading the data.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        let view = self.files.get(name).map_err(|_| self.missing(name))?;
-        Ok(view.shape().to_vec())
+        let f = self.file(name)?;
+        Ok(f.entry(name).expect("owner lists it").shape.clone())
+    }
+
+    /// Element type of `name` (an error names unsupported ones).
+    pub fn dtype(&self, name: &str) -> Result<DType> {
+        self.file(name)?.dtype(name)
+    }
+
+    /// `name` as a byte matrix borrowed from the map (no copy).
+    pub fn matrix(&self, name: &str) -> Result<Matrix<'_>> {
+        self.file(name)?.matrix(name)
+    }
+
+    /// Drops `name`'s pages from this process's memory once it has been written.
+    pub fn release(&self, name: &str) {
+        if let Ok(f) = self.file(name) {
+            f.release(name);
+        }
     }
 
     /// Reads one tensor onto the CPU in its stored dtype.
     pub fn load(&self, name: &str) -> Result<Tensor> {
-        if !self.owner.contains_key(name) {
-            return Err(self.missing(name));
-        }
-        self.files.load(name, &Device::Cpu).with_context(|| {
-            format!("cannot read tensor `{name}` from `{}`", self.owner[name].display())
-        })
+        let t = self.file(name)?.tensor(name)?;
+        self.release(name);
+        Ok(t)
     }
 
     fn missing(&self, name: &str) -> anyhow::Error {

@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::{assemble, Partition, ShardedParam};
 use super::save::write_synced;
-use super::shard_io::{read_shard, write_shard, FileInfo};
+use super::shard_io::{open_shard, write_shard, FileInfo};
 use super::state::TrainState;
+use crate::io::st_read::MappedSafetensors;
+use crate::io::st_write::OutTensor;
+use rayon::prelude::*;
 
 /// Megatron-LM's tracker file: the newest complete iteration, as ASCII.
 pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
@@ -62,22 +65,31 @@ pub struct CheckpointWrite<'a> {
     pub tokenizer_files: &'a [PathBuf],
 }
 
+/// `index.json` of a tensor directory (`model/`, `optimizer/`).
 #[derive(Debug, Serialize, Deserialize)]
-struct Index {
-    format: String,
-    version: u32,
-    tensors: BTreeMap<String, IndexEntry>,
+pub struct Index {
+    pub format: String,
+    pub version: u32,
+    pub tensors: BTreeMap<String, IndexEntry>,
     /// Size and CRC-32C of every shard file, verified on load.
-    files: BTreeMap<String, FileInfo>,
+    pub files: BTreeMap<String, FileInfo>,
 }
 
+/// One global tensor of an index.
 #[derive(Debug, Serialize, Deserialize)]
-struct IndexEntry {
-    shape: Vec<usize>,
-    dtype: String,
-    partition: Partition,
+pub struct IndexEntry {
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    pub partition: Partition,
     /// Shard files in tensor-parallel rank order.
-    shards: Vec<String>,
+    pub shards: Vec<String>,
+}
+
+/// One shard file to write: its tensors (with their TP partition) in file order.
+pub struct ShardFile<'a> {
+    pub tp_rank: usize,
+    pub file: String,
+    pub tensors: Vec<(OutTensor<'a>, Partition)>,
 }
 
 /// (tp rank, file, local shape, partition, dtype) of one written shard.
@@ -85,6 +97,29 @@ type ShardRecord = (usize, String, Vec<usize>, Partition, String);
 
 /// Write one shard file per set plus `index.json` (global shapes, shard files, checksums).
 pub(super) fn write_tensor_dir(dir: &Path, sets: &[TensorSet]) -> Result<()> {
+    let files = sets
+        .iter()
+        .map(|set| ShardFile {
+            tp_rank: set.tp_rank,
+            file: set.file_name(),
+            tensors: set
+                .params
+                .iter()
+                .map(|p| (OutTensor::from_tensor(p.name.clone(), p.tensor.clone()), p.partition))
+                .collect(),
+        })
+        .collect();
+    write_shard_files(dir, files)
+}
+
+/// The file name of the shard of (tp, pp) ranks in a model directory.
+pub fn model_shard_name(tp_rank: usize, pp_rank: usize) -> String {
+    TensorSet { tp_rank, pp_rank, dp_rank: None, params: Vec::new() }.file_name()
+}
+
+/// Write shard files (several at once: each streams, so they overlap their disk waits) and
+/// then `index.json` with global shapes, shard files and checksums.
+pub fn write_shard_files(dir: &Path, files: Vec<ShardFile>) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     let mut index = Index {
         format: FORMAT.into(),
@@ -93,22 +128,25 @@ pub(super) fn write_tensor_dir(dir: &Path, sets: &[TensorSet]) -> Result<()> {
         files: BTreeMap::new(),
     };
     let mut by_name: BTreeMap<String, Vec<ShardRecord>> = BTreeMap::new();
-    for set in sets {
-        let file = set.file_name();
-        let tensors: Vec<(String, Tensor)> =
-            set.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
-        let info = write_shard(&dir.join(&file), &tensors)?;
-        index.files.insert(file.clone(), info);
-        for p in &set.params {
-            by_name.entry(p.name.clone()).or_default().push((
-                set.tp_rank,
-                file.clone(),
-                p.tensor.dims().to_vec(),
-                p.partition,
-                format!("{:?}", p.tensor.dtype()),
+    for f in &files {
+        for (t, partition) in &f.tensors {
+            by_name.entry(t.name.clone()).or_default().push((
+                f.tp_rank,
+                f.file.clone(),
+                t.shape.clone(),
+                *partition,
+                format!("{:?}", t.dtype),
             ));
         }
     }
+    let infos: Vec<(String, FileInfo)> = files
+        .into_par_iter()
+        .map(|f| {
+            let tensors = f.tensors.into_iter().map(|(t, _)| t).collect();
+            Ok((f.file.clone(), write_shard(&dir.join(&f.file), tensors)?))
+        })
+        .collect::<Result<_>>()?;
+    index.files.extend(infos);
     for (name, mut shards) in by_name {
         shards.sort_by_key(|s| s.0);
         let partition = shards[0].3;
@@ -125,10 +163,8 @@ pub(super) fn write_tensor_dir(dir: &Path, sets: &[TensorSet]) -> Result<()> {
     write_synced(&dir.join(INDEX), serde_json::to_string_pretty(&index)?.as_bytes())
 }
 
-/// Load every tensor of `iter_dir/<part>` (part = "model" or "optimizer") as global tensors,
-/// whatever TP layout wrote them, with their partitioning.
-pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Tensor, Partition)>> {
-    let dir = iter_dir.join(part);
+/// Reads and checks `dir/index.json` (format and version).
+pub fn read_index(dir: &Path) -> Result<Index> {
     let index_path = dir.join(INDEX);
     let text = fs::read_to_string(&index_path)
         .with_context(|| format!("checkpoint is missing `{}`", index_path.display()))?;
@@ -142,7 +178,17 @@ pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Ten
             index.version
         );
     }
-    let mut files: BTreeMap<String, std::collections::HashMap<String, Tensor>> = BTreeMap::new();
+    Ok(index)
+}
+
+/// Load every tensor of `iter_dir/<part>` (part = "model" or "optimizer") as global tensors,
+/// whatever TP layout wrote them, with their partitioning. Shards are mapped, not read into
+/// memory, after their size and CRC-32C are checked against the index.
+pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Tensor, Partition)>> {
+    let dir = iter_dir.join(part);
+    let index_path = dir.join(INDEX);
+    let index = read_index(&dir)?;
+    let mut files: BTreeMap<String, MappedSafetensors> = BTreeMap::new();
     let mut out = BTreeMap::new();
     for (name, entry) in index.tensors {
         let mut shards = Vec::new();
@@ -152,15 +198,18 @@ pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Ten
                 let info = index.files.get(file).ok_or_else(|| {
                     anyhow!("`{}` lists shard `{file}` without its checksum", index_path.display())
                 })?;
-                files.insert(file.clone(), read_shard(&path, info)?);
+                files.insert(file.clone(), open_shard(&path, info)?);
             }
-            let t = files[file].get(&name).ok_or_else(|| {
-                anyhow!(
+            let shard = &files[file];
+            if shard.entry(&name).is_none() {
+                bail!(
                     "shard `{}` lacks tensor `{name}` listed in the index",
                     dir.join(file).display()
-                )
-            })?;
-            shards.push(t.clone());
+                );
+            }
+            // Copied out of the map, whose pages are dropped at once: only tensors stay resident.
+            shards.push(shard.tensor(&name)?);
+            shard.release(&name);
         }
         let global = assemble(&shards, entry.partition)
             .with_context(|| format!("cannot assemble tensor `{name}` from `{}`", dir.display()))?;

@@ -19,9 +19,12 @@ pub mod shard_io;
 pub mod state;
 
 pub use format::{
-    find_checkpoint, is_complete, iter_dir_name, load_tensors, prune_old, read_json, read_tracker,
-    CheckpointWrite, TensorSet,
+    find_checkpoint, is_complete, iter_dir_name, load_tensors, model_shard_name, prune_old,
+    read_index, read_json, read_tracker, write_shard_files, CheckpointWrite, Index, IndexEntry,
+    ShardFile, TensorSet,
 };
 pub use layout::{Partition, ShardedParam};
-pub use save::{save_checkpoint, AsyncSaver, OwnedCheckpoint, SavedCheckpoint};
+pub use save::{
+    save_checkpoint, save_checkpoint_with, AsyncSaver, OwnedCheckpoint, SavedCheckpoint,
+};
 pub use state::TrainState;

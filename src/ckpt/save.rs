@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
+use rayon::prelude::*;
 
 use super::format::{
     iter_dir_name, prune_old, write_tensor_dir, CheckpointWrite, TensorSet, LATEST_STATE, TRACKER,
@@ -25,12 +26,24 @@ use super::state::TrainState;
 /// iteration directory. On error the temporary directory is removed and nothing that was on
 /// disk before is touched.
 pub fn save_checkpoint(save: &Path, w: &CheckpointWrite, most_recent_k: i64) -> Result<PathBuf> {
+    save_checkpoint_with(save, w, most_recent_k, &|dir| write_tensor_dir(dir, w.model))
+}
+
+/// [`save_checkpoint`] with the `model/` directory written by `write_model` instead of from
+/// `w.model` (import-hf streams shards straight from the mapped HF files through
+/// [`super::format::write_shard_files`]).
+pub fn save_checkpoint_with(
+    save: &Path,
+    w: &CheckpointWrite,
+    most_recent_k: i64,
+    write_model: &(dyn Fn(&Path) -> Result<()> + Sync),
+) -> Result<PathBuf> {
     fs::create_dir_all(save).with_context(|| format!("cannot create `{}`", save.display()))?;
     remove_stale_temps(save)?;
     let name = iter_dir_name(w.iteration);
     let tmp = save.join(format!(".{name}.tmp-{}", std::process::id()));
     fs::create_dir_all(&tmp).with_context(|| format!("cannot create `{}`", tmp.display()))?;
-    if let Err(e) = write_contents(&tmp, w) {
+    if let Err(e) = write_contents(&tmp, w, write_model) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e.context(format!("cannot save checkpoint `{}`", save.join(&name).display())));
     }
@@ -56,11 +69,21 @@ pub fn save_checkpoint(save: &Path, w: &CheckpointWrite, most_recent_k: i64) -> 
     Ok(final_dir)
 }
 
-fn write_contents(tmp: &Path, w: &CheckpointWrite) -> Result<()> {
-    write_tensor_dir(&tmp.join("model"), w.model)?;
-    if let Some(opt) = w.optimizer {
-        write_tensor_dir(&tmp.join("optimizer"), opt)?;
-    }
+fn write_contents(
+    tmp: &Path,
+    w: &CheckpointWrite,
+    write_model: &(dyn Fn(&Path) -> Result<()> + Sync),
+) -> Result<()> {
+    // Model and optimizer stream to disk concurrently (each shard file also has its writer).
+    let (model, optimizer) = rayon::join(
+        || write_model(&tmp.join("model")),
+        || match w.optimizer {
+            Some(opt) => write_tensor_dir(&tmp.join("optimizer"), opt),
+            None => Ok(()),
+        },
+    );
+    model?;
+    optimizer?;
     for (name, doc) in &w.json {
         let path = tmp.join(format!("{name}.json"));
         write_synced(&path, serde_json::to_string_pretty(doc)?.as_bytes())?;
@@ -70,9 +93,14 @@ fn write_contents(tmp: &Path, w: &CheckpointWrite) -> Result<()> {
         let dir = tmp.join("tokenizer");
         fs::create_dir_all(&dir)?;
         for f in w.tokenizer_files {
-            let dest = dir.join(f.file_name().ok_or_else(|| anyhow!("bad tokenizer path"))?);
-            fs::copy(f, &dest).with_context(|| format!("cannot copy `{}`", f.display()))?;
+            let name = f
+                .file_name()
+                .ok_or_else(|| anyhow!("tokenizer file `{}` has no file name", f.display()))?;
+            let bytes = fs::read(f)
+                .with_context(|| format!("cannot read tokenizer file `{}`", f.display()))?;
+            write_synced(&dir.join(name), &bytes)?;
         }
+        sync_dir(&dir)?;
     }
     let state = serde_json::to_string_pretty(w.train_state)?;
     // train_state.json is written last inside the directory: its presence marks completeness.
@@ -168,10 +196,12 @@ impl AsyncSaver {
         let handle = std::thread::Builder::new()
             .name(format!("ckpt-save-{iteration}"))
             .spawn(move || {
+                // Copied on all cores: the training loop may be waiting for this snapshot.
                 for set in &mut ckpt.model {
-                    for p in &mut set.params {
+                    set.params.par_iter_mut().try_for_each(|p| -> Result<()> {
                         p.tensor = p.tensor.copy()?;
-                    }
+                        Ok(())
+                    })?;
                 }
                 let _ = copied_tx.send(());
                 save_checkpoint(&save, &ckpt.as_write(), most_recent_k)

@@ -253,10 +253,10 @@ pub fn read_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
 /// Memory-map a `.npy` file (values are decoded on access).
 pub fn map_npy(path: &Path) -> Result<(IndexVec, Vec<usize>)> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: cache files are written once under a temporary name and renamed into place,
-    // never modified afterwards, so the mapping stays valid.
-    let map =
-        unsafe { Mmap::map(&f) }.with_context(|| format!("cannot mmap {}", path.display()))?;
+    // Cache files are written once under a temporary name and renamed into place, never
+    // modified afterwards (see `map_readonly`).
+    let map = crate::io::mmap::map_readonly(&f)
+        .with_context(|| format!("cannot mmap {}", path.display()))?;
     let (dtype, shape, start) = parse_npy(&map, path)?;
     let len = shape.iter().product();
     Ok((IndexVec::Mapped(MappedArray { map: Arc::new(map), start, len, dtype }), shape))

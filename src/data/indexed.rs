@@ -141,8 +141,9 @@ fn map(path: &Path) -> Result<Option<Mmap>> {
         // mmap of an empty file fails on some platforms; an empty .bin is legal.
         return Ok(None);
     }
-    // SAFETY: read-only map; dataset files are not modified while training reads them.
-    let m = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot mmap {}", path.display()))?;
+    // Dataset files are not modified while training reads them (see `map_readonly`).
+    let m = crate::io::mmap::map_readonly(&f)
+        .with_context(|| format!("cannot mmap {}", path.display()))?;
     Ok(Some(m))
 }
 

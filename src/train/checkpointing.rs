@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde_json::json;
 
+use crate::bridge::import::TOKENIZER_FILES;
 use crate::ckpt::{self, OwnedCheckpoint, Partition, ShardedParam, TensorSet, TrainState};
+use crate::config::tokenizer::{TokenizerConfig, TokenizerType};
 use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
 use crate::parallel::comm::Communicator;
@@ -41,6 +43,38 @@ pub struct SaveRequest<'a> {
     pub pp: Option<&'a dyn Communicator>,
     /// Whether this rank writes (global rank 0); the others only join the gathers.
     pub write: bool,
+    /// Files copied into `iter_*/tokenizer/` (see [`tokenizer_assets`]).
+    pub tokenizer_files: &'a [PathBuf],
+}
+
+/// The tokenizer files a run uses, for `checkpoint.save_tokenizer_assets`: an HF tokenizer's
+/// `tokenizer.json` with the configs beside it (the import's list: tokenizer_config.json,
+/// special_tokens_map.json, generation_config.json), GPT-2 BPE's vocab and merges files, a
+/// SentencePiece model; nothing for the null tokenizer. Only files that exist are listed.
+pub fn tokenizer_assets(tok: &TokenizerConfig) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    match tok.tokenizer_type {
+        Some(TokenizerType::NullTokenizer) => {}
+        Some(TokenizerType::GPT2BPETokenizer) => {
+            files.extend(tok.vocab_file.iter().chain(&tok.merge_file).map(PathBuf::from));
+        }
+        _ => {
+            if let Some(model) = tok.tokenizer_model.as_deref().map(Path::new) {
+                let dir = if model.is_dir() { Some(model) } else { model.parent() };
+                let is_hf =
+                    model.is_dir() || model.file_name().is_some_and(|n| n == "tokenizer.json");
+                if model.is_file() {
+                    files.push(model.to_path_buf());
+                }
+                if let (Some(dir), true) = (dir, is_hf) {
+                    files.extend(TOKENIZER_FILES.iter().map(|f| dir.join(f)));
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| f.is_file() && seen.insert(f.file_name().map(|n| n.to_owned())));
+    files
 }
 
 /// Write `iter_{step}` in the caller's thread (on the writing rank; None on the others).
@@ -124,7 +158,7 @@ pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
         json: json_docs,
         train_state: req.state.clone(),
         run_config_toml: req.run_config_toml.to_string(),
-        tokenizer_files: Vec::new(),
+        tokenizer_files: req.tokenizer_files.to_vec(),
     }))
 }
 

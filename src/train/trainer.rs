@@ -354,6 +354,11 @@ impl Trainer {
     pub fn save(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
         let c = &self.cfg.checkpoint;
+        let tokenizer_files = if c.save_tokenizer_assets {
+            checkpointing::tokenizer_assets(&self.cfg.tokenizer)
+        } else {
+            Vec::new()
+        };
         let req = SaveRequest {
             save_dir: &PathBuf::from(&dir),
             models: &self.chunks,
@@ -377,6 +382,7 @@ impl Trainer {
                 .filter(|g| g.coords.tp == 0 && g.coords.cp == 0 && g.coords.dp == 0)
                 .map(|g| &*g.pp),
             write: self.groups.as_ref().is_none_or(|g| g.rank == 0),
+            tokenizer_files: &tokenizer_files,
         };
         if c.async_save {
             let t0 = Instant::now();
