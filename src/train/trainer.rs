@@ -149,6 +149,12 @@ impl Trainer {
                 let idx = sampler.next_micro()?.context("training data ran out")?;
                 micro.push(train_ds.microbatch(&idx, &self.device)?);
             }
+            // Megatron's `batch-generator` timer: sample fetch, collation and the copy to the
+            // device (to show that data loading does not stall the step).
+            tracing::debug!(
+                "iteration {iteration} batch-generator {:.2} ms",
+                t0.elapsed().as_secs_f64() * 1e3
+            );
             let skip = self.cfg.train.iterations_to_skip.contains(&(iteration as usize));
             let step = self.train_step(iteration, &micro, skip)?;
             self.check_weight_replicas(iteration)?;
