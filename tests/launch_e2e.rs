@@ -1,5 +1,5 @@
-//! `--nproc-per-node`: rank processes over TCP train like one process; a failing rank fails
-//! the launch with its exit code.
+//! `--nproc-per-node`: rank processes over TCP (TP, and TP × PP) train like one process; a
+//! failing rank fails the launch with its exit code.
 
 mod cli_common;
 
@@ -84,5 +84,31 @@ fn two_rank_processes_with_the_distributed_optimizer_match_one_process() {
     assert_eq!(b.len(), 6, "only rank 0 logs: {two}");
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() / x < 1e-5, "{a:?} vs {b:?}");
+    }
+}
+
+/// TP=2 × PP=2 rank processes log the one-process curve, from the last pipeline stage as
+/// Megatron prints it.
+#[test]
+fn tp2_pp2_rank_processes_match_one_process() {
+    let (ok, one, err) = run(&["train.micro_batch_size=2"]);
+    assert!(ok, "{err}");
+    let (ok, four, err) = run(&[
+        "train.micro_batch_size=2",
+        "--nproc-per-node",
+        "4",
+        "--master-port",
+        "29761",
+        "model.tensor_model_parallel_size=2",
+        "model.pipeline_model_parallel_size=2",
+    ]);
+    assert!(ok, "{err}");
+    // Global rank 2 is TP rank 0 of the last stage (tp fastest, then dp, then pp).
+    assert!(four.contains("[rank 2]"), "the last stage logs: {four}");
+    let (a, b) = (lm_losses(&one), lm_losses(&four));
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.len(), 6, "one rank logs: {four}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() / x <= 1e-5, "{a:?} vs {b:?}");
     }
 }

@@ -50,12 +50,7 @@ impl GlobalBatchSampler {
         dp_size: usize,
         opts: GlobalBatchOptions,
     ) -> Result<Self> {
-        ensure!(total_samples > 0, "no samples to draw from");
-        ensure!(
-            micro_batch_size > 0 && dp_size > 0,
-            "micro batch size and DP size must be positive"
-        );
-        ensure!(dp_rank < dp_size, "DP rank {dp_rank} out of range for DP size {dp_size}");
+        super::check_geometry(total_samples, micro_batch_size, dp_rank, dp_size)?;
         ensure!(
             global_batch_size.is_multiple_of(micro_batch_size * dp_size),
             "global batch size {global_batch_size} is not divisible by micro batch size \

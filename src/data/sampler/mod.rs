@@ -12,7 +12,7 @@ mod random;
 mod single;
 pub mod torch_rng;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 
 pub use global_batch::{GlobalBatchOptions, GlobalBatchSampler};
 pub use random::RandomSampler;
@@ -20,6 +20,19 @@ pub use single::PretrainingSampler;
 
 use super::builder::PretrainDataset;
 use super::gpt_dataset::Sample;
+
+/// The argument checks every sampler kind shares (Megatron's sampler asserts).
+fn check_geometry(
+    total: usize,
+    micro_batch_size: usize,
+    dp_rank: usize,
+    dp_size: usize,
+) -> Result<()> {
+    ensure!(total > 0, "no samples to draw from");
+    ensure!(micro_batch_size > 0 && dp_size > 0, "micro batch size and DP size must be positive");
+    ensure!(dp_rank < dp_size, "DP rank {dp_rank} out of range for DP size {dp_size}");
+    Ok(())
+}
 
 /// `dataset.dataloader_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -32,12 +32,7 @@ impl RandomSampler {
         dp_size: usize,
         data_sharding: bool,
     ) -> Result<Self> {
-        ensure!(total_samples > 0, "no samples to draw from");
-        ensure!(
-            micro_batch_size > 0 && dp_size > 0,
-            "micro batch size and DP size must be positive"
-        );
-        ensure!(dp_rank < dp_size, "DP rank {dp_rank} out of range for DP size {dp_size}");
+        super::check_geometry(total_samples, micro_batch_size, dp_rank, dp_size)?;
         ensure!(
             total_samples >= micro_batch_size * dp_size,
             "{total_samples} samples cannot fill one micro-batch of {micro_batch_size} on each \

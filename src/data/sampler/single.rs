@@ -29,16 +29,11 @@ impl PretrainingSampler {
         drop_last: bool,
         pad_last_batch: bool,
     ) -> Result<Self> {
-        ensure!(total_samples > 0, "no samples to draw from");
+        super::check_geometry(total_samples, micro_batch_size, dp_rank, dp_size)?;
         ensure!(
             consumed_samples < total_samples,
             "consumed_samples {consumed_samples} >= dataset size {total_samples}: nothing left to train on"
         );
-        ensure!(
-            micro_batch_size > 0 && dp_size > 0,
-            "micro batch size and DP size must be positive"
-        );
-        ensure!(dp_rank < dp_size, "DP rank {dp_rank} out of range for DP size {dp_size}");
         Ok(PretrainingSampler {
             next: consumed_samples,
             total_samples,
