@@ -28,25 +28,30 @@ fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-#[test]
-fn two_rank_processes_match_one_process() {
-    let (ok, one, err) = run(&[]);
+/// Runs one process with `common` and the `launch`ed rank processes with `common` + `launch`,
+/// asserts both succeed with the same 6-step loss curve, and returns the launch's stdout.
+fn launched_matches_one_process(common: &[&str], launch: &[&str]) -> String {
+    let (ok, one, err) = run(common);
     assert!(ok, "{err}");
-    let (ok, two, err) = run(&[
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29731",
-        "model.tensor_model_parallel_size=2",
-    ]);
+    let args: Vec<&str> = common.iter().chain(launch).copied().collect();
+    let (ok, many, err) = run(&args);
     assert!(ok, "{err}");
-    assert!(two.contains("[rank 0]"), "{two}");
-    let (a, b) = (lm_losses(&one), lm_losses(&two));
+    let (a, b) = (lm_losses(&one), lm_losses(&many));
     assert_eq!(a.len(), 6);
-    assert_eq!(b.len(), 6, "only rank 0 logs: {two}");
+    assert_eq!(b.len(), 6, "one rank logs: {many}");
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() / x < 1e-5, "{a:?} vs {b:?}");
     }
+    many
+}
+
+#[test]
+fn two_rank_processes_match_one_process() {
+    let two = launched_matches_one_process(
+        &[],
+        &["--nproc-per-node", "2", "--master-port", "29731", "model.tensor_model_parallel_size=2"],
+    );
+    assert!(two.contains("[rank 0]"), "{two}");
 }
 
 #[test]
@@ -66,49 +71,36 @@ fn a_failing_rank_fails_the_launch() {
 
 #[test]
 fn two_rank_processes_with_the_distributed_optimizer_match_one_process() {
-    let (ok, one, err) = run(&[]);
-    assert!(ok, "{err}");
-    let (ok, two, err) = run(&[
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29751",
-        "ddp.use_distributed_optimizer=true",
-        "ddp.overlap_grad_reduce=true",
-        "++ddp.bucket_size=5000",
-    ]);
-    assert!(ok, "{err}");
+    let two = launched_matches_one_process(
+        &[],
+        &[
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29751",
+            "ddp.use_distributed_optimizer=true",
+            "ddp.overlap_grad_reduce=true",
+            "++ddp.bucket_size=5000",
+        ],
+    );
     assert!(two.contains("> distributed optimizer: DP 2"), "{two}");
-    let (a, b) = (lm_losses(&one), lm_losses(&two));
-    assert_eq!(a.len(), 6);
-    assert_eq!(b.len(), 6, "only rank 0 logs: {two}");
-    for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() / x < 1e-5, "{a:?} vs {b:?}");
-    }
 }
 
 /// TP=2 × PP=2 rank processes log the one-process curve, from the last pipeline stage as
 /// Megatron prints it.
 #[test]
 fn tp2_pp2_rank_processes_match_one_process() {
-    let (ok, one, err) = run(&["train.micro_batch_size=2"]);
-    assert!(ok, "{err}");
-    let (ok, four, err) = run(&[
-        "train.micro_batch_size=2",
-        "--nproc-per-node",
-        "4",
-        "--master-port",
-        "29761",
-        "model.tensor_model_parallel_size=2",
-        "model.pipeline_model_parallel_size=2",
-    ]);
-    assert!(ok, "{err}");
+    let four = launched_matches_one_process(
+        &["train.micro_batch_size=2"],
+        &[
+            "--nproc-per-node",
+            "4",
+            "--master-port",
+            "29761",
+            "model.tensor_model_parallel_size=2",
+            "model.pipeline_model_parallel_size=2",
+        ],
+    );
     // Global rank 2 is TP rank 0 of the last stage (tp fastest, then dp, then pp).
     assert!(four.contains("[rank 2]"), "the last stage logs: {four}");
-    let (a, b) = (lm_losses(&one), lm_losses(&four));
-    assert_eq!(a.len(), 6);
-    assert_eq!(b.len(), 6, "one rank logs: {four}");
-    for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() / x <= 1e-5, "{a:?} vs {b:?}");
-    }
 }
