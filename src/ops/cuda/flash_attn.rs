@@ -8,7 +8,7 @@
 //! at any point: the kernel keeps only a per-row logsumexp (fp32) for the backward pass.
 
 use crate::kernel_module;
-use crate::ops::cuda::{div_ceil, function};
+use crate::ops::cuda::div_ceil;
 use crate::ops::flash::{kernel_strides, FlashSpec, HEAD_DIMS};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
@@ -232,7 +232,7 @@ fn launch(
     smem: usize,
     params: &FlashParams,
 ) -> Result<()> {
-    let func = function(dev, &FLASH_ATTN, name)?;
+    let func = crate::function!(dev, FLASH_ATTN, name)?;
     if smem > 48 * 1024 {
         // Above 48 KiB a kernel must opt in to dynamic shared memory.
         func.set_attribute(
@@ -243,8 +243,7 @@ fn launch(
     }
     let cfg =
         LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
+    let mut b = func.builder();
     b.arg(params);
     // SAFETY: the kernel reads exactly the FlashParams layout; every pointer in it refers to
     // storage kept alive (and stream-ordered) by the caller until after this launch.

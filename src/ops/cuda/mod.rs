@@ -21,7 +21,7 @@ pub mod sumsq;
 pub mod swiglu;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::cuda_backend::{cudarc, CudaDType, CudaDevice, CudaStorage};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
 
@@ -45,24 +45,10 @@ macro_rules! kernel_module {
     };
 }
 
-/// The kernel `fn_name` of `module` on `dev` (loaded once per device, then cached by candle).
-/// Launch it on candle's stream: `dev.cuda_stream().launch_builder(&f)`.
-pub fn function(
-    dev: &CudaDevice,
-    module: &KernelModule,
-    fn_name: &str,
-) -> Result<cudarc::driver::CudaFunction> {
-    // candle's `CudaFunc` wrapper is not nameable outside candle; keep the cudarc function.
-    dev.get_or_load_custom_func(fn_name, module.name, module.ptx)
-        .map(|f| f.into_cuda_function())
-        .map_err(|e| {
-            candle_core::Error::Msg(format!("CUDA kernel {}::{fn_name}: {e}", module.name))
-        })
-}
-
 /// `function!(dev, MODULE, fn_name)`: the kernel `fn_name` of `MODULE` on `dev` (loaded once
 /// per device, then cached by candle). A macro because candle's `CudaFunc` type is not
-/// nameable outside candle; the value is only used for `.builder()`.
+/// nameable outside candle; the value derefs to cudarc's `CudaFunction` (attributes) and
+/// launches on candle's stream with `.builder()`.
 #[macro_export]
 macro_rules! function {
     ($dev:expr, $module:expr, $fn_name:expr) => {{
