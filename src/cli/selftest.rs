@@ -7,6 +7,8 @@
 //! micro-benchmarks (flash attention, `ops::cuda::flash_attn::selftest`).
 
 #[cfg(feature = "cuda")]
+mod explicit;
+#[cfg(feature = "cuda")]
 mod fused;
 
 use anyhow::{bail, Result};
@@ -106,6 +108,7 @@ pub fn cuda_checks() -> Vec<Check> {
     {
         use crate::ops::cuda::flash_attn::selftest as flash;
         let mut checks = fused::checks();
+        checks.extend(explicit::checks());
         checks.push(Check { name: "flash_attn", run: CheckFn::Reporting(flash::run) });
         checks.push(Check {
             name: "flash_attn_model",

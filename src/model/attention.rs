@@ -2,13 +2,17 @@
 //! fused QKV, optional per-head QK-norm, RoPE, grouped-query attention, `linear_proj`.
 
 use super::arch::GptArch;
+use super::explicit_layer::ExplicitInputs;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
+use crate::ops::manual::{self, AttnState};
+use crate::ops::timing::section;
 use crate::ops::{self, AttentionShape, AttnMask, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
 use crate::peft::{Adapter, BaseParallel};
 use anyhow::Result;
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 /// Per-layer key/value cache entry: keys (after RoPE) and values, `[b, groups, t, d]`.
@@ -239,6 +243,153 @@ impl SelfAttention {
             }
         }
         Ok(())
+    }
+}
+
+/// What the written-out backward of [`SelfAttention`] keeps from its forward: the fused QKV
+/// projection (q/k/v, their norms and rotations are recomputed from it), the attention output
+/// that entered `linear_proj` and the core attention's state.
+pub struct AttnSaved {
+    qkv: Tensor,
+    out: Tensor,
+    state: AttnState,
+}
+
+impl SelfAttention {
+    /// Whether the written-out forward/backward covers this block (no tensor parallelism,
+    /// no adapters; those run through autograd).
+    pub(super) fn explicit_ok(&self) -> bool {
+        self.tp.is_none() && self.qkv_adapter.is_none() && self.proj_adapter.is_none()
+    }
+
+    /// q `[b, heads, s, d]` and k, v `[b, groups, s, d]` views into the fused QKV `[b, s, rows]`.
+    fn split_heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
+        let hpg = heads / groups;
+        let (b, s, _) = qkv.dims3()?;
+        let qkv = qkv.reshape((b, s, groups, hpg + 2, d))?;
+        let q = qkv.narrow(3, 0, hpg)?.reshape((b, s, heads, d))?.transpose(1, 2)?;
+        let k = qkv.narrow(3, hpg, 1)?.squeeze(3)?.transpose(1, 2)?;
+        let v = qkv.narrow(3, hpg + 1, 1)?.squeeze(3)?.transpose(1, 2)?;
+        Ok((q, k, v))
+    }
+
+    /// QK-norm then RoPE of a q or k view: (norm input, rotated result).
+    fn prepare(
+        raw: &Tensor,
+        norm: Option<&Norm>,
+        inputs: &ExplicitInputs,
+    ) -> Result<(Tensor, Tensor)> {
+        let (normed_in, normed) = match norm {
+            Some(n) => {
+                let c = raw.contiguous()?;
+                let y = n.forward_untracked(&c)?;
+                (c, y)
+            }
+            None => (raw.clone(), raw.clone()),
+        };
+        let rotated = match &inputs.rope {
+            Some((cos, sin, _)) => ops::apply_rope(&normed, cos, sin)?,
+            None => normed,
+        };
+        Ok((normed_in, rotated))
+    }
+
+    /// Backward of [`Self::prepare`]: the gradient of the raw view.
+    fn prepare_backward(
+        d_rotated: &Tensor,
+        normed_in: &Tensor,
+        norm: Option<&Norm>,
+        inputs: &ExplicitInputs,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let d_normed = match &inputs.rope {
+            Some((cos, _, neg_sin)) => manual::rope_backward(d_rotated, cos, neg_sin)?,
+            None => d_rotated.clone(),
+        };
+        match norm {
+            Some(n) => n.backward(normed_in, &d_normed.contiguous()?, grads),
+            None => Ok(d_normed),
+        }
+    }
+
+    /// [`Self::forward`] without autograd (no cache, no dropout), keeping what
+    /// [`Self::backward`] needs.
+    pub(super) fn forward_saving(
+        &self,
+        x: &Tensor,
+        inputs: &ExplicitInputs,
+    ) -> Result<(Tensor, AttnSaved)> {
+        let AttentionShape { heads, head_dim: d, .. } = self.shape;
+        let (b, s, h) = x.dims3()?;
+        let xn = self.norm.forward_untracked(x)?;
+        let qkv = ops::linear(
+            &xn,
+            &self.qkv_w.detach(),
+            self.qkv_b.as_ref().map(Tensor::detach).as_ref(),
+        )?;
+        let (q, k, v) = self.split_heads(&qkv)?;
+        let (_, q) = Self::prepare(&q, self.q_norm.as_ref(), inputs)?;
+        let (_, k) = Self::prepare(&k, self.k_norm.as_ref(), inputs)?;
+        let (out, state) = section("attn.core.fwd", x.device(), || {
+            manual::attention_forward(&q, &k, &v, inputs.mask.as_mask(), self.shape)
+        })?;
+        let out = out.transpose(1, 2)?.reshape((b * s, heads * d))?;
+        let y = ops::linear(
+            &out,
+            &self.proj_w.detach(),
+            self.proj_b.as_ref().map(Tensor::detach).as_ref(),
+        )?;
+        Ok((y.reshape((b, s, h))?, AttnSaved { qkv, out, state }))
+    }
+
+    /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
+    /// gradients go into `grads`.
+    pub(super) fn backward(
+        &self,
+        saved: AttnSaved,
+        x: &Tensor,
+        inputs: &ExplicitInputs,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
+        let hpg = heads / groups;
+        let (b, s, h) = dy.dims3()?;
+        let dy = dy.reshape((b * s, h))?;
+        // linear_proj
+        grads.insert(&self.proj_w, manual::weight_grad(&dy, &saved.out)?);
+        if let Some(pb) = &self.proj_b {
+            grads.insert(pb, manual::bias_grad(&dy)?);
+        }
+        let dout = dy.matmul(&self.proj_w.detach())?.reshape((b, s, heads, d))?.transpose(1, 2)?;
+        drop(saved.out);
+        // Core attention on the recomputed q, k, v.
+        let (q_raw, k_raw, v) = self.split_heads(&saved.qkv)?;
+        let (q_in, q) = Self::prepare(&q_raw, self.q_norm.as_ref(), inputs)?;
+        let (k_in, k) = Self::prepare(&k_raw, self.k_norm.as_ref(), inputs)?;
+        let (dq, dk, dv) = section("attn.core.bwd", x.device(), || {
+            manual::attention_backward(&q, &k, &v, &saved.state, &dout)
+        })?;
+        drop((saved.state, q, k, v, dout));
+        let dq = Self::prepare_backward(&dq, &q_in, self.q_norm.as_ref(), inputs, grads)?;
+        let dk = Self::prepare_backward(&dk, &k_in, self.k_norm.as_ref(), inputs, grads)?;
+        // Back into the per-group layout [b, s, groups, hpg + 2, d] of the fused QKV.
+        let per_group = |t: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, s, groups, n, d))?)
+        };
+        let dqkv =
+            Tensor::cat(&[&per_group(&dq, hpg)?, &per_group(&dk, 1)?, &per_group(&dv, 1)?], 3)?
+                .reshape((b * s, (hpg + 2) * groups * d))?;
+        drop((dq, dk, dv));
+        // linear_qkv (the norm output is recomputed: one cheap kernel instead of keeping it).
+        let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
+        grads.insert(&self.qkv_w, manual::weight_grad(&dqkv, &xn)?);
+        if let Some(qb) = &self.qkv_b {
+            grads.insert(qb, manual::bias_grad(&dqkv)?);
+        }
+        let dxn = dqkv.matmul(&self.qkv_w.detach())?.reshape((b, s, h))?;
+        self.norm.backward(x, &dxn, grads)
     }
 }
 

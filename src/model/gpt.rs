@@ -3,16 +3,21 @@
 
 use super::arch::{chunk_layers, virtual_stages, GptArch, ParallelLayout};
 use super::attention::{AttnInputs, KvEntry, SelfAttention};
+use super::explicit_layer::{self, ExplicitInputs, OwnedMask};
 use super::init::Init;
 use super::mlp::Mlp;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout, TpCoord};
-use super::recompute::{checkpoint, RecomputeGrads, RecomputePlan, SegmentFn};
+use super::recompute::{
+    checkpoint, with_backward, BackwardFn, RecomputeGrads, RecomputePlan, SegmentFn,
+};
 use crate::config::model::{ModelConfig, PositionEmbedding};
+use crate::ops::timing::section;
 use crate::ops::{self, AttnMask, DropoutRng, RopeTable};
 use crate::parallel::comm::Communicator;
 use crate::parallel::tensor::TensorParallel;
 use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -81,6 +86,8 @@ pub struct GptModel {
     device: Device,
     /// Activation recompute of the layers in training (`model.recompute_*`).
     recompute: Option<RecomputePlan>,
+    /// Training layers use the written-out backward where they can (`explicit_layer`).
+    explicit_layers: bool,
 }
 
 impl GptModel {
@@ -283,6 +290,7 @@ impl GptModel {
             dtype,
             device: device.clone(),
             recompute,
+            explicit_layers: explicit_layer::enabled_by_default(device),
         })
     }
 
@@ -364,17 +372,10 @@ impl GptModel {
         self.run(tokens, 0, opts, None, None)
     }
 
-    /// [`Self::forward`] in training with the configured activation recompute: parameter
-    /// gradients of recomputed layers arrive in `grads` during `backward()` (see
-    /// [`super::recompute`]). Without a recompute plan this is [`Self::forward`].
-    pub fn forward_recompute(
-        &self,
-        tokens: &Tensor,
-        opts: &ForwardOpts,
-        grads: &RecomputeGrads,
-    ) -> Result<Tensor> {
-        self.require_whole_model()?;
-        self.run(tokens, 0, opts, None, Some(grads))
+    /// Turns the written-out layer backward ([`super::explicit_layer`]) on or off for this
+    /// model (the default follows the device and `MBRIDGE_EXPLICIT_LAYERS`).
+    pub fn set_explicit_layers(&mut self, on: bool) {
+        self.explicit_layers = on;
     }
 
     /// The activation recompute plan, if `model.recompute_granularity` asks for one.
@@ -387,8 +388,8 @@ impl GptModel {
     /// this rank's part of the sequence, under sequence parallelism); the last
     /// stage returns logits `[b, s, vocab]` (this rank's vocab shard with TP > 1), earlier
     /// stages hidden states. Every stage needs the same `opts` (positions, mask) and, in
-    /// training, its own [`DropoutRng`] stream. With `recompute` (training with a recompute
-    /// plan) the checkpointed layers' parameter gradients arrive there during `backward()`.
+    /// training, its own [`DropoutRng`] stream. With `recompute` (training) the parameter
+    /// gradients of checkpointed and explicit layers arrive there during `backward()`.
     pub fn forward_stage(
         &self,
         input: &Tensor,
@@ -397,6 +398,83 @@ impl GptModel {
     ) -> Result<Tensor> {
         self.require_tp_comm()?;
         self.run(input, 0, opts, None, recompute)
+    }
+
+    /// Training (or evaluation) forward of a stage that ends in the loss: `(Σ mask·CE, Σ
+    /// mask)` as [`Self::cross_entropy`] of [`Self::forward_stage`]'s logits. With a side
+    /// sink and the written-out backward on (no TP), the final norm, output layer and
+    /// cross-entropy are one explicit op whose gradients go to `sink`; its backward writes
+    /// the logits' gradient over the logits (the largest buffer of a step).
+    pub fn forward_stage_loss(
+        &self,
+        input: &Tensor,
+        opts: &ForwardOpts,
+        sink: Option<&RecomputeGrads>,
+        labels: &Tensor,
+        loss_mask: &Tensor,
+    ) -> Result<(Tensor, f64)> {
+        self.require_tp_comm()?;
+        if !self.post_process {
+            bail!("forward_stage_loss: this stage has no output layer");
+        }
+        let x = self.run_layers(input, 0, opts, None, sink)?;
+        match sink {
+            Some(sink) if self.explicit_layers && self.tp.is_none() => {
+                section("head.fwd", &self.device, || {
+                    self.explicit_head_loss(&x, labels, loss_mask, sink)
+                })
+            }
+            _ => {
+                let logits = section("head.fwd", &self.device, || self.head(&x))?;
+                section("loss.fwd", &self.device, || self.cross_entropy(&logits, labels, loss_mask))
+            }
+        }
+    }
+
+    /// Final norm → output layer → masked cross-entropy of `x` `[b, s, h]` with a written-out
+    /// backward (see [`Self::forward_stage_loss`]).
+    fn explicit_head_loss(
+        &self,
+        x: &Tensor,
+        labels: &Tensor,
+        loss_mask: &Tensor,
+        sink: &RecomputeGrads,
+    ) -> Result<(Tensor, f64)> {
+        let (Some(norm), Some(w)) = (&self.final_norm, &self.output_w) else {
+            bail!("stage has no output layer");
+        };
+        let (b, s, h) = x.dims3()?;
+        let (n, vocab) = (b * s, w.dim(0)?);
+        let labels = labels.to_dtype(DType::U32)?.reshape(n)?;
+        let max_label = labels.max_all()?.to_scalar::<u32>()? as usize;
+        if max_label >= vocab {
+            bail!("label id {max_label} out of range for vocabulary of size {vocab}");
+        }
+        let xn = norm.forward_untracked(&x.detach())?.reshape((n, h))?;
+        let logits = xn.matmul(&w.detach().t()?)?;
+        let (ce, state) = ops::manual::cross_entropy_forward(&logits, &labels)?;
+        let mask = loss_mask.reshape(n)?.to_dtype(ce.dtype())?;
+        let sum = ce.mul(&mask)?.sum_all()?;
+        let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (norm, w, sink) = (norm.clone(), w.clone(), sink.clone());
+        let backward: BackwardFn = Box::new(move |x: &Tensor, g: &Tensor| {
+            let run = || -> Result<Tensor> {
+                let mut grads = GradStore::default();
+                let g_rows = mask.broadcast_mul(&g.to_dtype(mask.dtype())?)?;
+                let dlogits =
+                    ops::manual::cross_entropy_backward(logits, &labels, &state, &g_rows)?;
+                grads.insert(&w, ops::manual::weight_grad(&dlogits, &xn)?);
+                let dxn = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;
+                drop(dlogits);
+                let dx = norm.backward(&x.detach(), &dxn, &mut grads)?;
+                sink.push(grads);
+                Ok(dx)
+            };
+            run()
+                .map(Some)
+                .map_err(|e| candle_core::Error::Msg(format!("explicit head backward: {e:#}")))
+        });
+        Ok((with_backward(x, sum, "explicit-head-loss", backward)?, count))
     }
 
     /// Incremental forward with a KV cache: `tokens` `[b, s]` continue the cached sequence
@@ -475,8 +553,26 @@ impl GptModel {
         Ok(())
     }
 
-    /// Runs this stage: `input` is token ids on the first stage, hidden states otherwise.
+    /// Runs this stage: `input` is token ids on the first stage, hidden states otherwise;
+    /// logits when the stage ends in the output layer.
     fn run(
+        &self,
+        input: &Tensor,
+        start: usize,
+        opts: &ForwardOpts,
+        cache: Option<&mut KvCache>,
+        recompute: Option<&RecomputeGrads>,
+    ) -> Result<Tensor> {
+        let x = self.run_layers(input, start, opts, cache, recompute)?;
+        if self.post_process {
+            section("head.fwd", &self.device, || self.head(&x))
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// [`Self::run`] up to the last layer's output (no final norm / output layer).
+    fn run_layers(
         &self,
         input: &Tensor,
         start: usize,
@@ -521,7 +617,9 @@ impl GptModel {
             })
         };
         let mut x = if pre {
-            let e = self.embed(input, &pos)?;
+            // Training with the written-out backward: the lookups' gradients too.
+            let sink = recompute.filter(|_| self.explicit_layers && cache.is_none());
+            let e = section("embed.fwd", &self.device, || self.embed(input, &pos, sink))?;
             let e = match sp {
                 Some(tp) => tp.scatter_to_sequence_region(&e, 1)?,
                 None => e,
@@ -588,37 +686,66 @@ impl GptModel {
                 });
                 x = checkpoint(&x, f, grads)?;
             }
-            return if self.post_process { self.head(&x) } else { Ok(x) };
+            return Ok(x);
         }
         let inputs = AttnInputs {
             rope: rope.as_ref(),
             mask: attn_mask(dense.as_ref(), window_left),
             dropout: opts.dropout,
         };
+        // Training layers with a written-out backward (see `explicit_layer`): their
+        // parameter gradients go to the side sink, so one must be there.
+        let dropout_in_effect = opts.dropout.is_some()
+            && (self.arch.hidden_dropout > 0.0 || self.arch.attention_dropout > 0.0);
+        let explicit = match (recompute, &cache) {
+            (Some(sink), None) if !dropout_in_effect && self.explicit_layers => {
+                let mask = match &dense {
+                    Some(m) => OwnedMask::Dense(m.clone()),
+                    None => OwnedMask::Causal { window_left },
+                };
+                Some((sink, Arc::new(ExplicitInputs::new(rope.as_ref(), mask)?)))
+            }
+            _ => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Some((sink, ei)) = &explicit {
+                if layer.attn.explicit_ok() && layer.mlp.explicit_ok() {
+                    x = explicit_layer::forward(&layer.attn, &layer.mlp, &x, ei, sink)?;
+                    continue;
+                }
+            }
             let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);
             x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;
             x = (&x + hidden_dropout(layer.mlp.forward_train(&x, opts.dropout)?)?)?;
         }
-        if self.post_process {
-            self.head(&x)
-        } else {
-            Ok(x)
-        }
+        Ok(x)
     }
 
     /// Embedding stage input: word embeddings (+ learned positions) `[b, s, h]`.
-    fn embed(&self, tokens: &Tensor, pos: &Tensor) -> Result<Tensor> {
+    /// With `explicit` (training), the lookups' gradients are computed by
+    /// [`explicit_lookup`] and go to that sink.
+    fn embed(
+        &self,
+        tokens: &Tensor,
+        pos: &Tensor,
+        explicit: Option<&RecomputeGrads>,
+    ) -> Result<Tensor> {
         let w = self.word_emb.as_ref().ok_or_else(|| anyhow::anyhow!("stage has no embedding"))?;
         let (b, s) = tokens.dims2()?;
         let ids = tokens.to_dtype(DType::U32)?.flatten_all()?;
+        let lookup = |w: &Tensor, ids: &Tensor| -> Result<Tensor> {
+            Ok(match explicit {
+                Some(sink) => explicit_lookup(w, ids, sink)?,
+                None => w.index_select(ids, 0)?,
+            })
+        };
         let mut x = match &self.tp {
             Some(tp) => tp.embedding(&ids, w)?,
-            None => w.index_select(&ids, 0)?,
+            None => lookup(w, &ids)?,
         }
         .reshape((b, s, self.arch.hidden))?;
         if let Some(pw) = &self.pos_emb {
-            let pe = pw.index_select(&pos.flatten_all()?, 0)?.reshape((b, s, self.arch.hidden))?;
+            let pe = lookup(pw, &pos.flatten_all()?)?.reshape((b, s, self.arch.hidden))?;
             x = (x + pe)?;
         }
         Ok(x)
@@ -645,4 +772,18 @@ fn attn_mask(dense: Option<&Tensor>, window_left: Option<i64>) -> AttnMask<'_> {
         Some(m) => AttnMask::Dense(m),
         None => AttnMask::Causal { window_left },
     }
+}
+
+/// `w[ids]` whose weight gradient is computed by [`ops::manual::embedding_backward`] (a
+/// scatter-add kernel on CUDA, instead of candle's `index_add`) and goes to `sink`.
+fn explicit_lookup(w: &Tensor, ids: &Tensor, sink: &RecomputeGrads) -> Result<Tensor> {
+    let y = w.detach().index_select(ids, 0)?;
+    let (ids, vocab, sink) = (ids.clone(), w.dim(0)?, sink.clone());
+    let backward: BackwardFn = Box::new(move |w: &Tensor, dy: &Tensor| {
+        let mut grads = GradStore::default();
+        grads.insert(w, ops::manual::embedding_backward(&ids, &dy.contiguous()?, vocab)?);
+        sink.push(grads);
+        Ok(None)
+    });
+    Ok(with_backward(w, y, "explicit-embedding", backward)?)
 }

@@ -7,10 +7,11 @@ use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::Activation;
-use crate::ops::{self, DropoutRng};
+use crate::ops::{self, manual, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
 use crate::peft::{Adapter, BaseParallel};
 use anyhow::Result;
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 /// One layer's MLP with its pre-norm.
@@ -140,5 +141,66 @@ impl Mlp {
             }
         }
         Ok(())
+    }
+}
+
+/// What the written-out backward of [`Mlp`] keeps from its forward: `linear_fc1`'s output
+/// (the norm output and the activation are recomputed from the block input and from it).
+pub struct MlpSaved {
+    fc1_out: Tensor,
+}
+
+impl Mlp {
+    /// Whether the written-out forward/backward covers this block (no tensor parallelism,
+    /// no adapters).
+    pub(super) fn explicit_ok(&self) -> bool {
+        self.tp.is_none() && self.fc1_adapter.is_none() && self.fc2_adapter.is_none()
+    }
+
+    /// [`Self::forward`] without autograd, keeping what [`Self::backward`] needs.
+    pub(super) fn forward_saving(&self, x: &Tensor) -> Result<(Tensor, MlpSaved)> {
+        let xn = self.norm.forward_untracked(x)?;
+        let fc1_out = ops::linear(
+            &xn,
+            &self.fc1_w.detach(),
+            self.fc1_b.as_ref().map(Tensor::detach).as_ref(),
+        )?;
+        let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
+        let y = ops::linear(
+            &act,
+            &self.fc2_w.detach(),
+            self.fc2_b.as_ref().map(Tensor::detach).as_ref(),
+        )?;
+        Ok((y, MlpSaved { fc1_out }))
+    }
+
+    /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
+    /// gradients go into `grads`.
+    pub(super) fn backward(
+        &self,
+        saved: MlpSaved,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let (b, s, h) = dy.dims3()?;
+        let dy = dy.reshape((b * s, h))?;
+        let u = saved.fc1_out.reshape((b * s, ()))?;
+        let act = manual::activation_forward(&u, self.activation, self.gated)?;
+        grads.insert(&self.fc2_w, manual::weight_grad(&dy, &act)?);
+        drop(act);
+        if let Some(b2) = &self.fc2_b {
+            grads.insert(b2, manual::bias_grad(&dy)?);
+        }
+        let dact = dy.matmul(&self.fc2_w.detach())?;
+        let du = manual::activation_backward(&u, self.activation, self.gated, &dact)?;
+        drop((dact, u, saved));
+        let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
+        grads.insert(&self.fc1_w, manual::weight_grad(&du, &xn)?);
+        if let Some(b1) = &self.fc1_b {
+            grads.insert(b1, manual::bias_grad(&du)?);
+        }
+        let dxn = du.matmul(&self.fc1_w.detach())?.reshape((b, s, h))?;
+        self.norm.backward(x, &dxn, grads)
     }
 }

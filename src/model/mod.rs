@@ -34,6 +34,7 @@
 
 pub mod arch;
 pub mod attention;
+pub mod explicit_layer;
 pub mod flops;
 pub mod generate;
 pub mod gpt;

@@ -7,6 +7,7 @@ use crate::config::model::Normalization;
 use crate::ops;
 use crate::parallel::tensor::TensorParallel;
 use anyhow::Result;
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 /// A norm over the last dimension with its weight (and bias for LayerNorm).
@@ -73,5 +74,43 @@ impl Norm {
             }
             _ => ops::rms_norm(x, &weight, self.eps, self.zero_centered)?,
         })
+    }
+
+    /// [`Self::forward`] outside the autograd graph (a layer with a written-out backward).
+    pub fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.detach();
+        Ok(match (&self.kind, &self.bias) {
+            (Normalization::LayerNorm, Some(b)) => {
+                ops::layer_norm(x, &w, &b.detach(), self.eps, self.zero_centered)?
+            }
+            _ => ops::rms_norm(x, &w, self.eps, self.zero_centered)?,
+        })
+    }
+
+    /// Backward of [`Self::forward_untracked`] at `x` for the output gradient `dy`: returns
+    /// `dx` and puts the weight (and bias) gradients into `grads`.
+    pub fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        if self.grad_sum.is_some() {
+            anyhow::bail!("norm backward: tensor-parallel norms run through autograd");
+        }
+        let (eps, zc) = (self.eps, self.zero_centered);
+        match (&self.kind, &self.bias) {
+            (Normalization::LayerNorm, Some(b)) => {
+                let g = ops::manual::vjp(
+                    |a| ops::layer_norm(&a[0], &a[1], &a[2], eps, zc),
+                    &[x, &self.weight, b],
+                    dy,
+                )?;
+                grads.insert(&self.weight, g[1].clone());
+                grads.insert(b, g[2].clone());
+                Ok(g[0].clone())
+            }
+            _ => {
+                let (dx, dw) =
+                    ops::manual::rms_norm_backward(x, &self.weight.detach(), dy, eps, zc)?;
+                grads.insert(&self.weight, dw);
+                Ok(dx)
+            }
+        }
     }
 }

@@ -67,17 +67,19 @@ impl RecomputePlan {
     }
 }
 
-/// Parameter gradients produced by recomputed segments during one backward pass.
+/// Parameter gradients produced outside the recorded graph during one backward pass: by
+/// recomputed segments and by layers with a written-out backward
+/// ([`super::explicit_layer`]). The training step adds them to its gradients.
 #[derive(Debug, Clone, Default)]
 pub struct RecomputeGrads(Arc<Mutex<Vec<GradStore>>>);
 
 impl RecomputeGrads {
-    /// Takes the stores collected so far (one per checkpointed segment).
+    /// Takes the stores collected so far (one per segment or layer).
     pub fn take(&self) -> Vec<GradStore> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn push(&self, g: GradStore) {
+    pub(super) fn push(&self, g: GradStore) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(g);
     }
 }
@@ -87,8 +89,7 @@ pub type SegmentFn = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send +
 
 /// Runs `f` on `x` without keeping its activations; see the module docs.
 pub fn checkpoint(x: &Tensor, f: SegmentFn, grads: &RecomputeGrads) -> candle_core::Result<Tensor> {
-    // Contiguous and at offset 0, so the forward can hand over its storage as is.
-    let y = f(&x.detach())?.detach().copy()?;
+    let y = f(&x.detach())?;
     if y.dims() != x.dims() {
         candle_core::bail!(
             "checkpointed segment changed the shape {:?} to {:?}",
@@ -96,34 +97,77 @@ pub fn checkpoint(x: &Tensor, f: SegmentFn, grads: &RecomputeGrads) -> candle_co
             y.dims()
         );
     }
-    x.apply_op1(Checkpoint { f, grads: grads.clone(), value: Mutex::new(Some(y)) })
+    let grads = grads.clone();
+    let backward: BackwardFn = Box::new(move |x: &Tensor, grad: &Tensor| {
+        let xv = Var::from_tensor(&x.detach())?;
+        let y = f(xv.as_tensor())?;
+        // backward() seeds with ones, so d(y·grad)/dy = grad exactly: no sum needed.
+        let mut store = y.mul(&grad.detach())?.backward()?;
+        let dx = store.remove(xv.as_tensor());
+        grads.push(store);
+        Ok(dx)
+    });
+    with_backward(x, y, "recompute-checkpoint", backward)
 }
 
-struct Checkpoint {
-    f: SegmentFn,
-    grads: RecomputeGrads,
-    /// The segment's output, computed before the op is applied; moved out by the forward.
+/// A hand-written backward: `(input, output gradient)` → input gradient. It runs at most once,
+/// so it may move (and then free) what its forward saved.
+pub type BackwardFn =
+    Box<dyn FnOnce(&Tensor, &Tensor) -> candle_core::Result<Option<Tensor>> + Send>;
+
+/// `y`, computed from `x` outside candle's graph, entered into the graph as a function of `x`
+/// whose gradient `backward` computes. candle has no such primitive, so this is a CustomOp on
+/// `x` whose forward hands over the precomputed `y` and whose backward calls
+/// `backward`.
+pub fn with_backward(
+    x: &Tensor,
+    y: Tensor,
+    name: &'static str,
+    backward: BackwardFn,
+) -> candle_core::Result<Tensor> {
+    // The forward hands over a clone of `y`'s whole storage (candle cannot move one out of
+    // a tensor: one device copy of the output, small next to the work that produced it), so
+    // `y` must be contiguous from offset 0.
+    let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
+        y.detach()
+    } else {
+        y.detach().copy()?
+    };
+    let shape = y.shape().clone();
+    x.apply_op1(Precomputed {
+        name,
+        shape,
+        value: Mutex::new(Some(y)),
+        backward: Mutex::new(Some(backward)),
+    })
+}
+
+struct Precomputed {
+    name: &'static str,
+    shape: Shape,
+    /// The output, computed before the op is applied; moved out by the forward.
     value: Mutex<Option<Tensor>>,
+    backward: Mutex<Option<BackwardFn>>,
 }
 
-impl Checkpoint {
+impl Precomputed {
     fn take_value(&self) -> candle_core::Result<Storage> {
         let v = self.value.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(v) = v else { candle_core::bail!("checkpoint forward ran twice") };
+        let Some(v) = v else { candle_core::bail!("{}: forward ran twice", self.name) };
         let (s, l) = v.storage_and_layout();
         s.try_clone(l)
     }
 }
 
-impl CustomOp1 for Checkpoint {
+impl CustomOp1 for Precomputed {
     fn name(&self) -> &'static str {
-        "recompute-checkpoint"
+        self.name
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         match self.take_value()? {
-            Storage::Cpu(c) => Ok((c, l.shape().clone())),
-            _ => candle_core::bail!("checkpoint: segment output is not on the CPU"),
+            Storage::Cpu(c) => Ok((c, self.shape.clone())),
+            _ => candle_core::bail!("{}: output is not on the CPU", self.name),
         }
     }
 
@@ -131,22 +175,18 @@ impl CustomOp1 for Checkpoint {
     fn cuda_fwd(
         &self,
         _s: &candle_core::CudaStorage,
-        l: &Layout,
+        _l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         match self.take_value()? {
-            Storage::Cuda(c) => Ok((c, l.shape().clone())),
-            _ => candle_core::bail!("checkpoint: segment output is not on the GPU"),
+            Storage::Cuda(c) => Ok((c, self.shape.clone())),
+            _ => candle_core::bail!("{}: output is not on the GPU", self.name),
         }
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let xv = Var::from_tensor(&x.detach())?;
-        let y = (self.f)(xv.as_tensor())?;
-        // backward() seeds with ones, so d(y·grad)/dy = grad exactly: no sum needed.
-        let mut store = y.mul(&grad.detach())?.backward()?;
-        let dx = store.remove(xv.as_tensor());
-        self.grads.push(store);
-        Ok(dx)
+        let f = self.backward.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(f) = f else { candle_core::bail!("{}: backward ran twice", self.name) };
+        f(x, grad)
     }
 }
 

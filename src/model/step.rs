@@ -96,6 +96,5 @@ pub fn loss_for_microbatch_recompute(
         attention_mask: batch.attention_mask.as_ref(),
         dropout,
     };
-    let logits = model.forward_recompute(&batch.tokens, &opts, grads)?;
-    model.cross_entropy(&logits, &batch.labels, &batch.loss_mask)
+    model.forward_stage_loss(&batch.tokens, &opts, Some(grads), &batch.labels, &batch.loss_mask)
 }

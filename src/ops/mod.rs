@@ -20,9 +20,11 @@ pub mod flash;
 pub mod fused;
 mod fused_cpu;
 pub mod linear;
+pub mod manual;
 pub mod norm;
 pub mod rope;
 pub mod softmax;
+pub mod timing;
 
 pub use activation::{apply_activation, gated_composite, swiglu};
 pub use attention::{attention, attention_auto, build_attention_mask, AttentionShape, AttnMask};

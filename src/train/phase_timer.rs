@@ -1,5 +1,7 @@
 //! Per-phase wall times of one iteration (forward, backward, gradient accumulation, clipping,
-//! optimizer), printed at debug level (`--log-level debug`) for profiling.
+//! optimizer), printed at debug level (`--log-level debug`) for profiling, together with the
+//! sections that model code times inside those phases ([`crate::ops::timing::section`]: each layer's forward and
+//! backward, the core attention, the head), summed over the iteration.
 //!
 //! GPU work is asynchronous, so each mark synchronizes the device first; that costs a little
 //! overlap, which is why the timer is off (no synchronization at all) unless debug logging
@@ -43,14 +45,17 @@ impl PhaseTimer {
         Ok(())
     }
 
-    /// `forward 12.3 ms | backward 20.1 ms | ...`, or None when off.
+    /// `forward 12.3 ms | backward 20.1 ms | ...` (then `; sections: ...` when model code
+    /// timed any), or None when off.
     pub fn summary(&self) -> Option<String> {
         self.on.then(|| {
-            self.phases
-                .iter()
-                .map(|(n, t)| format!("{n} {t:.1} ms"))
-                .collect::<Vec<_>>()
-                .join(" | ")
+            let phases =
+                self.phases.iter().map(|(n, t)| format!("{n} {t:.1} ms")).collect::<Vec<_>>();
+            let sections = crate::ops::timing::take_sections();
+            match sections.is_empty() {
+                true => phases.join(" | "),
+                false => format!("{}; sections: {sections}", phases.join(" | ")),
+            }
         })
     }
 }

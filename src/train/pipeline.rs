@@ -16,6 +16,7 @@ use candle_core::{DType, Tensor, Var};
 use super::grads::{GradAccumulator, GradSource, GradSourceMut};
 use crate::model::recompute::RecomputeGrads;
 use crate::model::{ForwardOpts, GptModel, Microbatch};
+use crate::ops::timing::section;
 use crate::ops::DropoutRng;
 use crate::parallel::comm::{Communicator, ReduceOp};
 use crate::parallel::pipeline::{schedule, Op, PipelineP2p, ScheduleSpec};
@@ -78,11 +79,9 @@ impl Pipeline<'_> {
             match op {
                 Op::Forward { chunk, microbatch } => {
                     let rng = (hooks.dropout)(chunk, microbatch);
-                    // Activation recompute only pays off when a backward follows.
-                    let recompute = acc
-                        .as_ref()
-                        .and(self.chunks[chunk].recompute_plan())
-                        .map(|_| RecomputeGrads::default());
+                    // Gradients produced outside the graph (recomputed segments, explicit
+                    // layers) only exist when a backward follows.
+                    let recompute = acc.as_ref().map(|_| RecomputeGrads::default());
                     let (input, output, loss) =
                         self.forward(chunk, &micro[microbatch], rng.as_ref(), recompute.as_ref())?;
                     let output = match loss {
@@ -159,11 +158,12 @@ impl Pipeline<'_> {
             Some(Var::from_tensor(&t)?)
         };
         let x = input.as_ref().map_or(&mb.tokens, |v| v.as_tensor());
-        let output = model.forward_stage(x, &opts, recompute)?;
-        let loss = if model.post_process() {
-            Some(model.cross_entropy(&output, &mb.labels, &mb.loss_mask)?)
+        let (output, loss) = if model.post_process() {
+            let (sum, count) =
+                model.forward_stage_loss(x, &opts, recompute, &mb.labels, &mb.loss_mask)?;
+            (sum.clone(), Some((sum, count)))
         } else {
-            None
+            (model.forward_stage(x, &opts, recompute)?, None)
         };
         Ok((input, output, loss))
     }
@@ -171,11 +171,11 @@ impl Pipeline<'_> {
     fn backward(&self, chunk: usize, p: Pending, acc: &mut GradAccumulator) -> Result<()> {
         let model = &self.chunks[chunk];
         let grads = if model.post_process() {
-            p.output.backward()?
+            section("backward()", model.device(), || p.output.backward())?
         } else {
             let g =
                 self.p2p().recv_backward(p.output.shape(), p.output.dtype(), p.output.device())?;
-            (&p.output * g)?.sum_all()?.backward()?
+            section("backward()", model.device(), || (&p.output * g)?.sum_all()?.backward())?
         };
         if let Some(input) = &p.input {
             let g = grads.get(input.as_tensor()).with_context(|| {
@@ -183,12 +183,14 @@ impl Pipeline<'_> {
             })?;
             self.p2p().send_backward(g)?;
         }
-        acc.accumulate(&grads)?;
-        drop(grads);
-        for g in p.recompute.iter().flat_map(RecomputeGrads::take) {
-            acc.add(&g)?;
-        }
-        Ok(())
+        section("grads.accumulate", model.device(), || -> Result<()> {
+            acc.accumulate(&grads)?;
+            drop(grads);
+            for g in p.recompute.iter().flat_map(RecomputeGrads::take) {
+                acc.add(&g)?;
+            }
+            Ok(())
+        })
     }
 }
 

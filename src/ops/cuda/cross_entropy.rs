@@ -110,3 +110,44 @@ impl CustomOp2 for CrossEntropy {
         })
     }
 }
+
+/// The backward of [`CrossEntropy`] written over the logits themselves: `logits` `[N, V]`
+/// becomes `(softmax − onehot)·g_loss + softmax·g_lse` per row (`g` `[N, 2]` f32, `res` the
+/// forward's `[N, 2]`). Saves the `[N, V]` gradient buffer, the largest allocation of a step.
+/// The caller hands over `logits` and must hold no other clone of it.
+pub fn backward_in_place(
+    logits: Tensor,
+    labels: &Tensor,
+    res: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if !logits.is_contiguous() || logits.layout().start_offset() != 0 {
+        candle_core::bail!("fused-cross-entropy in-place backward needs contiguous logits");
+    }
+    let g = g.contiguous()?;
+    let dev = logits.device().as_cuda_device()?.clone();
+    let f = crate::function!(&dev, &MODULE, &format!("ce_bwd_{}", dtype_suffix(logits.dtype())?))?;
+    {
+        let (xs, xl) = logits.storage_and_layout();
+        let (ts, tl) = labels.storage_and_layout();
+        let (rs, rl) = res.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let labels_v = contiguous_view::<u32>(cuda_storage(&ts, "labels")?, tl, "ce labels")?;
+        let res_v = contiguous_view::<f32>(cuda_storage(&rs, "ce res")?, rl, "ce res")?;
+        let g_v = contiguous_view::<f32>(cuda_storage(&gs, "ce grad")?, gl, "ce grad")?;
+        let xs = cuda_storage(&xs, "logits")?;
+        let vi = v as i32;
+        with_float_type!(logits.dtype(), T, {
+            let x = contiguous_view::<T>(xs, xl, "ce logits")?;
+            let mut b = f.builder();
+            // Input and output are the same buffer: each element is read, then written, by
+            // the same thread.
+            b.arg(&x).arg(&labels_v).arg(&res_v).arg(&g_v).arg(&x).arg(&vi);
+            // SAFETY: argument list matches `ce_bwd_*`; the aliasing is per element (above)
+            // and the caller owns the only reference to `logits`.
+            unsafe { b.launch(row_cfg(n)) }.w()?;
+        });
+    }
+    Ok(logits)
+}

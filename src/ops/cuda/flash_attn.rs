@@ -8,7 +8,7 @@
 //! at any point: the kernel keeps only a per-row logsumexp (fp32) for the backward pass.
 
 use crate::kernel_module;
-use crate::ops::cuda::div_ceil;
+use crate::ops::cuda::{div_ceil, dptr};
 use crate::ops::flash::{kernel_strides, FlashSpec, HEAD_DIMS};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
@@ -184,34 +184,6 @@ fn type_name(dtype: DType) -> Result<&'static str> {
         DType::F16 => Ok("f16"),
         other => candle_core::bail!("flash attention: dtype {other:?} (bf16 or f16 only)"),
     }
-}
-
-/// Device address of element `offset` of a half-precision or f32/u32 storage.
-fn dptr<'a>(
-    s: &'a CudaStorage,
-    stream: &'a CudaStream,
-    offset: usize,
-) -> Result<(u64, SyncOnDrop<'a>)> {
-    let (p, g, size) = match &s.slice {
-        CudaStorageSlice::BF16(x) => {
-            let (p, g) = x.device_ptr(stream);
-            (p, g, 2)
-        }
-        CudaStorageSlice::F16(x) => {
-            let (p, g) = x.device_ptr(stream);
-            (p, g, 2)
-        }
-        CudaStorageSlice::F32(x) => {
-            let (p, g) = x.device_ptr(stream);
-            (p, g, 4)
-        }
-        CudaStorageSlice::U32(x) => {
-            let (p, g) = x.device_ptr(stream);
-            (p, g, 4)
-        }
-        _ => candle_core::bail!("flash attention: unsupported storage dtype {:?}", s.dtype()),
-    };
-    Ok((p + (offset * size) as u64, g))
 }
 
 fn alloc_like(dev: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {

@@ -13,14 +13,19 @@
 
 pub mod adamw;
 pub mod cross_entropy;
+pub mod embedding;
 pub mod flash_attn;
 pub mod memory;
 pub mod rms_norm;
 pub mod rope;
 pub mod sumsq;
 pub mod swiglu;
+pub mod wgrad;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, SyncOnDrop,
+};
+use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor};
@@ -130,4 +135,32 @@ macro_rules! with_float_type {
             other => candle_core::bail!("fused CUDA kernels support f32/bf16/f16, got {other:?}"),
         }
     };
+}
+
+/// Device address of element `offset` of a half-precision or f32/u32 storage.
+pub fn dptr<'a>(
+    s: &'a CudaStorage,
+    stream: &'a CudaStream,
+    offset: usize,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    let (p, g, size) = match &s.slice {
+        CudaStorageSlice::BF16(x) => {
+            let (p, g) = x.device_ptr(stream);
+            (p, g, 2)
+        }
+        CudaStorageSlice::F16(x) => {
+            let (p, g) = x.device_ptr(stream);
+            (p, g, 2)
+        }
+        CudaStorageSlice::F32(x) => {
+            let (p, g) = x.device_ptr(stream);
+            (p, g, 4)
+        }
+        CudaStorageSlice::U32(x) => {
+            let (p, g) = x.device_ptr(stream);
+            (p, g, 4)
+        }
+        _ => candle_core::bail!("device pointer: unsupported storage dtype {:?}", s.dtype()),
+    };
+    Ok((p + (offset * size) as u64, g))
 }

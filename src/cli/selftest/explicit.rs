@@ -1,0 +1,97 @@
+//! The written-out layer backward (`model::explicit_layer`) on the GPU in bf16 against the
+//! recorded autograd path of the same model (same weights, same batch, fused kernels in both):
+//! the loss and every parameter gradient.
+
+use super::{compare, Check, CheckFn, Measure};
+use crate::config::model::{Activation, ModelConfig, Normalization, PositionEmbedding};
+use crate::model::recompute::RecomputeGrads;
+use crate::model::{loss_for_microbatch_recompute, GptModel, Microbatch, ParallelLayout};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+/// Both paths round to bf16 at different points (GEMM outputs, summed gradients).
+const TOL: f64 = 3e-2;
+
+pub(super) fn checks() -> Vec<Check> {
+    vec![Check { name: "explicit_layer", run: CheckFn::Measures(explicit_layer) }]
+}
+
+fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let base = ModelConfig {
+        num_layers: 2,
+        hidden_size: 256,
+        ffn_hidden_size: Some(512),
+        num_attention_heads: 4,
+        num_query_groups: Some(2),
+        vocab_size: Some(512),
+        seq_length: 256,
+        normalization: Normalization::RMSNorm,
+        gated_linear_unit: true,
+        activation_func: Activation::Silu,
+        add_bias_linear: false,
+        position_embedding_type: PositionEmbedding::Rope,
+        hidden_dropout: 0.0,
+        attention_dropout: 0.0,
+        ..Default::default()
+    };
+    let configs = [
+        ("llama d64", base.clone()),
+        (
+            "qwen3 d128 qk-norm bias",
+            ModelConfig { kv_channels: Some(128), qk_layernorm: true, add_qkv_bias: true, ..base },
+        ),
+    ];
+    let mut ms = Vec::new();
+    for (name, cfg) in configs {
+        let (b, s) = (2, cfg.seq_length);
+        let ids: Vec<u32> =
+            (0..b * s + 1).map(|i| ((i as u64 * 7919 + seed) % 512) as u32).collect();
+        let mb = Microbatch {
+            tokens: Tensor::from_vec(ids[..b * s].to_vec(), (b, s), dev)?,
+            labels: Tensor::from_vec(ids[1..].to_vec(), (b, s), dev)?,
+            loss_mask: Tensor::ones((b, s), DType::F32, dev)?,
+            position_ids: None,
+            attention_mask: None,
+        };
+        let run = |explicit: bool| -> Result<(Tensor, Vec<(String, Tensor)>)> {
+            let mut model = GptModel::new(&cfg, ParallelLayout::single(), 7, DType::BF16, dev)?;
+            model.set_explicit_layers(explicit);
+            let sink = RecomputeGrads::default();
+            let (sum, count) = loss_for_microbatch_recompute(&model, &mb, None, &sink)?;
+            let loss = (sum / count)?;
+            let store = loss.backward()?;
+            let side = sink.take();
+            if side.is_empty() == explicit {
+                anyhow::bail!("explicit = {explicit}, but {} side gradient stores", side.len());
+            }
+            let grads = model
+                .params()
+                .params()
+                .iter()
+                .map(|p| {
+                    // A tied embedding gets parts from the lookup and from the output layer.
+                    let t = p.var.as_tensor();
+                    let mut total: Option<Tensor> = None;
+                    for g in side.iter().map(|g| g.get(t)).chain([store.get(t)]).flatten() {
+                        let g = g.to_dtype(DType::F32)?;
+                        total = Some(match total {
+                            Some(a) => (a + g)?,
+                            None => g,
+                        });
+                    }
+                    total
+                        .map(|g| (p.name.clone(), g))
+                        .ok_or_else(|| anyhow::anyhow!("{name}: {}: no gradient", p.name))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((loss, grads))
+        };
+        let (want_loss, want) = run(false)?;
+        let (got_loss, got) = run(true)?;
+        ms.push(compare(&format!("{name} loss"), &got_loss, &want_loss, 1e-3)?);
+        for ((n, g), (_, w)) in got.iter().zip(&want) {
+            ms.push(compare(&format!("{name} d{n}"), g, w, TOL)?);
+        }
+    }
+    Ok(ms)
+}

@@ -1,0 +1,112 @@
+//! A transformer layer whose backward pass is written out, as Megatron's Transformer Engine
+//! layers are, instead of recorded op by op by candle's autograd.
+//!
+//! candle's backward starts every gradient as a zeros tensor and adds into it, turns each
+//! view (narrow, transpose, reshape) back into a full copy, and the graph keeps every
+//! intermediate activation until the whole backward is over. This layer runs the GEMMs and
+//! fused kernels of its backward directly, saves only what they need (the fused QKV, the
+//! attention output and logsumexp, `linear_fc1`'s output; the norms and the activation are
+//! recomputed, they are cheap), and frees them as soon as the layer's backward is done. The
+//! whole layer is one node of candle's graph ([`with_backward`]); its parameter gradients go
+//! to the step's side sink ([`RecomputeGrads`]), like those of recomputed segments.
+//!
+//! It covers the layers of the shipped recipes in training without tensor parallelism,
+//! dropout or adapters; anything else runs through autograd. `MBRIDGE_EXPLICIT_LAYERS`
+//! (`1`/`0`) turns it on or off; unset, it is on for CUDA and off on the CPU, where the
+//! recorded path stays the reference (the tests compare both).
+
+use super::attention::SelfAttention;
+use super::mlp::Mlp;
+use super::recompute::{with_backward, BackwardFn, RecomputeGrads};
+use crate::ops::timing::section;
+use crate::ops::AttnMask;
+use anyhow::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor};
+use std::sync::{Arc, OnceLock};
+
+/// Which keys each query sees, owned (it outlives the forward call in the saved state).
+#[derive(Debug, Clone)]
+pub enum OwnedMask {
+    /// A prebuilt u8 mask (see [`crate::ops::build_attention_mask`]).
+    Dense(Tensor),
+    /// Causal, optionally windowed.
+    Causal { window_left: Option<i64> },
+}
+
+impl OwnedMask {
+    pub fn as_mask(&self) -> AttnMask<'_> {
+        match self {
+            Self::Dense(m) => AttnMask::Dense(m),
+            Self::Causal { window_left } => AttnMask::Causal { window_left: *window_left },
+        }
+    }
+}
+
+/// Per-forward inputs shared by all explicit layers of a stage.
+#[derive(Debug, Clone)]
+pub struct ExplicitInputs {
+    /// RoPE `(cos, sin, -sin)` `[b, 1, s, rot]`; `-sin` rotates gradients back.
+    pub rope: Option<(Tensor, Tensor, Tensor)>,
+    pub mask: OwnedMask,
+}
+
+impl ExplicitInputs {
+    pub fn new(rope: Option<&(Tensor, Tensor)>, mask: OwnedMask) -> Result<Self> {
+        let rope = match rope {
+            Some((c, s)) => Some((c.detach(), s.detach(), s.neg()?.detach())),
+            None => None,
+        };
+        Ok(Self { rope, mask })
+    }
+}
+
+/// Whether layers on `device` use the written-out backward by default (see the module
+/// docs); [`super::gpt::GptModel::set_explicit_layers`] overrides it per model.
+pub fn enabled_by_default(device: &Device) -> bool {
+    static ENV: OnceLock<Option<bool>> = OnceLock::new();
+    let env = ENV.get_or_init(|| {
+        std::env::var("MBRIDGE_EXPLICIT_LAYERS")
+            .ok()
+            .map(|v| crate::ops::fused::env_allows(Some(&v)))
+    });
+    env.unwrap_or(device.is_cuda())
+}
+
+/// `x + attn(x)`, then `+ mlp(·)`, with a written-out backward whose parameter gradients go
+/// to `sink`. The caller checks [`SelfAttention::explicit_ok`] / [`Mlp::explicit_ok`].
+pub fn forward(
+    attn: &SelfAttention,
+    mlp: &Mlp,
+    x: &Tensor,
+    inputs: &Arc<ExplicitInputs>,
+    sink: &RecomputeGrads,
+) -> Result<Tensor> {
+    let dev = x.device().clone();
+    let xd = x.detach();
+    let (a, attn_saved) = section("layer.fwd.attn", &dev, || attn.forward_saving(&xd, inputs))?;
+    let x2 = (&xd + a)?;
+    let (m, mlp_saved) = section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2))?;
+    let y = (&x2 + m)?;
+    let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
+    let backward: BackwardFn = Box::new(move |x: &Tensor, dy: &Tensor| {
+        let run = || -> Result<Tensor> {
+            let mut grads = GradStore::default();
+            let dy = dy.contiguous()?;
+            let dm =
+                section("layer.bwd.mlp", &dev, || mlp.backward(mlp_saved, &x2, &dy, &mut grads))?;
+            let dx2 = (&dy + dm)?;
+            drop(x2);
+            let da = section("layer.bwd.attn", &dev, || {
+                attn.backward(attn_saved, &x.detach(), &inputs, &dx2, &mut grads)
+            })?;
+            let dx = (&dx2 + da)?;
+            sink.push(grads);
+            Ok(dx)
+        };
+        run()
+            .map(Some)
+            .map_err(|e| candle_core::Error::Msg(format!("explicit layer backward: {e:#}")))
+    });
+    Ok(with_backward(x, y, "explicit-layer", backward)?)
+}

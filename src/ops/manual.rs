@@ -1,0 +1,310 @@
+//! Forward/backward pairs of the layer primitives, for layers whose backward is written out
+//! by hand (`model::explicit_layer`) instead of being recorded by candle's autograd.
+//!
+//! Every forward here runs on detached tensors, so candle records nothing. On CUDA in half
+//! precision a backward is the fused kernel's backward; elsewhere it is the vector-Jacobian
+//! product of the composite op, taken by candle's autograd on a small local graph ([`vjp`]),
+//! so the reference path computes exactly the maths of the recorded one.
+
+use super::attention::{attention_auto, AttentionShape, AttnMask};
+use super::flash::{self, FlashSpec};
+use crate::config::model::Activation;
+use candle_core::{DType, Result, Tensor, Var};
+
+/// Gradients of `f` at `inputs` for the output gradient `dy` (one per input, zeros where the
+/// output does not depend on an input).
+pub fn vjp(
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+    inputs: &[&Tensor],
+    dy: &Tensor,
+) -> Result<Vec<Tensor>> {
+    let vars = inputs.iter().map(|t| Var::from_tensor(&t.detach())).collect::<Result<Vec<_>>>()?;
+    let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&args)?;
+    // backward() seeds with ones, so d(y·dy)/dy = dy exactly.
+    let grads = y.mul(&dy.detach())?.backward()?;
+    vars.iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        })
+        .collect()
+}
+
+/// Whether the fused CUDA kernels serve tensors of `t`'s device and dtype.
+#[cfg(feature = "cuda")]
+fn fused(t: &Tensor) -> bool {
+    super::fused::use_fused(t.device(), t.dtype())
+}
+
+/// `(dx, dγ)` of RMSNorm (see [`super::rms_norm`]) at `x` for the output gradient `dy`.
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    zero_centered: bool,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused(x)
+        && w.dtype() == x.dtype()
+        && x.dim(candle_core::D::Minus1)? <= super::cuda::rms_norm::MAX_WIDTH
+    {
+        return super::cuda::rms_norm::rms_norm_backward(
+            &x.contiguous()?,
+            &w.contiguous()?,
+            &dy.contiguous()?,
+            eps as f32,
+            zero_centered,
+        );
+    }
+    let g = vjp(|a| super::rms_norm(&a[0], &a[1], eps, zero_centered), &[x, w], dy)?;
+    let mut g = g.into_iter();
+    Ok((g.next().expect("two inputs"), g.next().expect("two inputs")))
+}
+
+/// Gradient of [`super::apply_rope`] with respect to `x`: the rotation is orthogonal, so its
+/// transpose is the rotation by the opposite angle, i.e. rope with `-sin` (exact, and the
+/// same fused kernel on CUDA).
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tensor> {
+    super::apply_rope(dy, cos, neg_sin)
+}
+
+/// The MLP activation on `fc1`'s output `u` (`[.., 2f]` `[gate; up]` when gated).
+pub fn activation_forward(u: &Tensor, act: Activation, gated: bool) -> Result<Tensor> {
+    if gated {
+        super::activation::gated(u, act)
+    } else {
+        super::apply_activation(u, act)
+    }
+}
+
+/// Gradient of [`activation_forward`] with respect to `u`.
+pub fn activation_backward(
+    u: &Tensor,
+    act: Activation,
+    gated: bool,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gated && act == Activation::Silu && fused(u) {
+        use candle_core::CustomOp1;
+        let u = u.contiguous()?;
+        let dx = super::cuda::swiglu::SwiGlu.bwd(&u, &u, &dy.contiguous()?)?;
+        return dx.ok_or_else(|| candle_core::Error::Msg("fused-swiglu gave no gradient".into()));
+    }
+    let mut g = vjp(|a| activation_forward(&a[0], act, gated), &[u], dy)?;
+    Ok(g.remove(0))
+}
+
+/// What the backward of core attention needs besides q, k, v (which the caller recomputes).
+#[derive(Debug, Clone)]
+pub enum AttnState {
+    /// The flash kernel: its output `[b, heads, s, d]` view and per-row logsumexp.
+    Flash { spec: FlashSpec, out: Tensor, lse: Tensor },
+    /// The composite reference with this mask (an owned dense mask, or causal).
+    Composite { dense: Option<Tensor>, window_left: Option<i64>, shape: AttentionShape },
+}
+
+/// Core attention `[b, heads, sq, d]` of `q` `[b, heads, sq, d]`, `k`/`v` `[b, groups, sk, d]`
+/// (no dropout), and the state its backward needs.
+pub fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: AttnMask,
+    shape: AttentionShape,
+) -> Result<(Tensor, AttnState)> {
+    if let AttnMask::Causal { window_left } = mask {
+        if flash::unsupported_reason(q, k, v, 0.0).is_none() {
+            let spec = FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
+            #[cfg(feature = "cuda")]
+            {
+                let (out, lse) = super::cuda::flash_attn::forward_with_lse(q, k, v, spec)?;
+                return Ok((out.clone(), AttnState::Flash { spec, out, lse }));
+            }
+            #[cfg(not(feature = "cuda"))]
+            let _ = spec;
+        }
+    }
+    let out = attention_auto(q, k, v, mask, shape, None)?;
+    let state = match mask {
+        AttnMask::Dense(m) => {
+            AttnState::Composite { dense: Some(m.clone()), window_left: None, shape }
+        }
+        AttnMask::Causal { window_left } => {
+            AttnState::Composite { dense: None, window_left, shape }
+        }
+    };
+    Ok((out, state))
+}
+
+/// `(dq, dk, dv)` of [`attention_forward`] for the output gradient `dout` `[b, heads, sq, d]`.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    state: &AttnState,
+    dout: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    match state {
+        #[cfg(feature = "cuda")]
+        AttnState::Flash { spec, out, lse } => {
+            super::cuda::flash_attn::backward_only(q, k, v, out, lse, dout, *spec)
+        }
+        #[cfg(not(feature = "cuda"))]
+        AttnState::Flash { .. } => {
+            candle_core::bail!("flash attention state without the cuda feature")
+        }
+        AttnState::Composite { dense, window_left, shape } => {
+            let mask = match dense {
+                Some(m) => AttnMask::Dense(m),
+                None => AttnMask::Causal { window_left: *window_left },
+            };
+            let g =
+                vjp(|a| attention_auto(&a[0], &a[1], &a[2], mask, *shape, None), &[q, k, v], dout)?;
+            let mut g = g.into_iter();
+            let mut next = || g.next().expect("three inputs");
+            Ok((next(), next(), next()))
+        }
+    }
+}
+
+/// What the cross-entropy backward needs besides the logits and labels.
+#[derive(Debug, Clone)]
+pub enum CeState {
+    /// The fused CUDA kernel's `[N, 2]` f32 `(loss, lse)` rows.
+    Fused(Tensor),
+    /// The composite reference (recomputed in the backward).
+    Composite,
+}
+
+/// Per-token cross-entropy `[N]` (f32 for half-precision logits) of logits `[N, V]` and u32
+/// labels `[N]` (in range: the caller checks), and the state of its backward.
+pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, CeState)> {
+    #[cfg(feature = "cuda")]
+    if fused(logits) {
+        let res = logits
+            .contiguous()?
+            .apply_op2_no_bwd(&labels.contiguous()?, &super::cuda::cross_entropy::CrossEntropy)?;
+        return Ok((res.narrow(1, 0, 1)?.squeeze(1)?, CeState::Fused(res)));
+    }
+    Ok((composite_ce(logits, labels)?, CeState::Composite))
+}
+
+/// The reference per-token cross-entropy, statistics in at least f32.
+fn composite_ce(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logits = match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+        _ => logits.clone(),
+    };
+    super::token_cross_entropy(&logits, labels)
+}
+
+/// Gradient of the logits (in their dtype) of [`cross_entropy_forward`] for per-token loss
+/// gradients `g` `[N]`. Takes the logits by value: the fused path writes the gradient over
+/// them (see `cuda::cross_entropy::backward_in_place`).
+pub fn cross_entropy_backward(
+    logits: Tensor,
+    labels: &Tensor,
+    state: &CeState,
+    g: &Tensor,
+) -> Result<Tensor> {
+    match state {
+        #[cfg(feature = "cuda")]
+        CeState::Fused(res) => {
+            let g = g.to_dtype(DType::F32)?.unsqueeze(1)?;
+            let g2 = Tensor::cat(&[&g, &g.zeros_like()?], 1)?;
+            super::cuda::cross_entropy::backward_in_place(logits, labels, res, &g2)
+        }
+        #[cfg(not(feature = "cuda"))]
+        CeState::Fused(_) => {
+            candle_core::bail!("fused cross-entropy state without the cuda feature")
+        }
+        CeState::Composite => {
+            let dt = logits.dtype();
+            let g = g.to_dtype(if dt == DType::F64 { DType::F64 } else { DType::F32 })?;
+            let mut d = vjp(|a| composite_ce(&a[0], labels), &[&logits], &g)?;
+            d.remove(0).to_dtype(dt)
+        }
+    }
+}
+
+/// Gradient of `W[ids]` (`W` `[vocab, h]`) for the output gradient `dy` `[n, h]` and u32
+/// `ids` `[n]`: f32 on CUDA (an atomic scatter-add kernel; the trainer accumulates gradients
+/// in f32 anyway), `dy`'s dtype elsewhere.
+pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if dy.device().is_cuda() {
+        return super::cuda::embedding::embedding_backward(ids, &dy.contiguous()?, vocab);
+    }
+    let h = dy.dim(1)?;
+    Tensor::zeros((vocab, h), dy.dtype(), dy.device())?.index_add(ids, dy, 0)
+}
+
+/// Weight gradient `dyᵀ · x` `[out, in]` of a linear layer for `dy` `[rows, out]` and its
+/// input `x` `[rows, in]`: in f32 straight from the GEMM on CUDA half precision (see
+/// `cuda::wgrad`; the trainer accumulates in f32), else in the inputs' dtype.
+pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(dy) {
+        return super::cuda::wgrad::weight_grad_f32(dy, x);
+    }
+    dy.t()?.matmul(x)
+}
+
+/// `Σ_rows dy` of a `[rows, n]` gradient (a bias gradient), accumulated in f32.
+pub fn bias_grad(dy: &Tensor) -> Result<Tensor> {
+    let dt = dy.dtype();
+    let acc =
+        if matches!(dt, DType::BF16 | DType::F16) { dy.to_dtype(DType::F32)? } else { dy.clone() };
+    acc.sum(0)?.to_dtype(dt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The `-sin` rotation is the exact transpose of rope (partial rotary included).
+    #[test]
+    fn rope_backward_is_the_transpose() {
+        let table = crate::ops::RopeTable::new(8, 0.5, 10000.0, None, None).unwrap();
+        let pos = Tensor::arange(0u32, 5, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let (cos, sin) = table.cos_sin(&pos, DType::F32).unwrap();
+        let x = rand(&[1, 2, 5, 8], 1);
+        let dy = rand(&[1, 2, 5, 8], 2);
+        let want = vjp(|a| crate::ops::apply_rope(&a[0], &cos, &sin), &[&x], &dy).unwrap();
+        let got = rope_backward(&dy, &cos, &sin.neg().unwrap()).unwrap();
+        assert!(max_diff(&want[0], &got) < 1e-6);
+    }
+
+    #[test]
+    fn bias_grad_sums_rows() {
+        let dy = rand(&[4, 3], 3);
+        let want = dy.sum(0).unwrap();
+        assert!(max_diff(&bias_grad(&dy).unwrap(), &want) < 1e-6);
+    }
+
+    /// vjp against a hand-derived gradient: d/dx Σ dy·x² = 2·x·dy.
+    #[test]
+    fn vjp_matches_the_analytic_gradient() {
+        let x = rand(&[3, 4], 4);
+        let dy = rand(&[3, 4], 5);
+        let g = vjp(|a| a[0].sqr(), &[&x], &dy).unwrap();
+        let want = (x.affine(2.0, 0.0).unwrap() * &dy).unwrap();
+        assert!(max_diff(&g[0], &want) < 1e-6);
+    }
+}
