@@ -154,6 +154,16 @@ impl Varlen {
         let total = *cu_seqlens.last().unwrap_or(&0) as usize;
         Ok(Self { cu_seqlens: Tensor::new(cu_seqlens, device)?, max_seqlen, total })
     }
+
+    /// The offsets of a model forward pass, already validated and on the device (shared by
+    /// all layers, so nothing is copied per call).
+    pub fn from_packed(seqs: &crate::ops::flash::PackedSeqs) -> Self {
+        Self {
+            cu_seqlens: seqs.device_offsets().clone(),
+            max_seqlen: seqs.max_seqlen(),
+            total: seqs.rows() * seqs.seq(),
+        }
+    }
 }
 
 /// Problem sizes shared by forward and backward.
