@@ -59,6 +59,34 @@ fn sft_unpacked_and_packed_learn_and_evaluate() {
     assert!(l[5] < l[0], "packed loss did not fall: {l:?}");
 }
 
+/// Packed batches reach attention as THD boundaries (`cu_seqlens`). `pad_cu_seqlens` only
+/// appends zero-length padding sequences to them, so training must give exactly the same
+/// (finite) losses with and without it; so must validation.
+#[test]
+fn packed_pad_cu_seqlens_changes_nothing() {
+    let run = |pad: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        finetune(&[
+            "+dataset.packed_sequence_specs.packed_sequence_size=64".into(),
+            format!(
+                "+dataset.packed_sequence_specs.packed_train_data_path={}",
+                dir.path().join("train.idx.jsonl").display()
+            ),
+            format!("+dataset.packed_sequence_specs.pad_cu_seqlens={pad}"),
+        ])
+    };
+    let (plain, padded) = (run(false), run(true));
+    let (lp, lq) = (lm_losses(&plain), lm_losses(&padded));
+    assert_eq!(lp.len(), 6, "{plain}");
+    assert!(lp.iter().all(|l| l.is_finite()), "{plain}");
+    assert_eq!(lp, lq, "pad_cu_seqlens changed the losses:\n{plain}\n{padded}");
+    let valid = |out: &str| -> Vec<String> {
+        out.lines().filter(|l| l.contains("validation loss")).map(str::to_string).collect()
+    };
+    assert!(!valid(&plain).is_empty(), "{plain}");
+    assert_eq!(valid(&plain), valid(&padded));
+}
+
 #[test]
 fn finetune_starts_from_a_pretrained_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

@@ -171,7 +171,12 @@ fn packed_documents_with_attention_mask() {
     let pos: Vec<u32> = (0..a.len() as u32).chain(0..b.len() as u32).collect();
     let pos = Tensor::from_vec(pos, (1, s), &dev).unwrap();
     let tokens = Tensor::from_vec(packed, (1, s), &dev).unwrap();
-    let opts = ForwardOpts { position_ids: Some(&pos), attention_mask: Some(&mask), dropout: None };
+    let opts = ForwardOpts {
+        position_ids: Some(&pos),
+        attention_mask: Some(&mask),
+        dropout: None,
+        cu_seqlens: None,
+    };
     let got = m.forward(&tokens, &opts).unwrap();
     let alone = m
         .forward(

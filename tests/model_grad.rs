@@ -36,7 +36,14 @@ fn batch(cfg: &ModelConfig, b: usize, s: usize, dtype: DType) -> Microbatch {
     let mut mask = vec![1.0f64; b * s];
     mask[1] = 0.0;
     let loss_mask = Tensor::from_vec(mask, (b, s), &dev).unwrap().to_dtype(dtype).unwrap();
-    Microbatch { tokens, labels, loss_mask, position_ids: None, attention_mask: None }
+    Microbatch {
+        tokens,
+        labels,
+        loss_mask,
+        position_ids: None,
+        attention_mask: None,
+        cu_seqlens: None,
+    }
 }
 
 fn check_model(cfg: &ModelConfig, seed: u64) {

@@ -24,6 +24,7 @@ fn batch(cfg: &ModelConfig) -> Microbatch {
         loss_mask: Tensor::ones((b, s), DType::F64, &dev).unwrap(),
         position_ids: None,
         attention_mask: None,
+        cu_seqlens: None,
     }
 }
 

@@ -33,6 +33,7 @@ fn forward_backward_speed() {
         loss_mask: Tensor::ones((1, s), DType::F32, &dev).unwrap(),
         position_ids: None,
         attention_mask: None,
+        cu_seqlens: None,
     };
     for _ in 0..3 {
         let t = Instant::now();

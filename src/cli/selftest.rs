@@ -114,6 +114,10 @@ pub fn cuda_checks() -> Vec<Check> {
             name: "flash_attn_model",
             run: CheckFn::Reporting(|dev, _| flash::run_model(dev)),
         });
+        checks.push(Check {
+            name: "flash_attn_packed_model",
+            run: CheckFn::Reporting(|dev, _| flash::run_packed_model(dev)),
+        });
         checks
     }
     #[cfg(not(feature = "cuda"))]

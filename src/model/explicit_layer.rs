@@ -18,41 +18,23 @@
 use super::attention::SelfAttention;
 use super::mlp::Mlp;
 use super::recompute::{with_backward, BackwardFn, RecomputeGrads};
+use crate::ops::attention::OwnedAttnMask;
 use crate::ops::timing::section;
-use crate::ops::AttnMask;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use std::sync::{Arc, OnceLock};
-
-/// Which keys each query sees, owned (it outlives the forward call in the saved state).
-#[derive(Debug, Clone)]
-pub enum OwnedMask {
-    /// A prebuilt u8 mask (see [`crate::ops::build_attention_mask`]).
-    Dense(Tensor),
-    /// Causal, optionally windowed.
-    Causal { window_left: Option<i64> },
-}
-
-impl OwnedMask {
-    pub fn as_mask(&self) -> AttnMask<'_> {
-        match self {
-            Self::Dense(m) => AttnMask::Dense(m),
-            Self::Causal { window_left } => AttnMask::Causal { window_left: *window_left },
-        }
-    }
-}
 
 /// Per-forward inputs shared by all explicit layers of a stage.
 #[derive(Debug, Clone)]
 pub struct ExplicitInputs {
     /// RoPE `(cos, sin, -sin)` `[b, 1, s, rot]`; `-sin` rotates gradients back.
     pub rope: Option<(Tensor, Tensor, Tensor)>,
-    pub mask: OwnedMask,
+    pub mask: OwnedAttnMask,
 }
 
 impl ExplicitInputs {
-    pub fn new(rope: Option<&(Tensor, Tensor)>, mask: OwnedMask) -> Result<Self> {
+    pub fn new(rope: Option<&(Tensor, Tensor)>, mask: OwnedAttnMask) -> Result<Self> {
         let rope = match rope {
             Some((c, s)) => Some((c.detach(), s.detach(), s.neg()?.detach())),
             None => None,

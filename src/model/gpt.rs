@@ -3,7 +3,7 @@
 
 use super::arch::{chunk_layers, virtual_stages, GptArch, ParallelLayout};
 use super::attention::{AttnInputs, KvEntry, SelfAttention};
-use super::explicit_layer::{self, ExplicitInputs, OwnedMask};
+use super::explicit_layer::{self, ExplicitInputs};
 use super::init::Init;
 use super::mlp::Mlp;
 use super::norm::Norm;
@@ -12,8 +12,9 @@ use super::recompute::{
     checkpoint, with_backward, BackwardFn, RecomputeGrads, RecomputePlan, SegmentFn,
 };
 use crate::config::model::{ModelConfig, PositionEmbedding};
+use crate::ops::attention::OwnedAttnMask;
 use crate::ops::timing::section;
-use crate::ops::{self, AttnMask, DropoutRng, RopeTable};
+use crate::ops::{self, AttnMask, DropoutRng, PackedSeqs, RopeTable};
 use crate::parallel::comm::Communicator;
 use crate::parallel::tensor::TensorParallel;
 use anyhow::{bail, Result};
@@ -36,6 +37,11 @@ pub struct ForwardOpts<'a> {
     /// Megatron-style attention mask `[b or 1, 1, s, s]`, nonzero = masked out, combined with
     /// the causal (and sliding-window) mask; None ⇒ causal only.
     pub attention_mask: Option<&'a Tensor>,
+    /// Packed sequences (THD): token offsets into the `[b, s]` input flattened row-major (row
+    /// `r` starts at `r·s`, which must be a boundary); attention stays inside each sequence.
+    /// Exclusive with `attention_mask`. On CUDA in half precision the fused kernel takes them
+    /// as they are, so no `s×s` mask exists.
+    pub cu_seqlens: Option<&'a [u32]>,
     /// Dropout mask source: Some in training, None in evaluation/generation.
     pub dropout: Option<&'a DropoutRng>,
 }
@@ -632,7 +638,19 @@ impl GptModel {
             Some(r) => Some(r.cos_sin(&pos, self.dtype)?),
             None => None,
         };
-        // On CUDA in half precision the fused kernel masks by itself: no s×s mask is built.
+        let packed = match opts.cu_seqlens {
+            None => None,
+            Some(_) if opts.attention_mask.is_some() => {
+                bail!("a forward pass takes either attention_mask or cu_seqlens, not both")
+            }
+            Some(_) if start > 0 => bail!("packed sequences (cu_seqlens) cannot use a KV cache"),
+            Some(cu) => Some(
+                PackedSeqs::new(cu, b, s, &self.device)
+                    .map_err(|e| anyhow::anyhow!("packed micro-batch: {e}"))?,
+            ),
+        };
+        // On CUDA in half precision the fused kernel masks by itself (causal, or per packed
+        // sequence): no s×s mask is built.
         let dropout_active = opts.dropout.is_some() && self.arch.attention_dropout > 0.0;
         let fast = ops::flash::model_fast_path(
             &self.device,
@@ -640,19 +658,21 @@ impl GptModel {
             opts.attention_mask.is_some(),
             dropout_active,
         );
-        let dense = if fast {
-            None
-        } else {
-            Some(ops::build_attention_mask(
+        let window_left = self.arch.window_left;
+        let dense = match (&packed, fast) {
+            (_, true) => None,
+            (Some(p), false) => {
+                Some(ops::build_packed_attention_mask(p, window_left, &self.device)?)
+            }
+            (None, false) => Some(ops::build_attention_mask(
                 start,
                 s,
                 start + s,
-                self.arch.window_left,
+                window_left,
                 opts.attention_mask,
                 &self.device,
-            )?)
+            )?),
         };
-        let window_left = self.arch.window_left;
         if let (Some(plan), Some(grads), None) = (&self.recompute, recompute, &cache) {
             if opts.dropout.is_some() {
                 bail!("activation recompute with dropout is not supported yet (the recomputed layers would draw new masks)");
@@ -662,7 +682,7 @@ impl GptModel {
                 if !checkpointed {
                     let inputs = AttnInputs {
                         rope: rope.as_ref(),
-                        mask: attn_mask(dense.as_ref(), window_left),
+                        mask: attn_mask(dense.as_ref(), packed.as_ref(), window_left),
                         dropout: None,
                     };
                     for layer in &layers {
@@ -670,11 +690,11 @@ impl GptModel {
                     }
                     continue;
                 }
-                let (rope, dense) = (rope.clone(), dense.clone());
+                let (rope, dense, packed) = (rope.clone(), dense.clone(), packed.clone());
                 let f: SegmentFn = Arc::new(move |x: &Tensor| {
                     let inputs = AttnInputs {
                         rope: rope.as_ref(),
-                        mask: attn_mask(dense.as_ref(), window_left),
+                        mask: attn_mask(dense.as_ref(), packed.as_ref(), window_left),
                         dropout: None,
                     };
                     let mut x = x.clone();
@@ -690,7 +710,7 @@ impl GptModel {
         }
         let inputs = AttnInputs {
             rope: rope.as_ref(),
-            mask: attn_mask(dense.as_ref(), window_left),
+            mask: attn_mask(dense.as_ref(), packed.as_ref(), window_left),
             dropout: opts.dropout,
         };
         // Training layers with a written-out backward (see `explicit_layer`): their
@@ -699,10 +719,7 @@ impl GptModel {
             && (self.arch.hidden_dropout > 0.0 || self.arch.attention_dropout > 0.0);
         let explicit = match (recompute, &cache) {
             (Some(sink), None) if !dropout_in_effect && self.explicit_layers => {
-                let mask = match &dense {
-                    Some(m) => OwnedMask::Dense(m.clone()),
-                    None => OwnedMask::Causal { window_left },
-                };
+                let mask = OwnedAttnMask::from_mask(inputs.mask);
                 Some((sink, Arc::new(ExplicitInputs::new(rope.as_ref(), mask)?)))
             }
             _ => None,
@@ -765,12 +782,17 @@ impl GptModel {
     }
 }
 
-/// The attention mask of a forward pass: the dense mask when one was built, else causal (the
-/// fused kernel masks by itself).
-fn attn_mask(dense: Option<&Tensor>, window_left: Option<i64>) -> AttnMask<'_> {
-    match dense {
-        Some(m) => AttnMask::Dense(m),
-        None => AttnMask::Causal { window_left },
+/// The attention mask of a forward pass: the dense mask when one was built, else the packed
+/// boundaries or causal (the fused kernel masks by itself).
+fn attn_mask<'a>(
+    dense: Option<&'a Tensor>,
+    packed: Option<&'a PackedSeqs>,
+    window_left: Option<i64>,
+) -> AttnMask<'a> {
+    match (dense, packed) {
+        (Some(m), _) => AttnMask::Dense(m),
+        (None, Some(seqs)) => AttnMask::Packed { seqs, window_left },
+        (None, None) => AttnMask::Causal { window_left },
     }
 }
 

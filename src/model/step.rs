@@ -19,6 +19,9 @@ pub struct Microbatch {
     pub position_ids: Option<Tensor>,
     /// Megatron attention mask `[b, 1, s, s]`, nonzero = masked out; None ⇒ causal.
     pub attention_mask: Option<Tensor>,
+    /// Packed sequences (THD) instead of a dense mask: token offsets into the rows flattened
+    /// row-major (row `r`'s boundaries shifted by `r·s`; see [`ForwardOpts::cu_seqlens`]).
+    pub cu_seqlens: Option<Vec<u32>>,
 }
 
 impl Microbatch {
@@ -59,7 +62,19 @@ impl Microbatch {
             loss_mask: Tensor::from_vec(mask, (b, s), device)?,
             position_ids: position_ids.map(|p| ids("position_ids", p)).transpose()?,
             attention_mask: None,
+            cu_seqlens: None,
         })
+    }
+
+    /// The forward options of this micro-batch (positions, mask or packed boundaries) with
+    /// the dropout mask source `dropout` (None = evaluation).
+    pub fn forward_opts<'a>(&'a self, dropout: Option<&'a DropoutRng>) -> ForwardOpts<'a> {
+        ForwardOpts {
+            position_ids: self.position_ids.as_ref(),
+            attention_mask: self.attention_mask.as_ref(),
+            cu_seqlens: self.cu_seqlens.as_deref(),
+            dropout,
+        }
     }
 }
 
@@ -74,11 +89,7 @@ pub fn loss_for_microbatch(
     batch: &Microbatch,
     dropout: Option<&DropoutRng>,
 ) -> Result<(Tensor, f64)> {
-    let opts = ForwardOpts {
-        position_ids: batch.position_ids.as_ref(),
-        attention_mask: batch.attention_mask.as_ref(),
-        dropout,
-    };
+    let opts = batch.forward_opts(dropout);
     let logits = model.forward(&batch.tokens, &opts)?;
     model.cross_entropy(&logits, &batch.labels, &batch.loss_mask)
 }
@@ -91,10 +102,6 @@ pub fn loss_for_microbatch_recompute(
     dropout: Option<&DropoutRng>,
     grads: &RecomputeGrads,
 ) -> Result<(Tensor, f64)> {
-    let opts = ForwardOpts {
-        position_ids: batch.position_ids.as_ref(),
-        attention_mask: batch.attention_mask.as_ref(),
-        dropout,
-    };
+    let opts = batch.forward_opts(dropout);
     model.forward_stage_loss(&batch.tokens, &opts, Some(grads), &batch.labels, &batch.loss_mask)
 }

@@ -1,7 +1,7 @@
 //! Causal (optionally sliding-window) grouped-query attention, differentiable.
 
 use super::dropout::DropoutRng;
-use super::flash::{self, FlashSpec};
+use super::flash::{self, FlashSpec, PackedSeqs};
 use super::softmax::masked_softmax;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -52,6 +52,39 @@ pub fn build_attention_mask(
             keep.broadcast_mul(&base)
         }
     }
+}
+
+/// The "may attend" mask `[rows, 1, seq, seq]` (u8, 1 = attend) of packed sequences: causal
+/// within each sequence of `seqs` (limited to `window_left` previous tokens when set, as in
+/// [`build_attention_mask`]), nothing across sequences. Bit for bit what
+/// [`build_attention_mask`] makes from a block-diagonal `extra_masked_out` of the same
+/// boundaries, so the composite path gives the same numbers with either representation.
+pub fn build_packed_attention_mask(
+    seqs: &PackedSeqs,
+    window_left: Option<i64>,
+    device: &Device,
+) -> Result<Tensor> {
+    let (rows, s) = (seqs.rows(), seqs.seq());
+    let mut m = vec![0u8; rows * s * s];
+    for w in seqs.offsets().windows(2) {
+        let (a, e) = (w[0] as usize, w[1] as usize);
+        if a == e {
+            continue; // zero-length padding entry
+        }
+        // PackedSeqs guarantees row starts are boundaries: [a, e) lies inside row a / s.
+        let (r, first) = (a / s, a % s);
+        let block = &mut m[r * s * s..(r + 1) * s * s];
+        for i in 0..e - a {
+            for j in 0..=i {
+                let in_window = match window_left {
+                    Some(left) if left >= 0 => (i - j) as i64 <= left,
+                    _ => true,
+                };
+                block[(first + i) * s + first + j] = u8::from(in_window);
+            }
+        }
+    }
+    Tensor::from_vec(m, (rows, 1, s, s), device)
 }
 
 /// Scaled-dot-product attention with grouped queries.
@@ -109,6 +142,41 @@ pub enum AttnMask<'a> {
     /// optionally limited to `window_left` previous keys. With the fused kernel no mask (and no
     /// `sq×sk` score) tensor is ever built; otherwise the dense mask is built here.
     Causal { window_left: Option<i64> },
+    /// Packed sequences (THD, `cu_seqlens`): causal (and windowed) within each sequence of
+    /// `seqs`, never across. The fused kernel takes the offsets as they are (no `s×s` mask);
+    /// otherwise [`build_packed_attention_mask`] is built here.
+    Packed { seqs: &'a PackedSeqs, window_left: Option<i64> },
+}
+
+/// [`AttnMask`] owning its data, for state kept past the forward call (a written-out
+/// backward).
+#[derive(Debug, Clone)]
+pub enum OwnedAttnMask {
+    Dense(Tensor),
+    Causal { window_left: Option<i64> },
+    Packed { seqs: PackedSeqs, window_left: Option<i64> },
+}
+
+impl OwnedAttnMask {
+    pub fn from_mask(mask: AttnMask) -> Self {
+        match mask {
+            AttnMask::Dense(m) => Self::Dense(m.clone()),
+            AttnMask::Causal { window_left } => Self::Causal { window_left },
+            AttnMask::Packed { seqs, window_left } => {
+                Self::Packed { seqs: seqs.clone(), window_left }
+            }
+        }
+    }
+
+    pub fn as_mask(&self) -> AttnMask<'_> {
+        match self {
+            Self::Dense(m) => AttnMask::Dense(m),
+            Self::Causal { window_left } => AttnMask::Causal { window_left: *window_left },
+            Self::Packed { seqs, window_left } => {
+                AttnMask::Packed { seqs, window_left: *window_left }
+            }
+        }
+    }
 }
 
 /// [`attention`] with the mask described by `mask`: the fused flash-attention kernel when it
@@ -134,6 +202,38 @@ pub fn attention_auto(
             let (sq, sk) = (q.dim(2)?, k.dim(2)?);
             let m =
                 build_attention_mask(sk.saturating_sub(sq), sq, sk, window_left, None, q.device())?;
+            attention(q, k, v, &m, shape, dropout)
+        }
+        AttnMask::Packed { seqs, window_left } => {
+            let (b, heads, sq, d) = q.dims4()?;
+            let sk = k.dim(2)?;
+            if sq != sk || b != seqs.rows() || sq != seqs.seq() {
+                candle_core::bail!(
+                    "packed attention: {b} rows of {sq} queries over {sk} keys, but cu_seqlens \
+                     describe {} rows of {} tokens (packed sequences cannot use a KV cache)",
+                    seqs.rows(),
+                    seqs.seq()
+                );
+            }
+            let p = dropout.map_or(0.0, |(p, _, _)| p);
+            if flash::unsupported_reason(q, k, v, p).is_none() {
+                let spec =
+                    FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
+                if b == 1 {
+                    return flash::flash_attention_packed(q, k, v, spec, seqs);
+                }
+                // The kernel walks one token stream: rows become consecutive stretches of it
+                // (free for q, whose [b, s, h, d] memory is contiguous; a copy for strided k/v).
+                let flat = |t: &Tensor| -> Result<Tensor> {
+                    let (_, h, _, _) = t.dims4()?;
+                    t.transpose(1, 2)?.reshape((1, b * sq, h, d))?.transpose(1, 2)
+                };
+                let out =
+                    flash::flash_attention_packed(&flat(q)?, &flat(k)?, &flat(v)?, spec, seqs)?;
+                // [1, heads, b·s, d] is a view of [1, b·s, heads, d] memory: back to rows for free.
+                return out.transpose(1, 2)?.reshape((b, sq, heads, d))?.transpose(1, 2);
+            }
+            let m = build_packed_attention_mask(seqs, window_left, q.device())?;
             attention(q, k, v, &m, shape, dropout)
         }
     }
@@ -168,6 +268,45 @@ mod tests {
             let diff = (auto - dense).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "sq {sq} sk {sk} window {window:?}");
         }
+    }
+
+    /// The packed mask equals the dense mask the trainer used to pass (block-diagonal
+    /// `extra_masked_out` from the collate), for several rows, zero-length padding sequences,
+    /// a padding tail and windows; so does attention through `AttnMask::Packed` on CPU.
+    #[test]
+    fn packed_mask_equals_block_diagonal_dense_mask() {
+        use crate::data::sft::block_causal_mask;
+        let s = 9;
+        // Per-row boundaries as the collate makes them (row 1 ends with pad_cu_seqlens repeats).
+        let rows: [&[i32]; 2] = [&[0, 4, 7, 9], &[0, 2, 2, 6, 9, 9, 9]];
+        let mut thd = vec![0u32];
+        let mut extra = Vec::new();
+        for (r, cu) in rows.iter().enumerate() {
+            thd.extend(cu[1..].iter().map(|&c| (r * s) as u32 + c as u32));
+            extra.extend(block_causal_mask(cu, s));
+        }
+        let extra = Tensor::from_vec(extra, (2, 1, s, s), &Device::Cpu).unwrap();
+        let seqs = PackedSeqs::new(&thd, 2, s, &Device::Cpu).unwrap();
+        let shape = AttentionShape { heads: 4, groups: 2, head_dim: 8, softmax_scale: 0.35 };
+        let (q, k, v) = (rand((2, 4, s, 8), 7), rand((2, 2, s, 8), 8), rand((2, 2, s, 8), 9));
+        for window in [None, Some(1), Some(-1)] {
+            let packed = build_packed_attention_mask(&seqs, window, &Device::Cpu).unwrap();
+            let dense = build_attention_mask(0, s, s, window, Some(&extra), &Device::Cpu).unwrap();
+            let p = packed.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+            let d = dense.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+            assert_eq!(p, d, "window {window:?}");
+            let mask = AttnMask::Packed { seqs: &seqs, window_left: window };
+            let auto = attention_auto(&q, &k, &v, mask, shape, None).unwrap();
+            let want = attention(&q, &k, &v, &dense, shape, None).unwrap();
+            let diff = (auto - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "window {window:?}");
+        }
+        // Boundaries for another shape are refused with the shapes named.
+        let mask = AttnMask::Packed { seqs: &seqs, window_left: None };
+        let q1 = rand((1, 4, 2 * s, 8), 1);
+        let k1 = rand((1, 2, 2 * s, 8), 2);
+        let err = attention_auto(&q1, &k1, &k1, mask, shape, None).unwrap_err().to_string();
+        assert!(err.contains("describe 2 rows of 9 tokens"), "{err}");
     }
 
     /// A window changes the result (so the test above would notice a dropped window).

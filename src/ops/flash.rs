@@ -58,14 +58,85 @@ pub fn check_cu_seqlens(cu: &[u32]) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Checks THD offsets of a micro-batch of `rows` rows of `seq` tokens flattened row-major:
+/// [`check_cu_seqlens`], they end at `rows * seq`, and every row start is a boundary (a
+/// sequence never continues into the next row, as the dense block-diagonal mask assumes).
+pub fn check_packed_rows(cu: &[u32], rows: usize, seq: usize) -> std::result::Result<(), String> {
+    check_cu_seqlens(cu)?;
+    let total = rows * seq;
+    let last = cu[cu.len() - 1] as usize;
+    if last != total {
+        return Err(format!(
+            "cu_seqlens end at token {last} but the micro-batch holds {rows} x {seq} = {total} tokens"
+        ));
+    }
+    if let Some(r) = (1..rows).find(|r| cu.binary_search(&((r * seq) as u32)).is_err()) {
+        return Err(format!(
+            "cu_seqlens {cu:?}: row {r} starts at token {} which is no sequence boundary (a \
+             packed sequence must not cross rows)",
+            r * seq
+        ));
+    }
+    Ok(())
+}
+
+/// Packed (THD) sequences of one forward pass: a micro-batch of `rows` rows of `seq` tokens,
+/// flattened row-major into one token stream cut into sequences by `offsets` (row `r` of a
+/// `[b, s]` batch starts at `r·s`). Sequences of length zero are allowed (the padding entries
+/// of `pad_cu_seqlens`); each token attends causally within its own sequence only.
+#[derive(Debug, Clone)]
+pub struct PackedSeqs {
+    offsets: Vec<u32>,
+    rows: usize,
+    seq: usize,
+    /// `offsets` (u32) on the model's device, uploaded once per forward pass rather than once
+    /// per layer (the fused kernel reads them there).
+    on_device: Tensor,
+}
+
+impl PackedSeqs {
+    /// Validates `offsets` for a `[rows, seq]` micro-batch (see [`check_packed_rows`]) and
+    /// copies them to `device`.
+    pub fn new(offsets: &[u32], rows: usize, seq: usize, device: &Device) -> Result<Self> {
+        check_packed_rows(offsets, rows, seq).map_err(candle_core::Error::Msg)?;
+        let on_device = Tensor::new(offsets, device)?;
+        Ok(Self { offsets: offsets.to_vec(), rows, seq, on_device })
+    }
+
+    /// Token offsets `[nseq + 1]` into the flattened micro-batch.
+    pub fn offsets(&self) -> &[u32] {
+        &self.offsets
+    }
+
+    /// [`Self::offsets`] as a u32 tensor on the model's device.
+    pub fn device_offsets(&self) -> &Tensor {
+        &self.on_device
+    }
+
+    /// Rows of the micro-batch.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Tokens per row.
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+
+    /// The longest sequence (sizes the kernel's grid).
+    pub fn max_seqlen(&self) -> usize {
+        self.offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
+    }
+}
+
 /// Whether a build of this binary can run flash attention at all on `device` for `dtype`.
 pub fn device_supports(device: &Device, dtype: DType) -> bool {
     cfg!(feature = "cuda") && device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// Whether a model forward should skip the dense mask and describe attention as causal (the
-/// fused kernel then runs): a CUDA half-precision model, no extra (packed) mask, and no
-/// attention dropout in this pass.
+/// fused kernel then runs): a CUDA half-precision model, no extra dense mask (packed
+/// sequences come as offsets and keep the fast path), and no attention dropout in this pass.
 pub fn model_fast_path(
     device: &Device,
     dtype: DType,
@@ -84,6 +155,27 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: FlashSpec) -> R
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (q, k, v, spec);
+        candle_core::bail!("flash attention needs a build with the `cuda` feature")
+    }
+}
+
+/// Flash attention over packed sequences: `q` `[1, heads, T, d]`, `k`/`v` `[1, groups, T, d]`
+/// with `T` = all tokens of the micro-batch (`seqs.rows() · seqs.seq()`, rows flattened).
+pub fn flash_attention_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: FlashSpec,
+    seqs: &PackedSeqs,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let varlen = super::cuda::flash_attn::Varlen::from_packed(seqs);
+        super::cuda::flash_attn::flash_attention(q, k, v, spec, Some(varlen))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, spec, seqs);
         candle_core::bail!("flash attention needs a build with the `cuda` feature")
     }
 }
@@ -178,6 +270,20 @@ mod tests {
         assert!(check_cu_seqlens(&[0]).is_err());
         assert!(check_cu_seqlens(&[1, 4]).is_err());
         assert!(check_cu_seqlens(&[0, 5, 4]).is_err());
+    }
+
+    #[test]
+    fn packed_rows_validation() {
+        // Two rows of 5: boundaries at 0, 5 (row start) and 10, with zero-length padding.
+        assert!(check_packed_rows(&[0, 3, 5, 5, 8, 10, 10], 2, 5).is_ok());
+        let e = check_packed_rows(&[0, 3, 7, 10], 2, 5).unwrap_err();
+        assert!(e.contains("row 1 starts at token 5"), "{e}");
+        let e = check_packed_rows(&[0, 3, 5, 9], 2, 5).unwrap_err();
+        assert!(e.contains("end at token 9") && e.contains("10 tokens"), "{e}");
+        assert!(check_packed_rows(&[2, 5], 1, 5).unwrap_err().contains("start at 0"));
+        let p = PackedSeqs::new(&[0, 3, 5, 5, 8, 10], 2, 5, &Device::Cpu).unwrap();
+        assert_eq!((p.rows(), p.seq(), p.max_seqlen()), (2, 5, 3));
+        assert_eq!(p.device_offsets().to_vec1::<u32>().unwrap(), p.offsets());
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! product of the composite op, taken by candle's autograd on a small local graph ([`vjp`]),
 //! so the reference path computes exactly the maths of the recorded one.
 
-use super::attention::{attention_auto, AttentionShape, AttnMask};
-use super::flash::{self, FlashSpec};
+use super::attention::{attention_auto, AttentionShape, AttnMask, OwnedAttnMask};
+use super::flash::{FlashSpec, PackedSeqs};
 use crate::config::model::Activation;
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -100,14 +100,17 @@ pub fn activation_backward(
 /// What the backward of core attention needs besides q, k, v (which the caller recomputes).
 #[derive(Debug, Clone)]
 pub enum AttnState {
-    /// The flash kernel: its output `[b, heads, s, d]` view and per-row logsumexp.
-    Flash { spec: FlashSpec, out: Tensor, lse: Tensor },
-    /// The composite reference with this mask (an owned dense mask, or causal).
-    Composite { dense: Option<Tensor>, window_left: Option<i64>, shape: AttentionShape },
+    /// The flash kernel: its output `[b, heads, s, d]` view and per-row logsumexp (and the
+    /// packed sequences of a one-row packed batch).
+    Flash { spec: FlashSpec, out: Tensor, lse: Tensor, packed: Option<PackedSeqs> },
+    /// The composite reference (recomputed with autograd in the backward) under this mask.
+    Composite { mask: OwnedAttnMask, shape: AttentionShape },
 }
 
 /// Core attention `[b, heads, sq, d]` of `q` `[b, heads, sq, d]`, `k`/`v` `[b, groups, sk, d]`
-/// (no dropout), and the state its backward needs.
+/// (no dropout), and the state its backward needs: the flash kernel's output and logsumexp
+/// where it runs (causal, or packed one-row batches), else the composite reference, whose
+/// backward recomputes it under autograd.
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,
@@ -115,28 +118,27 @@ pub fn attention_forward(
     mask: AttnMask,
     shape: AttentionShape,
 ) -> Result<(Tensor, AttnState)> {
-    if let AttnMask::Causal { window_left } = mask {
-        if flash::unsupported_reason(q, k, v, 0.0).is_none() {
-            let spec = FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
-            #[cfg(feature = "cuda")]
-            {
-                let (out, lse) = super::cuda::flash_attn::forward_with_lse(q, k, v, spec)?;
-                return Ok((out.clone(), AttnState::Flash { spec, out, lse }));
+    #[cfg(feature = "cuda")]
+    {
+        let flash_mask = match mask {
+            AttnMask::Causal { window_left } => Some((window_left, None)),
+            AttnMask::Packed { seqs, window_left } if q.dim(0)? == 1 => {
+                Some((window_left, Some(seqs)))
             }
-            #[cfg(not(feature = "cuda"))]
-            let _ = spec;
+            _ => None,
+        };
+        if let (Some((window_left, packed)), None) =
+            (flash_mask, super::flash::unsupported_reason(q, k, v, 0.0))
+        {
+            let spec = FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
+            let varlen = packed.map(super::cuda::flash_attn::Varlen::from_packed);
+            let (out, lse) = super::cuda::flash_attn::forward_with_lse(q, k, v, spec, varlen)?;
+            let packed = packed.cloned();
+            return Ok((out.clone(), AttnState::Flash { spec, out, lse, packed }));
         }
     }
     let out = attention_auto(q, k, v, mask, shape, None)?;
-    let state = match mask {
-        AttnMask::Dense(m) => {
-            AttnState::Composite { dense: Some(m.clone()), window_left: None, shape }
-        }
-        AttnMask::Causal { window_left } => {
-            AttnState::Composite { dense: None, window_left, shape }
-        }
-    };
-    Ok((out, state))
+    Ok((out, AttnState::Composite { mask: OwnedAttnMask::from_mask(mask), shape }))
 }
 
 /// `(dq, dk, dv)` of [`attention_forward`] for the output gradient `dout` `[b, heads, sq, d]`.
@@ -149,18 +151,16 @@ pub fn attention_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     match state {
         #[cfg(feature = "cuda")]
-        AttnState::Flash { spec, out, lse } => {
-            super::cuda::flash_attn::backward_only(q, k, v, out, lse, dout, *spec)
+        AttnState::Flash { spec, out, lse, packed } => {
+            let varlen = packed.as_ref().map(super::cuda::flash_attn::Varlen::from_packed);
+            super::cuda::flash_attn::backward_only(q, k, v, out, lse, dout, *spec, varlen.as_ref())
         }
         #[cfg(not(feature = "cuda"))]
         AttnState::Flash { .. } => {
             candle_core::bail!("flash attention state without the cuda feature")
         }
-        AttnState::Composite { dense, window_left, shape } => {
-            let mask = match dense {
-                Some(m) => AttnMask::Dense(m),
-                None => AttnMask::Causal { window_left: *window_left },
-            };
+        AttnState::Composite { mask, shape } => {
+            let mask = mask.as_mask();
             let g =
                 vjp(|a| attention_auto(&a[0], &a[1], &a[2], mask, *shape, None), &[q, k, v], dout)?;
             let mut g = g.into_iter();

@@ -27,9 +27,13 @@ pub mod softmax;
 pub mod timing;
 
 pub use activation::{apply_activation, gated_composite, swiglu};
-pub use attention::{attention, attention_auto, build_attention_mask, AttentionShape, AttnMask};
+pub use attention::{
+    attention, attention_auto, build_attention_mask, build_packed_attention_mask, AttentionShape,
+    AttnMask,
+};
 pub use cross_entropy::{masked_cross_entropy, token_cross_entropy, token_cross_entropy_composite};
 pub use dropout::DropoutRng;
+pub use flash::PackedSeqs;
 pub use linear::linear;
 pub use norm::{layer_norm, rms_norm, rms_norm_composite};
 pub use rope::{apply_rope, apply_rope_composite, RopeTable};

@@ -139,8 +139,10 @@ impl RunDataset {
             RunDataset::Sft(split) => {
                 let b = split.collate(indices)?;
                 let mut mb = to_microbatch(b.batch(), device)?;
-                // Packed bins: block-diagonal causal mask so examples never attend to each other.
-                mb.attention_mask = b.attention_mask(device)?;
+                // Packed bins: THD boundaries so examples never attend to each other. The model
+                // hands them to the fused kernel (no s×s mask) or builds the block-diagonal
+                // mask itself on the composite path.
+                mb.cu_seqlens = b.cu_seqlens()?;
                 Ok(mb)
             }
         }
@@ -238,6 +240,7 @@ pub fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
         loss_mask: Tensor::from_vec(b.loss_mask.clone(), shape, device)?,
         position_ids: Some(ids(&b.position_ids)?),
         attention_mask: None,
+        cu_seqlens: None,
     })
 }
 

@@ -15,7 +15,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::grads::{GradAccumulator, GradSource, GradSourceMut};
 use crate::model::recompute::RecomputeGrads;
-use crate::model::{ForwardOpts, GptModel, Microbatch};
+use crate::model::{GptModel, Microbatch};
 use crate::ops::timing::section;
 use crate::ops::DropoutRng;
 use crate::parallel::comm::{Communicator, ReduceOp};
@@ -145,11 +145,7 @@ impl Pipeline<'_> {
         recompute: Option<&RecomputeGrads>,
     ) -> Result<(Option<Var>, Tensor, Option<(Tensor, f64)>)> {
         let model = &self.chunks[chunk];
-        let opts = ForwardOpts {
-            position_ids: mb.position_ids.as_ref(),
-            attention_mask: mb.attention_mask.as_ref(),
-            dropout: rng,
-        };
+        let opts = mb.forward_opts(rng);
         let input = if model.pre_process() {
             None
         } else {

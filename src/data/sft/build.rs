@@ -211,11 +211,20 @@ impl SftBatch {
             SftBatch::Packed(p) => &p.batch,
         }
     }
-    /// The attention mask the model needs beyond causal: block-diagonal for packed batches.
+    /// The attention mask the model needs beyond causal: block-diagonal for packed batches
+    /// (the dense equivalent of [`Self::cu_seqlens`]).
     pub fn attention_mask(&self, device: &Device) -> Result<Option<Tensor>> {
         match self {
             SftBatch::Unpacked(_) => Ok(None),
             SftBatch::Packed(p) => p.attention_mask(device).map(Some),
+        }
+    }
+    /// THD offsets of packed batches for `Microbatch::cu_seqlens` (see
+    /// [`PackedBatch::thd_cu_seqlens`]); None for unpacked ones (plain causal attention).
+    pub fn cu_seqlens(&self) -> Result<Option<Vec<u32>>> {
+        match self {
+            SftBatch::Unpacked(_) => Ok(None),
+            SftBatch::Packed(p) => p.thd_cu_seqlens().map(Some),
         }
     }
 }

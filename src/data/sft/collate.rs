@@ -1,6 +1,7 @@
 //! Micro-batch collation for SFT: padded unpacked batches (spec §5) and packed bins as THD
-//! (`cu_seqlens`, per-sub-sequence position ids; spec §7), plus the block-diagonal causal mask
-//! that lets the dense attention path run packed batches until a varlen kernel exists.
+//! (`cu_seqlens`, per-sub-sequence position ids; spec §7): the THD offsets the model's
+//! attention takes ([`PackedBatch::thd_cu_seqlens`]), or the equivalent dense block-diagonal
+//! causal mask ([`PackedBatch::attention_mask`], for references and tests).
 use anyhow::{ensure, Result};
 use candle_core::{Device, Tensor};
 
@@ -93,8 +94,40 @@ impl PackedBatch {
         self.cu_seqlens_padded.as_deref().unwrap_or(&self.cu_seqlens)
     }
 
+    /// The attention boundaries of all rows as one THD offset list for the model
+    /// (`Microbatch::cu_seqlens`): row `r`'s boundaries shifted by `r·seq_length`, rows
+    /// joined. A row whose boundaries stop short of `seq_length` gets one more (padding)
+    /// sequence up to it, as in [`block_causal_mask`]; zero-length entries (`pad_cu_seqlens`)
+    /// are kept. Attending within these sequences equals [`Self::attention_mask`].
+    pub fn thd_cu_seqlens(&self) -> Result<Vec<u32>> {
+        let s = self.batch.seq_length;
+        let rows = self.attention_boundaries();
+        ensure!(
+            rows.len() == self.batch.batch_size,
+            "packed micro-batch: {} rows of boundaries for {} rows",
+            rows.len(),
+            self.batch.batch_size
+        );
+        let mut out = vec![0u32];
+        for (r, cu) in rows.iter().enumerate() {
+            ensure!(
+                cu.first() == Some(&0)
+                    && cu.windows(2).all(|w| w[0] <= w[1])
+                    && cu.last().is_some_and(|&l| l as usize <= s),
+                "packed row {r}: boundaries {cu:?} must start at 0, not decrease and stay within \
+                 the {s} tokens of the row"
+            );
+            let base = u32::try_from(r * s)?;
+            out.extend(cu[1..].iter().map(|&c| base + c as u32));
+            if (*cu.last().expect("checked") as usize) < s {
+                out.push(base + s as u32);
+            }
+        }
+        Ok(out)
+    }
+
     /// Block-diagonal causal mask `[b, 1, s, s]` (u8, nonzero = masked) for the model's
-    /// `attention_mask` input.
+    /// `attention_mask` input (the dense equivalent of [`Self::thd_cu_seqlens`]).
     pub fn attention_mask(&self, device: &Device) -> Result<Tensor> {
         let s = self.batch.seq_length;
         let mut all = Vec::with_capacity(self.batch.batch_size * s * s);
@@ -298,9 +331,31 @@ mod tests {
         };
         let b = collate_packed(&[(&bin, true)], &[], &p3).unwrap();
         assert_eq!(b.cu_seqlens, vec![vec![0, 3, 5, 8]]);
+        // THD offsets: the padding sequence up to 8 is part of them.
+        assert_eq!(b.thd_cu_seqlens().unwrap(), vec![0, 3, 5, 8]);
         let m = block_causal_mask(&[0, 3, 5], 5);
         // Row 3 (first token of B) sees only itself.
         assert_eq!(&m[3 * 5..4 * 5], &[1, 1, 1, 0, 1]);
         assert_eq!(&m[2 * 5..3 * 5], &[0, 0, 0, 1, 1]);
+    }
+
+    /// Two rows flatten into one offset list (row 1 shifted by s); a row that stops short of
+    /// s gets the padding sequence, `pad_cu_seqlens` repeats stay; bad boundaries are named.
+    #[test]
+    fn thd_offsets_of_several_rows() {
+        let mut b = PackedBatch {
+            batch: Batch { batch_size: 2, seq_length: 8, ..Default::default() },
+            cu_seqlens: vec![vec![0, 3, 5], vec![0, 6, 8, 8, 8]],
+            ..Default::default()
+        };
+        assert_eq!(b.thd_cu_seqlens().unwrap(), vec![0, 3, 5, 8, 14, 16, 16, 16]);
+        // Padded boundaries win when present (pad_seq_to_mult > 1).
+        b.cu_seqlens_padded = Some(vec![vec![0, 4, 8], vec![0, 8]]);
+        assert_eq!(b.thd_cu_seqlens().unwrap(), vec![0, 4, 8, 16]);
+        b.cu_seqlens_padded = Some(vec![vec![0, 4, 9], vec![0, 8]]);
+        let e = b.thd_cu_seqlens().unwrap_err().to_string();
+        assert!(e.contains("packed row 0") && e.contains("8 tokens"), "{e}");
+        b.cu_seqlens_padded = Some(vec![vec![0, 8]]);
+        assert!(b.thd_cu_seqlens().unwrap_err().to_string().contains("1 rows of boundaries"));
     }
 }

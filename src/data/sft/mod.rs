@@ -9,7 +9,7 @@
 //! let sampler = PretrainingSampler::new(ds.train.len(), consumed, mbs, dp_rank, dp, true, false)?;
 //! for micro in sampler {
 //!     let b = ds.train.collate(&micro)?;          // SftBatch::Unpacked(Batch) | Packed(PackedBatch)
-//!     let mask = b.attention_mask(&device)?;      // Some([b,1,s,s]) for packed batches
+//!     let cu = b.cu_seqlens()?;                   // Some(THD offsets) for packed batches
 //! }
 //! ```
 pub mod build;

@@ -154,6 +154,16 @@ impl Varlen {
         let total = *cu_seqlens.last().unwrap_or(&0) as usize;
         Ok(Self { cu_seqlens: Tensor::new(cu_seqlens, device)?, max_seqlen, total })
     }
+
+    /// The offsets of a model forward pass, already validated and on the device (shared by
+    /// all layers, so nothing is copied per call).
+    pub fn from_packed(seqs: &crate::ops::flash::PackedSeqs) -> Self {
+        Self {
+            cu_seqlens: seqs.device_offsets().clone(),
+            max_seqlen: seqs.max_seqlen(),
+            total: seqs.rows() * seqs.seq(),
+        }
+    }
 }
 
 /// Problem sizes shared by forward and backward.
@@ -564,14 +574,16 @@ pub fn flash_attention(
     out.transpose(1, 2)
 }
 
-/// Forward only, for benchmarks: O (`[b, h, s, d]` view) and the lse it saves.
+/// Forward without a graph (benchmarks, and layers with a written-out backward): O
+/// (`[b, h, s, d]` view) and the lse its backward needs.
 pub fn forward_with_lse(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     spec: FlashSpec,
+    varlen: Option<Varlen>,
 ) -> Result<(Tensor, Tensor)> {
-    let op = Arc::new(FlashAttnOp { spec, varlen: None, lse: Mutex::new(None) });
+    let op = Arc::new(FlashAttnOp { spec, varlen, lse: Mutex::new(None) });
     let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
     let out = {
         let (qs, ql) = q.storage_and_layout();
@@ -587,7 +599,8 @@ pub fn forward_with_lse(
     Ok((out.transpose(1, 2)?, lse.expect("cuda_fwd stores lse")))
 }
 
-/// Backward only, for benchmarks: (dQ, dK, dV) from a [`forward_with_lse`] result.
+/// Backward of a [`forward_with_lse`] result: (dQ, dK, dV).
+#[allow(clippy::too_many_arguments)]
 pub fn backward_only(
     q: &Tensor,
     k: &Tensor,
@@ -596,10 +609,11 @@ pub fn backward_only(
     lse: &Tensor,
     dout: &Tensor,
     spec: FlashSpec,
+    varlen: Option<&Varlen>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     backward(&BwdArgs {
         spec: &spec,
-        varlen: None,
+        varlen,
         q: &kernel_ready(q)?,
         k: &kernel_ready(k)?,
         v: &kernel_ready(v)?,
