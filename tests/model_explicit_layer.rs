@@ -27,6 +27,7 @@ fn batch(cfg: &ModelConfig) -> Microbatch {
         loss_mask: Tensor::from_vec(mask, (b, s), &dev).unwrap(),
         position_ids: None,
         attention_mask: None,
+        cu_seqlens: None,
     }
 }
 
@@ -120,9 +121,17 @@ fn packed_batch_layers_match_autograd() {
         let pos: Vec<u32> = (0..b * s).map(|i| ((i % s) % half) as u32).collect();
         mb.position_ids = Some(Tensor::from_vec(pos, (b, s), &Device::Cpu).unwrap());
     };
-    let losses: Vec<f64> = [false, true]
+    // Both representations of the packing: Megatron's dense mask, and THD offsets.
+    let thd = |mb: &mut Microbatch| {
+        pack(mb);
+        mb.attention_mask = None;
+        mb.cu_seqlens = Some(vec![0, 4, 8, 12, 16]);
+    };
+    let cases: [(bool, &dyn Fn(&mut Microbatch)); 4] =
+        [(false, &pack), (true, &pack), (false, &thd), (true, &thd)];
+    let losses: Vec<f64> = cases
         .iter()
-        .map(|&explicit| {
+        .map(|&(explicit, pack)| {
             let mut model =
                 GptModel::new(&cfg, ParallelLayout::single(), 5, DType::F64, &Device::Cpu).unwrap();
             model.set_explicit_layers(explicit);
@@ -149,5 +158,7 @@ fn packed_batch_layers_match_autograd() {
                 + g.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
         })
         .collect();
-    assert!((losses[0] - losses[1]).abs() < 1e-10 * losses[0].abs(), "{losses:?}");
+    for l in &losses[1..] {
+        assert!((losses[0] - l).abs() < 1e-10 * losses[0].abs(), "{losses:?}");
+    }
 }

@@ -52,6 +52,7 @@ fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             loss_mask: Tensor::ones((b, s), DType::F32, dev)?,
             position_ids: None,
             attention_mask: None,
+            cu_seqlens: None,
         };
         let run = |explicit: bool| -> Result<(Tensor, Vec<(String, Tensor)>)> {
             let mut model = GptModel::new(&cfg, ParallelLayout::single(), 7, DType::BF16, dev)?;
