@@ -160,7 +160,10 @@ pub fn dptr<'a>(
             let (p, g) = x.device_ptr(stream);
             (p, g, 4)
         }
-        _ => candle_core::bail!("device pointer: unsupported storage dtype {:?}", s.dtype()),
+        _ => candle_core::bail!(
+            "device pointer: unsupported storage dtype {:?}",
+            candle_core::backend::BackendStorage::dtype(s)
+        ),
     };
     Ok((p + (offset * size) as u64, g))
 }
