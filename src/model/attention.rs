@@ -356,40 +356,54 @@ impl SelfAttention {
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
         let (b, s, h) = dy.dims3()?;
+        let dev = x.device();
         let dy = dy.reshape((b * s, h))?;
         // linear_proj
-        grads.insert(&self.proj_w, manual::weight_grad(&dy, &saved.out)?);
-        if let Some(pb) = &self.proj_b {
-            grads.insert(pb, manual::bias_grad(&dy)?);
-        }
-        let dout = dy.matmul(&self.proj_w.detach())?.reshape((b, s, heads, d))?.transpose(1, 2)?;
+        let dout = section("attn.bwd.proj", dev, || -> Result<Tensor> {
+            grads.insert(&self.proj_w, manual::weight_grad(&dy, &saved.out)?);
+            if let Some(pb) = &self.proj_b {
+                grads.insert(pb, manual::bias_grad(&dy)?);
+            }
+            Ok(dy.matmul(&self.proj_w.detach())?.reshape((b, s, heads, d))?.transpose(1, 2)?)
+        })?;
         drop(saved.out);
         // Core attention on the recomputed q, k, v.
         let (q_raw, k_raw, v) = self.split_heads(&saved.qkv)?;
-        let (q_in, q) = Self::prepare(&q_raw, self.q_norm.as_ref(), inputs)?;
-        let (k_in, k) = Self::prepare(&k_raw, self.k_norm.as_ref(), inputs)?;
-        let (dq, dk, dv) = section("attn.core.bwd", x.device(), || {
+        let ((q_in, q), (k_in, k)) = section("attn.bwd.prep", dev, || -> Result<_> {
+            Ok((
+                Self::prepare(&q_raw, self.q_norm.as_ref(), inputs)?,
+                Self::prepare(&k_raw, self.k_norm.as_ref(), inputs)?,
+            ))
+        })?;
+        let (dq, dk, dv) = section("attn.core.bwd", dev, || {
             manual::attention_backward(&q, &k, &v, &saved.state, &dout)
         })?;
         drop((saved.state, q, k, v, dout));
-        let dq = Self::prepare_backward(&dq, &q_in, self.q_norm.as_ref(), inputs, grads)?;
-        let dk = Self::prepare_backward(&dk, &k_in, self.k_norm.as_ref(), inputs, grads)?;
+        let (dq, dk) = section("attn.bwd.unprep", dev, || -> Result<_> {
+            Ok((
+                Self::prepare_backward(&dq, &q_in, self.q_norm.as_ref(), inputs, grads)?,
+                Self::prepare_backward(&dk, &k_in, self.k_norm.as_ref(), inputs, grads)?,
+            ))
+        })?;
         // Back into the per-group layout [b, s, groups, hpg + 2, d] of the fused QKV.
-        let per_group = |t: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, s, groups, n, d))?)
-        };
-        let dqkv =
-            Tensor::cat(&[&per_group(&dq, hpg)?, &per_group(&dk, 1)?, &per_group(&dv, 1)?], 3)?
-                .reshape((b * s, (hpg + 2) * groups * d))?;
+        let dqkv = section("attn.bwd.assemble", dev, || -> Result<Tensor> {
+            let per_group = |t: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, s, groups, n, d))?)
+            };
+            let parts = [per_group(&dq, hpg)?, per_group(&dk, 1)?, per_group(&dv, 1)?];
+            Ok(Tensor::cat(&parts, 3)?.reshape((b * s, (hpg + 2) * groups * d))?)
+        })?;
         drop((dq, dk, dv));
         // linear_qkv (the norm output is recomputed: one cheap kernel instead of keeping it).
-        let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
-        grads.insert(&self.qkv_w, manual::weight_grad(&dqkv, &xn)?);
-        if let Some(qb) = &self.qkv_b {
-            grads.insert(qb, manual::bias_grad(&dqkv)?);
-        }
-        let dxn = dqkv.matmul(&self.qkv_w.detach())?.reshape((b, s, h))?;
-        self.norm.backward(x, &dxn, grads)
+        let dxn = section("attn.bwd.qkv", dev, || -> Result<Tensor> {
+            let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
+            grads.insert(&self.qkv_w, manual::weight_grad(&dqkv, &xn)?);
+            if let Some(qb) = &self.qkv_b {
+                grads.insert(qb, manual::bias_grad(&dqkv)?);
+            }
+            Ok(dqkv.matmul(&self.qkv_w.detach())?.reshape((b, s, h))?)
+        })?;
+        section("attn.bwd.norm", dev, || self.norm.backward(x, &dxn, grads))
     }
 }
 

@@ -7,6 +7,7 @@ use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::Activation;
+use crate::ops::timing::section;
 use crate::ops::{self, manual, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
 use crate::peft::{Adapter, BaseParallel};
@@ -183,24 +184,31 @@ impl Mlp {
         dy: &Tensor,
         grads: &mut GradStore,
     ) -> Result<Tensor> {
+        let dev = x.device();
         let (b, s, h) = dy.dims3()?;
         let dy = dy.reshape((b * s, h))?;
         let u = saved.fc1_out.reshape((b * s, ()))?;
-        let act = manual::activation_forward(&u, self.activation, self.gated)?;
-        grads.insert(&self.fc2_w, manual::weight_grad(&dy, &act)?);
-        drop(act);
-        if let Some(b2) = &self.fc2_b {
-            grads.insert(b2, manual::bias_grad(&dy)?);
-        }
-        let dact = dy.matmul(&self.fc2_w.detach())?;
-        let du = manual::activation_backward(&u, self.activation, self.gated, &dact)?;
+        let dact = section("mlp.bwd.fc2", dev, || -> Result<Tensor> {
+            let act = manual::activation_forward(&u, self.activation, self.gated)?;
+            grads.insert(&self.fc2_w, manual::weight_grad(&dy, &act)?);
+            drop(act);
+            if let Some(b2) = &self.fc2_b {
+                grads.insert(b2, manual::bias_grad(&dy)?);
+            }
+            Ok(dy.matmul(&self.fc2_w.detach())?)
+        })?;
+        let du = section("mlp.bwd.act", dev, || {
+            manual::activation_backward(&u, self.activation, self.gated, &dact)
+        })?;
         drop((dact, u, saved));
-        let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
-        grads.insert(&self.fc1_w, manual::weight_grad(&du, &xn)?);
-        if let Some(b1) = &self.fc1_b {
-            grads.insert(b1, manual::bias_grad(&du)?);
-        }
-        let dxn = du.matmul(&self.fc1_w.detach())?.reshape((b, s, h))?;
-        self.norm.backward(x, &dxn, grads)
+        let dxn = section("mlp.bwd.fc1", dev, || -> Result<Tensor> {
+            let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
+            grads.insert(&self.fc1_w, manual::weight_grad(&du, &xn)?);
+            if let Some(b1) = &self.fc1_b {
+                grads.insert(b1, manual::bias_grad(&du)?);
+            }
+            Ok(du.matmul(&self.fc1_w.detach())?.reshape((b, s, h))?)
+        })?;
+        section("mlp.bwd.norm", dev, || self.norm.backward(x, &dxn, grads))
     }
 }
