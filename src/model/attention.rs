@@ -253,6 +253,8 @@ pub struct AttnSaved {
     qkv: Tensor,
     out: Tensor,
     state: AttnState,
+    /// q and k were rotated inside `qkv` ([`manual::rope_in_qkv`]).
+    roped_in_qkv: bool,
 }
 
 impl SelfAttention {
@@ -328,9 +330,28 @@ impl SelfAttention {
             &self.qkv_w.detach(),
             self.qkv_b.as_ref().map(Tensor::detach).as_ref(),
         )?;
+        // Without QK-norm the rotation runs inside the fused buffer (one kernel, and the
+        // backward keeps the rotated q, k instead of recomputing them).
+        let roped_in_qkv = match &inputs.rope {
+            Some((cos, sin, _))
+                if self.q_norm.is_none()
+                    && self.k_norm.is_none()
+                    && qkv.is_contiguous()
+                    && manual::rope_in_qkv_available(&qkv) =>
+            {
+                manual::rope_in_qkv(&qkv, cos, sin, self.shape.groups, heads / self.shape.groups)?;
+                true
+            }
+            _ => false,
+        };
         let (q, k, v) = self.split_heads(&qkv)?;
-        let (_, q) = Self::prepare(&q, self.q_norm.as_ref(), inputs)?;
-        let (_, k) = Self::prepare(&k, self.k_norm.as_ref(), inputs)?;
+        let (q, k) = if roped_in_qkv {
+            (q, k)
+        } else {
+            let (_, q) = Self::prepare(&q, self.q_norm.as_ref(), inputs)?;
+            let (_, k) = Self::prepare(&k, self.k_norm.as_ref(), inputs)?;
+            (q, k)
+        };
         let (out, state) = section("attn.core.fwd", x.device(), || {
             manual::attention_forward(&q, &k, &v, inputs.mask.as_mask(), self.shape)
         })?;
@@ -340,7 +361,7 @@ impl SelfAttention {
             &self.proj_w.detach(),
             self.proj_b.as_ref().map(Tensor::detach).as_ref(),
         )?;
-        Ok((y.reshape((b, s, h))?, AttnSaved { qkv, out, state }))
+        Ok((y.reshape((b, s, h))?, AttnSaved { qkv, out, state, roped_in_qkv }))
     }
 
     /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
@@ -367,6 +388,21 @@ impl SelfAttention {
             Ok(dy.matmul(&self.proj_w.detach())?.reshape((b, s, heads, d))?.transpose(1, 2)?)
         })?;
         drop(saved.out);
+        if saved.roped_in_qkv {
+            let (q, k, v) = self.split_heads(&saved.qkv)?;
+            let (dq, dk, dv) = section("attn.core.bwd", dev, || {
+                manual::attention_backward(&q, &k, &v, &saved.state, &dout)
+            })?;
+            drop((saved.state, saved.qkv, q, k, v, dout));
+            let Some((cos, sin, _)) = &inputs.rope else {
+                anyhow::bail!("attention backward: q/k were rotated but no rotary table is given");
+            };
+            let dqkv = section("attn.bwd.assemble", dev, || {
+                manual::rope_in_qkv_backward(&dq, &dk, &dv, cos, sin, groups)
+            })?;
+            drop((dq, dk, dv));
+            return self.qkv_backward(x, &dqkv.reshape((b * s, ()))?, grads);
+        }
         // Core attention on the recomputed q, k, v.
         let (q_raw, k_raw, v) = self.split_heads(&saved.qkv)?;
         let ((q_in, q), (k_in, k)) = section("attn.bwd.prep", dev, || -> Result<_> {
@@ -394,12 +430,18 @@ impl SelfAttention {
             Ok(Tensor::cat(&parts, 3)?.reshape((b * s, (hpg + 2) * groups * d))?)
         })?;
         drop((dq, dk, dv));
+        self.qkv_backward(x, &dqkv, grads)
+    }
+
+    /// Backward of the pre-norm and `linear_qkv` for dQKV `[tokens, rows]`: the input gradient.
+    fn qkv_backward(&self, x: &Tensor, dqkv: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        let (dev, (b, s, h)) = (x.device(), x.dims3()?);
         // linear_qkv (the norm output is recomputed: one cheap kernel instead of keeping it).
         let dxn = section("attn.bwd.qkv", dev, || -> Result<Tensor> {
             let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
-            grads.insert(&self.qkv_w, manual::weight_grad(&dqkv, &xn)?);
+            grads.insert(&self.qkv_w, manual::weight_grad(dqkv, &xn)?);
             if let Some(qb) = &self.qkv_b {
-                grads.insert(qb, manual::bias_grad(&dqkv)?);
+                grads.insert(qb, manual::bias_grad(dqkv)?);
             }
             Ok(dqkv.matmul(&self.qkv_w.detach())?.reshape((b, s, h))?)
         })?;

@@ -70,6 +70,65 @@ pub fn rope_backward(dy: &Tensor, cos: &Tensor, neg_sin: &Tensor) -> Result<Tens
     super::apply_rope(dy, cos, neg_sin)
 }
 
+/// Whether RoPE can run inside the fused QKV buffer of `qkv` (`cuda::rope_qkv`: CUDA half
+/// precision); otherwise q and k are rotated as separate views ([`super::apply_rope`]).
+pub fn rope_in_qkv_available(qkv: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        fused(qkv)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = qkv;
+        false
+    }
+}
+
+/// Rotates the q and k heads of the fused `qkv` `[b, s, groups·(hpg+2)·d]` in place (the
+/// caller's own buffer); see [`rope_in_qkv_available`].
+pub fn rope_in_qkv(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    groups: usize,
+    hpg: usize,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let head_dim = qkv.dim(2)? / (groups * (hpg + 2));
+        let l = super::cuda::rope_qkv::QkvLayout { groups, hpg, head_dim };
+        super::cuda::rope_qkv::rope_qkv_inplace(qkv, cos, sin, l)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (qkv, cos, sin, groups, hpg);
+        candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
+    }
+}
+
+/// dQKV `[b, s, groups·(hpg+2)·d]` of [`rope_in_qkv`] followed by attention, from the
+/// attention gradients `dq` `[b, heads, s, d]`, `dk`/`dv` `[b, groups, s, d]`.
+pub fn rope_in_qkv_backward(
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let (_, heads, _, head_dim) = dq.dims4()?;
+        let l = super::cuda::rope_qkv::QkvLayout { groups, hpg: heads / groups, head_dim };
+        super::cuda::rope_qkv::rope_qkv_backward(dq, dk, dv, cos, sin, l)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dq, dk, dv, cos, sin, groups);
+        candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
+    }
+}
+
 /// The MLP activation on `fc1`'s output `u` (`[.., 2f]` `[gate; up]` when gated).
 pub fn activation_forward(u: &Tensor, act: Activation, gated: bool) -> Result<Tensor> {
     if gated {

@@ -18,6 +18,7 @@ pub mod flash_attn;
 pub mod memory;
 pub mod rms_norm;
 pub mod rope;
+pub mod rope_qkv;
 pub mod sumsq;
 pub mod swiglu;
 pub mod wgrad;
