@@ -293,11 +293,12 @@ fn from_rank0<T: Serialize + DeserializeOwned>(
 }
 
 /// Step 3: every rank's list of written files on rank 0 (Some there: all files, or the
-/// failures of every rank that failed); None on the other ranks. The records (names, shapes, sizes, CRC-32Cs: a few hundred bytes per tensor)
-/// travel rather than rank 0 reading the shards back to checksum them, which would cost it
-/// one read of the whole checkpoint, the serial pass that writing on every rank removes.
-/// Point-to-point sends, not an all-gather: only rank 0 needs them, and an all-gather
-/// would send every list to every rank.
+/// failures of every rank that failed or could not be heard from); None on the other ranks.
+/// The records (names, shapes, sizes, CRC-32Cs: a few hundred bytes per tensor) travel
+/// rather than rank 0 reading the shards back to checksum them, which would cost it one read
+/// of the whole checkpoint, the serial pass that writing on every rank removes.
+/// Point-to-point sends, not an all-gather: only rank 0 needs them, and an all-gather would
+/// send every list to every rank.
 #[allow(clippy::type_complexity)]
 fn to_rank0(
     world: Option<&dyn Communicator>,
@@ -318,12 +319,16 @@ fn to_rank0(
         Err(e) => failures.push(format!("rank 0: {e}")),
     }
     for src in 1..world.size() {
-        let bytes = recv_bytes(world, src)?;
-        let theirs: std::result::Result<Vec<WrittenShard>, String> = serde_json::from_slice(&bytes)
-            .with_context(|| format!("checkpoint save: bad file list from rank {src}"))?;
+        // A rank that cannot be heard from (gone, timed out) fails the save like one that
+        // failed: rank 0 still removes the directory and tells the ranks that are left.
+        let theirs = recv_bytes(world, src).and_then(|bytes| {
+            serde_json::from_slice::<std::result::Result<Vec<WrittenShard>, String>>(&bytes)
+                .context("bad file list")
+        });
         match theirs {
-            Ok(files) => all.extend(files),
-            Err(e) => failures.push(format!("rank {src}: {e}")),
+            Ok(Ok(files)) => all.extend(files),
+            Ok(Err(e)) => failures.push(format!("rank {src}: {e}")),
+            Err(e) => failures.push(format!("rank {src}: {e:#}")),
         }
     }
     if failures.is_empty() {
