@@ -13,6 +13,7 @@
 //!     optimizer/shard_tp00_pp00.safetensors (+ index.json)  # state sharded like the params
 //!     scheduler.json  rng.json  train_state.json  run_config.toml  tokenizer/
 //! ```
+mod exchange;
 pub mod format;
 pub mod layout;
 pub mod save;
