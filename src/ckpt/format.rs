@@ -19,7 +19,7 @@ use rayon::prelude::*;
 /// Megatron-LM's tracker file: the newest complete iteration, as ASCII.
 pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
 pub(super) const LATEST_STATE: &str = "latest_train_state.json";
-const INDEX: &str = "index.json";
+pub(super) const INDEX: &str = "index.json";
 const FORMAT: &str = "mbridge-checkpoint";
 /// Version 2 added per-file checksums.
 const VERSION: u32 = 2;
@@ -92,13 +92,33 @@ pub struct ShardFile<'a> {
     pub tensors: Vec<(OutTensor<'a>, Partition)>,
 }
 
-/// (tp rank, file, local shape, partition, dtype) of one written shard.
-type ShardRecord = (usize, String, Vec<usize>, Partition, String);
+/// One shard file as the rank that wrote it reports it, so that another rank (rank 0) can
+/// index it without reading it back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WrittenShard {
+    /// The tensor directory: `model` or `optimizer`.
+    pub part: String,
+    pub file: String,
+    pub info: FileInfo,
+    pub tp_rank: usize,
+    /// The global rank that wrote it.
+    pub rank: usize,
+    /// Its tensors, in file order.
+    pub tensors: Vec<TensorRecord>,
+}
 
-/// Write one shard file per set plus `index.json` (global shapes, shard files, checksums).
-pub(super) fn write_tensor_dir(dir: &Path, sets: &[TensorSet]) -> Result<()> {
-    let files = sets
-        .iter()
+/// One tensor of a [`WrittenShard`], with its local (this rank's) shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorRecord {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub partition: Partition,
+    pub dtype: String,
+}
+
+/// The shard files of `sets` (one per set); the tensors share the sets' storage.
+pub(super) fn shard_files(sets: &[TensorSet]) -> Vec<ShardFile<'static>> {
+    sets.iter()
         .map(|set| ShardFile {
             tp_rank: set.tp_rank,
             file: set.file_name(),
@@ -108,8 +128,7 @@ pub(super) fn write_tensor_dir(dir: &Path, sets: &[TensorSet]) -> Result<()> {
                 .map(|p| (OutTensor::from_tensor(p.name.clone(), p.tensor.clone()), p.partition))
                 .collect(),
         })
-        .collect();
-    write_shard_files(dir, files)
+        .collect()
 }
 
 /// The file name of the shard of (tp, pp) ranks in a model directory.
@@ -121,44 +140,101 @@ pub fn model_shard_name(tp_rank: usize, pp_rank: usize) -> String {
 /// then `index.json` with global shapes, shard files and checksums.
 pub fn write_shard_files(dir: &Path, files: Vec<ShardFile>) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    let written = write_shards(dir, "", 0, files)?;
+    write_index(dir, &written.iter().collect::<Vec<_>>())
+}
+
+/// Write shard files into `dir` (each fsynced; `dir` is created when there are any) and
+/// return what an index needs of each, tagged with `part` and the writing `rank`.
+pub(super) fn write_shards(
+    dir: &Path,
+    part: &str,
+    rank: usize,
+    files: Vec<ShardFile>,
+) -> Result<Vec<WrittenShard>> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    files
+        .into_par_iter()
+        .map(|f| {
+            let tensors = f
+                .tensors
+                .iter()
+                .map(|(t, partition)| TensorRecord {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    partition: *partition,
+                    dtype: format!("{:?}", t.dtype),
+                })
+                .collect();
+            let out = f.tensors.into_iter().map(|(t, _)| t).collect();
+            let info = write_shard(&dir.join(&f.file), out)?;
+            Ok(WrittenShard {
+                part: part.to_string(),
+                file: f.file,
+                info,
+                tp_rank: f.tp_rank,
+                rank,
+                tensors,
+            })
+        })
+        .collect()
+}
+
+/// Write `dir/index.json` for the shards of `written` (global shapes, shard files in TP rank
+/// order, sizes and checksums). Every TP rank's file holds every tensor of its pipeline stage
+/// (replicated ones too), so a tensor must have one shard per TP rank of the directory.
+/// Refuses a file reported twice (two ranks wrote one shard) and a tensor without exactly
+/// those shards (a rank did not write its own): either would index a checkpoint that does
+/// not load back as it was saved.
+pub(super) fn write_index(dir: &Path, written: &[&WrittenShard]) -> Result<()> {
     let mut index = Index {
         format: FORMAT.into(),
         version: VERSION,
         tensors: BTreeMap::new(),
         files: BTreeMap::new(),
     };
-    let mut by_name: BTreeMap<String, Vec<ShardRecord>> = BTreeMap::new();
-    for f in &files {
-        for (t, partition) in &f.tensors {
-            by_name.entry(t.name.clone()).or_default().push((
-                f.tp_rank,
-                f.file.clone(),
-                t.shape.clone(),
-                *partition,
-                format!("{:?}", t.dtype),
-            ));
+    let mut writers: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut by_name: BTreeMap<&str, Vec<(usize, &str, &TensorRecord)>> = BTreeMap::new();
+    for w in written {
+        if let Some(other) = writers.insert(&w.file, w.rank) {
+            bail!(
+                "shard `{}` was written by both rank {other} and rank {}",
+                dir.join(&w.file).display(),
+                w.rank
+            );
+        }
+        index.files.insert(w.file.clone(), w.info);
+        for t in &w.tensors {
+            by_name.entry(&t.name).or_default().push((w.tp_rank, &w.file, t));
         }
     }
-    let infos: Vec<(String, FileInfo)> = files
-        .into_par_iter()
-        .map(|f| {
-            let tensors = f.tensors.into_iter().map(|(t, _)| t).collect();
-            Ok((f.file.clone(), write_shard(&dir.join(&f.file), tensors)?))
-        })
-        .collect::<Result<_>>()?;
-    index.files.extend(infos);
+    let tp_size = written.iter().map(|w| w.tp_rank + 1).max().unwrap_or(0);
     for (name, mut shards) in by_name {
         shards.sort_by_key(|s| s.0);
-        let partition = shards[0].3;
-        let mut shape = shards[0].2.clone();
-        match partition {
-            Partition::Replicated => {}
-            Partition::Split(d) => shape[d] = shards.iter().map(|s| s.2[d]).sum(),
-            Partition::GatedSplit => shape[0] = shards.iter().map(|s| s.2[0]).sum(),
+        if shards.len() != tp_size || shards.iter().enumerate().any(|(i, s)| s.0 != i) {
+            let ranks: Vec<usize> = shards.iter().map(|s| s.0).collect();
+            bail!(
+                "tensor `{name}` in `{}` has shards of TP ranks {ranks:?}, expected 0..{tp_size}",
+                dir.display()
+            );
         }
-        let dtype = shards[0].4.clone();
-        let files = shards.into_iter().map(|s| s.1).collect();
-        index.tensors.insert(name, IndexEntry { shape, dtype, partition, shards: files });
+        let first = shards[0].2;
+        let mut shape = first.shape.clone();
+        match first.partition {
+            Partition::Replicated => {}
+            Partition::Split(d) => shape[d] = shards.iter().map(|s| s.2.shape[d]).sum(),
+            Partition::GatedSplit => shape[0] = shards.iter().map(|s| s.2.shape[0]).sum(),
+        }
+        let entry = IndexEntry {
+            shape,
+            dtype: first.dtype.clone(),
+            partition: first.partition,
+            shards: shards.iter().map(|s| s.1.to_string()).collect(),
+        };
+        index.tensors.insert(name.to_string(), entry);
     }
     write_synced(&dir.join(INDEX), serde_json::to_string_pretty(&index)?.as_bytes())
 }
@@ -185,12 +261,23 @@ pub fn read_index(dir: &Path) -> Result<Index> {
 /// whatever TP layout wrote them, with their partitioning. Shards are mapped, not read into
 /// memory, after their size and CRC-32C are checked against the index.
 pub fn load_tensors(iter_dir: &Path, part: &str) -> Result<BTreeMap<String, (Tensor, Partition)>> {
+    load_tensors_where(iter_dir, part, &|_| true)
+}
+
+/// [`load_tensors`] for the tensors whose name passes `want` only: a shard file is opened
+/// (and checksummed) only when it holds one of them, so a pipeline stage reads only the
+/// shards of its own layers.
+pub fn load_tensors_where(
+    iter_dir: &Path,
+    part: &str,
+    want: &dyn Fn(&str) -> bool,
+) -> Result<BTreeMap<String, (Tensor, Partition)>> {
     let dir = iter_dir.join(part);
     let index_path = dir.join(INDEX);
     let index = read_index(&dir)?;
     let mut files: BTreeMap<String, MappedSafetensors> = BTreeMap::new();
     let mut out = BTreeMap::new();
-    for (name, entry) in index.tensors {
+    for (name, entry) in index.tensors.into_iter().filter(|(n, _)| want(n)) {
         let mut shards = Vec::new();
         for file in &entry.shards {
             if !files.contains_key(file) {

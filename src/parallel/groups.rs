@@ -37,7 +37,14 @@ pub struct ProcessGroups {
     pub mp: Arc<dyn Communicator>,
     /// First + last stage (tied-embedding gradients); None on middle stages.
     pub embedding: Option<Arc<dyn Communicator>>,
+    /// All ranks again, as a message stream of its own for checkpoint saves: an
+    /// asynchronous save's writer thread exchanges file lists on it while the training
+    /// thread runs collectives on the other groups. Always over the CPU transport.
+    pub ckpt: Arc<dyn Communicator>,
 }
+
+/// The name of [`ProcessGroups::ckpt`].
+pub const CKPT_GROUP: &str = "ckpt";
 
 impl ProcessGroups {
     /// Builds every group containing `rank`; `make(name, members)` creates one communicator.
@@ -70,6 +77,7 @@ impl ProcessGroups {
             )?,
             mp: group(GroupKind::Mp)?,
             embedding,
+            ckpt: make(CKPT_GROUP, &world)?,
             topology,
             rank,
             coords,
@@ -117,6 +125,11 @@ impl ProcessGroups {
             let rank = world.rank();
             Self::new(topology, rank, |name, members| {
                 let cpu = world.group(name, members)?;
+                if name == CKPT_GROUP {
+                    // Checkpoint saves move small CPU tensors, from a second thread: an NCCL
+                    // communicator would cost GPU memory and must not run concurrently.
+                    return Ok(Arc::new(cpu) as Arc<dyn Communicator>);
+                }
                 let g = super::comm::nccl::NcclGroup::new(cpu, device).with_context(|| {
                     format!(
                         "rank {rank}: creating the NCCL communicator of {name} group {members:?}"

@@ -1,7 +1,7 @@
 //! Saving and restoring a training run through [`crate::ckpt`]: model shards, optimizer state,
 //! scheduler, train state and the resolved config.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -13,18 +13,17 @@ use crate::ckpt::{self, OwnedCheckpoint, Partition, ShardedParam, TensorSet, Tra
 use crate::config::tokenizer::{TokenizerConfig, TokenizerType};
 use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
-use crate::parallel::comm::Communicator;
 use crate::train::optimizer::OptimizerState;
 use crate::train::scheduler::{OptimizerParamScheduler, ResumePolicy, SchedulerState};
+use crate::train::trainer::Trainer;
 
 /// The checkpoint partition of a model parameter.
 pub fn partition_of(p: &Param) -> Partition {
     Partition::from_param(p.partition_dim, p.layout)
 }
 
-/// What a run hands to [`save`].
+/// What a rank hands to [`snapshot`].
 pub struct SaveRequest<'a> {
-    pub save_dir: &'a Path,
     /// This rank's model chunks (one per virtual pipeline stage).
     pub models: &'a [GptModel],
     /// Full optimizer state (`RunOptimizer::export_state`) when `checkpoint.save_optim`.
@@ -34,16 +33,15 @@ pub struct SaveRequest<'a> {
     pub run_config_toml: &'a str,
     /// The dropout RNG seed; written as `rng.json` when Some (`checkpoint.save_rng`).
     pub seed: Option<u64>,
-    pub most_recent_k: i64,
     pub tp_rank: usize,
     pub pp_rank: usize,
-    /// The tensor-parallel group when TP > 1: shards are gathered so one rank writes them all.
-    pub tp: Option<&'a dyn Communicator>,
-    /// The pipeline group when PP > 1: every stage's shards go to stage 0 for writing.
-    pub pp: Option<&'a dyn Communicator>,
-    /// Whether this rank writes (global rank 0); the others only join the gathers.
-    pub write: bool,
-    /// Files copied into `iter_*/tokenizer/` (see [`tokenizer_assets`]).
+    /// Whether this rank writes the model shard of its (tp, pp) position: one rank of each
+    /// position (data- and context-parallel rank 0) does.
+    pub writes_model: bool,
+    /// Whether this rank writes the optimizer shard of its (tp, pp) position (see
+    /// [`Trainer::checkpoint_snapshot`] for which rank).
+    pub writes_optimizer: bool,
+    /// Files copied into `iter_*/tokenizer/` (see [`tokenizer_assets`]); rank 0 copies them.
     pub tokenizer_files: &'a [PathBuf],
 }
 
@@ -77,43 +75,37 @@ pub fn tokenizer_assets(tok: &TokenizerConfig) -> Vec<PathBuf> {
     files
 }
 
-/// Write `iter_{step}` in the caller's thread (on the writing rank; None on the others).
-pub fn save(req: &SaveRequest) -> Result<Option<PathBuf>> {
-    match snapshot(req)? {
-        Some(ckpt) => {
-            ckpt::save_checkpoint(req.save_dir, &ckpt.as_write(), req.most_recent_k).map(Some)
-        }
-        None => Ok(None),
-    }
-}
-
-/// Everything `iter_{step}` holds. The model tensors share storage with the live variables
-/// (no copy): write them before the next optimizer step, or hand them to
+/// What this rank writes of `iter_{step}`: its own model and optimizer shards (none when it
+/// owns none) and the small documents rank 0 writes. The model tensors share storage with
+/// the live variables (no copy): write them before the next optimizer step, or hand them to
 /// [`ckpt::AsyncSaver`], which copies them first. Optimizer moments and masters are replaced,
-/// not mutated, by each step, so their clones are snapshots. With TP > 1 every rank joins the
-/// shard gathers and only the writing rank gets Some. With PP > 1 every stage's shards are
-/// gathered to stage 0 (the last stage's tied `output_layer.weight` copy included, as
-/// `import-hf --pp` writes it); any layout loads them back through the global index.
-pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
+/// not mutated, by each step, so their clones are snapshots. Each (tp, pp) position's shards
+/// are written by one rank of that position ([`ckpt::save_checkpoint_on`]); with PP > 1 the
+/// last stage's shard holds the tied `output_layer.weight` copy (as `import-hf --pp` writes
+/// it); any layout loads them back through the global index.
+pub fn snapshot(req: &SaveRequest) -> Result<OwnedCheckpoint> {
     // Under PEFT the checkpoint holds the adapters only (the base comes from
     // `checkpoint.pretrained_checkpoint`).
     let params: Vec<&Param> =
         req.models.iter().flat_map(|m| m.params().params()).filter(|p| p.trainable).collect();
     let partitions: HashMap<&str, Partition> =
         params.iter().map(|p| (p.name.as_str(), partition_of(p))).collect();
-    let model = vec![TensorSet {
-        tp_rank: req.tp_rank,
-        pp_rank: req.pp_rank,
-        dp_rank: None,
-        params: params
-            .iter()
-            .map(|p| ShardedParam {
-                name: p.name.clone(),
-                tensor: p.var.as_tensor().detach(),
-                partition: partition_of(p),
-            })
-            .collect(),
-    }];
+    let mut model = Vec::new();
+    if req.writes_model {
+        model.push(TensorSet {
+            tp_rank: req.tp_rank,
+            pp_rank: req.pp_rank,
+            dp_rank: None,
+            params: params
+                .iter()
+                .map(|p| ShardedParam {
+                    name: p.name.clone(),
+                    tensor: p.var.as_tensor().detach(),
+                    partition: partition_of(p),
+                })
+                .collect(),
+        });
+    }
     let mut json_docs =
         vec![("scheduler".to_string(), serde_json::to_value(req.scheduler.state())?)];
     if let Some(seed) = req.seed {
@@ -121,37 +113,35 @@ pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
     }
     let optimizer = match &req.optimizer {
         Some(state) => {
-            let state = state.clone();
             json_docs.push((
                 "optimizer".to_string(),
                 json!({ "algorithm": state.algorithm, "steps": state.steps }),
             ));
-            let params = state
-                .tensors
-                .into_iter()
-                .map(|(name, tensor)| {
-                    let owner = name.rsplit_once('.').map(|(p, _)| p).unwrap_or(&name);
-                    let partition = partitions.get(owner).copied().unwrap_or(Partition::Replicated);
-                    ShardedParam { name, tensor, partition }
-                })
-                .collect();
-            // Moment tensors are replaced (not mutated) by each step, so clones are snapshots.
-            Some(vec![TensorSet {
-                tp_rank: req.tp_rank,
-                pp_rank: req.pp_rank,
-                dp_rank: None,
-                params,
-            }])
+            let mut sets = Vec::new();
+            if req.writes_optimizer {
+                // Moment tensors are replaced (not mutated) by each step: clones are snapshots.
+                let params = state
+                    .tensors
+                    .iter()
+                    .map(|(name, tensor)| {
+                        let owner = name.rsplit_once('.').map(|(p, _)| p).unwrap_or(name);
+                        let partition =
+                            partitions.get(owner).copied().unwrap_or(Partition::Replicated);
+                        ShardedParam { name: name.clone(), tensor: tensor.clone(), partition }
+                    })
+                    .collect();
+                sets.push(TensorSet {
+                    tp_rank: req.tp_rank,
+                    pp_rank: req.pp_rank,
+                    dp_rank: None,
+                    params,
+                });
+            }
+            Some(sets)
         }
         None => None,
     };
-    let model = gather_pp(gather_tp(model, req.tp)?, req.pp)?;
-    let optimizer =
-        optimizer.map(|sets| gather_pp(gather_tp(sets, req.tp)?, req.pp)).transpose()?;
-    if !req.write {
-        return Ok(None);
-    }
-    Ok(Some(OwnedCheckpoint {
+    Ok(OwnedCheckpoint {
         iteration: req.state.step,
         model,
         optimizer,
@@ -159,110 +149,47 @@ pub fn snapshot(req: &SaveRequest) -> Result<Option<OwnedCheckpoint>> {
         train_state: req.state.clone(),
         run_config_toml: req.run_config_toml.to_string(),
         tokenizer_files: req.tokenizer_files.to_vec(),
-    }))
+    })
 }
 
-/// With TP > 1, every rank contributes its shards and gets back all ranks' [`TensorSet`]s
-/// (one per TP rank, in rank order), so a single rank can write the whole checkpoint.
-fn gather_tp(sets: Vec<TensorSet>, tp: Option<&dyn Communicator>) -> Result<Vec<TensorSet>> {
-    let Some(tp) = tp.filter(|tp| tp.size() > 1) else { return Ok(sets) };
-    let n = tp.size();
-    let mut out: Vec<TensorSet> = Vec::new();
-    for set in sets {
-        let mut per_rank: Vec<Vec<ShardedParam>> = vec![Vec::new(); n];
-        for p in set.params {
-            let dim = match p.partition {
-                Partition::Replicated => None,
-                Partition::Split(d) => Some(d),
-                // Each rank holds [gate_r; up_r]; gathering along dim 0 stacks them by rank.
-                Partition::GatedSplit => Some(0),
-            };
-            let gathered = match dim {
-                None => None,
-                Some(d) => Some((d, tp.all_gather(&p.tensor.contiguous()?, d)?, p.tensor.dim(d)?)),
-            };
-            for (r, slot) in per_rank.iter_mut().enumerate() {
-                let tensor = match &gathered {
-                    None => p.tensor.clone(),
-                    Some((d, all, len)) => all.narrow(*d, r * len, *len)?,
-                };
-                slot.push(ShardedParam { name: p.name.clone(), tensor, partition: p.partition });
+impl Trainer {
+    /// This rank's part of a checkpoint of the current state (see [`snapshot`]); every rank
+    /// must call it at the same step (the distributed optimizer gathers its state over DP).
+    ///
+    /// Model shards: data- and context-parallel rank 0 of each (tp, pp) position. Optimizer
+    /// shards: data-parallel rank 1 when DP > 1 (every DP rank holds the gathered state), so
+    /// the two largest files of a position are written by two processes at once.
+    pub fn checkpoint_snapshot(&self) -> Result<OwnedCheckpoint> {
+        let c = &self.cfg.checkpoint;
+        let tokenizer_files = if c.save_tokenizer_assets {
+            tokenizer_assets(&self.cfg.tokenizer)
+        } else {
+            Vec::new()
+        };
+        let (writes_model, writes_optimizer) = match &self.groups {
+            None => (true, true),
+            Some(g) => {
+                let optimizer_dp = usize::from(g.topology.dp() > 1);
+                (
+                    g.coords.cp == 0 && g.coords.dp == 0,
+                    g.coords.cp == 0 && g.coords.dp == optimizer_dp,
+                )
             }
-        }
-        for (r, params) in per_rank.into_iter().enumerate() {
-            out.push(TensorSet { tp_rank: r, pp_rank: set.pp_rank, dp_rank: set.dp_rank, params });
-        }
+        };
+        snapshot(&SaveRequest {
+            models: &self.chunks,
+            optimizer: if c.save_optim { Some(self.optimizer_state_for_save()?) } else { None },
+            scheduler: &self.scheduler,
+            state: &self.state,
+            run_config_toml: &self.run_config_toml,
+            seed: c.save_rng.then_some(self.rng_seed),
+            tp_rank: self.groups.as_ref().map_or(0, |g| g.coords.tp),
+            pp_rank: self.groups.as_ref().map_or(0, |g| g.coords.pp),
+            writes_model,
+            writes_optimizer,
+            tokenizer_files: &tokenizer_files,
+        })
     }
-    Ok(out)
-}
-
-/// With PP > 1, stages 1.. send their [`TensorSet`]s (after the TP gather) to stage 0, which
-/// returns every stage's sets; other stages return their own (they do not write). `pp` is
-/// the pipeline group of the writing rank only (others pass None and keep their sets).
-fn gather_pp(sets: Vec<TensorSet>, pp: Option<&dyn Communicator>) -> Result<Vec<TensorSet>> {
-    let Some(pp) = pp.filter(|pp| pp.size() > 1) else { return Ok(sets) };
-    let cpu = candle_core::Device::Cpu;
-    if pp.rank() != 0 {
-        // Names, partitions, shapes and dtypes first (as JSON bytes), then the tensors.
-        let meta: Vec<serde_json::Value> = sets
-            .iter()
-            .map(|set| {
-                let params: Vec<serde_json::Value> = set
-                    .params
-                    .iter()
-                    .map(|p| {
-                        json!({
-                            "name": p.name,
-                            "partition": p.partition,
-                            "dims": p.tensor.dims(),
-                            "dtype": p.tensor.dtype().as_str(),
-                        })
-                    })
-                    .collect();
-                json!({ "tp_rank": set.tp_rank, "pp_rank": set.pp_rank, "dp_rank": set.dp_rank, "params": params })
-            })
-            .collect();
-        let bytes = serde_json::to_vec(&meta)?;
-        pp.send(&Tensor::new(&[bytes.len() as u32], &cpu)?, 0)?;
-        pp.send(&Tensor::from_vec(bytes.clone(), (bytes.len(),), &cpu)?, 0)?;
-        for set in &sets {
-            for p in &set.params {
-                pp.send(&p.tensor.contiguous()?, 0)?;
-            }
-        }
-        return Ok(sets);
-    }
-    let mut out = sets;
-    for src in 1..pp.size() {
-        let len = pp.recv(src, &(1,).into(), candle_core::DType::U32, &cpu)?.to_vec1::<u32>()?[0];
-        let bytes = pp.recv(src, &(len as usize,).into(), candle_core::DType::U8, &cpu)?;
-        let meta: Vec<serde_json::Value> = serde_json::from_slice(&bytes.to_vec1::<u8>()?)
-            .context("pipeline checkpoint gather: bad metadata from a pipeline stage")?;
-        for set in meta {
-            let mut params = Vec::new();
-            for p in set["params"].as_array().context("pipeline checkpoint gather: no params")? {
-                let dims: Vec<usize> = serde_json::from_value(p["dims"].clone())?;
-                let dtype: candle_core::DType = p["dtype"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("pipeline checkpoint gather: {e}"))?;
-                let tensor = pp.recv(src, &dims.into(), dtype, &cpu)?;
-                params.push(ShardedParam {
-                    name: p["name"].as_str().unwrap_or_default().to_string(),
-                    tensor,
-                    partition: serde_json::from_value(p["partition"].clone())?,
-                });
-            }
-            out.push(TensorSet {
-                tp_rank: serde_json::from_value(set["tp_rank"].clone())?,
-                pp_rank: serde_json::from_value(set["pp_rank"].clone())?,
-                dp_rank: serde_json::from_value(set["dp_rank"].clone())?,
-                params,
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// Which parameters [`load_model_part`] restores.
@@ -289,8 +216,20 @@ const TIED_COPY: (&str, &str) = ("output_layer.weight", "embedding.word_embeddin
 
 /// Load the `part` of the weights of `models` (any TP/PP layout) from `iter_dir`.
 pub fn load_model_part(iter_dir: &Path, models: &[GptModel], part: LoadPart) -> Result<()> {
+    let whole: usize = models.iter().map(|m| m.layer_numbers().len()).sum();
+    let holds_all = models.first().is_some_and(|m| whole == m.arch().num_layers);
+    let needed: HashSet<&str> =
+        models.iter().flat_map(|m| m.params().params()).map(|p| p.name.as_str()).collect();
+    let want = wanted(iter_dir, "model", |n| needed.contains(n))?;
+    // A rank holding every layer reads everything, to name parameters the model lacks; a
+    // pipeline stage reads only the shards of its own parameters.
+    let loaded = if holds_all {
+        ckpt::load_tensors(iter_dir, "model")?
+    } else {
+        ckpt::load_tensors_where(iter_dir, "model", &want)?
+    };
     let mut tensors: HashMap<String, Tensor> =
-        ckpt::load_tensors(iter_dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
+        loaded.into_iter().map(|(k, (t, _))| (k, t)).collect();
     // A checkpoint written without pipelining has no last-stage copy of tied embeddings:
     // the copy is the embedding itself.
     if !tensors.contains_key(TIED_COPY.0) {
@@ -321,12 +260,11 @@ pub fn load_model_part(iter_dir: &Path, models: &[GptModel], part: LoadPart) -> 
             Some(prev) => prev.into_iter().filter(|n| left.contains(n)).collect(),
         });
     }
-    let whole: usize = models.iter().map(|m| m.layer_numbers().len()).sum();
     let tied = models.first().is_some_and(|m| m.arch().tied_embeddings);
     let mut unused = unused.unwrap_or_default();
     // A pipelined checkpoint of a tied model also holds the last stage's copy.
     unused.retain(|n| !(tied && n == TIED_COPY.0));
-    if !unused.is_empty() && models.first().is_some_and(|m| whole == m.arch().num_layers) {
+    if !unused.is_empty() && holds_all {
         bail!(
             "checkpoint `{}` holds parameters this model does not have: {}",
             iter_dir.display(),
@@ -351,7 +289,9 @@ pub fn read_optimizer_state(
             iter_dir.display()
         )
     })?;
-    let mut global = ckpt::load_tensors(iter_dir, "optimizer")?;
+    let owner_of = |name: &str| name.rsplit_once('.').map_or(name, |(p, _)| p).to_string();
+    let want = wanted(iter_dir, "optimizer", |n| owned.contains(&owner_of(n)))?;
+    let mut global = ckpt::load_tensors_where(iter_dir, "optimizer", &want)?;
     // The tied copy's state equals the embedding's (same gradients, same steps) when the
     // checkpoint was written without pipelining.
     if owned.contains(TIED_COPY.0) {
@@ -380,6 +320,32 @@ pub fn read_optimizer_state(
         steps: meta["steps"].as_u64().unwrap_or(0),
         tensors,
     })
+}
+
+/// Which tensors of `iter_dir/<part>` a rank reads: those `own` selects, plus the
+/// embedding's (weight or optimizer state) when this rank owns the tied output copy and the
+/// checkpoint, written without pipelining, has none: the copy is then loaded from it.
+fn wanted(
+    iter_dir: &Path,
+    part: &str,
+    own: impl Fn(&str) -> bool,
+) -> Result<impl Fn(&str) -> bool> {
+    let index = ckpt::read_index(&iter_dir.join(part))?;
+    let copy_of = |name: &str| -> Option<String> {
+        let suffix = name.strip_prefix(TIED_COPY.1)?;
+        (suffix.is_empty() || suffix.starts_with('.')).then(|| format!("{}{suffix}", TIED_COPY.0))
+    };
+    let mut extra = HashSet::new();
+    for name in index.tensors.keys() {
+        if let Some(copy) = copy_of(name) {
+            if own(&copy) && !index.tensors.contains_key(&copy) {
+                extra.insert(name.clone());
+            }
+        }
+    }
+    let selected: HashSet<String> =
+        index.tensors.keys().filter(|n| own(n) || extra.contains(*n)).cloned().collect();
+    Ok(move |n: &str| selected.contains(n))
 }
 
 /// The dropout RNG seed saved in `rng.json`.

@@ -193,8 +193,8 @@ impl Trainer {
             tb,
             metrics,
             stop,
+            saver: AsyncSaver::with_world(groups.as_ref().map(|g| g.ckpt.clone())),
             groups,
-            saver: AsyncSaver::new(),
             rng_seed: cfg_seed,
             memory_reported: false,
         };

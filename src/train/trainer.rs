@@ -9,7 +9,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use super::checkpointing::{self, SaveRequest};
 use super::datasets::{sampler_for_split, RunDataset};
 use super::optimizer::GradAccumulator;
 use super::phase_timer::PhaseTimer;
@@ -18,7 +17,7 @@ use super::report::{report_saved, MetricsWriter};
 use super::run_optimizer::RunOptimizer;
 use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
-use crate::ckpt::{AsyncSaver, TrainState};
+use crate::ckpt::{self, AsyncSaver, TrainState};
 use crate::config::{ConfigContainer, Derived};
 use crate::model::flops::num_floating_point_operations;
 use crate::model::{GptModel, Microbatch};
@@ -356,47 +355,18 @@ impl Trainer {
 
     /// Save a checkpoint of the current state when `checkpoint.save` is set: in this thread,
     /// or with `checkpoint.async_save` from a detached snapshot in the background (a save still
-    /// in flight is finished first).
+    /// in flight is finished first). Every rank writes its own shards; rank 0 commits.
     pub fn save(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
-        let c = &self.cfg.checkpoint;
-        let tokenizer_files = if c.save_tokenizer_assets {
-            checkpointing::tokenizer_assets(&self.cfg.tokenizer)
-        } else {
-            Vec::new()
-        };
-        let req = SaveRequest {
-            save_dir: &PathBuf::from(&dir),
-            models: &self.chunks,
-            optimizer: if self.cfg.checkpoint.save_optim {
-                Some(self.optimizer_state_for_save()?)
-            } else {
-                None
-            },
-            scheduler: &self.scheduler,
-            state: &self.state,
-            run_config_toml: &self.run_config_toml,
-            seed: c.save_rng.then_some(self.rng_seed),
-            most_recent_k: c.most_recent_k,
-            tp_rank: self.groups.as_ref().map_or(0, |g| g.coords.tp),
-            pp_rank: self.groups.as_ref().map_or(0, |g| g.coords.pp),
-            tp: self.groups.as_ref().map(|g| &*g.tp),
-            // Only the writer's pipeline group gathers its stages' shards.
-            pp: self
-                .groups
-                .as_ref()
-                .filter(|g| g.coords.tp == 0 && g.coords.cp == 0 && g.coords.dp == 0)
-                .map(|g| &*g.pp),
-            write: self.groups.as_ref().is_none_or(|g| g.rank == 0),
-            tokenizer_files: &tokenizer_files,
-        };
-        if c.async_save {
-            let t0 = Instant::now();
-            if let Some(snapshot) = checkpointing::snapshot(&req)? {
-                let k = c.most_recent_k;
-                if let Some(done) = self.saver.submit(&PathBuf::from(&dir), snapshot, k)? {
-                    report_saved(&done);
-                }
+        let dir = PathBuf::from(dir);
+        let k = self.cfg.checkpoint.most_recent_k;
+        let t0 = Instant::now();
+        let snapshot = self.checkpoint_snapshot()?;
+        if self.cfg.checkpoint.async_save {
+            if let Some(done) = self.saver.submit(&dir, snapshot, k)? {
+                report_saved(&done);
+            }
+            if self.groups.as_ref().is_none_or(|g| g.rank == 0) {
                 tracing::info!(
                     "asynchronous save of iteration {} started (training stalled {:.1} ms)",
                     self.state.step,
@@ -405,16 +375,15 @@ impl Trainer {
             }
             return Ok(());
         }
-        let path = checkpointing::save(&req)?;
-        if let Some(g) = &self.groups {
-            // Nobody reads or exits past a save until it is on disk.
-            g.world.barrier()?;
-        }
-        if let Some(path) = path {
+        // Returns on every rank only once rank 0 has moved the tracker (its outcome is the
+        // save's last message), so nobody reads or exits past a save before it is on disk.
+        let world = self.groups.as_ref().map(|g| &*g.ckpt);
+        let saved = ckpt::save_checkpoint_on(&dir, &snapshot.as_write(), k, world)?;
+        if saved.committed {
             println!(
                 " successfully saved checkpoint from iteration {:7} to {}",
                 self.state.step,
-                path.display()
+                saved.dir.display()
             );
         }
         Ok(())
