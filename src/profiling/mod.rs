@@ -251,7 +251,7 @@ impl Profiler {
             }
             WindowState::Before if self.windowed() => {
                 tracing::warn!(
-                    "rank {}: the profiling window (iterations {}..={}) was never reached{}: \
+                    "rank {}: this run did not reach the profiling window (iterations {}..={}){}: \
                      nothing was profiled",
                     self.rank,
                     self.window.profile_step_start + 1,
