@@ -9,4 +9,5 @@ pub mod model;
 pub mod ops;
 pub mod parallel;
 pub mod peft;
+pub mod profiling;
 pub mod train;

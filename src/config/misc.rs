@@ -14,20 +14,32 @@ pub struct RngConfig {
     pub data_parallel_random_init: bool,
 }
 
-/// `profiling.*`
+/// `profiling.*` (what each does: `crate::profiling`). The window is the steps whose 0-based
+/// index `s` (iterations done before the step) lies in `[profile_step_start, profile_step_end)`,
+/// i.e. the log's iterations `start + 1 ..= end`, as Megatron Bridge's nsys start/stop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProfilingConfig {
+    /// Start/stop the CUDA profiler around the window and emit NVTX ranges in it (CUDA builds).
     pub use_nsys_profiler: bool,
+    /// mbridge's stand-in for the PyTorch profiler: a Chrome trace of the window's phases.
     pub use_pytorch_profiler: bool,
     #[default = 10]
     pub profile_step_start: usize,
     #[default = 12]
     pub profile_step_end: usize,
+    /// Global ranks to profile; empty = every rank for the profilers but none for the memory
+    /// report (Megatron Bridge's two different membership checks).
     #[default(vec![0])]
     pub profile_ranks: Vec<usize>,
+    /// Write a memory report at the end of the window (JSON, not PyTorch's pickle).
     pub record_memory_history: bool,
+    /// Where the memory report goes; `_<rank>` is inserted before the extension and a
+    /// `.pickle`/`.pkl` extension becomes `.json`. Megatron Bridge's default.
+    #[default = "/nemo_run/snapshot.pickle"]
+    pub memory_snapshot_path: String,
     pub record_shapes: bool,
+    /// NVTX ranges on every step of the profiled ranks, not only inside the nsys window.
     pub nvtx_ranges: bool,
 }
 

@@ -411,6 +411,30 @@ pub fn finalize(
     if p.profile_step_end < p.profile_step_start {
         errs.push("`profiling.profile_step_end` must be ≥ `profiling.profile_step_start`".into());
     }
+    // The CUDA profiler API exists only in the CUDA build: silently profiling nothing would
+    // leave an nsys capture (`--capture-range=cudaProfilerApi`) empty with no hint why.
+    if p.use_nsys_profiler && !cfg!(feature = "cuda") {
+        errs.push(
+            "`profiling.use_nsys_profiler` needs a CUDA build of mbridge (`--features cuda`); \
+             this binary is CPU-only: use `profiling.use_pytorch_profiler` for a Chrome trace"
+                .into(),
+        );
+    }
+    if p.record_memory_history && p.memory_snapshot_path.trim().is_empty() {
+        errs.push(
+            "`profiling.record_memory_history` needs `profiling.memory_snapshot_path`".into(),
+        );
+    }
+    let profiling_on =
+        p.use_nsys_profiler || p.use_pytorch_profiler || p.record_memory_history || p.nvtx_ranges;
+    if let (true, Some(world)) = (profiling_on, world_size) {
+        if let Some(r) = p.profile_ranks.iter().find(|&&r| r >= world) {
+            errs.push(format!(
+                "`profiling.profile_ranks` names rank {r} but the run has {world} rank{}",
+                if world == 1 { "" } else { "s" }
+            ));
+        }
+    }
 
     // 12. Data parallelism: distributed optimizer, buckets, comm_overlap.
     super::ddp_rules::apply(&mut cfg, dp, &mut errs);

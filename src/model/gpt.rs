@@ -725,6 +725,9 @@ impl GptModel {
             _ => None,
         };
         for (i, layer) in self.layers.iter().enumerate() {
+            // Covers both layer kinds (explicit or autograd backward): forward only, since
+            // the backward runs later inside candle's `backward()`.
+            let _range = crate::profiling::Range::layer(i);
             if let Some((sink, ei)) = &explicit {
                 if layer.attn.explicit_ok() && layer.mlp.explicit_ok() {
                     x = explicit_layer::forward(&layer.attn, &layer.mlp, &x, ei, sink)?;

@@ -22,6 +22,7 @@ mod fused_cpu;
 pub mod linear;
 pub mod manual;
 pub mod norm;
+pub mod nvtx;
 pub mod rope;
 pub mod softmax;
 pub mod timing;

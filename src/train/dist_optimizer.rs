@@ -14,7 +14,9 @@ use std::collections::{HashMap, HashSet};
 use candle_core::{Device, Tensor, TensorId, Var};
 
 use super::grads::GradSource;
-use super::optimizer::{default_wd_mult, master_dtype, Algorithm, OptimError, Optimizer};
+use super::optimizer::{
+    default_wd_mult, master_dtype, Algorithm, OptimError, Optimizer, ParamState,
+};
 use super::optimizer_state::OptimizerState;
 use crate::parallel::comm::Communicator;
 use crate::parallel::ddp::pipeline::run_buckets;
@@ -316,6 +318,12 @@ impl DistributedOptimizer {
     /// This rank's data-parallel index.
     pub fn dp_rank(&self) -> usize {
         self.dp_rank
+    }
+
+    /// This rank's shards: each variable is an fp32 master slice `name[start..end]`, with its
+    /// moments (for the memory report).
+    pub fn shard_states(&self) -> &[ParamState] {
+        self.inner.params()
     }
 }
 

@@ -62,6 +62,7 @@ pub mod optimizer;
 mod optimizer_state;
 pub mod phase_timer;
 mod pipeline;
+mod profile_hooks;
 mod report;
 pub mod run_optimizer;
 mod schedule_resolve;

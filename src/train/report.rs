@@ -230,6 +230,7 @@ impl Trainer {
 
     /// End of a run: wait for the pending save, flush the logs, print the W&B upload command.
     pub(super) fn wrap_up(&mut self) -> Result<()> {
+        self.profile_finish()?;
         self.report_saves(true)?;
         if let Some(tb) = self.tb.as_mut() {
             tb.flush()?;

@@ -24,6 +24,7 @@ use crate::model::params::TpCoord;
 use crate::model::{virtual_stages, GptModel, ParallelLayout};
 use crate::parallel::pipeline::{schedule, PipelineP2p, ScheduleSpec};
 use crate::parallel::ProcessGroups;
+use crate::profiling::Profiler;
 
 fn candle_dtype(d: CfgDType) -> DType {
     match d {
@@ -176,6 +177,7 @@ impl Trainer {
             }
         }
         let cfg_seed = cfg.rng.seed;
+        let profiler = Profiler::new(&cfg, groups.as_ref().map_or(0, |g| g.rank), &device)?;
         let mut t = Trainer {
             cfg,
             d,
@@ -197,6 +199,7 @@ impl Trainer {
             groups,
             rng_seed: cfg_seed,
             memory_reported: false,
+            profiler,
         };
         t.restore()?;
         Ok(t)

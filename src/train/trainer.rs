@@ -25,6 +25,7 @@ use crate::ops::DropoutRng;
 use crate::parallel::ddp::GradReducer;
 use crate::parallel::pipeline::PipelineP2p;
 use crate::parallel::{ProcessGroups, ReduceOp};
+use crate::profiling::{Profiler, Range};
 
 /// Why training stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +82,8 @@ pub struct Trainer {
     pub(super) rng_seed: u64,
     /// Whether the one-time GPU memory report has been printed.
     pub(super) memory_reported: bool,
+    /// `profiling.*`: nsys window, NVTX ranges, Chrome trace, memory report.
+    pub(super) profiler: Profiler,
 }
 
 impl Trainer {
@@ -155,7 +158,9 @@ impl Trainer {
                 t0.elapsed().as_secs_f64() * 1e3
             );
             let skip = self.cfg.train.iterations_to_skip.contains(&(iteration as usize));
+            self.profiler.step_begin(self.state.step)?;
             let step = self.train_step(iteration, &micro, skip)?;
+            self.profile_step_end()?;
             self.check_weight_replicas(iteration)?;
             self.state.step = iteration;
             self.state.consumed_train_samples += gbs as u64;
@@ -293,8 +298,11 @@ impl Trainer {
             p2p: self.p2p.as_ref(),
             microbatch_group_size: self.microbatch_group_size,
         };
+        let phase = Range::phase("forward-backward");
         let (mut loss_sum, mut tokens) = pipeline.train_batch(micro, &hooks, acc)?;
         timer.mark("forward-backward")?;
+        drop(phase);
+        let phase = Range::phase("grad-reduce-and-clip");
         if let Some(g) = &self.groups {
             let t = Tensor::new(&[loss_sum, tokens], &Device::Cpu)?;
             // Only the last pipeline stage computes the loss: every stage gets its sums.
@@ -336,6 +344,8 @@ impl Trainer {
             });
         }
         timer.mark("grad-reduce-and-clip")?;
+        drop(phase);
+        let _phase = Range::phase("optimizer");
         // A background save must hold its own copy of the weights before they change.
         self.saver.wait_snapshot();
         self.apply_update(reduced)?;
