@@ -127,8 +127,8 @@ fn packed_batch_layers_match_autograd() {
         mb.attention_mask = None;
         mb.cu_seqlens = Some(vec![0, 4, 8, 12, 16]);
     };
-    let cases: [(bool, &dyn Fn(&mut Microbatch)); 4] =
-        [(false, &pack), (true, &pack), (false, &thd), (true, &thd)];
+    type Packing<'a> = &'a dyn Fn(&mut Microbatch);
+    let cases: [(bool, Packing); 4] = [(false, &pack), (true, &pack), (false, &thd), (true, &thd)];
     let losses: Vec<f64> = cases
         .iter()
         .map(|&(explicit, pack)| {
