@@ -45,6 +45,39 @@ fn pretrain_through_the_binary_logs_and_learns() {
     assert!(out.contains("on test set"), "{out}");
 }
 
+/// `model.recompute_granularity=selective` trains through the binary (the written-out layer
+/// backward, also on the CPU) with the losses of the plain run, and so does forcing the
+/// written-out backward on without recompute.
+#[test]
+fn selective_recompute_trains_like_the_plain_run() {
+    let losses = |extra: &[&str], env: Option<&str>| -> Vec<f64> {
+        let mut cmd = Command::cargo_bin("mbridge").unwrap();
+        if let Some(v) = env {
+            cmd.env("MBRIDGE_EXPLICIT_LAYERS", v);
+        }
+        cmd.args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=10"])
+            .args(["logger.log_interval=2", "validation.eval_iters=0"])
+            .args(extra);
+        let out = cmd.assert().success().get_output().stdout.clone();
+        lm_losses(&String::from_utf8(out).unwrap())
+    };
+    let plain = losses(&[], Some("0"));
+    assert_eq!(plain.len(), 5);
+    let selective = losses(
+        &[
+            "model.recompute_granularity=selective",
+            "model.recompute_modules=[\"core_attn\",\"mlp\"]",
+        ],
+        None,
+    );
+    let explicit = losses(&[], Some("1"));
+    for other in [&selective, &explicit] {
+        for (a, b) in plain.iter().zip(other) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{plain:?} vs {other:?}");
+        }
+    }
+}
+
 #[test]
 fn same_seed_same_losses_bit_for_bit() {
     let a = run(&args(&["train.train_iters=6", "validation.eval_iters=0"])).unwrap();

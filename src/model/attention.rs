@@ -251,10 +251,19 @@ impl SelfAttention {
 /// that entered `linear_proj` and the core attention's state.
 pub struct AttnSaved {
     qkv: Tensor,
-    out: Tensor,
-    state: AttnState,
+    /// The attention output `[tokens, heads·d]` and the core attention's state; None under
+    /// selective recompute of `core_attn` (recomputed in the backward).
+    core: Option<(Tensor, AttnState)>,
     /// q and k were rotated inside `qkv` ([`manual::rope_in_qkv`]).
     roped_in_qkv: bool,
+}
+
+impl AttnSaved {
+    /// Whether the core attention's output and state were kept (not under selective
+    /// recompute of `core_attn`).
+    pub(super) fn keeps_core(&self) -> bool {
+        self.core.is_some()
+    }
 }
 
 impl SelfAttention {
@@ -322,7 +331,7 @@ impl SelfAttention {
         x: &Tensor,
         inputs: &ExplicitInputs,
     ) -> Result<(Tensor, AttnSaved)> {
-        let AttentionShape { heads, head_dim: d, .. } = self.shape;
+        let heads = self.shape.heads;
         let (b, s, h) = x.dims3()?;
         let xn = self.norm.forward_untracked(x)?;
         let qkv = ops::linear(
@@ -352,16 +361,29 @@ impl SelfAttention {
             let (_, k) = Self::prepare(&k, self.k_norm.as_ref(), inputs)?;
             (q, k)
         };
-        let (out, state) = section("attn.core.fwd", x.device(), || {
-            manual::attention_forward(&q, &k, &v, inputs.mask.as_mask(), self.shape)
-        })?;
-        let out = out.transpose(1, 2)?.reshape((b * s, heads * d))?;
+        let (out, state) = section("attn.core.fwd", x.device(), || self.core(&q, &k, &v, inputs))?;
         let y = ops::linear(
             &out,
             &self.proj_w.detach(),
             self.proj_b.as_ref().map(Tensor::detach).as_ref(),
         )?;
-        Ok((y.reshape((b, s, h))?, AttnSaved { qkv, out, state, roped_in_qkv }))
+        let core = (!inputs.selective.core_attn).then_some((out, state));
+        Ok((y.reshape((b, s, h))?, AttnSaved { qkv, core, roped_in_qkv }))
+    }
+
+    /// Core attention of the prepared q, k, v: the output as `[tokens, heads·d]` (the
+    /// `linear_proj` input) and the state of its backward.
+    fn core(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        inputs: &ExplicitInputs,
+    ) -> Result<(Tensor, AttnState)> {
+        let AttentionShape { heads, head_dim: d, .. } = self.shape;
+        let (b, _, s, _) = q.dims4()?;
+        let (out, state) = manual::attention_forward(q, k, v, inputs.mask.as_mask(), self.shape)?;
+        Ok((out.transpose(1, 2)?.reshape((b * s, heads * d))?, state))
     }
 
     /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
@@ -378,58 +400,62 @@ impl SelfAttention {
         let hpg = heads / groups;
         let (b, s, h) = dy.dims3()?;
         let dev = x.device();
+        // q, k, v: views of the kept QKV (rotated in place), else recomputed from it.
+        let (q_raw, k_raw, v) = self.split_heads(&saved.qkv)?;
+        let ((q_in, q), (k_in, k)) = if saved.roped_in_qkv {
+            ((q_raw.clone(), q_raw), (k_raw.clone(), k_raw))
+        } else {
+            section("attn.bwd.prep", dev, || -> Result<_> {
+                Ok((
+                    Self::prepare(&q_raw, self.q_norm.as_ref(), inputs)?,
+                    Self::prepare(&k_raw, self.k_norm.as_ref(), inputs)?,
+                ))
+            })?
+        };
+        let (out, state) = match saved.core {
+            Some(core) => core,
+            // Selective recompute: the core attention runs again.
+            None => section("attn.core.fwd", dev, || self.core(&q, &k, &v, inputs))?,
+        };
         let dy = dy.reshape((b * s, h))?;
         // linear_proj
         let dout = section("attn.bwd.proj", dev, || -> Result<Tensor> {
-            grads.insert(&self.proj_w, manual::weight_grad(&dy, &saved.out)?);
+            grads.insert(&self.proj_w, manual::weight_grad(&dy, &out)?);
             if let Some(pb) = &self.proj_b {
                 grads.insert(pb, manual::bias_grad(&dy)?);
             }
             Ok(dy.matmul(&self.proj_w.detach())?.reshape((b, s, heads, d))?.transpose(1, 2)?)
         })?;
-        drop(saved.out);
-        if saved.roped_in_qkv {
-            let (q, k, v) = self.split_heads(&saved.qkv)?;
-            let (dq, dk, dv) = section("attn.core.bwd", dev, || {
-                manual::attention_backward(&q, &k, &v, &saved.state, &dout)
-            })?;
-            drop((saved.state, saved.qkv, q, k, v, dout));
+        drop(out);
+        let (dq, dk, dv) = section("attn.core.bwd", dev, || {
+            manual::attention_backward(&q, &k, &v, &state, &dout)
+        })?;
+        drop((state, q, k, v, dout));
+        let dqkv = if saved.roped_in_qkv {
+            drop(saved.qkv);
             let Some((cos, sin, _)) = &inputs.rope else {
                 anyhow::bail!("attention backward: q/k were rotated but no rotary table is given");
             };
-            let dqkv = section("attn.bwd.assemble", dev, || {
+            section("attn.bwd.assemble", dev, || {
                 manual::rope_in_qkv_backward(&dq, &dk, &dv, cos, sin, groups)
+            })?
+            .reshape((b * s, ()))?
+        } else {
+            let (dq, dk) = section("attn.bwd.unprep", dev, || -> Result<_> {
+                Ok((
+                    Self::prepare_backward(&dq, &q_in, self.q_norm.as_ref(), inputs, grads)?,
+                    Self::prepare_backward(&dk, &k_in, self.k_norm.as_ref(), inputs, grads)?,
+                ))
             })?;
-            drop((dq, dk, dv));
-            return self.qkv_backward(x, &dqkv.reshape((b * s, ()))?, grads);
-        }
-        // Core attention on the recomputed q, k, v.
-        let (q_raw, k_raw, v) = self.split_heads(&saved.qkv)?;
-        let ((q_in, q), (k_in, k)) = section("attn.bwd.prep", dev, || -> Result<_> {
-            Ok((
-                Self::prepare(&q_raw, self.q_norm.as_ref(), inputs)?,
-                Self::prepare(&k_raw, self.k_norm.as_ref(), inputs)?,
-            ))
-        })?;
-        let (dq, dk, dv) = section("attn.core.bwd", dev, || {
-            manual::attention_backward(&q, &k, &v, &saved.state, &dout)
-        })?;
-        drop((saved.state, q, k, v, dout));
-        let (dq, dk) = section("attn.bwd.unprep", dev, || -> Result<_> {
-            Ok((
-                Self::prepare_backward(&dq, &q_in, self.q_norm.as_ref(), inputs, grads)?,
-                Self::prepare_backward(&dk, &k_in, self.k_norm.as_ref(), inputs, grads)?,
-            ))
-        })?;
-        // Back into the per-group layout [b, s, groups, hpg + 2, d] of the fused QKV.
-        let dqkv = section("attn.bwd.assemble", dev, || -> Result<Tensor> {
-            let per_group = |t: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, s, groups, n, d))?)
-            };
-            let parts = [per_group(&dq, hpg)?, per_group(&dk, 1)?, per_group(&dv, 1)?];
-            Ok(Tensor::cat(&parts, 3)?.reshape((b * s, (hpg + 2) * groups * d))?)
-        })?;
-        drop((dq, dk, dv));
+            // Back into the per-group layout [b, s, groups, hpg + 2, d] of the fused QKV.
+            section("attn.bwd.assemble", dev, || -> Result<Tensor> {
+                let per_group = |t: &Tensor, n: usize| -> Result<Tensor> {
+                    Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, s, groups, n, d))?)
+                };
+                let parts = [per_group(&dq, hpg)?, per_group(&dk, 1)?, per_group(&dv, 1)?];
+                Ok(Tensor::cat(&parts, 3)?.reshape((b * s, (hpg + 2) * groups * d))?)
+            })?
+        };
         self.qkv_backward(x, &dqkv, grads)
     }
 

@@ -17,7 +17,7 @@
 
 use super::attention::SelfAttention;
 use super::mlp::Mlp;
-use super::recompute::{with_backward, BackwardFn, RecomputeGrads};
+use super::recompute::{with_backward, BackwardFn, RecomputeGrads, SelectiveRecompute};
 use crate::ops::attention::OwnedAttnMask;
 use crate::ops::timing::section;
 use anyhow::Result;
@@ -31,15 +31,21 @@ pub struct ExplicitInputs {
     /// RoPE `(cos, sin, -sin)` `[b, 1, s, rot]`; `-sin` rotates gradients back.
     pub rope: Option<(Tensor, Tensor, Tensor)>,
     pub mask: OwnedAttnMask,
+    /// What the layers recompute in the backward instead of keeping (selective recompute).
+    pub selective: SelectiveRecompute,
 }
 
 impl ExplicitInputs {
-    pub fn new(rope: Option<&(Tensor, Tensor)>, mask: OwnedAttnMask) -> Result<Self> {
+    pub fn new(
+        rope: Option<&(Tensor, Tensor)>,
+        mask: OwnedAttnMask,
+        selective: SelectiveRecompute,
+    ) -> Result<Self> {
         let rope = match rope {
             Some((c, s)) => Some((c.detach(), s.detach(), s.neg()?.detach())),
             None => None,
         };
-        Ok(Self { rope, mask })
+        Ok(Self { rope, mask, selective })
     }
 }
 
@@ -68,7 +74,8 @@ pub fn forward(
     let xd = x.detach();
     let (a, attn_saved) = section("layer.fwd.attn", &dev, || attn.forward_saving(&xd, inputs))?;
     let x2 = (&xd + a)?;
-    let (m, mlp_saved) = section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2))?;
+    let (m, mlp_saved) =
+        section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective.mlp))?;
     let y = (&x2 + m)?;
     let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
     let backward: BackwardFn = Box::new(move |x: &Tensor, dy: &Tensor| {

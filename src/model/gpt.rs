@@ -10,6 +10,7 @@ use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout, TpCoord};
 use super::recompute::{
     checkpoint, with_backward, BackwardFn, RecomputeGrads, RecomputePlan, SegmentFn,
+    SelectiveRecompute,
 };
 use crate::config::model::{ModelConfig, PositionEmbedding};
 use crate::ops::attention::OwnedAttnMask;
@@ -94,6 +95,8 @@ pub struct GptModel {
     recompute: Option<RecomputePlan>,
     /// Training layers use the written-out backward where they can (`explicit_layer`).
     explicit_layers: bool,
+    /// `recompute_granularity = "selective"` (runs in the written-out backward).
+    selective: Option<SelectiveRecompute>,
 }
 
 impl GptModel {
@@ -179,6 +182,23 @@ impl GptModel {
         let arch = GptArch::from_config(cfg)?;
         arch.check_tp(layout.tp_size)?;
         let recompute = RecomputePlan::from_config(cfg)?;
+        let selective = SelectiveRecompute::from_config(cfg)?;
+        if selective.is_some() {
+            let why = if layout.tp_size > 1 {
+                Some("tensor parallelism")
+            } else if peft.is_some() {
+                Some("PEFT adapters")
+            } else if cfg.hidden_dropout > 0.0 || cfg.attention_dropout > 0.0 {
+                Some("dropout")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                bail!(
+                    "model.recompute_granularity = \"selective\" runs in the layers' written-out backward, which does not cover {why} yet; use \"full\" or leave it unset"
+                );
+            }
+        }
         if layout.tp_rank >= layout.tp_size {
             bail!(
                 "tensor-parallel rank {} out of range for size {}",
@@ -296,7 +316,9 @@ impl GptModel {
             dtype,
             device: device.clone(),
             recompute,
-            explicit_layers: explicit_layer::enabled_by_default(device),
+            // Selective recompute lives in the written-out backward, on every device.
+            explicit_layers: selective.is_some() || explicit_layer::enabled_by_default(device),
+            selective,
         })
     }
 
@@ -720,10 +742,14 @@ impl GptModel {
         let explicit = match (recompute, &cache) {
             (Some(sink), None) if !dropout_in_effect && self.explicit_layers => {
                 let mask = OwnedAttnMask::from_mask(inputs.mask);
-                Some((sink, Arc::new(ExplicitInputs::new(rope.as_ref(), mask)?)))
+                let selective = self.selective.unwrap_or_default();
+                Some((sink, Arc::new(ExplicitInputs::new(rope.as_ref(), mask, selective)?)))
             }
             _ => None,
         };
+        if self.selective.is_some() && recompute.is_some() && explicit.is_none() {
+            bail!("selective recompute needs the written-out layer backward, which is turned off for this model");
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             // Covers both layer kinds (explicit or autograd backward): forward only, since
             // the backward runs later inside candle's `backward()`.
@@ -811,4 +837,50 @@ fn explicit_lookup(w: &Tensor, ids: &Tensor, sink: &RecomputeGrads) -> Result<Te
         Ok(None)
     });
     Ok(with_backward(w, y, "explicit-embedding", backward)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::model::{Activation, Normalization, RecomputeGranularity};
+
+    /// Selective recompute really drops what it names: the blocks' saved state of a
+    /// selective model lacks the core attention output / `linear_fc1` output.
+    #[test]
+    fn selective_recompute_drops_the_named_activations() {
+        let mut cfg = ModelConfig {
+            num_layers: 1,
+            hidden_size: 16,
+            ffn_hidden_size: Some(24),
+            num_attention_heads: 4,
+            num_query_groups: Some(2),
+            vocab_size: Some(32),
+            seq_length: 8,
+            normalization: Normalization::RMSNorm,
+            gated_linear_unit: true,
+            activation_func: Activation::Silu,
+            position_embedding_type: PositionEmbedding::Rope,
+            hidden_dropout: 0.0,
+            attention_dropout: 0.0,
+            ..Default::default()
+        };
+        cfg.recompute_granularity = Some(RecomputeGranularity::Selective);
+        for (modules, core, fc1) in [
+            (None, false, true),
+            (Some(vec!["mlp".to_string()]), true, false),
+            (Some(vec!["core_attn".to_string(), "mlp".to_string()]), false, false),
+        ] {
+            cfg.recompute_modules = modules.clone();
+            let model =
+                GptModel::new(&cfg, ParallelLayout::single(), 3, DType::F32, &Device::Cpu).unwrap();
+            let selective = model.selective.expect("selective config");
+            let x = Tensor::ones((1, 8, 16), DType::F32, &Device::Cpu).unwrap();
+            let mask = crate::ops::attention::OwnedAttnMask::Causal { window_left: None };
+            let inputs = ExplicitInputs::new(None, mask, selective).unwrap();
+            let layer = &model.layers[0];
+            let (_, a) = layer.attn.forward_saving(&x, &inputs).unwrap();
+            let (_, m) = layer.mlp.forward_saving(&x, selective.mlp).unwrap();
+            assert_eq!((a.keeps_core(), m.keeps_fc1()), (core, fc1), "{modules:?}");
+        }
+    }
 }

@@ -148,7 +148,15 @@ impl Mlp {
 /// What the written-out backward of [`Mlp`] keeps from its forward: `linear_fc1`'s output
 /// (the norm output and the activation are recomputed from the block input and from it).
 pub struct MlpSaved {
-    fc1_out: Tensor,
+    /// None under selective recompute of `mlp` (recomputed in the backward).
+    fc1_out: Option<Tensor>,
+}
+
+impl MlpSaved {
+    /// Whether `linear_fc1`'s output was kept (not under selective recompute of `mlp`).
+    pub(super) fn keeps_fc1(&self) -> bool {
+        self.fc1_out.is_some()
+    }
 }
 
 impl Mlp {
@@ -159,20 +167,26 @@ impl Mlp {
     }
 
     /// [`Self::forward`] without autograd, keeping what [`Self::backward`] needs.
-    pub(super) fn forward_saving(&self, x: &Tensor) -> Result<(Tensor, MlpSaved)> {
-        let xn = self.norm.forward_untracked(x)?;
-        let fc1_out = ops::linear(
-            &xn,
-            &self.fc1_w.detach(),
-            self.fc1_b.as_ref().map(Tensor::detach).as_ref(),
-        )?;
+    /// With `recompute`, `linear_fc1`'s output is not kept (selective recompute of `mlp`).
+    pub(super) fn forward_saving(&self, x: &Tensor, recompute: bool) -> Result<(Tensor, MlpSaved)> {
+        let fc1_out = self.fc1(x)?;
         let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
         let y = ops::linear(
             &act,
             &self.fc2_w.detach(),
             self.fc2_b.as_ref().map(Tensor::detach).as_ref(),
         )?;
-        Ok((y, MlpSaved { fc1_out }))
+        Ok((y, MlpSaved { fc1_out: (!recompute).then_some(fc1_out) }))
+    }
+
+    /// Pre-norm and `linear_fc1` of `x`, outside autograd.
+    fn fc1(&self, x: &Tensor) -> Result<Tensor> {
+        let xn = self.norm.forward_untracked(x)?;
+        Ok(ops::linear(
+            &xn,
+            &self.fc1_w.detach(),
+            self.fc1_b.as_ref().map(Tensor::detach).as_ref(),
+        )?)
     }
 
     /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
@@ -187,7 +201,12 @@ impl Mlp {
         let dev = x.device();
         let (b, s, h) = dy.dims3()?;
         let dy = dy.reshape((b * s, h))?;
-        let u = saved.fc1_out.reshape((b * s, ()))?;
+        let fc1_out = match saved.fc1_out {
+            Some(u) => u,
+            // Selective recompute: the norm and `linear_fc1` run again.
+            None => section("mlp.fwd.fc1", dev, || self.fc1(x))?,
+        };
+        let u = fc1_out.reshape((b * s, ()))?;
         let dact = section("mlp.bwd.fc2", dev, || -> Result<Tensor> {
             let act = manual::activation_forward(&u, self.activation, self.gated)?;
             grads.insert(&self.fc2_w, manual::weight_grad(&dy, &act)?);
@@ -200,7 +219,7 @@ impl Mlp {
         let du = section("mlp.bwd.act", dev, || {
             manual::activation_backward(&u, self.activation, self.gated, &dact)
         })?;
-        drop((dact, u, saved));
+        drop((dact, u, fc1_out));
         let dxn = section("mlp.bwd.fc1", dev, || -> Result<Tensor> {
             let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
             grads.insert(&self.fc1_w, manual::weight_grad(&du, &xn)?);

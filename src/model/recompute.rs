@@ -25,14 +25,11 @@ pub struct RecomputePlan {
 }
 
 impl RecomputePlan {
-    /// The plan of `cfg`, or None without full recompute. `selective` (core attention only)
-    /// is not implemented yet and is rejected rather than silently ignored.
+    /// The plan of `cfg`, or None without full recompute (selective recompute is
+    /// [`SelectiveRecompute`]).
     pub fn from_config(cfg: &ModelConfig) -> Result<Option<Self>> {
         match cfg.recompute_granularity {
-            None => Ok(None),
-            Some(RecomputeGranularity::Selective) => bail!(
-                "model.recompute_granularity = \"selective\" is not supported yet; use \"full\" (with recompute_method and recompute_num_layers) or leave it unset"
-            ),
+            None | Some(RecomputeGranularity::Selective) => Ok(None),
             Some(RecomputeGranularity::Full) => {
                 let Some(method) = cfg.recompute_method else {
                     bail!("model.recompute_granularity = \"full\" needs model.recompute_method (uniform or block)")
@@ -64,6 +61,44 @@ impl RecomputePlan {
                 v
             }
         }
+    }
+}
+
+/// Megatron's `recompute_granularity = "selective"`: which parts of each layer drop their
+/// activations in the forward and recompute them in the backward (`model.recompute_modules`,
+/// default `["core_attn"]`). It runs in layers with a written-out backward
+/// ([`super::explicit_layer`]); `layernorm` is always recomputed there (norm outputs are never
+/// kept), so naming it changes nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SelectiveRecompute {
+    /// Core attention: its output and logsumexp are recomputed (one more flash forward).
+    pub core_attn: bool,
+    /// The MLP: `linear_fc1`'s output is recomputed (its norm and GEMM again).
+    pub mlp: bool,
+}
+
+impl SelectiveRecompute {
+    /// The selective recompute of `cfg`, None unless `recompute_granularity = "selective"`.
+    pub fn from_config(cfg: &ModelConfig) -> Result<Option<Self>> {
+        if cfg.recompute_granularity != Some(RecomputeGranularity::Selective) {
+            return Ok(None);
+        }
+        let default = vec!["core_attn".to_string()];
+        let mut out = Self::default();
+        for m in cfg.recompute_modules.as_ref().unwrap_or(&default) {
+            match m.as_str() {
+                "core_attn" => out.core_attn = true,
+                "mlp" => out.mlp = true,
+                "layernorm" => {}
+                "moe" | "moe_act" | "shared_experts" | "mla_up_proj" => bail!(
+                    "model.recompute_modules: \"{m}\" applies to MoE/MLA models, which mbridge does not have"
+                ),
+                other => bail!(
+                    "model.recompute_modules: unknown module \"{other}\" (expected core_attn, mlp or layernorm)"
+                ),
+            }
+        }
+        Ok(Some(out))
     }
 }
 
