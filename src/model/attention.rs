@@ -261,6 +261,7 @@ pub struct AttnSaved {
 impl AttnSaved {
     /// Whether the core attention's output and state were kept (not under selective
     /// recompute of `core_attn`).
+    #[cfg(test)]
     pub(super) fn keeps_core(&self) -> bool {
         self.core.is_some()
     }

@@ -154,6 +154,7 @@ pub struct MlpSaved {
 
 impl MlpSaved {
     /// Whether `linear_fc1`'s output was kept (not under selective recompute of `mlp`).
+    #[cfg(test)]
     pub(super) fn keeps_fc1(&self) -> bool {
         self.fc1_out.is_some()
     }
