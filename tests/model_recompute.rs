@@ -44,7 +44,10 @@ fn run(cfg: &ModelConfig, recompute: bool) -> (f64, Vec<(String, Option<Tensor>)
     acc.accumulate(&store).unwrap();
     let side = sink.take();
     if recompute {
-        assert!(!side.is_empty(), "checkpointed segments must report their parameter gradients");
+        assert!(
+            !side.is_empty(),
+            "recompute reports its parameter gradients through the side store"
+        );
     }
     for g in &side {
         acc.add(g).unwrap();
@@ -91,7 +94,7 @@ fn selective_recompute_matches_plain_gradients() {
         let mut sel = cfg.clone();
         sel.recompute_granularity = Some(RecomputeGranularity::Selective);
         sel.recompute_modules = modules.clone().map(|m| m.iter().map(|s| s.to_string()).collect());
-        let (loss_s, grads) = run_selective(&sel);
+        let (loss_s, grads) = run(&sel, true);
         assert!((loss - loss_s).abs() < 1e-12, "{modules:?}: loss {loss} vs {loss_s}");
         for ((name, a), (_, b)) in plain.iter().zip(&grads) {
             let (Some(a), Some(b)) = (a, b) else { panic!("{name}: gradient missing") };
@@ -122,23 +125,4 @@ fn selective_recompute_refuses_what_it_cannot_do() {
             .to_string();
         assert!(err.contains(want), "{module}: {err}");
     }
-}
-
-/// (loss, gradients) of a selective-recompute model: the training path (side store).
-fn run_selective(cfg: &ModelConfig) -> (f64, Vec<(String, Option<Tensor>)>) {
-    let model = GptModel::new(cfg, ParallelLayout::single(), 7, DType::F64, &Device::Cpu).unwrap();
-    let mb = batch(cfg);
-    let vars: Vec<_> = model.params().params().iter().map(|p| p.var.clone()).collect();
-    let mut acc = GradAccumulator::new(vars);
-    let sink = RecomputeGrads::default();
-    let (sum, _) = loss_for_microbatch_recompute(&model, &mb, None, &sink).unwrap();
-    acc.accumulate(&sum.backward().unwrap()).unwrap();
-    let side = sink.take();
-    assert!(!side.is_empty(), "selective recompute runs in the written-out backward");
-    for g in &side {
-        acc.add(g).unwrap();
-    }
-    let names = model.params().params().iter().map(|p| p.name.clone());
-    let grads = names.zip(acc.iter().map(|(_, g)| g.cloned())).collect();
-    (sum.to_scalar::<f64>().unwrap(), grads)
 }

@@ -3,7 +3,7 @@
 //! the loss and every parameter gradient.
 
 use super::{compare, Check, CheckFn, Measure};
-use crate::config::model::{Activation, ModelConfig, Normalization, PositionEmbedding};
+use crate::config::model::ModelConfig;
 use crate::model::recompute::RecomputeGrads;
 use crate::model::{loss_for_microbatch_recompute, GptModel, Microbatch, ParallelLayout};
 use anyhow::Result;
@@ -17,23 +17,7 @@ pub(super) fn checks() -> Vec<Check> {
 }
 
 fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
-    let base = ModelConfig {
-        num_layers: 2,
-        hidden_size: 256,
-        ffn_hidden_size: Some(512),
-        num_attention_heads: 4,
-        num_query_groups: Some(2),
-        vocab_size: Some(512),
-        seq_length: 256,
-        normalization: Normalization::RMSNorm,
-        gated_linear_unit: true,
-        activation_func: Activation::Silu,
-        add_bias_linear: false,
-        position_embedding_type: PositionEmbedding::Rope,
-        hidden_dropout: 0.0,
-        attention_dropout: 0.0,
-        ..Default::default()
-    };
+    let base = crate::ops::cuda::flash_attn::selftest::gpu_model_config(256);
     let configs = [
         ("llama d64", base.clone()),
         (

@@ -85,29 +85,7 @@ impl CustomOp2 for CrossEntropy {
         res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let (n, v) = x.dims2()?;
-        let dev = x.device().as_cuda_device()?.clone();
-        let f = crate::function!(&dev, &MODULE, &format!("ce_bwd_{}", dtype_suffix(x.dtype())?))?;
-        let (xs, xl) = x.storage_and_layout();
-        let (ts, tl) = labels.storage_and_layout();
-        let (rs, rl) = res.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let labels_v = contiguous_view::<u32>(cuda_storage(&ts, "labels")?, tl, "ce labels")?;
-        let res_v = contiguous_view::<f32>(cuda_storage(&rs, "ce res")?, rl, "ce res")?;
-        let g_v = contiguous_view::<f32>(cuda_storage(&gs, "ce grad")?, gl, "ce grad")?;
-        let xs = cuda_storage(&xs, "logits")?;
-        let vi = v as i32;
-        with_float_type!(x.dtype(), T, {
-            let xv = contiguous_view::<T>(xs, xl, "ce logits")?;
-            // SAFETY: every element is written by the kernel.
-            let dx = unsafe { dev.alloc::<T>(n * v)? };
-            let mut b = f.builder();
-            b.arg(&xv).arg(&labels_v).arg(&res_v).arg(&g_v).arg(&dx).arg(&vi);
-            // SAFETY: argument list matches `ce_bwd_*`.
-            unsafe { b.launch(row_cfg(n)) }.w()?;
-            Ok((Some(wrap(dx, &dev, (n, v))), None))
-        })
+        Ok((Some(backward(x, labels, res, g, false)?), None))
     }
 }
 
@@ -121,33 +99,54 @@ pub fn backward_in_place(
     res: &Tensor,
     g: &Tensor,
 ) -> Result<Tensor> {
-    let (n, v) = logits.dims2()?;
     if !logits.is_contiguous() || logits.layout().start_offset() != 0 {
         candle_core::bail!("fused-cross-entropy in-place backward needs contiguous logits");
     }
+    backward(&logits, labels, res, g, true)?;
+    Ok(logits)
+}
+
+/// The logits' gradient, into a new tensor or (`in_place`) over `x` itself, in which case the
+/// returned tensor is `x`.
+fn backward(
+    x: &Tensor,
+    labels: &Tensor,
+    res: &Tensor,
+    g: &Tensor,
+    in_place: bool,
+) -> Result<Tensor> {
     let g = g.contiguous()?;
-    let dev = logits.device().as_cuda_device()?.clone();
-    let f = crate::function!(&dev, &MODULE, &format!("ce_bwd_{}", dtype_suffix(logits.dtype())?))?;
-    {
-        let (xs, xl) = logits.storage_and_layout();
-        let (ts, tl) = labels.storage_and_layout();
-        let (rs, rl) = res.storage_and_layout();
-        let (gs, gl) = g.storage_and_layout();
-        let labels_v = contiguous_view::<u32>(cuda_storage(&ts, "labels")?, tl, "ce labels")?;
-        let res_v = contiguous_view::<f32>(cuda_storage(&rs, "ce res")?, rl, "ce res")?;
-        let g_v = contiguous_view::<f32>(cuda_storage(&gs, "ce grad")?, gl, "ce grad")?;
-        let xs = cuda_storage(&xs, "logits")?;
-        let vi = v as i32;
-        with_float_type!(logits.dtype(), T, {
-            let x = contiguous_view::<T>(xs, xl, "ce logits")?;
-            let mut b = f.builder();
+    let (n, v) = x.dims2()?;
+    let dev = x.device().as_cuda_device()?.clone();
+    let f = crate::function!(&dev, &MODULE, &format!("ce_bwd_{}", dtype_suffix(x.dtype())?))?;
+    let (xs, xl) = x.storage_and_layout();
+    let (ts, tl) = labels.storage_and_layout();
+    let (rs, rl) = res.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let labels_v = contiguous_view::<u32>(cuda_storage(&ts, "labels")?, tl, "ce labels")?;
+    let res_v = contiguous_view::<f32>(cuda_storage(&rs, "ce res")?, rl, "ce res")?;
+    let g_v = contiguous_view::<f32>(cuda_storage(&gs, "ce grad")?, gl, "ce grad")?;
+    let xs = cuda_storage(&xs, "logits")?;
+    let vi = v as i32;
+    with_float_type!(x.dtype(), T, {
+        let xv = contiguous_view::<T>(xs, xl, "ce logits")?;
+        let mut b = f.builder();
+        b.arg(&xv).arg(&labels_v).arg(&res_v).arg(&g_v);
+        if in_place {
             // Input and output are the same buffer: each element is read, then written, by
             // the same thread.
-            b.arg(&x).arg(&labels_v).arg(&res_v).arg(&g_v).arg(&x).arg(&vi);
+            b.arg(&xv).arg(&vi);
             // SAFETY: argument list matches `ce_bwd_*`; the aliasing is per element (above)
-            // and the caller owns the only reference to `logits`.
+            // and the caller owns the only reference to `x`.
             unsafe { b.launch(row_cfg(n)) }.w()?;
-        });
-    }
-    Ok(logits)
+            Ok(x.clone())
+        } else {
+            // SAFETY: every element is written by the kernel.
+            let dx = unsafe { dev.alloc::<T>(n * v)? };
+            b.arg(&dx).arg(&vi);
+            // SAFETY: argument list matches `ce_bwd_*`.
+            unsafe { b.launch(row_cfg(n)) }.w()?;
+            Ok(wrap(dx, &dev, (n, v)))
+        }
+    })
 }
