@@ -65,8 +65,22 @@ impl KvCache {
     }
 }
 
-/// One layer without dropout: `x + attn(x)`, then `+ mlp(·)` (the recompute path).
-fn layer_step(layer: &Layer, x: &Tensor, inputs: &AttnInputs) -> Result<Tensor> {
+/// What a layer with a written-out backward needs: the side sink and the shared inputs.
+type Explicit<'a> = Option<(&'a RecomputeGrads, &'a Arc<ExplicitInputs>)>;
+
+/// One layer without dropout (the recompute path): with a written-out backward when
+/// `explicit` is given and the layer allows it, else `x + attn(x)`, then `+ mlp(·)`.
+fn layer_step(
+    layer: &Layer,
+    x: &Tensor,
+    inputs: &AttnInputs,
+    explicit: Explicit,
+) -> Result<Tensor> {
+    if let Some((sink, ei)) = explicit {
+        if layer.attn.explicit_ok() && layer.mlp.explicit_ok() {
+            return explicit_layer::forward(&layer.attn, &layer.mlp, x, ei, sink);
+        }
+    }
     let x = (x + layer.attn.forward(x, inputs, None)?)?;
     Ok((&x + layer.mlp.forward_train(&x, None)?)?)
 }
@@ -699,6 +713,17 @@ impl GptModel {
             if opts.dropout.is_some() {
                 bail!("activation recompute with dropout is not supported yet (the recomputed layers would draw new masks)");
             }
+            // Recomputed layers keep their written-out backward: the recompute runs their
+            // explicit forward again and their gradients reach `grads` directly.
+            let explicit = match self.explicit_layers {
+                true => {
+                    let mask = attn_mask(dense.as_ref(), packed.as_ref(), window_left);
+                    let mask = OwnedAttnMask::from_mask(mask);
+                    let none = SelectiveRecompute::default();
+                    Some(Arc::new(ExplicitInputs::new(rope.as_ref(), mask, none)?))
+                }
+                false => None,
+            };
             for (range, checkpointed) in plan.segments(self.layers.len()) {
                 let layers = self.layers[range].to_vec();
                 if !checkpointed {
@@ -708,11 +733,12 @@ impl GptModel {
                         dropout: None,
                     };
                     for layer in &layers {
-                        x = layer_step(layer, &x, &inputs)?;
+                        x = layer_step(layer, &x, &inputs, explicit.as_ref().map(|e| (grads, e)))?;
                     }
                     continue;
                 }
                 let (rope, dense, packed) = (rope.clone(), dense.clone(), packed.clone());
+                let (explicit, sink) = (explicit.clone(), grads.clone());
                 let f: SegmentFn = Arc::new(move |x: &Tensor| {
                     let inputs = AttnInputs {
                         rope: rope.as_ref(),
@@ -721,7 +747,8 @@ impl GptModel {
                     };
                     let mut x = x.clone();
                     for layer in &layers {
-                        x = layer_step(layer, &x, &inputs)
+                        let ex = explicit.as_ref().map(|e| (&sink, e));
+                        x = layer_step(layer, &x, &inputs, ex)
                             .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
                     }
                     Ok(x)
