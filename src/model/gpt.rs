@@ -486,18 +486,12 @@ impl GptModel {
             bail!("stage has no output layer");
         };
         let (b, s, h) = x.dims3()?;
-        let (n, vocab) = (b * s, w.dim(0)?);
-        let labels = labels.to_dtype(DType::U32)?.reshape(n)?;
-        let max_label = labels.max_all()?.to_scalar::<u32>()? as usize;
-        if max_label >= vocab {
-            bail!("label id {max_label} out of range for vocabulary of size {vocab}");
-        }
+        let n = b * s;
+        let labels = ops::cross_entropy::checked_labels(labels, w.dim(0)?)?;
         let xn = norm.forward_untracked(&x.detach())?.reshape((n, h))?;
         let logits = xn.matmul(&w.detach().t()?)?;
         let (ce, state) = ops::manual::cross_entropy_forward(&logits, &labels)?;
-        let mask = loss_mask.reshape(n)?.to_dtype(ce.dtype())?;
-        let sum = ce.mul(&mask)?.sum_all()?;
-        let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (sum, count, mask) = ops::cross_entropy::masked_sum(&ce, loss_mask)?;
         let (norm, w, sink) = (norm.clone(), w.clone(), sink.clone());
         let backward: BackwardFn = Box::new(move |x: &Tensor, g: &Tensor| {
             let run = || -> Result<Tensor> {

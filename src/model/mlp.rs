@@ -123,11 +123,7 @@ impl Mlp {
             }
             None => ops::linear(&xe, &self.fc1_w, self.fc1_b.as_ref())?,
         };
-        let y = if self.gated {
-            ops::activation::gated(&y, self.activation)?
-        } else {
-            ops::apply_activation(&y, self.activation)?
-        };
+        let y = manual::activation_forward(&y, self.activation, self.gated)?;
         match &self.fc2_adapter {
             Some(a) => a.forward_row(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref(), rng),
             None => row_parallel(&y, &self.fc2_w, self.fc2_b.as_ref(), self.tp.as_ref()),

@@ -68,23 +68,22 @@ impl Norm {
             ),
             None => (self.weight.clone(), self.bias.clone()),
         };
-        Ok(match (&self.kind, &bias) {
+        self.apply(x, &weight, bias.as_ref())
+    }
+
+    /// The norm of `x` with these weight and bias tensors (tracked or detached).
+    fn apply(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        Ok(match (&self.kind, bias) {
             (Normalization::LayerNorm, Some(b)) => {
-                ops::layer_norm(x, &weight, b, self.eps, self.zero_centered)?
+                ops::layer_norm(x, weight, b, self.eps, self.zero_centered)?
             }
-            _ => ops::rms_norm(x, &weight, self.eps, self.zero_centered)?,
+            _ => ops::rms_norm(x, weight, self.eps, self.zero_centered)?,
         })
     }
 
     /// [`Self::forward`] outside the autograd graph (a layer with a written-out backward).
     pub fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.detach();
-        Ok(match (&self.kind, &self.bias) {
-            (Normalization::LayerNorm, Some(b)) => {
-                ops::layer_norm(x, &w, &b.detach(), self.eps, self.zero_centered)?
-            }
-            _ => ops::rms_norm(x, &w, self.eps, self.zero_centered)?,
-        })
+        self.apply(x, &self.weight.detach(), self.bias.as_ref().map(Tensor::detach).as_ref())
     }
 
     /// Backward of [`Self::forward_untracked`] at `x` for the output gradient `dy`: returns

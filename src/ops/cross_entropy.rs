@@ -50,11 +50,7 @@ pub fn masked_cross_entropy(
     loss_mask: &Tensor,
 ) -> Result<(Tensor, f64)> {
     let (b, s, v) = logits.dims3()?;
-    let labels = labels.to_dtype(DType::U32)?.reshape(b * s)?;
-    let max_label = labels.max_all()?.to_scalar::<u32>()? as usize;
-    if max_label >= v {
-        candle_core::bail!("label id {max_label} out of range for vocabulary of size {v}");
-    }
+    let labels = checked_labels(labels, v)?;
     let ce = if super::fused::use_fused(logits.device(), logits.dtype()) {
         fused_token_cross_entropy(&logits.reshape((b * s, v))?, &labels)?
     } else {
@@ -67,8 +63,25 @@ pub fn masked_cross_entropy(
         token_cross_entropy(&logits.reshape((b * s, v))?, &labels)?
     }
     .reshape((b, s))?;
-    let mask = loss_mask.to_dtype(ce.dtype())?;
+    let (sum, count, _) = masked_sum(&ce, loss_mask)?;
+    Ok((sum, count))
+}
+
+/// `labels` (any integer dtype, any shape) as flat u32, checked to lie in `0..vocab`.
+pub fn checked_labels(labels: &Tensor, vocab: usize) -> Result<Tensor> {
+    let labels = labels.to_dtype(DType::U32)?.flatten_all()?;
+    let max_label = labels.max_all()?.to_scalar::<u32>()? as usize;
+    if max_label >= vocab {
+        candle_core::bail!("label id {max_label} out of range for vocabulary of size {vocab}");
+    }
+    Ok(labels)
+}
+
+/// `(Σ mask·ce, Σ mask, mask)` for per-token losses `ce` and `loss_mask` of the same shape
+/// (the mask in `ce`'s dtype, as the sum's gradient needs it).
+pub fn masked_sum(ce: &Tensor, loss_mask: &Tensor) -> Result<(Tensor, f64, Tensor)> {
+    let mask = loss_mask.reshape(ce.shape())?.to_dtype(ce.dtype())?;
     let sum = ce.mul(&mask)?.sum_all()?;
     let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok((sum, count))
+    Ok((sum, count, mask))
 }
