@@ -4,6 +4,10 @@
 //! byte for byte, as one process writing every rank's tensors; resuming from it continues the
 //! loss curve bit for bit. A rank that fails makes every rank fail and leaves nothing behind.
 
+mod train_common;
+
+use train_common::tiny_config;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -13,9 +17,7 @@ use mbridge::ckpt::{
     read_tracker, save_checkpoint, save_checkpoint_on, CheckpointWrite, OwnedCheckpoint, Partition,
     RankSave, ShardedParam, TensorSet, TrainState,
 };
-use mbridge::config::recipes::Task;
-use mbridge::config::show::{render, ShowOptions};
-use mbridge::config::{finalize, load, ConfigRequest};
+use mbridge::config::finalize;
 use mbridge::parallel::comm::{Communicator, LocalWorld};
 use mbridge::parallel::{ProcessGroups, Topology};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
@@ -28,18 +30,8 @@ const LAYOUT: [&str; 3] = [
 ];
 
 fn config(extra: &[&str]) -> (mbridge::config::LoadedConfig, String) {
-    let mut overrides = vec!["validation.eval_iters=0", "rng.seed=5", "train.micro_batch_size=2"];
-    overrides.extend_from_slice(&LAYOUT);
-    overrides.extend_from_slice(extra);
-    let req = ConfigRequest {
-        recipe: Some("tiny_llama".into()),
-        task: Some(Task::Pretrain),
-        overrides: overrides.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
-    let loaded = load(&req).unwrap();
-    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
-    (loaded, toml)
+    let base = ["validation.eval_iters=0", "rng.seed=5", "train.micro_batch_size=2"];
+    tiny_config(&[&base[..], &LAYOUT[..], extra].concat())
 }
 
 /// One rank's result: its coordinates (tp, pp, dp), its training, its part of a checkpoint

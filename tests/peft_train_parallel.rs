@@ -1,31 +1,24 @@
 //! LoRA training through the trainer with TP=2 (in-process ranks) equals one process, and
 //! its adapter-only checkpoint resumes at TP=1.
 
+mod train_common;
+
+use train_common::tiny_config;
+
 use std::time::Duration;
 
 use candle_core::Device;
-use mbridge::config::recipes::Task;
-use mbridge::config::show::{render, ShowOptions};
-use mbridge::config::{finalize, load, ConfigRequest};
+use mbridge::config::finalize;
 use mbridge::parallel::comm::LocalWorld;
 use mbridge::parallel::{ProcessGroups, Topology};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
 
 fn config(extra: &[String]) -> (mbridge::config::LoadedConfig, String) {
-    let mut overrides: Vec<String> =
-        ["train.train_iters=8", "validation.eval_iters=0", "rng.seed=11", "optimizer.lr=1e-2"]
-            .map(String::from)
-            .to_vec();
-    overrides.extend_from_slice(extra);
-    let req = ConfigRequest {
-        recipe: Some("tiny_llama".into()),
-        task: Some(Task::Pretrain),
-        overrides,
-        ..Default::default()
-    };
-    let loaded = load(&req).unwrap();
-    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
-    (loaded, toml)
+    let base =
+        ["train.train_iters=8", "validation.eval_iters=0", "rng.seed=11", "optimizer.lr=1e-2"];
+    let overrides: Vec<String> =
+        base.iter().map(|s| s.to_string()).chain(extra.iter().cloned()).collect();
+    tiny_config(&overrides)
 }
 
 fn run_ranks(world: usize, extra: &[String]) -> Vec<TrainOutcome> {

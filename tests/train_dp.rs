@@ -2,14 +2,16 @@
 //! (ZeRO-1) train like one process, their checkpoints load into any DP size and optimizer,
 //! and the replica weight check names a diverged rank.
 
+mod train_common;
+
+use train_common::tiny_config;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use mbridge::config::recipes::Task;
-use mbridge::config::show::{render, ShowOptions};
-use mbridge::config::{finalize, load, ConfigRequest};
+use mbridge::config::finalize;
 use mbridge::parallel::comm::LocalWorld;
 use mbridge::parallel::{ProcessGroups, Topology};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
@@ -19,18 +21,9 @@ const ITERS: usize = 20;
 fn config(extra: &[&str]) -> (mbridge::config::LoadedConfig, String) {
     let iters = format!("train.train_iters={ITERS}");
     // MBS 2 so that GBS 8 splits over DP 4 too.
-    let mut overrides =
-        vec![iters.as_str(), "validation.eval_iters=0", "rng.seed=11", "train.micro_batch_size=2"];
-    overrides.extend_from_slice(extra);
-    let req = ConfigRequest {
-        recipe: Some("tiny_llama".into()),
-        task: Some(Task::Pretrain),
-        overrides: overrides.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
-    let loaded = load(&req).unwrap();
-    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
-    (loaded, toml)
+    let base =
+        [iters.as_str(), "validation.eval_iters=0", "rng.seed=11", "train.micro_batch_size=2"];
+    tiny_config(&[&base[..], extra].concat())
 }
 
 fn try_run_ranks(

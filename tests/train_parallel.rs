@@ -1,27 +1,20 @@
 //! Tensor and data parallel training on the in-process CPU backend equals one process.
 
+mod train_common;
+
+use train_common::tiny_config;
+
 use std::time::Duration;
 
 use candle_core::Device;
-use mbridge::config::recipes::Task;
-use mbridge::config::show::{render, ShowOptions};
-use mbridge::config::{finalize, load, ConfigRequest};
+use mbridge::config::finalize;
 use mbridge::parallel::comm::LocalWorld;
 use mbridge::parallel::{ProcessGroups, Topology};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
 
 fn config(extra: &[&str]) -> (mbridge::config::LoadedConfig, String) {
-    let mut overrides = vec!["train.train_iters=8", "validation.eval_iters=0", "rng.seed=11"];
-    overrides.extend_from_slice(extra);
-    let req = ConfigRequest {
-        recipe: Some("tiny_llama".into()),
-        task: Some(Task::Pretrain),
-        overrides: overrides.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
-    let loaded = load(&req).unwrap();
-    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
-    (loaded, toml)
+    let base = ["train.train_iters=8", "validation.eval_iters=0", "rng.seed=11"];
+    tiny_config(&[&base[..], extra].concat())
 }
 
 fn run_ranks(world: usize, extra: &[&str]) -> Vec<TrainOutcome> {

@@ -2,15 +2,17 @@
 //! DP) on the in-process CPU backend gives the loss curve and the exported weights of one
 //! process; pipeline checkpoints load into any other layout.
 
+mod train_common;
+
+use train_common::tiny_config;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use mbridge::bridge::export::{export_hf, ExportOptions};
-use mbridge::config::recipes::Task;
-use mbridge::config::show::{render, ShowOptions};
-use mbridge::config::{finalize, load, ConfigRequest};
+use mbridge::config::finalize;
 use mbridge::parallel::comm::LocalWorld;
 use mbridge::parallel::{ProcessGroups, Topology};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
@@ -25,16 +27,7 @@ const BASE: [&str; 5] = [
 ];
 
 fn config(extra: &[&str]) -> (mbridge::config::LoadedConfig, String) {
-    let overrides: Vec<String> = BASE.iter().chain(extra).map(|s| s.to_string()).collect();
-    let req = ConfigRequest {
-        recipe: Some("tiny_llama".into()),
-        task: Some(Task::Pretrain),
-        overrides,
-        ..Default::default()
-    };
-    let loaded = load(&req).unwrap();
-    let toml = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
-    (loaded, toml)
+    tiny_config(&[&BASE[..], extra].concat())
 }
 
 fn run_ranks(world: usize, extra: &[&str]) -> Vec<TrainOutcome> {
