@@ -39,17 +39,25 @@ struct Run {
 }
 
 fn run(cfg: &ModelConfig, explicit: bool) -> Run {
-    let mut model =
-        GptModel::new(cfg, ParallelLayout::single(), 11, DType::F64, &Device::Cpu).unwrap();
+    let model = GptModel::new(cfg, ParallelLayout::single(), 11, DType::F64, &Device::Cpu).unwrap();
+    run_model(model, cfg, explicit)
+}
+
+/// Loss and the gradients of the trainable parameters (all of them without PEFT).
+fn run_model(mut model: GptModel, cfg: &ModelConfig, explicit: bool) -> Run {
     model.set_explicit_layers(explicit);
     let mb = batch(cfg);
-    let params = model.params().params();
+    let params: Vec<_> = model.params().params().into_iter().filter(|p| p.trainable).collect();
     let vars: Vec<_> = params.iter().map(|p| p.var.clone()).collect();
-    let mut acc = GradAccumulator::new(vars);
+    let mut acc = GradAccumulator::new(vars.clone());
     let sink = RecomputeGrads::default();
     let (sum, _) = loss_for_microbatch_recompute(&model, &mb, None, &sink).unwrap();
     acc.accumulate(&sum.backward().unwrap()).unwrap();
     let side = sink.take();
+    // Nothing else (frozen weights under PEFT) may receive a gradient.
+    for id in side.iter().flat_map(|g| g.get_ids()) {
+        assert!(vars.iter().any(|v| v.as_tensor().id() == *id), "a frozen tensor got a gradient");
+    }
     let side_names = params
         .iter()
         .filter(|p| side.iter().any(|g| g.get(p.var.as_tensor()).is_some()))
@@ -64,9 +72,12 @@ fn run(cfg: &ModelConfig, explicit: bool) -> Run {
 }
 
 fn check(name: &str, cfg: &ModelConfig) {
-    let plain = run(cfg, false);
-    let explicit = run(cfg, true);
-    assert!(plain.side_names.is_empty(), "{name}: autograd path used the side store");
+    compare(name, run(cfg, false), run(cfg, true), false);
+}
+
+/// `recomputed`: full recompute, whose checkpointed segments use the side store either way.
+fn compare(name: &str, plain: Run, explicit: Run, recomputed: bool) {
+    assert!(recomputed || plain.side_names.is_empty(), "{name}: autograd path used the side store");
     let layer_params = plain.grads.iter().filter(|(n, _)| n.starts_with("decoder.layers."));
     for (n, _) in layer_params {
         assert!(
@@ -161,4 +172,62 @@ fn packed_batch_layers_match_autograd() {
     for l in &losses[1..] {
         assert!((losses[0] - l).abs() < 1e-10 * losses[0].abs(), "{losses:?}");
     }
+}
+
+/// LoRA on every linear layer (B randomized so A's gradient is not zero): the adapters'
+/// gradients of the written-out path equal autograd's and the frozen base gets none, also
+/// under full recompute (where the frozen embedding leaves the layers' input untracked and
+/// the checkpointed segments must still run their backward) and selective recompute.
+#[test]
+fn lora_layers_match_autograd_and_leave_the_base_frozen() {
+    use mbridge::config::model::{RecomputeGranularity, RecomputeMethod};
+    use mbridge::config::peft::{PeftConfig, PeftScheme};
+    let peft = PeftConfig { dim: 3, alpha: 6.0, ..PeftConfig::for_scheme(PeftScheme::Lora) };
+    let model = |cfg: &ModelConfig, peft: &PeftConfig| {
+        let m = GptModel::new_peft(
+            cfg,
+            ParallelLayout::single(),
+            None,
+            Some(peft),
+            11,
+            DType::F64,
+            &Device::Cpu,
+        )?;
+        for (i, p) in m.params().params().iter().enumerate() {
+            if p.name.ends_with("adapter.linear_out.weight") {
+                let n: usize = p.global_shape.iter().product();
+                let v: Vec<f64> =
+                    (0..n).map(|j| ((j * 37 + i * 11) % 17) as f64 / 40.0 - 0.2).collect();
+                let t = Tensor::from_vec(v, p.global_shape.as_slice(), &Device::Cpu).unwrap();
+                m.params().set_full(&p.name, &t).unwrap();
+            }
+        }
+        anyhow::Ok(m)
+    };
+    let base = tiny_llama();
+    let reference = || run_model(model(&base, &peft).unwrap(), &base, false);
+    let r = reference();
+    assert_eq!(r.grads.len(), 2 * 4 * base.num_layers, "only the adapters train");
+    compare("lora", reference(), run_model(model(&base, &peft).unwrap(), &base, true), false);
+    for (name, granularity) in
+        [("full", RecomputeGranularity::Full), ("selective", RecomputeGranularity::Selective)]
+    {
+        let mut cfg = base.clone();
+        cfg.recompute_granularity = Some(granularity);
+        if granularity == RecomputeGranularity::Full {
+            cfg.recompute_method = Some(RecomputeMethod::Uniform);
+            cfg.recompute_num_layers = Some(1);
+            // The autograd layers inside checkpointed segments too.
+            let autograd = run_model(model(&cfg, &peft).unwrap(), &cfg, false);
+            compare("lora, full recompute, autograd", reference(), autograd, true);
+        }
+        let explicit = run_model(model(&cfg, &peft).unwrap(), &cfg, true);
+        compare(&format!("lora, {name} recompute"), reference(), explicit, true);
+    }
+    // DoRA's weight norm is not in the written-out path, so selective recompute refuses it.
+    let mut cfg = base.clone();
+    cfg.recompute_granularity = Some(RecomputeGranularity::Selective);
+    let dora = PeftConfig { dim: 3, ..PeftConfig::for_scheme(PeftScheme::Dora) };
+    let err = model(&cfg, &dora).unwrap_err().to_string();
+    assert!(err.contains("DoRA"), "{err}");
 }

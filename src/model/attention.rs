@@ -3,6 +3,7 @@
 
 use super::arch::GptArch;
 use super::explicit_layer::ExplicitInputs;
+use super::explicit_linear::{ExplicitLinear, LinearSaved};
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
@@ -256,6 +257,9 @@ pub struct AttnSaved {
     core: Option<(Tensor, AttnState)>,
     /// q and k were rotated inside `qkv` ([`manual::rope_in_qkv`]).
     roped_in_qkv: bool,
+    /// The adapters' state of `linear_qkv` and `linear_proj`.
+    qkv_lora: LinearSaved,
+    proj_lora: LinearSaved,
 }
 
 impl AttnSaved {
@@ -268,10 +272,34 @@ impl AttnSaved {
 }
 
 impl SelfAttention {
-    /// Whether the written-out forward/backward covers this block (no tensor parallelism,
-    /// no adapters; those run through autograd).
+    /// Whether the written-out forward/backward covers this block: no tensor parallelism,
+    /// adapters only as LoRA without dropout (the rest runs through autograd).
     pub(super) fn explicit_ok(&self) -> bool {
-        self.tp.is_none() && self.qkv_adapter.is_none() && self.proj_adapter.is_none()
+        self.tp.is_none()
+            && ExplicitLinear::explicit_ok(self.qkv_adapter.as_ref())
+            && ExplicitLinear::explicit_ok(self.proj_adapter.as_ref())
+    }
+
+    /// A trainable tensor of the block when its base is frozen (PEFT): what anchors its
+    /// graph node when its input is untracked.
+    pub(super) fn adapter_anchor(&self) -> Option<&Tensor> {
+        self.qkv_adapter.as_ref().or(self.proj_adapter.as_ref()).map(Adapter::anchor)
+    }
+
+    fn qkv_linear(&self) -> ExplicitLinear<'_> {
+        ExplicitLinear {
+            w: &self.qkv_w,
+            b: self.qkv_b.as_ref(),
+            adapter: self.qkv_adapter.as_ref(),
+        }
+    }
+
+    fn proj_linear(&self) -> ExplicitLinear<'_> {
+        ExplicitLinear {
+            w: &self.proj_w,
+            b: self.proj_b.as_ref(),
+            adapter: self.proj_adapter.as_ref(),
+        }
     }
 
     /// q `[b, heads, s, d]` and k, v `[b, groups, s, d]` views into the fused QKV `[b, s, rows]`.
@@ -335,11 +363,8 @@ impl SelfAttention {
         let heads = self.shape.heads;
         let (b, s, h) = x.dims3()?;
         let xn = self.norm.forward_untracked(x)?;
-        let qkv = ops::linear(
-            &xn,
-            &self.qkv_w.detach(),
-            self.qkv_b.as_ref().map(Tensor::detach).as_ref(),
-        )?;
+        let (qkv, qkv_lora) = self.qkv_linear().forward(&xn)?;
+        drop(xn);
         // Without QK-norm the rotation runs inside the fused buffer (one kernel, and the
         // backward keeps the rotated q, k instead of recomputing them).
         let roped_in_qkv = match &inputs.rope {
@@ -363,13 +388,10 @@ impl SelfAttention {
             (q, k)
         };
         let (out, state) = section("attn.core.fwd", x.device(), || self.core(&q, &k, &v, inputs))?;
-        let y = ops::linear(
-            &out,
-            &self.proj_w.detach(),
-            self.proj_b.as_ref().map(Tensor::detach).as_ref(),
-        )?;
+        let (y, proj_lora) = self.proj_linear().forward(&out)?;
         let core = (!inputs.selective.core_attn).then_some((out, state));
-        Ok((y.reshape((b, s, h))?, AttnSaved { qkv, core, roped_in_qkv }))
+        let saved = AttnSaved { qkv, core, roped_in_qkv, qkv_lora, proj_lora };
+        Ok((y.reshape((b, s, h))?, saved))
     }
 
     /// Core attention of the prepared q, k, v: the output as `[tokens, heads·d]` (the
@@ -421,11 +443,9 @@ impl SelfAttention {
         let dy = dy.reshape((b * s, h))?;
         // linear_proj
         let dout = section("attn.bwd.proj", dev, || -> Result<Tensor> {
-            grads.insert(&self.proj_w, manual::weight_grad(&dy, &out)?);
-            if let Some(pb) = &self.proj_b {
-                grads.insert(pb, manual::bias_grad(&dy)?);
-            }
-            Ok(dy.matmul(&self.proj_w.detach())?.reshape((b, s, heads, d))?.transpose(1, 2)?)
+            let dout =
+                self.proj_linear().backward(&dy, || Ok(out.clone()), saved.proj_lora, grads)?;
+            Ok(dout.reshape((b, s, heads, d))?.transpose(1, 2)?)
         })?;
         drop(out);
         let (dq, dk, dv) = section("attn.core.bwd", dev, || {
@@ -457,20 +477,22 @@ impl SelfAttention {
                 Ok(Tensor::cat(&parts, 3)?.reshape((b * s, (hpg + 2) * groups * d))?)
             })?
         };
-        self.qkv_backward(x, &dqkv, grads)
+        self.qkv_backward(x, &dqkv, saved.qkv_lora, grads)
     }
 
     /// Backward of the pre-norm and `linear_qkv` for dQKV `[tokens, rows]`: the input gradient.
-    fn qkv_backward(&self, x: &Tensor, dqkv: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+    fn qkv_backward(
+        &self,
+        x: &Tensor,
+        dqkv: &Tensor,
+        lora: LinearSaved,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
         let (dev, (b, s, h)) = (x.device(), x.dims3()?);
         // linear_qkv (the norm output is recomputed: one cheap kernel instead of keeping it).
         let dxn = section("attn.bwd.qkv", dev, || -> Result<Tensor> {
-            let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
-            grads.insert(&self.qkv_w, manual::weight_grad(dqkv, &xn)?);
-            if let Some(qb) = &self.qkv_b {
-                grads.insert(qb, manual::bias_grad(dqkv)?);
-            }
-            Ok(dqkv.matmul(&self.qkv_w.detach())?.reshape((b, s, h))?)
+            let xn = || Ok(self.norm.forward_untracked(x)?.reshape((b * s, h))?);
+            Ok(self.qkv_linear().backward(dqkv, xn, lora, grads)?.reshape((b, s, h))?)
         })?;
         section("attn.bwd.norm", dev, || self.norm.backward(x, &dxn, grads))
     }

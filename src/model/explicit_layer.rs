@@ -10,14 +10,15 @@
 //! whole layer is one node of candle's graph ([`with_backward`]); its parameter gradients go
 //! to the step's side sink ([`RecomputeGrads`]), like those of recomputed segments.
 //!
-//! It covers the layers of the shipped recipes in training without tensor parallelism,
-//! dropout or adapters; anything else runs through autograd. `MBRIDGE_EXPLICIT_LAYERS`
+//! It covers the layers of the shipped recipes in training without tensor parallelism or
+//! dropout, with or without LoRA adapters (without adapter dropout; [`super::explicit_linear`]:
+//! frozen base weights get no gradient); anything else runs through autograd. `MBRIDGE_EXPLICIT_LAYERS`
 //! (`1`/`0`) turns it on or off; unset, it is on for CUDA and off on the CPU, where the
 //! recorded path stays the reference (the tests compare both).
 
 use super::attention::SelfAttention;
 use super::mlp::Mlp;
-use super::recompute::{with_backward, BackwardFn, RecomputeGrads, SelectiveRecompute};
+use super::recompute::{with_backward_anchored, BackwardFn, RecomputeGrads, SelectiveRecompute};
 use crate::ops::attention::OwnedAttnMask;
 use crate::ops::timing::section;
 use anyhow::Result;
@@ -77,6 +78,7 @@ pub fn forward(
     let (m, mlp_saved) =
         section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective.mlp))?;
     let y = (&x2 + m)?;
+    let (attn_anchor, mlp_anchor) = (attn.adapter_anchor().cloned(), mlp.adapter_anchor().cloned());
     let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
     let backward: BackwardFn = Box::new(move |x: &Tensor, dy: &Tensor| {
         let run = || -> Result<Tensor> {
@@ -97,5 +99,6 @@ pub fn forward(
             .map(Some)
             .map_err(|e| candle_core::Error::Msg(format!("explicit layer backward: {e:#}")))
     });
-    Ok(with_backward(x, y, "explicit-layer", backward)?)
+    let anchor = attn_anchor.or(mlp_anchor);
+    Ok(with_backward_anchored(x, anchor.as_ref(), y, "explicit-layer", backward)?)
 }

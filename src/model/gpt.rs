@@ -30,6 +30,13 @@ struct Layer {
     mlp: Mlp,
 }
 
+impl Layer {
+    /// A trainable adapter tensor of the layer, if its base is adapted (PEFT).
+    fn adapter_anchor(&self) -> Option<&Tensor> {
+        self.attn.adapter_anchor().or(self.mlp.adapter_anchor())
+    }
+}
+
 /// Optional inputs of a forward pass.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ForwardOpts<'a> {
@@ -200,8 +207,10 @@ impl GptModel {
         if selective.is_some() {
             let why = if layout.tp_size > 1 {
                 Some("tensor parallelism")
-            } else if peft.is_some() {
-                Some("PEFT adapters")
+            } else if peft.is_some_and(|p| {
+                p.peft_scheme != crate::config::peft::PeftScheme::Lora || p.dropout > 0.0
+            }) {
+                Some("DoRA / canonical LoRA adapters or adapter dropout")
             } else if cfg.hidden_dropout > 0.0 || cfg.attention_dropout > 0.0 {
                 Some("dropout")
             } else {
@@ -499,7 +508,10 @@ impl GptModel {
                 let g_rows = mask.broadcast_mul(&g.to_dtype(mask.dtype())?)?;
                 let dlogits =
                     ops::manual::cross_entropy_backward(logits, &labels, &state, &g_rows)?;
-                grads.insert(&w, ops::manual::weight_grad(&dlogits, &xn)?);
+                // A frozen output layer (PEFT) needs no weight gradient: a vocab-sized GEMM.
+                if w.is_variable() {
+                    grads.insert(&w, ops::manual::weight_grad(&dlogits, &xn)?);
+                }
                 let dxn = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;
                 drop(dlogits);
                 let dx = norm.backward(&x.detach(), &dxn, &mut grads)?;
@@ -731,6 +743,8 @@ impl GptModel {
                     }
                     continue;
                 }
+                // Under PEFT the segment's input may be untracked (frozen embedding).
+                let anchor = layers.iter().find_map(Layer::adapter_anchor).cloned();
                 let (rope, dense, packed) = (rope.clone(), dense.clone(), packed.clone());
                 let (explicit, sink) = (explicit.clone(), grads.clone());
                 let f: SegmentFn = Arc::new(move |x: &Tensor| {
@@ -747,7 +761,7 @@ impl GptModel {
                     }
                     Ok(x)
                 });
-                x = checkpoint(&x, f, grads)?;
+                x = checkpoint(&x, anchor.as_ref(), f, grads)?;
             }
             return Ok(x);
         }

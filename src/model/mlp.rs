@@ -3,6 +3,7 @@
 
 use super::arch::GptArch;
 use super::attention::row_parallel;
+use super::explicit_linear::{ExplicitLinear, LinearSaved};
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
@@ -144,8 +145,10 @@ impl Mlp {
 /// What the written-out backward of [`Mlp`] keeps from its forward: `linear_fc1`'s output
 /// (the norm output and the activation are recomputed from the block input and from it).
 pub struct MlpSaved {
-    /// None under selective recompute of `mlp` (recomputed in the backward).
-    fc1_out: Option<Tensor>,
+    /// With its adapter's state; None under selective recompute of `mlp` (recomputed in the
+    /// backward).
+    fc1_out: Option<(Tensor, LinearSaved)>,
+    fc2_lora: LinearSaved,
 }
 
 impl MlpSaved {
@@ -157,33 +160,49 @@ impl MlpSaved {
 }
 
 impl Mlp {
-    /// Whether the written-out forward/backward covers this block (no tensor parallelism,
-    /// no adapters).
+    /// Whether the written-out forward/backward covers this block: no tensor parallelism,
+    /// adapters only as LoRA without dropout.
     pub(super) fn explicit_ok(&self) -> bool {
-        self.tp.is_none() && self.fc1_adapter.is_none() && self.fc2_adapter.is_none()
+        self.tp.is_none()
+            && ExplicitLinear::explicit_ok(self.fc1_adapter.as_ref())
+            && ExplicitLinear::explicit_ok(self.fc2_adapter.as_ref())
+    }
+
+    /// A trainable tensor of the block when its base is frozen (PEFT), see
+    /// [`super::attention::SelfAttention::adapter_anchor`].
+    pub(super) fn adapter_anchor(&self) -> Option<&Tensor> {
+        self.fc1_adapter.as_ref().or(self.fc2_adapter.as_ref()).map(Adapter::anchor)
+    }
+
+    fn fc1_linear(&self) -> ExplicitLinear<'_> {
+        ExplicitLinear {
+            w: &self.fc1_w,
+            b: self.fc1_b.as_ref(),
+            adapter: self.fc1_adapter.as_ref(),
+        }
+    }
+
+    fn fc2_linear(&self) -> ExplicitLinear<'_> {
+        ExplicitLinear {
+            w: &self.fc2_w,
+            b: self.fc2_b.as_ref(),
+            adapter: self.fc2_adapter.as_ref(),
+        }
     }
 
     /// [`Self::forward`] without autograd, keeping what [`Self::backward`] needs.
     /// With `recompute`, `linear_fc1`'s output is not kept (selective recompute of `mlp`).
     pub(super) fn forward_saving(&self, x: &Tensor, recompute: bool) -> Result<(Tensor, MlpSaved)> {
-        let fc1_out = self.fc1(x)?;
+        let (fc1_out, fc1_lora) = self.fc1(x)?;
         let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
-        let y = ops::linear(
-            &act,
-            &self.fc2_w.detach(),
-            self.fc2_b.as_ref().map(Tensor::detach).as_ref(),
-        )?;
-        Ok((y, MlpSaved { fc1_out: (!recompute).then_some(fc1_out) }))
+        let (y, fc2_lora) = self.fc2_linear().forward(&act)?;
+        Ok((y, MlpSaved { fc1_out: (!recompute).then_some((fc1_out, fc1_lora)), fc2_lora }))
     }
 
     /// Pre-norm and `linear_fc1` of `x`, outside autograd.
-    fn fc1(&self, x: &Tensor) -> Result<Tensor> {
+    fn fc1(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
         let xn = self.norm.forward_untracked(x)?;
-        Ok(ops::linear(
-            &xn,
-            &self.fc1_w.detach(),
-            self.fc1_b.as_ref().map(Tensor::detach).as_ref(),
-        )?)
+        self.fc1_linear().forward(&xn)
     }
 
     /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
@@ -198,32 +217,23 @@ impl Mlp {
         let dev = x.device();
         let (b, s, h) = dy.dims3()?;
         let dy = dy.reshape((b * s, h))?;
-        let fc1_out = match saved.fc1_out {
-            Some(u) => u,
+        let (fc1_out, fc1_lora) = match saved.fc1_out {
+            Some(kept) => kept,
             // Selective recompute: the norm and `linear_fc1` run again.
             None => section("mlp.fwd.fc1", dev, || self.fc1(x))?,
         };
         let u = fc1_out.reshape((b * s, ()))?;
-        let dact = section("mlp.bwd.fc2", dev, || -> Result<Tensor> {
-            let act = manual::activation_forward(&u, self.activation, self.gated)?;
-            grads.insert(&self.fc2_w, manual::weight_grad(&dy, &act)?);
-            drop(act);
-            if let Some(b2) = &self.fc2_b {
-                grads.insert(b2, manual::bias_grad(&dy)?);
-            }
-            Ok(dy.matmul(&self.fc2_w.detach())?)
+        let dact = section("mlp.bwd.fc2", dev, || {
+            let act = || Ok(manual::activation_forward(&u, self.activation, self.gated)?);
+            self.fc2_linear().backward(&dy, act, saved.fc2_lora, grads)
         })?;
         let du = section("mlp.bwd.act", dev, || {
             manual::activation_backward(&u, self.activation, self.gated, &dact)
         })?;
         drop((dact, u, fc1_out));
         let dxn = section("mlp.bwd.fc1", dev, || -> Result<Tensor> {
-            let xn = self.norm.forward_untracked(x)?.reshape((b * s, h))?;
-            grads.insert(&self.fc1_w, manual::weight_grad(&du, &xn)?);
-            if let Some(b1) = &self.fc1_b {
-                grads.insert(b1, manual::bias_grad(&du)?);
-            }
-            Ok(du.matmul(&self.fc1_w.detach())?.reshape((b, s, h))?)
+            let xn = || Ok(self.norm.forward_untracked(x)?.reshape((b * s, h))?);
+            Ok(self.fc1_linear().backward(&du, xn, fc1_lora, grads)?.reshape((b, s, h))?)
         })?;
         section("mlp.bwd.norm", dev, || self.norm.backward(x, &dxn, grads))
     }

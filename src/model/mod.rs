@@ -35,6 +35,7 @@
 pub mod arch;
 pub mod attention;
 pub mod explicit_layer;
+mod explicit_linear;
 pub mod flops;
 pub mod generate;
 pub mod gpt;

@@ -100,14 +100,19 @@ impl Norm {
                     &[x, &self.weight, b],
                     dy,
                 )?;
-                grads.insert(&self.weight, g[1].clone());
-                grads.insert(b, g[2].clone());
+                // Frozen norms (PEFT's base) get no gradient.
+                if self.weight.is_variable() {
+                    grads.insert(&self.weight, g[1].clone());
+                    grads.insert(b, g[2].clone());
+                }
                 Ok(g[0].clone())
             }
             _ => {
                 let (dx, dw) =
                     ops::manual::rms_norm_backward(x, &self.weight.detach(), dy, eps, zc)?;
-                grads.insert(&self.weight, dw);
+                if self.weight.is_variable() {
+                    grads.insert(&self.weight, dw);
+                }
                 Ok(dx)
             }
         }

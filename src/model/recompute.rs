@@ -13,7 +13,7 @@
 use crate::config::model::{ModelConfig, RecomputeGranularity, RecomputeMethod};
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, Var};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -123,7 +123,14 @@ impl RecomputeGrads {
 pub type SegmentFn = Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
 /// Runs `f` on `x` without keeping its activations; see the module docs.
-pub fn checkpoint(x: &Tensor, f: SegmentFn, grads: &RecomputeGrads) -> candle_core::Result<Tensor> {
+/// `anchor`: a trainable tensor of the segment, for when `x` is not tracked (see
+/// [`with_backward_anchored`]).
+pub fn checkpoint(
+    x: &Tensor,
+    anchor: Option<&Tensor>,
+    f: SegmentFn,
+    grads: &RecomputeGrads,
+) -> candle_core::Result<Tensor> {
     let y = f(&x.detach())?;
     if y.dims() != x.dims() {
         candle_core::bail!(
@@ -137,12 +144,28 @@ pub fn checkpoint(x: &Tensor, f: SegmentFn, grads: &RecomputeGrads) -> candle_co
         let xv = Var::from_tensor(&x.detach())?;
         let y = f(xv.as_tensor())?;
         // backward() seeds with ones, so d(y·grad)/dy = grad exactly: no sum needed.
-        let mut store = y.mul(&grad.detach())?.backward()?;
+        let seeded = y.mul(&grad.detach())?;
+        let params: Vec<Tensor> = seeded
+            .sorted_nodes()
+            .into_iter()
+            .filter(|t| t.is_variable() && t.id() != xv.as_tensor().id())
+            .cloned()
+            .collect();
+        let mut store = seeded.backward()?;
         let dx = store.remove(xv.as_tensor());
-        grads.push(store);
+        // Only the parameters' gradients go to the sink: candle's store also holds those of
+        // untracked leaves (the seed, frozen PEFT weights), which would live until the step
+        // ends.
+        let mut kept = GradStore::default();
+        for p in &params {
+            if let Some(g) = store.remove(p) {
+                kept.insert(p, g);
+            }
+        }
+        grads.push(kept);
         Ok(dx)
     });
-    with_backward(x, y, "recompute-checkpoint", backward)
+    with_backward_anchored(x, anchor, y, "recompute-checkpoint", backward)
 }
 
 /// A hand-written backward: `(input, output gradient)` → input gradient. It runs at most once,
@@ -160,6 +183,21 @@ pub fn with_backward(
     name: &'static str,
     backward: BackwardFn,
 ) -> candle_core::Result<Tensor> {
+    with_backward_anchored(x, None, y, name, backward)
+}
+
+/// [`with_backward`] for a node whose input may not be tracked while the node itself holds
+/// trainable parameters: frozen embeddings under PEFT feed layers whose adapters train. candle
+/// records an op only when an input is tracked, so the node is attached to `anchor` (one of
+/// its trainable tensors) as a second input that receives no gradient; its gradients still
+/// go to the side sink.
+pub fn with_backward_anchored(
+    x: &Tensor,
+    anchor: Option<&Tensor>,
+    y: Tensor,
+    name: &'static str,
+    backward: BackwardFn,
+) -> candle_core::Result<Tensor> {
     // The forward hands over a clone of `y`'s whole storage (candle cannot move one out of
     // a tensor: one device copy of the output, small next to the work that produced it), so
     // `y` must be contiguous from offset 0.
@@ -169,12 +207,16 @@ pub fn with_backward(
         y.detach().copy()?
     };
     let shape = y.shape().clone();
-    x.apply_op1(Precomputed {
+    let op = Precomputed {
         name,
         shape,
         value: Mutex::new(Some(y)),
         backward: Mutex::new(Some(backward)),
-    })
+    };
+    match anchor {
+        Some(a) if !x.track_op() => x.apply_op2(a, op),
+        _ => x.apply_op1(op),
+    }
 }
 
 struct Precomputed {
@@ -219,9 +261,54 @@ impl CustomOp1 for Precomputed {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.run_backward(x, grad)
+    }
+}
+
+impl Precomputed {
+    fn run_backward(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let f = self.backward.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(f) = f else { candle_core::bail!("{}: backward ran twice", self.name) };
         f(x, grad)
+    }
+}
+
+/// The anchored form ([`with_backward_anchored`]): the second input only makes candle record
+/// the node; it gets no gradient.
+impl CustomOp2 for Precomputed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        CustomOp1::cpu_fwd(self, s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        CustomOp1::cuda_fwd(self, s, l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((self.run_backward(x, grad)?, None))
     }
 }
 
@@ -255,7 +342,7 @@ mod tests {
         let plain =
             f(x0.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let sink = RecomputeGrads::default();
-        let y = checkpoint(x0.as_tensor(), f.clone(), &sink).unwrap();
+        let y = checkpoint(x0.as_tensor(), None, f.clone(), &sink).unwrap();
         let outer = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
         assert!(
             outer.get(w.as_tensor()).is_none(),

@@ -303,13 +303,32 @@ pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize) -> Result<Ten
 
 /// Weight gradient `dyᵀ · x` `[out, in]` of a linear layer for `dy` `[rows, out]` and its
 /// input `x` `[rows, in]`: in f32 straight from the GEMM on CUDA half precision (see
-/// `cuda::wgrad`; the trainer accumulates in f32), else in the inputs' dtype.
+/// `cuda::gemm`; the trainer accumulates in f32), else in the inputs' dtype.
 pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(dy) {
-        return super::cuda::wgrad::weight_grad_f32(dy, x);
+        return super::cuda::gemm::weight_grad_f32(dy, x);
     }
     dy.t()?.matmul(x)
+}
+
+/// `c + alpha · a · bᵀ` (`b_transposed`) or `c + alpha · a · b` for `c` `[rows, n]`, `a`
+/// `[rows, k]`. On CUDA in half precision the product is accumulated into `c` itself (a GEMM
+/// with beta = 1, no extra pass over `c`), so `c` must not be shared with anything else.
+pub fn add_matmul(
+    c: Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    b_transposed: bool,
+    alpha: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&c) && c.is_contiguous() {
+        super::cuda::gemm::add_matmul_in_place(&c, a, b, b_transposed, alpha as f32)?;
+        return Ok(c);
+    }
+    let b = if b_transposed { b.t()? } else { b.clone() };
+    c + (a.matmul(&b)? * alpha)?
 }
 
 /// `Σ_rows dy` of a `[rows, n]` gradient (a bias gradient), accumulated in f32.

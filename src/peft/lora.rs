@@ -92,6 +92,18 @@ impl Adapter {
         self.scale
     }
 
+    /// `(A, B, alpha/dim)` when the written-out layer backward covers this adapter: LoRA
+    /// without dropout (DoRA's weight norm and dropout masks run through autograd).
+    pub fn explicit_parts(&self) -> Option<(&Tensor, &Tensor, f64)> {
+        (self.magnitude.is_none() && self.dropout == 0.0).then_some((&self.a, &self.b, self.scale))
+    }
+
+    /// A trainable tensor of this adapter, to anchor a graph node whose input is untracked
+    /// (see `model::recompute::with_backward_anchored`).
+    pub fn anchor(&self) -> &Tensor {
+        &self.a
+    }
+
     /// DoRA: sets the magnitude to `‖W‖_row` of this rank's base weight `w` (call after the
     /// pretrained base weights are loaded and before training); no-op for LoRA.
     pub fn init_magnitude(&self, w: &Tensor) -> Result<()> {

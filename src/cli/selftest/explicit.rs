@@ -4,6 +4,7 @@
 
 use super::{compare, Check, CheckFn, Measure};
 use crate::config::model::ModelConfig;
+use crate::config::peft::{PeftConfig, PeftScheme};
 use crate::model::recompute::RecomputeGrads;
 use crate::model::{loss_for_microbatch_recompute, GptModel, Microbatch, ParallelLayout};
 use anyhow::Result;
@@ -18,15 +19,20 @@ pub(super) fn checks() -> Vec<Check> {
 
 fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let base = crate::ops::cuda::flash_attn::selftest::gpu_model_config(256);
+    // LoRA on every linear layer: the adapters' low-rank terms accumulated into the GEMM
+    // outputs in place (`ops::cuda::gemm::add_matmul_in_place`), the base frozen.
+    let lora = PeftConfig { dim: 16, alpha: 32.0, ..PeftConfig::for_scheme(PeftScheme::Lora) };
     let configs = [
-        ("llama d64", base.clone()),
+        ("llama d64", base.clone(), None),
+        ("llama d64 lora", base.clone(), Some(lora)),
         (
             "qwen3 d128 qk-norm bias",
             ModelConfig { kv_channels: Some(128), qk_layernorm: true, add_qkv_bias: true, ..base },
+            None,
         ),
     ];
     let mut ms = Vec::new();
-    for (name, cfg) in configs {
+    for (name, cfg, peft) in configs {
         let (b, s) = (2, cfg.seq_length);
         let ids: Vec<u32> =
             (0..b * s + 1).map(|i| ((i as u64 * 7919 + seed) % 512) as u32).collect();
@@ -39,8 +45,20 @@ fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             cu_seqlens: None,
         };
         let run = |explicit: bool| -> Result<(Tensor, Vec<(String, Tensor)>)> {
-            let mut model = GptModel::new(&cfg, ParallelLayout::single(), 7, DType::BF16, dev)?;
+            let layout = ParallelLayout::single();
+            let mut model =
+                GptModel::new_peft(&cfg, layout, None, peft.as_ref(), 7, DType::BF16, dev)?;
             model.set_explicit_layers(explicit);
+            // B starts at zero, which would leave A without a gradient to compare.
+            for p in model.params().params().iter().filter(|p| p.trainable) {
+                if p.name.ends_with("adapter.linear_out.weight") {
+                    let n: usize = p.global_shape.iter().product();
+                    let v: Vec<f32> =
+                        (0..n).map(|j| ((j * 37 + 11) % 23) as f32 / 220.0 - 0.05).collect();
+                    let t = Tensor::from_vec(v, p.global_shape.as_slice(), &Device::Cpu)?;
+                    model.params().set_full(&p.name, &t)?;
+                }
+            }
             let sink = RecomputeGrads::default();
             let (sum, count) = loss_for_microbatch_recompute(&model, &mb, None, &sink)?;
             let loss = (sum / count)?;
@@ -53,6 +71,7 @@ fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
                 .params()
                 .params()
                 .iter()
+                .filter(|p| p.trainable)
                 .map(|p| {
                     // A tied embedding gets parts from the lookup and from the output layer.
                     let t = p.var.as_tensor();

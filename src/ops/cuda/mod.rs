@@ -15,13 +15,13 @@ pub mod adamw;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod flash_attn;
+pub mod gemm;
 pub mod memory;
 pub mod rms_norm;
 pub mod rope;
 pub mod rope_qkv;
 pub mod sumsq;
 pub mod swiglu;
-pub mod wgrad;
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtr, SyncOnDrop,
