@@ -562,13 +562,17 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
     }
 
     // P^T = exp2(S^T * scale_log2 - lse) (0 where masked); dS^T = P^T * (dP^T - dsum).
+    // Tiles wholly inside the causal / window band and the key range skip the per-element test.
+    const bool need_mask = (n0 + BN > sq.sk) ||
+                           (p.causal && n0 + BN - 1 > i0 + offset) ||
+                           (p.window_left >= 0 && i0 + BM - 1 + offset - n0 > p.window_left);
 #pragma unroll
     for (int j = 0; j < NTILE_M; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int kr = n0 + warp * 16 + (lane >> 2) + ((e >> 1) << 3);
         const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
-        const float pr = allowed(p, i0 + qc + offset, kr, sq.sk)
+        const float pr = (!need_mask || allowed(p, i0 + qc + offset, kr, sq.sk))
                              ? fast_exp2(st[j][e] * p.scale_log2 - lse[qc])
                              : 0.f;
         st[j][e] = pr;
@@ -706,6 +710,548 @@ __device__ __forceinline__ void bwd_dkv_kernel(const FlashParams& p) {
   *reinterpret_cast<uint32_t*>(dst) = Vec2<T>::pack(a.x, a.y);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Forward on Hopper (sm_90a): warpgroup MMA. Same algorithm and masking as `fwd_kernel`; the
+// two GEMMs run as wgmma with K and V read by the tensor cores straight from shared memory
+// (no ldmatrix, no register copies of the operands) and P fed from registers.
+//   Block: BM = 128 query rows, two warpgroups of 64 rows; BN = 128 keys per step; K and V
+//   double-buffered with cp.async while the current step computes.
+//   Shared tiles are stored as [D/64 panels][rows][64 elements] with the hardware's 128-byte
+//   swizzle (16-byte chunk c of row r at chunk c ^ (r & 7)); every panel is 1024-byte aligned.
+// ---------------------------------------------------------------------------------------------
+
+// Element offset of (row, 16-byte chunk over D) in a panelled, 128B-swizzled [ROWS][D] tile.
+template <int ROWS>
+__device__ __forceinline__ int pswz(int row, int chunk) {
+  return (chunk >> 3) * ROWS * 64 + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+}
+
+template <int ROWS, int D, int NTHREADS, typename T>
+__device__ __forceinline__ void load_panels(T* smem, const T* g, long long stride, int row0,
+                                            int nrows, int tid) {
+  constexpr int CH = D / 8;
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+#pragma unroll
+  for (int i = tid; i < ROWS * CH; i += NTHREADS) {
+    const int r = i / CH, c = i % CH;
+    const int gr = row0 + r;
+    const bool ok = gr < nrows;
+    const T* src = ok ? g + (long long)gr * stride + c * 8 : g;
+    cp_async16(base + pswz<ROWS>(r, c) * 2, src, ok ? 16 : 0);
+  }
+}
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle: start address, leading / stride
+// byte offsets (K-major: LBO unused, SBO = 8 rows x 128 B; MN-major: LBO = next 64 MN
+// elements, SBO = next 8 K rows).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) |
+         ((uint64_t)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait0() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Keeps the compiler from moving accesses of accumulator registers across wgmma issue/wait.
+template <int N>
+__device__ __forceinline__ void fence_regs(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// cp.async (generic proxy) writes must be visible to wgmma's operand reads (async proxy).
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// D[64 x 128] (+)= A·B with both operands in shared memory (K-major, 128B swizzle);
+// `accumulate` = 0 overwrites D.
+__device__ __forceinline__ void wgmma_ss_n128(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+// D[64 x 128] += A·B with A (bf16 fragments, the mma.m16n8k16 A layout per warp) in
+// registers and B in shared memory MN-major (transposed, 128B swizzle).
+__device__ __forceinline__ void wgmma_rs_n128_tb(float* d, const uint32_t* a, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+// D[64 x 64] += A·B with A (bf16 fragments, the mma.m16n8k16 A layout per warp) in
+// registers and B in shared memory MN-major (transposed, 128B swizzle).
+__device__ __forceinline__ void wgmma_rs_n64_tb(float* d, const uint32_t* a, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+
+
+// D[64 x 64] (+)= A·B, both K-major in shared memory.
+__device__ __forceinline__ void wgmma_ss_n64(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+// D[64 x N] (+)= A·B, both MN-major (transposed) in shared memory.
+__device__ __forceinline__ void wgmma_ss_n64_tt(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_ss_n32_tt(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
+template <int D>
+__device__ __forceinline__ void wgmma_pv(float* acc, const uint32_t* a, uint64_t db) {
+  if constexpr (D == 128) {
+    wgmma_rs_n128_tb(acc, a, db);
+  } else {
+    wgmma_rs_n64_tb(acc, a, db);
+  }
+}
+
+template <int D, int BN>
+__device__ __forceinline__ void fwd_wgmma_kernel(const FlashParams& p) {
+  using T = __nv_bfloat16;
+  constexpr int BM = 128, NT = 256;
+  static_assert(BN == 64 || BN == 128, "key tile");
+  constexpr int NTILE_N = BN / 8, NTILE_D = D / 8;
+  // 128B-swizzled tiles must start 1024-byte aligned (the host adds 1024 bytes of slack).
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  T* sQ = reinterpret_cast<T*>(smem_raw + ((1024 - (raw & 1023)) & 1023));
+  T* sK = sQ + BM * D;       // [2][BN][D]
+  T* sV = sK + 2 * BN * D;   // [2][BN][D]
+  const uint32_t aQ = static_cast<uint32_t>(__cvta_generic_to_shared(sQ));
+  const uint32_t aK = static_cast<uint32_t>(__cvta_generic_to_shared(sK));
+  const uint32_t aV = static_cast<uint32_t>(__cvta_generic_to_shared(sV));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2;  // warpgroup: query rows [64 wg, 64 wg + 64) of the block
+  const Seq sq = seq_info(p, blockIdx.z);
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int m0 = m_block * BM;
+  if (m0 >= sq.sq) return;
+  const int h = blockIdx.y;
+  const int g = h / (p.heads / p.groups);
+  const int offset = sq.sk - sq.sq;
+
+  const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
+  const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
+  const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
+  T* o = const_cast<T*>(static_cast<const T*>(p.o)) + sq.b * p.o_bs + h * p.o_hs +
+         (long long)sq.q0 * p.o_ss;
+
+  int n_end = sq.sk;
+  if (p.causal) n_end = min(n_end, m0 + BM + offset);
+  int n_begin = 0;
+  if (p.window_left >= 0) n_begin = max(0, m0 + offset - p.window_left) / BN * BN;
+
+  float acc_o[NTILE_D * 4];
+#pragma unroll
+  for (int i = 0; i < NTILE_D * 4; ++i) acc_o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  load_panels<BM, D, NT>(sQ, q, p.q_ss, m0, sq.sq, tid);
+  if (n_begin < n_end) {
+    load_panels<BN, D, NT>(sK, k, p.k_ss, n_begin, sq.sk, tid);
+    load_panels<BN, D, NT>(sV, v, p.v_ss, n_begin, sq.sk, tid);
+  }
+  cp_commit();
+
+  // This warpgroup's rows of Q: row offset 64 wg inside every panel.
+  const uint32_t aQwg = aQ + wg * 64 * 128;
+  int stage = 0;
+  for (int n0 = n_begin; n0 < n_end; n0 += BN, stage ^= 1) {
+    cp_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // K, V of this step landed; both warpgroups are done with the other stage
+    if (n0 + BN < n_end) {
+      load_panels<BN, D, NT>(sK + (stage ^ 1) * BN * D, k, p.k_ss, n0 + BN, sq.sk, tid);
+      load_panels<BN, D, NT>(sV + (stage ^ 1) * BN * D, v, p.v_ss, n0 + BN, sq.sk, tid);
+      cp_commit();
+    }
+    const uint32_t aKs = aK + stage * BN * D * 2;
+    const uint32_t aVs = aV + stage * BN * D * 2;
+
+    // S = Q Kᵀ: D/16 k-steps; within a panel the start address moves 32 bytes per step.
+    float s[NTILE_N * 4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = (kk & 3) * 32;
+      const uint64_t da = smem_desc(aQwg + (kk >> 2) * BM * 128 + koff, 16, 1024);
+      const uint64_t db = smem_desc(aKs + (kk >> 2) * BN * 128 + koff, 16, 1024);
+      if constexpr (BN == 128) {
+        wgmma_ss_n128(s, da, db, kk > 0);
+      } else {
+        wgmma_ss_n64(s, da, db, kk > 0);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs<NTILE_N * 4>(s);
+
+    const int row_base = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2);
+    const bool need_mask = (n0 + BN > sq.sk) || (p.causal && n0 + BN - 1 > m0 + offset) ||
+                           (p.window_left >= 0 && m0 + BM - 1 + offset - n0 > p.window_left);
+    if (need_mask) {
+#pragma unroll
+      for (int j = 0; j < NTILE_N; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = row_base + ((e >> 1) << 3);
+          const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1);
+          if (!allowed(p, row + offset, col, sq.sk)) s[j * 4 + e] = -INFINITY;
+        }
+    }
+
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      float mx = row_max[hh];
+#pragma unroll
+      for (int j = 0; j < NTILE_N; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * hh], s[j * 4 + 2 * hh + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+      const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+      const float corr = fast_exp2(row_max[hh] * p.scale_log2 - m_scaled);
+      row_max[hh] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < NTILE_N; ++j) {
+        const float e0 = fast_exp2(s[j * 4 + 2 * hh] * p.scale_log2 - m_scaled);
+        const float e1 = fast_exp2(s[j * 4 + 2 * hh + 1] * p.scale_log2 - m_scaled);
+        s[j * 4 + 2 * hh] = e0;
+        s[j * 4 + 2 * hh + 1] = e1;
+        sum += e0 + e1;
+      }
+      row_sum[hh] = row_sum[hh] * corr + sum;
+#pragma unroll
+      for (int j = 0; j < NTILE_D; ++j) {
+        acc_o[j * 4 + 2 * hh] *= corr;
+        acc_o[j * 4 + 2 * hh + 1] *= corr;
+      }
+    }
+
+    // O += P V: BN/16 k-steps of 16 keys; V is read transposed (MN-major), its 64-column
+    // panels BN * 128 bytes apart.
+    // P as bf16 A fragments, all packed before the first wgmma (registers an issued wgmma
+    // reads must not change until it completes).
+    uint32_t a[BN / 16][4];
+#pragma unroll
+    for (int kt = 0; kt < BN / 16; ++kt) {
+      a[kt][0] = Vec2<T>::pack(s[(2 * kt) * 4 + 0], s[(2 * kt) * 4 + 1]);
+      a[kt][1] = Vec2<T>::pack(s[(2 * kt) * 4 + 2], s[(2 * kt) * 4 + 3]);
+      a[kt][2] = Vec2<T>::pack(s[(2 * kt + 1) * 4 + 0], s[(2 * kt + 1) * 4 + 1]);
+      a[kt][3] = Vec2<T>::pack(s[(2 * kt + 1) * 4 + 2], s[(2 * kt + 1) * 4 + 3]);
+    }
+    fence_regs<NTILE_D * 4>(acc_o);
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < BN / 16; ++kt) {
+      const uint64_t db = smem_desc(aVs + kt * 16 * 128, BN * 128, 1024);
+      wgmma_pv<D>(acc_o, a[kt], db);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs<NTILE_D * 4>(acc_o);
+  }
+
+  cp_wait<0>();
+  float* lse = p.lse + ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float l = row_sum[hh];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + hh * 8;
+    if (row < sq.sq) {
+      T* orow = o + (long long)row * p.o_ss;
+#pragma unroll
+      for (int j = 0; j < NTILE_D; ++j) {
+        const uint32_t pk = Vec2<T>::pack(acc_o[j * 4 + 2 * hh] * inv, acc_o[j * 4 + 2 * hh + 1] * inv);
+        *reinterpret_cast<uint32_t*>(orow + j * 8 + (lane & 3) * 2) = pk;
+      }
+      if ((lane & 3) == 0) {
+        const float mx = row_max[hh];
+        lse[row] = (mx == -INFINITY || l <= 0.f) ? INFINITY : mx * p.scale_log2 + log2f(l);
+      }
+    }
+  }
+}
+
+
+
+// Backward on Hopper (sm_90a): warpgroup MMA, same algorithm, masking, GQA handling and
+// outputs as `bwd_kernel`. Block: BN = 128 keys, two warpgroups of 64 keys; it walks query
+// blocks of BM = 64 rows (double-buffered Q, dO). Per step and warpgroup:
+//   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ (operands in shared memory), Pᵀ / dSᵀ in registers,
+//   dV += Pᵀ dO and dK += dSᵀ Q (A from registers, B transposed from shared memory),
+//   dSᵀ stored to shared memory, then dQ[:, half of D per warpgroup] = dS K (both operands
+//   transposed from shared memory), added to the fp32 accumulator with atomics.
+template <int D>
+__device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
+  using T = __nv_bfloat16;
+  constexpr int BN = 128, BM = 64, NT = 256, NTILE_D = D / 8, NTILE_M = BM / 8, DQ_N = D / 2;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - (raw & 1023)) & 1023));
+  T* sV = sK + BN * D;
+  T* sQ = sV + BN * D;        // [2][BM][D]
+  T* sdO = sQ + 2 * BM * D;   // [2][BM][D]
+  T* sdS = sdO + 2 * BM * D;  // [BN][BM]: dSᵀ, one 64-column panel
+  float* sLse = reinterpret_cast<float*>(sdS + BN * BM);  // [2][BM]
+  float* sDsum = sLse + 2 * BM;                           // [2][BM]
+  const uint32_t aK = static_cast<uint32_t>(__cvta_generic_to_shared(sK));
+  const uint32_t aV = static_cast<uint32_t>(__cvta_generic_to_shared(sV));
+  const uint32_t aQ0 = static_cast<uint32_t>(__cvta_generic_to_shared(sQ));
+  const uint32_t adO0 = static_cast<uint32_t>(__cvta_generic_to_shared(sdO));
+  const uint32_t adS = static_cast<uint32_t>(__cvta_generic_to_shared(sdS));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wr = warp & 3;
+  const Seq sq = seq_info(p, blockIdx.z);
+  const int n0 = blockIdx.x * BN;
+  if (n0 >= sq.sk) return;
+  const int hpg = p.heads / p.groups;
+  const int g = p.split_heads ? blockIdx.y / hpg : blockIdx.y;
+  const int h_first = p.split_heads ? blockIdx.y : g * hpg;
+  const int nh = p.split_heads ? 1 : hpg;
+  const int offset = sq.sk - sq.sq;
+
+  const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
+  const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
+
+  int m_begin = 0, m_end = sq.sq;
+  if (p.causal) m_begin = max(0, n0 - offset) / BM * BM;
+  if (p.window_left >= 0) m_end = min(m_end, n0 + BN + p.window_left - offset);
+  const int n_m = m_end > m_begin ? (m_end - m_begin + BM - 1) / BM : 0;
+  const int n_it = n_m * nh;
+
+  float acc_dk[NTILE_D * 4], acc_dv[NTILE_D * 4];
+#pragma unroll
+  for (int i = 0; i < NTILE_D * 4; ++i) {
+    acc_dk[i] = 0.f;
+    acc_dv[i] = 0.f;
+  }
+
+  load_panels<BN, D, NT>(sK, k, p.k_ss, n0, sq.sk, tid);
+  load_panels<BN, D, NT>(sV, v, p.v_ss, n0, sq.sk, tid);
+
+  auto prefetch = [&](int it) {
+    const int h = h_first + it / n_m;
+    const int i0 = m_begin + (it % n_m) * BM;
+    const int buf = it & 1;
+    const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
+    const T* dout =
+        static_cast<const T*>(p.dout) + sq.b * p.do_bs + h * p.do_hs + (long long)sq.q0 * p.do_ss;
+    load_panels<BM, D, NT>(sQ + buf * BM * D, q, p.q_ss, i0, sq.sq, tid);
+    load_panels<BM, D, NT>(sdO + buf * BM * D, dout, p.do_ss, i0, sq.sq, tid);
+    const long long lbase = ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
+    for (int r = tid; r < BM; r += NT) {
+      const bool ok = i0 + r < sq.sq;
+      sLse[buf * BM + r] = ok ? p.lse[lbase + i0 + r] : INFINITY;
+      sDsum[buf * BM + r] = ok ? p.dsum[lbase + i0 + r] : 0.f;
+    }
+  };
+
+  if (n_it > 0) prefetch(0);
+  cp_commit();
+
+  // This warpgroup's 64 key rows inside every panel of K and V.
+  const uint32_t aKwg = aK + wg * 64 * 128, aVwg = aV + wg * 64 * 128;
+  for (int it = 0; it < n_it; ++it) {
+    if (it + 1 < n_it) {
+      prefetch(it + 1);
+      cp_commit();
+      cp_wait<1>();
+    } else {
+      cp_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const int buf = it & 1;
+    const int h = h_first + it / n_m;
+    const int i0 = m_begin + (it % n_m) * BM;
+    const uint32_t aQ = aQ0 + buf * BM * D * 2;
+    const uint32_t adO = adO0 + buf * BM * D * 2;
+    const float* lse = sLse + buf * BM;
+    const float* dsum = sDsum + buf * BM;
+
+    float st[NTILE_M * 4], dpt[NTILE_M * 4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = (kk & 3) * 32;
+      wgmma_ss_n64(st, smem_desc(aKwg + (kk >> 2) * BN * 128 + koff, 16, 1024),
+                   smem_desc(aQ + (kk >> 2) * BM * 128 + koff, 16, 1024), kk > 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = (kk & 3) * 32;
+      wgmma_ss_n64(dpt, smem_desc(aVwg + (kk >> 2) * BN * 128 + koff, 16, 1024),
+                   smem_desc(adO + (kk >> 2) * BM * 128 + koff, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs<NTILE_M * 4>(st);
+    fence_regs<NTILE_M * 4>(dpt);
+
+    const bool need_mask = (n0 + BN > sq.sk) || (p.causal && n0 + BN - 1 > i0 + offset) ||
+                           (p.window_left >= 0 && i0 + BM - 1 + offset - n0 > p.window_left);
+    const int kr0 = n0 + wg * 64 + wr * 16 + (lane >> 2);
+#pragma unroll
+    for (int j = 0; j < NTILE_M; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kr = kr0 + ((e >> 1) << 3);
+        const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
+        const float pr = (!need_mask || allowed(p, i0 + qc + offset, kr, sq.sk))
+                             ? fast_exp2(st[j * 4 + e] * p.scale_log2 - lse[qc])
+                             : 0.f;
+        st[j * 4 + e] = pr;
+        dpt[j * 4 + e] = pr * (dpt[j * 4 + e] - dsum[qc]);
+      }
+
+    uint32_t ap[BM / 16][4], ads[BM / 16][4];
+#pragma unroll
+    for (int kt = 0; kt < BM / 16; ++kt) {
+      ap[kt][0] = Vec2<T>::pack(st[(2 * kt) * 4 + 0], st[(2 * kt) * 4 + 1]);
+      ap[kt][1] = Vec2<T>::pack(st[(2 * kt) * 4 + 2], st[(2 * kt) * 4 + 3]);
+      ap[kt][2] = Vec2<T>::pack(st[(2 * kt + 1) * 4 + 0], st[(2 * kt + 1) * 4 + 1]);
+      ap[kt][3] = Vec2<T>::pack(st[(2 * kt + 1) * 4 + 2], st[(2 * kt + 1) * 4 + 3]);
+      ads[kt][0] = Vec2<T>::pack(dpt[(2 * kt) * 4 + 0], dpt[(2 * kt) * 4 + 1]);
+      ads[kt][1] = Vec2<T>::pack(dpt[(2 * kt) * 4 + 2], dpt[(2 * kt) * 4 + 3]);
+      ads[kt][2] = Vec2<T>::pack(dpt[(2 * kt + 1) * 4 + 0], dpt[(2 * kt + 1) * 4 + 1]);
+      ads[kt][3] = Vec2<T>::pack(dpt[(2 * kt + 1) * 4 + 2], dpt[(2 * kt + 1) * 4 + 3]);
+    }
+
+    // dV += Pᵀ dO, dK += dSᵀ Q: B = dO / Q read transposed (K-dim = query rows).
+    fence_regs<NTILE_D * 4>(acc_dv);
+    fence_regs<NTILE_D * 4>(acc_dk);
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < BM / 16; ++kt)
+      wgmma_pv<D>(acc_dv, ap[kt], smem_desc(adO + kt * 16 * 128, BM * 128, 1024));
+#pragma unroll
+    for (int kt = 0; kt < BM / 16; ++kt)
+      wgmma_pv<D>(acc_dk, ads[kt], smem_desc(aQ + kt * 16 * 128, BM * 128, 1024));
+    wgmma_commit();
+
+    // dSᵀ [keys][queries] into shared memory for dQ.
+    {
+      const int r0 = wg * 64 + wr * 16 + (lane >> 2);
+      const int cb = (lane & 3) * 2;
+#pragma unroll
+      for (int kt = 0; kt < BM / 16; ++kt) {
+        *reinterpret_cast<uint32_t*>(sdS + pswz<BN>(r0, 2 * kt) + cb) = ads[kt][0];
+        *reinterpret_cast<uint32_t*>(sdS + pswz<BN>(r0 + 8, 2 * kt) + cb) = ads[kt][1];
+        *reinterpret_cast<uint32_t*>(sdS + pswz<BN>(r0, 2 * kt + 1) + cb) = ads[kt][2];
+        *reinterpret_cast<uint32_t*>(sdS + pswz<BN>(r0 + 8, 2 * kt + 1) + cb) = ads[kt][3];
+      }
+    }
+    fence_proxy_async();
+    __syncthreads();  // both warpgroups' halves of dSᵀ are in
+
+    // dQ[:, wg * DQ_N ...] = dS K: A = dSᵀ transposed (M = queries), B = K transposed
+    // (N = this warpgroup's columns of D, K-dim = keys).
+    float dq[DQ_N / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < BN / 16; ++kt) {
+      const uint64_t da = smem_desc(adS + kt * 16 * 128, BN * 128, 1024);
+      const uint32_t col = wg * DQ_N;  // elements into D
+      const uint64_t db =
+          smem_desc(aK + (col / 64) * BN * 128 + (col % 64) * 2 + kt * 16 * 128, BN * 128, 1024);
+      if constexpr (DQ_N == 64) {
+        wgmma_ss_n64_tt(dq, da, db, kt > 0);
+      } else {
+        wgmma_ss_n32_tt(dq, da, db, kt > 0);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs<DQ_N / 2>(dq);
+    fence_regs<NTILE_D * 4>(acc_dv);
+    fence_regs<NTILE_D * 4>(acc_dk);
+
+    float* dqa = p.dq_accum + (((long long)sq.b * p.heads + h) * p.sq + sq.q0 + i0) * (long long)D;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = wr * 16 + (lane >> 2) + hh * 8;
+      if (i0 + r < sq.sq) {
+#pragma unroll
+        for (int j = 0; j < DQ_N / 8; ++j)
+          atomic_add2(dqa + (long long)r * D + wg * DQ_N + j * 8 + (lane & 3) * 2, dq[j * 4 + 2 * hh],
+                      dq[j * 4 + 2 * hh + 1]);
+      }
+    }
+    __syncthreads();  // buffers and dSᵀ may now be refilled
+  }
+
+  cp_wait<0>();
+  if (p.split_heads) {
+    const long long rows = (long long)(p.cu_seqlens ? 1 : p.batch) * p.groups * p.sk;
+    float* acck = p.dkv_accum + (((long long)sq.b * p.groups + g) * p.sk + sq.k0) * D;
+    float* accv = acck + rows * D;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = n0 + wg * 64 + wr * 16 + (lane >> 2) + hh * 8;
+      if (r < sq.sk) {
+#pragma unroll
+        for (int j = 0; j < NTILE_D; ++j) {
+          const int c = j * 8 + (lane & 3) * 2;
+          atomic_add2(acck + (long long)r * D + c, acc_dk[j * 4 + 2 * hh] * p.scale,
+                      acc_dk[j * 4 + 2 * hh + 1] * p.scale);
+          atomic_add2(accv + (long long)r * D + c, acc_dv[j * 4 + 2 * hh], acc_dv[j * 4 + 2 * hh + 1]);
+        }
+      }
+    }
+    return;
+  }
+  T* dk = static_cast<T*>(p.dk) + sq.b * p.dk_bs + g * p.dk_hs + (long long)sq.k0 * p.dk_ss;
+  T* dv = static_cast<T*>(p.dv) + sq.b * p.dk_bs + g * p.dk_hs + (long long)sq.k0 * p.dk_ss;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int r = n0 + wg * 64 + wr * 16 + (lane >> 2) + hh * 8;
+    if (r < sq.sk) {
+#pragma unroll
+      for (int j = 0; j < NTILE_D; ++j) {
+        const int c = j * 8 + (lane & 3) * 2;
+        *reinterpret_cast<uint32_t*>(dk + (long long)r * p.dk_ss + c) =
+            Vec2<T>::pack(acc_dk[j * 4 + 2 * hh] * p.scale, acc_dk[j * 4 + 2 * hh + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dv + (long long)r * p.dk_ss + c) =
+            Vec2<T>::pack(acc_dv[j * 4 + 2 * hh], acc_dv[j * 4 + 2 * hh + 1]);
+      }
+    }
+  }
+}
+
 }  // namespace fa
 
 // Shared memory bytes (the host mirrors these formulas in src/ops/cuda/flash_attn.rs).
@@ -757,6 +1303,25 @@ extern "C" __global__ void __launch_bounds__(256) flash_fwd_bf16_d128_w8(FlashPa
 }
 extern "C" __global__ void __launch_bounds__(256) flash_fwd_bf16_d64_w8(FlashParams p) {
   fa::fwd_kernel<__nv_bfloat16, 64, 64, 1>(p);
+}
+// Hopper forward (warpgroup MMA), bf16: 2 warpgroups, BM = BN = 128.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_d128_wg(FlashParams p) {
+  fa::fwd_wgmma_kernel<128, 128>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) flash_fwd_bf16_d64_wg(FlashParams p) {
+  fa::fwd_wgmma_kernel<64, 128>(p);
+}
+// d=64 with 64-key tiles and two blocks per SM (the other block's GEMMs overlap this one's
+// softmax).
+extern "C" __global__ void __launch_bounds__(256, 2) flash_fwd_bf16_d64_wg2(FlashParams p) {
+  fa::fwd_wgmma_kernel<64, 64>(p);
+}
+// Hopper backward (warpgroup MMA), bf16: 2 warpgroups, BN = 128 keys, BM = 64 queries.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_bf16_d128_wg(FlashParams p) {
+  fa::bwd_wgmma_kernel<128>(p);
+}
+extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_bf16_d64_wg(FlashParams p) {
+  fa::bwd_wgmma_kernel<64>(p);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d64_w4(FlashParams p) {
   fa::bwd_kernel<__nv_bfloat16, 64, 4>(p);

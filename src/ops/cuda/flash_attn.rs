@@ -33,7 +33,8 @@ const BWD_BM: usize = 64;
 /// Forward tile variants (kernels at the end of `kernels/flash_attn.cu`, bf16 only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FwdTile {
-    /// 4 warps × 32 query rows; 64-key tiles, except 128 for bf16 d=64 (measured faster).
+    /// Hopper warpgroup MMA for bf16 (2 warpgroups × 64 query rows; 128-key tiles at d=128,
+    /// [`FwdTile::WgmmaKeys64`] at d=64); other dtypes: [`FwdTile::MmaSync`].
     Default = 0,
     /// 128-key tiles (d=64 only; the default for bf16).
     Keys128 = 1,
@@ -43,39 +44,65 @@ pub enum FwdTile {
     Keys32 = 3,
     /// At most 168 registers so 3 blocks share an SM (d=64 only).
     Blocks3 = 4,
+    /// mma.sync, 4 warps × 32 query rows; 64-key tiles, except 128 for bf16 d=64.
+    MmaSync = 5,
+    /// Warpgroup MMA with 64-key tiles and two blocks per SM (d=64 only; its default).
+    WgmmaKeys64 = 6,
+    /// Warpgroup MMA with 128-key tiles at d=64 (the d=128 default).
+    WgmmaKeys128 = 7,
 }
 
 /// Tile selection for later calls (the self-test benchmarks the variants). Defaults: forward
-/// [`FwdTile::Default`], backward 8 warps (128 keys per block).
+/// [`FwdTile::Default`], backward 0 (warpgroup MMA, 128 keys per block).
 static FWD_TILE: AtomicUsize = AtomicUsize::new(FwdTile::Default as usize);
-static BWD_WARPS: AtomicUsize = AtomicUsize::new(8);
+static BWD_WARPS: AtomicUsize = AtomicUsize::new(0);
 
-/// Selects the tile variants: `bwd_warps` 8 or 4 (4: bf16 only). Combinations a dtype/head
-/// dim lacks fall back to the defaults.
+/// Selects the tile variants: `bwd_warps` 0 (warpgroup MMA, bf16), or 8 / 4 warps of
+/// mma.sync (4: bf16 only). Combinations a dtype/head dim lacks fall back to the defaults.
 pub fn set_tiles(fwd: FwdTile, bwd_warps: usize) {
     FWD_TILE.store(fwd as usize, Ordering::Relaxed);
     BWD_WARPS.store(bwd_warps, Ordering::Relaxed);
 }
 
-/// Forward kernel name, key tile and threads for `dtype`/`d` under the current selection.
-fn fwd_kernel(tname: &str, d: usize) -> (String, usize, u32) {
+/// Forward kernel name, threads and shared memory for `dtype`/`d` under the current selection.
+fn fwd_kernel(tname: &str, d: usize) -> (String, u32, usize) {
     let tile = FWD_TILE.load(Ordering::Relaxed);
+    // mma.sync kernels: Q tile plus one K and one V tile of `bn` keys.
+    let sync = |name: String, bn: usize, threads: u32| (name, threads, (FWD_BM + 2 * bn) * d * 2);
+    // Warpgroup MMA: Q plus two stages of K and V, and slack to align the tiles to 1024 bytes.
+    let wgmma = |name: String, bn: usize| (name, 2 * FWD_THREADS, (FWD_BM + 4 * bn) * d * 2 + 1024);
     match (tile, tname, d) {
-        // bf16 d=64: 128-key tiles measured ~5% faster than 64 on H100 (selftest bench), so
-        // they are also the default there.
-        (0 | 1, "bf16", 64) => (format!("flash_fwd_{tname}_d{d}_n128"), 128, FWD_THREADS),
-        (2, "bf16", _) => (format!("flash_fwd_{tname}_d{d}_w8"), 64, 2 * FWD_THREADS),
-        (3, "bf16", 128) => (format!("flash_fwd_{tname}_d{d}_n32"), 32, FWD_THREADS),
-        (4, "bf16", 64) => (format!("flash_fwd_{tname}_d{d}_b3"), 64, FWD_THREADS),
-        _ => (format!("flash_fwd_{tname}_d{d}"), 64, FWD_THREADS),
+        // d=64: 64-key tiles, two blocks per SM (H100 selftest bench: 249 vs 230 TFLOP/s
+        // with 128-key tiles at b=2, h=32/8, s=4096).
+        (0 | 6, "bf16", 64) => wgmma(format!("flash_fwd_{tname}_d{d}_wg2"), 64),
+        (0, "bf16", _) => wgmma(format!("flash_fwd_{tname}_d{d}_wg"), 128),
+        (7, "bf16", 64) => wgmma(format!("flash_fwd_{tname}_d{d}_wg"), 128),
+        // bf16 d=64: 128-key tiles measured ~5% faster than 64 on H100 (selftest bench).
+        (1 | 5, "bf16", 64) => sync(format!("flash_fwd_{tname}_d{d}_n128"), 128, FWD_THREADS),
+        (2, "bf16", _) => sync(format!("flash_fwd_{tname}_d{d}_w8"), 64, 2 * FWD_THREADS),
+        (3, "bf16", 128) => sync(format!("flash_fwd_{tname}_d{d}_n32"), 32, FWD_THREADS),
+        (4, "bf16", 64) => sync(format!("flash_fwd_{tname}_d{d}_b3"), 64, FWD_THREADS),
+        _ => sync(format!("flash_fwd_{tname}_d{d}"), 64, FWD_THREADS),
     }
 }
 
-/// Backward kernel name and warps per block.
-fn bwd_kernel(tname: &str, d: usize) -> (String, usize) {
+/// Backward kernel name, keys per block, threads and shared memory. `BWD_WARPS` 0 (the
+/// default) is the warpgroup-MMA kernel for bf16 (mma.sync with 8 warps for other dtypes).
+fn bwd_kernel(tname: &str, d: usize) -> (String, usize, u32, usize) {
+    // mma.sync: K, V, two stages of Q and dO, dSᵀ, logsumexp and dsum.
+    let sync = |name: String, warps: usize| {
+        let bn = 16 * warps;
+        let smem = (2 * bn + 4 * BWD_BM) * d * 2 + bn * BWD_BM * 2 + 4 * BWD_BM * 4;
+        (name, bn, (warps * 32) as u32, smem)
+    };
     match (BWD_WARPS.load(Ordering::Relaxed), tname) {
-        (4, "bf16") => (format!("flash_bwd_{tname}_d{d}_w4"), 4),
-        _ => (format!("flash_bwd_{tname}_d{d}"), 8),
+        // Same buffers with 128 keys, plus slack to align the tiles to 1024 bytes.
+        (0, "bf16") => {
+            let smem = (2 * 128 + 4 * BWD_BM) * d * 2 + 128 * BWD_BM * 2 + 4 * BWD_BM * 4 + 1024;
+            (format!("flash_bwd_{tname}_d{d}_wg"), 128, 256, smem)
+        }
+        (4, "bf16") => sync(format!("flash_bwd_{tname}_d{d}_w4"), 4),
+        _ => sync(format!("flash_bwd_{tname}_d{d}"), 8),
     }
 }
 
@@ -232,14 +259,6 @@ fn launch(
     Ok(())
 }
 
-fn fwd_smem(d: usize, bn: usize) -> usize {
-    (FWD_BM + 2 * bn) * d * 2
-}
-
-fn bwd_smem(d: usize, bn: usize) -> usize {
-    (2 * bn + 4 * BWD_BM) * d * 2 + bn * BWD_BM * 2 + 4 * BWD_BM * 4
-}
-
 fn check(d: &Dims, varlen: Option<&Varlen>) -> Result<()> {
     if !HEAD_DIMS.contains(&d.d) {
         candle_core::bail!("flash attention: head_dim {} (supported: {HEAD_DIMS:?})", d.d);
@@ -345,8 +364,8 @@ fn forward(
         [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
         [p.o_bs, p.o_hs, p.o_ss] = bshd_strides(d.sq, d.heads, d.d);
         let grid = (tiles(d.sq, varlen, FWD_BM), d.heads as u32, p.batch as u32);
-        let (name, bn, threads) = fwd_kernel(type_name(dtype)?, d.d);
-        launch(dev, &name, grid, threads, fwd_smem(d.d, bn), &p)?;
+        let (name, threads, smem) = fwd_kernel(type_name(dtype)?, d.d);
+        launch(dev, &name, grid, threads, smem, &p)?;
     }
     Ok((out, lse))
 }
@@ -445,11 +464,10 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         let warps_per_block = 8;
         let dot_blocks = div_ceil(rows, warps_per_block) as u32;
         launch(dev, &format!("flash_bwd_dot_{tname}_d{}", d.d), (dot_blocks, 1, 1), 256, 0, &p)?;
-        let (name, warps) = bwd_kernel(tname, d.d);
-        let bn = 16 * warps;
+        let (name, bn, threads, smem) = bwd_kernel(tname, d.d);
         let blocks_y = if split { d.heads } else { d.groups } as u32;
         let grid = (tiles(d.sk, a.varlen, bn), blocks_y, p.batch as u32);
-        launch(dev, &name, grid, (warps * 32) as u32, bwd_smem(d.d, bn), &p)?;
+        launch(dev, &name, grid, threads, smem, &p)?;
         if split {
             let blocks = div_ceil(kv_rows * d.d, 256) as u32;
             launch(dev, &format!("flash_bwd_dkv_{tname}_d{}", d.d), (blocks, 1, 1), 256, 0, &p)?;
