@@ -4,7 +4,8 @@
 # save >= 70% of dd; async stall < 5% of a save).
 #
 # Usage: scripts/bench/ckpt_save.sh [dir (default: a temp dir under ./target)] [bf16|f32] [layers]
-# Env: PROFILE=release to build the example with --release (default: the dev profile, whose
+# Env: CARGO_LOCK=<file> serialises the build with other cargo runs (flock) on a shared
+# CARGO_TARGET_DIR. PROFILE=release to build the example with --release (default: the dev profile, whose
 # dependencies are optimised). Needs ~3x the checkpoint size free (2.5 GB per bf16 copy).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +17,7 @@ trap 'rm -rf "$DIR"/iter_* "$DIR"/dd.bin "$DIR"/latest_*' EXIT
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $(df -h "$DIR" | awk 'NR==2 {print $1, $2}')"
 FLAGS=()
 [[ "${PROFILE:-dev}" == release ]] && FLAGS=(--release)
-cargo build -q "${FLAGS[@]}" --example ckpt_save_bench
+${CARGO_LOCK:+flock "$CARGO_LOCK"} cargo build -q "${FLAGS[@]}" --example ckpt_save_bench
 BIN=${CARGO_TARGET_DIR:-target}/$([[ "${PROFILE:-dev}" == release ]] && echo release || echo debug)/examples/ckpt_save_bench
 # Bytes of the model (Llama-3.2-1B shapes, see the example) for dd to write the same amount.
 PARAMS=$(( 128256 * 2048 + LAYERS * (3072 * 2048 + 2048 * 2048 + 16384 * 2048 + 2048 * 8192 + 2 * 2048) + 2048 ))
