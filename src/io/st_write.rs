@@ -168,17 +168,27 @@ fn create_direct(path: &Path, size: u64, min: u64) -> std::io::Result<Option<fs:
 }
 
 /// Writes a whole aligned buffer to an `O_DIRECT` file. A filesystem that accepted the flag at
-/// open but refuses the write (EINVAL) gets the rest of the file buffered.
-fn write_direct(file: &mut fs::File, b: &[u8]) -> std::io::Result<()> {
-    match file.write_all(b) {
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-            use nix::fcntl::{fcntl, FcntlArg, OFlag};
-            let flags = OFlag::from_bits_truncate(fcntl(&*file, FcntlArg::F_GETFL)?);
-            fcntl(&*file, FcntlArg::F_SETFL(flags - OFlag::O_DIRECT))?;
-            file.write_all(b)
+/// open but refuses the write (EINVAL) gets the rest of the file buffered, from the first byte
+/// not yet written.
+fn write_direct(file: &mut fs::File, mut b: &[u8]) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::io::{Error, ErrorKind};
+    while !b.is_empty() {
+        match file.write(b) {
+            Ok(0) => return Err(Error::from(ErrorKind::WriteZero)),
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                let flags = OFlag::from_bits_truncate(fcntl(&*file, FcntlArg::F_GETFL)?);
+                if !flags.contains(OFlag::O_DIRECT) {
+                    return Err(e);
+                }
+                fcntl(&*file, FcntlArg::F_SETFL(flags - OFlag::O_DIRECT))?;
+            }
+            Err(e) => return Err(e),
         }
-        r => r,
     }
+    Ok(())
 }
 
 /// Writes `tensors` (in order) as a safetensors file at `path`, fsynced; returns its size and
@@ -739,6 +749,23 @@ mod tests {
         let nan = Tensor::new(nan.as_slice(), &dev).unwrap();
         let err = write_file(&a, &[OutTensor::from_tensor("w".into(), nan)], opts, 0).unwrap_err();
         assert!(format!("{err:#}").contains("tensor `w` holds NaN"), "{err:#}");
+    }
+
+    /// A write that `O_DIRECT` refuses (here: a misaligned buffer, EINVAL) is redone buffered,
+    /// and the file stays buffered from then on.
+    #[test]
+    fn refused_direct_writes_fall_back_to_buffered_writes() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("f");
+        let mut f = create_direct(&path, 1, 0).unwrap().expect("O_DIRECT refused at open");
+        let data: Vec<u8> = (0..3 * ALIGN).map(|i| (i % 253) as u8).collect();
+        write_direct(&mut f, &data[1..ALIGN + 101]).unwrap();
+        let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL).unwrap());
+        assert!(!flags.contains(OFlag::O_DIRECT));
+        write_direct(&mut f, &data[ALIGN + 101..]).unwrap();
+        drop(f);
+        assert_eq!(fs::read(&path).unwrap(), &data[1..]);
     }
 
     #[test]
