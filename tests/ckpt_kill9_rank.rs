@@ -4,9 +4,9 @@
 //! and fail; no partial directory may be taken for a checkpoint; and the same command then
 //! resumes from the newest complete one.
 //!
-//! Round 1 starts the ranks by hand with torchrun's environment (nothing else stops rank 0),
-//! with async save; round 2 goes through `mbridge pretrain --nproc-per-node 2`, with
-//! synchronous saves.
+//! Eight seeded rounds alternate ranks started by hand with torchrun's environment (nothing
+//! else stops rank 0) and `mbridge pretrain --nproc-per-node 2`, with synchronous and async
+//! saves; each kill lands within 1 ms of a save's temporary directory appearing.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -94,18 +94,20 @@ fn exit_within(child: &mut Child, limit: Duration, what: &str) -> std::process::
     }
 }
 
-/// Checks the run directory after a kill: the tracker names a complete checkpoint, the newest
-/// complete checkpoint loads, and every other `iter_*` entry is complete too. Returns the step
-/// a resume starts after.
-fn check_run_dir(run: &Path) -> u64 {
-    let step = read_tracker(run).unwrap().expect("no checkpoint was completed");
-    assert!(is_complete(&run.join(format!("iter_{step:07}"))), "tracker names incomplete {step}");
+/// Checks the run directory after a kill: every `iter_*` entry is complete, the tracker (if
+/// any) names the newest, and that checkpoint loads. Returns the step a resume starts after.
+fn check_run_dir(run: &Path) -> Option<u64> {
+    let mut steps = Vec::new();
     for e in std::fs::read_dir(run).unwrap().filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with("iter_") {
+        if let Some(step) = name.strip_prefix("iter_") {
             assert!(is_complete(&e.path()), "`{name}` looks like a checkpoint but is incomplete");
+            steps.push(step.parse::<u64>().unwrap());
         }
     }
+    let tracked = read_tracker(run).unwrap();
+    assert_eq!(tracked, steps.iter().max().copied(), "the tracker is not the newest checkpoint");
+    let step = tracked?;
     let dir = find_checkpoint(run, None).unwrap().expect("no loadable checkpoint");
     assert!(load_tensors(&dir, "model").unwrap().len() > 5, "{}", dir.display());
     load_tensors(&dir, "optimizer").unwrap();
@@ -113,7 +115,7 @@ fn check_run_dir(run: &Path) -> u64 {
         serde_json::from_str(&std::fs::read_to_string(dir.join("train_state.json")).unwrap())
             .unwrap();
     assert_eq!(st.step, step, "the newest complete checkpoint is not the one the tracker names");
-    step
+    Some(step)
 }
 
 fn first_iteration(lines: &[String]) -> Option<u64> {
@@ -134,17 +136,26 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
     })
 }
 
-#[test]
-fn kill_9_of_rank_1_mid_save_fails_the_run_and_leaves_a_resumable_checkpoint() {
-    let start = Instant::now();
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("run");
+/// xorshift64*: seeded kill points.
+struct Rng(u64);
 
-    // Round 1: ranks started by hand (torchrun's environment); async save.
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Ranks started by hand with torchrun's environment (nothing but the lost peer stops rank
+/// 0): kills rank 1 once rank 0's `skip + 1`th save is under way, plus `delay`; checks that
+/// rank 0 fails on its own, naming rank 1. Returns rank 0's output.
+fn round_by_hand(run: &Path, async_save: bool, skip: usize, delay: Duration) -> Vec<String> {
     let port = free_port().to_string();
     let mut ranks: Vec<Child> = (0..2)
         .map(|rank| {
-            pretrain(&run, true, 1000)
+            pretrain(run, async_save, 1000)
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", "2")
                 .env("LOCAL_RANK", rank.to_string())
@@ -157,25 +168,31 @@ fn kill_9_of_rank_1_mid_save_fails_the_run_and_leaves_a_resumable_checkpoint() {
     let rank0_lines = lines_of(&mut ranks[0]);
     let _rank1_lines = lines_of(&mut ranks[1]);
     let rank0_pid = ranks[0].id();
-    wait_for_save(&run, rank0_pid, 2, &mut || {
+    wait_for_save(run, rank0_pid, skip, &mut || {
         ranks.iter_mut().all(|c| c.try_wait().unwrap().is_none())
     });
-    assert!(save_in_progress(&run, rank0_pid));
+    std::thread::sleep(delay);
     ranks[1].kill().unwrap(); // SIGKILL
     ranks[1].wait().unwrap();
     let status = exit_within(&mut ranks[0], EXIT_WITHIN, "rank 0");
     assert!(!status.success(), "rank 0 exited successfully after losing rank 1");
     let out: Vec<String> = rank0_lines.iter().collect();
-    let err = out.join("\n");
     // A receive says "rank 1 is gone", a send "sending to rank 1: Broken pipe".
-    let last = out.iter().rev().find(|l| l.starts_with("error:")).expect("no error line");
-    assert!(last.contains("rank 1"), "rank 0's error does not name the lost rank: {err}");
-    let step = check_run_dir(&run);
-    eprintln!("round 1: rank 0 failed {:.1} s in, newest checkpoint {step}", secs(start));
+    let last = out.iter().rev().find(|l| l.starts_with("error:"));
+    assert!(
+        last.is_some_and(|l| l.contains("rank 1")),
+        "rank 0's error does not name the lost rank:\n{}",
+        out.join("\n")
+    );
+    out
+}
 
-    // Round 2: the launcher; synchronous saves. Rank 1 is its child with RANK=1.
+/// `mbridge pretrain --nproc-per-node 2`: kills the launcher's child with `RANK=1` the same
+/// way; checks that the launcher fails (it returns once both ranks have exited). Returns the
+/// launcher's output.
+fn round_launched(run: &Path, async_save: bool, skip: usize, delay: Duration) -> Vec<String> {
     let port = free_port().to_string();
-    let mut launcher = pretrain(&run, false, 1000)
+    let mut launcher = pretrain(run, async_save, 1000)
         .args(["--nproc-per-node", "2", "--master-port", &port])
         .spawn()
         .unwrap();
@@ -189,21 +206,52 @@ fn kill_9_of_rank_1_mid_save_fails_the_run_and_leaves_a_resumable_checkpoint() {
         assert!(launcher.try_wait().unwrap().is_none(), "the launcher exited early");
         std::thread::sleep(Duration::from_millis(5));
     };
-    wait_for_save(&run, rank0, 1, &mut || launcher.try_wait().unwrap().is_none());
+    wait_for_save(run, rank0, skip, &mut || launcher.try_wait().unwrap().is_none());
+    std::thread::sleep(delay);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(rank1 as i32), nix::sys::signal::SIGKILL)
         .unwrap();
-    // The launcher returns only once both rank processes have exited.
     let status = exit_within(&mut launcher, EXIT_WITHIN, "the launcher");
     assert!(!status.success(), "the launch succeeded although rank 1 was killed");
     let out: Vec<String> = launcher_lines.iter().collect();
-    let text = out.join("\n");
-    assert!(text.contains("rank process 1 failed"), "{text}");
-    let resumed_from = first_iteration(&out).expect("round 2 trained no step");
-    assert_eq!(resumed_from, step + 1, "round 2 did not resume after checkpoint {step}");
-    let step = check_run_dir(&run);
-    eprintln!("round 2: launcher failed {:.1} s in, newest checkpoint {step}", secs(start));
+    assert!(out.iter().any(|l| l.contains("rank process 1 failed")), "{}", out.join("\n"));
+    out
+}
+
+#[test]
+fn kill_9_of_rank_1_mid_save_fails_the_run_and_leaves_a_resumable_checkpoint() {
+    let start = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut rng = Rng(0x5DEE_CE66_D1CE_4E5D);
+    let mut newest: Option<u64> = None;
+    // Both ways of starting ranks, each with synchronous and asynchronous saves, twice; the
+    // kill lands 0–1 ms after the first to third save of the round began.
+    for round in 0..8 {
+        let async_save = round % 4 >= 2;
+        let skip = (rng.next() % 3) as usize;
+        let delay = Duration::from_micros(rng.next() % 1000);
+        let out = if round % 2 == 0 {
+            round_by_hand(&run, async_save, skip, delay)
+        } else {
+            round_launched(&run, async_save, skip, delay)
+        };
+        let first = first_iteration(&out).expect("the round trained no step");
+        assert_eq!(
+            first,
+            newest.map_or(1, |s| s + 1),
+            "round {round} did not resume after {newest:?}"
+        );
+        let step = check_run_dir(&run);
+        eprintln!(
+            "round {round} ({}, async {async_save}): trained from {first}, newest checkpoint {step:?}, {:.1} s",
+            if round % 2 == 0 { "by hand" } else { "launcher" },
+            secs(start)
+        );
+        newest = step.or(newest);
+    }
 
     // The same command resumes from the newest complete checkpoint and runs to the end.
+    let step = newest.expect("no round completed a checkpoint");
     let port = free_port().to_string();
     let out = pretrain(&run, false, step + 2)
         .args(["--nproc-per-node", "2", "--master-port", &port])
@@ -213,7 +261,7 @@ fn kill_9_of_rank_1_mid_save_fails_the_run_and_leaves_a_resumable_checkpoint() {
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<String> = text.lines().map(String::from).collect();
     assert_eq!(first_iteration(&lines), Some(step + 1), "{text}");
-    assert_eq!(check_run_dir(&run), step + 2);
+    assert_eq!(check_run_dir(&run), Some(step + 2));
     eprintln!("resumed to {} in {:.1} s", step + 2, secs(start));
 }
 
