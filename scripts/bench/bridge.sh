@@ -3,7 +3,8 @@
 # same disk, and peak RSS (issue 6: >= 70% of cp; 8B import in < 4 GiB RSS).
 #
 # Usage: scripts/bench/bridge.sh [sizes (default: "1b 3b"; 8b needs ~35 GB free)] [dir]
-# Env: PROFILE=release builds with --release (default: the dev profile, whose dependencies
+# Env: CARGO_LOCK=<file> serialises the build with other cargo runs (flock) on a shared
+# CARGO_TARGET_DIR. PROFILE=release builds with --release (default: the dev profile, whose dependencies
 # are optimised). Every generated model and output is deleted before the next size.
 # `cp` is followed by `sync` of the copied files, since import and export fsync every file.
 set -euo pipefail
@@ -14,7 +15,7 @@ mkdir -p "$DIR"
 trap 'rm -rf "$DIR"/hf "$DIR"/ck "$DIR"/out "$DIR"/cp' EXIT
 FLAGS=()
 [[ "${PROFILE:-dev}" == release ]] && FLAGS=(--release)
-cargo build -q "${FLAGS[@]}" --bin mbridge --example gen_hf_model
+${CARGO_LOCK:+flock "$CARGO_LOCK"} cargo build -q "${FLAGS[@]}" --bin mbridge --example gen_hf_model
 T=${CARGO_TARGET_DIR:-target}/$([[ "${PROFILE:-dev}" == release ]] && echo release || echo debug)
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), disk $(df -h "$DIR" | awk 'NR==2 {print $1, $2, $4 " free"}')"
 

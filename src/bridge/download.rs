@@ -2,8 +2,12 @@
 //! `hf-hub` crate (sync API over ureq + rustls): config.json, the safetensors weights and the
 //! tokenizer files, laid out as huggingface_hub does (`models--org--name/snapshots/<sha>/`),
 //! so the next import finds them offline. Pickle-only repos are refused before downloading.
+//! `HF_ENDPOINT` (a mirror) and the token (`HF_TOKEN`, else the file `huggingface-cli login`
+//! writes) are honoured as huggingface_hub does.
 //!
-//! Tested offline only (file selection); the download itself needs network access.
+//! `tests/bridge_download.rs` runs the binary against a local HTTP server that answers the
+//! requests hf-hub makes (through `HF_ENDPOINT`), so the whole download path is tested without
+//! network; only the TLS connection to huggingface.co itself is not.
 
 use super::hub::HfSource;
 use super::import::TOKENIZER_FILES;
@@ -41,12 +45,16 @@ pub fn select_files(repo_id: &str, files: &[String]) -> Result<Vec<String>> {
 /// Downloads what an import of `repo_id` needs into the cache root `cache` (`HF_TOKEN`
 /// authenticates gated repos) and returns the snapshot directory.
 pub fn download(repo_id: &str, cache: &Path) -> Result<HfSource> {
-    let api = hf_hub::api::sync::ApiBuilder::new()
+    // `ApiBuilder::new` reads neither HF_ENDPOINT nor HF_HOME (only `from_env` does, and it
+    // ignores HF_HUB_CACHE), so both are applied here.
+    let mut builder = hf_hub::api::sync::ApiBuilder::new()
         .with_cache_dir(cache.to_path_buf())
-        .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
-        .with_progress(true)
-        .build()
-        .context("cannot set up the Hub client")?;
+        .with_token(token())
+        .with_progress(true);
+    if let Some(endpoint) = env("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+    }
+    let api = builder.build().context("cannot set up the Hub client")?;
     let repo = api.model(repo_id.to_string());
     let info = repo.info().with_context(|| format!("cannot list the files of `{repo_id}`"))?;
     let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
@@ -57,6 +65,25 @@ pub fn download(repo_id: &str, cache: &Path) -> Result<HfSource> {
     }
     let dir = dir.context("nothing was downloaded")?;
     Ok(HfSource { dir, repo_id: Some(repo_id.to_string()), revision: Some(info.sha) })
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
+/// huggingface_hub's order: `HF_TOKEN`, else the file at `HF_TOKEN_PATH`, else `$HF_HOME/token`
+/// (`~/.cache/huggingface/token`), which `huggingface-cli login` writes.
+fn token() -> Option<String> {
+    if let Some(t) = env("HF_TOKEN") {
+        return Some(t);
+    }
+    let path = env("HF_TOKEN_PATH").map(std::path::PathBuf::from).or_else(|| {
+        env("HF_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| env("HOME").map(|h| Path::new(&h).join(".cache/huggingface")))
+            .map(|d| d.join("token"))
+    })?;
+    std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]

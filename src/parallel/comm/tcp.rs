@@ -366,9 +366,16 @@ impl Wire for TcpRank {
         let mut head = [0u8; 16];
         head[..8].copy_from_slice(&tag.to_le_bytes());
         head[8..].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-        s.write_all(&head)
-            .and_then(|_| s.write_all(&bytes))
-            .map_err(|e| io_err(format!("rank {}: sending to rank {dst}", w.rank), e))
+        s.write_all(&head).and_then(|_| s.write_all(&bytes)).map_err(|e| {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            // Worded like a receive from a dead peer, so either side of a lost rank reads
+            // the same.
+            if matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) {
+                io_err(format!("rank {}: sending to rank {dst}: rank {dst} is gone", w.rank), e)
+            } else {
+                io_err(format!("rank {}: sending to rank {dst}", w.rank), e)
+            }
+        })
     }
 
     fn recv(&self, src: usize, tag: u64, what: &dyn Fn() -> String) -> Result<Vec<u8>> {
