@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Llama 3 8B shape, seq 8192, on the GPUs of one machine: the PyTorch FSDP2 peer
+# (`peer_fsdp.py`, torchrun) and mbridge in ONE device call (issue #9's benchmark).
+# Build first with scripts/device/build.sh, then run through the device tool with carry
+# [".devbuild/gz"] on a 4-GPU kind:   bash scripts/bench/gpu_multi.sh 8
+# Args: ITERS [LAYOUT...]; a layout is "TPxPPxDP[:overrides]" (comma-separated overrides),
+# default "1x4x1" (pipeline over the 4 GPUs, 1F1B, 16 micro-batches per step).
+# Env: PEER=0 skips the peer, PEER_AC=full runs it with full activation checkpointing,
+# GBS (default 16) global batch in sequences.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ITERS="${1:-8}"; shift
+LAYOUTS=("${@:-1x4x1}")
+scripts/device/unpack.sh || exit 2
+BIN=.devbuild/bin/mbridge
+source .devbuild/bin/env.sh "$BIN" >/dev/null
+export NCCL_NVLS_ENABLE=0
+NGPU=$(nvidia-smi -L | wc -l)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
+if [ "${PEER:-1}" = 1 ]; then
+  echo "== peer: FSDP2 + per-block torch.compile, 8b, seq 8192, micro batch 1, AC ${PEER_AC:-none}, $NGPU GPUs"
+  timeout 300 torchrun --nproc-per-node "$NGPU" scripts/bench/peers/peer_fsdp.py 8b 8192 1 "${PEER_AC:-none}" 2>&1 \
+    | grep -E '^\{|Error|error' | tail -3
+fi
+for layout in "${LAYOUTS[@]}"; do
+  IFS=x read -r tp pp dp <<<"${layout%%:*}"
+  extra=()
+  [[ "$layout" == *:* ]] && IFS=, read -ra extra <<<"${layout#*:}"
+  echo "== mbridge llama3_8b, TP $tp x PP $pp x DP $dp, seq 8192, micro batch 1, global batch ${GBS:-16} ${extra[*]}"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > /tmp/mem.log &
+  SMI=$!
+  timeout 420 "$BIN" pretrain --recipe llama3_8b --device cuda --nproc-per-node $((tp * pp * dp)) \
+    model.tensor_model_parallel_size="$tp" model.pipeline_model_parallel_size="$pp" \
+    model.context_parallel_size=1 model.seq_length=8192 train.micro_batch_size=1 \
+    train.global_batch_size="${GBS:-16}" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
+    logger.log_interval=2 logger.log_throughput=true validation.eval_iters=0 \
+    '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${extra[@]}" 2>&1 \
+    | grep -iE "iteration +[0-9]+/|error|memory \(GB\)" | tail -8
+  kill $SMI 2>/dev/null
+  echo "peak GPU memory of any GPU (MiB, nvidia-smi): $(tr ',' '\n' < /tmp/mem.log | sort -n | tail -1)"
+done
