@@ -1,6 +1,7 @@
-//! LoRA under tensor parallelism (threads): with A/B split as Megatron Bridge's
-//! `ParallelLinearAdapter`, a TP=2 model gives the TP=1 loss and each rank's adapter
-//! gradients are its shard of the TP=1 gradients.
+//! LoRA and DoRA under tensor parallelism (threads): with A/B split as Megatron Bridge's
+//! `ParallelLinearAdapter` (and DoRA's row norms summed over TP where a row is split), a TP=2
+//! model gives the TP=1 loss and each rank's adapter gradients are its shard of the TP=1
+//! gradients.
 
 mod model_common;
 mod parallel_common;
@@ -45,6 +46,8 @@ fn randomize_b(m: &GptModel) {
 
 /// (loss, [(name, grad of this rank's shard)]) of the adapters.
 fn run(m: &GptModel) -> anyhow::Result<(f64, Vec<(String, Tensor)>)> {
+    // DoRA magnitudes from the base weights (no-op for LoRA), then B away from zero.
+    m.init_dora_magnitudes()?;
     randomize_b(m);
     // Adapter dropout draws the global masks on every rank, so TP=2 drops what TP=1 drops.
     let rng = mbridge::ops::DropoutRng::new(9, 1, 0);
@@ -63,17 +66,23 @@ fn run(m: &GptModel) -> anyhow::Result<(f64, Vec<(String, Tensor)>)> {
 #[test]
 fn tp2_lora_matches_tp1() {
     for (p, pos) in [(0.0, "pre"), (0.3, "pre"), (0.3, "post")] {
-        tp2_matches_tp1(p, pos);
+        tp2_matches_tp1(lora(p, pos));
     }
 }
 
-fn tp2_matches_tp1(p: f64, pos: &'static str) {
+#[test]
+fn tp2_dora_matches_tp1() {
+    tp2_matches_tp1(PeftConfig { dim: 4, alpha: 8.0, ..PeftConfig::for_scheme(PeftScheme::Dora) });
+}
+
+fn tp2_matches_tp1(peft: PeftConfig) {
+    let what = format!("{:?} dropout {} {}", peft.peft_scheme, peft.dropout, peft.dropout_position);
     let cfg = tiny_llama();
     let one = GptModel::new_peft(
         &cfg,
         ParallelLayout::single(),
         None,
-        Some(&lora(p, pos)),
+        Some(&peft),
         SEED,
         DType::F64,
         &Device::Cpu,
@@ -87,7 +96,7 @@ fn tp2_matches_tp1(p: f64, pos: &'static str) {
         .filter(|p| p.trainable)
         .map(|p| (p.partition_dim, p.layout))
         .collect();
-    let cfg2 = cfg.clone();
+    let (cfg2, peft2) = (cfg.clone(), peft.clone());
     let runs = run_ranks(2, Duration::from_secs(300), move |rank, world| {
         let comm: Arc<dyn Communicator> = Arc::new(world.group(rank, "tp", &[0, 1])?);
         let layout = ParallelLayout { tp_rank: rank, tp_size: 2, pp_rank: 0, pp_size: 1 };
@@ -95,7 +104,7 @@ fn tp2_matches_tp1(p: f64, pos: &'static str) {
             &cfg2,
             layout,
             Some(comm),
-            Some(&lora(p, pos)),
+            Some(&peft2),
             SEED,
             DType::F64,
             &Device::Cpu,
@@ -103,10 +112,7 @@ fn tp2_matches_tp1(p: f64, pos: &'static str) {
         run(&m)
     });
     for (rank, (loss, grads)) in runs.iter().enumerate() {
-        assert!(
-            (loss - base_loss).abs() < 1e-12,
-            "dropout {p} {pos} rank {rank}: loss {loss} vs {base_loss}"
-        );
+        assert!((loss - base_loss).abs() < 1e-12, "{what} rank {rank}: loss {loss} vs {base_loss}");
         assert_eq!(grads.len(), base_grads.len());
         for (((name, g), (_, full)), (dim, layout)) in grads.iter().zip(&base_grads).zip(&infos) {
             let want = shard_of(full, *dim, *layout, TpCoord { rank, size: 2 }).unwrap();
@@ -114,7 +120,10 @@ fn tp2_matches_tp1(p: f64, pos: &'static str) {
                 (g - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(scale > 0.0, "{name}: zero gradient");
-            assert!(d <= 1e-10 * scale.max(1.0), "rank {rank} {name}: gradient off by {d:e}");
+            assert!(
+                d <= 1e-10 * scale.max(1.0),
+                "{what} rank {rank} {name}: gradient off by {d:e}"
+            );
         }
     }
 }

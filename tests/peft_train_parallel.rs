@@ -1,5 +1,5 @@
-//! LoRA training through the trainer with TP=2 (in-process ranks) equals one process, and
-//! its adapter-only checkpoint resumes at TP=1.
+//! LoRA and DoRA training through the trainer with TP=2 (in-process ranks) equals one process,
+//! and its adapter-only checkpoint resumes at TP=1.
 
 mod train_common;
 
@@ -48,15 +48,25 @@ fn assert_close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
 
 #[test]
 fn lora_tp2_matches_tp1_and_resumes_at_tp1() {
+    tp2_matches_tp1_and_resumes_at_tp1("LoRA", &[]);
+}
+
+#[test]
+fn dora_tp2_matches_tp1_and_resumes_at_tp1() {
+    tp2_matches_tp1_and_resumes_at_tp1("DoRA", &["+peft.peft_scheme=\"dora\""]);
+}
+
+fn tp2_matches_tp1_and_resumes_at_tp1(what: &str, scheme: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     single(&[format!("+checkpoint.save={}", base.display()), "train.train_iters=2".into()]);
     let run = dir.path().join("lora");
-    let peft = vec![
+    let mut peft = vec![
         "+peft.dim=4".to_string(),
         "+peft.alpha=8.0".into(),
         format!("checkpoint.pretrained_checkpoint={}", base.display()),
     ];
+    peft.extend(scheme.iter().map(|s| s.to_string()));
     let one = single(&peft);
     assert!(one.losses.last().unwrap().1 < one.losses[0].1, "{:?}", one.losses);
     let mut tp = peft.clone();
@@ -66,7 +76,7 @@ fn lora_tp2_matches_tp1_and_resumes_at_tp1() {
         format!("+checkpoint.save={}", run.display()),
     ]);
     let two = run_ranks(2, &tp);
-    assert_close(&one.losses[..4], &two[0].losses, "LoRA TP=2 vs TP=1");
+    assert_close(&one.losses[..4], &two[0].losses, &format!("{what} TP=2 vs TP=1"));
     let mut resume = peft.clone();
     resume.extend([
         format!("+checkpoint.save={}", run.display()),
@@ -74,5 +84,9 @@ fn lora_tp2_matches_tp1_and_resumes_at_tp1() {
     ]);
     let resumed = single(&resume);
     assert_eq!(resumed.losses[0].0, 5);
-    assert_close(&one.losses[4..], &resumed.losses, "LoRA TP=2 checkpoint resumed at TP=1");
+    assert_close(
+        &one.losses[4..],
+        &resumed.losses,
+        &format!("{what} TP=2 checkpoint resumed at TP=1"),
+    );
 }

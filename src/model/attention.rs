@@ -240,7 +240,7 @@ impl SelfAttention {
     pub fn init_dora(&self) -> Result<()> {
         for (a, w) in [(&self.qkv_adapter, &self.qkv_w), (&self.proj_adapter, &self.proj_w)] {
             if let Some(a) = a {
-                a.init_magnitude(w)?;
+                a.init_magnitude(w, self.tp.as_ref())?;
             }
         }
         Ok(())

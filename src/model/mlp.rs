@@ -135,7 +135,7 @@ impl Mlp {
     pub fn init_dora(&self) -> Result<()> {
         for (a, w) in [(&self.fc1_adapter, &self.fc1_w), (&self.fc2_adapter, &self.fc2_w)] {
             if let Some(a) = a {
-                a.init_magnitude(w)?;
+                a.init_magnitude(w, self.tp.as_ref())?;
             }
         }
         Ok(())

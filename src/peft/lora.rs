@@ -12,6 +12,7 @@ use crate::config::peft::{PeftConfig, PeftScheme};
 use crate::model::init::Init;
 use crate::model::params::{shard_of, ParamStore, ShardLayout, TpCoord};
 use crate::ops::{self, DropoutRng};
+use crate::parallel::comm::ReduceOp;
 use crate::parallel::tensor::TensorParallel;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, Var, D};
@@ -54,7 +55,7 @@ impl Adapter {
         if !super::matcher::is_target(&cfg, module) {
             return Ok(None);
         }
-        check_supported(&cfg, store.tp().size, module)?;
+        check_supported(&cfg, module)?;
         let r = cfg.dim;
         let a_std = (2.0 / (inp + r) as f64).sqrt(); // xavier_normal_ on [r, inp]
         let (a_part, a_layout, b_part, b_layout) = match kind {
@@ -104,14 +105,28 @@ impl Adapter {
         &self.a
     }
 
-    /// DoRA: sets the magnitude to `‖W‖_row` of this rank's base weight `w` (call after the
-    /// pretrained base weights are loaded and before training); no-op for LoRA.
-    pub fn init_magnitude(&self, w: &Tensor) -> Result<()> {
+    /// DoRA: sets the magnitude to `‖W‖_row` of the base weight whose shard on this rank is
+    /// `w` (call after the pretrained base weights are loaded and before training); no-op for
+    /// LoRA.
+    pub fn init_magnitude(&self, w: &Tensor, tp: Option<&TensorParallel>) -> Result<()> {
         if let Some((_, var)) = &self.magnitude {
-            let n = w.to_dtype(var.dtype())?.sqr()?.sum(D::Minus1)?.sqrt()?;
+            let n = self.row_norm(&w.to_dtype(var.dtype())?, tp)?;
             var.set(&n)?;
         }
         Ok(())
+    }
+
+    /// `‖M‖` of every output row of the matrix whose shard on this rank is `m`: a row-parallel
+    /// layer holds a slice of every row's columns, so the squares are summed over TP.
+    fn row_norm(&self, m: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
+        let sq = m.sqr()?.sum(D::Minus1)?;
+        let sq = match (self.kind, tp) {
+            (BaseParallel::Row, Some(tp)) if tp.size() > 1 => {
+                tp.comm().all_reduce(&sq.contiguous()?, ReduceOp::Sum)?
+            }
+            _ => sq,
+        };
+        Ok(sq.sqrt()?)
     }
 
     /// `B(A x) · scale` for a column-parallel base layer, `x` the layer input **before**
@@ -183,7 +198,7 @@ impl Adapter {
     ) -> Result<Tensor> {
         debug_assert!(matches!(self.kind, BaseParallel::Column(_)));
         let y = (ops::linear(xe, w, None)? + self.column_delta(x, tp, rng)?)?;
-        let y = self.dora_scale(y, w)?;
+        let y = self.dora_scale(y, w, tp)?;
         Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -211,18 +226,20 @@ impl Adapter {
         };
         let delta = (ops::linear(&h, &self.b, None)? * self.scale)?;
         let y = (y + self.drop(&delta, rng, false, tp)?)?;
-        let y = self.dora_scale(y, w)?;
+        let y = self.dora_scale(y, w, tp)?;
         Ok(match bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
 
-    /// DoRA: `y · m / ‖W + s·BA‖_row` (norm detached, as Megatron Bridge); LoRA: `y`.
-    fn dora_scale(&self, y: Tensor, w: &Tensor) -> Result<Tensor> {
+    /// DoRA: `y · m / ‖W + s·BA‖_row` (norm detached, as Megatron Bridge); LoRA: `y`. Each
+    /// rank's `W + s·BA` is its shard of the merged weight (column-parallel: its rows;
+    /// row-parallel: its columns of every row).
+    fn dora_scale(&self, y: Tensor, w: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
         let Some((m, _)) = &self.magnitude else { return Ok(y) };
         let merged = (w.detach() + (self.b.detach().matmul(&self.a.detach())? * self.scale)?)?;
-        let norm = merged.sqr()?.sum(D::Minus1)?.sqrt()?;
+        let norm = self.row_norm(&merged, tp)?;
         let factor = m.broadcast_div(&norm)?;
         Ok(y.broadcast_mul(&factor)?)
     }
@@ -255,7 +272,7 @@ fn check_no_sp(tp: Option<&TensorParallel>) -> Result<()> {
 }
 
 /// Rejects the adapter options this build does not run, naming the module.
-fn check_supported(cfg: &PeftConfig, tp_size: usize, module: &str) -> Result<()> {
+fn check_supported(cfg: &PeftConfig, module: &str) -> Result<()> {
     if cfg.peft_scheme == PeftScheme::CanonicalLora {
         bail!("peft.peft_scheme = canonical_lora is not implemented in this build (module {module}); use lora or dora");
     }
@@ -280,9 +297,6 @@ fn check_supported(cfg: &PeftConfig, tp_size: usize, module: &str) -> Result<()>
             cfg.lora_a_init_method,
             cfg.lora_b_init_method
         );
-    }
-    if cfg.peft_scheme == PeftScheme::Dora && tp_size > 1 {
-        bail!("DoRA with tensor parallelism (TP={tp_size}) is not implemented in this build (module {module}); use LoRA or TP=1");
     }
     Ok(())
 }
