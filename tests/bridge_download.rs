@@ -8,7 +8,10 @@
 //! pickle-only repo is refused before any file is fetched, and 404s / server errors name the
 //! file.
 
+mod cli_common;
+
 use assert_cmd::Command;
+use cli_common::files;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
@@ -207,24 +210,6 @@ fn import(endpoint: &str, home: &Path, args: &[&str], offline: bool) -> Command 
 fn stderr_of_failure(mut cmd: Command) -> String {
     let out = cmd.assert().failure();
     String::from_utf8(out.get_output().stderr.clone()).unwrap()
-}
-
-/// Relative path → bytes of every file under `dir` (symlinks followed).
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 fn s(p: &Path) -> &str {

@@ -4,7 +4,10 @@
 //! byte for byte, as one process writing every rank's tensors; resuming from it continues the
 //! loss curve bit for bit. A rank that fails makes every rank fail and leaves nothing behind.
 
+mod cli_common;
 mod train_common;
+
+use cli_common::files;
 
 use train_common::tiny_config;
 
@@ -63,24 +66,6 @@ fn run_ranks(extra: &[&str], again: Option<&Path>) -> Vec<RankRun> {
         Ok(RankRun { coords: (c.tp, c.pp, c.dp), outcome, snapshot, saved })
     })
     .unwrap()
-}
-
-/// Every file under `dir` (relative path → bytes).
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                let rel = p.strip_prefix(root).unwrap().to_string_lossy().to_string();
-                out.insert(rel, std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 fn assert_same_files(want: &Path, got: &Path, what: &str) {

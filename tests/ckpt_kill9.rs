@@ -4,6 +4,9 @@
 //! Three rounds in four kill within 2 ms of a save's temporary directory appearing, so kills
 //! land inside saves by construction (the test counts them), not by luck.
 
+mod cli_common;
+
+use cli_common::Rng;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -14,18 +17,6 @@ use mbridge::ckpt::{find_checkpoint, is_complete, load_tensors, read_tracker, Tr
 
 const ROUNDS: usize = 20;
 const BUDGET: Duration = Duration::from_secs(45);
-
-/// xorshift64*: a seeded, dependency-free source of kill times.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 fn spawn(run: &Path, async_save: bool, train_iters: u64) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(assert_cmd::cargo::cargo_bin("mbridge"))

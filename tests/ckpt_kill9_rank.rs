@@ -8,6 +8,9 @@
 //! else stops rank 0) and `mbridge pretrain --nproc-per-node 2`, with synchronous and async
 //! saves; each kill lands within 1 ms of a save's temporary directory appearing.
 
+mod cli_common;
+
+use cli_common::Rng;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -134,18 +137,6 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
         let environ = std::fs::read(e.path().join("environ")).ok()?;
         (ppid == parent && environ.split(|b| *b == 0).any(|v| v == want.as_bytes())).then_some(pid)
     })
-}
-
-/// xorshift64*: seeded kill points.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
 }
 
 /// Ranks started by hand with torchrun's environment (nothing but the lost peer stops rank

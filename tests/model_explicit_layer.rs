@@ -47,7 +47,7 @@ fn run(cfg: &ModelConfig, explicit: bool) -> Run {
 fn run_model(mut model: GptModel, cfg: &ModelConfig, explicit: bool) -> Run {
     model.set_explicit_layers(explicit);
     let mb = batch(cfg);
-    let params: Vec<_> = model.params().params().into_iter().filter(|p| p.trainable).collect();
+    let params: Vec<_> = model.params().params().iter().filter(|p| p.trainable).collect();
     let vars: Vec<_> = params.iter().map(|p| p.var.clone()).collect();
     let mut acc = GradAccumulator::new(vars.clone());
     let sink = RecomputeGrads::default();
