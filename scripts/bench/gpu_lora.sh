@@ -10,9 +10,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SEQ="${1:-4096}"; MBS="${2:-1}"; ITERS="${3:-20}"
-scripts/device/unpack.sh || exit 2
-BIN=.devbuild/bin/mbridge
-source .devbuild/bin/env.sh "$BIN" >/dev/null
+source scripts/bench/gpu_common.sh
+gpu_setup
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 BASE=${BASE:-/tmp/llama3-8b-random}
 if [ ! -f "$BASE/config.json" ]; then
@@ -37,8 +36,7 @@ if [ "${PEER:-1}" = 1 ]; then
   python3 scripts/bench/peers/peer_torch.py "lora8b:8b:$SEQ:$MBS" 2>&1 | grep '^{' || echo "peer failed"
 fi
 echo "== mbridge finetune --peft lora (llama3_8b recipe: r32 on linear_qkv/proj/fc1/fc2), seq $SEQ, micro batch $MBS"
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log &
-SMI=$!
+mem_watch_start 200
 "$BIN" finetune --recipe llama3_8b --peft lora --device cuda:0 \
   checkpoint.pretrained_checkpoint="\"$BASE\"" \
   tokenizer.tokenizer_type='"NullTokenizer"' +tokenizer.vocab_size=128255 \
@@ -47,5 +45,4 @@ SMI=$!
   logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \
   '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${@:4}" 2>&1 \
   | grep -E "iteration|error|Error|memory \(GB\)|initialized" | tail -8
-kill $SMI 2>/dev/null
-echo "mbridge peak GPU memory (MiB, nvidia-smi): $(sort -n /tmp/mem.log | tail -1)"
+echo "mbridge peak GPU memory (MiB, nvidia-smi): $(mem_watch_stop)"

@@ -11,9 +11,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 ITERS="${1:-8}"; shift
 LAYOUTS=("${@:-1x4x1}")
-scripts/device/unpack.sh || exit 2
-BIN=.devbuild/bin/mbridge
-source .devbuild/bin/env.sh "$BIN" >/dev/null
+source scripts/bench/gpu_common.sh
+gpu_setup
 export NCCL_NVLS_ENABLE=0
 NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
@@ -27,8 +26,7 @@ for layout in "${LAYOUTS[@]}"; do
   extra=()
   [[ "$layout" == *:* ]] && IFS=, read -ra extra <<<"${layout#*:}"
   echo "== mbridge llama3_8b, TP $tp x PP $pp x DP $dp, seq 8192, micro batch 1, global batch ${GBS:-16} ${extra[*]}"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > /tmp/mem.log &
-  SMI=$!
+  mem_watch_start 500
   timeout 420 "$BIN" pretrain --recipe llama3_8b --device cuda --nproc-per-node $((tp * pp * dp)) \
     model.tensor_model_parallel_size="$tp" model.pipeline_model_parallel_size="$pp" \
     model.context_parallel_size=1 model.seq_length=8192 train.micro_batch_size=1 \
@@ -36,6 +34,5 @@ for layout in "${LAYOUTS[@]}"; do
     logger.log_interval=2 logger.log_throughput=true validation.eval_iters=0 \
     '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${extra[@]}" 2>&1 \
     | grep -iE "iteration +[0-9]+/|error|memory \(GB\)" | tail -8
-  kill $SMI 2>/dev/null
-  echo "peak GPU memory of any GPU (MiB, nvidia-smi): $(tr ',' '\n' < /tmp/mem.log | sort -n | tail -1)"
+  echo "peak GPU memory of any GPU (MiB, nvidia-smi): $(mem_watch_stop)"
 done

@@ -9,22 +9,19 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SEQ="${1:-1024}"; MBS="${2:-2}"; ITERS="${3:-20}"
-scripts/device/unpack.sh || exit 2
-BIN=.devbuild/bin/mbridge
-source .devbuild/bin/env.sh "$BIN" >/dev/null
+source scripts/bench/gpu_common.sh
+gpu_setup
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 SIZE=${SIZE:-1b}; RECIPE=${RECIPE:-llama32_1b}; PEERS=${PEERS:-titan hf}
 echo "== peers ($SIZE shape, seq $SEQ, micro batch $MBS: $PEERS) =="
 specs=(); for p in $PEERS; do specs+=("$p:$SIZE:$SEQ:$MBS"); done
 python3 scripts/bench/peers/peer_torch.py "${specs[@]}" 2>&1 | grep '^{' || echo "peer failed"
 echo "== mbridge ($RECIPE recipe, bf16_mixed, seq $SEQ, micro batch $MBS) =="
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > /tmp/mem.log &
-SMI=$!
+mem_watch_start 200
 "$BIN" pretrain --recipe "$RECIPE" --device cuda:0 \
   model.seq_length="$SEQ" train.micro_batch_size="$MBS" \
   train.global_batch_size="$MBS" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
   logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \
   '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${@:4}" 2>&1 \
   | grep -E "iteration|error|memory \(GB\)" | tail -7
-kill $SMI 2>/dev/null
-echo "mbridge peak GPU memory (MiB, nvidia-smi): $(sort -n /tmp/mem.log | tail -1)"
+echo "mbridge peak GPU memory (MiB, nvidia-smi): $(mem_watch_stop)"
