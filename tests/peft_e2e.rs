@@ -188,6 +188,29 @@ fn check_exports(base: &Path, run: &Path, tmp: &Path) {
     assert!(max_diff(&m[q], &b[q]) > 1e-6, "training left the q_proj adapter at zero");
 }
 
+/// Canonical LoRA through the binary: it trains, its checkpoint holds one adapter per HF
+/// projection under Megatron Bridge's names, and the exports (one HF PEFT module per part,
+/// merged weights) load in peft with mbridge's logits.
+#[test]
+fn canonical_lora_trains_and_exports_per_projection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, run) = (dir.path().join("base"), dir.path().join("canonical"));
+    pretrain(&base);
+    let out = finetune("canonical_lora", &base, &run, 20, &["peft.dim=8".into()]);
+    let l = lm_losses(&out);
+    assert!(l[3] < l[0], "canonical LoRA loss did not fall: {l:?}");
+    let names = model_tensor_names(&run.join("iter_0000020"));
+    assert!(names.iter().all(|n| n.contains(".adapter.")), "more than adapters: {names:?}");
+    for part in ["adapter_q", "adapter_k", "adapter_v", "adapter_gate", "adapter_up"] {
+        assert!(
+            names.iter().any(|n| n.contains(&format!(".{part}.linear_in."))),
+            "{part}: {names:?}"
+        );
+    }
+    check_exports(&base, &run, dir.path());
+    check_peft_parity(&run, dir.path());
+}
+
 #[test]
 fn dora_trains_and_saves_magnitudes() {
     let dir = tempfile::tempdir().unwrap();

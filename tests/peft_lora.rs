@@ -1,6 +1,8 @@
-//! LoRA / DoRA adapters on the GPT model: B = 0 leaves the base logits unchanged, f64
-//! finite-difference gradient checks of the adapters, the base stays frozen under training,
-//! the merged weight `W + s·BA` gives the adapted model's logits, target matching errors.
+//! LoRA / DoRA / canonical LoRA adapters on the GPT model: B = 0 leaves the base logits
+//! unchanged, f64 finite-difference gradient checks of the adapters, the base stays frozen
+//! under training, the merged weight `W + s·BA` gives the adapted model's logits, canonical
+//! LoRA equals fused LoRA with the same factors split as the HF export splits them, target
+//! matching errors.
 
 mod model_common;
 
@@ -40,7 +42,7 @@ fn logits(m: &GptModel) -> Vec<f64> {
 /// Gives every `linear_out` (B) a random nonzero value so the adapters matter.
 fn randomize_b(m: &GptModel) {
     for (i, p) in m.params().params().iter().enumerate() {
-        if p.name.ends_with("adapter.linear_out.weight") {
+        if p.name.contains(".adapter.") && p.name.ends_with("linear_out.weight") {
             m.params().set_full(&p.name, &rand_t(&p.global_shape, 100 + i as u64, 0.3)).unwrap();
         }
     }
@@ -50,6 +52,7 @@ fn randomize_b(m: &GptModel) {
 fn zero_b_gives_the_base_logits_exactly() {
     let base = logits(&model(None));
     assert_eq!(logits(&model(Some(&peft(PeftScheme::Lora, 4)))), base);
+    assert_eq!(logits(&model(Some(&peft(PeftScheme::CanonicalLora, 4)))), base);
     let dora = model(Some(&peft(PeftScheme::Dora, 4)));
     dora.init_dora_magnitudes().unwrap();
     let d = logits(&dora);
@@ -113,7 +116,7 @@ fn wildcard_targets_and_no_match_error() {
 
 #[test]
 fn lora_and_dora_gradients_match_finite_differences() {
-    for scheme in [PeftScheme::Lora, PeftScheme::Dora] {
+    for scheme in [PeftScheme::Lora, PeftScheme::Dora, PeftScheme::CanonicalLora] {
         let m = model(Some(&peft(scheme, 3)));
         m.init_dora_magnitudes().unwrap();
         randomize_b(&m);
@@ -123,7 +126,7 @@ fn lora_and_dora_gradients_match_finite_differences() {
             .params()
             .trainable_named_vars()
             .into_iter()
-            .filter(|(n, _)| scheme == PeftScheme::Lora || n.ends_with("weight_magnitude"))
+            .filter(|(n, _)| scheme != PeftScheme::Dora || n.ends_with("weight_magnitude"))
             .collect();
         assert!(!vars.is_empty());
         let b = batch();
@@ -259,4 +262,102 @@ fn lora_dropout_pre_and_post_train_only_and_gradients() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("DoRA with peft.dropout"), "{err}");
+}
+
+/// Canonical LoRA: one adapter per HF projection under Megatron Bridge's names, only the
+/// targeted parts, and the fused names refused.
+#[test]
+fn canonical_lora_adapts_each_part_under_its_own_name() {
+    let m = model(Some(&peft(PeftScheme::CanonicalLora, 4)));
+    let names: Vec<String> =
+        m.params().trainable_named_vars().into_iter().map(|(n, _)| n).collect();
+    // Per layer: q, k, v, gate, up, proj, fc2 — A and B each.
+    assert_eq!(names.len(), 2 * 7 * 2, "{names:?}");
+    let shape = |n: &str| m.params().get(n).unwrap().global_shape.clone();
+    let qkv = "decoder.layers.0.self_attention.linear_qkv.adapter";
+    let arch = m.arch().clone();
+    let (q_rows, kv_rows) = (arch.heads * arch.head_dim, arch.groups * arch.head_dim);
+    assert_eq!(shape(&format!("{qkv}.adapter_q.linear_out.weight")), vec![q_rows, 4]);
+    assert_eq!(shape(&format!("{qkv}.adapter_k.linear_out.weight")), vec![kv_rows, 4]);
+    assert_eq!(shape(&format!("{qkv}.adapter_v.linear_in.weight")), vec![4, arch.hidden]);
+    let fc1 = "decoder.layers.1.mlp.linear_fc1.adapter";
+    assert_eq!(shape(&format!("{fc1}.adapter_gate.linear_out.weight")), vec![arch.ffn, 4]);
+    assert!(m.params().get("decoder.layers.1.mlp.linear_fc2.adapter.linear_in.weight").is_some());
+
+    let some = PeftConfig {
+        target_modules: vec!["linear_q".into(), "*.layers.1.*.linear_fc1_up".into()],
+        ..peft(PeftScheme::CanonicalLora, 2)
+    };
+    let names: Vec<String> =
+        model(Some(&some)).params().trainable_named_vars().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "decoder.layers.0.self_attention.linear_qkv.adapter.adapter_q.linear_in.weight",
+            "decoder.layers.0.self_attention.linear_qkv.adapter.adapter_q.linear_out.weight",
+            "decoder.layers.1.self_attention.linear_qkv.adapter.adapter_q.linear_in.weight",
+            "decoder.layers.1.self_attention.linear_qkv.adapter.adapter_q.linear_out.weight",
+            "decoder.layers.1.mlp.linear_fc1.adapter.adapter_up.linear_in.weight",
+            "decoder.layers.1.mlp.linear_fc1.adapter.adapter_up.linear_out.weight",
+        ]
+    );
+    let fused = PeftConfig {
+        target_modules: vec!["linear_qkv".into()],
+        ..peft(PeftScheme::CanonicalLora, 2)
+    };
+    let err = GptModel::new_peft(
+        &tiny_llama(),
+        ParallelLayout::single(),
+        None,
+        Some(&fused),
+        1,
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("linear_q / linear_k / linear_v"), "{err}");
+}
+
+/// Canonical LoRA whose parts share fused LoRA's A and take the rows of its B that the HF
+/// export gives each projection (`bridge::mapping`, an independent split of the fused
+/// layout) computes fused LoRA's logits.
+#[test]
+fn canonical_lora_equals_fused_lora_with_split_factors() {
+    use mbridge::bridge::mapping::megatron_to_hf_tensors;
+    let targets = ["linear_qkv", "linear_fc1"].map(String::from).to_vec();
+    let fused = model(Some(&PeftConfig { target_modules: targets, ..peft(PeftScheme::Lora, 3) }));
+    randomize_b(&fused);
+    let parts = ["linear_q", "linear_k", "linear_v", "linear_fc1_gate", "linear_fc1_up"];
+    let canon = model(Some(&PeftConfig {
+        target_modules: parts.map(String::from).to_vec(),
+        ..peft(PeftScheme::CanonicalLora, 3)
+    }));
+    let arch = fused.arch().clone();
+    let full = |m: &GptModel, n: &str| m.params().get(n).unwrap().var.as_tensor().clone();
+    let mut set = 0;
+    for layer in 0..2 {
+        for (module, keys) in [
+            (format!("decoder.layers.{layer}.self_attention.linear_qkv"), vec!["q", "k", "v"]),
+            (format!("decoder.layers.{layer}.mlp.linear_fc1"), vec!["gate", "up"]),
+        ] {
+            let a = full(&fused, &format!("{module}.adapter.linear_in.weight"));
+            let b = full(&fused, &format!("{module}.adapter.linear_out.weight"));
+            let hf =
+                megatron_to_hf_tensors(&format!("{module}.weight"), &b, &arch, arch.vocab).unwrap();
+            for key in keys {
+                let (_, b_part) =
+                    hf.iter().find(|(n, _)| n.ends_with(&format!(".{key}_proj.weight"))).unwrap();
+                let prefix = format!("{module}.adapter.adapter_{key}");
+                canon.params().set_full(&format!("{prefix}.linear_in.weight"), &a).unwrap();
+                canon.params().set_full(&format!("{prefix}.linear_out.weight"), b_part).unwrap();
+                set += 1;
+            }
+        }
+    }
+    assert_eq!(set, 10);
+    let (want, got) = (logits(&fused), logits(&canon));
+    let err = want.iter().zip(&got).fold(0f64, |e, (a, b)| e.max((a - b).abs()));
+    assert!(err < 1e-12, "canonical LoRA differs from fused LoRA by {err:e}");
+    assert_ne!(want, logits(&model(None)), "the adapters must change the logits");
 }

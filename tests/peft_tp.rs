@@ -1,4 +1,4 @@
-//! LoRA and DoRA under tensor parallelism (threads): with A/B split as Megatron Bridge's
+//! LoRA, DoRA and canonical LoRA under tensor parallelism (threads): with A/B split as Megatron Bridge's
 //! `ParallelLinearAdapter` (and DoRA's row norms summed over TP where a row is split), a TP=2
 //! model gives the TP=1 loss and each rank's adapter gradients are its shard of the TP=1
 //! gradients.
@@ -38,7 +38,7 @@ fn batch() -> Microbatch {
 /// Sets every B to the same random full value on every rank (A keeps its seeded init).
 fn randomize_b(m: &GptModel) {
     for (i, p) in m.params().params().iter().enumerate() {
-        if p.name.ends_with("adapter.linear_out.weight") {
+        if p.name.contains(".adapter.") && p.name.ends_with("linear_out.weight") {
             m.params().set_full(&p.name, &rand_t(&p.global_shape, 50 + i as u64, 0.3)).unwrap();
         }
     }
@@ -67,6 +67,20 @@ fn run(m: &GptModel) -> anyhow::Result<(f64, Vec<(String, Tensor)>)> {
 fn tp2_lora_matches_tp1() {
     for (p, pos) in [(0.0, "pre"), (0.3, "pre"), (0.3, "post")] {
         tp2_matches_tp1(lora(p, pos));
+    }
+}
+
+/// Canonical LoRA: each part's B split contiguously, the parts assembled per rank.
+#[test]
+fn tp2_canonical_lora_matches_tp1() {
+    for (p, pos) in [(0.0, "pre"), (0.3, "post")] {
+        tp2_matches_tp1(PeftConfig {
+            dim: 4,
+            alpha: 8.0,
+            dropout: p,
+            dropout_position: pos.into(),
+            ..PeftConfig::for_scheme(PeftScheme::CanonicalLora)
+        });
     }
 }
 

@@ -36,6 +36,8 @@ pub enum ConfigCommand {
 pub enum PeftArg {
     Lora,
     Dora,
+    /// Also spelled as Megatron Bridge's scheme name, `canonical_lora`.
+    #[value(alias = "canonical_lora")]
     CanonicalLora,
 }
 

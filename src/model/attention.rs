@@ -11,7 +11,7 @@ use crate::ops::manual::{self, AttnState};
 use crate::ops::timing::section;
 use crate::ops::{self, AttentionShape, AttnMask, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
-use crate::peft::{Adapter, BaseParallel};
+use crate::peft::{Adapter, BaseParallel, Split};
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
@@ -125,6 +125,7 @@ impl SelfAttention {
             rows,
             h,
             BaseParallel::Column(ShardLayout::Contiguous),
+            Some(Split::Qkv { heads: arch.heads, groups: arch.groups, head_dim: d }),
         )?;
         let proj_adapter = Adapter::maybe_new(
             store,
@@ -132,6 +133,7 @@ impl SelfAttention {
             h,
             arch.heads * d,
             BaseParallel::Row,
+            None,
         )?;
         Ok(Self {
             qkv_adapter,

@@ -236,6 +236,7 @@ impl GptModel {
         let tp = TpCoord { rank: layout.tp_rank, size: layout.tp_size };
         let mut store = ParamStore::new(tp, seed, dtype, device.clone());
         if let Some(p) = peft {
+            crate::peft::canonical::check_targets(p)?;
             store.enable_peft(p.clone());
         }
         let (h, std) = (arch.hidden, arch.init_std);

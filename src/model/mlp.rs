@@ -11,7 +11,7 @@ use crate::config::model::Activation;
 use crate::ops::timing::section;
 use crate::ops::{self, manual, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
-use crate::peft::{Adapter, BaseParallel};
+use crate::peft::{Adapter, BaseParallel, Split};
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
@@ -80,9 +80,16 @@ impl Mlp {
             fc1_rows,
             h,
             BaseParallel::Column(fc1_layout),
+            arch.gated.then_some(Split::GateUp { ffn: arch.ffn }),
         )?;
-        let fc2_adapter =
-            Adapter::maybe_new(store, &format!("{p}.linear_fc2"), h, arch.ffn, BaseParallel::Row)?;
+        let fc2_adapter = Adapter::maybe_new(
+            store,
+            &format!("{p}.linear_fc2"),
+            h,
+            arch.ffn,
+            BaseParallel::Row,
+            None,
+        )?;
         Ok(Self {
             fc1_adapter,
             fc2_adapter,

@@ -2,6 +2,7 @@
 //! the HF PEFT adapter format (hf-mapping.md §9), or base + adapters merged into full
 //! Megatron weights that the ordinary HF export then writes.
 
+use super::canonical::Split;
 use super::lora::Adapter;
 use crate::bridge::mapping::megatron_to_hf_tensors;
 use crate::bridge::output::{prepare_output, publish_output};
@@ -19,6 +20,97 @@ use std::path::{Path, PathBuf};
 const LINEAR_IN: &str = ".adapter.linear_in.weight";
 const LINEAR_OUT: &str = ".adapter.linear_out.weight";
 const MAGNITUDE: &str = ".adapter.weight_magnitude";
+/// Canonical LoRA's per-part adapters: `<module>.adapter.adapter_q.linear_in.weight`, ...
+const CANONICAL: &str = ".adapter.adapter_";
+
+/// Canonical LoRA: every fused layer with per-part adapters and how it splits, sorted.
+fn canonical_modules(
+    adapters: &HashMap<String, Tensor>,
+    arch: &GptArch,
+) -> Result<Vec<(String, Split)>> {
+    let set: BTreeSet<&str> =
+        adapters.keys().filter_map(|k| k.split_once(CANONICAL).map(|(m, _)| m)).collect();
+    set.into_iter()
+        .map(|m| {
+            let split = if m.ends_with("linear_qkv") {
+                Split::Qkv { heads: arch.heads, groups: arch.groups, head_dim: arch.head_dim }
+            } else if m.ends_with("linear_fc1") && arch.gated {
+                Split::GateUp { ffn: arch.ffn }
+            } else {
+                bail!("canonical LoRA adapters on `{m}`, which has no parts")
+            };
+            Ok((m.to_string(), split))
+        })
+        .collect()
+}
+
+/// `(A, B)` of every part of a canonical module (None where the part has no adapter).
+fn canonical_parts<'a>(
+    adapters: &'a HashMap<String, Tensor>,
+    module: &str,
+    split: Split,
+) -> Result<Vec<Option<(&'a Tensor, &'a Tensor)>>> {
+    split
+        .parts()
+        .iter()
+        .map(|(key, _)| {
+            let name = |x: &str| format!("{module}.adapter.{key}.linear_{x}.weight");
+            match (adapters.get(&name("in")), adapters.get(&name("out"))) {
+                (Some(a), Some(b)) => Ok(Some((a, b))),
+                (None, None) => Ok(None),
+                _ => bail!("PEFT checkpoint holds only half of `{module}.adapter.{key}`"),
+            }
+        })
+        .collect()
+}
+
+/// HF PEFT tensors of a canonical module: each part is one HF projection as it is.
+fn canonical_tensors(
+    module: &str,
+    split: Split,
+    adapters: &HashMap<String, Tensor>,
+    arch: &GptArch,
+) -> Result<Vec<(String, Tensor)>> {
+    // The HF names of the fused weight's parts (`q_proj`, ...; `gate_proj`, `up_proj`).
+    let weight = format!("{module}.weight");
+    let rows: usize = split.part_rows().iter().sum();
+    let probe = Tensor::zeros((rows, 1), DType::F32, &candle_core::Device::Cpu)?;
+    let hf: Vec<String> = megatron_to_hf_tensors(&weight, &probe, arch, arch.vocab)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut out = Vec::new();
+    for ((key, _), part) in split.parts().iter().zip(canonical_parts(adapters, module, split)?) {
+        let Some((a, b)) = part else { continue };
+        let proj = format!("{}_proj", key.trim_start_matches("adapter_"));
+        let hf_name = hf
+            .iter()
+            .find(|n| n.ends_with(&format!(".{proj}.weight")))
+            .ok_or_else(|| anyhow!("`{weight}` has no HF `{proj}` part (HF names: {hf:?})"))?;
+        let path = hf_name.strip_suffix(".weight").expect("ends with .weight");
+        out.push((format!("base_model.model.{path}.lora_A.weight"), a.contiguous()?));
+        out.push((format!("base_model.model.{path}.lora_B.weight"), b.contiguous()?));
+    }
+    Ok(out)
+}
+
+/// `s · ΔW` of a canonical module in the fused layout: every part's `B A` in its rows.
+fn canonical_delta(
+    module: &str,
+    split: Split,
+    adapters: &HashMap<String, Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let f = |t: &Tensor| t.to_dtype(DType::F64);
+    // Assembled along the output dim, which `assemble` expects last: (B A)ᵀ = Aᵀ Bᵀ.
+    let parts = canonical_parts(adapters, module, split)?
+        .into_iter()
+        .map(|p| {
+            p.map(|(a, b)| -> Result<Tensor> { Ok(f(a)?.t()?.matmul(&f(b)?.t()?)?) }).transpose()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((split.assemble(&parts, 1)?.t()? * scale)?)
+}
 
 /// The adapted modules (e.g. `decoder.layers.0.self_attention.linear_qkv`), sorted.
 fn modules(adapters: &HashMap<String, Tensor>) -> Vec<String> {
@@ -109,13 +201,16 @@ pub fn export_adapter(
     adapters: &HashMap<String, Tensor>,
 ) -> Result<PathBuf> {
     let arch = arch_of(cfg)?;
-    let mods = modules(adapters);
-    if mods.is_empty() {
+    let (mods, canonical) = (modules(adapters), canonical_modules(adapters, &arch)?);
+    if mods.is_empty() && canonical.is_empty() {
         bail!("--adapter-only: the checkpoint holds no `*{LINEAR_IN}` tensors");
     }
     let mut hf = Vec::new();
     for m in &mods {
         hf.extend(module_tensors(m, adapters, &arch)?);
+    }
+    for (m, split) in &canonical {
+        hf.extend(canonical_tensors(m, *split, adapters, &arch)?);
     }
     if let Some(d) = opts.dtype {
         hf = hf
@@ -165,7 +260,7 @@ pub fn merged_tensors(
     let mut base: HashMap<String, Tensor> =
         ckpt::load_tensors(&dir, "model")?.into_iter().map(|(k, (t, _))| (k, t)).collect();
     let scale = peft.alpha / peft.dim as f64;
-    let merged: BTreeMap<String, Tensor> = modules(adapters)
+    let mut merged: BTreeMap<String, Tensor> = modules(adapters)
         .into_iter()
         .map(|m| {
             let name = format!("{m}.weight");
@@ -178,6 +273,12 @@ pub fn merged_tensors(
             Ok((name, out.to_dtype(w.dtype())?))
         })
         .collect::<Result<_>>()?;
+    for (m, split) in canonical_modules(adapters, &arch_of(cfg)?)? {
+        let name = format!("{m}.weight");
+        let w = get(&base, &name).with_context(|| format!("base `{}`", dir.display()))?;
+        let delta = canonical_delta(&m, split, adapters, scale)?;
+        merged.insert(name, (w.to_dtype(DType::F64)? + delta)?.to_dtype(w.dtype())?);
+    }
     base.extend(merged);
     Ok(base)
 }

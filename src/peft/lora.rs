@@ -6,8 +6,11 @@
 //! LoRA: `y = base(x) + B(A(dropout(x))) · alpha/dim` (`dropout_position = "post"`: dropout
 //! on the adapter output instead). DoRA (Megatron Bridge `DoRALinear`):
 //! `y = m / ‖W + s·BA‖_row · (x Wᵀ + s·B(A x)) + b`, the norm detached, `m` initialized to
-//! `‖W‖_row` of the (pretrained) base weight.
+//! `‖W‖_row` of the (pretrained) base weight. Canonical LoRA ([`super::canonical`]): one A, B
+//! pair per part of a fused `linear_qkv` / `linear_fc1`, their outputs assembled into the
+//! fused layout.
 
+use super::canonical::Split;
 use crate::config::peft::{PeftConfig, PeftScheme};
 use crate::model::init::Init;
 use crate::model::params::{shard_of, ParamStore, ShardLayout, TpCoord};
@@ -26,11 +29,19 @@ pub enum BaseParallel {
     Row,
 }
 
+/// The low-rank factors of one adapter.
+#[derive(Debug, Clone)]
+enum Factors {
+    /// One A (`linear_in`), B (`linear_out`) pair over the whole output.
+    Fused { a: Tensor, b: Tensor },
+    /// Canonical LoRA: an (A, B) pair per part of `split` (None: that part is not a target).
+    Canonical { split: Split, parts: Vec<Option<(Tensor, Tensor)>> },
+}
+
 /// The adapter of one linear layer.
 #[derive(Debug, Clone)]
 pub struct Adapter {
-    a: Tensor,
-    b: Tensor,
+    factors: Factors,
     scale: f64,
     kind: BaseParallel,
     /// DoRA magnitude `[out]` (this rank's rows for a column-parallel base layer).
@@ -43,16 +54,23 @@ pub struct Adapter {
 impl Adapter {
     /// Registers the adapter of module `module` (full name, e.g.
     /// `decoder.layers.0.self_attention.linear_qkv`) with base weight shape `[out, inp]`
-    /// when the store has PEFT on and `module` is a target; `None` otherwise.
+    /// when the store has PEFT on and `module` is a target; `None` otherwise. `split`
+    /// describes a fused layer's parts, which canonical LoRA adapts separately.
     pub fn maybe_new(
         store: &mut ParamStore,
         module: &str,
         out: usize,
         inp: usize,
         kind: BaseParallel,
+        split: Option<Split>,
     ) -> Result<Option<Self>> {
         let Some(cfg) = store.peft().cloned() else { return Ok(None) };
-        if !super::matcher::is_target(&cfg, module) {
+        let canonical = cfg.peft_scheme == PeftScheme::CanonicalLora;
+        let targeted: Vec<bool> = match (canonical, split) {
+            (true, Some(sp)) => super::matcher::canonical_parts(&cfg, module, sp),
+            _ => vec![super::matcher::is_target(&cfg, module)],
+        };
+        if !targeted.contains(&true) {
             return Ok(None);
         }
         check_supported(&cfg, module)?;
@@ -62,20 +80,48 @@ impl Adapter {
             BaseParallel::Column(l) => (None, ShardLayout::Contiguous, Some(0), l),
             BaseParallel::Row => (Some(1), ShardLayout::Contiguous, None, ShardLayout::Contiguous),
         };
-        let a = store.create_adapter(
-            &format!("{module}.adapter.linear_in.weight"),
-            &[r, inp],
-            a_part,
-            a_layout,
-            Init::Normal(a_std),
-        )?;
-        let b = store.create_adapter(
-            &format!("{module}.adapter.linear_out.weight"),
-            &[out, r],
-            b_part,
-            b_layout,
-            Init::Zeros,
-        )?;
+        // One `linear_in` / `linear_out` pair under `prefix`, B with `rows` output rows.
+        let mut pair =
+            |prefix: &str, rows: usize, b_layout: ShardLayout| -> Result<(Tensor, Tensor)> {
+                let a = store.create_adapter(
+                    &format!("{prefix}.linear_in.weight"),
+                    &[r, inp],
+                    a_part,
+                    a_layout,
+                    Init::Normal(a_std),
+                )?;
+                let b = store.create_adapter(
+                    &format!("{prefix}.linear_out.weight"),
+                    &[rows, r],
+                    b_part,
+                    b_layout,
+                    Init::Zeros,
+                )?;
+                Ok((a, b))
+            };
+        let factors = match (canonical, split) {
+            // Each part's B rows are split over TP contiguously, as the part's own
+            // column-parallel adapter in Megatron Bridge.
+            (true, Some(sp)) => {
+                let parts = sp
+                    .parts()
+                    .iter()
+                    .zip(sp.part_rows())
+                    .zip(&targeted)
+                    .map(|(((key, _), rows), &on)| {
+                        on.then(|| {
+                            pair(&format!("{module}.adapter.{key}"), rows, ShardLayout::Contiguous)
+                        })
+                        .transpose()
+                    })
+                    .collect::<Result<_>>()?;
+                Factors::Canonical { split: sp, parts }
+            }
+            _ => {
+                let (a, b) = pair(&format!("{module}.adapter"), out, b_layout)?;
+                Factors::Fused { a, b }
+            }
+        };
         let magnitude = if cfg.peft_scheme == PeftScheme::Dora {
             let name = format!("{module}.adapter.weight_magnitude");
             let t = store.create_adapter(&name, &[out], b_part, b_layout, Init::Ones)?;
@@ -85,7 +131,7 @@ impl Adapter {
             None
         };
         let (dropout, post) = (cfg.dropout, cfg.dropout_position == "post");
-        Ok(Some(Self { a, b, scale: cfg.alpha / r as f64, kind, magnitude, dropout, post }))
+        Ok(Some(Self { factors, scale: cfg.alpha / r as f64, kind, magnitude, dropout, post }))
     }
 
     /// `alpha / dim`.
@@ -96,13 +142,23 @@ impl Adapter {
     /// `(A, B, alpha/dim)` when the written-out layer backward covers this adapter: LoRA
     /// without dropout (DoRA's weight norm and dropout masks run through autograd).
     pub fn explicit_parts(&self) -> Option<(&Tensor, &Tensor, f64)> {
-        (self.magnitude.is_none() && self.dropout == 0.0).then_some((&self.a, &self.b, self.scale))
+        match &self.factors {
+            Factors::Fused { a, b } if self.magnitude.is_none() && self.dropout == 0.0 => {
+                Some((a, b, self.scale))
+            }
+            _ => None,
+        }
     }
 
     /// A trainable tensor of this adapter, to anchor a graph node whose input is untracked
     /// (see `model::recompute::with_backward_anchored`).
     pub fn anchor(&self) -> &Tensor {
-        &self.a
+        match &self.factors {
+            Factors::Fused { a, .. } => a,
+            Factors::Canonical { parts, .. } => {
+                &parts.iter().flatten().next().expect("a canonical adapter has a part").0
+            }
+        }
     }
 
     /// DoRA: sets the magnitude to `‖W‖_row` of the base weight whose shard on this rank is
@@ -141,12 +197,24 @@ impl Adapter {
         check_no_sp(tp)?;
         // `x` is replicated over TP, so every rank draws the same mask.
         let x = self.drop(x, rng, false, tp)?;
-        let h = ops::linear(&x, &self.a, None)?;
-        let h = match tp {
-            Some(tp) => tp.copy_to_region(&h)?,
-            None => h,
+        let low_rank = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+            let h = ops::linear(&x, a, None)?;
+            let h = match tp {
+                Some(tp) => tp.copy_to_region(&h)?,
+                None => h,
+            };
+            Ok((ops::linear(&h, b, None)? * self.scale)?)
         };
-        let out = (ops::linear(&h, &self.b, None)? * self.scale)?;
+        let out = match &self.factors {
+            Factors::Fused { a, b } => low_rank(a, b)?,
+            Factors::Canonical { split, parts } => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.as_ref().map(|(a, b)| low_rank(a, b)).transpose())
+                    .collect::<Result<Vec<_>>>()?;
+                split.assemble(&outs, tp.map_or(1, |t| t.size()))?
+            }
+        };
         // Post-dropout: the output is this rank's part of the last dim.
         self.drop(&out, rng, true, tp)
     }
@@ -217,14 +285,17 @@ impl Adapter {
     ) -> Result<Tensor> {
         debug_assert!(self.kind == BaseParallel::Row);
         check_no_sp(tp)?;
+        let Factors::Fused { a, b } = &self.factors else {
+            bail!("canonical LoRA adapts only the fused column-parallel layers in parts");
+        };
         let y = ops::linear(x, w, None)?;
         // Pre-dropout on this rank's input shard (the last dim is split over TP).
-        let h = ops::linear(&self.drop(x, rng, true, tp)?, &self.a, None)?;
+        let h = ops::linear(&self.drop(x, rng, true, tp)?, a, None)?;
         let (y, h) = match tp {
             Some(tp) => (tp.exit_row(&y)?, tp.exit_row(&h)?),
             None => (y, h),
         };
-        let delta = (ops::linear(&h, &self.b, None)? * self.scale)?;
+        let delta = (ops::linear(&h, b, None)? * self.scale)?;
         let y = (y + self.drop(&delta, rng, false, tp)?)?;
         let y = self.dora_scale(y, w, tp)?;
         Ok(match bias {
@@ -237,8 +308,10 @@ impl Adapter {
     /// rank's `W + s·BA` is its shard of the merged weight (column-parallel: its rows;
     /// row-parallel: its columns of every row).
     fn dora_scale(&self, y: Tensor, w: &Tensor, tp: Option<&TensorParallel>) -> Result<Tensor> {
-        let Some((m, _)) = &self.magnitude else { return Ok(y) };
-        let merged = (w.detach() + (self.b.detach().matmul(&self.a.detach())? * self.scale)?)?;
+        let (Some((m, _)), Factors::Fused { a, b }) = (&self.magnitude, &self.factors) else {
+            return Ok(y);
+        };
+        let merged = (w.detach() + (b.detach().matmul(&a.detach())? * self.scale)?)?;
         let norm = self.row_norm(&merged, tp)?;
         let factor = m.broadcast_div(&norm)?;
         Ok(y.broadcast_mul(&factor)?)
@@ -273,9 +346,6 @@ fn check_no_sp(tp: Option<&TensorParallel>) -> Result<()> {
 
 /// Rejects the adapter options this build does not run, naming the module.
 fn check_supported(cfg: &PeftConfig, module: &str) -> Result<()> {
-    if cfg.peft_scheme == PeftScheme::CanonicalLora {
-        bail!("peft.peft_scheme = canonical_lora is not implemented in this build (module {module}); use lora or dora");
-    }
     if cfg.dim == 0 {
         bail!("peft.dim must be > 0 (module {module})");
     }

@@ -3,11 +3,17 @@
 //! with wildcards is matched (fnmatch style, `*` crosses dots) against the full module name
 //! such as `decoder.layers.0.self_attention.linear_qkv`.
 
+use super::canonical::Split;
 use crate::config::peft::PeftConfig;
 use crate::model::ParamStore;
 
 /// The linear layers LoRA can adapt in a GPT block.
 pub const LINEAR_MODULES: [&str; 4] = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"];
+
+/// The parts of fused layers canonical LoRA adapts separately (also linear modules for
+/// `exclude_modules`).
+const CANONICAL_PARTS: [&str; 5] =
+    ["linear_q", "linear_k", "linear_v", "linear_fc1_up", "linear_fc1_gate"];
 
 /// Fnmatch-style match of `name` against `pattern` (`*` any run, `?` one character).
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -47,12 +53,29 @@ fn pattern_matches(pattern: &str, full_name: &str) -> bool {
 /// every linear layer is a target, as in Megatron Bridge) and no exclude pattern.
 pub fn is_target(cfg: &PeftConfig, full_name: &str) -> bool {
     let targeted = if cfg.target_modules.is_empty() {
+        let last = full_name.rsplit('.').next();
         !cfg.exclude_modules.is_empty()
-            && LINEAR_MODULES.iter().any(|m| full_name.rsplit('.').next() == Some(*m))
+            && LINEAR_MODULES.iter().chain(&CANONICAL_PARTS).any(|m| last == Some(*m))
     } else {
         cfg.target_modules.iter().any(|p| pattern_matches(p, full_name))
     };
     targeted && !cfg.exclude_modules.iter().any(|p| pattern_matches(p, full_name))
+}
+
+/// Canonical LoRA: which parts of the fused layer `full_name` (`...linear_qkv` /
+/// `...linear_fc1`) are targets, in [`Split::parts`] order — each part matched as the module
+/// `...linear_q`, `...linear_fc1_up`, ... (Megatron Bridge's canonical names).
+pub fn canonical_parts(cfg: &PeftConfig, full_name: &str, split: Split) -> Vec<bool> {
+    let parent = full_name.rsplit_once('.').map_or("", |(p, _)| p);
+    split
+        .parts()
+        .iter()
+        .map(|(_, part)| {
+            let name =
+                if parent.is_empty() { part.to_string() } else { format!("{parent}.{part}") };
+            is_target(cfg, &name)
+        })
+        .collect()
 }
 
 /// Errors (listing the stage's linear modules) when PEFT is on but no adapter was created.
