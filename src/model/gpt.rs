@@ -510,7 +510,7 @@ impl GptModel {
                 let dlogits =
                     ops::manual::cross_entropy_backward(logits, &labels, &state, &g_rows)?;
                 // A frozen output layer (PEFT) needs no weight gradient: a vocab-sized GEMM.
-                if w.is_variable() {
+                if super::explicit_linear::trains(&w) {
                     grads.insert(&w, ops::manual::weight_grad(&dlogits, &xn)?);
                 }
                 let dxn = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;

@@ -1,6 +1,7 @@
 //! Norm layers (RMSNorm / LayerNorm) bound to their registered parameters.
 
 use super::arch::GptArch;
+use super::explicit_linear::trains;
 use super::init::Init;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::Normalization;
@@ -101,7 +102,7 @@ impl Norm {
                     dy,
                 )?;
                 // Frozen norms (PEFT's base) get no gradient.
-                if self.weight.is_variable() {
+                if trains(&self.weight) {
                     grads.insert(&self.weight, g[1].clone());
                     grads.insert(b, g[2].clone());
                 }
@@ -110,7 +111,7 @@ impl Norm {
             _ => {
                 let (dx, dw) =
                     ops::manual::rms_norm_backward(x, &self.weight.detach(), dy, eps, zc)?;
-                if self.weight.is_variable() {
+                if trains(&self.weight) {
                     grads.insert(&self.weight, dw);
                 }
                 Ok(dx)

@@ -6,7 +6,8 @@ use super::{compare, Check, CheckFn, Measure};
 use crate::config::model::ModelConfig;
 use crate::config::peft::{PeftConfig, PeftScheme};
 use crate::model::recompute::RecomputeGrads;
-use crate::model::{loss_for_microbatch_recompute, GptModel, Microbatch, ParallelLayout};
+use crate::model::{loss_for_microbatch_recompute, GptModel, ParallelLayout};
+use crate::ops::cuda::flash_attn::selftest::next_token_batch;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
@@ -33,17 +34,7 @@ fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     ];
     let mut ms = Vec::new();
     for (name, cfg, peft) in configs {
-        let (b, s) = (2, cfg.seq_length);
-        let ids: Vec<u32> =
-            (0..b * s + 1).map(|i| ((i as u64 * 7919 + seed) % 512) as u32).collect();
-        let mb = Microbatch {
-            tokens: Tensor::from_vec(ids[..b * s].to_vec(), (b, s), dev)?,
-            labels: Tensor::from_vec(ids[1..].to_vec(), (b, s), dev)?,
-            loss_mask: Tensor::ones((b, s), DType::F32, dev)?,
-            position_ids: None,
-            attention_mask: None,
-            cu_seqlens: None,
-        };
+        let mb = next_token_batch(2, cfg.seq_length, seed, dev)?;
         let run = |explicit: bool| -> Result<(Tensor, Vec<(String, Tensor)>)> {
             let layout = ParallelLayout::single();
             let mut model =
