@@ -28,11 +28,8 @@ pub struct ProcessGroups {
     pub dp: Arc<dyn Communicator>,
     /// Data × context parallel group (gradient reduction when cp > 1).
     pub dp_cp: Arc<dyn Communicator>,
-    /// Pipeline group (stage-to-stage send/recv; group rank = stage): activations.
+    /// Pipeline group (stage-to-stage activations and their gradients; group rank = stage).
     pub pp: Arc<dyn Communicator>,
-    /// The pipeline group again, as a second message stream: gradients of activations
-    /// (see [`super::pipeline::p2p`]).
-    pub pp_grad: Arc<dyn Communicator>,
     /// Model-parallel group (tp × pp): gradient norm and NaN checks.
     pub mp: Arc<dyn Communicator>,
     /// First + last stage (tied-embedding gradients); None on middle stages.
@@ -71,10 +68,6 @@ impl ProcessGroups {
             dp: group(GroupKind::Dp)?,
             dp_cp: group(GroupKind::DpCp)?,
             pp: group(GroupKind::Pp)?,
-            pp_grad: make(
-                "pp-grad",
-                &topology.group_of(GroupKind::Pp, rank).expect("every rank is in one group"),
-            )?,
             mp: group(GroupKind::Mp)?,
             embedding,
             ckpt: make(CKPT_GROUP, &world)?,

@@ -1,5 +1,6 @@
 //! Running one global batch through this rank's model chunks in pipeline-schedule order
-//! ([`crate::parallel::pipeline::schedule`]), and the tied-embedding gradient all-reduce
+//! ([`crate::parallel::pipeline::schedule`]), with the neighbour exchanges where
+//! [`crate::parallel::pipeline::plan`] puts them, and the tied-embedding gradient all-reduce
 //! between the first and last pipeline stage.
 //!
 //! A chunk that does not embed starts from the received activation made a leaf variable, so
@@ -8,7 +9,7 @@
 //! at `output` is exactly `g`. With PP=1 this is the plain per-micro-batch
 //! forward/backward loop.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -19,7 +20,8 @@ use crate::model::{GptModel, Microbatch};
 use crate::ops::timing::section;
 use crate::ops::DropoutRng;
 use crate::parallel::comm::{Communicator, ReduceOp};
-use crate::parallel::pipeline::{schedule, Op, PipelineP2p, ScheduleSpec};
+use crate::parallel::pipeline::plan::{plan, Payload, Step, Transfer};
+use crate::parallel::pipeline::{Op, PipelineP2p, ScheduleSpec};
 
 /// This rank's share of a pipelined model and how to reach its neighbours.
 pub(crate) struct Pipeline<'a> {
@@ -38,6 +40,9 @@ pub(crate) struct TrainHooks<'a> {
     /// The tensor to back-propagate from a micro-batch's `(Σ CE, Σ tokens)`.
     pub objective: &'a dyn Fn(Tensor, f64) -> Result<Tensor>,
 }
+
+/// (payload, chunk, micro-batch) of a boundary tensor.
+type TransferKey = (Payload, usize, usize);
 
 /// A forward whose backward is still to come.
 struct Pending {
@@ -71,19 +76,32 @@ impl Pipeline<'_> {
         hooks: &TrainHooks,
         mut acc: Option<&mut GradAccumulator>,
     ) -> Result<(f64, f64)> {
-        let ops = schedule(&self.spec(micro.len(), acc.is_none()))?;
+        let steps = plan(&self.spec(micro.len(), acc.is_none()))?;
         let mut pending: Vec<VecDeque<Pending>> =
             self.chunks.iter().map(|_| VecDeque::new()).collect();
+        // Tensors waiting to be sent / received ones waiting for their pass, keyed by
+        // (payload, chunk, micro-batch).
+        let mut outbox: HashMap<TransferKey, Tensor> = HashMap::new();
+        let mut inbox: HashMap<TransferKey, Tensor> = HashMap::new();
         let (mut loss_sum, mut tokens) = (0.0, 0.0);
-        for op in ops {
-            match op {
-                Op::Forward { chunk, microbatch } => {
+        for step in steps {
+            match step {
+                Step::Exchange { sends, recvs } => {
+                    self.exchange(micro, &sends, &recvs, &mut outbox, &mut inbox)?
+                }
+                Step::Run(Op::Forward { chunk, microbatch }) => {
                     let rng = (hooks.dropout)(chunk, microbatch);
                     // Gradients produced outside the graph (recomputed segments, explicit
                     // layers) only exist when a backward follows.
                     let recompute = acc.as_ref().map(|_| RecomputeGrads::default());
-                    let (input, output, loss) =
-                        self.forward(chunk, &micro[microbatch], rng.as_ref(), recompute.as_ref())?;
+                    let received = inbox.remove(&(Payload::Activation, chunk, microbatch));
+                    let (input, output, loss) = self.forward(
+                        chunk,
+                        &micro[microbatch],
+                        received,
+                        rng.as_ref(),
+                        recompute.as_ref(),
+                    )?;
                     let output = match loss {
                         Some((sum, count)) => {
                             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -91,7 +109,7 @@ impl Pipeline<'_> {
                             (hooks.objective)(sum, count)?
                         }
                         None => {
-                            self.p2p().send_forward(&output)?;
+                            outbox.insert((Payload::Activation, chunk, microbatch), output.clone());
                             output
                         }
                     };
@@ -99,7 +117,7 @@ impl Pipeline<'_> {
                         pending[chunk].push_back(Pending { microbatch, input, output, recompute });
                     }
                 }
-                Op::Backward { chunk, microbatch } => {
+                Step::Run(Op::Backward { chunk, microbatch }) => {
                     let acc = acc.as_deref_mut().context("backward pass without gradients")?;
                     let p = pending[chunk].pop_front().context("backward before its forward")?;
                     if p.microbatch != microbatch {
@@ -109,11 +127,52 @@ impl Pipeline<'_> {
                             p.microbatch
                         );
                     }
-                    self.backward(chunk, p, acc)?;
+                    let received = inbox.remove(&(Payload::Grad, chunk, microbatch));
+                    if let Some(g) = self.backward(chunk, p, received, acc)? {
+                        outbox.insert((Payload::Grad, chunk, microbatch), g);
+                    }
                 }
             }
         }
+        if let Some(((payload, chunk, mb), _)) = outbox.iter().chain(inbox.iter()).next() {
+            bail!(
+                "pipeline plan left the {payload:?} of chunk {chunk}, micro-batch {mb} \
+                 unexchanged"
+            );
+        }
         Ok((loss_sum, tokens))
+    }
+
+    /// One exchange of the plan: the listed sends leave the outbox, the receives land in the
+    /// inbox. Every boundary tensor (activation or its gradient) has the boundary shape.
+    fn exchange(
+        &self,
+        micro: &[Microbatch],
+        sends: &[Transfer],
+        recvs: &[Transfer],
+        outbox: &mut HashMap<TransferKey, Tensor>,
+        inbox: &mut HashMap<TransferKey, Tensor>,
+    ) -> Result<()> {
+        let key = |t: &Transfer| (t.payload, t.chunk, t.microbatch);
+        let out = sends
+            .iter()
+            .map(|t| {
+                let x = outbox.remove(&key(t)).with_context(|| {
+                    format!("pipeline plan sends a tensor no pass produced: {t:?}")
+                })?;
+                Ok((*t, x))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let specs = recvs
+            .iter()
+            .map(|t| Ok((*t, self.boundary_shape(&micro[t.microbatch])?.into())))
+            .collect::<Result<Vec<_>>>()?;
+        let model = &self.chunks[0];
+        let got = self.p2p().exchange(&out, &specs, model.dtype(), model.device())?;
+        for (t, x) in recvs.iter().zip(got) {
+            inbox.insert(key(t), x);
+        }
+        Ok(())
     }
 
     /// Forward-only schedule (evaluation): `(Σ CE, Σ tokens)` as [`Self::train_batch`].
@@ -141,6 +200,7 @@ impl Pipeline<'_> {
         &self,
         chunk: usize,
         mb: &Microbatch,
+        received: Option<Tensor>,
         rng: Option<&DropoutRng>,
         recompute: Option<&RecomputeGrads>,
     ) -> Result<(Option<Var>, Tensor, Option<(Tensor, f64)>)> {
@@ -149,8 +209,8 @@ impl Pipeline<'_> {
         let input = if model.pre_process() {
             None
         } else {
-            let shape = self.boundary_shape(mb)?;
-            let t = self.p2p().recv_forward(&shape.into(), model.dtype(), model.device())?;
+            let t = received
+                .with_context(|| format!("chunk {chunk}: no input activation was received"))?;
             Some(Var::from_tensor(&t)?)
         };
         let x = input.as_ref().map_or(&mb.tokens, |v| v.as_tensor());
@@ -164,21 +224,34 @@ impl Pipeline<'_> {
         Ok((input, output, loss))
     }
 
-    fn backward(&self, chunk: usize, p: Pending, acc: &mut GradAccumulator) -> Result<()> {
+    /// Backward of `p` from the loss or from the received output gradient; returns the
+    /// gradient of the chunk's input activation (None on the chunk that embeds).
+    fn backward(
+        &self,
+        chunk: usize,
+        p: Pending,
+        received: Option<Tensor>,
+        acc: &mut GradAccumulator,
+    ) -> Result<Option<Tensor>> {
         let model = &self.chunks[chunk];
         let grads = if model.post_process() {
             section("backward()", model.device(), || p.output.backward())?
         } else {
-            let g =
-                self.p2p().recv_backward(p.output.shape(), p.output.dtype(), p.output.device())?;
+            let g = received
+                .with_context(|| format!("chunk {chunk}: no output gradient was received"))?;
             section("backward()", model.device(), || (&p.output * g)?.sum_all()?.backward())?
         };
-        if let Some(input) = &p.input {
-            let g = grads.get(input.as_tensor()).with_context(|| {
-                format!("chunk {chunk}: no gradient reached its input activation")
-            })?;
-            self.p2p().send_backward(g)?;
-        }
+        let input_grad = match &p.input {
+            Some(input) => Some(
+                grads
+                    .get(input.as_tensor())
+                    .with_context(|| {
+                        format!("chunk {chunk}: no gradient reached its input activation")
+                    })?
+                    .clone(),
+            ),
+            None => None,
+        };
         section("grads.accumulate", model.device(), || -> Result<()> {
             acc.accumulate(&grads)?;
             drop(grads);
@@ -186,7 +259,8 @@ impl Pipeline<'_> {
                 acc.add(&g)?;
             }
             Ok(())
-        })
+        })?;
+        Ok(input_grad)
     }
 }
 

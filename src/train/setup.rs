@@ -109,7 +109,7 @@ impl Trainer {
         let p2p = match &groups {
             Some(g) if layout.pp_size > 1 => {
                 let wire = cfg.model.pipeline_dtype.map_or(dtype, candle_dtype);
-                Some(PipelineP2p::new(g.pp.clone(), g.pp_grad.clone(), wire)?)
+                Some(PipelineP2p::new(g.pp.clone(), wire))
             }
             _ => None,
         };

@@ -58,6 +58,33 @@ pub trait Communicator: Send + Sync + Debug {
     fn recv(&self, src: usize, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor>;
     /// Returns once every member has entered the barrier.
     fn barrier(&self) -> Result<()>;
+    /// Sends each `(tensor, dst)` and receives each `(src, shape, dtype)` onto `device` as one
+    /// group: all of them progress at once (NCCL's `ncclGroupStart/End`), so two ranks that
+    /// send to each other and receive from each other never wait on one another. Received
+    /// tensors come back in the order of `recvs`; sends and receives on one channel (src →
+    /// dst) match in issue order. The default sends first, then receives: right for
+    /// transports whose sends never wait for the receiver.
+    fn exchange(
+        &self,
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, Shape, DType)],
+        device: &Device,
+    ) -> Result<Vec<Tensor>> {
+        send_then_recv(self, sends, recvs, device)
+    }
+}
+
+/// [`Communicator::exchange`] for transports whose sends return without waiting.
+pub(crate) fn send_then_recv<C: Communicator + ?Sized>(
+    comm: &C,
+    sends: &[(&Tensor, usize)],
+    recvs: &[(usize, Shape, DType)],
+    device: &Device,
+) -> Result<Vec<Tensor>> {
+    for (t, dst) in sends {
+        comm.send(t, *dst)?;
+    }
+    recvs.iter().map(|(src, shape, dtype)| comm.recv(*src, shape, *dtype, device)).collect()
 }
 
 /// A byte transport between the ranks of a world (global ranks).

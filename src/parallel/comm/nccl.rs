@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::cudarc::nccl::result as nccl_result;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::op::BackpropOp;
@@ -291,5 +292,45 @@ impl Communicator for NcclGroup {
         // GPU work queued before the barrier is finished first, then the ranks meet.
         self.device.synchronize()?;
         self.cpu.barrier()
+    }
+
+    fn exchange(
+        &self,
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, Shape, DType)],
+        device: &Device,
+    ) -> Result<Vec<Tensor>> {
+        let all_gpu = sends.iter().all(|(t, _)| self.on_gpu(t));
+        if !matches!(device, Device::Cuda(_)) || !all_gpu {
+            return super::send_then_recv(self, sends, recvs, device);
+        }
+        let comm = self.lock();
+        let what = || format!("{} exchange", self.describe());
+        // One NCCL group: nothing is enqueued before group_end, which launches every transfer
+        // together; the send buffers stay alive (held by the caller) until the stream runs it.
+        nccl_result::group_start().map_err(|e| nccl_err(what(), e))?;
+        let issued = (|| -> Result<Vec<Tensor>> {
+            for (t, dst) in sends {
+                by_dtype!(t.dtype(), T, {
+                    with_slice::<T, _>(t, |src| {
+                        comm.send(&src, *dst as i32).map_err(|e| nccl_err(what(), e))
+                    })?
+                });
+            }
+            recvs
+                .iter()
+                .map(|(src, shape, dtype)| {
+                    by_dtype!(*dtype, T, {
+                        let mut out = alloc::<T>(&self.device, shape.elem_count())?;
+                        comm.recv(&mut out, *src as i32).map_err(|e| nccl_err(what(), e))?;
+                        Ok(wrap(out, &self.device, shape.clone()))
+                    })
+                })
+                .collect()
+        })();
+        let ended = nccl_result::group_end().map_err(|e| nccl_err(what(), e));
+        let got = issued?;
+        ended?;
+        Ok(got)
     }
 }

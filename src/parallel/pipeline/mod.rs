@@ -3,6 +3,7 @@
 //! and the stage-to-stage transfers of activations and their gradients ([`p2p`]).
 
 pub mod p2p;
+pub mod plan;
 pub mod schedule;
 
 pub use p2p::PipelineP2p;

@@ -1,54 +1,41 @@
 //! Stage-to-stage transfers: activations go to the next pipeline rank and their gradients
 //! come back, in `model.pipeline_dtype` (the parameter dtype when unset).
 //!
-//! Activations and gradients travel on two communicators of the same pipeline group (two
-//! message streams): with PP=2 both directions of a rank pair carry both kinds of tensors,
-//! and a separate stream per kind keeps each one first-in first-out whatever the schedule.
-//! Under the interleaved schedule the last rank's chunk c feeds chunk c+1 of rank 0, so the
-//! neighbours wrap around.
+//! Every transfer of a [`super::plan`] exchange is issued as one group on the pipeline
+//! communicator ([`Communicator::exchange`]), so a rank that sends its next activation while
+//! its neighbour sends the previous gradient does not wait for the neighbour (NCCL sends
+//! block until the receive is posted). Under the interleaved schedule the last rank's chunk c
+//! feeds chunk c+1 of rank 0, so the neighbours wrap around.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 
+use super::plan::Transfer;
 use crate::parallel::comm::Communicator;
 
-/// This rank's pipeline neighbours and the wire dtype.
+/// This rank's pipeline group and the wire dtype.
 #[derive(Debug, Clone)]
 pub struct PipelineP2p {
-    /// Activations (forward direction).
-    forward: Arc<dyn Communicator>,
-    /// Gradients of activations (backward direction).
-    backward: Arc<dyn Communicator>,
+    comm: Arc<dyn Communicator>,
     wire_dtype: DType,
 }
 
 impl PipelineP2p {
-    /// `forward` and `backward` are two communicators over the same pipeline group (group
-    /// rank = pipeline stage); tensors travel as `wire_dtype`.
-    pub fn new(
-        forward: Arc<dyn Communicator>,
-        backward: Arc<dyn Communicator>,
-        wire_dtype: DType,
-    ) -> Result<Self> {
-        if forward.size() != backward.size() || forward.rank() != backward.rank() {
-            candle_core::bail!(
-                "pipeline communicators differ: {} vs {}",
-                forward.describe(),
-                backward.describe()
-            );
-        }
-        Ok(Self { forward, backward, wire_dtype })
+    /// `comm` is the pipeline group (group rank = pipeline stage); tensors travel as
+    /// `wire_dtype`.
+    pub fn new(comm: Arc<dyn Communicator>, wire_dtype: DType) -> Self {
+        Self { comm, wire_dtype }
     }
 
     /// This rank's pipeline stage.
     pub fn rank(&self) -> usize {
-        self.forward.rank()
+        self.comm.rank()
     }
 
     /// Number of pipeline stages.
     pub fn size(&self) -> usize {
-        self.forward.size()
+        self.comm.size()
     }
 
     /// Dtype of every transfer.
@@ -56,31 +43,27 @@ impl PipelineP2p {
         self.wire_dtype
     }
 
-    fn next(&self) -> usize {
-        (self.rank() + 1) % self.size()
-    }
-
-    fn prev(&self) -> usize {
-        (self.rank() + self.size() - 1) % self.size()
-    }
-
-    /// Sends a chunk's output activation to the next stage.
-    pub fn send_forward(&self, activation: &Tensor) -> Result<()> {
-        self.forward.send(&activation.to_dtype(self.wire_dtype)?.contiguous()?, self.next())
-    }
-
-    /// Receives this chunk's input activation of `shape` from the previous stage, as `dtype`.
-    pub fn recv_forward(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
-        self.forward.recv(self.prev(), shape, self.wire_dtype, device)?.to_dtype(dtype)
-    }
-
-    /// Sends the gradient of a chunk's input back to the previous stage.
-    pub fn send_backward(&self, grad: &Tensor) -> Result<()> {
-        self.backward.send(&grad.to_dtype(self.wire_dtype)?.contiguous()?, self.prev())
-    }
-
-    /// Receives the gradient of this chunk's output of `shape` from the next stage.
-    pub fn recv_backward(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
-        self.backward.recv(self.next(), shape, self.wire_dtype, device)?.to_dtype(dtype)
+    /// Sends each `(transfer, tensor)` to its peer and receives each `(transfer, shape)` from
+    /// its peer, as one group; received tensors come back as `dtype` on `device`, in the
+    /// order of `recvs`.
+    pub fn exchange(
+        &self,
+        sends: &[(Transfer, Tensor)],
+        recvs: &[(Transfer, Shape)],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<Tensor>> {
+        let wire: Vec<(Tensor, usize)> = sends
+            .iter()
+            .map(|(t, x)| Ok((x.to_dtype(self.wire_dtype)?.contiguous()?, t.peer)))
+            .collect::<Result<_>>()?;
+        let wire_refs: Vec<(&Tensor, usize)> = wire.iter().map(|(x, p)| (x, *p)).collect();
+        let specs: Vec<(usize, Shape, DType)> =
+            recvs.iter().map(|(t, s)| (t.peer, s.clone(), self.wire_dtype)).collect();
+        self.comm
+            .exchange(&wire_refs, &specs, device)?
+            .into_iter()
+            .map(|t| t.to_dtype(dtype))
+            .collect()
     }
 }

@@ -86,6 +86,22 @@ fn one_f_one_b(
 }
 
 fn interleaved(spec: &ScheduleSpec) -> Result<Vec<Op>> {
+    let vp = spec.num_chunks;
+    let (table, warmup) = interleaved_table(spec)?;
+    let fwd = |k: usize| {
+        let (microbatch, chunk) = table[k];
+        Op::Forward { chunk, microbatch }
+    };
+    let bwd = |k: usize| {
+        let (microbatch, chunk) = table[k];
+        Op::Backward { chunk: vp - 1 - chunk, microbatch }
+    };
+    Ok(one_f_one_b(table.len(), warmup, spec.forward_only, fwd, bwd))
+}
+
+/// The interleaved schedule's table (virtual micro-batch → (micro-batch, forward chunk)) and
+/// this rank's number of warm-up forwards, after checking the layout as megatron-core does.
+pub(crate) fn interleaved_table(spec: &ScheduleSpec) -> Result<(Vec<(usize, usize)>, usize)> {
     let ScheduleSpec { pp_size, pp_rank, num_microbatches: m, num_chunks: vp, .. } = *spec;
     // Evaluation only needs every rank to walk the same table; a short evaluation batch
     // need not fill a micro-batch group.
@@ -118,15 +134,7 @@ fn interleaved(spec: &ScheduleSpec) -> Result<Vec<Op>> {
     } else {
         ((pp_size - pp_rank - 1) * 2 + (vp - 1) * group).min(total)
     };
-    let fwd = |k: usize| {
-        let (microbatch, chunk) = table[k];
-        Op::Forward { chunk, microbatch }
-    };
-    let bwd = |k: usize| {
-        let (microbatch, chunk) = table[k];
-        Op::Backward { chunk: vp - 1 - chunk, microbatch }
-    };
-    Ok(one_f_one_b(total, warmup, spec.forward_only, fwd, bwd))
+    Ok((table, warmup))
 }
 
 /// megatron-core's `get_schedule_table`: virtual micro-batch → (micro-batch, model chunk).
