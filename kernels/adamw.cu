@@ -15,6 +15,7 @@ struct AdamArgs {
     float neg_step;     // −lr / (1 − β1^t)
     int mode;           // 0: no weight decay, 1: decoupled, 2: coupled L2
     int has_grad;       // 0: the parameter got no gradient (treated as zeros)
+    float grad_scale;   // the gradient is multiplied by this first (global-norm clipping)
 };
 
 template <typename P>
@@ -23,7 +24,7 @@ __device__ void adam_impl(float *master, float *m, float *v, const float *g, P *
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         float p = master[i];
-        float gr = a.has_grad ? g[i] : 0.f;
+        float gr = a.has_grad ? __fmul_rn(g[i], a.grad_scale) : 0.f;
         if (a.mode == 1) p = __fmul_rn(p, a.lr_wd_keep);
         if (a.mode == 2) gr = __fadd_rn(gr, __fmul_rn(p, a.wd));
         const float mo = m[i];

@@ -176,6 +176,36 @@ fn tcp_between_threads() {
 }
 
 #[test]
+fn tcp_tells_a_finished_peer_from_a_failed_one() {
+    // Rank 1 says goodbye before leaving, rank 2 just leaves: only rank 2 counts as failed
+    // (what the NCCL watchdog stops on), and a receive from either names how it left.
+    let port = free_port();
+    let out = run_ranks(3, DEADLINE, move |rank, _| {
+        let w = TcpWorld::connect(&tcp_opts(rank, 3, port, Duration::from_secs(60)))?;
+        let g = w.world_group()?;
+        g.barrier()?;
+        if rank == 1 {
+            w.farewell();
+        }
+        if rank != 0 {
+            return Ok(String::new());
+        }
+        let recv_err = |src| {
+            g.recv(src, &candle_core::Shape::from(1), DType::F32, &Device::Cpu)
+                .unwrap_err()
+                .to_string()
+        };
+        let (from_1, from_2) = (recv_err(1), recv_err(2));
+        let failed = w.failed_peers();
+        assert_eq!(failed.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![2], "{failed:?}");
+        Ok(format!("{from_1}\n{from_2}"))
+    });
+    let (from_1, from_2) = out[0].split_once('\n').unwrap();
+    assert!(from_1.contains("rank 1 is gone (finished its run; connection closed"), "{from_1}");
+    assert!(from_2.contains("rank 2 is gone (connection closed"), "{from_2}");
+}
+
+#[test]
 fn tcp_rendezvous_names_the_rank_that_did_not_arrive() {
     let port = free_port();
     let out = try_ranks(2, DEADLINE, move |rank, _| {

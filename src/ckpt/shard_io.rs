@@ -13,7 +13,11 @@ use crate::io::st_write::{write_safetensors, OutTensor, WriteOptions};
 /// Writes `tensors` as a checkpoint shard at `path` (fsynced); returns its size and CRC-32C.
 /// A floating-point tensor holding NaN or Inf is an error naming it.
 pub fn write_shard(path: &Path, tensors: Vec<OutTensor>) -> Result<FileInfo> {
-    write_safetensors(path, &tensors, WriteOptions { check_finite: true, metadata: None })
+    let info =
+        write_safetensors(path, &tensors, WriteOptions { check_finite: true, metadata: None });
+    // A long synchronous save is progress, not a hang.
+    crate::parallel::watchdog::beat();
+    info
 }
 
 /// Maps a shard after checking its length and CRC-32C against `expected`.

@@ -9,6 +9,7 @@ use crate::config::{finalize, load, Finalized};
 use crate::config_err;
 use crate::parallel::launch::discover_from_process_env;
 use crate::parallel::spawn::{self, SpawnSpec};
+use crate::parallel::watchdog::Watchdog;
 use crate::parallel::{ProcessGroups, Topology};
 use crate::train::trainer::Trainer;
 use candle_core::Device;
@@ -109,16 +110,29 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
         parse_device(&args.device)?
     };
     let run_config = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
+    let timeout = Duration::from_secs(60 * fin.cfg.dist.distributed_timeout_minutes);
+    let nccl = fin.cfg.dist.distributed_backend == DistBackend::Nccl && device.is_cuda();
     let groups = if env.world_size > 1 {
         let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, env.world_size)?;
-        let timeout = Duration::from_secs(60 * fin.cfg.dist.distributed_timeout_minutes);
-        let nccl = fin.cfg.dist.distributed_backend == DistBackend::Nccl;
         Some(ProcessGroups::connect(&env, topo, timeout, &device, nccl)?)
     } else {
         None
     };
+    let tcp_world = groups.as_ref().and_then(|g| g.tcp_world.clone());
+    // Over NCCL a dead or hung peer blocks this rank inside the GPU stream, beyond any
+    // receive timeout: the watchdog ends the process with the reason instead.
+    let _watchdog = match (&tcp_world, nccl) {
+        (Some(w), true) => {
+            let w = w.clone();
+            Some(Watchdog::start(env.rank, move || w.failed_peers(), timeout)?)
+        }
+        _ => None,
+    };
     let mut trainer = Trainer::new_rank(fin, run_config, device, groups)?;
     let outcome = trainer.train()?;
+    if let Some(w) = &tcp_world {
+        w.farewell();
+    }
     tracing::info!("training stopped at iteration {} ({:?})", outcome.final_step, outcome.reason);
     Ok(())
 }

@@ -38,6 +38,9 @@ pub struct ProcessGroups {
     /// asynchronous save's writer thread exchanges file lists on it while the training
     /// thread runs collectives on the other groups. Always over the CPU transport.
     pub ckpt: Arc<dyn Communicator>,
+    /// The TCP world under the groups when ranks are processes (None for thread ranks): it
+    /// tells when a peer process ended and whether it finished its run.
+    pub tcp_world: Option<Arc<TcpWorld>>,
 }
 
 /// The name of [`ProcessGroups::ckpt`].
@@ -71,6 +74,7 @@ impl ProcessGroups {
             mp: group(GroupKind::Mp)?,
             embedding,
             ckpt: make(CKPT_GROUP, &world)?,
+            tcp_world: None,
             topology,
             rank,
             coords,
@@ -87,9 +91,10 @@ impl ProcessGroups {
     /// Groups of this process over TCP.
     pub fn tcp(world: &Arc<TcpWorld>, topology: Topology) -> Result<Self> {
         let rank = world.rank();
-        Self::new(topology, rank, |name, members| {
+        let groups = Self::new(topology, rank, |name, members| {
             Ok(Arc::new(world.group(name, members)?) as Arc<dyn Communicator>)
-        })
+        })?;
+        Ok(Self { tcp_world: Some(world.clone()), ..groups })
     }
 
     /// Joins the TCP world described by the launcher environment and builds the groups.
@@ -116,7 +121,7 @@ impl ProcessGroups {
         #[cfg(feature = "cuda")]
         {
             let rank = world.rank();
-            Self::new(topology, rank, |name, members| {
+            let groups = Self::new(topology, rank, |name, members| {
                 let cpu = world.group(name, members)?;
                 if name == CKPT_GROUP {
                     // Checkpoint saves move small CPU tensors, from a second thread: an NCCL
@@ -129,7 +134,8 @@ impl ProcessGroups {
                     )
                 })?;
                 Ok(Arc::new(g) as Arc<dyn Communicator>)
-            })
+            })?;
+            Ok(Self { tcp_world: Some(world), ..groups })
         }
         #[cfg(not(feature = "cuda"))]
         anyhow::bail!("a CUDA device needs an mbridge built with --features cuda")

@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod spawn;
 pub mod tensor;
 pub mod topology;
+pub mod watchdog;
 
 pub use comm::{Communicator, ReduceOp};
 pub use groups::ProcessGroups;

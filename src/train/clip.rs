@@ -24,13 +24,19 @@ where
     I: IntoIterator<Item = &'a Var>,
 {
     let present: Vec<&Tensor> = vars.into_iter().filter_map(|v| grads.grad_of(v)).collect();
-    if let Some(per_tensor) = fused_sums_of_squares(&present)? {
+    sum_of_squares(&present)
+}
+
+/// `Σ t²` over all of `tensors` (f32 per tensor, f64 across them, in order): the multi-block
+/// CUDA reduction when it applies, candle ops otherwise.
+pub fn sum_of_squares(present: &[&Tensor]) -> candle_core::Result<f64> {
+    if let Some(per_tensor) = fused_sums_of_squares(present)? {
         return Ok(per_tensor.iter().sum());
     }
     // One host transfer per run of same-device tensors instead of one per tensor: the
     // per-tensor sums stay on their device until the end.
     let mut sums: Vec<Tensor> = Vec::new();
-    for g in present {
+    for &g in present {
         let dtype = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
         sums.push(g.to_dtype(dtype)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.reshape(1)?);
     }

@@ -97,25 +97,24 @@ impl DistributedOptimizer {
         counts: impl Fn(usize) -> bool,
     ) -> candle_core::Result<f64> {
         let buckets = self.layout.buckets();
-        let mut sums = Vec::new();
-        for s in self.slices.iter().filter(|s| counts(s.param)) {
-            let k = bucket_index(&buckets, s);
-            let g = shards[k].narrow(0, s.shard_offset, s.len)?;
-            sums.push(g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.reshape(1)?);
-        }
-        if sums.is_empty() {
-            return Ok(0.0);
-        }
-        Ok(Tensor::cat(&sums, 0)?.to_device(&Device::Cpu)?.to_vec1::<f64>()?.iter().sum())
+        let slices = self
+            .slices
+            .iter()
+            .filter(|s| counts(s.param))
+            .map(|s| shards[bucket_index(&buckets, s)].narrow(0, s.shard_offset, s.len))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        super::clip::sum_of_squares(&slices.iter().collect::<Vec<_>>())
     }
 
-    /// One optimizer step of this rank's shards with the reduced (and clipped) gradient shards,
-    /// then the all-gather of the updated parameters into the model over `dp`.
+    /// One optimizer step of this rank's shards with the reduced gradient shards times
+    /// `grad_scale` (the clipping coefficient), then the all-gather of the updated parameters
+    /// into the model over `dp`.
     pub fn step(
         &mut self,
         shards: &[Tensor],
         lr: f64,
         wd: f64,
+        grad_scale: Option<f64>,
         dp: &dyn Communicator,
     ) -> anyhow::Result<()> {
         let buckets = self.layout.buckets();
@@ -124,7 +123,7 @@ impl DistributedOptimizer {
             let k = bucket_index(&buckets, s);
             grads.insert(p.var.id(), shards[k].narrow(0, s.shard_offset, s.len)?);
         }
-        self.inner.step(&SliceGrads(grads), lr, wd)?;
+        self.inner.step_scaled(&SliceGrads(grads), lr, wd, grad_scale)?;
         self.gather_params(dp)
     }
 

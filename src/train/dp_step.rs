@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
-use super::clip::{clip_by_total_norm, clip_coeff, clip_grad_norm, GradNorm};
+use super::clip::{clip_coeff, local_sq_norm, GradNorm};
 use super::pipeline::all_reduce_embedding_grads;
 use super::run_optimizer::RunOptimizer;
 use super::trainer::Trainer;
@@ -62,12 +62,17 @@ impl Trainer {
     }
 
     /// Global gradient norm (over DP shards and model-parallel ranks, equal to one rank's)
-    /// and clipping to `optimizer.clip_grad` in place.
-    pub(super) fn clip_grads(&mut self, reduced: &mut Reduced) -> Result<GradNorm> {
+    /// and the coefficient that clips it to `optimizer.clip_grad`. The gradients are not
+    /// scaled here: [`Self::apply_update`] hands the coefficient to the optimizer, whose step
+    /// multiplies each gradient as it reads it.
+    pub(super) fn clip_grads(&mut self, reduced: &Reduced) -> Result<GradNorm> {
         let clip_grad = self.cfg.optimizer.clip_grad;
+        let coeff_for =
+            |norm: f64| if clip_grad > 0.0 { clip_coeff(norm, clip_grad) } else { None };
         let vars = self.optimizer.vars();
         let Some(g) = &self.groups else {
-            return Ok(clip_grad_norm(&mut self.acc, vars.iter(), clip_grad)?);
+            let norm = local_sq_norm(&self.acc, vars.iter())?.sqrt();
+            return Ok(GradNorm { norm, coeff: coeff_for(norm) });
         };
         let all: Vec<Param> =
             self.chunks.iter().flat_map(|m| m.params().params()).cloned().collect();
@@ -77,12 +82,7 @@ impl Trainer {
         match reduced {
             Reduced::Full => {
                 let total = model_parallel_grad_sq_norm(&self.acc, &all, tp_rank, &*g.mp)?.sqrt();
-                let coeff = if clip_grad > 0.0 {
-                    clip_by_total_norm(&mut self.acc, vars.iter(), clip_grad, total)?
-                } else {
-                    None
-                };
-                Ok(GradNorm { norm: total, coeff })
+                Ok(GradNorm { norm: total, coeff: coeff_for(total) })
             }
             Reduced::Shards(shards) => {
                 let RunOptimizer::Distributed(d) = &self.optimizer else {
@@ -93,26 +93,23 @@ impl Trainer {
                 let t = Tensor::new(&[local], &Device::Cpu)?;
                 let t = g.dp.all_reduce(&t, ReduceOp::Sum)?;
                 let total = g.mp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?[0].sqrt();
-                let coeff = if clip_grad > 0.0 { clip_coeff(total, clip_grad) } else { None };
-                if let Some(c) = coeff {
-                    for s in shards.iter_mut() {
-                        *s = s.affine(c, 0.0)?;
-                    }
-                }
-                Ok(GradNorm { norm: total, coeff })
+                Ok(GradNorm { norm: total, coeff: coeff_for(total) })
             }
         }
     }
 
-    /// The optimizer update with the scheduler's lr and weight decay; the distributed
-    /// optimizer then all-gathers the updated parameters.
-    pub(super) fn apply_update(&mut self, reduced: Reduced) -> Result<()> {
+    /// The optimizer update with the scheduler's lr and weight decay, the gradients clipped by
+    /// `clip_coeff` as they are read; the distributed optimizer then all-gathers the updated
+    /// parameters.
+    pub(super) fn apply_update(&mut self, reduced: Reduced, clip_coeff: Option<f64>) -> Result<()> {
         let (lr, wd) = (self.scheduler.get_lr(), self.scheduler.get_wd());
         match (&mut self.optimizer, reduced) {
-            (RunOptimizer::Replicated(o), Reduced::Full) => o.step(&self.acc, lr, wd)?,
+            (RunOptimizer::Replicated(o), Reduced::Full) => {
+                o.step_scaled(&self.acc, lr, wd, clip_coeff)?
+            }
             (RunOptimizer::Distributed(d), Reduced::Shards(shards)) => {
                 let g = self.groups.as_ref().context("the distributed optimizer needs groups")?;
-                d.step(&shards, lr, wd, &*g.dp)?;
+                d.step(&shards, lr, wd, clip_coeff, &*g.dp)?;
             }
             _ => unreachable!("the reduction matches the optimizer"),
         }

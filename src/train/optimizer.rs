@@ -281,6 +281,19 @@ impl Optimizer {
         lr: f64,
         wd: f64,
     ) -> Result<(), OptimError> {
+        self.step_scaled(grads, lr, wd, None)
+    }
+
+    /// [`Self::step`] with every gradient multiplied by `grad_scale` first (the global-norm
+    /// clipping coefficient, [`super::clip::clip_coeff`]): the same values as clipping the
+    /// gradients in place beforehand, without a pass of its own over them.
+    pub fn step_scaled<G: GradSource + ?Sized>(
+        &mut self,
+        grads: &G,
+        lr: f64,
+        wd: f64,
+        grad_scale: Option<f64>,
+    ) -> Result<(), OptimError> {
         // Check every gradient first so a bad one leaves the optimizer and model untouched.
         for p in &self.params {
             if let Some(g) = grads.grad_of(&p.var) {
@@ -298,13 +311,16 @@ impl Optimizer {
         let algorithm = self.algorithm;
         for p in &mut self.params {
             if let Algorithm::Adam(c) = algorithm {
-                if fused_adam(p, grads.grad_of(&p.var), lr, wd, t, &c)? {
+                if fused_adam(p, grads.grad_of(&p.var), lr, wd, t, &c, grad_scale)? {
                     continue;
                 }
             }
-            let grad = match grads.grad_of(&p.var) {
-                Some(g) => g.detach().to_dtype(master_dtype(p.var.dtype()))?,
-                None => p.exp_avg.zeros_like()?,
+            let grad = match (grads.grad_of(&p.var), grad_scale) {
+                (Some(g), None) => g.detach().to_dtype(master_dtype(p.var.dtype()))?,
+                (Some(g), Some(c)) => {
+                    g.detach().to_dtype(master_dtype(p.var.dtype()))?.affine(c, 0.0)?
+                }
+                (None, _) => p.exp_avg.zeros_like()?,
             };
             let param = p.master_value();
             let group_wd = wd * p.wd_mult;
@@ -351,6 +367,7 @@ fn fused_adam(
     wd: f64,
     t: f64,
     c: &AdamConfig,
+    grad_scale: Option<f64>,
 ) -> Result<bool, OptimError> {
     use crate::ops::cuda::adamw::{adam_step, AdamStep, WeightDecay};
     if !crate::ops::fused::use_fused_optimizer(p.var.device(), p.var.dtype()) {
@@ -362,7 +379,15 @@ fn fused_adam(
         (true, true) => WeightDecay::Decoupled(group_wd),
         (true, false) => WeightDecay::Coupled(group_wd),
     };
-    let step = AdamStep { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, t, weight_decay };
+    let step = AdamStep {
+        lr,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        t,
+        weight_decay,
+        grad_scale: grad_scale.unwrap_or(1.0),
+    };
     let v = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment");
     match &p.master {
         Some(m) => adam_step(m, &p.exp_avg, v, grad, Some(p.var.as_tensor()), &step)?,
@@ -379,6 +404,7 @@ fn fused_adam(
     _wd: f64,
     _t: f64,
     _c: &AdamConfig,
+    _grad_scale: Option<f64>,
 ) -> Result<bool, OptimError> {
     Ok(false)
 }

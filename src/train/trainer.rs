@@ -162,6 +162,7 @@ impl Trainer {
             let step = self.train_step(iteration, &micro, skip)?;
             self.profile_step_end()?;
             self.check_weight_replicas(iteration)?;
+            crate::parallel::watchdog::beat();
             self.state.step = iteration;
             self.state.consumed_train_samples += gbs as u64;
             if skip {
@@ -327,8 +328,8 @@ impl Trainer {
         }
         // Per-token: Σ grads / global tokens. Otherwise each rank holds the mean of its
         // micro-batch means and DP averages them (megatron-core's finalize_model_grads).
-        let mut reduced = self.reduce_grads(per_token.then_some(tokens))?;
-        let norm = self.clip_grads(&mut reduced)?;
+        let reduced = self.reduce_grads(per_token.then_some(tokens))?;
+        let norm = self.clip_grads(&reduced)?;
         if !norm.is_finite() {
             if self.cfg.rerun_state_machine.check_for_nan_in_loss
                 || self.cfg.ddp.check_for_nan_in_grad
@@ -348,7 +349,7 @@ impl Trainer {
         let _phase = Range::phase("optimizer");
         // A background save must hold its own copy of the weights before they change.
         self.saver.wait_snapshot();
-        self.apply_update(reduced)?;
+        self.apply_update(reduced, norm.coeff)?;
         timer.mark("optimizer")?;
         if let Some(s) = timer.summary() {
             tracing::debug!("iteration {iteration} phases: {s}");

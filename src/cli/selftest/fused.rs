@@ -167,7 +167,8 @@ fn cross_entropy(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
 }
 
 /// Three Adam steps of bf16 parameters (fp32 master) on the GPU (fused kernel) and on the
-/// CPU (composite ops): AdamW and Adam+L2, a no-decay parameter and one without gradient.
+/// CPU (composite ops): AdamW and Adam+L2, a no-decay parameter and one without gradient,
+/// two of the steps with a clipping coefficient.
 fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let mut ms = Vec::new();
     for decoupled in [true, false] {
@@ -195,11 +196,13 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
                 gg.insert(gvars[k].as_tensor(), g.to_device(dev)?);
                 cg.insert(cvars[k].as_tensor(), g);
             }
+            // Steps 2 and 3 clip (the coefficient is applied inside the kernel).
+            let clip = [None, Some(0.37), Some(0.5)][step as usize];
             set_override(Some(true));
-            let r = gpu.step(&gg, 1e-2, 0.1);
+            let r = gpu.step_scaled(&gg, 1e-2, 0.1, clip);
             set_override(None);
             r?;
-            cpu.step(&cg, 1e-2, 0.1)?;
+            cpu.step_scaled(&cg, 1e-2, 0.1, clip)?;
         }
         let tag = if decoupled { "adamw" } else { "adam+l2" };
         for (k, (g, c)) in gpu.params().iter().zip(cpu.params()).enumerate() {

@@ -32,6 +32,9 @@ pub struct AdamStep {
     /// 1-based step count (bias correction).
     pub t: f64,
     pub weight_decay: WeightDecay,
+    /// Factor applied to the gradient before the update (the clipping coefficient; 1 = none),
+    /// so clipping needs no pass of its own over the gradients.
+    pub grad_scale: f64,
 }
 
 /// Mirror of `struct AdamArgs` in kernels/adamw.cu (passed by value).
@@ -48,6 +51,7 @@ struct AdamArgs {
     neg_step: f32,
     mode: i32,
     has_grad: i32,
+    grad_scale: f32,
 }
 
 // SAFETY: plain-old-data with C layout, matching the kernel's struct.
@@ -73,6 +77,7 @@ impl AdamStep {
             neg_step: (-self.lr / bc1) as f32,
             mode,
             has_grad: i32::from(has_grad),
+            grad_scale: self.grad_scale as f32,
         }
     }
 }
@@ -84,7 +89,7 @@ fn f32_view<'a>(s: &'a Storage, l: &Layout, n: usize, what: &str) -> Result<Cuda
 }
 
 /// Updates `master`, `exp_avg`, `exp_avg_sq` (f32, contiguous, distinct buffers) in place from
-/// `grad` (f32; None = zeros) and writes the rounded result into `param` (the model's
+/// `grad · step.grad_scale` (f32; None = zeros) and writes the rounded result into `param` (the model's
 /// variable, any float dtype). With `param = None` the master *is* the f32 parameter.
 pub fn adam_step(
     master: &Tensor,

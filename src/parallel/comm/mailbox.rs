@@ -11,6 +11,8 @@ struct State {
     queues: HashMap<(usize, u64), VecDeque<Vec<u8>>>,
     /// Sources that can send nothing more, with the reason.
     dead: HashMap<usize, String>,
+    /// Sources that said goodbye (finished their run) before their connection closed.
+    finished: std::collections::HashSet<usize>,
 }
 
 /// Messages delivered to one rank.
@@ -41,6 +43,26 @@ impl Mailbox {
         self.cond.notify_all();
     }
 
+    /// Records that `src` finished its run: its connection closing next is no failure.
+    pub(crate) fn mark_finished(&self, src: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.finished.insert(src);
+    }
+
+    /// Sources whose connection ended without a goodbye (they crashed, were killed or failed),
+    /// with the reason, in rank order.
+    pub(crate) fn failed(&self) -> Vec<(usize, String)> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(usize, String)> = st
+            .dead
+            .iter()
+            .filter(|(r, _)| !st.finished.contains(r))
+            .map(|(r, why)| (*r, why.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Takes the oldest message from `src` under `tag`, waiting up to `timeout`; `what`
     /// describes the operation for the error message (rank, group, op).
     pub(crate) fn pop(
@@ -62,7 +84,8 @@ impl Mailbox {
                 }
             }
             if let Some(reason) = st.dead.get(&src) {
-                candle_core::bail!("{}: rank {src} is gone ({reason})", what());
+                let how = if st.finished.contains(&src) { "finished its run; " } else { "" };
+                candle_core::bail!("{}: rank {src} is gone ({how}{reason})", what());
             }
             let now = Instant::now();
             if now >= deadline {

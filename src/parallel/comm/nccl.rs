@@ -73,7 +73,9 @@ impl NcclGroup {
         matches!(t.device(), Device::Cuda(_))
     }
 
+    /// The communicator, for one NCCL call (which is progress for the watchdog).
     fn lock(&self) -> std::sync::MutexGuard<'_, Comm> {
+        crate::parallel::watchdog::beat();
         self.comm.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

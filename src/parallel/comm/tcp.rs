@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 
 const MAGIC: u32 = 0x4d42_5244; // "MBRD"
 
+/// Tag of the empty frame a rank sends every peer when its run finished cleanly
+/// ([`TcpWorld::farewell`]); group tags never take it (FNV-1a of a name, ±1).
+const GOODBYE_TAG: u64 = u64::MAX;
+
 /// Where and how to meet the other ranks.
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
@@ -136,6 +140,10 @@ impl TcpWorld {
                     }
                     let tag = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
                     let len = u64::from_le_bytes(head[8..].try_into().expect("8 bytes")) as usize;
+                    if tag == GOODBYE_TAG && len == 0 {
+                        inbox.mark_finished(peer);
+                        continue;
+                    }
                     let mut body = vec![0u8; len];
                     if let Err(e) = reader.read_exact(&mut body) {
                         inbox.mark_dead(peer, format!("connection closed mid-message: {e}"));
@@ -321,6 +329,24 @@ impl TcpWorld {
     /// Number of ranks.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Tells every peer this rank finished its run, so its connection closing next is not
+    /// taken for a failure ([`Self::failed_peers`]). Call only after a successful run: a rank
+    /// that fails leaves without it, and the others stop at once.
+    pub fn farewell(&self) {
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(&GOODBYE_TAG.to_le_bytes());
+        for w in self.writers.iter().flatten() {
+            let mut s = w.lock().unwrap_or_else(|e| e.into_inner());
+            // A peer already gone cannot be told; nothing else to do about it.
+            let _ = s.write_all(&head);
+        }
+    }
+
+    /// Peers whose connection ended without a goodbye, with the reason.
+    pub fn failed_peers(&self) -> Vec<(usize, String)> {
+        self.inbox.failed()
     }
 
     /// This rank's communicator for the group `members` (global ranks in group-rank order).
