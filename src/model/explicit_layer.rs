@@ -5,7 +5,7 @@
 //! view (narrow, transpose, reshape) back into a full copy, and the graph keeps every
 //! intermediate activation until the whole backward is over. This layer runs the GEMMs and
 //! fused kernels of its backward directly, saves only what they need (the fused QKV, the
-//! attention output and logsumexp, `linear_fc1`'s output; the norms and the activation are
+//! attention output and logsumexp, `linear_fc1`'s output and the activation; the norms are
 //! recomputed, they are cheap), and frees them as soon as the layer's backward is done. The
 //! whole layer is one node of candle's graph ([`with_backward`]); its parameter gradients go
 //! to the step's side sink ([`RecomputeGrads`]), like those of recomputed segments.

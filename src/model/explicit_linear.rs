@@ -34,6 +34,11 @@ impl ExplicitLinear<'_> {
         adapter.is_none_or(|a| a.explicit_parts().is_some())
     }
 
+    /// Whether [`Self::backward`] reads the forward input (for a weight or adapter gradient).
+    pub fn needs_input(&self) -> bool {
+        trains(self.w) || self.adapter.is_some()
+    }
+
     /// `y` for `x` `[..., in]`, outside autograd.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
         let y = ops::linear(x, &self.w.detach(), self.b.map(Tensor::detach).as_ref())?;
@@ -57,10 +62,7 @@ impl ExplicitLinear<'_> {
         saved: LinearSaved,
         grads: &mut GradStore,
     ) -> Result<Tensor> {
-        let x = match trains(self.w) || self.adapter.is_some() {
-            true => Some(x()?),
-            false => None,
-        };
+        let x = if self.needs_input() { Some(x()?) } else { None };
         if let (true, Some(x)) = (trains(self.w), &x) {
             grads.insert(self.w, manual::weight_grad(dy, x)?);
         }

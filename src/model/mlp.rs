@@ -149,12 +149,16 @@ impl Mlp {
     }
 }
 
-/// What the written-out backward of [`Mlp`] keeps from its forward: `linear_fc1`'s output
-/// (the norm output and the activation are recomputed from the block input and from it).
+/// What the written-out backward of [`Mlp`] keeps from its forward: `linear_fc1`'s output and
+/// the activation (`linear_fc2`'s input) when `linear_fc2` needs it for a weight or adapter
+/// gradient (the norm output is recomputed from the block input).
 pub struct MlpSaved {
     /// With its adapter's state; None under selective recompute of `mlp` (recomputed in the
     /// backward).
     fc1_out: Option<(Tensor, LinearSaved)>,
+    /// The activation, kept rather than recomputed from `fc1_out` (a pass over the widest
+    /// tensor of the layer) unless `mlp` is recomputed.
+    act: Option<Tensor>,
     fc2_lora: LinearSaved,
 }
 
@@ -203,7 +207,15 @@ impl Mlp {
         let (fc1_out, fc1_lora) = self.fc1(x)?;
         let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
         let (y, fc2_lora) = self.fc2_linear().forward(&act)?;
-        Ok((y, MlpSaved { fc1_out: (!recompute).then_some((fc1_out, fc1_lora)), fc2_lora }))
+        let fc2_needs_input = self.fc2_linear().needs_input();
+        Ok((
+            y,
+            MlpSaved {
+                fc1_out: (!recompute).then_some((fc1_out, fc1_lora)),
+                act: (!recompute && fc2_needs_input).then_some(act),
+                fc2_lora,
+            },
+        ))
     }
 
     /// Pre-norm and `linear_fc1` of `x`, outside autograd.
@@ -230,8 +242,12 @@ impl Mlp {
             None => section("mlp.fwd.fc1", dev, || self.fc1(x))?,
         };
         let u = fc1_out.reshape((b * s, ()))?;
+        let kept_act = saved.act;
         let dact = section("mlp.bwd.fc2", dev, || {
-            let act = || Ok(manual::activation_forward(&u, self.activation, self.gated)?);
+            let act = || match kept_act {
+                Some(a) => Ok(a.reshape((b * s, ()))?),
+                None => Ok(manual::activation_forward(&u, self.activation, self.gated)?),
+            };
             self.fc2_linear().backward(&dy, act, saved.fc2_lora, grads)
         })?;
         let du = section("mlp.bwd.act", dev, || {
