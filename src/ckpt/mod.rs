@@ -30,4 +30,4 @@ pub use save::{
     save_checkpoint, save_checkpoint_on, save_checkpoint_with, AsyncSaver, OwnedCheckpoint,
     RankSave, SavedCheckpoint,
 };
-pub use state::TrainState;
+pub use state::{GradScalerState, TrainState};

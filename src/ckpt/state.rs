@@ -15,4 +15,17 @@ pub struct TrainState {
     pub do_train: bool,
     pub do_valid: bool,
     pub do_test: bool,
+    /// fp16 runs with a dynamic loss scale: where the scaler stands (absent otherwise, and in
+    /// checkpoints written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<GradScalerState>,
+}
+
+/// What a checkpoint keeps of a dynamic scaler (megatron-core's `state_dict`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GradScalerState {
+    pub scale: f64,
+    pub growth_tracker: usize,
+    pub hysteresis_tracker: usize,
 }

@@ -61,18 +61,21 @@ impl Trainer {
         }
     }
 
-    /// Global gradient norm (over DP shards and model-parallel ranks, equal to one rank's)
-    /// and the coefficient that clips it to `optimizer.clip_grad`. The gradients are not
-    /// scaled here: [`Self::apply_update`] hands the coefficient to the optimizer, whose step
-    /// multiplies each gradient as it reads it.
-    pub(super) fn clip_grads(&mut self, reduced: &Reduced) -> Result<GradNorm> {
+    /// Global gradient norm (over DP shards and model-parallel ranks, equal to one rank's) of
+    /// the gradients divided by `loss_scale` (fp16; 1 otherwise), and the coefficient that
+    /// clips it to `optimizer.clip_grad`. The gradients are not scaled here:
+    /// [`Self::apply_update`] hands the factor to the optimizer, whose step multiplies each
+    /// gradient as it reads it.
+    pub(super) fn clip_grads(&mut self, reduced: &Reduced, loss_scale: f64) -> Result<GradNorm> {
         let clip_grad = self.cfg.optimizer.clip_grad;
-        let coeff_for =
-            |norm: f64| if clip_grad > 0.0 { clip_coeff(norm, clip_grad) } else { None };
+        let grad_norm = |scaled: f64| {
+            let norm = scaled / loss_scale;
+            let coeff = if clip_grad > 0.0 { clip_coeff(norm, clip_grad) } else { None };
+            GradNorm { norm, coeff }
+        };
         let vars = self.optimizer.vars();
         let Some(g) = &self.groups else {
-            let norm = local_sq_norm(&self.acc, vars.iter())?.sqrt();
-            return Ok(GradNorm { norm, coeff: coeff_for(norm) });
+            return Ok(grad_norm(local_sq_norm(&self.acc, vars.iter())?.sqrt()));
         };
         let all: Vec<Param> =
             self.chunks.iter().flat_map(|m| m.params().params()).cloned().collect();
@@ -82,7 +85,7 @@ impl Trainer {
         match reduced {
             Reduced::Full => {
                 let total = model_parallel_grad_sq_norm(&self.acc, &all, tp_rank, &*g.mp)?.sqrt();
-                Ok(GradNorm { norm: total, coeff: coeff_for(total) })
+                Ok(grad_norm(total))
             }
             Reduced::Shards(shards) => {
                 let RunOptimizer::Distributed(d) = &self.optimizer else {
@@ -93,23 +96,23 @@ impl Trainer {
                 let t = Tensor::new(&[local], &Device::Cpu)?;
                 let t = g.dp.all_reduce(&t, ReduceOp::Sum)?;
                 let total = g.mp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?[0].sqrt();
-                Ok(GradNorm { norm: total, coeff: coeff_for(total) })
+                Ok(grad_norm(total))
             }
         }
     }
 
-    /// The optimizer update with the scheduler's lr and weight decay, the gradients clipped by
-    /// `clip_coeff` as they are read; the distributed optimizer then all-gathers the updated
-    /// parameters.
-    pub(super) fn apply_update(&mut self, reduced: Reduced, clip_coeff: Option<f64>) -> Result<()> {
+    /// The optimizer update with the scheduler's lr and weight decay, the gradients multiplied
+    /// by `grad_scale` (clipping coefficient / loss scale) as they are read; the distributed
+    /// optimizer then all-gathers the updated parameters.
+    pub(super) fn apply_update(&mut self, reduced: Reduced, grad_scale: Option<f64>) -> Result<()> {
         let (lr, wd) = (self.scheduler.get_lr(), self.scheduler.get_wd());
         match (&mut self.optimizer, reduced) {
             (RunOptimizer::Replicated(o), Reduced::Full) => {
-                o.step_scaled(&self.acc, lr, wd, clip_coeff)?
+                o.step_scaled(&self.acc, lr, wd, grad_scale)?
             }
             (RunOptimizer::Distributed(d), Reduced::Shards(shards)) => {
                 let g = self.groups.as_ref().context("the distributed optimizer needs groups")?;
-                d.step(&shards, lr, wd, clip_coeff, &*g.dp)?;
+                d.step(&shards, lr, wd, grad_scale, &*g.dp)?;
             }
             _ => unreachable!("the reduction matches the optimizer"),
         }

@@ -57,6 +57,7 @@ mod dp_setup;
 mod dp_step;
 pub mod grads;
 pub mod log;
+pub mod loss_scale;
 pub mod memory;
 pub mod optimizer;
 mod optimizer_state;

@@ -1,6 +1,7 @@
 //! What a run reports: validation/test evaluation, the periodic log line, TensorBoard scalars
 //! (tag names of `spec/checkpoint-and-logging.md` §6), `metrics.jsonl`, and the W&B upload hint.
 
+use super::loss_scale::LossScaler;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -105,7 +106,7 @@ impl Trainer {
             learning_rate: w.lr,
             global_batch_size: self.d.global_batch_size,
             lm_loss: (w.advanced > 0).then(|| w.loss_sum / w.advanced as f64),
-            loss_scale: 1.0,
+            loss_scale: self.scaler.as_ref().map_or(1.0, LossScaler::scale),
             grad_norm: w.grad_norm,
             skipped_iterations: w.skipped,
             nan_iterations: w.nan,

@@ -1,6 +1,7 @@
 //! Building a run: tokenizer, model (this rank's TP shard of its pipeline stage(s)), optimizer, scheduler, data and
 //! logging sinks from a finalized config, then resuming from a checkpoint when there is one.
 
+use super::loss_scale::LossScaler;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -178,6 +179,7 @@ impl Trainer {
         }
         let cfg_seed = cfg.rng.seed;
         let profiler = Profiler::new(&cfg, groups.as_ref().map_or(0, |g| g.rank), &device)?;
+        let scaler = LossScaler::from_config(&cfg.optimizer);
         let mut t = Trainer {
             cfg,
             d,
@@ -199,6 +201,7 @@ impl Trainer {
             groups,
             rng_seed: cfg_seed,
             memory_reported: false,
+            scaler,
             profiler,
         };
         t.restore()?;
@@ -256,6 +259,10 @@ impl Trainer {
             }
             checkpointing::load_scheduler(&dir, &mut self.scheduler)?;
             self.state = checkpointing::load_train_state(&dir)?;
+            // fp16: continue with the loss scale the run had reached.
+            if let (Some(scaler), Some(saved)) = (&mut self.scaler, self.state.grad_scaler) {
+                scaler.restore(saved);
+            }
             tracing::info!("resumed from {} at iteration {}", dir.display(), self.state.step);
             return Ok(());
         }

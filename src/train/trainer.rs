@@ -1,6 +1,7 @@
 //! The pretraining loop: build the run from a finalized config, train with Megatron's step
 //! semantics, evaluate, log, checkpoint and decide when to exit.
 
+use super::loss_scale::LossScaler;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -84,6 +85,8 @@ pub struct Trainer {
     pub(super) memory_reported: bool,
     /// `profiling.*`: nsys window, NVTX ranges, Chrome trace, memory report.
     pub(super) profiler: Profiler,
+    /// fp16 runs: the loss scale (None for bf16 and f32).
+    pub(super) scaler: Option<LossScaler>,
 }
 
 impl Trainer {
@@ -284,12 +287,18 @@ impl Trainer {
             let stage = (chunk * pp_size + pp_rank) as u64;
             dropout_on.then(|| DropoutRng::new(seed, iteration, global_mb | (stage << 40)))
         };
+        // fp16: the backward runs on the loss times the loss scale.
+        let loss_scale = self.scaler.as_ref().map_or(1.0, LossScaler::scale);
         let objective = |sum: Tensor, count: f64| -> Result<Tensor> {
             Ok(if per_token {
-                sum
+                if loss_scale == 1.0 {
+                    sum
+                } else {
+                    sum.affine(loss_scale, 0.0)?
+                }
             } else {
                 // `output_tensor /= clamp(num_tokens, min=1); output_tensor /= num_microbatches`
-                sum.affine(1.0 / (count.max(1.0) * num_micro), 0.0)?
+                sum.affine(loss_scale / (count.max(1.0) * num_micro), 0.0)?
             })
         };
         let hooks = TrainHooks { dropout: &dropout, objective: &objective };
@@ -329,8 +338,21 @@ impl Trainer {
         // Per-token: Σ grads / global tokens. Otherwise each rank holds the mean of its
         // micro-batch means and DP averages them (megatron-core's finalize_model_grads).
         let reduced = self.reduce_grads(per_token.then_some(tokens))?;
-        let norm = self.clip_grads(&reduced)?;
+        let norm = self.clip_grads(&reduced, loss_scale)?;
         if !norm.is_finite() {
+            // fp16: the scaled gradients overflowed. Skip the step (the scheduler does not
+            // advance either) and let the scaler back off, as megatron-core's optimizer does.
+            if let Some(scaler) = &mut self.scaler {
+                scaler.update(true);
+                self.state.grad_scaler = scaler.state();
+                return Ok(StepResult {
+                    loss,
+                    grad_norm: None,
+                    skipped: true,
+                    nan: false,
+                    lr: self.scheduler.get_lr(),
+                });
+            }
             if self.cfg.rerun_state_machine.check_for_nan_in_loss
                 || self.cfg.ddp.check_for_nan_in_grad
             {
@@ -349,7 +371,16 @@ impl Trainer {
         let _phase = Range::phase("optimizer");
         // A background save must hold its own copy of the weights before they change.
         self.saver.wait_snapshot();
-        self.apply_update(reduced, norm.coeff)?;
+        // The optimizer divides the loss scale out with the clipping coefficient.
+        let grad_scale = match norm.coeff {
+            None if loss_scale == 1.0 => None,
+            c => Some(c.unwrap_or(1.0) / loss_scale),
+        };
+        self.apply_update(reduced, grad_scale)?;
+        if let Some(scaler) = &mut self.scaler {
+            scaler.update(false);
+            self.state.grad_scaler = scaler.state();
+        }
         timer.mark("optimizer")?;
         if let Some(s) = timer.summary() {
             tracing::debug!("iteration {iteration} phases: {s}");
