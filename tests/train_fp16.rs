@@ -19,8 +19,8 @@ fn skipped(o: &TrainOutcome) -> usize {
 
 #[test]
 fn dynamic_scale_backs_off_through_overflows_then_trains() {
-    let mut t = tiny_trainer(&args(&["train.train_iters=40", "validation.eval_iters=0", FP16]))
-        .unwrap();
+    let mut t =
+        tiny_trainer(&args(&["train.train_iters=40", "validation.eval_iters=0", FP16])).unwrap();
     let out = t.train().unwrap();
     // 2^32 overflows fp16 at once: the first overflow only spends the hysteresis (2), each
     // later one halves the scale (the hysteresis refills only when the scale grows, after
