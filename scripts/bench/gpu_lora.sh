@@ -33,7 +33,8 @@ EOF
 fi
 if [ "${PEER:-1}" = 1 ]; then
   echo "== peer: HF transformers + PEFT LoRA r32 (q,k,v,o,gate,up,down), seq $SEQ, micro batch $MBS"
-  python3 scripts/bench/peers/peer_torch.py "lora8b:8b:$SEQ:$MBS" 2>&1 | grep '^{' || echo "peer failed"
+  PEER_LINE=$(python3 scripts/bench/peers/peer_torch.py "lora8b:8b:$SEQ:$MBS" 2>&1 | grep '^{' || echo "peer failed")
+  echo "$PEER_LINE"
 fi
 echo "== mbridge finetune --peft lora (llama3_8b recipe: r32 on linear_qkv/proj/fc1/fc2), seq $SEQ, micro batch $MBS"
 mem_watch_start 200
@@ -46,3 +47,5 @@ mem_watch_start 200
   '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${@:4}" 2>&1 \
   | grep -E "iteration|error|Error|memory \(GB\)|initialized" | tail -8
 echo "mbridge peak GPU memory (MiB, nvidia-smi): $(mem_watch_stop)"
+# Again at the end, so a caller that keeps only the last lines still sees both engines.
+if [ -n "${PEER_LINE:-}" ]; then echo "peer: $PEER_LINE"; fi
