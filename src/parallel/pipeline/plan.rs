@@ -164,8 +164,10 @@ fn interleaved_plan(spec: &ScheduleSpec) -> Result<Vec<Step>> {
         (recv, if forward { chunk + 1 } else { chunk.wrapping_sub(1) })
     };
     let send_of = |op: Op| transfers(op, rank, pp, vp).1;
-    let fwd_op = |k: usize| ops.iter().filter(|o| matches!(o, Op::Forward { .. })).nth(k).copied();
-    let bwd_op = |k: usize| ops.iter().filter(|o| matches!(o, Op::Backward { .. })).nth(k).copied();
+    let (forwards, backwards): (Vec<Op>, Vec<Op>) =
+        ops.iter().copied().partition(|o| matches!(o, Op::Forward { .. }));
+    let fwd_op = |k: usize| forwards.get(k).copied();
+    let bwd_op = |k: usize| backwards.get(k).copied();
     let mut steps = Vec::with_capacity(ops.len() * 2 + 2);
     if !first_rank {
         steps.extend(exchange(vec![], vec![recv(Payload::Activation, fwd_chunk(0))?]));
