@@ -4,10 +4,10 @@
 //! timeout can reach it: the training thread blocks in the next synchronisation forever. The
 //! CPU rendezvous connections still tell when a peer process ended, and whether it said
 //! goodbye first ([`crate::parallel::comm::TcpWorld::farewell`]). A watchdog thread ends the
-//! process when a peer ended without a goodbye (crashed, killed, failed), or when this rank
-//! made no progress ([`beat`]: collectives issued, iterations finished, checkpoint files
-//! written) for `dist.distributed_timeout_minutes`, as torch's NCCL watchdog does for
-//! Megatron.
+//! process when a peer ended without a goodbye (crashed, killed, failed), or when this rank,
+//! once training started ([`arm`]), made no progress ([`beat`]: collectives issued,
+//! iterations finished, checkpoint files written) for `dist.distributed_timeout_minutes`, as
+//! torch's NCCL watchdog does for Megatron.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 static EPOCH: OnceLock<Instant> = OnceLock::new();
 static LAST_BEAT_MS: AtomicU64 = AtomicU64::new(0);
+/// Whether the no-progress limit applies: from the first training iteration on, so loading a
+/// large checkpoint or building the model (local work of any length) is never taken for a
+/// hang.
+static ARMED: AtomicBool = AtomicBool::new(false);
 
 fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
@@ -25,8 +29,17 @@ pub fn beat() {
     LAST_BEAT_MS.store(now_ms(), Ordering::Relaxed);
 }
 
-/// Time since the last [`beat`].
+/// Starts the no-progress limit (the training loop begins); also a [`beat`].
+pub fn arm() {
+    beat();
+    ARMED.store(true, Ordering::Relaxed);
+}
+
+/// Time since the last [`beat`] (zero before [`arm`]).
 fn idle() -> Duration {
+    if !ARMED.load(Ordering::Relaxed) {
+        return Duration::ZERO;
+    }
     Duration::from_millis(now_ms().saturating_sub(LAST_BEAT_MS.load(Ordering::Relaxed)))
 }
 

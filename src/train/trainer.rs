@@ -144,6 +144,7 @@ impl Trainer {
         let mut reason = ExitReason::Finished;
         let mut saved_at = None;
         let start_step = self.state.step;
+        crate::parallel::watchdog::arm();
         while self.state.step < train_iters {
             // A background save that failed surfaces here, at the next step.
             self.report_saves(false)?;
