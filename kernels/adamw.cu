@@ -15,7 +15,7 @@ struct AdamArgs {
     float neg_step;     // −lr / (1 − β1^t)
     int mode;           // 0: no weight decay, 1: decoupled, 2: coupled L2
     int has_grad;       // 0: the parameter got no gradient (treated as zeros)
-    float grad_scale;   // the gradient is multiplied by this first (global-norm clipping)
+    float grad_scale;   // the gradient is multiplied by this first (clipping / loss scale)
 };
 
 template <typename P>

@@ -107,7 +107,7 @@ impl DistributedOptimizer {
     }
 
     /// One optimizer step of this rank's shards with the reduced gradient shards times
-    /// `grad_scale` (the clipping coefficient), then the all-gather of the updated parameters
+    /// `grad_scale` (clipping coefficient / fp16 loss scale), then the all-gather of the updated parameters
     /// into the model over `dp`.
     pub fn step(
         &mut self,

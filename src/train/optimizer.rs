@@ -285,8 +285,8 @@ impl Optimizer {
     }
 
     /// [`Self::step`] with every gradient multiplied by `grad_scale` first (the global-norm
-    /// clipping coefficient, [`super::clip::clip_coeff`]): the same values as clipping the
-    /// gradients in place beforehand, without a pass of its own over them.
+    /// clipping coefficient, [`super::clip::clip_coeff`], divided by the fp16 loss scale): the
+    /// same values as scaling the gradients in place beforehand, without a pass of its own.
     pub fn step_scaled<G: GradSource + ?Sized>(
         &mut self,
         grads: &G,

@@ -241,17 +241,15 @@ impl Pipeline<'_> {
                 .with_context(|| format!("chunk {chunk}: no output gradient was received"))?;
             section("backward()", model.device(), || (&p.output * g)?.sum_all()?.backward())?
         };
-        let input_grad = match &p.input {
-            Some(input) => Some(
-                grads
-                    .get(input.as_tensor())
-                    .with_context(|| {
-                        format!("chunk {chunk}: no gradient reached its input activation")
-                    })?
-                    .clone(),
-            ),
-            None => None,
-        };
+        let input_grad = p
+            .input
+            .as_ref()
+            .map(|input| {
+                grads.get(input.as_tensor()).cloned().with_context(|| {
+                    format!("chunk {chunk}: no gradient reached its input activation")
+                })
+            })
+            .transpose()?;
         section("grads.accumulate", model.device(), || -> Result<()> {
             acc.accumulate(&grads)?;
             drop(grads);

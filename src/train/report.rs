@@ -1,7 +1,6 @@
 //! What a run reports: validation/test evaluation, the periodic log line, TensorBoard scalars
 //! (tag names of `spec/checkpoint-and-logging.md` §6), `metrics.jsonl`, and the W&B upload hint.
 
-use super::loss_scale::LossScaler;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::datasets::sampler_for_split;
 use super::log::{perplexity, timestamp, validation_box, LogLine};
+use super::loss_scale::LossScaler;
 use super::trainer::{StepResult, Trainer, Window};
 use crate::ckpt::SavedCheckpoint;
 use crate::config::logger::LoggerConfig;

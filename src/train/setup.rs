@@ -1,7 +1,6 @@
 //! Building a run: tokenizer, model (this rank's TP shard of its pipeline stage(s)), optimizer, scheduler, data and
 //! logging sinks from a finalized config, then resuming from a checkpoint when there is one.
 
-use super::loss_scale::LossScaler;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use candle_core::{DType, Device};
 use super::checkpointing;
 use super::datasets::{build_run_datasets, tokenizer_from_config};
 use super::dp_setup;
+use super::loss_scale::LossScaler;
 use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, SgdConfig};
 use super::report::{metrics_path, wandb_sync_command, MetricsWriter};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};

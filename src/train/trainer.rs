@@ -1,7 +1,6 @@
 //! The pretraining loop: build the run from a finalized config, train with Megatron's step
 //! semantics, evaluate, log, checkpoint and decide when to exit.
 
-use super::loss_scale::LossScaler;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 use super::datasets::{sampler_for_split, RunDataset};
+use super::loss_scale::LossScaler;
 use super::optimizer::GradAccumulator;
 use super::phase_timer::PhaseTimer;
 use super::pipeline::{Pipeline, TrainHooks};
@@ -343,9 +343,8 @@ impl Trainer {
         if !norm.is_finite() {
             // fp16: the scaled gradients overflowed. Skip the step (the scheduler does not
             // advance either) and let the scaler back off, as megatron-core's optimizer does.
-            if let Some(scaler) = &mut self.scaler {
-                scaler.update(true);
-                self.state.grad_scaler = scaler.state();
+            if self.scaler.is_some() {
+                self.update_loss_scale(true);
                 return Ok(StepResult {
                     loss,
                     grad_norm: None,
@@ -378,10 +377,7 @@ impl Trainer {
             c => Some(c.unwrap_or(1.0) / loss_scale),
         };
         self.apply_update(reduced, grad_scale)?;
-        if let Some(scaler) = &mut self.scaler {
-            scaler.update(false);
-            self.state.grad_scaler = scaler.state();
-        }
+        self.update_loss_scale(false);
         timer.mark("optimizer")?;
         if let Some(s) = timer.summary() {
             tracing::debug!("iteration {iteration} phases: {s}");
@@ -394,6 +390,15 @@ impl Trainer {
             nan: false,
             lr: self.scheduler.get_lr(),
         })
+    }
+
+    /// fp16: moves the loss scale on after a step (`found_inf`: it overflowed and was skipped)
+    /// and keeps the train state's copy, which checkpoints save, in step.
+    fn update_loss_scale(&mut self, found_inf: bool) {
+        if let Some(scaler) = &mut self.scaler {
+            scaler.update(found_inf);
+            self.state.grad_scaler = scaler.state();
+        }
     }
 
     /// Save a checkpoint of the current state when `checkpoint.save` is set: in this thread,

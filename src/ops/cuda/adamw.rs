@@ -32,8 +32,8 @@ pub struct AdamStep {
     /// 1-based step count (bias correction).
     pub t: f64,
     pub weight_decay: WeightDecay,
-    /// Factor applied to the gradient before the update (the clipping coefficient; 1 = none),
-    /// so clipping needs no pass of its own over the gradients.
+    /// Factor applied to the gradient before the update (clipping coefficient / fp16 loss
+    /// scale; 1 = none), so neither needs a pass of its own over the gradients.
     pub grad_scale: f64,
 }
 
@@ -89,8 +89,8 @@ fn f32_view<'a>(s: &'a Storage, l: &Layout, n: usize, what: &str) -> Result<Cuda
 }
 
 /// Updates `master`, `exp_avg`, `exp_avg_sq` (f32, contiguous, distinct buffers) in place from
-/// `grad · step.grad_scale` (f32; None = zeros) and writes the rounded result into `param` (the model's
-/// variable, any float dtype). With `param = None` the master *is* the f32 parameter.
+/// `grad · step.grad_scale` (f32; None = zeros) and writes the rounded result into `param`
+/// (the model's variable, any float dtype). With `param = None` the master *is* the f32 parameter.
 pub fn adam_step(
     master: &Tensor,
     exp_avg: &Tensor,
