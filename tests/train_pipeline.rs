@@ -222,19 +222,6 @@ fn pipeline_evaluation_matches_one_process() {
 }
 
 #[test]
-fn context_parallel_is_refused_with_the_field_name() {
-    let (loaded, toml) = config(&["model.context_parallel_size=2"]);
-    let e = LocalWorld::run(2, Duration::from_secs(60), |rank, lw| {
-        let fin = finalize(loaded.cfg.clone(), Some(2), None)?;
-        let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, 2)?;
-        let groups = ProcessGroups::local(lw, topo, rank)?;
-        Trainer::new_rank(fin, toml.clone(), Device::Cpu, Some(groups)).map(|_| ())
-    })
-    .unwrap_err();
-    assert!(format!("{e:#}").contains("model.context_parallel_size = 2"), "{e:#}");
-}
-
-#[test]
 fn activations_travel_in_pipeline_dtype() {
     let pp = "model.pipeline_model_parallel_size=2";
     let exact = run_ranks(2, &[pp]);

@@ -3,7 +3,7 @@
 # (`peer_fsdp.py`, torchrun) and mbridge in ONE device call (issue #9's benchmark).
 # Build first with scripts/device/build.sh, then run through the device tool with carry
 # [".devbuild/gz"] on a 4-GPU kind:   bash scripts/bench/gpu_multi.sh 8
-# Args: ITERS [LAYOUT...]; a layout is "TPxPPxDP[:overrides]" (comma-separated overrides),
+# Args: ITERS [LAYOUT...]; a layout is "TPxPPxDP[xCP][:overrides]" (comma-separated overrides),
 # default "1x4x1" (pipeline over the 4 GPUs, 1F1B, 16 micro-batches per step).
 # Env: PEER=0 skips the peer, PEER_AC=full runs it with full activation checkpointing,
 # GBS (default 16) global batch in sequences.
@@ -22,14 +22,15 @@ if [ "${PEER:-1}" = 1 ]; then
     | grep -E '^\{|Error|error' | tail -3
 fi
 for layout in "${LAYOUTS[@]}"; do
-  IFS=x read -r tp pp dp <<<"${layout%%:*}"
+  IFS=x read -r tp pp dp cp <<<"${layout%%:*}"
+  cp=${cp:-1}
   extra=()
   [[ "$layout" == *:* ]] && IFS=, read -ra extra <<<"${layout#*:}"
-  echo "== mbridge llama3_8b, TP $tp x PP $pp x DP $dp, seq 8192, micro batch 1, global batch ${GBS:-16} ${extra[*]}"
+  echo "== mbridge llama3_8b, TP $tp x PP $pp x DP $dp x CP $cp, seq 8192, micro batch 1, global batch ${GBS:-16} ${extra[*]}"
   mem_watch_start 500
-  timeout 420 "$BIN" pretrain --recipe llama3_8b --device cuda --nproc-per-node $((tp * pp * dp)) \
+  timeout 420 "$BIN" pretrain --recipe llama3_8b --device cuda --nproc-per-node $((tp * pp * dp * cp)) \
     model.tensor_model_parallel_size="$tp" model.pipeline_model_parallel_size="$pp" \
-    model.context_parallel_size=1 model.seq_length=8192 train.micro_batch_size=1 \
+    model.context_parallel_size="$cp" model.seq_length=8192 train.micro_batch_size=1 \
     train.global_batch_size="${GBS:-16}" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
     logger.log_interval=2 logger.log_throughput=true validation.eval_iters=0 \
     '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${extra[@]}" 2>&1 \

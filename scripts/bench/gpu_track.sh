@@ -7,6 +7,8 @@
 #      sizes and the report's GPU fields).
 # Build first with scripts/device/build.sh, then run through the device tool with carry
 # [".devbuild/gz"]:   bash scripts/bench/gpu_track.sh 1024 200
+# Knobs: MBS, GBS (default 2 and 2), DATA (see below), TRACK_ONLY=1 (step 1 only),
+# BF16_LIMIT / F32_LIMIT (seconds per run).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SEQ="${1:-1024}"; STEPS="${2:-200}"
@@ -15,22 +17,31 @@ source scripts/bench/gpu_common.sh
 # checkpoint or tensorboard paths to clear).
 [ -n "${BIN:-}" ] || gpu_setup
 O=${OUT:-/tmp/track}; mkdir -p "$O"
-common=(pretrain --recipe "${RECIPE:-llama32_1b}" --device "${DEVICE:-cuda:0}" model.seq_length="$SEQ" train.micro_batch_size=2
-  train.global_batch_size=2 logger.log_interval=1 validation.eval_iters=0)
+common=(pretrain --recipe "${RECIPE:-llama32_1b}" --device "${DEVICE:-cuda:0}" model.seq_length="$SEQ"
+  train.micro_batch_size="${MBS:-2}" train.global_batch_size="${GBS:-2}" logger.log_interval=1 validation.eval_iters=0)
+# DATA=DIR trains on DIR/zipf_text_document (.bin/.idx) with the tokenizer in DIR/tokenizer,
+# as scripts/bench/preprocess_corpus.py and `mbridge preprocess-data` write them: a corpus
+# whose loss levels off well above zero, unlike the mock data's counting sequences.
+if [ -n "${DATA:-}" ]; then
+  common+=("++dataset.blend=[\"$DATA/zipf_text_document\"]" '++dataset.split="969,30,1"'
+    'tokenizer.tokenizer_type="HuggingFaceTokenizer"' "++tokenizer.tokenizer_model=\"$DATA/tokenizer\"")
+fi
 # shellcheck disable=SC2206  # separate words on purpose
 clear=(${CLEAR-'~checkpoint.save' '~checkpoint.load'})
 [ -n "${CLEAR-x}" ] && notb=('~logger.tensorboard_dir') || notb=()
 common+=("${clear[@]}")
 losses() { grep -o 'lm loss: [0-9.E+-]*' "$1" | awk '{print $3}'; }
 ms() { grep -o 'per iteration (ms): [0-9.]*' "$1" | tail -1 | awk '{print $4}'; }
-echo "== 1B bf16_mixed vs f32, seq $SEQ, micro batch 2, $STEPS steps"
-timeout 200 "$BIN" "${common[@]}" "${notb[@]}" train.train_iters="$STEPS" >"$O/bf16.log" 2>&1; echo "bf16 exit $? ($(ms "$O/bf16.log") ms/iter)"
-timeout 300 "$BIN" "${common[@]}" "${notb[@]}" train.train_iters="$STEPS" '~mixed_precision' >"$O/f32.log" 2>&1; echo "f32 exit $? ($(ms "$O/f32.log") ms/iter)"
+echo "== ${RECIPE:-llama32_1b} bf16_mixed vs f32, seq $SEQ, micro batch ${MBS:-2}, global batch ${GBS:-2}, $STEPS steps"
+timeout "${BF16_LIMIT:-200}" "$BIN" "${common[@]}" "${notb[@]}" train.train_iters="$STEPS" >"$O/bf16.log" 2>&1; echo "bf16 exit $? ($(ms "$O/bf16.log") ms/iter)"
+timeout "${F32_LIMIT:-300}" "$BIN" "${common[@]}" "${notb[@]}" train.train_iters="$STEPS" '~mixed_precision' >"$O/f32.log" 2>&1; echo "f32 exit $? ($(ms "$O/f32.log") ms/iter)"
 paste <(losses "$O/bf16.log") <(losses "$O/f32.log") | awk -v n="$STEPS" '
   {d=($1-$2)/$2; if(d<0)d=-d; s+=d; if(d>m){m=d; at=NR}; if(NR>n-20){a+=$1; b+=$2; k++}}
   END{printf "steps %d: per-step |bf16-f32|/f32 max %.2f%% (step %d), mean %.2f%%; last 20 mean loss bf16 %.4f f32 %.4f (%.2f%%)\n",
       NR, 100*m, at, 100*s/NR, a/k, b/k, 100*(a-b)/b}'
 grep -h -m1 -i "error" "$O/bf16.log" "$O/f32.log"
+paste <(losses "$O/bf16.log") <(losses "$O/f32.log") | awk 'NR==1 || NR%25==0 {printf "  step %d: bf16 %.4f f32 %.4f\n", NR, $1, $2}'
+[ -n "${TRACK_ONLY:-}" ] && exit 0
 echo "== fp16_mixed, 40 steps"
 timeout 120 "$BIN" "${common[@]}" "${notb[@]}" train.train_iters=40 mixed_precision='"fp16_mixed"' >"$O/fp16.log" 2>&1; echo "fp16 exit $?"
 grep -o 'lm loss: [0-9.E+-]* | loss scale: [0-9.E+-]*' "$O/fp16.log" | awk 'NR%5==1'

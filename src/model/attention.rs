@@ -7,12 +7,14 @@ use super::explicit_linear::{ExplicitLinear, LinearSaved};
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
+use crate::ops::attention::OwnedAttnMask;
 use crate::ops::manual::{self, AttnState};
 use crate::ops::timing::section;
 use crate::ops::{self, AttentionShape, AttnMask, DropoutRng};
+use crate::parallel::context::{ContextParallel, CpAttnState};
 use crate::parallel::tensor::TensorParallel;
 use crate::peft::{Adapter, BaseParallel, Split};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
@@ -32,6 +34,8 @@ pub struct SelfAttention {
     shape: AttentionShape,
     attention_dropout: f64,
     tp: Option<TensorParallel>,
+    /// Context parallelism: keys and values are gathered over the CP group.
+    cp: Option<ContextParallel>,
     qkv_adapter: Option<Adapter>,
     proj_adapter: Option<Adapter>,
 }
@@ -148,6 +152,7 @@ impl SelfAttention {
             shape,
             attention_dropout: arch.attention_dropout,
             tp: None,
+            cp: None,
         })
     }
 
@@ -162,6 +167,13 @@ impl SelfAttention {
             self.norm = self.norm.with_tp_grad_sum(tp.clone());
         }
         self.tp = Some(tp);
+        self
+    }
+
+    /// Splits the sequence over `cp` (the input holds this rank's chunks; see
+    /// [`crate::parallel::context`]).
+    pub fn with_context_parallel(mut self, cp: ContextParallel) -> Self {
+        self.cp = Some(cp);
         self
     }
 
@@ -212,6 +224,9 @@ impl SelfAttention {
             None => (q, k),
         };
         let (k, v) = match cache {
+            Some(_) if self.cp.is_some() => {
+                bail!("context parallelism splits the sequence: it cannot use a KV cache")
+            }
             Some(entry) => {
                 let (k, v) = match entry.take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -224,7 +239,15 @@ impl SelfAttention {
         };
         let shard = self.tp.as_ref().map_or((0, 1), |tp| (tp.rank(), tp.size()));
         let dropout = inputs.dropout.map(|r| (self.attention_dropout, r, shard));
-        let out = ops::attention_auto(&q, &k, &v, inputs.mask, self.shape, dropout)?;
+        let out = match &self.cp {
+            Some(cp) => {
+                let AttnMask::Causal { window_left } = inputs.mask else {
+                    bail!("context parallelism supports causal attention only (no attention mask or packed sequences)")
+                };
+                cp.attention(&q, &k, &v, window_left, self.shape, dropout)?
+            }
+            None => ops::attention_auto(&q, &k, &v, inputs.mask, self.shape, dropout)?,
+        };
         let out = out.transpose(1, 2)?.reshape((b, s, heads * d))?;
         match &self.proj_adapter {
             Some(a) => a.forward_row(
@@ -256,12 +279,19 @@ pub struct AttnSaved {
     qkv: Tensor,
     /// The attention output `[tokens, heads·d]` and the core attention's state; None under
     /// selective recompute of `core_attn` (recomputed in the backward).
-    core: Option<(Tensor, AttnState)>,
+    core: Option<(Tensor, CoreState)>,
     /// q and k were rotated inside `qkv` ([`manual::rope_in_qkv`]).
     roped_in_qkv: bool,
     /// The adapters' state of `linear_qkv` and `linear_proj`.
     qkv_lora: LinearSaved,
     proj_lora: LinearSaved,
+}
+
+/// The core attention's backward state: this rank's, or under context parallelism that of
+/// each local query chunk over the gathered keys and values.
+enum CoreState {
+    Local(AttnState),
+    ContextParallel(CpAttnState),
 }
 
 impl AttnSaved {
@@ -404,10 +434,23 @@ impl SelfAttention {
         k: &Tensor,
         v: &Tensor,
         inputs: &ExplicitInputs,
-    ) -> Result<(Tensor, AttnState)> {
+    ) -> Result<(Tensor, CoreState)> {
         let AttentionShape { heads, head_dim: d, .. } = self.shape;
         let (b, _, s, _) = q.dims4()?;
-        let (out, state) = manual::attention_forward(q, k, v, inputs.mask.as_mask(), self.shape)?;
+        let (out, state) = match &self.cp {
+            Some(cp) => {
+                let OwnedAttnMask::Causal { window_left } = inputs.mask else {
+                    bail!("context parallelism supports causal attention only (no attention mask or packed sequences)")
+                };
+                let (out, state) = cp.attention_forward(q, k, v, window_left, self.shape)?;
+                (out, CoreState::ContextParallel(state))
+            }
+            None => {
+                let (out, state) =
+                    manual::attention_forward(q, k, v, inputs.mask.as_mask(), self.shape)?;
+                (out, CoreState::Local(state))
+            }
+        };
         Ok((out.transpose(1, 2)?.reshape((b * s, heads * d))?, state))
     }
 
@@ -450,8 +493,12 @@ impl SelfAttention {
             Ok(dout.reshape((b, s, heads, d))?.transpose(1, 2)?)
         })?;
         drop(out);
-        let (dq, dk, dv) = section("attn.core.bwd", dev, || {
-            manual::attention_backward(&q, &k, &v, &state, &dout)
+        let (dq, dk, dv) = section("attn.core.bwd", dev, || match (&state, &self.cp) {
+            (CoreState::Local(s), _) => Ok(manual::attention_backward(&q, &k, &v, s, &dout)?),
+            (CoreState::ContextParallel(s), Some(cp)) => cp.attention_backward(&q, s, &dout),
+            (CoreState::ContextParallel(_), None) => {
+                bail!("context-parallel attention state in a layer without context parallelism")
+            }
         })?;
         drop((state, q, k, v, dout));
         let dqkv = if saved.roped_in_qkv {

@@ -17,6 +17,7 @@ use crate::ops::attention::OwnedAttnMask;
 use crate::ops::timing::section;
 use crate::ops::{self, AttnMask, DropoutRng, PackedSeqs, RopeTable};
 use crate::parallel::comm::Communicator;
+use crate::parallel::context::ContextParallel;
 use crate::parallel::tensor::TensorParallel;
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
@@ -110,6 +111,8 @@ pub struct GptModel {
     output_w: Option<Tensor>,
     rope: Option<RopeTable>,
     tp: Option<TensorParallel>,
+    /// Context parallelism: the inputs hold this rank's chunks of every sequence.
+    cp: Option<ContextParallel>,
     dtype: DType,
     device: Device,
     /// Activation recompute of the layers in training (`model.recompute_*`).
@@ -337,6 +340,7 @@ impl GptModel {
             output_w,
             rope,
             tp: tp_group,
+            cp: None,
             dtype,
             device: device.clone(),
             recompute,
@@ -387,6 +391,21 @@ impl GptModel {
     /// An empty KV cache for [`Self::forward_cached`].
     pub fn new_cache(&self) -> KvCache {
         KvCache { entries: vec![None; self.layers.len()], len: 0 }
+    }
+
+    /// Splits every sequence over the context-parallel group `comm` (no-op for one rank):
+    /// the model then takes this rank's chunks of each sequence (tokens and their position
+    /// ids, see [`crate::parallel::context::split_sequence`]) and attention gathers the keys
+    /// and values of the others.
+    pub fn with_context_parallel(mut self, comm: Arc<dyn Communicator>) -> Self {
+        if comm.size() > 1 {
+            let cp = ContextParallel::new(comm);
+            for layer in &mut self.layers {
+                layer.attn = layer.attn.clone().with_context_parallel(cp.clone());
+            }
+            self.cp = Some(cp);
+        }
+        self
     }
 
     /// The tensor-parallel group this model runs over (None for TP=1).
@@ -692,8 +711,17 @@ impl GptModel {
                     .map_err(|e| anyhow::anyhow!("packed micro-batch: {e}"))?,
             ),
         };
+        if self.cp.is_some() && (packed.is_some() || opts.attention_mask.is_some()) {
+            bail!(
+                "context parallelism runs causal attention only: packed sequences (cu_seqlens) \
+                 and attention masks are not supported with context_parallel_size > 1"
+            );
+        }
+        if self.cp.is_some() && opts.position_ids.is_none() {
+            bail!("context parallelism needs the position ids of this rank's sequence chunks");
+        }
         // On CUDA in half precision the fused kernel masks by itself (causal, or per packed
-        // sequence): no s×s mask is built.
+        // sequence): no s×s mask is built. Context-parallel attention masks per query chunk.
         let dropout_active = opts.dropout.is_some() && self.arch.attention_dropout > 0.0;
         let fast = ops::flash::model_fast_path(
             &self.device,
@@ -702,7 +730,7 @@ impl GptModel {
             dropout_active,
         );
         let window_left = self.arch.window_left;
-        let dense = match (&packed, fast) {
+        let dense = match (&packed, fast || self.cp.is_some()) {
             (_, true) => None,
             (Some(p), false) => {
                 Some(ops::build_packed_attention_mask(p, window_left, &self.device)?)

@@ -5,6 +5,7 @@
 //! schedules with their stage-to-stage transfers ([`pipeline`]).
 
 pub mod comm;
+pub mod context;
 pub mod data;
 pub mod ddp;
 pub mod groups;

@@ -144,6 +144,39 @@ impl CustomOp2 for Precomputed {
     }
 }
 
+/// `value` (computed from `x` by a collective outside the graph) as the forward result, with
+/// the gradient sent back to `x` through `grad` over `comm`.
+fn precomputed(
+    comm: &Arc<dyn Communicator>,
+    x: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    grad: GradComm,
+) -> Result<Tensor> {
+    if !x.track_op() {
+        // `x` carries no gradient: the collective's value is all there is.
+        return Ok(value);
+    }
+    x.apply_op2(&value.contiguous()?, Precomputed { name, comm: comm.clone(), grad })
+}
+
+/// The members' `x` concatenated along `dim` (group-rank order) forward; backward, the sum of
+/// the members' gradients, this rank's chunk of it (reduce-scatter). Sequence parallelism
+/// gathers activations with it, context parallelism keys and values.
+pub fn gather_with_reduce_scatter_grad(
+    comm: &Arc<dyn Communicator>,
+    x: &Tensor,
+    dim: usize,
+    name: &'static str,
+) -> Result<Tensor> {
+    if comm.size() == 1 {
+        return Ok(x.clone());
+    }
+    let x = x.contiguous()?;
+    let full = comm.all_gather(&x.detach(), dim)?;
+    precomputed(comm, &x, full, name, GradComm::ReduceScatter(dim))
+}
+
 /// This rank's tensor-parallel group, with the region ops of Megatron's TP layers.
 #[derive(Debug, Clone)]
 pub struct TensorParallel {
@@ -207,22 +240,13 @@ impl TensorParallel {
         name: &'static str,
         grad: GradComm,
     ) -> Result<Tensor> {
-        if !x.track_op() {
-            // `x` carries no gradient: the collective's value is all there is.
-            return Ok(value);
-        }
-        x.apply_op2(&value.contiguous()?, Precomputed { name, comm: self.comm.clone(), grad })
+        precomputed(&self.comm, x, value, name, grad)
     }
 
     /// All-gather along `dim` forward, reduce-scatter of the gradient backward (Megatron's
     /// `gather_from_sequence_parallel_region`).
     pub fn gather_from_sequence_region(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
-        if self.size() == 1 {
-            return Ok(x.clone());
-        }
-        let x = x.contiguous()?;
-        let full = self.comm.all_gather(&x.detach(), dim)?;
-        self.precomputed(&x, full, "gather-from-sp-region", GradComm::ReduceScatter(dim))
+        gather_with_reduce_scatter_grad(&self.comm, x, dim, "gather-from-sp-region")
     }
 
     /// Reduce-scatter along `dim` forward, all-gather of the gradient backward

@@ -43,7 +43,10 @@ pub fn build(
         }
         return Ok((RunOptimizer::Replicated(Optimizer::new(algorithm, named)?), None));
     };
-    let dp = g.dp.size();
+    // Gradients are reduced (and the distributed optimizer sharded) over data × context
+    // parallel ranks: CP ranks hold the same weights and see other parts of the same samples.
+    let grads_group = &g.dp_cp;
+    let dp = grads_group.size();
     let shapes: Vec<(Vec<usize>, DType)> =
         named.iter().map(|(_, v)| (v.dims().to_vec(), v.dtype())).collect();
     let opts = LayoutOptions {
@@ -70,10 +73,10 @@ pub fn build(
             algorithm,
             named,
             layout.clone(),
-            g.coords.dp,
+            grads_group.rank(),
             overlap_gather,
         )?;
-        if g.coords.dp == 0 && g.coords.tp == 0 {
+        if grads_group.rank() == 0 && g.coords.tp == 0 {
             println!(
                 " > distributed optimizer: DP {dp}, this rank holds master weights and moments for \
                  {} of {} buffer elements",

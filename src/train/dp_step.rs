@@ -25,7 +25,8 @@ pub(super) enum Reduced {
 }
 
 impl Trainer {
-    /// Reduces the accumulated gradients over DP. `per_token_tokens` is the global batch's
+    /// Reduces the accumulated gradients over DP (× CP: megatron-core's
+    /// `data_parallel_group(with_context_parallel=True)`). `per_token_tokens` is the global batch's
     /// loss-token count with `calculate_per_token_loss` (gradients are then summed and divided
     /// by it), None for the mean-of-means loss (gradients are averaged over DP).
     pub(super) fn reduce_grads(&mut self, per_token_tokens: Option<f64>) -> Result<Reduced> {
@@ -52,10 +53,10 @@ impl Trainer {
         };
         match &self.optimizer {
             RunOptimizer::Distributed(_) => {
-                Ok(Reduced::Shards(reducer.reduce_scatter(&self.acc, &*g.dp, scaling)?))
+                Ok(Reduced::Shards(reducer.reduce_scatter(&self.acc, &*g.dp_cp, scaling)?))
             }
             RunOptimizer::Replicated(_) => {
-                reducer.all_reduce(&mut self.acc, &*g.dp, scaling)?;
+                reducer.all_reduce(&mut self.acc, &*g.dp_cp, scaling)?;
                 Ok(Reduced::Full)
             }
         }
@@ -94,7 +95,7 @@ impl Trainer {
                 let local = d.shard_sq_norm(shards, |i| counts_in_grad_norm(params[i], tp_rank))?;
                 // Σ over the DP shards, then over the model-parallel ranks.
                 let t = Tensor::new(&[local], &Device::Cpu)?;
-                let t = g.dp.all_reduce(&t, ReduceOp::Sum)?;
+                let t = g.dp_cp.all_reduce(&t, ReduceOp::Sum)?;
                 let total = g.mp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?[0].sqrt();
                 Ok(grad_norm(total))
             }
@@ -112,7 +113,7 @@ impl Trainer {
             }
             (RunOptimizer::Distributed(d), Reduced::Shards(shards)) => {
                 let g = self.groups.as_ref().context("the distributed optimizer needs groups")?;
-                d.step(&shards, lr, wd, grad_scale, &*g.dp)?;
+                d.step(&shards, lr, wd, grad_scale, &*g.dp_cp)?;
             }
             _ => unreachable!("the reduction matches the optimizer"),
         }
@@ -128,18 +129,19 @@ impl Trainer {
         if !iteration.is_multiple_of(every as u64) {
             return Ok(());
         }
-        let members = g.topology.group_of(GroupKind::Dp, g.rank).unwrap_or_default();
+        // Context-parallel ranks are replicas too.
+        let members = g.topology.group_of(GroupKind::DpCp, g.rank).unwrap_or_default();
         let params: Vec<(String, candle_core::Var)> = self
             .chunks
             .iter()
             .flat_map(|m| m.params().params())
             .map(|p| (p.name.clone(), p.var.clone()))
             .collect();
-        check_replicas(&params, &*g.dp, &members, iteration)
+        check_replicas(&params, &*g.dp_cp, &members, iteration)
     }
 
     /// The optimizer state to save (gathered over DP for the distributed optimizer).
     pub(super) fn optimizer_state_for_save(&self) -> Result<super::optimizer::OptimizerState> {
-        self.optimizer.export_state(self.groups.as_ref().map(|g| &*g.dp))
+        self.optimizer.export_state(self.groups.as_ref().map(|g| &*g.dp_cp))
     }
 }

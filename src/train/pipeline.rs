@@ -37,8 +37,8 @@ pub(crate) struct Pipeline<'a> {
 pub(crate) struct TrainHooks<'a> {
     /// Dropout stream of (chunk, micro-batch); None disables dropout.
     pub dropout: &'a dyn Fn(usize, usize) -> Option<DropoutRng>,
-    /// The tensor to back-propagate from a micro-batch's `(Σ CE, Σ tokens)`.
-    pub objective: &'a dyn Fn(Tensor, f64) -> Result<Tensor>,
+    /// The tensor to back-propagate from micro-batch `i`'s `(Σ CE, Σ tokens)`: `(i, sum, count)`.
+    pub objective: &'a dyn Fn(usize, Tensor, f64) -> Result<Tensor>,
 }
 
 /// (payload, chunk, micro-batch) of a boundary tensor.
@@ -106,7 +106,7 @@ impl Pipeline<'_> {
                         Some((sum, count)) => {
                             loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                             tokens += count;
-                            (hooks.objective)(sum, count)?
+                            (hooks.objective)(microbatch, sum, count)?
                         }
                         None => {
                             outbox.insert((Payload::Activation, chunk, microbatch), output.clone());
@@ -177,7 +177,7 @@ impl Pipeline<'_> {
 
     /// Forward-only schedule (evaluation): `(Σ CE, Σ tokens)` as [`Self::train_batch`].
     pub fn eval_batch(&self, micro: &[Microbatch]) -> Result<(f64, f64)> {
-        let hooks = TrainHooks { dropout: &|_, _| None, objective: &|sum, _| Ok(sum) };
+        let hooks = TrainHooks { dropout: &|_, _| None, objective: &|_, sum, _| Ok(sum) };
         self.train_batch(micro, &hooks, None)
     }
 

@@ -39,6 +39,7 @@ impl Trainer {
             }
             if !micro.is_empty() {
                 // The forward-only schedule: only the last pipeline stage gets losses.
+                let (micro, _) = self.context_parallel_share(micro)?;
                 let (s, c) = self.pipeline().eval_batch(&micro)?;
                 sum += s;
                 count += c;
@@ -50,7 +51,7 @@ impl Trainer {
         if let Some(g) = &self.groups {
             let t = Tensor::new(&[sum, count], &Device::Cpu)?;
             let t = if g.pp.size() > 1 { g.pp.all_reduce(&t, ReduceOp::Sum)? } else { t };
-            let r = g.dp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
+            let r = g.dp_cp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
             (sum, count) = (r[0], r[1]);
         }
         if count == 0.0 {

@@ -75,14 +75,6 @@ impl Trainer {
                 unsupported.join("\n  - ")
             );
         }
-        if cfg.model.context_parallel_size > 1 {
-            bail!(
-                "model.context_parallel_size = {}: context-parallel (ring attention) training is \
-                 not implemented yet; the trainer runs tensor, pipeline and data parallelism \
-                 (set model.context_parallel_size=1)",
-                cfg.model.context_parallel_size
-            );
-        }
         let dtype = candle_dtype(cfg.model.params_dtype);
         let (layout, tp_comm) = match &groups {
             Some(g) => (g.layout(), Some(g.tp.clone())),
@@ -102,11 +94,25 @@ impl Trainer {
                     dtype,
                     &device,
                 )
+                .map(|m| match &groups {
+                    Some(g) => m.with_context_parallel(g.cp.clone()),
+                    None => m,
+                })
                 .with_context(|| {
                     format!("cannot build model chunk {c} of pipeline rank {}", layout.pp_rank)
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Some(g) = groups.as_ref().filter(|g| g.topology.cp() > 1 && g.rank == 0) {
+            let (cp, seq) = (g.topology.cp(), cfg.model.seq_length);
+            println!(
+                " > context parallel: CP {cp}, CP rank r holds sequence chunks r and {} − r of \
+                 {} ({} of {seq} tokens); attention all-gathers keys and values over the CP group",
+                2 * cp - 1,
+                2 * cp,
+                seq / cp
+            );
+        }
         let p2p = match &groups {
             Some(g) if layout.pp_size > 1 => {
                 let wire = cfg.model.pipeline_dtype.map_or(dtype, candle_dtype);
@@ -132,7 +138,7 @@ impl Trainer {
             .filter(|p| !p.shared_embedding)
             .map(|p| p.var.elem_count())
             .sum();
-        if groups.as_ref().is_none_or(|g| g.coords.dp == 0) {
+        if groups.as_ref().is_none_or(|g| g.coords.dp == 0 && g.coords.cp == 0) {
             let (tp, pp) = (layout.tp_rank, layout.pp_rank);
             println!(
                 " > number of parameters on (tensor, pipeline) model parallel rank ({tp}, {pp}): {num_params}"
@@ -157,7 +163,10 @@ impl Trainer {
         let datasets = build_run_datasets(&cfg, &d, tokenizer.as_ref())?;
         // Megatron reports from the last pipeline stage (it holds the loss).
         let reporting = groups.as_ref().is_none_or(|g| {
-            g.coords.tp == 0 && g.coords.dp == 0 && g.coords.pp + 1 == g.topology.pp()
+            g.coords.tp == 0
+                && g.coords.cp == 0
+                && g.coords.dp == 0
+                && g.coords.pp + 1 == g.topology.pp()
         });
         if let Some(cmd) = wandb_sync_command(&cfg.logger)? {
             println!(" W&B: TensorBoard events go to the tensorboard_dir; upload them with: {cmd}");

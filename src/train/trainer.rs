@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::datasets::{sampler_for_split, RunDataset};
 use super::loss_scale::LossScaler;
@@ -23,6 +23,7 @@ use crate::config::{ConfigContainer, Derived};
 use crate::model::flops::num_floating_point_operations;
 use crate::model::{GptModel, Microbatch};
 use crate::ops::DropoutRng;
+use crate::parallel::context::split_microbatch;
 use crate::parallel::ddp::GradReducer;
 use crate::parallel::pipeline::PipelineP2p;
 use crate::parallel::{ProcessGroups, ReduceOp};
@@ -163,7 +164,8 @@ impl Trainer {
             );
             let skip = self.cfg.train.iterations_to_skip.contains(&(iteration as usize));
             self.profiler.step_begin(self.state.step)?;
-            let step = self.train_step(iteration, &micro, skip)?;
+            let (micro, whole_tokens) = self.context_parallel_share(micro)?;
+            let step = self.train_step(iteration, &micro, whole_tokens.as_deref(), skip)?;
             self.profile_step_end()?;
             self.check_weight_replicas(iteration)?;
             crate::parallel::watchdog::beat();
@@ -266,10 +268,16 @@ impl Trainer {
     /// (a mean of micro-batch means); when true the gradients of Σ CE are summed and divided by
     /// the global batch's loss-token count. The two agree when every micro-batch has the same
     /// number of loss tokens. The reported loss is always Σ CE / Σ tokens of the global batch.
+    ///
+    /// Under context parallelism `micro` holds this rank's chunks and `whole_tokens` the
+    /// loss-token count of each whole micro-batch: the mean divides by it and multiplies by CP,
+    /// as megatron-core all-reduces `[sum, count]` over the CP group and scales the loss by
+    /// the CP size, so gradients averaged over DP × CP equal CP=1's.
     fn train_step(
         &mut self,
         iteration: u64,
         micro: &[Microbatch],
+        whole_tokens: Option<&[f64]>,
         skip: bool,
     ) -> Result<StepResult> {
         self.acc.clear();
@@ -279,6 +287,7 @@ impl Trainer {
         let per_token = self.cfg.model.calculate_per_token_loss;
         let num_micro = micro.len() as f64;
         let (dp, dp_rank, seed) = (self.d.data_parallel_size, self.dp_rank(), self.rng_seed);
+        let (cp, cp_rank) = self.groups.as_ref().map_or((1, 0), |g| (g.topology.cp(), g.coords.cp));
         let (pp_size, pp_rank) = self.p2p.as_ref().map_or((1, 0), |p| (p.size(), p.rank()));
         // Key dropout by the micro-batch's place in the global batch, so DP=2 draws what
         // DP=1 draws for the same samples; each virtual pipeline stage past the first draws
@@ -286,11 +295,14 @@ impl Trainer {
         let dropout = |chunk: usize, i: usize| {
             let global_mb = (i * dp + dp_rank) as u64;
             let stage = (chunk * pp_size + pp_rank) as u64;
-            dropout_on.then(|| DropoutRng::new(seed, iteration, global_mb | (stage << 40)))
+            // Context-parallel ranks hold other chunks of the sequence: their own streams.
+            let key = global_mb | (stage << 40) | ((cp_rank as u64) << 56);
+            dropout_on.then(|| DropoutRng::new(seed, iteration, key))
         };
         // fp16: the backward runs on the loss times the loss scale.
         let loss_scale = self.scaler.as_ref().map_or(1.0, LossScaler::scale);
-        let objective = |sum: Tensor, count: f64| -> Result<Tensor> {
+        let objective = |i: usize, sum: Tensor, count: f64| -> Result<Tensor> {
+            let count = whole_tokens.map_or(count, |t| t[i] / cp as f64);
             Ok(if per_token {
                 if loss_scale == 1.0 {
                     sum
@@ -318,8 +330,9 @@ impl Trainer {
             let t = Tensor::new(&[loss_sum, tokens], &Device::Cpu)?;
             // Only the last pipeline stage computes the loss: every stage gets its sums.
             let t = if pp_size > 1 { g.pp.all_reduce(&t, ReduceOp::Sum)? } else { t };
-            // Σ CE and Σ tokens over the data-parallel group, as Megatron reduces `[sum, count]`.
-            let r = g.dp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
+            // Σ CE and Σ tokens over the data (× context) parallel group, as Megatron reduces
+            // `[sum, count]`.
+            let r = g.dp_cp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?;
             (loss_sum, tokens) = (r[0], r[1]);
         }
         let loss = if tokens > 0.0 { loss_sum / tokens } else { 0.0 };
@@ -446,6 +459,25 @@ impl Trainer {
         Ok((r[0] > 0.0, r[1]))
     }
 
+    /// Under context parallelism: this rank's chunks of each micro-batch and the loss-token
+    /// count of each whole micro-batch; the micro-batches as they are (and None) otherwise.
+    pub(super) fn context_parallel_share(
+        &self,
+        micro: Vec<Microbatch>,
+    ) -> Result<(Vec<Microbatch>, Option<Vec<f64>>)> {
+        let Some(g) = self.groups.as_ref().filter(|g| g.topology.cp() > 1) else {
+            return Ok((micro, None));
+        };
+        let (rank, size) = (g.coords.cp, g.topology.cp());
+        let mut whole = Vec::with_capacity(micro.len());
+        let mut local = Vec::with_capacity(micro.len());
+        for mb in &micro {
+            whole.push(mb.loss_mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+            local.push(split_microbatch(mb, rank, size)?);
+        }
+        Ok((local, Some(whole)))
+    }
+
     /// This rank's data-parallel index.
     pub(super) fn dp_rank(&self) -> usize {
         self.groups.as_ref().map_or(0, |g| g.coords.dp)
@@ -454,7 +486,10 @@ impl Trainer {
     /// Whether this rank prints the log line and validation (Megatron: last stage, TP/DP 0).
     pub(super) fn reports(&self) -> bool {
         self.groups.as_ref().is_none_or(|g| {
-            g.coords.tp == 0 && g.coords.dp == 0 && g.coords.pp + 1 == g.topology.pp()
+            g.coords.tp == 0
+                && g.coords.cp == 0
+                && g.coords.dp == 0
+                && g.coords.pp + 1 == g.topology.pp()
         })
     }
 }
