@@ -122,3 +122,34 @@ fn every_rank_agrees_to_stop_on_exit_duration() {
         out.iter().map(|o| o.final_step).collect::<Vec<_>>()
     );
 }
+
+/// Selective recompute runs the layers' written-out backward, which takes tensor (and
+/// sequence) parallelism as autograd does: gathers, partial sums and the replicated norms' and
+/// biases' gradient sums written out. Covers RMSNorm and LayerNorm with biases, QK-norm.
+#[test]
+fn written_out_backward_with_tp_and_sp_matches_one_process() {
+    let selective =
+        ["model.recompute_granularity=\"selective\"", "model.recompute_modules=[\"mlp\"]"];
+    let biased = [
+        "model.normalization=\"LayerNorm\"",
+        "model.add_bias_linear=true",
+        "model.qk_layernorm=true",
+    ];
+    let tp = "model.tensor_model_parallel_size=2";
+    let sp = "model.sequence_parallel=true";
+    for model in [&[][..], &biased[..]] {
+        let base = single(model);
+        for extra in [&[tp][..], &[tp, sp][..]] {
+            let args = [model, &selective[..], extra].concat();
+            let what = format!("{args:?}");
+            for r in &run_ranks(2, &args) {
+                assert_close(&base, r, &what);
+            }
+        }
+    }
+    // Core attention recomputed, with context parallelism on top.
+    let core =
+        ["model.recompute_granularity=\"selective\"", tp, sp, "model.context_parallel_size=2"];
+    let base = single(&[]);
+    assert_close(&base, &run_ranks(4, &core)[0], "TP=2 (SP) × CP=2, selective core_attn");
+}

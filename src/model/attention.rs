@@ -3,7 +3,7 @@
 
 use super::arch::GptArch;
 use super::explicit_layer::ExplicitInputs;
-use super::explicit_linear::{ExplicitLinear, LinearSaved};
+use super::explicit_linear::{ExplicitLinear, LinearSaved, TpBoundary};
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
@@ -304,10 +304,10 @@ impl AttnSaved {
 }
 
 impl SelfAttention {
-    /// Whether the written-out forward/backward covers this block: no tensor parallelism,
-    /// adapters only as LoRA without dropout (the rest runs through autograd).
+    /// Whether the written-out forward/backward covers this block: adapters only as LoRA
+    /// without dropout and without tensor parallelism (the rest runs through autograd).
     pub(super) fn explicit_ok(&self) -> bool {
-        self.tp.is_none()
+        (self.tp.is_none() || (self.qkv_adapter.is_none() && self.proj_adapter.is_none()))
             && ExplicitLinear::explicit_ok(self.qkv_adapter.as_ref())
             && ExplicitLinear::explicit_ok(self.proj_adapter.as_ref())
     }
@@ -329,9 +329,13 @@ impl SelfAttention {
     fn proj_linear(&self) -> ExplicitLinear<'_> {
         ExplicitLinear {
             w: &self.proj_w,
-            b: self.proj_b.as_ref(),
+            b: self.tp_boundary().linear_bias(self.proj_b.as_ref()),
             adapter: self.proj_adapter.as_ref(),
         }
+    }
+
+    fn tp_boundary(&self) -> TpBoundary<'_> {
+        TpBoundary(self.tp.as_ref())
     }
 
     /// q `[b, heads, s, d]` and k, v `[b, groups, s, d]` views into the fused QKV `[b, s, rows]`.
@@ -394,9 +398,10 @@ impl SelfAttention {
     ) -> Result<(Tensor, AttnSaved)> {
         let heads = self.shape.heads;
         let (b, s, h) = x.dims3()?;
-        let xn = self.norm.forward_untracked(x)?;
-        let (qkv, qkv_lora) = self.qkv_linear().forward(&xn)?;
-        drop(xn);
+        // Under sequence parallelism `x` is this rank's part of the sequence, `xe` all of it.
+        let xe = self.tp_boundary().enter(&self.norm.forward_untracked(x)?)?;
+        let (qkv, qkv_lora) = self.qkv_linear().forward(&xe)?;
+        drop(xe);
         // Without QK-norm the rotation runs inside the fused buffer (one kernel, and the
         // backward keeps the rotated q, k instead of recomputing them).
         let roped_in_qkv = match &inputs.rope {
@@ -421,6 +426,7 @@ impl SelfAttention {
         };
         let (out, state) = section("attn.core.fwd", x.device(), || self.core(&q, &k, &v, inputs))?;
         let (y, proj_lora) = self.proj_linear().forward(&out)?;
+        let y = self.tp_boundary().exit(&y.reshape((b, (), h))?, self.proj_b.as_ref())?;
         let core = (!inputs.selective.core_attn).then_some((out, state));
         let saved = AttnSaved { qkv, core, roped_in_qkv, qkv_lora, proj_lora };
         Ok((y.reshape((b, s, h))?, saved))
@@ -466,6 +472,8 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
+        // The whole sequence's output gradient (gathered under sequence parallelism).
+        let dy = self.tp_boundary().exit_grad(dy, self.proj_b.as_ref(), grads)?;
         let (b, s, h) = dy.dims3()?;
         let dev = x.device();
         // q, k, v: views of the kept QKV (rotated in place), else recomputed from it.
@@ -537,12 +545,15 @@ impl SelfAttention {
         lora: LinearSaved,
         grads: &mut GradStore,
     ) -> Result<Tensor> {
-        let (dev, (b, s, h)) = (x.device(), x.dims3()?);
+        let (dev, (b, _, h)) = (x.device(), x.dims3()?);
+        let tpb = self.tp_boundary();
         // linear_qkv (the norm output is recomputed: one cheap kernel instead of keeping it).
-        let dxn = section("attn.bwd.qkv", dev, || -> Result<Tensor> {
-            let xn = || Ok(self.norm.forward_untracked(x)?.reshape((b * s, h))?);
-            Ok(self.qkv_linear().backward(dqkv, xn, lora, grads)?.reshape((b, s, h))?)
+        let dxe = section("attn.bwd.qkv", dev, || -> Result<Tensor> {
+            let xe = || Ok(tpb.enter(&self.norm.forward_untracked(x)?)?.reshape(((), h))?);
+            Ok(self.qkv_linear().backward(dqkv, xe, lora, grads)?.reshape((b, (), h))?)
         })?;
+        let dxn = tpb.enter_grad(&dxe)?;
+        drop(dxe);
         section("attn.bwd.norm", dev, || self.norm.backward(x, &dxn, grads))
     }
 }

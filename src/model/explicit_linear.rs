@@ -7,6 +7,8 @@
 //! layer costs two skinny GEMMs more than the bare one, no extra pass over its output.
 
 use crate::ops::{self, manual};
+use crate::parallel::tensor::TensorParallel;
+use crate::parallel::ReduceOp;
 use crate::peft::Adapter;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
@@ -80,5 +82,67 @@ impl ExplicitLinear<'_> {
         let g = dy.matmul(&b.detach())?;
         grads.insert(a, (manual::weight_grad(&g, &x)? * scale)?);
         Ok(manual::add_matmul(dx, &g, &a.detach(), false, scale)?)
+    }
+}
+
+/// The tensor-parallel boundaries of a block with a written-out backward: Megatron's
+/// column-parallel input and row-parallel output, with sequence parallelism when the group
+/// has it; pass-through without tensor parallelism.
+#[derive(Clone, Copy)]
+pub(super) struct TpBoundary<'a>(pub Option<&'a TensorParallel>);
+
+impl TpBoundary<'_> {
+    /// Input of the column-parallel linear: the whole sequence under sequence parallelism.
+    pub fn enter(&self, xn: &Tensor) -> Result<Tensor> {
+        match self.0 {
+            Some(tp) => Ok(tp.gather_sequence_untracked(xn)?),
+            None => Ok(xn.clone()),
+        }
+    }
+
+    /// Gradient of the block input from the column-parallel linear's input gradient: the sum
+    /// of the ranks' partial gradients (this rank's part of the sequence under SP).
+    pub fn enter_grad(&self, dxe: &Tensor) -> Result<Tensor> {
+        match self.0 {
+            Some(tp) => Ok(tp.reduce_partial_untracked(dxe)?),
+            None => Ok(dxe.clone()),
+        }
+    }
+
+    /// The row-parallel linear's bias as [`ExplicitLinear`] takes it: inside the linear
+    /// without TP; with TP it is added once after the sum ([`Self::exit`]).
+    pub fn linear_bias<'b>(&self, b: Option<&'b Tensor>) -> Option<&'b Tensor> {
+        b.filter(|_| self.0.is_none())
+    }
+
+    /// Output of the row-parallel linear `[b, s, h]` from this rank's partial product: the
+    /// ranks' sum (reduce-scattered over the sequence under SP), then the bias.
+    pub fn exit(&self, y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let Some(tp) = self.0 else { return Ok(y.clone()) };
+        let y = tp.reduce_partial_untracked(y)?;
+        Ok(match bias {
+            Some(b) => y.broadcast_add(&b.detach())?,
+            None => y,
+        })
+    }
+
+    /// Output gradient `[b, s, h]` of the row-parallel linear over the whole sequence; with TP
+    /// the bias gradient goes into `grads` (summed over TP under SP, where each rank saw its
+    /// part of the sequence).
+    pub fn exit_grad(
+        &self,
+        dy: &Tensor,
+        bias: Option<&Tensor>,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
+        let Some(tp) = self.0 else { return Ok(dy.clone()) };
+        if let Some(b) = bias.filter(|b| trains(b)) {
+            let h = dy.dim(candle_core::D::Minus1)?;
+            let g = manual::bias_grad(&dy.reshape(((), h))?)?;
+            let g =
+                if tp.sequence_parallel() { tp.comm().all_reduce(&g, ReduceOp::Sum)? } else { g };
+            grads.insert(b, g);
+        }
+        Ok(tp.gather_sequence_untracked(dy)?)
     }
 }

@@ -3,7 +3,7 @@
 
 use super::arch::GptArch;
 use super::attention::row_parallel;
-use super::explicit_linear::{ExplicitLinear, LinearSaved};
+use super::explicit_linear::{ExplicitLinear, LinearSaved, TpBoundary};
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
@@ -171,10 +171,10 @@ impl MlpSaved {
 }
 
 impl Mlp {
-    /// Whether the written-out forward/backward covers this block: no tensor parallelism,
-    /// adapters only as LoRA without dropout.
+    /// Whether the written-out forward/backward covers this block: adapters only as LoRA
+    /// without dropout and without tensor parallelism.
     pub(super) fn explicit_ok(&self) -> bool {
-        self.tp.is_none()
+        (self.tp.is_none() || (self.fc1_adapter.is_none() && self.fc2_adapter.is_none()))
             && ExplicitLinear::explicit_ok(self.fc1_adapter.as_ref())
             && ExplicitLinear::explicit_ok(self.fc2_adapter.as_ref())
     }
@@ -196,9 +196,13 @@ impl Mlp {
     fn fc2_linear(&self) -> ExplicitLinear<'_> {
         ExplicitLinear {
             w: &self.fc2_w,
-            b: self.fc2_b.as_ref(),
+            b: self.tp_boundary().linear_bias(self.fc2_b.as_ref()),
             adapter: self.fc2_adapter.as_ref(),
         }
+    }
+
+    fn tp_boundary(&self) -> TpBoundary<'_> {
+        TpBoundary(self.tp.as_ref())
     }
 
     /// [`Self::forward`] without autograd, keeping what [`Self::backward`] needs.
@@ -207,6 +211,7 @@ impl Mlp {
         let (fc1_out, fc1_lora) = self.fc1(x)?;
         let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
         let (y, fc2_lora) = self.fc2_linear().forward(&act)?;
+        let y = self.tp_boundary().exit(&y, self.fc2_b.as_ref())?;
         let fc2_needs_input = self.fc2_linear().needs_input();
         Ok((
             y,
@@ -218,10 +223,11 @@ impl Mlp {
         ))
     }
 
-    /// Pre-norm and `linear_fc1` of `x`, outside autograd.
+    /// Pre-norm and `linear_fc1` of `x`, outside autograd (over the whole sequence under
+    /// sequence parallelism).
     fn fc1(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
-        let xn = self.norm.forward_untracked(x)?;
-        self.fc1_linear().forward(&xn)
+        let xe = self.tp_boundary().enter(&self.norm.forward_untracked(x)?)?;
+        self.fc1_linear().forward(&xe)
     }
 
     /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
@@ -234,6 +240,9 @@ impl Mlp {
         grads: &mut GradStore,
     ) -> Result<Tensor> {
         let dev = x.device();
+        let tpb = self.tp_boundary();
+        // The whole sequence's output gradient (gathered under sequence parallelism).
+        let dy = tpb.exit_grad(dy, self.fc2_b.as_ref(), grads)?;
         let (b, s, h) = dy.dims3()?;
         let dy = dy.reshape((b * s, h))?;
         let (fc1_out, fc1_lora) = match saved.fc1_out {
@@ -254,10 +263,12 @@ impl Mlp {
             manual::activation_backward(&u, self.activation, self.gated, &dact)
         })?;
         drop((dact, u, fc1_out));
-        let dxn = section("mlp.bwd.fc1", dev, || -> Result<Tensor> {
-            let xn = || Ok(self.norm.forward_untracked(x)?.reshape((b * s, h))?);
-            Ok(self.fc1_linear().backward(&du, xn, fc1_lora, grads)?.reshape((b, s, h))?)
+        let dxe = section("mlp.bwd.fc1", dev, || -> Result<Tensor> {
+            let xe = || Ok(tpb.enter(&self.norm.forward_untracked(x)?)?.reshape((b * s, h))?);
+            Ok(self.fc1_linear().backward(&du, xe, fc1_lora, grads)?.reshape((b, s, h))?)
         })?;
+        let dxn = tpb.enter_grad(&dxe)?;
+        drop(dxe);
         section("mlp.bwd.norm", dev, || self.norm.backward(x, &dxn, grads))
     }
 }

@@ -7,6 +7,7 @@ use super::params::{ParamStore, ShardLayout};
 use crate::config::model::Normalization;
 use crate::ops;
 use crate::parallel::tensor::TensorParallel;
+use crate::parallel::ReduceOp;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
@@ -88,12 +89,16 @@ impl Norm {
     }
 
     /// Backward of [`Self::forward_untracked`] at `x` for the output gradient `dy`: returns
-    /// `dx` and puts the weight (and bias) gradients into `grads`.
+    /// `dx` and puts the weight (and bias) gradients into `grads`, summed over TP for a norm
+    /// of TP-local data (see [`Self::with_tp_grad_sum`]).
     pub fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
-        if self.grad_sum.is_some() {
-            anyhow::bail!("norm backward: tensor-parallel norms run through autograd");
-        }
         let (eps, zc) = (self.eps, self.zero_centered);
+        let sum = |g: &Tensor| -> Result<Tensor> {
+            Ok(match &self.grad_sum {
+                Some(tp) => tp.comm().all_reduce(g, ReduceOp::Sum)?,
+                None => g.clone(),
+            })
+        };
         match (&self.kind, &self.bias) {
             (Normalization::LayerNorm, Some(b)) => {
                 let g = ops::manual::vjp(
@@ -103,8 +108,8 @@ impl Norm {
                 )?;
                 // Frozen norms (PEFT's base) get no gradient.
                 if trains(&self.weight) {
-                    grads.insert(&self.weight, g[1].clone());
-                    grads.insert(b, g[2].clone());
+                    grads.insert(&self.weight, sum(&g[1])?);
+                    grads.insert(b, sum(&g[2])?);
                 }
                 Ok(g[0].clone())
             }
@@ -112,7 +117,7 @@ impl Norm {
                 let (dx, dw) =
                     ops::manual::rms_norm_backward(x, &self.weight.detach(), dy, eps, zc)?;
                 if trains(&self.weight) {
-                    grads.insert(&self.weight, dw);
+                    grads.insert(&self.weight, sum(&dw)?);
                 }
                 Ok(dx)
             }

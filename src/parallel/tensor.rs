@@ -299,6 +299,28 @@ impl TensorParallel {
         }
     }
 
+    /// [`Self::enter_column`] outside autograd, for layers with a written-out backward: the
+    /// whole sequence of `[b, s, h]` activations under sequence parallelism, else `x` as is.
+    /// Their backward applies it to the output gradient of a row-parallel linear too.
+    pub fn gather_sequence_untracked(&self, x: &Tensor) -> Result<Tensor> {
+        if self.sequence_parallel {
+            self.comm.all_gather(&x.contiguous()?, 1)
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    /// [`Self::exit_row`] outside autograd: the sum of the ranks' partial `[b, s, h]`
+    /// results (this rank's part of the sequence under sequence parallelism). The written-out
+    /// backward applies it to the input gradient of a column-parallel linear too.
+    pub fn reduce_partial_untracked(&self, y: &Tensor) -> Result<Tensor> {
+        if self.sequence_parallel {
+            self.comm.reduce_scatter(&y.contiguous()?, 1)
+        } else {
+            self.comm.all_reduce(&y.contiguous()?, ReduceOp::Sum)
+        }
+    }
+
     /// Concatenates the ranks' `local` tensors along `dim` (no gradient), e.g. vocab-parallel
     /// logits into full logits.
     pub fn gather(&self, local: &Tensor, dim: usize) -> Result<Tensor> {
