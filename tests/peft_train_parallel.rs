@@ -3,14 +3,10 @@
 
 mod train_common;
 
-use train_common::tiny_config;
-
-use std::time::Duration;
+use train_common::{tiny_config, train_ranks};
 
 use candle_core::Device;
 use mbridge::config::finalize;
-use mbridge::parallel::comm::LocalWorld;
-use mbridge::parallel::{ProcessGroups, Topology};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
 
 fn config(extra: &[String]) -> (mbridge::config::LoadedConfig, String) {
@@ -23,13 +19,7 @@ fn config(extra: &[String]) -> (mbridge::config::LoadedConfig, String) {
 
 fn run_ranks(world: usize, extra: &[String]) -> Vec<TrainOutcome> {
     let (loaded, toml) = config(extra);
-    LocalWorld::run(world, Duration::from_secs(120), |rank, lw| {
-        let fin = finalize(loaded.cfg.clone(), Some(world), None)?;
-        let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, world)?;
-        let groups = ProcessGroups::local(lw, topo, rank)?;
-        Trainer::new_rank(fin, toml.clone(), Device::Cpu, Some(groups))?.train()
-    })
-    .unwrap()
+    train_ranks(world, &loaded, &toml).unwrap()
 }
 
 fn single(extra: &[String]) -> TrainOutcome {

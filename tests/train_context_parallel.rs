@@ -5,14 +5,10 @@
 
 mod train_common;
 
-use train_common::tiny_config;
-
-use std::time::Duration;
+use train_common::{tiny_config, train_ranks};
 
 use candle_core::Device;
 use mbridge::config::finalize;
-use mbridge::parallel::comm::LocalWorld;
-use mbridge::parallel::{ProcessGroups, Topology};
 use mbridge::train::trainer::{TrainOutcome, Trainer};
 
 const ITERS: usize = 20;
@@ -27,12 +23,7 @@ fn config(extra: &[&str]) -> (mbridge::config::LoadedConfig, String) {
 
 fn try_run_ranks(world: usize, extra: &[&str]) -> anyhow::Result<Vec<TrainOutcome>> {
     let (loaded, toml) = config(extra);
-    LocalWorld::run(world, Duration::from_secs(120), |rank, lw| {
-        let fin = finalize(loaded.cfg.clone(), Some(world), None)?;
-        let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, world)?;
-        let groups = ProcessGroups::local(lw, topo, rank)?;
-        Trainer::new_rank(fin, toml.clone(), Device::Cpu, Some(groups))?.train()
-    })
+    train_ranks(world, &loaded, &toml)
 }
 
 fn run_ranks(world: usize, extra: &[&str]) -> Vec<TrainOutcome> {

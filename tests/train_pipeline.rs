@@ -4,7 +4,7 @@
 
 mod train_common;
 
-use train_common::tiny_config;
+use train_common::{tiny_config, train_ranks};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,13 +32,7 @@ fn config(extra: &[&str]) -> (mbridge::config::LoadedConfig, String) {
 
 fn run_ranks(world: usize, extra: &[&str]) -> Vec<TrainOutcome> {
     let (loaded, toml) = config(extra);
-    LocalWorld::run(world, Duration::from_secs(300), |rank, lw| {
-        let fin = finalize(loaded.cfg.clone(), Some(world), None)?;
-        let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, world)?;
-        let groups = ProcessGroups::local(lw, topo, rank)?;
-        Trainer::new_rank(fin, toml.clone(), Device::Cpu, Some(groups))?.train()
-    })
-    .unwrap()
+    train_ranks(world, &loaded, &toml).unwrap()
 }
 
 fn single(extra: &[&str]) -> TrainOutcome {

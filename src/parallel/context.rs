@@ -158,6 +158,29 @@ impl ContextParallel {
         self.to_sequence_order(&all, dim)
     }
 
+    /// Each local query chunk with what it attends to, from `[q, k, v, …]`: the chunk's rows
+    /// of `q` (and of any further per-query tensors, e.g. the output gradient) and the rows of
+    /// the gathered `k`, `v` (sequence order) up to the chunk's end.
+    fn query_chunks<const N: usize>(&self, t: &[&Tensor; N]) -> Result<Vec<[Tensor; N]>> {
+        let c = t[0].dim(2)? / 2;
+        local_chunks(self.rank(), self.size())
+            .into_iter()
+            .enumerate()
+            .map(|(half, chunk)| {
+                let end = (chunk + 1) * c;
+                let views = t
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| match i {
+                        1 | 2 => x.narrow(2, 0, end),
+                        _ => x.narrow(2, half * c, c),
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(views.try_into().expect("one view per input"))
+            })
+            .collect()
+    }
+
     /// The written-out form of [`Self::attention`] (no autograd, no dropout): the output and
     /// what [`Self::attention_backward`] needs, the gathered keys and values included.
     pub fn attention_forward(
@@ -172,18 +195,11 @@ impl ContextParallel {
             self.to_sequence_order(&self.comm.all_gather(&t.contiguous()?, 2)?, 2)
         };
         let (k, v) = (gather(k)?, gather(v)?);
-        let c = q.dim(2)? / 2;
         let mut outs = Vec::with_capacity(2);
         let mut chunks = Vec::with_capacity(2);
-        for (half, chunk) in local_chunks(self.rank(), self.size()).into_iter().enumerate() {
-            let end = (chunk + 1) * c;
-            let (out, state) = manual::attention_forward(
-                &q.narrow(2, half * c, c)?,
-                &k.narrow(2, 0, end)?,
-                &v.narrow(2, 0, end)?,
-                AttnMask::Causal { window_left },
-                shape,
-            )?;
+        for [q, k, v] in self.query_chunks(&[q, &k, &v])? {
+            let mask = AttnMask::Causal { window_left };
+            let (out, state) = manual::attention_forward(&q, &k, &v, mask, shape)?;
             outs.push(out);
             chunks.push(state);
         }
@@ -200,7 +216,6 @@ impl ContextParallel {
         dout: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let CpAttnState { k, v, chunks } = state;
-        let c = q.dim(2)? / 2;
         let full = k.dim(2)?;
         let mut dqs = Vec::with_capacity(2);
         let (mut dk, mut dv): (Option<Tensor>, Option<Tensor>) = (None, None);
@@ -215,15 +230,9 @@ impl ContextParallel {
                 None => g,
             }))
         };
-        for (half, chunk) in local_chunks(self.rank(), self.size()).into_iter().enumerate() {
-            let end = (chunk + 1) * c;
-            let (dq, dk_h, dv_h) = manual::attention_backward(
-                &q.narrow(2, half * c, c)?,
-                &k.narrow(2, 0, end)?,
-                &v.narrow(2, 0, end)?,
-                &chunks[half],
-                &dout.narrow(2, half * c, c)?,
-            )?;
+        let views = self.query_chunks(&[q, k, v, dout])?;
+        for ([q, k, v, dout], state) in views.into_iter().zip(chunks) {
+            let (dq, dk_h, dv_h) = manual::attention_backward(&q, &k, &v, state, &dout)?;
             dqs.push(dq);
             dk = add(dk, pad(&dk_h)?)?;
             dv = add(dv, pad(&dv_h)?)?;
@@ -251,22 +260,12 @@ impl ContextParallel {
     ) -> Result<Tensor> {
         let k = self.gather_sequence(k, 2)?;
         let v = self.gather_sequence(v, 2)?;
-        let c = q.dim(2)? / 2;
-        let outs = local_chunks(self.rank(), self.size())
+        let outs = self
+            .query_chunks(&[q, &k, &v])?
             .into_iter()
-            .enumerate()
-            .map(|(half, chunk)| {
-                let end = (chunk + 1) * c;
+            .map(|[q, k, v]| {
                 let mask = AttnMask::Causal { window_left };
-                let q = q.narrow(2, half * c, c)?;
-                ops::attention_auto(
-                    &q,
-                    &k.narrow(2, 0, end)?,
-                    &v.narrow(2, 0, end)?,
-                    mask,
-                    shape,
-                    dropout,
-                )
+                ops::attention_auto(&q, &k, &v, mask, shape, dropout)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&outs, 2)?)
