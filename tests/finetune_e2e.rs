@@ -111,3 +111,33 @@ fn finetune_starts_from_a_pretrained_checkpoint() {
     assert!(text.contains(" iteration        5/"), "{text}");
     assert!(log.contains("initialized weights from pretrained checkpoint"), "{log}");
 }
+
+/// SFT batches are padded to a multiple of 2·CP and split over the context-parallel ranks;
+/// with Megatron Bridge's per-token loss (which it requires for CP finetuning) the loss curve
+/// is one rank's.
+#[test]
+fn sft_with_context_parallelism_matches_one_rank() {
+    let per_token = ["model.calculate_per_token_loss=true".to_string()];
+    let one = lm_losses(&finetune(&per_token));
+    let cp = [
+        "--nproc-per-node".to_string(),
+        "2".into(),
+        "model.context_parallel_size=2".into(),
+        per_token[0].clone(),
+    ];
+    let two = lm_losses(&finetune(&cp));
+    assert!(!one.is_empty());
+    assert_eq!(one.len(), two.len());
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a - b).abs() / a <= 1e-5, "CP=2 {b} vs one rank {a}");
+    }
+    // Without per-token loss Megatron Bridge refuses CP finetuning, and so does mbridge.
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["finetune", "--recipe", "tiny_llama", "model.context_parallel_size=2"])
+        .arg(format!("+dataset.dataset_root={DATA}"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("model.calculate_per_token_loss=true"), "{err}");
+}

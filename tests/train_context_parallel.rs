@@ -125,7 +125,8 @@ fn cp2_with_full_recompute_matches_one_process() {
         "model.recompute_num_layers=1",
     ];
     let base = single(&recompute);
-    let cp = run_ranks(2, &[&recompute[..], &["model.context_parallel_size=2"]].concat());
+    let cp2 = ["model.context_parallel_size=2", "model.cp_comm_type=\"all_gather\""];
+    let cp = run_ranks(2, &[&recompute[..], &cp2[..]].concat());
     assert_same_curve(&base, &cp, "CP=2 with full recompute");
 }
 

@@ -215,6 +215,7 @@ fn ddp_options_the_engine_cannot_honour_are_rejected() {
         ("++comm_overlap.delay_wgrad_compute=true", "comm_overlap.delay_wgrad_compute"),
         ("ddp.num_distributed_optimizer_instances=2", "num_distributed_optimizer_instances"),
         ("ddp.use_megatron_fsdp=true", "Megatron FSDP"),
+        ("model.cp_comm_type=\"p2p\"", "model.cp_comm_type"),
     ] {
         let (loaded, toml) = config(&[set]);
         let fin = finalize(loaded.cfg, None, None).unwrap();

@@ -99,6 +99,14 @@ pub fn engine_unsupported(cfg: &ConfigContainer) -> Vec<String> {
                 .into(),
         );
     }
+    match cfg.model.cp_comm_type.as_deref() {
+        None | Some("all_gather") => {}
+        Some(other) => errs.push(format!(
+            "`model.cp_comm_type` = {other:?}: mbridge's context parallelism all-gathers keys and \
+             values (\"all_gather\", the same arithmetic as the other kinds); set it to \
+             \"all_gather\" or unset it"
+        )),
+    }
     let d = &cfg.ddp;
     if d.num_buckets.is_some() {
         errs.push(

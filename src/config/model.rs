@@ -162,6 +162,9 @@ pub struct ModelConfig {
     pub sequence_parallel: bool,
     #[default = 1]
     pub context_parallel_size: usize,
+    /// How context-parallel attention communicates (Transformer Engine's `cp_comm_type`);
+    /// mbridge runs `"all_gather"`, which unset means.
+    pub cp_comm_type: Option<String>,
     #[default = 1]
     pub expert_model_parallel_size: usize,
     pub expert_tensor_parallel_size: Option<usize>,

@@ -229,6 +229,18 @@ pub fn finalize(
         }
     }
 
+    // Megatron Bridge's rule for finetuning under context parallelism.
+    if cfg.model.context_parallel_size > 1
+        && cfg.dataset.kind() == DatasetKind::Finetuning
+        && (!cfg.model.calculate_per_token_loss || cfg.ddp.average_in_collective)
+    {
+        errs.push(
+            "finetuning with `model.context_parallel_size` > 1 needs \
+             `model.calculate_per_token_loss=true` and `ddp.average_in_collective=false`"
+                .into(),
+        );
+    }
+
     // 6. Model against parallelism.
     let m = &mut cfg.model;
     let heads = m.num_attention_heads;

@@ -17,5 +17,18 @@ pub mod topology;
 pub mod watchdog;
 
 pub use comm::{Communicator, ReduceOp};
+
+/// Least common multiple: lengths that split evenly over several parallel sizes (bucket
+/// padding, SFT batch padding).
+pub fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
+}
 pub use groups::ProcessGroups;
 pub use topology::{GroupKind, RankCoords, RankOrder, Topology};

@@ -18,6 +18,7 @@ use crate::config::dataset::DatasetConfig;
 use crate::data::numpy_rng::RandomState;
 use crate::data::sampler::Batch;
 use crate::data::tokenizer::Tokenizer;
+use crate::parallel::lcm;
 
 /// What the caller knows beyond `dataset.*`.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +81,15 @@ impl SftBuildOptions {
         opts.chat_template = chat_template;
         opts.pad_to_max_length =
             cfg.model.pipeline_model_parallel_size > 1 || cfg.model.expert_model_parallel_size > 1;
+        // Batches padded so that context parallelism (2·CP chunks) and sequence parallelism
+        // (TP·CP parts) split them evenly, as Megatron Bridge pads them.
+        let (tp, cp) = (cfg.model.tensor_model_parallel_size, cfg.model.context_parallel_size);
+        if cp > 1 {
+            opts.pad_seq_length_to_mult = lcm(opts.pad_seq_length_to_mult, 2 * cp);
+        }
+        if cfg.model.sequence_parallel && tp > 1 {
+            opts.pad_seq_length_to_mult = lcm(opts.pad_seq_length_to_mult, tp * cp);
+        }
         Ok(opts)
     }
 }

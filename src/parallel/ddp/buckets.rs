@@ -7,6 +7,7 @@
 //! `pad_buckets_for_high_nccl_busbw`), so each data-parallel rank owns an equal contiguous
 //! shard of every bucket, as megatron-core's `DistributedOptimizer` does. The gaps are zeros.
 
+use crate::parallel::lcm;
 use std::ops::Range;
 
 use candle_core::DType;
@@ -92,18 +93,6 @@ pub struct LayoutOptions {
 pub struct BufferLayout {
     pub buffers: Vec<Buffer>,
     pub dp: usize,
-}
-
-fn gcd(a: usize, b: usize) -> usize {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
-fn lcm(a: usize, b: usize) -> usize {
-    a / gcd(a, b) * b
 }
 
 fn round_up(x: usize, m: usize) -> usize {
