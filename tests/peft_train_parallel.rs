@@ -80,3 +80,24 @@ fn tp2_matches_tp1_and_resumes_at_tp1(what: &str, scheme: &[&str]) {
         &format!("{what} TP=2 checkpoint resumed at TP=1"),
     );
 }
+
+/// LoRA under context parallelism, through autograd and through the written-out layer
+/// backward (selective recompute), equals one process.
+#[test]
+fn lora_with_context_parallelism_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    single(&[format!("+checkpoint.save={}", base.display()), "train.train_iters=2".into()]);
+    let peft = vec![
+        "+peft.dim=4".to_string(),
+        "+peft.alpha=8.0".into(),
+        format!("checkpoint.pretrained_checkpoint={}", base.display()),
+    ];
+    let one = single(&peft);
+    for extra in [&[][..], &["model.recompute_granularity=\"selective\""][..]] {
+        let mut cp = peft.clone();
+        cp.push("model.context_parallel_size=2".into());
+        cp.extend(extra.iter().map(|s| s.to_string()));
+        assert_close(&one.losses, &run_ranks(2, &cp)[0].losses, &format!("LoRA CP=2 {extra:?}"));
+    }
+}
