@@ -101,3 +101,26 @@ fn lora_with_context_parallelism_matches_one_process() {
         assert_close(&one.losses, &run_ranks(2, &cp)[0].losses, &format!("LoRA CP=2 {extra:?}"));
     }
 }
+
+/// LoRA under TP in the written-out layer backward (selective recompute): the column-parallel
+/// adapters' A gradients summed over TP, the row-parallel adapters' `A x` summed before B.
+#[test]
+fn lora_tp2_written_out_backward_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    single(&[format!("+checkpoint.save={}", base.display()), "train.train_iters=2".into()]);
+    let peft = vec![
+        "+peft.dim=4".to_string(),
+        "+peft.alpha=8.0".into(),
+        format!("checkpoint.pretrained_checkpoint={}", base.display()),
+    ];
+    let one = single(&peft);
+    let mut tp = peft.clone();
+    tp.extend([
+        "model.tensor_model_parallel_size=2".to_string(),
+        "model.recompute_granularity=\"selective\"".into(),
+    ]);
+    for r in &run_ranks(2, &tp) {
+        assert_close(&one.losses, &r.losses, "LoRA TP=2, written-out backward");
+    }
+}

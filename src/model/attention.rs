@@ -305,9 +305,10 @@ impl AttnSaved {
 
 impl SelfAttention {
     /// Whether the written-out forward/backward covers this block: adapters only as LoRA
-    /// without dropout and without tensor parallelism (the rest runs through autograd).
+    /// without dropout, and not under sequence parallelism (the rest runs through autograd).
     pub(super) fn explicit_ok(&self) -> bool {
-        (self.tp.is_none() || (self.qkv_adapter.is_none() && self.proj_adapter.is_none()))
+        let sp = self.tp.as_ref().is_some_and(TensorParallel::sequence_parallel);
+        (!sp || (self.qkv_adapter.is_none() && self.proj_adapter.is_none()))
             && ExplicitLinear::explicit_ok(self.qkv_adapter.as_ref())
             && ExplicitLinear::explicit_ok(self.proj_adapter.as_ref())
     }
@@ -323,14 +324,16 @@ impl SelfAttention {
             w: &self.qkv_w,
             b: self.qkv_b.as_ref(),
             adapter: self.qkv_adapter.as_ref(),
+            column_tp: self.tp.as_ref(),
         }
     }
 
     fn proj_linear(&self) -> ExplicitLinear<'_> {
         ExplicitLinear {
             w: &self.proj_w,
-            b: self.tp_boundary().linear_bias(self.proj_b.as_ref()),
+            b: self.proj_b.as_ref(),
             adapter: self.proj_adapter.as_ref(),
+            column_tp: None,
         }
     }
 
@@ -425,8 +428,9 @@ impl SelfAttention {
             (q, k)
         };
         let (out, state) = section("attn.core.fwd", x.device(), || self.core(&q, &k, &v, inputs))?;
-        let (y, proj_lora) = self.proj_linear().forward(&out)?;
-        let y = self.tp_boundary().exit(&y.reshape((b, (), h))?, self.proj_b.as_ref())?;
+        let s_full = qkv.dim(1)?;
+        let (y, proj_lora) =
+            self.proj_linear().forward_row(&out.reshape((b, s_full, ()))?, self.tp_boundary())?;
         let core = (!inputs.selective.core_attn).then_some((out, state));
         let saved = AttnSaved { qkv, core, roped_in_qkv, qkv_lora, proj_lora };
         Ok((y.reshape((b, s, h))?, saved))
@@ -473,7 +477,7 @@ impl SelfAttention {
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
         // The whole sequence's output gradient (gathered under sequence parallelism).
-        let dy = self.tp_boundary().exit_grad(dy, self.proj_b.as_ref(), grads)?;
+        let dy = self.tp_boundary().exit_grad(dy)?;
         let (b, s, h) = dy.dims3()?;
         let dev = x.device();
         // q, k, v: views of the kept QKV (rotated in place), else recomputed from it.

@@ -25,6 +25,9 @@ pub(super) struct ExplicitLinear<'a> {
     pub w: &'a Tensor,
     pub b: Option<&'a Tensor>,
     pub adapter: Option<&'a Adapter>,
+    /// The TP group of a column-parallel layer (its adapter's B is split by rows, A is
+    /// replicated); None for row-parallel layers and without TP.
+    pub column_tp: Option<&'a TensorParallel>,
 }
 
 /// What [`ExplicitLinear::backward`] needs from the forward: the adapter's `x Aᵀ`.
@@ -80,8 +83,40 @@ impl ExplicitLinear<'_> {
         grads.insert(b, (manual::weight_grad(dy, &h)? * scale)?);
         drop(h);
         let g = dy.matmul(&b.detach())?;
-        grads.insert(a, (manual::weight_grad(&g, &x)? * scale)?);
+        // Column-parallel: each rank's g covers its rows of B only. The replicated A takes the
+        // sum; dx stays partial, like the base's, and the caller sums both over TP.
+        let g_all = match self.column_tp {
+            Some(tp) => tp.comm().all_reduce(&g, ReduceOp::Sum)?,
+            None => g.clone(),
+        };
+        grads.insert(a, (manual::weight_grad(&g_all, &x)? * scale)?);
         Ok(manual::add_matmul(dx, &g, &a.detach(), false, scale)?)
+    }
+
+    /// A row-parallel linear (`linear_proj`, `linear_fc2`) over this rank's input columns
+    /// `x` `[b, s, in/tp]`: the partial products summed over TP (reduce-scattered over the
+    /// sequence under SP), then the adapter's `s·(A x) Bᵀ`, its `A x` summed over TP first,
+    /// and the bias, each added once. [`Self::backward`] is the same as without TP.
+    pub fn forward_row(&self, x: &Tensor, tp: TpBoundary) -> Result<(Tensor, LinearSaved)> {
+        let Some(group) = tp.0 else { return self.forward(x) };
+        let y = tp.exit(&ops::linear(x, &self.w.detach(), None)?)?;
+        let (y, saved) = match self.adapter {
+            None => (y, None),
+            Some(adapter) => {
+                let (a, b, scale) =
+                    adapter.explicit_parts().context("adapter outside the explicit path")?;
+                let dims = y.dims().to_vec();
+                let x = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
+                let h = group.comm().all_reduce(&x.matmul(&a.detach().t()?)?, ReduceOp::Sum)?;
+                let y = y.reshape((h.dim(0)?, ()))?;
+                let y = manual::add_matmul(y, &h, &b.detach(), true, scale)?;
+                (y.reshape(dims)?, Some(h))
+            }
+        };
+        Ok(match self.b {
+            Some(b) => (y.broadcast_add(&b.detach())?, saved),
+            None => (y, saved),
+        })
     }
 }
 
@@ -109,40 +144,21 @@ impl TpBoundary<'_> {
         }
     }
 
-    /// The row-parallel linear's bias as [`ExplicitLinear`] takes it: inside the linear
-    /// without TP; with TP it is added once after the sum ([`Self::exit`]).
-    pub fn linear_bias<'b>(&self, b: Option<&'b Tensor>) -> Option<&'b Tensor> {
-        b.filter(|_| self.0.is_none())
-    }
-
     /// Output of the row-parallel linear `[b, s, h]` from this rank's partial product: the
-    /// ranks' sum (reduce-scattered over the sequence under SP), then the bias.
-    pub fn exit(&self, y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let Some(tp) = self.0 else { return Ok(y.clone()) };
-        let y = tp.reduce_partial_untracked(y)?;
-        Ok(match bias {
-            Some(b) => y.broadcast_add(&b.detach())?,
-            None => y,
-        })
+    /// ranks' sum (reduce-scattered over the sequence under SP).
+    pub fn exit(&self, y: &Tensor) -> Result<Tensor> {
+        match self.0 {
+            Some(tp) => Ok(tp.reduce_partial_untracked(y)?),
+            None => Ok(y.clone()),
+        }
     }
 
-    /// Output gradient `[b, s, h]` of the row-parallel linear over the whole sequence; with TP
-    /// the bias gradient goes into `grads` (summed over TP under SP, where each rank saw its
-    /// part of the sequence).
-    pub fn exit_grad(
-        &self,
-        dy: &Tensor,
-        bias: Option<&Tensor>,
-        grads: &mut GradStore,
-    ) -> Result<Tensor> {
-        let Some(tp) = self.0 else { return Ok(dy.clone()) };
-        if let Some(b) = bias.filter(|b| trains(b)) {
-            let h = dy.dim(candle_core::D::Minus1)?;
-            let g = manual::bias_grad(&dy.reshape(((), h))?)?;
-            let g =
-                if tp.sequence_parallel() { tp.comm().all_reduce(&g, ReduceOp::Sum)? } else { g };
-            grads.insert(b, g);
+    /// Output gradient `[b, s, h]` of the row-parallel linear over the whole sequence
+    /// (gathered under SP): the bias gradient taken from it is the sum over the ranks' parts.
+    pub fn exit_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        match self.0 {
+            Some(tp) => Ok(tp.gather_sequence_untracked(dy)?),
+            None => Ok(dy.clone()),
         }
-        Ok(tp.gather_sequence_untracked(dy)?)
     }
 }

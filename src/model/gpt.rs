@@ -208,9 +208,7 @@ impl GptModel {
         let recompute = RecomputePlan::from_config(cfg)?;
         let selective = SelectiveRecompute::from_config(cfg)?;
         if selective.is_some() {
-            let why = if layout.tp_size > 1 && peft.is_some() {
-                Some("adapters with tensor parallelism")
-            } else if peft.is_some_and(|p| {
+            let why = if peft.is_some_and(|p| {
                 p.peft_scheme != crate::config::peft::PeftScheme::Lora || p.dropout > 0.0
             }) {
                 Some("DoRA / canonical LoRA adapters or adapter dropout")

@@ -172,9 +172,10 @@ impl MlpSaved {
 
 impl Mlp {
     /// Whether the written-out forward/backward covers this block: adapters only as LoRA
-    /// without dropout and without tensor parallelism.
+    /// without dropout, and not under sequence parallelism.
     pub(super) fn explicit_ok(&self) -> bool {
-        (self.tp.is_none() || (self.fc1_adapter.is_none() && self.fc2_adapter.is_none()))
+        let sp = self.tp.as_ref().is_some_and(TensorParallel::sequence_parallel);
+        (!sp || (self.fc1_adapter.is_none() && self.fc2_adapter.is_none()))
             && ExplicitLinear::explicit_ok(self.fc1_adapter.as_ref())
             && ExplicitLinear::explicit_ok(self.fc2_adapter.as_ref())
     }
@@ -190,14 +191,16 @@ impl Mlp {
             w: &self.fc1_w,
             b: self.fc1_b.as_ref(),
             adapter: self.fc1_adapter.as_ref(),
+            column_tp: self.tp.as_ref(),
         }
     }
 
     fn fc2_linear(&self) -> ExplicitLinear<'_> {
         ExplicitLinear {
             w: &self.fc2_w,
-            b: self.tp_boundary().linear_bias(self.fc2_b.as_ref()),
+            b: self.fc2_b.as_ref(),
             adapter: self.fc2_adapter.as_ref(),
+            column_tp: None,
         }
     }
 
@@ -210,8 +213,7 @@ impl Mlp {
     pub(super) fn forward_saving(&self, x: &Tensor, recompute: bool) -> Result<(Tensor, MlpSaved)> {
         let (fc1_out, fc1_lora) = self.fc1(x)?;
         let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
-        let (y, fc2_lora) = self.fc2_linear().forward(&act)?;
-        let y = self.tp_boundary().exit(&y, self.fc2_b.as_ref())?;
+        let (y, fc2_lora) = self.fc2_linear().forward_row(&act, self.tp_boundary())?;
         let fc2_needs_input = self.fc2_linear().needs_input();
         Ok((
             y,
@@ -242,7 +244,7 @@ impl Mlp {
         let dev = x.device();
         let tpb = self.tp_boundary();
         // The whole sequence's output gradient (gathered under sequence parallelism).
-        let dy = tpb.exit_grad(dy, self.fc2_b.as_ref(), grads)?;
+        let dy = tpb.exit_grad(dy)?;
         let (b, s, h) = dy.dims3()?;
         let dy = dy.reshape((b * s, h))?;
         let (fc1_out, fc1_lora) = match saved.fc1_out {
