@@ -202,13 +202,19 @@ until grep -q 'TERM received' "$log"; do
   sleep 1
 done
 end=$((SECONDS + 240))
+started=0
 until grep -q 'resumed from' "$log" && grep -qE "^mbridge-slurm: job $job restart 1 " "$log"; do
   ((SECONDS < end)) || fail "job $job did not restart and resume within 240 s (state $(job_state "$job"))"
   if sed -n '/restart 1 /,$p' "$log" | grep -qE 'training step exited with [1-9]'; then
     fail "the requeued job's training step failed (see the log below)"
   fi
-  # A requeued job may wait for its begin time; let it start now.
-  if [[ $(job_state "$job") == PENDING ]]; then scontrol update JobId="$job" StartTime=now >/dev/null 2>&1 || true; fi
+  # A requeued job may wait for its begin time; let it start soon, once. Not within the second
+  # of the requeue: slurmd compares credential times in whole seconds, and a job started then
+  # is killed as "Job credential revoked" (seen in CI).
+  if ((started == 0)) && [[ $(job_state "$job") == PENDING ]]; then
+    scontrol update JobId="$job" StartTime=now+2 >/dev/null 2>&1 || true
+    started=1
+  fi
   sleep 1
 done
 saved=$(cat "$ck2/latest_checkpointed_iteration.txt")
