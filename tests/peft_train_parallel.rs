@@ -81,12 +81,10 @@ fn tp2_matches_tp1_and_resumes_at_tp1(what: &str, scheme: &[&str]) {
     );
 }
 
-/// LoRA under context parallelism, through autograd and through the written-out layer
-/// backward (selective recompute), equals one process.
-#[test]
-fn lora_with_context_parallelism_matches_one_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
+/// LoRA (dim 4) overrides on a base pretrained for 2 iterations under `dir`, and the one-process
+/// LoRA run.
+fn lora_on_a_pretrained_base(dir: &std::path::Path) -> (Vec<String>, TrainOutcome) {
+    let base = dir.join("base");
     single(&[format!("+checkpoint.save={}", base.display()), "train.train_iters=2".into()]);
     let peft = vec![
         "+peft.dim=4".to_string(),
@@ -94,6 +92,15 @@ fn lora_with_context_parallelism_matches_one_process() {
         format!("checkpoint.pretrained_checkpoint={}", base.display()),
     ];
     let one = single(&peft);
+    (peft, one)
+}
+
+/// LoRA under context parallelism, through autograd and through the written-out layer
+/// backward (selective recompute), equals one process.
+#[test]
+fn lora_with_context_parallelism_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (peft, one) = lora_on_a_pretrained_base(dir.path());
     for extra in [&[][..], &["model.recompute_granularity=\"selective\""][..]] {
         let mut cp = peft.clone();
         cp.push("model.context_parallel_size=2".into());
@@ -107,14 +114,7 @@ fn lora_with_context_parallelism_matches_one_process() {
 #[test]
 fn lora_tp2_written_out_backward_matches_one_process() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    single(&[format!("+checkpoint.save={}", base.display()), "train.train_iters=2".into()]);
-    let peft = vec![
-        "+peft.dim=4".to_string(),
-        "+peft.alpha=8.0".into(),
-        format!("checkpoint.pretrained_checkpoint={}", base.display()),
-    ];
-    let one = single(&peft);
+    let (peft, one) = lora_on_a_pretrained_base(dir.path());
     let mut tp = peft.clone();
     tp.extend([
         "model.tensor_model_parallel_size=2".to_string(),
