@@ -16,7 +16,7 @@ use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, SgdConfig};
 use super::report::{metrics_path, wandb_sync_command, MetricsWriter};
 use super::scheduler::{OptimizerParamScheduler, ScheduleInputs};
 use super::tensorboard::SummaryWriter;
-use super::trainer::Trainer;
+use super::trainer::{reports_on, Trainer};
 use crate::ckpt::{self, AsyncSaver, TrainState};
 use crate::config::model::DType as CfgDType;
 use crate::config::optimizer::OptimizerKind;
@@ -162,12 +162,7 @@ impl Trainer {
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
         let datasets = build_run_datasets(&cfg, &d, tokenizer.as_ref())?;
         // Megatron reports from the last pipeline stage (it holds the loss).
-        let reporting = groups.as_ref().is_none_or(|g| {
-            g.coords.tp == 0
-                && g.coords.cp == 0
-                && g.coords.dp == 0
-                && g.coords.pp + 1 == g.topology.pp()
-        });
+        let reporting = reports_on(groups.as_ref());
         if let Some(cmd) = wandb_sync_command(&cfg.logger)? {
             println!(" W&B: TensorBoard events go to the tensorboard_dir; upload them with: {cmd}");
         }

@@ -483,15 +483,21 @@ impl Trainer {
         self.groups.as_ref().map_or(0, |g| g.coords.dp)
     }
 
-    /// Whether this rank prints the log line and validation (Megatron: last stage, TP/DP 0).
+    /// Whether this rank prints the log line and validation (see [`reports_on`]).
     pub(super) fn reports(&self) -> bool {
-        self.groups.as_ref().is_none_or(|g| {
-            g.coords.tp == 0
-                && g.coords.cp == 0
-                && g.coords.dp == 0
-                && g.coords.pp + 1 == g.topology.pp()
-        })
+        reports_on(self.groups.as_ref())
     }
+}
+
+/// Whether the rank of `groups` reports (log line, validation, TensorBoard, metrics): as
+/// Megatron, the last pipeline stage's rank 0 of TP, CP and DP; the only rank without groups.
+pub(super) fn reports_on(groups: Option<&ProcessGroups>) -> bool {
+    groups.is_none_or(|g| {
+        g.coords.tp == 0
+            && g.coords.cp == 0
+            && g.coords.dp == 0
+            && g.coords.pp + 1 == g.topology.pp()
+    })
 }
 
 /// Result of one iteration.
