@@ -191,6 +191,15 @@ __device__ __forceinline__ bool allowed(const FlashParams& p, int qabs, int k, i
   return true;
 }
 
+// Tag for the two instantiations of a backward tile's probability pass: tiles wholly inside
+// the causal / window band and the key range (Masked<false>) skip the per-element test. A
+// single pass with the test in it makes the compiler branch around every exp2, which
+// serializes the exponentials (H100: the d=64 backward spent most of its time there).
+template <bool B>
+struct Masked {
+  static constexpr bool value = B;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -566,18 +575,25 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
     const bool need_mask = (n0 + BN > sq.sk) ||
                            (p.causal && n0 + BN - 1 > i0 + offset) ||
                            (p.window_left >= 0 && i0 + BM - 1 + offset - n0 > p.window_left);
+    auto probs = [&](auto masked) {
 #pragma unroll
-    for (int j = 0; j < NTILE_M; ++j)
+      for (int j = 0; j < NTILE_M; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kr = n0 + warp * 16 + (lane >> 2) + ((e >> 1) << 3);
-        const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
-        const float pr = (!need_mask || allowed(p, i0 + qc + offset, kr, sq.sk))
-                             ? fast_exp2(st[j][e] * p.scale_log2 - lse[qc])
-                             : 0.f;
-        st[j][e] = pr;
-        dpt[j][e] = pr * (dpt[j][e] - dsum[qc]);
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int kr = n0 + warp * 16 + (lane >> 2) + ((e >> 1) << 3);
+          const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
+          const float x = fast_exp2(st[j][e] * p.scale_log2 - lse[qc]);
+          const float pr =
+              (!decltype(masked)::value || allowed(p, i0 + qc + offset, kr, sq.sk)) ? x : 0.f;
+          st[j][e] = pr;
+          dpt[j][e] = pr * (dpt[j][e] - dsum[qc]);
+        }
+    };
+    if (need_mask) {
+      probs(Masked<true>{});
+    } else {
+      probs(Masked<false>{});
+    }
 
     // dV += P^T dO and dK += dS^T Q (scale applied at the end); store dS^T for dQ.
 #pragma unroll
@@ -1125,18 +1141,25 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
     const bool need_mask = (n0 + BN > sq.sk) || (p.causal && n0 + BN - 1 > i0 + offset) ||
                            (p.window_left >= 0 && i0 + BM - 1 + offset - n0 > p.window_left);
     const int kr0 = n0 + wg * 64 + wr * 16 + (lane >> 2);
+    auto probs = [&](auto masked) {
 #pragma unroll
-    for (int j = 0; j < NTILE_M; ++j)
+      for (int j = 0; j < NTILE_M; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kr = kr0 + ((e >> 1) << 3);
-        const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
-        const float pr = (!need_mask || allowed(p, i0 + qc + offset, kr, sq.sk))
-                             ? fast_exp2(st[j * 4 + e] * p.scale_log2 - lse[qc])
-                             : 0.f;
-        st[j * 4 + e] = pr;
-        dpt[j * 4 + e] = pr * (dpt[j * 4 + e] - dsum[qc]);
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int kr = kr0 + ((e >> 1) << 3);
+          const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
+          const float x = fast_exp2(st[j * 4 + e] * p.scale_log2 - lse[qc]);
+          const float pr =
+              (!decltype(masked)::value || allowed(p, i0 + qc + offset, kr, sq.sk)) ? x : 0.f;
+          st[j * 4 + e] = pr;
+          dpt[j * 4 + e] = pr * (dpt[j * 4 + e] - dsum[qc]);
+        }
+    };
+    if (need_mask) {
+      probs(Masked<true>{});
+    } else {
+      probs(Masked<false>{});
+    }
 
     uint32_t ap[BM / 16][4], ads[BM / 16][4];
 #pragma unroll

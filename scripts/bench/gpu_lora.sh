@@ -45,7 +45,7 @@ mem_watch_start 200
   train.global_batch_size="$MBS" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
   logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \
   '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${@:4}" 2>&1 \
-  | grep -E "iteration|error|Error|memory \(GB\)|initialized" | tail -8
+  | grep -E "iteration|error|Error|memory \(GB\)|initialized|sections:" | tail -8
 echo "mbridge peak GPU memory (MiB, nvidia-smi): $(mem_watch_stop)"
 # Again at the end, so a caller that keeps only the last lines still sees both engines.
 if [ -n "${PEER_LINE:-}" ]; then echo "peer: $PEER_LINE"; fi
