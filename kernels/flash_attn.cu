@@ -129,6 +129,11 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int sr
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
+// 4-byte global->shared copy (cp.async's .ca form; .cg takes 16 bytes only).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src));
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_wait() {
@@ -156,6 +161,24 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, long long stride,
     const bool ok = gr < nrows;
     const T* src = ok ? g + (long long)gr * stride + c * 8 : g;
     cp_async16(base + swz<D>(r, c) * 2, src, ok ? 16 : 0);
+  }
+}
+
+// The backward's per-row statistics (logsumexp, dsum) of query rows [i0, i0 + BM) into shared
+// memory. cp.async, like the tiles, so the warps that fetch them do not stall on global loads
+// every step (plain loads put their latency in front of the block's next barrier). Rows past
+// the sequence end get lse = +inf, making P = 0, so they contribute nothing.
+template <int BM, int NT>
+__device__ __forceinline__ void load_row_stats(float* s_lse, float* s_dsum, const float* lse,
+                                               const float* dsum, int i0, int sq, int tid) {
+  for (int r = tid; r < BM; r += NT) {
+    if (i0 + r < sq) {
+      cp_async4(s_lse + r, lse + i0 + r);
+      cp_async4(s_dsum + r, dsum + i0 + r);
+    } else {
+      s_lse[r] = INFINITY;
+      s_dsum[r] = 0.f;
+    }
   }
 }
 
@@ -514,12 +537,8 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
     load_tile<BM, D, NT>(sQ + buf * BM * D, q, p.q_ss, i0, sq.sq, tid);
     load_tile<BM, D, NT>(sdO + buf * BM * D, dout, p.do_ss, i0, sq.sq, tid);
     const long long lbase = ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
-    for (int r = tid; r < BM; r += NT) {
-      const bool ok = i0 + r < sq.sq;
-      // Rows past the end: lse = +inf makes P = 0, so they contribute nothing.
-      sLse[buf * BM + r] = ok ? p.lse[lbase + i0 + r] : INFINITY;
-      sDsum[buf * BM + r] = ok ? p.dsum[lbase + i0 + r] : 0.f;
-    }
+    load_row_stats<BM, NT>(sLse + buf * BM, sDsum + buf * BM, p.lse + lbase, p.dsum + lbase, i0,
+                           sq.sq, tid);
   };
 
   if (n_it > 0) prefetch(0);
@@ -1089,11 +1108,8 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
     load_panels<BM, D, NT>(sQ + buf * BM * D, q, p.q_ss, i0, sq.sq, tid);
     load_panels<BM, D, NT>(sdO + buf * BM * D, dout, p.do_ss, i0, sq.sq, tid);
     const long long lbase = ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
-    for (int r = tid; r < BM; r += NT) {
-      const bool ok = i0 + r < sq.sq;
-      sLse[buf * BM + r] = ok ? p.lse[lbase + i0 + r] : INFINITY;
-      sDsum[buf * BM + r] = ok ? p.dsum[lbase + i0 + r] : 0.f;
-    }
+    load_row_stats<BM, NT>(sLse + buf * BM, sDsum + buf * BM, p.lse + lbase, p.dsum + lbase, i0,
+                           sq.sq, tid);
   };
 
   if (n_it > 0) prefetch(0);
