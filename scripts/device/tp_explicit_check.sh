@@ -2,8 +2,10 @@
 # Tensor parallelism in the layers' written-out backward (the CUDA default) over NCCL, 2 GPUs:
 #   f32 tiny_llama TP=2 and TP=2 with sequence parallelism against the CPU (also with
 #   LayerNorm, biases and QK-norm), bf16 TP=2 + SP against one GPU, then Llama-3.2-1B TP=2 + SP
-#   timed with the written-out backward and with candle's autograd (MBRIDGE_EXPLICIT_LAYERS=0).
+#   timed with the written-out backward and with candle's autograd (MBRIDGE_EXPLICIT_LAYERS=0);
+#   LoRA adapters (dim 4) on a 2-step tiny_llama base, f32 TP=2 over NCCL against the CPU.
 # Run on the GPU machine after   source .devbuild/bin/env.sh .devbuild/bin/mbridge
+# LORA_ONLY=1 runs the LoRA comparison alone.
 set -uo pipefail
 M=${MBRIDGE:-.devbuild/bin/mbridge}
 O=${TP_OUT:-/tmp/tp_explicit}
@@ -24,6 +26,17 @@ losses() { grep -o 'lm loss: [0-9.E+-]*' "$O/$1.log" | awk '{print $3}'; }
 compare() {
   paste <(losses "$1") <(losses "$2") | awk -v a="$1" -v b="$2" '{d=($1-$2)/$1; if(d<0)d=-d; if(d>m)m=d} END{printf "%s vs %s: max rel %.2e over %d steps\n", b, a, m, NR}'
 }
+# LoRA under TP: column-parallel adapters' A gradients summed over TP, row-parallel adapters'
+# A x summed before the replicated B (the written-out backward, the CUDA default).
+lora=(+peft.dim=4 +peft.alpha=8.0 checkpoint.pretrained_checkpoint="\"$O/base\"")
+run lora_base --device cpu train.train_iters=2 "+checkpoint.save=\"$O/base\""
+run lora_cpu --device cpu "${lora[@]}"
+run lora_gpu_tp2 --device cuda "${tp[@]}" "${lora[@]}"
+compare lora_cpu lora_gpu_tp2
+if [ -n "${LORA_ONLY:-}" ]; then
+  grep -h -m1 -i "error" "$O"/lora*.log
+  exit 0
+fi
 run cpu --device cpu
 run gpu_tp2 --device cuda "${tp[@]}"
 run gpu_tp2_sp --device cuda "${tp[@]}" $sp
