@@ -35,7 +35,7 @@ fn run(cfg: &ModelConfig, recompute: bool) -> (f64, Vec<(String, Option<Tensor>)
 }
 
 /// [`run`] with the written-out layer backward forced on or off (`explicit`), also returning
-/// how many side stores arrived.
+/// how many side stores were pushed.
 fn run_with(
     cfg: &ModelConfig,
     recompute: bool,
@@ -57,19 +57,18 @@ fn run_with(
     };
     let store: GradStore = sum.backward().unwrap();
     acc.accumulate(&store).unwrap();
+    let pushes = sink.pushes();
     let side = sink.take();
     if recompute {
         assert!(
-            !side.is_empty(),
+            side.get_ids().count() > 0,
             "recompute reports its parameter gradients through the side store"
         );
     }
-    for g in &side {
-        acc.add(g).unwrap();
-    }
+    acc.add(&side).unwrap();
     let names = model.params().params().iter().map(|p| p.name.clone());
     let grads = names.zip(acc.iter().map(|(_, g)| g.cloned())).collect();
-    (sum.to_scalar::<f64>().unwrap(), grads, side.len())
+    (sum.to_scalar::<f64>().unwrap(), grads, pushes)
 }
 
 fn check(method: RecomputeMethod, num_layers: usize) {
@@ -85,11 +84,11 @@ fn check_with(method: RecomputeMethod, num_layers: usize, explicit: bool) {
     cfg.recompute_granularity = Some(RecomputeGranularity::Full);
     cfg.recompute_method = Some(method);
     cfg.recompute_num_layers = Some(num_layers);
-    let (loss_r, recomputed, stores) = run_with(&cfg, true, Some(explicit));
+    let (loss_r, recomputed, pushes) = run_with(&cfg, true, Some(explicit));
     if explicit {
-        // One store per layer (3), the embedding and the head, besides the segments' own (2 or
+        // One push per layer (3), the embedding and the head, besides the segments' own (2 or
         // 3 here): at least 7, at most 5 without written-out layers inside the segments.
-        assert!(stores >= 7, "written-out layers did not run inside recompute: {stores}");
+        assert!(pushes >= 7, "written-out layers did not run inside recompute: {pushes}");
     }
     assert!((loss - loss_r).abs() < 1e-12, "loss {loss} vs {loss_r}");
     for ((name, a), (_, b)) in plain.iter().zip(&recomputed) {

@@ -172,13 +172,11 @@ fn loss_and_grads(m: &GptModel, mb: &Microbatch, recompute: bool) -> (f32, Vec<T
         .iter()
         .map(|p| {
             let mut g = store.get(p.var.as_tensor()).cloned();
-            for s in &side {
-                if let Some(x) = s.get(p.var.as_tensor()) {
-                    g = Some(match g {
-                        Some(g) => (g + x).unwrap(),
-                        None => x.clone(),
-                    });
-                }
+            if let Some(x) = side.get(p.var.as_tensor()) {
+                g = Some(match g {
+                    Some(g) => (g + x).unwrap(),
+                    None => x.clone(),
+                });
             }
             g.unwrap_or_else(|| panic!("{}: no gradient", p.name))
         })

@@ -95,7 +95,7 @@ pub fn forward(
                 attn.backward(attn_saved, &x.detach(), &inputs, &dx2, &mut grads)
             })?;
             let dx = (&dx2 + da)?;
-            sink.push(grads);
+            sink.push(grads)?;
             Ok(dx)
         };
         run()

@@ -533,7 +533,7 @@ impl GptModel {
                 let dxn = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;
                 drop(dlogits);
                 let dx = norm.backward(&x.detach(), &dxn, &mut grads)?;
-                sink.push(grads);
+                sink.push(grads)?;
                 Ok(dx)
             };
             run()
@@ -895,7 +895,7 @@ fn explicit_lookup(w: &Tensor, ids: &Tensor, sink: &RecomputeGrads) -> Result<Te
     let backward: BackwardFn = Box::new(move |w: &Tensor, dy: &Tensor| {
         let mut grads = GradStore::default();
         grads.insert(w, ops::manual::embedding_backward(&ids, &dy.contiguous()?, vocab)?);
-        sink.push(grads);
+        sink.push(grads)?;
         Ok(None)
     });
     Ok(with_backward(w, y, "explicit-embedding", backward)?)

@@ -13,7 +13,7 @@
 use crate::config::model::{ModelConfig, RecomputeGranularity, RecomputeMethod};
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -102,20 +102,58 @@ impl SelectiveRecompute {
     }
 }
 
-/// Parameter gradients produced outside the recorded graph during one backward pass: by
+/// Parameter gradients produced outside the recorded graph during backward passes: by
 /// recomputed segments and by layers with a written-out backward
-/// ([`super::explicit_layer`]). The training step adds them to its gradients.
+/// ([`super::explicit_layer`]). They are summed as they arrive, half precision in f32 as the
+/// step's accumulator keeps them, so a step holds one copy of them however many
+/// micro-batches it runs (Megatron's layers add into `main_grad` the same way); before, each
+/// micro-batch's full set waited beside the running sum until its backward ended. The
+/// training step moves the sum into its gradients once its micro-batches are done.
 #[derive(Debug, Clone, Default)]
-pub struct RecomputeGrads(Arc<Mutex<Vec<GradStore>>>);
+pub struct RecomputeGrads(Arc<Mutex<SideGrads>>);
+
+#[derive(Debug, Default)]
+struct SideGrads {
+    sum: GradStore,
+    /// Stores pushed since the last take (one per recomputed segment or written-out piece).
+    pushes: usize,
+}
 
 impl RecomputeGrads {
-    /// Takes the stores collected so far (one per segment or layer).
-    pub fn take(&self) -> Vec<GradStore> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    fn lock(&self) -> std::sync::MutexGuard<'_, SideGrads> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn push(&self, g: GradStore) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(g);
+    /// Takes the sum collected so far (the sink is empty afterwards).
+    pub fn take(&self) -> GradStore {
+        let mut side = self.lock();
+        side.pushes = 0;
+        std::mem::take(&mut side.sum)
+    }
+
+    /// How many stores were pushed since the last [`Self::take`].
+    pub fn pushes(&self) -> usize {
+        self.lock().pushes
+    }
+
+    /// Adds `g` to the sum.
+    pub(super) fn push(&self, g: GradStore) -> candle_core::Result<()> {
+        let mut side = self.lock();
+        side.pushes += 1;
+        let sum = &mut side.sum;
+        for &id in g.get_ids() {
+            let Some(grad) = g.get_id(id) else { continue };
+            let grad = match grad.dtype() {
+                DType::BF16 | DType::F16 => grad.to_dtype(DType::F32)?,
+                _ => grad.detach(),
+            };
+            let total = match sum.get_id(id) {
+                Some(prev) => (prev + grad)?.detach(),
+                None => grad,
+            };
+            sum.insert_id(id, total);
+        }
+        Ok(())
     }
 }
 
@@ -162,7 +200,7 @@ pub fn checkpoint(
                 kept.insert(p, g);
             }
         }
-        grads.push(kept);
+        grads.push(kept)?;
         Ok(dx)
     });
     with_backward_anchored(x, anchor, y, "recompute-checkpoint", backward)
@@ -320,6 +358,32 @@ mod tests {
         RecomputePlan { method, num_layers }
     }
 
+    /// Pushes of the same parameter are summed in place (half precision in f32), so the sink
+    /// never holds a second copy; other parameters keep their own entries.
+    #[test]
+    fn the_sink_sums_gradients_as_they_arrive() {
+        let dev = candle_core::Device::Cpu;
+        let (w, u) =
+            (Var::zeros(3, DType::BF16, &dev).unwrap(), Var::zeros(2, DType::F32, &dev).unwrap());
+        let sink = RecomputeGrads::default();
+        for (wg, ug) in
+            [([1.0f32, 2.0, 3.0], [0.5f32, 0.25]), ([1.0 / 512.0, 1.0, -3.0], [1.0, 1.0])]
+        {
+            let mut g = GradStore::default();
+            g.insert(w.as_tensor(), Tensor::new(&wg, &dev).unwrap().to_dtype(DType::BF16).unwrap());
+            g.insert(u.as_tensor(), Tensor::new(&ug, &dev).unwrap());
+            sink.push(g).unwrap();
+        }
+        let sum = sink.take();
+        assert_eq!(sum.get_ids().count(), 2);
+        let gw = sum.get(w.as_tensor()).unwrap();
+        assert_eq!(gw.dtype(), DType::F32, "half-precision gradients are summed in f32");
+        // 1 + 2^-9 is exact in f32; bf16 (8 significant bits) would round it to 1.
+        assert_eq!(gw.to_vec1::<f32>().unwrap(), [1.0 + 1.0 / 512.0, 3.0, 0.0]);
+        assert_eq!(sum.get(u.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), [1.5, 1.25]);
+        assert_eq!(sink.take().get_ids().count(), 0, "take empties the sink");
+    }
+
     #[test]
     fn uniform_and_block_segments_follow_megatron() {
         let u = plan(RecomputeMethod::Uniform, 2).segments(5);
@@ -348,13 +412,12 @@ mod tests {
             outer.get(w.as_tensor()).is_none(),
             "the outer graph must not see the segment's parameters"
         );
-        let stores = sink.take();
-        assert_eq!(stores.len(), 1);
+        let store = sink.take();
         let close = |a: &Tensor, b: &Tensor| {
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-6, "difference {d}");
         };
-        close(stores[0].get(w.as_tensor()).unwrap(), plain.get(w.as_tensor()).unwrap());
+        close(store.get(w.as_tensor()).unwrap(), plain.get(w.as_tensor()).unwrap());
         close(outer.get(x0.as_tensor()).unwrap(), plain.get(x0.as_tensor()).unwrap());
     }
 }

@@ -51,8 +51,6 @@ struct Pending {
     input: Option<Var>,
     /// Chunk output, or the objective on the chunk that ends in the loss.
     output: Tensor,
-    /// Parameter gradients of recomputed layers, filled during this forward's backward.
-    recompute: Option<RecomputeGrads>,
 }
 
 impl Pipeline<'_> {
@@ -84,6 +82,9 @@ impl Pipeline<'_> {
         let mut outbox: HashMap<TransferKey, Tensor> = HashMap::new();
         let mut inbox: HashMap<TransferKey, Tensor> = HashMap::new();
         let (mut loss_sum, mut tokens) = (0.0, 0.0);
+        // Parameter gradients produced outside the graph (recomputed segments, explicit
+        // layers) of every micro-batch, summed as they arrive; only when backwards follow.
+        let side_grads = acc.as_ref().map(|_| RecomputeGrads::default());
         for step in steps {
             match step {
                 Step::Exchange { sends, recvs } => {
@@ -91,16 +92,13 @@ impl Pipeline<'_> {
                 }
                 Step::Run(Op::Forward { chunk, microbatch }) => {
                     let rng = (hooks.dropout)(chunk, microbatch);
-                    // Gradients produced outside the graph (recomputed segments, explicit
-                    // layers) only exist when a backward follows.
-                    let recompute = acc.as_ref().map(|_| RecomputeGrads::default());
                     let received = inbox.remove(&(Payload::Activation, chunk, microbatch));
                     let (input, output, loss) = self.forward(
                         chunk,
                         &micro[microbatch],
                         received,
                         rng.as_ref(),
-                        recompute.as_ref(),
+                        side_grads.as_ref(),
                     )?;
                     let output = match loss {
                         Some((sum, count)) => {
@@ -114,7 +112,7 @@ impl Pipeline<'_> {
                         }
                     };
                     if acc.is_some() {
-                        pending[chunk].push_back(Pending { microbatch, input, output, recompute });
+                        pending[chunk].push_back(Pending { microbatch, input, output });
                     }
                 }
                 Step::Run(Op::Backward { chunk, microbatch }) => {
@@ -139,6 +137,10 @@ impl Pipeline<'_> {
                 "pipeline plan left the {payload:?} of chunk {chunk}, micro-batch {mb} \
                  unexchanged"
             );
+        }
+        if let (Some(acc), Some(side)) = (acc, &side_grads) {
+            // Moves them: the accumulator holds no other copy of these parameters' gradients.
+            acc.add(&side.take())?;
         }
         Ok((loss_sum, tokens))
     }
@@ -250,14 +252,7 @@ impl Pipeline<'_> {
                 })
             })
             .transpose()?;
-        section("grads.accumulate", model.device(), || -> Result<()> {
-            acc.accumulate(&grads)?;
-            drop(grads);
-            for g in p.recompute.iter().flat_map(RecomputeGrads::take) {
-                acc.add(&g)?;
-            }
-            Ok(())
-        })?;
+        section("grads.accumulate", model.device(), || acc.accumulate(&grads))?;
         Ok(input_grad)
     }
 }

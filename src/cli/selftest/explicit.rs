@@ -55,8 +55,9 @@ fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             let loss = (sum / count)?;
             let store = loss.backward()?;
             let side = sink.take();
-            if side.is_empty() == explicit {
-                anyhow::bail!("explicit = {explicit}, but {} side gradient stores", side.len());
+            let side_count = side.get_ids().count();
+            if (side_count == 0) == explicit {
+                anyhow::bail!("explicit = {explicit}, but {side_count} side gradients");
             }
             let grads = model
                 .params()
@@ -67,7 +68,7 @@ fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
                     // A tied embedding gets parts from the lookup and from the output layer.
                     let t = p.var.as_tensor();
                     let mut total: Option<Tensor> = None;
-                    for g in side.iter().map(|g| g.get(t)).chain([store.get(t)]).flatten() {
+                    for g in [side.get(t), store.get(t)].into_iter().flatten() {
                         let g = g.to_dtype(DType::F32)?;
                         total = Some(match total {
                             Some(a) => (a + g)?,
