@@ -106,8 +106,8 @@ impl SelectiveRecompute {
 /// recomputed segments and by layers with a written-out backward
 /// ([`super::explicit_layer`]). They are summed as they arrive, half precision in f32 as the
 /// step's accumulator keeps them, so a step holds one copy of them however many
-/// micro-batches it runs (Megatron's layers add into `main_grad` the same way); before, each
-/// micro-batch's full set waited beside the running sum until its backward ended. The
+/// micro-batches it runs (Megatron's layers add into `main_grad` the same way), rather than
+/// each micro-batch's full set waiting beside the running sum until its backward ends. The
 /// training step moves the sum into its gradients once its micro-batches are done.
 #[derive(Debug, Clone, Default)]
 pub struct RecomputeGrads(Arc<Mutex<SideGrads>>);
@@ -412,6 +412,7 @@ mod tests {
             outer.get(w.as_tensor()).is_none(),
             "the outer graph must not see the segment's parameters"
         );
+        assert_eq!(sink.pushes(), 1, "one segment, one store");
         let store = sink.take();
         let close = |a: &Tensor, b: &Tensor| {
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

@@ -61,8 +61,8 @@ impl GradAccumulator {
         Ok(())
     }
 
-    /// Adds more gradients to the current micro-batch (e.g. those of recomputed layers, which
-    /// arrive outside the main [`GradStore`]) without counting another micro-batch.
+    /// Adds more gradients without counting another micro-batch (e.g. the step's sum of those
+    /// that arrive outside the main [`GradStore`]: recomputed segments, written-out layers).
     pub fn add(&mut self, store: &GradStore) -> candle_core::Result<()> {
         for (var, slot) in self.vars.iter().zip(self.grads.iter_mut()) {
             let Some(g) = store.get(var.as_tensor()) else {
