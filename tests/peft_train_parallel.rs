@@ -110,17 +110,21 @@ fn lora_with_context_parallelism_matches_one_process() {
 }
 
 /// LoRA under TP in the written-out layer backward (selective recompute): the column-parallel
-/// adapters' A gradients summed over TP, the row-parallel adapters' `A x` summed before B.
+/// adapters' A gradients summed over TP, the row-parallel adapters' `A x` summed before B
+/// (under SP added to this rank's part of the sequence only).
 #[test]
 fn lora_tp2_written_out_backward_matches_one_process() {
     let dir = tempfile::tempdir().unwrap();
     let (peft, one) = lora_on_a_pretrained_base(dir.path());
-    let mut tp = peft.clone();
-    tp.extend([
-        "model.tensor_model_parallel_size=2".to_string(),
-        "model.recompute_granularity=\"selective\"".into(),
-    ]);
-    for r in &run_ranks(2, &tp) {
-        assert_close(&one.losses, &r.losses, "LoRA TP=2, written-out backward");
+    for sp in [false, true] {
+        let mut tp = peft.clone();
+        tp.extend([
+            "model.tensor_model_parallel_size=2".to_string(),
+            "model.recompute_granularity=\"selective\"".into(),
+            format!("model.sequence_parallel={sp}"),
+        ]);
+        for r in &run_ranks(2, &tp) {
+            assert_close(&one.losses, &r.losses, &format!("LoRA TP=2 (SP {sp}), written-out"));
+        }
     }
 }

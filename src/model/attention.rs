@@ -305,11 +305,9 @@ impl AttnSaved {
 
 impl SelfAttention {
     /// Whether the written-out forward/backward covers this block: adapters only as LoRA
-    /// without dropout, and not under sequence parallelism (the rest runs through autograd).
+    /// without dropout (the rest runs through autograd).
     pub(super) fn explicit_ok(&self) -> bool {
-        let sp = self.tp.as_ref().is_some_and(TensorParallel::sequence_parallel);
-        (!sp || (self.qkv_adapter.is_none() && self.proj_adapter.is_none()))
-            && ExplicitLinear::explicit_ok(self.qkv_adapter.as_ref())
+        ExplicitLinear::explicit_ok(self.qkv_adapter.as_ref())
             && ExplicitLinear::explicit_ok(self.proj_adapter.as_ref())
     }
 

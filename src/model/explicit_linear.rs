@@ -96,7 +96,9 @@ impl ExplicitLinear<'_> {
     /// A row-parallel linear (`linear_proj`, `linear_fc2`) over this rank's input columns
     /// `x` `[b, s, in/tp]`: the partial products summed over TP (reduce-scattered over the
     /// sequence under SP), then the adapter's `s·(A x) Bᵀ`, its `A x` summed over TP first,
-    /// and the bias, each added once. [`Self::backward`] is the same as without TP.
+    /// and the bias, each added once. Under SP the adapter term is added for this rank's part
+    /// of the sequence only, which the backward's gathered output gradient covers whole, so
+    /// [`Self::backward`] is the same as without TP.
     pub fn forward_row(&self, x: &Tensor, tp: TpBoundary) -> Result<(Tensor, LinearSaved)> {
         let Some(group) = tp.0 else { return self.forward(x) };
         let y = tp.exit(&ops::linear(x, &self.w.detach(), None)?)?;
@@ -106,10 +108,21 @@ impl ExplicitLinear<'_> {
                 let (a, b, scale) =
                     adapter.explicit_parts().context("adapter outside the explicit path")?;
                 let dims = y.dims().to_vec();
-                let x = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
+                let (batch, seq, inp) = x.dims3()?;
+                let x = x.reshape((batch * seq, inp))?;
                 let h = group.comm().all_reduce(&x.matmul(&a.detach().t()?)?, ReduceOp::Sum)?;
-                let y = y.reshape((h.dim(0)?, ()))?;
-                let y = manual::add_matmul(y, &h, &b.detach(), true, scale)?;
+                // This rank's rows of the sequence (all of them without SP): the reduce-scatter
+                // gave rank r the r-th chunk of y's sequence dimension.
+                let local = dims[1];
+                let h_local = if local == seq {
+                    h.clone()
+                } else {
+                    h.reshape((batch, seq, ()))?
+                        .narrow(1, group.rank() * local, local)?
+                        .reshape((batch * local, ()))?
+                };
+                let y = y.reshape((batch * local, ()))?;
+                let y = manual::add_matmul(y, &h_local, &b.detach(), true, scale)?;
                 (y.reshape(dims)?, Some(h))
             }
         };

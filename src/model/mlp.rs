@@ -172,11 +172,9 @@ impl MlpSaved {
 
 impl Mlp {
     /// Whether the written-out forward/backward covers this block: adapters only as LoRA
-    /// without dropout, and not under sequence parallelism.
+    /// without dropout.
     pub(super) fn explicit_ok(&self) -> bool {
-        let sp = self.tp.as_ref().is_some_and(TensorParallel::sequence_parallel);
-        (!sp || (self.fc1_adapter.is_none() && self.fc2_adapter.is_none()))
-            && ExplicitLinear::explicit_ok(self.fc1_adapter.as_ref())
+        ExplicitLinear::explicit_ok(self.fc1_adapter.as_ref())
             && ExplicitLinear::explicit_ok(self.fc2_adapter.as_ref())
     }
 
