@@ -14,9 +14,8 @@
 //! (and sequence) parallelism, whose gathers and partial sums it writes out
 //! ([`super::explicit_linear::TpBoundary`]), with context parallelism, and with LoRA adapters
 //! (without adapter dropout; [`super::explicit_linear`]: frozen base weights get no
-//! gradient); anything else runs
-//! through autograd. `MBRIDGE_EXPLICIT_LAYERS`
-//! (`1`/`0`) turns it on or off; unset, it is on for CUDA and off on the CPU, where the
+//! gradient); anything else runs through autograd. `MBRIDGE_EXPLICIT_LAYERS` (`1`/`0`) turns
+//! it on or off; unset, it is on for CUDA and off on the CPU, where the
 //! recorded path stays the reference (the tests compare both).
 
 use super::attention::SelfAttention;

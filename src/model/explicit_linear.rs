@@ -158,20 +158,16 @@ impl TpBoundary<'_> {
     }
 
     /// Output of the row-parallel linear `[b, s, h]` from this rank's partial product: the
-    /// ranks' sum (reduce-scattered over the sequence under SP).
+    /// ranks' sum (reduce-scattered over the sequence under SP), the same collective as
+    /// [`Self::enter_grad`].
     pub fn exit(&self, y: &Tensor) -> Result<Tensor> {
-        match self.0 {
-            Some(tp) => Ok(tp.reduce_partial_untracked(y)?),
-            None => Ok(y.clone()),
-        }
+        self.enter_grad(y)
     }
 
     /// Output gradient `[b, s, h]` of the row-parallel linear over the whole sequence
-    /// (gathered under SP): the bias gradient taken from it is the sum over the ranks' parts.
+    /// (gathered under SP, as [`Self::enter`] gathers): the bias gradient taken from it is the
+    /// sum over the ranks' parts.
     pub fn exit_grad(&self, dy: &Tensor) -> Result<Tensor> {
-        match self.0 {
-            Some(tp) => Ok(tp.gather_sequence_untracked(dy)?),
-            None => Ok(dy.clone()),
-        }
+        self.enter(dy)
     }
 }
