@@ -20,6 +20,17 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 // Rounds through T and back: models a composite op that stores an intermediate in T.
 template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
 
+// 16-byte vector of T, indexable.
+template <typename T>
+union Vec16 {
+    uint4 raw;
+    T v[16 / sizeof(T)];
+};
+
+__device__ __forceinline__ bool aligned16(const void *p) {
+    return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -44,6 +44,10 @@ struct FlashParams {
   long long do_bs, do_hs, do_ss;
   long long dq_bs, dq_hs, dq_ss;
   long long dk_bs, dk_hs, dk_ss;
+  // Stride between q's kv groups: query head h sits at (h / hpg)·q_gs + (h % hpg)·q_hs, so q
+  // can be read in place from the fused QKV buffer ([groups, hpg + 2, d] per token), whose
+  // heads are not evenly spaced. Equals hpg·q_hs for an ordinary [b, heads, s, d] view.
+  long long q_gs;
   int batch;  // grid.z: batch rows, or sequences with cu_seqlens
   int heads;
   int groups;
@@ -56,9 +60,15 @@ struct FlashParams {
   float scale;      // softmax_scale
 };
 
-static_assert(sizeof(FlashParams) == 312, "FlashParams layout is mirrored in flash_attn.rs");
+static_assert(sizeof(FlashParams) == 320, "FlashParams layout is mirrored in flash_attn.rs");
 
 namespace fa {
+
+// Element offset of query head h within one batch row (see FlashParams::q_gs).
+__device__ __forceinline__ long long q_head_offset(const FlashParams& p, int h) {
+  const int hpg = p.heads / p.groups;
+  return (long long)(h / hpg) * p.q_gs + (long long)(h % hpg) * p.q_hs;
+}
 
 template <typename T> struct Vec2;
 template <> struct Vec2<__nv_bfloat16> {
@@ -250,7 +260,7 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
   const int g = h / (p.heads / p.groups);
   const int offset = sq.sk - sq.sq;  // bottom-right aligned causal diagonal
 
-  const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
+  const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + q_head_offset(p, h) + (long long)sq.q0 * p.q_ss;
   const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
   const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
   T* o = const_cast<T*>(static_cast<const T*>(p.o)) + sq.b * p.o_bs + h * p.o_hs +
@@ -531,7 +541,7 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
     const int h = h_first + it / n_m;
     const int i0 = m_begin + (it % n_m) * BM;
     const int buf = it & 1;
-    const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
+    const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + q_head_offset(p, h) + (long long)sq.q0 * p.q_ss;
     const T* dout =
         static_cast<const T*>(p.dout) + sq.b * p.do_bs + h * p.do_hs + (long long)sq.q0 * p.do_ss;
     load_tile<BM, D, NT>(sQ + buf * BM * D, q, p.q_ss, i0, sq.sq, tid);
@@ -895,7 +905,7 @@ __device__ __forceinline__ void fwd_wgmma_kernel(const FlashParams& p) {
   const int g = h / (p.heads / p.groups);
   const int offset = sq.sk - sq.sq;
 
-  const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
+  const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + q_head_offset(p, h) + (long long)sq.q0 * p.q_ss;
   const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
   const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
   T* o = const_cast<T*>(static_cast<const T*>(p.o)) + sq.b * p.o_bs + h * p.o_hs +
@@ -1102,7 +1112,7 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
     const int h = h_first + it / n_m;
     const int i0 = m_begin + (it % n_m) * BM;
     const int buf = it & 1;
-    const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + h * p.q_hs + (long long)sq.q0 * p.q_ss;
+    const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + q_head_offset(p, h) + (long long)sq.q0 * p.q_ss;
     const T* dout =
         static_cast<const T*>(p.dout) + sq.b * p.do_bs + h * p.do_hs + (long long)sq.q0 * p.do_ss;
     load_panels<BM, D, NT>(sQ + buf * BM * D, q, p.q_ss, i0, sq.sq, tid);

@@ -7,17 +7,6 @@
 // memory-bound and 2-byte accesses with 64-bit index math left bandwidth unused), else one.
 #include "common.cuh"
 
-// 16-byte vector of T, indexable.
-template <typename T>
-union Vec16 {
-    uint4 raw;
-    T v[16 / sizeof(T)];
-};
-
-__device__ __forceinline__ bool aligned16(const void *p) {
-    return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
-}
-
 // Calls f(row, col) for every VEC-column group of a [rows, f] index space.
 template <int VEC, typename F>
 __device__ __forceinline__ void for_each_group(size_t rows, int f, F body) {

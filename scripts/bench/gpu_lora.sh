@@ -6,7 +6,8 @@
 # The base model is a random Llama-3-8B-shaped Hugging Face checkpoint written by
 # transformers on the device (nothing can be downloaded there); mbridge converts it on the
 # fly (`checkpoint.pretrained_checkpoint` = that directory) and trains on mock data.
-# Args: SEQ MBS ITERS [OVERRIDES...]; env PEER=0 skips the peer, BASE=dir reuses a base.
+# Args: SEQ MBS ITERS [OVERRIDES...]; env PEER=0 skips the peer, BASE=dir reuses a base,
+# MBRIDGE_ENV="K=V ..." is set for the mbridge process only (gpu_kernels.sh's tracer).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SEQ="${1:-4096}"; MBS="${2:-1}"; ITERS="${3:-20}"
@@ -38,14 +39,15 @@ if [ "${PEER:-1}" = 1 ]; then
 fi
 echo "== mbridge finetune --peft lora (llama3_8b recipe: r32 on linear_qkv/proj/fc1/fc2), seq $SEQ, micro batch $MBS"
 mem_watch_start 200
-"$BIN" finetune --recipe llama3_8b --peft lora --device cuda:0 \
+# shellcheck disable=SC2086
+env ${MBRIDGE_ENV:-} "$BIN" finetune --recipe llama3_8b --peft lora --device cuda:0 \
   checkpoint.pretrained_checkpoint="\"$BASE\"" \
   tokenizer.tokenizer_type='"NullTokenizer"' +tokenizer.vocab_size=128255 \
   '~dataset.packed_sequence_specs' model.seq_length="$SEQ" train.micro_batch_size="$MBS" \
   train.global_batch_size="$MBS" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
   logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \
   '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${@:4}" 2>&1 \
-  | grep -E "iteration|error|Error|memory \(GB\)|initialized|sections:" | tail -8
+  | grep -E "iteration|error|Error|memory \(GB\)|initialized|sections:|KTRACE" | tail -n "${TAIL:-8}"
 echo "mbridge peak GPU memory (MiB, nvidia-smi): $(mem_watch_stop)"
 # Again at the end, so a caller that keeps only the last lines still sees both engines.
 if [ -n "${PEER_LINE:-}" ]; then echo "peer: $PEER_LINE"; fi

@@ -3,7 +3,8 @@
 #   f32 tiny_llama TP=2 and TP=2 with sequence parallelism against the CPU (also with
 #   LayerNorm, biases and QK-norm), bf16 TP=2 + SP against one GPU, then Llama-3.2-1B TP=2 + SP
 #   timed with the written-out backward and with candle's autograd (MBRIDGE_EXPLICIT_LAYERS=0);
-#   LoRA adapters (dim 4) on a 2-step tiny_llama base, f32 TP=2 over NCCL against the CPU.
+#   LoRA adapters (dim 4) on a 2-step tiny_llama base, f32 TP=2 (and TP=2 + SP) over NCCL
+#   against the CPU.
 # Run on the GPU machine after   source .devbuild/bin/env.sh .devbuild/bin/mbridge
 # LORA_ONLY=1 runs the LoRA comparison alone.
 set -uo pipefail
@@ -32,7 +33,9 @@ lora=(+peft.dim=4 +peft.alpha=8.0 checkpoint.pretrained_checkpoint="\"$O/base\""
 run lora_base --device cpu train.train_iters=2 "+checkpoint.save=\"$O/base\""
 run lora_cpu --device cpu "${lora[@]}"
 run lora_gpu_tp2 --device cuda "${tp[@]}" "${lora[@]}"
+run lora_gpu_tp2_sp --device cuda "${tp[@]}" $sp "${lora[@]}"
 compare lora_cpu lora_gpu_tp2
+compare lora_cpu lora_gpu_tp2_sp
 if [ -n "${LORA_ONLY:-}" ]; then
   grep -h -m1 -i "error" "$O"/lora*.log
   exit 0

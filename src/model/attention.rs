@@ -340,12 +340,21 @@ impl SelfAttention {
     }
 
     /// q `[b, heads, s, d]` and k, v `[b, groups, s, d]` views into the fused QKV `[b, s, rows]`.
-    fn split_heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// q, k, v views of the fused QKV `[b, s, groups·(hpg + 2)·d]` as `[b, heads, s, d]` and
+    /// `[b, groups, s, d]`; with `grouped_q`, q is the `[b, groups, hpg, s, d]` view that the
+    /// flash kernel reads in place (collapsing its heads would copy it: they are not evenly
+    /// spaced across groups).
+    fn split_heads(&self, qkv: &Tensor, grouped_q: bool) -> Result<(Tensor, Tensor, Tensor)> {
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
         let (b, s, _) = qkv.dims3()?;
         let qkv = qkv.reshape((b, s, groups, hpg + 2, d))?;
-        let q = qkv.narrow(3, 0, hpg)?.reshape((b, s, heads, d))?.transpose(1, 2)?;
+        let q = qkv.narrow(3, 0, hpg)?;
+        let q = if grouped_q {
+            q.permute((0, 2, 3, 1, 4))?
+        } else {
+            q.reshape((b, s, heads, d))?.transpose(1, 2)?
+        };
         let k = qkv.narrow(3, hpg, 1)?.squeeze(3)?.transpose(1, 2)?;
         let v = qkv.narrow(3, hpg + 1, 1)?.squeeze(3)?.transpose(1, 2)?;
         Ok((q, k, v))
@@ -385,7 +394,7 @@ impl SelfAttention {
             None => d_rotated.clone(),
         };
         match norm {
-            Some(n) => n.backward(normed_in, &d_normed.contiguous()?, grads),
+            Some(n) => n.backward(normed_in, &d_normed.contiguous()?, None, grads),
             None => Ok(d_normed),
         }
     }
@@ -417,7 +426,8 @@ impl SelfAttention {
             }
             _ => false,
         };
-        let (q, k, v) = self.split_heads(&qkv)?;
+        // Rotated in place, q goes to the kernel as a view of the fused buffer.
+        let (q, k, v) = self.split_heads(&qkv, roped_in_qkv && self.reads_grouped_q())?;
         let (q, k) = if roped_in_qkv {
             (q, k)
         } else {
@@ -434,6 +444,12 @@ impl SelfAttention {
         Ok((y.reshape((b, s, h))?, saved))
     }
 
+    /// Whether the core attention takes q as the grouped view of the fused QKV (the local
+    /// kernels do; context parallelism splits q by heads).
+    fn reads_grouped_q(&self) -> bool {
+        self.cp.is_none()
+    }
+
     /// Core attention of the prepared q, k, v: the output as `[tokens, heads·d]` (the
     /// `linear_proj` input) and the state of its backward.
     fn core(
@@ -444,7 +460,7 @@ impl SelfAttention {
         inputs: &ExplicitInputs,
     ) -> Result<(Tensor, CoreState)> {
         let AttentionShape { heads, head_dim: d, .. } = self.shape;
-        let (b, _, s, _) = q.dims4()?;
+        let (b, _, s, _) = crate::ops::flash::query_dims(q)?;
         let (out, state) = match &self.cp {
             Some(cp) => {
                 let OwnedAttnMask::Causal { window_left } = inputs.mask else {
@@ -462,8 +478,10 @@ impl SelfAttention {
         Ok((out.transpose(1, 2)?.reshape((b * s, heads * d))?, state))
     }
 
-    /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
-    /// gradients go into `grads`.
+    /// Gradient of the residual block's input `x` (`x + attn(x)`) for the output gradient
+    /// `dy` `[b, s, h]`: the attention's input gradient plus `dy` itself, the skip
+    /// connection's share (added by the norm's backward pass). Parameter gradients go into
+    /// `grads`.
     pub(super) fn backward(
         &self,
         saved: AttnSaved,
@@ -474,12 +492,14 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
+        let residual = dy;
         // The whole sequence's output gradient (gathered under sequence parallelism).
         let dy = self.tp_boundary().exit_grad(dy)?;
         let (b, s, h) = dy.dims3()?;
         let dev = x.device();
         // q, k, v: views of the kept QKV (rotated in place), else recomputed from it.
-        let (q_raw, k_raw, v) = self.split_heads(&saved.qkv)?;
+        let (q_raw, k_raw, v) =
+            self.split_heads(&saved.qkv, saved.roped_in_qkv && self.reads_grouped_q())?;
         let ((q_in, q), (k_in, k)) = if saved.roped_in_qkv {
             ((q_raw.clone(), q_raw), (k_raw.clone(), k_raw))
         } else {
@@ -536,14 +556,16 @@ impl SelfAttention {
                 Ok(Tensor::cat(&parts, 3)?.reshape((b * s, (hpg + 2) * groups * d))?)
             })?
         };
-        self.qkv_backward(x, &dqkv, saved.qkv_lora, grads)
+        self.qkv_backward(x, &dqkv, residual, saved.qkv_lora, grads)
     }
 
-    /// Backward of the pre-norm and `linear_qkv` for dQKV `[tokens, rows]`: the input gradient.
+    /// Backward of the pre-norm and `linear_qkv` for dQKV `[tokens, rows]`: the input
+    /// gradient plus `residual`.
     fn qkv_backward(
         &self,
         x: &Tensor,
         dqkv: &Tensor,
+        residual: &Tensor,
         lora: LinearSaved,
         grads: &mut GradStore,
     ) -> Result<Tensor> {
@@ -556,7 +578,7 @@ impl SelfAttention {
         })?;
         let dxn = tpb.enter_grad(&dxe)?;
         drop(dxe);
-        section("attn.bwd.norm", dev, || self.norm.backward(x, &dxn, grads))
+        section("attn.bwd.norm", dev, || self.norm.backward(x, &dxn, Some(residual), grads))
     }
 }
 

@@ -22,6 +22,7 @@ use super::attention::SelfAttention;
 use super::mlp::Mlp;
 use super::recompute::{with_backward_anchored, BackwardFn, RecomputeGrads, SelectiveRecompute};
 use crate::ops::attention::OwnedAttnMask;
+use crate::ops::manual;
 use crate::ops::timing::section;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
@@ -64,8 +65,83 @@ pub fn enabled_by_default(device: &Device) -> bool {
     env.unwrap_or(device.is_cuda())
 }
 
-/// `x + attn(x)`, then `+ mlp(·)`, with a written-out backward whose parameter gradients go
-/// to `sink`. The caller checks [`SelfAttention::explicit_ok`] / [`Mlp::explicit_ok`].
+/// One layer's written-out backward: output gradient → input gradient. It owns what the
+/// layer's forward saved and frees it when it returns.
+type LayerBackward = Box<dyn FnOnce(&Tensor) -> Result<Tensor> + Send>;
+
+/// `x + attn(x)`, then `+ mlp(·)`, outside candle's graph: the output and its backward, whose
+/// parameter gradients go to `sink`. The caller checks [`SelfAttention::explicit_ok`] /
+/// [`Mlp::explicit_ok`].
+fn forward_untracked(
+    attn: &SelfAttention,
+    mlp: &Mlp,
+    x: &Tensor,
+    inputs: &Arc<ExplicitInputs>,
+    sink: &RecomputeGrads,
+) -> Result<(Tensor, LayerBackward)> {
+    let dev = x.device().clone();
+    let x = x.detach();
+    let (a, attn_saved) = section("layer.fwd.attn", &dev, || attn.forward_saving(&x, inputs))?;
+    let x2 = manual::add(&x, &a)?;
+    let (m, mlp_saved) =
+        section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective.mlp))?;
+    let y = manual::add(&x2, &m)?;
+    let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
+    let backward: LayerBackward = Box::new(move |dy: &Tensor| {
+        let mut grads = GradStore::default();
+        // Each block's backward returns its input gradient with the skip connection's share
+        // already added.
+        let dx2 = section("layer.bwd.mlp", &dev, || mlp.backward(mlp_saved, &x2, dy, &mut grads))?;
+        drop(x2);
+        let dx = section("layer.bwd.attn", &dev, || {
+            attn.backward(attn_saved, &x, &inputs, &dx2, &mut grads)
+        })?;
+        sink.push(grads)?;
+        Ok(dx)
+    });
+    Ok((y, backward))
+}
+
+/// Consecutive layers `first..` of a stage (each `x + attn(x)`, then `+ mlp(·)`) with
+/// written-out backwards, entered into candle's graph as ONE node: candle starts each node's
+/// input gradient as zeros and adds into it, and hands each node's output over as a copy,
+/// a pass over the activations per node, which the layers of a run skip (the gradient goes
+/// from one layer's backward straight into the next). Parameter gradients go to `sink`. The
+/// caller checks [`SelfAttention::explicit_ok`] / [`Mlp::explicit_ok`] of every layer.
+pub fn forward_run(
+    layers: &[(&SelfAttention, &Mlp)],
+    first: usize,
+    x: &Tensor,
+    inputs: &Arc<ExplicitInputs>,
+    sink: &RecomputeGrads,
+) -> Result<Tensor> {
+    let mut h = x.detach();
+    let mut backwards = Vec::with_capacity(layers.len());
+    for (i, (attn, mlp)) in layers.iter().enumerate() {
+        let _range = crate::profiling::Range::layer(first + i);
+        let (y, backward) = forward_untracked(attn, mlp, &h, inputs, sink)?;
+        backwards.push(backward);
+        h = y;
+    }
+    let anchor =
+        layers.iter().find_map(|(a, m)| a.adapter_anchor().or(m.adapter_anchor())).cloned();
+    let backward: BackwardFn = Box::new(move |_x: &Tensor, dy: &Tensor| {
+        let run = || -> Result<Tensor> {
+            let mut g = dy.contiguous()?;
+            // Last layer first; each backward is dropped (with its saved state) once done.
+            for backward in backwards.into_iter().rev() {
+                g = backward(&g)?;
+            }
+            Ok(g)
+        };
+        run()
+            .map(Some)
+            .map_err(|e| candle_core::Error::Msg(format!("explicit layer backward: {e:#}")))
+    });
+    Ok(with_backward_anchored(x, anchor.as_ref(), h, "explicit-layers", backward)?)
+}
+
+/// One layer of [`forward_run`] (its own node of the graph).
 pub fn forward(
     attn: &SelfAttention,
     mlp: &Mlp,
@@ -73,34 +149,5 @@ pub fn forward(
     inputs: &Arc<ExplicitInputs>,
     sink: &RecomputeGrads,
 ) -> Result<Tensor> {
-    let dev = x.device().clone();
-    let xd = x.detach();
-    let (a, attn_saved) = section("layer.fwd.attn", &dev, || attn.forward_saving(&xd, inputs))?;
-    let x2 = (&xd + a)?;
-    let (m, mlp_saved) =
-        section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective.mlp))?;
-    let y = (&x2 + m)?;
-    let (attn_anchor, mlp_anchor) = (attn.adapter_anchor().cloned(), mlp.adapter_anchor().cloned());
-    let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
-    let backward: BackwardFn = Box::new(move |x: &Tensor, dy: &Tensor| {
-        let run = || -> Result<Tensor> {
-            let mut grads = GradStore::default();
-            let dy = dy.contiguous()?;
-            let dm =
-                section("layer.bwd.mlp", &dev, || mlp.backward(mlp_saved, &x2, &dy, &mut grads))?;
-            let dx2 = (&dy + dm)?;
-            drop(x2);
-            let da = section("layer.bwd.attn", &dev, || {
-                attn.backward(attn_saved, &x.detach(), &inputs, &dx2, &mut grads)
-            })?;
-            let dx = (&dx2 + da)?;
-            sink.push(grads)?;
-            Ok(dx)
-        };
-        run()
-            .map(Some)
-            .map_err(|e| candle_core::Error::Msg(format!("explicit layer backward: {e:#}")))
-    });
-    let anchor = attn_anchor.or(mlp_anchor);
-    Ok(with_backward_anchored(x, anchor.as_ref(), y, "explicit-layer", backward)?)
+    forward_run(&[(attn, mlp)], 0, x, inputs, sink)
 }

@@ -2,8 +2,8 @@
 //! plus a LoRA adapter's `s·(x Aᵀ) Bᵀ` when the layer has one.
 //!
 //! Frozen weights (PEFT's base model) get no gradient at all: adapter training skips the
-//! weight-gradient GEMMs, a third of a layer's GEMM work. The adapter's low-rank terms are
-//! accumulated into the base GEMM's output (and into the input gradient) in place, so a LoRA
+//! weight-gradient GEMMs, a third of a layer's GEMM work. The base GEMM accumulates onto the
+//! adapter's low-rank term (and onto its share of the input gradient) in place, so a LoRA
 //! layer costs two skinny GEMMs more than the bare one, no extra pass over its output.
 
 use crate::ops::{self, manual};
@@ -46,14 +46,25 @@ impl ExplicitLinear<'_> {
 
     /// `y` for `x` `[..., in]`, outside autograd.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
-        let y = ops::linear(x, &self.w.detach(), self.b.map(Tensor::detach).as_ref())?;
-        let Some(adapter) = self.adapter else { return Ok((y, None)) };
+        let bias = self.b.map(Tensor::detach);
+        let Some(adapter) = self.adapter else {
+            return Ok((ops::linear(x, &self.w.detach(), bias.as_ref())?, None));
+        };
         let (a, b, scale) =
             adapter.explicit_parts().context("adapter outside the explicit path")?;
-        let dims = y.dims().to_vec();
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().context("linear input without dims")? = self.w.dim(0)?;
         let x = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
         let h = x.matmul(&a.detach().t()?)?;
-        let y = manual::add_matmul(y.reshape((h.dim(0)?, ()))?, &h, &b.detach(), true, scale)?;
+        // The adapter's term first (a write-only skinny GEMM), then the base GEMM accumulates
+        // onto it (beta = 1 inside a compute-bound GEMM): in the other order the skinny GEMM
+        // read and rewrote the whole output.
+        let y = manual::matmul_scaled(&h, &b.detach(), true, scale)?;
+        let y = manual::add_matmul(y, &x, &self.w.detach(), true, 1.0)?;
+        let y = match bias {
+            Some(bias) => y.broadcast_add(&bias)?,
+            None => y,
+        };
         Ok((y.reshape(dims)?, Some(h)))
     }
 
@@ -74,13 +85,14 @@ impl ExplicitLinear<'_> {
         if let Some(b) = self.b.filter(|b| trains(b)) {
             grads.insert(b, manual::bias_grad(dy)?);
         }
-        let dx = dy.matmul(&self.w.detach())?;
-        let (Some(adapter), Some(x)) = (self.adapter, x) else { return Ok(dx) };
+        let (Some(adapter), Some(x)) = (self.adapter, x) else {
+            return Ok(dy.matmul(&self.w.detach())?);
+        };
         let (a, b, scale) =
             adapter.explicit_parts().context("adapter outside the explicit path")?;
         let h = saved.context("the adapter's forward state is missing")?;
         // y = y_base + s·h Bᵀ with h = x Aᵀ: dB = s·dyᵀh, g = dy B, dA = s·gᵀx, dx += s·g A.
-        grads.insert(b, (manual::weight_grad(dy, &h)? * scale)?);
+        grads.insert(b, manual::weight_grad_scaled(dy, &h, scale)?);
         drop(h);
         let g = dy.matmul(&b.detach())?;
         // Column-parallel: each rank's g covers its rows of B only. The replicated A takes the
@@ -89,8 +101,10 @@ impl ExplicitLinear<'_> {
             Some(tp) => tp.comm().all_reduce(&g, ReduceOp::Sum)?,
             None => g.clone(),
         };
-        grads.insert(a, (manual::weight_grad(&g_all, &x)? * scale)?);
-        Ok(manual::add_matmul(dx, &g, &a.detach(), false, scale)?)
+        grads.insert(a, manual::weight_grad_scaled(&g_all, &x, scale)?);
+        // As in the forward: the low-rank term first, the base GEMM accumulating onto it.
+        let dx = manual::matmul_scaled(&g, &a.detach(), false, scale)?;
+        Ok(manual::add_matmul(dx, dy, &self.w.detach(), false, 1.0)?)
     }
 
     /// A row-parallel linear (`linear_proj`, `linear_fc2`) over this rank's input columns

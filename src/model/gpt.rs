@@ -532,7 +532,7 @@ impl GptModel {
                 }
                 let dxn = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;
                 drop(dlogits);
-                let dx = norm.backward(&x.detach(), &dxn, &mut grads)?;
+                let dx = norm.backward(&x.detach(), &dxn, None, &mut grads)?;
                 sink.push(grads)?;
                 Ok(dx)
             };
@@ -812,19 +812,28 @@ impl GptModel {
         if self.selective.is_some() && recompute.is_some() && explicit.is_none() {
             bail!("selective recompute needs the written-out layer backward, which is turned off for this model");
         }
-        for (i, layer) in self.layers.iter().enumerate() {
-            // Covers both layer kinds (explicit or autograd backward): forward only, since
-            // the backward runs later inside candle's `backward()`.
-            let _range = crate::profiling::Range::layer(i);
+        let mut i = 0;
+        while i < self.layers.len() {
+            // Consecutive layers with a written-out backward run as one node of the graph.
             if let Some((sink, ei)) = &explicit {
-                if layer.attn.explicit_ok() && layer.mlp.explicit_ok() {
-                    x = explicit_layer::forward(&layer.attn, &layer.mlp, &x, ei, sink)?;
+                let run: Vec<_> = self.layers[i..]
+                    .iter()
+                    .take_while(|l| l.attn.explicit_ok() && l.mlp.explicit_ok())
+                    .map(|l| (&l.attn, &l.mlp))
+                    .collect();
+                if !run.is_empty() {
+                    x = explicit_layer::forward_run(&run, i, &x, ei, sink)?;
+                    i += run.len();
                     continue;
                 }
             }
+            // Forward only: the backward runs later inside candle's `backward()`.
+            let _range = crate::profiling::Range::layer(i);
+            let layer = &self.layers[i];
             let entry = cache.as_deref_mut().map(|c| &mut c.entries[i]);
             x = (&x + hidden_dropout(layer.attn.forward(&x, &inputs, entry)?)?)?;
             x = (&x + hidden_dropout(layer.mlp.forward_train(&x, opts.dropout)?)?)?;
+            i += 1;
         }
         Ok(x)
     }

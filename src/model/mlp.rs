@@ -230,8 +230,9 @@ impl Mlp {
         self.fc1_linear().forward(&xe)
     }
 
-    /// Gradient of the block's input `x` for the output gradient `dy` `[b, s, h]`; parameter
-    /// gradients go into `grads`.
+    /// Gradient of the residual block's input `x` (`x + mlp(x)`) for the output gradient
+    /// `dy` `[b, s, h]`: the MLP's input gradient plus `dy` itself, the skip connection's
+    /// share (added by the norm's backward pass). Parameter gradients go into `grads`.
     pub(super) fn backward(
         &self,
         saved: MlpSaved,
@@ -241,6 +242,7 @@ impl Mlp {
     ) -> Result<Tensor> {
         let dev = x.device();
         let tpb = self.tp_boundary();
+        let residual = dy;
         // The whole sequence's output gradient (gathered under sequence parallelism).
         let dy = tpb.exit_grad(dy)?;
         let (b, s, h) = dy.dims3()?;
@@ -269,6 +271,6 @@ impl Mlp {
         })?;
         let dxn = tpb.enter_grad(&dxe)?;
         drop(dxe);
-        section("mlp.bwd.norm", dev, || self.norm.backward(x, &dxn, grads))
+        section("mlp.bwd.norm", dev, || self.norm.backward(x, &dxn, Some(residual), grads))
     }
 }

@@ -89,9 +89,16 @@ impl Norm {
     }
 
     /// Backward of [`Self::forward_untracked`] at `x` for the output gradient `dy`: returns
-    /// `dx` and puts the weight (and bias) gradients into `grads`, summed over TP for a norm
-    /// of TP-local data (see [`Self::with_tp_grad_sum`]).
-    pub fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+    /// `dx` (plus `residual`, the gradient the skip connection of a pre-norm block carries
+    /// around the norm: added in the same pass) and puts the weight (and bias) gradients into
+    /// `grads`, summed over TP for a norm of TP-local data (see [`Self::with_tp_grad_sum`]).
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        residual: Option<&Tensor>,
+        grads: &mut GradStore,
+    ) -> Result<Tensor> {
         let (eps, zc) = (self.eps, self.zero_centered);
         let sum = |g: &Tensor| -> Result<Tensor> {
             Ok(match &self.grad_sum {
@@ -111,11 +118,20 @@ impl Norm {
                     grads.insert(&self.weight, sum(&g[1])?);
                     grads.insert(b, sum(&g[2])?);
                 }
-                Ok(g[0].clone())
+                Ok(match residual {
+                    Some(r) => (&g[0] + r)?,
+                    None => g[0].clone(),
+                })
             }
             _ => {
-                let (dx, dw) =
-                    ops::manual::rms_norm_backward(x, &self.weight.detach(), dy, eps, zc)?;
+                let (dx, dw) = ops::manual::rms_norm_backward(
+                    x,
+                    &self.weight.detach(),
+                    dy,
+                    residual,
+                    eps,
+                    zc,
+                )?;
                 if trains(&self.weight) {
                     grads.insert(&self.weight, sum(&dw)?);
                 }

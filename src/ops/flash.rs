@@ -43,6 +43,47 @@ pub fn kernel_strides(layout: &Layout) -> Option<[usize; 3]> {
     Some([stride[0], stride[1], stride[2]])
 }
 
+/// `(b, heads, sq, d)` of a query operand: `[b, heads, sq, d]`, or `[b, groups, hpg, sq, d]`
+/// (the query heads of each kv group, as they lie in the fused QKV buffer).
+pub fn query_dims(q: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    match *q.dims() {
+        [b, g, hpg, sq, d] => Ok((b, g * hpg, sq, d)),
+        _ => q.dims4(),
+    }
+}
+
+/// The collapsed `[b, heads, sq, d]` form of a query operand (a copy for a grouped view).
+pub fn query_heads(q: &Tensor) -> Result<Tensor> {
+    let (b, heads, sq, d) = query_dims(q)?;
+    if q.rank() == 4 {
+        return Ok(q.clone());
+    }
+    q.reshape((b, heads, sq, d))
+}
+
+/// Element strides `(batch, group, head within the group, seq)` of a query operand (see
+/// [`query_dims`]) over `groups` kv groups, or None when the kernel cannot read it in place
+/// (the rules of [`kernel_strides`]). The fused QKV buffer's query heads are evenly spaced
+/// within a group but not across groups, so a view of it needs the fourth stride.
+pub fn query_strides(layout: &Layout, groups: usize) -> Option<[usize; 4]> {
+    let stride = layout.stride();
+    match *layout.dims() {
+        [_, heads, _, _] => {
+            let [bs, hs, ss] = kernel_strides(layout)?;
+            let hpg = heads.checked_div(groups)?;
+            Some([bs, hpg * hs, hs, ss])
+        }
+        [_, g, _, _, d] if g == groups && d > 0 && stride[4] == 1 => {
+            let aligned = |x: usize| x.is_multiple_of(8);
+            if !aligned(layout.start_offset()) || !stride[..4].iter().all(|&s| aligned(s)) {
+                return None;
+            }
+            Some([stride[0], stride[1], stride[2], stride[3]])
+        }
+        _ => None,
+    }
+}
+
 /// Checks packed-sequence offsets: at least one sequence, starting at token 0, non-decreasing,
 /// within the kernel's 32-bit indices.
 pub fn check_cu_seqlens(cu: &[u32]) -> std::result::Result<(), String> {
@@ -187,10 +228,13 @@ pub fn unsupported_reason(q: &Tensor, k: &Tensor, v: &Tensor, dropout_p: f64) ->
         return Some(format!("attention dropout {dropout_p} (the kernel has none)"));
     }
     let (Ok((b, heads, sq, d)), Ok((bk, groups, sk, dk)), Ok(vd)) =
-        (q.dims4(), k.dims4(), v.dims4())
+        (query_dims(q), k.dims4(), v.dims4())
     else {
-        return Some("q, k, v must be 4-D".into());
+        return Some("q must be 4-D or grouped 5-D, k and v 4-D".into());
     };
+    if q.rank() == 5 && q.dim(1).ok() != Some(groups) {
+        return Some(format!("grouped q {:?} does not match k's {groups} groups", q.dims()));
+    }
     if vd != (bk, groups, sk, dk) || bk != b || dk != d {
         return Some(format!("k {:?} / v {:?} do not match q {:?}", k.dims(), v.dims(), q.dims()));
     }
@@ -224,6 +268,24 @@ mod tests {
         // [b, s, h, d] storage viewed as [b, h, s, d]: what the kernel writes and reads.
         let t = Layout::contiguous(Shape::from((2, 16, 4, 64))).transpose(1, 2).unwrap();
         assert_eq!(kernel_strides(&t), Some([16 * 4 * 64, 64, 4 * 64]));
+    }
+
+    #[test]
+    fn query_strides_of_head_views_and_fused_qkv_groups() {
+        // Ordinary [b, heads, s, d]: the group stride spans hpg heads.
+        let l = Layout::contiguous(Shape::from((2, 8, 16, 64)));
+        assert_eq!(query_strides(&l, 2), Some([8 * 16 * 64, 4 * 16 * 64, 16 * 64, 64]));
+        // The query heads inside a fused QKV [b, s, groups, hpg + 2, d], viewed as
+        // [b, groups, hpg, s, d]: groups lie (hpg + 2)·d apart, heads d apart.
+        let (b, s, g, hpg, d) = (2, 16, 2, 4, 64);
+        let fused = Layout::contiguous(Shape::from((b, s, g, hpg + 2, d)));
+        let q = fused.narrow(3, 0, hpg).unwrap().permute(&[0, 2, 3, 1, 4]).unwrap();
+        let row = g * (hpg + 2) * d;
+        assert_eq!(query_strides(&q, g), Some([s * row, (hpg + 2) * d, d, row]));
+        // Wrong group count, or a strided head dim: not readable in place.
+        assert_eq!(query_strides(&q, 4), None);
+        let t = Layout::contiguous(Shape::from((1, 2, 2, 64, 8))).transpose(3, 4).unwrap();
+        assert_eq!(query_strides(&t, 2), None);
     }
 
     #[test]

@@ -37,30 +37,53 @@ fn fused(t: &Tensor) -> bool {
     super::fused::use_fused(t.device(), t.dtype())
 }
 
-/// `(dx, dγ)` of RMSNorm (see [`super::rms_norm`]) at `x` for the output gradient `dy`.
+/// `a + b` of same-shape tensors: the vectorized kernel on CUDA for contiguous operands of one
+/// dtype, else candle's add (same rounding).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(a)
+        && a.is_contiguous()
+        && b.is_contiguous()
+        && a.dims() == b.dims()
+        && a.dtype() == b.dtype()
+    {
+        return super::cuda::add::add(a, b);
+    }
+    a + b
+}
+
+/// `(dx, dγ)` of RMSNorm (see [`super::rms_norm`]) at `x` for the output gradient `dy`;
+/// with `residual`, `dx + residual` (a pre-norm block's skip connection; one pass on CUDA).
 pub fn rms_norm_backward(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
+    residual: Option<&Tensor>,
     eps: f64,
     zero_centered: bool,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if fused(x)
         && w.dtype() == x.dtype()
-        && x.dim(candle_core::D::Minus1)? <= super::cuda::rms_norm::MAX_WIDTH
+        && super::cuda::rms_norm::supports_width(x.dim(candle_core::D::Minus1)?, x.dtype())
     {
         return super::cuda::rms_norm::rms_norm_backward(
             &x.contiguous()?,
             &w.contiguous()?,
             &dy.contiguous()?,
+            residual.map(Tensor::contiguous).transpose()?.as_ref(),
             eps as f32,
             zero_centered,
         );
     }
     let g = vjp(|a| super::rms_norm(&a[0], &a[1], eps, zero_centered), &[x, w], dy)?;
     let mut g = g.into_iter();
-    Ok((g.next().expect("two inputs"), g.next().expect("two inputs")))
+    let dx = g.next().expect("two inputs");
+    let dx = match residual {
+        Some(r) => (dx + r)?,
+        None => dx,
+    };
+    Ok((dx, g.next().expect("two inputs")))
 }
 
 /// Gradient of [`super::apply_rope`] with respect to `x`: the rotation is orthogonal, so its
@@ -166,8 +189,9 @@ pub enum AttnState {
     Composite { mask: OwnedAttnMask, shape: AttentionShape },
 }
 
-/// Core attention `[b, heads, sq, d]` of `q` `[b, heads, sq, d]`, `k`/`v` `[b, groups, sk, d]`
-/// (no dropout), and the state its backward needs: the flash kernel's output and logsumexp
+/// Core attention `[b, heads, sq, d]` of `q` `[b, heads, sq, d]` (or the grouped view of
+/// [`super::flash::query_dims`], which the flash kernel reads in place), `k`/`v`
+/// `[b, groups, sk, d]` (no dropout), and the state its backward needs: the flash kernel's output and logsumexp
 /// where it runs (causal, or packed one-row batches), else the composite reference, whose
 /// backward recomputes it under autograd.
 pub fn attention_forward(
@@ -196,7 +220,7 @@ pub fn attention_forward(
             return Ok((out.clone(), AttnState::Flash { spec, out, lse, packed }));
         }
     }
-    let out = attention_auto(q, k, v, mask, shape, None)?;
+    let out = attention_auto(&super::flash::query_heads(q)?, k, v, mask, shape, None)?;
     Ok((out, AttnState::Composite { mask: OwnedAttnMask::from_mask(mask), shape }))
 }
 
@@ -220,8 +244,12 @@ pub fn attention_backward(
         }
         AttnState::Composite { mask, shape } => {
             let mask = mask.as_mask();
-            let g =
-                vjp(|a| attention_auto(&a[0], &a[1], &a[2], mask, *shape, None), &[q, k, v], dout)?;
+            let q = super::flash::query_heads(q)?;
+            let g = vjp(
+                |a| attention_auto(&a[0], &a[1], &a[2], mask, *shape, None),
+                &[&q, k, v],
+                dout,
+            )?;
             let mut g = g.into_iter();
             let mut next = || g.next().expect("three inputs");
             Ok((next(), next(), next()))
@@ -305,11 +333,22 @@ pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize) -> Result<Ten
 /// input `x` `[rows, in]`: in f32 straight from the GEMM on CUDA half precision (see
 /// `cuda::gemm`; the trainer accumulates in f32), else in the inputs' dtype.
 pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    weight_grad_scaled(dy, x, 1.0)
+}
+
+/// `alpha ·` [`weight_grad`], the scale applied inside the GEMM on CUDA (a LoRA factor's
+/// gradient carries the adapter's scale).
+pub fn weight_grad_scaled(dy: &Tensor, x: &Tensor, alpha: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(dy) {
-        return super::cuda::gemm::weight_grad_f32(dy, x);
+        return super::cuda::gemm::weight_grad_f32(dy, x, alpha as f32);
     }
-    dy.t()?.matmul(x)
+    let g = dy.t()?.matmul(x)?;
+    if alpha == 1.0 {
+        Ok(g)
+    } else {
+        g * alpha
+    }
 }
 
 /// `c + alpha · a · bᵀ` (`b_transposed`) or `c + alpha · a · b` for `c` `[rows, n]`, `a`
@@ -331,6 +370,17 @@ pub fn add_matmul(
     c + (a.matmul(&b)? * alpha)?
 }
 
+/// `alpha · a · bᵀ` (`b_transposed`) or `alpha · a · b` for `a` `[rows, k]`: on CUDA in half
+/// precision one GEMM with the scale applied inside it (no extra pass over the result).
+pub fn matmul_scaled(a: &Tensor, b: &Tensor, b_transposed: bool, alpha: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(a) {
+        return super::cuda::gemm::matmul_scaled(a, b, b_transposed, alpha as f32);
+    }
+    let b = if b_transposed { b.t()? } else { b.clone() };
+    a.matmul(&b)? * alpha
+}
+
 /// `Σ_rows dy` of a `[rows, n]` gradient (a bias gradient), accumulated in f32.
 pub fn bias_grad(dy: &Tensor) -> Result<Tensor> {
     let dt = dy.dtype();
@@ -350,6 +400,43 @@ mod tests {
             .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// q as the grouped view of a fused QKV buffer gives the same attention and gradients as
+    /// the same q collapsed to `[b, heads, s, d]`.
+    #[test]
+    fn grouped_query_view_matches_collapsed_heads() {
+        let (b, s, g, hpg, d) = (2, 5, 2, 3, 4);
+        let qkv = rand(&[b, s, g, hpg + 2, d], 3);
+        let q5 = qkv.narrow(3, 0, hpg).unwrap().permute((0, 2, 3, 1, 4)).unwrap();
+        let q4 = qkv.narrow(3, 0, hpg).unwrap().reshape((b, s, g * hpg, d)).unwrap();
+        let q4 = q4.transpose(1, 2).unwrap();
+        let kv = |i| qkv.narrow(3, i, 1).unwrap().squeeze(3).unwrap().transpose(1, 2).unwrap();
+        let (k, v) = (kv(hpg), kv(hpg + 1));
+        let shape = AttentionShape { heads: g * hpg, groups: g, head_dim: d, softmax_scale: 0.5 };
+        let mask = AttnMask::Causal { window_left: None };
+        let (o5, st5) = attention_forward(&q5, &k, &v, mask, shape).unwrap();
+        let (o4, st4) = attention_forward(&q4, &k, &v, mask, shape).unwrap();
+        let dout = rand(&[b, g * hpg, s, d], 5);
+        let g5 = attention_backward(&q5, &k, &v, &st5, &dout).unwrap();
+        let g4 = attention_backward(&q4, &k, &v, &st4, &dout).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert_eq!(diff(&o5, &o4), 0.0);
+        for (a, b) in [(&g5.0, &g4.0), (&g5.1, &g4.1), (&g5.2, &g4.2)] {
+            assert_eq!(a.dims(), b.dims());
+            assert_eq!(diff(a, b), 0.0);
+        }
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

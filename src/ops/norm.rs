@@ -25,7 +25,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, zero_centered: bool) -> R
     #[cfg(feature = "cuda")]
     if super::fused::use_fused(x.device(), x.dtype())
         && weight.dtype() == x.dtype()
-        && x.dim(D::Minus1)? <= super::cuda::rms_norm::MAX_WIDTH
+        && super::cuda::rms_norm::supports_width(x.dim(D::Minus1)?, x.dtype())
     {
         let op = super::cuda::rms_norm::RmsNorm { eps: eps as f32, zero_centered };
         return x.contiguous()?.apply_op2(&weight.contiguous()?, op);

@@ -21,6 +21,8 @@ const BWD_TOL: f64 = 2e-2;
 pub(super) fn checks() -> Vec<Check> {
     vec![
         Check { name: "rms_norm", run: CheckFn::Measures(rms_norm) },
+        Check { name: "rms_norm_residual", run: CheckFn::Measures(rms_norm_residual) },
+        Check { name: "add", run: CheckFn::Measures(add) },
         Check { name: "rope", run: CheckFn::Measures(rope) },
         Check { name: "swiglu", run: CheckFn::Measures(swiglu) },
         Check { name: "cross_entropy", run: CheckFn::Measures(cross_entropy) },
@@ -111,8 +113,18 @@ fn fwd_bwd(
 
 fn rms_norm(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let mut ms = Vec::new();
-    // Hidden-size rows (the layer norms) and head-size rows (QK-norm), both gamma styles.
-    for (rows, h, zc) in [(512, 2048, false), (300, 2048, true), (1024, 128, false)] {
+    // Hidden-size rows (the layer norms) and head-size rows (QK-norm), both gamma styles;
+    // rows of 2, 3 and 4 vectors per thread (`_v2`, `_v4`) and a width that is not a whole
+    // number of vectors (the scalar kernels).
+    let shapes = [
+        (512, 2048, false),
+        (300, 2048, true),
+        (1024, 128, false),
+        (40, 16384, false),
+        (24, 20000, true),
+        (96, 2050, false),
+    ];
+    for (rows, h, zc) in shapes {
         let x = randn(seed, &[rows, h], 1.5, 0.2)?;
         let w =
             if zc { randn(seed + 1, &[h], 0.1, 0.0)? } else { randn(seed + 1, &[h], 0.1, 1.0)? };
@@ -120,6 +132,56 @@ fn rms_norm(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         ms.extend(fwd_bwd(dev, seed, &label, &[In::Float(x, true), In::Float(w, true)], &|t| {
             Ok(ops::rms_norm(&t[0], &t[1], 1e-5, zc)?)
         })?);
+    }
+    Ok(ms)
+}
+
+/// The norm backward with the skip connection's gradient added in the same pass (the
+/// written-out layers' `dx + residual`), against the CPU's vjp plus add.
+fn rms_norm_residual(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let mut ms = Vec::new();
+    for (rows, h, zc) in [(256, 2048, false), (64, 2050, true)] {
+        let x = randn(seed, &[rows, h], 1.5, 0.2)?;
+        let w = randn(seed + 1, &[h], 0.1, 1.0)?;
+        let dy = randn(seed + 2, &[rows, h], 1.0, 0.0)?;
+        let res = randn(seed + 3, &[rows, h], 1.0, 0.0)?;
+        let run = |d: &Device, dtype: DType| -> Result<(Tensor, Tensor)> {
+            let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(d)?) };
+            set_override(Some(d.is_cuda()));
+            let r = ops::manual::rms_norm_backward(
+                &on(&x)?,
+                &on(&w)?,
+                &on(&dy)?,
+                Some(&on(&res)?),
+                1e-5,
+                zc,
+            );
+            set_override(None);
+            Ok(r?)
+        };
+        let (gdx, gdw) = run(dev, DType::BF16)?;
+        let (wdx, wdw) = run(&Device::Cpu, DType::F32)?;
+        let label = format!("[{rows},{h}]{}", if zc { " zero-centered" } else { "" });
+        ms.push(compare(&format!("{label} dx + residual"), &gdx, &wdx, BWD_TOL)?);
+        ms.push(compare(&format!("{label} dw"), &gdw, &wdw, BWD_TOL)?);
+    }
+    Ok(ms)
+}
+
+/// The vectorized residual add: aligned buffers, a length that is not a whole number of
+/// vectors (the scalar tail), and an operand that starts mid-vector (the scalar loop).
+fn add(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let mut ms = Vec::new();
+    for (label, n, offset) in [("aligned", 4096 * 8, 0), ("tail", 1001, 0), ("offset", 999, 3)] {
+        let a = randn(seed, &[n + offset], 1.0, 0.0)?;
+        let b = randn(seed + 1, &[n], 1.0, 0.0)?;
+        let gpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_device(dev)?) };
+        let ga = gpu(&a)?.narrow(0, offset, n)?;
+        set_override(Some(true));
+        let got = ops::manual::add(&ga, &gpu(&b)?);
+        set_override(None);
+        let want = (a.narrow(0, offset, n)? + &b)?;
+        ms.push(compare(&format!("add {label} [{n}]"), &got?, &want, FWD_TOL)?);
     }
     Ok(ms)
 }

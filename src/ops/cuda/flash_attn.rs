@@ -9,7 +9,7 @@
 
 use crate::kernel_module;
 use crate::ops::cuda::{div_ceil, dptr};
-use crate::ops::flash::{kernel_strides, FlashSpec, HEAD_DIMS};
+use crate::ops::flash::{kernel_strides, query_strides, FlashSpec, HEAD_DIMS};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -144,6 +144,7 @@ struct FlashParams {
     dk_bs: i64,
     dk_hs: i64,
     dk_ss: i64,
+    q_gs: i64,
     batch: i32,
     heads: i32,
     groups: i32,
@@ -157,7 +158,7 @@ struct FlashParams {
 }
 
 // The kernel static_asserts the same size.
-const _: () = assert!(std::mem::size_of::<FlashParams>() == 312);
+const _: () = assert!(std::mem::size_of::<FlashParams>() == 320);
 
 // SAFETY: plain-old-data with the C layout of the kernel's by-value parameter.
 unsafe impl DeviceRepr for FlashParams {}
@@ -202,9 +203,17 @@ struct Dims {
     d: usize,
 }
 
+/// Sizes from q's layout (`[b, heads, sq, d]` or grouped `[b, groups, hpg, sq, d]`, see
+/// [`crate::ops::flash::query_dims`]) and k's `[b, groups, sk, d]`.
 fn dims(q: &Layout, k: &Layout) -> Result<Dims> {
-    let (b, heads, sq, d) = q.shape().dims4()?;
+    let (b, heads, sq, d) = match *q.dims() {
+        [b, g, hpg, sq, d] => (b, g * hpg, sq, d),
+        _ => q.shape().dims4()?,
+    };
     let (_, groups, sk, _) = k.shape().dims4()?;
+    if q.dims().len() == 5 && q.dims()[1] != groups {
+        candle_core::bail!("flash attention: grouped q {:?} with {groups} kv groups", q.dims());
+    }
     Ok(Dims { b, heads, groups, sq, sk, d })
 }
 
@@ -295,6 +304,13 @@ fn strides(l: &Layout, what: &str) -> Result<[i64; 3]> {
         .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: {what} layout {l:?}")))
 }
 
+/// Query strides (batch, group, head in group, seq) for the kernel, see [`strides`].
+fn q_strides(l: &Layout, groups: usize) -> Result<[i64; 4]> {
+    query_strides(l, groups)
+        .map(|s| s.map(|x| x as i64))
+        .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: q layout {l:?}")))
+}
+
 fn base_params(d: &Dims, spec: &FlashSpec, varlen: Option<&Varlen>) -> FlashParams {
     let scale = spec.softmax_scale as f32;
     FlashParams {
@@ -359,7 +375,7 @@ fn forward(
             None => None,
         };
         [p.q, p.k, p.v, p.o, p.lse] = [qp, kp, vp, op, lp];
-        [p.q_bs, p.q_hs, p.q_ss] = strides(ql, "q")?;
+        [p.q_bs, p.q_gs, p.q_hs, p.q_ss] = q_strides(ql, d.groups)?;
         [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
         [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
         [p.o_bs, p.o_hs, p.o_ss] = bshd_strides(d.sq, d.heads, d.d);
@@ -454,7 +470,7 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         p.split_heads = i32::from(split);
         [p.q, p.k, p.v, p.o, p.dout, p.lse] = [qp, kp, vp, op, dop, lp];
         [p.dsum, p.dq_accum, p.dq, p.dk, p.dv] = [sp, ap, dqp, dkp, dvp];
-        [p.q_bs, p.q_hs, p.q_ss] = strides(ql, "q")?;
+        [p.q_bs, p.q_gs, p.q_hs, p.q_ss] = q_strides(ql, d.groups)?;
         [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
         [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
         [p.o_bs, p.o_hs, p.o_ss] = strides(ol, "o")?;
@@ -567,6 +583,16 @@ impl CustomOp3 for FlashAttnOp {
     }
 }
 
+/// Query operand `q` itself when the kernel can read it in place, else a contiguous copy
+/// (of the same rank); `k` gives the group count.
+fn query_ready(q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    if query_strides(q.layout(), k.dim(1)?).is_some() {
+        Ok(q.clone())
+    } else {
+        q.contiguous()
+    }
+}
+
 /// `t` itself when the kernel can read it in place, else a contiguous copy.
 fn kernel_ready(t: &Tensor) -> Result<Tensor> {
     if kernel_strides(t.layout()).is_some() {
@@ -585,13 +611,21 @@ pub fn flash_attention(
     spec: FlashSpec,
     varlen: Option<Varlen>,
 ) -> Result<Tensor> {
+    if q.rank() != 4 {
+        // The op's gradient for q comes back as [b, heads, sq, d].
+        candle_core::bail!(
+            "flash attention with autograd: q must be [b, heads, sq, d], got {:?}",
+            q.dims()
+        );
+    }
     let op = FlashAttnOp { spec, varlen, lse: Mutex::new(None) };
     let out = kernel_ready(q)?.apply_op3(&kernel_ready(k)?, &kernel_ready(v)?, op)?;
     out.transpose(1, 2)
 }
 
 /// Forward without a graph (benchmarks, and layers with a written-out backward): O
-/// (`[b, h, s, d]` view) and the lse its backward needs.
+/// (`[b, h, s, d]` view) and the lse its backward needs. `q` may also be a grouped
+/// `[b, groups, hpg, sq, d]` view (see [`crate::ops::flash::query_dims`]), read in place.
 pub fn forward_with_lse(
     q: &Tensor,
     k: &Tensor,
@@ -600,7 +634,7 @@ pub fn forward_with_lse(
     varlen: Option<Varlen>,
 ) -> Result<(Tensor, Tensor)> {
     let op = Arc::new(FlashAttnOp { spec, varlen, lse: Mutex::new(None) });
-    let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
+    let (q, k, v) = (query_ready(q, k)?, kernel_ready(k)?, kernel_ready(v)?);
     let out = {
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
@@ -630,7 +664,7 @@ pub fn backward_only(
     backward(&BwdArgs {
         spec: &spec,
         varlen,
-        q: &kernel_ready(q)?,
+        q: &query_ready(q, k)?,
         k: &kernel_ready(k)?,
         v: &kernel_ready(v)?,
         o: &kernel_ready(o)?,

@@ -92,8 +92,9 @@ fn gemm(
     .map_err(|e| candle_core::Error::Msg(format!("{what} GEMM: {e:?}")))
 }
 
-/// f32 `[out, in]` = `dyᵀ · x` for half-precision `dy` `[rows, out]` and `x` `[rows, in]`.
-pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+/// f32 `[out, in]` = `alpha · dyᵀ · x` for half-precision `dy` `[rows, out]` and `x`
+/// `[rows, in]`.
+pub fn weight_grad_f32(dy: &Tensor, x: &Tensor, alpha: f32) -> Result<Tensor> {
     let (rows, out) = dy.dims2()?;
     let (rows_x, inp) = x.dims2()?;
     if rows != rows_x {
@@ -114,12 +115,51 @@ pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
             pc,
             sys::cudaDataType::CUDA_R_32F,
             (inp, out, rows),
-            1.0,
+            alpha,
             0.0,
             "weight gradient",
         )?;
     }
     Ok(wrap(c, &dev, (out, inp)))
+}
+
+/// `alpha · a · bᵀ` (`b_transposed`, `b` `[n, k]`) or `alpha · a · b` (`b` `[k, n]`) for
+/// half-precision `a` `[rows, k]`: a new `[rows, n]` tensor of `a`'s dtype.
+pub fn matmul_scaled(a: &Tensor, b: &Tensor, b_transposed: bool, alpha: f32) -> Result<Tensor> {
+    let (rows, k) = a.dims2()?;
+    let (b0, b1) = b.dims2()?;
+    let (n, bk) = if b_transposed { (b0, b1) } else { (b1, b0) };
+    if bk != k {
+        candle_core::bail!(
+            "matmul_scaled: a {:?} · b{} {:?}",
+            a.dims(),
+            if b_transposed { "ᵀ" } else { "" },
+            b.dims()
+        );
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let c_ty = half_type(&a, &b, "matmul_scaled")?;
+    let dev = a.device().as_cuda_device()?.clone();
+    let stream = dev.cuda_stream();
+    crate::with_float_type!(a.dtype(), T, {
+        // SAFETY: fully written by the GEMM below (beta = 0).
+        let mut c = unsafe { dev.alloc::<T>(rows * n)? };
+        {
+            let (pc, _g) = c.device_ptr_mut(&stream);
+            // Column-major: C[n, rows] = op(B)[n, k] · A[k, rows], A being row-major a.
+            gemm(
+                Operand { t: &b, trans: b_transposed, ld: if b_transposed { k } else { n } },
+                Operand { t: &a, trans: false, ld: k },
+                pc,
+                c_ty,
+                (n, rows, k),
+                alpha,
+                0.0,
+                "matmul_scaled",
+            )?;
+        }
+        Ok(wrap(c, &dev, (rows, n)))
+    })
 }
 
 /// `c += alpha · a · bᵀ` (`b_transposed`, `b` `[n, k]`) or `c += alpha · a · b` (`b` `[k, n]`)

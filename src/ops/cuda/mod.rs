@@ -12,6 +12,7 @@
 //! no graph of its own).
 
 pub mod adamw;
+pub mod add;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod flash_attn;

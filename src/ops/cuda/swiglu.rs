@@ -17,7 +17,7 @@ pub struct SwiGlu;
 
 fn split(dims: &[usize]) -> Result<(usize, usize)> {
     let last = *dims.last().unwrap_or(&0);
-    if last == 0 || last % 2 != 0 {
+    if last == 0 || !last.is_multiple_of(2) {
         candle_core::bail!("fused-swiglu: last dim of {dims:?} must be even ([gate; up])");
     }
     Ok((dims.iter().product::<usize>() / last, last / 2))
