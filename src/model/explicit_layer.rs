@@ -6,9 +6,11 @@
 //! intermediate activation until the whole backward is over. This layer runs the GEMMs and
 //! fused kernels of its backward directly, saves only what they need (the fused QKV, the
 //! attention output and logsumexp, `linear_fc1`'s output and the activation; the norms are
-//! recomputed, they are cheap), and frees them as soon as the layer's backward is done. The
-//! whole layer is one node of candle's graph ([`with_backward`]); its parameter gradients go
-//! to the step's side sink ([`RecomputeGrads`]), like those of recomputed segments.
+//! recomputed, they are cheap), and frees them as soon as the layer's backward is done. A run
+//! of consecutive such layers is one node of candle's graph ([`forward_run`], through
+//! [`super::recompute::with_backward_anchored`]): the gradient goes from one layer's backward
+//! straight into the next. Parameter gradients go to the step's side sink
+//! ([`RecomputeGrads`]), like those of recomputed segments.
 //!
 //! It covers the layers of the shipped recipes in training without dropout: with tensor
 //! (and sequence) parallelism, whose gathers and partial sums it writes out
