@@ -92,6 +92,32 @@ fn gemm(
     .map_err(|e| candle_core::Error::Msg(format!("{what} GEMM: {e:?}")))
 }
 
+/// Row-major `C[rows, n] = alpha · a · op(b) + beta · C` at device pointer `c` for `a`
+/// `[rows, k]` and `b` `[n, k]` (`b_transposed`) or `[k, n]`: cuBLAS's column-major
+/// `C[n, rows] = op(B)[n, k] · A[k, rows]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(
+    a: &Tensor,
+    b: &Tensor,
+    b_transposed: bool,
+    c: u64,
+    c_ty: sys::cudaDataType,
+    (rows, n, k): (usize, usize, usize),
+    (alpha, beta): (f32, f32),
+    what: &str,
+) -> Result<()> {
+    gemm(
+        Operand { t: b, trans: b_transposed, ld: if b_transposed { k } else { n } },
+        Operand { t: a, trans: false, ld: k },
+        c,
+        c_ty,
+        (n, rows, k),
+        alpha,
+        beta,
+        what,
+    )
+}
+
 /// f32 `[out, in]` = `alpha · dyᵀ · x` for half-precision `dy` `[rows, out]` and `x`
 /// `[rows, in]`.
 pub fn weight_grad_f32(dy: &Tensor, x: &Tensor, alpha: f32) -> Result<Tensor> {
@@ -146,17 +172,7 @@ pub fn matmul_scaled(a: &Tensor, b: &Tensor, b_transposed: bool, alpha: f32) -> 
         let mut c = unsafe { dev.alloc::<T>(rows * n)? };
         {
             let (pc, _g) = c.device_ptr_mut(&stream);
-            // Column-major: C[n, rows] = op(B)[n, k] · A[k, rows], A being row-major a.
-            gemm(
-                Operand { t: &b, trans: b_transposed, ld: if b_transposed { k } else { n } },
-                Operand { t: &a, trans: false, ld: k },
-                pc,
-                c_ty,
-                (n, rows, k),
-                alpha,
-                0.0,
-                "matmul_scaled",
-            )?;
+            gemm_rows(&a, &b, b_transposed, pc, c_ty, (rows, n, k), (alpha, 0.0), "matmul_scaled")?;
         }
         Ok(wrap(c, &dev, (rows, n)))
     })
@@ -192,15 +208,5 @@ pub fn add_matmul_in_place(
     let stream = dev.cuda_stream();
     let (sc, lc) = c.storage_and_layout();
     let (pc, _g) = dptr(cuda_storage(&sc, "add_matmul")?, &stream, lc.start_offset())?;
-    // Column-major: C[n, rows] += op(B)[n, k] · A[k, rows], A being row-major a [rows, k].
-    gemm(
-        Operand { t: &b, trans: b_transposed, ld: if b_transposed { k } else { n } },
-        Operand { t: &a, trans: false, ld: k },
-        pc,
-        c_ty,
-        (n, rows, k),
-        alpha,
-        1.0,
-        "add_matmul",
-    )
+    gemm_rows(&a, &b, b_transposed, pc, c_ty, (rows, n, k), (alpha, 1.0), "add_matmul")
 }
