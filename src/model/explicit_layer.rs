@@ -104,15 +104,17 @@ fn forward_untracked(
     Ok((y, backward))
 }
 
-/// Consecutive layers `first..` of a stage (each `x + attn(x)`, then `+ mlp(·)`) with
+/// Consecutive layers of a stage (each `x + attn(x)`, then `+ mlp(·)`) with
 /// written-out backwards, entered into candle's graph as ONE node: candle starts each node's
 /// input gradient as zeros and adds into it, and hands each node's output over as a copy,
 /// a pass over the activations per node, which the layers of a run skip (the gradient goes
 /// from one layer's backward straight into the next). Parameter gradients go to `sink`. The
 /// caller checks [`SelfAttention::explicit_ok`] / [`Mlp::explicit_ok`] of every layer.
+/// `first` is the stage index of the first layer, for the profiler's per-layer ranges (None
+/// opens none: the recompute path runs layers again in the backward).
 pub fn forward_run(
     layers: &[(&SelfAttention, &Mlp)],
-    first: usize,
+    first: Option<usize>,
     x: &Tensor,
     inputs: &Arc<ExplicitInputs>,
     sink: &RecomputeGrads,
@@ -120,7 +122,7 @@ pub fn forward_run(
     let mut h = x.detach();
     let mut backwards = Vec::with_capacity(layers.len());
     for (i, (attn, mlp)) in layers.iter().enumerate() {
-        let _range = crate::profiling::Range::layer(first + i);
+        let _range = first.map(|f| crate::profiling::Range::layer(f + i));
         let (y, backward) = forward_untracked(attn, mlp, &h, inputs, sink)?;
         backwards.push(backward);
         h = y;
@@ -143,7 +145,7 @@ pub fn forward_run(
     Ok(with_backward_anchored(x, anchor.as_ref(), h, "explicit-layers", backward)?)
 }
 
-/// One layer of [`forward_run`] (its own node of the graph).
+/// One layer of [`forward_run`] (its own node of the graph, no profiler range).
 pub fn forward(
     attn: &SelfAttention,
     mlp: &Mlp,
@@ -151,5 +153,5 @@ pub fn forward(
     inputs: &Arc<ExplicitInputs>,
     sink: &RecomputeGrads,
 ) -> Result<Tensor> {
-    forward_run(&[(attn, mlp)], 0, x, inputs, sink)
+    forward_run(&[(attn, mlp)], None, x, inputs, sink)
 }

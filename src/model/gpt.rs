@@ -822,7 +822,7 @@ impl GptModel {
                     .map(|l| (&l.attn, &l.mlp))
                     .collect();
                 if !run.is_empty() {
-                    x = explicit_layer::forward_run(&run, i, &x, ei, sink)?;
+                    x = explicit_layer::forward_run(&run, Some(i), &x, ei, sink)?;
                     i += run.len();
                     continue;
                 }

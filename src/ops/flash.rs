@@ -2,7 +2,7 @@
 //! `ops::cuda::flash_attn`) can replace the composite [`super::attention`], and how its
 //! operands are addressed. Kept free of CUDA types so the dispatch rules are tested on CPU.
 
-use candle_core::{DType, Device, Layout, Result, Tensor};
+use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 
 /// Head dims the kernel is instantiated for (`FA_INSTANCE` in `kernels/flash_attn.cu`).
 pub const HEAD_DIMS: [usize; 2] = [64, 128];
@@ -32,23 +32,34 @@ impl FlashSpec {
 /// cannot read it in place: the last dim must be dense and every row must start on a 16-byte
 /// boundary (cp.async moves 16 bytes = 8 half-precision values at a time).
 pub fn kernel_strides(layout: &Layout) -> Option<[usize; 3]> {
-    let stride = layout.stride();
-    if stride.len() != 4 || layout.dims()[3] == 0 || stride[3] != 1 {
+    let &[b, h, s] = dense_rows(layout)? else { return None };
+    Some([b, h, s])
+}
+
+/// The strides of every dimension but the last of an operand whose last dimension is dense
+/// and non-empty, whose rows all start on a 16-byte boundary (cp.async moves 16 bytes = 8
+/// half-precision values at a time), or None.
+fn dense_rows(layout: &Layout) -> Option<&[usize]> {
+    let (stride, dims) = (layout.stride(), layout.dims());
+    let (&last, outer) = stride.split_last()?;
+    if last != 1 || dims.last() == Some(&0) {
         return None;
     }
     let aligned = |x: usize| x.is_multiple_of(8);
-    if !aligned(layout.start_offset()) || !stride[..3].iter().all(|&s| aligned(s)) {
-        return None;
-    }
-    Some([stride[0], stride[1], stride[2]])
+    (aligned(layout.start_offset()) && outer.iter().all(|&s| aligned(s))).then_some(outer)
 }
 
 /// `(b, heads, sq, d)` of a query operand: `[b, heads, sq, d]`, or `[b, groups, hpg, sq, d]`
 /// (the query heads of each kv group, as they lie in the fused QKV buffer).
 pub fn query_dims(q: &Tensor) -> Result<(usize, usize, usize, usize)> {
-    match *q.dims() {
+    query_shape(q.shape())
+}
+
+/// [`query_dims`] of a shape.
+pub fn query_shape(shape: &Shape) -> Result<(usize, usize, usize, usize)> {
+    match *shape.dims() {
         [b, g, hpg, sq, d] => Ok((b, g * hpg, sq, d)),
-        _ => q.dims4(),
+        _ => shape.dims4(),
     }
 }
 
@@ -66,20 +77,9 @@ pub fn query_heads(q: &Tensor) -> Result<Tensor> {
 /// (the rules of [`kernel_strides`]). The fused QKV buffer's query heads are evenly spaced
 /// within a group but not across groups, so a view of it needs the fourth stride.
 pub fn query_strides(layout: &Layout, groups: usize) -> Option<[usize; 4]> {
-    let stride = layout.stride();
-    match *layout.dims() {
-        [_, heads, _, _] => {
-            let [bs, hs, ss] = kernel_strides(layout)?;
-            let hpg = heads.checked_div(groups)?;
-            Some([bs, hpg * hs, hs, ss])
-        }
-        [_, g, _, _, d] if g == groups && d > 0 && stride[4] == 1 => {
-            let aligned = |x: usize| x.is_multiple_of(8);
-            if !aligned(layout.start_offset()) || !stride[..4].iter().all(|&s| aligned(s)) {
-                return None;
-            }
-            Some([stride[0], stride[1], stride[2], stride[3]])
-        }
+    match (layout.dims(), dense_rows(layout)?) {
+        (&[_, heads, _, _], &[bs, hs, ss]) => Some([bs, heads.checked_div(groups)? * hs, hs, ss]),
+        (&[_, g, _, _, _], &[bs, gs, hs, ss]) if g == groups => Some([bs, gs, hs, ss]),
         _ => None,
     }
 }
@@ -259,7 +259,6 @@ pub fn unsupported_reason(q: &Tensor, k: &Tensor, v: &Tensor, dropout_p: f64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Shape;
 
     #[test]
     fn strides_of_contiguous_and_transposed_views() {

@@ -191,9 +191,9 @@ pub enum AttnState {
 
 /// Core attention `[b, heads, sq, d]` of `q` `[b, heads, sq, d]` (or the grouped view of
 /// [`super::flash::query_dims`], which the flash kernel reads in place), `k`/`v`
-/// `[b, groups, sk, d]` (no dropout), and the state its backward needs: the flash kernel's output and logsumexp
-/// where it runs (causal, or packed one-row batches), else the composite reference, whose
-/// backward recomputes it under autograd.
+/// `[b, groups, sk, d]` (no dropout), and the state its backward needs: the flash kernel's
+/// output and logsumexp where it runs (causal, or packed one-row batches), else the composite
+/// reference, whose backward recomputes it under autograd.
 pub fn attention_forward(
     q: &Tensor,
     k: &Tensor,

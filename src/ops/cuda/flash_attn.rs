@@ -9,7 +9,7 @@
 
 use crate::kernel_module;
 use crate::ops::cuda::{div_ceil, dptr};
-use crate::ops::flash::{kernel_strides, query_strides, FlashSpec, HEAD_DIMS};
+use crate::ops::flash::{kernel_strides, query_shape, query_strides, FlashSpec, HEAD_DIMS};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -206,10 +206,7 @@ struct Dims {
 /// Sizes from q's layout (`[b, heads, sq, d]` or grouped `[b, groups, hpg, sq, d]`, see
 /// [`crate::ops::flash::query_dims`]) and k's `[b, groups, sk, d]`.
 fn dims(q: &Layout, k: &Layout) -> Result<Dims> {
-    let (b, heads, sq, d) = match *q.dims() {
-        [b, g, hpg, sq, d] => (b, g * hpg, sq, d),
-        _ => q.shape().dims4()?,
-    };
+    let (b, heads, sq, d) = query_shape(q.shape())?;
     let (_, groups, sk, _) = k.shape().dims4()?;
     if q.dims().len() == 5 && q.dims()[1] != groups {
         candle_core::bail!("flash attention: grouped q {:?} with {groups} kv groups", q.dims());
