@@ -27,6 +27,34 @@ union Vec16 {
     T v[16 / sizeof(T)];
 };
 
+// W consecutive elements of T at p as floats, and back: one 16-byte access when W fills a
+// vector (p then 16-byte aligned), else element by element.
+template <typename T, int W>
+__device__ __forceinline__ void load_w(const T *p, float (&out)[W]) {
+    if constexpr (W * sizeof(T) == 16) {
+        Vec16<T> v;
+        v.raw = *reinterpret_cast<const uint4 *>(p);
+#pragma unroll
+        for (int k = 0; k < W; ++k) out[k] = to_f(v.v[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < W; ++k) out[k] = to_f(p[k]);
+    }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void store_w(T *p, const float (&in)[W]) {
+    if constexpr (W * sizeof(T) == 16) {
+        Vec16<T> v;
+#pragma unroll
+        for (int k = 0; k < W; ++k) v.v[k] = from_f<T>(in[k]);
+        *reinterpret_cast<uint4 *>(p) = v.raw;
+    } else {
+#pragma unroll
+        for (int k = 0; k < W; ++k) p[k] = from_f<T>(in[k]);
+    }
+}
+
 __device__ __forceinline__ bool aligned16(const void *p) {
     return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }

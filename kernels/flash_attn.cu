@@ -29,7 +29,7 @@ struct FlashParams {
   const void* v;
   const void* o;      // forward: output; backward: forward output O (input)
   const void* dout;   // backward only: dO
-  void* dq;           // forward: unused; backward: dQ (T, strided like dq_*)
+  void* dq;           // forward: unused; backward: dQ (T, strided like dq_* and dq_gs)
   void* dk;           // backward: dK [b, groups, sk, d] with dk_* strides
   void* dv;           // backward: dV, dv_* strides equal dk_*
   float* lse;         // [b, heads, sq] (varlen: [heads, total]) log2-domain logsumexp
@@ -48,6 +48,8 @@ struct FlashParams {
   // can be read in place from the fused QKV buffer ([groups, hpg + 2, d] per token), whose
   // heads are not evenly spaced. Equals hpg·q_hs for an ordinary [b, heads, s, d] view.
   long long q_gs;
+  // The same for dQ, which the backward can write straight into a fused dQKV buffer.
+  long long dq_gs;
   int batch;  // grid.z: batch rows, or sequences with cu_seqlens
   int heads;
   int groups;
@@ -60,7 +62,7 @@ struct FlashParams {
   float scale;      // softmax_scale
 };
 
-static_assert(sizeof(FlashParams) == 320, "FlashParams layout is mirrored in flash_attn.rs");
+static_assert(sizeof(FlashParams) == 328, "FlashParams layout is mirrored in flash_attn.rs");
 
 namespace fa {
 
@@ -68,6 +70,12 @@ namespace fa {
 __device__ __forceinline__ long long q_head_offset(const FlashParams& p, int h) {
   const int hpg = p.heads / p.groups;
   return (long long)(h / hpg) * p.q_gs + (long long)(h % hpg) * p.q_hs;
+}
+
+// Element offset of dQ's head h within one batch row (see FlashParams::dq_gs).
+__device__ __forceinline__ long long dq_head_offset(const FlashParams& p, int h) {
+  const int hpg = p.heads / p.groups;
+  return (long long)(h / hpg) * p.dq_gs + (long long)(h % hpg) * p.dq_hs;
 }
 
 template <typename T> struct Vec2;
@@ -455,7 +463,8 @@ __device__ __forceinline__ void bwd_dot_kernel(const FlashParams& p) {
   if (lane == 0) p.dsum[wid] = acc;
 }
 
-// dQ = scale * dq_accum, converted to T with dq_* strides; one thread per 2 elements.
+// dQ = scale * dq_accum, converted to T with dq_* strides (and dq_gs); one thread per 2
+// elements.
 template <typename T, int D>
 __device__ __forceinline__ void bwd_dq_kernel(const FlashParams& p) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -467,7 +476,7 @@ __device__ __forceinline__ void bwd_dq_kernel(const FlashParams& p) {
   const int h = (int)((r / p.sq) % p.heads);
   const int b = (int)(r / ((long long)p.sq * p.heads));
   const float2 a = *reinterpret_cast<const float2*>(p.dq_accum + r * D + c);
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_bs + h * p.dq_hs + (long long)row * p.dq_ss + c;
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_bs + dq_head_offset(p, h) + (long long)row * p.dq_ss + c;
   *reinterpret_cast<uint32_t*>(dq) = Vec2<T>::pack(a.x * p.scale, a.y * p.scale);
 }
 
@@ -801,6 +810,11 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
+// Waits until at most N committed wgmma groups are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 __device__ __forceinline__ void wgmma_wait0() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
@@ -1057,19 +1071,26 @@ __device__ __forceinline__ void fwd_wgmma_kernel(const FlashParams& p) {
 // blocks of BM = 64 rows (double-buffered Q, dO). Per step and warpgroup:
 //   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ (operands in shared memory), Pᵀ / dSᵀ in registers,
 //   dV += Pᵀ dO and dK += dSᵀ Q (A from registers, B transposed from shared memory),
-//   dSᵀ stored to shared memory, then dQ[:, half of D per warpgroup] = dS K (both operands
-//   transposed from shared memory), added to the fp32 accumulator with atomics.
-template <int D>
+//   dSᵀ stored to shared memory, then dQ = dS K (both operands transposed from shared
+//   memory), added to the fp32 accumulator with atomics: with BM = 64 each warpgroup takes
+//   half of D, with BM = 128 (d = 64 only) half of the query rows.
+// BM = 128 halves the steps, so the per-step barriers, waits and statistics loads, and
+// makes Sᵀ / dPᵀ one m64n128 MMA per k-step. (Adding a warpgroup's dQ tile with one TMA bulk
+// reduction instead of the per-thread atomics measured no faster: 1.415 vs 1.407 ms, H200.)
+template <int D, int BM>
 __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
   using T = __nv_bfloat16;
-  constexpr int BN = 128, BM = 64, NT = 256, NTILE_D = D / 8, NTILE_M = BM / 8, DQ_N = D / 2;
+  static_assert(BM == 64 || (BM == 128 && D == 64), "query tile");
+  constexpr int BN = 128, NT = 256, NTILE_D = D / 8, NTILE_M = BM / 8;
+  // Columns of D per warpgroup in dQ = dS K (64 query rows each).
+  constexpr int DQ_N = BM == 64 ? D / 2 : D;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   T* sK = reinterpret_cast<T*>(smem_raw + ((1024 - (raw & 1023)) & 1023));
   T* sV = sK + BN * D;
   T* sQ = sV + BN * D;        // [2][BM][D]
   T* sdO = sQ + 2 * BM * D;   // [2][BM][D]
-  T* sdS = sdO + 2 * BM * D;  // [BN][BM]: dSᵀ, one 64-column panel
+  T* sdS = sdO + 2 * BM * D;  // [BN][BM]: dSᵀ, BM / 64 panels of 64 query columns
   float* sLse = reinterpret_cast<float*>(sdS + BN * BM);  // [2][BM]
   float* sDsum = sLse + 2 * BM;                           // [2][BM]
   const uint32_t aK = static_cast<uint32_t>(__cvta_generic_to_shared(sK));
@@ -1150,19 +1171,30 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk & 3) * 32;
-      wgmma_ss_n64(st, smem_desc(aKwg + (kk >> 2) * BN * 128 + koff, 16, 1024),
-                   smem_desc(aQ + (kk >> 2) * BM * 128 + koff, 16, 1024), kk > 0);
+      const uint64_t da = smem_desc(aKwg + (kk >> 2) * BN * 128 + koff, 16, 1024);
+      const uint64_t db = smem_desc(aQ + (kk >> 2) * BM * 128 + koff, 16, 1024);
+      if constexpr (BM == 128) {
+        wgmma_ss_n128(st, da, db, kk > 0);
+      } else {
+        wgmma_ss_n64(st, da, db, kk > 0);
+      }
     }
+    // dPᵀ in its own group: the probabilities below are computed while it runs.
+    wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk & 3) * 32;
-      wgmma_ss_n64(dpt, smem_desc(aVwg + (kk >> 2) * BN * 128 + koff, 16, 1024),
-                   smem_desc(adO + (kk >> 2) * BM * 128 + koff, 16, 1024), kk > 0);
+      const uint64_t da = smem_desc(aVwg + (kk >> 2) * BN * 128 + koff, 16, 1024);
+      const uint64_t db = smem_desc(adO + (kk >> 2) * BM * 128 + koff, 16, 1024);
+      if constexpr (BM == 128) {
+        wgmma_ss_n128(dpt, da, db, kk > 0);
+      } else {
+        wgmma_ss_n64(dpt, da, db, kk > 0);
+      }
     }
     wgmma_commit();
-    wgmma_wait0();
+    wgmma_wait<1>();  // Sᵀ is in; dPᵀ may still be in flight (its registers stay untouched)
     fence_regs<NTILE_M * 4>(st);
-    fence_regs<NTILE_M * 4>(dpt);
 
     const bool need_mask = (n0 + BN > sq.sk) || (p.causal && n0 + BN - 1 > i0 + offset) ||
                            (p.window_left >= 0 && i0 + BM - 1 + offset - n0 > p.window_left);
@@ -1175,10 +1207,8 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
           const int kr = kr0 + ((e >> 1) << 3);
           const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
           const float x = fast_exp2(st[j * 4 + e] * p.scale_log2 - lse[qc]);
-          const float pr =
+          st[j * 4 + e] =
               (!decltype(masked)::value || allowed(p, i0 + qc + offset, kr, sq.sk)) ? x : 0.f;
-          st[j * 4 + e] = pr;
-          dpt[j * 4 + e] = pr * (dpt[j * 4 + e] - dsum[qc]);
         }
     };
     if (need_mask) {
@@ -1186,6 +1216,15 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
     } else {
       probs(Masked<false>{});
     }
+    wgmma_wait0();
+    fence_regs<NTILE_M * 4>(dpt);
+#pragma unroll
+    for (int j = 0; j < NTILE_M; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = j * 8 + (lane & 3) * 2 + (e & 1);
+        dpt[j * 4 + e] = st[j * 4 + e] * (dpt[j * 4 + e] - dsum[qc]);
+      }
 
     uint32_t ap[BM / 16][4], ads[BM / 16][4];
 #pragma unroll
@@ -1227,14 +1266,16 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
     fence_proxy_async();
     __syncthreads();  // both warpgroups' halves of dSᵀ are in
 
-    // dQ[:, wg * DQ_N ...] = dS K: A = dSᵀ transposed (M = queries), B = K transposed
-    // (N = this warpgroup's columns of D, K-dim = keys).
+    // dQ[rows, cols] = dS K: A = dSᵀ transposed (M = this warpgroup's query rows: a 64-column
+    // panel of dSᵀ), B = K transposed (N = its columns of D, K-dim = keys).
+    const int dq_row0 = BM == 64 ? 0 : wg * 64;
+    const int dq_col0 = BM == 64 ? wg * DQ_N : 0;
     float dq[DQ_N / 2];
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < BN / 16; ++kt) {
-      const uint64_t da = smem_desc(adS + kt * 16 * 128, BN * 128, 1024);
-      const uint32_t col = wg * DQ_N;  // elements into D
+      const uint64_t da = smem_desc(adS + (dq_row0 / 64) * BN * 128 + kt * 16 * 128, BN * 128, 1024);
+      const uint32_t col = dq_col0;  // elements into D
       const uint64_t db =
           smem_desc(aK + (col / 64) * BN * 128 + (col % 64) * 2 + kt * 16 * 128, BN * 128, 1024);
       if constexpr (DQ_N == 64) {
@@ -1252,11 +1293,11 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
     float* dqa = p.dq_accum + (((long long)sq.b * p.heads + h) * p.sq + sq.q0 + i0) * (long long)D;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const int r = wr * 16 + (lane >> 2) + hh * 8;
+      const int r = dq_row0 + wr * 16 + (lane >> 2) + hh * 8;
       if (i0 + r < sq.sq) {
 #pragma unroll
         for (int j = 0; j < DQ_N / 8; ++j)
-          atomic_add2(dqa + (long long)r * D + wg * DQ_N + j * 8 + (lane & 3) * 2, dq[j * 4 + 2 * hh],
+          atomic_add2(dqa + (long long)r * D + dq_col0 + j * 8 + (lane & 3) * 2, dq[j * 4 + 2 * hh],
                       dq[j * 4 + 2 * hh + 1]);
       }
     }
@@ -1305,7 +1346,8 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
 
 // Shared memory bytes (the host mirrors these formulas in src/ops/cuda/flash_attn.rs).
 //   fwd: (128 + 2 * BN) * D * 2
-//   bwd: (2 * BN + 4 * 64) * D * 2 + BN * 64 * 2 + 4 * 64 * 4, BN = 16 * WARPS
+//   bwd: (2 * BN + 4 * BM) * D * 2 + BN * BM * 2 + 4 * BM * 4, BN = 16 * WARPS or 128
+//        (warpgroup MMA, + 1024 alignment slack), BM = 64 or 128 (_wg_m128)
 // Kernel names: flash_{fwd,bwd_dot,bwd_dq,bwd}_<type>_d<D>; tile variants (picked by the host's
 // tuning knobs) add _n<BN> (forward key tile) or _w<WARPS> (backward warps).
 
@@ -1367,10 +1409,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) flash_fwd_bf16_d64_wg2(Flas
 }
 // Hopper backward (warpgroup MMA), bf16: 2 warpgroups, BN = 128 keys, BM = 64 queries.
 extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_bf16_d128_wg(FlashParams p) {
-  fa::bwd_wgmma_kernel<128>(p);
+  fa::bwd_wgmma_kernel<128, 64>(p);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_bf16_d64_wg(FlashParams p) {
-  fa::bwd_wgmma_kernel<64>(p);
+  fa::bwd_wgmma_kernel<64, 64>(p);
+}
+// d=64 with BM = 128 query rows per step.
+extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_bf16_d64_wg_m128(FlashParams p) {
+  fa::bwd_wgmma_kernel<64, 128>(p);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d64_w4(FlashParams p) {
   fa::bwd_kernel<__nv_bfloat16, 64, 4>(p);

@@ -4,10 +4,21 @@
 // (~0.1 s for a 128k×2k embedding gradient).
 #include "common.cuh"
 
-template <typename T>
+// W elements per load (16-byte vectors when the tensor is aligned, else 1): the gradient norm
+// reads every gradient once, at memory bandwidth only with wide loads.
+template <typename T, int W>
 __device__ void sumsq_partial_impl(const T *x, unsigned long long n, float *partial) {
     float s = 0.f;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+    const size_t vectors = n / W;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < vectors;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v[W];
+        load_w<T, W>(x + i * W, v);
+#pragma unroll
+        for (int k = 0; k < W; ++k) s += v[k] * v[k];
+    }
+    // The tail past the last whole vector (W > 1 only).
+    for (size_t i = vectors * W + (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const float v = to_f(x[i]);
         s += v * v;
@@ -19,7 +30,10 @@ __device__ void sumsq_partial_impl(const T *x, unsigned long long n, float *part
 #define SUMSQ(NAME, T)                                                                          \
     extern "C" __global__ void sumsq_partial_##NAME(const T *x, unsigned long long n,          \
                                                     float *partial) {                           \
-        sumsq_partial_impl<T>(x, n, partial);                                                   \
+        if (aligned16(x))                                                                       \
+            sumsq_partial_impl<T, 16 / sizeof(T)>(x, n, partial);                               \
+        else                                                                                    \
+            sumsq_partial_impl<T, 1>(x, n, partial);                                            \
     }
 INSTANTIATE3(SUMSQ)
 

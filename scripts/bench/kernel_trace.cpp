@@ -36,6 +36,12 @@ uint64_t first_start = 0;
 // cuProfilerStart/Stop timestamps; 0 = not seen.
 uint64_t window_begin = 0, window_end = 0;
 uint64_t busy_begin = UINT64_MAX, busy_end = 0;
+// Every recorded activity, for the idle gaps between them.
+struct Span {
+  uint64_t start, end;
+  std::string name;
+};
+std::vector<Span> spans;
 
 // Short readable names: demangled, template arguments and parameter lists cut.
 std::string short_name(const char* mangled) {
@@ -67,6 +73,7 @@ void record(const std::string& name, uint64_t start, uint64_t end) {
   Total& t = totals[name];
   t.ns += double(end - start);
   t.count += 1;
+  spans.push_back({start, end, name});
 }
 
 void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
@@ -112,6 +119,7 @@ void CUPTIAPI on_driver_call(void*, CUpti_CallbackDomain, CUpti_CallbackId id, c
       window_begin = now;
       // Records of kernels before the window may already be counted: start over.
       totals.clear();
+      spans.clear();
       busy_begin = UINT64_MAX;
       busy_end = 0;
     }
@@ -119,6 +127,40 @@ void CUPTIAPI on_driver_call(void*, CUpti_CallbackDomain, CUpti_CallbackId id, c
     cuptiGetTimestamp(&now);
     std::lock_guard<std::mutex> g(lock);
     window_end = now;
+  }
+}
+
+// Where the GPU sat idle: time with no activity running, summed per (activity before, activity
+// after) pair, largest first (KERNEL_TRACE_GAPS pairs, default 10).
+void report_gaps(double iters) {
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.start < b.start; });
+  std::map<std::string, Total> gaps;
+  double idle = 0;
+  uint64_t busy_until = 0;
+  const std::string* last = nullptr;
+  for (const Span& s : spans) {
+    if (last && s.start > busy_until) {
+      Total& g = gaps[*last + "  ->  " + s.name];
+      g.ns += double(s.start - busy_until);
+      g.count += 1;
+      idle += double(s.start - busy_until);
+    }
+    if (s.end >= busy_until) {
+      busy_until = s.end;
+      last = &s.name;
+    }
+  }
+  std::vector<std::pair<std::string, Total>> rows(gaps.begin(), gaps.end());
+  std::sort(rows.begin(), rows.end(),
+            [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
+  fprintf(stderr, "KTRACE idle %.3f ms per iteration between activities; largest:\n",
+          idle / iters / 1e6);
+  int top = getenv("KERNEL_TRACE_GAPS") ? atoi(getenv("KERNEL_TRACE_GAPS")) : 10;
+  for (int i = 0; i < int(rows.size()) && i < top; i++) {
+    auto& [pair, g] = rows[i];
+    fprintf(stderr, "KTRACE idle %8.3f ms %6.1f times  %s\n", g.ns / iters / 1e6,
+            g.count / iters, pair.c_str());
   }
 }
 
@@ -144,6 +186,7 @@ void report() {
     fprintf(stderr, "KTRACE %8.3f ms %5.1f%% %6.1f calls  %s\n", t.ns / iters / 1e6,
             100.0 * t.ns / sum, t.count / iters, name.c_str());
   }
+  report_gaps(iters);
 }
 
 }  // namespace

@@ -294,6 +294,14 @@ enum CoreState {
     ContextParallel(CpAttnState),
 }
 
+/// The core attention's input gradients.
+enum CoreGrads {
+    /// dq `[b, heads, s, d]`, dk and dv `[b, groups, s, d]`.
+    Separate(Tensor, Tensor, Tensor),
+    /// dQKV `[b, s, groups·(hpg+2)·d]`, already in the fused QKV layout.
+    FusedQkv(Tensor),
+}
+
 impl AttnSaved {
     /// Whether the core attention's output and state were kept (not under selective
     /// recompute of `core_attn`).
@@ -523,38 +531,64 @@ impl SelfAttention {
             Ok(dout.reshape((b, s, heads, d))?.transpose(1, 2)?)
         })?;
         drop(out);
-        let (dq, dk, dv) = section("attn.core.bwd", dev, || match (&state, &self.cp) {
-            (CoreState::Local(s), _) => Ok(manual::attention_backward(&q, &k, &v, s, &dout)?),
-            (CoreState::ContextParallel(s), Some(cp)) => cp.attention_backward(&q, s, &dout),
-            (CoreState::ContextParallel(_), None) => {
-                bail!("context-parallel attention state in a layer without context parallelism")
+        // With q and k rotated inside the fused QKV, the flash backward writes dQKV in that
+        // layout itself; other paths return dq, dk, dv, put back together below.
+        let core_grads = section("attn.core.bwd", dev, || -> Result<CoreGrads> {
+            match (&state, &self.cp) {
+                (CoreState::Local(s), _) => {
+                    if saved.roped_in_qkv {
+                        if let Some(dqkv) = manual::attention_backward_to_qkv(&q, &k, &v, s, &dout)?
+                        {
+                            return Ok(CoreGrads::FusedQkv(dqkv));
+                        }
+                    }
+                    let (dq, dk, dv) = manual::attention_backward(&q, &k, &v, s, &dout)?;
+                    Ok(CoreGrads::Separate(dq, dk, dv))
+                }
+                (CoreState::ContextParallel(s), Some(cp)) => {
+                    let (dq, dk, dv) = cp.attention_backward(&q, s, &dout)?;
+                    Ok(CoreGrads::Separate(dq, dk, dv))
+                }
+                (CoreState::ContextParallel(_), None) => {
+                    bail!("context-parallel attention state in a layer without context parallelism")
+                }
             }
         })?;
         drop((state, q, k, v, dout));
+        // Back into the per-group layout [b, s, groups, hpg + 2, d] of the fused QKV.
+        let assemble = |dq: &Tensor, dk: &Tensor, dv: &Tensor| {
+            section("attn.bwd.assemble", dev, || -> Result<Tensor> {
+                let per_group = |t: &Tensor, n: usize| -> Result<Tensor> {
+                    Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, s, groups, n, d))?)
+                };
+                let parts = [per_group(dq, hpg)?, per_group(dk, 1)?, per_group(dv, 1)?];
+                Ok(Tensor::cat(&parts, 3)?.reshape((b, s, (hpg + 2) * groups * d))?)
+            })
+        };
         let dqkv = if saved.roped_in_qkv {
             drop(saved.qkv);
             let Some((cos, sin, _)) = &inputs.rope else {
                 anyhow::bail!("attention backward: q/k were rotated but no rotary table is given");
             };
-            section("attn.bwd.assemble", dev, || {
-                manual::rope_in_qkv_backward(&dq, &dk, &dv, cos, sin, groups)
-            })?
-            .reshape((b * s, ()))?
+            let dqkv = match core_grads {
+                CoreGrads::FusedQkv(dqkv) => dqkv,
+                CoreGrads::Separate(dq, dk, dv) => assemble(&dq, &dk, &dv)?,
+            };
+            section("attn.bwd.rope", dev, || {
+                manual::rope_in_qkv_backward(&dqkv, cos, sin, groups, hpg)
+            })?;
+            dqkv.reshape((b * s, ()))?
         } else {
+            let CoreGrads::Separate(dq, dk, dv) = core_grads else {
+                bail!("attention backward: a fused dQKV without RoPE inside the QKV");
+            };
             let (dq, dk) = section("attn.bwd.unprep", dev, || -> Result<_> {
                 Ok((
                     Self::prepare_backward(&dq, &q_in, self.q_norm.as_ref(), inputs, grads)?,
                     Self::prepare_backward(&dk, &k_in, self.k_norm.as_ref(), inputs, grads)?,
                 ))
             })?;
-            // Back into the per-group layout [b, s, groups, hpg + 2, d] of the fused QKV.
-            section("attn.bwd.assemble", dev, || -> Result<Tensor> {
-                let per_group = |t: &Tensor, n: usize| -> Result<Tensor> {
-                    Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, s, groups, n, d))?)
-                };
-                let parts = [per_group(&dq, hpg)?, per_group(&dk, 1)?, per_group(&dv, 1)?];
-                Ok(Tensor::cat(&parts, 3)?.reshape((b * s, (hpg + 2) * groups * d))?)
-            })?
+            assemble(&dq, &dk, &dv)?.reshape((b * s, ()))?
         };
         self.qkv_backward(x, &dqkv, residual, saved.qkv_lora, grads)
     }

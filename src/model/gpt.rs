@@ -897,14 +897,13 @@ fn attn_mask<'a>(
 }
 
 /// `w[ids]` whose weight gradient is computed by [`ops::manual::embedding_backward`] (a
-/// scatter-add kernel on CUDA, instead of candle's `index_add`) and goes to `sink`.
+/// scatter-add kernel on CUDA, instead of candle's `index_add`) and goes to `sink`, on CUDA
+/// straight into a tied output layer's gradient already there.
 fn explicit_lookup(w: &Tensor, ids: &Tensor, sink: &RecomputeGrads) -> Result<Tensor> {
     let y = w.detach().index_select(ids, 0)?;
-    let (ids, vocab, sink) = (ids.clone(), w.dim(0)?, sink.clone());
+    let (ids, sink) = (ids.clone(), sink.clone());
     let backward: BackwardFn = Box::new(move |w: &Tensor, dy: &Tensor| {
-        let mut grads = GradStore::default();
-        grads.insert(w, ops::manual::embedding_backward(&ids, &dy.contiguous()?, vocab)?);
-        sink.push(grads)?;
+        sink.push_embedding(w, &ids, &dy.contiguous()?)?;
         Ok(None)
     });
     Ok(with_backward(w, y, "explicit-embedding", backward)?)

@@ -136,7 +136,32 @@ impl RecomputeGrads {
         self.lock().pushes
     }
 
-    /// Adds `g` to the sum.
+    /// Adds the gradient of the lookup `w[ids]` (output gradient `dy` `[n, h]`) to the sum:
+    /// straight into the sum's gradient of `w` where it has one (a tied output layer's, from
+    /// earlier in the same backward or an earlier micro-batch), else as a new store.
+    pub(super) fn push_embedding(
+        &self,
+        w: &Tensor,
+        ids: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<()> {
+        {
+            let mut side = self.lock();
+            if let Some(sum) = side.sum.get(w) {
+                // The sum owns its tensors (see `push`), so it may be written in place.
+                if crate::ops::manual::embedding_backward_into(ids, dy, sum)? {
+                    side.pushes += 1;
+                    return Ok(());
+                }
+            }
+        }
+        let mut grads = GradStore::default();
+        grads.insert(w, crate::ops::manual::embedding_backward(ids, dy, w.dim(0)?)?);
+        self.push(grads)
+    }
+
+    /// Adds `g` to the sum. The sink takes ownership: the caller keeps no clone of `g`'s
+    /// tensors (the sum may be written in place, see [`Self::push_embedding`]).
     pub(super) fn push(&self, g: GradStore) -> candle_core::Result<()> {
         let mut side = self.lock();
         side.pushes += 1;

@@ -129,25 +129,24 @@ pub fn rope_in_qkv(
     }
 }
 
-/// dQKV `[b, s, groups·(hpg+2)·d]` of [`rope_in_qkv`] followed by attention, from the
-/// attention gradients `dq` `[b, heads, s, d]`, `dk`/`dv` `[b, groups, s, d]`.
+/// The backward of [`rope_in_qkv`] over `dqkv` `[b, s, groups·(hpg+2)·d]` (the caller's own
+/// buffer): its q and k parts are rotated back in place.
 pub fn rope_in_qkv_backward(
-    dq: &Tensor,
-    dk: &Tensor,
-    dv: &Tensor,
+    dqkv: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
     groups: usize,
-) -> Result<Tensor> {
+    hpg: usize,
+) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let (_, heads, _, head_dim) = dq.dims4()?;
-        let l = super::cuda::rope_qkv::QkvLayout { groups, hpg: heads / groups, head_dim };
-        super::cuda::rope_qkv::rope_qkv_backward(dq, dk, dv, cos, sin, l)
+        let head_dim = dqkv.dim(2)? / (groups * (hpg + 2));
+        let l = super::cuda::rope_qkv::QkvLayout { groups, hpg, head_dim };
+        super::cuda::rope_qkv::rope_qkv_backward_inplace(dqkv, cos, sin, l)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (dq, dk, dv, cos, sin, groups);
+        let _ = (dqkv, cos, sin, groups, hpg);
         candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
     }
 }
@@ -257,6 +256,39 @@ pub fn attention_backward(
     }
 }
 
+/// The gradient of self-attention's q, k, v written straight into Megatron's fused QKV layout
+/// `[b, s, groups·(hpg+2)·d]` where the flash kernel ran (see
+/// `cuda::flash_attn::backward_to_qkv`); None on other paths (use [`attention_backward`]).
+pub fn attention_backward_to_qkv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    state: &AttnState,
+    dout: &Tensor,
+) -> Result<Option<Tensor>> {
+    match state {
+        #[cfg(feature = "cuda")]
+        AttnState::Flash { spec, out, lse, packed } => {
+            let varlen = packed.as_ref().map(super::cuda::flash_attn::Varlen::from_packed);
+            let dqkv = super::cuda::flash_attn::backward_to_qkv(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                dout,
+                *spec,
+                varlen.as_ref(),
+            )?;
+            Ok(Some(dqkv))
+        }
+        _ => {
+            let _ = (q, k, v, dout);
+            Ok(None)
+        }
+    }
+}
+
 /// What the cross-entropy backward needs besides the logits and labels.
 #[derive(Debug, Clone)]
 pub enum CeState {
@@ -327,6 +359,19 @@ pub fn embedding_backward(ids: &Tensor, dy: &Tensor, vocab: usize) -> Result<Ten
     }
     let h = dy.dim(1)?;
     Tensor::zeros((vocab, h), dy.dtype(), dy.device())?.index_add(ids, dy, 0)
+}
+
+/// Adds the gradient of `W[ids]` into `dw` in place where that is cheap: on CUDA with `dw`
+/// an f32 `[vocab, h]` tensor of the caller's own (a tied output layer's weight gradient,
+/// which saves a vocabulary-sized zero fill and add). Returns false (nothing done) elsewhere.
+pub fn embedding_backward_into(ids: &Tensor, dy: &Tensor, dw: &Tensor) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if dy.device().is_cuda() && dw.dtype() == DType::F32 && dw.is_contiguous() {
+        super::cuda::embedding::embedding_backward_into(ids, &dy.contiguous()?, dw)?;
+        return Ok(true);
+    }
+    let _ = (ids, dy, dw);
+    Ok(false)
 }
 
 /// Weight gradient `dyᵀ · x` `[out, in]` of a linear layer for `dy` `[rows, out]` and its

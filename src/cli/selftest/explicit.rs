@@ -25,6 +25,12 @@ fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let lora = PeftConfig { dim: 16, alpha: 32.0, ..PeftConfig::for_scheme(PeftScheme::Lora) };
     let configs = [
         ("llama d64", base.clone(), None),
+        // Tied: the lookup's gradient is added into the output layer's in place.
+        (
+            "llama d64 tied",
+            ModelConfig { share_embeddings_and_output_weights: true, ..base.clone() },
+            None,
+        ),
         ("llama d64 lora", base.clone(), Some(lora)),
         (
             "qwen3 d128 qk-norm bias",

@@ -218,19 +218,24 @@ fn swiglu(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
 }
 
 fn cross_entropy(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
-    // A vocabulary that is not a multiple of the block size, logits of realistic spread.
-    let (b, s, v) = (2, 96, 32_003);
-    let logits = randn(seed + 4, &[b, s, v], 3.0, 0.0)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed + 5);
-    let labels: Vec<u32> =
-        (0..b * s).map(|_| rand::Rng::random_range(&mut rng, 0..v as u32)).collect();
-    let mask: Vec<f32> = (0..b * s).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
-    let labels = Tensor::from_vec(labels, (b, s), &Device::Cpu)?;
-    let mask = Tensor::from_vec(mask, (b, s), &Device::Cpu)?;
-    let inputs = [In::Float(logits, true), In::Fixed(labels), In::Float(mask, false)];
-    fwd_bwd(dev, seed, "[2,96,32003] masked", &inputs, &|t| {
-        Ok(ops::masked_cross_entropy(&t[0], &t[1], &t[2])?.0)
-    })
+    // Logits of realistic spread over a vocabulary that is a multiple of the kernels' vector
+    // width (16-byte loads) and one that is not, nor of the block size (element loads).
+    let mut ms = Vec::new();
+    for (k, (b, s, v)) in [(2, 96, 32_000), (2, 96, 32_003)].into_iter().enumerate() {
+        let seed = seed + 10 * k as u64;
+        let logits = randn(seed + 4, &[b, s, v], 3.0, 0.0)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 5);
+        let labels: Vec<u32> =
+            (0..b * s).map(|_| rand::Rng::random_range(&mut rng, 0..v as u32)).collect();
+        let mask: Vec<f32> = (0..b * s).map(|i| if i % 7 == 3 { 0.0 } else { 1.0 }).collect();
+        let labels = Tensor::from_vec(labels, (b, s), &Device::Cpu)?;
+        let mask = Tensor::from_vec(mask, (b, s), &Device::Cpu)?;
+        let inputs = [In::Float(logits, true), In::Fixed(labels), In::Float(mask, false)];
+        ms.extend(fwd_bwd(dev, seed, &format!("[{b},{s},{v}] masked"), &inputs, &|t| {
+            Ok(ops::masked_cross_entropy(&t[0], &t[1], &t[2])?.0)
+        })?);
+    }
+    Ok(ms)
 }
 
 /// Three Adam steps of bf16 parameters (fp32 master) on the GPU (fused kernel) and on the
@@ -291,7 +296,7 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
 fn grad_norm(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let mut ms = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
-        let cpu: Vec<Tensor> = [&[7usize][..], &[300, 1000], &[2048, 700]]
+        let cpu: Vec<Tensor> = [&[7usize][..], &[301, 999], &[2048, 700]]
             .iter()
             .enumerate()
             .map(|(k, sh)| randn(seed + 200 + k as u64, sh, 0.02, 0.0))

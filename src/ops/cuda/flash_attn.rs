@@ -25,10 +25,25 @@ pub mod selftest;
 
 kernel_module!(FLASH_ATTN, "flash_attn");
 
-/// Forward tile rows (BM) and threads; backward query rows per step (BM).
+/// Forward tile rows (BM) and threads; backward query rows per step (BM) of the mma.sync
+/// kernels.
 const FWD_BM: usize = 128;
 const FWD_THREADS: u32 = 128;
 const BWD_BM: usize = 64;
+
+/// Backward tile variants (kernels at the end of `kernels/flash_attn.cu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BwdTile {
+    /// bf16: warpgroup MMA, 128 keys per block, 128 query rows per step at d=64 and 64 at
+    /// d=128; other dtypes: [`BwdTile::Warps8`].
+    Default = 0,
+    /// Warpgroup MMA with 64 query rows per step at d=64 too.
+    WgmmaQueries64 = 1,
+    /// mma.sync, 4 warps (64 keys per block; bf16 only).
+    Warps4 = 4,
+    /// mma.sync, 8 warps (128 keys per block).
+    Warps8 = 8,
+}
 
 /// Forward tile variants (kernels at the end of `kernels/flash_attn.cu`, bf16 only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,13 +70,12 @@ pub enum FwdTile {
 /// Tile selection for later calls (the self-test benchmarks the variants). Defaults: forward
 /// [`FwdTile::Default`], backward 0 (warpgroup MMA, 128 keys per block).
 static FWD_TILE: AtomicUsize = AtomicUsize::new(FwdTile::Default as usize);
-static BWD_WARPS: AtomicUsize = AtomicUsize::new(0);
+static BWD_TILE: AtomicUsize = AtomicUsize::new(BwdTile::Default as usize);
 
-/// Selects the tile variants: `bwd_warps` 0 (warpgroup MMA, bf16), or 8 / 4 warps of
-/// mma.sync (4: bf16 only). Combinations a dtype/head dim lacks fall back to the defaults.
-pub fn set_tiles(fwd: FwdTile, bwd_warps: usize) {
+/// Selects the tile variants. Combinations a dtype/head dim lacks fall back to the defaults.
+pub fn set_tiles(fwd: FwdTile, bwd: BwdTile) {
     FWD_TILE.store(fwd as usize, Ordering::Relaxed);
-    BWD_WARPS.store(bwd_warps, Ordering::Relaxed);
+    BWD_TILE.store(bwd as usize, Ordering::Relaxed);
 }
 
 /// Forward kernel name, threads and shared memory for `dtype`/`d` under the current selection.
@@ -86,8 +100,8 @@ fn fwd_kernel(tname: &str, d: usize) -> (String, u32, usize) {
     }
 }
 
-/// Backward kernel name, keys per block, threads and shared memory. `BWD_WARPS` 0 (the
-/// default) is the warpgroup-MMA kernel for bf16 (mma.sync with 8 warps for other dtypes).
+/// Backward kernel name, keys per block, threads and shared memory under the current
+/// [`BwdTile`] selection.
 fn bwd_kernel(tname: &str, d: usize) -> (String, usize, u32, usize) {
     // mma.sync: K, V, two stages of Q and dO, dSᵀ, logsumexp and dsum.
     let sync = |name: String, warps: usize| {
@@ -95,12 +109,15 @@ fn bwd_kernel(tname: &str, d: usize) -> (String, usize, u32, usize) {
         let smem = (2 * bn + 4 * BWD_BM) * d * 2 + bn * BWD_BM * 2 + 4 * BWD_BM * 4;
         (name, bn, (warps * 32) as u32, smem)
     };
-    match (BWD_WARPS.load(Ordering::Relaxed), tname) {
-        // Same buffers with 128 keys, plus slack to align the tiles to 1024 bytes.
-        (0, "bf16") => {
-            let smem = (2 * 128 + 4 * BWD_BM) * d * 2 + 128 * BWD_BM * 2 + 4 * BWD_BM * 4 + 1024;
-            (format!("flash_bwd_{tname}_d{d}_wg"), 128, 256, smem)
-        }
+    // Warpgroup MMA: the same buffers with 128 keys and `bm` query rows, plus slack to align
+    // the tiles to 1024 bytes.
+    let wgmma = |name: String, bm: usize| {
+        let smem = (2 * 128 + 4 * bm) * d * 2 + 128 * bm * 2 + 4 * bm * 4 + 1024;
+        (name, 128, 256, smem)
+    };
+    match (BWD_TILE.load(Ordering::Relaxed), tname) {
+        (0, "bf16") if d == 64 => wgmma(format!("flash_bwd_{tname}_d{d}_wg_m128"), 128),
+        (0 | 1, "bf16") => wgmma(format!("flash_bwd_{tname}_d{d}_wg"), BWD_BM),
         (4, "bf16") => sync(format!("flash_bwd_{tname}_d{d}_w4"), 4),
         _ => sync(format!("flash_bwd_{tname}_d{d}"), 8),
     }
@@ -145,6 +162,7 @@ struct FlashParams {
     dk_hs: i64,
     dk_ss: i64,
     q_gs: i64,
+    dq_gs: i64,
     batch: i32,
     heads: i32,
     groups: i32,
@@ -158,7 +176,7 @@ struct FlashParams {
 }
 
 // The kernel static_asserts the same size.
-const _: () = assert!(std::mem::size_of::<FlashParams>() == 320);
+const _: () = assert!(std::mem::size_of::<FlashParams>() == 328);
 
 // SAFETY: plain-old-data with the C layout of the kernel's by-value parameter.
 unsafe impl DeviceRepr for FlashParams {}
@@ -395,9 +413,105 @@ struct BwdArgs<'a> {
     dout: &'a Tensor,
 }
 
-/// Runs the three backward kernels; dQ/dK/dV come back as `[b, h, s, d]` views of
-/// `[b, s, h, d]` buffers.
-fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
+/// Where the backward writes dQ, dK and dV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GradTarget {
+    /// Three buffers, `[b, s, h, d]` each.
+    Separate,
+    /// One buffer in Megatron's fused QKV layout `[b, s, groups, hpg + 2, d]` (per group: its
+    /// query heads, then the key head, then the value head), what `linear_qkv`'s backward
+    /// takes: no copy puts the three gradients back together.
+    FusedQkv,
+}
+
+/// The backward's gradients, as [`GradTarget`] asked.
+enum BwdGrads {
+    /// dQ, dK, dV as `[b, h, s, d]` views of `[b, s, h, d]` buffers.
+    Separate(Tensor, Tensor, Tensor),
+    /// dQKV `[b, s, groups·(hpg+2)·d]`.
+    FusedQkv(Tensor),
+}
+
+/// Output buffers of the backward and their kernel parameters.
+struct GradBuffers {
+    target: GradTarget,
+    /// Separate: dQ, dK, dV; fused: the one dQKV buffer.
+    bufs: Vec<CudaStorage>,
+    /// (buffer index, element offset) of dQ, dK, dV.
+    at: [(usize, usize); 3],
+    dq_strides: [i64; 4],
+    dk_strides: [i64; 3],
+}
+
+impl GradBuffers {
+    fn new(dev: &CudaDevice, dtype: DType, d: &Dims, target: GradTarget) -> Result<Self> {
+        let hpg = d.heads / d.groups;
+        match target {
+            GradTarget::Separate => {
+                let [bs, hs, ss] = bshd_strides(d.sq, d.heads, d.d);
+                Ok(Self {
+                    target,
+                    bufs: vec![
+                        alloc_like(dev, dtype, d.b * d.heads * d.sq * d.d)?,
+                        alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?,
+                        alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?,
+                    ],
+                    at: [(0, 0), (1, 0), (2, 0)],
+                    dq_strides: [bs, hpg as i64 * hs, hs, ss],
+                    dk_strides: bshd_strides(d.sk, d.groups, d.d),
+                })
+            }
+            GradTarget::FusedQkv => {
+                if d.sq != d.sk {
+                    candle_core::bail!(
+                        "flash attention: a fused dQKV needs as many queries as keys ({} vs {})",
+                        d.sq,
+                        d.sk
+                    );
+                }
+                let head = d.d as i64;
+                let group = (hpg + 2) as i64 * head;
+                let token = d.groups as i64 * group;
+                let batch = d.sq as i64 * token;
+                Ok(Self {
+                    target,
+                    bufs: vec![alloc_like(dev, dtype, d.b * d.sq * d.groups * (hpg + 2) * d.d)?],
+                    at: [(0, 0), (0, hpg * d.d), (0, (hpg + 1) * d.d)],
+                    dq_strides: [batch, group, head, token],
+                    dk_strides: [batch, group, token],
+                })
+            }
+        }
+    }
+
+    fn into_grads(self, d: &Dims) -> Result<BwdGrads> {
+        let tensor = |s: CudaStorage, shape: Shape| -> Tensor {
+            Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+        };
+        let mut bufs = self.bufs.into_iter();
+        let mut next = || bufs.next().expect("one buffer per gradient of the target");
+        Ok(match self.target {
+            GradTarget::FusedQkv => {
+                let rows = d.groups * (d.heads / d.groups + 2) * d.d;
+                BwdGrads::FusedQkv(tensor(next(), Shape::from((d.b, d.sq, rows))))
+            }
+            GradTarget::Separate => {
+                let bshd = |s: CudaStorage, seq: usize, h: usize| -> Result<Tensor> {
+                    tensor(s, Shape::from((d.b, seq, h, d.d))).transpose(1, 2)
+                };
+                let (dq, dk, dv) = (next(), next(), next());
+                BwdGrads::Separate(
+                    bshd(dq, d.sq, d.heads)?,
+                    bshd(dk, d.sk, d.groups)?,
+                    bshd(dv, d.sk, d.groups)?,
+                )
+            }
+        })
+    }
+}
+
+/// Runs the backward kernels, writing the gradients as `target` asks.
+fn backward(a: &BwdArgs, target: GradTarget) -> Result<BwdGrads> {
     let (qs, ql) = a.q.storage_and_layout();
     let (ks, kl) = a.k.storage_and_layout();
     let (vs, vl) = a.v.storage_and_layout();
@@ -413,8 +527,9 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
     let stream = dev.cuda_stream();
     let tname = type_name(dtype)?;
     let rows = d.b * d.heads * d.sq;
+    // Every row's dsum is written by the dot kernel before it is read.
     let dsum = CudaStorage {
-        slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(rows)?),
+        slice: CudaStorageSlice::F32(unsafe { dev.alloc::<f32>(rows)? }),
         device: dev.clone(),
     };
     // fp32 dQ accumulator: starts at zero, every key block adds its share with atomics.
@@ -422,7 +537,7 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(rows * d.d)?),
         device: dev.clone(),
     };
-    let dq = alloc_like(dev, dtype, rows * d.d)?;
+    let out = GradBuffers::new(dev, dtype, &d, target)?;
     // GQA: one backward block per query head (more blocks in flight) whose dK/dV shares are
     // summed in fp32; MHA: one block per kv head writes dK/dV directly.
     let split = d.heads > d.groups;
@@ -435,8 +550,6 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         })?),
         device: dev.clone(),
     };
-    let dk = alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?;
-    let dv = alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?;
     {
         let mut p = base_params(&d, a.spec, a.varlen);
         let cu_guard = a.varlen.map(|v| v.cu_seqlens.storage_and_layout());
@@ -459,21 +572,21 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         let (lp, _g6) = dptr(lse, &stream, ll.start_offset())?;
         let (sp, _g7) = dptr(&dsum, &stream, 0)?;
         let (ap, _g8) = dptr(&dq_acc, &stream, 0)?;
-        let (dqp, _g9) = dptr(&dq, &stream, 0)?;
-        let (dkp, _g10) = dptr(&dk, &stream, 0)?;
-        let (dvp, _g11) = dptr(&dv, &stream, 0)?;
+        let [gq, gk, gv] = out.at.map(|(buf, offset)| dptr(&out.bufs[buf], &stream, offset));
+        let ((dqp, _g9), (dkp, _g10), (dvp, _g11)) = (gq?, gk?, gv?);
         let (dkvp, _g12) = dptr(&dkv_acc, &stream, 0)?;
         p.dkv_accum = dkvp;
         p.split_heads = i32::from(split);
         [p.q, p.k, p.v, p.o, p.dout, p.lse] = [qp, kp, vp, op, dop, lp];
-        [p.dsum, p.dq_accum, p.dq, p.dk, p.dv] = [sp, ap, dqp, dkp, dvp];
+        [p.dsum, p.dq_accum] = [sp, ap];
+        [p.dq, p.dk, p.dv] = [dqp, dkp, dvp];
         [p.q_bs, p.q_gs, p.q_hs, p.q_ss] = q_strides(ql, d.groups)?;
         [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
         [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
         [p.o_bs, p.o_hs, p.o_ss] = strides(ol, "o")?;
         [p.do_bs, p.do_hs, p.do_ss] = strides(dol, "dO")?;
-        [p.dq_bs, p.dq_hs, p.dq_ss] = bshd_strides(d.sq, d.heads, d.d);
-        [p.dk_bs, p.dk_hs, p.dk_ss] = bshd_strides(d.sk, d.groups, d.d);
+        [p.dq_bs, p.dq_gs, p.dq_hs, p.dq_ss] = out.dq_strides;
+        [p.dk_bs, p.dk_hs, p.dk_ss] = out.dk_strides;
         let warps_per_block = 8;
         let dot_blocks = div_ceil(rows, warps_per_block) as u32;
         launch(dev, &format!("flash_bwd_dot_{tname}_d{}", d.d), (dot_blocks, 1, 1), 256, 0, &p)?;
@@ -488,12 +601,7 @@ fn backward(a: &BwdArgs) -> Result<(Tensor, Tensor, Tensor)> {
         let dq_blocks = div_ceil(rows * d.d / 2, 256) as u32;
         launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), (dq_blocks, 1, 1), 256, 0, &p)?;
     }
-    let wrap = |s: CudaStorage, seq: usize, h: usize| -> Result<Tensor> {
-        let t =
-            Tensor::from_storage(Storage::Cuda(s), (d.b, seq, h, d.d), BackpropOp::none(), false);
-        t.transpose(1, 2)
-    };
-    Ok((wrap(dq, d.sq, d.heads)?, wrap(dk, d.sk, d.groups)?, wrap(dv, d.sk, d.groups)?))
+    out.into_grads(&d)
 }
 
 fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
@@ -566,16 +674,19 @@ impl CustomOp3 for FlashAttnOp {
         // res / grad_res are [b, sq, heads, d]; the kernels index them as [b, heads, sq, d].
         let o = res.transpose(1, 2)?;
         let dout = kernel_ready(&grad_res.transpose(1, 2)?)?;
-        let (dq, dk, dv) = backward(&BwdArgs {
-            spec: &self.spec,
-            varlen: self.varlen.as_ref(),
-            q: &kernel_ready(q)?,
-            k: &kernel_ready(k)?,
-            v: &kernel_ready(v)?,
-            o: &o,
-            lse: &lse,
-            dout: &dout,
-        })?;
+        let (dq, dk, dv) = separate(backward(
+            &BwdArgs {
+                spec: &self.spec,
+                varlen: self.varlen.as_ref(),
+                q: &kernel_ready(q)?,
+                k: &kernel_ready(k)?,
+                v: &kernel_ready(v)?,
+                o: &o,
+                lse: &lse,
+                dout: &dout,
+            },
+            GradTarget::Separate,
+        )?)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -658,14 +769,74 @@ pub fn backward_only(
     spec: FlashSpec,
     varlen: Option<&Varlen>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    backward(&BwdArgs {
-        spec: &spec,
+    let args = bwd_args(q, k, v, o, lse, dout, &spec, varlen)?;
+    separate(backward(&args.borrow(), GradTarget::Separate)?)
+}
+
+/// Backward of a [`forward_with_lse`] result of self-attention, written as one dQKV
+/// `[b, s, groups·(hpg+2)·d]` in Megatron's fused QKV layout (see [`GradTarget::FusedQkv`]).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_to_qkv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    spec: FlashSpec,
+    varlen: Option<&Varlen>,
+) -> Result<Tensor> {
+    let args = bwd_args(q, k, v, o, lse, dout, &spec, varlen)?;
+    match backward(&args.borrow(), GradTarget::FusedQkv)? {
+        BwdGrads::FusedQkv(t) => Ok(t),
+        BwdGrads::Separate(..) => candle_core::bail!("flash backward: expected a fused dQKV"),
+    }
+}
+
+/// dQ, dK, dV of a [`GradTarget::Separate`] backward.
+fn separate(g: BwdGrads) -> Result<(Tensor, Tensor, Tensor)> {
+    match g {
+        BwdGrads::Separate(dq, dk, dv) => Ok((dq, dk, dv)),
+        BwdGrads::FusedQkv(_) => candle_core::bail!("flash backward: expected separate grads"),
+    }
+}
+
+/// The operands of a public backward call, made readable by the kernels.
+struct OwnedBwdArgs<'a> {
+    spec: &'a FlashSpec,
+    varlen: Option<&'a Varlen>,
+    tensors: [Tensor; 5],
+    lse: &'a Tensor,
+}
+
+impl OwnedBwdArgs<'_> {
+    fn borrow(&self) -> BwdArgs<'_> {
+        let [q, k, v, o, dout] = &self.tensors;
+        BwdArgs { spec: self.spec, varlen: self.varlen, q, k, v, o, lse: self.lse, dout }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd_args<'a>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &'a Tensor,
+    dout: &Tensor,
+    spec: &'a FlashSpec,
+    varlen: Option<&'a Varlen>,
+) -> Result<OwnedBwdArgs<'a>> {
+    Ok(OwnedBwdArgs {
+        spec,
         varlen,
-        q: &query_ready(q, k)?,
-        k: &kernel_ready(k)?,
-        v: &kernel_ready(v)?,
-        o: &kernel_ready(o)?,
+        tensors: [
+            query_ready(q, k)?,
+            kernel_ready(k)?,
+            kernel_ready(v)?,
+            kernel_ready(o)?,
+            kernel_ready(dout)?,
+        ],
         lse,
-        dout: &kernel_ready(dout)?,
     })
 }
