@@ -893,6 +893,152 @@ __device__ __forceinline__ void wgmma_pv(float* acc, const uint32_t* a, uint64_t
   }
 }
 
+// One forward tile's online softmax, per thread (rows row_base and row_base + 8 of the
+// warpgroup's m64 fragment): masks S (keys from n0) where needed, turns it into unnormalized
+// probabilities against the updated running maxima, adds them to the running sums and returns
+// in `corr` the factor the running output of each row must be scaled by.
+template <int NTILE_N>
+__device__ __forceinline__ void fwd_online_softmax(const FlashParams& p, const Seq& sq, float* s,
+                                                   float (&row_max)[2], float (&row_sum)[2],
+                                                   float (&corr)[2], int row_base, int n0,
+                                                   bool need_mask, int lane) {
+  const int offset = sq.sk - sq.sq;
+  if (need_mask) {
+#pragma unroll
+    for (int j = 0; j < NTILE_N; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = row_base + ((e >> 1) << 3);
+        const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1);
+        if (!allowed(p, row + offset, col, sq.sk)) s[j * 4 + e] = -INFINITY;
+      }
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float mx = row_max[hh];
+#pragma unroll
+    for (int j = 0; j < NTILE_N; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * hh], s[j * 4 + 2 * hh + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
+    corr[hh] = fast_exp2(row_max[hh] * p.scale_log2 - m_scaled);
+    row_max[hh] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < NTILE_N; ++j) {
+      const float e0 = fast_exp2(s[j * 4 + 2 * hh] * p.scale_log2 - m_scaled);
+      const float e1 = fast_exp2(s[j * 4 + 2 * hh + 1] * p.scale_log2 - m_scaled);
+      s[j * 4 + 2 * hh] = e0;
+      s[j * 4 + 2 * hh + 1] = e1;
+      sum += e0 + e1;
+    }
+    row_sum[hh] = row_sum[hh] * corr[hh] + sum;
+  }
+}
+
+// Scales each row of the running output fragment by its softmax correction.
+template <int NTILE_D>
+__device__ __forceinline__ void fwd_rescale(float* acc_o, const float (&corr)[2]) {
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+    for (int j = 0; j < NTILE_D; ++j) {
+      acc_o[j * 4 + 2 * hh] *= corr[hh];
+      acc_o[j * 4 + 2 * hh + 1] *= corr[hh];
+    }
+}
+
+// P (the m64 x BN probability fragment) as bf16 A fragments of the P·V warpgroup MMA.
+template <int BN>
+__device__ __forceinline__ void fwd_pack_p(const float* s, uint32_t (&a)[BN / 16][4]) {
+  using T = __nv_bfloat16;
+#pragma unroll
+  for (int kt = 0; kt < BN / 16; ++kt) {
+    a[kt][0] = Vec2<T>::pack(s[(2 * kt) * 4 + 0], s[(2 * kt) * 4 + 1]);
+    a[kt][1] = Vec2<T>::pack(s[(2 * kt) * 4 + 2], s[(2 * kt) * 4 + 3]);
+    a[kt][2] = Vec2<T>::pack(s[(2 * kt + 1) * 4 + 0], s[(2 * kt + 1) * 4 + 1]);
+    a[kt][3] = Vec2<T>::pack(s[(2 * kt + 1) * 4 + 2], s[(2 * kt + 1) * 4 + 3]);
+  }
+}
+
+// O += P V for one key tile: BN/16 k-steps of 16 keys; V is read transposed (MN-major), its
+// 64-column panels BN * 128 bytes apart. Issued and committed, not waited for.
+template <int D, int BN>
+__device__ __forceinline__ void fwd_issue_pv(float* acc_o, const uint32_t (&a)[BN / 16][4],
+                                             uint32_t aVs) {
+#pragma unroll
+  for (int kt = 0; kt < BN / 16; ++kt) {
+    const uint64_t db = smem_desc(aVs + kt * 16 * 128, BN * 128, 1024);
+    wgmma_pv<D>(acc_o, a[kt], db);
+  }
+  wgmma_commit();
+}
+
+// S = Q Kᵀ for one key tile: D/16 k-steps; within a panel the start address moves 32 bytes
+// per step. Issued and committed, not waited for.
+template <int D, int BN>
+__device__ __forceinline__ void fwd_issue_s(float* s, uint32_t aQwg, uint32_t aKs) {
+  constexpr int BM = 128;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t koff = (kk & 3) * 32;
+    const uint64_t da = smem_desc(aQwg + (kk >> 2) * BM * 128 + koff, 16, 1024);
+    const uint64_t db = smem_desc(aKs + (kk >> 2) * BN * 128 + koff, 16, 1024);
+    if constexpr (BN == 128) {
+      wgmma_ss_n128(s, da, db, kk > 0);
+    } else {
+      wgmma_ss_n64(s, da, db, kk > 0);
+    }
+  }
+  wgmma_commit();
+}
+
+// Normalizes the output rows of this thread, writes them and their log2-domain logsumexp.
+template <int D>
+__device__ __forceinline__ void fwd_epilogue(const FlashParams& p, const Seq& sq, int h, int m0,
+                                             const float* acc_o, const float (&row_max)[2],
+                                             const float (&row_sum)[2]) {
+  using T = __nv_bfloat16;
+  constexpr int NTILE_D = D / 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = warp >> 2;
+  T* o = const_cast<T*>(static_cast<const T*>(p.o)) + sq.b * p.o_bs + h * p.o_hs +
+         (long long)sq.q0 * p.o_ss;
+  float* lse = p.lse + ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    float l = row_sum[hh];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + hh * 8;
+    if (row < sq.sq) {
+      T* orow = o + (long long)row * p.o_ss;
+#pragma unroll
+      for (int j = 0; j < NTILE_D; ++j) {
+        const uint32_t pk = Vec2<T>::pack(acc_o[j * 4 + 2 * hh] * inv, acc_o[j * 4 + 2 * hh + 1] * inv);
+        *reinterpret_cast<uint32_t*>(orow + j * 8 + (lane & 3) * 2) = pk;
+      }
+      if ((lane & 3) == 0) {
+        const float mx = row_max[hh];
+        lse[row] = (mx == -INFINITY || l <= 0.f) ? INFINITY : mx * p.scale_log2 + log2f(l);
+      }
+    }
+  }
+}
+
+// Whether key tile [n0, n0 + BN) needs the per-element mask for query rows [m0, m0 + 128).
+template <int BN>
+__device__ __forceinline__ bool fwd_needs_mask(const FlashParams& p, const Seq& sq, int m0, int n0) {
+  const int offset = sq.sk - sq.sq;
+  return (n0 + BN > sq.sk) || (p.causal && n0 + BN - 1 > m0 + offset) ||
+         (p.window_left >= 0 && m0 + 128 - 1 + offset - n0 > p.window_left);
+}
+
+// One step per key tile: S = Q Kᵀ, softmax, O += P V, each waited for. A software-pipelined
+// form (FlashAttention-3's: S_j and P_{j-1} V_{j-1} issued together, the softmax of S_j
+// computed while the P·V MMA runs) passed the self-test but measured no faster on an H200
+// (d=64: 222 TFLOP/s against 247 for the two-blocks-per-SM default; d=128: equal), so it was
+// not kept.
 template <int D, int BN>
 __device__ __forceinline__ void fwd_wgmma_kernel(const FlashParams& p) {
   using T = __nv_bfloat16;
@@ -922,8 +1068,6 @@ __device__ __forceinline__ void fwd_wgmma_kernel(const FlashParams& p) {
   const T* q = static_cast<const T*>(p.q) + sq.b * p.q_bs + q_head_offset(p, h) + (long long)sq.q0 * p.q_ss;
   const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
   const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
-  T* o = const_cast<T*>(static_cast<const T*>(p.o)) + sq.b * p.o_bs + h * p.o_hs +
-         (long long)sq.q0 * p.o_ss;
 
   int n_end = sq.sk;
   if (p.causal) n_end = min(n_end, m0 + BM + offset);
@@ -944,6 +1088,7 @@ __device__ __forceinline__ void fwd_wgmma_kernel(const FlashParams& p) {
 
   // This warpgroup's rows of Q: row offset 64 wg inside every panel.
   const uint32_t aQwg = aQ + wg * 64 * 128;
+  const int row_base = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2);
   int stage = 0;
   for (int n0 = n_begin; n0 < n_end; n0 += BN, stage ^= 1) {
     cp_wait<0>();
@@ -954,117 +1099,28 @@ __device__ __forceinline__ void fwd_wgmma_kernel(const FlashParams& p) {
       load_panels<BN, D, NT>(sV + (stage ^ 1) * BN * D, v, p.v_ss, n0 + BN, sq.sk, tid);
       cp_commit();
     }
-    const uint32_t aKs = aK + stage * BN * D * 2;
-    const uint32_t aVs = aV + stage * BN * D * 2;
-
-    // S = Q Kᵀ: D/16 k-steps; within a panel the start address moves 32 bytes per step.
     float s[NTILE_N * 4];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk & 3) * 32;
-      const uint64_t da = smem_desc(aQwg + (kk >> 2) * BM * 128 + koff, 16, 1024);
-      const uint64_t db = smem_desc(aKs + (kk >> 2) * BN * 128 + koff, 16, 1024);
-      if constexpr (BN == 128) {
-        wgmma_ss_n128(s, da, db, kk > 0);
-      } else {
-        wgmma_ss_n64(s, da, db, kk > 0);
-      }
-    }
-    wgmma_commit();
+    fwd_issue_s<D, BN>(s, aQwg, aK + stage * BN * D * 2);
     wgmma_wait0();
     fence_regs<NTILE_N * 4>(s);
-
-    const int row_base = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2);
-    const bool need_mask = (n0 + BN > sq.sk) || (p.causal && n0 + BN - 1 > m0 + offset) ||
-                           (p.window_left >= 0 && m0 + BM - 1 + offset - n0 > p.window_left);
-    if (need_mask) {
-#pragma unroll
-      for (int j = 0; j < NTILE_N; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = row_base + ((e >> 1) << 3);
-          const int col = n0 + j * 8 + (lane & 3) * 2 + (e & 1);
-          if (!allowed(p, row + offset, col, sq.sk)) s[j * 4 + e] = -INFINITY;
-        }
-    }
-
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      float mx = row_max[hh];
-#pragma unroll
-      for (int j = 0; j < NTILE_N; ++j) mx = fmaxf(mx, fmaxf(s[j * 4 + 2 * hh], s[j * 4 + 2 * hh + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float m_scaled = mx == -INFINITY ? 0.f : mx * p.scale_log2;
-      const float corr = fast_exp2(row_max[hh] * p.scale_log2 - m_scaled);
-      row_max[hh] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < NTILE_N; ++j) {
-        const float e0 = fast_exp2(s[j * 4 + 2 * hh] * p.scale_log2 - m_scaled);
-        const float e1 = fast_exp2(s[j * 4 + 2 * hh + 1] * p.scale_log2 - m_scaled);
-        s[j * 4 + 2 * hh] = e0;
-        s[j * 4 + 2 * hh + 1] = e1;
-        sum += e0 + e1;
-      }
-      row_sum[hh] = row_sum[hh] * corr + sum;
-#pragma unroll
-      for (int j = 0; j < NTILE_D; ++j) {
-        acc_o[j * 4 + 2 * hh] *= corr;
-        acc_o[j * 4 + 2 * hh + 1] *= corr;
-      }
-    }
-
-    // O += P V: BN/16 k-steps of 16 keys; V is read transposed (MN-major), its 64-column
-    // panels BN * 128 bytes apart.
-    // P as bf16 A fragments, all packed before the first wgmma (registers an issued wgmma
-    // reads must not change until it completes).
+    float corr[2];
+    fwd_online_softmax<NTILE_N>(p, sq, s, row_max, row_sum, corr, row_base, n0,
+                                fwd_needs_mask<BN>(p, sq, m0, n0), lane);
+    fwd_rescale<NTILE_D>(acc_o, corr);
+    // P packed before the first wgmma (registers an issued wgmma reads must not change until
+    // it completes).
     uint32_t a[BN / 16][4];
-#pragma unroll
-    for (int kt = 0; kt < BN / 16; ++kt) {
-      a[kt][0] = Vec2<T>::pack(s[(2 * kt) * 4 + 0], s[(2 * kt) * 4 + 1]);
-      a[kt][1] = Vec2<T>::pack(s[(2 * kt) * 4 + 2], s[(2 * kt) * 4 + 3]);
-      a[kt][2] = Vec2<T>::pack(s[(2 * kt + 1) * 4 + 0], s[(2 * kt + 1) * 4 + 1]);
-      a[kt][3] = Vec2<T>::pack(s[(2 * kt + 1) * 4 + 2], s[(2 * kt + 1) * 4 + 3]);
-    }
+    fwd_pack_p<BN>(s, a);
     fence_regs<NTILE_D * 4>(acc_o);
     wgmma_fence();
-#pragma unroll
-    for (int kt = 0; kt < BN / 16; ++kt) {
-      const uint64_t db = smem_desc(aVs + kt * 16 * 128, BN * 128, 1024);
-      wgmma_pv<D>(acc_o, a[kt], db);
-    }
-    wgmma_commit();
+    fwd_issue_pv<D, BN>(acc_o, a, aV + stage * BN * D * 2);
     wgmma_wait0();
     fence_regs<NTILE_D * 4>(acc_o);
   }
-
   cp_wait<0>();
-  float* lse = p.lse + ((long long)sq.b * p.heads + h) * p.sq + sq.q0;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    float l = row_sum[hh];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2) + hh * 8;
-    if (row < sq.sq) {
-      T* orow = o + (long long)row * p.o_ss;
-#pragma unroll
-      for (int j = 0; j < NTILE_D; ++j) {
-        const uint32_t pk = Vec2<T>::pack(acc_o[j * 4 + 2 * hh] * inv, acc_o[j * 4 + 2 * hh + 1] * inv);
-        *reinterpret_cast<uint32_t*>(orow + j * 8 + (lane & 3) * 2) = pk;
-      }
-      if ((lane & 3) == 0) {
-        const float mx = row_max[hh];
-        lse[row] = (mx == -INFINITY || l <= 0.f) ? INFINITY : mx * p.scale_log2 + log2f(l);
-      }
-    }
-  }
+  fwd_epilogue<D>(p, sq, h, m0, acc_o, row_max, row_sum);
 }
-
-
 
 // Backward on Hopper (sm_90a): warpgroup MMA, same algorithm, masking, GQA handling and
 // outputs as `bwd_kernel`. Block: BN = 128 keys, two warpgroups of 64 keys; it walks query
