@@ -974,22 +974,30 @@ __device__ __forceinline__ void fwd_issue_pv(float* acc_o, const uint32_t (&a)[B
   wgmma_commit();
 }
 
-// S = Q Kᵀ for one key tile: D/16 k-steps; within a panel the start address moves 32 bytes
-// per step. Issued and committed, not waited for.
-template <int D, int BN>
-__device__ __forceinline__ void fwd_issue_s(float* s, uint32_t aQwg, uint32_t aKs) {
-  constexpr int BM = 128;
+// acc[64 x N] (+)= A·Bᵀ over the head dim D, both operands K-major panelled tiles in shared
+// memory: A is this warpgroup's 64 rows (address `a`) of an A_ROWS-row tile, B an N-row tile
+// (N = 64 or 128). D/16 k-steps; within a panel the start address moves 32 bytes per step.
+// Issued, not committed.
+template <int D, int N, int A_ROWS>
+__device__ __forceinline__ void wgmma_head_dot(float* acc, uint32_t a, uint32_t b) {
+  static_assert(N == 64 || N == 128, "N");
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t koff = (kk & 3) * 32;
-    const uint64_t da = smem_desc(aQwg + (kk >> 2) * BM * 128 + koff, 16, 1024);
-    const uint64_t db = smem_desc(aKs + (kk >> 2) * BN * 128 + koff, 16, 1024);
-    if constexpr (BN == 128) {
-      wgmma_ss_n128(s, da, db, kk > 0);
+    const uint64_t da = smem_desc(a + (kk >> 2) * A_ROWS * 128 + koff, 16, 1024);
+    const uint64_t db = smem_desc(b + (kk >> 2) * N * 128 + koff, 16, 1024);
+    if constexpr (N == 128) {
+      wgmma_ss_n128(acc, da, db, kk > 0);
     } else {
-      wgmma_ss_n64(s, da, db, kk > 0);
+      wgmma_ss_n64(acc, da, db, kk > 0);
     }
   }
+}
+
+// S = Q Kᵀ for one key tile, issued and committed, not waited for.
+template <int D, int BN>
+__device__ __forceinline__ void fwd_issue_s(float* s, uint32_t aQwg, uint32_t aKs) {
+  wgmma_head_dot<D, BN, 128>(s, aQwg, aKs);
   wgmma_commit();
 }
 
@@ -1224,30 +1232,10 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
 
     float st[NTILE_M * 4], dpt[NTILE_M * 4];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk & 3) * 32;
-      const uint64_t da = smem_desc(aKwg + (kk >> 2) * BN * 128 + koff, 16, 1024);
-      const uint64_t db = smem_desc(aQ + (kk >> 2) * BM * 128 + koff, 16, 1024);
-      if constexpr (BM == 128) {
-        wgmma_ss_n128(st, da, db, kk > 0);
-      } else {
-        wgmma_ss_n64(st, da, db, kk > 0);
-      }
-    }
+    wgmma_head_dot<D, BM, BN>(st, aKwg, aQ);
     // dPᵀ in its own group: the probabilities below are computed while it runs.
     wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk & 3) * 32;
-      const uint64_t da = smem_desc(aVwg + (kk >> 2) * BN * 128 + koff, 16, 1024);
-      const uint64_t db = smem_desc(adO + (kk >> 2) * BM * 128 + koff, 16, 1024);
-      if constexpr (BM == 128) {
-        wgmma_ss_n128(dpt, da, db, kk > 0);
-      } else {
-        wgmma_ss_n64(dpt, da, db, kk > 0);
-      }
-    }
+    wgmma_head_dot<D, BM, BN>(dpt, aVwg, adO);
     wgmma_commit();
     wgmma_wait<1>();  // Sᵀ is in; dPᵀ may still be in flight (its registers stay untouched)
     fence_regs<NTILE_M * 4>(st);

@@ -53,7 +53,7 @@ impl Trainer {
         };
         match &self.optimizer {
             RunOptimizer::Distributed(_) => {
-                Ok(Reduced::Shards(reducer.reduce_scatter(&self.acc, &*g.dp_cp, scaling)?))
+                Ok(Reduced::Shards(reducer.reduce_scatter(&mut self.acc, &*g.dp_cp, scaling)?))
             }
             RunOptimizer::Replicated(_) => {
                 reducer.all_reduce(&mut self.acc, &*g.dp_cp, scaling)?;
