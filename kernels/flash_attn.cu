@@ -232,6 +232,34 @@ __device__ __forceinline__ bool allowed(const FlashParams& p, int qabs, int k, i
   return true;
 }
 
+// A backward block's work: one block per kv group walking all its query heads (dK/dV stay in
+// registers), or, with split_heads, one block per query head (more parallelism) adding into
+// fp32 dK/dV; and the query blocks of BM rows that can see a key of [n0, n0 + BN).
+struct BwdWork {
+  int g;        // kv group
+  int h_first;  // first query head walked
+  int m_begin;  // first query row of the first query block
+  int n_m;      // query blocks per head
+  int n_it;     // steps: n_m per head walked
+};
+
+template <int BN, int BM>
+__device__ __forceinline__ BwdWork bwd_work(const FlashParams& p, const Seq& sq, int n0) {
+  const int hpg = p.heads / p.groups;
+  BwdWork w;
+  w.g = p.split_heads ? blockIdx.y / hpg : blockIdx.y;
+  w.h_first = p.split_heads ? blockIdx.y : w.g * hpg;
+  const int nh = p.split_heads ? 1 : hpg;
+  const int offset = sq.sk - sq.sq;
+  int m_begin = 0, m_end = sq.sq;
+  if (p.causal) m_begin = max(0, n0 - offset) / BM * BM;
+  if (p.window_left >= 0) m_end = min(m_end, n0 + BN + p.window_left - offset);
+  w.m_begin = m_begin;
+  w.n_m = m_end > m_begin ? (m_end - m_begin + BM - 1) / BM : 0;
+  w.n_it = w.n_m * nh;
+  return w;
+}
+
 // Tag for the two instantiations of a backward tile's probability pass: tiles wholly inside
 // the causal / window band and the key range (Masked<false>) skip the per-element test. A
 // single pass with the test in it makes the compiler branch around every exp2, which
@@ -515,23 +543,11 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
   const Seq sq = seq_info(p, blockIdx.z);
   const int n0 = blockIdx.x * BN;
   if (n0 >= sq.sk) return;
-  const int hpg = p.heads / p.groups;
-  // Either one block per kv group walking all its query heads (dK/dV stay in registers), or,
-  // with split_heads, one block per query head (more parallelism) adding into fp32 dK/dV.
-  const int g = p.split_heads ? blockIdx.y / hpg : blockIdx.y;
-  const int h_first = p.split_heads ? blockIdx.y : g * hpg;
-  const int nh = p.split_heads ? 1 : hpg;
+  const BwdWork w = bwd_work<BN, BM>(p, sq, n0);
+  const int g = w.g, h_first = w.h_first, n_m = w.n_m, n_it = w.n_it, m_begin = w.m_begin;
   const int offset = sq.sk - sq.sq;
-
   const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
   const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
-
-  // Query rows that can see at least one key of [n0, n0+BN).
-  int m_begin = 0, m_end = sq.sq;
-  if (p.causal) m_begin = max(0, n0 - offset) / BM * BM;
-  if (p.window_left >= 0) m_end = min(m_end, n0 + BN + p.window_left - offset);
-  const int n_m = m_end > m_begin ? (m_end - m_begin + BM - 1) / BM : 0;
-  const int n_it = n_m * nh;
 
   float acc_dk[NTILE_D][4], acc_dv[NTILE_D][4];
 #pragma unroll
@@ -1168,20 +1184,11 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
   const Seq sq = seq_info(p, blockIdx.z);
   const int n0 = blockIdx.x * BN;
   if (n0 >= sq.sk) return;
-  const int hpg = p.heads / p.groups;
-  const int g = p.split_heads ? blockIdx.y / hpg : blockIdx.y;
-  const int h_first = p.split_heads ? blockIdx.y : g * hpg;
-  const int nh = p.split_heads ? 1 : hpg;
+  const BwdWork w = bwd_work<BN, BM>(p, sq, n0);
+  const int g = w.g, h_first = w.h_first, n_m = w.n_m, n_it = w.n_it, m_begin = w.m_begin;
   const int offset = sq.sk - sq.sq;
-
   const T* k = static_cast<const T*>(p.k) + sq.b * p.k_bs + g * p.k_hs + (long long)sq.k0 * p.k_ss;
   const T* v = static_cast<const T*>(p.v) + sq.b * p.v_bs + g * p.v_hs + (long long)sq.k0 * p.v_ss;
-
-  int m_begin = 0, m_end = sq.sq;
-  if (p.causal) m_begin = max(0, n0 - offset) / BM * BM;
-  if (p.window_left >= 0) m_end = min(m_end, n0 + BN + p.window_left - offset);
-  const int n_m = m_end > m_begin ? (m_end - m_begin + BM - 1) / BM : 0;
-  const int n_it = n_m * nh;
 
   float acc_dk[NTILE_D * 4], acc_dv[NTILE_D * 4];
 #pragma unroll

@@ -116,17 +116,7 @@ pub fn rope_in_qkv(
     groups: usize,
     hpg: usize,
 ) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        let head_dim = qkv.dim(2)? / (groups * (hpg + 2));
-        let l = super::cuda::rope_qkv::QkvLayout { groups, hpg, head_dim };
-        super::cuda::rope_qkv::rope_qkv_inplace(qkv, cos, sin, l)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (qkv, cos, sin, groups, hpg);
-        candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
-    }
+    rope_in_qkv_pass(qkv, cos, sin, (groups, hpg), false)
 }
 
 /// The backward of [`rope_in_qkv`] over `dqkv` `[b, s, groups·(hpg+2)·d]` (the caller's own
@@ -138,15 +128,30 @@ pub fn rope_in_qkv_backward(
     groups: usize,
     hpg: usize,
 ) -> Result<()> {
+    rope_in_qkv_pass(dqkv, cos, sin, (groups, hpg), true)
+}
+
+/// One in-place RoPE pass over the q and k heads of a fused QKV-layout buffer.
+fn rope_in_qkv_pass(
+    t: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    (groups, hpg): (usize, usize),
+    backward: bool,
+) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let head_dim = dqkv.dim(2)? / (groups * (hpg + 2));
-        let l = super::cuda::rope_qkv::QkvLayout { groups, hpg, head_dim };
-        super::cuda::rope_qkv::rope_qkv_backward_inplace(dqkv, cos, sin, l)
+        use super::cuda::rope_qkv::{rope_qkv_backward_inplace, rope_qkv_inplace, QkvLayout};
+        let l = QkvLayout { groups, hpg, head_dim: t.dim(2)? / (groups * (hpg + 2)) };
+        if backward {
+            rope_qkv_backward_inplace(t, cos, sin, l)
+        } else {
+            rope_qkv_inplace(t, cos, sin, l)
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (dqkv, cos, sin, groups, hpg);
+        let _ = (t, cos, sin, groups, hpg, backward);
         candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
     }
 }
