@@ -413,29 +413,17 @@ struct BwdArgs<'a> {
     dout: &'a Tensor,
 }
 
-/// Where the backward writes dQ, dK and dV.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum GradTarget {
-    /// Three buffers, `[b, s, h, d]` each.
-    Separate,
-    /// One buffer in Megatron's fused QKV layout `[b, s, groups, hpg + 2, d]` (per group: its
-    /// query heads, then the key head, then the value head), what `linear_qkv`'s backward
-    /// takes: no copy puts the three gradients back together.
-    FusedQkv,
-}
-
-/// The backward's gradients, as [`GradTarget`] asked.
-enum BwdGrads {
-    /// dQ, dK, dV as `[b, h, s, d]` views of `[b, s, h, d]` buffers.
-    Separate(Tensor, Tensor, Tensor),
-    /// dQKV `[b, s, groups·(hpg+2)·d]`.
-    FusedQkv(Tensor),
+/// Where the backward writes dQ, dK and dV: its output buffers, their kernel parameters, and
+/// the tensors they become.
+trait GradTarget {
+    type Grads;
+    fn buffers(dev: &CudaDevice, dtype: DType, d: &Dims) -> Result<GradBuffers>;
+    fn grads(bufs: Vec<CudaStorage>, d: &Dims) -> Result<Self::Grads>;
 }
 
 /// Output buffers of the backward and their kernel parameters.
 struct GradBuffers {
-    target: GradTarget,
-    /// Separate: dQ, dK, dV; fused: the one dQKV buffer.
+    /// One per gradient ([`Separate`]), or the one dQKV buffer ([`FusedQkv`]).
     bufs: Vec<CudaStorage>,
     /// (buffer index, element offset) of dQ, dK, dV.
     at: [(usize, usize); 3],
@@ -443,75 +431,78 @@ struct GradBuffers {
     dk_strides: [i64; 3],
 }
 
-impl GradBuffers {
-    fn new(dev: &CudaDevice, dtype: DType, d: &Dims, target: GradTarget) -> Result<Self> {
+fn grad_tensor(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+}
+
+/// Three buffers, `[b, s, h, d]` each; the gradients are `[b, h, s, d]` views of them.
+struct Separate;
+
+impl GradTarget for Separate {
+    type Grads = (Tensor, Tensor, Tensor);
+
+    fn buffers(dev: &CudaDevice, dtype: DType, d: &Dims) -> Result<GradBuffers> {
+        let [bs, hs, ss] = bshd_strides(d.sq, d.heads, d.d);
         let hpg = d.heads / d.groups;
-        match target {
-            GradTarget::Separate => {
-                let [bs, hs, ss] = bshd_strides(d.sq, d.heads, d.d);
-                Ok(Self {
-                    target,
-                    bufs: vec![
-                        alloc_like(dev, dtype, d.b * d.heads * d.sq * d.d)?,
-                        alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?,
-                        alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?,
-                    ],
-                    at: [(0, 0), (1, 0), (2, 0)],
-                    dq_strides: [bs, hpg as i64 * hs, hs, ss],
-                    dk_strides: bshd_strides(d.sk, d.groups, d.d),
-                })
-            }
-            GradTarget::FusedQkv => {
-                if d.sq != d.sk {
-                    candle_core::bail!(
-                        "flash attention: a fused dQKV needs as many queries as keys ({} vs {})",
-                        d.sq,
-                        d.sk
-                    );
-                }
-                let head = d.d as i64;
-                let group = (hpg + 2) as i64 * head;
-                let token = d.groups as i64 * group;
-                let batch = d.sq as i64 * token;
-                Ok(Self {
-                    target,
-                    bufs: vec![alloc_like(dev, dtype, d.b * d.sq * d.groups * (hpg + 2) * d.d)?],
-                    at: [(0, 0), (0, hpg * d.d), (0, (hpg + 1) * d.d)],
-                    dq_strides: [batch, group, head, token],
-                    dk_strides: [batch, group, token],
-                })
-            }
-        }
+        Ok(GradBuffers {
+            bufs: vec![
+                alloc_like(dev, dtype, d.b * d.heads * d.sq * d.d)?,
+                alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?,
+                alloc_like(dev, dtype, d.b * d.groups * d.sk * d.d)?,
+            ],
+            at: [(0, 0), (1, 0), (2, 0)],
+            dq_strides: [bs, hpg as i64 * hs, hs, ss],
+            dk_strides: bshd_strides(d.sk, d.groups, d.d),
+        })
     }
 
-    fn into_grads(self, d: &Dims) -> Result<BwdGrads> {
-        let tensor = |s: CudaStorage, shape: Shape| -> Tensor {
-            Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
-        };
-        let mut bufs = self.bufs.into_iter();
-        let mut next = || bufs.next().expect("one buffer per gradient of the target");
-        Ok(match self.target {
-            GradTarget::FusedQkv => {
-                let rows = d.groups * (d.heads / d.groups + 2) * d.d;
-                BwdGrads::FusedQkv(tensor(next(), Shape::from((d.b, d.sq, rows))))
-            }
-            GradTarget::Separate => {
-                let bshd = |s: CudaStorage, seq: usize, h: usize| -> Result<Tensor> {
-                    tensor(s, Shape::from((d.b, seq, h, d.d))).transpose(1, 2)
-                };
-                let (dq, dk, dv) = (next(), next(), next());
-                BwdGrads::Separate(
-                    bshd(dq, d.sq, d.heads)?,
-                    bshd(dk, d.sk, d.groups)?,
-                    bshd(dv, d.sk, d.groups)?,
-                )
-            }
-        })
+    fn grads(bufs: Vec<CudaStorage>, d: &Dims) -> Result<Self::Grads> {
+        let [dq, dk, dv]: [CudaStorage; 3] =
+            bufs.try_into().map_err(|_| candle_core::Error::Msg("three buffers".into()))?;
+        let bshd = |s, seq, h| grad_tensor(s, (d.b, seq, h, d.d)).transpose(1, 2);
+        Ok((bshd(dq, d.sq, d.heads)?, bshd(dk, d.sk, d.groups)?, bshd(dv, d.sk, d.groups)?))
     }
 }
 
-/// Runs the backward kernels, writing the gradients as `target` asks.
-fn backward(a: &BwdArgs, target: GradTarget) -> Result<BwdGrads> {
+/// One buffer in Megatron's fused QKV layout `[b, s, groups, hpg + 2, d]` (per group: its query
+/// heads, then the key head, then the value head), what `linear_qkv`'s backward takes: no copy
+/// puts the three gradients back together. The gradient is `[b, s, groups·(hpg+2)·d]`.
+struct FusedQkv;
+
+impl GradTarget for FusedQkv {
+    type Grads = Tensor;
+
+    fn buffers(dev: &CudaDevice, dtype: DType, d: &Dims) -> Result<GradBuffers> {
+        if d.sq != d.sk {
+            candle_core::bail!(
+                "flash attention: a fused dQKV needs as many queries as keys ({} vs {})",
+                d.sq,
+                d.sk
+            );
+        }
+        let hpg = d.heads / d.groups;
+        let head = d.d as i64;
+        let group = (hpg + 2) as i64 * head;
+        let token = d.groups as i64 * group;
+        let batch = d.sq as i64 * token;
+        Ok(GradBuffers {
+            bufs: vec![alloc_like(dev, dtype, d.b * d.sq * d.groups * (hpg + 2) * d.d)?],
+            at: [(0, 0), (0, hpg * d.d), (0, (hpg + 1) * d.d)],
+            dq_strides: [batch, group, head, token],
+            dk_strides: [batch, group, token],
+        })
+    }
+
+    fn grads(bufs: Vec<CudaStorage>, d: &Dims) -> Result<Self::Grads> {
+        let [dqkv]: [CudaStorage; 1] =
+            bufs.try_into().map_err(|_| candle_core::Error::Msg("one buffer".into()))?;
+        let rows = d.groups * (d.heads / d.groups + 2) * d.d;
+        Ok(grad_tensor(dqkv, (d.b, d.sq, rows)))
+    }
+}
+
+/// Runs the backward kernels, writing the gradients where `G` says.
+fn backward<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
     let (qs, ql) = a.q.storage_and_layout();
     let (ks, kl) = a.k.storage_and_layout();
     let (vs, vl) = a.v.storage_and_layout();
@@ -537,7 +528,7 @@ fn backward(a: &BwdArgs, target: GradTarget) -> Result<BwdGrads> {
         slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(rows * d.d)?),
         device: dev.clone(),
     };
-    let out = GradBuffers::new(dev, dtype, &d, target)?;
+    let out = G::buffers(dev, dtype, &d)?;
     // GQA: one backward block per query head (more blocks in flight) whose dK/dV shares are
     // summed in fp32; MHA: one block per kv head writes dK/dV directly.
     let split = d.heads > d.groups;
@@ -601,7 +592,7 @@ fn backward(a: &BwdArgs, target: GradTarget) -> Result<BwdGrads> {
         let dq_blocks = div_ceil(rows * d.d / 2, 256) as u32;
         launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), (dq_blocks, 1, 1), 256, 0, &p)?;
     }
-    out.into_grads(&d)
+    G::grads(out.bufs, &d)
 }
 
 fn as_cuda(s: &Storage) -> Result<&CudaStorage> {
@@ -674,19 +665,16 @@ impl CustomOp3 for FlashAttnOp {
         // res / grad_res are [b, sq, heads, d]; the kernels index them as [b, heads, sq, d].
         let o = res.transpose(1, 2)?;
         let dout = kernel_ready(&grad_res.transpose(1, 2)?)?;
-        let (dq, dk, dv) = separate(backward(
-            &BwdArgs {
-                spec: &self.spec,
-                varlen: self.varlen.as_ref(),
-                q: &kernel_ready(q)?,
-                k: &kernel_ready(k)?,
-                v: &kernel_ready(v)?,
-                o: &o,
-                lse: &lse,
-                dout: &dout,
-            },
-            GradTarget::Separate,
-        )?)?;
+        let (dq, dk, dv) = backward::<Separate>(&BwdArgs {
+            spec: &self.spec,
+            varlen: self.varlen.as_ref(),
+            q: &kernel_ready(q)?,
+            k: &kernel_ready(k)?,
+            v: &kernel_ready(v)?,
+            o: &o,
+            lse: &lse,
+            dout: &dout,
+        })?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -770,11 +758,11 @@ pub fn backward_only(
     varlen: Option<&Varlen>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let args = bwd_args(q, k, v, o, lse, dout, &spec, varlen)?;
-    separate(backward(&args.borrow(), GradTarget::Separate)?)
+    backward::<Separate>(&args.borrow())
 }
 
 /// Backward of a [`forward_with_lse`] result of self-attention, written as one dQKV
-/// `[b, s, groups·(hpg+2)·d]` in Megatron's fused QKV layout (see [`GradTarget::FusedQkv`]).
+/// `[b, s, groups·(hpg+2)·d]` in Megatron's fused QKV layout (see [`FusedQkv`]).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_to_qkv(
     q: &Tensor,
@@ -787,18 +775,7 @@ pub fn backward_to_qkv(
     varlen: Option<&Varlen>,
 ) -> Result<Tensor> {
     let args = bwd_args(q, k, v, o, lse, dout, &spec, varlen)?;
-    match backward(&args.borrow(), GradTarget::FusedQkv)? {
-        BwdGrads::FusedQkv(t) => Ok(t),
-        BwdGrads::Separate(..) => candle_core::bail!("flash backward: expected a fused dQKV"),
-    }
-}
-
-/// dQ, dK, dV of a [`GradTarget::Separate`] backward.
-fn separate(g: BwdGrads) -> Result<(Tensor, Tensor, Tensor)> {
-    match g {
-        BwdGrads::Separate(dq, dk, dv) => Ok((dq, dk, dv)),
-        BwdGrads::FusedQkv(_) => candle_core::bail!("flash backward: expected separate grads"),
-    }
+    backward::<FusedQkv>(&args.borrow())
 }
 
 /// The operands of a public backward call, made readable by the kernels.

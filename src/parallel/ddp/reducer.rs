@@ -126,7 +126,7 @@ fn first_device(acc: &GradAccumulator) -> Device {
 
 /// The accumulator's gradients, moved out of it: each is dropped as soon as its bucket is
 /// packed, so a step never holds the per-parameter gradients and all the reduced buckets at
-/// once (for an 8B model's f32 gradients under ZeRO-1 over DP 2 that was 8 GB more).
+/// once (for an 8B model's f32 gradients under TP 2, ZeRO-1 over DP 2, about 8 GB).
 fn take_grads(acc: &mut GradAccumulator) -> Vec<Option<Tensor>> {
     acc.iter_mut().map(|(_, g)| g.take()).collect()
 }
