@@ -181,6 +181,11 @@ fn pipeline_checkpoints_export_like_one_process_and_reshard() {
     let full = single(&[tied, &save(0)]);
     let tp_pp = run_ranks(4, &[tied, pp, tp, &save(1)]);
     assert_all_close(&full, &tp_pp, "TP=2×PP=2 tied");
+    // Buckets reduced during backward, except the tied copies (summed over the embedding
+    // group first).
+    let overlap = ["ddp.overlap_grad_reduce=true", "++ddp.bucket_size=6000"];
+    let pp_dp = run_ranks(4, &[&[tied, pp][..], &overlap[..]].concat());
+    assert_all_close(&full, &pp_dp, "PP=2×DP=2 tied, overlapped reduction");
     assert!(dirs[1].path().join("iter_0000020/model/shard_tp01_pp01.safetensors").is_file());
     let out = tempfile::tempdir().unwrap();
     let one = export(dirs[0].path(), &out.path().join("one"));

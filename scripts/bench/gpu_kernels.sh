@@ -6,6 +6,9 @@
 # Build first with scripts/device/build.sh; run with carry [".devbuild/gz"]:
 #   bash scripts/bench/gpu_kernels.sh            # Llama-3.2-1B, seq 4096, micro batch 2
 #   LORA=1 bash scripts/bench/gpu_kernels.sh     # also the 8B LoRA step (gpu_lora.sh's)
+#   DP=2 bash scripts/bench/gpu_kernels.sh 'ddp.overlap_grad_reduce=true'   # DP ranks (one
+#     table per rank: kernel time above the wall time means kernels overlapped)
+# Further arguments are overrides of the 1B run.
 # Shows the first $SHOW (45) lines of each table; all $TOP (60) rows go to $OUT/kernels_*.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,12 +28,14 @@ g++ -std=c++17 -O2 -shared -fPIC scripts/bench/kernel_trace.cpp -I"$INC" ${CRT:+
   || exit 3
 TRACE_ENV="CUDA_INJECTION64_PATH=$TRACER KERNEL_TRACE_ITERS=5 KERNEL_TRACE_TOP=${TOP:-60}"
 PROFILE=(profiling.use_nsys_profiler=true profiling.profile_step_start=3 profiling.profile_step_end=8)
-echo "== mbridge llama32_1b, seq 4096, micro batch 2: kernels per iteration"
+DP="${DP:-1}"
+if [ "$DP" -gt 1 ]; then DEVICE=(--device cuda --nproc-per-node "$DP"); else DEVICE=(--device cuda:0); fi
+echo "== mbridge llama32_1b, seq 4096, micro batch 2, DP $DP $*: kernels per iteration"
 # shellcheck disable=SC2086
-env $TRACE_ENV "$BIN" pretrain --recipe llama32_1b --device cuda:0 \
-  model.seq_length=4096 train.micro_batch_size=2 train.global_batch_size=2 train.train_iters=9 \
+env $TRACE_ENV "$BIN" pretrain --recipe llama32_1b "${DEVICE[@]}" \
+  model.seq_length=4096 train.micro_batch_size=2 train.global_batch_size=$((2 * DP)) train.train_iters=9 \
   scheduler.lr_warmup_iters=2 logger.log_interval=1 validation.eval_iters=0 "${PROFILE[@]}" \
-  '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' 2>&1 \
+  '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "$@" 2>&1 \
   | grep -E "KTRACE|iteration +8/|error|Error" | tee "${OUT:-/tmp}/kernels_1b.txt" | head -n "${SHOW:-45}"
 if [ "${LORA:-0}" = 1 ]; then
   echo "== mbridge 8B LoRA, seq 4096: kernels per iteration"

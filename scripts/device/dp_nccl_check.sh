@@ -19,7 +19,8 @@ run cpu_f32 --device cpu
 run gpu1_f32 --device cuda
 run gpu2_dp_zero1_f32 --device cuda --nproc-per-node 2 --master-port 29611 \
   ddp.use_distributed_optimizer=true ddp.overlap_grad_reduce=true ++ddp.bucket_size=6000
-run gpu2_dp_f32 --device cuda --nproc-per-node 2 --master-port 29621
+run gpu2_dp_f32 --device cuda --nproc-per-node 2 --master-port 29621 \
+  ddp.overlap_grad_reduce=true ++ddp.bucket_size=6000
 run gpu2_tp_f32 --device cuda --nproc-per-node 2 --master-port 29631 model.tensor_model_parallel_size=2
 run gpu1_bf16 --device cuda mixed_precision=bf16_mixed
 run gpu2_dp_zero1_bf16 --device cuda --nproc-per-node 2 --master-port 29641 \
@@ -33,5 +34,5 @@ for n in gpu1_f32 gpu2_dp_zero1_f32 gpu2_dp_f32 gpu2_tp_f32; do
   paste "$O/cpu_f32.loss" "$O/$n.loss" | awk -v n="$n" '{d=($1-$2)/$1; if(d<0)d=-d; if(d>m)m=d} END{printf "%s vs cpu_f32: max rel %.2e over %d steps\n", n, m, NR}'
 done
 paste "$O/gpu1_bf16.loss" "$O/gpu2_dp_zero1_bf16.loss" | awk '{d=($1-$2)/$1; if(d<0)d=-d; if(d>m)m=d} END{printf "gpu2_dp_zero1_bf16 vs gpu1_bf16: max rel %.2e over %d steps\n", m, NR}'
-grep -h "distributed optimizer\|data parallel:" "$O"/gpu2_dp_zero1_f32.log | head -3
+grep -h "distributed optimizer\|data parallel:\|overlap_grad_reduce:" "$O"/gpu2_dp_zero1_f32.log "$O"/gpu2_dp_f32.log | head -6
 for n in "${names[@]}"; do grep -m1 -i "error" "$O/$n.log" | sed "s/^/$n: /"; done

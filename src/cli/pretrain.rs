@@ -114,7 +114,14 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     let nccl = fin.cfg.dist.distributed_backend == DistBackend::Nccl && device.is_cuda();
     let groups = if env.world_size > 1 {
         let topo = Topology::from_config(&fin.cfg.model, &fin.cfg.dist, env.world_size)?;
-        Some(ProcessGroups::connect(&env, topo, timeout, &device, nccl)?)
+        Some(ProcessGroups::connect(
+            &env,
+            topo,
+            timeout,
+            &device,
+            nccl,
+            fin.cfg.ddp.overlap_grad_reduce,
+        )?)
     } else {
         None
     };

@@ -4,6 +4,7 @@
 use super::arch::{chunk_layers, virtual_stages, GptArch, ParallelLayout};
 use super::attention::{AttnInputs, KvEntry, SelfAttention};
 use super::explicit_layer::{self, ExplicitInputs};
+use super::explicit_linear::TpBoundary;
 use super::init::Init;
 use super::mlp::Mlp;
 use super::norm::Norm;
@@ -471,9 +472,9 @@ impl GptModel {
 
     /// Training (or evaluation) forward of a stage that ends in the loss: `(Σ mask·CE, Σ
     /// mask)` as [`Self::cross_entropy`] of [`Self::forward_stage`]'s logits. With a side
-    /// sink and the written-out backward on (no TP), the final norm, output layer and
-    /// cross-entropy are one explicit op whose gradients go to `sink`; its backward writes
-    /// the logits' gradient over the logits (the largest buffer of a step).
+    /// sink and the written-out backward on, the final norm, output layer and (vocab-parallel
+    /// under TP) cross-entropy are one explicit op whose gradients go to `sink`; its backward
+    /// writes the logits' gradient over the logits (the largest buffer of a step).
     pub fn forward_stage_loss(
         &self,
         input: &Tensor,
@@ -488,11 +489,9 @@ impl GptModel {
         }
         let x = self.run_layers(input, 0, opts, None, sink)?;
         match sink {
-            Some(sink) if self.explicit_layers && self.tp.is_none() => {
-                section("head.fwd", &self.device, || {
-                    self.explicit_head_loss(&x, labels, loss_mask, sink)
-                })
-            }
+            Some(sink) if self.explicit_layers => section("head.fwd", &self.device, || {
+                self.explicit_head_loss(&x, labels, loss_mask, sink)
+            }),
             _ => {
                 let logits = section("head.fwd", &self.device, || self.head(&x))?;
                 section("loss.fwd", &self.device, || self.cross_entropy(&logits, labels, loss_mask))
@@ -501,7 +500,9 @@ impl GptModel {
     }
 
     /// Final norm → output layer → masked cross-entropy of `x` `[b, s, h]` with a written-out
-    /// backward (see [`Self::forward_stage_loss`]).
+    /// backward (see [`Self::forward_stage_loss`]). Under TP the output layer is
+    /// column-parallel (its input gathered over the sequence with SP) and the cross-entropy
+    /// vocab-parallel, with the gathers and partial sums written out as in the layers.
     fn explicit_head_loss(
         &self,
         x: &Tensor,
@@ -512,26 +513,44 @@ impl GptModel {
         let (Some(norm), Some(w)) = (&self.final_norm, &self.output_w) else {
             bail!("stage has no output layer");
         };
-        let (b, s, h) = x.dims3()?;
-        let n = b * s;
-        let labels = ops::cross_entropy::checked_labels(labels, w.dim(0)?)?;
-        let xn = norm.forward_untracked(&x.detach())?.reshape((n, h))?;
-        let logits = xn.matmul(&w.detach().t()?)?;
-        let (ce, state) = ops::manual::cross_entropy_forward(&logits, &labels)?;
+        let tp = TpBoundary(self.tp.as_ref());
+        let xn = norm.forward_untracked(&x.detach())?;
+        let xg = tp.enter(&xn)?;
+        let (b, s, h) = xg.dims3()?;
+        let xg = xg.reshape((b * s, h))?;
+        let logits = xg.matmul(&w.detach().t()?)?;
+        let (ce, state) = match &self.tp {
+            Some(tp) => {
+                let (ce, state) = tp.cross_entropy_untracked(&logits, labels)?;
+                (ce, HeadCe::VocabParallel(tp.clone(), state))
+            }
+            None => {
+                let labels = ops::cross_entropy::checked_labels(labels, w.dim(0)?)?;
+                let (ce, state) = ops::manual::cross_entropy_forward(&logits, &labels)?;
+                (ce, HeadCe::Whole(labels, state))
+            }
+        };
         let (sum, count, mask) = ops::cross_entropy::masked_sum(&ce, loss_mask)?;
-        let (norm, w, sink) = (norm.clone(), w.clone(), sink.clone());
+        let (norm, w, sink, tp) = (norm.clone(), w.clone(), sink.clone(), self.tp.clone());
         let backward: BackwardFn = Box::new(move |x: &Tensor, g: &Tensor| {
             let run = || -> Result<Tensor> {
                 let mut grads = GradStore::default();
                 let g_rows = mask.broadcast_mul(&g.to_dtype(mask.dtype())?)?;
-                let dlogits =
-                    ops::manual::cross_entropy_backward(logits, &labels, &state, &g_rows)?;
+                let dlogits = match &state {
+                    HeadCe::Whole(labels, state) => {
+                        ops::manual::cross_entropy_backward(logits, labels, state, &g_rows)?
+                    }
+                    HeadCe::VocabParallel(tp, state) => {
+                        tp.cross_entropy_backward_untracked(logits, state, &g_rows)?
+                    }
+                };
                 // A frozen output layer (PEFT) needs no weight gradient: a vocab-sized GEMM.
                 if super::explicit_linear::trains(&w) {
-                    grads.insert(&w, ops::manual::weight_grad(&dlogits, &xn)?);
+                    grads.insert(&w, ops::manual::weight_grad(&dlogits, &xg)?);
                 }
-                let dxn = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;
+                let dxg = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;
                 drop(dlogits);
+                let dxn = TpBoundary(tp.as_ref()).enter_grad(&dxg)?;
                 let dx = norm.backward(&x.detach(), &dxn, None, &mut grads)?;
                 sink.push(grads)?;
                 Ok(dx)
@@ -880,6 +899,13 @@ impl GptModel {
         };
         Ok(ops::linear(&x, w, None)?)
     }
+}
+
+/// The cross-entropy state of the written-out head: over the whole vocabulary (checked
+/// labels), or vocab-parallel over the TP group.
+enum HeadCe {
+    Whole(Tensor, ops::manual::CeState),
+    VocabParallel(TensorParallel, crate::parallel::tensor::VocabShardCe),
 }
 
 /// The attention mask of a forward pass: the dense mask when one was built, else the packed

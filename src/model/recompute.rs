@@ -13,7 +13,9 @@
 use crate::config::model::{ModelConfig, RecomputeGranularity, RecomputeMethod};
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, TensorId, Var,
+};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -112,14 +114,46 @@ impl SelectiveRecompute {
 #[derive(Debug, Clone, Default)]
 pub struct RecomputeGrads(Arc<Mutex<SideGrads>>);
 
-#[derive(Debug, Default)]
+/// Told of every push into a [`RecomputeGrads`] sink, with the sum so far: the
+/// data-parallel reducer starts reducing a bucket once its last gradient has arrived
+/// (`ddp.overlap_grad_reduce`), taking those gradients out of the sum.
+pub trait PushObserver: Send + Sync {
+    /// `ids`: the tensors whose gradients the push added to (each once).
+    fn pushed(&self, ids: &[TensorId], sum: &mut GradStore) -> candle_core::Result<()>;
+}
+
+#[derive(Default)]
 struct SideGrads {
     sum: GradStore,
     /// Stores pushed since the last take (one per recomputed segment or written-out piece).
     pushes: usize,
+    observer: Option<Arc<dyn PushObserver>>,
+}
+
+impl std::fmt::Debug for SideGrads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SideGrads")
+            .field("pushes", &self.pushes)
+            .field("observed", &self.observer.is_some())
+            .finish()
+    }
+}
+
+impl SideGrads {
+    fn notify(&mut self, ids: &[TensorId]) -> candle_core::Result<()> {
+        match &self.observer {
+            Some(o) => o.clone().pushed(ids, &mut self.sum),
+            None => Ok(()),
+        }
+    }
 }
 
 impl RecomputeGrads {
+    /// An empty sink whose pushes `observer` sees.
+    pub fn observed(observer: Arc<dyn PushObserver>) -> Self {
+        Self(Arc::new(Mutex::new(SideGrads { observer: Some(observer), ..Default::default() })))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, SideGrads> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -151,7 +185,7 @@ impl RecomputeGrads {
                 // The sum owns its tensors (see `push`), so it may be written in place.
                 if crate::ops::manual::embedding_backward_into(ids, dy, sum)? {
                     side.pushes += 1;
-                    return Ok(());
+                    return side.notify(&[w.id()]);
                 }
             }
         }
@@ -162,12 +196,14 @@ impl RecomputeGrads {
 
     /// Adds `g` to the sum. The sink takes ownership: the caller keeps no clone of `g`'s
     /// tensors (the sum may be written in place, see [`Self::push_embedding`]).
-    pub(super) fn push(&self, g: GradStore) -> candle_core::Result<()> {
+    pub(crate) fn push(&self, g: GradStore) -> candle_core::Result<()> {
         let mut side = self.lock();
         side.pushes += 1;
         let sum = &mut side.sum;
+        let mut ids = Vec::new();
         for &id in g.get_ids() {
             let Some(grad) = g.get_id(id) else { continue };
+            ids.push(id);
             let grad = match grad.dtype() {
                 DType::BF16 | DType::F16 => grad.to_dtype(DType::F32)?,
                 _ => grad.detach(),
@@ -178,7 +214,7 @@ impl RecomputeGrads {
             };
             sum.insert_id(id, total);
         }
-        Ok(())
+        side.notify(&ids)
     }
 }
 

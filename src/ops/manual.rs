@@ -354,6 +354,68 @@ pub fn cross_entropy_backward(
     }
 }
 
+/// One vocabulary shard's statistics for a vocab-parallel cross-entropy (Megatron's
+/// `_VocabParallelCrossEntropy`, written out): per row of the shard's logits `[N, Vs]`, the
+/// log-sum-exp over the shard and the logit at the label, 0 where the label lies in another
+/// shard. `labels` `[N]` u32 holds shard-local ids (any value where `here` `[N]` u8 is 0).
+/// Both results are `[N]`, f32 for half-precision logits.
+pub fn ce_shard_stats(logits: &Tensor, labels: &Tensor, here: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused(logits) {
+        // The kernel's loss column is lse − logit[label], NaN for a label past the shard.
+        let res = logits
+            .contiguous()?
+            .apply_op2_no_bwd(&labels.contiguous()?, &super::cuda::cross_entropy::CrossEntropy)?;
+        let lse = res.narrow(1, 1, 1)?.squeeze(1)?;
+        let target = (&lse - res.narrow(1, 0, 1)?.squeeze(1)?)?;
+        let target = here.where_cond(&target, &target.zeros_like()?)?;
+        return Ok((lse, target));
+    }
+    let n = logits.dim(0)?;
+    let x = match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+        _ => logits.contiguous()?,
+    };
+    let lse = super::softmax::logsumexp_keepdim(&x)?.reshape(n)?;
+    let idx = here.where_cond(labels, &labels.zeros_like()?)?.reshape((n, 1))?;
+    let target = x.gather(&idx, 1)?.reshape(n)?;
+    let target = here.where_cond(&target, &target.zeros_like()?)?;
+    Ok((lse, target))
+}
+
+/// Gradient of the shard's logits (in their dtype) for per-token loss gradients `g` `[N]`,
+/// given the log-sum-exp over the whole vocabulary `lse` `[N]` (f32 or the logits' float
+/// type): `(exp(x − lse) − onehot(label here))·g`. Takes the logits by value: on CUDA the
+/// gradient is written over them (see [`cross_entropy_backward`]).
+pub fn ce_shard_backward(
+    logits: Tensor,
+    labels: &Tensor,
+    here: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(&logits) {
+        // The kernel reads the lse column and g_loss + g_lse; a label outside the shard
+        // (u32::MAX from the caller) matches no column.
+        let lse = lse.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let res = Tensor::cat(&[&lse, &lse], 1)?;
+        return cross_entropy_backward(logits, labels, &CeState::Fused(res), g);
+    }
+    let dt = logits.dtype();
+    let n = logits.dim(0)?;
+    let x = match dt {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+        _ => logits.contiguous()?,
+    };
+    let g = g.to_dtype(x.dtype())?;
+    let p = x.broadcast_sub(&lse.to_dtype(x.dtype())?.unsqueeze(1)?)?.exp()?;
+    let d = p.broadcast_mul(&g.unsqueeze(1)?)?;
+    let idx = here.where_cond(labels, &labels.zeros_like()?)?.reshape((n, 1))?;
+    let minus_g = here.where_cond(&g.neg()?, &g.zeros_like()?)?.reshape((n, 1))?;
+    d.scatter_add(&idx, &minus_g, 1)?.to_dtype(dt)
+}
+
 /// Gradient of `W[ids]` (`W` `[vocab, h]`) for the output gradient `dy` `[n, h]` and u32
 /// `ids` `[n]`: f32 on CUDA (an atomic scatter-add kernel; the trainer accumulates gradients
 /// in f32 anyway), `dy`'s dtype elsewhere.

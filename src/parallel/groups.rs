@@ -28,6 +28,11 @@ pub struct ProcessGroups {
     pub dp: Arc<dyn Communicator>,
     /// Data × context parallel group (gradient reduction when cp > 1).
     pub dp_cp: Arc<dyn Communicator>,
+    /// The data × context parallel ranks again, as a communicator of their own for gradient
+    /// buckets reduced while backward runs (`ddp.overlap_grad_reduce`): those collectives are
+    /// in flight while the training thread uses [`Self::dp_cp`] (over NCCL it runs on a
+    /// stream of its own). None when the run does not overlap the reduction.
+    pub dp_cp_grads: Option<Arc<dyn Communicator>>,
     /// Pipeline group (stage-to-stage activations and their gradients; group rank = stage).
     pub pp: Arc<dyn Communicator>,
     /// Model-parallel group (tp × pp): gradient norm and NaN checks.
@@ -46,12 +51,17 @@ pub struct ProcessGroups {
 /// The name of [`ProcessGroups::ckpt`].
 pub const CKPT_GROUP: &str = "ckpt";
 
+/// The name of [`ProcessGroups::dp_cp_grads`].
+pub const GRADS_GROUP: &str = "dp_cp_grads";
+
 impl ProcessGroups {
     /// Builds every group containing `rank`; `make(name, members)` creates one communicator.
-    /// Every rank must call this (group creation order is the same everywhere).
+    /// Every rank must call this (group creation order is the same everywhere), with the same
+    /// `grads_group` (whether to build [`Self::dp_cp_grads`]).
     pub fn new(
         topology: Topology,
         rank: usize,
+        grads_group: bool,
         make: impl Fn(&str, &[usize]) -> Result<Arc<dyn Communicator>>,
     ) -> Result<Self> {
         let coords = topology.coords(rank)?;
@@ -70,6 +80,12 @@ impl ProcessGroups {
             cp: group(GroupKind::Cp)?,
             dp: group(GroupKind::Dp)?,
             dp_cp: group(GroupKind::DpCp)?,
+            dp_cp_grads: if grads_group {
+                let members = topology.group_of(GroupKind::DpCp, rank).expect("every rank has one");
+                Some(make(GRADS_GROUP, &members)?)
+            } else {
+                None
+            },
             pp: group(GroupKind::Pp)?,
             mp: group(GroupKind::Mp)?,
             embedding,
@@ -81,9 +97,10 @@ impl ProcessGroups {
         })
     }
 
-    /// Groups of `rank` in an in-process world (ranks as threads).
+    /// Groups of `rank` in an in-process world (ranks as threads). The CPU groups cost
+    /// nothing until used, so [`Self::dp_cp_grads`] is always there.
     pub fn local(world: &Arc<LocalWorld>, topology: Topology, rank: usize) -> Result<Self> {
-        Self::new(topology, rank, |name, members| {
+        Self::new(topology, rank, true, |name, members| {
             Ok(Arc::new(world.group(rank, name, members)?) as Arc<dyn Communicator>)
         })
     }
@@ -91,7 +108,7 @@ impl ProcessGroups {
     /// Groups of this process over TCP.
     pub fn tcp(world: &Arc<TcpWorld>, topology: Topology) -> Result<Self> {
         let rank = world.rank();
-        let groups = Self::new(topology, rank, |name, members| {
+        let groups = Self::new(topology, rank, true, |name, members| {
             Ok(Arc::new(world.group(name, members)?) as Arc<dyn Communicator>)
         })?;
         Ok(Self { tcp_world: Some(world.clone()), ..groups })
@@ -106,13 +123,15 @@ impl ProcessGroups {
     /// Like [`Self::connect_tcp`], with NCCL communicators for CUDA tensors when `device` is
     /// CUDA and `nccl` (`dist.distributed_backend = "nccl"`, `cuda` builds): the TCP world then
     /// carries the NCCL ids and CPU-side values. With `gloo`, CUDA tensors travel through the
-    /// TCP backend via host memory.
+    /// TCP backend via host memory. `overlap_grad_reduce`: build [`Self::dp_cp_grads`] (over
+    /// NCCL a communicator on a side stream, which costs its buffers' GPU memory).
     pub fn connect(
         env: &DistEnv,
         topology: Topology,
         timeout: Duration,
         device: &candle_core::Device,
         nccl: bool,
+        overlap_grad_reduce: bool,
     ) -> Result<Self> {
         let world = Self::join_tcp(env, &topology, timeout)?;
         if !device.is_cuda() || !nccl {
@@ -121,14 +140,20 @@ impl ProcessGroups {
         #[cfg(feature = "cuda")]
         {
             let rank = world.rank();
-            let groups = Self::new(topology, rank, |name, members| {
+            let grads_group = overlap_grad_reduce && topology.dp() * topology.cp() > 1;
+            let groups = Self::new(topology, rank, grads_group, |name, members| {
                 let cpu = world.group(name, members)?;
                 if name == CKPT_GROUP {
                     // Checkpoint saves move small CPU tensors, from a second thread: an NCCL
                     // communicator would cost GPU memory and must not run concurrently.
                     return Ok(Arc::new(cpu) as Arc<dyn Communicator>);
                 }
-                let g = super::comm::nccl::NcclGroup::new(cpu, device).with_context(|| {
+                let g = if name == GRADS_GROUP {
+                    super::comm::nccl::NcclGroup::on_side_stream(cpu, device)
+                } else {
+                    super::comm::nccl::NcclGroup::new(cpu, device)
+                };
+                let g = g.with_context(|| {
                     format!(
                         "rank {rank}: creating the NCCL communicator of {name} group {members:?}"
                     )
@@ -138,7 +163,10 @@ impl ProcessGroups {
             Ok(Self { tcp_world: Some(world), ..groups })
         }
         #[cfg(not(feature = "cuda"))]
-        anyhow::bail!("a CUDA device needs an mbridge built with --features cuda")
+        {
+            let _ = overlap_grad_reduce;
+            anyhow::bail!("a CUDA device needs an mbridge built with --features cuda")
+        }
     }
 
     fn join_tcp(env: &DistEnv, topology: &Topology, timeout: Duration) -> Result<Arc<TcpWorld>> {

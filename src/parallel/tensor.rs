@@ -423,6 +423,79 @@ impl TensorParallel {
     }
 }
 
+/// What the backward of [`TensorParallel::cross_entropy_untracked`] needs.
+#[derive(Debug, Clone)]
+pub struct VocabShardCe {
+    /// Shard-local label ids `[N]` (u32::MAX where the label is in another shard).
+    labels: Tensor,
+    /// `[N]` u8: the label is in this shard.
+    here: Tensor,
+    /// Log-sum-exp over the whole vocabulary `[N]`.
+    lse: Tensor,
+}
+
+impl TensorParallel {
+    /// Vocab-parallel cross-entropy outside autograd, for the written-out output layer:
+    /// per-token losses `[N]` (f32 for half-precision logits; the same on every rank) of this
+    /// rank's logits `[N, V/tp]` against global `labels` `[N]`. Each rank reduces its shard to
+    /// a log-sum-exp and the logit at the label (the fused kernel on CUDA), so only `[N]`
+    /// vectors cross the group: an all-gather of the shards' log-sum-exps and an all-reduce
+    /// of the label logits.
+    pub fn cross_entropy_untracked(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(Tensor, VocabShardCe)> {
+        let (n, vl) = logits.dims2()?;
+        let vocab = vl * self.size();
+        let host = labels.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        if host.len() != n {
+            candle_core::bail!(
+                "labels {:?} do not match logits {:?}",
+                labels.dims(),
+                logits.dims()
+            );
+        }
+        if let Some(&bad) = host.iter().find(|&&l| l as usize >= vocab) {
+            candle_core::bail!("label id {bad} out of range for vocabulary of size {vocab}");
+        }
+        let start = self.rank() * vl;
+        let (local, here): (Vec<u32>, Vec<u8>) = host
+            .iter()
+            .map(|&l| match (l as usize).checked_sub(start) {
+                Some(i) if i < vl => (i as u32, 1),
+                _ => (u32::MAX, 0),
+            })
+            .unzip();
+        let dev = logits.device();
+        let labels = Tensor::from_vec(local, n, dev)?;
+        let here = Tensor::from_vec(here, n, dev)?;
+        let (lse, target) = crate::ops::manual::ce_shard_stats(logits, &labels, &here)?;
+        let (lse, target) = if self.size() == 1 {
+            (lse, target)
+        } else {
+            // log Σ_r exp(lse_r), shifted by the largest for stability.
+            let all = self.comm.all_gather(&lse.unsqueeze(0)?.contiguous()?, 0)?;
+            let m = all.max_keepdim(0)?;
+            let lse = (all.broadcast_sub(&m)?.exp()?.sum_keepdim(0)?.log()? + m)?.squeeze(0)?;
+            (lse, self.comm.all_reduce(&target, ReduceOp::Sum)?)
+        };
+        let ce = (&lse - target)?;
+        Ok((ce, VocabShardCe { labels, here, lse }))
+    }
+
+    /// Gradient of this rank's logits (in their dtype; on CUDA written over them) for the
+    /// per-token loss gradients `g` `[N]` of [`Self::cross_entropy_untracked`].
+    pub fn cross_entropy_backward_untracked(
+        &self,
+        logits: Tensor,
+        state: &VocabShardCe,
+        g: &Tensor,
+    ) -> Result<Tensor> {
+        crate::ops::manual::ce_shard_backward(logits, &state.labels, &state.here, &state.lse, g)
+    }
+}
+
 /// Whether `param`'s gradient counts in the global gradient norm on this TP rank, so that
 /// every element of the model counts once: TP-sharded parameters everywhere, replicated ones
 /// only on TP rank 0 (megatron-core's `param_is_not_tensor_parallel_duplicate`), and never the
@@ -430,4 +503,45 @@ impl TensorParallel {
 /// [`super::data::model_parallel_grad_sq_norm`].
 pub fn counts_in_grad_norm(param: &Param, tp_rank: usize) -> bool {
     !param.shared_embedding && (param.partition_dim.is_some() || tp_rank == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::comm::LocalWorld;
+    use candle_core::{Device, Var};
+    use std::time::Duration;
+
+    /// Three TP ranks' written-out vocab-parallel cross-entropy equals the whole-vocabulary
+    /// loss, and each rank's logits gradient equals its columns of autograd's gradient.
+    #[test]
+    fn untracked_vocab_parallel_ce_matches_the_whole_vocabulary() {
+        let (n, v, tp) = (6usize, 12usize, 3usize);
+        let vals: Vec<f32> = (0..n * v).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.4).collect();
+        let logits = Tensor::from_vec(vals, (n, v), &Device::Cpu).unwrap();
+        let labels = Tensor::from_vec(vec![0u32, 5, 11, 4, 8, 3], n, &Device::Cpu).unwrap();
+        let g = Tensor::from_vec(vec![1f32, -0.5, 2.0, 0.25, 1.5, -1.0], n, &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&logits).unwrap();
+        let want = crate::ops::token_cross_entropy(x.as_tensor(), &labels).unwrap();
+        let grads = want.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dwant = grads.get(x.as_tensor()).unwrap().clone();
+        let vs = v / tp;
+        let got = LocalWorld::run(tp, Duration::from_secs(20), |rank, world| {
+            let tpg = TensorParallel::new(Arc::new(world.world_group(rank)?));
+            let shard = logits.narrow(1, rank * vs, vs)?;
+            let (ce, state) = tpg.cross_entropy_untracked(&shard, &labels)?;
+            let d = tpg.cross_entropy_backward_untracked(shard, &state, &g)?;
+            Ok((ce.to_vec1::<f32>()?, d))
+        })
+        .unwrap();
+        let want = want.to_vec1::<f32>().unwrap();
+        for (rank, (ce, d)) in got.iter().enumerate() {
+            for (a, b) in ce.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "rank {rank}: loss {ce:?} vs {want:?}");
+            }
+            let dw = dwant.narrow(1, rank * vs, vs).unwrap();
+            let diff = (d - &dw).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>();
+            assert!(diff.unwrap() < 1e-6, "rank {rank}: gradient differs");
+        }
+    }
 }

@@ -8,7 +8,12 @@ use super::dist_optimizer::DistributedOptimizer;
 use super::optimizer::{Algorithm, Optimizer};
 use super::run_optimizer::RunOptimizer;
 use crate::config::ConfigContainer;
-use crate::parallel::ddp::{BufferLayout, GradReducer, LayoutOptions};
+use std::sync::Arc;
+
+use crate::parallel::ddp::reducer::factors;
+use crate::parallel::ddp::{
+    BackwardOverlap, BufferLayout, Collective, GradReducer, LayoutOptions, ReduceScaling,
+};
 use crate::parallel::ProcessGroups;
 
 /// megatron-core's default bucket size: `max(40M, 1M · DP)` elements, and a single bucket
@@ -27,11 +32,14 @@ pub fn uses_distributed_optimizer(cfg: &ConfigContainer) -> bool {
 }
 
 /// The optimizer and (with process groups) the gradient reducer for `named` parameters.
+/// `late[i]`: parameter `i` is summed over the pipeline's embedding group after backward (a
+/// tied embedding copy), so its bucket never starts reducing during backward.
 pub fn build(
     cfg: &ConfigContainer,
     groups: Option<&ProcessGroups>,
     algorithm: Algorithm,
     named: Vec<(String, Var)>,
+    late: Vec<bool>,
 ) -> Result<(RunOptimizer, Option<GradReducer>)> {
     let distributed = uses_distributed_optimizer(cfg);
     let Some(g) = groups else {
@@ -58,14 +66,27 @@ pub fn build(
     };
     let layout = BufferLayout::new(&shapes, &opts);
     let buckets = layout.buckets().len();
+    let on_cuda = named.first().is_some_and(|(_, v)| v.device().is_cuda());
+    let overlap_comm = g.dp_cp_grads.clone().filter(|_| cfg.ddp.overlap_grad_reduce && dp > 1);
+    let reducer = match &overlap_comm {
+        Some(comm) => {
+            let scaling = ReduceScaling {
+                average_in_collective: cfg.ddp.average_in_collective,
+                average: !cfg.model.calculate_per_token_loss,
+                post: 1.0,
+            };
+            let kind = if distributed { Collective::ReduceScatter } else { Collective::AllReduce };
+            let (pre, _) = factors(dp, scaling);
+            let overlap =
+                BackwardOverlap::new(layout.clone(), &named, late, comm.clone(), kind, pre);
+            GradReducer::overlapped(layout.clone(), Arc::new(overlap))
+        }
+        None => GradReducer::new(layout.clone()),
+    };
     // Not on CUDA: candle's device stream is CUDA's per-thread default stream, so NCCL calls
     // made from a communication thread would run on that thread's stream, unordered with the
-    // packing kernels of the main thread (the first 2-GPU run showed exactly that: a wrong
-    // grad norm, then a hang). NCCL calls only enqueue and return, so the thread would add
-    // nothing there until collectives get their own stream with events.
-    let on_cuda = named.first().is_some_and(|(_, v)| v.device().is_cuda());
-    let overlap_reduce = cfg.ddp.overlap_grad_reduce && !on_cuda;
-    let reducer = GradReducer::new(layout.clone(), overlap_reduce);
+    // main thread's kernels (the first 2-GPU run showed exactly that: a wrong grad norm,
+    // then a hang).
     let overlap_gather =
         (cfg.ddp.overlap_param_gather || cfg.optimizer.overlap_param_gather) && !on_cuda;
     let optimizer = if distributed {
@@ -94,16 +115,16 @@ pub fn build(
              backward; {}{}",
             opts.bucket_size.map_or("unlimited".to_string(), |b| b.to_string()),
             if distributed { "reduce-scatter" } else { "all-reduce" },
-            if cfg.ddp.overlap_grad_reduce && on_cuda {
-                "NCCL collectives are enqueued on candle's CUDA stream and run in stream order \
-                 after the packing kernels (no separate communication stream yet, so nothing \
-                 overlaps)"
-            } else if overlap_reduce {
-                "bucket i is reduced on a communication thread while bucket i+1 is packed \
-                 (candle's backward returns all gradients at once, so nothing overlaps backward \
-                 itself)"
-            } else {
-                "buckets are reduced one after the other"
+            match (&overlap_comm, on_cuda) {
+                (Some(_), true) => {
+                    "buckets start reducing during backward once their last gradient arrives \
+                     (from the second step on), NCCL on a stream of its own"
+                }
+                (Some(_), false) => {
+                    "buckets start reducing during backward once their last gradient arrives \
+                     (from the second step on), on a communication thread"
+                }
+                (None, _) => "buckets are reduced one after the other",
             },
             if distributed && overlap_gather {
                 "; parameter all-gathers run on a communication thread while earlier buckets are \

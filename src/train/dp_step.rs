@@ -51,15 +51,26 @@ impl Trainer {
             }
             return Ok(Reduced::Full);
         };
-        match &self.optimizer {
+        let reduced = match &self.optimizer {
             RunOptimizer::Distributed(_) => {
-                Ok(Reduced::Shards(reducer.reduce_scatter(&mut self.acc, &*g.dp_cp, scaling)?))
+                Reduced::Shards(reducer.reduce_scatter(&mut self.acc, &*g.dp_cp, scaling)?)
             }
             RunOptimizer::Replicated(_) => {
                 reducer.all_reduce(&mut self.acc, &*g.dp_cp, scaling)?;
-                Ok(Reduced::Full)
+                Reduced::Full
+            }
+        };
+        if let Some(r) = reducer.overlap().and_then(|o| o.take_report()) {
+            if g.rank == 0 {
+                println!(
+                    " > ddp.overlap_grad_reduce: {} of {} gradient bucket(s) start reducing during \
+                     backward from the next step on (the others wait for gradients from autograd \
+                     or the embedding group)",
+                    r.eligible, r.buckets
+                );
             }
         }
+        Ok(reduced)
     }
 
     /// Global gradient norm (over DP shards and model-parallel ranks, equal to one rank's) of

@@ -10,6 +10,7 @@
 //! forward/backward loop.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
@@ -20,6 +21,7 @@ use crate::model::{GptModel, Microbatch};
 use crate::ops::timing::section;
 use crate::ops::DropoutRng;
 use crate::parallel::comm::{Communicator, ReduceOp};
+use crate::parallel::ddp::BackwardOverlap;
 use crate::parallel::pipeline::plan::{plan, Payload, Step, Transfer};
 use crate::parallel::pipeline::{Op, PipelineP2p, ScheduleSpec};
 
@@ -39,6 +41,9 @@ pub(crate) struct TrainHooks<'a> {
     pub dropout: &'a dyn Fn(usize, usize) -> Option<DropoutRng>,
     /// The tensor to back-propagate from micro-batch `i`'s `(Σ CE, Σ tokens)`: `(i, sum, count)`.
     pub objective: &'a dyn Fn(usize, Tensor, f64) -> Result<Tensor>,
+    /// The data-parallel reduction that starts buckets during backward (it sees every push
+    /// into the step's side sink).
+    pub overlap: Option<&'a Arc<BackwardOverlap>>,
 }
 
 /// (payload, chunk, micro-batch) of a boundary tensor.
@@ -84,7 +89,10 @@ impl Pipeline<'_> {
         let (mut loss_sum, mut tokens) = (0.0, 0.0);
         // Parameter gradients produced outside the graph (recomputed segments, explicit
         // layers) of every micro-batch, summed as they arrive; only when backwards follow.
-        let side_grads = acc.as_ref().map(|_| RecomputeGrads::default());
+        let side_grads = acc.as_ref().map(|_| match hooks.overlap {
+            Some(o) => RecomputeGrads::observed(o.clone()),
+            None => RecomputeGrads::default(),
+        });
         for step in steps {
             match step {
                 Step::Exchange { sends, recvs } => {
@@ -139,6 +147,9 @@ impl Pipeline<'_> {
             );
         }
         if let (Some(acc), Some(side)) = (acc, &side_grads) {
+            if let Some(o) = hooks.overlap {
+                o.backward_done(acc)?;
+            }
             // Moves them: the accumulator holds no other copy of these parameters' gradients.
             acc.add(&side.take())?;
         }
@@ -179,7 +190,8 @@ impl Pipeline<'_> {
 
     /// Forward-only schedule (evaluation): `(Σ CE, Σ tokens)` as [`Self::train_batch`].
     pub fn eval_batch(&self, micro: &[Microbatch]) -> Result<(f64, f64)> {
-        let hooks = TrainHooks { dropout: &|_, _| None, objective: &|_, sum, _| Ok(sum) };
+        let hooks =
+            TrainHooks { dropout: &|_, _| None, objective: &|_, sum, _| Ok(sum), overlap: None };
         self.train_batch(micro, &hooks, None)
     }
 

@@ -146,6 +146,18 @@ impl Trainer {
         }
         // Under PEFT the frozen base is not optimized: only the adapters are.
         let named = chunks.iter().flat_map(|m| m.params().trainable_named_vars()).collect();
+        // Tied embedding copies under PP are summed over the embedding group after backward
+        // (`all_reduce_embedding_grads`): their buckets cannot start during backward.
+        let tied_over_pp = groups.as_ref().is_some_and(|g| g.embedding.is_some());
+        let late = chunks
+            .iter()
+            .flat_map(|m| {
+                m.params().params().iter().filter(|p| p.trainable).map(move |p| {
+                    let first = m.pre_process() && p.name == "embedding.word_embeddings.weight";
+                    tied_over_pp && (first || p.shared_embedding)
+                })
+            })
+            .collect();
         let o = &cfg.optimizer;
         let algorithm = match o.optimizer {
             OptimizerKind::Adam => Algorithm::Adam(AdamConfig {
@@ -156,7 +168,7 @@ impl Trainer {
             }),
             OptimizerKind::Sgd => Algorithm::Sgd(SgdConfig { momentum: o.sgd_momentum }),
         };
-        let (optimizer, reducer) = dp_setup::build(&cfg, groups.as_ref(), algorithm, named)?;
+        let (optimizer, reducer) = dp_setup::build(&cfg, groups.as_ref(), algorithm, named, late)?;
         let acc = GradAccumulator::new(optimizer.vars());
         let scheduler =
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;

@@ -314,7 +314,11 @@ impl Trainer {
                 sum.affine(loss_scale / (count.max(1.0) * num_micro), 0.0)?
             })
         };
-        let hooks = TrainHooks { dropout: &dropout, objective: &objective };
+        let overlap = self.reducer.as_ref().and_then(|r| r.overlap()).filter(|_| !skip);
+        if let Some(o) = overlap {
+            o.begin_step(micro.len())?;
+        }
+        let hooks = TrainHooks { dropout: &dropout, objective: &objective, overlap };
         let acc = (!skip).then_some(&mut self.acc);
         let pipeline = Pipeline {
             chunks: &self.chunks,

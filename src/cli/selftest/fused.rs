@@ -26,6 +26,7 @@ pub(super) fn checks() -> Vec<Check> {
         Check { name: "rope", run: CheckFn::Measures(rope) },
         Check { name: "swiglu", run: CheckFn::Measures(swiglu) },
         Check { name: "cross_entropy", run: CheckFn::Measures(cross_entropy) },
+        Check { name: "vocab_parallel_ce", run: CheckFn::Measures(vocab_parallel_ce) },
         Check { name: "adamw", run: CheckFn::Measures(adamw) },
         Check { name: "grad_norm", run: CheckFn::Measures(grad_norm) },
     ]
@@ -234,6 +235,48 @@ fn cross_entropy(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         ms.extend(fwd_bwd(dev, seed, &format!("[{b},{s},{v}] masked"), &inputs, &|t| {
             Ok(ops::masked_cross_entropy(&t[0], &t[1], &t[2])?.0)
         })?);
+    }
+    Ok(ms)
+}
+
+/// The written-out head's vocab-parallel cross-entropy over two in-process TP ranks on this
+/// GPU (bf16 shards through the fused kernels; the shards' statistics cross through host
+/// memory) against the whole-vocabulary f32 composite on the CPU: the per-token losses, and
+/// each rank's logits gradient against its columns of the reference gradient. Shard widths
+/// of 16000 (16-byte vectors) and 16003 (element loads).
+fn vocab_parallel_ce(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    use crate::parallel::comm::LocalWorld;
+    use crate::parallel::tensor::TensorParallel;
+    let mut ms = Vec::new();
+    for (k, (n, v)) in [(192usize, 32_000usize), (192, 32_006)].into_iter().enumerate() {
+        let seed = seed + 10 * k as u64;
+        let logits = randn(seed + 4, &[n, v], 3.0, 0.0)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 5);
+        let labels: Vec<u32> =
+            (0..n).map(|_| rand::Rng::random_range(&mut rng, 0..v as u32)).collect();
+        let labels = Tensor::from_vec(labels, n, &Device::Cpu)?;
+        let g = randn(seed + 6, &[n], 1.0, 0.0)?;
+        let x = Var::from_tensor(&logits)?;
+        let want = ops::token_cross_entropy(x.as_tensor(), &labels)?;
+        let dwant = want.mul(&g)?.sum_all()?.backward()?.get(x.as_tensor()).cloned();
+        let dwant = dwant.ok_or_else(|| anyhow::anyhow!("no reference logits gradient"))?;
+        let vs = v / 2;
+        set_override(Some(true));
+        let got = LocalWorld::run(2, std::time::Duration::from_secs(120), |rank, world| {
+            let tp = TensorParallel::new(std::sync::Arc::new(world.world_group(rank)?));
+            let shard = logits.narrow(1, rank * vs, vs)?.to_dtype(DType::BF16)?.to_device(dev)?;
+            let (ce, state) = tp.cross_entropy_untracked(&shard, &labels.to_device(dev)?)?;
+            let d = tp.cross_entropy_backward_untracked(shard, &state, &g.to_device(dev)?)?;
+            Ok((ce.to_device(&Device::Cpu)?, d.to_device(&Device::Cpu)?))
+        });
+        set_override(None);
+        let got = got?;
+        let label = format!("[{n}, 2x{vs}]");
+        ms.push(compare(&format!("{label} per-token loss"), &got[0].0, &want, FWD_TOL)?);
+        for (rank, (_, d)) in got.iter().enumerate() {
+            let want = dwant.narrow(1, rank * vs, vs)?;
+            ms.push(compare(&format!("{label} rank {rank} logits gradient"), d, &want, BWD_TOL)?);
+        }
     }
     Ok(ms)
 }

@@ -72,6 +72,19 @@ pub trait Communicator: Send + Sync + Debug {
     ) -> Result<Vec<Tensor>> {
         send_then_recv(self, sends, recvs, device)
     }
+    /// Whether this group's collectives only enqueue work on a GPU stream of their own and
+    /// return at once (NCCL on a side stream), so the training thread can issue them between
+    /// its own kernels without waiting. Collectives of the other backends compute before they
+    /// return: a caller that must not wait runs them on a thread.
+    fn enqueues_only(&self) -> bool {
+        false
+    }
+    /// Makes the compute stream wait for every collective this group enqueued on its own
+    /// stream ([`Self::enqueues_only`]): only then may their outputs be read and their inputs
+    /// freed. Nothing to wait for where collectives run in compute order.
+    fn join_compute(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// [`Communicator::exchange`] for transports whose sends return without waiting.

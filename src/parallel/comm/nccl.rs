@@ -3,13 +3,16 @@
 //!
 //! The NCCL unique id is created by the group's rank 0 and handed to the other members over
 //! the group's CPU transport (the TCP rendezvous). Operations run on the candle device's
-//! stream, so they are ordered with the kernels that produced their inputs. Tensors on the CPU
-//! (loss sums, exit agreement, hashes) go through the CPU group, as Megatron's gloo groups do.
+//! stream, so they are ordered with the kernels that produced their inputs; a group made with
+//! [`NcclGroup::on_side_stream`] runs them on a stream of its own instead, which waits for the
+//! compute stream's work so far and is waited for by [`Communicator::join_compute`]. Tensors
+//! on the CPU (loss sums, exit agreement, hashes) go through the CPU group, as Megatron's gloo
+//! groups do.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendDevice;
-use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
 use candle_core::cuda_backend::cudarc::nccl::result as nccl_result;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp as NcclOp};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
@@ -32,6 +35,8 @@ pub struct NcclGroup {
     cpu: CpuGroup,
     comm: Arc<SharedComm>,
     device: CudaDevice,
+    /// The stream of the communicator when it is not the device's (compute) stream.
+    side: Option<Arc<CudaStream>>,
 }
 
 impl std::fmt::Debug for NcclGroup {
@@ -48,6 +53,20 @@ impl NcclGroup {
     /// Creates the group's NCCL communicator on `device`: every member must call this (in the
     /// same group order); rank 0 of the group makes the id and broadcasts it over `cpu`.
     pub fn new(cpu: CpuGroup, device: &Device) -> Result<Self> {
+        Self::with_stream(cpu, device, false)
+    }
+
+    /// Like [`Self::new`], with the collectives on a new stream of their own, so they run
+    /// while the compute stream goes on (megatron-core's gradient reduction overlapped with
+    /// backward). Each collective first waits for the compute stream's work enqueued so far;
+    /// its output is ready for the compute stream after [`Communicator::join_compute`], and
+    /// the caller keeps its input alive until then. Candle's compute stream is the calling
+    /// thread's per-thread stream: use such a group from the training thread only.
+    pub fn on_side_stream(cpu: CpuGroup, device: &Device) -> Result<Self> {
+        Self::with_stream(cpu, device, true)
+    }
+
+    fn with_stream(cpu: CpuGroup, device: &Device, side: bool) -> Result<Self> {
         let Device::Cuda(dev) = device else {
             candle_core::bail!("NCCL group {}: device {device:?} is not CUDA", cpu.describe());
         };
@@ -64,19 +83,54 @@ impl NcclGroup {
         for (d, s) in internal.iter_mut().zip(got) {
             *d = s as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(dev.cuda_stream(), cpu.rank(), cpu.size(), Id::uninit(internal))
+        let side = if side {
+            // cudarc's event tracking is off (`prepare_for_training`), so creating a second
+            // stream adds no events to the compute stream's launches; the joins order them.
+            // The highest priority: when a compute kernel retires, the collective's blocks
+            // are scheduled before the next compute kernel fills the GPU again.
+            let ctx = dev.cuda_stream().context().clone();
+            let s = ctx.bind_to_thread().and_then(|_| {
+                let (_, greatest) =
+                    candle_core::cuda_backend::cudarc::driver::result::stream::get_priority_range(
+                    )?;
+                ctx.new_stream_with_priority(greatest)
+            });
+            Some(s.map_err(|e| nccl_err(format!("{what}: side stream"), e))?)
+        } else {
+            None
+        };
+        let stream = side.clone().unwrap_or_else(|| dev.cuda_stream());
+        let comm = Comm::from_rank(stream, cpu.rank(), cpu.size(), Id::uninit(internal))
             .map_err(|e| nccl_err(&what, e))?;
-        Ok(Self { cpu, comm: Arc::new(SharedComm(Mutex::new(comm))), device: dev.clone() })
+        Ok(Self { cpu, comm: Arc::new(SharedComm(Mutex::new(comm))), device: dev.clone(), side })
+    }
+
+    /// A side-stream group reads only contiguous inputs: a copy made here would be freed on
+    /// the compute stream while the side stream still reads it.
+    fn check_side_input(&self, t: &Tensor, op: &str) -> Result<()> {
+        if self.side.is_some() && !t.is_contiguous() {
+            candle_core::bail!(
+                "{}: {op} on the side stream needs a contiguous input",
+                self.describe()
+            );
+        }
+        Ok(())
     }
 
     fn on_gpu(&self, t: &Tensor) -> bool {
         matches!(t.device(), Device::Cuda(_))
     }
 
-    /// The communicator, for one NCCL call (which is progress for the watchdog).
-    fn lock(&self) -> std::sync::MutexGuard<'_, Comm> {
+    /// The communicator, for one NCCL call (which is progress for the watchdog). A side
+    /// stream first waits for the compute stream's work so far (the producers of the input,
+    /// the allocation of the output).
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Comm>> {
         crate::parallel::watchdog::beat();
-        self.comm.0.lock().unwrap_or_else(|p| p.into_inner())
+        if let Some(side) = &self.side {
+            side.join(&self.device.cuda_stream())
+                .map_err(|e| nccl_err(format!("{}: side stream wait", self.describe()), e))?;
+        }
+        Ok(self.comm.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -165,6 +219,7 @@ impl Communicator for NcclGroup {
         if !self.on_gpu(t) || self.size() == 1 {
             return self.cpu.all_reduce(t, op);
         }
+        self.check_side_input(t, "all_reduce")?;
         let nop = match op {
             ReduceOp::Sum => NcclOp::Sum,
             ReduceOp::Max => NcclOp::Max,
@@ -173,7 +228,7 @@ impl Communicator for NcclGroup {
         by_dtype!(t.dtype(), T, {
             let mut out = alloc::<T>(&self.device, n)?;
             with_slice::<T, _>(t, |src| {
-                self.lock()
+                self.lock()?
                     .all_reduce(&src, &mut out, &nop)
                     .map_err(|e| nccl_err(self.describe(), e))?;
                 Ok(())
@@ -200,13 +255,17 @@ impl Communicator for NcclGroup {
         let stacked = by_dtype!(t.dtype(), T, {
             let mut out = alloc::<T>(&self.device, n * size)?;
             with_slice::<T, _>(t, |src| {
-                self.lock().all_gather(&src, &mut out).map_err(|e| nccl_err(self.describe(), e))?;
+                self.lock()?
+                    .all_gather(&src, &mut out)
+                    .map_err(|e| nccl_err(self.describe(), e))?;
                 Ok(())
             })?;
             let mut dims = vec![size];
             dims.extend_from_slice(t.dims());
             wrap(out, &self.device, dims)
         });
+        // Only all-reduce and reduce-scatter over dim 0 run asynchronously on a side stream.
+        self.join_compute()?;
         if dim == 0 {
             let mut dims = t.dims().to_vec();
             dims[0] *= size;
@@ -233,10 +292,11 @@ impl Communicator for NcclGroup {
         let n = front.elem_count() / size;
         let mut chunk_dims = front.dims().to_vec();
         chunk_dims[0] /= size;
+        self.check_side_input(t, "reduce_scatter")?;
         let out = by_dtype!(t.dtype(), T, {
             let mut out = alloc::<T>(&self.device, n)?;
             with_slice::<T, _>(&front, |src| {
-                self.lock()
+                self.lock()?
                     .reduce_scatter(&src, &mut out, &NcclOp::Sum)
                     .map_err(|e| nccl_err(self.describe(), e))?;
                 Ok(())
@@ -246,6 +306,7 @@ impl Communicator for NcclGroup {
         if dim == 0 {
             Ok(out)
         } else {
+            self.join_compute()?;
             out.transpose(0, dim)?.contiguous()
         }
     }
@@ -259,11 +320,12 @@ impl Communicator for NcclGroup {
             let mut out = alloc::<T>(&self.device, n)?;
             with_slice::<T, _>(t, |src| {
                 let send = (self.rank() == root).then_some(&src);
-                self.lock()
+                self.lock()?
                     .broadcast(send, &mut out, root as i32)
                     .map_err(|e| nccl_err(self.describe(), e))?;
                 Ok(())
             })?;
+            self.join_compute()?;
             Ok(wrap(out, &self.device, t.shape().clone()))
         })
     }
@@ -274,8 +336,9 @@ impl Communicator for NcclGroup {
         }
         by_dtype!(t.dtype(), T, {
             with_slice::<T, _>(t, |src| {
-                self.lock().send(&src, dst as i32).map_err(|e| nccl_err(self.describe(), e))
-            })
+                self.lock()?.send(&src, dst as i32).map_err(|e| nccl_err(self.describe(), e))
+            })?;
+            self.join_compute()
         })
     }
 
@@ -285,7 +348,8 @@ impl Communicator for NcclGroup {
         }
         by_dtype!(dtype, T, {
             let mut out = alloc::<T>(&self.device, shape.elem_count())?;
-            self.lock().recv(&mut out, src as i32).map_err(|e| nccl_err(self.describe(), e))?;
+            self.lock()?.recv(&mut out, src as i32).map_err(|e| nccl_err(self.describe(), e))?;
+            self.join_compute()?;
             Ok(wrap(out, &self.device, shape.clone()))
         })
     }
@@ -306,7 +370,7 @@ impl Communicator for NcclGroup {
         if !matches!(device, Device::Cuda(_)) || !all_gpu {
             return super::send_then_recv(self, sends, recvs, device);
         }
-        let comm = self.lock();
+        let comm = self.lock()?;
         let what = || format!("{} exchange", self.describe());
         // One NCCL group: nothing is enqueued before group_end, which launches every transfer
         // together; the send buffers stay alive (held by the caller) until the stream runs it.
@@ -333,6 +397,21 @@ impl Communicator for NcclGroup {
         let ended = nccl_result::group_end().map_err(|e| nccl_err(what(), e));
         let got = issued?;
         ended?;
+        drop(comm);
+        self.join_compute()?;
         Ok(got)
+    }
+
+    fn enqueues_only(&self) -> bool {
+        self.side.is_some()
+    }
+
+    fn join_compute(&self) -> Result<()> {
+        if let Some(side) = &self.side {
+            self.device.cuda_stream().join(side).map_err(|e| {
+                nccl_err(format!("{}: joining the side stream", self.describe()), e)
+            })?;
+        }
+        Ok(())
     }
 }

@@ -1,9 +1,7 @@
-//! Runs one collective per bucket, optionally on a communication thread.
-//!
-//! candle's `backward()` returns every gradient at once, so a bucket's reduction cannot start
-//! while backward is still running (megatron-core's hook-driven overlap). What can overlap is
-//! the work around the collectives: with `overlap` the main thread packs bucket i+1 (and
-//! unpacks finished buckets) while the communication thread reduces bucket i.
+//! Runs one collective per bucket, optionally on a communication thread: the distributed
+//! optimizer's parameter all-gathers (`overlap_param_gather`), where the main thread writes
+//! back bucket i while the communication thread gathers bucket i+1. (Gradient reduction has
+//! its own overlap, started during backward: [`super::overlap`].)
 
 use std::sync::mpsc;
 

@@ -3,9 +3,11 @@
 
 use candle_core::{Device, Result, Tensor};
 
+use std::sync::Arc;
+
 use super::buckets::{Buffer, BufferLayout};
-use super::pipeline::run_buckets;
-use crate::parallel::comm::{Communicator, ReduceOp};
+use super::overlap::{BackwardOverlap, Collective};
+use crate::parallel::comm::Communicator;
 use crate::train::grads::GradAccumulator;
 use crate::train::optimizer::master_dtype;
 
@@ -23,21 +25,33 @@ pub struct ReduceScaling {
     pub post: f64,
 }
 
-/// Reduces an accumulator's gradients over the data-parallel group, bucket by bucket.
+/// Reduces an accumulator's gradients over the data-parallel group, bucket by bucket: one
+/// collective after another on the DP group, or (`ddp.overlap_grad_reduce`) on a group of
+/// their own, started during backward where possible ([`BackwardOverlap`]).
 #[derive(Debug, Clone)]
 pub struct GradReducer {
     layout: BufferLayout,
-    /// `ddp.overlap_grad_reduce`: run the collectives on a communication thread.
-    overlap: bool,
+    overlap: Option<Arc<BackwardOverlap>>,
 }
 
 impl GradReducer {
-    pub fn new(layout: BufferLayout, overlap: bool) -> Self {
-        Self { layout, overlap }
+    /// Collectives one after the other on the group passed to each reduction.
+    pub fn new(layout: BufferLayout) -> Self {
+        Self { layout, overlap: None }
+    }
+
+    /// Collectives through `overlap` (built on the same layout).
+    pub fn overlapped(layout: BufferLayout, overlap: Arc<BackwardOverlap>) -> Self {
+        Self { layout, overlap: Some(overlap) }
     }
 
     pub fn layout(&self) -> &BufferLayout {
         &self.layout
+    }
+
+    /// The overlap state the training step feeds (None without overlap).
+    pub fn overlap(&self) -> Option<&Arc<BackwardOverlap>> {
+        self.overlap.as_ref()
     }
 
     /// Sums every gradient over `dp` in place (replicated optimizer).
@@ -47,31 +61,16 @@ impl GradReducer {
         dp: &dyn Communicator,
         s: ReduceScaling,
     ) -> Result<()> {
-        let device = first_device(acc);
-        let mut grads = take_grads(acc);
-        let mut reduced: Vec<Option<Tensor>> = vec![None; grads.len()];
-        let buckets = self.layout.buckets();
-        let (pre, post) = factors(dp.size(), s);
-        run_buckets(
-            buckets.len(),
-            self.overlap,
-            |i| {
-                let (b, k) = buckets[i];
-                pack(&self.layout.buffers[b], k, &mut grads, &device, pre)
-            },
-            |t| dp.all_reduce(t, ReduceOp::Sum),
-            |i, flat| {
-                let (b, k) = buckets[i];
-                let buf = &self.layout.buffers[b];
-                let bucket = &buf.buckets[k];
-                let flat = finish(flat, buf, post)?;
-                for span in &buf.params[bucket.params.clone()] {
-                    let g = flat.narrow(0, span.start - bucket.range.start, span.numel)?;
-                    reduced[span.index] = Some(g.reshape(span.dims.as_slice())?);
-                }
-                Ok(())
-            },
-        )?;
+        let flats = self.reduce_buckets(acc, dp, s, Collective::AllReduce)?;
+        let mut reduced: Vec<Option<Tensor>> = vec![None; acc.iter().count()];
+        for (&(b, k), flat) in self.layout.buckets().iter().zip(flats) {
+            let buf = &self.layout.buffers[b];
+            let bucket = &buf.buckets[k];
+            for span in &buf.params[bucket.params.clone()] {
+                let g = flat.narrow(0, span.start - bucket.range.start, span.numel)?;
+                reduced[span.index] = Some(g.reshape(span.dims.as_slice())?);
+            }
+        }
         for ((_, slot), g) in acc.iter_mut().zip(reduced) {
             *slot = g;
         }
@@ -87,48 +86,53 @@ impl GradReducer {
         dp: &dyn Communicator,
         s: ReduceScaling,
     ) -> Result<Vec<Tensor>> {
-        let device = first_device(acc);
-        let mut grads = take_grads(acc);
+        self.reduce_buckets(acc, dp, s, Collective::ReduceScatter)
+    }
+
+    /// Every bucket's collective result in [`BufferLayout::buckets`] order, in the master
+    /// dtype and multiplied by the post factor. The accumulator's gradients are consumed:
+    /// each is dropped as soon as its bucket is packed, so a step never holds the
+    /// per-parameter gradients and all the reduced buckets at once (for an 8B model's f32
+    /// gradients under TP 2, ZeRO-1 over DP 2, about 8 GB).
+    fn reduce_buckets(
+        &self,
+        acc: &mut GradAccumulator,
+        dp: &dyn Communicator,
+        s: ReduceScaling,
+        kind: Collective,
+    ) -> Result<Vec<Tensor>> {
         let buckets = self.layout.buckets();
         let (pre, post) = factors(dp.size(), s);
-        let mut shards = Vec::with_capacity(buckets.len());
-        run_buckets(
-            buckets.len(),
-            self.overlap,
-            |i| {
-                let (b, k) = buckets[i];
-                pack(&self.layout.buffers[b], k, &mut grads, &device, pre)
-            },
-            |t| dp.reduce_scatter(t, 0),
-            |i, shard| {
-                let (b, _) = buckets[i];
-                shards.push(finish(shard, &self.layout.buffers[b], post)?);
-                Ok(())
-            },
-        )?;
-        Ok(shards)
+        let flats = match &self.overlap {
+            Some(o) => o.finish(acc, kind, pre, dp)?,
+            None => {
+                let device = acc.iter().next().map_or(Device::Cpu, |(v, _)| v.device().clone());
+                let mut grads: Vec<Option<Tensor>> =
+                    acc.iter_mut().map(|(_, g)| g.take()).collect();
+                let mut flats = Vec::with_capacity(buckets.len());
+                for &(b, k) in &buckets {
+                    let t = pack(&self.layout.buffers[b], k, &mut grads, &device, pre)?;
+                    flats.push(kind.run(dp, &t)?);
+                }
+                flats
+            }
+        };
+        flats
+            .into_iter()
+            .zip(&buckets)
+            .map(|(t, &(b, _))| finish(t, &self.layout.buffers[b], post))
+            .collect()
     }
 }
 
 /// (factor before the collective, factor after it).
-fn factors(dp: usize, s: ReduceScaling) -> (f64, f64) {
+pub(crate) fn factors(dp: usize, s: ReduceScaling) -> (f64, f64) {
     let inv = if s.average { 1.0 / dp as f64 } else { 1.0 };
     if s.average_in_collective {
         (1.0, inv * s.post)
     } else {
         (inv, s.post)
     }
-}
-
-fn first_device(acc: &GradAccumulator) -> Device {
-    acc.iter().next().map_or(Device::Cpu, |(v, _)| v.device().clone())
-}
-
-/// The accumulator's gradients, moved out of it: each is dropped as soon as its bucket is
-/// packed, so a step never holds the per-parameter gradients and all the reduced buckets at
-/// once (for an 8B model's f32 gradients under TP 2, ZeRO-1 over DP 2, about 8 GB).
-fn take_grads(acc: &mut GradAccumulator) -> Vec<Option<Tensor>> {
-    acc.iter_mut().map(|(_, g)| g.take()).collect()
 }
 
 /// The bucket's gradients as one flat tensor in the reduction dtype, zeros in the gaps and
@@ -186,7 +190,8 @@ mod tests {
 
     /// Two in-process ranks with different gradients: every bucket's reduce-scatter shard is
     /// the sum of both ranks' gradients at this rank's offsets (whatever the bucket size and
-    /// overlap), and the accumulator is empty afterwards (its gradients were consumed bucket
+    /// whether the collectives run on the overlap's communication thread), and the
+    /// accumulator is empty afterwards (its gradients were consumed bucket
     /// by bucket, not kept beside the shards).
     #[test]
     fn reduce_scatter_sums_shards_and_consumes_the_gradients() {
@@ -219,7 +224,23 @@ mod tests {
                 }
                 acc.accumulate(&store)?;
                 drop(store);
-                let reducer = GradReducer::new(layout.clone(), overlap);
+                let reducer = if overlap {
+                    let comm = Arc::new(world.group(rank, "dp_cp_grads", &[0, 1])?);
+                    let named: Vec<(String, Var)> =
+                        vars.iter().map(|v| (String::new(), v.clone())).collect();
+                    let o = BackwardOverlap::new(
+                        layout.clone(),
+                        &named,
+                        vec![false; 3],
+                        comm,
+                        Collective::ReduceScatter,
+                        1.0,
+                    );
+                    o.begin_step(1)?;
+                    GradReducer::overlapped(layout.clone(), Arc::new(o))
+                } else {
+                    GradReducer::new(layout.clone())
+                };
                 let scaling =
                     ReduceScaling { average_in_collective: false, average: false, post: 1.0 };
                 let shards = reducer.reduce_scatter(&mut acc, &dp, scaling)?;
