@@ -18,7 +18,8 @@ run() {
 run cpu_f32 --device cpu
 run gpu1_f32 --device cuda
 run gpu2_dp_zero1_f32 --device cuda --nproc-per-node 2 --master-port 29611 \
-  ddp.use_distributed_optimizer=true ddp.overlap_grad_reduce=true ++ddp.bucket_size=6000
+  ddp.use_distributed_optimizer=true ddp.overlap_grad_reduce=true ddp.overlap_param_gather=true \
+  ++ddp.bucket_size=6000
 run gpu2_dp_f32 --device cuda --nproc-per-node 2 --master-port 29621 \
   ddp.overlap_grad_reduce=true ++ddp.bucket_size=6000
 run gpu2_tp_f32 --device cuda --nproc-per-node 2 --master-port 29631 model.tensor_model_parallel_size=2

@@ -120,7 +120,7 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
             timeout,
             &device,
             nccl,
-            fin.cfg.ddp.overlap_grad_reduce,
+            fin.cfg.ddp.overlap_grad_reduce || fin.cfg.ddp.overlap_param_gather,
         )?)
     } else {
         None

@@ -28,10 +28,11 @@ pub struct ProcessGroups {
     pub dp: Arc<dyn Communicator>,
     /// Data × context parallel group (gradient reduction when cp > 1).
     pub dp_cp: Arc<dyn Communicator>,
-    /// The data × context parallel ranks again, as a communicator of their own for gradient
-    /// buckets reduced while backward runs (`ddp.overlap_grad_reduce`): those collectives are
-    /// in flight while the training thread uses [`Self::dp_cp`] (over NCCL it runs on a
-    /// stream of its own). None when the run does not overlap the reduction.
+    /// The data × context parallel ranks again, as a communicator of their own for bucket
+    /// collectives in flight while the training thread goes on: gradients reduced during
+    /// backward (`ddp.overlap_grad_reduce`), parameters gathered during the distributed
+    /// optimizer's step (`ddp.overlap_param_gather`). Over NCCL it runs on a stream of its
+    /// own. None when the run overlaps neither.
     pub dp_cp_grads: Option<Arc<dyn Communicator>>,
     /// Pipeline group (stage-to-stage activations and their gradients; group rank = stage).
     pub pp: Arc<dyn Communicator>,
@@ -123,15 +124,15 @@ impl ProcessGroups {
     /// Like [`Self::connect_tcp`], with NCCL communicators for CUDA tensors when `device` is
     /// CUDA and `nccl` (`dist.distributed_backend = "nccl"`, `cuda` builds): the TCP world then
     /// carries the NCCL ids and CPU-side values. With `gloo`, CUDA tensors travel through the
-    /// TCP backend via host memory. `overlap_grad_reduce`: build [`Self::dp_cp_grads`] (over
-    /// NCCL a communicator on a side stream, which costs its buffers' GPU memory).
+    /// TCP backend via host memory. `overlap_buckets`: build [`Self::dp_cp_grads`] (over NCCL
+    /// a communicator on a side stream, which costs its buffers' GPU memory).
     pub fn connect(
         env: &DistEnv,
         topology: Topology,
         timeout: Duration,
         device: &candle_core::Device,
         nccl: bool,
-        overlap_grad_reduce: bool,
+        overlap_buckets: bool,
     ) -> Result<Self> {
         let world = Self::join_tcp(env, &topology, timeout)?;
         if !device.is_cuda() || !nccl {
@@ -140,7 +141,7 @@ impl ProcessGroups {
         #[cfg(feature = "cuda")]
         {
             let rank = world.rank();
-            let grads_group = overlap_grad_reduce && topology.dp() * topology.cp() > 1;
+            let grads_group = overlap_buckets && topology.dp() * topology.cp() > 1;
             let groups = Self::new(topology, rank, grads_group, |name, members| {
                 let cpu = world.group(name, members)?;
                 if name == CKPT_GROUP {
@@ -164,7 +165,7 @@ impl ProcessGroups {
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = overlap_grad_reduce;
+            let _ = overlap_buckets;
             anyhow::bail!("a CUDA device needs an mbridge built with --features cuda")
         }
     }

@@ -10,6 +10,7 @@
 //! checkpoint loads into any DP size and into either optimizer.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor, TensorId, Var};
 
@@ -19,8 +20,7 @@ use super::optimizer::{
 };
 use super::optimizer_state::OptimizerState;
 use crate::parallel::comm::Communicator;
-use crate::parallel::ddp::pipeline::run_buckets;
-use crate::parallel::ddp::{BufferLayout, ShardSlice};
+use crate::parallel::ddp::{BufferLayout, Collective, Flights, ShardSlice};
 
 /// One model parameter as the optimizer sees it.
 #[derive(Debug, Clone)]
@@ -38,8 +38,10 @@ pub struct DistributedOptimizer {
     /// One parameter per slice, in `slices` order; its variables are the master values.
     inner: Optimizer,
     dp_rank: usize,
-    /// `overlap_param_gather`: all-gathers run on a communication thread.
-    overlap_param_gather: bool,
+    /// `overlap_param_gather`: a bucket's all-gather starts as soon as this rank's slices of
+    /// it are updated, on a communicator of its own, while the step goes on with the next
+    /// buckets. None: the all-gathers follow the step on the DP group.
+    gathers: Option<Flights>,
 }
 
 /// Gradient of every slice variable: a view into its bucket's reduced shard.
@@ -60,7 +62,7 @@ impl DistributedOptimizer {
         params: Vec<(String, Var)>,
         layout: BufferLayout,
         dp_rank: usize,
-        overlap_param_gather: bool,
+        overlap_param_gather: Option<Arc<dyn Communicator>>,
     ) -> Result<Self, OptimError> {
         let params: Vec<ModelParam> =
             params.into_iter().map(|(name, var)| ModelParam { name, var }).collect();
@@ -76,7 +78,8 @@ impl DistributedOptimizer {
             inner_params.push((name, Var::from_tensor(&value)?, wd));
         }
         let inner = Optimizer::with_wd_mults(algorithm, inner_params)?;
-        Ok(Self { layout, params, slices, inner, dp_rank, overlap_param_gather })
+        let gathers = overlap_param_gather.map(|c| Flights::new(c, Collective::AllGather));
+        Ok(Self { layout, params, slices, inner, dp_rank, gathers })
     }
 
     /// The model variables, in the optimizer's order (for the gradient accumulator).
@@ -107,8 +110,9 @@ impl DistributedOptimizer {
     }
 
     /// One optimizer step of this rank's shards with the reduced gradient shards times
-    /// `grad_scale` (clipping coefficient / fp16 loss scale), then the all-gather of the updated parameters
-    /// into the model over `dp`.
+    /// `grad_scale` (clipping coefficient / fp16 loss scale), then the all-gather of the
+    /// updated parameters into the model over `dp` (with `overlap_param_gather`, over the
+    /// gathers' own communicator, each bucket's starting as soon as its slices are updated).
     pub fn step(
         &mut self,
         shards: &[Tensor],
@@ -123,65 +127,90 @@ impl DistributedOptimizer {
             let k = bucket_index(&buckets, s);
             grads.insert(p.var.id(), shards[k].narrow(0, s.shard_offset, s.len)?);
         }
-        self.inner.step_scaled(&SliceGrads(grads), lr, wd, grad_scale)?;
-        self.gather_params(dp)
+        let grads = SliceGrads(grads);
+        let device = self.device();
+        let Some(flights) = self.gathers.as_mut() else {
+            self.inner.step_scaled(&grads, lr, wd, grad_scale)?;
+            let values: Vec<Tensor> =
+                self.inner.params().iter().map(|p| p.master_value()).collect();
+            let mut gathered = Vec::with_capacity(buckets.len());
+            for (i, &(b, _)) in buckets.iter().enumerate() {
+                let dtype = self.layout.buffers[b].param_dtype;
+                let shard = shard_tensor(&self.layout, &self.slices, &device, i, dtype, |j| {
+                    values[j].to_dtype(dtype)
+                })?;
+                gathered.push((i, dp.all_gather(&shard, 0)?));
+            }
+            return self.write_back(gathered);
+        };
+        // The updates run in the inner optimizer's order: a bucket is complete after the
+        // update of its last slice in that order.
+        let mut last = vec![None; buckets.len()];
+        for (j, s) in self.slices.iter().enumerate() {
+            last[bucket_index(&buckets, s)] = Some(j);
+        }
+        let mut completes: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, j) in last.iter().enumerate() {
+            if let Some(j) = j {
+                completes.entry(*j).or_default().push(i);
+            }
+        }
+        let (layout, slices) = (&self.layout, &self.slices);
+        let mut values: Vec<Option<Tensor>> = vec![None; slices.len()];
+        let mut start = |i: usize, values: &[Option<Tensor>]| -> candle_core::Result<()> {
+            let dtype = layout.buffers[buckets[i].0].param_dtype;
+            let shard = shard_tensor(layout, slices, &device, i, dtype, |j| {
+                values[j].clone().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("slice {j} was not updated before its gather"))
+                })
+            })?;
+            flights.start(i, shard)
+        };
+        self.inner.step_scaled_each(&grads, lr, wd, grad_scale, &mut |j, p| {
+            let dtype = layout.buffers[slices[j].buffer].param_dtype;
+            values[j] = Some(p.master_value().to_dtype(dtype)?);
+            for &i in completes.get(&j).map_or(&[][..], Vec::as_slice) {
+                start(i, &values)?;
+            }
+            Ok(())
+        })?;
+        // Buckets of which this rank holds no slice (all padding) start last.
+        for (i, j) in last.iter().enumerate() {
+            if j.is_none() {
+                start(i, &values)?;
+            }
+        }
+        let gathered = flights.collect()?;
+        self.write_back(gathered)
     }
 
-    /// Writes every rank's updated shards into the model variables (all-gather per bucket).
-    fn gather_params(&self, dp: &dyn Communicator) -> anyhow::Result<()> {
-        let values: Vec<Tensor> = self.inner.params().iter().map(|p| p.master_value()).collect();
+    fn device(&self) -> Device {
+        self.params.first().map_or(Device::Cpu, |p| p.var.device().clone())
+    }
+
+    /// Copies every gathered bucket `(i, full)` into the model variables.
+    fn write_back(&self, gathered: Vec<(usize, Tensor)>) -> anyhow::Result<()> {
         let buckets = self.layout.buckets();
-        run_buckets(
-            buckets.len(),
-            self.overlap_param_gather,
-            |i| {
-                let (b, _) = buckets[i];
-                let dtype = self.layout.buffers[b].param_dtype;
-                self.shard_tensor(i, dtype, |j| values[j].to_dtype(dtype))
-            },
-            |t| dp.all_gather(t, 0),
-            |i, full| {
-                let (b, k) = buckets[i];
-                let buf = &self.layout.buffers[b];
-                let bucket = &buf.buckets[k];
-                for span in &buf.params[bucket.params.clone()] {
-                    let v = full.narrow(0, span.start - bucket.range.start, span.numel)?;
-                    self.params[span.index].var.set(&v.reshape(span.dims.as_slice())?)?;
-                }
-                Ok(())
-            },
-        )?;
+        for (i, full) in gathered {
+            let (b, k) = buckets[i];
+            let buf = &self.layout.buffers[b];
+            let bucket = &buf.buckets[k];
+            for span in &buf.params[bucket.params.clone()] {
+                let v = full.narrow(0, span.start - bucket.range.start, span.numel)?;
+                self.params[span.index].var.set(&v.reshape(span.dims.as_slice())?)?;
+            }
+        }
         Ok(())
     }
 
-    /// This rank's shard of bucket `i` as a flat tensor of `dtype`: `value(j)` for slice j,
-    /// zeros in the gaps.
+    /// This rank's shard of bucket `i` as a flat tensor of `dtype` (see [`shard_tensor`]).
     fn shard_tensor(
         &self,
         i: usize,
         dtype: candle_core::DType,
         value: impl Fn(usize) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let buckets = self.layout.buckets();
-        let (b, k) = buckets[i];
-        let shard_len = self.layout.buffers[b].buckets[k].len() / self.layout.dp;
-        let device = self.params.first().map_or(Device::Cpu, |p| p.var.device().clone());
-        let mut parts = Vec::new();
-        let mut at = 0;
-        for (j, s) in self.slices.iter().enumerate() {
-            if (s.buffer, s.bucket) != (b, k) {
-                continue;
-            }
-            if s.shard_offset > at {
-                parts.push(Tensor::zeros(s.shard_offset - at, dtype, &device)?);
-            }
-            parts.push(value(j)?.flatten_all()?);
-            at = s.shard_offset + s.len;
-        }
-        if shard_len > at {
-            parts.push(Tensor::zeros(shard_len - at, dtype, &device)?);
-        }
-        Tensor::cat(&parts, 0)
+        shard_tensor(&self.layout, &self.slices, &self.device(), i, dtype, value)
     }
 
     /// The full optimizer state in the replicated optimizer's format (names, shapes and order
@@ -324,6 +353,36 @@ impl DistributedOptimizer {
     pub fn shard_states(&self) -> &[ParamState] {
         self.inner.params()
     }
+}
+
+/// This rank's shard of bucket `i` as a flat tensor of `dtype`: `value(j)` for slice j,
+/// zeros in the gaps.
+fn shard_tensor(
+    layout: &BufferLayout,
+    slices: &[ShardSlice],
+    device: &Device,
+    i: usize,
+    dtype: candle_core::DType,
+    value: impl Fn(usize) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (b, k) = layout.buckets()[i];
+    let shard_len = layout.buffers[b].buckets[k].len() / layout.dp;
+    let mut parts = Vec::new();
+    let mut at = 0;
+    for (j, s) in slices.iter().enumerate() {
+        if (s.buffer, s.bucket) != (b, k) {
+            continue;
+        }
+        if s.shard_offset > at {
+            parts.push(Tensor::zeros(s.shard_offset - at, dtype, device)?);
+        }
+        parts.push(value(j)?.flatten_all()?);
+        at = s.shard_offset + s.len;
+    }
+    if shard_len > at {
+        parts.push(Tensor::zeros(shard_len - at, dtype, device)?);
+    }
+    Tensor::cat(&parts, 0)
 }
 
 fn first_moment_suffix(a: &Algorithm) -> &'static str {

@@ -83,19 +83,17 @@ pub fn build(
         }
         None => GradReducer::new(layout.clone()),
     };
-    // Not on CUDA: candle's device stream is CUDA's per-thread default stream, so NCCL calls
-    // made from a communication thread would run on that thread's stream, unordered with the
-    // main thread's kernels (the first 2-GPU run showed exactly that: a wrong grad norm,
-    // then a hang).
-    let overlap_gather =
-        (cfg.ddp.overlap_param_gather || cfg.optimizer.overlap_param_gather) && !on_cuda;
+    let overlap_gather = (cfg.ddp.overlap_param_gather || cfg.optimizer.overlap_param_gather)
+        .then(|| g.dp_cp_grads.clone())
+        .flatten()
+        .filter(|_| dp > 1);
     let optimizer = if distributed {
         let d = DistributedOptimizer::new(
             algorithm,
             named,
             layout.clone(),
             grads_group.rank(),
-            overlap_gather,
+            overlap_gather.clone(),
         )?;
         if grads_group.rank() == 0 && g.coords.tp == 0 {
             println!(
@@ -126,11 +124,18 @@ pub fn build(
                 }
                 (None, _) => "buckets are reduced one after the other",
             },
-            if distributed && overlap_gather {
-                "; parameter all-gathers run on a communication thread while earlier buckets are \
-                 written back, right after the optimizer step (not overlapped with the next forward)"
-            } else {
-                ""
+            match (distributed && overlap_gather.is_some(), on_cuda) {
+                (true, true) => {
+                    "; each bucket's parameter all-gather starts as soon as its shard is updated, \
+                     during the optimizer step (NCCL on the same side stream; not overlapped with \
+                     the next forward)"
+                }
+                (true, false) => {
+                    "; each bucket's parameter all-gather starts as soon as its shard is updated, \
+                     during the optimizer step, on a communication thread (not overlapped with \
+                     the next forward)"
+                }
+                (false, _) => "",
             }
         );
     }

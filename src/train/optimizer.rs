@@ -294,6 +294,20 @@ impl Optimizer {
         wd: f64,
         grad_scale: Option<f64>,
     ) -> Result<(), OptimError> {
+        self.step_scaled_each(grads, lr, wd, grad_scale, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::step_scaled`], calling `after(i, param)` once parameter `i` (in [`Self::params`]
+    /// order) is updated, so a caller can start using the updated values (the distributed
+    /// optimizer's parameter all-gathers) while the later parameters are still stepping.
+    pub fn step_scaled_each<G: GradSource + ?Sized>(
+        &mut self,
+        grads: &G,
+        lr: f64,
+        wd: f64,
+        grad_scale: Option<f64>,
+        after: &mut dyn FnMut(usize, &ParamState) -> candle_core::Result<()>,
+    ) -> Result<(), OptimError> {
         // Check every gradient first so a bad one leaves the optimizer and model untouched.
         for p in &self.params {
             if let Some(g) = grads.grad_of(&p.var) {
@@ -309,9 +323,10 @@ impl Optimizer {
         self.steps += 1;
         let t = self.steps as f64;
         let algorithm = self.algorithm;
-        for p in &mut self.params {
+        for (i, p) in self.params.iter_mut().enumerate() {
             if let Algorithm::Adam(c) = algorithm {
                 if fused_adam(p, grads.grad_of(&p.var), lr, wd, t, &c, grad_scale)? {
+                    after(i, p)?;
                     continue;
                 }
             }
@@ -334,6 +349,7 @@ impl Optimizer {
             } else {
                 p.var.set(&new_param)?;
             }
+            after(i, p)?;
         }
         Ok(())
     }

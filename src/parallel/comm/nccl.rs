@@ -241,6 +241,7 @@ impl Communicator for NcclGroup {
         if !self.on_gpu(t) || self.size() == 1 {
             return self.cpu.all_gather(t, dim);
         }
+        self.check_side_input(t, "all_gather")?;
         if dim >= t.rank() {
             candle_core::bail!(
                 "{}: all_gather dim {dim} out of range for {:?}",
@@ -264,13 +265,16 @@ impl Communicator for NcclGroup {
             dims.extend_from_slice(t.dims());
             wrap(out, &self.device, dims)
         });
-        // Only all-reduce and reduce-scatter over dim 0 run asynchronously on a side stream.
-        self.join_compute()?;
         if dim == 0 {
+            // A view: nothing runs on the compute stream, so a side stream's gather stays in
+            // flight until `join_compute`.
             let mut dims = t.dims().to_vec();
             dims[0] *= size;
             return stacked.reshape(dims);
         }
+        // Only collectives over dim 0 stay in flight on a side stream: the concatenation
+        // below reads the output on the compute stream.
+        self.join_compute()?;
         let parts: Vec<Tensor> = (0..size).map(|r| stacked.get(r)).collect::<Result<_>>()?;
         Tensor::cat(&parts, dim)
     }

@@ -19,129 +19,17 @@
 //! [`RecomputeGrads`]: crate::model::recompute::RecomputeGrads
 
 use std::collections::HashMap;
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Result, Tensor, TensorId, Var};
 
 use super::buckets::BufferLayout;
+use super::flights::{Collective, Flights};
 use super::reducer::pack;
 use crate::model::recompute::PushObserver;
 use crate::parallel::comm::{Communicator, ReduceOp};
 use crate::train::grads::GradAccumulator;
-
-/// The collective a bucket gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Collective {
-    /// Replicated optimizer: every rank gets the sum.
-    AllReduce,
-    /// Distributed optimizer: every rank gets its shard of the sum.
-    ReduceScatter,
-}
-
-impl Collective {
-    pub(super) fn run(self, comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
-        match self {
-            Collective::AllReduce => comm.all_reduce(t, ReduceOp::Sum),
-            Collective::ReduceScatter => comm.reduce_scatter(t, 0),
-        }
-    }
-}
-
-/// A thread that runs collectives of a computing (CPU) communicator in submission order.
-struct Worker {
-    jobs: Option<Sender<Tensor>>,
-    results: Receiver<Result<Tensor>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Worker {
-    fn start(comm: Arc<dyn Communicator>, kind: Collective) -> Self {
-        let (jobs, inbox) = channel::<Tensor>();
-        let (done, results) = channel();
-        let thread = std::thread::Builder::new()
-            .name("grad-reduce".into())
-            .spawn(move || {
-                for t in inbox {
-                    if done.send(kind.run(&*comm, &t)).is_err() {
-                        break;
-                    }
-                }
-            })
-            .expect("spawning the gradient reduction thread");
-        Self { jobs: Some(jobs), results, thread: Some(thread) }
-    }
-
-    fn gone() -> candle_core::Error {
-        candle_core::Error::Msg("the gradient reduction thread stopped".into())
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A started collective.
-enum Flight {
-    /// Enqueued on the group's own stream: the input stays alive until the compute stream
-    /// has joined that stream.
-    Enqueued { _input: Tensor, output: Tensor },
-    /// Submitted to the worker, whose results come back in submission order.
-    OnWorker,
-}
-
-/// Collectives started and not yet collected.
-struct Flights {
-    comm: Arc<dyn Communicator>,
-    kind: Collective,
-    worker: Option<Worker>,
-    /// (bucket, flight) in start order.
-    started: Vec<(usize, Flight)>,
-}
-
-impl Flights {
-    fn new(comm: Arc<dyn Communicator>, kind: Collective) -> Self {
-        let worker = (!comm.enqueues_only()).then(|| Worker::start(comm.clone(), kind));
-        Self { comm, kind, worker, started: Vec::new() }
-    }
-
-    fn start(&mut self, bucket: usize, t: Tensor) -> Result<()> {
-        let flight = match &self.worker {
-            None => Flight::Enqueued { output: self.kind.run(&*self.comm, &t)?, _input: t },
-            Some(w) => {
-                w.jobs.as_ref().ok_or_else(Worker::gone)?.send(t).map_err(|_| Worker::gone())?;
-                Flight::OnWorker
-            }
-        };
-        self.started.push((bucket, flight));
-        Ok(())
-    }
-
-    /// Every started collective's result, as (bucket, tensor) in start order.
-    fn collect(&mut self) -> Result<Vec<(usize, Tensor)>> {
-        let started = std::mem::take(&mut self.started);
-        if self.worker.is_none() && !started.is_empty() {
-            self.comm.join_compute()?;
-        }
-        started
-            .into_iter()
-            .map(|(b, f)| match f {
-                Flight::Enqueued { output, .. } => Ok((b, output)),
-                Flight::OnWorker => {
-                    let w = self.worker.as_ref().ok_or_else(Worker::gone)?;
-                    Ok((b, w.results.recv().map_err(|_| Worker::gone())??))
-                }
-            })
-            .collect()
-    }
-}
 
 /// What the first step of a micro-batch count taught.
 struct Learned {
@@ -300,10 +188,10 @@ impl BackwardOverlap {
     ) -> Result<Vec<Tensor>> {
         let mut s = self.lock();
         let s = &mut *s;
-        if kind != s.flights.kind || pre != s.pre {
+        if kind != s.flights.kind() || pre != s.pre {
             candle_core::bail!(
                 "data-parallel overlap: set up for {:?} with factor {}, asked for {kind:?} with {pre}",
-                s.flights.kind,
+                s.flights.kind(),
                 s.pre
             );
         }

@@ -6,7 +6,8 @@ use candle_core::{Device, Result, Tensor};
 use std::sync::Arc;
 
 use super::buckets::{Buffer, BufferLayout};
-use super::overlap::{BackwardOverlap, Collective};
+use super::flights::Collective;
+use super::overlap::BackwardOverlap;
 use crate::parallel::comm::Communicator;
 use crate::train::grads::GradAccumulator;
 use crate::train::optimizer::master_dtype;
