@@ -361,6 +361,31 @@ impl TensorParallel {
         self.reduce_from_region(&part)?.reshape(out_shape)
     }
 
+    /// The `n` global `labels` as ids in this rank's vocabulary shard of `vl` rows (None where
+    /// the label lies in another rank's shard), checked against the whole vocabulary;
+    /// `logits_dims` names the logits in the error.
+    fn shard_labels(
+        &self,
+        labels: &Tensor,
+        logits_dims: &[usize],
+        n: usize,
+        vl: usize,
+    ) -> Result<Vec<Option<u32>>> {
+        let vocab = vl * self.size();
+        let host = labels.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        if host.len() != n {
+            candle_core::bail!("labels {:?} do not match logits {logits_dims:?}", labels.dims());
+        }
+        if let Some(&bad) = host.iter().find(|&&l| l as usize >= vocab) {
+            candle_core::bail!("label id {bad} out of range for vocabulary of size {vocab}");
+        }
+        let start = self.rank() * vl;
+        Ok(host
+            .iter()
+            .map(|&l| (l as usize).checked_sub(start).filter(|&i| i < vl).map(|i| i as u32))
+            .collect())
+    }
+
     /// Vocab-parallel masked cross-entropy (Megatron's `_VocabParallelCrossEntropy`) of
     /// local logits `[b, s, V/tp]` against global `labels` `[b, s]`, weighted by `loss_mask`;
     /// returns `(Σ mask·CE, Σ mask)` as [`crate::ops::masked_cross_entropy`] does, identical
@@ -376,29 +401,11 @@ impl TensorParallel {
             _ => logits.clone(),
         };
         let (b, s, vl) = logits.dims3()?;
-        let (n, vocab) = (b * s, vl * self.size());
-        let host = labels.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
-        if host.len() != n {
-            candle_core::bail!(
-                "labels {:?} do not match logits {:?}",
-                labels.dims(),
-                logits.dims()
-            );
-        }
-        if let Some(&bad) = host.iter().find(|&&l| l as usize >= vocab) {
-            candle_core::bail!("label id {bad} out of range for vocabulary of size {vocab}");
-        }
-        let start = self.rank() * vl;
-        let (local, keep): (Vec<u32>, Vec<f32>) = host
-            .iter()
-            .map(|&l| {
-                let l = l as usize;
-                if (start..start + vl).contains(&l) {
-                    ((l - start) as u32, 1.0)
-                } else {
-                    (0, 0.0)
-                }
-            })
+        let n = b * s;
+        let (local, keep): (Vec<u32>, Vec<f32>) = self
+            .shard_labels(labels, logits.dims(), n, vl)?
+            .into_iter()
+            .map(|l| l.map_or((0, 0.0), |i| (i, 1.0)))
             .unzip();
         let dev = logits.device();
         let x = logits.reshape((n, vl))?;
@@ -447,25 +454,10 @@ impl TensorParallel {
         labels: &Tensor,
     ) -> Result<(Tensor, VocabShardCe)> {
         let (n, vl) = logits.dims2()?;
-        let vocab = vl * self.size();
-        let host = labels.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
-        if host.len() != n {
-            candle_core::bail!(
-                "labels {:?} do not match logits {:?}",
-                labels.dims(),
-                logits.dims()
-            );
-        }
-        if let Some(&bad) = host.iter().find(|&&l| l as usize >= vocab) {
-            candle_core::bail!("label id {bad} out of range for vocabulary of size {vocab}");
-        }
-        let start = self.rank() * vl;
-        let (local, here): (Vec<u32>, Vec<u8>) = host
-            .iter()
-            .map(|&l| match (l as usize).checked_sub(start) {
-                Some(i) if i < vl => (i as u32, 1),
-                _ => (u32::MAX, 0),
-            })
+        let (local, here): (Vec<u32>, Vec<u8>) = self
+            .shard_labels(labels, logits.dims(), n, vl)?
+            .into_iter()
+            .map(|l| l.map_or((u32::MAX, 0), |i| (i, 1)))
             .unzip();
         let dev = logits.device();
         let labels = Tensor::from_vec(local, n, dev)?;
