@@ -29,7 +29,13 @@ g++ -std=c++17 -O2 -shared -fPIC scripts/bench/kernel_trace.cpp -I"$INC" ${CRT:+
 TRACE_ENV="CUDA_INJECTION64_PATH=$TRACER KERNEL_TRACE_ITERS=5 KERNEL_TRACE_TOP=${TOP:-60}"
 PROFILE=(profiling.use_nsys_profiler=true profiling.profile_step_start=3 profiling.profile_step_end=8)
 DP="${DP:-1}"
-if [ "$DP" -gt 1 ]; then DEVICE=(--device cuda --nproc-per-node "$DP"); else DEVICE=(--device cuda:0); fi
+if [ "$DP" -gt 1 ]; then
+  # Every rank profiles the same window, so each rank's table is per iteration.
+  RANKS=$(seq -s, 0 $((DP - 1)))
+  DEVICE=(--device cuda --nproc-per-node "$DP" "profiling.profile_ranks=[$RANKS]")
+else
+  DEVICE=(--device cuda:0)
+fi
 echo "== mbridge llama32_1b, seq 4096, micro batch 2, DP $DP $*: kernels per iteration"
 # shellcheck disable=SC2086
 env $TRACE_ENV "$BIN" pretrain --recipe llama32_1b "${DEVICE[@]}" \
