@@ -328,3 +328,49 @@ fn default_groups_and_missing_grads() {
     acc.clear();
     assert!(acc.grad_of(&b).is_none());
 }
+
+/// `step_scaled_each` reports every parameter once, in order, after its update (its master
+/// value is already the new one; matrix `b` has no gradient and moves by weight decay alone),
+/// and steps exactly like `step_scaled`.
+#[test]
+fn step_scaled_each_reports_each_updated_parameter_in_order() {
+    let make = || {
+        let params = ["a.weight", "b.weight", "c.weight"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let t = Tensor::new(&[[1.0f32 + i as f32, -2.0, 0.5]], &Device::Cpu).unwrap();
+                (n.to_string(), Var::from_tensor(&t).unwrap())
+            })
+            .collect();
+        Optimizer::new(Algorithm::Adam(AdamConfig::default()), params).unwrap()
+    };
+    let (mut each, mut plain) = (make(), make());
+    let mut grads = GradStore::default();
+    for p in each.params().iter().chain(plain.params()).filter(|p| p.name != "b.weight") {
+        let g = Tensor::new(&[[0.3f32, -0.1, 0.2]], &Device::Cpu).unwrap();
+        grads.insert(p.var.as_tensor(), g);
+    }
+    let before: Vec<Tensor> =
+        each.params().iter().map(|p| p.master_value().copy().unwrap()).collect();
+    let mut seen = Vec::new();
+    each.step_scaled_each(&grads, 1e-2, 0.1, Some(0.5), &mut |i, p| {
+        let changed = (p.master_value() - &before[i])?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        seen.push((i, p.name.clone(), changed > 0.0));
+        Ok(())
+    })
+    .unwrap();
+    let names = ["a.weight", "b.weight", "c.weight"];
+    let want: Vec<(usize, String, bool)> =
+        names.iter().enumerate().map(|(i, n)| (i, n.to_string(), true)).collect();
+    assert_eq!(seen, want);
+    plain.step_scaled(&grads, 1e-2, 0.1, Some(0.5)).unwrap();
+    for (a, b) in each.params().iter().zip(plain.params()) {
+        assert_eq!(
+            a.var.as_tensor().to_vec2::<f32>().unwrap(),
+            b.var.as_tensor().to_vec2::<f32>().unwrap(),
+            "{}",
+            a.name
+        );
+    }
+}
