@@ -129,58 +129,47 @@ impl DistributedOptimizer {
         }
         let grads = SliceGrads(grads);
         let device = self.device();
-        let Some(flights) = self.gathers.as_mut() else {
-            self.inner.step_scaled(&grads, lr, wd, grad_scale)?;
-            let values: Vec<Tensor> =
-                self.inner.params().iter().map(|p| p.master_value()).collect();
-            let mut gathered = Vec::with_capacity(buckets.len());
-            for (i, &(b, _)) in buckets.iter().enumerate() {
-                let dtype = self.layout.buffers[b].param_dtype;
-                let shard = shard_tensor(&self.layout, &self.slices, &device, i, dtype, |j| {
-                    values[j].to_dtype(dtype)
-                })?;
-                gathered.push((i, dp.all_gather(&shard, 0)?));
-            }
-            return self.write_back(gathered);
-        };
-        // The updates run in the inner optimizer's order: a bucket is complete after the
-        // update of its last slice in that order.
+        // Bucket i's shard is complete once its last slice (in the inner optimizer's update
+        // order) is updated; a bucket of which this rank holds no slice (all padding) is
+        // complete from the start.
         let mut last = vec![None; buckets.len()];
         for (j, s) in self.slices.iter().enumerate() {
             last[bucket_index(&buckets, s)] = Some(j);
         }
-        let mut completes: HashMap<usize, Vec<usize>> = HashMap::new();
-        for (i, j) in last.iter().enumerate() {
-            if let Some(j) = j {
-                completes.entry(*j).or_default().push(i);
-            }
-        }
-        let (layout, slices) = (&self.layout, &self.slices);
+        let (layout, slices, gathers) = (&self.layout, &self.slices, &mut self.gathers);
+        let mut gathered = Vec::with_capacity(buckets.len());
         let mut values: Vec<Option<Tensor>> = vec![None; slices.len()];
-        let mut start = |i: usize, values: &[Option<Tensor>]| -> candle_core::Result<()> {
-            let dtype = layout.buffers[buckets[i].0].param_dtype;
-            let shard = shard_tensor(layout, slices, &device, i, dtype, |j| {
-                values[j].clone().ok_or_else(|| {
-                    candle_core::Error::Msg(format!("slice {j} was not updated before its gather"))
-                })
-            })?;
-            flights.start(i, shard)
-        };
+        // Gathers start strictly in bucket order on every rank (collectives pair up by
+        // order): each bucket once it and every earlier one are complete.
+        let mut next = 0;
+        let mut start_complete =
+            |updated: Option<usize>, values: &[Option<Tensor>]| -> candle_core::Result<()> {
+                while next < buckets.len() && last[next] <= updated {
+                    let dtype = layout.buffers[buckets[next].0].param_dtype;
+                    let shard = shard_tensor(layout, slices, &device, next, dtype, |j| {
+                        values[j].clone().ok_or_else(|| {
+                            candle_core::Error::Msg(format!(
+                                "slice {j} was not updated before its gather"
+                            ))
+                        })
+                    })?;
+                    match gathers.as_mut() {
+                        Some(flights) => flights.start(next, shard)?,
+                        None => gathered.push((next, dp.all_gather(&shard, 0)?)),
+                    }
+                    next += 1;
+                }
+                Ok(())
+            };
         self.inner.step_scaled_each(&grads, lr, wd, grad_scale, &mut |j, p| {
             let dtype = layout.buffers[slices[j].buffer].param_dtype;
             values[j] = Some(p.master_value().to_dtype(dtype)?);
-            for &i in completes.get(&j).map_or(&[][..], Vec::as_slice) {
-                start(i, &values)?;
-            }
-            Ok(())
+            start_complete(Some(j), &values)
         })?;
-        // Buckets of which this rank holds no slice (all padding) start last.
-        for (i, j) in last.iter().enumerate() {
-            if j.is_none() {
-                start(i, &values)?;
-            }
+        start_complete(Some(usize::MAX), &values)?;
+        if let Some(flights) = self.gathers.as_mut() {
+            gathered = flights.collect()?;
         }
-        let gathered = flights.collect()?;
         self.write_back(gathered)
     }
 
@@ -399,4 +388,105 @@ fn slice_of(t: &Tensor, s: &ShardSlice) -> candle_core::Result<Tensor> {
 
 fn bucket_index(buckets: &[(usize, usize)], s: &ShardSlice) -> usize {
     buckets.iter().position(|&bk| bk == (s.buffer, s.bucket)).expect("slice of a known bucket")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parallel::comm::LocalWorld;
+    use crate::parallel::ddp::{GradReducer, LayoutOptions, ReduceScaling};
+    use crate::train::grads::GradAccumulator;
+    use crate::train::optimizer::AdamConfig;
+    use candle_core::backprop::GradStore;
+    use candle_core::DType;
+    use std::time::Duration;
+
+    /// Two ranks, where rank 1 holds no slice of the first bucket (a 7-element parameter
+    /// padded to 128 elements). Its all-gather still comes first on both ranks, with and
+    /// without `overlap_param_gather`, and the weights equal a replicated Adam step's.
+    #[test]
+    fn gathers_start_in_bucket_order_when_a_rank_owns_nothing_of_a_bucket() {
+        let shapes = [vec![200usize], vec![7]];
+        let init = |i: usize, n: usize| -> Vec<f32> {
+            (0..n).map(|k| ((i * 31 + k * 7) % 13) as f32 * 0.1 - 0.6).collect()
+        };
+        let grad = |i: usize, n: usize| -> Vec<f32> {
+            (0..n).map(|k| ((i * 17 + k * 5) % 11) as f32 * 0.01 - 0.05).collect()
+        };
+        let adam = Algorithm::Adam(AdamConfig::default());
+        let named = || -> Vec<(String, Var)> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let t = Tensor::from_vec(init(i, s[0]), s[0], &Device::Cpu).unwrap();
+                    (format!("p{i}.weight"), Var::from_tensor(&t).unwrap())
+                })
+                .collect()
+        };
+        // The reference: one replicated optimizer with the same gradients.
+        let reference = named();
+        let mut store = GradStore::default();
+        for (i, (_, v)) in reference.iter().enumerate() {
+            let g = Tensor::from_vec(grad(i, v.elem_count()), v.dims(), &Device::Cpu).unwrap();
+            store.insert(v, g);
+        }
+        let mut replicated = Optimizer::new(adam, reference.clone()).unwrap();
+        replicated.step(&store, 1e-2, 0.1).unwrap();
+        let want: Vec<Vec<f32>> =
+            reference.iter().map(|(_, v)| v.as_tensor().to_vec1::<f32>().unwrap()).collect();
+        for overlap in [false, true] {
+            let got = LocalWorld::run(2, Duration::from_secs(20), |rank, world| {
+                let dp = world.world_group(rank)?;
+                let named = named();
+                let opts = LayoutOptions {
+                    dp: 2,
+                    bucket_size: Some(5),
+                    distributed_optimizer: true,
+                    pad_for_high_nccl_busbw: false,
+                    grad_reduce_in_fp32: true,
+                };
+                let dims: Vec<(Vec<usize>, DType)> =
+                    shapes.iter().map(|s| (s.clone(), DType::F32)).collect();
+                let layout = BufferLayout::new(&dims, &opts);
+                let first = layout.buffers[0].buckets[0].clone();
+                anyhow::ensure!(layout.shard_slices(1).iter().all(|s| s.bucket != 0));
+                anyhow::ensure!(first.len() == 128, "{first:?}");
+                let gathers: Option<Arc<dyn Communicator>> = if overlap {
+                    Some(Arc::new(world.group(rank, "dp_cp_grads", &[0, 1])?))
+                } else {
+                    None
+                };
+                let mut d =
+                    DistributedOptimizer::new(adam, named.clone(), layout.clone(), rank, gathers)?;
+                // Both ranks hold the same gradients, averaged: the shards are those gradients.
+                let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+                let mut acc = GradAccumulator::new(vars.clone());
+                let mut store = GradStore::default();
+                for (i, v) in vars.iter().enumerate() {
+                    let g = Tensor::from_vec(grad(i, v.elem_count()), v.dims(), &Device::Cpu)?;
+                    store.insert(v, g);
+                }
+                acc.accumulate(&store)?;
+                let scaling =
+                    ReduceScaling { average_in_collective: false, average: true, post: 1.0 };
+                let shards = GradReducer::new(layout).reduce_scatter(&mut acc, &dp, scaling)?;
+                d.step(&shards, 1e-2, 0.1, None, &dp)?;
+                vars.iter()
+                    .map(|v| Ok(v.as_tensor().to_vec1::<f32>()?))
+                    .collect::<Result<Vec<_>, anyhow::Error>>()
+            })
+            .unwrap();
+            for (rank, params) in got.iter().enumerate() {
+                for (i, (g, w)) in params.iter().zip(&want).enumerate() {
+                    for (a, b) in g.iter().zip(w) {
+                        assert!(
+                            (a - b).abs() < 1e-6,
+                            "overlap {overlap} rank {rank} p{i}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
