@@ -56,15 +56,20 @@ pub fn masked_cross_entropy(
     } else {
         // The composite path needs f32 statistics: this is the fp32 copy of the logits the
         // fused kernel avoids.
-        let logits = match logits.dtype() {
-            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
-            _ => logits.clone(),
-        };
-        token_cross_entropy(&logits.reshape((b * s, v))?, &labels)?
+        token_cross_entropy(&at_least_f32(logits)?.reshape((b * s, v))?, &labels)?
     }
     .reshape((b, s))?;
     let (sum, count, _) = masked_sum(&ce, loss_mask)?;
     Ok((sum, count))
+}
+
+/// Logits as the composite cross-entropy computes its statistics: half precision in f32,
+/// other float types as they are (contiguous).
+pub fn at_least_f32(logits: &Tensor) -> Result<Tensor> {
+    match logits.dtype() {
+        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32),
+        _ => logits.contiguous(),
+    }
 }
 
 /// `labels` (any integer dtype, any shape) as flat u32, checked to lie in `0..vocab`.

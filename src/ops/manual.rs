@@ -7,6 +7,7 @@
 //! so the reference path computes exactly the maths of the recorded one.
 
 use super::attention::{attention_auto, AttentionShape, AttnMask, OwnedAttnMask};
+use super::cross_entropy::at_least_f32;
 use super::flash::{FlashSpec, PackedSeqs};
 use crate::config::model::Activation;
 use candle_core::{DType, Result, Tensor, Var};
@@ -318,11 +319,7 @@ pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor
 
 /// The reference per-token cross-entropy, statistics in at least f32.
 fn composite_ce(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let logits = match logits.dtype() {
-        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
-        _ => logits.clone(),
-    };
-    super::token_cross_entropy(&logits, labels)
+    super::token_cross_entropy(&at_least_f32(logits)?, labels)
 }
 
 /// Gradient of the logits (in their dtype) of [`cross_entropy_forward`] for per-token loss
@@ -372,10 +369,7 @@ pub fn ce_shard_stats(logits: &Tensor, labels: &Tensor, here: &Tensor) -> Result
         return Ok((lse, target));
     }
     let n = logits.dim(0)?;
-    let x = match logits.dtype() {
-        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
-        _ => logits.contiguous()?,
-    };
+    let x = at_least_f32(logits)?;
     let lse = super::softmax::logsumexp_keepdim(&x)?.reshape(n)?;
     let idx = here.where_cond(labels, &labels.zeros_like()?)?.reshape((n, 1))?;
     let target = x.gather(&idx, 1)?.reshape(n)?;
@@ -404,10 +398,7 @@ pub fn ce_shard_backward(
     }
     let dt = logits.dtype();
     let n = logits.dim(0)?;
-    let x = match dt {
-        DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
-        _ => logits.contiguous()?,
-    };
+    let x = at_least_f32(&logits)?;
     let g = g.to_dtype(x.dtype())?;
     let p = x.broadcast_sub(&lse.to_dtype(x.dtype())?.unsqueeze(1)?)?.exp()?;
     let d = p.broadcast_mul(&g.unsqueeze(1)?)?;

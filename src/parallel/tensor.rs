@@ -396,10 +396,7 @@ impl TensorParallel {
         labels: &Tensor,
         loss_mask: &Tensor,
     ) -> Result<(Tensor, f64)> {
-        let logits = match logits.dtype() {
-            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
-            _ => logits.clone(),
-        };
+        let logits = crate::ops::cross_entropy::at_least_f32(logits)?;
         let (b, s, vl) = logits.dims3()?;
         let n = b * s;
         let (local, keep): (Vec<u32>, Vec<f32>) = self

@@ -108,34 +108,28 @@ pub fn build(
         RunOptimizer::Replicated(Optimizer::new(algorithm, named)?)
     };
     if g.rank == 0 {
+        let where_ =
+            if on_cuda { "NCCL on a stream of its own" } else { "on a communication thread" };
         println!(
             " > data parallel: DP {dp}, {buckets} gradient bucket(s) of {} elements, {} after \
              backward; {}{}",
             opts.bucket_size.map_or("unlimited".to_string(), |b| b.to_string()),
             if distributed { "reduce-scatter" } else { "all-reduce" },
-            match (&overlap_comm, on_cuda) {
-                (Some(_), true) => {
+            if overlap_comm.is_some() {
+                format!(
                     "buckets start reducing during backward once their last gradient arrives \
-                     (from the second step on), NCCL on a stream of its own"
-                }
-                (Some(_), false) => {
-                    "buckets start reducing during backward once their last gradient arrives \
-                     (from the second step on), on a communication thread"
-                }
-                (None, _) => "buckets are reduced one after the other",
+                     (from the second step on), {where_}"
+                )
+            } else {
+                "buckets are reduced one after the other".to_string()
             },
-            match (distributed && overlap_gather.is_some(), on_cuda) {
-                (true, true) => {
+            if distributed && overlap_gather.is_some() {
+                format!(
                     "; each bucket's parameter all-gather starts as soon as its shard is updated, \
-                     during the optimizer step (NCCL on the same side stream; not overlapped with \
-                     the next forward)"
-                }
-                (true, false) => {
-                    "; each bucket's parameter all-gather starts as soon as its shard is updated, \
-                     during the optimizer step, on a communication thread (not overlapped with \
-                     the next forward)"
-                }
-                (false, _) => "",
+                     during the optimizer step, {where_} (not overlapped with the next forward)"
+                )
+            } else {
+                String::new()
             }
         );
     }
