@@ -964,12 +964,13 @@ __device__ __forceinline__ void fwd_rescale(float* acc_o, const float (&corr)[2]
     }
 }
 
-// P (the m64 x BN probability fragment) as bf16 A fragments of the P·V warpgroup MMA.
-template <int BN>
-__device__ __forceinline__ void fwd_pack_p(const float* s, uint32_t (&a)[BN / 16][4]) {
+// An m64 x K fp32 wgmma accumulator fragment (P in the forward; Pᵀ, dSᵀ in the backward) as
+// bf16 A fragments (the mma.m16n8k16 A layout per warp) of a register-sourced wgmma over K.
+template <int K>
+__device__ __forceinline__ void pack_a_frags(const float* s, uint32_t (&a)[K / 16][4]) {
   using T = __nv_bfloat16;
 #pragma unroll
-  for (int kt = 0; kt < BN / 16; ++kt) {
+  for (int kt = 0; kt < K / 16; ++kt) {
     a[kt][0] = Vec2<T>::pack(s[(2 * kt) * 4 + 0], s[(2 * kt) * 4 + 1]);
     a[kt][1] = Vec2<T>::pack(s[(2 * kt) * 4 + 2], s[(2 * kt) * 4 + 3]);
     a[kt][2] = Vec2<T>::pack(s[(2 * kt + 1) * 4 + 0], s[(2 * kt + 1) * 4 + 1]);
@@ -1135,7 +1136,7 @@ __device__ __forceinline__ void fwd_wgmma_kernel(const FlashParams& p) {
     // P packed before the first wgmma (registers an issued wgmma reads must not change until
     // it completes).
     uint32_t a[BN / 16][4];
-    fwd_pack_p<BN>(s, a);
+    pack_a_frags<BN>(s, a);
     fence_regs<NTILE_D * 4>(acc_o);
     wgmma_fence();
     fwd_issue_pv<D, BN>(acc_o, a, aV + stage * BN * D * 2);
@@ -1278,17 +1279,8 @@ __device__ __forceinline__ void bwd_wgmma_kernel(const FlashParams& p) {
       }
 
     uint32_t ap[BM / 16][4], ads[BM / 16][4];
-#pragma unroll
-    for (int kt = 0; kt < BM / 16; ++kt) {
-      ap[kt][0] = Vec2<T>::pack(st[(2 * kt) * 4 + 0], st[(2 * kt) * 4 + 1]);
-      ap[kt][1] = Vec2<T>::pack(st[(2 * kt) * 4 + 2], st[(2 * kt) * 4 + 3]);
-      ap[kt][2] = Vec2<T>::pack(st[(2 * kt + 1) * 4 + 0], st[(2 * kt + 1) * 4 + 1]);
-      ap[kt][3] = Vec2<T>::pack(st[(2 * kt + 1) * 4 + 2], st[(2 * kt + 1) * 4 + 3]);
-      ads[kt][0] = Vec2<T>::pack(dpt[(2 * kt) * 4 + 0], dpt[(2 * kt) * 4 + 1]);
-      ads[kt][1] = Vec2<T>::pack(dpt[(2 * kt) * 4 + 2], dpt[(2 * kt) * 4 + 3]);
-      ads[kt][2] = Vec2<T>::pack(dpt[(2 * kt + 1) * 4 + 0], dpt[(2 * kt + 1) * 4 + 1]);
-      ads[kt][3] = Vec2<T>::pack(dpt[(2 * kt + 1) * 4 + 2], dpt[(2 * kt + 1) * 4 + 3]);
-    }
+    pack_a_frags<BM>(st, ap);
+    pack_a_frags<BM>(dpt, ads);
 
     // dV += Pᵀ dO, dK += dSᵀ Q: B = dO / Q read transposed (K-dim = query rows).
     fence_regs<NTILE_D * 4>(acc_dv);
@@ -1475,3 +1467,4 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d64_w4(FlashPar
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d128_w4(FlashParams p) {
   fa::bwd_kernel<__nv_bfloat16, 128, 4>(p);
 }
+
