@@ -467,45 +467,67 @@ __device__ __forceinline__ void fwd_kernel(const FlashParams& p) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// dsum[row] = sum_d dO[row, d] * O[row, d] (fp32), one warp per (batch, head, row).
+// The backward's elementwise passes (the dO·O row sums before it, the f32 dQ and dK/dV
+// accumulators converted to T after it) run on a (rows, head, batch) grid: no thread divides
+// by a run-time size. With a flat index split by 64-bit divisions these passes were bound by
+// the divisions (about 1.2 TB/s on an H200, whatever the width of their accesses).
+// Threads per block of these passes, and the pairs of elements each converts.
+constexpr int ELEM_THREADS = 256, ELEM_PAIRS = 4;
+// Rows of one block of the dQ / dK,dV conversion (the host mirrors it).
+template <int D>
+constexpr int conv_rows() {
+  return ELEM_THREADS * ELEM_PAIRS / (D / 2);
+}
+// Rows of one warp (and of a block: 8 warps) of the dO·O pass.
+constexpr int DOT_ROWS_PER_WARP = 4;
+
+// dsum[b, h, row] = sum_d dO[row, d] * O[row, d] (fp32); grid (sq / 32, heads, batch), one
+// warp per 4 rows (their loads issued together).
 template <typename T, int D>
 __device__ __forceinline__ void bwd_dot_kernel(const FlashParams& p) {
   const int lane = threadIdx.x & 31;
-  const long long wid = (long long)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
-  const long long rows = (long long)p.sq * p.heads * (p.cu_seqlens ? 1 : p.batch);
-  if (wid >= rows) return;
-  const int row = (int)(wid % p.sq);
-  const int h = (int)((wid / p.sq) % p.heads);
-  const int b = (int)(wid / ((long long)p.sq * p.heads));
-  const T* o = static_cast<const T*>(p.o) + b * p.o_bs + h * p.o_hs + (long long)row * p.o_ss;
-  const T* d = static_cast<const T*>(p.dout) + b * p.do_bs + h * p.do_hs + (long long)row * p.do_ss;
-  float acc = 0.f;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int row0 = (blockIdx.x * (ELEM_THREADS / 32) + (threadIdx.x >> 5)) * DOT_ROWS_PER_WARP;
+  float acc[DOT_ROWS_PER_WARP];
 #pragma unroll
-  for (int c = lane * 2; c < D; c += 64) {
-    const float2 x = Vec2<T>::unpack(*reinterpret_cast<const uint32_t*>(o + c));
-    const float2 y = Vec2<T>::unpack(*reinterpret_cast<const uint32_t*>(d + c));
-    acc += x.x * y.x + x.y * y.y;
+  for (int k = 0; k < DOT_ROWS_PER_WARP; ++k) {
+    acc[k] = 0.f;
+    const int row = row0 + k;
+    if (row >= p.sq) continue;
+    const T* o = static_cast<const T*>(p.o) + b * p.o_bs + h * p.o_hs + (long long)row * p.o_ss;
+    const T* d = static_cast<const T*>(p.dout) + b * p.do_bs + h * p.do_hs + (long long)row * p.do_ss;
+#pragma unroll
+    for (int c = lane * 2; c < D; c += 64) {
+      const float2 x = Vec2<T>::unpack(*reinterpret_cast<const uint32_t*>(o + c));
+      const float2 y = Vec2<T>::unpack(*reinterpret_cast<const uint32_t*>(d + c));
+      acc[k] += x.x * y.x + x.y * y.y;
+    }
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
-  if (lane == 0) p.dsum[wid] = acc;
+  for (int k = 0; k < DOT_ROWS_PER_WARP; ++k) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[k] += __shfl_xor_sync(0xffffffff, acc[k], off);
+    if (lane == 0 && row0 + k < p.sq) p.dsum[((long long)b * p.heads + h) * p.sq + row0 + k] = acc[k];
+  }
 }
 
-// dQ = scale * dq_accum, converted to T with dq_* strides (and dq_gs); one thread per 2
-// elements.
+// dQ = scale * dq_accum, converted to T with dq_* strides (and dq_gs); grid
+// (sq / conv_rows, heads, batch), ELEM_PAIRS pairs of elements per thread.
 template <typename T, int D>
 __device__ __forceinline__ void bwd_dq_kernel(const FlashParams& p) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  const long long total = (long long)p.sq * p.heads * (p.cu_seqlens ? 1 : p.batch) * (D / 2);
-  if (i >= total) return;
-  const int c = (int)(i % (D / 2)) * 2;
-  const long long r = i / (D / 2);
-  const int row = (int)(r % p.sq);
-  const int h = (int)((r / p.sq) % p.heads);
-  const int b = (int)(r / ((long long)p.sq * p.heads));
-  const float2 a = *reinterpret_cast<const float2*>(p.dq_accum + r * D + c);
-  T* dq = static_cast<T*>(p.dq) + b * p.dq_bs + dq_head_offset(p, h) + (long long)row * p.dq_ss + c;
-  *reinterpret_cast<uint32_t*>(dq) = Vec2<T>::pack(a.x * p.scale, a.y * p.scale);
+  const int h = blockIdx.y, b = blockIdx.z;
+  const float* acc = p.dq_accum + ((long long)b * p.heads + h) * p.sq * D;
+  T* dq = static_cast<T*>(p.dq) + b * p.dq_bs + dq_head_offset(p, h);
+#pragma unroll
+  for (int k = 0; k < ELEM_PAIRS; ++k) {
+    const int i = k * ELEM_THREADS + threadIdx.x;
+    const int row = blockIdx.x * conv_rows<D>() + i / (D / 2), c = (i % (D / 2)) * 2;
+    if (row < p.sq) {
+      const float2 a = *reinterpret_cast<const float2*>(acc + (long long)row * D + c);
+      *reinterpret_cast<uint32_t*>(dq + (long long)row * p.dq_ss + c) =
+          Vec2<T>::pack(a.x * p.scale, a.y * p.scale);
+    }
+  }
 }
 
 __device__ __forceinline__ void atomic_add2(float* addr, float a, float b) {
@@ -762,22 +784,24 @@ __device__ __forceinline__ void bwd_kernel(const FlashParams& p) {
   }
 }
 
-// split_heads epilogue: dK/dV = the fp32 sums, converted to T with dk_* strides.
+// split_heads epilogue: dK/dV = the fp32 sums, converted to T with dk_* strides; grid
+// (sk / conv_rows, 2 * groups: dK's then dV's, batch), as `bwd_dq_kernel`.
 template <typename T, int D>
 __device__ __forceinline__ void bwd_dkv_kernel(const FlashParams& p) {
-  const long long rows = (long long)(p.cu_seqlens ? 1 : p.batch) * p.groups * p.sk;
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= 2 * rows * (D / 2)) return;
-  const int which = (int)(i / (rows * (D / 2)));
-  const long long j = i % (rows * (D / 2));
-  const int c = (int)(j % (D / 2)) * 2;
-  const long long r = j / (D / 2);
-  const int s = (int)(r % p.sk);
-  const int g = (int)((r / p.sk) % p.groups);
-  const int b = (int)(r / ((long long)p.sk * p.groups));
-  const float2 a = *reinterpret_cast<const float2*>(p.dkv_accum + (which * rows + r) * D + c);
-  T* dst = static_cast<T*>(which ? p.dv : p.dk) + b * p.dk_bs + g * p.dk_hs + (long long)s * p.dk_ss + c;
-  *reinterpret_cast<uint32_t*>(dst) = Vec2<T>::pack(a.x, a.y);
+  const long long rows = (long long)gridDim.z * p.groups * p.sk;
+  const int which = blockIdx.y >= p.groups ? 1 : 0;
+  const int g = blockIdx.y - which * p.groups, b = blockIdx.z;
+  const float* acc = p.dkv_accum + (which * rows + ((long long)b * p.groups + g) * p.sk) * D;
+  T* dst = static_cast<T*>(which ? p.dv : p.dk) + b * p.dk_bs + g * p.dk_hs;
+#pragma unroll
+  for (int k = 0; k < ELEM_PAIRS; ++k) {
+    const int i = k * ELEM_THREADS + threadIdx.x;
+    const int s = blockIdx.x * conv_rows<D>() + i / (D / 2), c = (i % (D / 2)) * 2;
+    if (s < p.sk) {
+      const float2 a = *reinterpret_cast<const float2*>(acc + (long long)s * D + c);
+      *reinterpret_cast<uint32_t*>(dst + (long long)s * p.dk_ss + c) = Vec2<T>::pack(a.x, a.y);
+    }
+  }
 }
 
 

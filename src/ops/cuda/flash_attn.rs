@@ -30,6 +30,11 @@ kernel_module!(FLASH_ATTN, "flash_attn");
 const FWD_BM: usize = 128;
 const FWD_THREADS: u32 = 128;
 const BWD_BM: usize = 64;
+/// The backward's elementwise passes (`ELEM_*` in `kernels/flash_attn.cu`): threads per
+/// block, pairs of elements each thread converts, and rows per block of the dO·O pass.
+const ELEM_THREADS: u32 = 256;
+const ELEM_PAIRS: usize = 4;
+const ELEM_DOT_ROWS: usize = 32;
 
 /// Backward tile variants (kernels at the end of `kernels/flash_attn.cu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -578,19 +583,20 @@ fn backward<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
         [p.do_bs, p.do_hs, p.do_ss] = strides(dol, "dO")?;
         [p.dq_bs, p.dq_gs, p.dq_hs, p.dq_ss] = out.dq_strides;
         [p.dk_bs, p.dk_hs, p.dk_ss] = out.dk_strides;
-        let warps_per_block = 8;
-        let dot_blocks = div_ceil(rows, warps_per_block) as u32;
-        launch(dev, &format!("flash_bwd_dot_{tname}_d{}", d.d), (dot_blocks, 1, 1), 256, 0, &p)?;
+        // The elementwise passes' grids: (row blocks, head, batch); see kernels/flash_attn.cu.
+        let dot_grid = (div_ceil(d.sq, ELEM_DOT_ROWS) as u32, d.heads as u32, d.b as u32);
+        launch(dev, &format!("flash_bwd_dot_{tname}_d{}", d.d), dot_grid, ELEM_THREADS, 0, &p)?;
+        let conv_rows = ELEM_THREADS as usize * ELEM_PAIRS / (d.d / 2);
         let (name, bn, threads, smem) = bwd_kernel(tname, d.d);
         let blocks_y = if split { d.heads } else { d.groups } as u32;
         let grid = (tiles(d.sk, a.varlen, bn), blocks_y, p.batch as u32);
         launch(dev, &name, grid, threads, smem, &p)?;
         if split {
-            let blocks = div_ceil(kv_rows * d.d, 256) as u32;
-            launch(dev, &format!("flash_bwd_dkv_{tname}_d{}", d.d), (blocks, 1, 1), 256, 0, &p)?;
+            let grid = (div_ceil(d.sk, conv_rows) as u32, 2 * d.groups as u32, d.b as u32);
+            launch(dev, &format!("flash_bwd_dkv_{tname}_d{}", d.d), grid, ELEM_THREADS, 0, &p)?;
         }
-        let dq_blocks = div_ceil(rows * d.d / 2, 256) as u32;
-        launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), (dq_blocks, 1, 1), 256, 0, &p)?;
+        let dq_grid = (div_ceil(d.sq, conv_rows) as u32, d.heads as u32, d.b as u32);
+        launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), dq_grid, ELEM_THREADS, 0, &p)?;
     }
     G::grads(out.bufs, &d)
 }
