@@ -1,5 +1,6 @@
-// Σx² of one tensor in two deterministic passes: a fixed grid of blocks writes per-block f32
-// partial sums, then one block adds them in f64 into out[k]. Replaces candle's `sum_all`,
+// Σx² of many tensors in two deterministic passes: per tensor, a fixed grid of blocks writes
+// per-block f32 partial sums into the tensor's slots; then one launch, block k per tensor k,
+// adds slots in f64 into out[k]. Replaces candle's `sum_all`,
 // whose reduction runs one block per output element, i.e. one block for a whole tensor
 // (~0.1 s for a 128k×2k embedding gradient).
 #include "common.cuh"
@@ -37,11 +38,12 @@ __device__ void sumsq_partial_impl(const T *x, unsigned long long n, float *part
     }
 INSTANTIATE3(SUMSQ)
 
-// One block of 256 threads.
-extern "C" __global__ void sumsq_finish(const float *partial, int blocks, double *out, int k) {
+// Blocks of 256 threads, one per tensor; tensor k's slots are partial[k * slots, (k+1) * slots).
+extern "C" __global__ void sumsq_finish(const float *partial, int slots, double *out) {
     __shared__ double sh[256];
+    const int k = blockIdx.x;
     double s = 0.0;
-    for (int i = threadIdx.x; i < blocks; i += blockDim.x) s += (double)partial[i];
+    for (int i = threadIdx.x; i < slots; i += blockDim.x) s += (double)partial[(size_t)k * slots + i];
     sh[threadIdx.x] = s;
     __syncthreads();
     for (int stride = 128; stride > 0; stride >>= 1) {

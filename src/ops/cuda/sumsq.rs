@@ -1,5 +1,5 @@
 //! Sums of squares of many tensors (the global gradient norm) with a multi-block reduction
-//! per tensor and one host transfer for all of them.
+//! per tensor, one launch that finishes all of them, and one host transfer.
 
 use super::{contiguous_view, cuda_storage, dtype_suffix, wrap};
 use crate::with_float_type;
@@ -18,9 +18,12 @@ const THREADS: u32 = 256;
 pub fn sums_of_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
     let Some(first) = ts.first() else { return Ok(Vec::new()) };
     let dev = first.device().as_cuda_device()?.clone();
-    // SAFETY: `out[k]` is written by the k-th finishing launch before it is read.
+    // SAFETY: `out[k]` is written by the finishing launch's block k before it is read.
     let out = unsafe { dev.alloc::<f64>(ts.len())? };
-    let partial = unsafe { dev.alloc::<f32>(BLOCKS)? };
+    // Tensor k's partial sums at [k·BLOCKS, (k+1)·BLOCKS); slots its grid leaves unwritten
+    // stay zero, so one launch finishes every tensor (one per tensor left the GPU idle
+    // between ~200 tiny launches: 0.4 ms per Llama-3.2-1B step on an H200).
+    let partial = dev.alloc_zeros::<f32>(ts.len() * BLOCKS)?;
     let finish = crate::function!(&dev, &MODULE, "sumsq_finish")?;
     for (k, t) in ts.iter().enumerate() {
         let t = t.contiguous()?;
@@ -41,17 +44,23 @@ pub fn sums_of_squares(ts: &[&Tensor]) -> Result<Vec<f64>> {
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let slots = partial.slice(k * BLOCKS..(k + 1) * BLOCKS);
             let mut b = f.builder();
-            b.arg(&x).arg(&n64).arg(&partial);
-            // SAFETY: argument list matches `sumsq_partial_*` in kernels/sumsq.cu.
+            b.arg(&x).arg(&n64).arg(&slots);
+            // SAFETY: argument list matches `sumsq_partial_*` in kernels/sumsq.cu; the grid
+            // writes at most BLOCKS slots.
             unsafe { b.launch(cfg) }.w()?;
         });
-        let (kb, ki) = (blocks as i32, k as i32);
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut b = finish.builder();
-        b.arg(&partial).arg(&kb).arg(&out).arg(&ki);
-        // SAFETY: argument list matches `sumsq_finish`.
-        unsafe { b.launch(cfg) }.w()?;
     }
+    let per_tensor = BLOCKS as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (ts.len() as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = finish.builder();
+    b.arg(&partial).arg(&per_tensor).arg(&out);
+    // SAFETY: argument list matches `sumsq_finish`; block k reads slots [k·BLOCKS, (k+1)·BLOCKS).
+    unsafe { b.launch(cfg) }.w()?;
     wrap(out, &dev, ts.len()).to_vec1::<f64>()
 }
