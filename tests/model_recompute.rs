@@ -121,7 +121,10 @@ fn full_block_recompute_matches_plain_gradients() {
 fn selective_recompute_matches_plain_gradients() {
     let cfg = tiny_llama();
     let (loss, plain) = run(&cfg, false);
-    for modules in [None, Some(vec!["mlp"]), Some(vec!["core_attn", "mlp", "layernorm"])] {
+    let layernorm_only = Some(vec!["layernorm"]);
+    for modules in
+        [None, Some(vec!["mlp"]), layernorm_only, Some(vec!["core_attn", "mlp", "layernorm"])]
+    {
         let mut sel = cfg.clone();
         sel.recompute_granularity = Some(RecomputeGranularity::Selective);
         sel.recompute_modules = modules.clone().map(|m| m.iter().map(|s| s.to_string()).collect());

@@ -276,6 +276,9 @@ impl SelfAttention {
 /// projection (q/k/v, their norms and rotations are recomputed from it), the attention output
 /// that entered `linear_proj` and the core attention's state.
 pub struct AttnSaved {
+    /// The pre-norm's output (this rank's part of the sequence under SP); None under
+    /// selective recompute of `layernorm` (recomputed in the backward).
+    normed: Option<Tensor>,
     qkv: Tensor,
     /// The attention output `[tokens, heads·d]` and the core attention's state; None under
     /// selective recompute of `core_attn` (recomputed in the backward).
@@ -308,6 +311,12 @@ impl AttnSaved {
     #[cfg(test)]
     pub(super) fn keeps_core(&self) -> bool {
         self.core.is_some()
+    }
+
+    /// Whether the pre-norm's output was kept (not under selective recompute of `layernorm`).
+    #[cfg(test)]
+    pub(super) fn keeps_normed(&self) -> bool {
+        self.normed.is_some()
     }
 }
 
@@ -417,9 +426,11 @@ impl SelfAttention {
         let heads = self.shape.heads;
         let (b, s, h) = x.dims3()?;
         // Under sequence parallelism `x` is this rank's part of the sequence, `xe` all of it.
-        let xe = self.tp_boundary().enter(&self.norm.forward_untracked(x)?)?;
+        let xn = self.norm.forward_untracked(x)?;
+        let xe = self.tp_boundary().enter(&xn)?;
         let (qkv, qkv_lora) = self.qkv_linear().forward(&xe)?;
         drop(xe);
+        let normed = (!inputs.selective.layernorm).then_some(xn);
         // Without QK-norm the rotation runs inside the fused buffer (one kernel, and the
         // backward keeps the rotated q, k instead of recomputing them).
         let roped_in_qkv = match &inputs.rope {
@@ -448,7 +459,7 @@ impl SelfAttention {
         let (y, proj_lora) =
             self.proj_linear().forward_row(&out.reshape((b, s_full, ()))?, self.tp_boundary())?;
         let core = (!inputs.selective.core_attn).then_some((out, state));
-        let saved = AttnSaved { qkv, core, roped_in_qkv, qkv_lora, proj_lora };
+        let saved = AttnSaved { normed, qkv, core, roped_in_qkv, qkv_lora, proj_lora };
         Ok((y.reshape((b, s, h))?, saved))
     }
 
@@ -590,14 +601,15 @@ impl SelfAttention {
             })?;
             assemble(&dq, &dk, &dv)?.reshape((b * s, ()))?
         };
-        self.qkv_backward(x, &dqkv, residual, saved.qkv_lora, grads)
+        self.qkv_backward(x, saved.normed, &dqkv, residual, saved.qkv_lora, grads)
     }
 
     /// Backward of the pre-norm and `linear_qkv` for dQKV `[tokens, rows]`: the input
-    /// gradient plus `residual`.
+    /// gradient plus `residual`. `normed` is the kept norm output (recomputed when None).
     fn qkv_backward(
         &self,
         x: &Tensor,
+        normed: Option<Tensor>,
         dqkv: &Tensor,
         residual: &Tensor,
         lora: LinearSaved,
@@ -605,9 +617,14 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let (dev, (b, _, h)) = (x.device(), x.dims3()?);
         let tpb = self.tp_boundary();
-        // linear_qkv (the norm output is recomputed: one cheap kernel instead of keeping it).
         let dxe = section("attn.bwd.qkv", dev, || -> Result<Tensor> {
-            let xe = || Ok(tpb.enter(&self.norm.forward_untracked(x)?)?.reshape(((), h))?);
+            let xe = || {
+                let xn = match normed {
+                    Some(xn) => xn,
+                    None => self.norm.forward_untracked(x)?,
+                };
+                Ok(tpb.enter(&xn)?.reshape(((), h))?)
+            };
             Ok(self.qkv_linear().backward(dqkv, xe, lora, grads)?.reshape((b, (), h))?)
         })?;
         let dxn = tpb.enter_grad(&dxe)?;

@@ -86,7 +86,7 @@ fn forward_untracked(
     let (a, attn_saved) = section("layer.fwd.attn", &dev, || attn.forward_saving(&x, inputs))?;
     let x2 = manual::add(&x, &a)?;
     let (m, mlp_saved) =
-        section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective.mlp))?;
+        section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective))?;
     let y = manual::add(&x2, &m)?;
     let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
     let backward: LayerBackward = Box::new(move |dy: &Tensor| {

@@ -961,10 +961,13 @@ mod tests {
             ..Default::default()
         };
         cfg.recompute_granularity = Some(RecomputeGranularity::Selective);
-        for (modules, core, fc1) in [
-            (None, false, true),
-            (Some(vec!["mlp".to_string()]), true, false),
-            (Some(vec!["core_attn".to_string(), "mlp".to_string()]), false, false),
+        // (modules, core attention kept, fc1 output kept, attention / MLP norm outputs kept)
+        let names = |v: &[&str]| Some(v.iter().map(|m| m.to_string()).collect::<Vec<_>>());
+        for (modules, core, fc1, normed) in [
+            (None, false, true, (true, true)),
+            (names(&["mlp"]), true, false, (true, false)),
+            (names(&["core_attn", "mlp"]), false, false, (true, false)),
+            (names(&["layernorm"]), true, true, (false, false)),
         ] {
             cfg.recompute_modules = modules.clone();
             let model =
@@ -975,8 +978,9 @@ mod tests {
             let inputs = ExplicitInputs::new(None, mask, selective).unwrap();
             let layer = &model.layers[0];
             let (_, a) = layer.attn.forward_saving(&x, &inputs).unwrap();
-            let (_, m) = layer.mlp.forward_saving(&x, selective.mlp).unwrap();
+            let (_, m) = layer.mlp.forward_saving(&x, selective).unwrap();
             assert_eq!((a.keeps_core(), m.keeps_fc1()), (core, fc1), "{modules:?}");
+            assert_eq!((a.keeps_normed(), m.keeps_normed()), normed, "{modules:?}");
         }
     }
 }

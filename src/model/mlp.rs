@@ -7,6 +7,7 @@ use super::explicit_linear::{ExplicitLinear, LinearSaved, TpBoundary};
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
+use super::recompute::SelectiveRecompute;
 use crate::config::model::Activation;
 use crate::ops::timing::section;
 use crate::ops::{self, manual, DropoutRng};
@@ -149,10 +150,13 @@ impl Mlp {
     }
 }
 
-/// What the written-out backward of [`Mlp`] keeps from its forward: `linear_fc1`'s output and
-/// the activation (`linear_fc2`'s input) when `linear_fc2` needs it for a weight or adapter
-/// gradient (the norm output is recomputed from the block input).
+/// What the written-out backward of [`Mlp`] keeps from its forward: the pre-norm's output,
+/// `linear_fc1`'s output and the activation (`linear_fc2`'s input) when `linear_fc2` needs it
+/// for a weight or adapter gradient.
 pub struct MlpSaved {
+    /// This rank's part of the sequence under SP; None under selective recompute of
+    /// `layernorm` or `mlp` (recomputed from the block input in the backward).
+    normed: Option<Tensor>,
     /// With its adapter's state; None under selective recompute of `mlp` (recomputed in the
     /// backward).
     fc1_out: Option<(Tensor, LinearSaved)>,
@@ -167,6 +171,12 @@ impl MlpSaved {
     #[cfg(test)]
     pub(super) fn keeps_fc1(&self) -> bool {
         self.fc1_out.is_some()
+    }
+
+    /// Whether the pre-norm's output was kept.
+    #[cfg(test)]
+    pub(super) fn keeps_normed(&self) -> bool {
+        self.normed.is_some()
     }
 }
 
@@ -206,16 +216,24 @@ impl Mlp {
         TpBoundary(self.tp.as_ref())
     }
 
-    /// [`Self::forward`] without autograd, keeping what [`Self::backward`] needs.
-    /// With `recompute`, `linear_fc1`'s output is not kept (selective recompute of `mlp`).
-    pub(super) fn forward_saving(&self, x: &Tensor, recompute: bool) -> Result<(Tensor, MlpSaved)> {
-        let (fc1_out, fc1_lora) = self.fc1(x)?;
+    /// [`Self::forward`] without autograd, keeping what [`Self::backward`] needs: what
+    /// `selective` recomputes is not kept.
+    pub(super) fn forward_saving(
+        &self,
+        x: &Tensor,
+        selective: SelectiveRecompute,
+    ) -> Result<(Tensor, MlpSaved)> {
+        let recompute = selective.mlp;
+        let xn = self.norm.forward_untracked(x)?;
+        let (fc1_out, fc1_lora) = self.fc1_of_normed(&xn)?;
+        let normed = (!recompute && !selective.layernorm).then_some(xn);
         let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
         let (y, fc2_lora) = self.fc2_linear().forward_row(&act, self.tp_boundary())?;
         let fc2_needs_input = self.fc2_linear().needs_input();
         Ok((
             y,
             MlpSaved {
+                normed,
                 fc1_out: (!recompute).then_some((fc1_out, fc1_lora)),
                 act: (!recompute && fc2_needs_input).then_some(act),
                 fc2_lora,
@@ -223,10 +241,10 @@ impl Mlp {
         ))
     }
 
-    /// Pre-norm and `linear_fc1` of `x`, outside autograd (over the whole sequence under
-    /// sequence parallelism).
-    fn fc1(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
-        let xe = self.tp_boundary().enter(&self.norm.forward_untracked(x)?)?;
+    /// `linear_fc1` of the pre-norm's output `xn`, outside autograd (over the whole sequence
+    /// under sequence parallelism).
+    fn fc1_of_normed(&self, xn: &Tensor) -> Result<(Tensor, LinearSaved)> {
+        let xe = self.tp_boundary().enter(xn)?;
         self.fc1_linear().forward(&xe)
     }
 
@@ -247,10 +265,16 @@ impl Mlp {
         let dy = tpb.exit_grad(dy)?;
         let (b, s, h) = dy.dims3()?;
         let dy = dy.reshape((b * s, h))?;
+        let mut normed = saved.normed;
         let (fc1_out, fc1_lora) = match saved.fc1_out {
             Some(kept) => kept,
             // Selective recompute: the norm and `linear_fc1` run again.
-            None => section("mlp.fwd.fc1", dev, || self.fc1(x))?,
+            None => section("mlp.fwd.fc1", dev, || {
+                let xn = self.norm.forward_untracked(x)?;
+                let out = self.fc1_of_normed(&xn)?;
+                normed = Some(xn);
+                Ok::<_, anyhow::Error>(out)
+            })?,
         };
         let u = fc1_out.reshape((b * s, ()))?;
         let kept_act = saved.act;
@@ -266,7 +290,13 @@ impl Mlp {
         })?;
         drop((dact, u, fc1_out));
         let dxe = section("mlp.bwd.fc1", dev, || -> Result<Tensor> {
-            let xe = || Ok(tpb.enter(&self.norm.forward_untracked(x)?)?.reshape((b * s, h))?);
+            let xe = || {
+                let xn = match normed {
+                    Some(xn) => xn,
+                    None => self.norm.forward_untracked(x)?,
+                };
+                Ok(tpb.enter(&xn)?.reshape((b * s, h))?)
+            };
             Ok(self.fc1_linear().backward(&du, xe, fc1_lora, grads)?.reshape((b, s, h))?)
         })?;
         let dxn = tpb.enter_grad(&dxe)?;

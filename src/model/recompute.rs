@@ -69,14 +69,17 @@ impl RecomputePlan {
 /// Megatron's `recompute_granularity = "selective"`: which parts of each layer drop their
 /// activations in the forward and recompute them in the backward (`model.recompute_modules`,
 /// default `["core_attn"]`). It runs in layers with a written-out backward
-/// ([`super::explicit_layer`]); `layernorm` is always recomputed there (norm outputs are never
-/// kept), so naming it changes nothing.
+/// ([`super::explicit_layer`]), which keep the pre-norms' outputs for the backward unless
+/// `layernorm` is named (as Megatron keeps them unless its `layernorm` module is recomputed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SelectiveRecompute {
     /// Core attention: its output and logsumexp are recomputed (one more flash forward).
     pub core_attn: bool,
     /// The MLP: `linear_fc1`'s output is recomputed (its norm and GEMM again).
     pub mlp: bool,
+    /// The pre-norms (`input_layernorm`, `pre_mlp_layernorm`): their outputs are recomputed
+    /// for the weight gradients of `linear_qkv` / `linear_fc1`.
+    pub layernorm: bool,
 }
 
 impl SelectiveRecompute {
@@ -91,7 +94,7 @@ impl SelectiveRecompute {
             match m.as_str() {
                 "core_attn" => out.core_attn = true,
                 "mlp" => out.mlp = true,
-                "layernorm" => {}
+                "layernorm" => out.layernorm = true,
                 "moe" | "moe_act" | "shared_experts" | "mla_up_proj" => bail!(
                     "model.recompute_modules: \"{m}\" applies to MoE/MLA models, which mbridge does not have"
                 ),
