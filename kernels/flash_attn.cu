@@ -511,23 +511,31 @@ __device__ __forceinline__ void bwd_dot_kernel(const FlashParams& p) {
   }
 }
 
+// This block's rows [blockIdx.x * conv_rows, + conv_rows) of an f32 [nrows][D] accumulator,
+// times `scale`, converted to T rows `dst_ss` elements apart; ELEM_PAIRS pairs per thread.
+template <typename T, int D>
+__device__ __forceinline__ void convert_rows(const float* acc, T* dst, long long dst_ss,
+                                             int nrows, float scale) {
+#pragma unroll
+  for (int k = 0; k < ELEM_PAIRS; ++k) {
+    const int i = k * ELEM_THREADS + threadIdx.x;
+    const int row = blockIdx.x * conv_rows<D>() + i / (D / 2), c = (i % (D / 2)) * 2;
+    if (row < nrows) {
+      const float2 a = *reinterpret_cast<const float2*>(acc + (long long)row * D + c);
+      *reinterpret_cast<uint32_t*>(dst + (long long)row * dst_ss + c) =
+          Vec2<T>::pack(a.x * scale, a.y * scale);
+    }
+  }
+}
+
 // dQ = scale * dq_accum, converted to T with dq_* strides (and dq_gs); grid
-// (sq / conv_rows, heads, batch), ELEM_PAIRS pairs of elements per thread.
+// (sq / conv_rows, heads, batch).
 template <typename T, int D>
 __device__ __forceinline__ void bwd_dq_kernel(const FlashParams& p) {
   const int h = blockIdx.y, b = blockIdx.z;
   const float* acc = p.dq_accum + ((long long)b * p.heads + h) * p.sq * D;
   T* dq = static_cast<T*>(p.dq) + b * p.dq_bs + dq_head_offset(p, h);
-#pragma unroll
-  for (int k = 0; k < ELEM_PAIRS; ++k) {
-    const int i = k * ELEM_THREADS + threadIdx.x;
-    const int row = blockIdx.x * conv_rows<D>() + i / (D / 2), c = (i % (D / 2)) * 2;
-    if (row < p.sq) {
-      const float2 a = *reinterpret_cast<const float2*>(acc + (long long)row * D + c);
-      *reinterpret_cast<uint32_t*>(dq + (long long)row * p.dq_ss + c) =
-          Vec2<T>::pack(a.x * p.scale, a.y * p.scale);
-    }
-  }
+  convert_rows<T, D>(acc, dq, p.dq_ss, p.sq, p.scale);
 }
 
 __device__ __forceinline__ void atomic_add2(float* addr, float a, float b) {
@@ -793,15 +801,7 @@ __device__ __forceinline__ void bwd_dkv_kernel(const FlashParams& p) {
   const int g = blockIdx.y - which * p.groups, b = blockIdx.z;
   const float* acc = p.dkv_accum + (which * rows + ((long long)b * p.groups + g) * p.sk) * D;
   T* dst = static_cast<T*>(which ? p.dv : p.dk) + b * p.dk_bs + g * p.dk_hs;
-#pragma unroll
-  for (int k = 0; k < ELEM_PAIRS; ++k) {
-    const int i = k * ELEM_THREADS + threadIdx.x;
-    const int s = blockIdx.x * conv_rows<D>() + i / (D / 2), c = (i % (D / 2)) * 2;
-    if (s < p.sk) {
-      const float2 a = *reinterpret_cast<const float2*>(acc + (long long)s * D + c);
-      *reinterpret_cast<uint32_t*>(dst + (long long)s * p.dk_ss + c) = Vec2<T>::pack(a.x, a.y);
-    }
-  }
+  convert_rows<T, D>(acc, dst, p.dk_ss, p.sk, 1.f);
 }
 
 
