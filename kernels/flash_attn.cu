@@ -1491,4 +1491,3 @@ extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d64_w4(FlashPar
 extern "C" __global__ void __launch_bounds__(128) flash_bwd_bf16_d128_w4(FlashParams p) {
   fa::bwd_kernel<__nv_bfloat16, 128, 4>(p);
 }
-
