@@ -394,3 +394,22 @@ fn dataloader_type_is_one_mbridge_runs() {
     let e = err("tiny_llama", &["dataset.dataloader_type=\"random\""]);
     assert!(e.contains("dataset.dataloader_type") && e.contains("\"random\""), "{e}");
 }
+
+#[test]
+fn attention_backend_takes_megatrons_names() {
+    use mbridge::config::model::AttnBackend;
+    let f = resolve("tiny_llama", &[]).unwrap();
+    assert_eq!(f.cfg.model.attention_backend, AttnBackend::Auto);
+    for (name, want) in [
+        ("flash", AttnBackend::Flash),
+        ("fused", AttnBackend::Fused),
+        ("unfused", AttnBackend::Unfused),
+        ("local", AttnBackend::Local),
+        ("auto", AttnBackend::Auto),
+    ] {
+        let f = resolve("tiny_llama", &[&format!("model.attention_backend={name}")]).unwrap();
+        assert_eq!(f.cfg.model.attention_backend, want, "{name}");
+    }
+    let e = err("tiny_llama", &["model.attention_backend=cudnn"]);
+    assert!(e.contains("attention_backend") && e.contains("fused"), "{e}");
+}

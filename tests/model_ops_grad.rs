@@ -3,7 +3,7 @@
 mod model_common;
 
 use candle_core::{DType, Device, Tensor};
-use mbridge::config::model::Activation;
+use mbridge::config::model::{Activation, AttnBackend};
 use mbridge::ops::{self, AttentionShape, RopeTable};
 use model_common::{check_grads, project, rand_t, rand_var};
 
@@ -104,7 +104,13 @@ fn attention_gqa_window_grad() {
     let q = rand_var(&[b, heads, s, d], 15, 1.0);
     let k = rand_var(&[b, groups, s, d], 16, 1.0);
     let v = rand_var(&[b, groups, s, d], 17, 1.0);
-    let shape = AttentionShape { heads, groups, head_dim: d, softmax_scale: 0.7 };
+    let shape = AttentionShape {
+        heads,
+        groups,
+        head_dim: d,
+        softmax_scale: 0.7,
+        backend: AttnBackend::Auto,
+    };
     let mask = ops::build_attention_mask(0, s, s, Some(2), None, &Device::Cpu).unwrap();
     let loss = || project(&ops::attention(&q, &k, &v, &mask, shape, None)?, 18);
     check_grads(&named(&[("q", &q), ("k", &k), ("v", &v)]), &loss, 30);
@@ -118,7 +124,13 @@ fn attention_matches_naive_reference() {
     let q = rand_t(&[1, heads, s, d], 19, 1.0);
     let k = rand_t(&[1, groups, s, d], 20, 1.0);
     let v = rand_t(&[1, groups, s, d], 21, 1.0);
-    let shape = AttentionShape { heads, groups, head_dim: d, softmax_scale: 0.5 };
+    let shape = AttentionShape {
+        heads,
+        groups,
+        head_dim: d,
+        softmax_scale: 0.5,
+        backend: AttnBackend::Auto,
+    };
     let mask = ops::build_attention_mask(0, s, s, Some(left), None, &Device::Cpu).unwrap();
     let got = ops::attention(&q, &k, &v, &mask, shape, None).unwrap();
     let (qv, kv, vv) = (

@@ -33,6 +33,24 @@ pub enum PositionEmbedding {
     None,
 }
 
+/// Which attention implementation runs (`model.attention_backend`, Megatron's `AttnBackend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttnBackend {
+    /// cuDNN's fused attention where it serves the call, else mbridge's flash kernels.
+    #[default]
+    Auto,
+    /// mbridge's own flash-attention kernels (`kernels/flash_attn.cu`).
+    Flash,
+    /// cuDNN's fused attention (as Transformer Engine's `FusedAttention`); calls it does not
+    /// cover here (sliding windows, packed sequences, a KV cache) run mbridge's kernels.
+    Fused,
+    /// The composite reference: the `s × s` scores are materialized.
+    Unfused,
+    /// Megatron's local (non-Transformer-Engine) attention: the composite, as `unfused`.
+    Local,
+}
+
 /// Activation recompute granularity (`model.recompute_granularity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -111,6 +129,8 @@ pub struct ModelConfig {
     #[default = 1.0]
     pub rope_scaling_factor: f64,
     pub seq_len_interpolation_factor: Option<f64>,
+    /// Attention implementation (CUDA half precision; the CPU always runs the composite).
+    pub attention_backend: AttnBackend,
     /// Sliding-window attention `[left, right]` (Mistral); None = full causal attention.
     pub window_size: Option<[i64; 2]>,
     #[default = 0.1]

@@ -81,6 +81,8 @@ pub struct GptArch {
     pub seq_len_interpolation_factor: Option<f64>,
     /// Sliding window: number of previous tokens visible (`window_size[0]`).
     pub window_left: Option<i64>,
+    /// `model.attention_backend`.
+    pub attention_backend: crate::config::model::AttnBackend,
     /// `init_method_std`.
     pub init_std: f64,
     /// Dropout after the embedding and on both residual branches (training only).
@@ -152,6 +154,7 @@ impl GptArch {
             rope_scaling_factor: cfg.rope_scaling.then_some(cfg.rope_scaling_factor),
             seq_len_interpolation_factor: cfg.seq_len_interpolation_factor,
             window_left: cfg.window_size.map(|[left, _]| left),
+            attention_backend: cfg.attention_backend,
             init_std: cfg.init_method_std,
             hidden_dropout: cfg.hidden_dropout,
             attention_dropout: cfg.attention_dropout,

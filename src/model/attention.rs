@@ -122,6 +122,7 @@ impl SelfAttention {
             groups: arch.groups / tp_size,
             head_dim: d,
             softmax_scale: 1.0 / (d as f64).sqrt(),
+            backend: arch.attention_backend,
         };
         let qkv_adapter = Adapter::maybe_new(
             store,

@@ -743,6 +743,7 @@ impl GptModel {
         let fast = ops::flash::model_fast_path(
             &self.device,
             self.dtype,
+            self.arch.attention_backend,
             opts.attention_mask.is_some(),
             dropout_active,
         );

@@ -3,6 +3,7 @@
 use super::dropout::DropoutRng;
 use super::flash::{self, FlashSpec, PackedSeqs};
 use super::softmax::masked_softmax;
+use crate::config::model::AttnBackend;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Head layout of one attention call.
@@ -16,6 +17,8 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Multiplier on `q·k` (Megatron: `1/sqrt(kv_channels)`).
     pub softmax_scale: f64,
+    /// Which implementation runs on CUDA (`model.attention_backend`).
+    pub backend: AttnBackend,
 }
 
 /// Builds the boolean "may attend" mask `[B, 1, sq, sk]` (u8, 1 = attend) for queries at
@@ -195,8 +198,12 @@ pub fn attention_auto(
         AttnMask::Causal { window_left } => {
             let p = dropout.map_or(0.0, |(p, _, _)| p);
             if flash::unsupported_reason(q, k, v, p).is_none() {
-                let spec =
-                    FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
+                let spec = FlashSpec {
+                    causal: true,
+                    window_left,
+                    softmax_scale: shape.softmax_scale,
+                    backend: shape.backend,
+                };
                 return flash::flash_attention(q, k, v, spec);
             }
             let (sq, sk) = (q.dim(2)?, k.dim(2)?);
@@ -217,8 +224,12 @@ pub fn attention_auto(
             }
             let p = dropout.map_or(0.0, |(p, _, _)| p);
             if flash::unsupported_reason(q, k, v, p).is_none() {
-                let spec =
-                    FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
+                let spec = FlashSpec {
+                    causal: true,
+                    window_left,
+                    softmax_scale: shape.softmax_scale,
+                    backend: shape.backend,
+                };
                 if b == 1 {
                     return flash::flash_attention_packed(q, k, v, spec, seqs);
                 }
@@ -255,7 +266,13 @@ mod tests {
     /// build: bottom-right aligned (KV cache: queries are the last sq of sk) and windowed.
     #[test]
     fn causal_mask_falls_back_to_the_dense_mask() {
-        let shape = AttentionShape { heads: 4, groups: 2, head_dim: 8, softmax_scale: 0.35 };
+        let shape = AttentionShape {
+            heads: 4,
+            groups: 2,
+            head_dim: 8,
+            softmax_scale: 0.35,
+            backend: AttnBackend::Auto,
+        };
         for (sq, sk, window) in [(6, 6, None), (3, 7, None), (5, 9, Some(2)), (7, 7, Some(0))] {
             let q = rand((2, 4, sq, 8), 1);
             let k = rand((2, 2, sk, 8), 2);
@@ -287,7 +304,13 @@ mod tests {
         }
         let extra = Tensor::from_vec(extra, (2, 1, s, s), &Device::Cpu).unwrap();
         let seqs = PackedSeqs::new(&thd, 2, s, &Device::Cpu).unwrap();
-        let shape = AttentionShape { heads: 4, groups: 2, head_dim: 8, softmax_scale: 0.35 };
+        let shape = AttentionShape {
+            heads: 4,
+            groups: 2,
+            head_dim: 8,
+            softmax_scale: 0.35,
+            backend: AttnBackend::Auto,
+        };
         let (q, k, v) = (rand((2, 4, s, 8), 7), rand((2, 2, s, 8), 8), rand((2, 2, s, 8), 9));
         for window in [None, Some(1), Some(-1)] {
             let packed = build_packed_attention_mask(&seqs, window, &Device::Cpu).unwrap();
@@ -312,7 +335,13 @@ mod tests {
     /// A window changes the result (so the test above would notice a dropped window).
     #[test]
     fn window_matters() {
-        let shape = AttentionShape { heads: 2, groups: 1, head_dim: 8, softmax_scale: 0.35 };
+        let shape = AttentionShape {
+            heads: 2,
+            groups: 1,
+            head_dim: 8,
+            softmax_scale: 0.35,
+            backend: AttnBackend::Auto,
+        };
         let (q, k, v) = (rand((1, 2, 8, 8), 4), rand((1, 1, 8, 8), 5), rand((1, 1, 8, 8), 6));
         let full = attention_auto(&q, &k, &v, AttnMask::Causal { window_left: None }, shape, None);
         let win =

@@ -2,6 +2,7 @@
 //! `ops::cuda::flash_attn`) can replace the composite [`super::attention`], and how its
 //! operands are addressed. Kept free of CUDA types so the dispatch rules are tested on CPU.
 
+use crate::config::model::AttnBackend;
 use candle_core::{DType, Device, Layout, Result, Shape, Tensor};
 
 /// Head dims the kernel is instantiated for (`FA_INSTANCE` in `kernels/flash_attn.cu`).
@@ -16,6 +17,9 @@ pub struct FlashSpec {
     pub window_left: Option<i64>,
     /// Multiplier on `q·k`.
     pub softmax_scale: f64,
+    /// cuDNN's fused attention or mbridge's kernels (`model.attention_backend`; the
+    /// composite backends never reach the flash entry points).
+    pub backend: AttnBackend,
 }
 
 impl FlashSpec {
@@ -176,15 +180,18 @@ pub fn device_supports(device: &Device, dtype: DType) -> bool {
 }
 
 /// Whether a model forward should skip the dense mask and describe attention as causal (the
-/// fused kernel then runs): a CUDA half-precision model, no extra dense mask (packed
-/// sequences come as offsets and keep the fast path), and no attention dropout in this pass.
+/// fused kernel then runs): a CUDA half-precision model whose `attention_backend` is not a
+/// composite one, no extra dense mask (packed sequences come as offsets and keep the fast
+/// path), and no attention dropout in this pass.
 pub fn model_fast_path(
     device: &Device,
     dtype: DType,
+    backend: AttnBackend,
     extra_mask: bool,
     dropout_active: bool,
 ) -> bool {
-    device_supports(device, dtype) && !extra_mask && !dropout_active
+    let composite = matches!(backend, AttnBackend::Unfused | AttnBackend::Local);
+    device_supports(device, dtype) && !composite && !extra_mask && !dropout_active
 }
 
 /// Flash attention for `q` `[b, heads, sq, d]`, `k`/`v` `[b, groups, sk, d]` (no packing).
@@ -321,8 +328,10 @@ mod tests {
 
     #[test]
     fn model_fast_path_needs_cuda_and_no_mask_or_dropout() {
-        assert!(!model_fast_path(&Device::Cpu, DType::BF16, false, false));
-        assert!(!model_fast_path(&Device::Cpu, DType::F32, false, false));
+        for backend in [AttnBackend::Auto, AttnBackend::Unfused] {
+            assert!(!model_fast_path(&Device::Cpu, DType::BF16, backend, false, false));
+            assert!(!model_fast_path(&Device::Cpu, DType::F32, backend, false, false));
+        }
     }
 
     #[test]
@@ -349,7 +358,12 @@ mod tests {
 
     #[test]
     fn window_argument() {
-        let s = |w| FlashSpec { causal: true, window_left: w, softmax_scale: 1.0 };
+        let s = |w| FlashSpec {
+            causal: true,
+            window_left: w,
+            softmax_scale: 1.0,
+            backend: AttnBackend::Auto,
+        };
         assert_eq!(s(None).kernel_window(), -1);
         assert_eq!(s(Some(-1)).kernel_window(), -1);
         assert_eq!(s(Some(0)).kernel_window(), 0);

@@ -218,7 +218,12 @@ pub fn attention_forward(
         if let (Some((window_left, packed)), None) =
             (flash_mask, super::flash::unsupported_reason(q, k, v, 0.0))
         {
-            let spec = FlashSpec { causal: true, window_left, softmax_scale: shape.softmax_scale };
+            let spec = FlashSpec {
+                causal: true,
+                window_left,
+                softmax_scale: shape.softmax_scale,
+                backend: shape.backend,
+            };
             let varlen = packed.map(super::cuda::flash_attn::Varlen::from_packed);
             let (out, lse) = super::cuda::flash_attn::forward_with_lse(q, k, v, spec, varlen)?;
             let packed = packed.cloned();
@@ -516,7 +521,13 @@ mod tests {
         let q4 = q4.transpose(1, 2).unwrap();
         let kv = |i| qkv.narrow(3, i, 1).unwrap().squeeze(3).unwrap().transpose(1, 2).unwrap();
         let (k, v) = (kv(hpg), kv(hpg + 1));
-        let shape = AttentionShape { heads: g * hpg, groups: g, head_dim: d, softmax_scale: 0.5 };
+        let shape = AttentionShape {
+            heads: g * hpg,
+            groups: g,
+            head_dim: d,
+            softmax_scale: 0.5,
+            backend: crate::config::model::AttnBackend::Auto,
+        };
         let mask = AttnMask::Causal { window_left: None };
         let (o5, st5) = attention_forward(&q5, &k, &v, mask, shape).unwrap();
         let (o4, st4) = attention_forward(&q4, &k, &v, mask, shape).unwrap();

@@ -7,7 +7,10 @@
 //! The gradients come back in the same `[b, s, h, d]` memory order. No `sq×sk` tensor exists
 //! at any point: the kernel keeps only a per-row logsumexp (fp32) for the backward pass.
 
+use crate::config::model::AttnBackend;
 use crate::kernel_module;
+use crate::ops::cuda::copy_rows::{copy_rows, Rows};
+use crate::ops::cuda::cudnn::sdpa::{self as cudnn_sdpa, Operand, SdpaDims};
 use crate::ops::cuda::{div_ceil, dptr};
 use crate::ops::flash::{kernel_strides, query_shape, query_strides, FlashSpec, HEAD_DIMS};
 use candle_core::backend::BackendStorage;
@@ -18,7 +21,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub mod selftest;
@@ -352,6 +355,133 @@ fn tiles(len: usize, varlen: Option<&Varlen>, tile: usize) -> u32 {
     div_ceil(varlen.map_or(len, |v| v.max_seqlen), tile).max(1) as u32
 }
 
+/// Which logsumexp a forward left for its backward. The tensor's rank tells them apart:
+/// mbridge's kernels keep `[b, heads, sq]` in the log2 domain of the scaled scores, cuDNN
+/// `[b, heads, sq, 1]` in natural log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stats {
+    Log2,
+    Natural,
+}
+
+/// Whether a call goes to cuDNN's fused attention: the graph in `cudnn::sdpa` covers causal
+/// self-attention over whole rows (no sliding window, packed sequences or KV cache).
+fn wants_cudnn(spec: &FlashSpec, d: &Dims, varlen: Option<&Varlen>) -> bool {
+    matches!(spec.backend, AttnBackend::Auto | AttnBackend::Fused)
+        && spec.causal
+        && spec.kernel_window() < 0
+        && varlen.is_none()
+        && d.sq == d.sk
+}
+
+/// Runs `f` (a cuDNN call) for `spec`'s backend: `Some` when it ran. Under `auto` a failure
+/// (no cuDNN on this machine, or no engine for the shape) is logged once and gives `None`,
+/// so mbridge's kernels run instead; under `fused` it is an error.
+fn via_cudnn<R>(spec: &FlashSpec, f: impl FnOnce() -> Result<R>) -> Result<Option<R>> {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    match f() {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if spec.backend == AttnBackend::Auto => {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "attention: cuDNN's fused attention is not used, mbridge's flash kernels                      run instead: {e}"
+                );
+            }
+            Ok(None)
+        }
+        Err(e) => candle_core::bail!("model.attention_backend = \"fused\": {e}"),
+    }
+}
+
+/// A `[b, h, s, d]` operand for cuDNN: its address and strides (`kernel_strides` + dense d).
+fn operand<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+    stream: &'a candle_core::cuda_backend::cudarc::driver::CudaStream,
+) -> Result<(Operand, candle_core::cuda_backend::cudarc::driver::SyncOnDrop<'a>)> {
+    let [b, h, sq] = strides(l, what)?;
+    let (ptr, guard) = dptr(s, stream, l.start_offset())?;
+    Ok((Operand { ptr, strides: [b, h, sq, 1] }, guard))
+}
+
+/// q as cuDNN reads it, whose heads must be evenly strided: in place for `[b, h, s, d]`
+/// views, else (the grouped view of a fused QKV buffer, where each group's key and value
+/// heads sit between its query heads) a `[b, s, h, d]` copy, returned with its strides.
+fn cudnn_query(q: &CudaStorage, ql: &Layout, d: &Dims) -> Result<(Option<CudaStorage>, [i64; 4])> {
+    let [bs, gs, hs, ss] = q_strides(ql, d.groups)?;
+    if gs == (d.heads / d.groups) as i64 * hs {
+        return Ok((None, [bs, hs, ss, 1]));
+    }
+    let mut dense = alloc_like(&q.device, q.dtype(), d.b * d.sq * d.heads * d.d)?;
+    let hpg = d.heads / d.groups;
+    if ss == d.groups as i64 * gs && bs == d.sq as i64 * ss {
+        // Token-major groups (the fused QKV buffer): rows of one group's query heads.
+        let rows = Rows {
+            rows: d.b * d.sq * d.groups,
+            cols: hpg * d.d,
+            src_offset: ql.start_offset(),
+            src_stride: gs as usize,
+            dst_offset: 0,
+            dst_stride: hpg * d.d,
+        };
+        copy_rows(q, &mut dense, rows)?;
+    } else {
+        q.copy_strided_src(&mut dense, 0, &ql.permute(&[0, 3, 1, 2, 4])?)?;
+    }
+    let [b, h, s] = bshd_strides(d.sq, d.heads, d.d);
+    Ok((Some(dense), [b, h, s, 1]))
+}
+
+fn sdpa_dims(d: &Dims, dtype: DType) -> Result<SdpaDims> {
+    let dtype = match dtype {
+        DType::BF16 => crate::ops::cuda::cudnn::ffi::DataType::BFloat16,
+        DType::F16 => crate::ops::cuda::cudnn::ffi::DataType::Half,
+        other => candle_core::bail!("cuDNN attention: dtype {other:?}"),
+    };
+    Ok(SdpaDims { b: d.b, heads: d.heads, groups: d.groups, s: d.sq, d: d.d, dtype })
+}
+
+/// cuDNN's forward: O (`[b, sq, heads, d]` contiguous) and its statistics (`[b, heads, sq]`,
+/// natural log).
+#[allow(clippy::too_many_arguments)]
+fn forward_cudnn(
+    spec: &FlashSpec,
+    d: &Dims,
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = &q.device;
+    let stream = dev.cuda_stream();
+    let out = alloc_like(dev, q.dtype(), d.b * d.sq * d.heads * d.d)?;
+    // Every row's statistic is written by cuDNN.
+    let stats = CudaStorage {
+        slice: CudaStorageSlice::F32(unsafe { dev.alloc::<f32>(d.b * d.heads * d.sq)? }),
+        device: dev.clone(),
+    };
+    {
+        let (q_copy, q_strides) = cudnn_query(q, ql, d)?;
+        let (qp, _g1) = match &q_copy {
+            Some(c) => dptr(c, &stream, 0)?,
+            None => dptr(q, &stream, ql.start_offset())?,
+        };
+        let (ko, _g2) = operand(k, kl, "k", &stream)?;
+        let (vo, _g3) = operand(v, vl, "v", &stream)?;
+        let (op, _g4) = dptr(&out, &stream, 0)?;
+        let (sp, _g5) = dptr(&stats, &stream, 0)?;
+        let [b, h, s] = bshd_strides(d.sq, d.heads, d.d);
+        let o = Operand { ptr: op, strides: [b, h, s, 1] };
+        let operands = [Operand { ptr: qp, strides: q_strides }, ko, vo, o];
+        let scale = spec.softmax_scale as f32;
+        cudnn_sdpa::forward(dev, sdpa_dims(d, q.dtype())?, operands, sp, scale)?;
+    }
+    Ok((out, stats))
+}
+
 /// Runs the forward kernel: returns O (`[b, sq, heads, d]` contiguous) and lse (`[b, heads, sq]`).
 #[allow(clippy::too_many_arguments)]
 fn forward(
@@ -363,12 +493,18 @@ fn forward(
     kl: &Layout,
     v: &CudaStorage,
     vl: &Layout,
-) -> Result<(CudaStorage, CudaStorage)> {
+) -> Result<(CudaStorage, CudaStorage, Stats)> {
     let d = dims(ql, kl)?;
     check(&d, varlen)?;
     let dtype = q.dtype();
     if k.dtype() != dtype || v.dtype() != dtype {
         candle_core::bail!("flash attention: q/k/v dtypes differ");
+    }
+    if wants_cudnn(spec, &d, varlen) {
+        let run = || forward_cudnn(spec, &d, q, ql, k, kl, v, vl);
+        if let Some((out, stats)) = via_cudnn(spec, run)? {
+            return Ok((out, stats, Stats::Natural));
+        }
     }
     let dev = &q.device;
     let stream = dev.cuda_stream();
@@ -403,10 +539,11 @@ fn forward(
         let (name, threads, smem) = fwd_kernel(type_name(dtype)?, d.d);
         launch(dev, &name, grid, threads, smem, &p)?;
     }
-    Ok((out, lse))
+    Ok((out, lse, Stats::Log2))
 }
 
 /// Backward launch inputs: the forward's operands and results plus the incoming gradient.
+#[derive(Clone, Copy)]
 struct BwdArgs<'a> {
     spec: &'a FlashSpec,
     varlen: Option<&'a Varlen>,
@@ -506,8 +643,107 @@ impl GradTarget for FusedQkv {
     }
 }
 
-/// Runs the backward kernels, writing the gradients where `G` says.
+/// The backward of either forward (see [`Stats`]), writing the gradients where `G` says.
 fn backward<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
+    if a.lse.rank() == 3 {
+        return backward_kernels::<G>(a);
+    }
+    if let Some(grads) = via_cudnn(a.spec, || backward_cudnn::<G>(a))? {
+        return Ok(grads);
+    }
+    // cuDNN ran the forward but cannot run the backward: its statistics in the kernels' terms.
+    let lse = a.lse.squeeze(3)?.affine(std::f64::consts::LOG2_E, 0.0)?;
+    backward_kernels::<G>(&BwdArgs { lse: &lse, ..*a })
+}
+
+/// cuDNN's backward from its forward's statistics.
+fn backward_cudnn<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
+    let (qs, ql) = a.q.storage_and_layout();
+    let (ks, kl) = a.k.storage_and_layout();
+    let (vs, vl) = a.v.storage_and_layout();
+    let (os, ol) = a.o.storage_and_layout();
+    let (ls, ll) = a.lse.storage_and_layout();
+    let (dos, dol) = a.dout.storage_and_layout();
+    let (q, k, v) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?);
+    let (o, lse, dout) = (as_cuda(&os)?, as_cuda(&ls)?, as_cuda(&dos)?);
+    let d = dims(ql, kl)?;
+    check(&d, a.varlen)?;
+    if !wants_cudnn(a.spec, &d, a.varlen) {
+        candle_core::bail!("cuDNN attention backward: not a call its graph covers");
+    }
+    let dtype = q.dtype();
+    let dev = &q.device;
+    let stream = dev.cuda_stream();
+    let mut out = G::buffers(dev, dtype, &d)?;
+    let hpg = d.heads / d.groups;
+    // dQ goes straight to its buffer when its heads are evenly strided; in the fused QKV
+    // layout it is written dense and then copied row by row between the key/value heads.
+    let [dbs, dgs, dhs, dss] = out.dq_strides;
+    let dq_dense = (dgs != hpg as i64 * dhs)
+        .then(|| alloc_like(dev, dtype, d.b * d.sq * d.heads * d.d))
+        .transpose()?;
+    {
+        let (q_copy, q_strides) = cudnn_query(q, ql, &d)?;
+        let (qp, _g1) = match &q_copy {
+            Some(c) => dptr(c, &stream, 0)?,
+            None => dptr(q, &stream, ql.start_offset())?,
+        };
+        let (ko, _g2) = operand(k, kl, "k", &stream)?;
+        let (vo, _g3) = operand(v, vl, "v", &stream)?;
+        let (oo, _g4) = operand(o, ol, "o", &stream)?;
+        let (doo, _g5) = operand(dout, dol, "dO", &stream)?;
+        let (lp, _g6) = dptr(lse, &stream, ll.start_offset())?;
+        let (dq, _g7) = match &dq_dense {
+            Some(t) => {
+                let [b, h, s] = bshd_strides(d.sq, d.heads, d.d);
+                let (p, g) = dptr(t, &stream, 0)?;
+                (Operand { ptr: p, strides: [b, h, s, 1] }, g)
+            }
+            None => {
+                let (buf, offset) = out.at[0];
+                let (p, g) = dptr(&out.bufs[buf], &stream, offset)?;
+                (Operand { ptr: p, strides: [dbs, dhs, dss, 1] }, g)
+            }
+        };
+        let kv_grad = |i: usize| -> Result<_> {
+            let (buf, offset) = out.at[i];
+            let [b, h, s] = out.dk_strides;
+            let (p, g) = dptr(&out.bufs[buf], &stream, offset)?;
+            Ok((Operand { ptr: p, strides: [b, h, s, 1] }, g))
+        };
+        let ((dk, _g8), (dv, _g9)) = (kv_grad(1)?, kv_grad(2)?);
+        cudnn_sdpa::backward(
+            dev,
+            sdpa_dims(&d, dtype)?,
+            [Operand { ptr: qp, strides: q_strides }, ko, vo, oo, doo],
+            [dq, dk, dv],
+            lp,
+            a.spec.softmax_scale as f32,
+        )?;
+    }
+    if let Some(dense) = dq_dense {
+        // Rows of one group's query heads: `[b·s·groups, hpg·d]`, packed in `dense`, every
+        // `dgs` elements in the target.
+        let rows = d.b * d.sq * d.groups;
+        if dss != d.groups as i64 * dgs || dbs != d.sq as i64 * dss {
+            candle_core::bail!("cuDNN attention backward: dQ strides {:?}", out.dq_strides);
+        }
+        let (buf, offset) = out.at[0];
+        let rows = Rows {
+            rows,
+            cols: hpg * d.d,
+            src_offset: 0,
+            src_stride: hpg * d.d,
+            dst_offset: offset,
+            dst_stride: dgs as usize,
+        };
+        copy_rows(&dense, &mut out.bufs[buf], rows)?;
+    }
+    G::grads(out.bufs, &d)
+}
+
+/// Runs the backward kernels, writing the gradients where `G` says.
+fn backward_kernels<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
     let (qs, ql) = a.q.storage_and_layout();
     let (ks, kl) = a.k.storage_and_layout();
     let (vs, vl) = a.v.storage_and_layout();
@@ -643,13 +879,12 @@ impl CustomOp3 for FlashAttnOp {
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let d = dims(ql, kl)?;
-        let (out, lse) = forward(&self.spec, self.varlen.as_ref(), q, ql, k, kl, v, vl)?;
-        let lse = Tensor::from_storage(
-            Storage::Cuda(lse),
-            (d.b, d.heads, d.sq),
-            BackpropOp::none(),
-            false,
-        );
+        let (out, lse, kind) = forward(&self.spec, self.varlen.as_ref(), q, ql, k, kl, v, vl)?;
+        let shape: Shape = match kind {
+            Stats::Log2 => (d.b, d.heads, d.sq).into(),
+            Stats::Natural => (d.b, d.heads, d.sq, 1).into(),
+        };
+        let lse = Tensor::from_storage(Storage::Cuda(lse), shape, BackpropOp::none(), false);
         *self.lse.lock().map_err(|_| candle_core::Error::Msg("flash lse lock".into()))? = Some(lse);
         Ok((out, Shape::from((d.b, d.sq, d.heads, d.d))))
     }

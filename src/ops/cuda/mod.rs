@@ -13,7 +13,9 @@
 
 pub mod adamw;
 pub mod add;
+pub mod copy_rows;
 pub mod cross_entropy;
+pub mod cudnn;
 pub mod embedding;
 pub mod flash_attn;
 pub mod gemm;
