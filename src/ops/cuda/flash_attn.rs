@@ -658,183 +658,218 @@ fn backward<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
 
 /// cuDNN's backward from its forward's statistics.
 fn backward_cudnn<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
-    let (qs, ql) = a.q.storage_and_layout();
-    let (ks, kl) = a.k.storage_and_layout();
-    let (vs, vl) = a.v.storage_and_layout();
-    let (os, ol) = a.o.storage_and_layout();
-    let (ls, ll) = a.lse.storage_and_layout();
-    let (dos, dol) = a.dout.storage_and_layout();
-    let (q, k, v) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?);
-    let (o, lse, dout) = (as_cuda(&os)?, as_cuda(&ls)?, as_cuda(&dos)?);
-    let d = dims(ql, kl)?;
-    check(&d, a.varlen)?;
-    if !wants_cudnn(a.spec, &d, a.varlen) {
-        candle_core::bail!("cuDNN attention backward: not a call its graph covers");
-    }
-    let dtype = q.dtype();
-    let dev = &q.device;
-    let stream = dev.cuda_stream();
-    let mut out = G::buffers(dev, dtype, &d)?;
-    let hpg = d.heads / d.groups;
-    // dQ goes straight to its buffer when its heads are evenly strided; in the fused QKV
-    // layout it is written dense and then copied row by row between the key/value heads.
-    let [dbs, dgs, dhs, dss] = out.dq_strides;
-    let dq_dense = (dgs != hpg as i64 * dhs)
-        .then(|| alloc_like(dev, dtype, d.b * d.sq * d.heads * d.d))
-        .transpose()?;
-    {
-        let (q_copy, q_strides) = cudnn_query(q, ql, &d)?;
-        let (qp, _g1) = match &q_copy {
-            Some(c) => dptr(c, &stream, 0)?,
-            None => dptr(q, &stream, ql.start_offset())?,
-        };
-        let (ko, _g2) = operand(k, kl, "k", &stream)?;
-        let (vo, _g3) = operand(v, vl, "v", &stream)?;
-        let (oo, _g4) = operand(o, ol, "o", &stream)?;
-        let (doo, _g5) = operand(dout, dol, "dO", &stream)?;
-        let (lp, _g6) = dptr(lse, &stream, ll.start_offset())?;
-        let (dq, _g7) = match &dq_dense {
-            Some(t) => {
-                let [b, h, s] = bshd_strides(d.sq, d.heads, d.d);
-                let (p, g) = dptr(t, &stream, 0)?;
-                (Operand { ptr: p, strides: [b, h, s, 1] }, g)
-            }
-            None => {
-                let (buf, offset) = out.at[0];
-                let (p, g) = dptr(&out.bufs[buf], &stream, offset)?;
-                (Operand { ptr: p, strides: [dbs, dhs, dss, 1] }, g)
-            }
-        };
-        let kv_grad = |i: usize| -> Result<_> {
-            let (buf, offset) = out.at[i];
-            let [b, h, s] = out.dk_strides;
-            let (p, g) = dptr(&out.bufs[buf], &stream, offset)?;
-            Ok((Operand { ptr: p, strides: [b, h, s, 1] }, g))
-        };
-        let ((dk, _g8), (dv, _g9)) = (kv_grad(1)?, kv_grad(2)?);
-        cudnn_sdpa::backward(
-            dev,
-            sdpa_dims(&d, dtype)?,
-            [Operand { ptr: qp, strides: q_strides }, ko, vo, oo, doo],
-            [dq, dk, dv],
-            lp,
-            a.spec.softmax_scale as f32,
-        )?;
-    }
-    if let Some(dense) = dq_dense {
-        // Rows of one group's query heads: `[b·s·groups, hpg·d]`, packed in `dense`, every
-        // `dgs` elements in the target.
-        let rows = d.b * d.sq * d.groups;
-        if dss != d.groups as i64 * dgs || dbs != d.sq as i64 * dss {
-            candle_core::bail!("cuDNN attention backward: dQ strides {:?}", out.dq_strides);
+    with_views(a, |w| {
+        let BwdViews {
+            q: (q, ql),
+            k: (k, kl),
+            v: (v, vl),
+            o: (o, ol),
+            lse: (lse, ll),
+            dout: (dout, dol),
+            d,
+        } = *w;
+        if !wants_cudnn(a.spec, &d, a.varlen) {
+            candle_core::bail!("cuDNN attention backward: not a call its graph covers");
         }
-        let (buf, offset) = out.at[0];
-        let rows = Rows {
-            rows,
-            cols: hpg * d.d,
-            src_offset: 0,
-            src_stride: hpg * d.d,
-            dst_offset: offset,
-            dst_stride: dgs as usize,
-        };
-        copy_rows(&dense, &mut out.bufs[buf], rows)?;
-    }
-    G::grads(out.bufs, &d)
+        let dtype = q.dtype();
+        let dev = &q.device;
+        let stream = dev.cuda_stream();
+        let mut out = G::buffers(dev, dtype, &d)?;
+        let hpg = d.heads / d.groups;
+        // dQ goes straight to its buffer when its heads are evenly strided; in the fused QKV
+        // layout it is written dense and then copied row by row between the key/value heads.
+        let [dbs, dgs, dhs, dss] = out.dq_strides;
+        let dq_dense = (dgs != hpg as i64 * dhs)
+            .then(|| alloc_like(dev, dtype, d.b * d.sq * d.heads * d.d))
+            .transpose()?;
+        {
+            let (q_copy, q_strides) = cudnn_query(q, ql, &d)?;
+            let (qp, _g1) = match &q_copy {
+                Some(c) => dptr(c, &stream, 0)?,
+                None => dptr(q, &stream, ql.start_offset())?,
+            };
+            let (ko, _g2) = operand(k, kl, "k", &stream)?;
+            let (vo, _g3) = operand(v, vl, "v", &stream)?;
+            let (oo, _g4) = operand(o, ol, "o", &stream)?;
+            let (doo, _g5) = operand(dout, dol, "dO", &stream)?;
+            let (lp, _g6) = dptr(lse, &stream, ll.start_offset())?;
+            let (dq, _g7) = match &dq_dense {
+                Some(t) => {
+                    let [b, h, s] = bshd_strides(d.sq, d.heads, d.d);
+                    let (p, g) = dptr(t, &stream, 0)?;
+                    (Operand { ptr: p, strides: [b, h, s, 1] }, g)
+                }
+                None => {
+                    let (buf, offset) = out.at[0];
+                    let (p, g) = dptr(&out.bufs[buf], &stream, offset)?;
+                    (Operand { ptr: p, strides: [dbs, dhs, dss, 1] }, g)
+                }
+            };
+            let kv_grad = |i: usize| -> Result<_> {
+                let (buf, offset) = out.at[i];
+                let [b, h, s] = out.dk_strides;
+                let (p, g) = dptr(&out.bufs[buf], &stream, offset)?;
+                Ok((Operand { ptr: p, strides: [b, h, s, 1] }, g))
+            };
+            let ((dk, _g8), (dv, _g9)) = (kv_grad(1)?, kv_grad(2)?);
+            cudnn_sdpa::backward(
+                dev,
+                sdpa_dims(&d, dtype)?,
+                [Operand { ptr: qp, strides: q_strides }, ko, vo, oo, doo],
+                [dq, dk, dv],
+                lp,
+                a.spec.softmax_scale as f32,
+            )?;
+        }
+        if let Some(dense) = dq_dense {
+            // Rows of one group's query heads: `[b·s·groups, hpg·d]`, packed in `dense`, every
+            // `dgs` elements in the target.
+            let rows = d.b * d.sq * d.groups;
+            if dss != d.groups as i64 * dgs || dbs != d.sq as i64 * dss {
+                candle_core::bail!("cuDNN attention backward: dQ strides {:?}", out.dq_strides);
+            }
+            let (buf, offset) = out.at[0];
+            let rows = Rows {
+                rows,
+                cols: hpg * d.d,
+                src_offset: 0,
+                src_stride: hpg * d.d,
+                dst_offset: offset,
+                dst_stride: dgs as usize,
+            };
+            copy_rows(&dense, &mut out.bufs[buf], rows)?;
+        }
+        G::grads(out.bufs, &d)
+    })
 }
 
 /// Runs the backward kernels, writing the gradients where `G` says.
 fn backward_kernels<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
+    with_views(a, |w| {
+        let BwdViews {
+            q: (q, ql),
+            k: (k, kl),
+            v: (v, vl),
+            o: (o, ol),
+            lse: (lse, ll),
+            dout: (dout, dol),
+            d,
+        } = *w;
+        let dtype = q.dtype();
+        let dev = &q.device;
+        let stream = dev.cuda_stream();
+        let tname = type_name(dtype)?;
+        let rows = d.b * d.heads * d.sq;
+        // Every row's dsum is written by the dot kernel before it is read.
+        let dsum = CudaStorage {
+            slice: CudaStorageSlice::F32(unsafe { dev.alloc::<f32>(rows)? }),
+            device: dev.clone(),
+        };
+        // fp32 dQ accumulator: starts at zero, every key block adds its share with atomics.
+        let dq_acc = CudaStorage {
+            slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(rows * d.d)?),
+            device: dev.clone(),
+        };
+        let out = G::buffers(dev, dtype, &d)?;
+        // GQA: one backward block per query head (more blocks in flight) whose dK/dV shares are
+        // summed in fp32; MHA: one block per kv head writes dK/dV directly.
+        let split = d.heads > d.groups;
+        let kv_rows = d.b * d.groups * d.sk;
+        let dkv_acc = CudaStorage {
+            slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(if split {
+                2 * kv_rows * d.d
+            } else {
+                1
+            })?),
+            device: dev.clone(),
+        };
+        {
+            let mut p = base_params(&d, a.spec, a.varlen);
+            let cu_guard = a.varlen.map(|v| v.cu_seqlens.storage_and_layout());
+            let _gc = match &cu_guard {
+                Some((s, l)) => {
+                    let Storage::Cuda(s) = &**s else {
+                        candle_core::bail!("flash attention: cu_seqlens must be on the GPU")
+                    };
+                    let (cp, g) = dptr(s, &stream, l.start_offset())?;
+                    p.cu_seqlens = cp;
+                    Some(g)
+                }
+                None => None,
+            };
+            let (qp, _g1) = dptr(q, &stream, ql.start_offset())?;
+            let (kp, _g2) = dptr(k, &stream, kl.start_offset())?;
+            let (vp, _g3) = dptr(v, &stream, vl.start_offset())?;
+            let (op, _g4) = dptr(o, &stream, ol.start_offset())?;
+            let (dop, _g5) = dptr(dout, &stream, dol.start_offset())?;
+            let (lp, _g6) = dptr(lse, &stream, ll.start_offset())?;
+            let (sp, _g7) = dptr(&dsum, &stream, 0)?;
+            let (ap, _g8) = dptr(&dq_acc, &stream, 0)?;
+            let [gq, gk, gv] = out.at.map(|(buf, offset)| dptr(&out.bufs[buf], &stream, offset));
+            let ((dqp, _g9), (dkp, _g10), (dvp, _g11)) = (gq?, gk?, gv?);
+            let (dkvp, _g12) = dptr(&dkv_acc, &stream, 0)?;
+            p.dkv_accum = dkvp;
+            p.split_heads = i32::from(split);
+            [p.q, p.k, p.v, p.o, p.dout, p.lse] = [qp, kp, vp, op, dop, lp];
+            [p.dsum, p.dq_accum] = [sp, ap];
+            [p.dq, p.dk, p.dv] = [dqp, dkp, dvp];
+            [p.q_bs, p.q_gs, p.q_hs, p.q_ss] = q_strides(ql, d.groups)?;
+            [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
+            [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
+            [p.o_bs, p.o_hs, p.o_ss] = strides(ol, "o")?;
+            [p.do_bs, p.do_hs, p.do_ss] = strides(dol, "dO")?;
+            [p.dq_bs, p.dq_gs, p.dq_hs, p.dq_ss] = out.dq_strides;
+            [p.dk_bs, p.dk_hs, p.dk_ss] = out.dk_strides;
+            // The elementwise passes' grids: (row blocks, head, batch); see kernels/flash_attn.cu.
+            let dot_grid = (div_ceil(d.sq, ELEM_DOT_ROWS) as u32, d.heads as u32, d.b as u32);
+            launch(dev, &format!("flash_bwd_dot_{tname}_d{}", d.d), dot_grid, ELEM_THREADS, 0, &p)?;
+            let conv_rows = ELEM_THREADS as usize * ELEM_PAIRS / (d.d / 2);
+            let (name, bn, threads, smem) = bwd_kernel(tname, d.d);
+            let blocks_y = if split { d.heads } else { d.groups } as u32;
+            let grid = (tiles(d.sk, a.varlen, bn), blocks_y, p.batch as u32);
+            launch(dev, &name, grid, threads, smem, &p)?;
+            if split {
+                let grid = (div_ceil(d.sk, conv_rows) as u32, 2 * d.groups as u32, d.b as u32);
+                launch(dev, &format!("flash_bwd_dkv_{tname}_d{}", d.d), grid, ELEM_THREADS, 0, &p)?;
+            }
+            let dq_grid = (div_ceil(d.sq, conv_rows) as u32, d.heads as u32, d.b as u32);
+            launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), dq_grid, ELEM_THREADS, 0, &p)?;
+        }
+        G::grads(out.bufs, &d)
+    })
+}
+
+/// The backward's operands as the launches read them (storage and layout) and the sizes.
+#[derive(Clone, Copy)]
+struct BwdViews<'a> {
+    q: (&'a CudaStorage, &'a Layout),
+    k: (&'a CudaStorage, &'a Layout),
+    v: (&'a CudaStorage, &'a Layout),
+    o: (&'a CudaStorage, &'a Layout),
+    lse: (&'a CudaStorage, &'a Layout),
+    dout: (&'a CudaStorage, &'a Layout),
+    d: Dims,
+}
+
+/// Runs `f` on the operands of `a` (checked; their storages stay read-locked meanwhile).
+fn with_views<R>(a: &BwdArgs, f: impl FnOnce(&BwdViews) -> Result<R>) -> Result<R> {
     let (qs, ql) = a.q.storage_and_layout();
     let (ks, kl) = a.k.storage_and_layout();
     let (vs, vl) = a.v.storage_and_layout();
     let (os, ol) = a.o.storage_and_layout();
     let (ls, ll) = a.lse.storage_and_layout();
     let (dos, dol) = a.dout.storage_and_layout();
-    let (q, k, v) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?);
-    let (o, lse, dout) = (as_cuda(&os)?, as_cuda(&ls)?, as_cuda(&dos)?);
     let d = dims(ql, kl)?;
     check(&d, a.varlen)?;
-    let dtype = q.dtype();
-    let dev = &q.device;
-    let stream = dev.cuda_stream();
-    let tname = type_name(dtype)?;
-    let rows = d.b * d.heads * d.sq;
-    // Every row's dsum is written by the dot kernel before it is read.
-    let dsum = CudaStorage {
-        slice: CudaStorageSlice::F32(unsafe { dev.alloc::<f32>(rows)? }),
-        device: dev.clone(),
-    };
-    // fp32 dQ accumulator: starts at zero, every key block adds its share with atomics.
-    let dq_acc = CudaStorage {
-        slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(rows * d.d)?),
-        device: dev.clone(),
-    };
-    let out = G::buffers(dev, dtype, &d)?;
-    // GQA: one backward block per query head (more blocks in flight) whose dK/dV shares are
-    // summed in fp32; MHA: one block per kv head writes dK/dV directly.
-    let split = d.heads > d.groups;
-    let kv_rows = d.b * d.groups * d.sk;
-    let dkv_acc = CudaStorage {
-        slice: CudaStorageSlice::F32(dev.alloc_zeros::<f32>(if split {
-            2 * kv_rows * d.d
-        } else {
-            1
-        })?),
-        device: dev.clone(),
-    };
-    {
-        let mut p = base_params(&d, a.spec, a.varlen);
-        let cu_guard = a.varlen.map(|v| v.cu_seqlens.storage_and_layout());
-        let _gc = match &cu_guard {
-            Some((s, l)) => {
-                let Storage::Cuda(s) = &**s else {
-                    candle_core::bail!("flash attention: cu_seqlens must be on the GPU")
-                };
-                let (cp, g) = dptr(s, &stream, l.start_offset())?;
-                p.cu_seqlens = cp;
-                Some(g)
-            }
-            None => None,
-        };
-        let (qp, _g1) = dptr(q, &stream, ql.start_offset())?;
-        let (kp, _g2) = dptr(k, &stream, kl.start_offset())?;
-        let (vp, _g3) = dptr(v, &stream, vl.start_offset())?;
-        let (op, _g4) = dptr(o, &stream, ol.start_offset())?;
-        let (dop, _g5) = dptr(dout, &stream, dol.start_offset())?;
-        let (lp, _g6) = dptr(lse, &stream, ll.start_offset())?;
-        let (sp, _g7) = dptr(&dsum, &stream, 0)?;
-        let (ap, _g8) = dptr(&dq_acc, &stream, 0)?;
-        let [gq, gk, gv] = out.at.map(|(buf, offset)| dptr(&out.bufs[buf], &stream, offset));
-        let ((dqp, _g9), (dkp, _g10), (dvp, _g11)) = (gq?, gk?, gv?);
-        let (dkvp, _g12) = dptr(&dkv_acc, &stream, 0)?;
-        p.dkv_accum = dkvp;
-        p.split_heads = i32::from(split);
-        [p.q, p.k, p.v, p.o, p.dout, p.lse] = [qp, kp, vp, op, dop, lp];
-        [p.dsum, p.dq_accum] = [sp, ap];
-        [p.dq, p.dk, p.dv] = [dqp, dkp, dvp];
-        [p.q_bs, p.q_gs, p.q_hs, p.q_ss] = q_strides(ql, d.groups)?;
-        [p.k_bs, p.k_hs, p.k_ss] = strides(kl, "k")?;
-        [p.v_bs, p.v_hs, p.v_ss] = strides(vl, "v")?;
-        [p.o_bs, p.o_hs, p.o_ss] = strides(ol, "o")?;
-        [p.do_bs, p.do_hs, p.do_ss] = strides(dol, "dO")?;
-        [p.dq_bs, p.dq_gs, p.dq_hs, p.dq_ss] = out.dq_strides;
-        [p.dk_bs, p.dk_hs, p.dk_ss] = out.dk_strides;
-        // The elementwise passes' grids: (row blocks, head, batch); see kernels/flash_attn.cu.
-        let dot_grid = (div_ceil(d.sq, ELEM_DOT_ROWS) as u32, d.heads as u32, d.b as u32);
-        launch(dev, &format!("flash_bwd_dot_{tname}_d{}", d.d), dot_grid, ELEM_THREADS, 0, &p)?;
-        let conv_rows = ELEM_THREADS as usize * ELEM_PAIRS / (d.d / 2);
-        let (name, bn, threads, smem) = bwd_kernel(tname, d.d);
-        let blocks_y = if split { d.heads } else { d.groups } as u32;
-        let grid = (tiles(d.sk, a.varlen, bn), blocks_y, p.batch as u32);
-        launch(dev, &name, grid, threads, smem, &p)?;
-        if split {
-            let grid = (div_ceil(d.sk, conv_rows) as u32, 2 * d.groups as u32, d.b as u32);
-            launch(dev, &format!("flash_bwd_dkv_{tname}_d{}", d.d), grid, ELEM_THREADS, 0, &p)?;
-        }
-        let dq_grid = (div_ceil(d.sq, conv_rows) as u32, d.heads as u32, d.b as u32);
-        launch(dev, &format!("flash_bwd_dq_{tname}_d{}", d.d), dq_grid, ELEM_THREADS, 0, &p)?;
-    }
-    G::grads(out.bufs, &d)
+    f(&BwdViews {
+        q: (as_cuda(&qs)?, ql),
+        k: (as_cuda(&ks)?, kl),
+        v: (as_cuda(&vs)?, vl),
+        o: (as_cuda(&os)?, ol),
+        lse: (as_cuda(&ls)?, ll),
+        dout: (as_cuda(&dos)?, dol),
+        d,
+    })
 }
 
 fn as_cuda(s: &Storage) -> Result<&CudaStorage> {

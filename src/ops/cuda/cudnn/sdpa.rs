@@ -12,6 +12,7 @@
 use super::ffi::{DataType, Pointwise, Reduce};
 use super::graph::{Backing, GraphBuilder, Plan, TensorSpec};
 use super::handle::with_handle;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::Result;
 use std::collections::HashMap;
@@ -197,26 +198,36 @@ pub fn forward(
     scale: f32,
 ) -> Result<()> {
     let strides = [q.strides, k.strides, v.strides, o.strides];
-    let key = PlanKey {
-        ordinal: dev.cuda_stream().context().ordinal(),
-        direction: Direction::Forward,
-        dims,
-        strides: strides.to_vec(),
-    };
     let neg_inf = f32::NEG_INFINITY;
+    let pointers = [
+        (0, q.raw()),
+        (1, k.raw()),
+        (2, v.raw()),
+        (3, o.raw()),
+        (5, &scale as *const f32 as *mut c_void),
+        (8, stats as *mut c_void),
+        (11, &neg_inf as *const f32 as *mut c_void),
+    ];
+    let build = || forward_graph(dims, strides);
+    run(dev, Direction::Forward, dims, &strides, build, &pointers)
+}
+
+/// Runs the plan for `direction`, `dims` and the operands' `strides` (built by `build` on
+/// first use) with `pointers` and a fresh workspace.
+fn run(
+    dev: &CudaDevice,
+    direction: Direction,
+    dims: SdpaDims,
+    strides: &[[i64; 4]],
+    build: impl FnOnce() -> Result<GraphBuilder>,
+    pointers: &[(i64, *mut c_void)],
+) -> Result<()> {
+    let ordinal = dev.cuda_stream().context().ordinal();
+    let key = PlanKey { ordinal, direction, dims, strides: strides.to_vec() };
     with_handle(dev, |handle| {
-        let plan = plan_for(handle, key, || forward_graph(dims, strides))?;
+        let plan = plan_for(handle, key, build)?;
         let workspace = Workspace::new(dev, plan.workspace)?;
-        let pointers = [
-            (0, q.raw()),
-            (1, k.raw()),
-            (2, v.raw()),
-            (3, o.raw()),
-            (5, &scale as *const f32 as *mut c_void),
-            (8, stats as *mut c_void),
-            (11, &neg_inf as *const f32 as *mut c_void),
-        ];
-        plan.execute(handle, &pointers, workspace.ptr)
+        plan.execute(handle, pointers, workspace.ptr)
     })
 }
 
@@ -312,47 +323,37 @@ pub fn backward(
         dk.strides,
         dv.strides,
     ];
-    let key = PlanKey {
-        ordinal: dev.cuda_stream().context().ordinal(),
-        direction: Direction::Backward,
-        dims,
-        strides: strides.to_vec(),
-    };
     let (neg_inf, one) = (f32::NEG_INFINITY, 1f32);
     let rows = dims.b * dims.heads * dims.s;
-    with_handle(dev, |handle| {
-        let plan = plan_for(handle, key, || backward_graph(dims, strides))?;
-        let workspace = Workspace::new(dev, plan.workspace)?;
-        // The row sums of dO·O, and the f32 dQ that every key block adds into (from zero).
-        let dsum = unsafe { dev.alloc::<f32>(rows) }?;
-        let dq_accum = dev.alloc_zeros::<f32>(rows * dims.d)?;
-        let stream = dev.cuda_stream();
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-        let (dsum_ptr, _g1) = dsum.device_ptr(&stream);
-        let (acc_ptr, _g2) = dq_accum.device_ptr(&stream);
-        let pointers = [
-            (0, q.raw()),
-            (1, k.raw()),
-            (2, v.raw()),
-            (3, o.raw()),
-            (5, &scale as *const f32 as *mut c_void),
-            (7, &one as *const f32 as *mut c_void),
-            (8, stats as *mut c_void),
-            (9, dout.raw()),
-            (10, dq.raw()),
-            (11, dk.raw()),
-            (12, dv.raw()),
-            (13, dsum_ptr as *mut c_void),
-            (20, &neg_inf as *const f32 as *mut c_void),
-            (32, acc_ptr as *mut c_void),
-        ];
-        plan.execute(handle, &pointers, workspace.ptr)
-    })
+    // The row sums of dO·O, and the f32 dQ that every key block adds into (from zero).
+    let dsum = unsafe { dev.alloc::<f32>(rows) }?;
+    let dq_accum = dev.alloc_zeros::<f32>(rows * dims.d)?;
+    let stream = dev.cuda_stream();
+    let (dsum_ptr, _g1) = dsum.device_ptr(&stream);
+    let (acc_ptr, _g2) = dq_accum.device_ptr(&stream);
+    let pointers = [
+        (0, q.raw()),
+        (1, k.raw()),
+        (2, v.raw()),
+        (3, o.raw()),
+        (5, &scale as *const f32 as *mut c_void),
+        (7, &one as *const f32 as *mut c_void),
+        (8, stats as *mut c_void),
+        (9, dout.raw()),
+        (10, dq.raw()),
+        (11, dk.raw()),
+        (12, dv.raw()),
+        (13, dsum_ptr as *mut c_void),
+        (20, &neg_inf as *const f32 as *mut c_void),
+        (32, acc_ptr as *mut c_void),
+    ];
+    let build = || backward_graph(dims, strides);
+    run(dev, Direction::Backward, dims, &strides, build, &pointers)
 }
 
 /// Device scratch for one execution, freed (stream-ordered) after it.
 struct Workspace {
-    _buf: Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>>,
+    _buf: Option<CudaSlice<u8>>,
     ptr: u64,
 }
 
@@ -361,7 +362,6 @@ impl Workspace {
         if bytes == 0 {
             return Ok(Self { _buf: None, ptr: 0 });
         }
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
         // cuDNN initialises what it reads of its workspace.
         let buf = unsafe { dev.alloc::<u8>(bytes) }?;
         let ptr = {
