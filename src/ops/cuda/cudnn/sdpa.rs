@@ -92,16 +92,19 @@ fn transposed(s: [i64; 4]) -> [i64; 4] {
     [s[0], s[1], s[3], s[2]]
 }
 
+/// Declares the graph's tensors in the attention's terms (scores, rows, heads).
 struct Tensors<'a> {
     g: &'a mut GraphBuilder,
     dims: SdpaDims,
 }
 
 impl Tensors<'_> {
+    /// A tensor in device memory, passed at execution.
     fn io(&mut self, uid: i64, dims: [i64; 4], strides: [i64; 4], dtype: DataType) -> Result<i64> {
         self.g.tensor(TensorSpec { uid, dtype, dims, strides, backing: Backing::Memory })
     }
 
+    /// A tensor cuDNN keeps to itself.
     fn virt(
         &mut self,
         uid: i64,
@@ -112,7 +115,7 @@ impl Tensors<'_> {
         self.g.tensor(TensorSpec { uid, dtype, dims, strides, backing: Backing::Virtual })
     }
 
-    /// `[b, h, s, s]` f32 scores-shaped intermediate.
+    /// A `[b, h, s, s]` intermediate (scores, probabilities, masks) kept inside cuDNN.
     fn scores(&mut self, uid: i64, dtype: DataType) -> Result<i64> {
         let d = self.score_dims();
         self.virt(uid, d, dense(d), dtype)
@@ -123,12 +126,13 @@ impl Tensors<'_> {
         [b as i64, heads as i64, s as i64, s as i64]
     }
 
-    /// `[b, h, s, 1]` per-row f32 value.
+    /// `[b, h, s, 1]`: one value per query row (statistics, dO·O sums).
     fn row_dims(&self) -> [i64; 4] {
         let SdpaDims { b, heads, s, .. } = self.dims;
         [b as i64, heads as i64, s as i64, 1]
     }
 
+    /// `[b, heads, s, d]`: q, o and their gradients (`heads`), or k, v (`groups`).
     fn head_dims(&self, heads: usize) -> [i64; 4] {
         let SdpaDims { b, s, d, .. } = self.dims;
         [b as i64, heads as i64, s as i64, d as i64]
