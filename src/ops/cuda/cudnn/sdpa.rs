@@ -60,6 +60,11 @@ struct PlanKey {
 
 type PlanCache = Mutex<HashMap<PlanKey, std::result::Result<Arc<Plan>, String>>>;
 
+/// Most plans kept. cuDNN compiles its attention engines at run time, once per shape:
+/// training has a few shapes, but generation prefills every prompt length, and past this
+/// many shapes mbridge's own kernels (`attention_backend = "auto"`) run the new ones.
+const MAX_PLANS: usize = 64;
+
 /// Plans by key; a shape cuDNN refused stays refused (its error is kept) so it is asked once.
 fn plans() -> &'static PlanCache {
     static PLANS: OnceLock<PlanCache> = OnceLock::new();
@@ -72,6 +77,11 @@ fn plan_for(
     build: impl FnOnce() -> Result<GraphBuilder>,
 ) -> Result<Arc<Plan>> {
     let mut cache = plans().lock().map_err(|_| candle_core::Error::Msg("cuDNN plans".into()))?;
+    if cache.len() >= MAX_PLANS && !cache.contains_key(&key) {
+        candle_core::bail!(
+            "{MAX_PLANS} attention shapes already have cuDNN plans; a new one is not compiled"
+        );
+    }
     let entry = cache.entry(key.clone()).or_insert_with(|| {
         let what = match key.direction {
             Direction::Forward => "attention forward",
