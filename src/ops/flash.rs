@@ -32,6 +32,17 @@ impl FlashSpec {
     }
 }
 
+/// Whether a flash call goes to cuDNN's fused attention (`ops::cuda::cudnn::sdpa`) rather
+/// than mbridge's kernels: the `auto` or `fused` backend, and a call its graph covers, causal
+/// self-attention over whole rows (`sq == sk`; no sliding window, no packed sequences).
+pub fn cudnn_covers(spec: &FlashSpec, sq: usize, sk: usize, packed: bool) -> bool {
+    matches!(spec.backend, AttnBackend::Auto | AttnBackend::Fused)
+        && spec.causal
+        && spec.kernel_window() < 0
+        && !packed
+        && sq == sk
+}
+
 /// Element strides `(batch, head, seq)` of a `[b, h, s, d]` operand, or None when the kernel
 /// cannot read it in place: the last dim must be dense and every row must start on a 16-byte
 /// boundary (cp.async moves 16 bytes = 8 half-precision values at a time).
@@ -331,6 +342,29 @@ mod tests {
         for backend in [AttnBackend::Auto, AttnBackend::Unfused] {
             assert!(!model_fast_path(&Device::Cpu, DType::BF16, backend, false, false));
             assert!(!model_fast_path(&Device::Cpu, DType::F32, backend, false, false));
+        }
+    }
+
+    #[test]
+    fn cudnn_covers_causal_self_attention_of_auto_and_fused_only() {
+        let spec = |backend, window_left| FlashSpec {
+            causal: true,
+            window_left,
+            softmax_scale: 0.125,
+            backend,
+        };
+        for backend in [AttnBackend::Auto, AttnBackend::Fused] {
+            assert!(cudnn_covers(&spec(backend, None), 128, 128, false));
+            // A negative window means none.
+            assert!(cudnn_covers(&spec(backend, Some(-1)), 128, 128, false));
+            assert!(!cudnn_covers(&spec(backend, Some(40)), 128, 128, false), "window");
+            assert!(!cudnn_covers(&spec(backend, None), 128, 128, true), "packed");
+            assert!(!cudnn_covers(&spec(backend, None), 1, 128, false), "KV cache");
+            let not_causal = FlashSpec { causal: false, ..spec(backend, None) };
+            assert!(!cudnn_covers(&not_causal, 128, 128, false), "not causal");
+        }
+        for backend in [AttnBackend::Flash, AttnBackend::Unfused, AttnBackend::Local] {
+            assert!(!cudnn_covers(&spec(backend, None), 128, 128, false), "{backend:?}");
         }
     }
 

@@ -364,14 +364,9 @@ enum Stats {
     Natural,
 }
 
-/// Whether a call goes to cuDNN's fused attention: the graph in `cudnn::sdpa` covers causal
-/// self-attention over whole rows (no sliding window, packed sequences or KV cache).
+/// Whether a call goes to cuDNN's fused attention ([`crate::ops::flash::cudnn_covers`]).
 fn wants_cudnn(spec: &FlashSpec, d: &Dims, varlen: Option<&Varlen>) -> bool {
-    matches!(spec.backend, AttnBackend::Auto | AttnBackend::Fused)
-        && spec.causal
-        && spec.kernel_window() < 0
-        && varlen.is_none()
-        && d.sq == d.sk
+    crate::ops::flash::cudnn_covers(spec, d.sq, d.sk, varlen.is_some())
 }
 
 /// Runs `f` (a cuDNN call) for `spec`'s backend: `Some` when it ran. Under `auto` a failure
