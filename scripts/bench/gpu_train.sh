@@ -36,4 +36,5 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=c
 CLOCKS=$!
 if [ "${MBRIDGE_FIRST:-0}" = 1 ]; then run_mbridge "${@:4}"; run_peers; else run_peers; run_mbridge "${@:4}"; fi
 kill "$CLOCKS" 2>/dev/null
-echo "GPU SM clock / power / temperature, per 10 s:"; awk 'NR % 10 == 0' /tmp/clocks.log
+echo "GPU SM clock / power / temperature, each second above 300 W (under load):"
+awk -F', ' '$3 + 0 > 300' /tmp/clocks.log
