@@ -21,6 +21,19 @@ pub struct AttentionShape {
     pub backend: AttnBackend,
 }
 
+impl AttentionShape {
+    /// The flash call of causal attention with this scale and backend, limited to the
+    /// `window_left` previous keys when given.
+    pub fn causal_flash(&self, window_left: Option<i64>) -> FlashSpec {
+        FlashSpec {
+            causal: true,
+            window_left,
+            softmax_scale: self.softmax_scale,
+            backend: self.backend,
+        }
+    }
+}
+
 /// Builds the boolean "may attend" mask `[B, 1, sq, sk]` (u8, 1 = attend) for queries at
 /// absolute positions `q_start..q_start+sq` over keys `0..sk`: causal, limited to the
 /// `window_left` previous tokens when set (Megatron/TE `window_size = [left, right]` with
@@ -198,12 +211,7 @@ pub fn attention_auto(
         AttnMask::Causal { window_left } => {
             let p = dropout.map_or(0.0, |(p, _, _)| p);
             if flash::unsupported_reason(q, k, v, p).is_none() {
-                let spec = FlashSpec {
-                    causal: true,
-                    window_left,
-                    softmax_scale: shape.softmax_scale,
-                    backend: shape.backend,
-                };
+                let spec = shape.causal_flash(window_left);
                 return flash::flash_attention(q, k, v, spec);
             }
             let (sq, sk) = (q.dim(2)?, k.dim(2)?);
@@ -224,12 +232,7 @@ pub fn attention_auto(
             }
             let p = dropout.map_or(0.0, |(p, _, _)| p);
             if flash::unsupported_reason(q, k, v, p).is_none() {
-                let spec = FlashSpec {
-                    causal: true,
-                    window_left,
-                    softmax_scale: shape.softmax_scale,
-                    backend: shape.backend,
-                };
+                let spec = shape.causal_flash(window_left);
                 if b == 1 {
                     return flash::flash_attention_packed(q, k, v, spec, seqs);
                 }

@@ -218,12 +218,7 @@ pub fn attention_forward(
         if let (Some((window_left, packed)), None) =
             (flash_mask, super::flash::unsupported_reason(q, k, v, 0.0))
         {
-            let spec = FlashSpec {
-                causal: true,
-                window_left,
-                softmax_scale: shape.softmax_scale,
-                backend: shape.backend,
-            };
+            let spec = shape.causal_flash(window_left);
             let varlen = packed.map(super::cuda::flash_attn::Varlen::from_packed);
             let (out, lse) = super::cuda::flash_attn::forward_with_lse(q, k, v, spec, varlen)?;
             let packed = packed.cloned();

@@ -25,6 +25,19 @@ pub struct Rows {
     pub dst_stride: usize,
 }
 
+impl Rows {
+    /// The copy back: every row from where this one writes it to where it reads it.
+    pub fn reversed(self) -> Self {
+        Self {
+            src_offset: self.dst_offset,
+            src_stride: self.dst_stride,
+            dst_offset: self.src_offset,
+            dst_stride: self.src_stride,
+            ..self
+        }
+    }
+}
+
 /// Copies `r` from `src` into `dst` (same dtype, on one GPU).
 pub fn copy_rows(src: &CudaStorage, dst: &mut CudaStorage, r: Rows) -> Result<()> {
     use candle_core::backend::BackendStorage;

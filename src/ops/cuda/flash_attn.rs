@@ -379,7 +379,8 @@ fn via_cudnn<R>(spec: &FlashSpec, f: impl FnOnce() -> Result<R>) -> Result<Optio
         Err(e) if spec.backend == AttnBackend::Auto => {
             if !WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
-                    "attention: cuDNN's fused attention is not used, mbridge's flash kernels                      run instead: {e}"
+                    "attention: cuDNN's fused attention is not used, mbridge's flash kernels \
+                     run instead: {e}"
                 );
             }
             Ok(None)
@@ -409,23 +410,32 @@ fn cudnn_query(q: &CudaStorage, ql: &Layout, d: &Dims) -> Result<(Option<CudaSto
         return Ok((None, [bs, hs, ss, 1]));
     }
     let mut dense = alloc_like(&q.device, q.dtype(), d.b * d.sq * d.heads * d.d)?;
-    let hpg = d.heads / d.groups;
-    if ss == d.groups as i64 * gs && bs == d.sq as i64 * ss {
-        // Token-major groups (the fused QKV buffer): rows of one group's query heads.
-        let rows = Rows {
-            rows: d.b * d.sq * d.groups,
-            cols: hpg * d.d,
-            src_offset: ql.start_offset(),
-            src_stride: gs as usize,
-            dst_offset: 0,
-            dst_stride: hpg * d.d,
-        };
-        copy_rows(q, &mut dense, rows)?;
-    } else {
-        q.copy_strided_src(&mut dense, 0, &ql.permute(&[0, 3, 1, 2, 4])?)?;
+    match grouped_query_rows(d, [bs, gs, ss], ql.start_offset()) {
+        Some(rows) => copy_rows(q, &mut dense, rows)?,
+        None => q.copy_strided_src(&mut dense, 0, &ql.permute(&[0, 3, 1, 2, 4])?)?,
     }
+    Ok((Some(dense), dense_query_strides(d)))
+}
+
+/// cuDNN's `[b, h, s, d]` strides of a dense `[b, s, h, d]` query-shaped buffer.
+fn dense_query_strides(d: &Dims) -> [i64; 4] {
     let [b, h, s] = bshd_strides(d.sq, d.heads, d.d);
-    Ok((Some(dense), [b, h, s, 1]))
+    [b, h, s, 1]
+}
+
+/// The query heads of a token-major grouped layout (the fused QKV buffer: batch, group and
+/// token strides `bs`, `gs`, `ss`, the first head at `offset`) as rows of one group's heads,
+/// copied from there into a dense `[b, s, h, d]`; None for any other layout.
+fn grouped_query_rows(d: &Dims, [bs, gs, ss]: [i64; 3], offset: usize) -> Option<Rows> {
+    let hpg = d.heads / d.groups;
+    (ss == d.groups as i64 * gs && bs == d.sq as i64 * ss).then(|| Rows {
+        rows: d.b * d.sq * d.groups,
+        cols: hpg * d.d,
+        src_offset: offset,
+        src_stride: gs as usize,
+        dst_offset: 0,
+        dst_stride: hpg * d.d,
+    })
 }
 
 fn sdpa_dims(d: &Dims, dtype: DType) -> Result<SdpaDims> {
@@ -468,8 +478,7 @@ fn forward_cudnn(
         let (vo, _g3) = operand(v, vl, "v", &stream)?;
         let (op, _g4) = dptr(&out, &stream, 0)?;
         let (sp, _g5) = dptr(&stats, &stream, 0)?;
-        let [b, h, s] = bshd_strides(d.sq, d.heads, d.d);
-        let o = Operand { ptr: op, strides: [b, h, s, 1] };
+        let o = Operand { ptr: op, strides: dense_query_strides(d) };
         let operands = [Operand { ptr: qp, strides: q_strides }, ko, vo, o];
         let scale = spec.softmax_scale as f32;
         cudnn_sdpa::forward(dev, sdpa_dims(d, q.dtype())?, operands, sp, scale)?;
@@ -690,9 +699,8 @@ fn backward_cudnn<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
             let (lp, _g6) = dptr(lse, &stream, ll.start_offset())?;
             let (dq, _g7) = match &dq_dense {
                 Some(t) => {
-                    let [b, h, s] = bshd_strides(d.sq, d.heads, d.d);
                     let (p, g) = dptr(t, &stream, 0)?;
-                    (Operand { ptr: p, strides: [b, h, s, 1] }, g)
+                    (Operand { ptr: p, strides: dense_query_strides(&d) }, g)
                 }
                 None => {
                     let (buf, offset) = out.at[0];
@@ -717,22 +725,15 @@ fn backward_cudnn<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
             )?;
         }
         if let Some(dense) = dq_dense {
-            // Rows of one group's query heads: `[b·s·groups, hpg·d]`, packed in `dense`, every
-            // `dgs` elements in the target.
-            let rows = d.b * d.sq * d.groups;
-            if dss != d.groups as i64 * dgs || dbs != d.sq as i64 * dss {
-                candle_core::bail!("cuDNN attention backward: dQ strides {:?}", out.dq_strides);
-            }
+            // The inverse of the query's copy: back between each group's key and value heads.
             let (buf, offset) = out.at[0];
-            let rows = Rows {
-                rows,
-                cols: hpg * d.d,
-                src_offset: 0,
-                src_stride: hpg * d.d,
-                dst_offset: offset,
-                dst_stride: dgs as usize,
-            };
-            copy_rows(&dense, &mut out.bufs[buf], rows)?;
+            let rows = grouped_query_rows(&d, [dbs, dgs, dss], offset).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "cuDNN attention backward: dQ strides {:?}",
+                    out.dq_strides
+                ))
+            })?;
+            copy_rows(&dense, &mut out.bufs[buf], rows.reversed())?;
         }
         G::grads(out.bufs, &d)
     })
