@@ -38,8 +38,9 @@ __device__ __forceinline__ float adam_element(float &master, float &m, float &v,
 // W elements per thread and step: 4 (16-byte loads of the f32 buffers) when every buffer is
 // 16-byte aligned, else 1. The step reads ~26 bytes per element, so it runs at memory
 // bandwidth only with wide loads.
-template <typename P, int W>
-__device__ void adam_impl(float *master, float *m, float *v, const float *g, P *param, size_t n,
+// G: the gradient's type, f32 or (bf16 main grads) the parameter's own.
+template <typename P, typename G, int W>
+__device__ void adam_impl(float *master, float *m, float *v, const G *g, P *param, size_t n,
                           AdamArgs a) {
     const size_t vectors = n / W;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < vectors;
@@ -49,7 +50,7 @@ __device__ void adam_impl(float *master, float *m, float *v, const float *g, P *
         load_w<float, W>(master + e, pw);
         load_w<float, W>(m + e, mw);
         load_w<float, W>(v + e, vw);
-        if (a.has_grad) load_w<float, W>(g + e, gw);
+        if (a.has_grad) load_w<G, W>(g + e, gw);
 #pragma unroll
         for (int k = 0; k < W; ++k) adam_element(pw[k], mw[k], vw[k], a.has_grad ? gw[k] : 0.f, a);
         store_w<float, W>(master + e, pw);
@@ -59,19 +60,25 @@ __device__ void adam_impl(float *master, float *m, float *v, const float *g, P *
     }
     for (size_t i = vectors * W + (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        const float p = adam_element(master[i], m[i], v[i], a.has_grad ? g[i] : 0.f, a);
+        const float p = adam_element(master[i], m[i], v[i], a.has_grad ? to_f(g[i]) : 0.f, a);
         if (param != nullptr) param[i] = from_f<P>(p);
     }
 }
 
-// `param` may be null (f32 parameters are their own master).
-#define ADAM(NAME, T)                                                                           \
-    extern "C" __global__ void adamw_##NAME(float *master, float *m, float *v, const float *g,  \
-                                            T *param, unsigned long long n, AdamArgs a) {       \
-        if (aligned16(master) && aligned16(m) && aligned16(v) && aligned16(g) &&               \
-            (param == nullptr || aligned16(param)))                                             \
-            adam_impl<T, 4>(master, m, v, g, param, n, a);                                      \
+// `param` may be null (f32 parameters are their own master). The gradient is f32 (`adamw_T`)
+// or T (`adamw_T_tgrad`, half precision only). The 4-wide path needs every f32 buffer 16-byte
+// aligned (then a half-precision gradient's 4 values are 8-byte aligned).
+#define ADAM_G(NAME, T, G)                                                                      \
+    extern "C" __global__ void NAME(float *master, float *m, float *v, const G *g, T *param,   \
+                                    unsigned long long n, AdamArgs a) {                         \
+        if (aligned16(master) && aligned16(m) && aligned16(v) &&                                \
+            ((unsigned long long)g % (4 * sizeof(G))) == 0 &&                                   \
+            (param == nullptr || ((unsigned long long)param % (4 * sizeof(T))) == 0))            \
+            adam_impl<T, G, 4>(master, m, v, g, param, n, a);                                   \
         else                                                                                    \
-            adam_impl<T, 1>(master, m, v, g, param, n, a);                                      \
+            adam_impl<T, G, 1>(master, m, v, g, param, n, a);                                   \
     }
+#define ADAM(NAME, T) ADAM_G(adamw_##NAME, T, float)
 INSTANTIATE3(ADAM)
+ADAM_G(adamw_bf16_tgrad, __nv_bfloat16, __nv_bfloat16)
+ADAM_G(adamw_f16_tgrad, __half, __half)

@@ -36,6 +36,16 @@ __device__ __forceinline__ void load_w(const T *p, float (&out)[W]) {
         v.raw = *reinterpret_cast<const uint4 *>(p);
 #pragma unroll
         for (int k = 0; k < W; ++k) out[k] = to_f(v.v[k]);
+    } else if constexpr (W * sizeof(T) == 8) {
+        // Half of a 16-byte vector (4 half-precision values beside 4 floats): p is 8-byte
+        // aligned wherever the 16-byte loads of the f32 operands are.
+        union {
+            uint2 raw;
+            T v[W];
+        } v;
+        v.raw = *reinterpret_cast<const uint2 *>(p);
+#pragma unroll
+        for (int k = 0; k < W; ++k) out[k] = to_f(v.v[k]);
     } else {
 #pragma unroll
         for (int k = 0; k < W; ++k) out[k] = to_f(p[k]);
@@ -49,6 +59,14 @@ __device__ __forceinline__ void store_w(T *p, const float (&in)[W]) {
 #pragma unroll
         for (int k = 0; k < W; ++k) v.v[k] = from_f<T>(in[k]);
         *reinterpret_cast<uint4 *>(p) = v.raw;
+    } else if constexpr (W * sizeof(T) == 8) {
+        union {
+            uint2 raw;
+            T v[W];
+        } v;
+#pragma unroll
+        for (int k = 0; k < W; ++k) v.v[k] = from_f<T>(in[k]);
+        *reinterpret_cast<uint2 *>(p) = v.raw;
     } else {
 #pragma unroll
         for (int k = 0; k < W; ++k) p[k] = from_f<T>(in[k]);

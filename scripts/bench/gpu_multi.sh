@@ -21,8 +21,12 @@ NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
 if [ "${PEER:-1}" = 1 ]; then
   echo "== peer: FSDP2 + per-block torch.compile, $SIZE, seq $SEQ, micro batch $MBS, AC ${PEER_AC:-none}, $NGPU GPUs"
-  timeout 300 torchrun --nproc-per-node "$NGPU" scripts/bench/peers/peer_fsdp.py "$SIZE" "$SEQ" "$MBS" "${PEER_AC:-none}" 2>&1 \
-    | grep -E '^\{|Error|error' | tail -3
+  # The peer as ../shared/bench ships it (`labels = input`) and training on next-token labels
+  # (PEER_WORKLOADS, "shipped train"; see peer_torch.py for why both).
+  for workload in ${PEER_WORKLOADS:-shipped train}; do
+    PEER_WORKLOAD=$workload timeout 300 torchrun --nproc-per-node "$NGPU" scripts/bench/peers/peer_fsdp.py \
+      "$SIZE" "$SEQ" "$MBS" "${PEER_AC:-none}" 2>&1 | grep -E '^\{|Error|error' | tail -3
+  done
 fi
 for layout in "${LAYOUTS[@]}"; do
   IFS=x read -r tp pp dp cp <<<"${layout%%:*}"

@@ -13,10 +13,17 @@ source scripts/bench/gpu_common.sh
 gpu_setup
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 SIZE=${SIZE:-1b}; RECIPE=${RECIPE:-llama32_1b}; PEERS=${PEERS:-titan hf}
+mark() { echo "== $1" >> /tmp/clocks.log; }
 run_peers() {
   echo "== peers ($SIZE shape, seq $SEQ, micro batch $MBS: $PEERS) =="
   specs=(); for p in $PEERS; do specs+=("$p:$SIZE:$SEQ:$MBS"); done
-  python3 scripts/bench/peers/peer_torch.py "${specs[@]}" 2>&1 | grep '^{' || echo "peer failed"
+  # The peer as ../shared/bench ships it (`labels = input`: titan's loss collapses to 0) and
+  # training on next-token labels (PEER_WORKLOADS, "shipped train"; see peer_torch.py).
+  for workload in ${PEER_WORKLOADS:-shipped train}; do
+    mark "peer-$workload"
+    PEER_WORKLOAD=$workload python3 scripts/bench/peers/peer_torch.py "${specs[@]}" 2>&1 | grep '^{' \
+      || echo "peer failed"
+  done
 }
 run_mbridge() {
   echo "== mbridge ($RECIPE recipe, bf16_mixed, seq $SEQ, micro batch $MBS) =="
@@ -29,12 +36,22 @@ run_mbridge() {
     | grep -E "iteration|error|memory \(GB\)" | tail -7
   echo "mbridge peak GPU memory (MiB, nvidia-smi): $(mem_watch_stop)"
 }
-# The GPU's SM clock, power and temperature during both runs (a hot GPU clocks lower, so
-# the second run of a call may be at a disadvantage: MBRIDGE_FIRST=1 swaps the order).
+# The GPU's SM clock, power and temperature during each run (a hot GPU clocks lower, so
+# the second run of a call may be at a disadvantage: MBRIDGE_FIRST=1 swaps the order; at the
+# power limit, a run that moves more bytes also runs its kernels at a lower clock).
+: > /tmp/clocks.log
+# Appending (O_APPEND) keeps the run marks below from being overwritten by nvidia-smi's writes.
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader \
-  -lms 1000 > /tmp/clocks.log &
+  -lms 500 >> /tmp/clocks.log &
 CLOCKS=$!
-if [ "${MBRIDGE_FIRST:-0}" = 1 ]; then run_mbridge "${@:4}"; run_peers; else run_peers; run_mbridge "${@:4}"; fi
+if [ "${MBRIDGE_FIRST:-0}" = 1 ]; then
+  mark mbridge; run_mbridge "${@:4}"; run_peers
+else
+  run_peers; mark mbridge; run_mbridge "${@:4}"
+fi
 kill "$CLOCKS" 2>/dev/null
-echo "GPU SM clock / power / temperature, each second above 300 W (under load):"
-awk -F', ' '$3 + 0 > 300' /tmp/clocks.log
+echo "GPU under load (samples above 300 W), per run: mean SM clock, power, temperature"
+awk -F', ' '/^== /{name=$0; sub(/^== /, "", name); next}
+  name != "" && $3 + 0 > 300 {n[name]++; c[name]+=$2; p[name]+=$3; t[name]+=$4}
+  END {for (k in n) printf "  %-10s %3d samples  %6.0f MHz  %5.0f W  %3.0f C\n", k, n[k], c[k]/n[k], p[k]/n[k], t[k]/n[k]}' \
+  /tmp/clocks.log

@@ -513,6 +513,8 @@ impl GptModel {
         let (Some(norm), Some(w)) = (&self.final_norm, &self.output_w) else {
             bail!("stage has no output layer");
         };
+        // The embedding's scatter-add joins a tied output layer's gradient in place, in f32.
+        let tied_here = self.arch.tied_embeddings && self.pre_process();
         let tp = TpBoundary(self.tp.as_ref());
         let xn = norm.forward_untracked(&x.detach())?;
         let xg = tp.enter(&xn)?;
@@ -546,7 +548,12 @@ impl GptModel {
                 };
                 // A frozen output layer (PEFT) needs no weight gradient: a vocab-sized GEMM.
                 if super::explicit_linear::trains(&w) {
-                    grads.insert(&w, ops::manual::weight_grad(&dlogits, &xg)?);
+                    let dw = if tied_here {
+                        ops::manual::weight_grad_f32(&dlogits, &xg)?
+                    } else {
+                        ops::manual::weight_grad(&dlogits, &xg)?
+                    };
+                    grads.insert(&w, dw);
                 }
                 let dxg = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;
                 drop(dlogits);

@@ -109,8 +109,8 @@ impl SelectiveRecompute {
 
 /// Parameter gradients produced outside the recorded graph during backward passes: by
 /// recomputed segments and by layers with a written-out backward
-/// ([`super::explicit_layer`]). They are summed as they arrive, half precision in f32 as the
-/// step's accumulator keeps them, so a step holds one copy of them however many
+/// ([`super::explicit_layer`]). They are summed as they arrive, in the main-grad dtype the
+/// step's accumulator keeps them in ([`crate::ops::main_grads`]), so a step holds one copy of them however many
 /// micro-batches it runs (Megatron's layers add into `main_grad` the same way), rather than
 /// each micro-batch's full set waiting beside the running sum until its backward ends. The
 /// training step moves the sum into its gradients once its micro-batches are done.
@@ -207,12 +207,16 @@ impl RecomputeGrads {
         for &id in g.get_ids() {
             let Some(grad) = g.get_id(id) else { continue };
             ids.push(id);
+            // Half precision is summed in the main-grad dtype; an f32 gradient (a tied output
+            // layer's) stays f32.
             let grad = match grad.dtype() {
-                DType::BF16 | DType::F16 => grad.to_dtype(DType::F32)?,
+                d @ (DType::BF16 | DType::F16) => {
+                    grad.to_dtype(crate::ops::main_grads::main_grad_dtype(d))?
+                }
                 _ => grad.detach(),
             };
             let total = match sum.get_id(id) {
-                Some(prev) => (prev + grad)?.detach(),
+                Some(prev) => (prev + grad.to_dtype(prev.dtype())?)?.detach(),
                 None => grad,
             };
             sum.insert_id(id, total);

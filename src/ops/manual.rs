@@ -433,19 +433,32 @@ pub fn embedding_backward_into(ids: &Tensor, dy: &Tensor, dw: &Tensor) -> Result
 }
 
 /// Weight gradient `dyᵀ · x` `[out, in]` of a linear layer for `dy` `[rows, out]` and its
-/// input `x` `[rows, in]`: in f32 straight from the GEMM on CUDA half precision (see
-/// `cuda::gemm`; the trainer accumulates in f32), else in the inputs' dtype.
+/// input `x` `[rows, in]`. On CUDA in half precision it comes straight from the GEMM in the
+/// main-grad dtype ([`super::main_grads`]: f32, or bf16 for bf16 with
+/// `grad_reduce_in_fp32 = false`); elsewhere in the inputs' dtype.
 pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     weight_grad_scaled(dy, x, 1.0)
+}
+
+/// [`weight_grad`] in f32 whatever the main-grad dtype: for a gradient that f32-only kernels
+/// add into afterwards (a tied output layer's, which the embedding's scatter-add joins).
+pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    weight_grad_in(dy, x, 1.0, DType::F32)
 }
 
 /// `alpha ·` [`weight_grad`], the scale applied inside the GEMM on CUDA (a LoRA factor's
 /// gradient carries the adapter's scale).
 pub fn weight_grad_scaled(dy: &Tensor, x: &Tensor, alpha: f64) -> Result<Tensor> {
+    weight_grad_in(dy, x, alpha, super::main_grads::main_grad_dtype(dy.dtype()))
+}
+
+/// `alpha · dyᵀ · x`, written by the GEMM as `out` (f32 or `dy`'s dtype) on CUDA.
+fn weight_grad_in(dy: &Tensor, x: &Tensor, alpha: f64, out: DType) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(dy) {
-        return super::cuda::gemm::weight_grad_f32(dy, x, alpha as f32);
+        return super::cuda::gemm::weight_grad(dy, x, alpha as f32, out);
     }
+    let _ = out;
     let g = dy.t()?.matmul(x)?;
     if alpha == 1.0 {
         Ok(g)

@@ -20,6 +20,7 @@ pub mod flash;
 pub mod fused;
 mod fused_cpu;
 pub mod linear;
+pub mod main_grads;
 pub mod manual;
 pub mod norm;
 pub mod nvtx;

@@ -40,7 +40,8 @@ pub fn all_reduce_grads(
     }
     let mut slots: Vec<(&mut Option<Tensor>, Vec<usize>, DType, candle_core::Device)> = Vec::new();
     for (var, g) in acc.iter_mut() {
-        let dtype = crate::train::optimizer::master_dtype(var.dtype());
+        // The same dtype on every rank, whether or not this one holds the gradient.
+        let dtype = crate::ops::main_grads::main_grad_dtype(var.dtype());
         slots.push((g, var.dims().to_vec(), dtype, var.device().clone()));
     }
     let mut dtypes: Vec<DType> = slots.iter().map(|s| s.2).collect();

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
 
-use super::optimizer::master_dtype;
+use crate::ops::main_grads::main_grad_dtype;
 
 /// Read access to gradients keyed by variable.
 pub trait GradSource {
@@ -32,8 +32,21 @@ impl GradSourceMut for GradStore {
     }
 }
 
-/// Sums gradients over the micro-batches of one global batch, in f32 (f64 for f64
-/// parameters), like megatron-core's fp32 `main_grad` buffers (`grad_reduce_in_fp32`).
+/// The dtype `var`'s gradient `g` is kept in: the main-grad dtype
+/// ([`crate::ops::main_grads`]), except that an f32 gradient of a half-precision parameter (a
+/// tied output layer's) stays f32 rather than be rounded.
+fn main_grad_of(var: &Var, g: &Tensor) -> candle_core::DType {
+    let main = main_grad_dtype(var.dtype());
+    if g.dtype() == candle_core::DType::F32 && main != candle_core::DType::F64 {
+        candle_core::DType::F32
+    } else {
+        main
+    }
+}
+
+/// Sums gradients over the micro-batches of one global batch in the main-grad dtype: f32
+/// (f64 for f64 parameters) like megatron-core's fp32 `main_grad` buffers
+/// (`grad_reduce_in_fp32`), or bf16 where [`crate::ops::main_grads`] says so.
 ///
 /// Gradients are kept in the order of the variables given to [`GradAccumulator::new`], so
 /// iteration (for norms and data-parallel all-reduce) is deterministic.
@@ -68,9 +81,12 @@ impl GradAccumulator {
             let Some(g) = store.get(var.as_tensor()) else {
                 continue;
             };
-            let g = g.detach().to_dtype(master_dtype(var.dtype()))?;
+            let g = g.detach().to_dtype(main_grad_of(var, g))?;
             *slot = Some(match slot.take() {
-                Some(acc) => (acc + g)?,
+                Some(acc) => {
+                    let g = g.to_dtype(acc.dtype())?;
+                    (acc + g)?
+                }
                 None => g,
             });
         }
@@ -119,5 +135,48 @@ impl GradSourceMut for GradAccumulator {
         if let Some(&i) = self.index.get(&var.id()) {
             self.grads[i] = Some(grad);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::main_grads::bf16_main_grads;
+    use candle_core::{DType, Device};
+
+    /// One backward of `Σ w·x` per micro-batch for bf16 `w` (gradient `x`, in bf16) into an
+    /// accumulator.
+    fn accumulated(micro_batches: &[[f32; 2]]) -> Tensor {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::zeros(2, DType::BF16, &dev).unwrap()).unwrap();
+        let mut acc = GradAccumulator::new(vec![w.clone()]);
+        for x in micro_batches {
+            let xt = Tensor::new(x, &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let store = (w.as_tensor() * &xt).unwrap().sum_all().unwrap().backward().unwrap();
+            acc.accumulate(&store).unwrap();
+        }
+        acc.grad_of(&w).unwrap().clone()
+    }
+
+    #[test]
+    fn bf16_parameters_keep_f32_or_bf16_main_grads_as_chosen() {
+        // 1 + 2⁻⁸ is exact in f32 but halfway between two bf16 values (8 significant bits),
+        // where bf16 rounds to the even 1.
+        let micro_batches = [[1.0, 3.0], [1.0 / 256.0, 1.0]];
+        let g = accumulated(&micro_batches);
+        assert_eq!(g.dtype(), DType::F32);
+        assert_eq!(g.to_vec1::<f32>().unwrap(), [1.0 + 1.0 / 256.0, 4.0]);
+        let _half = bf16_main_grads(true);
+        let h = accumulated(&micro_batches);
+        assert_eq!(h.dtype(), DType::BF16);
+        assert_eq!(h.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), [1.0, 4.0]);
+        // An f32 gradient of a bf16 parameter (a tied output layer's) is not rounded.
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::zeros(1, DType::BF16, &dev).unwrap()).unwrap();
+        let mut store = candle_core::backprop::GradStore::default();
+        store.insert(w.as_tensor(), Tensor::new(&[0.1f32], &dev).unwrap());
+        let mut acc = GradAccumulator::new(vec![w.clone()]);
+        acc.accumulate(&store).unwrap();
+        assert_eq!(acc.grad_of(&w).unwrap().to_vec1::<f32>().unwrap(), [0.1]);
     }
 }

@@ -123,6 +123,9 @@ impl Trainer {
 
     /// Run until `train_iters` or an exit condition; evaluate and save as configured.
     pub fn train(&mut self) -> Result<TrainOutcome> {
+        // bf16 gradients end to end where Megatron keeps a bf16 `main_grad`.
+        let _main_grads =
+            crate::ops::main_grads::bf16_main_grads(!self.cfg.ddp.grad_reduce_in_fp32);
         let train_iters = self.d.train_iters as u64;
         let gbs = self.d.global_batch_size;
         let train_ds = self.datasets[0].take().context("no training dataset was built")?;

@@ -283,10 +283,11 @@ fn vocab_parallel_ce(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
 
 /// Three Adam steps of bf16 parameters (fp32 master) on the GPU (fused kernel) and on the
 /// CPU (composite ops): AdamW and Adam+L2, a no-decay parameter and one without gradient,
-/// two of the steps with a clipping coefficient.
+/// two of the steps with a clipping coefficient; f32 gradients, and bf16 ones (bf16 main
+/// grads, `ddp.grad_reduce_in_fp32 = false`) read by the kernel as they are.
 fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let mut ms = Vec::new();
-    for decoupled in [true, false] {
+    for (decoupled, grad_dtype) in [(true, DType::F32), (false, DType::F32), (true, DType::BF16)] {
         let cfg = AdamConfig { decoupled_weight_decay: decoupled, ..AdamConfig::default() };
         let shapes: [&[usize]; 3] = [&[64, 37], &[37], &[5, 3]];
         let names = ["w.weight", "norm.weight", "unused.weight"];
@@ -307,7 +308,8 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             let mut gg = GradStore::default();
             let mut cg = GradStore::default();
             for (k, sh) in shapes.iter().enumerate().take(2) {
-                let g = randn(seed + 100 * (step + 1) + k as u64, sh, 0.01, 0.0)?;
+                let g = randn(seed + 100 * (step + 1) + k as u64, sh, 0.01, 0.0)?
+                    .to_dtype(grad_dtype)?;
                 gg.insert(gvars[k].as_tensor(), g.to_device(dev)?);
                 cg.insert(cvars[k].as_tensor(), g);
             }
@@ -319,7 +321,11 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             r?;
             cpu.step_scaled(&cg, 1e-2, 0.1, clip)?;
         }
-        let tag = if decoupled { "adamw" } else { "adam+l2" };
+        let tag = match (decoupled, grad_dtype) {
+            (true, DType::F32) => "adamw",
+            (false, _) => "adam+l2",
+            _ => "adamw bf16-grad",
+        };
         for (k, (g, c)) in gpu.params().iter().zip(cpu.params()).enumerate() {
             let what = |s: &str| format!("{tag} {} {s}", names[k]);
             let (gm, cm) = (g.master_value(), c.master_value());

@@ -88,8 +88,37 @@ fn f32_view<'a>(s: &'a Storage, l: &Layout, n: usize, what: &str) -> Result<Cuda
     Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n))
 }
 
+/// The gradient operand of the kernel: f32, or the raw half-precision buffer (typed by the
+/// kernel's name, `adamw_*_tgrad`).
+enum GradView<'a> {
+    F32(CudaView<'a, f32>),
+    Half(CudaView<'a, u16>),
+}
+
+impl<'a> GradView<'a> {
+    fn push<'b>(&'b self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'b>) {
+        match self {
+            GradView::F32(v) => b.arg(v),
+            GradView::Half(v) => b.arg(v),
+        };
+    }
+}
+
+/// The `n` half-precision elements (as raw 16-bit words) of a contiguous tensor of `dtype`.
+fn half_view<'a>(s: &'a Storage, l: &Layout, n: usize, dtype: DType) -> Result<CudaView<'a, u16>> {
+    let s = cuda_storage(s, "grad")?;
+    let range = l.start_offset()..l.start_offset() + n;
+    // SAFETY: bf16 and f16 are 16-bit words; the kernel reads them as the parameter's type.
+    match dtype {
+        DType::BF16 => unsafe { s.as_cuda_slice::<half::bf16>()?.slice(range).transmute(n) },
+        DType::F16 => unsafe { s.as_cuda_slice::<half::f16>()?.slice(range).transmute(n) },
+        d => candle_core::bail!("fused adam: {d:?} gradient"),
+    }
+    .ok_or_else(|| candle_core::Error::Msg("fused adam: gradient view".into()))
+}
+
 /// Updates `master`, `exp_avg`, `exp_avg_sq` (f32, contiguous, distinct buffers) in place from
-/// `grad · step.grad_scale` (f32; None = zeros) and writes the rounded result into `param`
+/// `grad · step.grad_scale` (f32 or `param`'s half precision; None = zeros) and writes the rounded result into `param`
 /// (the model's variable, any float dtype). With `param = None` the master *is* the f32 parameter.
 pub fn adam_step(
     master: &Tensor,
@@ -105,15 +134,20 @@ pub fn adam_step(
             candle_core::bail!("fused adam: {what} must be contiguous f32 of {n} elements");
         }
     }
+    let pdt = param.map_or(DType::F32, |p| p.dtype());
+    // An f32 gradient, or (bf16 main grads) one in the parameter's half precision, is read as
+    // it is; anything else is converted to f32 first.
+    let half_grad = |g: &Tensor| g.dtype() == pdt && pdt != DType::F32;
     let grad = match grad {
-        Some(g) if g.dtype() != DType::F32 || !g.is_contiguous() => {
+        Some(g) if !(g.dtype() == DType::F32 || half_grad(g)) || !g.is_contiguous() => {
             Some(g.to_dtype(DType::F32)?.contiguous()?)
         }
         other => other.cloned(),
     };
     let dev = master.device().as_cuda_device()?.clone();
-    let pdt = param.map_or(DType::F32, |p| p.dtype());
-    let f = crate::function!(&dev, &MODULE, &format!("adamw_{}", dtype_suffix(pdt)?))?;
+    let grad_is_half = grad.as_ref().is_some_and(half_grad);
+    let name = format!("adamw_{}{}", dtype_suffix(pdt)?, if grad_is_half { "_tgrad" } else { "" });
+    let f = crate::function!(&dev, &MODULE, &name)?;
     let args = step.args(grad.is_some());
     let cfg = LaunchConfig {
         grid_dim: (elementwise_blocks(n, 256).min(4096), 1, 1),
@@ -133,8 +167,9 @@ pub fn adam_step(
     let gguard = grad.as_ref().map(|g| g.storage_and_layout());
     // Without a gradient the kernel never reads `g`; the master stands in as a valid pointer.
     let gv = match &gguard {
-        Some((s, l)) => view(s, l, n, "grad")?,
-        None => view(&ms, ml, n, "master")?,
+        Some((s, l)) if grad_is_half => GradView::Half(half_view(s, l, n, pdt)?),
+        Some((s, l)) => GradView::F32(view(s, l, n, "grad")?),
+        None => GradView::F32(view(&ms, ml, n, "master")?),
     };
     let pguard = param.map(|p| p.storage_and_layout());
     with_float_type!(pdt, P, {
@@ -149,7 +184,9 @@ pub fn adam_step(
                     .as_cuda_slice::<P>()?
                     .slice(pl.start_offset()..pl.start_offset() + n);
                 let mut b = f.builder();
-                b.arg(&mv).arg(&ev).arg(&vv).arg(&gv).arg(&pv).arg(&n64).arg(&args);
+                b.arg(&mv).arg(&ev).arg(&vv);
+                gv.push(&mut b);
+                b.arg(&pv).arg(&n64).arg(&args);
                 // SAFETY: argument list matches `adamw_*` in kernels/adamw.cu; the buffers are
                 // distinct allocations (the optimizer keeps its state uniquely owned).
                 unsafe { b.launch(cfg) }.w()?;
@@ -157,7 +194,9 @@ pub fn adam_step(
             None => {
                 // f32 parameter that is its own master: the kernel writes the same value twice.
                 let mut b = f.builder();
-                b.arg(&mv).arg(&ev).arg(&vv).arg(&gv).arg(&mv).arg(&n64).arg(&args);
+                b.arg(&mv).arg(&ev).arg(&vv);
+                gv.push(&mut b);
+                b.arg(&mv).arg(&n64).arg(&args);
                 // SAFETY: as above; `param` aliases `master` on purpose (identical writes).
                 unsafe { b.launch(cfg) }.w()?;
             }

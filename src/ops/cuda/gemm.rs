@@ -1,7 +1,7 @@
 //! cuBLAS GemmEx products that candle's `matmul` cannot express:
-//! - weight gradients `dyᵀ·x` of half-precision linears computed straight into f32 (f32
-//!   output and accumulation), as Megatron's fp32 `main_grad` buffers receive them: no
-//!   half-precision gradient is written, rounded, and converted afterwards;
+//! - weight gradients `dyᵀ·x` of half-precision linears written straight in the main-grad
+//!   dtype (`ops::main_grads`): f32, as Megatron's fp32 `main_grad` buffers receive them (no
+//!   half-precision gradient is written, rounded, and converted afterwards), or bf16;
 //! - `c += alpha·a·op(b)` into an existing half-precision tensor (GEMM with beta = 1), so an
 //!   adapter's low-rank term joins the base layer's output without a separate add pass over it.
 
@@ -118,35 +118,42 @@ fn gemm_rows(
     )
 }
 
-/// f32 `[out, in]` = `alpha · dyᵀ · x` for half-precision `dy` `[rows, out]` and `x`
-/// `[rows, in]`.
-pub fn weight_grad_f32(dy: &Tensor, x: &Tensor, alpha: f32) -> Result<Tensor> {
+/// `[out, in]` = `alpha · dyᵀ · x` for half-precision `dy` `[rows, out]` and `x` `[rows, in]`,
+/// written by the GEMM as `out_dtype`: f32 or the inputs' own dtype.
+pub fn weight_grad(dy: &Tensor, x: &Tensor, alpha: f32, out_dtype: DType) -> Result<Tensor> {
     let (rows, out) = dy.dims2()?;
     let (rows_x, inp) = x.dims2()?;
     if rows != rows_x {
         candle_core::bail!("weight gradient GEMM: dy {:?} with x {:?}", dy.dims(), x.dims());
     }
+    let c_ty = match out_dtype {
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        d if d == dy.dtype() => half_type(dy, x, "weight gradient")?,
+        d => candle_core::bail!("weight gradient GEMM: {d:?} output for {:?} inputs", dy.dtype()),
+    };
     let (dy, x) = (dy.contiguous()?, x.contiguous()?);
     let dev = dy.device().as_cuda_device()?.clone();
     let stream = dev.cuda_stream();
-    // SAFETY: fully written by the GEMM below (beta = 0).
-    let mut c = unsafe { dev.alloc::<f32>(out * inp)? };
-    {
-        let (pc, _g) = c.device_ptr_mut(&stream);
-        // Column-major view: C[in, out] = X[in, rows] · DYᵀ[rows, out], i.e. the row-major
-        // [out, in] result.
-        gemm(
-            Operand { t: &x, trans: false, ld: inp },
-            Operand { t: &dy, trans: true, ld: out },
-            pc,
-            sys::cudaDataType::CUDA_R_32F,
-            (inp, out, rows),
-            alpha,
-            0.0,
-            "weight gradient",
-        )?;
-    }
-    Ok(wrap(c, &dev, (out, inp)))
+    crate::with_float_type!(out_dtype, T, {
+        // SAFETY: fully written by the GEMM below (beta = 0).
+        let mut c = unsafe { dev.alloc::<T>(out * inp)? };
+        {
+            let (pc, _g) = c.device_ptr_mut(&stream);
+            // Column-major view: C[in, out] = X[in, rows] · DYᵀ[rows, out], i.e. the row-major
+            // [out, in] result.
+            gemm(
+                Operand { t: &x, trans: false, ld: inp },
+                Operand { t: &dy, trans: true, ld: out },
+                pc,
+                c_ty,
+                (inp, out, rows),
+                alpha,
+                0.0,
+                "weight gradient",
+            )?;
+        }
+        Ok(wrap(c, &dev, (out, inp)))
+    })
 }
 
 /// `alpha · a · bᵀ` (`b_transposed`, `b` `[n, k]`) or `alpha · a · b` (`b` `[k, n]`) for

@@ -73,6 +73,19 @@ pub struct Buffer {
     pub buckets: Vec<Bucket>,
 }
 
+impl Buffer {
+    /// dtype the gradients are kept in around the reduction (`ops::main_grads`): bf16
+    /// parameters' are reduced in their main-grad dtype, f32 or bf16; others' are f32 (f64),
+    /// whatever they travel in.
+    pub fn main_grad_dtype(&self) -> DType {
+        if self.param_dtype == DType::BF16 {
+            self.reduce_dtype
+        } else {
+            crate::train::optimizer::master_dtype(self.param_dtype)
+        }
+    }
+}
+
 /// How to lay the buffers out.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LayoutOptions {

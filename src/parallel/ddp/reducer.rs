@@ -10,7 +10,6 @@ use super::flights::Collective;
 use super::overlap::BackwardOverlap;
 use crate::parallel::comm::Communicator;
 use crate::train::grads::GradAccumulator;
-use crate::train::optimizer::master_dtype;
 
 /// How gradients are scaled around the collective.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -147,7 +146,7 @@ pub(super) fn pack(
     pre: f64,
 ) -> Result<Tensor> {
     let bucket = &buf.buckets[k];
-    let acc_dtype = master_dtype(buf.param_dtype);
+    let acc_dtype = buf.main_grad_dtype();
     let mut parts = Vec::new();
     let mut at = bucket.range.start;
     for span in &buf.params[bucket.params.clone()] {
@@ -170,9 +169,9 @@ pub(super) fn pack(
     flat.to_dtype(buf.reduce_dtype)
 }
 
-/// Back to the master dtype, multiplied by `post`.
+/// Back to the main-grad dtype, multiplied by `post`.
 fn finish(t: Tensor, buf: &Buffer, post: f64) -> Result<Tensor> {
-    let t = t.to_dtype(master_dtype(buf.param_dtype))?;
+    let t = t.to_dtype(buf.main_grad_dtype())?;
     if post != 1.0 {
         t.affine(post, 0.0)
     } else {
