@@ -251,12 +251,21 @@ fn bf16_parameters_with_the_distributed_optimizer_track_one_process() {
 /// optimizer.
 #[test]
 fn bf16_main_grads_track_fp32_main_grads() {
-    let bf16 = ["mixed_precision=bf16_mixed", "train.train_iters=8"];
+    // Tied embeddings: the output layer's gradient stays f32 where the embedding joins it.
+    let bf16 = [
+        "mixed_precision=bf16_mixed",
+        "train.train_iters=8",
+        "model.share_embeddings_and_output_weights=true",
+    ];
     let base = single(&bf16);
-    let half = ["mixed_precision.grad_reduce_in_fp32=false"];
-    let one = single(&[bf16[0], bf16[1], half[0]]);
-    let zero1 = run_ranks(2, &[bf16[0], bf16[1], half[0], "ddp.use_distributed_optimizer=true"]);
-    for run in [&one, &zero1[0]] {
+    let half = [&bf16[..], &["mixed_precision.grad_reduce_in_fp32=false"]].concat();
+    let one = single(&half);
+    let zero1 = run_ranks(2, &[&half[..], &["ddp.use_distributed_optimizer=true"]].concat());
+    // PP=2: the tied embedding's two copies (f32 on the first stage, bf16 on the last) are
+    // summed over the embedding group.
+    let pp = run_ranks(2, &[&half[..], &["model.pipeline_model_parallel_size=2"]].concat());
+    let last = pp.iter().find(|o| !o.losses.is_empty()).expect("the last stage reports");
+    for run in [&one, &zero1[0], last] {
         assert_eq!(run.losses.len(), 8);
         for ((it, x), (_, y)) in base.losses.iter().zip(&run.losses) {
             assert!(rel(*x, *y) < 1e-2, "iteration {it}: {x} vs {y}");

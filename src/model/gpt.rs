@@ -549,7 +549,7 @@ impl GptModel {
                 // A frozen output layer (PEFT) needs no weight gradient: a vocab-sized GEMM.
                 if super::explicit_linear::trains(&w) {
                     let dw = if tied_here {
-                        ops::manual::weight_grad_f32(&dlogits, &xg)?
+                        ops::manual::weight_grad_at_least_f32(&dlogits, &xg)?
                     } else {
                         ops::manual::weight_grad(&dlogits, &xg)?
                     };

@@ -440,10 +440,16 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     weight_grad_scaled(dy, x, 1.0)
 }
 
-/// [`weight_grad`] in f32 whatever the main-grad dtype: for a gradient that f32-only kernels
-/// add into afterwards (a tied output layer's, which the embedding's scatter-add joins).
-pub fn weight_grad_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
-    weight_grad_in(dy, x, 1.0, DType::F32)
+/// [`weight_grad`] in at least f32 whatever the main-grad dtype (half-precision inputs give
+/// f32): for a gradient that f32-only kernels add into afterwards (a tied output layer's,
+/// which the embedding's scatter-add joins).
+pub fn weight_grad_at_least_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let out = match dy.dtype() {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    };
+    // A no-op conversion where the GEMM wrote f32.
+    weight_grad_in(dy, x, 1.0, out)?.to_dtype(out)
 }
 
 /// `alpha ·` [`weight_grad`], the scale applied inside the GEMM on CUDA (a LoRA factor's

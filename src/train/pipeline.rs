@@ -304,8 +304,10 @@ pub(crate) fn all_reduce_embedding_grads(
     }
     let var = &param.var;
     let dtype = super::optimizer::master_dtype(var.dtype());
+    // One dtype on both stages: with bf16 main grads the first stage's embedding gradient is
+    // f32 (its scatter-add's) and the last stage's output-layer gradient bf16.
     let local = match acc.grad_of(var) {
-        Some(g) => g.clone(),
+        Some(g) => g.to_dtype(dtype)?,
         None => Tensor::zeros(var.shape(), dtype, var.device())?,
     };
     let sum = group.all_reduce(&local, ReduceOp::Sum)?;
