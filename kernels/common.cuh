@@ -37,8 +37,8 @@ __device__ __forceinline__ void load_w(const T *p, float (&out)[W]) {
 #pragma unroll
         for (int k = 0; k < W; ++k) out[k] = to_f(v.v[k]);
     } else if constexpr (W * sizeof(T) == 8) {
-        // Half of a 16-byte vector (4 half-precision values beside 4 floats): p is 8-byte
-        // aligned wherever the 16-byte loads of the f32 operands are.
+        // Half of a 16-byte vector (4 half-precision values beside 4 floats); the caller
+        // checks that p is 8-byte aligned.
         union {
             uint2 raw;
             T v[W];

@@ -110,10 +110,11 @@ impl SelectiveRecompute {
 /// Parameter gradients produced outside the recorded graph during backward passes: by
 /// recomputed segments and by layers with a written-out backward
 /// ([`super::explicit_layer`]). They are summed as they arrive, in the main-grad dtype the
-/// step's accumulator keeps them in ([`crate::ops::main_grads`]), so a step holds one copy of them however many
-/// micro-batches it runs (Megatron's layers add into `main_grad` the same way), rather than
-/// each micro-batch's full set waiting beside the running sum until its backward ends. The
-/// training step moves the sum into its gradients once its micro-batches are done.
+/// step's accumulator keeps them in ([`crate::ops::main_grads`]), so a step holds one copy of
+/// them however many micro-batches it runs (Megatron's layers add into `main_grad` the same
+/// way), rather than each micro-batch's full set waiting beside the running sum until its
+/// backward ends. The training step moves the sum into its gradients once its micro-batches
+/// are done.
 #[derive(Debug, Clone, Default)]
 pub struct RecomputeGrads(Arc<Mutex<SideGrads>>);
 

@@ -118,8 +118,9 @@ fn half_view<'a>(s: &'a Storage, l: &Layout, n: usize, dtype: DType) -> Result<C
 }
 
 /// Updates `master`, `exp_avg`, `exp_avg_sq` (f32, contiguous, distinct buffers) in place from
-/// `grad · step.grad_scale` (f32 or `param`'s half precision; None = zeros) and writes the rounded result into `param`
-/// (the model's variable, any float dtype). With `param = None` the master *is* the f32 parameter.
+/// `grad · step.grad_scale` (f32 or `param`'s half precision; None = zeros) and writes the
+/// rounded result into `param` (the model's variable, any float dtype). With `param = None`
+/// the master *is* the f32 parameter.
 pub fn adam_step(
     master: &Tensor,
     exp_avg: &Tensor,
