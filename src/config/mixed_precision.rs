@@ -28,6 +28,9 @@ pub struct MixedPrecisionConfig {
     pub pipeline_dtype: Option<DType>,
     pub autocast_dtype: Option<DType>,
     pub autocast_enabled: bool,
+    /// Copied to `ddp.grad_reduce_in_fp32` (as Megatron does). false with bf16 parameters:
+    /// bf16 gradients end to end (`ops::main_grads`), as Megatron Bridge's performance
+    /// recipes run.
     #[default = true]
     pub grad_reduce_in_fp32: bool,
     pub fp8: Option<String>,

@@ -7,6 +7,8 @@ use smart_default::SmartDefault;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct DdpConfig {
+    /// Gradients of bf16 parameters are kept, summed and reduced in f32 (true) or bf16
+    /// (`ops::main_grads`); set from `mixed_precision.grad_reduce_in_fp32`.
     pub grad_reduce_in_fp32: bool,
     pub overlap_grad_reduce: bool,
     pub overlap_param_gather: bool,
