@@ -20,8 +20,12 @@ run_peers() {
   # The peer as ../shared/bench ships it (`labels = input`: titan's loss collapses to 0) and
   # training on next-token labels (PEER_WORKLOADS, "shipped train"; see peer_torch.py).
   for workload in ${PEER_WORKLOADS:-shipped train}; do
+    # The workload changes titan only (HF variants shift their labels themselves).
+    run=("${specs[@]}")
+    [ "$workload" = train ] && { run=(); for x in "${specs[@]}"; do [[ $x == titan:* ]] && run+=("$x"); done; }
+    [ ${#run[@]} -gt 0 ] || continue
     mark "peer-$workload"
-    PEER_WORKLOAD=$workload python3 scripts/bench/peers/peer_torch.py "${specs[@]}" 2>&1 | grep '^{' \
+    PEER_WORKLOAD=$workload python3 scripts/bench/peers/peer_torch.py "${run[@]}" 2>&1 | grep '^{' \
       || echo "peer failed"
   done
 }
