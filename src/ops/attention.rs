@@ -265,17 +265,22 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// `heads` query heads over `groups` key/value heads of dimension 8, the default backend.
+    fn test_shape(heads: usize, groups: usize) -> AttentionShape {
+        AttentionShape {
+            heads,
+            groups,
+            head_dim: 8,
+            softmax_scale: 0.35,
+            backend: AttnBackend::Auto,
+        }
+    }
+
     /// Off the fused path, `AttnMask::Causal` must mean exactly the dense mask the model used to
     /// build: bottom-right aligned (KV cache: queries are the last sq of sk) and windowed.
     #[test]
     fn causal_mask_falls_back_to_the_dense_mask() {
-        let shape = AttentionShape {
-            heads: 4,
-            groups: 2,
-            head_dim: 8,
-            softmax_scale: 0.35,
-            backend: AttnBackend::Auto,
-        };
+        let shape = test_shape(4, 2);
         for (sq, sk, window) in [(6, 6, None), (3, 7, None), (5, 9, Some(2)), (7, 7, Some(0))] {
             let q = rand((2, 4, sq, 8), 1);
             let k = rand((2, 2, sk, 8), 2);
@@ -307,13 +312,7 @@ mod tests {
         }
         let extra = Tensor::from_vec(extra, (2, 1, s, s), &Device::Cpu).unwrap();
         let seqs = PackedSeqs::new(&thd, 2, s, &Device::Cpu).unwrap();
-        let shape = AttentionShape {
-            heads: 4,
-            groups: 2,
-            head_dim: 8,
-            softmax_scale: 0.35,
-            backend: AttnBackend::Auto,
-        };
+        let shape = test_shape(4, 2);
         let (q, k, v) = (rand((2, 4, s, 8), 7), rand((2, 2, s, 8), 8), rand((2, 2, s, 8), 9));
         for window in [None, Some(1), Some(-1)] {
             let packed = build_packed_attention_mask(&seqs, window, &Device::Cpu).unwrap();
@@ -338,13 +337,7 @@ mod tests {
     /// A window changes the result (so the test above would notice a dropped window).
     #[test]
     fn window_matters() {
-        let shape = AttentionShape {
-            heads: 2,
-            groups: 1,
-            head_dim: 8,
-            softmax_scale: 0.35,
-            backend: AttnBackend::Auto,
-        };
+        let shape = test_shape(2, 1);
         let (q, k, v) = (rand((1, 2, 8, 8), 4), rand((1, 1, 8, 8), 5), rand((1, 1, 8, 8), 6));
         let full = attention_auto(&q, &k, &v, AttnMask::Causal { window_left: None }, shape, None);
         let win =
