@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use mbridge::config::model::ModelConfig;
 use mbridge::model::recompute::RecomputeGrads;
 use mbridge::model::ParallelLayout;
-use mbridge::model::{loss_for_microbatch_recompute, GptModel, Microbatch};
+use mbridge::model::{loss_for_microbatch_recompute, GptModel, Microbatch, TargetStats};
 use mbridge::train::grads::GradAccumulator;
 use model_common::{tiny_gpt, tiny_llama, tiny_qwen_window};
 
@@ -28,6 +28,7 @@ fn batch(cfg: &ModelConfig) -> Microbatch {
         position_ids: None,
         attention_mask: None,
         cu_seqlens: None,
+        target_stats: None,
     }
 }
 
@@ -224,4 +225,57 @@ fn lora_layers_match_autograd_and_leave_the_base_frozen() {
     let dora = PeftConfig { dim: 3, ..PeftConfig::for_scheme(PeftScheme::Dora) };
     let err = model(&cfg, &dora).unwrap_err().to_string();
     assert!(err.contains("DoRA"), "{err}");
+}
+
+/// The explicit head takes the labels' maximum and the mask's sum from the host when the
+/// batch builder knows them: the same loss and count as reading them back from the device,
+/// and a label outside the vocabulary is still refused by name.
+#[test]
+fn host_known_target_stats_match_the_device_read_back() {
+    let cfg = tiny_llama();
+    let mut model =
+        GptModel::new(&cfg, ParallelLayout::single(), 11, DType::F64, &Device::Cpu).unwrap();
+    model.set_explicit_layers(true);
+    let loss = |mb: &Microbatch| {
+        let sink = RecomputeGrads::default();
+        loss_for_microbatch_recompute(&model, mb, None, &sink)
+    };
+    let device_read = batch(&cfg);
+    assert!(device_read.target_stats.is_none());
+    let labels: Vec<u32> = device_read.labels.flatten_all().unwrap().to_vec1().unwrap();
+    let mask: Vec<f32> = device_read
+        .loss_mask
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let stats = TargetStats::of(&labels, &mask);
+    assert_eq!(stats.mask_sum, 13.0, "16 positions, every fifth masked out");
+    let host = Microbatch { target_stats: Some(stats), ..device_read.clone() };
+    let (a, ca) = loss(&device_read).unwrap();
+    let (b, cb) = loss(&host).unwrap();
+    assert_eq!(ca, cb);
+    assert_eq!(a.to_scalar::<f64>().unwrap(), b.to_scalar::<f64>().unwrap());
+
+    let vocab = cfg.vocab_size.unwrap() as u32;
+    let past_vocab = TargetStats { max_label: vocab, ..stats };
+    let err = loss(&Microbatch { target_stats: Some(past_vocab), ..device_read }).unwrap_err();
+    assert!(format!("{err:#}").contains(&format!("label id {vocab} out of range")), "{err:#}");
+}
+
+/// [`Microbatch::from_rows`] records the summaries the loss would otherwise read back.
+#[test]
+fn from_rows_records_the_target_stats() {
+    let rows = |v: &[i64]| vec![v.to_vec()];
+    let mb = Microbatch::from_rows(
+        &rows(&[1, 2, 3]),
+        &rows(&[2, 9, 4]),
+        &[vec![1.0, 0.0, 0.5]],
+        None,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(mb.target_stats, Some(TargetStats { max_label: 9, mask_sum: 1.5 }));
 }

@@ -13,6 +13,7 @@ use super::recompute::{
     checkpoint, with_backward, BackwardFn, RecomputeGrads, RecomputePlan, SegmentFn,
     SelectiveRecompute,
 };
+use super::step::Microbatch;
 use crate::config::model::{ModelConfig, PositionEmbedding};
 use crate::ops::attention::OwnedAttnMask;
 use crate::ops::timing::section;
@@ -480,18 +481,18 @@ impl GptModel {
         input: &Tensor,
         opts: &ForwardOpts,
         sink: Option<&RecomputeGrads>,
-        labels: &Tensor,
-        loss_mask: &Tensor,
+        targets: &Microbatch,
     ) -> Result<(Tensor, f64)> {
         self.require_tp_comm()?;
+        let (labels, loss_mask) = (&targets.labels, &targets.loss_mask);
         if !self.post_process {
             bail!("forward_stage_loss: this stage has no output layer");
         }
         let x = self.run_layers(input, 0, opts, None, sink)?;
         match sink {
-            Some(sink) if self.explicit_layers => section("head.fwd", &self.device, || {
-                self.explicit_head_loss(&x, labels, loss_mask, sink)
-            }),
+            Some(sink) if self.explicit_layers => {
+                section("head.fwd", &self.device, || self.explicit_head_loss(&x, targets, sink))
+            }
             _ => {
                 let logits = section("head.fwd", &self.device, || self.head(&x))?;
                 section("loss.fwd", &self.device, || self.cross_entropy(&logits, labels, loss_mask))
@@ -506,10 +507,11 @@ impl GptModel {
     fn explicit_head_loss(
         &self,
         x: &Tensor,
-        labels: &Tensor,
-        loss_mask: &Tensor,
+        targets: &Microbatch,
         sink: &RecomputeGrads,
     ) -> Result<(Tensor, f64)> {
+        let (labels, loss_mask) = (&targets.labels, &targets.loss_mask);
+        let stats = targets.target_stats;
         let (Some(norm), Some(w)) = (&self.final_norm, &self.output_w) else {
             bail!("stage has no output layer");
         };
@@ -527,12 +529,14 @@ impl GptModel {
                 (ce, HeadCe::VocabParallel(tp.clone(), state))
             }
             None => {
-                let labels = ops::cross_entropy::checked_labels(labels, w.dim(0)?)?;
+                let max = stats.map(|t| t.max_label);
+                let labels = ops::cross_entropy::checked_labels(labels, w.dim(0)?, max)?;
                 let (ce, state) = ops::manual::cross_entropy_forward(&logits, &labels)?;
                 (ce, HeadCe::Whole(labels, state))
             }
         };
-        let (sum, count, mask) = ops::cross_entropy::masked_sum(&ce, loss_mask)?;
+        let known_count = stats.map(|t| t.mask_sum);
+        let (sum, count, mask) = ops::cross_entropy::masked_sum(&ce, loss_mask, known_count)?;
         let (norm, w, sink, tp) = (norm.clone(), w.clone(), sink.clone(), self.tp.clone());
         let backward: BackwardFn = Box::new(move |x: &Tensor, g: &Tensor| {
             let run = || -> Result<Tensor> {

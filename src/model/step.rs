@@ -22,6 +22,31 @@ pub struct Microbatch {
     /// Packed sequences (THD) instead of a dense mask: token offsets into the rows flattened
     /// row-major (row `r`'s boundaries shifted by `r·s`; see [`ForwardOpts::cu_seqlens`]).
     pub cu_seqlens: Option<Vec<u32>>,
+    /// The labels' and loss mask's summaries, when the host built them (None ⇒ the loss
+    /// reads them back from the device).
+    pub target_stats: Option<TargetStats>,
+}
+
+/// What the host knows of a micro-batch's targets when it builds them. The loss needs both
+/// before the backward: read back from the device they would wait for the whole forward,
+/// leaving the GPU idle while the host queues the backward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TargetStats {
+    /// The largest label id (checked against the vocabulary).
+    pub max_label: u32,
+    /// `Σ loss_mask`: the micro-batch's loss-token count.
+    pub mask_sum: f64,
+}
+
+impl TargetStats {
+    /// The summaries of `labels` and `loss_mask` as the host holds them.
+    pub fn of(labels: &[u32], loss_mask: &[f32]) -> Self {
+        Self {
+            max_label: labels.iter().copied().max().unwrap_or(0),
+            // Summed in f64 from the f32 weights; 0/1 masks count exactly either way.
+            mask_sum: loss_mask.iter().map(|&m| f64::from(m)).sum(),
+        }
+    }
 }
 
 impl Microbatch {
@@ -39,7 +64,7 @@ impl Microbatch {
         if b == 0 || s == 0 {
             bail!("empty micro-batch");
         }
-        let ids = |what: &str, rows: &[Vec<i64>]| -> Result<Tensor> {
+        let ids = |what: &str, rows: &[Vec<i64>]| -> Result<Vec<u32>> {
             if rows.len() != b || rows.iter().any(|r| r.len() != s) {
                 bail!("micro-batch {what}: expected {b} rows of {s}");
             }
@@ -50,19 +75,27 @@ impl Microbatch {
                 }
                 flat.push(v as u32);
             }
-            Ok(Tensor::from_vec(flat, (b, s), device)?)
+            Ok(flat)
         };
+        let tensor = |flat: Vec<u32>| Tensor::from_vec(flat, (b, s), device);
         if loss_mask.len() != b || loss_mask.iter().any(|r| r.len() != s) {
             bail!("micro-batch loss_mask: expected {b} rows of {s}");
         }
         let mask: Vec<f32> = loss_mask.iter().flatten().copied().collect();
+        let labels = ids("labels", labels)?;
+        let target_stats = Some(TargetStats::of(&labels, &mask));
+        let position_ids = match position_ids {
+            Some(p) => Some(tensor(ids("position_ids", p)?)?),
+            None => None,
+        };
         Ok(Self {
-            tokens: ids("tokens", tokens)?,
-            labels: ids("labels", labels)?,
+            tokens: tensor(ids("tokens", tokens)?)?,
+            labels: tensor(labels)?,
             loss_mask: Tensor::from_vec(mask, (b, s), device)?,
-            position_ids: position_ids.map(|p| ids("position_ids", p)).transpose()?,
+            position_ids,
             attention_mask: None,
             cu_seqlens: None,
+            target_stats,
         })
     }
 
@@ -103,5 +136,5 @@ pub fn loss_for_microbatch_recompute(
     grads: &RecomputeGrads,
 ) -> Result<(Tensor, f64)> {
     let opts = batch.forward_opts(dropout);
-    model.forward_stage_loss(&batch.tokens, &opts, Some(grads), &batch.labels, &batch.loss_mask)
+    model.forward_stage_loss(&batch.tokens, &opts, Some(grads), batch)
 }

@@ -50,7 +50,7 @@ pub fn masked_cross_entropy(
     loss_mask: &Tensor,
 ) -> Result<(Tensor, f64)> {
     let (b, s, v) = logits.dims3()?;
-    let labels = checked_labels(labels, v)?;
+    let labels = checked_labels(labels, v, None)?;
     let ce = if super::fused::use_fused(logits.device(), logits.dtype()) {
         fused_token_cross_entropy(&logits.reshape((b * s, v))?, &labels)?
     } else {
@@ -59,7 +59,7 @@ pub fn masked_cross_entropy(
         token_cross_entropy(&at_least_f32(logits)?.reshape((b * s, v))?, &labels)?
     }
     .reshape((b, s))?;
-    let (sum, count, _) = masked_sum(&ce, loss_mask)?;
+    let (sum, count, _) = masked_sum(&ce, loss_mask, None)?;
     Ok((sum, count))
 }
 
@@ -73,9 +73,14 @@ pub fn at_least_f32(logits: &Tensor) -> Result<Tensor> {
 }
 
 /// `labels` (any integer dtype, any shape) as flat u32, checked to lie in `0..vocab`.
-pub fn checked_labels(labels: &Tensor, vocab: usize) -> Result<Tensor> {
+/// `known_max` is the largest label when the host already knows it (the batch builder
+/// does); otherwise it is read back from the device, which waits for the queued work.
+pub fn checked_labels(labels: &Tensor, vocab: usize, known_max: Option<u32>) -> Result<Tensor> {
     let labels = labels.to_dtype(DType::U32)?.flatten_all()?;
-    let max_label = labels.max_all()?.to_scalar::<u32>()? as usize;
+    let max_label = match known_max {
+        Some(m) => m as usize,
+        None => labels.max_all()?.to_scalar::<u32>()? as usize,
+    };
     if max_label >= vocab {
         candle_core::bail!("label id {max_label} out of range for vocabulary of size {vocab}");
     }
@@ -83,10 +88,18 @@ pub fn checked_labels(labels: &Tensor, vocab: usize) -> Result<Tensor> {
 }
 
 /// `(Σ mask·ce, Σ mask, mask)` for per-token losses `ce` and `loss_mask` of the same shape
-/// (the mask in `ce`'s dtype, as the sum's gradient needs it).
-pub fn masked_sum(ce: &Tensor, loss_mask: &Tensor) -> Result<(Tensor, f64, Tensor)> {
+/// (the mask in `ce`'s dtype, as the sum's gradient needs it). `known_count` is `Σ mask`
+/// when the host already knows it; otherwise it is read back from the device.
+pub fn masked_sum(
+    ce: &Tensor,
+    loss_mask: &Tensor,
+    known_count: Option<f64>,
+) -> Result<(Tensor, f64, Tensor)> {
     let mask = loss_mask.reshape(ce.shape())?.to_dtype(ce.dtype())?;
     let sum = ce.mul(&mask)?.sum_all()?;
-    let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let count = match known_count {
+        Some(c) => c,
+        None => mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+    };
     Ok((sum, count, mask))
 }

@@ -65,6 +65,8 @@ pub fn split_microbatch(mb: &Microbatch, rank: usize, size: usize) -> Result<Mic
         position_ids: Some(split(&position_ids)?),
         attention_mask: None,
         cu_seqlens: None,
+        // This rank's share of the targets; their summaries would be read back if needed.
+        target_stats: None,
     })
 }
 

@@ -12,7 +12,7 @@ use crate::data::sampler::{collate, Batch, DataSampler, LoaderKind, SamplerSpec}
 use crate::data::sft::{build_sft_datasets, SftBuildOptions, SftSplit};
 use crate::data::tokenizer::{build_tokenizer, dataset_pad_id, Tokenizer, TokenizerSpec};
 use crate::data::{build_gpt_datasets, parse_blend, BlendSpec, GptDatasetParams, PretrainDataset};
-use crate::model::Microbatch;
+use crate::model::{Microbatch, TargetStats};
 
 /// The tokenizer described by `tokenizer.*`.
 pub fn tokenizer_from_config(cfg: &ConfigContainer) -> Result<Box<dyn Tokenizer>> {
@@ -225,22 +225,24 @@ fn loader_for_split(cfg: &ConfigContainer, sft: bool, split: usize) -> Result<(L
 /// Tensors of a collated batch (ids as u32, loss mask as f32).
 pub fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
     let shape = (b.batch_size, b.seq_length);
-    let ids = |v: &[i64]| -> Result<Tensor> {
-        let v: Vec<u32> = v
-            .iter()
+    let ids = |v: &[i64]| -> Result<Vec<u32>> {
+        v.iter()
             .map(|&x| {
                 u32::try_from(x).with_context(|| format!("token id {x} is negative or too large"))
             })
-            .collect::<Result<_>>()?;
-        Ok(Tensor::from_vec(v, shape, device)?)
+            .collect()
     };
+    let tensor = |v: Vec<u32>| Tensor::from_vec(v, shape, device);
+    let labels = ids(&b.labels)?;
+    let target_stats = Some(TargetStats::of(&labels, &b.loss_mask));
     Ok(Microbatch {
-        tokens: ids(&b.tokens)?,
-        labels: ids(&b.labels)?,
+        tokens: tensor(ids(&b.tokens)?)?,
+        labels: tensor(labels)?,
         loss_mask: Tensor::from_vec(b.loss_mask.clone(), shape, device)?,
-        position_ids: Some(ids(&b.position_ids)?),
+        position_ids: Some(tensor(ids(&b.position_ids)?)?),
         attention_mask: None,
         cu_seqlens: None,
+        target_stats,
     })
 }
 

@@ -86,7 +86,10 @@ impl Pipeline<'_> {
         // (payload, chunk, micro-batch).
         let mut outbox: HashMap<TransferKey, Tensor> = HashMap::new();
         let mut inbox: HashMap<TransferKey, Tensor> = HashMap::new();
-        let (mut loss_sum, mut tokens) = (0.0, 0.0);
+        // Each micro-batch's loss sum stays on the device until the schedule is queued: read
+        // back at once it would wait for the forward, and the GPU would idle while the host
+        // queues the backward.
+        let (mut loss_sums, mut tokens) = (Vec::new(), 0.0);
         // Parameter gradients produced outside the graph (recomputed segments, explicit
         // layers) of every micro-batch, summed as they arrive; only when backwards follow.
         let side_grads = acc.as_ref().map(|_| match hooks.overlap {
@@ -110,7 +113,7 @@ impl Pipeline<'_> {
                     )?;
                     let output = match loss {
                         Some((sum, count)) => {
-                            loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                            loss_sums.push(sum.detach().to_dtype(DType::F64)?.reshape(1)?);
                             tokens += count;
                             (hooks.objective)(microbatch, sum, count)?
                         }
@@ -153,6 +156,12 @@ impl Pipeline<'_> {
             // Moves them: the accumulator holds no other copy of these parameters' gradients.
             acc.add(&side.take())?;
         }
+        // Added on the host in micro-batch order, as they were one by one before.
+        let loss_sum = if loss_sums.is_empty() {
+            0.0
+        } else {
+            Tensor::cat(&loss_sums, 0)?.to_vec1::<f64>()?.iter().sum()
+        };
         Ok((loss_sum, tokens))
     }
 
@@ -229,8 +238,7 @@ impl Pipeline<'_> {
         };
         let x = input.as_ref().map_or(&mb.tokens, |v| v.as_tensor());
         let (output, loss) = if model.post_process() {
-            let (sum, count) =
-                model.forward_stage_loss(x, &opts, recompute, &mb.labels, &mb.loss_mask)?;
+            let (sum, count) = model.forward_stage_loss(x, &opts, recompute, mb)?;
             (sum.clone(), Some((sum, count)))
         } else {
             (model.forward_stage(x, &opts, recompute)?, None)

@@ -479,7 +479,10 @@ impl Trainer {
         let mut whole = Vec::with_capacity(micro.len());
         let mut local = Vec::with_capacity(micro.len());
         for mb in &micro {
-            whole.push(mb.loss_mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+            whole.push(match mb.target_stats {
+                Some(t) => t.mask_sum,
+                None => mb.loss_mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            });
             local.push(split_microbatch(mb, rank, size)?);
         }
         Ok((local, Some(whole)))
