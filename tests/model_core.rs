@@ -176,6 +176,7 @@ fn packed_documents_with_attention_mask() {
         attention_mask: Some(&mask),
         dropout: None,
         cu_seqlens: None,
+        host_stats: None,
     };
     let got = m.forward(&tokens, &opts).unwrap();
     let alone = m

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use mbridge::config::model::ModelConfig;
 use mbridge::model::recompute::RecomputeGrads;
 use mbridge::model::ParallelLayout;
-use mbridge::model::{loss_for_microbatch_recompute, GptModel, Microbatch, TargetStats};
+use mbridge::model::{loss_for_microbatch_recompute, GptModel, HostStats, Microbatch};
 use mbridge::train::grads::GradAccumulator;
 use model_common::{tiny_gpt, tiny_llama, tiny_qwen_window};
 
@@ -28,7 +28,7 @@ fn batch(cfg: &ModelConfig) -> Microbatch {
         position_ids: None,
         attention_mask: None,
         cu_seqlens: None,
-        target_stats: None,
+        host_stats: None,
     }
 }
 
@@ -227,11 +227,11 @@ fn lora_layers_match_autograd_and_leave_the_base_frozen() {
     assert!(err.contains("DoRA"), "{err}");
 }
 
-/// The explicit head takes the labels' maximum and the mask's sum from the host when the
-/// batch builder knows them: the same loss and count as reading them back from the device,
-/// and a label outside the vocabulary is still refused by name.
+/// The model and the explicit head take the ids' maxima and the mask's sum from the host
+/// when the batch builder knows them: the same loss and count as reading them back from the
+/// device, and an id outside the vocabulary is still refused by name.
 #[test]
-fn host_known_target_stats_match_the_device_read_back() {
+fn host_known_stats_match_the_device_read_back() {
     let cfg = tiny_llama();
     let mut model =
         GptModel::new(&cfg, ParallelLayout::single(), 11, DType::F64, &Device::Cpu).unwrap();
@@ -241,8 +241,8 @@ fn host_known_target_stats_match_the_device_read_back() {
         loss_for_microbatch_recompute(&model, mb, None, &sink)
     };
     let device_read = batch(&cfg);
-    assert!(device_read.target_stats.is_none());
-    let labels: Vec<u32> = device_read.labels.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(device_read.host_stats.is_none());
+    let ids = |t: &Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1().unwrap() };
     let mask: Vec<f32> = device_read
         .loss_mask
         .flatten_all()
@@ -251,31 +251,37 @@ fn host_known_target_stats_match_the_device_read_back() {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let stats = TargetStats::of(&labels, &mask);
+    let stats = HostStats::of(&ids(&device_read.tokens), None, &ids(&device_read.labels), &mask);
     assert_eq!(stats.mask_sum, 13.0, "16 positions, every fifth masked out");
-    let host = Microbatch { target_stats: Some(stats), ..device_read.clone() };
+    let host = Microbatch { host_stats: Some(stats), ..device_read.clone() };
     let (a, ca) = loss(&device_read).unwrap();
     let (b, cb) = loss(&host).unwrap();
     assert_eq!(ca, cb);
     assert_eq!(a.to_scalar::<f64>().unwrap(), b.to_scalar::<f64>().unwrap());
 
+    // The host's values are the ones checked: out of range there, refused.
     let vocab = cfg.vocab_size.unwrap() as u32;
-    let past_vocab = TargetStats { max_label: vocab, ..stats };
-    let err = loss(&Microbatch { target_stats: Some(past_vocab), ..device_read }).unwrap_err();
-    assert!(format!("{err:#}").contains(&format!("label id {vocab} out of range")), "{err:#}");
+    let refused = |stats: HostStats, what: &str| {
+        let mb = Microbatch { host_stats: Some(stats), ..device_read.clone() };
+        let err = format!("{:#}", loss(&mb).unwrap_err());
+        assert!(err.contains(&format!("{what} {vocab}")), "{err}");
+    };
+    refused(HostStats { max_label: vocab, ..stats }, "label id");
+    refused(HostStats { max_token: vocab, ..stats }, "token id");
 }
 
-/// [`Microbatch::from_rows`] records the summaries the loss would otherwise read back.
+/// [`Microbatch::from_rows`] records the summaries the model would otherwise read back.
 #[test]
-fn from_rows_records_the_target_stats() {
+fn from_rows_records_the_host_stats() {
     let rows = |v: &[i64]| vec![v.to_vec()];
     let mb = Microbatch::from_rows(
-        &rows(&[1, 2, 3]),
+        &rows(&[1, 7, 3]),
         &rows(&[2, 9, 4]),
         &[vec![1.0, 0.0, 0.5]],
-        None,
+        Some(&rows(&[0, 5, 2])),
         &Device::Cpu,
     )
     .unwrap();
-    assert_eq!(mb.target_stats, Some(TargetStats { max_label: 9, mask_sum: 1.5 }));
+    let want = HostStats { max_token: 7, max_position: Some(5), max_label: 9, mask_sum: 1.5 };
+    assert_eq!(mb.host_stats, Some(want));
 }

@@ -43,7 +43,7 @@ fn batch(cfg: &ModelConfig, b: usize, s: usize, dtype: DType) -> Microbatch {
         position_ids: None,
         attention_mask: None,
         cu_seqlens: None,
-        target_stats: None,
+        host_stats: None,
     }
 }
 

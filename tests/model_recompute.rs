@@ -25,7 +25,7 @@ fn batch(cfg: &ModelConfig) -> Microbatch {
         position_ids: None,
         attention_mask: None,
         cu_seqlens: None,
-        target_stats: None,
+        host_stats: None,
     }
 }
 

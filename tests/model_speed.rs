@@ -34,7 +34,7 @@ fn forward_backward_speed() {
         position_ids: None,
         attention_mask: None,
         cu_seqlens: None,
-        target_stats: None,
+        host_stats: None,
     };
     for _ in 0..3 {
         let t = Instant::now();

@@ -152,7 +152,7 @@ fn microbatch(pb: &PackedBatch, thd: bool, dtype: DType) -> Microbatch {
         position_ids: Some(ids(&pb.batch.position_ids)),
         attention_mask: (!thd).then(|| pb.attention_mask(&Device::Cpu).unwrap()),
         cu_seqlens: thd.then(|| pb.thd_cu_seqlens().unwrap()),
-        target_stats: None,
+        host_stats: None,
     }
 }
 

@@ -13,7 +13,7 @@ use super::recompute::{
     checkpoint, with_backward, BackwardFn, RecomputeGrads, RecomputePlan, SegmentFn,
     SelectiveRecompute,
 };
-use super::step::Microbatch;
+use super::step::{HostStats, Microbatch};
 use crate::config::model::{ModelConfig, PositionEmbedding};
 use crate::ops::attention::OwnedAttnMask;
 use crate::ops::timing::section;
@@ -55,6 +55,8 @@ pub struct ForwardOpts<'a> {
     pub cu_seqlens: Option<&'a [u32]>,
     /// Dropout mask source: Some in training, None in evaluation/generation.
     pub dropout: Option<&'a DropoutRng>,
+    /// The ids' maxima as the batch builder knew them (None ⇒ read back from the device).
+    pub host_stats: Option<HostStats>,
 }
 
 /// Keys/values of every layer of this stage for incremental decoding.
@@ -511,7 +513,7 @@ impl GptModel {
         sink: &RecomputeGrads,
     ) -> Result<(Tensor, f64)> {
         let (labels, loss_mask) = (&targets.labels, &targets.loss_mask);
-        let stats = targets.target_stats;
+        let stats = targets.host_stats;
         let (Some(norm), Some(w)) = (&self.final_norm, &self.output_w) else {
             bail!("stage has no output layer");
         };
@@ -620,12 +622,19 @@ impl GptModel {
         start: usize,
         s: usize,
         pos: Option<&Tensor>,
+        known: Option<HostStats>,
     ) -> Result<()> {
         if s == 0 {
             bail!("empty input sequence");
         }
+        let max_of = |ids: &Tensor, known: Option<u32>| -> Result<usize> {
+            Ok(match known {
+                Some(m) => m as usize,
+                None => ids.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize,
+            })
+        };
         if let Some(tokens) = tokens {
-            let max_id = tokens.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize;
+            let max_id = max_of(tokens, known.map(|k| k.max_token))?;
             if max_id >= self.arch.vocab {
                 bail!("token id {max_id} is out of range for vocabulary size {}", self.arch.vocab);
             }
@@ -638,7 +647,7 @@ impl GptModel {
             );
         }
         if let Some(p) = pos {
-            let max_pos = p.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize;
+            let max_pos = max_of(p, known.and_then(|k| k.max_position))?;
             if max_pos >= self.arch.max_positions {
                 bail!(
                     "position id {max_pos} exceeds the model's maximum of {} positions (max_position_embeddings)",
@@ -696,7 +705,7 @@ impl GptModel {
                 );
             }
         }
-        self.check_inputs(pre.then_some(input), start, s, opts.position_ids)?;
+        self.check_inputs(pre.then_some(input), start, s, opts.position_ids, opts.host_stats)?;
         let pos = match opts.position_ids {
             Some(p) => p.to_dtype(DType::U32)?,
             None => Tensor::arange(start as u32, (start + s) as u32, &self.device)?

@@ -50,4 +50,4 @@ pub use arch::{chunk_layers, stage_layers, virtual_stages, GptArch, ParallelLayo
 pub use generate::{generate, generate_no_cache};
 pub use gpt::{ForwardOpts, GptModel, KvCache};
 pub use params::{Param, ParamStore, ShardLayout};
-pub use step::{loss_for_microbatch, loss_for_microbatch_recompute, Microbatch, TargetStats};
+pub use step::{loss_for_microbatch, loss_for_microbatch_recompute, HostStats, Microbatch};

@@ -22,27 +22,40 @@ pub struct Microbatch {
     /// Packed sequences (THD) instead of a dense mask: token offsets into the rows flattened
     /// row-major (row `r`'s boundaries shifted by `r·s`; see [`ForwardOpts::cu_seqlens`]).
     pub cu_seqlens: Option<Vec<u32>>,
-    /// The labels' and loss mask's summaries, when the host built them (None ⇒ the loss
-    /// reads them back from the device).
-    pub target_stats: Option<TargetStats>,
+    /// The ids' and loss mask's summaries, when the host built them (None ⇒ the model and
+    /// the loss read them back from the device).
+    pub host_stats: Option<HostStats>,
 }
 
-/// What the host knows of a micro-batch's targets when it builds them. The loss needs both
-/// before the backward: read back from the device they would wait for the whole forward,
-/// leaving the GPU idle while the host queues the backward.
+/// What the host knows of a micro-batch when it builds it. The model checks the ids' ranges
+/// before its forward and the loss needs the mask's count before the backward: read back
+/// from the device, each would wait for the work queued before it and leave the GPU idle
+/// while the host queues what follows.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TargetStats {
+pub struct HostStats {
+    /// The largest input token id (checked against the vocabulary).
+    pub max_token: u32,
+    /// The largest position id, when the micro-batch has position ids.
+    pub max_position: Option<u32>,
     /// The largest label id (checked against the vocabulary).
     pub max_label: u32,
     /// `Σ loss_mask`: the micro-batch's loss-token count.
     pub mask_sum: f64,
 }
 
-impl TargetStats {
-    /// The summaries of `labels` and `loss_mask` as the host holds them.
-    pub fn of(labels: &[u32], loss_mask: &[f32]) -> Self {
+impl HostStats {
+    /// The summaries of a micro-batch's ids and loss mask as the host holds them.
+    pub fn of(
+        tokens: &[u32],
+        positions: Option<&[u32]>,
+        labels: &[u32],
+        loss_mask: &[f32],
+    ) -> Self {
+        let max = |ids: &[u32]| ids.iter().copied().max().unwrap_or(0);
         Self {
-            max_label: labels.iter().copied().max().unwrap_or(0),
+            max_token: max(tokens),
+            max_position: positions.map(max),
+            max_label: max(labels),
             // Summed in f64 from the f32 weights; 0/1 masks count exactly either way.
             mask_sum: loss_mask.iter().map(|&m| f64::from(m)).sum(),
         }
@@ -82,20 +95,17 @@ impl Microbatch {
             bail!("micro-batch loss_mask: expected {b} rows of {s}");
         }
         let mask: Vec<f32> = loss_mask.iter().flatten().copied().collect();
-        let labels = ids("labels", labels)?;
-        let target_stats = Some(TargetStats::of(&labels, &mask));
-        let position_ids = match position_ids {
-            Some(p) => Some(tensor(ids("position_ids", p)?)?),
-            None => None,
-        };
+        let (tokens, labels) = (ids("tokens", tokens)?, ids("labels", labels)?);
+        let positions = position_ids.map(|p| ids("position_ids", p)).transpose()?;
+        let host_stats = Some(HostStats::of(&tokens, positions.as_deref(), &labels, &mask));
         Ok(Self {
-            tokens: tensor(ids("tokens", tokens)?)?,
+            tokens: tensor(tokens)?,
             labels: tensor(labels)?,
             loss_mask: Tensor::from_vec(mask, (b, s), device)?,
-            position_ids,
+            position_ids: positions.map(tensor).transpose()?,
             attention_mask: None,
             cu_seqlens: None,
-            target_stats,
+            host_stats,
         })
     }
 
@@ -107,6 +117,7 @@ impl Microbatch {
             attention_mask: self.attention_mask.as_ref(),
             cu_seqlens: self.cu_seqlens.as_deref(),
             dropout,
+            host_stats: self.host_stats,
         }
     }
 }

@@ -66,7 +66,7 @@ pub fn split_microbatch(mb: &Microbatch, rank: usize, size: usize) -> Result<Mic
         attention_mask: None,
         cu_seqlens: None,
         // This rank's share of the targets; their summaries would be read back if needed.
-        target_stats: None,
+        host_stats: None,
     })
 }
 

@@ -12,7 +12,7 @@ use crate::data::sampler::{collate, Batch, DataSampler, LoaderKind, SamplerSpec}
 use crate::data::sft::{build_sft_datasets, SftBuildOptions, SftSplit};
 use crate::data::tokenizer::{build_tokenizer, dataset_pad_id, Tokenizer, TokenizerSpec};
 use crate::data::{build_gpt_datasets, parse_blend, BlendSpec, GptDatasetParams, PretrainDataset};
-use crate::model::{Microbatch, TargetStats};
+use crate::model::{HostStats, Microbatch};
 
 /// The tokenizer described by `tokenizer.*`.
 pub fn tokenizer_from_config(cfg: &ConfigContainer) -> Result<Box<dyn Tokenizer>> {
@@ -233,16 +233,16 @@ pub fn to_microbatch(b: &Batch, device: &Device) -> Result<Microbatch> {
             .collect()
     };
     let tensor = |v: Vec<u32>| Tensor::from_vec(v, shape, device);
-    let labels = ids(&b.labels)?;
-    let target_stats = Some(TargetStats::of(&labels, &b.loss_mask));
+    let (tokens, labels, positions) = (ids(&b.tokens)?, ids(&b.labels)?, ids(&b.position_ids)?);
+    let host_stats = Some(HostStats::of(&tokens, Some(&positions), &labels, &b.loss_mask));
     Ok(Microbatch {
-        tokens: tensor(ids(&b.tokens)?)?,
+        tokens: tensor(tokens)?,
         labels: tensor(labels)?,
         loss_mask: Tensor::from_vec(b.loss_mask.clone(), shape, device)?,
-        position_ids: Some(tensor(ids(&b.position_ids)?)?),
+        position_ids: Some(tensor(positions)?),
         attention_mask: None,
         cu_seqlens: None,
-        target_stats,
+        host_stats,
     })
 }
 

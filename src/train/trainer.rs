@@ -479,7 +479,7 @@ impl Trainer {
         let mut whole = Vec::with_capacity(micro.len());
         let mut local = Vec::with_capacity(micro.len());
         for mb in &micro {
-            whole.push(match mb.target_stats {
+            whole.push(match mb.host_stats {
                 Some(t) => t.mask_sum,
                 None => mb.loss_mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?,
             });
