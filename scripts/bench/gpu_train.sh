@@ -45,8 +45,9 @@ run_mbridge() {
 # power limit, a run that moves more bytes also runs its kernels at a lower clock).
 : > /tmp/clocks.log
 # Appending (O_APPEND) keeps the run marks below from being overwritten by nvidia-smi's writes.
-nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader \
-  -lms 500 >> /tmp/clocks.log &
+# The last field is the clock event (throttle) reasons bitmask: 0x4 = the software power cap.
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+  --format=csv,noheader -lms 500 >> /tmp/clocks.log &
 CLOCKS=$!
 if [ "${MBRIDGE_FIRST:-0}" = 1 ]; then
   mark mbridge; run_mbridge "${@:4}"; run_peers
@@ -54,8 +55,10 @@ else
   run_peers; mark mbridge; run_mbridge "${@:4}"
 fi
 kill "$CLOCKS" 2>/dev/null
-echo "GPU under load (samples above 300 W), per run: mean SM clock, power, temperature"
+echo "GPU under load (samples above 300 W), per run: mean SM clock, power, temperature, share of samples held by the power cap"
 awk -F', ' '/^== /{name=$0; sub(/^== /, "", name); next}
-  name != "" && $3 + 0 > 300 {n[name]++; c[name]+=$2; p[name]+=$3; t[name]+=$4}
-  END {for (k in n) printf "  %-10s %3d samples  %6.0f MHz  %5.0f W  %3.0f C\n", k, n[k], c[k]/n[k], p[k]/n[k], t[k]/n[k]}' \
+  name != "" && $3 + 0 > 300 {n[name]++; c[name]+=$2; p[name]+=$3; t[name]+=$4
+    # bit 0x4 of the reasons mask: its last hex digit is 4-7 or c-f.
+    if (tolower(substr($5, length($5), 1)) ~ /[4567cdef]/) cap[name]++}
+  END {for (k in n) printf "  %-12s %3d samples  %6.0f MHz  %5.0f W  %3.0f C  power cap %3.0f%%\n", k, n[k], c[k]/n[k], p[k]/n[k], t[k]/n[k], 100*cap[k]/n[k]}' \
   /tmp/clocks.log
