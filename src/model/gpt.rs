@@ -527,7 +527,8 @@ impl GptModel {
         let logits = xg.matmul(&w.detach().t()?)?;
         let (ce, state) = match &self.tp {
             Some(tp) => {
-                let (ce, state) = tp.cross_entropy_untracked(&logits, labels)?;
+                let max = stats.map(|t| t.max_label);
+                let (ce, state) = tp.cross_entropy_untracked(&logits, labels, max)?;
                 (ce, HeadCe::VocabParallel(tp.clone(), state))
             }
             None => {

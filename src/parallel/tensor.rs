@@ -184,6 +184,19 @@ pub struct TensorParallel {
     sequence_parallel: bool,
 }
 
+/// Flat u32 `ids` as ids in the shard of `rows` rows that starts at `start`: `(local ids,
+/// here)`, `outside` as the local id of an id in another shard and `here` u8, 1 where the id
+/// lies in this one. Computed where the ids are: reading them back to the host would wait
+/// for all the work queued before.
+fn shard_ids(ids: &Tensor, start: usize, rows: usize, outside: u32) -> Result<(Tensor, Tensor)> {
+    let (start, end) = (start as u32, (start + rows) as u32);
+    let here = ids.ge(start)?.mul(&ids.lt(end)?)?;
+    // Clamped first: u32 ids below `start` would wrap.
+    let shifted = ids.maximum(start)?.broadcast_sub(&Tensor::new(start, ids.device())?)?;
+    let outside = Tensor::full(outside, ids.shape(), ids.device())?;
+    Ok((here.where_cond(&shifted, &outside)?, here))
+}
+
 impl TensorParallel {
     /// Wraps the TP group's communicator (without sequence parallelism).
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
@@ -341,49 +354,37 @@ impl TensorParallel {
         if self.size() == 1 {
             return w_local.index_select(&flat, 0)?.reshape(out_shape);
         }
-        let (start, end) = (self.rank() * rows, (self.rank() + 1) * rows);
-        let host = flat.to_vec1::<u32>()?;
-        let (local, keep): (Vec<u32>, Vec<f32>) = host
-            .iter()
-            .map(|&id| {
-                let id = id as usize;
-                if (start..end).contains(&id) {
-                    ((id - start) as u32, 1.0)
-                } else {
-                    (0, 0.0)
-                }
-            })
-            .unzip();
-        let dev = w_local.device();
-        let local = Tensor::from_vec(local, host.len(), dev)?;
-        let keep = Tensor::from_vec(keep, (host.len(), 1), dev)?.to_dtype(w_local.dtype())?;
+        let (local, here) = shard_ids(&flat, self.rank() * rows, rows, 0)?;
+        let keep = here.to_dtype(w_local.dtype())?.unsqueeze(1)?;
         let part = w_local.index_select(&local, 0)?.broadcast_mul(&keep)?;
         self.reduce_from_region(&part)?.reshape(out_shape)
     }
 
-    /// The `n` global `labels` as ids in this rank's vocabulary shard of `vl` rows (None where
-    /// the label lies in another rank's shard), checked against the whole vocabulary;
-    /// `logits_dims` names the logits in the error.
+    /// The `n` global `labels` as ids in this rank's vocabulary shard of `vl` rows:
+    /// `(local ids, here)` as [`shard_ids`] gives them with `outside` for labels in another
+    /// rank's shard, checked against the whole vocabulary (`known_max`: the largest label
+    /// when the host knows it, else read back); `logits_dims` names the logits in the error.
     fn shard_labels(
         &self,
         labels: &Tensor,
         logits_dims: &[usize],
-        n: usize,
-        vl: usize,
-    ) -> Result<Vec<Option<u32>>> {
+        (n, vl): (usize, usize),
+        outside: u32,
+        known_max: Option<u32>,
+    ) -> Result<(Tensor, Tensor)> {
         let vocab = vl * self.size();
-        let host = labels.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
-        if host.len() != n {
+        if labels.elem_count() != n {
             candle_core::bail!("labels {:?} do not match logits {logits_dims:?}", labels.dims());
         }
-        if let Some(&bad) = host.iter().find(|&&l| l as usize >= vocab) {
-            candle_core::bail!("label id {bad} out of range for vocabulary of size {vocab}");
+        let labels = labels.to_dtype(DType::U32)?.flatten_all()?;
+        let max = match known_max {
+            Some(m) => m,
+            None => labels.max_all()?.to_scalar::<u32>()?,
+        };
+        if max as usize >= vocab {
+            candle_core::bail!("label id {max} out of range for vocabulary of size {vocab}");
         }
-        let start = self.rank() * vl;
-        Ok(host
-            .iter()
-            .map(|&l| (l as usize).checked_sub(start).filter(|&i| i < vl).map(|i| i as u32))
-            .collect())
+        shard_ids(&labels, self.rank() * vl, vl, outside)
     }
 
     /// Vocab-parallel masked cross-entropy (Megatron's `_VocabParallelCrossEntropy`) of
@@ -399,12 +400,7 @@ impl TensorParallel {
         let logits = crate::ops::cross_entropy::at_least_f32(logits)?;
         let (b, s, vl) = logits.dims3()?;
         let n = b * s;
-        let (local, keep): (Vec<u32>, Vec<f32>) = self
-            .shard_labels(labels, logits.dims(), n, vl)?
-            .into_iter()
-            .map(|l| l.map_or((0, 0.0), |i| (i, 1.0)))
-            .unzip();
-        let dev = logits.device();
+        let (local, here) = self.shard_labels(labels, logits.dims(), (n, vl), 0, None)?;
         let x = logits.reshape((n, vl))?;
         // The shift cancels analytically, so a detached global max keeps the gradient exact.
         let local_max = x.detach().max_keepdim(1)?;
@@ -414,8 +410,8 @@ impl TensorParallel {
             self.comm.all_reduce(&local_max, ReduceOp::Max)?
         };
         let shifted = x.broadcast_sub(&max)?;
-        let local = Tensor::from_vec(local, (n, 1), dev)?;
-        let keep = Tensor::from_vec(keep, n, dev)?.to_dtype(x.dtype())?;
+        let local = local.reshape((n, 1))?;
+        let keep = here.to_dtype(x.dtype())?;
         let target = shifted.gather(&local, 1)?.reshape(n)?.mul(&keep)?;
         let target = self.reduce_from_region(&target)?;
         let sum_exp = self.reduce_from_region(&shifted.exp()?.sum(1)?)?;
@@ -449,16 +445,11 @@ impl TensorParallel {
         &self,
         logits: &Tensor,
         labels: &Tensor,
+        known_max: Option<u32>,
     ) -> Result<(Tensor, VocabShardCe)> {
         let (n, vl) = logits.dims2()?;
-        let (local, here): (Vec<u32>, Vec<u8>) = self
-            .shard_labels(labels, logits.dims(), n, vl)?
-            .into_iter()
-            .map(|l| l.map_or((u32::MAX, 0), |i| (i, 1)))
-            .unzip();
-        let dev = logits.device();
-        let labels = Tensor::from_vec(local, n, dev)?;
-        let here = Tensor::from_vec(here, n, dev)?;
+        let (labels, here) =
+            self.shard_labels(labels, logits.dims(), (n, vl), u32::MAX, known_max)?;
         let (lse, target) = crate::ops::manual::ce_shard_stats(logits, &labels, &here)?;
         let (lse, target) = if self.size() == 1 {
             (lse, target)
@@ -501,6 +492,32 @@ mod tests {
     use candle_core::{Device, Var};
     use std::time::Duration;
 
+    /// Ids below, inside and past a shard: local ids only inside it (no u32 wrap below).
+    #[test]
+    fn shard_ids_keep_only_this_shards_ids() {
+        let ids = Tensor::new(&[0u32, 3, 4, 6, 7, 11], &Device::Cpu).unwrap();
+        let (local, here) = shard_ids(&ids, 4, 3, u32::MAX).unwrap();
+        let m = u32::MAX;
+        assert_eq!(local.to_vec1::<u32>().unwrap(), [m, m, 0, 2, m, m]);
+        assert_eq!(here.to_vec1::<u8>().unwrap(), [0, 0, 1, 1, 0, 0]);
+    }
+
+    /// A label past the vocabulary is refused by the host's maximum when one is given, by
+    /// the device's otherwise.
+    #[test]
+    fn vocab_parallel_labels_are_checked_against_the_whole_vocabulary() {
+        let logits = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = |labels: &[u32], known: Option<u32>| {
+            let world = LocalWorld::new(1, Duration::from_secs(5));
+            let tpg = TensorParallel::new(Arc::new(world.world_group(0).unwrap()));
+            let labels = Tensor::new(labels, &Device::Cpu).unwrap();
+            tpg.cross_entropy_untracked(&logits, &labels, known).err().map(|e| e.to_string())
+        };
+        assert!(err(&[1, 3], None).is_none());
+        assert!(err(&[1, 4], None).unwrap().contains("label id 4 out of range"));
+        assert!(err(&[1, 3], Some(9)).unwrap().contains("label id 9 out of range"));
+    }
+
     /// Three TP ranks' written-out vocab-parallel cross-entropy equals the whole-vocabulary
     /// loss, and each rank's logits gradient equals its columns of autograd's gradient.
     #[test]
@@ -518,7 +535,7 @@ mod tests {
         let got = LocalWorld::run(tp, Duration::from_secs(20), |rank, world| {
             let tpg = TensorParallel::new(Arc::new(world.world_group(rank)?));
             let shard = logits.narrow(1, rank * vs, vs)?;
-            let (ce, state) = tpg.cross_entropy_untracked(&shard, &labels)?;
+            let (ce, state) = tpg.cross_entropy_untracked(&shard, &labels, None)?;
             let d = tpg.cross_entropy_backward_untracked(shard, &state, &g)?;
             Ok((ce.to_vec1::<f32>()?, d))
         })

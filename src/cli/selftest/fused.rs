@@ -265,7 +265,7 @@ fn vocab_parallel_ce(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         let got = LocalWorld::run(2, std::time::Duration::from_secs(120), |rank, world| {
             let tp = TensorParallel::new(std::sync::Arc::new(world.world_group(rank)?));
             let shard = logits.narrow(1, rank * vs, vs)?.to_dtype(DType::BF16)?.to_device(dev)?;
-            let (ce, state) = tp.cross_entropy_untracked(&shard, &labels.to_device(dev)?)?;
+            let (ce, state) = tp.cross_entropy_untracked(&shard, &labels.to_device(dev)?, None)?;
             let d = tp.cross_entropy_backward_untracked(shard, &state, &g.to_device(dev)?)?;
             Ok((ce.to_device(&Device::Cpu)?, d.to_device(&Device::Cpu)?))
         });
