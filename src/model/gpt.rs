@@ -628,14 +628,8 @@ impl GptModel {
         if s == 0 {
             bail!("empty input sequence");
         }
-        let max_of = |ids: &Tensor, known: Option<u32>| -> Result<usize> {
-            Ok(match known {
-                Some(m) => m as usize,
-                None => ids.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>()? as usize,
-            })
-        };
         if let Some(tokens) = tokens {
-            let max_id = max_of(tokens, known.map(|k| k.max_token))?;
+            let max_id = ops::cross_entropy::max_id(tokens, known.map(|k| k.max_token))? as usize;
             if max_id >= self.arch.vocab {
                 bail!("token id {max_id} is out of range for vocabulary size {}", self.arch.vocab);
             }
@@ -648,7 +642,8 @@ impl GptModel {
             );
         }
         if let Some(p) = pos {
-            let max_pos = max_of(p, known.and_then(|k| k.max_position))?;
+            let max_pos =
+                ops::cross_entropy::max_id(p, known.and_then(|k| k.max_position))? as usize;
             if max_pos >= self.arch.max_positions {
                 bail!(
                     "position id {max_pos} exceeds the model's maximum of {} positions (max_position_embeddings)",

@@ -72,15 +72,21 @@ pub fn at_least_f32(logits: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `labels` (any integer dtype, any shape) as flat u32, checked to lie in `0..vocab`.
-/// `known_max` is the largest label when the host already knows it (the batch builder
-/// does); otherwise it is read back from the device, which waits for the queued work.
+/// The largest of `ids` (any integer dtype): `known` when the host already knows it (the
+/// batch builder does, see `model::HostStats`); otherwise read back from the device, which
+/// waits for the work queued before.
+pub fn max_id(ids: &Tensor, known: Option<u32>) -> Result<u32> {
+    match known {
+        Some(m) => Ok(m),
+        None => ids.to_dtype(DType::U32)?.max_all()?.to_scalar::<u32>(),
+    }
+}
+
+/// `labels` (any integer dtype, any shape) as flat u32, checked to lie in `0..vocab`
+/// (`known_max`: see [`max_id`]).
 pub fn checked_labels(labels: &Tensor, vocab: usize, known_max: Option<u32>) -> Result<Tensor> {
     let labels = labels.to_dtype(DType::U32)?.flatten_all()?;
-    let max_label = match known_max {
-        Some(m) => m as usize,
-        None => labels.max_all()?.to_scalar::<u32>()? as usize,
-    };
+    let max_label = max_id(&labels, known_max)? as usize;
     if max_label >= vocab {
         candle_core::bail!("label id {max_label} out of range for vocabulary of size {vocab}");
     }

@@ -362,8 +362,8 @@ impl TensorParallel {
 
     /// The `n` global `labels` as ids in this rank's vocabulary shard of `vl` rows:
     /// `(local ids, here)` as [`shard_ids`] gives them with `outside` for labels in another
-    /// rank's shard, checked against the whole vocabulary (`known_max`: the largest label
-    /// when the host knows it, else read back); `logits_dims` names the logits in the error.
+    /// rank's shard, checked against the whole vocabulary (`known_max`: see
+    /// [`crate::ops::cross_entropy::max_id`]); `logits_dims` names the logits in the error.
     fn shard_labels(
         &self,
         labels: &Tensor,
@@ -372,18 +372,11 @@ impl TensorParallel {
         outside: u32,
         known_max: Option<u32>,
     ) -> Result<(Tensor, Tensor)> {
-        let vocab = vl * self.size();
         if labels.elem_count() != n {
             candle_core::bail!("labels {:?} do not match logits {logits_dims:?}", labels.dims());
         }
-        let labels = labels.to_dtype(DType::U32)?.flatten_all()?;
-        let max = match known_max {
-            Some(m) => m,
-            None => labels.max_all()?.to_scalar::<u32>()?,
-        };
-        if max as usize >= vocab {
-            candle_core::bail!("label id {max} out of range for vocabulary of size {vocab}");
-        }
+        let vocab = vl * self.size();
+        let labels = crate::ops::cross_entropy::checked_labels(labels, vocab, known_max)?;
         shard_ids(&labels, self.rank() * vl, vl, outside)
     }
 
