@@ -3,7 +3,9 @@
 # Build first with scripts/device/build.sh, then run this through the device tool with
 # carry [".devbuild/gz"] (or [".devbuild/bin"] while binary + tree fit 64 MiB), e.g.:
 #   bash scripts/bench/gpu_train.sh 1024 2 20
-# Env: SIZE (peer model size, 1b), RECIPE (llama32_1b), PEERS ("titan hf").
+# Env: SIZE (peer model size, 1b), RECIPE (llama32_1b), PEERS ("titan hf"), PEER_WORKLOADS
+# ("shipped train"; also "mock", see peers/peer_torch.py), PEER_STEPS (10), TAIL (mbridge log
+# lines shown, 7), CLOCK_MS (nvidia-smi sampling period, 500).
 # Args: SEQ MBS ITERS [OVERRIDES...] (defaults 1024 2 20; overrides go to mbridge, e.g.
 # model.recompute_granularity=full model.recompute_method=uniform model.recompute_num_layers=1). Prints the peers' JSON lines and mbridge's log lines.
 set -uo pipefail
@@ -37,7 +39,7 @@ run_mbridge() {
     train.global_batch_size="$MBS" train.train_iters="$ITERS" scheduler.lr_warmup_iters=2 \
     logger.log_interval=5 logger.log_throughput=true validation.eval_iters=0 \
     '~checkpoint.save' '~checkpoint.load' '~logger.tensorboard_dir' "${@}" 2>&1 \
-    | grep -E "iteration|error|memory \(GB\)" | tail -7
+    | grep -E "iteration|error|memory \(GB\)" | tail -n "${TAIL:-7}"
   echo "mbridge peak GPU memory (MiB, nvidia-smi): $(mem_watch_stop)"
 }
 # The GPU's SM clock, power and temperature during each run (a hot GPU clocks lower, so
@@ -47,7 +49,7 @@ run_mbridge() {
 # Appending (O_APPEND) keeps the run marks below from being overwritten by nvidia-smi's writes.
 # The last field is the clock event (throttle) reasons bitmask: 0x4 = the software power cap.
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
-  --format=csv,noheader -lms 500 >> /tmp/clocks.log &
+  --format=csv,noheader -lms "${CLOCK_MS:-500}" >> /tmp/clocks.log &
 CLOCKS=$!
 if [ "${MBRIDGE_FIRST:-0}" = 1 ]; then
   mark mbridge; run_mbridge "${@:4}"; run_peers

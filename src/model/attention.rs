@@ -417,8 +417,8 @@ impl SelfAttention {
         }
     }
 
-    /// [`Self::forward`] without autograd (no cache, no dropout), keeping what
-    /// [`Self::backward`] needs.
+    /// `x +` [`Self::forward`] (the block with its skip connection) without autograd (no
+    /// cache, no dropout), keeping what [`Self::backward`] needs.
     pub(super) fn forward_saving(
         &self,
         x: &Tensor,
@@ -457,8 +457,11 @@ impl SelfAttention {
         };
         let (out, state) = section("attn.core.fwd", x.device(), || self.core(&q, &k, &v, inputs))?;
         let s_full = qkv.dim(1)?;
-        let (y, proj_lora) =
-            self.proj_linear().forward_row(&out.reshape((b, s_full, ()))?, self.tp_boundary())?;
+        let (y, proj_lora) = self.proj_linear().forward_row_plus(
+            &out.reshape((b, s_full, ()))?,
+            self.tp_boundary(),
+            x,
+        )?;
         let core = (!inputs.selective.core_attn).then_some((out, state));
         let saved = AttnSaved { normed, qkv, core, roped_in_qkv, qkv_lora, proj_lora };
         Ok((y.reshape((b, s, h))?, saved))

@@ -24,7 +24,6 @@ use super::attention::SelfAttention;
 use super::mlp::Mlp;
 use super::recompute::{with_backward_anchored, BackwardFn, RecomputeGrads, SelectiveRecompute};
 use crate::ops::attention::OwnedAttnMask;
-use crate::ops::manual;
 use crate::ops::timing::section;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
@@ -83,11 +82,10 @@ fn forward_untracked(
 ) -> Result<(Tensor, LayerBackward)> {
     let dev = x.device().clone();
     let x = x.detach();
-    let (a, attn_saved) = section("layer.fwd.attn", &dev, || attn.forward_saving(&x, inputs))?;
-    let x2 = manual::add(&x, &a)?;
-    let (m, mlp_saved) =
+    // Each block returns its output with the skip connection added.
+    let (x2, attn_saved) = section("layer.fwd.attn", &dev, || attn.forward_saving(&x, inputs))?;
+    let (y, mlp_saved) =
         section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective))?;
-    let y = manual::add(&x2, &m)?;
     let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
     let backward: LayerBackward = Box::new(move |dy: &Tensor| {
         let mut grads = GradStore::default();

@@ -107,6 +107,27 @@ impl ExplicitLinear<'_> {
         Ok(manual::add_matmul(dx, dy, &self.w.detach(), false, 1.0)?)
     }
 
+    /// `residual + ` [`Self::forward_row`]: a transformer block's output with its skip
+    /// connection (`residual` shaped like the output, this rank's part of the sequence under
+    /// SP). Without TP, adapter or bias, one GEMM adds `residual` in its epilogue
+    /// ([`manual::linear_plus`]) instead of a separate pass over three activation tensors.
+    pub fn forward_row_plus(
+        &self,
+        x: &Tensor,
+        tp: TpBoundary,
+        residual: &Tensor,
+    ) -> Result<(Tensor, LinearSaved)> {
+        if tp.0.is_none() && self.adapter.is_none() && self.b.is_none() {
+            let rows = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
+            let r = residual.reshape(((), residual.dim(candle_core::D::Minus1)?))?;
+            if let Some(y) = manual::linear_plus(&rows, &self.w.detach(), &r)? {
+                return Ok((y.reshape(residual.dims())?, None));
+            }
+        }
+        let (y, saved) = self.forward_row(x, tp)?;
+        Ok((manual::add(residual, &y)?, saved))
+    }
+
     /// A row-parallel linear (`linear_proj`, `linear_fc2`) over this rank's input columns
     /// `x` `[b, s, in/tp]`: the partial products summed over TP (reduce-scattered over the
     /// sequence under SP), then the adapter's `s·(A x) Bᵀ`, its `A x` summed over TP first,

@@ -216,8 +216,8 @@ impl Mlp {
         TpBoundary(self.tp.as_ref())
     }
 
-    /// [`Self::forward`] without autograd, keeping what [`Self::backward`] needs: what
-    /// `selective` recomputes is not kept.
+    /// `x +` [`Self::forward`] (the block with its skip connection) without autograd, keeping
+    /// what [`Self::backward`] needs: what `selective` recomputes is not kept.
     pub(super) fn forward_saving(
         &self,
         x: &Tensor,
@@ -228,7 +228,7 @@ impl Mlp {
         let (fc1_out, fc1_lora) = self.fc1_of_normed(&xn)?;
         let normed = (!recompute && !selective.layernorm).then_some(xn);
         let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
-        let (y, fc2_lora) = self.fc2_linear().forward_row(&act, self.tp_boundary())?;
+        let (y, fc2_lora) = self.fc2_linear().forward_row_plus(&act, self.tp_boundary(), x)?;
         let fc2_needs_input = self.fc2_linear().needs_input();
         Ok((
             y,

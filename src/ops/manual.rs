@@ -492,6 +492,22 @@ pub fn add_matmul(
     c + (a.matmul(&b)? * alpha)?
 }
 
+/// `x·wᵀ + r` for `x` `[rows, in]`, `w` `[out, in]`, `r` `[rows, out]` when one fused GEMM
+/// can add `r` (CUDA, half precision: cuBLASLt with `r` as the C operand, the sum rounded
+/// once); None where it cannot, and the caller adds `r` itself.
+pub fn linear_plus(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused(x)
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && w.dtype() == x.dtype()
+        && r.dtype() == x.dtype()
+    {
+        return Ok(Some(super::cuda::gemm_lt::linear_plus(x, w, r)?));
+    }
+    let _ = (x, w, r);
+    Ok(None)
+}
+
 /// `alpha · a · bᵀ` (`b_transposed`) or `alpha · a · b` for `a` `[rows, k]`: on CUDA in half
 /// precision one GEMM with the scale applied inside it (no extra pass over the result).
 pub fn matmul_scaled(a: &Tensor, b: &Tensor, b_transposed: bool, alpha: f64) -> Result<Tensor> {

@@ -23,6 +23,7 @@ pub(super) fn checks() -> Vec<Check> {
         Check { name: "rms_norm", run: CheckFn::Measures(rms_norm) },
         Check { name: "rms_norm_residual", run: CheckFn::Measures(rms_norm_residual) },
         Check { name: "add", run: CheckFn::Measures(add) },
+        Check { name: "linear_plus", run: CheckFn::Measures(linear_plus) },
         Check { name: "rope", run: CheckFn::Measures(rope) },
         Check { name: "swiglu", run: CheckFn::Measures(swiglu) },
         Check { name: "cross_entropy", run: CheckFn::Measures(cross_entropy) },
@@ -183,6 +184,28 @@ fn add(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         set_override(None);
         let want = (a.narrow(0, offset, n)? + &b)?;
         ms.push(compare(&format!("add {label} [{n}]"), &got?, &want, FWD_TOL)?);
+    }
+    Ok(ms)
+}
+
+/// `x·wᵀ + r` in one cuBLASLt GEMM (the residual in its epilogue) against the CPU's f32
+/// product plus `r`; shapes a layer's `linear_proj` / `linear_fc2` have, and odd ones.
+fn linear_plus(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    let mut ms = Vec::new();
+    for (rows, inp, out) in [(256, 512, 128), (200, 96, 40), (8192, 2048, 2048)] {
+        let x = randn(seed, &[rows, inp], 1.0, 0.0)?;
+        let w = randn(seed + 1, &[out, inp], 0.05, 0.0)?;
+        let r = randn(seed + 2, &[rows, out], 1.0, 0.0)?;
+        let gpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_device(dev)?) };
+        set_override(Some(true));
+        let got = ops::manual::linear_plus(&gpu(&x)?, &gpu(&w)?, &gpu(&r)?);
+        set_override(None);
+        let Some(got) = got? else {
+            ms.push(Measure::failed(format!("linear_plus [{rows},{inp}]x[{out}]: not fused")));
+            continue;
+        };
+        let want = (x.matmul(&w.t()?)? + &r)?;
+        ms.push(compare(&format!("linear_plus [{rows},{inp}]x[{out}]"), &got, &want, FWD_TOL)?);
     }
     Ok(ms)
 }

@@ -19,6 +19,7 @@ pub mod cudnn;
 pub mod embedding;
 pub mod flash_attn;
 pub mod gemm;
+pub mod gemm_lt;
 pub mod memory;
 pub mod rms_norm;
 pub mod rope;
