@@ -6,6 +6,12 @@
 // rope_qkv_bwd   applies the transposed rotation to the query and key parts of dQKV, which the
 //                flash backward wrote in the same layout (the value part is already final).
 //
+// With a dense query buffer `qd` [tokens, G·hpg, D] (full rotary only, rot = D), the query
+// heads go through it instead: the forward writes the rotated queries there (the fused
+// buffer's query slots are left as they are) and the backward reads dQ from there and writes
+// its rotation into dQKV's query slots. cuDNN's attention needs evenly strided query heads,
+// which the fused layout does not have: this spares a copy of q each way and one of dQ.
+//
 // One thread per rotated pair group (i.., i + rot/2..), so each element is read before it is
 // written; the work items of all tokens form one flat index, so blocks stay full whatever the
 // head count (one block per token left a third of the threads idle at 5 rotated heads).
@@ -25,8 +31,8 @@ __device__ __forceinline__ size_t rope_row(int tok, int S, int cb, int rot) {
 // backward:  the transpose, dx1 = dy1·c1 + dy2·s2, dx2 = dy2·c2 − dy1·s1 (f32, rounded once),
 // where c1, s1 are the table at column i and c2, s2 at column i + rot/2.
 template <typename T, int W, bool BACKWARD>
-__device__ void rope_qkv_items(T *qkv, const T *cs, const T *sn, int B, int S, int G, int hpg,
-                               int D, int rot, int cb) {
+__device__ void rope_qkv_items(T *qkv, T *qd, const T *cs, const T *sn, int B, int S, int G,
+                               int hpg, int D, int rot, int cb) {
     const int half = rot / 2;
     const int per_head = half / W;
     const int items = G * (hpg + 1) * per_head;  // per token
@@ -41,9 +47,17 @@ __device__ void rope_qkv_items(T *qkv, const T *cs, const T *sn, int B, int S, i
         const T *ct = cs + rope_row(tok, S, cb, rot);
         const T *st = sn + rope_row(tok, S, cb, rot);
         T *r = qkv + (size_t)tok * G * (hpg + 2) * D + (g * (hpg + 2) + j) * D;
+        // Where this head is read from and written to (see the dense query buffer above).
+        const T *src = r;
+        T *dst = r;
+        if (qd != nullptr && j < hpg) {
+            T *d = qd + ((size_t)tok * G * hpg + g * hpg + j) * D;
+            if constexpr (BACKWARD) src = d;
+            else dst = d;
+        }
         float x1[W], x2[W], c1[W], c2[W], s1[W], s2[W], y1[W], y2[W];
-        load_w<T, W>(r + i, x1);
-        load_w<T, W>(r + i + half, x2);
+        load_w<T, W>(src + i, x1);
+        load_w<T, W>(src + i + half, x2);
         load_w<T, W>(ct + i, c1);
         load_w<T, W>(ct + i + half, c2);
         load_w<T, W>(st + i, s1);
@@ -58,30 +72,32 @@ __device__ void rope_qkv_items(T *qkv, const T *cs, const T *sn, int B, int S, i
                 y2[k] = round_to<T>(x2[k] * c2[k]) + round_to<T>(x1[k] * s2[k]);
             }
         }
-        store_w<T, W>(r + i, y1);
-        store_w<T, W>(r + i + half, y2);
+        store_w<T, W>(dst + i, y1);
+        store_w<T, W>(dst + i + half, y2);
     }
 }
 
 template <typename T, bool BACKWARD>
-__device__ void rope_qkv(T *qkv, const T *cs, const T *sn, int B, int S, int G, int hpg, int D,
-                         int rot, int cb) {
+__device__ void rope_qkv(T *qkv, T *qd, const T *cs, const T *sn, int B, int S, int G, int hpg,
+                         int D, int rot, int cb) {
     constexpr int VEC = 16 / sizeof(T);
-    if ((rot / 2) % VEC == 0 && D % VEC == 0 && aligned16(qkv) && aligned16(cs) && aligned16(sn))
-        rope_qkv_items<T, VEC, BACKWARD>(qkv, cs, sn, B, S, G, hpg, D, rot, cb);
+    if ((rot / 2) % VEC == 0 && D % VEC == 0 && aligned16(qkv) && aligned16(qd) &&
+        aligned16(cs) && aligned16(sn))
+        rope_qkv_items<T, VEC, BACKWARD>(qkv, qd, cs, sn, B, S, G, hpg, D, rot, cb);
     else
-        rope_qkv_items<T, 1, BACKWARD>(qkv, cs, sn, B, S, G, hpg, D, rot, cb);
+        rope_qkv_items<T, 1, BACKWARD>(qkv, qd, cs, sn, B, S, G, hpg, D, rot, cb);
 }
 
+// `qd`: the dense query buffer, or null for the query heads in place.
 #define ROPE_QKV(NAME, T)                                                                       \
-    extern "C" __global__ void rope_qkv_fwd_##NAME(T *qkv, const T *cs, const T *sn, int B,    \
-                                                   int S, int G, int hpg, int D, int rot,      \
-                                                   int cb) {                                   \
-        rope_qkv<T, false>(qkv, cs, sn, B, S, G, hpg, D, rot, cb);                             \
+    extern "C" __global__ void rope_qkv_fwd_##NAME(T *qkv, T *qd, const T *cs, const T *sn,    \
+                                                   int B, int S, int G, int hpg, int D,        \
+                                                   int rot, int cb) {                          \
+        rope_qkv<T, false>(qkv, qd, cs, sn, B, S, G, hpg, D, rot, cb);                         \
     }                                                                                          \
-    extern "C" __global__ void rope_qkv_bwd_##NAME(T *dqkv, const T *cs, const T *sn, int B,   \
-                                                   int S, int G, int hpg, int D, int rot,      \
-                                                   int cb) {                                   \
-        rope_qkv<T, true>(dqkv, cs, sn, B, S, G, hpg, D, rot, cb);                             \
+    extern "C" __global__ void rope_qkv_bwd_##NAME(T *dqkv, T *dqd, const T *cs, const T *sn,  \
+                                                   int B, int S, int G, int hpg, int D,        \
+                                                   int rot, int cb) {                          \
+        rope_qkv<T, true>(dqkv, dqd, cs, sn, B, S, G, hpg, D, rot, cb);                        \
     }
 INSTANTIATE3(ROPE_QKV)

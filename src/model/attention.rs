@@ -7,6 +7,7 @@ use super::explicit_linear::{ExplicitLinear, LinearSaved, TpBoundary};
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
+use crate::config::model::AttnBackend;
 use crate::ops::attention::OwnedAttnMask;
 use crate::ops::manual::{self, AttnState};
 use crate::ops::timing::section;
@@ -281,6 +282,9 @@ pub struct AttnSaved {
     /// selective recompute of `layernorm` (recomputed in the backward).
     normed: Option<Tensor>,
     qkv: Tensor,
+    /// The rotated queries `[b, s, heads, d]` when they went to a dense buffer for cuDNN
+    /// (the fused `qkv`'s query slots then hold the unrotated ones).
+    q_dense: Option<Tensor>,
     /// The attention output `[tokens, heads·d]` and the core attention's state; None under
     /// selective recompute of `core_attn` (recomputed in the backward).
     core: Option<(Tensor, CoreState)>,
@@ -304,6 +308,8 @@ enum CoreGrads {
     Separate(Tensor, Tensor, Tensor),
     /// dQKV `[b, s, groups·(hpg+2)·d]`, already in the fused QKV layout.
     FusedQkv(Tensor),
+    /// dQKV with its key and value parts, and dq `[b, s, heads, d]` apart (a dense q).
+    FusedKvDenseQ(Tensor, Tensor),
 }
 
 impl AttnSaved {
@@ -433,21 +439,32 @@ impl SelfAttention {
         drop(xe);
         let normed = (!inputs.selective.layernorm).then_some(xn);
         // Without QK-norm the rotation runs inside the fused buffer (one kernel, and the
-        // backward keeps the rotated q, k instead of recomputing them).
-        let roped_in_qkv = match &inputs.rope {
+        // backward keeps the rotated q, k instead of recomputing them). For cuDNN the
+        // rotated queries go to a dense buffer of their own (it cannot read them between
+        // each group's key and value heads).
+        let (groups, hpg) = (self.shape.groups, heads / self.shape.groups);
+        let (roped_in_qkv, q_dense) = match &inputs.rope {
             Some((cos, sin, _))
                 if self.q_norm.is_none()
                     && self.k_norm.is_none()
                     && qkv.is_contiguous()
                     && manual::rope_in_qkv_available(&qkv) =>
             {
-                manual::rope_in_qkv(&qkv, cos, sin, self.shape.groups, heads / self.shape.groups)?;
-                true
+                if self.cudnn_reads_dense_q(inputs, cos.dim(3)?) {
+                    (true, Some(manual::rope_in_qkv_dense_q(&qkv, cos, sin, groups, hpg)?))
+                } else {
+                    manual::rope_in_qkv(&qkv, cos, sin, groups, hpg)?;
+                    (true, None)
+                }
             }
-            _ => false,
+            _ => (false, None),
         };
         // Rotated in place, q goes to the kernel as a view of the fused buffer.
         let (q, k, v) = self.split_heads(&qkv, roped_in_qkv && self.reads_grouped_q())?;
+        let q = match &q_dense {
+            Some(q) => q.transpose(1, 2)?,
+            None => q,
+        };
         let (q, k) = if roped_in_qkv {
             (q, k)
         } else {
@@ -463,7 +480,7 @@ impl SelfAttention {
             x,
         )?;
         let core = (!inputs.selective.core_attn).then_some((out, state));
-        let saved = AttnSaved { normed, qkv, core, roped_in_qkv, qkv_lora, proj_lora };
+        let saved = AttnSaved { normed, qkv, q_dense, core, roped_in_qkv, qkv_lora, proj_lora };
         Ok((y.reshape((b, s, h))?, saved))
     }
 
@@ -471,6 +488,18 @@ impl SelfAttention {
     /// kernels do; context parallelism splits q by heads).
     fn reads_grouped_q(&self) -> bool {
         self.cp.is_none()
+    }
+
+    /// Whether cuDNN runs this layer's attention (`auto` / `fused` backend, plain causal
+    /// mask, no context parallelism) with a full rotary (`rot` = head dim): then q goes to
+    /// it from a dense buffer ([`manual::rope_in_qkv_dense_q`]), sparing a copy of q in the
+    /// forward, another in the backward and one of dQ. (Should cuDNN decline a call under
+    /// `auto`, mbridge's kernels read the dense q as well.)
+    fn cudnn_reads_dense_q(&self, inputs: &ExplicitInputs, rot: usize) -> bool {
+        matches!(self.shape.backend, AttnBackend::Auto | AttnBackend::Fused)
+            && matches!(inputs.mask, OwnedAttnMask::Causal { window_left: None })
+            && self.reads_grouped_q()
+            && rot == self.shape.head_dim
     }
 
     /// Core attention of the prepared q, k, v: the output as `[tokens, heads·d]` (the
@@ -523,6 +552,11 @@ impl SelfAttention {
         // q, k, v: views of the kept QKV (rotated in place), else recomputed from it.
         let (q_raw, k_raw, v) =
             self.split_heads(&saved.qkv, saved.roped_in_qkv && self.reads_grouped_q())?;
+        let q_dense = saved.q_dense;
+        let q_raw = match &q_dense {
+            Some(q) => q.transpose(1, 2)?,
+            None => q_raw,
+        };
         let ((q_in, q), (k_in, k)) = if saved.roped_in_qkv {
             ((q_raw.clone(), q_raw), (k_raw.clone(), k_raw))
         } else {
@@ -551,7 +585,13 @@ impl SelfAttention {
         let core_grads = section("attn.core.bwd", dev, || -> Result<CoreGrads> {
             match (&state, &self.cp) {
                 (CoreState::Local(s), _) => {
-                    if saved.roped_in_qkv {
+                    if saved.roped_in_qkv && q_dense.is_some() {
+                        let grads =
+                            manual::attention_backward_to_qkv_dense_q(&q, &k, &v, s, &dout)?;
+                        if let Some((dqkv, dq)) = grads {
+                            return Ok(CoreGrads::FusedKvDenseQ(dqkv, dq));
+                        }
+                    } else if saved.roped_in_qkv {
                         if let Some(dqkv) = manual::attention_backward_to_qkv(&q, &k, &v, s, &dout)?
                         {
                             return Ok(CoreGrads::FusedQkv(dqkv));
@@ -569,7 +609,7 @@ impl SelfAttention {
                 }
             }
         })?;
-        drop((state, q, k, v, dout));
+        drop((state, q, k, v, dout, q_dense));
         // Back into the per-group layout [b, s, groups, hpg + 2, d] of the fused QKV.
         let assemble = |dq: &Tensor, dk: &Tensor, dv: &Tensor| {
             section("attn.bwd.assemble", dev, || -> Result<Tensor> {
@@ -586,12 +626,23 @@ impl SelfAttention {
                 anyhow::bail!("attention backward: q/k were rotated but no rotary table is given");
             };
             let dqkv = match core_grads {
-                CoreGrads::FusedQkv(dqkv) => dqkv,
-                CoreGrads::Separate(dq, dk, dv) => assemble(&dq, &dk, &dv)?,
+                CoreGrads::FusedKvDenseQ(dqkv, dq) => {
+                    section("attn.bwd.rope", dev, || {
+                        manual::rope_in_qkv_backward_dense_q(&dqkv, &dq, cos, sin, groups, hpg)
+                    })?;
+                    dqkv
+                }
+                core_grads => {
+                    let dqkv = match core_grads {
+                        CoreGrads::Separate(dq, dk, dv) => assemble(&dq, &dk, &dv)?,
+                        CoreGrads::FusedQkv(dqkv) | CoreGrads::FusedKvDenseQ(dqkv, _) => dqkv,
+                    };
+                    section("attn.bwd.rope", dev, || {
+                        manual::rope_in_qkv_backward(&dqkv, cos, sin, groups, hpg)
+                    })?;
+                    dqkv
+                }
             };
-            section("attn.bwd.rope", dev, || {
-                manual::rope_in_qkv_backward(&dqkv, cos, sin, groups, hpg)
-            })?;
             dqkv.reshape((b * s, ()))?
         } else {
             let CoreGrads::Separate(dq, dk, dv) = core_grads else {

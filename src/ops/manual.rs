@@ -132,6 +132,52 @@ pub fn rope_in_qkv_backward(
     rope_in_qkv_pass(dqkv, cos, sin, (groups, hpg), true)
 }
 
+/// [`rope_in_qkv`] with the rotated query heads written to a new dense `[b, s, heads, d]`
+/// buffer (returned; the fused buffer's query slots stay unrotated), the form cuDNN's
+/// attention reads without a copy. Full rotary only (cos/sin's last dim = d).
+pub fn rope_in_qkv_dense_q(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    groups: usize,
+    hpg: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        use super::cuda::rope_qkv::{rope_qkv_dense_q, QkvLayout};
+        let l = QkvLayout { groups, hpg, head_dim: qkv.dim(2)? / (groups * (hpg + 2)) };
+        rope_qkv_dense_q(qkv, cos, sin, l)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (qkv, cos, sin, groups, hpg);
+        candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
+    }
+}
+
+/// The backward of [`rope_in_qkv_dense_q`]: `dq` `[b, s, heads, d]` rotated back into the
+/// query slots of `dqkv` (the caller's own buffer), whose key part is rotated back in place.
+pub fn rope_in_qkv_backward_dense_q(
+    dqkv: &Tensor,
+    dq: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    groups: usize,
+    hpg: usize,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use super::cuda::rope_qkv::{rope_qkv_backward_dense_q, QkvLayout};
+        let l = QkvLayout { groups, hpg, head_dim: dqkv.dim(2)? / (groups * (hpg + 2)) };
+        rope_qkv_backward_dense_q(dqkv, dq, cos, sin, l)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dqkv, dq, cos, sin, groups, hpg);
+        candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
+    }
+}
+
 /// One in-place RoPE pass over the q and k heads of a fused QKV-layout buffer.
 fn rope_in_qkv_pass(
     t: &Tensor,
@@ -287,6 +333,39 @@ pub fn attention_backward_to_qkv(
                 varlen.as_ref(),
             )?;
             Ok(Some(dqkv))
+        }
+        _ => {
+            let _ = (q, k, v, dout);
+            Ok(None)
+        }
+    }
+}
+
+/// [`attention_backward_to_qkv`] for a q the forward read from a dense buffer
+/// ([`rope_in_qkv_dense_q`]): `(dQKV with dK and dV in place, its query part unwritten, dQ
+/// [b, s, heads, d])`; None on other paths.
+pub fn attention_backward_to_qkv_dense_q(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    state: &AttnState,
+    dout: &Tensor,
+) -> Result<Option<(Tensor, Tensor)>> {
+    match state {
+        #[cfg(feature = "cuda")]
+        AttnState::Flash { spec, out, lse, packed } => {
+            let varlen = packed.as_ref().map(super::cuda::flash_attn::Varlen::from_packed);
+            let grads = super::cuda::flash_attn::backward_to_qkv_dense_q(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                dout,
+                *spec,
+                varlen.as_ref(),
+            )?;
+            Ok(Some(grads))
         }
         _ => {
             let _ = (q, k, v, dout);

@@ -3,7 +3,7 @@
 //! the loss and every parameter gradient.
 
 use super::{compare, Check, CheckFn, Measure};
-use crate::config::model::ModelConfig;
+use crate::config::model::{AttnBackend, ModelConfig};
 use crate::config::peft::{PeftConfig, PeftScheme};
 use crate::model::recompute::RecomputeGrads;
 use crate::model::{loss_for_microbatch_recompute, GptModel, ParallelLayout};
@@ -32,6 +32,13 @@ fn explicit_layer(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             None,
         ),
         ("llama d64 lora", base.clone(), Some(lora)),
+        // mbridge's flash kernels read q as the grouped view of the fused QKV (cuDNN, the
+        // default, reads it from a dense buffer of its own).
+        (
+            "llama d64 own flash kernels",
+            ModelConfig { attention_backend: AttnBackend::Flash, ..base.clone() },
+            None,
+        ),
         (
             "qwen3 d128 qk-norm bias",
             ModelConfig { kv_channels: Some(128), qk_layernorm: true, add_qkv_bias: true, ..base },

@@ -25,6 +25,7 @@ pub(super) fn checks() -> Vec<Check> {
         Check { name: "add", run: CheckFn::Measures(add) },
         Check { name: "linear_plus", run: CheckFn::Measures(linear_plus) },
         Check { name: "rope", run: CheckFn::Measures(rope) },
+        Check { name: "rope_qkv_dense_q", run: CheckFn::Measures(rope_qkv_dense_q) },
         Check { name: "swiglu", run: CheckFn::Measures(swiglu) },
         Check { name: "cross_entropy", run: CheckFn::Measures(cross_entropy) },
         Check { name: "vocab_parallel_ce", run: CheckFn::Measures(vocab_parallel_ce) },
@@ -228,6 +229,62 @@ fn rope(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             Ok(ops::apply_rope(&t[0].transpose(1, 2)?, &t[1], &t[2])?)
         })?);
     }
+    Ok(ms)
+}
+
+/// RoPE inside the fused QKV with the queries through a dense buffer against the in-place
+/// kernel: the same rotated q and k forward, the same dQKV backward (exactly: one kernel
+/// body, other addresses).
+fn rope_qkv_dense_q(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    use crate::ops::cuda::rope_qkv::{self as rq, QkvLayout};
+    let (b, s, groups, hpg, d) = (2, 40, 2, 3, 64);
+    let l = QkvLayout { groups, hpg, head_dim: d };
+    let rows = groups * (hpg + 2) * d;
+    let table = ops::RopeTable::new(d, 1.0, 500_000.0, None, None)?;
+    let pos = Tensor::arange(0u32, s as u32, &Device::Cpu)?.unsqueeze(0)?.repeat((b, 1))?;
+    let (cos, sin) = table.cos_sin(&pos, DType::F32)?;
+    let gpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_device(dev)?) };
+    let (cos, sin) = (gpu(&cos)?, gpu(&sin)?);
+    let qkv = gpu(&randn(seed, &[b, s, rows], 1.0, 0.0)?)?;
+    // [b, s, groups, hpg + 2, d] → the query heads as [b, s, heads, d].
+    let queries = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.reshape((b, s, groups, hpg + 2, d))?.narrow(3, 0, hpg)?.reshape((
+            b,
+            s,
+            groups * hpg,
+            d,
+        ))?)
+    };
+    let keys = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.reshape((b, s, groups, hpg + 2, d))?.narrow(3, hpg, 2)?.contiguous()?)
+    };
+    let exact = |what: &str, got: &Tensor, want: &Tensor| compare(what, got, want, 0.0);
+    let in_place = qkv.copy()?;
+    rq::rope_qkv_inplace(&in_place, &cos, &sin, l)?;
+    let fused = qkv.copy()?;
+    let dense = rq::rope_qkv_dense_q(&fused, &cos, &sin, l)?;
+    let mut ms = vec![
+        exact("fwd q (dense vs in place)", &dense, &queries(&in_place)?.contiguous()?)?,
+        exact("fwd k, v", &keys(&fused)?, &keys(&in_place)?)?,
+    ];
+    // Backward: dq apart versus dq in the fused buffer's query slots.
+    let dqkv = gpu(&randn(seed + 1, &[b, s, rows], 1.0, 0.0)?)?;
+    let dq = queries(&dqkv)?.contiguous()?;
+    let want = dqkv.copy()?;
+    rq::rope_qkv_backward_inplace(&want, &cos, &sin, l)?;
+    let got = dqkv.copy()?;
+    // The query slots must come from `dq` alone.
+    let scrambled = queries(&got)?.affine(0.0, 7.0)?;
+    let got = Tensor::cat(
+        &[
+            scrambled.reshape((b, s, groups, hpg, d))?,
+            got.reshape((b, s, groups, hpg + 2, d))?.narrow(3, hpg, 2)?,
+        ],
+        3,
+    )?
+    .reshape((b, s, rows))?;
+    rq::rope_qkv_backward_dense_q(&got, &dq, &cos, &sin, l)?;
+    ms.push(exact("bwd dQKV", &got, &want)?);
     Ok(ms)
 }
 

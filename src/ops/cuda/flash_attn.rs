@@ -647,6 +647,31 @@ impl GradTarget for FusedQkv {
     }
 }
 
+/// [`FusedQkv`]'s buffer for dK and dV, with dQ in a second, dense `[b, s, heads, d]` buffer
+/// (evenly strided heads, which cuDNN writes directly): `(dQKV, dQ)`, dQKV's query slots
+/// unwritten. `rope_qkv::rope_qkv_backward_dense_q` rotates dQ back into them.
+struct FusedKvDenseQ;
+
+impl GradTarget for FusedKvDenseQ {
+    type Grads = (Tensor, Tensor);
+
+    fn buffers(dev: &CudaDevice, dtype: DType, d: &Dims) -> Result<GradBuffers> {
+        let mut out = FusedQkv::buffers(dev, dtype, d)?;
+        let [bs, hs, ss] = bshd_strides(d.sq, d.heads, d.d);
+        out.bufs.push(alloc_like(dev, dtype, d.b * d.sq * d.heads * d.d)?);
+        out.at[0] = (1, 0);
+        out.dq_strides = [bs, (d.heads / d.groups) as i64 * hs, hs, ss];
+        Ok(out)
+    }
+
+    fn grads(bufs: Vec<CudaStorage>, d: &Dims) -> Result<Self::Grads> {
+        let [dqkv, dq]: [CudaStorage; 2] =
+            bufs.try_into().map_err(|_| candle_core::Error::Msg("two buffers".into()))?;
+        let dqkv = FusedQkv::grads(vec![dqkv], d)?;
+        Ok((dqkv, grad_tensor(dq, (d.b, d.sq, d.heads, d.d))))
+    }
+}
+
 /// The backward of either forward (see [`Stats`]), writing the gradients where `G` says.
 fn backward<G: GradTarget>(a: &BwdArgs) -> Result<G::Grads> {
     if a.lse.rank() == 3 {
@@ -1048,6 +1073,23 @@ pub fn backward_to_qkv(
 ) -> Result<Tensor> {
     let args = bwd_args(q, k, v, o, lse, dout, &spec, varlen)?;
     backward::<FusedQkv>(&args.borrow())
+}
+
+/// [`backward_to_qkv`] with dQ apart, dense `[b, s, heads, d]` (see [`FusedKvDenseQ`]):
+/// `(dQKV without its query part, dQ)`, for a q that the forward read from a dense buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_to_qkv_dense_q(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    spec: FlashSpec,
+    varlen: Option<&Varlen>,
+) -> Result<(Tensor, Tensor)> {
+    let args = bwd_args(q, k, v, o, lse, dout, &spec, varlen)?;
+    backward::<FusedKvDenseQ>(&args.borrow())
 }
 
 /// The operands of a public backward call, made readable by the kernels.

@@ -4,7 +4,9 @@
 //! (`cuda::flash_attn::backward_to_qkv`) and the backward here rotates its q and k parts back
 //! in place. Together they replace, per layer, two rope calls on strided views, their
 //! recomputation in the backward, two inverse rotations and the copies that put dq, dk, dv
-//! back into the per-group layout.
+//! back into the per-group layout. For cuDNN's attention, which needs evenly strided query
+//! heads, the query heads can go through a separate dense buffer instead
+//! ([`rope_qkv_dense_q`]).
 
 use super::{contiguous_view, cuda_storage, dtype_suffix};
 use crate::with_float_type;
@@ -61,7 +63,7 @@ fn cfg(l: &QkvLayout, tokens: usize, rot: usize, dtype: candle_core::DType) -> L
 /// Rotates the q and k heads of `qkv` `[b, s, groups·(hpg+2)·d]` (contiguous, this call's
 /// own buffer: it is written in place) by `cos`/`sin`.
 pub fn rope_qkv_inplace(qkv: &Tensor, cos: &Tensor, sin: &Tensor, l: QkvLayout) -> Result<()> {
-    launch_in_place(qkv, cos, sin, l, "fwd")
+    launch(qkv, None, cos, sin, l, "fwd")
 }
 
 /// The backward of [`rope_qkv_inplace`] over `dqkv` (the gradient in the same fused layout,
@@ -73,11 +75,40 @@ pub fn rope_qkv_backward_inplace(
     sin: &Tensor,
     l: QkvLayout,
 ) -> Result<()> {
-    launch_in_place(dqkv, cos, sin, l, "bwd")
+    launch(dqkv, None, cos, sin, l, "bwd")
 }
 
-fn launch_in_place(
+/// [`rope_qkv_inplace`] with the rotated query heads written to a new dense `[b, s, heads, d]`
+/// buffer, which is returned (the key heads are rotated in place, the fused buffer's query
+/// slots are left unrotated): what cuDNN's attention reads without a copy. Full rotary only.
+pub fn rope_qkv_dense_q(qkv: &Tensor, cos: &Tensor, sin: &Tensor, l: QkvLayout) -> Result<Tensor> {
+    let (b, s, _) = qkv.dims3()?;
+    let heads = l.groups * l.hpg;
+    let dev = qkv.device().as_cuda_device()?.clone();
+    let q = with_float_type!(qkv.dtype(), T, {
+        // SAFETY: every element is written by the kernel below (full rotary, checked there).
+        let slice = unsafe { dev.alloc::<T>(b * s * heads * l.head_dim)? };
+        super::wrap(slice, &dev, (b, s, heads, l.head_dim))
+    });
+    launch(qkv, Some(&q), cos, sin, l, "fwd")?;
+    Ok(q)
+}
+
+/// The backward of [`rope_qkv_dense_q`]: `dq` `[b, s, heads, d]` rotated back into the query
+/// slots of `dqkv` (whose key part is rotated back in place, its value part left as it is).
+pub fn rope_qkv_backward_dense_q(
+    dqkv: &Tensor,
+    dq: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    l: QkvLayout,
+) -> Result<()> {
+    launch(dqkv, Some(dq), cos, sin, l, "bwd")
+}
+
+fn launch(
     qkv: &Tensor,
+    dense_q: Option<&Tensor>,
     cos: &Tensor,
     sin: &Tensor,
     l: QkvLayout,
@@ -88,6 +119,22 @@ fn launch_in_place(
         candle_core::bail!("rope-qkv: qkv {:?} does not hold {l:?} contiguously", qkv.dims());
     }
     let (rot, cb) = rope_dims(cos, sin, b, s, l.head_dim)?;
+    if let Some(q) = dense_q {
+        let want = [b, s, l.groups * l.hpg, l.head_dim];
+        if q.dims() != want || !q.is_contiguous() || q.dtype() != qkv.dtype() {
+            candle_core::bail!(
+                "rope-qkv: dense q {:?} {:?} (expected contiguous {want:?} {:?})",
+                q.dims(),
+                q.dtype(),
+                qkv.dtype()
+            );
+        }
+        // The kernel leaves a head's columns past `rot` alone: with a separate query buffer
+        // they would be missing there.
+        if rot != l.head_dim {
+            candle_core::bail!("rope-qkv: a dense q needs full rotary ({rot} of {})", l.head_dim);
+        }
+    }
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let dev = qkv.device().as_cuda_device()?.clone();
     let name = format!("rope_qkv_{direction}_{}", dtype_suffix(qkv.dtype())?);
@@ -95,19 +142,32 @@ fn launch_in_place(
     let (xs, xl) = qkv.storage_and_layout();
     let (cs, cl) = cos.storage_and_layout();
     let (ss, sl) = sin.storage_and_layout();
+    let dense = dense_q.map(Tensor::storage_and_layout);
     let ints = [b, s, l.groups, l.hpg, l.head_dim, rot, cb].map(|v| v as i32);
     with_float_type!(qkv.dtype(), T, {
         let x = contiguous_view::<T>(cuda_storage(&xs, "qkv")?, xl, "rope-qkv qkv")?;
+        let qd = match &dense {
+            Some((qs, ql)) => {
+                Some(contiguous_view::<T>(cuda_storage(qs, "dense q")?, ql, "rope-qkv q")?)
+            }
+            None => None,
+        };
         let c = contiguous_view::<T>(cuda_storage(&cs, "cos")?, cl, "rope-qkv cos")?;
         let sn = contiguous_view::<T>(cuda_storage(&ss, "sin")?, sl, "rope-qkv sin")?;
+        let null = 0u64;
         let mut bld = f.builder();
-        bld.arg(&x).arg(&c).arg(&sn);
+        bld.arg(&x);
+        match &qd {
+            Some(v) => bld.arg(v),
+            None => bld.arg(&null),
+        };
+        bld.arg(&c).arg(&sn);
         for v in &ints {
             bld.arg(v);
         }
-        // SAFETY: argument list matches `rope_qkv_{fwd,bwd}_*`; the kernel writes `qkv` in
-        // place, each rotated pair by the one thread that read it, and the caller owns the
-        // buffer.
+        // SAFETY: argument list matches `rope_qkv_{fwd,bwd}_*` (a null dense query buffer
+        // means the query heads in place); the kernel writes `qkv` (and the dense q) in
+        // place, each rotated pair by the one thread that read it, and the caller owns them.
         unsafe { bld.launch(cfg(&l, b * s, rot, qkv.dtype())) }.w()?;
     });
     Ok(())
