@@ -9,7 +9,7 @@ use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::AttnBackend;
 use crate::ops::attention::OwnedAttnMask;
-use crate::ops::manual::{self, AttnState};
+use crate::ops::manual::{self, AttnState, QkvGrads};
 use crate::ops::timing::section;
 use crate::ops::{self, AttentionShape, AttnMask, DropoutRng};
 use crate::parallel::context::{ContextParallel, CpAttnState};
@@ -306,10 +306,8 @@ enum CoreState {
 enum CoreGrads {
     /// dq `[b, heads, s, d]`, dk and dv `[b, groups, s, d]`.
     Separate(Tensor, Tensor, Tensor),
-    /// dQKV `[b, s, groups·(hpg+2)·d]`, already in the fused QKV layout.
-    FusedQkv(Tensor),
-    /// dQKV with its key and value parts, and dq `[b, s, heads, d]` apart (a dense q).
-    FusedKvDenseQ(Tensor, Tensor),
+    /// Already in the fused QKV layout (dQ apart for a dense q).
+    Qkv(QkvGrads),
 }
 
 impl AttnSaved {
@@ -585,16 +583,12 @@ impl SelfAttention {
         let core_grads = section("attn.core.bwd", dev, || -> Result<CoreGrads> {
             match (&state, &self.cp) {
                 (CoreState::Local(s), _) => {
-                    if saved.roped_in_qkv && q_dense.is_some() {
+                    if saved.roped_in_qkv {
+                        let dense_q = q_dense.is_some();
                         let grads =
-                            manual::attention_backward_to_qkv_dense_q(&q, &k, &v, s, &dout)?;
-                        if let Some((dqkv, dq)) = grads {
-                            return Ok(CoreGrads::FusedKvDenseQ(dqkv, dq));
-                        }
-                    } else if saved.roped_in_qkv {
-                        if let Some(dqkv) = manual::attention_backward_to_qkv(&q, &k, &v, s, &dout)?
-                        {
-                            return Ok(CoreGrads::FusedQkv(dqkv));
+                            manual::attention_backward_to_qkv(&q, &k, &v, s, &dout, dense_q)?;
+                        if let Some(grads) = grads {
+                            return Ok(CoreGrads::Qkv(grads));
                         }
                     }
                     let (dq, dk, dv) = manual::attention_backward(&q, &k, &v, s, &dout)?;
@@ -625,24 +619,15 @@ impl SelfAttention {
             let Some((cos, sin, _)) = &inputs.rope else {
                 anyhow::bail!("attention backward: q/k were rotated but no rotary table is given");
             };
-            let dqkv = match core_grads {
-                CoreGrads::FusedKvDenseQ(dqkv, dq) => {
-                    section("attn.bwd.rope", dev, || {
-                        manual::rope_in_qkv_backward_dense_q(&dqkv, &dq, cos, sin, groups, hpg)
-                    })?;
-                    dqkv
-                }
-                core_grads => {
-                    let dqkv = match core_grads {
-                        CoreGrads::Separate(dq, dk, dv) => assemble(&dq, &dk, &dv)?,
-                        CoreGrads::FusedQkv(dqkv) | CoreGrads::FusedKvDenseQ(dqkv, _) => dqkv,
-                    };
-                    section("attn.bwd.rope", dev, || {
-                        manual::rope_in_qkv_backward(&dqkv, cos, sin, groups, hpg)
-                    })?;
-                    dqkv
-                }
+            let (dqkv, dq) = match core_grads {
+                CoreGrads::Qkv(QkvGrads::DenseQ(dqkv, dq)) => (dqkv, Some(dq)),
+                CoreGrads::Qkv(QkvGrads::Fused(dqkv)) => (dqkv, None),
+                CoreGrads::Separate(dq, dk, dv) => (assemble(&dq, &dk, &dv)?, None),
             };
+            section("attn.bwd.rope", dev, || match &dq {
+                Some(dq) => manual::rope_in_qkv_backward_dense_q(&dqkv, dq, cos, sin, groups, hpg),
+                None => manual::rope_in_qkv_backward(&dqkv, cos, sin, groups, hpg),
+            })?;
             dqkv.reshape((b * s, ()))?
         } else {
             let CoreGrads::Separate(dq, dk, dv) = core_grads else {

@@ -308,21 +308,32 @@ pub fn attention_backward(
     }
 }
 
+/// Self-attention's q, k, v gradients in Megatron's fused QKV layout `[b, s, groups·(hpg+2)·d]`.
+pub enum QkvGrads {
+    /// dQKV whole.
+    Fused(Tensor),
+    /// dQKV with its key and value parts (the query part unwritten) and dQ `[b, s, heads, d]`
+    /// apart: the backward of a q that the forward read from a dense buffer
+    /// ([`rope_in_qkv_dense_q`]).
+    DenseQ(Tensor, Tensor),
+}
+
 /// The gradient of self-attention's q, k, v written straight into Megatron's fused QKV layout
-/// `[b, s, groups·(hpg+2)·d]` where the flash kernel ran (see
-/// `cuda::flash_attn::backward_to_qkv`); None on other paths (use [`attention_backward`]).
+/// where the flash kernel ran (see `cuda::flash_attn::backward_to_qkv`), with dQ apart when
+/// `dense_q`; None on other paths (use [`attention_backward`]).
 pub fn attention_backward_to_qkv(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     state: &AttnState,
     dout: &Tensor,
-) -> Result<Option<Tensor>> {
+    dense_q: bool,
+) -> Result<Option<QkvGrads>> {
     match state {
         #[cfg(feature = "cuda")]
         AttnState::Flash { spec, out, lse, packed } => {
             let varlen = packed.as_ref().map(super::cuda::flash_attn::Varlen::from_packed);
-            let dqkv = super::cuda::flash_attn::backward_to_qkv(
+            let grads = super::cuda::flash_attn::backward_to_qkv(
                 q,
                 k,
                 v,
@@ -331,44 +342,12 @@ pub fn attention_backward_to_qkv(
                 dout,
                 *spec,
                 varlen.as_ref(),
-            )?;
-            Ok(Some(dqkv))
-        }
-        _ => {
-            let _ = (q, k, v, dout);
-            Ok(None)
-        }
-    }
-}
-
-/// [`attention_backward_to_qkv`] for a q the forward read from a dense buffer
-/// ([`rope_in_qkv_dense_q`]): `(dQKV with dK and dV in place, its query part unwritten, dQ
-/// [b, s, heads, d])`; None on other paths.
-pub fn attention_backward_to_qkv_dense_q(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    state: &AttnState,
-    dout: &Tensor,
-) -> Result<Option<(Tensor, Tensor)>> {
-    match state {
-        #[cfg(feature = "cuda")]
-        AttnState::Flash { spec, out, lse, packed } => {
-            let varlen = packed.as_ref().map(super::cuda::flash_attn::Varlen::from_packed);
-            let grads = super::cuda::flash_attn::backward_to_qkv_dense_q(
-                q,
-                k,
-                v,
-                out,
-                lse,
-                dout,
-                *spec,
-                varlen.as_ref(),
+                dense_q,
             )?;
             Ok(Some(grads))
         }
         _ => {
-            let _ = (q, k, v, dout);
+            let _ = (q, k, v, dout, dense_q);
             Ok(None)
         }
     }

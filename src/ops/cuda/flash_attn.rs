@@ -13,6 +13,7 @@ use crate::ops::cuda::copy_rows::{copy_rows, Rows};
 use crate::ops::cuda::cudnn::sdpa::{self as cudnn_sdpa, Operand, SdpaDims};
 use crate::ops::cuda::{div_ceil, dptr};
 use crate::ops::flash::{kernel_strides, query_shape, query_strides, FlashSpec, HEAD_DIMS};
+use crate::ops::manual::QkvGrads;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -1059,7 +1060,8 @@ pub fn backward_only(
 }
 
 /// Backward of a [`forward_with_lse`] result of self-attention, written as one dQKV
-/// `[b, s, groups·(hpg+2)·d]` in Megatron's fused QKV layout (see [`FusedQkv`]).
+/// `[b, s, groups·(hpg+2)·d]` in Megatron's fused QKV layout (see [`FusedQkv`]), or with dQ
+/// apart, dense `[b, s, heads, d]`, when `dense_q` (see [`FusedKvDenseQ`]).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_to_qkv(
     q: &Tensor,
@@ -1070,26 +1072,16 @@ pub fn backward_to_qkv(
     dout: &Tensor,
     spec: FlashSpec,
     varlen: Option<&Varlen>,
-) -> Result<Tensor> {
+    dense_q: bool,
+) -> Result<QkvGrads> {
     let args = bwd_args(q, k, v, o, lse, dout, &spec, varlen)?;
-    backward::<FusedQkv>(&args.borrow())
-}
-
-/// [`backward_to_qkv`] with dQ apart, dense `[b, s, heads, d]` (see [`FusedKvDenseQ`]):
-/// `(dQKV without its query part, dQ)`, for a q that the forward read from a dense buffer.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_to_qkv_dense_q(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    spec: FlashSpec,
-    varlen: Option<&Varlen>,
-) -> Result<(Tensor, Tensor)> {
-    let args = bwd_args(q, k, v, o, lse, dout, &spec, varlen)?;
-    backward::<FusedKvDenseQ>(&args.borrow())
+    Ok(match dense_q {
+        true => {
+            let (dqkv, dq) = backward::<FusedKvDenseQ>(&args.borrow())?;
+            QkvGrads::DenseQ(dqkv, dq)
+        }
+        false => QkvGrads::Fused(backward::<FusedQkv>(&args.borrow())?),
+    })
 }
 
 /// The operands of a public backward call, made readable by the kernels.
