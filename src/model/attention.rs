@@ -457,7 +457,8 @@ impl SelfAttention {
             }
             _ => (false, None),
         };
-        // Rotated in place, q goes to the kernel as a view of the fused buffer.
+        // Rotated in place, q goes to the kernel as a view of the fused buffer (k and v
+        // always do; q from its dense buffer when there is one).
         let (q, k, v) = self.split_heads(&qkv, roped_in_qkv && self.reads_grouped_q())?;
         let q = match &q_dense {
             Some(q) => q.transpose(1, 2)?,
