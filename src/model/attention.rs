@@ -625,9 +625,8 @@ impl SelfAttention {
                 CoreGrads::Qkv(QkvGrads::Fused(dqkv)) => (dqkv, None),
                 CoreGrads::Separate(dq, dk, dv) => (assemble(&dq, &dk, &dv)?, None),
             };
-            section("attn.bwd.rope", dev, || match &dq {
-                Some(dq) => manual::rope_in_qkv_backward_dense_q(&dqkv, dq, cos, sin, groups, hpg),
-                None => manual::rope_in_qkv_backward(&dqkv, cos, sin, groups, hpg),
+            section("attn.bwd.rope", dev, || {
+                manual::rope_in_qkv_backward(&dqkv, dq.as_ref(), cos, sin, groups, hpg)
             })?;
             dqkv.reshape((b * s, ()))?
         } else {

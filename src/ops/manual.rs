@@ -117,19 +117,21 @@ pub fn rope_in_qkv(
     groups: usize,
     hpg: usize,
 ) -> Result<()> {
-    rope_in_qkv_pass(qkv, cos, sin, (groups, hpg), false)
+    rope_in_qkv_pass(qkv, None, cos, sin, (groups, hpg), false)
 }
 
 /// The backward of [`rope_in_qkv`] over `dqkv` `[b, s, groups·(hpg+2)·d]` (the caller's own
-/// buffer): its q and k parts are rotated back in place.
+/// buffer): its q and k parts are rotated back in place. After [`rope_in_qkv_dense_q`], `dq`
+/// `[b, s, heads, d]` is rotated back into dQKV's query slots instead.
 pub fn rope_in_qkv_backward(
     dqkv: &Tensor,
+    dq: Option<&Tensor>,
     cos: &Tensor,
     sin: &Tensor,
     groups: usize,
     hpg: usize,
 ) -> Result<()> {
-    rope_in_qkv_pass(dqkv, cos, sin, (groups, hpg), true)
+    rope_in_qkv_pass(dqkv, dq, cos, sin, (groups, hpg), true)
 }
 
 /// [`rope_in_qkv`] with the rotated query heads written to a new dense `[b, s, heads, d]`
@@ -155,32 +157,11 @@ pub fn rope_in_qkv_dense_q(
     }
 }
 
-/// The backward of [`rope_in_qkv_dense_q`]: `dq` `[b, s, heads, d]` rotated back into the
-/// query slots of `dqkv` (the caller's own buffer), whose key part is rotated back in place.
-pub fn rope_in_qkv_backward_dense_q(
-    dqkv: &Tensor,
-    dq: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    groups: usize,
-    hpg: usize,
-) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        use super::cuda::rope_qkv::{rope_qkv_backward_dense_q, QkvLayout};
-        let l = QkvLayout { groups, hpg, head_dim: dqkv.dim(2)? / (groups * (hpg + 2)) };
-        rope_qkv_backward_dense_q(dqkv, dq, cos, sin, l)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (dqkv, dq, cos, sin, groups, hpg);
-        candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
-    }
-}
-
-/// One in-place RoPE pass over the q and k heads of a fused QKV-layout buffer.
+/// One in-place RoPE pass over the q and k heads of a fused QKV-layout buffer (the
+/// backward's query heads from `dq` when given).
 fn rope_in_qkv_pass(
     t: &Tensor,
+    dq: Option<&Tensor>,
     cos: &Tensor,
     sin: &Tensor,
     (groups, hpg): (usize, usize),
@@ -188,17 +169,17 @@ fn rope_in_qkv_pass(
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        use super::cuda::rope_qkv::{rope_qkv_backward_inplace, rope_qkv_inplace, QkvLayout};
+        use super::cuda::rope_qkv::{rope_qkv_backward, rope_qkv_inplace, QkvLayout};
         let l = QkvLayout { groups, hpg, head_dim: t.dim(2)? / (groups * (hpg + 2)) };
         if backward {
-            rope_qkv_backward_inplace(t, cos, sin, l)
+            rope_qkv_backward(t, dq, cos, sin, l)
         } else {
             rope_qkv_inplace(t, cos, sin, l)
         }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (t, cos, sin, groups, hpg, backward);
+        let _ = (t, dq, cos, sin, groups, hpg, backward);
         candle_core::bail!("RoPE inside the fused QKV needs the cuda feature")
     }
 }

@@ -271,7 +271,7 @@ fn rope_qkv_dense_q(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let dqkv = gpu(&randn(seed + 1, &[b, s, rows], 1.0, 0.0)?)?;
     let dq = queries(&dqkv)?.contiguous()?;
     let want = dqkv.copy()?;
-    rq::rope_qkv_backward_inplace(&want, &cos, &sin, l)?;
+    rq::rope_qkv_backward(&want, None, &cos, &sin, l)?;
     let got = dqkv.copy()?;
     // The query slots must come from `dq` alone.
     let scrambled = queries(&got)?.affine(0.0, 7.0)?;
@@ -283,7 +283,7 @@ fn rope_qkv_dense_q(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         3,
     )?
     .reshape((b, s, rows))?;
-    rq::rope_qkv_backward_dense_q(&got, &dq, &cos, &sin, l)?;
+    rq::rope_qkv_backward(&got, Some(&dq), &cos, &sin, l)?;
     ms.push(exact("bwd dQKV", &got, &want)?);
     Ok(ms)
 }

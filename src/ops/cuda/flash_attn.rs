@@ -650,7 +650,7 @@ impl GradTarget for FusedQkv {
 
 /// [`FusedQkv`]'s buffer for dK and dV, with dQ in a second, dense `[b, s, heads, d]` buffer
 /// (evenly strided heads, which cuDNN writes directly): `(dQKV, dQ)`, dQKV's query slots
-/// unwritten. `rope_qkv::rope_qkv_backward_dense_q` rotates dQ back into them.
+/// unwritten. `rope_qkv::rope_qkv_backward` rotates dQ back into them.
 struct FusedKvDenseQ;
 
 impl GradTarget for FusedKvDenseQ {

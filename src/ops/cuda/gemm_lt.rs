@@ -117,7 +117,7 @@ struct Lt {
 impl Drop for Lt {
     fn drop(&mut self) {
         self.plans.clear();
-        // SAFETY: created in `with_lt`, destroyed only here.
+        // SAFETY: created in `linear_plus`, destroyed only here.
         let _ = unsafe { result::destroy_handle(self.handle) };
     }
 }

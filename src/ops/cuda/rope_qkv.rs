@@ -68,14 +68,16 @@ pub fn rope_qkv_inplace(qkv: &Tensor, cos: &Tensor, sin: &Tensor, l: QkvLayout) 
 
 /// The backward of [`rope_qkv_inplace`] over `dqkv` (the gradient in the same fused layout,
 /// this call's own buffer): its q and k parts are rotated back in place (the transposed
-/// rotation); the v part is left as it is.
-pub fn rope_qkv_backward_inplace(
+/// rotation); the v part is left as it is. After [`rope_qkv_dense_q`], `dq` `[b, s, heads, d]`
+/// is rotated back into the query slots instead.
+pub fn rope_qkv_backward(
     dqkv: &Tensor,
+    dq: Option<&Tensor>,
     cos: &Tensor,
     sin: &Tensor,
     l: QkvLayout,
 ) -> Result<()> {
-    launch(dqkv, None, cos, sin, l, "bwd")
+    launch(dqkv, dq, cos, sin, l, "bwd")
 }
 
 /// [`rope_qkv_inplace`] with the rotated query heads written to a new dense `[b, s, heads, d]`
@@ -92,18 +94,6 @@ pub fn rope_qkv_dense_q(qkv: &Tensor, cos: &Tensor, sin: &Tensor, l: QkvLayout) 
     });
     launch(qkv, Some(&q), cos, sin, l, "fwd")?;
     Ok(q)
-}
-
-/// The backward of [`rope_qkv_dense_q`]: `dq` `[b, s, heads, d]` rotated back into the query
-/// slots of `dqkv` (whose key part is rotated back in place, its value part left as it is).
-pub fn rope_qkv_backward_dense_q(
-    dqkv: &Tensor,
-    dq: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    l: QkvLayout,
-) -> Result<()> {
-    launch(dqkv, Some(dq), cos, sin, l, "bwd")
 }
 
 fn launch(
