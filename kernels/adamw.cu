@@ -82,3 +82,98 @@ __device__ void adam_impl(float *master, float *m, float *v, const G *g, P *para
 INSTANTIATE3(ADAM)
 ADAM_G(adamw_bf16_tgrad, __nv_bfloat16, __nv_bfloat16)
 ADAM_G(adamw_f16_tgrad, __half, __half)
+
+// ---- optimizer.store_param_remainders (Transformer Engine's FusedAdam layout) ----
+// The f32 master is not stored: its high 16 bits are the bf16 parameter and its low 16 bits a
+// signed remainder. The parameter is the master's high half rounded half away from zero: a
+// negative remainder (low half ≥ 0x8000) means the high half was rounded up by one, which the
+// merge undoes. Master bits = (hi << 16) + sign_extend(rem), exactly, for every f32.
+
+__device__ __forceinline__ float merge_master(unsigned short hi, short rem) {
+    return __uint_as_float(((unsigned)hi << 16) + (unsigned)(int)rem);
+}
+
+__device__ __forceinline__ void split_master(float p, unsigned short &hi, short &rem) {
+    const unsigned bits = __float_as_uint(p);
+    rem = (short)(bits & 0xffffu);
+    hi = (unsigned short)((bits >> 16) + (rem < 0 ? 1u : 0u));
+}
+
+__device__ __forceinline__ void adam_rem_element(unsigned short &hi, short &rem, float &m,
+                                                 float &v, float g, const AdamArgs &a) {
+    float p = merge_master(hi, rem);
+    adam_element(p, m, v, g, a);
+    split_master(p, hi, rem);
+}
+
+// VEC: 4 elements per access (8-byte parameter and remainder loads, 16-byte moments).
+template <typename G, bool VEC>
+__device__ void adam_rem_impl(short *rem, float *m, float *v, const G *g, unsigned short *param,
+                              size_t n, AdamArgs a) {
+    constexpr int W = VEC ? 4 : 1;
+    const size_t vectors = n / W;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < vectors;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t e = i * W;
+        unsigned short hw[W];
+        short rw[W];
+        float mw[W], vw[W], gw[W];
+        if constexpr (VEC) {
+            const ushort4 h = *reinterpret_cast<const ushort4 *>(param + e);
+            const short4 r = *reinterpret_cast<const short4 *>(rem + e);
+            hw[0] = h.x, hw[1] = h.y, hw[2] = h.z, hw[3] = h.w;
+            rw[0] = r.x, rw[1] = r.y, rw[2] = r.z, rw[3] = r.w;
+        } else {
+            hw[0] = param[e];
+            rw[0] = rem[e];
+        }
+        load_w<float, W>(m + e, mw);
+        load_w<float, W>(v + e, vw);
+        if (a.has_grad) load_w<G, W>(g + e, gw);
+#pragma unroll
+        for (int k = 0; k < W; ++k)
+            adam_rem_element(hw[k], rw[k], mw[k], vw[k], a.has_grad ? gw[k] : 0.f, a);
+        if constexpr (VEC) {
+            *reinterpret_cast<ushort4 *>(param + e) = make_ushort4(hw[0], hw[1], hw[2], hw[3]);
+            *reinterpret_cast<short4 *>(rem + e) = make_short4(rw[0], rw[1], rw[2], rw[3]);
+        } else {
+            param[e] = hw[0];
+            rem[e] = rw[0];
+        }
+        store_w<float, W>(m + e, mw);
+        store_w<float, W>(v + e, vw);
+    }
+    for (size_t i = vectors * W + (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        adam_rem_element(param[i], rem[i], m[i], v[i], a.has_grad ? to_f(g[i]) : 0.f, a);
+}
+
+// `param`: the bf16 parameter's bits; the gradient is f32 or bf16 (`_tgrad`).
+#define ADAM_REM(NAME, G)                                                                       \
+    extern "C" __global__ void NAME(short *rem, float *m, float *v, const G *g,                 \
+                                    unsigned short *param, unsigned long long n, AdamArgs a) {  \
+        if (aligned16(m) && aligned16(v) && ((unsigned long long)rem % 8) == 0 &&               \
+            ((unsigned long long)param % 8) == 0 &&                                             \
+            ((unsigned long long)g % (4 * sizeof(G))) == 0)                                     \
+            adam_rem_impl<G, true>(rem, m, v, g, param, n, a);                                  \
+        else                                                                                    \
+            adam_rem_impl<G, false>(rem, m, v, g, param, n, a);                                 \
+    }
+ADAM_REM(adamw_bf16_rem, float)
+ADAM_REM(adamw_bf16_rem_tgrad, __nv_bfloat16)
+
+// The f32 masters of n parameters (checkpoints, the unfused update path).
+extern "C" __global__ void remainder_merge(const unsigned short *hi, const short *rem,
+                                           float *master, unsigned long long n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        master[i] = merge_master(hi[i], rem[i]);
+}
+
+// A checkpoint's f32 masters into parameter bits and remainders.
+extern "C" __global__ void remainder_split(const float *master, unsigned short *hi, short *rem,
+                                           unsigned long long n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        split_master(master[i], hi[i], rem[i]);
+}

@@ -327,7 +327,10 @@ fn every_shipped_recipe_resolves_and_round_trips() {
         let mut rq = req(&name, &["checkpoint.pretrained_checkpoint=base"]);
         rq.task = Some(task);
         let loaded = load(&rq).unwrap_or_else(|e| panic!("{name}: {e}"));
-        finalize(loaded.cfg.clone(), None, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let fin =
+            finalize(loaded.cfg.clone(), None, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let refused = mbridge::config::engine_unsupported(&fin.cfg);
+        assert!(refused.is_empty(), "{name}: the trainer would refuse it: {refused:?}");
         let shown = render(&loaded.cfg, &loaded.raw, None, ShowOptions::default());
         let path = dir.path().join(format!("{}_{}.toml", r.model, r.task));
         std::fs::write(&path, &shown).unwrap();

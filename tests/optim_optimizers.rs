@@ -129,7 +129,7 @@ fn replay(fx: &Fixture, case: &str, accumulate: bool) -> Optimizer {
         let lr = meta["lr"][step].as_f64().unwrap();
         let wd = meta["wd"][step].as_f64().unwrap();
         opt.step(&*grads, lr, wd).unwrap();
-        let state = opt.export_state();
+        let state = opt.export_state().unwrap();
         let by_name: HashMap<_, _> = state.tensors.iter().cloned().collect();
         for (n, v) in names.iter().zip(&vars) {
             let want = fx.t(&format!("{case}.after.{step}.{n}"));
@@ -145,7 +145,7 @@ fn replay(fx: &Fixture, case: &str, accumulate: bool) -> Optimizer {
             }
         }
     }
-    let state = opt.export_state();
+    let state = opt.export_state().unwrap();
     let by_name: HashMap<_, _> = state.tensors.iter().cloned().collect();
     let prefix = format!("{case}.state.");
     let mut checked = 0;
@@ -199,7 +199,7 @@ fn state_export_import_resumes_exactly() {
     let fx = fixture();
     for case in ["adamw_bf16", "sgd_f32"] {
         let opt = replay(&fx, case, false);
-        let state = opt.export_state();
+        let state = opt.export_state().unwrap();
         // A second optimizer over copies of the trained weights, restored from the state.
         let copies: Vec<(String, Var)> = opt
             .params()
@@ -239,7 +239,7 @@ fn state_export_import_resumes_exactly() {
 fn state_import_names_the_problem() {
     let fx = fixture();
     let opt = replay(&fx, "adamw_f32", false);
-    let state = opt.export_state();
+    let state = opt.export_state().unwrap();
     let fresh = || {
         let params = opt
             .params()
@@ -352,10 +352,10 @@ fn step_scaled_each_reports_each_updated_parameter_in_order() {
         grads.insert(p.var.as_tensor(), g);
     }
     let before: Vec<Tensor> =
-        each.params().iter().map(|p| p.master_value().copy().unwrap()).collect();
+        each.params().iter().map(|p| p.master_value().unwrap().copy().unwrap()).collect();
     let mut seen = Vec::new();
     each.step_scaled_each(&grads, 1e-2, 0.1, Some(0.5), &mut |i, p| {
-        let changed = (p.master_value() - &before[i])?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        let changed = (p.master_value()? - &before[i])?.abs()?.sum_all()?.to_scalar::<f32>()?;
         seen.push((i, p.name.clone(), changed > 0.0));
         Ok(())
     })

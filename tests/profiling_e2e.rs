@@ -284,3 +284,53 @@ fn nsys_on_a_cpu_build_fails_through_the_binary() {
         .failure()
         .stderr(predicates::str::contains("needs a CUDA build of mbridge"));
 }
+
+/// `optimizer.use_precision_aware_optimizer` (with `store_param_remainders`, its default) keeps
+/// each bf16 parameter's fp32 master in 2 bytes beside it instead of 4, through the binary.
+#[test]
+fn the_precision_aware_optimizer_halves_the_masters_of_bf16_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let main_param_per_param = |extra: &[&str]| -> f64 {
+        let snap = dir.path().join("mem.pickle");
+        Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
+            .args(["validation.eval_iters=0", "mixed_precision=bf16_mixed"])
+            .args(["profiling.record_memory_history=true", "profiling.profile_step_start=1"])
+            .arg(format!("profiling.memory_snapshot_path={}", snap.display()))
+            .args(extra)
+            .assert()
+            .success();
+        let totals = read_json(&dir.path().join("mem_0.json"))["totals_bytes"].clone();
+        let bytes = |k: &str| totals[k].as_u64().unwrap_or_else(|| panic!("{k}: {totals}"));
+        bytes("main_param") as f64 / bytes("param") as f64
+    };
+    // Every parameter is bf16: an f32 copy is twice its bytes, a remainder as many.
+    assert_eq!(main_param_per_param(&[]), 2.0);
+    let aware =
+        ["optimizer.use_precision_aware_optimizer=true", "ddp.use_distributed_optimizer=true"];
+    assert_eq!(main_param_per_param(&aware), 1.0);
+    assert_eq!(
+        main_param_per_param(&[&aware[..], &["optimizer.store_param_remainders=false"]].concat()),
+        2.0
+    );
+    // State dtypes other than fp32 are refused, not ignored.
+    Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["pretrain", "--recipe", "tiny_llama", "optimizer.exp_avg_dtype=bf16"])
+        .args(aware)
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("`optimizer.exp_avg_dtype` = BF16"));
+    Command::cargo_bin("mbridge")
+        .unwrap()
+        .args([
+            "pretrain",
+            "--recipe",
+            "tiny_llama",
+            "optimizer.use_precision_aware_optimizer=true",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("only supported with the distributed optimizer"));
+}

@@ -245,6 +245,43 @@ fn bf16_parameters_with_the_distributed_optimizer_track_one_process() {
     }
 }
 
+/// The precision-aware optimizer keeps bf16 parameters' masters as remainders
+/// (`optimizer.store_param_remainders`): the same f32 masters as copies, so one process follows
+/// the copy run (parameters differ only where a master ties between two bf16 values), and
+/// two ranks with the remainders sharded follow one process to bf16 precision.
+#[test]
+fn precision_aware_remainders_track_fp32_master_copies() {
+    let bf16 = ["mixed_precision=bf16_mixed", "train.train_iters=8"];
+    let base = single(&bf16);
+    let aware = [
+        bf16[0],
+        bf16[1],
+        "optimizer.use_precision_aware_optimizer=true",
+        "ddp.use_distributed_optimizer=true",
+    ];
+    let one = single(&aware);
+    let zero1 = run_ranks(2, &aware);
+    for ((it, x), (_, y)) in base.losses.iter().zip(&one.losses) {
+        assert!(rel(*x, *y) < 1e-4, "iteration {it}: {x} vs {y}");
+    }
+    assert_eq!(zero1[0].losses.len(), 8);
+    for ((it, x), (_, y)) in one.losses.iter().zip(&zero1[0].losses) {
+        assert!(rel(*x, *y) < 1e-2, "iteration {it}: {x} vs {y}");
+    }
+    // A checkpoint of the sharded remainders (written as f32 masters) resumes the same run.
+    let dir = tempfile::tempdir().unwrap();
+    let save = format!("+checkpoint.save={}", dir.path().display());
+    let load = format!("+checkpoint.load={}", dir.path().display());
+    run_ranks(2, &[&aware[..], &["+train.exit_interval=4", &save]].concat());
+    let resumed = run_ranks(2, &[&aware[..], &[load.as_str()]].concat());
+    let tail = |o: &TrainOutcome| TrainOutcome {
+        losses: o.losses[4..].to_vec(),
+        grad_norms: o.grad_norms[4..].to_vec(),
+        ..o.clone()
+    };
+    assert_same_curve(&tail(&zero1[0]), &resumed[0], "remainders resumed at DP=2");
+}
+
 /// `grad_reduce_in_fp32 = false` (Megatron Bridge's performance recipes): bf16 gradients are
 /// summed, reduced over DP and handed to the optimizer in bf16, and still train the curve of
 /// f32 main grads to bf16 precision, on one process and on two with the distributed

@@ -9,12 +9,14 @@ pub mod container;
 pub mod dataset;
 pub mod ddp_rules;
 pub mod error;
+pub mod inert;
 pub mod load;
 pub mod logger;
 pub mod misc;
 pub mod mixed_precision;
 pub mod model;
 pub mod optimizer;
+pub mod optimizer_rules;
 pub mod overrides;
 pub mod parallel;
 pub mod peft;
@@ -30,3 +32,13 @@ pub use container::ConfigContainer;
 pub use error::{ConfigError, ConfigResult};
 pub use load::{load, ConfigRequest, LoadedConfig};
 pub use validate::{finalize, Derived, Finalized};
+
+/// Everything in `cfg` that mbridge's engine cannot honour, one message per field (empty when
+/// a run can go on): the data-parallel, optimizer and inert-field rules. The trainer refuses
+/// such a config; `config show` and conversions still accept it.
+pub fn engine_unsupported(cfg: &ConfigContainer) -> Vec<String> {
+    let mut errs = ddp_rules::engine_unsupported(cfg);
+    errs.extend(optimizer_rules::engine_unsupported(cfg));
+    errs.extend(inert::engine_unsupported(cfg));
+    errs
+}

@@ -49,7 +49,13 @@ pub struct OptimizerConfig {
     pub exp_avg_dtype: DType,
     #[default(DType::F32)]
     pub exp_avg_sq_dtype: DType,
+    /// megatron-core's precision-aware optimizer (Transformer Engine's FusedAdam): Adam with
+    /// the distributed optimizer; the state dtypes above may then differ from fp32.
     pub use_precision_aware_optimizer: bool,
+    /// Under the precision-aware optimizer, keep each bf16 parameter's fp32 master as the
+    /// parameter plus its low 16 bits (exact, 2 bytes per parameter less).
+    #[default = true]
+    pub store_param_remainders: bool,
     pub use_distributed_optimizer: bool,
     pub overlap_param_gather: bool,
     pub overlap_param_gather_with_optimizer_step: bool,

@@ -450,6 +450,7 @@ pub fn finalize(
 
     // 12. Data parallelism: distributed optimizer, buckets, comm_overlap.
     super::ddp_rules::apply(&mut cfg, dp, &mut errs);
+    super::optimizer_rules::apply(&cfg, &mut errs);
 
     if !errs.is_empty() {
         return Err(ConfigError::many(

@@ -24,6 +24,7 @@ pub mod main_grads;
 pub mod manual;
 pub mod norm;
 pub mod nvtx;
+pub mod param_remainder;
 pub mod rope;
 pub mod softmax;
 pub mod timing;

@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor, TensorId, Var};
 
 use super::grads::GradSource;
 use super::optimizer::{
-    default_wd_mult, master_dtype, Algorithm, OptimError, Optimizer, ParamState,
+    default_wd_mult, master_dtype, Algorithm, MasterStorage, OptimError, Optimizer, ParamState,
 };
 use super::optimizer_state::OptimizerState;
 use crate::parallel::comm::Communicator;
@@ -56,13 +56,16 @@ impl GradSource for SliceGrads {
 impl DistributedOptimizer {
     /// State for DP rank `dp_rank` over `params` (name, variable; the optimizer's order) laid
     /// out as `layout` (built with `distributed_optimizer: true`); masters start from the
-    /// model's current weights.
+    /// model's current weights. With [`MasterStorage::Remainders`] a bf16 parameter's shard
+    /// keeps its bf16 values and remainders (the same 4 bytes per element as an f32 master:
+    /// the shard is a copy of its slice, not a view into the model's parameter).
     pub fn new(
         algorithm: Algorithm,
         params: Vec<(String, Var)>,
         layout: BufferLayout,
         dp_rank: usize,
         overlap_param_gather: Option<Arc<dyn Communicator>>,
+        storage: MasterStorage,
     ) -> Result<Self, OptimError> {
         let params: Vec<ModelParam> =
             params.into_iter().map(|(name, var)| ModelParam { name, var }).collect();
@@ -70,14 +73,14 @@ impl DistributedOptimizer {
         let mut inner_params = Vec::with_capacity(slices.len());
         for s in &slices {
             let p = &params[s.param];
-            let value =
-                slice_of(&p.var.as_detached_tensor(), s)?.to_dtype(master_dtype(p.var.dtype()))?;
+            let value = slice_of(&p.var.as_detached_tensor(), s)?
+                .to_dtype(shard_dtype(p.var.dtype(), storage))?;
             let name = format!("{}[{}..{}]", p.name, s.param_offset, s.param_offset + s.len);
             // The group follows the whole parameter (a 1-D slice of a matrix still decays).
             let wd = default_wd_mult(&p.name, p.var.rank());
             inner_params.push((name, Var::from_tensor(&value)?, wd));
         }
-        let inner = Optimizer::with_wd_mults(algorithm, inner_params)?;
+        let inner = Optimizer::with_storage(algorithm, inner_params, storage)?;
         let gathers = overlap_param_gather.map(|c| Flights::new(c, Collective::AllGather));
         Ok(Self { layout, params, slices, inner, dp_rank, gathers })
     }
@@ -163,7 +166,7 @@ impl DistributedOptimizer {
             };
         self.inner.step_scaled_each(&grads, lr, wd, grad_scale, &mut |j, p| {
             let dtype = layout.buffers[slices[j].buffer].param_dtype;
-            values[j] = Some(p.master_value().to_dtype(dtype)?);
+            values[j] = Some(p.value_as(dtype)?);
             start_complete(Some(j), &values)
         })?;
         start_complete(Some(usize::MAX), &values)?;
@@ -220,10 +223,10 @@ impl DistributedOptimizer {
                 .iter()
                 .map(|p| match *kind {
                     "master" => p.master_value(),
-                    "exp_avg_sq" => p.exp_avg_sq.clone().expect("Adam keeps a second moment"),
-                    _ => p.exp_avg.clone(),
+                    "exp_avg_sq" => Ok(p.exp_avg_sq.clone().expect("Adam keeps a second moment")),
+                    _ => Ok(p.exp_avg.clone()),
                 })
-                .collect();
+                .collect::<candle_core::Result<_>>()?;
             for (i, &(b, k)) in buckets.iter().enumerate() {
                 let buf = &self.layout.buffers[b];
                 let dtype = master_dtype(buf.param_dtype);
@@ -303,19 +306,29 @@ impl DistributedOptimizer {
             if is_adam {
                 inner_tensors.push((format!("{}.exp_avg_sq", ip.name), take("exp_avg_sq")?));
             }
-            masters.push(if dtype != p.var.dtype() {
+            let master = if dtype != p.var.dtype() {
                 take("master")?
             } else {
                 slice_of(&p.var.as_detached_tensor(), s)?.to_dtype(dtype)?
-            });
+            };
+            // A shard that keeps remainders beside its bf16 values restores them through the
+            // inner optimizer; an f32 shard variable is the master itself.
+            if ip.master.stored().is_some() {
+                inner_tensors.push((format!("{}.master", ip.name), master));
+                masters.push(None);
+            } else {
+                masters.push(Some(master));
+            }
         }
         self.inner.import_state(&OptimizerState {
             algorithm: state.algorithm.clone(),
             steps: state.steps,
             tensors: inner_tensors,
         })?;
-        for (ip, m) in self.inner.params().iter().zip(masters) {
-            ip.var.set(&m)?;
+        for (ip, m) in self.inner.params_mut().iter_mut().zip(masters) {
+            if let Some(m) = m {
+                ip.set_master(m)?;
+            }
         }
         Ok(())
     }
@@ -323,11 +336,11 @@ impl DistributedOptimizer {
     /// Re-reads the masters from the model variables (weights replaced after construction,
     /// e.g. loaded without optimizer state).
     pub fn sync_master_from_model(&mut self) -> Result<(), OptimError> {
-        for (s, ip) in self.slices.iter().zip(self.inner.params()) {
+        for (s, ip) in self.slices.iter().zip(self.inner.params_mut()) {
             let p = &self.params[s.param];
-            let v =
-                slice_of(&p.var.as_detached_tensor(), s)?.to_dtype(master_dtype(p.var.dtype()))?;
+            let v = slice_of(&p.var.as_detached_tensor(), s)?.to_dtype(ip.var.dtype())?;
             ip.var.set(&v)?;
+            ip.sync_master_from_var()?;
         }
         Ok(())
     }
@@ -337,10 +350,20 @@ impl DistributedOptimizer {
         self.dp_rank
     }
 
-    /// This rank's shards: each variable is an fp32 master slice `name[start..end]`, with its
-    /// moments (for the memory report).
+    /// This rank's shards: each variable is a slice `name[start..end]` (the fp32 master, or the
+    /// bf16 values beside their remainders), with its moments (for the memory report).
     pub fn shard_states(&self) -> &[ParamState] {
         self.inner.params()
+    }
+}
+
+/// The dtype of a shard's variable for a parameter of `dtype`: its master dtype, or bf16 itself
+/// when the master is kept as remainders beside it.
+fn shard_dtype(dtype: candle_core::DType, storage: MasterStorage) -> candle_core::DType {
+    if storage == MasterStorage::Remainders && dtype == candle_core::DType::BF16 {
+        dtype
+    } else {
+        master_dtype(dtype)
     }
 }
 
@@ -457,8 +480,14 @@ mod tests {
                 } else {
                     None
                 };
-                let mut d =
-                    DistributedOptimizer::new(adam, named.clone(), layout.clone(), rank, gathers)?;
+                let mut d = DistributedOptimizer::new(
+                    adam,
+                    named.clone(),
+                    layout.clone(),
+                    rank,
+                    gathers,
+                    MasterStorage::Copy,
+                )?;
                 // Both ranks hold the same gradients, averaged: the shards are those gradients.
                 let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
                 let mut acc = GradAccumulator::new(vars.clone());

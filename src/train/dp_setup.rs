@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::{DType, Var};
 
 use super::dist_optimizer::DistributedOptimizer;
-use super::optimizer::{Algorithm, Optimizer};
+use super::optimizer::{default_groups, Algorithm, MasterStorage, Optimizer};
 use super::run_optimizer::RunOptimizer;
 use crate::config::ConfigContainer;
 use std::sync::Arc;
@@ -31,6 +31,18 @@ pub fn uses_distributed_optimizer(cfg: &ConfigContainer) -> bool {
     cfg.ddp.use_distributed_optimizer || cfg.optimizer.use_distributed_optimizer
 }
 
+/// How bf16 parameters' fp32 masters are kept: as remainders under
+/// `optimizer.use_precision_aware_optimizer` with `optimizer.store_param_remainders` (both as
+/// megatron-core, where Transformer Engine's FusedAdam then stores them so), else as copies.
+pub fn master_storage(cfg: &ConfigContainer) -> MasterStorage {
+    let o = &cfg.optimizer;
+    if o.use_precision_aware_optimizer && o.store_param_remainders {
+        MasterStorage::Remainders
+    } else {
+        MasterStorage::Copy
+    }
+}
+
 /// The optimizer and (with process groups) the gradient reducer for `named` parameters.
 /// `late[i]`: parameter `i` is summed over the pipeline's embedding group after backward (a
 /// tied embedding copy), so its bucket never starts reducing during backward.
@@ -42,6 +54,8 @@ pub fn build(
     late: Vec<bool>,
 ) -> Result<(RunOptimizer, Option<GradReducer>)> {
     let distributed = uses_distributed_optimizer(cfg);
+    let storage = master_storage(cfg);
+    let replicated = |named| Optimizer::with_storage(algorithm, default_groups(named), storage);
     let Some(g) = groups else {
         if distributed {
             tracing::info!(
@@ -49,7 +63,7 @@ pub fn build(
                  the full state (same arithmetic)"
             );
         }
-        return Ok((RunOptimizer::Replicated(Optimizer::new(algorithm, named)?), None));
+        return Ok((RunOptimizer::Replicated(replicated(named)?), None));
     };
     // Gradients are reduced (and the distributed optimizer sharded) over data × context
     // parallel ranks: CP ranks hold the same weights and see other parts of the same samples.
@@ -94,6 +108,7 @@ pub fn build(
             layout.clone(),
             grads_group.rank(),
             overlap_gather.clone(),
+            storage,
         )?;
         if grads_group.rank() == 0 && g.coords.tp == 0 {
             println!(
@@ -105,7 +120,7 @@ pub fn build(
         }
         RunOptimizer::Distributed(d)
     } else {
-        RunOptimizer::Replicated(Optimizer::new(algorithm, named)?)
+        RunOptimizer::Replicated(replicated(named)?)
     };
     if g.rank == 0 {
         let where_ =

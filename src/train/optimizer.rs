@@ -6,7 +6,9 @@
 //! Precision: a parameter stored in bf16/f16 gets an f32 master copy; the update runs on the
 //! master and the result is cast back into the model's `Var`. f32 parameters are their own
 //! master (no copy), f64 parameters keep f64 everything (gradient checks on CPU). Moments are
-//! kept in the master dtype.
+//! kept in the master dtype. With [`MasterStorage::Remainders`]
+//! (`optimizer.store_param_remainders`) a bf16 parameter's master is the parameter itself plus
+//! a 16-bit remainder ([`crate::ops::param_remainder`]): the same f32 values in 2 bytes less.
 //!
 //! Parameter groups follow Megatron's default: no weight decay for biases (name ending in
 //! `.bias`) and 1-D parameters (norm weights); see [`default_wd_mult`].
@@ -17,6 +19,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::grads::GradSource;
 use super::scheduler::OptimizerParamScheduler;
+use crate::ops::param_remainder;
 
 pub use super::grads::GradAccumulator;
 pub use super::optimizer_state::OptimizerState;
@@ -138,12 +141,56 @@ pub fn default_wd_mult(name: &str, rank: usize) -> f64 {
     }
 }
 
+/// `params` with [`default_wd_mult`]'s multipliers, for [`Optimizer::with_storage`].
+pub fn default_groups(params: Vec<(String, Var)>) -> Vec<(String, Var, f64)> {
+    params
+        .into_iter()
+        .map(|(name, var)| {
+            let wd_mult = default_wd_mult(&name, var.rank());
+            (name, var, wd_mult)
+        })
+        .collect()
+}
+
 /// dtype of the master copy and optimizer state for a parameter of `dtype`.
 pub fn master_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
         DType::F64
     } else {
         DType::F32
+    }
+}
+
+/// How the optimizer keeps the fp32 masters of bf16 parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MasterStorage {
+    /// A full f32 copy (megatron-core's default).
+    #[default]
+    Copy,
+    /// The bf16 parameter plus an i16 remainder (`optimizer.use_precision_aware_optimizer` with
+    /// `optimizer.store_param_remainders`): the parameter is then the master rounded half away
+    /// from zero instead of half to even. Other dtypes keep [`MasterStorage::Copy`].
+    Remainders,
+}
+
+/// Where a parameter's master value lives.
+#[derive(Debug)]
+pub enum Master {
+    /// The variable is f32/f64: it is its own master.
+    Variable,
+    /// An f32 copy beside the narrower variable.
+    Copy(Tensor),
+    /// The low 16 bits of the f32 master (i16); the bf16 variable holds the high 16 bits.
+    Remainder(Tensor),
+}
+
+impl Master {
+    /// The tensor the optimizer keeps beside the variable (memory reports), if any.
+    pub fn stored(&self) -> Option<&Tensor> {
+        match self {
+            Master::Variable => None,
+            Master::Copy(t) | Master::Remainder(t) => Some(t),
+        }
     }
 }
 
@@ -156,9 +203,8 @@ pub struct ParamState {
     pub var: Var,
     /// Multiplier on the scheduler's weight decay (0 for the no-decay group).
     pub wd_mult: f64,
-    /// fp32 master copy when the variable is stored in a narrower dtype; `None` when the
-    /// variable itself is the master (f32/f64).
-    pub master: Option<Tensor>,
+    /// The fp32 master when the variable is stored in a narrower dtype.
+    pub master: Master,
     /// Adam first moment or SGD momentum buffer (zeros before the first step; with zero
     /// dampening `0·μ + g` equals torch's lazily cloned buffer exactly).
     pub exp_avg: Tensor,
@@ -168,11 +214,52 @@ pub struct ParamState {
 
 impl ParamState {
     /// Current master value (detached, so updates never build an autograd graph).
-    pub fn master_value(&self) -> Tensor {
+    pub fn master_value(&self) -> candle_core::Result<Tensor> {
         match &self.master {
-            Some(m) => m.clone(),
-            None => self.var.as_detached_tensor(),
+            Master::Variable => Ok(self.var.as_detached_tensor()),
+            Master::Copy(m) => Ok(m.clone()),
+            Master::Remainder(r) => param_remainder::merge(&self.var.as_detached_tensor(), r),
         }
+    }
+
+    /// The parameter as `dtype`: the variable itself when it has that dtype (with remainders
+    /// it is rounded half away from zero, which a cast of the master would not reproduce).
+    pub fn value_as(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        if self.var.dtype() == dtype {
+            Ok(self.var.as_detached_tensor())
+        } else {
+            self.master_value()?.to_dtype(dtype)
+        }
+    }
+
+    /// Sets the master to `value` (master dtype) and the variable to it rounded.
+    pub fn set_master(&mut self, value: Tensor) -> candle_core::Result<()> {
+        match &self.master {
+            Master::Variable => self.var.set(&value)?,
+            Master::Copy(_) => {
+                self.var.set(&value.to_dtype(self.var.dtype())?)?;
+                self.master = Master::Copy(value);
+            }
+            Master::Remainder(_) => {
+                let (hi, rem) = param_remainder::split(&value)?;
+                self.var.set(&hi)?;
+                self.master = Master::Remainder(rem);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the master equal the variable's current value (weights loaded into the model).
+    pub fn sync_master_from_var(&mut self) -> candle_core::Result<()> {
+        let var = self.var.as_detached_tensor();
+        self.master = match &self.master {
+            Master::Variable => Master::Variable,
+            Master::Copy(_) => Master::Copy(var.to_dtype(master_dtype(var.dtype()))?),
+            Master::Remainder(_) => {
+                Master::Remainder(Tensor::zeros(var.shape(), DType::I16, var.device())?)
+            }
+        };
+        Ok(())
     }
 }
 
@@ -188,20 +275,22 @@ pub struct Optimizer {
 impl Optimizer {
     /// Builds an optimizer with Megatron's default groups ([`default_wd_mult`]).
     pub fn new(algorithm: Algorithm, params: Vec<(String, Var)>) -> Result<Self, OptimError> {
-        let with_mults = params
-            .into_iter()
-            .map(|(name, var)| {
-                let wd_mult = default_wd_mult(&name, var.rank());
-                (name, var, wd_mult)
-            })
-            .collect();
-        Self::with_wd_mults(algorithm, with_mults)
+        Self::with_wd_mults(algorithm, default_groups(params))
     }
 
     /// Builds an optimizer with explicit weight-decay multipliers per parameter.
     pub fn with_wd_mults(
         algorithm: Algorithm,
         params: Vec<(String, Var, f64)>,
+    ) -> Result<Self, OptimError> {
+        Self::with_storage(algorithm, params, MasterStorage::Copy)
+    }
+
+    /// [`Self::with_wd_mults`], keeping bf16 parameters' masters as `storage` says.
+    pub fn with_storage(
+        algorithm: Algorithm,
+        params: Vec<(String, Var, f64)>,
+        storage: MasterStorage,
     ) -> Result<Self, OptimError> {
         let mut seen = HashSet::new();
         let mut states = Vec::with_capacity(params.len());
@@ -214,8 +303,14 @@ impl Optimizer {
                 return Err(OptimError::NonFloatParam { name, dtype });
             }
             let mdt = master_dtype(dtype);
-            let master =
-                if dtype == mdt { None } else { Some(var.as_detached_tensor().to_dtype(mdt)?) };
+            let master = if dtype == mdt {
+                Master::Variable
+            } else if storage == MasterStorage::Remainders && dtype == DType::BF16 {
+                // The variable is the master exactly: every remainder is zero.
+                Master::Remainder(Tensor::zeros(var.shape(), DType::I16, var.device())?)
+            } else {
+                Master::Copy(var.as_detached_tensor().to_dtype(mdt)?)
+            };
             let zeros = Tensor::zeros(var.shape(), mdt, var.device())?;
             // A buffer of its own (not a clone of `zeros`): the fused CUDA step updates the
             // moments in place, so they must not share storage.
@@ -253,9 +348,7 @@ impl Optimizer {
     /// state).
     pub fn sync_master_from_model(&mut self) -> Result<(), OptimError> {
         for p in &mut self.params {
-            if p.master.is_some() {
-                p.master = Some(p.var.as_detached_tensor().to_dtype(master_dtype(p.var.dtype()))?);
-            }
+            p.sync_master_from_var()?;
         }
         Ok(())
     }
@@ -337,18 +430,13 @@ impl Optimizer {
                 }
                 (None, _) => p.exp_avg.zeros_like()?,
             };
-            let param = p.master_value();
+            let param = p.master_value()?;
             let group_wd = wd * p.wd_mult;
             let new_param = match algorithm {
                 Algorithm::Adam(c) => adam_update(p, &param, grad, lr, group_wd, t, &c)?,
                 Algorithm::Sgd(c) => sgd_update(p, &param, grad, lr, group_wd, &c)?,
             };
-            if p.master.is_some() {
-                p.var.set(&new_param.to_dtype(p.var.dtype())?)?;
-                p.master = Some(new_param);
-            } else {
-                p.var.set(&new_param)?;
-            }
+            p.set_master(new_param)?;
             after(i, p)?;
         }
         Ok(())
@@ -385,7 +473,7 @@ fn fused_adam(
     c: &AdamConfig,
     grad_scale: Option<f64>,
 ) -> Result<bool, OptimError> {
-    use crate::ops::cuda::adamw::{adam_step, AdamStep, WeightDecay};
+    use crate::ops::cuda::adamw::{adam_step, adam_step_remainder, AdamStep, WeightDecay};
     if !crate::ops::fused::use_fused_optimizer(p.var.device(), p.var.dtype()) {
         return Ok(false);
     }
@@ -406,8 +494,11 @@ fn fused_adam(
     };
     let v = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment");
     match &p.master {
-        Some(m) => adam_step(m, &p.exp_avg, v, grad, Some(p.var.as_tensor()), &step)?,
-        None => adam_step(p.var.as_tensor(), &p.exp_avg, v, grad, None, &step)?,
+        Master::Copy(m) => adam_step(m, &p.exp_avg, v, grad, Some(p.var.as_tensor()), &step)?,
+        Master::Variable => adam_step(p.var.as_tensor(), &p.exp_avg, v, grad, None, &step)?,
+        Master::Remainder(r) => {
+            adam_step_remainder(p.var.as_tensor(), r, &p.exp_avg, v, grad, &step)?
+        }
     }
     Ok(true)
 }

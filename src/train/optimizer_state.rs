@@ -30,32 +30,34 @@ fn first_moment_suffix(algorithm: &Algorithm) -> &'static str {
 
 impl Optimizer {
     /// Exports the state (tensors share storage with the optimizer; they are never mutated in
-    /// place, so this is a cheap snapshot).
-    pub fn export_state(&self) -> OptimizerState {
+    /// place, so this is a cheap snapshot; masters kept as remainders are merged into f32).
+    pub fn export_state(&self) -> Result<OptimizerState, OptimError> {
         let m1 = first_moment_suffix(self.algorithm());
         let mut tensors = Vec::new();
         for p in self.params() {
-            if let Some(master) = &p.master {
-                tensors.push((format!("{}.master", p.name), master.clone()));
+            if p.master.stored().is_some() {
+                // Remainders are written as the f32 masters they encode: a checkpoint loads
+                // into either storage.
+                tensors.push((format!("{}.master", p.name), p.master_value()?));
             }
             tensors.push((format!("{}.{m1}", p.name), p.exp_avg.clone()));
             if let Some(v) = &p.exp_avg_sq {
                 tensors.push((format!("{}.exp_avg_sq", p.name), v.clone()));
             }
         }
-        OptimizerState {
+        Ok(OptimizerState {
             algorithm: self.algorithm().name().to_string(),
             steps: self.steps(),
             tensors,
-        }
+        })
     }
 
     /// Restores a state written by [`Self::export_state`] for the same parameters. Every
     /// expected tensor must be present with the parameter's shape, and no extra tensor may be
     /// present; tensors are cast to the master dtype and moved to the parameter's device.
-    /// A restored master copy is not written into the model variable: the model weights come
-    /// from the checkpoint's model tensors (which equal the master rounded to the model dtype).
-    /// On error nothing is changed.
+    /// The model variables are set to the restored masters rounded to their dtype (what the
+    /// checkpoint's model tensors hold when the same master storage wrote it). On error nothing
+    /// is changed.
     pub fn import_state(&mut self, state: &OptimizerState) -> Result<(), OptimError> {
         let name = self.algorithm().name();
         if state.algorithm != name {
@@ -88,8 +90,10 @@ impl Optimizer {
                 }
                 Ok(t.to_dtype(dtype)?.to_device(p.var.device())?.detach())
             };
-            let master =
-                if p.master.is_some() { Some(take(format!("{}.master", p.name))?) } else { None };
+            let master = match p.master.stored() {
+                Some(_) => Some(take(format!("{}.master", p.name))?),
+                None => None,
+            };
             let exp_avg = take(format!("{}.{m1}", p.name))?;
             let exp_avg_sq =
                 if is_adam { Some(take(format!("{}.exp_avg_sq", p.name))?) } else { None };
@@ -99,7 +103,9 @@ impl Optimizer {
             return Err(OptimError::UnexpectedStateTensor(extra.0.clone()));
         }
         for (p, (master, exp_avg, exp_avg_sq)) in self.params_mut().iter_mut().zip(restored) {
-            p.master = master;
+            if let Some(m) = master {
+                p.set_master(m)?;
+            }
             p.exp_avg = exp_avg;
             p.exp_avg_sq = exp_avg_sq;
         }

@@ -50,7 +50,8 @@ pub(super) fn live_tensors(
     for s in states {
         if shards {
             out.push(TensorEntry::of(&s.name, "main_param", s.var.as_tensor()));
-        } else if let Some(m) = &s.master {
+        }
+        if let Some(m) = s.master.stored() {
             out.push(TensorEntry::of(&s.name, "main_param", m));
         }
         out.push(TensorEntry::of(&s.name, "exp_avg", &s.exp_avg));

@@ -31,7 +31,7 @@ impl RunOptimizer {
     /// (every DP rank must call this then).
     pub fn export_state(&self, dp: Option<&dyn Communicator>) -> Result<OptimizerState> {
         match (self, dp) {
-            (Self::Replicated(o), _) => Ok(o.export_state()),
+            (Self::Replicated(o), _) => Ok(o.export_state()?),
             (Self::Distributed(o), Some(dp)) => o.export_state(dp),
             (Self::Distributed(_), None) => {
                 anyhow::bail!("the distributed optimizer needs the data-parallel group to save")

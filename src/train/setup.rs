@@ -68,12 +68,25 @@ impl Trainer {
                 d.world_size,
             );
         }
-        let unsupported = crate::config::ddp_rules::engine_unsupported(&cfg);
+        let mut unsupported = crate::config::engine_unsupported(&cfg);
+        if cfg.model.deterministic_mode && device.is_cuda() {
+            unsupported.push(
+                "`model.deterministic_mode` = true: the CUDA engine is not bitwise reproducible \
+                 (cuDNN attention's backward and cuBLAS pick their own algorithms); set it to \
+                 false"
+                    .into(),
+            );
+        }
         if !unsupported.is_empty() {
             bail!(
                 "this run asks for what mbridge's engine cannot do:\n  - {}",
                 unsupported.join("\n  - ")
             );
+        }
+        if groups.as_ref().is_none_or(|g| g.rank == 0) {
+            for hint in crate::config::inert::ignored_hints(&cfg) {
+                tracing::info!("{hint}");
+            }
         }
         let dtype = candle_dtype(cfg.model.params_dtype);
         let (layout, tp_comm) = match &groups {
@@ -188,7 +201,20 @@ impl Trainer {
         };
         let stop = Arc::new(AtomicBool::new(false));
         if cfg.train.exit_signal_handler {
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            // `train.exit_signal` (SIGTERM by default, what SLURM sends before the time limit),
+            // and Ctrl-C.
+            let name = &cfg.train.exit_signal;
+            let configured = name
+                .parse::<nix::sys::signal::Signal>()
+                .ok()
+                .filter(|s| !signal_hook::consts::FORBIDDEN.contains(&(*s as i32)))
+                .with_context(|| {
+                    format!(
+                        "`train.exit_signal` = {name:?} is not a signal a handler can catch \
+                         (e.g. \"SIGTERM\", \"SIGUSR1\")"
+                    )
+                })?;
+            for sig in [configured as i32, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, Arc::clone(&stop))
                     .context("cannot install the exit signal handler")?;
             }

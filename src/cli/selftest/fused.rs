@@ -5,7 +5,7 @@
 use super::{compare, Check, CheckFn, Measure};
 use crate::ops;
 use crate::ops::fused::set_override;
-use crate::train::optimizer::{AdamConfig, Algorithm, Optimizer};
+use crate::train::optimizer::{default_wd_mult, AdamConfig, Algorithm, MasterStorage, Optimizer};
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -364,10 +364,18 @@ fn vocab_parallel_ce(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
 /// Three Adam steps of bf16 parameters (fp32 master) on the GPU (fused kernel) and on the
 /// CPU (composite ops): AdamW and Adam+L2, a no-decay parameter and one without gradient,
 /// two of the steps with a clipping coefficient; f32 gradients, and bf16 ones (bf16 main
-/// grads, `ddp.grad_reduce_in_fp32 = false`) read by the kernel as they are.
+/// grads, `ddp.grad_reduce_in_fp32 = false`) read by the kernel as they are; masters as f32
+/// copies and as remainders (`optimizer.store_param_remainders`).
 fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let mut ms = Vec::new();
-    for (decoupled, grad_dtype) in [(true, DType::F32), (false, DType::F32), (true, DType::BF16)] {
+    let (copy, rem) = (MasterStorage::Copy, MasterStorage::Remainders);
+    for (decoupled, grad_dtype, storage) in [
+        (true, DType::F32, copy),
+        (false, DType::F32, copy),
+        (true, DType::BF16, copy),
+        (true, DType::F32, rem),
+        (false, DType::BF16, rem),
+    ] {
         let cfg = AdamConfig { decoupled_weight_decay: decoupled, ..AdamConfig::default() };
         let shapes: [&[usize]; 3] = [&[64, 37], &[37], &[5, 3]];
         let names = ["w.weight", "norm.weight", "unused.weight"];
@@ -377,10 +385,11 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
                 let t = randn(seed + 10 + k as u64, sh, 0.5, 0.0)?
                     .to_dtype(DType::BF16)?
                     .to_device(d)?;
-                params.push((n.to_string(), Var::from_tensor(&t)?));
+                let wd = default_wd_mult(n, sh.len());
+                params.push((n.to_string(), Var::from_tensor(&t)?, wd));
             }
-            let vars = params.iter().map(|(_, v)| v.clone()).collect();
-            Ok((Optimizer::new(Algorithm::Adam(cfg), params)?, vars))
+            let vars = params.iter().map(|(_, v, _)| v.clone()).collect();
+            Ok((Optimizer::with_storage(Algorithm::Adam(cfg), params, storage)?, vars))
         };
         let (mut gpu, gvars) = build(dev)?;
         let (mut cpu, cvars) = build(&Device::Cpu)?;
@@ -403,18 +412,29 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         }
         let tag = match (decoupled, grad_dtype) {
             (true, DType::F32) => "adamw",
-            (false, _) => "adam+l2",
-            _ => "adamw bf16-grad",
+            (false, DType::F32) => "adam+l2",
+            (true, _) => "adamw bf16-grad",
+            (false, _) => "adam+l2 bf16-grad",
         };
+        let tag = if storage == rem { format!("{tag} remainders") } else { tag.to_string() };
         for (k, (g, c)) in gpu.params().iter().zip(cpu.params()).enumerate() {
             let what = |s: &str| format!("{tag} {} {s}", names[k]);
-            let (gm, cm) = (g.master_value(), c.master_value());
+            let (gm, cm) = (g.master_value()?, c.master_value()?);
             ms.push(compare(&what("master"), &gm, &cm, 1e-6)?);
             ms.push(compare(&what("exp_avg"), &g.exp_avg, &c.exp_avg, 1e-6)?);
             if let (Some(gv), Some(cv)) = (&g.exp_avg_sq, &c.exp_avg_sq) {
                 ms.push(compare(&what("exp_avg_sq"), gv, cv, 1e-6)?);
             }
             ms.push(compare(&what("bf16 param"), g.var.as_tensor(), c.var.as_tensor(), 1e-6)?);
+            if storage == rem {
+                // The checkpoint path: the GPU's split of the f32 master, merged on the CPU.
+                let (hi, r) = ops::param_remainder::split(&gm)?;
+                let back = ops::param_remainder::merge(
+                    &hi.to_device(&Device::Cpu)?,
+                    &r.to_device(&Device::Cpu)?,
+                )?;
+                ms.push(compare(&what("split and merge"), &back, &cm, 0.0)?);
+            }
         }
     }
     Ok(ms)

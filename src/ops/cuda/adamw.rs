@@ -117,6 +117,38 @@ fn half_view<'a>(s: &'a Storage, l: &Layout, n: usize, dtype: DType) -> Result<C
     .ok_or_else(|| candle_core::Error::Msg("fused adam: gradient view".into()))
 }
 
+/// Checks that the moments are contiguous f32 buffers of `n` elements.
+fn check_f32(tensors: &[(&Tensor, &str)], n: usize) -> Result<()> {
+    for (t, what) in tensors {
+        if t.dtype() != DType::F32 || t.elem_count() != n || !t.is_contiguous() {
+            candle_core::bail!("fused adam: {what} must be contiguous f32 of {n} elements");
+        }
+    }
+    Ok(())
+}
+
+/// The gradient as the kernels read it: f32, or (bf16 main grads) in the parameter's half
+/// precision `pdt`; anything else is converted to f32 first. The flag: half precision.
+fn kernel_grad(grad: Option<&Tensor>, pdt: DType) -> Result<(Option<Tensor>, bool)> {
+    let half_grad = |g: &Tensor| g.dtype() == pdt && pdt != DType::F32;
+    let grad = match grad {
+        Some(g) if !(g.dtype() == DType::F32 || half_grad(g)) || !g.is_contiguous() => {
+            Some(g.to_dtype(DType::F32)?.contiguous()?)
+        }
+        other => other.cloned(),
+    };
+    let is_half = grad.as_ref().is_some_and(half_grad);
+    Ok((grad, is_half))
+}
+
+fn launch_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (elementwise_blocks(n, 256).min(4096), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Updates `master`, `exp_avg`, `exp_avg_sq` (f32, contiguous, distinct buffers) in place from
 /// `grad · step.grad_scale` (f32 or `param`'s half precision; None = zeros) and writes the
 /// rounded result into `param` (the model's variable, any float dtype). With `param = None`
@@ -130,31 +162,14 @@ pub fn adam_step(
     step: &AdamStep,
 ) -> Result<()> {
     let n = master.elem_count();
-    for (t, what) in [(master, "master"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")] {
-        if t.dtype() != DType::F32 || t.elem_count() != n || !t.is_contiguous() {
-            candle_core::bail!("fused adam: {what} must be contiguous f32 of {n} elements");
-        }
-    }
+    check_f32(&[(master, "master"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")], n)?;
     let pdt = param.map_or(DType::F32, |p| p.dtype());
-    // An f32 gradient, or (bf16 main grads) one in the parameter's half precision, is read as
-    // it is; anything else is converted to f32 first.
-    let half_grad = |g: &Tensor| g.dtype() == pdt && pdt != DType::F32;
-    let grad = match grad {
-        Some(g) if !(g.dtype() == DType::F32 || half_grad(g)) || !g.is_contiguous() => {
-            Some(g.to_dtype(DType::F32)?.contiguous()?)
-        }
-        other => other.cloned(),
-    };
+    let (grad, grad_is_half) = kernel_grad(grad, pdt)?;
     let dev = master.device().as_cuda_device()?.clone();
-    let grad_is_half = grad.as_ref().is_some_and(half_grad);
     let name = format!("adamw_{}{}", dtype_suffix(pdt)?, if grad_is_half { "_tgrad" } else { "" });
     let f = crate::function!(&dev, &MODULE, &name)?;
     let args = step.args(grad.is_some());
-    let cfg = LaunchConfig {
-        grid_dim: (elementwise_blocks(n, 256).min(4096), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_cfg(n);
     let n64 = n as u64;
     let (ms, ml) = master.storage_and_layout();
     let (es, el) = exp_avg.storage_and_layout();
@@ -204,4 +219,108 @@ pub fn adam_step(
         }
     });
     Ok(())
+}
+
+/// The `n` 16-bit words of a contiguous bf16 or i16 tensor (a parameter's bits or its
+/// remainders), as the remainder kernels read them.
+fn words<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a Storage,
+    l: &Layout,
+    n: usize,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    if l.shape().elem_count() != n || !l.is_contiguous() {
+        candle_core::bail!("param remainders: {what} must be contiguous with {n} elements");
+    }
+    let s = cuda_storage(s, what)?;
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + n))
+}
+
+/// [`adam_step`] for a bf16 `param` whose f32 master is kept as `param` plus the i16
+/// `remainder` (`optimizer.store_param_remainders`, see `ops::param_remainder`): both are
+/// updated in place, with the master's arithmetic of [`adam_step`].
+pub fn adam_step_remainder(
+    param: &Tensor,
+    remainder: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    grad: Option<&Tensor>,
+    step: &AdamStep,
+) -> Result<()> {
+    let n = param.elem_count();
+    check_f32(&[(exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")], n)?;
+    if param.dtype() != DType::BF16 || remainder.dtype() != DType::I16 {
+        candle_core::bail!(
+            "param remainders need a bf16 parameter and i16 remainders, got {:?} and {:?}",
+            param.dtype(),
+            remainder.dtype()
+        );
+    }
+    let (grad, grad_is_half) = kernel_grad(grad, DType::BF16)?;
+    let dev = param.device().as_cuda_device()?.clone();
+    let name = if grad_is_half { "adamw_bf16_rem_tgrad" } else { "adamw_bf16_rem" };
+    let f = crate::function!(&dev, &MODULE, name)?;
+    let args = step.args(grad.is_some());
+    let n64 = n as u64;
+    let (ps, pl) = param.storage_and_layout();
+    let (rs, rl) = remainder.storage_and_layout();
+    let (es, el) = exp_avg.storage_and_layout();
+    let (vs, vl) = exp_avg_sq.storage_and_layout();
+    let pv = words::<half::bf16>(&ps, pl, n, "param")?;
+    let rv = words::<i16>(&rs, rl, n, "remainder")?;
+    let (ev, vv) = (f32_view(&es, el, n, "exp_avg")?, f32_view(&vs, vl, n, "exp_avg_sq")?);
+    let gguard = grad.as_ref().map(|g| g.storage_and_layout());
+    // Without a gradient the kernel never reads `g`; a moment stands in as a valid pointer.
+    let gv = match &gguard {
+        Some((s, l)) if grad_is_half => GradView::Half(half_view(s, l, n, DType::BF16)?),
+        Some((s, l)) => GradView::F32(f32_view(s, l, n, "grad")?),
+        None => GradView::F32(f32_view(&es, el, n, "exp_avg")?),
+    };
+    let mut b = f.builder();
+    b.arg(&rv).arg(&ev).arg(&vv);
+    gv.push(&mut b);
+    b.arg(&pv).arg(&n64).arg(&args);
+    // SAFETY: argument list matches `adamw_bf16_rem*` in kernels/adamw.cu; the buffers are
+    // distinct allocations (the optimizer keeps its state uniquely owned).
+    unsafe { b.launch(launch_cfg(n)) }.w()?;
+    Ok(())
+}
+
+/// The f32 masters of a bf16 `param` and its i16 `remainder` (same shape).
+pub fn remainder_merge(param: &Tensor, remainder: &Tensor) -> Result<Tensor> {
+    let n = param.elem_count();
+    let dev = param.device().as_cuda_device()?.clone();
+    let f = crate::function!(&dev, &MODULE, "remainder_merge")?;
+    let (ps, pl) = param.storage_and_layout();
+    let (rs, rl) = remainder.storage_and_layout();
+    let pv = words::<half::bf16>(&ps, pl, n, "param")?;
+    let rv = words::<i16>(&rs, rl, n, "remainder")?;
+    // SAFETY: every element is written by the kernel below before the tensor is read.
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    let n64 = n as u64;
+    let mut b = f.builder();
+    b.arg(&pv).arg(&rv).arg(&out).arg(&n64);
+    // SAFETY: argument list matches `remainder_merge` in kernels/adamw.cu.
+    unsafe { b.launch(launch_cfg(n)) }.w()?;
+    drop(b);
+    Ok(super::wrap(out, &dev, param.shape()))
+}
+
+/// A contiguous f32 `master` as its bf16 parameter and i16 remainder.
+pub fn remainder_split(master: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = master.elem_count();
+    check_f32(&[(master, "master")], n)?;
+    let dev = master.device().as_cuda_device()?.clone();
+    let f = crate::function!(&dev, &MODULE, "remainder_split")?;
+    let (ms, ml) = master.storage_and_layout();
+    let mv = f32_view(&ms, ml, n, "master")?;
+    // SAFETY: every element of both is written by the kernel below before they are read.
+    let (hi, rem) = unsafe { (dev.alloc::<half::bf16>(n)?, dev.alloc::<i16>(n)?) };
+    let n64 = n as u64;
+    let mut b = f.builder();
+    b.arg(&mv).arg(&hi).arg(&rem).arg(&n64);
+    // SAFETY: argument list matches `remainder_split` in kernels/adamw.cu.
+    unsafe { b.launch(launch_cfg(n)) }.w()?;
+    drop(b);
+    Ok((super::wrap(hi, &dev, master.shape()), super::wrap(rem, &dev, master.shape())))
 }
