@@ -137,3 +137,35 @@ fn missing_checkpoint_is_an_error_when_required() {
     .unwrap_err();
     assert!(format!("{e:#}").contains("holds no checkpoint"), "{e:#}");
 }
+
+/// Megatron Bridge fields mbridge parses but does not act on: one that would change the run is
+/// refused through the binary, naming it; a pure tuning knob runs and is named in the debug log.
+#[test]
+fn fields_mbridge_does_not_act_on_are_refused_or_named() {
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
+        .args(["logger.log_params_norm=true", "+checkpoint.non_persistent_save_interval=5"])
+        .assert()
+        .failure()
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`logger.log_params_norm` = true: the parameters' norm is not logged"),
+        "{err}"
+    );
+    assert!(err.contains("`checkpoint.non_persistent_save_interval` = 5"), "{err}");
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
+        .args(["validation.eval_iters=0", "dataset.num_workers=3"])
+        .env("RUST_LOG", "mbridge=debug")
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let log =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("`dataset.num_workers` = 3 has no effect in mbridge"), "{log}");
+}

@@ -7,7 +7,7 @@
 //! - [`HINTS`]: tuning knobs of PyTorch, Transformer Engine or Megatron machinery that mbridge
 //!   does not have (data-loader workers, fusion switches, communication back-ends, Python
 //!   garbage collection). They cannot change the results, so any value is accepted; a value
-//!   other than the default is named in the log ([`ignored_hints`]).
+//!   other than the default is named in the debug log ([`ignored_hints`]).
 //!
 //! Fields with rules of their own live with them (`ddp_rules`, `optimizer_rules`).
 

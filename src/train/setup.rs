@@ -84,8 +84,9 @@ impl Trainer {
             );
         }
         if groups.as_ref().is_none_or(|g| g.rank == 0) {
+            // Debug level: the recipes set some of them (Megatron Bridge's `num_workers = 8`).
             for hint in crate::config::inert::ignored_hints(&cfg) {
-                tracing::info!("{hint}");
+                tracing::debug!("{hint}");
             }
         }
         let dtype = candle_dtype(cfg.model.params_dtype);
