@@ -117,6 +117,22 @@ fn half_view<'a>(s: &'a Storage, l: &Layout, n: usize, dtype: DType) -> Result<C
     .ok_or_else(|| candle_core::Error::Msg("fused adam: gradient view".into()))
 }
 
+/// The kernel's gradient operand: the gradient's storage (f32, or `pdt` when `half`), or
+/// `absent`, a valid pointer the kernel never reads, when the parameter got no gradient.
+fn grad_view<'a, G: std::ops::Deref<Target = Storage>>(
+    grad: Option<&'a (G, &Layout)>,
+    half: bool,
+    pdt: DType,
+    n: usize,
+    absent: CudaView<'a, f32>,
+) -> Result<GradView<'a>> {
+    Ok(match grad {
+        Some((s, l)) if half => GradView::Half(half_view(s, l, n, pdt)?),
+        Some((s, l)) => GradView::F32(f32_view(s, l, n, "grad")?),
+        None => GradView::F32(absent),
+    })
+}
+
 /// Checks that the moments are contiguous f32 buffers of `n` elements.
 fn check_f32(tensors: &[(&Tensor, &str)], n: usize) -> Result<()> {
     for (t, what) in tensors {
@@ -181,12 +197,8 @@ pub fn adam_step(
         view(&vs, vl, n, "exp_avg_sq")?,
     );
     let gguard = grad.as_ref().map(|g| g.storage_and_layout());
-    // Without a gradient the kernel never reads `g`; the master stands in as a valid pointer.
-    let gv = match &gguard {
-        Some((s, l)) if grad_is_half => GradView::Half(half_view(s, l, n, pdt)?),
-        Some((s, l)) => GradView::F32(view(s, l, n, "grad")?),
-        None => GradView::F32(view(&ms, ml, n, "master")?),
-    };
+    // Without a gradient the master stands in as a valid pointer.
+    let gv = grad_view(gguard.as_ref(), grad_is_half, pdt, n, view(&ms, ml, n, "master")?)?;
     let pguard = param.map(|p| p.storage_and_layout());
     with_float_type!(pdt, P, {
         match &pguard {
@@ -229,11 +241,10 @@ fn words<'a, T: candle_core::cuda_backend::CudaDType>(
     n: usize,
     what: &str,
 ) -> Result<CudaView<'a, T>> {
-    if l.shape().elem_count() != n || !l.is_contiguous() {
-        candle_core::bail!("param remainders: {what} must be contiguous with {n} elements");
+    if l.shape().elem_count() != n {
+        candle_core::bail!("param remainders: {what} must have {n} elements");
     }
-    let s = cuda_storage(s, what)?;
-    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..l.start_offset() + n))
+    super::contiguous_view(cuda_storage(s, what)?, l, what)
 }
 
 /// [`adam_step`] for a bf16 `param` whose f32 master is kept as `param` plus the i16
@@ -270,12 +281,9 @@ pub fn adam_step_remainder(
     let rv = words::<i16>(&rs, rl, n, "remainder")?;
     let (ev, vv) = (f32_view(&es, el, n, "exp_avg")?, f32_view(&vs, vl, n, "exp_avg_sq")?);
     let gguard = grad.as_ref().map(|g| g.storage_and_layout());
-    // Without a gradient the kernel never reads `g`; a moment stands in as a valid pointer.
-    let gv = match &gguard {
-        Some((s, l)) if grad_is_half => GradView::Half(half_view(s, l, n, DType::BF16)?),
-        Some((s, l)) => GradView::F32(f32_view(s, l, n, "grad")?),
-        None => GradView::F32(f32_view(&es, el, n, "exp_avg")?),
-    };
+    // Without a gradient a moment stands in as a valid pointer.
+    let gv =
+        grad_view(gguard.as_ref(), grad_is_half, DType::BF16, n, f32_view(&es, el, n, "exp_avg")?)?;
     let mut b = f.builder();
     b.arg(&rv).arg(&ev).arg(&vv);
     gv.push(&mut b);
