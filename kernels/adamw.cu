@@ -38,9 +38,11 @@ __device__ __forceinline__ float adam_element(float &master, float &m, float &v,
 // W elements per thread and step: 4 (16-byte loads of the f32 buffers) when every buffer is
 // 16-byte aligned, else 1. The step reads ~26 bytes per element, so it runs at memory
 // bandwidth only with wide loads.
-// G: the gradient's type, f32 or (bf16 main grads) the parameter's own.
-template <typename P, typename G, int W>
-__device__ void adam_impl(float *master, float *m, float *v, const G *g, P *param, size_t n,
+// G: the gradient's type, f32 or (bf16 main grads) the parameter's own. M: the moments' type,
+// f32 or bf16 (the precision-aware optimizer's `exp_avg_dtype`): a bf16 moment is read into
+// f32, the step uses the new f32 value, and the stored value is rounded to nearest even.
+template <typename P, typename G, typename M, int W>
+__device__ void adam_impl(float *master, M *m, M *v, const G *g, P *param, size_t n,
                           AdamArgs a) {
     const size_t vectors = n / W;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < vectors;
@@ -48,36 +50,46 @@ __device__ void adam_impl(float *master, float *m, float *v, const G *g, P *para
         const size_t e = i * W;
         float pw[W], mw[W], vw[W], gw[W];
         load_w<float, W>(master + e, pw);
-        load_w<float, W>(m + e, mw);
-        load_w<float, W>(v + e, vw);
+        load_w<M, W>(m + e, mw);
+        load_w<M, W>(v + e, vw);
         if (a.has_grad) load_w<G, W>(g + e, gw);
 #pragma unroll
         for (int k = 0; k < W; ++k) adam_element(pw[k], mw[k], vw[k], a.has_grad ? gw[k] : 0.f, a);
         store_w<float, W>(master + e, pw);
-        store_w<float, W>(m + e, mw);
-        store_w<float, W>(v + e, vw);
+        store_w<M, W>(m + e, mw);
+        store_w<M, W>(v + e, vw);
         if (param != nullptr) store_w<P, W>(param + e, pw);
     }
     for (size_t i = vectors * W + (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        const float p = adam_element(master[i], m[i], v[i], a.has_grad ? to_f(g[i]) : 0.f, a);
+        float mi = to_f(m[i]), vi = to_f(v[i]);
+        const float p = adam_element(master[i], mi, vi, a.has_grad ? to_f(g[i]) : 0.f, a);
+        m[i] = from_f<M>(mi);
+        v[i] = from_f<M>(vi);
         if (param != nullptr) param[i] = from_f<P>(p);
     }
 }
 
+// Whether the 4-wide path may access `p` (4 elements of `bytes` each).
+__device__ __forceinline__ bool aligned4(const void *p, size_t bytes) {
+    return ((unsigned long long)p % (4 * bytes)) == 0;
+}
+
 // `param` may be null (f32 parameters are their own master). The gradient is f32 (`adamw_T`)
-// or T (`adamw_T_tgrad`, half precision only). The 4-wide path needs every f32 buffer 16-byte
-// aligned (then a half-precision gradient's 4 values are 8-byte aligned).
-#define ADAM_G(NAME, T, G)                                                                      \
-    extern "C" __global__ void NAME(float *master, float *m, float *v, const G *g, T *param,   \
+// or T (`adamw_T_tgrad`, half precision only); the moments f32, or bf16 (`..._m16`). The
+// 4-wide path needs every buffer aligned to 4 of its elements.
+#define ADAM_GM(NAME, T, G, M)                                                                  \
+    extern "C" __global__ void NAME(float *master, M *m, M *v, const G *g, T *param,           \
                                     unsigned long long n, AdamArgs a) {                         \
-        if (aligned16(master) && aligned16(m) && aligned16(v) &&                                \
-            ((unsigned long long)g % (4 * sizeof(G))) == 0 &&                                   \
-            (param == nullptr || ((unsigned long long)param % (4 * sizeof(T))) == 0))            \
-            adam_impl<T, G, 4>(master, m, v, g, param, n, a);                                   \
+        if (aligned16(master) && aligned4(m, sizeof(M)) && aligned4(v, sizeof(M)) &&            \
+            aligned4(g, sizeof(G)) && (param == nullptr || aligned4(param, sizeof(T))))         \
+            adam_impl<T, G, M, 4>(master, m, v, g, param, n, a);                                \
         else                                                                                    \
-            adam_impl<T, G, 1>(master, m, v, g, param, n, a);                                   \
+            adam_impl<T, G, M, 1>(master, m, v, g, param, n, a);                                \
     }
+#define ADAM_G(NAME, T, G)                                                                      \
+    ADAM_GM(NAME, T, G, float)                                                                  \
+    ADAM_GM(NAME##_m16, T, G, __nv_bfloat16)
 #define ADAM(NAME, T) ADAM_G(adamw_##NAME, T, float)
 INSTANTIATE3(ADAM)
 ADAM_G(adamw_bf16_tgrad, __nv_bfloat16, __nv_bfloat16)
@@ -106,9 +118,9 @@ __device__ __forceinline__ void adam_rem_element(unsigned short &hi, short &rem,
     split_master(p, hi, rem);
 }
 
-// VEC: 4 elements per access (8-byte parameter and remainder loads, 16-byte moments).
-template <typename G, bool VEC>
-__device__ void adam_rem_impl(short *rem, float *m, float *v, const G *g, unsigned short *param,
+// VEC: 4 elements per access (8-byte parameter and remainder loads, 4 moments each).
+template <typename G, typename M, bool VEC>
+__device__ void adam_rem_impl(short *rem, M *m, M *v, const G *g, unsigned short *param,
                               size_t n, AdamArgs a) {
     constexpr int W = VEC ? 4 : 1;
     const size_t vectors = n / W;
@@ -127,8 +139,8 @@ __device__ void adam_rem_impl(short *rem, float *m, float *v, const G *g, unsign
             hw[0] = param[e];
             rw[0] = rem[e];
         }
-        load_w<float, W>(m + e, mw);
-        load_w<float, W>(v + e, vw);
+        load_w<M, W>(m + e, mw);
+        load_w<M, W>(v + e, vw);
         if (a.has_grad) load_w<G, W>(g + e, gw);
 #pragma unroll
         for (int k = 0; k < W; ++k)
@@ -140,25 +152,31 @@ __device__ void adam_rem_impl(short *rem, float *m, float *v, const G *g, unsign
             param[e] = hw[0];
             rem[e] = rw[0];
         }
-        store_w<float, W>(m + e, mw);
-        store_w<float, W>(v + e, vw);
+        store_w<M, W>(m + e, mw);
+        store_w<M, W>(v + e, vw);
     }
     for (size_t i = vectors * W + (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        adam_rem_element(param[i], rem[i], m[i], v[i], a.has_grad ? to_f(g[i]) : 0.f, a);
+         i += (size_t)gridDim.x * blockDim.x) {
+        float mi = to_f(m[i]), vi = to_f(v[i]);
+        adam_rem_element(param[i], rem[i], mi, vi, a.has_grad ? to_f(g[i]) : 0.f, a);
+        m[i] = from_f<M>(mi);
+        v[i] = from_f<M>(vi);
+    }
 }
 
 // `param`: the bf16 parameter's bits; the gradient is f32 or bf16 (`_tgrad`).
-#define ADAM_REM(NAME, G)                                                                       \
-    extern "C" __global__ void NAME(short *rem, float *m, float *v, const G *g,                 \
-                                    unsigned short *param, unsigned long long n, AdamArgs a) {  \
-        if (aligned16(m) && aligned16(v) && ((unsigned long long)rem % 8) == 0 &&               \
-            ((unsigned long long)param % 8) == 0 &&                                             \
-            ((unsigned long long)g % (4 * sizeof(G))) == 0)                                     \
-            adam_rem_impl<G, true>(rem, m, v, g, param, n, a);                                  \
+#define ADAM_REM_M(NAME, G, M)                                                                  \
+    extern "C" __global__ void NAME(short *rem, M *m, M *v, const G *g, unsigned short *param,  \
+                                    unsigned long long n, AdamArgs a) {                         \
+        if (aligned4(m, sizeof(M)) && aligned4(v, sizeof(M)) && aligned4(rem, 2) &&             \
+            aligned4(param, 2) && aligned4(g, sizeof(G)))                                       \
+            adam_rem_impl<G, M, true>(rem, m, v, g, param, n, a);                               \
         else                                                                                    \
-            adam_rem_impl<G, false>(rem, m, v, g, param, n, a);                                 \
+            adam_rem_impl<G, M, false>(rem, m, v, g, param, n, a);                              \
     }
+#define ADAM_REM(NAME, G)                                                                       \
+    ADAM_REM_M(NAME, G, float)                                                                  \
+    ADAM_REM_M(NAME##_m16, G, __nv_bfloat16)
 ADAM_REM(adamw_bf16_rem, float)
 ADAM_REM(adamw_bf16_rem_tgrad, __nv_bfloat16)
 

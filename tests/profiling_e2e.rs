@@ -286,11 +286,13 @@ fn nsys_on_a_cpu_build_fails_through_the_binary() {
 }
 
 /// `optimizer.use_precision_aware_optimizer` (with `store_param_remainders`, its default) keeps
-/// each bf16 parameter's fp32 master in 2 bytes beside it instead of 4, through the binary.
+/// each bf16 parameter's fp32 master in 2 bytes beside it instead of 4, and with
+/// `exp_avg_dtype` / `exp_avg_sq_dtype` = bf16 its moments in 2 bytes each, through the binary.
 #[test]
 fn the_precision_aware_optimizer_halves_the_masters_of_bf16_parameters() {
     let dir = tempfile::tempdir().unwrap();
-    let main_param_per_param = |extra: &[&str]| -> f64 {
+    // Bytes of the masters and of each moment per parameter byte.
+    let per_param = |extra: &[&str]| -> [f64; 3] {
         let snap = dir.path().join("mem.pickle");
         Command::cargo_bin("mbridge")
             .unwrap()
@@ -302,26 +304,28 @@ fn the_precision_aware_optimizer_halves_the_masters_of_bf16_parameters() {
             .assert()
             .success();
         let totals = read_json(&dir.path().join("mem_0.json"))["totals_bytes"].clone();
-        let bytes = |k: &str| totals[k].as_u64().unwrap_or_else(|| panic!("{k}: {totals}"));
-        bytes("main_param") as f64 / bytes("param") as f64
+        let bytes = |k: &str| totals[k].as_u64().unwrap_or_else(|| panic!("{k}: {totals}")) as f64;
+        ["main_param", "exp_avg", "exp_avg_sq"].map(|k| bytes(k) / bytes("param"))
     };
     // Every parameter is bf16: an f32 copy is twice its bytes, a remainder as many.
-    assert_eq!(main_param_per_param(&[]), 2.0);
+    assert_eq!(per_param(&[]), [2.0, 2.0, 2.0]);
     let aware =
         ["optimizer.use_precision_aware_optimizer=true", "ddp.use_distributed_optimizer=true"];
-    assert_eq!(main_param_per_param(&aware), 1.0);
+    assert_eq!(per_param(&aware), [1.0, 2.0, 2.0]);
     assert_eq!(
-        main_param_per_param(&[&aware[..], &["optimizer.store_param_remainders=false"]].concat()),
-        2.0
+        per_param(&[&aware[..], &["optimizer.store_param_remainders=false"]].concat()),
+        [2.0, 2.0, 2.0]
     );
-    // State dtypes other than fp32 are refused, not ignored.
+    let bf16_moments = ["optimizer.exp_avg_dtype=bf16", "optimizer.exp_avg_sq_dtype=bf16"];
+    assert_eq!(per_param(&[&aware[..], &bf16_moments].concat()), [1.0, 1.0, 1.0]);
+    // fp16 moments (scaled in Transformer Engine) are refused, not ignored.
     Command::cargo_bin("mbridge")
         .unwrap()
-        .args(["pretrain", "--recipe", "tiny_llama", "optimizer.exp_avg_dtype=bf16"])
+        .args(["pretrain", "--recipe", "tiny_llama", "optimizer.exp_avg_dtype=fp16"])
         .args(aware)
         .assert()
         .failure()
-        .stderr(predicates::str::contains("`optimizer.exp_avg_dtype` = BF16"));
+        .stderr(predicates::str::contains("`optimizer.exp_avg_dtype` = F16"));
     Command::cargo_bin("mbridge")
         .unwrap()
         .args([

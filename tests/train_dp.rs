@@ -282,6 +282,44 @@ fn precision_aware_remainders_track_fp32_master_copies() {
     assert_same_curve(&tail(&zero1[0]), &resumed[0], "remainders resumed at DP=2");
 }
 
+/// The precision-aware optimizer's bf16 moments (`optimizer.exp_avg_dtype` /
+/// `exp_avg_sq_dtype` = bf16): one process and two ranks (moments sharded) follow the f32
+/// moments' curve to bf16 precision, and a checkpoint (moments written as f32) resumes the
+/// two-rank run exactly.
+#[test]
+fn bf16_moments_track_f32_moments() {
+    let aware = [
+        "mixed_precision=bf16_mixed",
+        "train.train_iters=8",
+        "optimizer.use_precision_aware_optimizer=true",
+        "ddp.use_distributed_optimizer=true",
+    ];
+    let base = single(&aware);
+    let bf16 =
+        [&aware[..], &["optimizer.exp_avg_dtype=bf16", "optimizer.exp_avg_sq_dtype=bf16"]].concat();
+    let one = single(&bf16);
+    let zero1 = run_ranks(2, &bf16);
+    assert_eq!((one.losses.len(), zero1[0].losses.len()), (8, 8));
+    let mut differ = false;
+    for (((it, x), (_, y)), (_, z)) in base.losses.iter().zip(&one.losses).zip(&zero1[0].losses) {
+        assert!(rel(*x, *y) < 1e-2, "iteration {it}: f32 moments {x} vs bf16 {y}");
+        assert!(rel(*y, *z) < 1e-2, "iteration {it}: one process {y} vs two ranks {z}");
+        differ |= x != y;
+    }
+    assert!(differ, "bf16 moments changed nothing: {:?}", one.losses);
+    let dir = tempfile::tempdir().unwrap();
+    let save = format!("+checkpoint.save={}", dir.path().display());
+    let load = format!("+checkpoint.load={}", dir.path().display());
+    run_ranks(2, &[&bf16[..], &["+train.exit_interval=4", &save]].concat());
+    let resumed = run_ranks(2, &[&bf16[..], &[load.as_str()]].concat());
+    let tail = |o: &TrainOutcome| TrainOutcome {
+        losses: o.losses[4..].to_vec(),
+        grad_norms: o.grad_norms[4..].to_vec(),
+        ..o.clone()
+    };
+    assert_same_curve(&tail(&zero1[0]), &resumed[0], "bf16 moments resumed at DP=2");
+}
+
 /// `grad_reduce_in_fp32 = false` (Megatron Bridge's performance recipes): bf16 gradients are
 /// summed, reduced over DP and handed to the optimizer in bf16, and still train the curve of
 /// f32 main grads to bf16 precision, on one process and on two with the distributed

@@ -51,13 +51,24 @@ pub fn engine_unsupported(cfg: &ConfigContainer) -> Vec<String> {
     let mut errs = Vec::new();
     if o.use_precision_aware_optimizer {
         for (name, dtype) in state_dtypes(cfg) {
-            if dtype != DType::F32 {
-                errs.push(format!(
-                    "`optimizer.{name}` = {dtype:?}: the precision-aware optimizer keeps its \
-                     state in fp32 (bf16 masters as remainders, `optimizer.store_param_remainders`); \
-                     other dtypes are not implemented, set it to \"fp32\""
-                ));
+            let moment = name.starts_with("exp_avg");
+            if dtype == DType::F32 || (moment && dtype == DType::BF16) {
+                continue;
             }
+            errs.push(if moment {
+                format!(
+                    "`optimizer.{name}` = {dtype:?}: moments are kept in fp32 or bf16; fp16 \
+                     moments need Transformer Engine's per-tensor scaling, which is not \
+                     implemented; set it to \"bf16\" or \"fp32\""
+                )
+            } else {
+                format!(
+                    "`optimizer.{name}` = {dtype:?}: the precision-aware optimizer keeps masters \
+                     and main gradients in fp32 (bf16 masters as remainders, \
+                     `optimizer.store_param_remainders`); other dtypes are not implemented, set \
+                     it to \"fp32\""
+                )
+            });
         }
     }
     if o.optimizer_cpu_offload {
@@ -129,6 +140,12 @@ mod tests {
         let mut c = cfg();
         assert!(engine_unsupported(&c).is_empty());
         c.optimizer.use_precision_aware_optimizer = true;
+        // bf16 moments are kept (TE FusedAdam's exp_avg_dtype); fp16 ones need scaling.
+        c.optimizer.exp_avg_dtype = DType::BF16;
+        assert!(engine_unsupported(&c).is_empty(), "{:?}", engine_unsupported(&c));
+        c.optimizer.main_params_dtype = DType::BF16;
+        assert!(engine_unsupported(&c)[0].contains("`optimizer.main_params_dtype` = BF16"));
+        c.optimizer.main_params_dtype = DType::F32;
         c.optimizer.exp_avg_sq_dtype = DType::F16;
         c.optimizer.optimizer_cpu_offload = true;
         c.optimizer.apply_wd_to_qk_layernorm = true;
@@ -136,6 +153,7 @@ mod tests {
         let errs = engine_unsupported(&c);
         assert_eq!(errs.len(), 3, "{errs:?}");
         assert!(errs[0].contains("`optimizer.exp_avg_sq_dtype` = F16"), "{errs:?}");
+        assert!(errs[0].contains("per-tensor scaling"), "{errs:?}");
         assert!(errs[1].contains("optimizer_cpu_offload"), "{errs:?}");
         assert!(errs[2].contains("logger.log_num_zeros_in_grad"), "{errs:?}");
         // Weight decay on q/k layernorms matters only when the model has them.

@@ -17,6 +17,7 @@ use candle_core::{Device, Tensor, TensorId, Var};
 use super::grads::GradSource;
 use super::optimizer::{
     default_wd_mult, master_dtype, Algorithm, MasterStorage, OptimError, Optimizer, ParamState,
+    StateStorage,
 };
 use super::optimizer_state::OptimizerState;
 use crate::parallel::comm::Communicator;
@@ -65,8 +66,9 @@ impl DistributedOptimizer {
         layout: BufferLayout,
         dp_rank: usize,
         overlap_param_gather: Option<Arc<dyn Communicator>>,
-        storage: MasterStorage,
+        storage: impl Into<StateStorage>,
     ) -> Result<Self, OptimError> {
+        let storage: StateStorage = storage.into();
         let params: Vec<ModelParam> =
             params.into_iter().map(|(name, var)| ModelParam { name, var }).collect();
         let slices = layout.shard_slices(dp_rank);
@@ -74,7 +76,7 @@ impl DistributedOptimizer {
         for s in &slices {
             let p = &params[s.param];
             let value = slice_of(&p.var.as_detached_tensor(), s)?
-                .to_dtype(shard_dtype(p.var.dtype(), storage))?;
+                .to_dtype(shard_dtype(p.var.dtype(), storage.masters))?;
             let name = format!("{}[{}..{}]", p.name, s.param_offset, s.param_offset + s.len);
             // The group follows the whole parameter (a 1-D slice of a matrix still decays).
             let wd = default_wd_mult(&p.name, p.var.rank());
@@ -230,7 +232,8 @@ impl DistributedOptimizer {
             for (i, &(b, k)) in buckets.iter().enumerate() {
                 let buf = &self.layout.buffers[b];
                 let dtype = master_dtype(buf.param_dtype);
-                let shard = self.shard_tensor(i, dtype, |j| Ok(state[j].clone()))?;
+                // bf16 moments are gathered as the f32 values they hold (the checkpoint format).
+                let shard = self.shard_tensor(i, dtype, |j| state[j].to_dtype(dtype))?;
                 let bucket_full = dp.all_gather(&shard, 0)?;
                 let bucket = &buf.buckets[k];
                 for span in &buf.params[bucket.params.clone()] {

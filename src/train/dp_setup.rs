@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::{DType, Var};
 
 use super::dist_optimizer::DistributedOptimizer;
-use super::optimizer::{default_groups, Algorithm, MasterStorage, Optimizer};
+use super::optimizer::{default_groups, Algorithm, MasterStorage, Optimizer, StateStorage};
 use super::run_optimizer::RunOptimizer;
 use crate::config::ConfigContainer;
 use std::sync::Arc;
@@ -31,15 +31,25 @@ pub fn uses_distributed_optimizer(cfg: &ConfigContainer) -> bool {
     cfg.ddp.use_distributed_optimizer || cfg.optimizer.use_distributed_optimizer
 }
 
-/// How bf16 parameters' fp32 masters are kept: as remainders under
-/// `optimizer.use_precision_aware_optimizer` with `optimizer.store_param_remainders` (both as
-/// megatron-core, where Transformer Engine's FusedAdam then stores them so), else as copies.
-pub fn master_storage(cfg: &ConfigContainer) -> MasterStorage {
+/// How the optimizer keeps its state. Under `optimizer.use_precision_aware_optimizer` (as in
+/// megatron-core, where Transformer Engine's FusedAdam then stores them so): bf16 parameters'
+/// fp32 masters as remainders with `optimizer.store_param_remainders`, the moments in
+/// `optimizer.exp_avg_dtype` / `exp_avg_sq_dtype` (fp32 or bf16, see
+/// `config::optimizer_rules`). Otherwise f32 master copies and moments.
+pub fn state_storage(cfg: &ConfigContainer) -> StateStorage {
     let o = &cfg.optimizer;
-    if o.use_precision_aware_optimizer && o.store_param_remainders {
-        MasterStorage::Remainders
-    } else {
-        MasterStorage::Copy
+    if !o.use_precision_aware_optimizer {
+        return StateStorage::default();
+    }
+    let dtype = super::setup::candle_dtype;
+    StateStorage {
+        masters: if o.store_param_remainders {
+            MasterStorage::Remainders
+        } else {
+            MasterStorage::Copy
+        },
+        exp_avg: dtype(o.exp_avg_dtype),
+        exp_avg_sq: dtype(o.exp_avg_sq_dtype),
     }
 }
 
@@ -54,7 +64,7 @@ pub fn build(
     late: Vec<bool>,
 ) -> Result<(RunOptimizer, Option<GradReducer>)> {
     let distributed = uses_distributed_optimizer(cfg);
-    let storage = master_storage(cfg);
+    let storage = state_storage(cfg);
     let replicated = |named| Optimizer::with_storage(algorithm, default_groups(named), storage);
     let Some(g) = groups else {
         if distributed {

@@ -6,7 +6,10 @@
 //! Precision: a parameter stored in bf16/f16 gets an f32 master copy; the update runs on the
 //! master and the result is cast back into the model's `Var`. f32 parameters are their own
 //! master (no copy), f64 parameters keep f64 everything (gradient checks on CPU). Moments are
-//! kept in the master dtype. With [`MasterStorage::Remainders`]
+//! kept in the master dtype, or in bf16 ([`StateStorage`], the precision-aware optimizer's
+//! `exp_avg_dtype` / `exp_avg_sq_dtype`): the update then reads them into f32, steps with the
+//! f32 values and stores them rounded, as Transformer Engine's FusedAdam does. With
+//! [`MasterStorage::Remainders`]
 //! (`optimizer.store_param_remainders`) a bf16 parameter's master is the parameter itself plus
 //! a 16-bit remainder ([`crate::ops::param_remainder`]): the same f32 values in 2 bytes less.
 //!
@@ -173,6 +176,42 @@ pub enum MasterStorage {
     Remainders,
 }
 
+/// How the optimizer keeps its state: the masters of bf16 parameters, and the dtype of each
+/// moment for parameters with f32 masters (f64 parameters keep f64 moments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateStorage {
+    pub masters: MasterStorage,
+    /// Adam's first moment (SGD's momentum buffer): f32 or bf16.
+    pub exp_avg: DType,
+    /// Adam's second moment: f32 or bf16.
+    pub exp_avg_sq: DType,
+}
+
+impl Default for StateStorage {
+    /// megatron-core's default: f32 master copies and moments.
+    fn default() -> Self {
+        MasterStorage::Copy.into()
+    }
+}
+
+impl From<MasterStorage> for StateStorage {
+    /// `masters` with f32 moments.
+    fn from(masters: MasterStorage) -> Self {
+        Self { masters, exp_avg: DType::F32, exp_avg_sq: DType::F32 }
+    }
+}
+
+impl StateStorage {
+    /// The dtype a moment stored as `wanted` takes for a parameter whose master is `mdt`.
+    fn moment_dtype(wanted: DType, mdt: DType) -> DType {
+        if mdt == DType::F64 {
+            mdt
+        } else {
+            wanted
+        }
+    }
+}
+
 /// Where a parameter's master value lives.
 #[derive(Debug)]
 pub enum Master {
@@ -286,12 +325,13 @@ impl Optimizer {
         Self::with_storage(algorithm, params, MasterStorage::Copy)
     }
 
-    /// [`Self::with_wd_mults`], keeping bf16 parameters' masters as `storage` says.
+    /// [`Self::with_wd_mults`], keeping masters and moments as `storage` says.
     pub fn with_storage(
         algorithm: Algorithm,
         params: Vec<(String, Var, f64)>,
-        storage: MasterStorage,
+        storage: impl Into<StateStorage>,
     ) -> Result<Self, OptimError> {
+        let storage: StateStorage = storage.into();
         let mut seen = HashSet::new();
         let mut states = Vec::with_capacity(params.len());
         for (name, var, wd_mult) in params {
@@ -305,17 +345,19 @@ impl Optimizer {
             let mdt = master_dtype(dtype);
             let master = if dtype == mdt {
                 Master::Variable
-            } else if storage == MasterStorage::Remainders && dtype == DType::BF16 {
+            } else if storage.masters == MasterStorage::Remainders && dtype == DType::BF16 {
                 // The variable is the master exactly: every remainder is zero.
                 Master::Remainder(Tensor::zeros(var.shape(), DType::I16, var.device())?)
             } else {
                 Master::Copy(var.as_detached_tensor().to_dtype(mdt)?)
             };
-            let zeros = Tensor::zeros(var.shape(), mdt, var.device())?;
+            let m1 = StateStorage::moment_dtype(storage.exp_avg, mdt);
+            let m2 = StateStorage::moment_dtype(storage.exp_avg_sq, mdt);
+            let zeros = Tensor::zeros(var.shape(), m1, var.device())?;
             // A buffer of its own (not a clone of `zeros`): the fused CUDA step updates the
             // moments in place, so they must not share storage.
             let exp_avg_sq = match algorithm {
-                Algorithm::Adam(_) => Some(Tensor::zeros(var.shape(), mdt, var.device())?),
+                Algorithm::Adam(_) => Some(Tensor::zeros(var.shape(), m2, var.device())?),
                 Algorithm::Sgd(_) => None,
             };
             states.push(ParamState { name, var, wd_mult, master, exp_avg: zeros, exp_avg_sq });
@@ -428,7 +470,9 @@ impl Optimizer {
                 (Some(g), Some(c)) => {
                     g.detach().to_dtype(master_dtype(p.var.dtype()))?.affine(c, 0.0)?
                 }
-                (None, _) => p.exp_avg.zeros_like()?,
+                (None, _) => {
+                    Tensor::zeros(p.var.shape(), master_dtype(p.var.dtype()), p.var.device())?
+                }
             };
             let param = p.master_value()?;
             let group_wd = wd * p.wd_mult;
@@ -493,6 +537,10 @@ fn fused_adam(
         grad_scale: grad_scale.unwrap_or(1.0),
     };
     let v = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment");
+    if v.dtype() != p.exp_avg.dtype() {
+        // The kernels keep both moments in one dtype; mixed moments take the composite path.
+        return Ok(false);
+    }
     match &p.master {
         Master::Copy(m) => adam_step(m, &p.exp_avg, v, grad, Some(p.var.as_tensor()), &step)?,
         Master::Variable => adam_step(p.var.as_tensor(), &p.exp_avg, v, grad, None, &step)?,
@@ -534,10 +582,14 @@ fn adam_update(
             grad = (grad + param.affine(wd, 0.0)?)?;
         }
     }
+    // Narrow moments are read into the master dtype; the step uses the unrounded new values
+    // and only what is stored is rounded (Transformer Engine's FusedAdam).
+    let mdt = grad.dtype();
+    let m_prev = p.exp_avg.to_dtype(mdt)?;
     // exp_avg.lerp_(grad, 1 - beta1)  ==  m + (1-β1)·(g − m)
-    let m = (&p.exp_avg + (&grad - &p.exp_avg)?.affine(1.0 - c.beta1, 0.0)?)?;
+    let m = (&m_prev + (&grad - &m_prev)?.affine(1.0 - c.beta1, 0.0)?)?;
     // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    let v_prev = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment");
+    let v_prev = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment").to_dtype(mdt)?;
     let v = (v_prev.affine(c.beta2, 0.0)? + grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
     let bias_correction1 = 1.0 - c.beta1.powf(t);
     let bias_correction2 = 1.0 - c.beta2.powf(t);
@@ -546,8 +598,9 @@ fn adam_update(
     // denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps); param.addcdiv_(exp_avg, denom, -step_size)
     let denom = v.sqrt()?.affine(1.0 / bias_correction2_sqrt, c.eps)?;
     let new_param = (param + m.affine(-step_size, 0.0)?.div(&denom)?)?;
-    p.exp_avg = m;
-    p.exp_avg_sq = Some(v);
+    let v_dtype = p.exp_avg_sq.as_ref().map_or(mdt, Tensor::dtype);
+    p.exp_avg = m.to_dtype(p.exp_avg.dtype())?;
+    p.exp_avg_sq = Some(v.to_dtype(v_dtype)?);
     Ok(new_param)
 }
 
@@ -565,9 +618,9 @@ fn sgd_update(
     }
     if c.momentum != 0.0 {
         // buf.mul_(momentum).add_(grad); the first step's buffer is 0, giving torch's clone.
-        let buf = (p.exp_avg.affine(c.momentum, 0.0)? + grad)?;
+        let buf = (p.exp_avg.to_dtype(grad.dtype())?.affine(c.momentum, 0.0)? + grad)?;
         grad = buf.clone();
-        p.exp_avg = buf;
+        p.exp_avg = buf.to_dtype(p.exp_avg.dtype())?;
     }
     Ok((param + grad.affine(-lr, 0.0)?)?)
 }

@@ -2,7 +2,9 @@
 //!
 //! Names are `<param>.exp_avg`, `<param>.exp_avg_sq` (Adam), `<param>.momentum_buffer` (SGD) and
 //! `<param>.master` (only for parameters whose model dtype is narrower than f32). The step
-//! count travels beside the tensors.
+//! count travels beside the tensors. Every tensor is written in the master dtype (bf16 moments
+//! as the f32 values they hold, as Transformer Engine's FusedAdam saves them), so a state loads
+//! into any [`super::optimizer::StateStorage`].
 
 use std::collections::HashMap;
 
@@ -29,8 +31,9 @@ fn first_moment_suffix(algorithm: &Algorithm) -> &'static str {
 }
 
 impl Optimizer {
-    /// Exports the state (tensors share storage with the optimizer; they are never mutated in
-    /// place, so this is a cheap snapshot; masters kept as remainders are merged into f32).
+    /// Exports the state (f32 tensors share storage with the optimizer; they are never mutated
+    /// in place, so this is a cheap snapshot; masters kept as remainders are merged into f32,
+    /// bf16 moments widened to f32).
     pub fn export_state(&self) -> Result<OptimizerState, OptimError> {
         let m1 = first_moment_suffix(self.algorithm());
         let mut tensors = Vec::new();
@@ -40,9 +43,10 @@ impl Optimizer {
                 // into either storage.
                 tensors.push((format!("{}.master", p.name), p.master_value()?));
             }
-            tensors.push((format!("{}.{m1}", p.name), p.exp_avg.clone()));
+            let mdt = master_dtype(p.var.dtype());
+            tensors.push((format!("{}.{m1}", p.name), p.exp_avg.to_dtype(mdt)?));
             if let Some(v) = &p.exp_avg_sq {
-                tensors.push((format!("{}.exp_avg_sq", p.name), v.clone()));
+                tensors.push((format!("{}.exp_avg_sq", p.name), v.to_dtype(mdt)?));
             }
         }
         Ok(OptimizerState {
@@ -54,7 +58,8 @@ impl Optimizer {
 
     /// Restores a state written by [`Self::export_state`] for the same parameters. Every
     /// expected tensor must be present with the parameter's shape, and no extra tensor may be
-    /// present; tensors are cast to the master dtype and moved to the parameter's device.
+    /// present; tensors are cast to the dtype the optimizer keeps them in and moved to the
+    /// parameter's device.
     /// The model variables are set to the restored masters rounded to their dtype (what the
     /// checkpoint's model tensors hold when the same master storage wrote it). On error nothing
     /// is changed.
@@ -76,8 +81,7 @@ impl Optimizer {
         let mut restored = Vec::with_capacity(self.params().len());
         for p in self.params() {
             let dims = p.var.dims().to_vec();
-            let dtype = master_dtype(p.var.dtype());
-            let mut take = |key: String| -> Result<Tensor, OptimError> {
+            let mut take = |key: String, dtype: candle_core::DType| -> Result<Tensor, OptimError> {
                 let t = by_name
                     .remove(key.as_str())
                     .ok_or_else(|| OptimError::MissingStateTensor(key.clone()))?;
@@ -91,12 +95,14 @@ impl Optimizer {
                 Ok(t.to_dtype(dtype)?.to_device(p.var.device())?.detach())
             };
             let master = match p.master.stored() {
-                Some(_) => Some(take(format!("{}.master", p.name))?),
+                Some(_) => Some(take(format!("{}.master", p.name), master_dtype(p.var.dtype()))?),
                 None => None,
             };
-            let exp_avg = take(format!("{}.{m1}", p.name))?;
-            let exp_avg_sq =
-                if is_adam { Some(take(format!("{}.exp_avg_sq", p.name))?) } else { None };
+            let exp_avg = take(format!("{}.{m1}", p.name), p.exp_avg.dtype())?;
+            let exp_avg_sq = match (&p.exp_avg_sq, is_adam) {
+                (Some(v), true) => Some(take(format!("{}.exp_avg_sq", p.name), v.dtype())?),
+                _ => None,
+            };
             restored.push((master, exp_avg, exp_avg_sq));
         }
         if let Some(extra) = state.tensors.iter().find(|(n, _)| by_name.contains_key(n.as_str())) {

@@ -27,7 +27,8 @@ use crate::parallel::pipeline::{schedule, PipelineP2p, ScheduleSpec};
 use crate::parallel::ProcessGroups;
 use crate::profiling::Profiler;
 
-fn candle_dtype(d: CfgDType) -> DType {
+/// The candle dtype of a config dtype.
+pub(super) fn candle_dtype(d: CfgDType) -> DType {
     match d {
         CfgDType::F32 => DType::F32,
         CfgDType::BF16 => DType::BF16,

@@ -5,7 +5,9 @@
 use super::{compare, Check, CheckFn, Measure};
 use crate::ops;
 use crate::ops::fused::set_override;
-use crate::train::optimizer::{default_wd_mult, AdamConfig, Algorithm, MasterStorage, Optimizer};
+use crate::train::optimizer::{
+    default_wd_mult, AdamConfig, Algorithm, MasterStorage, Optimizer, StateStorage,
+};
 use anyhow::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -365,16 +367,21 @@ fn vocab_parallel_ce(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
 /// CPU (composite ops): AdamW and Adam+L2, a no-decay parameter and one without gradient,
 /// two of the steps with a clipping coefficient; f32 gradients, and bf16 ones (bf16 main
 /// grads, `ddp.grad_reduce_in_fp32 = false`) read by the kernel as they are; masters as f32
-/// copies and as remainders (`optimizer.store_param_remainders`).
+/// copies and as remainders (`optimizer.store_param_remainders`); moments in f32 and in bf16
+/// (`optimizer.exp_avg_dtype`, `exp_avg_sq_dtype`).
 fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let mut ms = Vec::new();
-    let (copy, rem) = (MasterStorage::Copy, MasterStorage::Remainders);
+    let (copy, rem) = (MasterStorage::Copy.into(), MasterStorage::Remainders.into());
+    let m16 = |masters| StateStorage { masters, exp_avg: DType::BF16, exp_avg_sq: DType::BF16 };
+    let (copy16, rem16) = (m16(MasterStorage::Copy), m16(MasterStorage::Remainders));
     for (decoupled, grad_dtype, storage) in [
         (true, DType::F32, copy),
         (false, DType::F32, copy),
         (true, DType::BF16, copy),
         (true, DType::F32, rem),
         (false, DType::BF16, rem),
+        (true, DType::F32, copy16),
+        (true, DType::BF16, rem16),
     ] {
         let cfg = AdamConfig { decoupled_weight_decay: decoupled, ..AdamConfig::default() };
         let shapes: [&[usize]; 3] = [&[64, 37], &[37], &[5, 3]];
@@ -416,7 +423,13 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             (true, _) => "adamw bf16-grad",
             (false, _) => "adam+l2 bf16-grad",
         };
-        let tag = if storage == rem { format!("{tag} remainders") } else { tag.to_string() };
+        let mut tag = tag.to_string();
+        if storage.masters == MasterStorage::Remainders {
+            tag += " remainders";
+        }
+        if storage.exp_avg == DType::BF16 {
+            tag += " bf16-moments";
+        }
         for (k, (g, c)) in gpu.params().iter().zip(cpu.params()).enumerate() {
             let what = |s: &str| format!("{tag} {} {s}", names[k]);
             let (gm, cm) = (g.master_value()?, c.master_value()?);
@@ -426,7 +439,7 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
                 ms.push(compare(&what("exp_avg_sq"), gv, cv, 1e-6)?);
             }
             ms.push(compare(&what("bf16 param"), g.var.as_tensor(), c.var.as_tensor(), 1e-6)?);
-            if storage == rem {
+            if storage.masters == MasterStorage::Remainders {
                 // The checkpoint path: the GPU's split of the f32 master, merged on the CPU.
                 let (hi, r) = ops::param_remainder::split(&gm)?;
                 let back = ops::param_remainder::merge(

@@ -1,6 +1,8 @@
 //! Fused Adam/AdamW step: one kernel per parameter updates the f32 master, both moments and
 //! the model's (bf16/f16) copy in place, instead of ~15 candle ops that each allocate a
 //! full-size temporary. Semantics (and f32 rounding) of `train::optimizer::adam_update`.
+//! The moments are f32, or both bf16 (the precision-aware optimizer's `exp_avg_dtype` and
+//! `exp_avg_sq_dtype`, kernels `..._m16`).
 
 use super::{cuda_storage, dtype_suffix, elementwise_blocks};
 use crate::with_float_type;
@@ -88,33 +90,47 @@ fn f32_view<'a>(s: &'a Storage, l: &Layout, n: usize, what: &str) -> Result<Cuda
     Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n))
 }
 
-/// The gradient operand of the kernel: f32, or the raw half-precision buffer (typed by the
-/// kernel's name, `adamw_*_tgrad`).
-enum GradView<'a> {
+/// A gradient or moment operand of the kernel: f32, or the raw half-precision buffer (typed
+/// by the kernel's name, `adamw_*_tgrad`, `..._m16`).
+enum Operand<'a> {
     F32(CudaView<'a, f32>),
     Half(CudaView<'a, u16>),
 }
 
-impl<'a> GradView<'a> {
+impl<'a> Operand<'a> {
     fn push<'b>(&'b self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'b>) {
         match self {
-            GradView::F32(v) => b.arg(v),
-            GradView::Half(v) => b.arg(v),
+            Operand::F32(v) => b.arg(v),
+            Operand::Half(v) => b.arg(v),
         };
     }
 }
 
 /// The `n` half-precision elements (as raw 16-bit words) of a contiguous tensor of `dtype`.
-fn half_view<'a>(s: &'a Storage, l: &Layout, n: usize, dtype: DType) -> Result<CudaView<'a, u16>> {
-    let s = cuda_storage(s, "grad")?;
+fn half_view<'a>(
+    s: &'a Storage,
+    l: &Layout,
+    n: usize,
+    dtype: DType,
+    what: &str,
+) -> Result<CudaView<'a, u16>> {
+    let s = cuda_storage(s, what)?;
     let range = l.start_offset()..l.start_offset() + n;
-    // SAFETY: bf16 and f16 are 16-bit words; the kernel reads them as the parameter's type.
+    // SAFETY: bf16 and f16 are 16-bit words; the kernel reads them as their own type.
     match dtype {
         DType::BF16 => unsafe { s.as_cuda_slice::<half::bf16>()?.slice(range).transmute(n) },
         DType::F16 => unsafe { s.as_cuda_slice::<half::f16>()?.slice(range).transmute(n) },
-        d => candle_core::bail!("fused adam: {d:?} gradient"),
+        d => candle_core::bail!("fused adam: {d:?} {what}"),
     }
-    .ok_or_else(|| candle_core::Error::Msg("fused adam: gradient view".into()))
+    .ok_or_else(|| candle_core::Error::Msg(format!("fused adam: {what} view")))
+}
+
+/// A moment's buffer as the kernel reads it (f32 or bf16, checked by [`check_moments`]).
+fn moment_view<'a>(s: &'a Storage, l: &Layout, n: usize, what: &str) -> Result<Operand<'a>> {
+    Ok(match s.dtype() {
+        DType::F32 => Operand::F32(f32_view(s, l, n, what)?),
+        d => Operand::Half(half_view(s, l, n, d, what)?),
+    })
 }
 
 /// The kernel's gradient operand: the gradient's storage (f32, or `pdt` when `half`), or
@@ -124,16 +140,16 @@ fn grad_view<'a, G: std::ops::Deref<Target = Storage>>(
     half: bool,
     pdt: DType,
     n: usize,
-    absent: CudaView<'a, f32>,
-) -> Result<GradView<'a>> {
+    absent: Operand<'a>,
+) -> Result<Operand<'a>> {
     Ok(match grad {
-        Some((s, l)) if half => GradView::Half(half_view(s, l, n, pdt)?),
-        Some((s, l)) => GradView::F32(f32_view(s, l, n, "grad")?),
-        None => GradView::F32(absent),
+        Some((s, l)) if half => Operand::Half(half_view(s, l, n, pdt, "grad")?),
+        Some((s, l)) => Operand::F32(f32_view(s, l, n, "grad")?),
+        None => absent,
     })
 }
 
-/// Checks that the moments are contiguous f32 buffers of `n` elements.
+/// Checks that `tensors` are contiguous f32 buffers of `n` elements.
 fn check_f32(tensors: &[(&Tensor, &str)], n: usize) -> Result<()> {
     for (t, what) in tensors {
         if t.dtype() != DType::F32 || t.elem_count() != n || !t.is_contiguous() {
@@ -141,6 +157,24 @@ fn check_f32(tensors: &[(&Tensor, &str)], n: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checks that both moments are contiguous buffers of `n` elements, both f32 or both bf16;
+/// returns the kernel name's suffix (`_m16` for bf16).
+fn check_moments(exp_avg: &Tensor, exp_avg_sq: &Tensor, n: usize) -> Result<&'static str> {
+    let dtype = exp_avg.dtype();
+    for (t, what) in [(exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")] {
+        if t.dtype() != dtype || t.elem_count() != n || !t.is_contiguous() {
+            candle_core::bail!(
+                "fused adam: {what} must be contiguous {dtype:?} of {n} elements, like exp_avg"
+            );
+        }
+    }
+    match dtype {
+        DType::F32 => Ok(""),
+        DType::BF16 => Ok("_m16"),
+        d => candle_core::bail!("fused adam: {d:?} moments (the kernels keep f32 or bf16)"),
+    }
 }
 
 /// The gradient as the kernels read it: f32, or (bf16 main grads) in the parameter's half
@@ -165,7 +199,8 @@ fn launch_cfg(n: usize) -> LaunchConfig {
     }
 }
 
-/// Updates `master`, `exp_avg`, `exp_avg_sq` (f32, contiguous, distinct buffers) in place from
+/// Updates `master` (f32), `exp_avg`, `exp_avg_sq` (both f32 or both bf16; contiguous,
+/// distinct buffers) in place from
 /// `grad · step.grad_scale` (f32 or `param`'s half precision; None = zeros) and writes the
 /// rounded result into `param` (the model's variable, any float dtype). With `param = None`
 /// the master *is* the f32 parameter.
@@ -178,11 +213,13 @@ pub fn adam_step(
     step: &AdamStep,
 ) -> Result<()> {
     let n = master.elem_count();
-    check_f32(&[(master, "master"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")], n)?;
+    check_f32(&[(master, "master")], n)?;
+    let moments = check_moments(exp_avg, exp_avg_sq, n)?;
     let pdt = param.map_or(DType::F32, |p| p.dtype());
     let (grad, grad_is_half) = kernel_grad(grad, pdt)?;
     let dev = master.device().as_cuda_device()?.clone();
-    let name = format!("adamw_{}{}", dtype_suffix(pdt)?, if grad_is_half { "_tgrad" } else { "" });
+    let tgrad = if grad_is_half { "_tgrad" } else { "" };
+    let name = format!("adamw_{}{tgrad}{moments}", dtype_suffix(pdt)?);
     let f = crate::function!(&dev, &MODULE, &name)?;
     let args = step.args(grad.is_some());
     let cfg = launch_cfg(n);
@@ -190,15 +227,12 @@ pub fn adam_step(
     let (ms, ml) = master.storage_and_layout();
     let (es, el) = exp_avg.storage_and_layout();
     let (vs, vl) = exp_avg_sq.storage_and_layout();
-    let view = f32_view;
-    let (mv, ev, vv) = (
-        view(&ms, ml, n, "master")?,
-        view(&es, el, n, "exp_avg")?,
-        view(&vs, vl, n, "exp_avg_sq")?,
-    );
+    let mv = f32_view(&ms, ml, n, "master")?;
+    let (ev, vv) = (moment_view(&es, el, n, "exp_avg")?, moment_view(&vs, vl, n, "exp_avg_sq")?);
     let gguard = grad.as_ref().map(|g| g.storage_and_layout());
     // Without a gradient the master stands in as a valid pointer.
-    let gv = grad_view(gguard.as_ref(), grad_is_half, pdt, n, view(&ms, ml, n, "master")?)?;
+    let absent = Operand::F32(f32_view(&ms, ml, n, "master")?);
+    let gv = grad_view(gguard.as_ref(), grad_is_half, pdt, n, absent)?;
     let pguard = param.map(|p| p.storage_and_layout());
     with_float_type!(pdt, P, {
         match &pguard {
@@ -212,7 +246,9 @@ pub fn adam_step(
                     .as_cuda_slice::<P>()?
                     .slice(pl.start_offset()..pl.start_offset() + n);
                 let mut b = f.builder();
-                b.arg(&mv).arg(&ev).arg(&vv);
+                b.arg(&mv);
+                ev.push(&mut b);
+                vv.push(&mut b);
                 gv.push(&mut b);
                 b.arg(&pv).arg(&n64).arg(&args);
                 // SAFETY: argument list matches `adamw_*` in kernels/adamw.cu; the buffers are
@@ -222,7 +258,9 @@ pub fn adam_step(
             None => {
                 // f32 parameter that is its own master: the kernel writes the same value twice.
                 let mut b = f.builder();
-                b.arg(&mv).arg(&ev).arg(&vv);
+                b.arg(&mv);
+                ev.push(&mut b);
+                vv.push(&mut b);
                 gv.push(&mut b);
                 b.arg(&mv).arg(&n64).arg(&args);
                 // SAFETY: as above; `param` aliases `master` on purpose (identical writes).
@@ -259,7 +297,7 @@ pub fn adam_step_remainder(
     step: &AdamStep,
 ) -> Result<()> {
     let n = param.elem_count();
-    check_f32(&[(exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")], n)?;
+    let moments = check_moments(exp_avg, exp_avg_sq, n)?;
     if param.dtype() != DType::BF16 || remainder.dtype() != DType::I16 {
         candle_core::bail!(
             "param remainders need a bf16 parameter and i16 remainders, got {:?} and {:?}",
@@ -269,8 +307,8 @@ pub fn adam_step_remainder(
     }
     let (grad, grad_is_half) = kernel_grad(grad, DType::BF16)?;
     let dev = param.device().as_cuda_device()?.clone();
-    let name = if grad_is_half { "adamw_bf16_rem_tgrad" } else { "adamw_bf16_rem" };
-    let f = crate::function!(&dev, &MODULE, name)?;
+    let tgrad = if grad_is_half { "_tgrad" } else { "" };
+    let f = crate::function!(&dev, &MODULE, &format!("adamw_bf16_rem{tgrad}{moments}"))?;
     let args = step.args(grad.is_some());
     let n64 = n as u64;
     let (ps, pl) = param.storage_and_layout();
@@ -279,13 +317,15 @@ pub fn adam_step_remainder(
     let (vs, vl) = exp_avg_sq.storage_and_layout();
     let pv = words::<half::bf16>(&ps, pl, n, "param")?;
     let rv = words::<i16>(&rs, rl, n, "remainder")?;
-    let (ev, vv) = (f32_view(&es, el, n, "exp_avg")?, f32_view(&vs, vl, n, "exp_avg_sq")?);
+    let (ev, vv) = (moment_view(&es, el, n, "exp_avg")?, moment_view(&vs, vl, n, "exp_avg_sq")?);
     let gguard = grad.as_ref().map(|g| g.storage_and_layout());
-    // Without a gradient a moment stands in as a valid pointer.
-    let gv =
-        grad_view(gguard.as_ref(), grad_is_half, DType::BF16, n, f32_view(&es, el, n, "exp_avg")?)?;
+    // Without a gradient a moment stands in as a valid pointer (the kernel never reads it).
+    let absent = moment_view(&es, el, n, "exp_avg")?;
+    let gv = grad_view(gguard.as_ref(), grad_is_half, DType::BF16, n, absent)?;
     let mut b = f.builder();
-    b.arg(&rv).arg(&ev).arg(&vv);
+    b.arg(&rv);
+    ev.push(&mut b);
+    vv.push(&mut b);
     gv.push(&mut b);
     b.arg(&pv).arg(&n64).arg(&args);
     // SAFETY: argument list matches `adamw_bf16_rem*` in kernels/adamw.cu; the buffers are
