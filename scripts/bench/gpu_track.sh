@@ -8,7 +8,10 @@
 # Build first with scripts/device/build.sh, then run through the device tool with carry
 # [".devbuild/gz"]:   bash scripts/bench/gpu_track.sh 1024 200
 # Knobs: MBS, GBS (default 2 and 2), DATA (see below), TRACK_ONLY=1 (step 1 only),
-# BF16_LIMIT / F32_LIMIT (seconds per run).
+# BF16_LIMIT / F32_LIMIT (seconds per run). VS="overrides" VS_NAME=name compares bf16 with
+# another run instead of f32, e.g. FP8:
+#   VS_NAME=fp8 VS="mixed_precision=bf16_with_fp8_current_scaling_mixed
+#   mixed_precision.fp8_param_gather=false mixed_precision.fp8_param=false" TRACK_ONLY=1 ...
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SEQ="${1:-1024}"; STEPS="${2:-200}"
@@ -32,15 +35,17 @@ clear=(${CLEAR-'~checkpoint.save' '~checkpoint.load'})
 common+=("${clear[@]}")
 losses() { grep -o 'lm loss: [0-9.E+-]*' "$1" | awk '{print $3}'; }
 ms() { grep -o 'per iteration (ms): [0-9.]*' "$1" | tail -1 | awk '{print $4}'; }
-echo "== ${RECIPE:-llama32_1b} bf16_mixed vs f32, seq $SEQ, micro batch ${MBS:-2}, global batch ${GBS:-2}, $STEPS steps"
+# shellcheck disable=SC2206  # separate words on purpose
+vs=(${VS:-'~mixed_precision'}); VN=${VS_NAME:-f32}
+echo "== ${RECIPE:-llama32_1b} bf16_mixed vs $VN, seq $SEQ, micro batch ${MBS:-2}, global batch ${GBS:-2}, $STEPS steps"
 timeout "${BF16_LIMIT:-200}" "$BIN" "${common[@]}" "${notb[@]}" train.train_iters="$STEPS" >"$O/bf16.log" 2>&1; echo "bf16 exit $? ($(ms "$O/bf16.log") ms/iter)"
-timeout "${F32_LIMIT:-300}" "$BIN" "${common[@]}" "${notb[@]}" train.train_iters="$STEPS" '~mixed_precision' >"$O/f32.log" 2>&1; echo "f32 exit $? ($(ms "$O/f32.log") ms/iter)"
-paste <(losses "$O/bf16.log") <(losses "$O/f32.log") | awk -v n="$STEPS" '
+timeout "${F32_LIMIT:-300}" "$BIN" "${common[@]}" "${notb[@]}" train.train_iters="$STEPS" "${vs[@]}" >"$O/f32.log" 2>&1; echo "$VN exit $? ($(ms "$O/f32.log") ms/iter)"
+paste <(losses "$O/bf16.log") <(losses "$O/f32.log") | awk -v n="$STEPS" -v vn="$VN" '
   {d=($1-$2)/$2; if(d<0)d=-d; s+=d; if(d>m){m=d; at=NR}; if(NR>n-20){a+=$1; b+=$2; k++}}
-  END{printf "steps %d: per-step |bf16-f32|/f32 max %.2f%% (step %d), mean %.2f%%; last 20 mean loss bf16 %.4f f32 %.4f (%.2f%%)\n",
-      NR, 100*m, at, 100*s/NR, a/k, b/k, 100*(a-b)/b}'
+  END{printf "steps %d: per-step |bf16-%s|/%s max %.2f%% (step %d), mean %.2f%%; last 20 mean loss bf16 %.4f %s %.4f (%.2f%%)\n",
+      NR, vn, vn, 100*m, at, 100*s/NR, a/k, vn, b/k, 100*(a-b)/b}'
 grep -h -m1 -i "error" "$O/bf16.log" "$O/f32.log"
-paste <(losses "$O/bf16.log") <(losses "$O/f32.log") | awk 'NR==1 || NR%25==0 {printf "  step %d: bf16 %.4f f32 %.4f\n", NR, $1, $2}'
+paste <(losses "$O/bf16.log") <(losses "$O/f32.log") | awk -v vn="$VN" 'NR==1 || NR%25==0 {printf "  step %d: bf16 %.4f %s %.4f\n", NR, $1, vn, $2}'
 [ -n "${TRACK_ONLY:-}" ] && exit 0
 echo "== fp16_mixed, 40 steps"
 timeout 120 "$BIN" "${common[@]}" "${notb[@]}" train.train_iters=40 mixed_precision='"fp16_mixed"' >"$O/fp16.log" 2>&1; echo "fp16 exit $?"

@@ -211,6 +211,13 @@ pub fn plan(fin: &Finalized, recipe: Option<&str>) -> String {
         d.lr_warmup_iters,
         d.lr_decay_iters
     );
+    if let (Some(fp8), Some(span)) = (&m.fp8, m.fp8_layers()) {
+        s += &format!(
+            "precision: FP8 {fp8} with tensorwise current scaling in the linear layers of layers \
+             {}..{} of {} (0-based; the rest, the output layer and evaluation forwards in {:?})\n",
+            span.start, span.end, m.num_layers, m.params_dtype
+        );
+    }
     s += &format!("data: {:?}\n", c.dataset.kind());
     s += &format!(
         "checkpoint: save {} every {} iterations, load {}\n",

@@ -129,9 +129,6 @@ pub fn engine_unsupported(cfg: &ConfigContainer) -> Vec<String> {
             d.data_parallel_sharding_strategy
         ));
     }
-    if d.fp8_param_gather {
-        errs.push("`ddp.fp8_param_gather` needs FP8 training, which mbridge does not run".into());
-    }
     if d.check_for_large_grads {
         errs.push("`ddp.check_for_large_grads` (rerun state machine) is not implemented".into());
     }

@@ -9,6 +9,7 @@ pub mod container;
 pub mod dataset;
 pub mod ddp_rules;
 pub mod error;
+pub mod fp8_rules;
 pub mod inert;
 pub mod load;
 pub mod logger;
@@ -34,11 +35,12 @@ pub use load::{load, ConfigRequest, LoadedConfig};
 pub use validate::{finalize, Derived, Finalized};
 
 /// Everything in `cfg` that mbridge's engine cannot honour, one message per field (empty when
-/// a run can go on): the data-parallel, optimizer and inert-field rules. The trainer refuses
+/// a run can go on): the data-parallel, optimizer, FP8 and inert-field rules. The trainer refuses
 /// such a config; `config show` and conversions still accept it.
 pub fn engine_unsupported(cfg: &ConfigContainer) -> Vec<String> {
     let mut errs = ddp_rules::engine_unsupported(cfg);
     errs.extend(optimizer_rules::engine_unsupported(cfg));
+    errs.extend(fp8_rules::engine_unsupported(cfg));
     errs.extend(inert::engine_unsupported(cfg));
     errs
 }

@@ -165,6 +165,9 @@ pub struct ModelConfig {
     pub fp8: Option<String>,
     pub fp8_recipe: Option<String>,
     pub fp8_param: Option<bool>,
+    /// FP8 weight-gradient GEMMs (`mixed_precision.fp8_wgrad`); false keeps them unquantized.
+    #[default = true]
+    pub fp8_wgrad: bool,
     pub fp4: Option<String>,
     pub first_last_layers_bf16: bool,
     pub num_layers_at_start_in_bf16: usize,
@@ -222,6 +225,20 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Global numbers (0-based) of the layers whose linear layers run in FP8 when `fp8` is
+    /// set: all of them, or all but the first `num_layers_at_start_in_bf16` and the last
+    /// `num_layers_at_end_in_bf16` with `first_last_layers_bf16`, as megatron-core.
+    pub fn fp8_layers(&self) -> Option<std::ops::Range<usize>> {
+        self.fp8.as_ref()?;
+        let n = self.num_layers;
+        Some(if self.first_last_layers_bf16 {
+            self.num_layers_at_start_in_bf16.min(n)
+                ..n.saturating_sub(self.num_layers_at_end_in_bf16)
+        } else {
+            0..n
+        })
+    }
+
     /// MLP hidden size (`ffn_hidden_size`, defaulting to 4h as MCore does).
     pub fn ffn_hidden(&self) -> usize {
         self.ffn_hidden_size.unwrap_or(4 * self.hidden_size)

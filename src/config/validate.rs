@@ -557,6 +557,7 @@ fn apply_mixed_precision(cfg: &mut ConfigContainer, mp: &MixedPrecisionConfig) {
     m.fp8 = mp.fp8.clone();
     m.fp8_recipe = mp.fp8.as_ref().and(mp.fp8_recipe.clone());
     m.fp8_param = mp.fp8_param;
+    m.fp8_wgrad = mp.fp8_wgrad;
     m.fp4 = mp.fp4.clone();
     m.first_last_layers_bf16 = mp.first_last_layers_bf16;
     m.num_layers_at_start_in_bf16 = mp.num_layers_at_start_in_bf16;

@@ -9,6 +9,7 @@ use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::AttnBackend;
 use crate::ops::attention::OwnedAttnMask;
+use crate::ops::fp8::Fp8Recipe;
 use crate::ops::manual::{self, AttnState, QkvGrads};
 use crate::ops::timing::section;
 use crate::ops::{self, AttentionShape, AttnMask, DropoutRng};
@@ -39,6 +40,8 @@ pub struct SelfAttention {
     cp: Option<ContextParallel>,
     qkv_adapter: Option<Adapter>,
     proj_adapter: Option<Adapter>,
+    /// FP8 GEMMs for `linear_qkv` and `linear_proj` in training (`ops::fp8`).
+    fp8: Option<Fp8Recipe>,
 }
 
 /// Per-call inputs shared by all layers.
@@ -155,7 +158,13 @@ impl SelfAttention {
             attention_dropout: arch.attention_dropout,
             tp: None,
             cp: None,
+            fp8: None,
         })
+    }
+
+    /// Runs the block's linear layers as FP8 GEMMs in training (None: bf16).
+    pub(super) fn set_fp8(&mut self, recipe: Option<Fp8Recipe>) {
+        self.fp8 = recipe;
     }
 
     /// Runs `linear_qkv` column-parallel and `linear_proj` row-parallel over `tp` (required
@@ -345,6 +354,7 @@ impl SelfAttention {
             b: self.qkv_b.as_ref(),
             adapter: self.qkv_adapter.as_ref(),
             column_tp: self.tp.as_ref(),
+            fp8: self.fp8,
         }
     }
 
@@ -354,6 +364,7 @@ impl SelfAttention {
             b: self.proj_b.as_ref(),
             adapter: self.proj_adapter.as_ref(),
             column_tp: None,
+            fp8: self.fp8,
         }
     }
 

@@ -5,7 +5,12 @@
 //! weight-gradient GEMMs, a third of a layer's GEMM work. The base GEMM accumulates onto the
 //! adapter's low-rank term (and onto its share of the input gradient) in place, so a LoRA
 //! layer costs two skinny GEMMs more than the bare one, no extra pass over its output.
+//!
+//! With an FP8 recipe (`mixed_precision.fp8`, layers without adapters) the three GEMMs of the
+//! layer run in FP8 with tensorwise current scaling ([`crate::ops::fp8`]); the bias and
+//! the residual are added in the layer's dtype.
 
+use crate::ops::fp8::{self, Fp8Recipe};
 use crate::ops::{self, manual};
 use crate::parallel::tensor::TensorParallel;
 use crate::parallel::ReduceOp;
@@ -28,6 +33,8 @@ pub(super) struct ExplicitLinear<'a> {
     /// The TP group of a column-parallel layer (its adapter's B is split by rows, A is
     /// replicated); None for row-parallel layers and without TP.
     pub column_tp: Option<&'a TensorParallel>,
+    /// FP8 GEMMs (None: the parameters' dtype). Adapters keep their layer in that dtype.
+    pub fp8: Option<Fp8Recipe>,
 }
 
 /// What [`ExplicitLinear::backward`] needs from the forward: the adapter's `x Aᵀ`.
@@ -44,10 +51,33 @@ impl ExplicitLinear<'_> {
         trains(self.w) || self.adapter.is_some()
     }
 
+    /// The FP8 recipe when this layer's GEMMs run in FP8 (no adapter).
+    fn fp8(&self) -> Option<&Fp8Recipe> {
+        self.fp8.as_ref().filter(|_| self.adapter.is_none())
+    }
+
+    /// `x Wᵀ` (no bias) for `x` `[..., in]`: FP8 or the parameters' dtype.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.w.detach();
+        let Some(recipe) = self.fp8() else { return Ok(ops::linear(x, &w, None)?) };
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().context("linear input without dims")? = w.dim(0)?;
+        let rows = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
+        Ok(fp8::linear(&rows, &w, None, recipe)?.reshape(dims)?)
+    }
+
     /// `y` for `x` `[..., in]`, outside autograd.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
         let bias = self.b.map(Tensor::detach);
         let Some(adapter) = self.adapter else {
+            if self.fp8().is_some() {
+                let y = self.product(x)?;
+                let y = match bias {
+                    Some(b) => y.broadcast_add(&b)?,
+                    None => y,
+                };
+                return Ok((y, None));
+            }
             return Ok((ops::linear(x, &self.w.detach(), bias.as_ref())?, None));
         };
         let (a, b, scale) =
@@ -79,11 +109,19 @@ impl ExplicitLinear<'_> {
         grads: &mut GradStore,
     ) -> Result<Tensor> {
         let x = if self.needs_input() { Some(x()?) } else { None };
-        if let (true, Some(x)) = (trains(self.w), &x) {
-            grads.insert(self.w, manual::weight_grad(dy, x)?);
-        }
         if let Some(b) = self.b.filter(|b| trains(b)) {
             grads.insert(b, manual::bias_grad(dy)?);
+        }
+        if let Some(recipe) = self.fp8() {
+            let x = x.as_ref().filter(|_| trains(self.w));
+            let (dx, dw) = fp8::grads(dy, &self.w.detach(), x, recipe)?;
+            if let Some(dw) = dw {
+                grads.insert(self.w, dw);
+            }
+            return Ok(dx);
+        }
+        if let (true, Some(x)) = (trains(self.w), &x) {
+            grads.insert(self.w, manual::weight_grad(dy, x)?);
         }
         let (Some(adapter), Some(x)) = (self.adapter, x) else {
             return Ok(dy.matmul(&self.w.detach())?);
@@ -120,6 +158,10 @@ impl ExplicitLinear<'_> {
         if tp.0.is_none() && self.adapter.is_none() && self.b.is_none() {
             let rows = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
             let r = residual.reshape(((), residual.dim(candle_core::D::Minus1)?))?;
+            if let Some(recipe) = self.fp8() {
+                let y = fp8::linear(&rows, &self.w.detach(), Some(&r), recipe)?;
+                return Ok((y.reshape(residual.dims())?, None));
+            }
             if let Some(y) = manual::linear_plus(&rows, &self.w.detach(), &r)? {
                 return Ok((y.reshape(residual.dims())?, None));
             }
@@ -136,7 +178,7 @@ impl ExplicitLinear<'_> {
     /// [`Self::backward`] is the same as without TP.
     pub fn forward_row(&self, x: &Tensor, tp: TpBoundary) -> Result<(Tensor, LinearSaved)> {
         let Some(group) = tp.0 else { return self.forward(x) };
-        let y = tp.exit(&ops::linear(x, &self.w.detach(), None)?)?;
+        let y = tp.exit(&self.product(x)?)?;
         let (y, saved) = match self.adapter {
             None => (y, None),
             Some(adapter) => {

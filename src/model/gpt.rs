@@ -16,6 +16,7 @@ use super::recompute::{
 use super::step::{HostStats, Microbatch};
 use crate::config::model::{ModelConfig, PositionEmbedding};
 use crate::ops::attention::OwnedAttnMask;
+use crate::ops::fp8::Fp8Recipe;
 use crate::ops::timing::section;
 use crate::ops::{self, AttnMask, DropoutRng, PackedSeqs, RopeTable};
 use crate::parallel::comm::Communicator;
@@ -95,6 +96,30 @@ fn layer_step(
     }
     let x = (x + layer.attn.forward(x, inputs, None)?)?;
     Ok((&x + layer.mlp.forward_train(&x, None)?)?)
+}
+
+/// Which layers run their linear layers' GEMMs in FP8, with which recipe
+/// ([`ModelConfig::fp8_layers`], `model.fp8`, `fp8_wgrad`).
+struct Fp8Layers {
+    recipe: Option<Fp8Recipe>,
+    /// Global layer numbers `start..end` run in FP8.
+    span: std::ops::Range<usize>,
+}
+
+impl Fp8Layers {
+    fn of(cfg: &ModelConfig) -> Result<Self> {
+        let (Some(name), Some(span)) = (&cfg.fp8, cfg.fp8_layers()) else {
+            return Ok(Self { recipe: None, span: 0..0 });
+        };
+        let recipe = Fp8Recipe::from_name(name, cfg.fp8_wgrad).ok_or_else(|| {
+            anyhow::anyhow!("model.fp8 = {name:?}: mbridge runs \"hybrid\" and \"e4m3\"")
+        })?;
+        Ok(Self { recipe: Some(recipe), span })
+    }
+
+    fn recipe_of(&self, layer: usize) -> Option<Fp8Recipe> {
+        self.recipe.filter(|_| self.span.contains(&layer))
+    }
 }
 
 /// A GPT decoder stage holding this rank's parameter shards.
@@ -265,10 +290,13 @@ impl GptModel {
                 )?);
             }
         }
+        let fp8 = Fp8Layers::of(cfg)?;
         let mut layers = Vec::with_capacity(layer_numbers.len());
         for &l in &layer_numbers {
             let mut attn = SelfAttention::new(&mut store, &arch, l, layout.tp_size)?;
             let mut mlp = Mlp::new(&mut store, &arch, l)?;
+            attn.set_fp8(fp8.recipe_of(l));
+            mlp.set_fp8(fp8.recipe_of(l));
             if let Some(tp) = &tp_group {
                 attn = attn.with_tensor_parallel(tp.clone());
                 mlp = mlp.with_tensor_parallel(tp.clone());
@@ -346,8 +374,11 @@ impl GptModel {
             dtype,
             device: device.clone(),
             recompute,
-            // Selective recompute lives in the written-out backward, on every device.
-            explicit_layers: selective.is_some() || explicit_layer::enabled_by_default(device),
+            // Selective recompute and the FP8 GEMMs live in the written-out backward, on every
+            // device.
+            explicit_layers: selective.is_some()
+                || fp8.recipe.is_some()
+                || explicit_layer::enabled_by_default(device),
             selective,
         })
     }

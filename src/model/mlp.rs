@@ -9,6 +9,7 @@ use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use super::recompute::SelectiveRecompute;
 use crate::config::model::Activation;
+use crate::ops::fp8::Fp8Recipe;
 use crate::ops::timing::section;
 use crate::ops::{self, manual, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
@@ -30,6 +31,8 @@ pub struct Mlp {
     tp: Option<TensorParallel>,
     fc1_adapter: Option<Adapter>,
     fc2_adapter: Option<Adapter>,
+    /// FP8 GEMMs for `linear_fc1` and `linear_fc2` in training (`ops::fp8`).
+    fp8: Option<Fp8Recipe>,
 }
 
 impl Mlp {
@@ -102,7 +105,13 @@ impl Mlp {
             gated: arch.gated,
             activation: arch.activation,
             tp: None,
+            fp8: None,
         })
+    }
+
+    /// Runs the block's linear layers as FP8 GEMMs in training (None: bf16).
+    pub(super) fn set_fp8(&mut self, recipe: Option<Fp8Recipe>) {
+        self.fp8 = recipe;
     }
 
     /// Runs `linear_fc1` column-parallel and `linear_fc2` row-parallel over `tp`.
@@ -200,6 +209,7 @@ impl Mlp {
             b: self.fc1_b.as_ref(),
             adapter: self.fc1_adapter.as_ref(),
             column_tp: self.tp.as_ref(),
+            fp8: self.fp8,
         }
     }
 
@@ -209,6 +219,7 @@ impl Mlp {
             b: self.fc2_b.as_ref(),
             adapter: self.fc2_adapter.as_ref(),
             column_tp: None,
+            fp8: self.fp8,
         }
     }
 

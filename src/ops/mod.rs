@@ -17,6 +17,7 @@ pub mod cross_entropy;
 pub mod cuda;
 pub mod dropout;
 pub mod flash;
+pub mod fp8;
 pub mod fused;
 mod fused_cpu;
 pub mod linear;

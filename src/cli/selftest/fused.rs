@@ -8,7 +8,7 @@ use crate::ops::fused::set_override;
 use crate::train::optimizer::{
     default_wd_mult, AdamConfig, Algorithm, MasterStorage, Optimizer, StateStorage,
 };
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
@@ -26,6 +26,7 @@ pub(super) fn checks() -> Vec<Check> {
         Check { name: "rms_norm_residual", run: CheckFn::Measures(rms_norm_residual) },
         Check { name: "add", run: CheckFn::Measures(add) },
         Check { name: "linear_plus", run: CheckFn::Measures(linear_plus) },
+        Check { name: "fp8_linear", run: CheckFn::Measures(fp8_linear) },
         Check { name: "rope", run: CheckFn::Measures(rope) },
         Check { name: "rope_qkv_dense_q", run: CheckFn::Measures(rope_qkv_dense_q) },
         Check { name: "swiglu", run: CheckFn::Measures(swiglu) },
@@ -448,6 +449,62 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
                 )?;
                 ms.push(compare(&what("split and merge"), &back, &cm, 0.0)?);
             }
+        }
+    }
+    Ok(ms)
+}
+
+/// The FP8 GEMMs of a linear layer (tensorwise current scaling, `ops::fp8`) on the GPU's FP8
+/// tensor cores against the CPU reference, which quantizes the same bf16 values one by one and
+/// multiplies them in f32: both round the sums to bf16, so they differ by the accumulation
+/// order (and the forward's fast accumulator). Both formats; one operand with a scale from a
+/// large outlier.
+fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    use crate::ops::fp8::{self, Fp8Recipe};
+    let mut ms = Vec::new();
+    let (rows, inp, out) = (96, 160, 48);
+    let x = randn(seed + 300, &[rows, inp], 1.0, 0.0)?;
+    // An outlier sets x's scale: the other values use fewer of E4M3's steps.
+    let x = x.slice_assign(&[0..1, 0..1], &Tensor::new(&[[40f32]], &Device::Cpu)?)?;
+    let w = randn(seed + 301, &[out, inp], 0.05, 0.0)?;
+    let dy = randn(seed + 302, &[rows, out], 1e-3, 0.0)?;
+    let r = randn(seed + 303, &[rows, out], 1.0, 0.0)?;
+    let gpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_device(dev)?) };
+    let cpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?) };
+    for name in ["hybrid", "e4m3"] {
+        let recipe = Fp8Recipe::from_name(name, true).expect("a known recipe");
+        let pairs = [
+            (
+                "linear",
+                fp8::linear(&gpu(&x)?, &gpu(&w)?, None, &recipe)?,
+                fp8::linear(&cpu(&x)?, &cpu(&w)?, None, &recipe)?,
+            ),
+            (
+                "linear + residual",
+                fp8::linear(&gpu(&x)?, &gpu(&w)?, Some(&gpu(&r)?), &recipe)?,
+                fp8::linear(&cpu(&x)?, &cpu(&w)?, Some(&cpu(&r)?), &recipe)?,
+            ),
+            (
+                "input grad",
+                fp8::input_grad(&gpu(&dy)?, &gpu(&w)?, &recipe)?,
+                fp8::input_grad(&cpu(&dy)?, &cpu(&w)?, &recipe)?,
+            ),
+            (
+                "weight grad",
+                fp8::weight_grad(&gpu(&dy)?, &gpu(&x)?, &recipe)?,
+                fp8::weight_grad(&cpu(&dy)?, &cpu(&x)?, &recipe)?,
+            ),
+        ];
+        let (gdx, gdw) = fp8::grads(&gpu(&dy)?, &gpu(&w)?, Some(&gpu(&x)?), &recipe)?;
+        let (cdx, cdw) = fp8::grads(&cpu(&dy)?, &cpu(&w)?, Some(&cpu(&x)?), &recipe)?;
+        let both = [
+            ("grads: input", gdx, cdx),
+            ("grads: weight", gdw.context("no weight grad")?, cdw.context("no weight grad")?),
+        ];
+        for (what, g, c) in pairs.into_iter().chain(both) {
+            // One bf16 step of the largest value (at most 2^-7 of it) bounds the difference
+            // of two roundings of nearly the same sum.
+            ms.push(compare(&format!("fp8 {name} {what}"), &g, &c, 2f64.powi(-7))?);
         }
     }
     Ok(ms)

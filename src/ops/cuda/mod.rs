@@ -18,6 +18,7 @@ pub mod cross_entropy;
 pub mod cudnn;
 pub mod embedding;
 pub mod flash_attn;
+pub mod fp8;
 pub mod gemm;
 pub mod gemm_lt;
 pub mod memory;

@@ -1,12 +1,19 @@
-//! `optimizer.store_param_remainders`: fp32 masters kept as the bf16 parameter plus a 16-bit
-//! remainder follow the f32-copy optimizer bit for bit, and round trip through checkpoints.
+//! The precision-aware optimizer's state storage:
+//! - `optimizer.store_param_remainders`: fp32 masters kept as the bf16 parameter plus a 16-bit
+//!   remainder follow the f32-copy optimizer bit for bit, and round trip through checkpoints;
+//! - bf16 moments (`optimizer.exp_avg_dtype` / `exp_avg_sq_dtype` = bf16): each step reads
+//!   the stored moments into f32, updates the parameter with the new f32 moments and stores
+//!   them rounded to nearest even, as Transformer Engine's FusedAdam does. The reference is the
+//!   f32-moment optimizer whose moments are rounded to bf16 between steps (through the
+//!   checkpoint state, the public API).
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
 use mbridge::ops::param_remainder::split_bits;
 use mbridge::train::optimizer::{
-    default_groups, AdamConfig, Algorithm, Master, MasterStorage, Optimizer,
+    default_groups, AdamConfig, Algorithm, Master, MasterStorage, Optimizer, OptimizerState,
+    StateStorage,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,7 +28,7 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
 }
 
 /// Optimizers over bf16 copies of the same initial weights, one per storage.
-fn build(storage: MasterStorage) -> (Optimizer, Vec<Var>) {
+fn build(storage: impl Into<StateStorage>) -> (Optimizer, Vec<Var>) {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let params: Vec<(String, Var)> = NAMES
         .iter()
@@ -130,4 +137,104 @@ fn reloading_weights_without_state_zeroes_the_remainders() {
     for (p, t) in opt.params().iter().zip(&loaded) {
         assert_eq!(bits(&p.master_value().unwrap()), bits(t), "{}", p.name);
     }
+}
+
+fn bf16_moments(masters: MasterStorage) -> StateStorage {
+    StateStorage { masters, exp_avg: DType::BF16, exp_avg_sq: DType::BF16 }
+}
+
+/// `state` with every moment rounded to bf16 (and kept as f32).
+fn round_moments(state: &OptimizerState) -> OptimizerState {
+    let mut s = state.clone();
+    for (name, t) in &mut s.tensors {
+        if name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq") {
+            *t = t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        }
+    }
+    s
+}
+
+#[test]
+fn bf16_moments_are_f32_moments_rounded_after_each_step() {
+    for masters in [MasterStorage::Copy, MasterStorage::Remainders] {
+        let (mut narrow, narrow_vars) = build(bf16_moments(masters));
+        let (mut wide, wide_vars) = build(masters);
+        for p in narrow.params() {
+            assert_eq!(p.exp_avg.dtype(), DType::BF16, "{}", p.name);
+            assert_eq!(p.exp_avg_sq.as_ref().unwrap().dtype(), DType::BF16, "{}", p.name);
+        }
+        for t in 1..=10 {
+            steps(&mut narrow, &narrow_vars, t, t);
+            steps(&mut wide, &wide_vars, t, t);
+            let rounded = round_moments(&wide.export_state().unwrap());
+            wide.import_state(&rounded).unwrap();
+        }
+        let mut moved = 0;
+        for (n, w) in narrow.params().iter().zip(wide.params()) {
+            let what = format!("{masters:?} {}", n.name);
+            let (nm, wm) = (n.master_value().unwrap(), w.master_value().unwrap());
+            assert_eq!(bits(&nm), bits(&wm), "{what}: masters");
+            assert_eq!(bits(n.var.as_tensor()), bits(w.var.as_tensor()), "{what}: params");
+            assert_eq!(bits(&n.exp_avg), bits(&w.exp_avg), "{what}: exp_avg");
+            let (nv, wv) = (n.exp_avg_sq.as_ref().unwrap(), w.exp_avg_sq.as_ref().unwrap());
+            assert_eq!(bits(nv), bits(wv), "{what}: exp_avg_sq");
+            moved += bits(&n.exp_avg).iter().filter(|b| **b != 0).count();
+        }
+        assert!(moved > 900, "{masters:?}: only {moved} nonzero first moments");
+    }
+}
+
+#[test]
+fn the_step_uses_the_unrounded_moments() {
+    // From zero moments the first step of both runs updates with the same f32 moments, so the
+    // masters agree exactly only if the update did not read its rounded moments back; the
+    // stored moments differ (rounded), which shows the rounding happened.
+    let (mut narrow, vars) = build(bf16_moments(MasterStorage::Copy));
+    steps(&mut narrow, &vars, 1, 1);
+    let (mut wide, wide_vars) = build(MasterStorage::Copy);
+    steps(&mut wide, &wide_vars, 1, 1);
+    for (n, w) in narrow.params().iter().zip(wide.params()).take(2) {
+        let (nm, wm) = (n.master_value().unwrap(), w.master_value().unwrap());
+        assert_eq!(bits(&nm), bits(&wm), "{}: first step", n.name);
+        assert_ne!(bits(&n.exp_avg), bits(&w.exp_avg), "{}: stored moments", n.name);
+    }
+}
+
+#[test]
+fn a_state_of_bf16_moments_is_written_in_f32_and_loads_into_either_dtype() {
+    let storage = bf16_moments(MasterStorage::Remainders);
+    let (mut whole, whole_vars) = build(storage);
+    steps(&mut whole, &whole_vars, 1, 7);
+    let (mut first, first_vars) = build(storage);
+    steps(&mut first, &first_vars, 1, 4);
+    let state = first.export_state().unwrap();
+    assert!(state.tensors.iter().all(|(_, t)| t.dtype() == DType::F32));
+    // bf16 again: the same run as without the checkpoint.
+    let (mut resumed, vars) = build(storage);
+    for (v, w) in vars.iter().zip(&first_vars) {
+        v.set(w.as_tensor()).unwrap();
+    }
+    resumed.import_state(&state).unwrap();
+    assert_eq!(resumed.params()[0].exp_avg.dtype(), DType::BF16);
+    steps(&mut resumed, &vars, 5, 7);
+    for (a, b) in whole.params().iter().zip(resumed.params()) {
+        assert_eq!(
+            bits(&a.master_value().unwrap()),
+            bits(&b.master_value().unwrap()),
+            "{}",
+            a.name
+        );
+        assert_eq!(bits(&a.exp_avg), bits(&b.exp_avg), "{}", a.name);
+    }
+    // f32 moments: the values load exactly and the run goes on in f32.
+    let (mut widened, wvars) = build(MasterStorage::Remainders);
+    for (v, w) in wvars.iter().zip(&first_vars) {
+        v.set(w.as_tensor()).unwrap();
+    }
+    widened.import_state(&state).unwrap();
+    for (a, b) in first.params().iter().zip(widened.params()) {
+        assert_eq!(b.exp_avg.dtype(), DType::F32);
+        assert_eq!(bits(&a.exp_avg), bits(&b.exp_avg), "{}", a.name);
+    }
+    steps(&mut widened, &wvars, 5, 5);
 }

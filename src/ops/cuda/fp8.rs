@@ -1,0 +1,196 @@
+//! The CUDA side of `ops::fp8`: tensorwise current-scaling quantization (kernels/fp8.cu) and
+//! the three GEMMs of a linear layer on Hopper's FP8 tensor cores (`gemm_lt::fp8_gemm`).
+//!
+//! Hopper takes both FP8 operands K-major, so each GEMM wants its own orientation of the
+//! tensors: the forward `x·Wᵀ` reads x and W as they are, the input gradient `dy·W` reads dy
+//! and Wᵀ, the weight gradient `dyᵀ·x` reads dyᵀ and xᵀ. One pass writes an operand's FP8
+//! values in the orientations asked for; the scale never leaves the GPU.
+
+use super::gemm_lt::{fp8_gemm, Fp8Matrix};
+use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks};
+use crate::ops::fp8::{Fp8Format, Fp8Recipe};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{Result, Tensor};
+
+crate::kernel_module!(MODULE, "fp8");
+
+/// A matrix quantized with its own scale: its FP8 values row-major and/or transposed.
+struct Quantized {
+    rows: usize,
+    cols: usize,
+    e5m2: bool,
+    data: Option<CudaSlice<u8>>,
+    data_t: Option<CudaSlice<u8>>,
+    scale_inv: CudaSlice<f32>,
+}
+
+impl Quantized {
+    /// The row-major values as a GEMM operand (`[rows, cols]`, K = cols).
+    fn matrix(&self) -> Fp8Matrix<'_> {
+        let data = self.data.as_ref().expect("quantized row-major");
+        Fp8Matrix {
+            data: data.slice(..),
+            e5m2: self.e5m2,
+            scale_inv: self.scale_inv.slice(..),
+            rows: self.rows,
+        }
+    }
+
+    /// The transposed values as a GEMM operand (`[cols, rows]`, K = rows).
+    fn transposed(&self) -> Fp8Matrix<'_> {
+        let data = self.data_t.as_ref().expect("quantized transposed");
+        Fp8Matrix {
+            data: data.slice(..),
+            e5m2: self.e5m2,
+            scale_inv: self.scale_inv.slice(..),
+            rows: self.cols,
+        }
+    }
+}
+
+/// Quantizes the matrix `x` (bf16/f16/f32, any layout) to `format` with its current scale,
+/// writing the row-major values if `row_major` and the transposed ones if `transposed`.
+fn quantize(x: &Tensor, format: Fp8Format, row_major: bool, transposed: bool) -> Result<Quantized> {
+    let (rows, cols) = x.dims2()?;
+    let x = x.contiguous()?;
+    let dev = x.device().as_cuda_device()?.clone();
+    let suffix = dtype_suffix(x.dtype())?;
+    let n = rows * cols;
+    let amax = dev.alloc_zeros::<f32>(1)?;
+    // SAFETY: written by the cast kernel below before anything reads them.
+    let (data, data_t, scale_inv) = unsafe {
+        (
+            if row_major { Some(dev.alloc::<u8>(n)?) } else { None },
+            if transposed { Some(dev.alloc::<u8>(n)?) } else { None },
+            dev.alloc::<f32>(1)?,
+        )
+    };
+    let (s, l) = x.storage_and_layout();
+    let s = cuda_storage(&s, "fp8 quantize")?;
+    let (n64, r64, c64) = (n as u64, rows as u64, cols as u64);
+    let e5m2 = format == Fp8Format::E5M2;
+    crate::with_float_type!(x.dtype(), T, {
+        let xv = contiguous_view::<T>(s, l, "fp8 quantize")?;
+        let f = crate::function!(&dev, &MODULE, &format!("fp8_amax_{suffix}"))?;
+        let mut b = f.builder();
+        b.arg(&xv).arg(&n64).arg(&amax);
+        let cfg = LaunchConfig {
+            grid_dim: (elementwise_blocks(n / 8, 256).min(2048), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument list matches `fp8_amax_*` in kernels/fp8.cu.
+        unsafe { b.launch(cfg) }.w()?;
+        // 64×64 tiles with 16-byte accesses where the shape and alignment allow them.
+        let tiled = rows % 64 == 0
+            && cols % 64 == 0
+            && x.dtype().size_in_bytes() == 2
+            && (l.start_offset() * 2) % 16 == 0;
+        let kind = if tiled { "cast64" } else { "cast" };
+        let name = format!("fp8_{kind}_{}_{suffix}", if e5m2 { "e5m2" } else { "e4m3" });
+        let f = crate::function!(&dev, &MODULE, &name)?;
+        // A null pointer tells the kernel to skip that orientation.
+        let null = 0u64;
+        let mut b = f.builder();
+        b.arg(&xv).arg(&r64).arg(&c64).arg(&amax);
+        match &data {
+            Some(d) => b.arg(d),
+            None => b.arg(&null),
+        };
+        match &data_t {
+            Some(d) => b.arg(d),
+            None => b.arg(&null),
+        };
+        b.arg(&scale_inv);
+        let cfg = if tiled {
+            LaunchConfig {
+                grid_dim: ((cols / 64) as u32, (rows / 64) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            LaunchConfig {
+                grid_dim: (cols.div_ceil(32) as u32, rows.div_ceil(32) as u32, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            }
+        };
+        // SAFETY: argument list matches `fp8_cast_*` in kernels/fp8.cu; the outputs hold
+        // rows × cols bytes each.
+        unsafe { b.launch(cfg) }.w()?;
+    });
+    Ok(Quantized { rows, cols, e5m2, data, data_t, scale_inv })
+}
+
+fn device(t: &Tensor) -> Result<CudaDevice> {
+    Ok(t.device().as_cuda_device()?.clone())
+}
+
+/// `x·Wᵀ (+ residual)` (see `ops::fp8::linear`), with the fast accumulator as Transformer
+/// Engine's forward GEMMs.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    residual: Option<&Tensor>,
+    recipe: &Fp8Recipe,
+) -> Result<Tensor> {
+    let (qx, qw) =
+        (quantize(x, recipe.forward, true, false)?, quantize(w, recipe.forward, true, false)?);
+    if qx.cols != qw.cols {
+        candle_core::bail!("fp8 linear: x {:?} · wᵀ {:?}: shapes do not agree", x.dims(), w.dims());
+    }
+    fp8_gemm(&qw.matrix(), &qx.matrix(), qx.cols, residual, x.dtype(), true, &device(x)?)
+}
+
+/// `dy·W` from the quantized output gradient (row-major) and weight (transposed).
+fn dgrad(qd: &Quantized, qw: &Quantized, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if qd.cols != qw.rows {
+        candle_core::bail!(
+            "fp8 input grad: dy {:?} · w {:?}: shapes do not agree",
+            dy.dims(),
+            w.dims()
+        );
+    }
+    fp8_gemm(&qw.transposed(), &qd.matrix(), qd.cols, None, dy.dtype(), false, &device(dy)?)
+}
+
+/// `dyᵀ·x` from the quantized output gradient and input (both transposed), in `x`'s dtype.
+fn wgrad(qd: &Quantized, qx: &Quantized, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if qd.rows != qx.rows {
+        candle_core::bail!(
+            "fp8 weight grad: dyᵀ {:?} · x {:?}: shapes do not agree",
+            dy.dims(),
+            x.dims()
+        );
+    }
+    fp8_gemm(&qx.transposed(), &qd.transposed(), qd.rows, None, x.dtype(), false, &device(x)?)
+}
+
+/// The input gradient `dy·W` and, for `x`, the weight gradient `dyᵀ·x` (see
+/// `ops::fp8::grads`): dy is quantized once, in both orientations.
+pub fn grads(
+    dy: &Tensor,
+    w: &Tensor,
+    x: Option<&Tensor>,
+    recipe: &Fp8Recipe,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let qd = quantize(dy, recipe.gradient, true, x.is_some())?;
+    let dx = dgrad(&qd, &quantize(w, recipe.forward, false, true)?, dy, w)?;
+    let dw = match x {
+        Some(x) => Some(wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy, x)?),
+        None => None,
+    };
+    Ok((dx, dw))
+}
+
+/// `dy·W` (see `ops::fp8::input_grad`).
+pub fn input_grad(dy: &Tensor, w: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
+    Ok(grads(dy, w, None, recipe)?.0)
+}
+
+/// `dyᵀ·x` (see `ops::fp8::weight_grad`), in `x`'s dtype.
+pub fn weight_grad(dy: &Tensor, x: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
+    let qd = quantize(dy, recipe.gradient, false, true)?;
+    wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy, x)
+}

@@ -1,0 +1,75 @@
+//! FP8 training through the binary (`mixed_precision=bf16_with_fp8_current_scaling_mixed`):
+//! on the CPU the linear layers' GEMMs quantize their operands value by value (the reference
+//! the CUDA FP8 GEMMs are checked against), so a run tracks the bf16 curve closely without
+//! equalling it; what the engine does not run is refused by name.
+
+use assert_cmd::Command;
+
+const FP8: [&str; 3] = [
+    "mixed_precision=bf16_with_fp8_current_scaling_mixed",
+    "mixed_precision.fp8_param_gather=false",
+    "mixed_precision.fp8_param=false",
+];
+
+/// The training losses of a tiny_llama run with `overrides`, and its stdout.
+fn losses(overrides: &[&str]) -> (Vec<f64>, String) {
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=12"])
+        .args(["logger.log_interval=1", "validation.eval_iters=0", "model.num_layers=4"])
+        .args(overrides)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let losses = stdout
+        .lines()
+        .filter_map(|l| l.split("lm loss: ").nth(1))
+        .map(|v| v.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    (losses, stdout)
+}
+
+#[test]
+fn fp8_training_tracks_bf16_and_keeps_the_first_and_last_layers_in_bf16() {
+    let (bf16, _) = losses(&["mixed_precision=bf16_mixed"]);
+    let (fp8, plan) = losses(&FP8);
+    assert!(plan.contains("precision: FP8 hybrid"), "{plan}");
+    // The preset keeps layer 0 and layer 3 in bf16.
+    assert!(plan.contains("layers 1..3 of 4"), "{plan}");
+    let all = [&FP8[..], &["mixed_precision.first_last_layers_bf16=false"]].concat();
+    let (fp8_all, plan_all) = losses(&all);
+    assert!(plan_all.contains("layers 0..4 of 4"), "{plan_all}");
+    assert_eq!((bf16.len(), fp8.len(), fp8_all.len()), (12, 12, 12));
+    for (i, ((b, f), a)) in bf16.iter().zip(&fp8).zip(&fp8_all).enumerate() {
+        assert!((b - f).abs() / b < 2e-2, "iteration {}: bf16 {b} vs FP8 {f}", i + 1);
+        assert!((b - a).abs() / b < 2e-2, "iteration {}: bf16 {b} vs all-FP8 {a}", i + 1);
+    }
+    // Quantization changes the curve, and more with every layer in FP8.
+    let dist = |x: &[f64]| bf16.iter().zip(x).map(|(b, v)| (b - v).abs()).sum::<f64>();
+    assert!(dist(&fp8) > 0.0, "FP8 changed nothing: {fp8:?}");
+    assert!(dist(&fp8_all) > 0.0, "FP8 changed nothing: {fp8_all:?}");
+    // Unquantized weight gradients are another curve again.
+    let (exact_wgrad, _) = losses(&[&all[..], &["mixed_precision.fp8_wgrad=false"]].concat());
+    assert_ne!(exact_wgrad, fp8_all);
+}
+
+#[test]
+fn what_the_fp8_engine_does_not_run_is_refused() {
+    let refused = |overrides: &[&str], expected: &str| {
+        Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=1"])
+            .args(overrides)
+            .assert()
+            .failure()
+            .stderr(predicates::str::contains(expected));
+    };
+    // The preset keeps parameters in FP8, which mbridge does not.
+    refused(&["mixed_precision=bf16_with_fp8_current_scaling_mixed"], "fp8_param_gather=false");
+    refused(&["mixed_precision=bf16_with_fp8_delayed_scaling_mixed"], "\"delayed\"");
+    refused(&["mixed_precision=bf16_with_nvfp4_mixed"], "FP4");
+    refused(&[&FP8[..], &["model.seq_length=62"]].concat(), "tokens per micro-batch");
+    // fp8 on fp32 parameters (it used to be ignored).
+    refused(&["mixed_precision.fp8=hybrid"], "bf16 or fp16");
+}
