@@ -10,8 +10,9 @@ __device__ __forceinline__ void atomic_max_nonneg(float *addr, float v) {
     atomicMax(reinterpret_cast<unsigned int *>(addr), __float_as_uint(v));
 }
 
-// amax[0] = max(amax[0], max |x|) over n elements; amax starts at 0. NaN propagates as the
-// largest bit pattern (0x7fc00000 > every finite magnitude). 16-byte loads when x is aligned.
+// amax[0] = max(amax[0], max |x|) over n elements; amax starts at 0. fmaxf skips NaN, as the
+// CPU reference's f32::max does: a NaN element stays NaN in the cast and reaches the loss.
+// 16-byte loads when x is aligned.
 template <typename T>
 __device__ void amax_impl(const T *x, unsigned long long n, float *amax) {
     constexpr int W = 16 / sizeof(T);
