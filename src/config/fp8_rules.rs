@@ -64,15 +64,12 @@ pub fn engine_unsupported(cfg: &ConfigContainer) -> Vec<String> {
 fn gemm_dims(cfg: &ConfigContainer) -> Vec<String> {
     let m = &cfg.model;
     let tp = m.tensor_model_parallel_size.max(1);
-    let heads = m.num_attention_heads;
-    let groups = m.num_query_groups.unwrap_or(heads);
-    let head_dim = m.kv_channels.unwrap_or(m.hidden_size / heads.max(1));
-    let ffn = m.ffn_hidden_size.unwrap_or(4 * m.hidden_size);
+    let (heads, groups, head_dim) = (m.num_attention_heads, m.query_groups(), m.head_dim());
     let tokens =
         cfg.train.micro_batch_size.unwrap_or(1) * m.seq_length / m.context_parallel_size.max(1);
     let dims = [
         ("model.hidden_size", m.hidden_size),
-        ("model.ffn_hidden_size / TP", ffn / tp),
+        ("model.ffn_hidden_size / TP", m.ffn_hidden() / tp),
         ("query and key/value widths / TP", (heads + 2 * groups) * head_dim / tp),
         ("attention output width / TP", heads * head_dim / tp),
         ("tokens per micro-batch (micro_batch_size × seq_length / CP)", tokens),

@@ -70,15 +70,12 @@ impl ExplicitLinear<'_> {
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
         let bias = self.b.map(Tensor::detach);
         let Some(adapter) = self.adapter else {
-            if self.fp8().is_some() {
-                let y = self.product(x)?;
-                let y = match bias {
-                    Some(b) => y.broadcast_add(&b)?,
-                    None => y,
-                };
-                return Ok((y, None));
-            }
-            return Ok((ops::linear(x, &self.w.detach(), bias.as_ref())?, None));
+            let y = self.product(x)?;
+            let y = match bias {
+                Some(b) => y.broadcast_add(&b)?,
+                None => y,
+            };
+            return Ok((y, None));
         };
         let (a, b, scale) =
             adapter.explicit_parts().context("adapter outside the explicit path")?;

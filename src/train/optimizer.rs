@@ -589,7 +589,9 @@ fn adam_update(
     // exp_avg.lerp_(grad, 1 - beta1)  ==  m + (1-β1)·(g − m)
     let m = (&m_prev + (&grad - &m_prev)?.affine(1.0 - c.beta1, 0.0)?)?;
     // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    let v_prev = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment").to_dtype(mdt)?;
+    let v_stored = p.exp_avg_sq.as_ref().expect("Adam keeps a second moment");
+    let v_dtype = v_stored.dtype();
+    let v_prev = v_stored.to_dtype(mdt)?;
     let v = (v_prev.affine(c.beta2, 0.0)? + grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
     let bias_correction1 = 1.0 - c.beta1.powf(t);
     let bias_correction2 = 1.0 - c.beta2.powf(t);
@@ -598,7 +600,6 @@ fn adam_update(
     // denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps); param.addcdiv_(exp_avg, denom, -step_size)
     let denom = v.sqrt()?.affine(1.0 / bias_correction2_sqrt, c.eps)?;
     let new_param = (param + m.affine(-step_size, 0.0)?.div(&denom)?)?;
-    let v_dtype = p.exp_avg_sq.as_ref().map_or(mdt, Tensor::dtype);
     p.exp_avg = m.to_dtype(p.exp_avg.dtype())?;
     p.exp_avg_sq = Some(v.to_dtype(v_dtype)?);
     Ok(new_param)
