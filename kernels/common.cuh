@@ -87,6 +87,26 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Non-negative floats order as their bit patterns: atomicMax on the bits is a float max.
+__device__ __forceinline__ void atomic_max_nonneg(float *addr, float v) {
+    atomicMax(reinterpret_cast<unsigned int *>(addr), __float_as_uint(v));
+}
+
+// amax[0] = max(amax[0], the largest m of the block's threads), m ≥ 0: FP8 current scaling's
+// amax (fp8.cu), also from kernels that produce a tensor to be quantized. Every thread of the
+// block calls it (blockDim.x a multiple of 32, at most 1024).
+__device__ __forceinline__ void block_amax_into(float m, float *amax) {
+    __shared__ float sh[32];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    m = warp_max(m);
+    if (lane == 0) sh[wid] = m;
+    __syncthreads();
+    if (wid == 0) {
+        m = warp_max(lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.f);
+        if (lane == 0) atomic_max_nonneg(amax, m);
+    }
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 // The leading barrier lets a kernel call it repeatedly with the same shared scratch.
 __device__ __forceinline__ float block_sum(float v) {

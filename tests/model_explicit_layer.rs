@@ -321,3 +321,29 @@ fn fp8_layers_give_every_parameter_a_gradient_near_the_unquantized_one() {
     }
     assert_eq!(checked, 4 * cfg.num_layers);
 }
+
+/// FP8 layers keep their quantized inputs and weights for the backward; recomputing them
+/// instead (full recompute, every selective module, `fp8_wgrad = false`'s high-precision weight
+/// gradient aside) quantizes the same values again: the same loss and gradients.
+#[test]
+fn fp8_kept_operands_equal_recomputed_ones() {
+    use mbridge::config::model::{RecomputeGranularity, RecomputeMethod};
+    let mut base = tiny_llama();
+    base.fp8 = Some("hybrid".into());
+    let model = |cfg: &ModelConfig| {
+        GptModel::new(cfg, ParallelLayout::single(), 11, DType::F64, &Device::Cpu).unwrap()
+    };
+    let kept = || run_model(model(&base), &base, true);
+    let mut full = base.clone();
+    full.recompute_granularity = Some(RecomputeGranularity::Full);
+    full.recompute_method = Some(RecomputeMethod::Uniform);
+    full.recompute_num_layers = Some(1);
+    compare("fp8, full recompute", kept(), run_model(model(&full), &full, true), true);
+    for modules in [vec!["mlp"], vec!["core_attn"], vec!["layernorm"], vec!["core_attn", "mlp"]] {
+        let mut cfg = base.clone();
+        cfg.recompute_granularity = Some(RecomputeGranularity::Selective);
+        cfg.recompute_modules = Some(modules.iter().map(|m| m.to_string()).collect());
+        let name = format!("fp8, selective {modules:?}");
+        compare(&name, kept(), run_model(model(&cfg), &cfg, true), true);
+    }
+}

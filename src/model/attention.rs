@@ -288,7 +288,8 @@ impl SelfAttention {
 /// that entered `linear_proj` and the core attention's state.
 pub struct AttnSaved {
     /// The pre-norm's output (this rank's part of the sequence under SP); None under
-    /// selective recompute of `layernorm` (recomputed in the backward).
+    /// selective recompute of `layernorm` (recomputed in the backward) and when `linear_qkv`
+    /// keeps its FP8 input instead.
     normed: Option<Tensor>,
     qkv: Tensor,
     /// The rotated queries `[b, s, heads, d]` when they went to a dense buffer for cuDNN
@@ -299,9 +300,9 @@ pub struct AttnSaved {
     core: Option<(Tensor, CoreState)>,
     /// q and k were rotated inside `qkv` ([`manual::rope_in_qkv`]).
     roped_in_qkv: bool,
-    /// The adapters' state of `linear_qkv` and `linear_proj`.
-    qkv_lora: LinearSaved,
-    proj_lora: LinearSaved,
+    /// What `linear_qkv` and `linear_proj` keep (adapter state, FP8 operands).
+    qkv_saved: LinearSaved,
+    proj_saved: LinearSaved,
 }
 
 /// The core attention's backward state: this rank's, or under context parallelism that of
@@ -444,9 +445,10 @@ impl SelfAttention {
         // Under sequence parallelism `x` is this rank's part of the sequence, `xe` all of it.
         let xn = self.norm.forward_untracked(x)?;
         let xe = self.tp_boundary().enter(&xn)?;
-        let (qkv, qkv_lora) = self.qkv_linear().forward(&xe)?;
+        let (qkv, qkv_saved) = self.qkv_linear().forward(&xe, None)?;
         drop(xe);
-        let normed = (!inputs.selective.layernorm).then_some(xn);
+        // Kept for `linear_qkv`'s weight gradient unless its FP8 input was kept instead.
+        let normed = (!inputs.selective.layernorm && self.qkv_linear().needs_input()).then_some(xn);
         // Without QK-norm the rotation runs inside the fused buffer (one kernel, and the
         // backward keeps the rotated q, k instead of recomputing them). For cuDNN the
         // rotated queries go to a dense buffer of their own (it cannot read them between
@@ -484,13 +486,17 @@ impl SelfAttention {
         };
         let (out, state) = section("attn.core.fwd", x.device(), || self.core(&q, &k, &v, inputs))?;
         let s_full = qkv.dim(1)?;
-        let (y, proj_lora) = self.proj_linear().forward_row_plus(
+        let (y, proj_saved) = self.proj_linear().forward_row_plus(
             &out.reshape((b, s_full, ()))?,
+            None,
             self.tp_boundary(),
             x,
         )?;
         let core = (!inputs.selective.core_attn).then_some((out, state));
-        let saved = AttnSaved { normed, qkv, q_dense, core, roped_in_qkv, qkv_lora, proj_lora };
+        // Recomputing the core attention means not keeping its output, in FP8 neither.
+        let proj_saved =
+            if inputs.selective.core_attn { proj_saved.without_input() } else { proj_saved };
+        let saved = AttnSaved { normed, qkv, q_dense, core, roped_in_qkv, qkv_saved, proj_saved };
         Ok((y.reshape((b, s, h))?, saved))
     }
 
@@ -585,8 +591,13 @@ impl SelfAttention {
         let dy = dy.reshape((b * s, h))?;
         // linear_proj
         let dout = section("attn.bwd.proj", dev, || -> Result<Tensor> {
-            let dout =
-                self.proj_linear().backward(&dy, || Ok(out.clone()), saved.proj_lora, grads)?;
+            let dout = self.proj_linear().backward(
+                &dy,
+                None,
+                || Ok(out.clone()),
+                saved.proj_saved,
+                grads,
+            )?;
             Ok(dout.reshape((b, s, heads, d))?.transpose(1, 2)?)
         })?;
         drop(out);
@@ -652,7 +663,7 @@ impl SelfAttention {
             })?;
             assemble(&dq, &dk, &dv)?.reshape((b * s, ()))?
         };
-        self.qkv_backward(x, saved.normed, &dqkv, residual, saved.qkv_lora, grads)
+        self.qkv_backward(x, saved.normed, &dqkv, residual, saved.qkv_saved, grads)
     }
 
     /// Backward of the pre-norm and `linear_qkv` for dQKV `[tokens, rows]`: the input
@@ -676,7 +687,7 @@ impl SelfAttention {
                 };
                 Ok(tpb.enter(&xn)?.reshape(((), h))?)
             };
-            Ok(self.qkv_linear().backward(dqkv, xe, lora, grads)?.reshape((b, (), h))?)
+            Ok(self.qkv_linear().backward(dqkv, None, xe, lora, grads)?.reshape((b, (), h))?)
         })?;
         let dxn = tpb.enter_grad(&dxe)?;
         drop(dxe);

@@ -8,9 +8,10 @@
 //!
 //! With an FP8 recipe (`mixed_precision.fp8`, layers without adapters) the three GEMMs of the
 //! layer run in FP8 with tensorwise current scaling ([`crate::ops::fp8`]); the bias and
-//! the residual are added in the layer's dtype.
+//! the residual are added in the layer's dtype. The forward keeps its quantized weight and
+//! input for the backward, which then needs no high-precision input at all.
 
-use crate::ops::fp8::{self, Fp8Recipe};
+use crate::ops::fp8::{self, Fp8Amax, Fp8Recipe, Fp8Saved};
 use crate::ops::{self, manual};
 use crate::parallel::tensor::TensorParallel;
 use crate::parallel::ReduceOp;
@@ -37,8 +38,25 @@ pub(super) struct ExplicitLinear<'a> {
     pub fp8: Option<Fp8Recipe>,
 }
 
-/// What [`ExplicitLinear::backward`] needs from the forward: the adapter's `x Aᵀ`.
-pub(super) type LinearSaved = Option<Tensor>;
+/// What [`ExplicitLinear::backward`] needs from the forward besides its input.
+pub(super) enum LinearSaved {
+    Nothing,
+    /// The adapter's `x Aᵀ`.
+    Adapter(Tensor),
+    /// The quantized operands of an FP8 layer.
+    Fp8(Fp8Saved),
+}
+
+impl LinearSaved {
+    /// The same without an FP8 layer's quantized input, for a caller that recomputes the
+    /// input in the backward rather than keep it (selective recompute).
+    pub fn without_input(self) -> Self {
+        match self {
+            LinearSaved::Fp8(s) => LinearSaved::Fp8(s.without_input()),
+            other => other,
+        }
+    }
+}
 
 impl ExplicitLinear<'_> {
     /// Whether the written-out path covers this layer's adapter (if any).
@@ -46,9 +64,18 @@ impl ExplicitLinear<'_> {
         adapter.is_none_or(|a| a.explicit_parts().is_some())
     }
 
-    /// Whether [`Self::backward`] reads the forward input (for a weight or adapter gradient).
+    /// Whether [`Self::backward`] reads the forward input (for a weight or adapter gradient
+    /// that the forward's quantized input does not cover).
     pub fn needs_input(&self) -> bool {
-        trains(self.w) || self.adapter.is_some()
+        (trains(self.w) && !self.keeps_fp8_input()) || self.adapter.is_some()
+    }
+
+    /// Whether the forward keeps the FP8 input of a trained weight's FP8 gradient. Not for a
+    /// column-parallel layer under sequence parallelism: its input is the gathered sequence,
+    /// which the backward gathers again from this rank's part.
+    fn keeps_fp8_input(&self) -> bool {
+        let gathered = self.column_tp.is_some_and(|tp| tp.sequence_parallel());
+        self.fp8().is_some_and(|r| r.wgrad) && trains(self.w) && !gathered
     }
 
     /// The FP8 recipe when this layer's GEMMs run in FP8 (no adapter).
@@ -56,26 +83,49 @@ impl ExplicitLinear<'_> {
         self.fp8.as_ref().filter(|_| self.adapter.is_none())
     }
 
-    /// `x Wᵀ` (no bias) for `x` `[..., in]`: FP8 or the parameters' dtype.
-    fn product(&self, x: &Tensor) -> Result<Tensor> {
+    /// Whether this layer's GEMMs run in FP8 (so an amax of its input or output gradient
+    /// from their producer saves a pass).
+    pub fn runs_fp8(&self) -> bool {
+        self.fp8().is_some()
+    }
+
+    /// `x Wᵀ (+ residual)` (no bias) for `x` `[..., in]` (`residual` shaped like the
+    /// output): FP8, keeping its operands (`x_amax`: `x`'s amax from its producer), or the
+    /// parameters' dtype.
+    fn product(
+        &self,
+        x: &Tensor,
+        x_amax: Option<&Fp8Amax>,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, LinearSaved)> {
         let w = self.w.detach();
-        let Some(recipe) = self.fp8() else { return Ok(ops::linear(x, &w, None)?) };
+        let Some(recipe) = self.fp8() else {
+            let y = match residual {
+                Some(r) => manual::add(r, &ops::linear(x, &w, None)?)?,
+                None => ops::linear(x, &w, None)?,
+            };
+            return Ok((y, LinearSaved::Nothing));
+        };
         let mut dims = x.dims().to_vec();
         *dims.last_mut().context("linear input without dims")? = w.dim(0)?;
         let rows = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
-        Ok(fp8::linear(&rows, &w, None, recipe)?.reshape(dims)?)
+        let r = residual.map(|r| r.reshape(((), r.dim(candle_core::D::Minus1)?))).transpose()?;
+        let keep = self.keeps_fp8_input();
+        let (y, saved) = fp8::linear_saving(&rows, &w, r.as_ref(), recipe, keep, x_amax)?;
+        Ok((y.reshape(dims)?, LinearSaved::Fp8(saved)))
     }
 
-    /// `y` for `x` `[..., in]`, outside autograd.
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, LinearSaved)> {
+    /// `y` for `x` `[..., in]` (`x_amax`: its amax from its producer, if any), outside
+    /// autograd.
+    pub fn forward(&self, x: &Tensor, x_amax: Option<&Fp8Amax>) -> Result<(Tensor, LinearSaved)> {
         let bias = self.b.map(Tensor::detach);
         let Some(adapter) = self.adapter else {
-            let y = self.product(x)?;
+            let (y, saved) = self.product(x, x_amax, None)?;
             let y = match bias {
                 Some(b) => y.broadcast_add(&b)?,
                 None => y,
             };
-            return Ok((y, None));
+            return Ok((y, saved));
         };
         let (a, b, scale) =
             adapter.explicit_parts().context("adapter outside the explicit path")?;
@@ -92,31 +142,36 @@ impl ExplicitLinear<'_> {
             Some(bias) => y.broadcast_add(&bias)?,
             None => y,
         };
-        Ok((y.reshape(dims)?, Some(h)))
+        Ok((y.reshape(dims)?, LinearSaved::Adapter(h)))
     }
 
-    /// The input gradient `[rows, in]` for the output gradient `dy` `[rows, out]`; the
-    /// trainable parameters' gradients go into `grads`. `x` gives the forward input as
-    /// `[rows, in]`; it is only called when a weight gradient needs it.
+    /// The input gradient `[rows, in]` for the output gradient `dy` `[rows, out]` (with its
+    /// amax when its producer computed one); the trainable parameters' gradients go into
+    /// `grads`. `x` gives the forward input as `[rows, in]`; it is only called when a weight
+    /// gradient needs it.
     pub fn backward(
         &self,
         dy: &Tensor,
+        dy_amax: Option<&Fp8Amax>,
         x: impl FnOnce() -> Result<Tensor>,
         saved: LinearSaved,
         grads: &mut GradStore,
     ) -> Result<Tensor> {
-        let x = if self.needs_input() { Some(x()?) } else { None };
         if let Some(b) = self.b.filter(|b| trains(b)) {
             grads.insert(b, manual::bias_grad(dy)?);
         }
         if let Some(recipe) = self.fp8() {
-            let x = x.as_ref().filter(|_| trains(self.w));
-            let (dx, dw) = fp8::grads(dy, &self.w.detach(), x, recipe)?;
-            if let Some(dw) = dw {
+            let LinearSaved::Fp8(saved) = saved else {
+                anyhow::bail!("the FP8 linear layer's forward state is missing")
+            };
+            let x = if trains(self.w) && !saved.keeps_input() { Some(x()?) } else { None };
+            let (dx, dw) = fp8::backward(dy, saved, x.as_ref(), recipe, dy_amax)?;
+            if let (true, Some(dw)) = (trains(self.w), dw) {
                 grads.insert(self.w, dw);
             }
             return Ok(dx);
         }
+        let x = if self.needs_input() { Some(x()?) } else { None };
         if let (true, Some(x)) = (trains(self.w), &x) {
             grads.insert(self.w, manual::weight_grad(dy, x)?);
         }
@@ -125,7 +180,9 @@ impl ExplicitLinear<'_> {
         };
         let (a, b, scale) =
             adapter.explicit_parts().context("adapter outside the explicit path")?;
-        let h = saved.context("the adapter's forward state is missing")?;
+        let LinearSaved::Adapter(h) = saved else {
+            anyhow::bail!("the adapter's forward state is missing")
+        };
         // y = y_base + s·h Bᵀ with h = x Aᵀ: dB = s·dyᵀh, g = dy B, dA = s·gᵀx, dx += s·g A.
         grads.insert(b, manual::weight_grad_scaled(dy, &h, scale)?);
         drop(h);
@@ -149,21 +206,21 @@ impl ExplicitLinear<'_> {
     pub fn forward_row_plus(
         &self,
         x: &Tensor,
+        x_amax: Option<&Fp8Amax>,
         tp: TpBoundary,
         residual: &Tensor,
     ) -> Result<(Tensor, LinearSaved)> {
         if tp.0.is_none() && self.adapter.is_none() && self.b.is_none() {
+            if self.fp8().is_some() {
+                return self.product(x, x_amax, Some(residual));
+            }
             let rows = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
             let r = residual.reshape(((), residual.dim(candle_core::D::Minus1)?))?;
-            if let Some(recipe) = self.fp8() {
-                let y = fp8::linear(&rows, &self.w.detach(), Some(&r), recipe)?;
-                return Ok((y.reshape(residual.dims())?, None));
-            }
             if let Some(y) = manual::linear_plus(&rows, &self.w.detach(), &r)? {
-                return Ok((y.reshape(residual.dims())?, None));
+                return Ok((y.reshape(residual.dims())?, LinearSaved::Nothing));
             }
         }
-        let (y, saved) = self.forward_row(x, tp)?;
+        let (y, saved) = self.forward_row(x, x_amax, tp)?;
         Ok((manual::add(residual, &y)?, saved))
     }
 
@@ -173,11 +230,17 @@ impl ExplicitLinear<'_> {
     /// and the bias, each added once. Under SP the adapter term is added for this rank's part
     /// of the sequence only, which the backward's gathered output gradient covers whole, so
     /// [`Self::backward`] is the same as without TP.
-    pub fn forward_row(&self, x: &Tensor, tp: TpBoundary) -> Result<(Tensor, LinearSaved)> {
-        let Some(group) = tp.0 else { return self.forward(x) };
-        let y = tp.exit(&self.product(x)?)?;
+    pub fn forward_row(
+        &self,
+        x: &Tensor,
+        x_amax: Option<&Fp8Amax>,
+        tp: TpBoundary,
+    ) -> Result<(Tensor, LinearSaved)> {
+        let Some(group) = tp.0 else { return self.forward(x, x_amax) };
+        let (y, saved) = self.product(x, x_amax, None)?;
+        let y = tp.exit(&y)?;
         let (y, saved) = match self.adapter {
-            None => (y, None),
+            None => (y, saved),
             Some(adapter) => {
                 let (a, b, scale) =
                     adapter.explicit_parts().context("adapter outside the explicit path")?;
@@ -197,7 +260,7 @@ impl ExplicitLinear<'_> {
                 };
                 let y = y.reshape((batch * local, ()))?;
                 let y = manual::add_matmul(y, &h_local, &b.detach(), true, scale)?;
-                (y.reshape(dims)?, Some(h))
+                (y.reshape(dims)?, LinearSaved::Adapter(h))
             }
         };
         Ok(match self.b {

@@ -164,15 +164,16 @@ impl Mlp {
 /// for a weight or adapter gradient.
 pub struct MlpSaved {
     /// This rank's part of the sequence under SP; None under selective recompute of
-    /// `layernorm` or `mlp` (recomputed from the block input in the backward).
+    /// `layernorm` or `mlp` (recomputed from the block input in the backward) and when
+    /// `linear_fc1` keeps its FP8 input instead.
     normed: Option<Tensor>,
-    /// With its adapter's state; None under selective recompute of `mlp` (recomputed in the
+    /// With what `linear_fc1` keeps; None under selective recompute of `mlp` (recomputed in the
     /// backward).
     fc1_out: Option<(Tensor, LinearSaved)>,
     /// The activation, kept rather than recomputed from `fc1_out` (a pass over the widest
     /// tensor of the layer) unless `mlp` is recomputed.
     act: Option<Tensor>,
-    fc2_lora: LinearSaved,
+    fc2_saved: LinearSaved,
 }
 
 impl MlpSaved {
@@ -186,6 +187,12 @@ impl MlpSaved {
     #[cfg(test)]
     pub(super) fn keeps_normed(&self) -> bool {
         self.normed.is_some()
+    }
+
+    /// Whether the activation (`linear_fc2`'s input) was kept.
+    #[cfg(test)]
+    pub(super) fn keeps_act(&self) -> bool {
+        self.act.is_some()
     }
 }
 
@@ -236,18 +243,28 @@ impl Mlp {
     ) -> Result<(Tensor, MlpSaved)> {
         let recompute = selective.mlp;
         let xn = self.norm.forward_untracked(x)?;
-        let (fc1_out, fc1_lora) = self.fc1_of_normed(&xn)?;
-        let normed = (!recompute && !selective.layernorm).then_some(xn);
-        let act = manual::activation_forward(&fc1_out, self.activation, self.gated)?;
-        let (y, fc2_lora) = self.fc2_linear().forward_row_plus(&act, self.tp_boundary(), x)?;
+        let (fc1_out, fc1_saved) = self.fc1_of_normed(&xn)?;
+        // Kept for `linear_fc1`'s weight gradient unless its FP8 input was kept instead (the
+        // norm's backward reads the block input).
+        let normed =
+            (!recompute && !selective.layernorm && self.fc1_linear().needs_input()).then_some(xn);
+        // An FP8 `linear_fc2` takes its input's amax from the activation's own pass.
+        let (act, act_amax) = if self.fc2_linear().runs_fp8() {
+            manual::activation_forward_amax(&fc1_out, self.activation, self.gated)?
+        } else {
+            (manual::activation_forward(&fc1_out, self.activation, self.gated)?, None)
+        };
+        let (y, fc2_saved) =
+            self.fc2_linear().forward_row_plus(&act, act_amax.as_ref(), self.tp_boundary(), x)?;
         let fc2_needs_input = self.fc2_linear().needs_input();
         Ok((
             y,
             MlpSaved {
                 normed,
-                fc1_out: (!recompute).then_some((fc1_out, fc1_lora)),
+                fc1_out: (!recompute).then_some((fc1_out, fc1_saved)),
                 act: (!recompute && fc2_needs_input).then_some(act),
-                fc2_lora,
+                // Recomputing the MLP means keeping none of its activations, FP8 ones neither.
+                fc2_saved: if recompute { fc2_saved.without_input() } else { fc2_saved },
             },
         ))
     }
@@ -256,7 +273,7 @@ impl Mlp {
     /// under sequence parallelism).
     fn fc1_of_normed(&self, xn: &Tensor) -> Result<(Tensor, LinearSaved)> {
         let xe = self.tp_boundary().enter(xn)?;
-        self.fc1_linear().forward(&xe)
+        self.fc1_linear().forward(&xe, None)
     }
 
     /// Gradient of the residual block's input `x` (`x + mlp(x)`) for the output gradient
@@ -277,7 +294,7 @@ impl Mlp {
         let (b, s, h) = dy.dims3()?;
         let dy = dy.reshape((b * s, h))?;
         let mut normed = saved.normed;
-        let (fc1_out, fc1_lora) = match saved.fc1_out {
+        let (fc1_out, fc1_saved) = match saved.fc1_out {
             Some(kept) => kept,
             // Selective recompute: the norm and `linear_fc1` run again.
             None => section("mlp.fwd.fc1", dev, || {
@@ -294,10 +311,15 @@ impl Mlp {
                 Some(a) => Ok(a.reshape((b * s, ()))?),
                 None => Ok(manual::activation_forward(&u, self.activation, self.gated)?),
             };
-            self.fc2_linear().backward(&dy, act, saved.fc2_lora, grads)
+            self.fc2_linear().backward(&dy, None, act, saved.fc2_saved, grads)
         })?;
-        let du = section("mlp.bwd.act", dev, || {
-            manual::activation_backward(&u, self.activation, self.gated, &dact)
+        // An FP8 `linear_fc1` takes its output gradient's amax from the activation's backward.
+        let (du, du_amax) = section("mlp.bwd.act", dev, || {
+            if self.fc1_linear().runs_fp8() {
+                manual::activation_backward_amax(&u, self.activation, self.gated, &dact)
+            } else {
+                Ok((manual::activation_backward(&u, self.activation, self.gated, &dact)?, None))
+            }
         })?;
         drop((dact, u, fc1_out));
         let dxe = section("mlp.bwd.fc1", dev, || -> Result<Tensor> {
@@ -308,7 +330,8 @@ impl Mlp {
                 };
                 Ok(tpb.enter(&xn)?.reshape((b * s, h))?)
             };
-            Ok(self.fc1_linear().backward(&du, xe, fc1_lora, grads)?.reshape((b, s, h))?)
+            let dxe = self.fc1_linear().backward(&du, du_amax.as_ref(), xe, fc1_saved, grads)?;
+            Ok(dxe.reshape((b, s, h))?)
         })?;
         let dxn = tpb.enter_grad(&dxe)?;
         drop(dxe);

@@ -103,16 +103,79 @@ pub fn scale_for(amax: f32, format: Fp8Format) -> f32 {
     }
 }
 
+/// The largest magnitude of a tensor about to be quantized, from the kernel that produced
+/// the tensor (the fused SwiGLU forward and backward): the quantization then skips its own
+/// pass over the tensor. It must be the exact maximum of the tensor's values as stored.
+pub struct Fp8Amax(AmaxRepr);
+
+enum AmaxRepr {
+    Cpu(f32),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>),
+}
+
+impl Fp8Amax {
+    /// The largest magnitude of a CPU tensor (as the CPU producers report it).
+    pub fn of_cpu(t: &Tensor) -> Result<Self> {
+        let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(Self(AmaxRepr::Cpu(amax_of(&v))))
+    }
+
+    /// The device value a CUDA producer wrote.
+    #[cfg(feature = "cuda")]
+    pub fn cuda(amax: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>) -> Self {
+        Self(AmaxRepr::Cuda(amax))
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_value(
+        &self,
+    ) -> Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>> {
+        match &self.0 {
+            AmaxRepr::Cuda(a) => Ok(a),
+            AmaxRepr::Cpu(_) => candle_core::bail!("fp8: a CPU amax for a CUDA tensor"),
+        }
+    }
+
+    fn host_value(&self) -> Result<f32> {
+        match &self.0 {
+            AmaxRepr::Cpu(a) => Ok(*a),
+            #[cfg(feature = "cuda")]
+            AmaxRepr::Cuda(_) => candle_core::bail!("fp8: a CUDA amax for a CPU tensor"),
+        }
+    }
+}
+
+/// The largest magnitude (NaN skipped, as `f32::max` and the GPU's `fmaxf` do).
+fn amax_of(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, e| m.max(e.abs()))
+}
+
 /// A tensor quantized with its own scale, held as f32 FP8 values (CPU reference).
 struct Quantized {
     values: Tensor,
     scale_inv: f32,
 }
 
+impl Quantized {
+    /// The transposed values, with the same scale (quantizing is element-wise).
+    fn transposed(&self) -> Result<Quantized> {
+        Ok(Quantized { values: self.values.t()?, scale_inv: self.scale_inv })
+    }
+}
+
 fn quantize_cpu(x: &Tensor, format: Fp8Format) -> Result<Quantized> {
+    quantize_cpu_with(x, format, None)
+}
+
+/// [`quantize_cpu`] with the tensor's amax when its producer gave it.
+fn quantize_cpu_with(x: &Tensor, format: Fp8Format, amax: Option<&Fp8Amax>) -> Result<Quantized> {
     let dims = x.dims().to_vec();
     let v: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let amax = v.iter().fold(0f32, |m, e| m.max(e.abs()));
+    let amax = match amax {
+        Some(a) => a.host_value()?,
+        None => amax_of(&v),
+    };
     let scale = scale_for(amax, format);
     let q: Vec<f32> = v.iter().map(|e| format.round(e * scale)).collect();
     Ok(Quantized { values: Tensor::from_vec(q, dims, x.device())?, scale_inv: 1.0 / scale })
@@ -141,6 +204,43 @@ fn check_2d(what: &str, t: &Tensor) -> Result<(usize, usize)> {
     })
 }
 
+/// The quantized operands a linear layer's forward keeps for its backward: the weight (for
+/// the input gradient) and, when the weight gradient is an FP8 GEMM of a trained weight, the
+/// input. They hold exactly the values the backward would quantize again (the same tensors,
+/// the same scales), in the orientation its GEMMs read: the backward skips two amax passes
+/// and two casts per layer, and the input's FP8 copy takes half the bytes of the input.
+pub struct Fp8Saved(Saved);
+
+enum Saved {
+    Cpu {
+        weight: Quantized,
+        input: Option<Quantized>,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda(Box<super::cuda::fp8::Saved>),
+}
+
+impl Fp8Saved {
+    /// Whether the input's FP8 values were kept (the weight gradient needs no input then).
+    pub fn keeps_input(&self) -> bool {
+        match &self.0 {
+            Saved::Cpu { input, .. } => input.is_some(),
+            #[cfg(feature = "cuda")]
+            Saved::Cuda(s) => s.keeps_input(),
+        }
+    }
+
+    /// The same without the input (which the backward then quantizes from the input it is
+    /// given): for callers that recompute the input rather than keep it.
+    pub fn without_input(self) -> Self {
+        Self(match self.0 {
+            Saved::Cpu { weight, .. } => Saved::Cpu { weight, input: None },
+            #[cfg(feature = "cuda")]
+            Saved::Cuda(s) => Saved::Cuda(Box::new(s.without_input())),
+        })
+    }
+}
+
 /// `x · Wᵀ (+ residual)` for `x` `[rows, in]`, `w` `[out, in]`, both quantized to
 /// `recipe.forward`; the result has `x`'s dtype.
 pub fn linear(
@@ -159,17 +259,37 @@ pub fn linear(
     gemm_cpu(&qx, &qw, residual, x.dtype())
 }
 
+/// [`linear`], keeping the quantized weight and, with `keep_input` (only under
+/// `recipe.wgrad`), the quantized input for [`backward`]. `x_amax`: `x`'s amax from its
+/// producer, if it gave one.
+pub fn linear_saving(
+    x: &Tensor,
+    w: &Tensor,
+    residual: Option<&Tensor>,
+    recipe: &Fp8Recipe,
+    keep_input: bool,
+    x_amax: Option<&Fp8Amax>,
+) -> Result<(Tensor, Fp8Saved)> {
+    check_2d("linear input", x)?;
+    check_2d("linear weight", w)?;
+    let keep_input = keep_input && recipe.wgrad;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let x_amax = x_amax.map(Fp8Amax::device_value).transpose()?;
+        let (y, saved) =
+            super::cuda::fp8::linear_saving(x, w, residual, recipe, keep_input, x_amax)?;
+        return Ok((y, Fp8Saved(Saved::Cuda(Box::new(saved)))));
+    }
+    let qx = quantize_cpu_with(x, recipe.forward, x_amax)?;
+    let qw = quantize_cpu(w, recipe.forward)?;
+    let y = gemm_cpu(&qx, &qw, residual, x.dtype())?;
+    Ok((y, Fp8Saved(Saved::Cpu { weight: qw, input: keep_input.then_some(qx) })))
+}
+
 /// The input gradient `dy · W` for `dy` `[rows, out]` (quantized to `recipe.gradient`) and
 /// `w` `[out, in]` (to `recipe.forward`).
 pub fn input_grad(dy: &Tensor, w: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
-    check_2d("output gradient", dy)?;
-    check_2d("linear weight", w)?;
-    #[cfg(feature = "cuda")]
-    if dy.device().is_cuda() {
-        return super::cuda::fp8::input_grad(dy, w, recipe);
-    }
-    let (qd, qw) = (quantize_cpu(dy, recipe.gradient)?, quantize_cpu(&w.t()?, recipe.forward)?);
-    gemm_cpu(&qd, &qw, None, dy.dtype())
+    Ok(grads(dy, w, None, recipe)?.0)
 }
 
 /// Both gradients of a linear layer: [`input_grad`] and, when `x` is given (the weight
@@ -180,14 +300,57 @@ pub fn grads(
     x: Option<&Tensor>,
     recipe: &Fp8Recipe,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    check_2d("linear weight", w)?;
     #[cfg(feature = "cuda")]
-    if dy.device().is_cuda() && (recipe.wgrad || x.is_none()) {
-        check_2d("output gradient", dy)?;
-        check_2d("linear weight", w)?;
-        return super::cuda::fp8::grads(dy, w, x, recipe);
+    if w.device().is_cuda() {
+        let saved = super::cuda::fp8::Saved::of_weight(w, recipe)?;
+        return backward(dy, Fp8Saved(Saved::Cuda(Box::new(saved))), x, recipe, None);
     }
-    let dw = x.map(|x| weight_grad(dy, x, recipe)).transpose()?;
-    Ok((input_grad(dy, w, recipe)?, dw))
+    let saved = Saved::Cpu { weight: quantize_cpu(w, recipe.forward)?, input: None };
+    backward(dy, Fp8Saved(saved), x, recipe, None)
+}
+
+/// The gradients of a linear layer from what its forward kept ([`linear_saving`]): the input
+/// gradient, and the weight gradient when the input was kept or `x` (the forward input
+/// `[rows, in]`) is given. Without `recipe.wgrad` the weight gradient is the plain product
+/// of `x`. `dy_amax`: `dy`'s amax from its producer, if it gave one.
+pub fn backward(
+    dy: &Tensor,
+    saved: Fp8Saved,
+    x: Option<&Tensor>,
+    recipe: &Fp8Recipe,
+    dy_amax: Option<&Fp8Amax>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    check_2d("output gradient", dy)?;
+    if let Some(x) = x {
+        check_2d("linear input", x)?;
+    }
+    if !recipe.wgrad {
+        let dw = x.map(|x| super::manual::weight_grad(dy, x)).transpose()?;
+        let no_input = Fp8Recipe { wgrad: true, ..*recipe };
+        return Ok((backward(dy, saved.without_input(), None, &no_input, dy_amax)?.0, dw));
+    }
+    match saved.0 {
+        #[cfg(feature = "cuda")]
+        Saved::Cuda(saved) => {
+            let dy_amax = dy_amax.map(Fp8Amax::device_value).transpose()?;
+            super::cuda::fp8::backward(dy, *saved, x, recipe, dy_amax)
+        }
+        Saved::Cpu { weight, input } => {
+            let qx = match (input, x) {
+                (Some(q), _) => Some(q),
+                (None, Some(x)) => Some(quantize_cpu(x, recipe.forward)?),
+                (None, None) => None,
+            };
+            let qd = quantize_cpu_with(dy, recipe.gradient, dy_amax)?;
+            let dx = gemm_cpu(&qd, &weight.transposed()?, None, dy.dtype())?;
+            let dw = match qx {
+                Some(qx) => Some(gemm_cpu(&qd.transposed()?, &qx.transposed()?, None, dy.dtype())?),
+                None => None,
+            };
+            Ok((dx, dw))
+        }
+    }
 }
 
 /// The weight gradient `dyᵀ · x` `[out, in]` in `x`'s dtype: an FP8 GEMM with
@@ -285,7 +448,32 @@ mod tests {
         let dw = weight_grad(&dy, &x, &recipe).unwrap();
         let e = rel(&dw, &dy.t().unwrap().matmul(&x).unwrap());
         assert!(e > 1e-4 && e < 0.1, "weight grad: {e}");
+        // What the forward keeps gives the very gradients the backward would compute anew.
+        let exact_eq = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0);
+        };
+        let (dx_new, dw_new) = grads(&dy, &w, Some(&x), &recipe).unwrap();
+        let (y_kept, kept) = linear_saving(&x, &w, None, &recipe, true, None).unwrap();
+        exact_eq(&y_kept, &y);
+        assert!(kept.keeps_input());
+        let (dx_kept, dw_kept) = backward(&dy, kept, None, &recipe, None).unwrap();
+        exact_eq(&dx_kept, &dx_new);
+        exact_eq(&dw_kept.unwrap(), &dw_new.unwrap());
+        let (_, kept) = linear_saving(&x, &w, None, &recipe, true, None).unwrap();
+        let (_, no_dw) = backward(&dy, kept.without_input(), None, &recipe, None).unwrap();
+        assert!(no_dw.is_none());
+        // An amax from the producer is the one the quantization uses.
+        let amax = Fp8Amax::of_cpu(&x).unwrap();
+        let (y_given, _) = linear_saving(&x, &w, None, &recipe, false, Some(&amax)).unwrap();
+        exact_eq(&y_given, &y);
+        // Not a power of two: that would only shift the exponents, not the rounding.
+        let other = Fp8Amax(AmaxRepr::Cpu(1.5 * amax.host_value().unwrap()));
+        let (y_other, _) = linear_saving(&x, &w, None, &recipe, false, Some(&other)).unwrap();
+        assert!(rel(&y_other, &y) > 1e-4, "the given amax was not used");
         let exact = Fp8Recipe { wgrad: false, ..recipe };
+        let (_, kept) = linear_saving(&x, &w, None, &exact, true, None).unwrap();
+        assert!(!kept.keeps_input(), "a high-precision weight gradient needs no FP8 input");
         let dw = weight_grad(&dy, &x, &exact).unwrap();
         assert!(rel(&dw, &dy.t().unwrap().matmul(&x).unwrap()) < 1e-6);
     }

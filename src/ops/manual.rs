@@ -9,6 +9,7 @@
 use super::attention::{attention_auto, AttentionShape, AttnMask, OwnedAttnMask};
 use super::cross_entropy::at_least_f32;
 use super::flash::{FlashSpec, PackedSeqs};
+use super::fp8::Fp8Amax;
 use crate::config::model::Activation;
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -191,6 +192,42 @@ pub fn activation_forward(u: &Tensor, act: Activation, gated: bool) -> Result<Te
     } else {
         super::apply_activation(u, act)
     }
+}
+
+/// [`activation_forward`] and, for FP8 current scaling of `linear_fc2`, the largest magnitude
+/// of its output: from the fused SwiGLU kernel's own pass on CUDA (None for activations
+/// without one, whose quantization computes it), from the values on the CPU.
+pub fn activation_forward_amax(
+    u: &Tensor,
+    act: Activation,
+    gated: bool,
+) -> Result<(Tensor, Option<Fp8Amax>)> {
+    #[cfg(feature = "cuda")]
+    if gated && act == Activation::Silu && fused(u) {
+        let (y, amax) = super::cuda::swiglu::forward_amax(u)?;
+        return Ok((y, Some(Fp8Amax::cuda(amax))));
+    }
+    let y = activation_forward(u, act, gated)?;
+    let amax = if u.device().is_cpu() { Some(Fp8Amax::of_cpu(&y)?) } else { None };
+    Ok((y, amax))
+}
+
+/// [`activation_backward`] and its output's largest magnitude (FP8 current scaling of
+/// `linear_fc1`'s output gradient), as [`activation_forward_amax`] gives it.
+pub fn activation_backward_amax(
+    u: &Tensor,
+    act: Activation,
+    gated: bool,
+    dy: &Tensor,
+) -> Result<(Tensor, Option<Fp8Amax>)> {
+    #[cfg(feature = "cuda")]
+    if gated && act == Activation::Silu && fused(u) {
+        let (dx, amax) = super::cuda::swiglu::backward_amax(&u.contiguous()?, dy)?;
+        return Ok((dx, Some(Fp8Amax::cuda(amax))));
+    }
+    let dx = activation_backward(u, act, gated, dy)?;
+    let amax = if u.device().is_cpu() { Some(Fp8Amax::of_cpu(&dx)?) } else { None };
+    Ok((dx, amax))
 }
 
 /// Gradient of [`activation_forward`] with respect to `u`.

@@ -297,8 +297,41 @@ fn swiglu(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     for (dims, label) in [([4, 96, 2 * 1000], "[4,96,2x1000]"), ([3, 5, 2 * 77], "[3,5,2x77]")] {
         let x = randn(seed + 3, &dims, 2.0, 0.0)?;
         ms.extend(fwd_bwd(dev, seed, label, &[In::Float(x, true)], &|t| Ok(ops::swiglu(&t[0])?))?);
+        ms.extend(swiglu_amax(dev, seed, label, &dims)?);
     }
     Ok(ms)
+}
+
+/// The fused SwiGLU's amax outputs (FP8 current scaling of `linear_fc2`'s input and
+/// `linear_fc1`'s output gradient) are exactly the largest magnitudes of what the kernels
+/// write, and the values themselves are those of the plain kernels.
+fn swiglu_amax(dev: &Device, seed: u64, label: &str, dims: &[usize]) -> Result<Vec<Measure>> {
+    use crate::ops::cuda::swiglu::{backward_amax, forward_amax, SwiGlu};
+    use candle_core::CustomOp1;
+    let cuda = dev.as_cuda_device()?;
+    let x = randn(seed + 4, dims, 2.0, 0.0)?.to_dtype(DType::BF16)?.to_device(dev)?;
+    let mut half = dims.to_vec();
+    *half.last_mut().context("swiglu dims")? /= 2;
+    let dy = randn(seed + 5, &half, 1.0, 0.0)?.to_dtype(DType::BF16)?.to_device(dev)?;
+    let read = |a: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>| -> Result<Tensor> {
+        let v = cuda.cuda_stream().clone_dtoh(a)?;
+        Ok(Tensor::new(v[0], &Device::Cpu)?)
+    };
+    let largest = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_device(&Device::Cpu)?)
+    };
+    let (y, fwd_amax) = forward_amax(&x)?;
+    let (dx, bwd_amax) = backward_amax(&x, &dy)?;
+    let plain_dx = SwiGlu.bwd(&x, &x, &dy)?.context("fused-swiglu gave no gradient")?;
+    let exact = |what: &str, got: &Tensor, want: &Tensor| {
+        compare(&format!("{label} {what}"), got, want, 0.0)
+    };
+    Ok(vec![
+        exact("fwd with amax: values", &y, &x.apply_op1(SwiGlu)?)?,
+        exact("fwd amax", &read(&fwd_amax)?, &largest(&y)?)?,
+        exact("bwd with amax: values", &dx, &plain_dx)?,
+        exact("bwd amax", &read(&bwd_amax)?, &largest(&dx)?)?,
+    ])
 }
 
 fn cross_entropy(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
@@ -496,15 +529,27 @@ fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             ),
         ];
         let (gdx, gdw) = fp8::grads(&gpu(&dy)?, &gpu(&w)?, Some(&gpu(&x)?), &recipe)?;
+        let gdw = gdw.context("no weight grad")?;
         let (cdx, cdw) = fp8::grads(&cpu(&dy)?, &cpu(&w)?, Some(&cpu(&x)?), &recipe)?;
         let both = [
-            ("grads: input", gdx, cdx),
-            ("grads: weight", gdw.context("no weight grad")?, cdw.context("no weight grad")?),
+            ("grads: input", gdx.clone(), cdx),
+            ("grads: weight", gdw.clone(), cdw.context("no weight grad")?),
+        ];
+        // The operands the forward keeps give the backward the same FP8 values it would
+        // quantize again: the same GEMMs, the same results bit for bit.
+        let (_, kept) = fp8::linear_saving(&gpu(&x)?, &gpu(&w)?, None, &recipe, true, None)?;
+        let (kdx, kdw) = fp8::backward(&gpu(&dy)?, kept, None, &recipe, None)?;
+        let kept = [
+            ("kept operands: input grad", kdx, gdx),
+            ("kept operands: weight grad", kdw.context("no weight grad")?, gdw),
         ];
         for (what, g, c) in pairs.into_iter().chain(both) {
             // One bf16 step of the largest value (at most 2^-7 of it) bounds the difference
             // of two roundings of nearly the same sum.
             ms.push(compare(&format!("fp8 {name} {what}"), &g, &c, 2f64.powi(-7))?);
+        }
+        for (what, g, c) in kept {
+            ms.push(compare(&format!("fp8 {name} {what}"), &g, &c, 0.0)?);
         }
     }
     Ok(ms)

@@ -52,12 +52,27 @@ impl Quantized {
 /// Quantizes the matrix `x` (bf16/f16/f32, any layout) to `format` with its current scale,
 /// writing the row-major values if `row_major` and the transposed ones if `transposed`.
 fn quantize(x: &Tensor, format: Fp8Format, row_major: bool, transposed: bool) -> Result<Quantized> {
+    quantize_with(x, format, row_major, transposed, None)
+}
+
+/// [`quantize`] with `x`'s amax when its producer computed it (no amax pass then).
+fn quantize_with(
+    x: &Tensor,
+    format: Fp8Format,
+    row_major: bool,
+    transposed: bool,
+    known_amax: Option<&CudaSlice<f32>>,
+) -> Result<Quantized> {
     let (rows, cols) = x.dims2()?;
     let x = x.contiguous()?;
     let dev = x.device().as_cuda_device()?.clone();
     let suffix = dtype_suffix(x.dtype())?;
     let n = rows * cols;
-    let amax = dev.alloc_zeros::<f32>(1)?;
+    let computed = match known_amax {
+        Some(_) => None,
+        None => Some(dev.alloc_zeros::<f32>(1)?),
+    };
+    let amax = known_amax.or(computed.as_ref()).expect("one of them is set");
     // SAFETY: written by the cast kernel below before anything reads them.
     let (data, data_t, scale_inv) = unsafe {
         (
@@ -72,16 +87,18 @@ fn quantize(x: &Tensor, format: Fp8Format, row_major: bool, transposed: bool) ->
     let e5m2 = format == Fp8Format::E5M2;
     crate::with_float_type!(x.dtype(), T, {
         let xv = contiguous_view::<T>(s, l, "fp8 quantize")?;
-        let f = crate::function!(&dev, &MODULE, &format!("fp8_amax_{suffix}"))?;
-        let mut b = f.builder();
-        b.arg(&xv).arg(&n64).arg(&amax);
-        let cfg = LaunchConfig {
-            grid_dim: (elementwise_blocks(n / 8, 256).min(2048), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: argument list matches `fp8_amax_*` in kernels/fp8.cu.
-        unsafe { b.launch(cfg) }.w()?;
+        if let Some(amax) = &computed {
+            let f = crate::function!(&dev, &MODULE, &format!("fp8_amax_{suffix}"))?;
+            let mut b = f.builder();
+            b.arg(&xv).arg(&n64).arg(amax);
+            let cfg = LaunchConfig {
+                grid_dim: (elementwise_blocks(n / 8, 256).min(2048), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument list matches `fp8_amax_*` in kernels/fp8.cu.
+            unsafe { b.launch(cfg) }.w()?;
+        }
         // 64×64 tiles with 16-byte accesses where the shape and alignment allow them.
         let tiled = rows % 64 == 0
             && cols % 64 == 0
@@ -93,7 +110,7 @@ fn quantize(x: &Tensor, format: Fp8Format, row_major: bool, transposed: bool) ->
         // A null pointer tells the kernel to skip that orientation.
         let null = 0u64;
         let mut b = f.builder();
-        b.arg(&xv).arg(&r64).arg(&c64).arg(&amax);
+        b.arg(&xv).arg(&r64).arg(&c64).arg(amax);
         match &data {
             Some(d) => b.arg(d),
             None => b.arg(&null),
@@ -127,6 +144,36 @@ fn device(t: &Tensor) -> Result<CudaDevice> {
     Ok(t.device().as_cuda_device()?.clone())
 }
 
+/// What a linear layer's forward keeps for the backward (see `ops::fp8::Fp8Saved`): the
+/// weight quantized transposed and, for an FP8 weight gradient, the input quantized
+/// transposed (the orientations of the input- and weight-gradient GEMMs).
+pub struct Saved {
+    weight_t: Quantized,
+    input_t: Option<Quantized>,
+}
+
+impl Saved {
+    /// The weight alone, quantized for the input gradient.
+    pub fn of_weight(w: &Tensor, recipe: &Fp8Recipe) -> Result<Self> {
+        Ok(Self { weight_t: quantize(w, recipe.forward, false, true)?, input_t: None })
+    }
+
+    pub fn keeps_input(&self) -> bool {
+        self.input_t.is_some()
+    }
+
+    pub fn without_input(self) -> Self {
+        Self { input_t: None, ..self }
+    }
+}
+
+impl Quantized {
+    /// Only the transposed values (the row-major ones freed).
+    fn transposed_only(self) -> Self {
+        Self { data: None, ..self }
+    }
+}
+
 /// `x·Wᵀ (+ residual)` (see `ops::fp8::linear`), with the fast accumulator as Transformer
 /// Engine's forward GEMMs.
 pub fn linear(
@@ -137,60 +184,92 @@ pub fn linear(
 ) -> Result<Tensor> {
     let (qx, qw) =
         (quantize(x, recipe.forward, true, false)?, quantize(w, recipe.forward, true, false)?);
+    forward_gemm(&qx, &qw, residual, x)
+}
+
+/// [`linear`], whose casts also write the transposed weight (and input, with `keep_input`)
+/// for the backward: one pass over each tensor instead of two amax and two cast passes.
+pub fn linear_saving(
+    x: &Tensor,
+    w: &Tensor,
+    residual: Option<&Tensor>,
+    recipe: &Fp8Recipe,
+    keep_input: bool,
+    x_amax: Option<&CudaSlice<f32>>,
+) -> Result<(Tensor, Saved)> {
+    let qx = quantize_with(x, recipe.forward, true, keep_input, x_amax)?;
+    let qw = quantize(w, recipe.forward, true, true)?;
+    let y = forward_gemm(&qx, &qw, residual, x)?;
+    let input_t = keep_input.then(|| qx.transposed_only());
+    Ok((y, Saved { weight_t: qw.transposed_only(), input_t }))
+}
+
+fn forward_gemm(
+    qx: &Quantized,
+    qw: &Quantized,
+    residual: Option<&Tensor>,
+    x: &Tensor,
+) -> Result<Tensor> {
     if qx.cols != qw.cols {
-        candle_core::bail!("fp8 linear: x {:?} · wᵀ {:?}: shapes do not agree", x.dims(), w.dims());
+        candle_core::bail!(
+            "fp8 linear: x {:?} · wᵀ [{}, {}]: shapes do not agree",
+            x.dims(),
+            qw.cols,
+            qw.rows
+        );
     }
     fp8_gemm(&qw.matrix(), &qx.matrix(), qx.cols, residual, x.dtype(), true, &device(x)?)
 }
 
 /// `dy·W` from the quantized output gradient (row-major) and weight (transposed).
-fn dgrad(qd: &Quantized, qw: &Quantized, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+fn dgrad(qd: &Quantized, qw: &Quantized, dy: &Tensor) -> Result<Tensor> {
     if qd.cols != qw.rows {
         candle_core::bail!(
-            "fp8 input grad: dy {:?} · w {:?}: shapes do not agree",
+            "fp8 input grad: dy {:?} · w [{}, {}]: shapes do not agree",
             dy.dims(),
-            w.dims()
+            qw.rows,
+            qw.cols
         );
     }
     fp8_gemm(&qw.transposed(), &qd.matrix(), qd.cols, None, dy.dtype(), false, &device(dy)?)
 }
 
-/// `dyᵀ·x` from the quantized output gradient and input (both transposed), in `x`'s dtype.
-fn wgrad(qd: &Quantized, qx: &Quantized, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+/// `dyᵀ·x` from the quantized output gradient and input (both transposed), in `dy`'s dtype.
+fn wgrad(qd: &Quantized, qx: &Quantized, dy: &Tensor) -> Result<Tensor> {
     if qd.rows != qx.rows {
         candle_core::bail!(
-            "fp8 weight grad: dyᵀ {:?} · x {:?}: shapes do not agree",
+            "fp8 weight grad: dyᵀ {:?} · x [{}, {}]: shapes do not agree",
             dy.dims(),
-            x.dims()
+            qx.rows,
+            qx.cols
         );
     }
-    fp8_gemm(&qx.transposed(), &qd.transposed(), qd.rows, None, x.dtype(), false, &device(x)?)
+    fp8_gemm(&qx.transposed(), &qd.transposed(), qd.rows, None, dy.dtype(), false, &device(dy)?)
 }
 
-/// The input gradient `dy·W` and, for `x`, the weight gradient `dyᵀ·x` (see
-/// `ops::fp8::grads`): dy is quantized once, in both orientations.
-pub fn grads(
+/// The input gradient `dy·W` and the weight gradient `dyᵀ·x` from the kept input or else
+/// `x` (see `ops::fp8::backward`): dy is quantized once, in both orientations, with the
+/// amax its producer computed if it did.
+pub fn backward(
     dy: &Tensor,
-    w: &Tensor,
+    saved: Saved,
     x: Option<&Tensor>,
     recipe: &Fp8Recipe,
+    dy_amax: Option<&CudaSlice<f32>>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let qd = quantize(dy, recipe.gradient, true, x.is_some())?;
-    let dx = dgrad(&qd, &quantize(w, recipe.forward, false, true)?, dy, w)?;
-    let dw = match x {
-        Some(x) => Some(wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy, x)?),
-        None => None,
+    let qx = match (saved.input_t, x) {
+        (Some(q), _) => Some(q),
+        (None, Some(x)) => Some(quantize(x, recipe.forward, false, true)?),
+        (None, None) => None,
     };
+    let qd = quantize_with(dy, recipe.gradient, true, qx.is_some(), dy_amax)?;
+    let dx = dgrad(&qd, &saved.weight_t, dy)?;
+    let dw = qx.map(|qx| wgrad(&qd, &qx, dy)).transpose()?;
     Ok((dx, dw))
 }
 
-/// `dy·W` (see `ops::fp8::input_grad`).
-pub fn input_grad(dy: &Tensor, w: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
-    Ok(grads(dy, w, None, recipe)?.0)
-}
-
-/// `dyᵀ·x` (see `ops::fp8::weight_grad`), in `x`'s dtype.
+/// `dyᵀ·x` (see `ops::fp8::weight_grad`).
 pub fn weight_grad(dy: &Tensor, x: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
     let qd = quantize(dy, recipe.gradient, false, true)?;
-    wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy, x)
+    wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy)
 }
