@@ -11,7 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use mbridge::config::model::ModelConfig;
 use mbridge::model::recompute::RecomputeGrads;
 use mbridge::model::ParallelLayout;
-use mbridge::model::{loss_for_microbatch_recompute, GptModel, HostStats, Microbatch};
+use mbridge::model::{
+    loss_for_microbatch, loss_for_microbatch_recompute, GptModel, HostStats, Microbatch,
+};
 use mbridge::train::grads::GradAccumulator;
 use model_common::{tiny_gpt, tiny_llama, tiny_qwen_window};
 
@@ -346,4 +348,25 @@ fn fp8_kept_operands_equal_recomputed_ones() {
         let name = format!("fp8, selective {modules:?}");
         compare(&name, kept(), run_model(model(&cfg), &cfg, true), true);
     }
+}
+
+/// Evaluation runs the FP8 GEMMs too (megatron-core's FP8 context covers every forward of the
+/// blocks): a forward-only pass of an FP8 model gives the training forward's loss, not the
+/// unquantized model's.
+#[test]
+fn fp8_evaluation_forward_equals_the_training_forward() {
+    let mut cfg = tiny_llama();
+    let model = |cfg: &ModelConfig| {
+        GptModel::new(cfg, ParallelLayout::single(), 11, DType::F64, &Device::Cpu).unwrap()
+    };
+    let mb = batch(&cfg);
+    let loss = |(sum, count): (Tensor, f64)| sum.to_scalar::<f64>().unwrap() / count;
+    let plain = loss(loss_for_microbatch(&model(&cfg), &mb, None).unwrap());
+    cfg.fp8 = Some("hybrid".into());
+    let fp8 = model(&cfg);
+    let evaluated = loss(loss_for_microbatch(&fp8, &mb, None).unwrap());
+    let sink = RecomputeGrads::default();
+    let trained = loss(loss_for_microbatch_recompute(&fp8, &mb, None, &sink).unwrap());
+    assert!((evaluated - trained).abs() < 1e-12 * trained, "{evaluated} vs {trained}");
+    assert!((evaluated - plain).abs() > 1e-6 * plain, "FP8 changed nothing: {evaluated}");
 }

@@ -150,6 +150,8 @@ pub struct GptModel {
     explicit_layers: bool,
     /// `recompute_granularity = "selective"` (runs in the written-out backward).
     selective: Option<SelectiveRecompute>,
+    /// Some layers of this stage run FP8 GEMMs (which live in the written-out layers).
+    has_fp8_layers: bool,
 }
 
 impl GptModel {
@@ -291,6 +293,7 @@ impl GptModel {
             }
         }
         let fp8 = Fp8Layers::of(cfg)?;
+        let has_fp8_layers = layer_numbers.iter().any(|&l| fp8.recipe_of(l).is_some());
         let mut layers = Vec::with_capacity(layer_numbers.len());
         for &l in &layer_numbers {
             let mut attn = SelfAttention::new(&mut store, &arch, l, layout.tp_size)?;
@@ -380,6 +383,7 @@ impl GptModel {
                 || fp8.recipe.is_some()
                 || explicit_layer::enabled_by_default(device),
             selective,
+            has_fp8_layers,
         })
     }
 
@@ -868,11 +872,23 @@ impl GptModel {
         // parameter gradients go to the side sink, so one must be there.
         let dropout_in_effect = opts.dropout.is_some()
             && (self.arch.hidden_dropout > 0.0 || self.arch.attention_dropout > 0.0);
+        // FP8 GEMMs apply to every forward of the blocks, evaluation included, as
+        // megatron-core enters its FP8 context in the transformer block's forward: without a
+        // sink the FP8 layers run their written-out forward, whose backward is never called
+        // (this sink stays empty). Generation with a KV cache stays in the parameters' dtype.
+        let forward_only_sink = RecomputeGrads::default();
+        let fp8_forward_only = self.has_fp8_layers && self.explicit_layers && !dropout_in_effect;
         let explicit = match (recompute, &cache) {
             (Some(sink), None) if !dropout_in_effect && self.explicit_layers => {
                 let mask = OwnedAttnMask::from_mask(inputs.mask);
                 let selective = self.selective.unwrap_or_default();
                 Some((sink, Arc::new(ExplicitInputs::new(rope.as_ref(), mask, selective)?)))
+            }
+            (None, None) if fp8_forward_only => {
+                let mask = OwnedAttnMask::from_mask(inputs.mask);
+                let none = SelectiveRecompute::default();
+                let inputs = ExplicitInputs::new(rope.as_ref(), mask, none)?;
+                Some((&forward_only_sink, Arc::new(inputs)))
             }
             _ => None,
         };
