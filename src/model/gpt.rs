@@ -876,7 +876,7 @@ impl GptModel {
         // megatron-core enters its FP8 context in the transformer block's forward: without a
         // sink the FP8 layers run their written-out forward, whose backward is never called
         // (this sink stays empty). Generation with a KV cache stays in the parameters' dtype.
-        let forward_only_sink = RecomputeGrads::default();
+        let forward_only_sink;
         let fp8_forward_only = self.has_fp8_layers && self.explicit_layers && !dropout_in_effect;
         let explicit = match (recompute, &cache) {
             (Some(sink), None) if !dropout_in_effect && self.explicit_layers => {
@@ -888,6 +888,7 @@ impl GptModel {
                 let mask = OwnedAttnMask::from_mask(inputs.mask);
                 let none = SelectiveRecompute::default();
                 let inputs = ExplicitInputs::new(rope.as_ref(), mask, none)?;
+                forward_only_sink = RecomputeGrads::default();
                 Some((&forward_only_sink, Arc::new(inputs)))
             }
             _ => None,

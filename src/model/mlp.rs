@@ -249,11 +249,9 @@ impl Mlp {
         let normed =
             (!recompute && !selective.layernorm && self.fc1_linear().needs_input()).then_some(xn);
         // An FP8 `linear_fc2` takes its input's amax from the activation's own pass.
-        let (act, act_amax) = if self.fc2_linear().runs_fp8() {
-            manual::activation_forward_amax(&fc1_out, self.activation, self.gated)?
-        } else {
-            (manual::activation_forward(&fc1_out, self.activation, self.gated)?, None)
-        };
+        let fp8 = self.fc2_linear().runs_fp8();
+        let (act, act_amax) =
+            manual::activation_forward_amax(&fc1_out, self.activation, self.gated, fp8)?;
         let (y, fc2_saved) =
             self.fc2_linear().forward_row_plus(&act, act_amax.as_ref(), self.tp_boundary(), x)?;
         let fc2_needs_input = self.fc2_linear().needs_input();
@@ -314,12 +312,9 @@ impl Mlp {
             self.fc2_linear().backward(&dy, None, act, saved.fc2_saved, grads)
         })?;
         // An FP8 `linear_fc1` takes its output gradient's amax from the activation's backward.
+        let fp8 = self.fc1_linear().runs_fp8();
         let (du, du_amax) = section("mlp.bwd.act", dev, || {
-            if self.fc1_linear().runs_fp8() {
-                manual::activation_backward_amax(&u, self.activation, self.gated, &dact)
-            } else {
-                Ok((manual::activation_backward(&u, self.activation, self.gated, &dact)?, None))
-            }
+            manual::activation_backward_amax(&u, self.activation, self.gated, &dact, fp8)
         })?;
         drop((dact, u, fc1_out));
         let dxe = section("mlp.bwd.fc1", dev, || -> Result<Tensor> {

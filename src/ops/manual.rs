@@ -194,14 +194,18 @@ pub fn activation_forward(u: &Tensor, act: Activation, gated: bool) -> Result<Te
     }
 }
 
-/// [`activation_forward`] and, for FP8 current scaling of `linear_fc2`, the largest magnitude
-/// of its output: from the fused SwiGLU kernel's own pass on CUDA (None for activations
-/// without one, whose quantization computes it), from the values on the CPU.
+/// [`activation_forward`] and, with `amax` (FP8 current scaling of `linear_fc2`), the largest
+/// magnitude of its output: from the fused SwiGLU kernel's own pass on CUDA (None for
+/// activations without one, whose quantization computes it), from the values on the CPU.
 pub fn activation_forward_amax(
     u: &Tensor,
     act: Activation,
     gated: bool,
+    amax: bool,
 ) -> Result<(Tensor, Option<Fp8Amax>)> {
+    if !amax {
+        return Ok((activation_forward(u, act, gated)?, None));
+    }
     #[cfg(feature = "cuda")]
     if gated && act == Activation::Silu && fused(u) {
         let (y, amax) = super::cuda::swiglu::forward_amax(u)?;
@@ -212,14 +216,18 @@ pub fn activation_forward_amax(
     Ok((y, amax))
 }
 
-/// [`activation_backward`] and its output's largest magnitude (FP8 current scaling of
-/// `linear_fc1`'s output gradient), as [`activation_forward_amax`] gives it.
+/// [`activation_backward`] and, with `amax`, its output's largest magnitude (FP8 current
+/// scaling of `linear_fc1`'s output gradient), as [`activation_forward_amax`] gives it.
 pub fn activation_backward_amax(
     u: &Tensor,
     act: Activation,
     gated: bool,
     dy: &Tensor,
+    amax: bool,
 ) -> Result<(Tensor, Option<Fp8Amax>)> {
+    if !amax {
+        return Ok((activation_backward(u, act, gated, dy)?, None));
+    }
     #[cfg(feature = "cuda")]
     if gated && act == Activation::Silu && fused(u) {
         let (dx, amax) = super::cuda::swiglu::backward_amax(&u.contiguous()?, dy)?;
