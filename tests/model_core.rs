@@ -177,6 +177,7 @@ fn packed_documents_with_attention_mask() {
         dropout: None,
         cu_seqlens: None,
         host_stats: None,
+        no_grad: false,
     };
     let got = m.forward(&tokens, &opts).unwrap();
     let alone = m

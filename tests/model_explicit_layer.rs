@@ -12,7 +12,8 @@ use mbridge::config::model::ModelConfig;
 use mbridge::model::recompute::RecomputeGrads;
 use mbridge::model::ParallelLayout;
 use mbridge::model::{
-    loss_for_microbatch, loss_for_microbatch_recompute, GptModel, HostStats, Microbatch,
+    eval_loss_for_microbatch, loss_for_microbatch, loss_for_microbatch_recompute, GptModel,
+    HostStats, Microbatch,
 };
 use mbridge::train::grads::GradAccumulator;
 use model_common::{tiny_gpt, tiny_llama, tiny_qwen_window};
@@ -48,13 +49,18 @@ fn run(cfg: &ModelConfig, explicit: bool) -> Run {
 
 /// Loss and the gradients of the trainable parameters (all of them without PEFT).
 fn run_model(mut model: GptModel, cfg: &ModelConfig, explicit: bool) -> Run {
+    run_on(&mut model, cfg, explicit)
+}
+
+/// [`run_model`] on a model the caller keeps.
+fn run_on(model: &mut GptModel, cfg: &ModelConfig, explicit: bool) -> Run {
     model.set_explicit_layers(explicit);
     let mb = batch(cfg);
     let params: Vec<_> = model.params().params().iter().filter(|p| p.trainable).collect();
     let vars: Vec<_> = params.iter().map(|p| p.var.clone()).collect();
     let mut acc = GradAccumulator::new(vars.clone());
     let sink = RecomputeGrads::default();
-    let (sum, _) = loss_for_microbatch_recompute(&model, &mb, None, &sink).unwrap();
+    let (sum, _) = loss_for_microbatch_recompute(model, &mb, None, &sink).unwrap();
     acc.accumulate(&sum.backward().unwrap()).unwrap();
     let side = sink.take();
     // Nothing else (frozen weights under PEFT) may receive a gradient.
@@ -350,6 +356,67 @@ fn fp8_kept_operands_equal_recomputed_ones() {
     }
 }
 
+/// The FP8 weights quantized once and held across the micro-batches (and recomputed forwards)
+/// of a step give the loss and gradients of quantizing them at every GEMM, and the hold keeps
+/// one quantization per FP8 linear layer (four per block), used again by the next pass.
+#[test]
+fn fp8_weights_held_across_micro_batches_equal_fresh_ones() {
+    use mbridge::config::model::{RecomputeGranularity, RecomputeMethod};
+    let mut plain = tiny_llama();
+    plain.fp8 = Some("hybrid".into());
+    let mut full = plain.clone();
+    full.recompute_granularity = Some(RecomputeGranularity::Full);
+    full.recompute_method = Some(RecomputeMethod::Uniform);
+    full.recompute_num_layers = Some(1);
+    for (name, cfg) in [("fp8", plain), ("fp8, full recompute", full)] {
+        let model =
+            || GptModel::new(&cfg, ParallelLayout::single(), 11, DType::F64, &Device::Cpu).unwrap();
+        let mut held = model();
+        let hold = held.hold_fp8_weights().expect("an FP8 model holds its weights");
+        let first = run_on(&mut held, &cfg, true);
+        assert_eq!(held.held_fp8_weights(), 4 * cfg.num_layers, "{name}");
+        compare(&format!("{name}, held weights"), run_model(model(), &cfg, true), first, true);
+        // The second micro-batch of the step: the held weights again, the same results.
+        let again = run_on(&mut held, &cfg, true);
+        assert_eq!(held.held_fp8_weights(), 4 * cfg.num_layers, "{name}");
+        let name = format!("{name}, held weights reused");
+        compare(&name, run_model(model(), &cfg, true), again, true);
+        drop(hold);
+        assert_eq!(held.held_fp8_weights(), 0, "{name}: the hold kept its weights");
+    }
+}
+
+/// Evaluation runs the written-out layers forward only: the loss of the recorded layers, and
+/// nothing of the layers stays in candle's graph (their activations are freed layer by layer,
+/// so no backward can reach their weights).
+#[test]
+fn evaluation_runs_the_written_out_layers_forward_only() {
+    for (name, cfg) in [("llama", tiny_llama()), ("gpt", tiny_gpt())] {
+        let mut model =
+            GptModel::new(&cfg, ParallelLayout::single(), 11, DType::F64, &Device::Cpu).unwrap();
+        let mb = batch(&cfg);
+        let loss = |(sum, count): (Tensor, f64)| sum.to_scalar::<f64>().unwrap() / count;
+        model.set_explicit_layers(false);
+        let recorded = loss(loss_for_microbatch(&model, &mb, None).unwrap());
+        model.set_explicit_layers(true);
+        let (sum, count) = eval_loss_for_microbatch(&model, &mb).unwrap();
+        let evaluated = sum.to_scalar::<f64>().unwrap() / count;
+        assert!(
+            (evaluated - recorded).abs() < 1e-12 * recorded,
+            "{name}: {evaluated} vs {recorded}"
+        );
+        let grads = sum.backward().unwrap();
+        for p in model.params().params().iter().filter(|p| p.name.starts_with("decoder.layers.")) {
+            let kept = grads.get(p.var.as_tensor()).is_some();
+            assert!(!kept, "{name}: {} is reachable from the evaluation loss", p.name);
+        }
+        // Without `no_grad` a caller's backward still reaches every weight (recorded layers).
+        let (sum, _) = loss_for_microbatch(&model, &mb, None).unwrap();
+        let grads = sum.backward().unwrap();
+        assert!(model.params().params().iter().all(|p| grads.get(p.var.as_tensor()).is_some()));
+    }
+}
+
 /// Evaluation runs the FP8 GEMMs too (megatron-core's FP8 context covers every forward of the
 /// blocks): a forward-only pass of an FP8 model gives the training forward's loss, not the
 /// unquantized model's.
@@ -364,7 +431,7 @@ fn fp8_evaluation_forward_equals_the_training_forward() {
     let plain = loss(loss_for_microbatch(&model(&cfg), &mb, None).unwrap());
     cfg.fp8 = Some("hybrid".into());
     let fp8 = model(&cfg);
-    let evaluated = loss(loss_for_microbatch(&fp8, &mb, None).unwrap());
+    let evaluated = loss(eval_loss_for_microbatch(&fp8, &mb).unwrap());
     let sink = RecomputeGrads::default();
     let trained = loss(loss_for_microbatch_recompute(&fp8, &mb, None, &sink).unwrap());
     assert!((evaluated - trained).abs() < 1e-12 * trained, "{evaluated} vs {trained}");

@@ -4,12 +4,12 @@
 use super::arch::GptArch;
 use super::explicit_layer::ExplicitInputs;
 use super::explicit_linear::{ExplicitLinear, LinearSaved, TpBoundary};
+use super::fp8_weights::Fp8Linears;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use crate::config::model::AttnBackend;
 use crate::ops::attention::OwnedAttnMask;
-use crate::ops::fp8::Fp8Recipe;
 use crate::ops::manual::{self, AttnState, QkvGrads};
 use crate::ops::timing::section;
 use crate::ops::{self, AttentionShape, AttnMask, DropoutRng};
@@ -41,7 +41,7 @@ pub struct SelfAttention {
     qkv_adapter: Option<Adapter>,
     proj_adapter: Option<Adapter>,
     /// FP8 GEMMs for `linear_qkv` and `linear_proj` in training (`ops::fp8`).
-    fp8: Option<Fp8Recipe>,
+    fp8: Option<Fp8Linears>,
 }
 
 /// Per-call inputs shared by all layers.
@@ -163,8 +163,8 @@ impl SelfAttention {
     }
 
     /// Runs the block's linear layers as FP8 GEMMs in training (None: bf16).
-    pub(super) fn set_fp8(&mut self, recipe: Option<Fp8Recipe>) {
-        self.fp8 = recipe;
+    pub(super) fn set_fp8(&mut self, fp8: Option<Fp8Linears>) {
+        self.fp8 = fp8;
     }
 
     /// Runs `linear_qkv` column-parallel and `linear_proj` row-parallel over `tp` (required
@@ -355,7 +355,7 @@ impl SelfAttention {
             b: self.qkv_b.as_ref(),
             adapter: self.qkv_adapter.as_ref(),
             column_tp: self.tp.as_ref(),
-            fp8: self.fp8,
+            fp8: self.fp8.as_ref(),
         }
     }
 
@@ -365,7 +365,7 @@ impl SelfAttention {
             b: self.proj_b.as_ref(),
             adapter: self.proj_adapter.as_ref(),
             column_tp: None,
-            fp8: self.fp8,
+            fp8: self.fp8.as_ref(),
         }
     }
 

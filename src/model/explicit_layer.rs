@@ -143,6 +143,27 @@ pub fn forward_run(
     Ok(with_backward_anchored(x, anchor.as_ref(), h, "explicit-layers", backward)?)
 }
 
+/// [`forward_run`] without a backward (evaluation): each layer's saved state is dropped as
+/// soon as its output exists, so the pass holds one layer's activations at a time, as a
+/// forward under `torch.no_grad()` does, and the output is outside candle's graph.
+pub fn forward_only_run(
+    layers: &[(&SelfAttention, &Mlp)],
+    first: usize,
+    x: &Tensor,
+    inputs: &ExplicitInputs,
+) -> Result<Tensor> {
+    let mut h = x.detach();
+    for (i, (attn, mlp)) in layers.iter().enumerate() {
+        let _range = crate::profiling::Range::layer(first + i);
+        let (x2, attn_saved) = attn.forward_saving(&h, inputs)?;
+        drop(attn_saved);
+        let (y, mlp_saved) = mlp.forward_saving(&x2, inputs.selective)?;
+        drop(mlp_saved);
+        h = y;
+    }
+    Ok(h)
+}
+
 /// One layer of [`forward_run`] (its own node of the graph, no profiler range).
 pub fn forward(
     attn: &SelfAttention,

@@ -11,6 +11,7 @@
 //! the residual are added in the layer's dtype. The forward keeps its quantized weight and
 //! input for the backward, which then needs no high-precision input at all.
 
+use super::fp8_weights::Fp8Linears;
 use crate::ops::fp8::{self, Fp8Amax, Fp8Recipe, Fp8Saved};
 use crate::ops::{self, manual};
 use crate::parallel::tensor::TensorParallel;
@@ -35,7 +36,7 @@ pub(super) struct ExplicitLinear<'a> {
     /// replicated); None for row-parallel layers and without TP.
     pub column_tp: Option<&'a TensorParallel>,
     /// FP8 GEMMs (None: the parameters' dtype). Adapters keep their layer in that dtype.
-    pub fp8: Option<Fp8Recipe>,
+    pub fp8: Option<&'a Fp8Linears>,
 }
 
 /// What [`ExplicitLinear::backward`] needs from the forward besides its input.
@@ -80,7 +81,7 @@ impl ExplicitLinear<'_> {
 
     /// The FP8 recipe when this layer's GEMMs run in FP8 (no adapter).
     fn fp8(&self) -> Option<&Fp8Recipe> {
-        self.fp8.as_ref().filter(|_| self.adapter.is_none())
+        self.fp8.filter(|_| self.adapter.is_none()).map(|f| &f.recipe)
     }
 
     /// Whether this layer's GEMMs run in FP8 (so an amax of its input or output gradient
@@ -98,8 +99,8 @@ impl ExplicitLinear<'_> {
         x_amax: Option<&Fp8Amax>,
         residual: Option<&Tensor>,
     ) -> Result<(Tensor, LinearSaved)> {
-        let w = self.w.detach();
         let Some(recipe) = self.fp8() else {
+            let w = self.w.detach();
             let y = match residual {
                 Some(r) => manual::add(r, &ops::linear(x, &w, None)?)?,
                 None => ops::linear(x, &w, None)?,
@@ -107,11 +108,13 @@ impl ExplicitLinear<'_> {
             return Ok((y, LinearSaved::Nothing));
         };
         let mut dims = x.dims().to_vec();
-        *dims.last_mut().context("linear input without dims")? = w.dim(0)?;
+        *dims.last_mut().context("linear input without dims")? = self.w.dim(0)?;
         let rows = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
         let r = residual.map(|r| r.reshape(((), r.dim(candle_core::D::Minus1)?))).transpose()?;
         let keep = self.keeps_fp8_input();
-        let (y, saved) = fp8::linear_saving(&rows, &w, r.as_ref(), recipe, keep, x_amax)?;
+        let cache = &self.fp8.context("an FP8 layer without its weight cache")?.weights;
+        let w = cache.weight(self.w, recipe)?;
+        let (y, saved) = fp8::linear_saving(&rows, w, r.as_ref(), recipe, keep, x_amax)?;
         Ok((y.reshape(dims)?, LinearSaved::Fp8(saved)))
     }
 

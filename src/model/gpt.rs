@@ -5,6 +5,7 @@ use super::arch::{chunk_layers, virtual_stages, GptArch, ParallelLayout};
 use super::attention::{AttnInputs, KvEntry, SelfAttention};
 use super::explicit_layer::{self, ExplicitInputs};
 use super::explicit_linear::TpBoundary;
+use super::fp8_weights::{Fp8Linears, Fp8WeightCache, Fp8WeightHold};
 use super::init::Init;
 use super::mlp::Mlp;
 use super::norm::Norm;
@@ -58,6 +59,9 @@ pub struct ForwardOpts<'a> {
     pub dropout: Option<&'a DropoutRng>,
     /// The ids' maxima as the batch builder knew them (None ⇒ read back from the device).
     pub host_stats: Option<HostStats>,
+    /// No backward follows (evaluation): the written-out layers run forward only, freeing
+    /// each layer's activations as the next starts, and FP8 layers run their FP8 GEMMs.
+    pub no_grad: bool,
 }
 
 /// Keys/values of every layer of this stage for incremental decoding.
@@ -104,21 +108,24 @@ struct Fp8Layers {
     recipe: Option<Fp8Recipe>,
     /// Global layer numbers `start..end` run in FP8.
     span: std::ops::Range<usize>,
+    /// The quantized weights of all of them.
+    weights: Fp8WeightCache,
 }
 
 impl Fp8Layers {
     fn of(cfg: &ModelConfig) -> Result<Self> {
         let (Some(name), Some(span)) = (&cfg.fp8, cfg.fp8_layers()) else {
-            return Ok(Self { recipe: None, span: 0..0 });
+            return Ok(Self { recipe: None, span: 0..0, weights: Fp8WeightCache::default() });
         };
         let recipe = Fp8Recipe::from_name(name, cfg.fp8_wgrad).ok_or_else(|| {
             anyhow::anyhow!("model.fp8 = {name:?}: mbridge runs \"hybrid\" and \"e4m3\"")
         })?;
-        Ok(Self { recipe: Some(recipe), span })
+        Ok(Self { recipe: Some(recipe), span, weights: Fp8WeightCache::default() })
     }
 
-    fn recipe_of(&self, layer: usize) -> Option<Fp8Recipe> {
-        self.recipe.filter(|_| self.span.contains(&layer))
+    fn of_layer(&self, layer: usize) -> Option<Fp8Linears> {
+        let recipe = self.recipe.filter(|_| self.span.contains(&layer))?;
+        Some(Fp8Linears { recipe, weights: self.weights.clone() })
     }
 }
 
@@ -152,6 +159,8 @@ pub struct GptModel {
     selective: Option<SelectiveRecompute>,
     /// Some layers of this stage run FP8 GEMMs (which live in the written-out layers).
     has_fp8_layers: bool,
+    /// Their quantized weights, kept across the micro-batches of a step while held.
+    fp8_weights: Fp8WeightCache,
 }
 
 impl GptModel {
@@ -293,13 +302,13 @@ impl GptModel {
             }
         }
         let fp8 = Fp8Layers::of(cfg)?;
-        let has_fp8_layers = layer_numbers.iter().any(|&l| fp8.recipe_of(l).is_some());
+        let has_fp8_layers = layer_numbers.iter().any(|&l| fp8.of_layer(l).is_some());
         let mut layers = Vec::with_capacity(layer_numbers.len());
         for &l in &layer_numbers {
             let mut attn = SelfAttention::new(&mut store, &arch, l, layout.tp_size)?;
             let mut mlp = Mlp::new(&mut store, &arch, l)?;
-            attn.set_fp8(fp8.recipe_of(l));
-            mlp.set_fp8(fp8.recipe_of(l));
+            attn.set_fp8(fp8.of_layer(l));
+            mlp.set_fp8(fp8.of_layer(l));
             if let Some(tp) = &tp_group {
                 attn = attn.with_tensor_parallel(tp.clone());
                 mlp = mlp.with_tensor_parallel(tp.clone());
@@ -384,7 +393,20 @@ impl GptModel {
                 || explicit_layer::enabled_by_default(device),
             selective,
             has_fp8_layers,
+            fp8_weights: fp8.weights,
         })
+    }
+
+    /// Keeps the FP8 layers' quantized weights for reuse until the hold is dropped (see
+    /// [`super::fp8_weights`]); None without FP8 layers. The parameters must not change
+    /// while it is held: hold it around a step's forward and backward passes only.
+    pub fn hold_fp8_weights(&self) -> Option<Fp8WeightHold> {
+        self.has_fp8_layers.then(|| self.fp8_weights.hold())
+    }
+
+    /// How many quantized FP8 weights a hold keeps now.
+    pub fn held_fp8_weights(&self) -> usize {
+        self.fp8_weights.held()
     }
 
     /// The resolved architecture.
@@ -872,25 +894,20 @@ impl GptModel {
         // parameter gradients go to the side sink, so one must be there.
         let dropout_in_effect = opts.dropout.is_some()
             && (self.arch.hidden_dropout > 0.0 || self.arch.attention_dropout > 0.0);
-        // FP8 GEMMs apply to every forward of the blocks, evaluation included, as
-        // megatron-core enters its FP8 context in the transformer block's forward: without a
-        // sink the FP8 layers run their written-out forward, whose backward is never called
-        // (this sink stays empty). Generation with a KV cache stays in the parameters' dtype.
-        let forward_only_sink;
-        let fp8_forward_only = self.has_fp8_layers && self.explicit_layers && !dropout_in_effect;
+        let explicit_inputs = || -> Result<ExplicitInputs> {
+            let mask = OwnedAttnMask::from_mask(inputs.mask);
+            ExplicitInputs::new(rope.as_ref(), mask, self.selective.unwrap_or_default())
+        };
+        // Evaluation (`opts.no_grad`) runs the written-out layers forward only: each layer's
+        // activations are freed as the next one starts (candle's graph would keep them all
+        // until the loss), and FP8 layers run their FP8 GEMMs, as megatron-core enters its
+        // FP8 context in every forward of the transformer block. Without a sink otherwise
+        // (a caller's own backward through the graph) and in generation with a KV cache the
+        // recorded layers run, in the parameters' dtype.
         let explicit = match (recompute, &cache) {
-            (Some(sink), None) if !dropout_in_effect && self.explicit_layers => {
-                let mask = OwnedAttnMask::from_mask(inputs.mask);
-                let selective = self.selective.unwrap_or_default();
-                Some((sink, Arc::new(ExplicitInputs::new(rope.as_ref(), mask, selective)?)))
-            }
-            (None, None) if fp8_forward_only => {
-                let mask = OwnedAttnMask::from_mask(inputs.mask);
-                let none = SelectiveRecompute::default();
-                let inputs = ExplicitInputs::new(rope.as_ref(), mask, none)?;
-                forward_only_sink = RecomputeGrads::default();
-                Some((&forward_only_sink, Arc::new(inputs)))
-            }
+            _ if dropout_in_effect || !self.explicit_layers => None,
+            (Some(sink), None) => Some((Some(sink), Arc::new(explicit_inputs()?))),
+            (None, None) if opts.no_grad => Some((None, Arc::new(explicit_inputs()?))),
             _ => None,
         };
         if self.selective.is_some() && recompute.is_some() && explicit.is_none() {
@@ -906,7 +923,10 @@ impl GptModel {
                     .map(|l| (&l.attn, &l.mlp))
                     .collect();
                 if !run.is_empty() {
-                    x = explicit_layer::forward_run(&run, Some(i), &x, ei, sink)?;
+                    x = match sink {
+                        Some(sink) => explicit_layer::forward_run(&run, Some(i), &x, ei, sink)?,
+                        None => explicit_layer::forward_only_run(&run, i, &x, ei)?,
+                    };
                     i += run.len();
                     continue;
                 }

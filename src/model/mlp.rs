@@ -4,12 +4,12 @@
 use super::arch::GptArch;
 use super::attention::row_parallel;
 use super::explicit_linear::{ExplicitLinear, LinearSaved, TpBoundary};
+use super::fp8_weights::Fp8Linears;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use super::recompute::SelectiveRecompute;
 use crate::config::model::Activation;
-use crate::ops::fp8::Fp8Recipe;
 use crate::ops::timing::section;
 use crate::ops::{self, manual, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
@@ -32,7 +32,7 @@ pub struct Mlp {
     fc1_adapter: Option<Adapter>,
     fc2_adapter: Option<Adapter>,
     /// FP8 GEMMs for `linear_fc1` and `linear_fc2` in training (`ops::fp8`).
-    fp8: Option<Fp8Recipe>,
+    fp8: Option<Fp8Linears>,
 }
 
 impl Mlp {
@@ -110,8 +110,8 @@ impl Mlp {
     }
 
     /// Runs the block's linear layers as FP8 GEMMs in training (None: bf16).
-    pub(super) fn set_fp8(&mut self, recipe: Option<Fp8Recipe>) {
-        self.fp8 = recipe;
+    pub(super) fn set_fp8(&mut self, fp8: Option<Fp8Linears>) {
+        self.fp8 = fp8;
     }
 
     /// Runs `linear_fc1` column-parallel and `linear_fc2` row-parallel over `tp`.
@@ -216,7 +216,7 @@ impl Mlp {
             b: self.fc1_b.as_ref(),
             adapter: self.fc1_adapter.as_ref(),
             column_tp: self.tp.as_ref(),
-            fp8: self.fp8,
+            fp8: self.fp8.as_ref(),
         }
     }
 
@@ -226,7 +226,7 @@ impl Mlp {
             b: self.fc2_b.as_ref(),
             adapter: self.fc2_adapter.as_ref(),
             column_tp: None,
-            fp8: self.fp8,
+            fp8: self.fp8.as_ref(),
         }
     }
 

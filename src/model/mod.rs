@@ -37,6 +37,7 @@ pub mod attention;
 pub mod explicit_layer;
 mod explicit_linear;
 pub mod flops;
+pub mod fp8_weights;
 pub mod generate;
 pub mod gpt;
 pub mod init;
@@ -50,4 +51,7 @@ pub use arch::{chunk_layers, stage_layers, virtual_stages, GptArch, ParallelLayo
 pub use generate::{generate, generate_no_cache};
 pub use gpt::{ForwardOpts, GptModel, KvCache};
 pub use params::{Param, ParamStore, ShardLayout};
-pub use step::{loss_for_microbatch, loss_for_microbatch_recompute, HostStats, Microbatch};
+pub use step::{
+    eval_loss_for_microbatch, loss_for_microbatch, loss_for_microbatch_recompute, HostStats,
+    Microbatch,
+};

@@ -118,6 +118,7 @@ impl Microbatch {
             cu_seqlens: self.cu_seqlens.as_deref(),
             dropout,
             host_stats: self.host_stats,
+            no_grad: false,
         }
     }
 }
@@ -134,6 +135,14 @@ pub fn loss_for_microbatch(
     dropout: Option<&DropoutRng>,
 ) -> Result<(Tensor, f64)> {
     let opts = batch.forward_opts(dropout);
+    let logits = model.forward(&batch.tokens, &opts)?;
+    model.cross_entropy(&logits, &batch.labels, &batch.loss_mask)
+}
+
+/// `(Σ mask·CE, Σ mask)` of `batch` for evaluation: no backward can follow (the layers run
+/// forward only, see [`crate::model::ForwardOpts::no_grad`]).
+pub fn eval_loss_for_microbatch(model: &GptModel, batch: &Microbatch) -> Result<(Tensor, f64)> {
+    let opts = ForwardOpts { no_grad: true, ..batch.forward_opts(None) };
     let logits = model.forward(&batch.tokens, &opts)?;
     model.cross_entropy(&logits, &batch.labels, &batch.loss_mask)
 }

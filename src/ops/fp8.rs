@@ -13,6 +13,7 @@
 //! cuBLASLt GEMMs (`ops::cuda::fp8`), which `mbridge selftest cuda` checks against it.
 
 use candle_core::{DType, Result, Tensor};
+use std::sync::Arc;
 
 /// An FP8 encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +205,43 @@ fn check_2d(what: &str, t: &Tensor) -> Result<(usize, usize)> {
     })
 }
 
+/// A weight quantized for its layer's GEMMs: the forward reads it as it is, the input
+/// gradient transposed. Clones share one copy, so the micro-batches of an optimizer step can
+/// all use one quantization of weights that do not change between them (Transformer Engine
+/// caches its FP8 weights across micro-batches the same way).
+#[derive(Clone)]
+pub struct Fp8Weight(WeightRepr);
+
+#[derive(Clone)]
+enum WeightRepr {
+    Cpu(Arc<Quantized>),
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<super::cuda::fp8::Quantized>),
+}
+
+impl Fp8Weight {
+    /// `w` `[out, in]` quantized to `recipe.forward` with its current scale.
+    pub fn quantize(w: &Tensor, recipe: &Fp8Recipe) -> Result<Self> {
+        check_2d("linear weight", w)?;
+        #[cfg(feature = "cuda")]
+        if w.device().is_cuda() {
+            return Ok(Self(WeightRepr::Cuda(Arc::new(super::cuda::fp8::quantize_weight(
+                w, recipe,
+            )?))));
+        }
+        Ok(Self(WeightRepr::Cpu(Arc::new(quantize_cpu(w, recipe.forward)?))))
+    }
+
+    /// Whether another holder (a cache) shares these values.
+    pub fn is_shared(&self) -> bool {
+        match &self.0 {
+            WeightRepr::Cpu(q) => Arc::strong_count(q) > 1,
+            #[cfg(feature = "cuda")]
+            WeightRepr::Cuda(q) => Arc::strong_count(q) > 1,
+        }
+    }
+}
+
 /// The quantized operands a linear layer's forward keeps for its backward: the weight (for
 /// the input gradient) and, when the weight gradient is an FP8 GEMM of a trained weight, the
 /// input. They hold exactly the values the backward would quantize again (the same tensors,
@@ -213,7 +251,7 @@ pub struct Fp8Saved(Saved);
 
 enum Saved {
     Cpu {
-        weight: Quantized,
+        weight: Arc<Quantized>,
         input: Option<Quantized>,
     },
     #[cfg(feature = "cuda")]
@@ -259,31 +297,47 @@ pub fn linear(
     gemm_cpu(&qx, &qw, residual, x.dtype())
 }
 
-/// [`linear`], keeping the quantized weight and, with `keep_input` (only under
+/// [`linear`] of an already quantized weight, keeping it and, with `keep_input` (only under
 /// `recipe.wgrad`), the quantized input for [`backward`]. `x_amax`: `x`'s amax from its
-/// producer, if it gave one.
+/// producer, if it gave one. A weight that nothing else shares keeps only what the backward
+/// reads of it.
 pub fn linear_saving(
     x: &Tensor,
-    w: &Tensor,
+    w: Fp8Weight,
     residual: Option<&Tensor>,
     recipe: &Fp8Recipe,
     keep_input: bool,
     x_amax: Option<&Fp8Amax>,
 ) -> Result<(Tensor, Fp8Saved)> {
     check_2d("linear input", x)?;
-    check_2d("linear weight", w)?;
     let keep_input = keep_input && recipe.wgrad;
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() {
-        let x_amax = x_amax.map(Fp8Amax::device_value).transpose()?;
-        let (y, saved) =
-            super::cuda::fp8::linear_saving(x, w, residual, recipe, keep_input, x_amax)?;
-        return Ok((y, Fp8Saved(Saved::Cuda(Box::new(saved)))));
+    match w.0 {
+        #[cfg(feature = "cuda")]
+        WeightRepr::Cuda(w) => {
+            if !x.device().is_cuda() {
+                candle_core::bail!("fp8 linear: a CUDA weight for a {:?} input", x.device());
+            }
+            let x_amax = x_amax.map(Fp8Amax::device_value).transpose()?;
+            let (y, saved) =
+                super::cuda::fp8::linear_saving(x, w, residual, recipe, keep_input, x_amax)?;
+            Ok((y, Fp8Saved(Saved::Cuda(Box::new(saved)))))
+        }
+        WeightRepr::Cpu(qw) => {
+            if !x.device().is_cpu() {
+                candle_core::bail!("fp8 linear: a CPU weight for a {:?} input", x.device());
+            }
+            let qx = quantize_cpu_with(x, recipe.forward, x_amax)?;
+            if qx.values.dim(1)? != qw.values.dim(1)? {
+                candle_core::bail!(
+                    "fp8 linear: x {:?} · wᵀ {:?}: shapes do not agree",
+                    x.dims(),
+                    qw.values.t()?.dims()
+                );
+            }
+            let y = gemm_cpu(&qx, &qw, residual, x.dtype())?;
+            Ok((y, Fp8Saved(Saved::Cpu { weight: qw, input: keep_input.then_some(qx) })))
+        }
     }
-    let qx = quantize_cpu_with(x, recipe.forward, x_amax)?;
-    let qw = quantize_cpu(w, recipe.forward)?;
-    let y = gemm_cpu(&qx, &qw, residual, x.dtype())?;
-    Ok((y, Fp8Saved(Saved::Cpu { weight: qw, input: keep_input.then_some(qx) })))
 }
 
 /// The input gradient `dy · W` for `dy` `[rows, out]` (quantized to `recipe.gradient`) and
@@ -306,7 +360,7 @@ pub fn grads(
         let saved = super::cuda::fp8::Saved::of_weight(w, recipe)?;
         return backward(dy, Fp8Saved(Saved::Cuda(Box::new(saved))), x, recipe, None);
     }
-    let saved = Saved::Cpu { weight: quantize_cpu(w, recipe.forward)?, input: None };
+    let saved = Saved::Cpu { weight: Arc::new(quantize_cpu(w, recipe.forward)?), input: None };
     backward(dy, Fp8Saved(saved), x, recipe, None)
 }
 
@@ -454,25 +508,26 @@ mod tests {
             assert_eq!(d, 0.0);
         };
         let (dx_new, dw_new) = grads(&dy, &w, Some(&x), &recipe).unwrap();
-        let (y_kept, kept) = linear_saving(&x, &w, None, &recipe, true, None).unwrap();
+        let qw = || Fp8Weight::quantize(&w, &recipe).unwrap();
+        let (y_kept, kept) = linear_saving(&x, qw(), None, &recipe, true, None).unwrap();
         exact_eq(&y_kept, &y);
         assert!(kept.keeps_input());
         let (dx_kept, dw_kept) = backward(&dy, kept, None, &recipe, None).unwrap();
         exact_eq(&dx_kept, &dx_new);
         exact_eq(&dw_kept.unwrap(), &dw_new.unwrap());
-        let (_, kept) = linear_saving(&x, &w, None, &recipe, true, None).unwrap();
+        let (_, kept) = linear_saving(&x, qw(), None, &recipe, true, None).unwrap();
         let (_, no_dw) = backward(&dy, kept.without_input(), None, &recipe, None).unwrap();
         assert!(no_dw.is_none());
         // An amax from the producer is the one the quantization uses.
         let amax = Fp8Amax::of_cpu(&x).unwrap();
-        let (y_given, _) = linear_saving(&x, &w, None, &recipe, false, Some(&amax)).unwrap();
+        let (y_given, _) = linear_saving(&x, qw(), None, &recipe, false, Some(&amax)).unwrap();
         exact_eq(&y_given, &y);
         // Not a power of two: that would only shift the exponents, not the rounding.
         let other = Fp8Amax(AmaxRepr::Cpu(1.5 * amax.host_value().unwrap()));
-        let (y_other, _) = linear_saving(&x, &w, None, &recipe, false, Some(&other)).unwrap();
+        let (y_other, _) = linear_saving(&x, qw(), None, &recipe, false, Some(&other)).unwrap();
         assert!(rel(&y_other, &y) > 1e-4, "the given amax was not used");
         let exact = Fp8Recipe { wgrad: false, ..recipe };
-        let (_, kept) = linear_saving(&x, &w, None, &exact, true, None).unwrap();
+        let (_, kept) = linear_saving(&x, qw(), None, &exact, true, None).unwrap();
         assert!(!kept.keeps_input(), "a high-precision weight gradient needs no FP8 input");
         let dw = weight_grad(&dy, &x, &exact).unwrap();
         assert!(rel(&dw, &dy.t().unwrap().matmul(&x).unwrap()) < 1e-6);

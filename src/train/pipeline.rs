@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::grads::{GradAccumulator, GradSource, GradSourceMut};
 use crate::model::recompute::RecomputeGrads;
-use crate::model::{GptModel, Microbatch};
+use crate::model::{ForwardOpts, GptModel, Microbatch};
 use crate::ops::timing::section;
 use crate::ops::DropoutRng;
 use crate::parallel::comm::{Communicator, ReduceOp};
@@ -110,6 +110,7 @@ impl Pipeline<'_> {
                         received,
                         rng.as_ref(),
                         side_grads.as_ref(),
+                        acc.is_none(),
                     )?;
                     let output = match loss {
                         Some((sum, count)) => {
@@ -226,9 +227,10 @@ impl Pipeline<'_> {
         received: Option<Tensor>,
         rng: Option<&DropoutRng>,
         recompute: Option<&RecomputeGrads>,
+        no_grad: bool,
     ) -> Result<(Option<Var>, Tensor, Option<(Tensor, f64)>)> {
         let model = &self.chunks[chunk];
-        let opts = mb.forward_opts(rng);
+        let opts = ForwardOpts { no_grad, ..mb.forward_opts(rng) };
         let input = if model.pre_process() {
             None
         } else {
@@ -321,4 +323,59 @@ pub(crate) fn all_reduce_embedding_grads(
     let sum = group.all_reduce(&local, ReduceOp::Sum)?;
     acc.set_grad(var, sum);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::model::{Activation, ModelConfig, Normalization, PositionEmbedding};
+    use crate::model::recompute::RecomputeGrads;
+    use crate::model::{eval_loss_for_microbatch, loss_for_microbatch_recompute, ParallelLayout};
+    use candle_core::Device;
+
+    /// The evaluation schedule (no backward follows) runs the forward-only layers: an FP8
+    /// model's evaluation loss is its training forward's, not the recorded layers' (which
+    /// run in the parameters' dtype).
+    #[test]
+    fn the_evaluation_schedule_runs_the_layers_forward_only() {
+        let cfg = ModelConfig {
+            num_layers: 2,
+            hidden_size: 16,
+            ffn_hidden_size: Some(32),
+            num_attention_heads: 4,
+            num_query_groups: Some(2),
+            vocab_size: Some(32),
+            seq_length: 16,
+            normalization: Normalization::RMSNorm,
+            gated_linear_unit: true,
+            activation_func: Activation::Silu,
+            position_embedding_type: PositionEmbedding::Rope,
+            hidden_dropout: 0.0,
+            attention_dropout: 0.0,
+            fp8: Some("hybrid".into()),
+            ..Default::default()
+        };
+        let dev = Device::Cpu;
+        let model = GptModel::new(&cfg, ParallelLayout::single(), 5, DType::F64, &dev).unwrap();
+        let rows: Vec<Vec<i64>> =
+            (0..2).map(|r| (0..16).map(|i| (r * 7 + i * 3) % 32).collect()).collect();
+        let labels: Vec<Vec<i64>> =
+            rows.iter().map(|r| r.iter().map(|t| (t + 1) % 32).collect()).collect();
+        let mask = vec![vec![1f32; 16]; 2];
+        let mb = Microbatch::from_rows(&rows, &labels, &mask, None, &dev).unwrap();
+        let chunks = [model];
+        let pipeline = Pipeline { chunks: &chunks, p2p: None, microbatch_group_size: 1 };
+        let (sum, tokens) = pipeline.eval_batch(std::slice::from_ref(&mb)).unwrap();
+        let sink = RecomputeGrads::default();
+        let (train_sum, _) = loss_for_microbatch_recompute(&chunks[0], &mb, None, &sink).unwrap();
+        let (eval_sum, _) = eval_loss_for_microbatch(&chunks[0], &mb).unwrap();
+        let train = train_sum.to_scalar::<f64>().unwrap();
+        assert_eq!(tokens, 32.0);
+        assert!((sum - train).abs() < 1e-12 * train, "schedule {sum} vs training forward {train}");
+        assert_eq!(sum, eval_sum.to_scalar::<f64>().unwrap());
+        // The recorded layers (a forward a backward could follow) skip the FP8 GEMMs.
+        let (recorded, _) = crate::model::loss_for_microbatch(&chunks[0], &mb, None).unwrap();
+        let recorded = recorded.to_scalar::<f64>().unwrap();
+        assert!((recorded - train).abs() > 1e-6 * train, "FP8 changed nothing: {recorded}");
+    }
 }

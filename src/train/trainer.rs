@@ -329,7 +329,18 @@ impl Trainer {
             microbatch_group_size: self.microbatch_group_size,
         };
         let phase = Range::phase("forward-backward");
+        // The weights stay as they are until the optimizer step: the FP8 layers quantize
+        // them once for all micro-batches and recomputed forwards (the hold ends before the
+        // update). With one forward per layer nothing would be reused, and the cache would
+        // only keep the forward's row-major FP8 weights alive through the backward.
+        let reuses = micro.len() > 1 || self.cfg.model.recompute_granularity.is_some();
+        let fp8_hold: Vec<_> = if reuses {
+            self.chunks.iter().filter_map(GptModel::hold_fp8_weights).collect()
+        } else {
+            Vec::new()
+        };
         let (mut loss_sum, mut tokens) = pipeline.train_batch(micro, &hooks, acc)?;
+        drop(fp8_hold);
         timer.mark("forward-backward")?;
         drop(phase);
         let phase = Range::phase("grad-reduce-and-clip");

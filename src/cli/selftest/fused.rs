@@ -493,7 +493,7 @@ fn adamw(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
 /// order (and the forward's fast accumulator). Both formats; one operand with a scale from a
 /// large outlier.
 fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
-    use crate::ops::fp8::{self, Fp8Recipe};
+    use crate::ops::fp8::{self, Fp8Recipe, Fp8Weight};
     let mut ms = Vec::new();
     let (rows, inp, out) = (96, 160, 48);
     let x = randn(seed + 300, &[rows, inp], 1.0, 0.0)?;
@@ -537,11 +537,28 @@ fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         ];
         // The operands the forward keeps give the backward the same FP8 values it would
         // quantize again: the same GEMMs, the same results bit for bit.
-        let (_, kept) = fp8::linear_saving(&gpu(&x)?, &gpu(&w)?, None, &recipe, true, None)?;
+        let qw = Fp8Weight::quantize(&gpu(&w)?, &recipe)?;
+        let (ky, kept) = fp8::linear_saving(&gpu(&x)?, qw, None, &recipe, true, None)?;
         let (kdx, kdw) = fp8::backward(&gpu(&dy)?, kept, None, &recipe, None)?;
+        // A weight quantized once and shared (the step's cache) serves a second micro-batch
+        // with the values it served the first: the whole weight stays, not just its
+        // transposed half.
+        let shared = Fp8Weight::quantize(&gpu(&w)?, &recipe)?;
+        let mut cached = Vec::new();
+        for _ in 0..2 {
+            let q = shared.clone();
+            let (y, kept) = fp8::linear_saving(&gpu(&x)?, q, None, &recipe, true, None)?;
+            let (dx, dw) = fp8::backward(&gpu(&dy)?, kept, None, &recipe, None)?;
+            cached.push((y, dx, dw.context("no weight grad")?));
+        }
+        let (cy, cdx, cdw) = cached.pop().context("two passes")?;
+        let kdw = kdw.context("no weight grad")?;
         let kept = [
-            ("kept operands: input grad", kdx, gdx),
-            ("kept operands: weight grad", kdw.context("no weight grad")?, gdw),
+            ("kept operands: input grad", kdx.clone(), gdx),
+            ("kept operands: weight grad", kdw.clone(), gdw),
+            ("cached weight, second use: output", cy, ky),
+            ("cached weight, second use: input grad", cdx, kdx),
+            ("cached weight, second use: weight grad", cdw, kdw),
         ];
         for (what, g, c) in pairs.into_iter().chain(both) {
             // One bf16 step of the largest value (at most 2^-7 of it) bounds the difference

@@ -12,11 +12,12 @@ use crate::ops::fp8::{Fp8Format, Fp8Recipe};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{Result, Tensor};
+use std::sync::Arc;
 
 crate::kernel_module!(MODULE, "fp8");
 
 /// A matrix quantized with its own scale: its FP8 values row-major and/or transposed.
-struct Quantized {
+pub(crate) struct Quantized {
     rows: usize,
     cols: usize,
     e5m2: bool,
@@ -148,14 +149,15 @@ fn device(t: &Tensor) -> Result<CudaDevice> {
 /// weight quantized transposed and, for an FP8 weight gradient, the input quantized
 /// transposed (the orientations of the input- and weight-gradient GEMMs).
 pub struct Saved {
-    weight_t: Quantized,
+    weight_t: Arc<Quantized>,
     input_t: Option<Quantized>,
 }
 
 impl Saved {
     /// The weight alone, quantized for the input gradient.
     pub fn of_weight(w: &Tensor, recipe: &Fp8Recipe) -> Result<Self> {
-        Ok(Self { weight_t: quantize(w, recipe.forward, false, true)?, input_t: None })
+        let weight_t = Arc::new(quantize(w, recipe.forward, false, true)?);
+        Ok(Self { weight_t, input_t: None })
     }
 
     pub fn keeps_input(&self) -> bool {
@@ -187,21 +189,32 @@ pub fn linear(
     forward_gemm(&qx, &qw, residual, x)
 }
 
-/// [`linear`], whose casts also write the transposed weight (and input, with `keep_input`)
-/// for the backward: one pass over each tensor instead of two amax and two cast passes.
-pub fn linear_saving(
+/// A weight quantized in both orientations: row-major for the forward GEMM, transposed for
+/// the input gradient's.
+pub(crate) fn quantize_weight(w: &Tensor, recipe: &Fp8Recipe) -> Result<Quantized> {
+    quantize(w, recipe.forward, true, true)
+}
+
+/// [`linear`] of a weight quantized by [`quantize_weight`], whose cast of `x` also writes
+/// its transposed values with `keep_input`: one pass over the input for both GEMMs that read
+/// it. The backward keeps the weight's transposed values, all of it when a cache shares it.
+pub(crate) fn linear_saving(
     x: &Tensor,
-    w: &Tensor,
+    qw: Arc<Quantized>,
     residual: Option<&Tensor>,
     recipe: &Fp8Recipe,
     keep_input: bool,
     x_amax: Option<&CudaSlice<f32>>,
 ) -> Result<(Tensor, Saved)> {
     let qx = quantize_with(x, recipe.forward, true, keep_input, x_amax)?;
-    let qw = quantize(w, recipe.forward, true, true)?;
     let y = forward_gemm(&qx, &qw, residual, x)?;
     let input_t = keep_input.then(|| qx.transposed_only());
-    Ok((y, Saved { weight_t: qw.transposed_only(), input_t }))
+    // Nobody else holds a weight quantized for this GEMM alone: free its row-major values.
+    let weight_t = match Arc::try_unwrap(qw) {
+        Ok(q) => Arc::new(q.transposed_only()),
+        Err(shared) => shared,
+    };
+    Ok((y, Saved { weight_t, input_t }))
 }
 
 fn forward_gemm(
