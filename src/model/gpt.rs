@@ -1023,13 +1023,13 @@ fn explicit_lookup(w: &Tensor, ids: &Tensor, sink: &RecomputeGrads) -> Result<Te
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::model::{Activation, Normalization, RecomputeGranularity};
+    use crate::config::model::RecomputeGranularity;
 
     /// Selective recompute really drops what it names: the blocks' saved state of a
     /// selective model lacks the core attention output / `linear_fc1` output.
     #[test]
     fn selective_recompute_drops_the_named_activations() {
-        let mut cfg = one_block_config();
+        let mut cfg = crate::model::one_block_config();
         cfg.recompute_granularity = Some(RecomputeGranularity::Selective);
         // (modules, core attention kept, fc1 output kept, attention / MLP norm outputs kept)
         let names = |v: &[&str]| Some(v.iter().map(|m| m.to_string()).collect::<Vec<_>>());
@@ -1054,32 +1054,12 @@ mod tests {
         }
     }
 
-    /// A one-layer Llama-style block (GQA, SwiGLU, RoPE) of width 16, without dropout.
-    fn one_block_config() -> ModelConfig {
-        ModelConfig {
-            num_layers: 1,
-            hidden_size: 16,
-            ffn_hidden_size: Some(24),
-            num_attention_heads: 4,
-            num_query_groups: Some(2),
-            vocab_size: Some(32),
-            seq_length: 8,
-            normalization: Normalization::RMSNorm,
-            gated_linear_unit: true,
-            activation_func: Activation::Silu,
-            position_embedding_type: PositionEmbedding::Rope,
-            hidden_dropout: 0.0,
-            attention_dropout: 0.0,
-            ..Default::default()
-        }
-    }
-
     /// FP8 blocks keep the quantized inputs of `linear_qkv` and `linear_fc1` / `linear_fc2`
     /// for the weight gradients instead of the norm outputs and the activation; with a
     /// high-precision weight gradient (`fp8_wgrad = false`) they keep those as before.
     #[test]
     fn fp8_blocks_keep_quantized_inputs_instead_of_activations() {
-        let mut cfg = one_block_config();
+        let mut cfg = crate::model::one_block_config();
         cfg.fp8 = Some("hybrid".into());
         for (wgrad, kept) in [(true, false), (false, true)] {
             cfg.fp8_wgrad = wgrad;

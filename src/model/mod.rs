@@ -55,3 +55,26 @@ pub use step::{
     eval_loss_for_microbatch, loss_for_microbatch, loss_for_microbatch_recompute, HostStats,
     Microbatch,
 };
+
+/// A one-layer Llama-style block (GQA, SwiGLU, RoPE) of width 16 and 8 positions, without
+/// dropout: the unit tests' smallest model.
+#[cfg(test)]
+pub(crate) fn one_block_config() -> crate::config::model::ModelConfig {
+    use crate::config::model::{Activation, ModelConfig, Normalization, PositionEmbedding};
+    ModelConfig {
+        num_layers: 1,
+        hidden_size: 16,
+        ffn_hidden_size: Some(24),
+        num_attention_heads: 4,
+        num_query_groups: Some(2),
+        vocab_size: Some(32),
+        seq_length: 8,
+        normalization: Normalization::RMSNorm,
+        gated_linear_unit: true,
+        activation_func: Activation::Silu,
+        position_embedding_type: PositionEmbedding::Rope,
+        hidden_dropout: 0.0,
+        attention_dropout: 0.0,
+        ..Default::default()
+    }
+}
