@@ -367,7 +367,10 @@ pub fn grads(
 /// The gradients of a linear layer from what its forward kept ([`linear_saving`]): the input
 /// gradient, and the weight gradient when the input was kept or `x` (the forward input
 /// `[rows, in]`) is given. Without `recipe.wgrad` the weight gradient is the plain product
-/// of `x`. `dy_amax`: `dy`'s amax from its producer, if it gave one.
+/// of `x`. `dy_amax`: `dy`'s amax from its producer, if it gave one. The weight gradient
+/// comes in the main-grad dtype ([`super::main_grads`]): f32 straight from the GEMM where
+/// gradients are summed in f32, as Transformer Engine writes its FP8 wgrad into
+/// megatron-core's fp32 `main_grad`, not rounded to bf16 first.
 pub fn backward(
     dy: &Tensor,
     saved: Fp8Saved,
@@ -379,6 +382,7 @@ pub fn backward(
     if let Some(x) = x {
         check_2d("linear input", x)?;
     }
+    let dw_dtype = super::main_grads::main_grad_dtype(dy.dtype());
     if !recipe.wgrad {
         let dw = x.map(|x| super::manual::weight_grad(dy, x)).transpose()?;
         let no_input = Fp8Recipe { wgrad: true, ..*recipe };
@@ -388,7 +392,7 @@ pub fn backward(
         #[cfg(feature = "cuda")]
         Saved::Cuda(saved) => {
             let dy_amax = dy_amax.map(Fp8Amax::device_value).transpose()?;
-            super::cuda::fp8::backward(dy, *saved, x, recipe, dy_amax)
+            super::cuda::fp8::backward(dy, *saved, x, recipe, dy_amax, dw_dtype)
         }
         Saved::Cpu { weight, input } => {
             let qx = match (input, x) {
@@ -399,7 +403,7 @@ pub fn backward(
             let qd = quantize_cpu_with(dy, recipe.gradient, dy_amax)?;
             let dx = gemm_cpu(&qd, &weight.transposed()?, None, dy.dtype())?;
             let dw = match qx {
-                Some(qx) => Some(gemm_cpu(&qd.transposed()?, &qx.transposed()?, None, dy.dtype())?),
+                Some(qx) => Some(gemm_cpu(&qd.transposed()?, &qx.transposed()?, None, dw_dtype)?),
                 None => None,
             };
             Ok((dx, dw))
@@ -407,21 +411,22 @@ pub fn backward(
     }
 }
 
-/// The weight gradient `dyᵀ · x` `[out, in]` in `x`'s dtype: an FP8 GEMM with
-/// `recipe.wgrad`, else the plain product.
+/// The weight gradient `dyᵀ · x` `[out, in]` in the main-grad dtype (see [`backward`]): an
+/// FP8 GEMM with `recipe.wgrad`, else the plain product.
 pub fn weight_grad(dy: &Tensor, x: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
     check_2d("output gradient", dy)?;
     check_2d("linear input", x)?;
     if !recipe.wgrad {
         return super::manual::weight_grad(dy, x);
     }
+    let out = super::main_grads::main_grad_dtype(dy.dtype());
     #[cfg(feature = "cuda")]
     if dy.device().is_cuda() {
-        return super::cuda::fp8::weight_grad(dy, x, recipe);
+        return super::cuda::fp8::weight_grad(dy, x, recipe, out);
     }
     let qd = quantize_cpu(&dy.t()?, recipe.gradient)?;
     let qx = quantize_cpu(&x.t()?, recipe.forward)?;
-    gemm_cpu(&qd, &qx, None, x.dtype())
+    gemm_cpu(&qd, &qx, None, out)
 }
 
 #[cfg(test)]
@@ -478,6 +483,30 @@ mod tests {
         assert_eq!(scale_for(448.0, Fp8Format::E4M3), 1.0);
         assert_eq!(scale_for(2.0, Fp8Format::E5M2), 28672.0);
         assert_eq!(scale_for(1e-45, Fp8Format::E4M3), f32::MAX);
+    }
+
+    /// A bf16 layer's FP8 weight gradient comes in the main-grad dtype: f32 from the GEMM's
+    /// accumulator where gradients are summed in f32 (not rounded to bf16 first), bf16 under
+    /// `grad_reduce_in_fp32 = false`; the input gradient stays in the layer's dtype.
+    #[test]
+    fn the_fp8_weight_gradient_comes_in_the_main_grad_dtype() {
+        let dev = Device::Cpu;
+        let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+        let x = bf(Tensor::randn(0f32, 1.0, (32, 48), &dev).unwrap());
+        let w = bf(Tensor::randn(0f32, 0.05, (16, 48), &dev).unwrap());
+        let dy = bf(Tensor::randn(0f32, 1e-3, (32, 16), &dev).unwrap());
+        let recipe = Fp8Recipe::from_name("hybrid", true).unwrap();
+        let dtypes = || {
+            let q = Fp8Weight::quantize(&w, &recipe).unwrap();
+            let (_, kept) = linear_saving(&x, q, None, &recipe, true, None).unwrap();
+            let (dx, dw) = backward(&dy, kept, None, &recipe, None).unwrap();
+            let fresh = weight_grad(&dy, &x, &recipe).unwrap();
+            (dx.dtype(), dw.unwrap().dtype(), fresh.dtype())
+        };
+        let f32_sums = dtypes();
+        assert_eq!(f32_sums, (DType::BF16, DType::F32, DType::F32));
+        let _bf16 = crate::ops::main_grads::bf16_main_grads(true);
+        assert_eq!(dtypes(), (DType::BF16, DType::BF16, DType::BF16));
     }
 
     #[test]

@@ -528,6 +528,16 @@ fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
                 fp8::weight_grad(&cpu(&dy)?, &cpu(&x)?, &recipe)?,
             ),
         ];
+        // The weight gradient as bf16 main grads take it (`grad_reduce_in_fp32 = false`); the
+        // pairs above write it in f32, the default main grads' dtype.
+        let bf16_wgrad = {
+            let _bf16 = crate::ops::main_grads::bf16_main_grads(true);
+            (
+                "weight grad, bf16 main grads",
+                fp8::weight_grad(&gpu(&dy)?, &gpu(&x)?, &recipe)?,
+                fp8::weight_grad(&cpu(&dy)?, &cpu(&x)?, &recipe)?,
+            )
+        };
         let (gdx, gdw) = fp8::grads(&gpu(&dy)?, &gpu(&w)?, Some(&gpu(&x)?), &recipe)?;
         let gdw = gdw.context("no weight grad")?;
         let (cdx, cdw) = fp8::grads(&cpu(&dy)?, &cpu(&w)?, Some(&cpu(&x)?), &recipe)?;
@@ -560,7 +570,16 @@ fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
             ("cached weight, second use: input grad", cdx, kdx),
             ("cached weight, second use: weight grad", cdw, kdw),
         ];
-        for (what, g, c) in pairs.into_iter().chain(both) {
+        for (what, g, c) in pairs.into_iter().chain([bf16_wgrad]).chain(both) {
+            // The GPU writes what the reference computes: an f32 weight gradient from the
+            // GEMM itself, not a bf16 one widened.
+            if g.dtype() != c.dtype() {
+                anyhow::bail!(
+                    "fp8 {name} {what}: {:?} output, the reference {:?}",
+                    g.dtype(),
+                    c.dtype()
+                );
+            }
             // One bf16 step of the largest value (at most 2^-7 of it) bounds the difference
             // of two roundings of nearly the same sum.
             ms.push(compare(&format!("fp8 {name} {what}"), &g, &c, 2f64.powi(-7))?);

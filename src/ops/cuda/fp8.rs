@@ -11,7 +11,7 @@ use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks};
 use crate::ops::fp8::{Fp8Format, Fp8Recipe};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use std::sync::Arc;
 
 crate::kernel_module!(MODULE, "fp8");
@@ -247,8 +247,8 @@ fn dgrad(qd: &Quantized, qw: &Quantized, dy: &Tensor) -> Result<Tensor> {
     fp8_gemm(&qw.transposed(), &qd.matrix(), qd.cols, None, dy.dtype(), false, &device(dy)?)
 }
 
-/// `dyᵀ·x` from the quantized output gradient and input (both transposed), in `dy`'s dtype.
-fn wgrad(qd: &Quantized, qx: &Quantized, dy: &Tensor) -> Result<Tensor> {
+/// `dyᵀ·x` from the quantized output gradient and input (both transposed), as `out`.
+fn wgrad(qd: &Quantized, qx: &Quantized, dy: &Tensor, out: DType) -> Result<Tensor> {
     if qd.rows != qx.rows {
         candle_core::bail!(
             "fp8 weight grad: dyᵀ {:?} · x [{}, {}]: shapes do not agree",
@@ -257,18 +257,19 @@ fn wgrad(qd: &Quantized, qx: &Quantized, dy: &Tensor) -> Result<Tensor> {
             qx.cols
         );
     }
-    fp8_gemm(&qx.transposed(), &qd.transposed(), qd.rows, None, dy.dtype(), false, &device(dy)?)
+    fp8_gemm(&qx.transposed(), &qd.transposed(), qd.rows, None, out, false, &device(dy)?)
 }
 
-/// The input gradient `dy·W` and the weight gradient `dyᵀ·x` from the kept input or else
-/// `x` (see `ops::fp8::backward`): dy is quantized once, in both orientations, with the
-/// amax its producer computed if it did.
+/// The input gradient `dy·W` and the weight gradient `dyᵀ·x` (as `dw_dtype`) from the kept
+/// input or else `x` (see `ops::fp8::backward`): dy is quantized once, in both orientations,
+/// with the amax its producer computed if it did.
 pub fn backward(
     dy: &Tensor,
     saved: Saved,
     x: Option<&Tensor>,
     recipe: &Fp8Recipe,
     dy_amax: Option<&CudaSlice<f32>>,
+    dw_dtype: DType,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let qx = match (saved.input_t, x) {
         (Some(q), _) => Some(q),
@@ -277,12 +278,12 @@ pub fn backward(
     };
     let qd = quantize_with(dy, recipe.gradient, true, qx.is_some(), dy_amax)?;
     let dx = dgrad(&qd, &saved.weight_t, dy)?;
-    let dw = qx.map(|qx| wgrad(&qd, &qx, dy)).transpose()?;
+    let dw = qx.map(|qx| wgrad(&qd, &qx, dy, dw_dtype)).transpose()?;
     Ok((dx, dw))
 }
 
-/// `dyᵀ·x` (see `ops::fp8::weight_grad`).
-pub fn weight_grad(dy: &Tensor, x: &Tensor, recipe: &Fp8Recipe) -> Result<Tensor> {
+/// `dyᵀ·x` as `out` (see `ops::fp8::weight_grad`).
+pub fn weight_grad(dy: &Tensor, x: &Tensor, recipe: &Fp8Recipe, out: DType) -> Result<Tensor> {
     let qd = quantize(dy, recipe.gradient, false, true)?;
-    wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy)
+    wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy, out)
 }

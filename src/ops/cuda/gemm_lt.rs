@@ -351,7 +351,12 @@ pub fn fp8_gemm(
     let types = Types {
         a: fp8(a.e5m2),
         b: fp8(b.e5m2),
-        cd: half_type(dtype, "fp8 gemm output")?,
+        // f32 for weight gradients summed in f32 main grads (as Transformer Engine writes its
+        // FP8 wgrad into megatron-core's fp32 `main_grad`).
+        cd: match dtype {
+            DType::F32 => sys::cudaDataType::CUDA_R_32F,
+            d => half_type(d, "fp8 gemm output")?,
+        },
         fast_accum,
     };
     let residual = match residual {
