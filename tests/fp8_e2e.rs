@@ -54,6 +54,31 @@ fn fp8_training_tracks_bf16_and_keeps_the_first_and_last_layers_in_bf16() {
     assert_ne!(exact_wgrad, fp8_all);
 }
 
+/// FP8 under tensor parallelism (two ranks, with and without sequence parallelism) tracks
+/// the one-rank FP8 curve: each rank quantizes its weight shards and a row-parallel layer's
+/// input shard with scales of their own, as Transformer Engine does, so the curves differ by
+/// FP8 rounding only.
+#[test]
+fn fp8_with_tensor_parallelism_tracks_one_rank() {
+    let fp8 = [&FP8[..], &["mixed_precision.first_last_layers_bf16=false"]].concat();
+    // Every FP8 GEMM dimension per rank divisible by 16 (the MLP's 96 of 192).
+    let base = [&fp8[..], &["model.ffn_hidden_size=192"]].concat();
+    let (one, _) = losses(&base);
+    let tp = ["--nproc-per-node", "2", "model.tensor_model_parallel_size=2"];
+    for (extra, port) in [(None, "29421"), (Some("model.sequence_parallel=true"), "29431")] {
+        let args = [&base[..], &tp, &["--master-port", port], extra.as_slice()].concat();
+        let (two, _) = losses(&args);
+        assert_eq!(two.len(), one.len(), "{extra:?}");
+        for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+            assert!(
+                (a - b).abs() / a < 2e-2,
+                "{extra:?}, iteration {}: TP=1 {a} vs TP=2 {b}",
+                i + 1
+            );
+        }
+    }
+}
+
 #[test]
 fn what_the_fp8_engine_does_not_run_is_refused() {
     let refused = |overrides: &[&str], expected: &str| {
