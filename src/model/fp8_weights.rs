@@ -11,6 +11,7 @@
 
 use crate::ops::fp8::{Fp8Recipe, Fp8Weight};
 use candle_core::{Result, Tensor, TensorId};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -43,13 +44,14 @@ impl Fp8WeightCache {
     /// parameter itself, not a detached view of it.
     pub fn weight(&self, w: &Tensor, recipe: &Fp8Recipe) -> Result<Fp8Weight> {
         let mut cache = self.lock();
-        let Some(held) = cache.as_mut() else { return Fp8Weight::quantize(&w.detach(), recipe) };
-        if let Some(q) = held.get(&w.id()) {
-            return Ok(q.clone());
+        let quantize = || Fp8Weight::quantize(&w.detach(), recipe);
+        match cache.as_mut() {
+            None => quantize(),
+            Some(held) => match held.entry(w.id()) {
+                Entry::Occupied(e) => Ok(e.get().clone()),
+                Entry::Vacant(e) => Ok(e.insert(quantize()?).clone()),
+            },
         }
-        let q = Fp8Weight::quantize(&w.detach(), recipe)?;
-        held.insert(w.id(), q.clone());
-        Ok(q)
     }
 
     /// Keeps quantized weights until the returned hold is dropped; the weights must not

@@ -110,7 +110,6 @@ impl Pipeline<'_> {
                         received,
                         rng.as_ref(),
                         side_grads.as_ref(),
-                        acc.is_none(),
                     )?;
                     let output = match loss {
                         Some((sum, count)) => {
@@ -227,10 +226,11 @@ impl Pipeline<'_> {
         received: Option<Tensor>,
         rng: Option<&DropoutRng>,
         recompute: Option<&RecomputeGrads>,
-        no_grad: bool,
     ) -> Result<(Option<Var>, Tensor, Option<(Tensor, f64)>)> {
         let model = &self.chunks[chunk];
-        let opts = ForwardOpts { no_grad, ..mb.forward_opts(rng) };
+        // The step's side sink exists exactly when backwards follow: without one, the
+        // forward is the last pass over this micro-batch (evaluation, a skipped step).
+        let opts = ForwardOpts { no_grad: recompute.is_none(), ..mb.forward_opts(rng) };
         let input = if model.pre_process() {
             None
         } else {
