@@ -416,3 +416,21 @@ fn attention_backend_takes_megatrons_names() {
     let e = err("tiny_llama", &["model.attention_backend=cudnn"]);
     assert!(e.contains("attention_backend") && e.contains("fused"), "{e}");
 }
+
+/// A preset set after a field override inside it drops the field (overrides apply in order,
+/// as Hydra's); the loader says so, and the other order keeps the field.
+#[test]
+fn a_preset_after_a_field_override_is_reported() {
+    let fp8 = "mixed_precision=bf16_with_fp8_current_scaling_mixed";
+    let field = "mixed_precision.grad_reduce_in_fp32=false";
+    let lost = load(&req("tiny_llama", &[field, "train.train_iters=3", fp8])).unwrap();
+    let notes = lost.raw.replaced_overrides();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains(&format!("`{fp8}`")) && notes[0].contains(&format!("`{field}`")));
+    assert!(notes[0].contains("replaces all of `mixed_precision`"), "{}", notes[0]);
+    let f = finalize(lost.cfg, None, None).unwrap();
+    assert!(f.cfg.ddp.grad_reduce_in_fp32, "the preset's own value");
+    let kept = load(&req("tiny_llama", &[fp8, field])).unwrap();
+    assert!(kept.raw.replaced_overrides().is_empty());
+    assert!(!finalize(kept.cfg, None, None).unwrap().cfg.ddp.grad_reduce_in_fp32);
+}

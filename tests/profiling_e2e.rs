@@ -73,10 +73,20 @@ fn check_trace(doc: &Value, rank: usize, iters: &[u64], micro: usize) {
             let end = w[0]["ts"].as_f64().unwrap() + w[0]["dur"].as_f64().unwrap();
             assert!(w[1]["ts"].as_f64().unwrap() + 1e-3 >= end, "{w:?}");
         }
+        let passes = of("microbatch");
+        let names: Vec<&str> = passes.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        let expect: Vec<String> = (0..micro)
+            .flat_map(|m| ["forward", "backward"].map(|p| format!("chunk 0 micro-batch {m} {p}")))
+            .collect();
+        assert_eq!(names, expect, "iteration {i}: the schedule's passes in order");
+        assert!(passes.iter().all(|p| within(p, phases[0])), "passes outside forward-backward");
         let layers = of("layer");
         assert_eq!(layers.len(), LAYERS * micro, "iteration {i}: one per layer and micro-batch");
         for l in &layers {
-            assert!(within(l, phases[0]), "layer forward outside forward-backward: {l}");
+            assert!(
+                passes.iter().step_by(2).any(|p| within(l, p)),
+                "layer forward outside a micro-batch's forward: {l}"
+            );
         }
         let mut per_layer = BTreeMap::new();
         for l in &layers {
@@ -122,6 +132,49 @@ fn pretrain_writes_a_chrome_trace_of_the_window_only() {
     assert_eq!(names.len(), 1, "only the trace (no temporary file) is left");
 }
 
+/// A CPU step's memory timeline: the step's ranges open and close in order, each point has
+/// the resident set, and the peak is the first point with the most.
+fn check_timeline(step: &Value) {
+    let iteration = step["iteration"].as_u64().unwrap();
+    let points = step["timeline"].as_array().unwrap();
+    let label =
+        |p: &Value| format!("{} {}", p["at"].as_str().unwrap(), p["name"].as_str().unwrap());
+    let labels: Vec<String> = points.iter().map(label).collect();
+    assert_eq!(labels.first().unwrap(), &format!("begin iteration {iteration}"));
+    assert_eq!(labels.last().unwrap(), &format!("end iteration {iteration}"));
+    for wanted in [
+        "begin forward-backward",
+        "begin chunk 0 micro-batch 1 backward",
+        "end layer 1 forward",
+        "end optimizer",
+    ] {
+        assert!(labels.iter().any(|l| l == wanted), "no `{wanted}` in {labels:?}");
+    }
+    // Every range that opens closes, nested (last opened, first closed).
+    let mut open = Vec::new();
+    for p in points {
+        match p["at"].as_str().unwrap() {
+            "begin" => open.push(p["name"].as_str().unwrap()),
+            "end" => assert_eq!(open.pop(), p["name"].as_str(), "{labels:?}"),
+            other => panic!("point at `{other}`"),
+        }
+    }
+    assert!(open.is_empty());
+    let rss: Vec<u64> = points.iter().map(|p| p["rss_bytes"].as_u64().unwrap()).collect();
+    assert!(
+        rss.iter().all(|&b| b > 0) && points.iter().all(|p| p.get("allocated_bytes").is_none())
+    );
+    let top = *rss.iter().max().unwrap();
+    let first = rss.iter().position(|&b| b == top).unwrap();
+    let peak = &step["timeline_peak"];
+    assert_eq!(peak["bytes"].as_u64(), Some(top));
+    assert_eq!(peak["at"].as_str().unwrap(), labels[first]);
+    match first {
+        0 => assert!(peak["after"].is_null()),
+        i => assert_eq!(peak["after"].as_str().unwrap(), labels[i - 1]),
+    }
+}
+
 #[test]
 fn memory_report_lists_rss_per_step_and_the_largest_tensors() {
     let dir = tempfile::tempdir().unwrap();
@@ -152,6 +205,9 @@ fn memory_report_lists_rss_per_step_and_the_largest_tensors() {
         let (rss, peak) = (s["rss_bytes"].as_u64().unwrap(), s["peak_rss_bytes"].as_u64().unwrap());
         assert!(rss > 0 && peak >= rss, "{s}");
         assert!(s.get("allocated_bytes").is_none(), "no GPU pool on the CPU: {s}");
+    }
+    for s in steps {
+        check_timeline(s);
     }
     let largest = doc["largest_tensors"].as_array().unwrap();
     assert!(!largest.is_empty() && largest.len() <= 20);

@@ -5,9 +5,10 @@
 #   2. compiles a stand-in tool (~20 lines of C) that registers itself through NVTX's injection
 #      interface (NVTX_INJECTION64_PATH + InitializeInjectionNvtx2, as nsys does) and writes
 #      every push/pop to a file;
-#   3. runs `mbridge pretrain` (tiny_llama, 2 iterations, profiling.nvtx_ranges=true) with it
-#      and checks the nesting: iteration > forward-backward > layer i forward, then
-#      grad-reduce-and-clip and optimizer, for both iterations.
+#   3. runs `mbridge pretrain` (tiny_llama, 2 iterations, profiling.nvtx_ranges=true, the
+#      GPU's written-out layers) with it and checks the nesting: iteration > forward-backward
+#      > each micro-batch's forward > layer i forward and its backward > layer i backward
+#      (last layer first), then grad-reduce-and-clip and optimizer, for both iterations.
 # Prints a SKIPPED block and exits 0 only where the wheel or a C compiler cannot be had.
 # Uses $MBRIDGE_BIN or <target>/debug/mbridge (built by `cargo test` / `cargo build`).
 set -euo pipefail
@@ -57,14 +58,17 @@ EOF
 cc -shared -fPIC -I"$nvtx/include" -o "$work/libtool.so" "$work/tool.c"
 
 (cd "$work" && NVTX_INJECTION64_PATH="$work/libtool.so" NVTX_CHECK_OUT="$work/ranges.txt" \
-  MBRIDGE_NVTX_LIBRARY="$nvtx/lib/libnvtx3interop.so.1" \
+  MBRIDGE_NVTX_LIBRARY="$nvtx/lib/libnvtx3interop.so.1" MBRIDGE_EXPLICIT_LAYERS=1 \
   "$bin" pretrain --recipe tiny_llama train.train_iters=2 validation.eval_iters=0 \
   profiling.nvtx_ranges=true >"$work/log.txt" 2>&1) || { cat "$work/log.txt" >&2; exit 1; }
 
 expected=$(for i in 1 2; do
   printf 'iteration %s\n  forward-backward\n' "$i"
   # tiny_llama: 2 micro-batches per step, 2 layers each.
-  for _ in 1 2; do printf '    layer 0 forward\n    layer 1 forward\n'; done
+  for m in 0 1; do
+    printf '    chunk 0 micro-batch %s forward\n      layer 0 forward\n      layer 1 forward\n' "$m"
+    printf '    chunk 0 micro-batch %s backward\n      layer 1 backward\n      layer 0 backward\n' "$m"
+  done
   printf '  grad-reduce-and-clip\n  optimizer\n'
 done)
 if [[ "$(cat "$work/ranges.txt")" != "$expected" ]]; then

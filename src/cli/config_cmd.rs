@@ -57,7 +57,7 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<()> {
         ConfigCommand::Show { config, task, peft, only_changed, no_sources, world_size: ws } => {
             let loaded = load(&config.request(task.into(), peft.map(Into::into)))?;
             let fin = finalize(loaded.cfg.clone(), world_size(ws), None)?;
-            for w in &fin.warnings {
+            for w in loaded.raw.replaced_overrides().iter().chain(&fin.warnings) {
                 tracing::warn!("{w}");
             }
             let opts = ShowOptions { only_changed, no_sources };

@@ -94,7 +94,7 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     let ranks = world_size(args.world_size).or((env.world_size > 1).then_some(env.world_size));
     let fin = finalize(loaded.cfg.clone(), ranks, None)?;
     if env.rank == 0 {
-        for w in &fin.warnings {
+        for w in loaded.raw.replaced_overrides().iter().chain(&fin.warnings) {
             tracing::warn!("{w}");
         }
         super::out(&plan(&fin, args.config.recipe.as_deref()));

@@ -41,11 +41,13 @@ impl fmt::Display for Source {
 pub struct RawConfig {
     tree: Value,
     sources: BTreeMap<String, Source>,
+    /// Warnings about overrides that replaced earlier ones, in order (see [`Self::apply`]).
+    replaced: Vec<String>,
 }
 
 impl Default for RawConfig {
     fn default() -> Self {
-        RawConfig { tree: schema::defaults(), sources: BTreeMap::new() }
+        RawConfig { tree: schema::defaults(), sources: BTreeMap::new(), replaced: Vec::new() }
     }
 }
 
@@ -122,9 +124,37 @@ impl RawConfig {
             }
             _ => {}
         }
+        // Overrides apply in order, as Hydra's: a whole table (or a preset name such as
+        // `mixed_precision=bf16_with_fp8_current_scaling_mixed`) set after a field override
+        // inside it drops that field's value. Easy to miss in a long command line, so say it.
+        let prefix = format!("{key}.");
+        let earlier: Vec<String> = self
+            .sources
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .filter_map(|(_, s)| match s {
+                Source::Override(text) => Some(format!("`{text}`")),
+                _ => None,
+            })
+            .collect();
+        if !earlier.is_empty() {
+            self.replaced.push(format!(
+                "override `{}` replaces all of `{key}`, so the earlier {} no longer {}: \
+                 overrides apply in order, put field overrides after the value they refine",
+                ov.text,
+                earlier.join(", "),
+                if earlier.len() == 1 { "applies" } else { "apply" }
+            ));
+        }
         let value = ov.value.clone().unwrap_or(Value::Null);
         self.set(&keys, value, source);
         Ok(())
+    }
+
+    /// Warnings for overrides that replaced the values of earlier ones (a table or preset set
+    /// after a field inside it).
+    pub fn replaced_overrides(&self) -> &[String] {
+        &self.replaced
     }
 
     /// Set a value at a dotted path, creating optional sections as needed.

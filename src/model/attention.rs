@@ -8,6 +8,7 @@ use super::fp8_weights::Fp8Linears;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
+use super::recompute::LayerGrads;
 use crate::config::model::AttnBackend;
 use crate::ops::attention::OwnedAttnMask;
 use crate::ops::manual::{self, AttnState, QkvGrads};
@@ -17,7 +18,6 @@ use crate::parallel::context::{ContextParallel, CpAttnState};
 use crate::parallel::tensor::TensorParallel;
 use crate::peft::{Adapter, BaseParallel, Split};
 use anyhow::{bail, Result};
-use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 /// Per-layer key/value cache entry: keys (after RoPE) and values, `[b, groups, t, d]`.
@@ -421,7 +421,7 @@ impl SelfAttention {
         normed_in: &Tensor,
         norm: Option<&Norm>,
         inputs: &ExplicitInputs,
-        grads: &mut GradStore,
+        grads: &mut LayerGrads,
     ) -> Result<Tensor> {
         let d_normed = match &inputs.rope {
             Some((cos, _, neg_sin)) => manual::rope_backward(d_rotated, cos, neg_sin)?,
@@ -556,7 +556,7 @@ impl SelfAttention {
         x: &Tensor,
         inputs: &ExplicitInputs,
         dy: &Tensor,
-        grads: &mut GradStore,
+        grads: &mut LayerGrads,
     ) -> Result<Tensor> {
         let AttentionShape { heads, groups, head_dim: d, .. } = self.shape;
         let hpg = heads / groups;
@@ -675,7 +675,7 @@ impl SelfAttention {
         dqkv: &Tensor,
         residual: &Tensor,
         lora: LinearSaved,
-        grads: &mut GradStore,
+        grads: &mut LayerGrads,
     ) -> Result<Tensor> {
         let (dev, (b, _, h)) = (x.device(), x.dims3()?);
         let tpb = self.tp_boundary();

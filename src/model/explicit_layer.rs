@@ -22,11 +22,11 @@
 
 use super::attention::SelfAttention;
 use super::mlp::Mlp;
+use super::recompute::LayerGrads;
 use super::recompute::{with_backward_anchored, BackwardFn, RecomputeGrads, SelectiveRecompute};
 use crate::ops::attention::OwnedAttnMask;
 use crate::ops::timing::section;
 use anyhow::Result;
-use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use std::sync::{Arc, OnceLock};
 
@@ -72,10 +72,12 @@ type LayerBackward = Box<dyn FnOnce(&Tensor) -> Result<Tensor> + Send>;
 
 /// `x + attn(x)`, then `+ mlp(·)`, outside candle's graph: the output and its backward, whose
 /// parameter gradients go to `sink`. The caller checks [`SelfAttention::explicit_ok`] /
-/// [`Mlp::explicit_ok`].
+/// [`Mlp::explicit_ok`]. `index` (the stage's layer index) names the backward's profiler
+/// range; None opens none.
 fn forward_untracked(
     attn: &SelfAttention,
     mlp: &Mlp,
+    index: Option<usize>,
     x: &Tensor,
     inputs: &Arc<ExplicitInputs>,
     sink: &RecomputeGrads,
@@ -88,7 +90,8 @@ fn forward_untracked(
         section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective))?;
     let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
     let backward: LayerBackward = Box::new(move |dy: &Tensor| {
-        let mut grads = GradStore::default();
+        let _range = index.map(crate::profiling::Range::layer_backward);
+        let mut grads = LayerGrads::new(Some(&sink));
         // Each block's backward returns its input gradient with the skip connection's share
         // already added.
         let dx2 = section("layer.bwd.mlp", &dev, || mlp.backward(mlp_saved, &x2, dy, &mut grads))?;
@@ -96,7 +99,7 @@ fn forward_untracked(
         let dx = section("layer.bwd.attn", &dev, || {
             attn.backward(attn_saved, &x, &inputs, &dx2, &mut grads)
         })?;
-        sink.push(grads)?;
+        grads.push()?;
         Ok(dx)
     });
     Ok((y, backward))
@@ -120,8 +123,9 @@ pub fn forward_run(
     let mut h = x.detach();
     let mut backwards = Vec::with_capacity(layers.len());
     for (i, (attn, mlp)) in layers.iter().enumerate() {
-        let _range = first.map(|f| crate::profiling::Range::layer(f + i));
-        let (y, backward) = forward_untracked(attn, mlp, &h, inputs, sink)?;
+        let index = first.map(|f| f + i);
+        let _range = index.map(crate::profiling::Range::layer);
+        let (y, backward) = forward_untracked(attn, mlp, index, &h, inputs, sink)?;
         backwards.push(backward);
         h = y;
     }

@@ -12,13 +12,13 @@
 //! input for the backward, which then needs no high-precision input at all.
 
 use super::fp8_weights::Fp8Linears;
+use super::recompute::LayerGrads;
 use crate::ops::fp8::{self, Fp8Amax, Fp8Recipe, Fp8Saved};
 use crate::ops::{self, manual};
 use crate::parallel::tensor::TensorParallel;
 use crate::parallel::ReduceOp;
 use crate::peft::Adapter;
 use anyhow::{Context, Result};
-use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 /// Whether `t` is a parameter that trains (frozen base weights are detached views).
@@ -158,7 +158,7 @@ impl ExplicitLinear<'_> {
         dy_amax: Option<&Fp8Amax>,
         x: impl FnOnce() -> Result<Tensor>,
         saved: LinearSaved,
-        grads: &mut GradStore,
+        grads: &mut LayerGrads,
     ) -> Result<Tensor> {
         if let Some(b) = self.b.filter(|b| trains(b)) {
             grads.insert(b, manual::bias_grad(dy)?);
@@ -168,7 +168,9 @@ impl ExplicitLinear<'_> {
                 anyhow::bail!("the FP8 linear layer's forward state is missing")
             };
             let x = if trains(self.w) && !saved.keeps_input() { Some(x()?) } else { None };
-            let (dx, dw) = fp8::backward(dy, saved, x.as_ref(), recipe, dy_amax)?;
+            // Added into the step's running sum where it has one (see `LayerGrads`).
+            let into = if trains(self.w) { grads.sum_of(self.w) } else { None };
+            let (dx, dw) = fp8::backward(dy, saved, x.as_ref(), recipe, dy_amax, into.as_ref())?;
             if let (true, Some(dw)) = (trains(self.w), dw) {
                 grads.insert(self.w, dw);
             }
@@ -176,7 +178,7 @@ impl ExplicitLinear<'_> {
         }
         let x = if self.needs_input() { Some(x()?) } else { None };
         if let (true, Some(x)) = (trains(self.w), &x) {
-            grads.insert(self.w, manual::weight_grad(dy, x)?);
+            grads.weight_grad(self.w, dy, x, false)?;
         }
         let (Some(adapter), Some(x)) = (self.adapter, x) else {
             return Ok(dy.matmul(&self.w.detach())?);

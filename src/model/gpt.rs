@@ -10,6 +10,7 @@ use super::init::Init;
 use super::mlp::Mlp;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout, TpCoord};
+use super::recompute::LayerGrads;
 use super::recompute::{
     checkpoint, with_backward, BackwardFn, RecomputeGrads, RecomputePlan, SegmentFn,
     SelectiveRecompute,
@@ -24,7 +25,6 @@ use crate::parallel::comm::Communicator;
 use crate::parallel::context::ContextParallel;
 use crate::parallel::tensor::TensorParallel;
 use anyhow::{bail, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -368,6 +368,7 @@ impl GptModel {
         if let (Some(p), false) = (peft, layer_numbers.is_empty()) {
             crate::peft::matcher::ensure_matched(&store, p)?;
         }
+        store.finish_init()?;
         Ok(Self {
             arch,
             layout,
@@ -600,7 +601,7 @@ impl GptModel {
         let (norm, w, sink, tp) = (norm.clone(), w.clone(), sink.clone(), self.tp.clone());
         let backward: BackwardFn = Box::new(move |x: &Tensor, g: &Tensor| {
             let run = || -> Result<Tensor> {
-                let mut grads = GradStore::default();
+                let mut grads = LayerGrads::new(Some(&sink));
                 let g_rows = mask.broadcast_mul(&g.to_dtype(mask.dtype())?)?;
                 let dlogits = match &state {
                     HeadCe::Whole(labels, state) => {
@@ -612,18 +613,13 @@ impl GptModel {
                 };
                 // A frozen output layer (PEFT) needs no weight gradient: a vocab-sized GEMM.
                 if super::explicit_linear::trains(&w) {
-                    let dw = if tied_here {
-                        ops::manual::weight_grad_at_least_f32(&dlogits, &xg)?
-                    } else {
-                        ops::manual::weight_grad(&dlogits, &xg)?
-                    };
-                    grads.insert(&w, dw);
+                    grads.weight_grad(&w, &dlogits, &xg, tied_here)?;
                 }
                 let dxg = dlogits.matmul(&w.detach())?.reshape((b, s, h))?;
                 drop(dlogits);
                 let dxn = TpBoundary(tp.as_ref()).enter_grad(&dxg)?;
                 let dx = norm.backward(&x.detach(), &dxn, None, &mut grads)?;
-                sink.push(grads)?;
+                grads.push()?;
                 Ok(dx)
             };
             run()

@@ -8,6 +8,7 @@ use super::fp8_weights::Fp8Linears;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
+use super::recompute::LayerGrads;
 use super::recompute::SelectiveRecompute;
 use crate::config::model::Activation;
 use crate::ops::timing::section;
@@ -15,7 +16,6 @@ use crate::ops::{self, manual, DropoutRng};
 use crate::parallel::tensor::TensorParallel;
 use crate::peft::{Adapter, BaseParallel, Split};
 use anyhow::Result;
-use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 /// One layer's MLP with its pre-norm.
@@ -282,7 +282,7 @@ impl Mlp {
         saved: MlpSaved,
         x: &Tensor,
         dy: &Tensor,
-        grads: &mut GradStore,
+        grads: &mut LayerGrads,
     ) -> Result<Tensor> {
         let dev = x.device();
         let tpb = self.tp_boundary();

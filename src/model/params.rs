@@ -1,9 +1,14 @@
 //! Named parameter registry: every trainable tensor under its Megatron name, with its global
 //! shape and tensor-parallel partition dim, holding only this rank's shard.
 
-use super::init::{init_full, Init};
+use super::init::{draw_normal, init_full, Init};
 use candle_core::{DType, Device, Result, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::HashMap;
+
+/// How many bytes of drawn values [`ParamStore::finish_init`] keeps on the host before moving
+/// them to the device.
+const INIT_BATCH_BYTES: usize = 4 << 30;
 
 /// How the global tensor is cut into TP shards along `partition_dim`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +72,17 @@ pub struct ParamStore {
     device: Device,
     frozen: bool,
     peft: Option<crate::config::peft::PeftConfig>,
+    /// Parameters whose random values are still to be drawn (by [`Self::finish_init`]).
+    pending: Vec<PendingDraw>,
+}
+
+/// A registered parameter that holds zeros until [`ParamStore::finish_init`] draws its values.
+#[derive(Debug)]
+struct PendingDraw {
+    /// Index into `params`.
+    param: usize,
+    init_key: String,
+    std: f64,
 }
 
 impl ParamStore {
@@ -81,6 +97,7 @@ impl ParamStore {
             device,
             frozen: false,
             peft: None,
+            pending: Vec::new(),
         }
     }
 
@@ -143,9 +160,26 @@ impl ParamStore {
         if self.index.contains_key(name) {
             candle_core::bail!("parameter {name} registered twice");
         }
-        let full = init_full(init_key, global_shape, init, self.seed, self.dtype, &self.device)?;
-        let shard = shard_of(&full, partition_dim, layout, self.tp)?;
-        let var = Var::from_tensor(&shard)?;
+        let var = match init {
+            // Drawn later, on all cores: see `finish_init`.
+            Init::Normal(std) => {
+                let mut shape = global_shape.to_vec();
+                if let Some(d) = partition_dim {
+                    shape[d] /= self.tp.size;
+                }
+                self.pending.push(PendingDraw {
+                    param: self.params.len(),
+                    init_key: init_key.to_string(),
+                    std,
+                });
+                Var::zeros(shape, self.dtype, &self.device)?
+            }
+            _ => {
+                let full =
+                    init_full(init_key, global_shape, init, self.seed, self.dtype, &self.device)?;
+                Var::from_tensor(&shard_of(&full, partition_dim, layout, self.tp)?)?
+            }
+        };
         // A frozen weight is used through a detached view: it shares the storage (so loads
         // through `Var::set` reach it) but takes no part in backward.
         let t = if self.frozen { var.as_tensor().detach() } else { var.as_tensor().clone() };
@@ -160,6 +194,50 @@ impl ParamStore {
             trainable: !self.frozen,
         });
         Ok(t)
+    }
+
+    /// Draws the random initial values of every parameter created since the last call, on
+    /// all cores (each has its own stream, see [`super::init`]), and moves them into the
+    /// parameters: the values `create` promises, bit for bit. The model's constructor calls
+    /// it once all parameters exist; until then they hold zeros.
+    pub fn finish_init(&mut self) -> Result<()> {
+        self.draw_pending(INIT_BATCH_BYTES)
+    }
+
+    /// [`Self::finish_init`] with about `batch_bytes` of drawn values on the host at once
+    /// (at least one parameter).
+    fn draw_pending(&mut self, batch_bytes: usize) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.pending);
+        let values = |d: &PendingDraw| self.params[d.param].global_shape.iter().product::<usize>();
+        // Largest first: a batch then takes about as long as its largest draw or its share of
+        // the cores, whichever is longer.
+        pending.sort_by_key(|d| std::cmp::Reverse(values(d)));
+        let per_value = self.dtype.size_in_bytes();
+        let mut rest = pending.as_slice();
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < rest.len() && (take == 0 || bytes < batch_bytes) {
+                bytes += values(&rest[take]) * per_value;
+                take += 1;
+            }
+            let (batch, tail) = rest.split_at(take);
+            rest = tail;
+            // Drawn and cut to this rank's shard on the host; only the shard moves.
+            let shards = batch
+                .par_iter()
+                .map(|d| {
+                    let p = &self.params[d.param];
+                    let full =
+                        draw_normal(&d.init_key, &p.global_shape, d.std, self.seed, self.dtype)?;
+                    shard_of(&full, p.partition_dim, p.layout, self.tp)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for (d, shard) in batch.iter().zip(shards) {
+                self.params[d.param].var.set(&shard.to_device(&self.device)?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Turns on PEFT: parameters created from now on are frozen base weights until
@@ -325,6 +403,60 @@ pub fn shard_of(
             let gate = full.narrow(dim, tp.rank * c, c)?;
             let up = full.narrow(dim, half + tp.rank * c, c)?;
             Tensor::cat(&[&gate, &up], dim)?.contiguous()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Registers a column-parallel, a gated and a row-parallel weight and a norm on TP rank
+    /// `rank` of `size`.
+    fn store(rank: usize, size: usize) -> ParamStore {
+        let mut s = ParamStore::new(TpCoord { rank, size }, 17, DType::F32, Device::Cpu);
+        s.create("a.weight", &[8, 6], Some(0), ShardLayout::Contiguous, Init::Normal(0.02))
+            .unwrap();
+        s.create("fc1.weight", &[8, 6], Some(0), ShardLayout::GatedHalves, Init::Normal(0.5))
+            .unwrap();
+        s.create_row_parallel("proj", 6, 4, 0.1, true).unwrap();
+        s.create("norm.weight", &[6], None, ShardLayout::Contiguous, Init::Ones).unwrap();
+        s
+    }
+
+    /// The values drawn together on all cores are the ones each parameter's own stream gives
+    /// (`init_full`, then this rank's shard), for every batch size.
+    #[test]
+    fn parallel_draws_give_each_parameters_own_stream() {
+        for (rank, size) in [(0, 1), (1, 2)] {
+            for batch in [1, 80, INIT_BATCH_BYTES] {
+                let mut s = store(rank, size);
+                // Until drawn, the random parameters hold zeros (ones for the norm).
+                let w = s.get("a.weight").unwrap().var.as_tensor().clone();
+                assert_eq!(w.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+                s.draw_pending(batch).unwrap();
+                assert!(s.pending.is_empty());
+                let tp = TpCoord { rank, size };
+                for p in s.params() {
+                    let init = match p.name.as_str() {
+                        "a.weight" => Init::Normal(0.02),
+                        "fc1.weight" => Init::Normal(0.5),
+                        "proj.weight" => Init::Normal(0.1),
+                        "proj.bias" => Init::Zeros,
+                        _ => Init::Ones,
+                    };
+                    let full =
+                        init_full(&p.name, &p.global_shape, init, 17, DType::F32, &Device::Cpu)
+                            .unwrap();
+                    let want = shard_of(&full, p.partition_dim, p.layout, tp).unwrap();
+                    let got = p.var.as_tensor();
+                    assert_eq!(got.dims(), want.dims(), "{}", p.name);
+                    let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+                    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{} batch {batch}", p.name);
+                }
+                // Drawn values, not zeros: the shard's sum of squares is that of normals.
+                assert!(w.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+            }
         }
     }
 }

@@ -198,8 +198,36 @@ impl RecomputeGrads {
         self.push(grads)
     }
 
+    /// The weight gradient `dyᵀ·x` of `w` for a store that will be pushed here: added in place
+    /// to the sum where it already holds one for `w` (an earlier micro-batch's), and then that
+    /// sum's tensor, which [`Self::push`] takes as already added; else a new tensor
+    /// (`at_least_f32`: f32 for half-precision inputs, see
+    /// [`crate::ops::manual::weight_grad_at_least_f32`]). This is megatron-core's
+    /// `gradient_accumulation_fusion`: the GEMM accumulates into the main grad, so no second
+    /// gradient buffer and no add pass over it.
+    pub fn weight_grad(
+        &self,
+        w: &Tensor,
+        dy: &Tensor,
+        x: &Tensor,
+        at_least_f32: bool,
+    ) -> candle_core::Result<Tensor> {
+        let held = self.lock().sum.get(w).cloned();
+        if let Some(sum) = held {
+            if crate::ops::manual::add_weight_grad_into(&sum, dy, x)? {
+                return Ok(sum);
+            }
+        }
+        if at_least_f32 {
+            crate::ops::manual::weight_grad_at_least_f32(dy, x)
+        } else {
+            crate::ops::manual::weight_grad(dy, x)
+        }
+    }
+
     /// Adds `g` to the sum. The sink takes ownership: the caller keeps no clone of `g`'s
-    /// tensors (the sum may be written in place, see [`Self::push_embedding`]).
+    /// tensors (the sum may be written in place, see [`Self::push_embedding`]). A tensor that
+    /// is the sum's own (from [`Self::weight_grad`]) is already added.
     pub(crate) fn push(&self, g: GradStore) -> candle_core::Result<()> {
         let mut side = self.lock();
         side.pushes += 1;
@@ -208,6 +236,9 @@ impl RecomputeGrads {
         for &id in g.get_ids() {
             let Some(grad) = g.get_id(id) else { continue };
             ids.push(id);
+            if sum.get_id(id).is_some_and(|prev| prev.id() == grad.id()) {
+                continue;
+            }
             // Half precision is summed in the main-grad dtype; an f32 gradient (a tied output
             // layer's) stays f32.
             let grad = match grad.dtype() {
@@ -223,6 +254,71 @@ impl RecomputeGrads {
             sum.insert_id(id, total);
         }
         side.notify(&ids)
+    }
+}
+
+/// The parameter gradients of one written-out backward (a layer's, the head's), to be pushed
+/// into the step's sink: a [`GradStore`] (which it derefs to) whose weight gradients come from
+/// [`RecomputeGrads::weight_grad`], accumulated in place into the sink's sum where it has one.
+pub struct LayerGrads {
+    store: GradStore,
+    sink: Option<RecomputeGrads>,
+}
+
+impl LayerGrads {
+    /// Gradients bound for `sink` (None: always new tensors, e.g. a caller that sums itself).
+    pub fn new(sink: Option<&RecomputeGrads>) -> Self {
+        Self { store: GradStore::default(), sink: sink.cloned() }
+    }
+
+    /// Records the weight gradient `dyᵀ·x` of `w` (see [`RecomputeGrads::weight_grad`]).
+    pub fn weight_grad(
+        &mut self,
+        w: &Tensor,
+        dy: &Tensor,
+        x: &Tensor,
+        at_least_f32: bool,
+    ) -> candle_core::Result<()> {
+        let g = match &self.sink {
+            Some(sink) => sink.weight_grad(w, dy, x, at_least_f32)?,
+            None if at_least_f32 => crate::ops::manual::weight_grad_at_least_f32(dy, x)?,
+            None => crate::ops::manual::weight_grad(dy, x)?,
+        };
+        self.store.insert(w, g);
+        Ok(())
+    }
+
+    /// The sink's running sum of `w`'s gradients, if it has one: a weight gradient may be
+    /// added into it in place and then recorded here as already added (see
+    /// [`RecomputeGrads::weight_grad`]).
+    pub fn sum_of(&self, w: &Tensor) -> Option<Tensor> {
+        self.sink.as_ref().and_then(|s| s.lock().sum.get(w).cloned())
+    }
+
+    /// Pushes the gradients into the sink they were made for.
+    pub fn push(self) -> candle_core::Result<()> {
+        match &self.sink {
+            Some(sink) => sink.push(self.store),
+            None => candle_core::bail!("LayerGrads::push without a sink"),
+        }
+    }
+
+    /// The gradients as a plain store.
+    pub fn into_store(self) -> GradStore {
+        self.store
+    }
+}
+
+impl std::ops::Deref for LayerGrads {
+    type Target = GradStore;
+    fn deref(&self) -> &GradStore {
+        &self.store
+    }
+}
+
+impl std::ops::DerefMut for LayerGrads {
+    fn deref_mut(&mut self) -> &mut GradStore {
+        &mut self.store
     }
 }
 
@@ -425,6 +521,34 @@ mod tests {
 
     fn plan(method: RecomputeMethod, num_layers: usize) -> RecomputePlan {
         RecomputePlan { method, num_layers }
+    }
+
+    /// A weight gradient whose parameter the sum already holds is added into the sum's own
+    /// tensor (the same tensor, changed in place) and pushed as already added; the first one
+    /// is a new tensor. Both micro-batches' products end up in the sum exactly once.
+    #[test]
+    fn weight_gradients_accumulate_into_the_sum_in_place() {
+        let dev = candle_core::Device::Cpu;
+        let w = Var::zeros((2, 3), DType::F64, &dev).unwrap();
+        let t = |v: &[f64], r: usize, c: usize| Tensor::from_slice(v, (r, c), &dev).unwrap();
+        let (dy1, x1) = (t(&[1., 2., 3., 4.], 2, 2), t(&[1., 0., 2., 0., 1., 3.], 2, 3));
+        let (dy2, x2) = (t(&[0.5, -1., 2., 1.], 2, 2), t(&[2., 1., 0., 1., 1., 1.], 2, 3));
+        let sink = RecomputeGrads::default();
+        let mut first = LayerGrads::new(Some(&sink));
+        first.weight_grad(w.as_tensor(), &dy1, &x1, false).unwrap();
+        first.push().unwrap();
+        let held = sink.lock().sum.get(w.as_tensor()).cloned().unwrap();
+        let mut second = LayerGrads::new(Some(&sink));
+        second.weight_grad(w.as_tensor(), &dy2, &x2, false).unwrap();
+        assert_eq!(second.get(w.as_tensor()).unwrap().id(), held.id(), "the sum's own tensor");
+        second.push().unwrap();
+        assert_eq!(sink.pushes(), 2);
+        let sum = sink.take();
+        let got = sum.get(w.as_tensor()).unwrap();
+        assert_eq!(got.id(), held.id(), "added in place, not replaced");
+        let want = (dy1.t().unwrap().matmul(&x1).unwrap() + dy2.t().unwrap().matmul(&x2).unwrap())
+            .unwrap();
+        assert_eq!(got.to_vec2::<f64>().unwrap(), want.to_vec2::<f64>().unwrap());
     }
 
     /// Pushes of the same parameter are summed in place (half precision in f32), so the sink

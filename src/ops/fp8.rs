@@ -358,10 +358,10 @@ pub fn grads(
     #[cfg(feature = "cuda")]
     if w.device().is_cuda() {
         let saved = super::cuda::fp8::Saved::of_weight(w, recipe)?;
-        return backward(dy, Fp8Saved(Saved::Cuda(Box::new(saved))), x, recipe, None);
+        return backward(dy, Fp8Saved(Saved::Cuda(Box::new(saved))), x, recipe, None, None);
     }
     let saved = Saved::Cpu { weight: Arc::new(quantize_cpu(w, recipe.forward)?), input: None };
-    backward(dy, Fp8Saved(saved), x, recipe, None)
+    backward(dy, Fp8Saved(saved), x, recipe, None, None)
 }
 
 /// The gradients of a linear layer from what its forward kept ([`linear_saving`]): the input
@@ -370,29 +370,38 @@ pub fn grads(
 /// of `x`. `dy_amax`: `dy`'s amax from its producer, if it gave one. The weight gradient
 /// comes in the main-grad dtype ([`super::main_grads`]): f32 straight from the GEMM where
 /// gradients are summed in f32, as Transformer Engine writes its FP8 wgrad into
-/// megatron-core's fp32 `main_grad`, not rounded to bf16 first.
+/// megatron-core's fp32 `main_grad`, not rounded to bf16 first. With `dw_into` (a running
+/// sum of this weight's gradients, a contiguous tensor of the caller's own in the main-grad
+/// dtype) the weight gradient is added into it in place, inside the GEMM on the GPU, and the
+/// returned weight gradient is `dw_into` itself.
 pub fn backward(
     dy: &Tensor,
     saved: Fp8Saved,
     x: Option<&Tensor>,
     recipe: &Fp8Recipe,
     dy_amax: Option<&Fp8Amax>,
+    dw_into: Option<&Tensor>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     check_2d("output gradient", dy)?;
     if let Some(x) = x {
         check_2d("linear input", x)?;
     }
     let dw_dtype = super::main_grads::main_grad_dtype(dy.dtype());
+    let dw_into = dw_into.filter(|c| c.dtype() == dw_dtype && c.is_contiguous());
     if !recipe.wgrad {
-        let dw = x.map(|x| super::manual::weight_grad(dy, x)).transpose()?;
+        let dw = match (x, dw_into) {
+            (Some(x), Some(c)) if super::manual::add_weight_grad_into(c, dy, x)? => Some(c.clone()),
+            (Some(x), _) => Some(super::manual::weight_grad(dy, x)?),
+            (None, _) => None,
+        };
         let no_input = Fp8Recipe { wgrad: true, ..*recipe };
-        return Ok((backward(dy, saved.without_input(), None, &no_input, dy_amax)?.0, dw));
+        return Ok((backward(dy, saved.without_input(), None, &no_input, dy_amax, None)?.0, dw));
     }
     match saved.0 {
         #[cfg(feature = "cuda")]
         Saved::Cuda(saved) => {
             let dy_amax = dy_amax.map(Fp8Amax::device_value).transpose()?;
-            super::cuda::fp8::backward(dy, *saved, x, recipe, dy_amax, dw_dtype)
+            super::cuda::fp8::backward(dy, *saved, x, recipe, dy_amax, dw_dtype, dw_into)
         }
         Saved::Cpu { weight, input } => {
             let qx = match (input, x) {
@@ -403,7 +412,18 @@ pub fn backward(
             let qd = quantize_cpu_with(dy, recipe.gradient, dy_amax)?;
             let dx = gemm_cpu(&qd, &weight.transposed()?, None, dy.dtype())?;
             let dw = match qx {
-                Some(qx) => Some(gemm_cpu(&qd.transposed()?, &qx.transposed()?, None, dw_dtype)?),
+                Some(qx) => {
+                    let (a, b) = (qd.transposed()?, qx.transposed()?);
+                    Some(match dw_into {
+                        // The sum added in the GEMM's f32 result and rounded once, as the
+                        // GPU's GEMM with beta = 1 does.
+                        Some(c) => {
+                            c.slice_set(&gemm_cpu(&a, &b, Some(c), dw_dtype)?, 0, 0)?;
+                            c.clone()
+                        }
+                        None => gemm_cpu(&a, &b, None, dw_dtype)?,
+                    })
+                }
                 None => None,
             };
             Ok((dx, dw))
@@ -499,7 +519,7 @@ mod tests {
         let dtypes = || {
             let q = Fp8Weight::quantize(&w, &recipe).unwrap();
             let (_, kept) = linear_saving(&x, q, None, &recipe, true, None).unwrap();
-            let (dx, dw) = backward(&dy, kept, None, &recipe, None).unwrap();
+            let (dx, dw) = backward(&dy, kept, None, &recipe, None, None).unwrap();
             let fresh = weight_grad(&dy, &x, &recipe).unwrap();
             (dx.dtype(), dw.unwrap().dtype(), fresh.dtype())
         };
@@ -507,6 +527,42 @@ mod tests {
         assert_eq!(f32_sums, (DType::BF16, DType::F32, DType::F32));
         let _bf16 = crate::ops::main_grads::bf16_main_grads(true);
         assert_eq!(dtypes(), (DType::BF16, DType::BF16, DType::BF16));
+    }
+
+    /// With a running sum to add into, the FP8 weight gradient is added into that tensor in
+    /// place (the same tensor comes back) and equals the sum plus the fresh gradient, rounded
+    /// once; also where the weight gradient is not FP8 (`wgrad` off).
+    #[test]
+    fn the_fp8_weight_gradient_adds_into_a_running_sum() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (32, 48), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.05, (16, 48), &dev).unwrap();
+        let dy = Tensor::randn(0f32, 1e-3, (32, 16), &dev).unwrap();
+        for wgrad in [true, false] {
+            let recipe = Fp8Recipe { wgrad, ..Fp8Recipe::from_name("hybrid", true).unwrap() };
+            let fresh = weight_grad(&dy, &x, &recipe).unwrap();
+            let sum = Tensor::randn(0f32, 1e-2, (16, 48), &dev).unwrap();
+            let before = sum.copy().unwrap();
+            let q = Fp8Weight::quantize(&w, &recipe).unwrap();
+            let (_, kept) = linear_saving(&x, q, None, &recipe, true, None).unwrap();
+            let (_, dw) = backward(&dy, kept, Some(&x), &recipe, None, Some(&sum)).unwrap();
+            let dw = dw.unwrap();
+            assert_eq!(dw.id(), sum.id(), "the sum itself comes back");
+            let want = (&before + &fresh).unwrap();
+            let d = (&sum - &want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-9, "wgrad {wgrad}: {d}");
+            assert!(
+                (&sum - &before)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            );
+        }
     }
 
     #[test]
@@ -541,11 +597,11 @@ mod tests {
         let (y_kept, kept) = linear_saving(&x, qw(), None, &recipe, true, None).unwrap();
         exact_eq(&y_kept, &y);
         assert!(kept.keeps_input());
-        let (dx_kept, dw_kept) = backward(&dy, kept, None, &recipe, None).unwrap();
+        let (dx_kept, dw_kept) = backward(&dy, kept, None, &recipe, None, None).unwrap();
         exact_eq(&dx_kept, &dx_new);
         exact_eq(&dw_kept.unwrap(), &dw_new.unwrap());
         let (_, kept) = linear_saving(&x, qw(), None, &recipe, true, None).unwrap();
-        let (_, no_dw) = backward(&dy, kept.without_input(), None, &recipe, None).unwrap();
+        let (_, no_dw) = backward(&dy, kept.without_input(), None, &recipe, None, None).unwrap();
         assert!(no_dw.is_none());
         // An amax from the producer is the one the quantization uses.
         let amax = Fp8Amax::of_cpu(&x).unwrap();

@@ -536,6 +536,24 @@ pub fn weight_grad_at_least_f32(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     weight_grad_in(dy, x, 1.0, out)?.to_dtype(out)
 }
 
+/// `c += dyᵀ · x` in place, for `c` `[out, in]` a contiguous tensor of the caller's own in
+/// f32 or `dy`'s dtype (a running sum of weight gradients). On CUDA in half precision the GEMM
+/// accumulates into `c` (beta = 1: no gradient buffer, no add pass); elsewhere the product is
+/// added and written back over `c`. False (nothing done) for a `c` it cannot write.
+pub fn add_weight_grad_into(c: &Tensor, dy: &Tensor, x: &Tensor) -> Result<bool> {
+    if !c.is_contiguous() || (c.dtype() != DType::F32 && c.dtype() != dy.dtype()) {
+        return Ok(false);
+    }
+    #[cfg(feature = "cuda")]
+    if fused(dy) {
+        super::cuda::gemm::weight_grad_into(c, dy, x)?;
+        return Ok(true);
+    }
+    let sum = (c + weight_grad_in(dy, x, 1.0, c.dtype())?.to_dtype(c.dtype())?)?;
+    c.slice_set(&sum, 0, 0)?;
+    Ok(true)
+}
+
 /// `alpha ·` [`weight_grad`], the scale applied inside the GEMM on CUDA (a LoRA factor's
 /// gradient carries the adapter's scale).
 pub fn weight_grad_scaled(dy: &Tensor, x: &Tensor, alpha: f64) -> Result<Tensor> {

@@ -1,8 +1,10 @@
 //! `profiling.record_memory_history`: mbridge's memory report, written as JSON at the end of
 //! the profiling window. It is **not** PyTorch's memory snapshot (`torch.cuda.memory._snapshot()`
 //! pickled for `memory_viz`): mbridge has no allocator trace to pickle, and no pickle is
-//! written. Instead it records, per step of the window, the memory in use, and at the end the
-//! largest live tensors by name:
+//! written. Instead it records, per step of the window, the memory in use, a timeline of the
+//! memory in use where each profiling range (phase, micro-batch pass, layer forward and
+//! written-out backward) opens and closes with the point where the step held the most, and
+//! at the end the largest live tensors by name:
 //!
 //! ```json
 //! {"format": "mbridge-memory-report", "version": 1,
@@ -12,7 +14,12 @@
 //!  "steps": [{"iteration": 11,
 //!             "allocated_bytes": 1, "max_allocated_bytes": 2,   // CUDA pool; absent on CPU
 //!             "reserved_bytes": 3, "max_reserved_bytes": 4,     // (max = since the run began)
-//!             "rss_bytes": 5, "peak_rss_bytes": 6}],            // process RSS and its peak
+//!             "rss_bytes": 5, "peak_rss_bytes": 6,              // process RSS and its peak
+//!             "timeline_peak": {"bytes": 2, "at": "end layer 0 forward",
+//!                               "after": "begin layer 0 forward"},
+//!             "timeline": [{"at": "begin", "name": "iteration 11", "cat": "step",
+//!                           "allocated_bytes": 1, "max_allocated_bytes": 2}]}],
+//!                           // (on the CPU: "rss_bytes" instead of the two pool fields)
 //!  "totals_bytes": {"param": 7, "main_param": 8, "exp_avg": 9, "exp_avg_sq": 9, "grad": 8},
 //!  "largest_tensors": [{"name": "embedding.word_embeddings.weight", "kind": "param",
 //!                       "dtype": "bf16", "shape": [128256, 2048], "bytes": 525336576}]}
@@ -29,6 +36,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, DeviceLocation, Tensor};
 use serde_json::{json, Map, Value};
 
+use super::range::MemoryPoint;
 use crate::train::memory::{device_memory, MemStats};
 
 /// How many tensors `largest_tensors` lists.
@@ -67,11 +75,85 @@ pub struct MemorySample {
     pub device: Option<MemStats>,
     /// `(VmRSS, VmHWM)` in bytes, when `/proc/self/status` is readable.
     pub host: Option<(u64, u64)>,
+    /// Memory where each profiling range of the step opened and closed, in order.
+    pub timeline: Vec<MemoryPoint>,
 }
 
 /// Samples memory after `iteration` on `device`.
-pub fn sample(device: &Device, iteration: u64) -> MemorySample {
-    MemorySample { iteration, device: device_memory(device), host: host_rss().ok() }
+pub fn sample(device: &Device, iteration: u64, timeline: Vec<MemoryPoint>) -> MemorySample {
+    MemorySample { iteration, device: device_memory(device), host: host_rss().ok(), timeline }
+}
+
+/// Memory in use at one moment of a step: the device pool's bytes in use and its high-water
+/// mark on a GPU, the process's resident set on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryNow {
+    Device { allocated: u64, max_allocated: u64 },
+    Host { rss: u64 },
+    Unknown,
+}
+
+impl MemoryNow {
+    /// Memory in use now on `device`.
+    pub fn of(device: &Device) -> Self {
+        match device_memory(device) {
+            Some(m) => Self::Device { allocated: m.allocated, max_allocated: m.max_allocated },
+            None => host_rss().map_or(Self::Unknown, |(rss, _)| Self::Host { rss }),
+        }
+    }
+
+    /// The bytes in use (pool or resident set).
+    fn in_use(&self) -> Option<u64> {
+        match *self {
+            Self::Device { allocated, .. } => Some(allocated),
+            Self::Host { rss } => Some(rss),
+            Self::Unknown => None,
+        }
+    }
+
+    fn insert_into(&self, m: &mut Map<String, Value>) {
+        match *self {
+            Self::Device { allocated, max_allocated } => {
+                m.insert("allocated_bytes".into(), json!(allocated));
+                m.insert("max_allocated_bytes".into(), json!(max_allocated));
+            }
+            Self::Host { rss } => {
+                m.insert("rss_bytes".into(), json!(rss));
+            }
+            Self::Unknown => {}
+        }
+    }
+}
+
+/// A step's timeline as JSON, and where it held the most memory: the point with the largest
+/// bytes in use, with the point before it (the peak lies between the two).
+fn timeline_json(points: &[MemoryPoint]) -> (Vec<Value>, Option<Value>) {
+    let label = |p: &MemoryPoint| format!("{} {}", p.at, p.name);
+    let rows = points
+        .iter()
+        .map(|p| {
+            let mut m = Map::new();
+            m.insert("at".into(), json!(p.at));
+            m.insert("name".into(), json!(p.name));
+            m.insert("cat".into(), json!(p.cat));
+            p.sample.insert_into(&mut m);
+            Value::Object(m)
+        })
+        .collect();
+    // The first of equal maxima: where the step first got there.
+    let most = points
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.sample.in_use().map(|b| (i, b)))
+        .fold(None, |best: Option<(usize, u64)>, (i, b)| match best {
+            Some((_, top)) if top >= b => best,
+            _ => Some((i, b)),
+        });
+    let peak = most.map(|(i, bytes)| {
+        json!({"bytes": bytes, "at": label(&points[i]),
+               "after": i.checked_sub(1).map(|j| label(&points[j]))})
+    });
+    (rows, peak)
 }
 
 /// `(VmRSS, VmHWM)` of this process in bytes.
@@ -142,6 +224,11 @@ pub fn report(
                 m.insert("rss_bytes".into(), json!(rss));
                 m.insert("peak_rss_bytes".into(), json!(hwm));
             }
+            if !s.timeline.is_empty() {
+                let (rows, peak) = timeline_json(&s.timeline);
+                m.insert("timeline_peak".into(), peak.unwrap_or(Value::Null));
+                m.insert("timeline".into(), Value::Array(rows));
+            }
             Value::Object(m)
         })
         .collect();
@@ -170,7 +257,8 @@ pub fn report(
         "format": "mbridge-memory-report",
         "version": 1,
         "note": "mbridge's memory report, not a PyTorch memory snapshot: no pickle, no allocator \
-                 trace; per-step memory in use and the largest live tensors",
+                 trace; per-step memory in use, its timeline over the step's ranges and the \
+                 largest live tensors",
         "rank": rank,
         "device": device,
         "complete": complete,
@@ -230,7 +318,8 @@ mod tests {
             TensorEntry::of("b", "param", &t(8)),
             TensorEntry::of("b", "exp_avg", &t(8)),
         ];
-        let samples = [MemorySample { iteration: 3, device: None, host: Some((10, 20)) }];
+        let samples =
+            [MemorySample { iteration: 3, device: None, host: Some((10, 20)), timeline: vec![] }];
         let w = WindowInfo { profile_step_start: 2, profile_step_end: 3 };
         let doc = report(1, &Device::Cpu, w, &samples, &tensors, true);
         assert_eq!(doc["totals_bytes"]["param"], 48);

@@ -22,7 +22,10 @@
 //!   Traced ranges synchronize the device before they close, so GPU durations are real (and
 //!   profiled steps a little slower).
 //! * `record_memory_history`: a JSON memory report at the end of the window ([`memory`]), at
-//!   `memory_snapshot_path` with `_<rank>` inserted — not PyTorch's pickle snapshot.
+//!   `memory_snapshot_path` with `_<rank>` inserted — not PyTorch's pickle snapshot. Its
+//!   timeline stands in for the snapshot's allocation trace: the memory in use where every
+//!   range above (and each micro-batch's forward and backward, each written-out layer
+//!   backward) opens and closes, and where the step held the most.
 //! * `record_shapes` has no effect (no per-operator ranges); a run that sets it is told so.
 
 pub mod memory;
@@ -195,13 +198,15 @@ impl Profiler {
         let nvtx = self.nvtx_always || (self.nsys && in_window);
         let events =
             (in_window && self.trace_path.is_some()).then(|| std::mem::take(&mut self.events));
-        let range = (nvtx || events.is_some()).then(|| {
+        let memory = (in_window && self.memory_path.is_some()).then(Vec::new);
+        let range = (nvtx || events.is_some() || memory.is_some()).then(|| {
             range::install(Active {
                 nvtx,
                 events,
                 origin: self.origin,
                 device: self.device.clone(),
                 iteration,
+                memory,
             });
             Range::step(iteration)
         });
@@ -216,17 +221,19 @@ impl Profiler {
             bail!("profiler: step_end without step_begin");
         };
         drop(range);
+        let mut timeline = Vec::new();
         if let Some(a) = range::uninstall() {
             if let Some(ev) = a.events {
                 self.events = ev;
             }
+            timeline = a.memory.unwrap_or_default();
         }
         self.last_iteration = Some(iteration);
         if !in_window {
             return Ok(());
         }
         if self.memory_path.is_some() {
-            self.samples.push(memory::sample(&self.device, iteration));
+            self.samples.push(memory::sample(&self.device, iteration, timeline));
         }
         if iteration == self.window.profile_step_end as u64 {
             self.close(true, tensors)?;

@@ -26,6 +26,21 @@ pub(super) struct Active {
     pub(super) device: Device,
     /// The training iteration (1-based, as logged) the events belong to.
     pub(super) iteration: u64,
+    /// Record the memory in use where each range opens and closes (the memory report is on
+    /// and the step is in the window).
+    pub(super) memory: Option<Vec<MemoryPoint>>,
+}
+
+/// The memory in use where a range opened or closed: device pool bytes on a GPU, the
+/// process's resident set on the CPU. Sampled without synchronizing: the stream-ordered
+/// pool counts an allocation when it is queued, so the points follow program order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPoint {
+    /// `begin` or `end`.
+    pub at: &'static str,
+    pub name: String,
+    pub cat: &'static str,
+    pub sample: super::memory::MemoryNow,
 }
 
 thread_local! {
@@ -50,6 +65,7 @@ pub struct Range {
 
 struct Open {
     nvtx: bool,
+    memory: bool,
     traced: Option<Instant>,
     cat: &'static str,
     name: Cow<'static, str>,
@@ -66,6 +82,17 @@ impl Range {
         Self::open("layer", || Cow::Owned(format!("layer {index} forward")))
     }
 
+    /// The written-out backward of transformer layer `index` of this model chunk.
+    pub fn layer_backward(index: usize) -> Self {
+        Self::open("layer", || Cow::Owned(format!("layer {index} backward")))
+    }
+
+    /// The forward (`pass` = "forward") or backward of micro-batch `index` on model chunk
+    /// `chunk` (the pipeline schedule's passes).
+    pub fn microbatch(pass: &'static str, chunk: usize, index: usize) -> Self {
+        Self::open("microbatch", || Cow::Owned(format!("chunk {chunk} micro-batch {index} {pass}")))
+    }
+
     /// One training iteration (the profiler opens these itself).
     pub(super) fn step(iteration: u64) -> Self {
         Self::open("step", || Cow::Owned(format!("iteration {iteration}")))
@@ -79,14 +106,35 @@ impl Range {
             if a.nvtx {
                 crate::ops::nvtx::push(&name);
             }
-            Some(Open { nvtx: a.nvtx, traced: a.events.is_some().then(Instant::now), cat, name })
+            Some(Open {
+                nvtx: a.nvtx,
+                memory: a.memory.is_some(),
+                traced: a.events.is_some().then(Instant::now),
+                cat,
+                name,
+            })
         });
-        Self { open }
+        let range = Self { open };
+        range.memory_point("begin");
+        range
+    }
+
+    fn memory_point(&self, at: &'static str) {
+        let Some(o) = self.open.as_ref().filter(|o| o.memory) else { return };
+        ACTIVE.with(|s| {
+            let mut s = s.borrow_mut();
+            let Some(a) = s.as_mut() else { return };
+            let sample = super::memory::MemoryNow::of(&a.device);
+            if let Some(points) = a.memory.as_mut() {
+                points.push(MemoryPoint { at, name: o.name.to_string(), cat: o.cat, sample });
+            }
+        });
     }
 }
 
 impl Drop for Range {
     fn drop(&mut self) {
+        self.memory_point("end");
         let Some(o) = self.open.take() else { return };
         if let Some(start) = o.traced {
             ACTIVE.with(|s| {
@@ -127,6 +175,7 @@ mod tests {
             origin: Instant::now(),
             device: Device::Cpu,
             iteration: 7,
+            memory: None,
         });
         {
             let _s = Range::step(7);
@@ -150,6 +199,7 @@ mod tests {
             origin: Instant::now(),
             device: Device::Cpu,
             iteration: 1,
+            memory: None,
         });
         drop(Range::phase("optimizer"));
         assert!(uninstall().unwrap().events.is_none());

@@ -24,6 +24,7 @@ use crate::parallel::comm::{Communicator, ReduceOp};
 use crate::parallel::ddp::BackwardOverlap;
 use crate::parallel::pipeline::plan::{plan, Payload, Step, Transfer};
 use crate::parallel::pipeline::{Op, PipelineP2p, ScheduleSpec};
+use crate::profiling::Range;
 
 /// This rank's share of a pipelined model and how to reach its neighbours.
 pub(crate) struct Pipeline<'a> {
@@ -104,6 +105,7 @@ impl Pipeline<'_> {
                 Step::Run(Op::Forward { chunk, microbatch }) => {
                     let rng = (hooks.dropout)(chunk, microbatch);
                     let received = inbox.remove(&(Payload::Activation, chunk, microbatch));
+                    let _range = Range::microbatch("forward", chunk, microbatch);
                     let (input, output, loss) = self.forward(
                         chunk,
                         &micro[microbatch],
@@ -137,6 +139,7 @@ impl Pipeline<'_> {
                         );
                     }
                     let received = inbox.remove(&(Payload::Grad, chunk, microbatch));
+                    let _range = Range::microbatch("backward", chunk, microbatch);
                     if let Some(g) = self.backward(chunk, p, received, acc)? {
                         outbox.insert((Payload::Grad, chunk, microbatch), g);
                     }

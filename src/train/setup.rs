@@ -91,6 +91,7 @@ impl Trainer {
             }
         }
         let dtype = candle_dtype(cfg.model.params_dtype);
+        let started = std::time::Instant::now();
         let (layout, tp_comm) = match &groups {
             Some(g) => (g.layout(), Some(g.tp.clone())),
             None => (ParallelLayout::single(), None),
@@ -118,6 +119,7 @@ impl Trainer {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let model_built = started.elapsed();
         if let Some(g) = groups.as_ref().filter(|g| g.topology.cp() > 1 && g.rank == 0) {
             let (cp, seq) = (g.topology.cp(), cfg.model.seq_length);
             println!(
@@ -187,9 +189,29 @@ impl Trainer {
         let acc = GradAccumulator::new(optimizer.vars());
         let scheduler =
             OptimizerParamScheduler::from_resolved(&ScheduleInputs::from_config(&cfg, &d))?;
-        let datasets = build_run_datasets(&cfg, &d, tokenizer.as_ref())?;
+        let optimizer_built = started.elapsed();
         // Megatron reports from the last pipeline stage (it holds the loss).
         let reporting = reports_on(groups.as_ref());
+        if reporting {
+            println!(
+                "[after model, optimizer, and learning rate scheduler are built] datetime: {}",
+                super::log::timestamp()
+            );
+        }
+        let datasets = build_run_datasets(&cfg, &d, tokenizer.as_ref())?;
+        if reporting {
+            // Megatron's two setup timers, split: the model's share is mostly drawing the
+            // initial weights.
+            let ms = |t: std::time::Duration| t.as_secs_f64() * 1e3;
+            println!(
+                "[after dataloaders are built] datetime: {}\n > setup time (ms) on this rank: \
+                 model {:.1} | optimizer and scheduler {:.1} | data iterators {:.1}",
+                super::log::timestamp(),
+                ms(model_built),
+                ms(optimizer_built - model_built),
+                ms(started.elapsed() - optimizer_built)
+            );
+        }
         if let Some(cmd) = wandb_sync_command(&cfg.logger)? {
             println!(" W&B: TensorBoard events go to the tensorboard_dir; upload them with: {cmd}");
         }

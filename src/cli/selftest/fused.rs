@@ -27,6 +27,7 @@ pub(super) fn checks() -> Vec<Check> {
         Check { name: "add", run: CheckFn::Measures(add) },
         Check { name: "linear_plus", run: CheckFn::Measures(linear_plus) },
         Check { name: "fp8_linear", run: CheckFn::Measures(fp8_linear) },
+        Check { name: "wgrad_into", run: CheckFn::Measures(wgrad_into) },
         Check { name: "rope", run: CheckFn::Measures(rope) },
         Check { name: "rope_qkv_dense_q", run: CheckFn::Measures(rope_qkv_dense_q) },
         Check { name: "swiglu", run: CheckFn::Measures(swiglu) },
@@ -549,7 +550,7 @@ fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         // quantize again: the same GEMMs, the same results bit for bit.
         let qw = Fp8Weight::quantize(&gpu(&w)?, &recipe)?;
         let (ky, kept) = fp8::linear_saving(&gpu(&x)?, qw, None, &recipe, true, None)?;
-        let (kdx, kdw) = fp8::backward(&gpu(&dy)?, kept, None, &recipe, None)?;
+        let (kdx, kdw) = fp8::backward(&gpu(&dy)?, kept, None, &recipe, None, None)?;
         // A weight quantized once and shared (the step's cache) serves a second micro-batch
         // with the values it served the first: the whole weight stays, not just its
         // transposed half.
@@ -558,7 +559,7 @@ fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         for _ in 0..2 {
             let q = shared.clone();
             let (y, kept) = fp8::linear_saving(&gpu(&x)?, q, None, &recipe, true, None)?;
-            let (dx, dw) = fp8::backward(&gpu(&dy)?, kept, None, &recipe, None)?;
+            let (dx, dw) = fp8::backward(&gpu(&dy)?, kept, None, &recipe, None, None)?;
             cached.push((y, dx, dw.context("no weight grad")?));
         }
         let (cy, cdx, cdw) = cached.pop().context("two passes")?;
@@ -587,6 +588,46 @@ fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         for (what, g, c) in kept {
             ms.push(compare(&format!("fp8 {name} {what}"), &g, &c, 0.0)?);
         }
+    }
+    Ok(ms)
+}
+
+/// Weight gradients added in place into a running sum (the GEMM with beta = 1, bf16 and FP8
+/// operands) against the sum plus the CPU's product, in f32 and bf16 sums; the sum's own
+/// tensor comes back.
+fn wgrad_into(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
+    use crate::ops::fp8::{self, Fp8Recipe, Fp8Weight};
+    let (rows, out, inp) = (256, 96, 160);
+    let x = randn(seed + 401, &[rows, inp], 1.0, 0.0)?.to_dtype(DType::BF16)?;
+    let w = randn(seed + 402, &[out, inp], 0.05, 0.0)?.to_dtype(DType::BF16)?;
+    let dy = randn(seed + 403, &[rows, out], 1e-2, 0.0)?.to_dtype(DType::BF16)?;
+    let start = randn(seed + 404, &[out, inp], 1.0, 0.0)?;
+    let recipe = Fp8Recipe::from_name("hybrid", true).expect("a known recipe");
+    let (gx, gdy) = (x.to_device(dev)?, dy.to_device(dev)?);
+    let mut ms = Vec::new();
+    for sum_dtype in [DType::F32, DType::BF16] {
+        let _bf16 = crate::ops::main_grads::bf16_main_grads(sum_dtype == DType::BF16);
+        let before = start.to_dtype(sum_dtype)?;
+        // bf16: the product and the old sum are each rounded in the reference, once on the GPU.
+        let tol = if sum_dtype == DType::F32 { 1e-5 } else { 2f64.powi(-7) };
+        let sum = before.to_device(dev)?;
+        if !crate::ops::manual::add_weight_grad_into(&sum, &gdy, &gx)? {
+            anyhow::bail!("wgrad_into: a contiguous {sum_dtype:?} sum was not written");
+        }
+        let want = (before.to_dtype(DType::F32)?
+            + dy.to_dtype(DType::F32)?.t()?.matmul(&x.to_dtype(DType::F32)?)?)?;
+        ms.push(compare(&format!("bf16 wgrad into {sum_dtype:?} sum"), &sum, &want, tol)?);
+        let sum = before.to_device(dev)?;
+        let q = Fp8Weight::quantize(&w.to_device(dev)?, &recipe)?;
+        let (_, kept) = fp8::linear_saving(&gx, q, None, &recipe, true, None)?;
+        let (_, dw) = fp8::backward(&gdy, kept, None, &recipe, None, Some(&sum))?;
+        if dw.map(|d| d.id()) != Some(sum.id()) {
+            anyhow::bail!("wgrad_into: the FP8 backward did not add into the {sum_dtype:?} sum");
+        }
+        let fresh = fp8::weight_grad(&dy, &x, &recipe)?.to_dtype(DType::F32)?;
+        let want = (before.to_dtype(DType::F32)? + fresh)?;
+        // Two FP8 products (GPU, CPU) of the same quantized values: bf16-step agreement.
+        ms.push(compare(&format!("fp8 wgrad into {sum_dtype:?} sum"), &sum, &want, 2f64.powi(-7))?);
     }
     Ok(ms)
 }

@@ -6,7 +6,7 @@
 //! and Wᵀ, the weight gradient `dyᵀ·x` reads dyᵀ and xᵀ. One pass writes an operand's FP8
 //! values in the orientations asked for; the scale never leaves the GPU.
 
-use super::gemm_lt::{fp8_gemm, Fp8Matrix};
+use super::gemm_lt::{fp8_gemm, fp8_gemm_into, Fp8Matrix};
 use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks};
 use crate::ops::fp8::{Fp8Format, Fp8Recipe};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -247,8 +247,15 @@ fn dgrad(qd: &Quantized, qw: &Quantized, dy: &Tensor) -> Result<Tensor> {
     fp8_gemm(&qw.transposed(), &qd.matrix(), qd.cols, None, dy.dtype(), false, &device(dy)?)
 }
 
-/// `dyᵀ·x` from the quantized output gradient and input (both transposed), as `out`.
-fn wgrad(qd: &Quantized, qx: &Quantized, dy: &Tensor, out: DType) -> Result<Tensor> {
+/// `dyᵀ·x` from the quantized output gradient and input (both transposed), as `out`, or
+/// added in place into `into` (then returned) when given.
+fn wgrad(
+    qd: &Quantized,
+    qx: &Quantized,
+    dy: &Tensor,
+    out: DType,
+    into: Option<&Tensor>,
+) -> Result<Tensor> {
     if qd.rows != qx.rows {
         candle_core::bail!(
             "fp8 weight grad: dyᵀ {:?} · x [{}, {}]: shapes do not agree",
@@ -257,12 +264,19 @@ fn wgrad(qd: &Quantized, qx: &Quantized, dy: &Tensor, out: DType) -> Result<Tens
             qx.cols
         );
     }
-    fp8_gemm(&qx.transposed(), &qd.transposed(), qd.rows, None, out, false, &device(dy)?)
+    let (a, b, k) = (qx.transposed(), qd.transposed(), qd.rows);
+    match into {
+        Some(c) => {
+            fp8_gemm_into(&a, &b, k, c, false, &device(dy)?)?;
+            Ok(c.clone())
+        }
+        None => fp8_gemm(&a, &b, k, None, out, false, &device(dy)?),
+    }
 }
 
-/// The input gradient `dy·W` and the weight gradient `dyᵀ·x` (as `dw_dtype`) from the kept
-/// input or else `x` (see `ops::fp8::backward`): dy is quantized once, in both orientations,
-/// with the amax its producer computed if it did.
+/// The input gradient `dy·W` and the weight gradient `dyᵀ·x` (as `dw_dtype`, or added into
+/// `dw_into`) from the kept input or else `x` (see `ops::fp8::backward`): dy is quantized
+/// once, in both orientations, with the amax its producer computed if it did.
 pub fn backward(
     dy: &Tensor,
     saved: Saved,
@@ -270,6 +284,7 @@ pub fn backward(
     recipe: &Fp8Recipe,
     dy_amax: Option<&CudaSlice<f32>>,
     dw_dtype: DType,
+    dw_into: Option<&Tensor>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let qx = match (saved.input_t, x) {
         (Some(q), _) => Some(q),
@@ -278,12 +293,12 @@ pub fn backward(
     };
     let qd = quantize_with(dy, recipe.gradient, true, qx.is_some(), dy_amax)?;
     let dx = dgrad(&qd, &saved.weight_t, dy)?;
-    let dw = qx.map(|qx| wgrad(&qd, &qx, dy, dw_dtype)).transpose()?;
+    let dw = qx.map(|qx| wgrad(&qd, &qx, dy, dw_dtype, dw_into)).transpose()?;
     Ok((dx, dw))
 }
 
 /// `dyᵀ·x` as `out` (see `ops::fp8::weight_grad`).
 pub fn weight_grad(dy: &Tensor, x: &Tensor, recipe: &Fp8Recipe, out: DType) -> Result<Tensor> {
     let qd = quantize(dy, recipe.gradient, false, true)?;
-    wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy, out)
+    wgrad(&qd, &quantize(x, recipe.forward, false, true)?, dy, out, None)
 }

@@ -3,7 +3,8 @@
 //!   dtype (`ops::main_grads`): f32, as Megatron's fp32 `main_grad` buffers receive them (no
 //!   half-precision gradient is written, rounded, and converted afterwards), or bf16;
 //! - `c += alpha·a·op(b)` into an existing half-precision tensor (GEMM with beta = 1), so an
-//!   adapter's low-rank term joins the base layer's output without a separate add pass over it.
+//!   adapter's low-rank term joins the base layer's output without a separate add pass over it;
+//! - weight gradients added into the step's running sum in place (beta = 1).
 
 use super::{cuda_storage, dptr, wrap};
 use candle_core::cuda_backend::cudarc::cublas::{result, sys};
@@ -118,9 +119,13 @@ fn gemm_rows(
     )
 }
 
-/// `[out, in]` = `alpha · dyᵀ · x` for half-precision `dy` `[rows, out]` and `x` `[rows, in]`,
-/// written by the GEMM as `out_dtype`: f32 or the inputs' own dtype.
-pub fn weight_grad(dy: &Tensor, x: &Tensor, alpha: f32, out_dtype: DType) -> Result<Tensor> {
+/// `(out, in)` of `dyᵀ · x` for half-precision `dy` `[rows, out]` and `x` `[rows, in]`, and
+/// the cuBLAS type of a result in `out_dtype` (f32 or the inputs' own dtype).
+fn weight_grad_shape(
+    dy: &Tensor,
+    x: &Tensor,
+    out_dtype: DType,
+) -> Result<((usize, usize), sys::cudaDataType)> {
     let (rows, out) = dy.dims2()?;
     let (rows_x, inp) = x.dims2()?;
     if rows != rows_x {
@@ -131,7 +136,38 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor, alpha: f32, out_dtype: DType) -> Res
         d if d == dy.dtype() => half_type(dy, x, "weight gradient")?,
         d => candle_core::bail!("weight gradient GEMM: {d:?} output for {:?} inputs", dy.dtype()),
     };
+    Ok(((out, inp), c_ty))
+}
+
+/// `C = alpha · dyᵀ · x + beta · C` into the row-major `[out, in]` buffer at `c`.
+fn weight_grad_gemm(
+    dy: &Tensor,
+    x: &Tensor,
+    c: u64,
+    c_ty: sys::cudaDataType,
+    (alpha, beta): (f32, f32),
+) -> Result<()> {
+    let (rows, out) = dy.dims2()?;
+    let inp = x.dim(1)?;
     let (dy, x) = (dy.contiguous()?, x.contiguous()?);
+    // Column-major view: C[in, out] = X[in, rows] · DYᵀ[rows, out], i.e. the row-major
+    // [out, in] result.
+    gemm(
+        Operand { t: &x, trans: false, ld: inp },
+        Operand { t: &dy, trans: true, ld: out },
+        c,
+        c_ty,
+        (inp, out, rows),
+        alpha,
+        beta,
+        "weight gradient",
+    )
+}
+
+/// `[out, in]` = `alpha · dyᵀ · x` for half-precision `dy` `[rows, out]` and `x` `[rows, in]`,
+/// written by the GEMM as `out_dtype`: f32 or the inputs' own dtype.
+pub fn weight_grad(dy: &Tensor, x: &Tensor, alpha: f32, out_dtype: DType) -> Result<Tensor> {
+    let ((out, inp), c_ty) = weight_grad_shape(dy, x, out_dtype)?;
     let dev = dy.device().as_cuda_device()?.clone();
     let stream = dev.cuda_stream();
     crate::with_float_type!(out_dtype, T, {
@@ -139,21 +175,30 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor, alpha: f32, out_dtype: DType) -> Res
         let mut c = unsafe { dev.alloc::<T>(out * inp)? };
         {
             let (pc, _g) = c.device_ptr_mut(&stream);
-            // Column-major view: C[in, out] = X[in, rows] · DYᵀ[rows, out], i.e. the row-major
-            // [out, in] result.
-            gemm(
-                Operand { t: &x, trans: false, ld: inp },
-                Operand { t: &dy, trans: true, ld: out },
-                pc,
-                c_ty,
-                (inp, out, rows),
-                alpha,
-                0.0,
-                "weight gradient",
-            )?;
+            weight_grad_gemm(dy, x, pc, c_ty, (alpha, 0.0))?;
         }
         Ok(wrap(c, &dev, (out, inp)))
     })
+}
+
+/// `c += dyᵀ · x` in place for half-precision `dy` `[rows, out]`, `x` `[rows, in]` and a
+/// contiguous `c` `[out, in]` of f32 or the inputs' dtype: the GEMM accumulates into `c`
+/// (beta = 1), as megatron-core's gradient-accumulation fusion adds into `main_grad`. `c` must
+/// be a tensor of the caller's own (nothing else may hold its storage).
+pub fn weight_grad_into(c: &Tensor, dy: &Tensor, x: &Tensor) -> Result<()> {
+    let ((out, inp), c_ty) = weight_grad_shape(dy, x, c.dtype())?;
+    if c.dims() != [out, inp] || !c.is_contiguous() {
+        candle_core::bail!(
+            "weight gradient GEMM: {:?} += dy {:?}ᵀ · x {:?}",
+            c.dims(),
+            dy.dims(),
+            x.dims()
+        );
+    }
+    let stream = dy.device().as_cuda_device()?.cuda_stream();
+    let (sc, lc) = c.storage_and_layout();
+    let (pc, _g) = dptr(cuda_storage(&sc, "weight gradient sum")?, &stream, lc.start_offset())?;
+    weight_grad_gemm(dy, x, pc, c_ty, (1.0, 1.0))
 }
 
 /// `alpha · a · bᵀ` (`b_transposed`, `b` `[n, k]`) or `alpha · a · b` (`b` `[k, n]`) for

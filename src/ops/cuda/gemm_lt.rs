@@ -313,9 +313,9 @@ pub struct Fp8Matrix<'a> {
     pub rows: usize,
 }
 
-/// `b · aᵀ (+ residual)` `[b.rows, a.rows]` in `dtype` (bf16 or f16) for FP8 operands `a`
-/// `[m, k]` and `b` `[n, k]`, each scaled back by its `scale_inv`; f32 accumulation, or the
-/// fast accumulator with `fast_accum`.
+/// `b · aᵀ (+ residual)` `[b.rows, a.rows]` in `dtype` (bf16, f16, or f32 for weight
+/// gradients) for FP8 operands `a` `[m, k]` and `b` `[n, k]`, each scaled back by its
+/// `scale_inv`; f32 accumulation, or the fast accumulator with `fast_accum`.
 pub fn fp8_gemm(
     a: &Fp8Matrix,
     b: &Fp8Matrix,
@@ -326,39 +326,7 @@ pub fn fp8_gemm(
     dev: &CudaDevice,
 ) -> Result<Tensor> {
     let (m, n) = (a.rows, b.rows);
-    if a.data.len() != m * k || b.data.len() != n * k {
-        candle_core::bail!(
-            "fp8 gemm: operands of {} and {} bytes for [{m}, {k}] and [{n}, {k}]",
-            a.data.len(),
-            b.data.len()
-        );
-    }
-    if a.e5m2 && b.e5m2 {
-        candle_core::bail!("fp8 gemm: Hopper multiplies E5M2 only with E4M3");
-    }
-    if [m, n, k].iter().any(|d| !d.is_multiple_of(16)) {
-        candle_core::bail!(
-            "fp8 gemm: [{m}, {n}, {k}]: FP8 GEMMs need every dimension divisible by 16"
-        );
-    }
-    let fp8 = |e5m2: bool| {
-        if e5m2 {
-            sys::cudaDataType::CUDA_R_8F_E5M2
-        } else {
-            sys::cudaDataType::CUDA_R_8F_E4M3
-        }
-    };
-    let types = Types {
-        a: fp8(a.e5m2),
-        b: fp8(b.e5m2),
-        // f32 for weight gradients summed in f32 main grads (as Transformer Engine writes its
-        // FP8 wgrad into megatron-core's fp32 `main_grad`).
-        cd: match dtype {
-            DType::F32 => sys::cudaDataType::CUDA_R_32F,
-            d => half_type(d, "fp8 gemm output")?,
-        },
-        fast_accum,
-    };
+    let types = fp8_types(a, b, k, dtype, fast_accum)?;
     let residual = match residual {
         Some(r) if r.dims() != [n, m] || r.dtype() != dtype => candle_core::bail!(
             "fp8 gemm: residual {:?} {:?}, expected [{n}, {m}] {dtype:?}",
@@ -393,4 +361,78 @@ pub fn fp8_gemm(
         }
         Ok(wrap(d, dev, (n, m)))
     })
+}
+
+/// The checked types of an FP8 product [`fp8_gemm`] / [`fp8_gemm_into`] (shapes, formats).
+fn fp8_types(
+    a: &Fp8Matrix,
+    b: &Fp8Matrix,
+    k: usize,
+    dtype: DType,
+    fast_accum: bool,
+) -> Result<Types> {
+    let (m, n) = (a.rows, b.rows);
+    if a.data.len() != m * k || b.data.len() != n * k {
+        candle_core::bail!(
+            "fp8 gemm: operands of {} and {} bytes for [{m}, {k}] and [{n}, {k}]",
+            a.data.len(),
+            b.data.len()
+        );
+    }
+    if a.e5m2 && b.e5m2 {
+        candle_core::bail!("fp8 gemm: Hopper multiplies E5M2 only with E4M3");
+    }
+    if [m, n, k].iter().any(|d| !d.is_multiple_of(16)) {
+        candle_core::bail!(
+            "fp8 gemm: [{m}, {n}, {k}]: FP8 GEMMs need every dimension divisible by 16"
+        );
+    }
+    let fp8 = |e5m2: bool| {
+        if e5m2 {
+            sys::cudaDataType::CUDA_R_8F_E5M2
+        } else {
+            sys::cudaDataType::CUDA_R_8F_E4M3
+        }
+    };
+    Ok(Types {
+        a: fp8(a.e5m2),
+        b: fp8(b.e5m2),
+        // f32 for weight gradients summed in f32 main grads (as Transformer Engine writes its
+        // FP8 wgrad into megatron-core's fp32 `main_grad`).
+        cd: match dtype {
+            DType::F32 => sys::cudaDataType::CUDA_R_32F,
+            d => half_type(d, "fp8 gemm output")?,
+        },
+        fast_accum,
+    })
+}
+
+/// `c += b · aᵀ` in place (C = D, beta = 1) for a contiguous `c` `[b.rows, a.rows]` (f32 or
+/// half precision): an FP8 weight gradient added into the step's running sum, as Transformer
+/// Engine's wgrad GEMM accumulates into megatron-core's `main_grad`. `c` must be a tensor of the
+/// caller's own (nothing else may hold its storage).
+pub fn fp8_gemm_into(
+    a: &Fp8Matrix,
+    b: &Fp8Matrix,
+    k: usize,
+    c: &Tensor,
+    fast_accum: bool,
+    dev: &CudaDevice,
+) -> Result<()> {
+    let (m, n) = (a.rows, b.rows);
+    if c.dims() != [n, m] || !c.is_contiguous() {
+        candle_core::bail!("fp8 gemm: sum {:?} for a [{n}, {m}] product", c.dims());
+    }
+    let types = fp8_types(a, b, k, c.dtype(), fast_accum)?;
+    let stream = dev.cuda_stream();
+    let (pa, _g1) = a.data.device_ptr(&stream);
+    let (pb, _g2) = b.data.device_ptr(&stream);
+    let (sa, _g3) = a.scale_inv.device_ptr(&stream);
+    let (sb, _g4) = b.scale_inv.device_ptr(&stream);
+    let (sc, lc) = c.storage_and_layout();
+    let (pc, _g5) = dptr(cuda_storage(&sc, "fp8 gemm sum")?, &stream, lc.start_offset())?;
+    let ops = Operands { a: pa, b: pb, c: Some(pc), d: pc, scales: Some((sa, sb)) };
+    // SAFETY: the operands' sizes are checked above and in `fp8_types`; C and D are one
+    // buffer with one layout, which cuBLASLt allows (each element read before written).
+    unsafe { matmul(dev, types, (m, n, k), ops) }
 }
