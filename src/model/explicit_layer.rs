@@ -91,7 +91,7 @@ fn forward_untracked(
     let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
     let backward: LayerBackward = Box::new(move |dy: &Tensor| {
         let _range = index.map(crate::profiling::Range::layer_backward);
-        let mut grads = LayerGrads::new(Some(&sink));
+        let mut grads = LayerGrads::new(&sink);
         // Each block's backward returns its input gradient with the skip connection's share
         // already added.
         let dx2 = section("layer.bwd.mlp", &dev, || mlp.backward(mlp_saved, &x2, dy, &mut grads))?;

@@ -601,7 +601,7 @@ impl GptModel {
         let (norm, w, sink, tp) = (norm.clone(), w.clone(), sink.clone(), self.tp.clone());
         let backward: BackwardFn = Box::new(move |x: &Tensor, g: &Tensor| {
             let run = || -> Result<Tensor> {
-                let mut grads = LayerGrads::new(Some(&sink));
+                let mut grads = LayerGrads::new(&sink);
                 let g_rows = mask.broadcast_mul(&g.to_dtype(mask.dtype())?)?;
                 let dlogits = match &state {
                     HeadCe::Whole(labels, state) => {

@@ -262,13 +262,13 @@ impl RecomputeGrads {
 /// [`RecomputeGrads::weight_grad`], accumulated in place into the sink's sum where it has one.
 pub struct LayerGrads {
     store: GradStore,
-    sink: Option<RecomputeGrads>,
+    sink: RecomputeGrads,
 }
 
 impl LayerGrads {
-    /// Gradients bound for `sink` (None: always new tensors, e.g. a caller that sums itself).
-    pub fn new(sink: Option<&RecomputeGrads>) -> Self {
-        Self { store: GradStore::default(), sink: sink.cloned() }
+    /// Gradients bound for `sink`.
+    pub fn new(sink: &RecomputeGrads) -> Self {
+        Self { store: GradStore::default(), sink: sink.clone() }
     }
 
     /// Records the weight gradient `dyᵀ·x` of `w` (see [`RecomputeGrads::weight_grad`]).
@@ -279,11 +279,7 @@ impl LayerGrads {
         x: &Tensor,
         at_least_f32: bool,
     ) -> candle_core::Result<()> {
-        let g = match &self.sink {
-            Some(sink) => sink.weight_grad(w, dy, x, at_least_f32)?,
-            None if at_least_f32 => crate::ops::manual::weight_grad_at_least_f32(dy, x)?,
-            None => crate::ops::manual::weight_grad(dy, x)?,
-        };
+        let g = self.sink.weight_grad(w, dy, x, at_least_f32)?;
         self.store.insert(w, g);
         Ok(())
     }
@@ -292,20 +288,12 @@ impl LayerGrads {
     /// added into it in place and then recorded here as already added (see
     /// [`RecomputeGrads::weight_grad`]).
     pub fn sum_of(&self, w: &Tensor) -> Option<Tensor> {
-        self.sink.as_ref().and_then(|s| s.lock().sum.get(w).cloned())
+        self.sink.lock().sum.get(w).cloned()
     }
 
     /// Pushes the gradients into the sink they were made for.
     pub fn push(self) -> candle_core::Result<()> {
-        match &self.sink {
-            Some(sink) => sink.push(self.store),
-            None => candle_core::bail!("LayerGrads::push without a sink"),
-        }
-    }
-
-    /// The gradients as a plain store.
-    pub fn into_store(self) -> GradStore {
-        self.store
+        self.sink.push(self.store)
     }
 }
 
@@ -534,11 +522,11 @@ mod tests {
         let (dy1, x1) = (t(&[1., 2., 3., 4.], 2, 2), t(&[1., 0., 2., 0., 1., 3.], 2, 3));
         let (dy2, x2) = (t(&[0.5, -1., 2., 1.], 2, 2), t(&[2., 1., 0., 1., 1., 1.], 2, 3));
         let sink = RecomputeGrads::default();
-        let mut first = LayerGrads::new(Some(&sink));
+        let mut first = LayerGrads::new(&sink);
         first.weight_grad(w.as_tensor(), &dy1, &x1, false).unwrap();
         first.push().unwrap();
         let held = sink.lock().sum.get(w.as_tensor()).cloned().unwrap();
-        let mut second = LayerGrads::new(Some(&sink));
+        let mut second = LayerGrads::new(&sink);
         second.weight_grad(w.as_tensor(), &dy2, &x2, false).unwrap();
         assert_eq!(second.get(w.as_tensor()).unwrap().id(), held.id(), "the sum's own tensor");
         second.push().unwrap();
