@@ -212,8 +212,7 @@ impl RecomputeGrads {
         x: &Tensor,
         at_least_f32: bool,
     ) -> candle_core::Result<Tensor> {
-        let held = self.lock().sum.get(w).cloned();
-        if let Some(sum) = held {
+        if let Some(sum) = self.sum_of(w) {
             if crate::ops::manual::add_weight_grad_into(&sum, dy, x)? {
                 return Ok(sum);
             }
@@ -223,6 +222,11 @@ impl RecomputeGrads {
         } else {
             crate::ops::manual::weight_grad(dy, x)
         }
+    }
+
+    /// The running sum of `w`'s gradients, if the sink has one (shares its storage).
+    pub fn sum_of(&self, w: &Tensor) -> Option<Tensor> {
+        self.lock().sum.get(w).cloned()
     }
 
     /// Adds `g` to the sum. The sink takes ownership: the caller keeps no clone of `g`'s
@@ -288,7 +292,7 @@ impl LayerGrads {
     /// added into it in place and then recorded here as already added (see
     /// [`RecomputeGrads::weight_grad`]).
     pub fn sum_of(&self, w: &Tensor) -> Option<Tensor> {
-        self.sink.lock().sum.get(w).cloned()
+        self.sink.sum_of(w)
     }
 
     /// Pushes the gradients into the sink they were made for.
@@ -525,7 +529,7 @@ mod tests {
         let mut first = LayerGrads::new(&sink);
         first.weight_grad(w.as_tensor(), &dy1, &x1, false).unwrap();
         first.push().unwrap();
-        let held = sink.lock().sum.get(w.as_tensor()).cloned().unwrap();
+        let held = sink.sum_of(w.as_tensor()).unwrap();
         let mut second = LayerGrads::new(&sink);
         second.weight_grad(w.as_tensor(), &dy2, &x2, false).unwrap();
         assert_eq!(second.get(w.as_tensor()).unwrap().id(), held.id(), "the sum's own tensor");

@@ -529,19 +529,29 @@ mod tests {
         assert_eq!(dtypes(), (DType::BF16, DType::BF16, DType::BF16));
     }
 
+    /// A linear layer's input `x` `[32, 48]`, weight `[16, 48]` and output gradient, f32.
+    fn linear_operands() -> (Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (32, 48), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.05, (16, 48), &dev).unwrap();
+        let dy = Tensor::randn(0f32, 1e-3, (32, 16), &dev).unwrap();
+        (x, w, dy)
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
     /// With a running sum to add into, the FP8 weight gradient is added into that tensor in
     /// place (the same tensor comes back) and equals the sum plus the fresh gradient, rounded
     /// once; also where the weight gradient is not FP8 (`wgrad` off).
     #[test]
     fn the_fp8_weight_gradient_adds_into_a_running_sum() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (32, 48), &dev).unwrap();
-        let w = Tensor::randn(0f32, 0.05, (16, 48), &dev).unwrap();
-        let dy = Tensor::randn(0f32, 1e-3, (32, 16), &dev).unwrap();
+        let (x, w, dy) = linear_operands();
         for wgrad in [true, false] {
             let recipe = Fp8Recipe { wgrad, ..Fp8Recipe::from_name("hybrid", true).unwrap() };
             let fresh = weight_grad(&dy, &x, &recipe).unwrap();
-            let sum = Tensor::randn(0f32, 1e-2, (16, 48), &dev).unwrap();
+            let sum = Tensor::randn(0f32, 1e-2, (16, 48), &Device::Cpu).unwrap();
             let before = sum.copy().unwrap();
             let q = Fp8Weight::quantize(&w, &recipe).unwrap();
             let (_, kept) = linear_saving(&x, q, None, &recipe, true, None).unwrap();
@@ -549,28 +559,15 @@ mod tests {
             let dw = dw.unwrap();
             assert_eq!(dw.id(), sum.id(), "the sum itself comes back");
             let want = (&before + &fresh).unwrap();
-            let d = (&sum - &want).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-9, "wgrad {wgrad}: {d}");
-            assert!(
-                (&sum - &before)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    > 0.0
-            );
+            let d = max_abs_diff(&sum, &want);
+            assert!(d < 1e-9, "wgrad {wgrad}: {d}");
+            assert!(max_abs_diff(&sum, &before) > 0.0);
         }
     }
 
     #[test]
     fn fp8_gemms_approximate_the_exact_products() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (32, 48), &dev).unwrap();
-        let w = Tensor::randn(0f32, 0.05, (16, 48), &dev).unwrap();
-        let dy = Tensor::randn(0f32, 1e-3, (32, 16), &dev).unwrap();
+        let (x, w, dy) = linear_operands();
         let recipe = Fp8Recipe::from_name("hybrid", true).unwrap();
         let rel = |a: &Tensor, b: &Tensor| -> f32 {
             let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
@@ -589,8 +586,7 @@ mod tests {
         assert!(e > 1e-4 && e < 0.1, "weight grad: {e}");
         // What the forward keeps gives the very gradients the backward would compute anew.
         let exact_eq = |a: &Tensor, b: &Tensor| {
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert_eq!(d, 0.0);
+            assert_eq!(max_abs_diff(a, b), 0.0);
         };
         let (dx_new, dw_new) = grads(&dy, &w, Some(&x), &recipe).unwrap();
         let qw = || Fp8Weight::quantize(&w, &recipe).unwrap();

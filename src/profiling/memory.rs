@@ -140,15 +140,14 @@ fn timeline_json(points: &[MemoryPoint]) -> (Vec<Value>, Option<Value>) {
             Value::Object(m)
         })
         .collect();
-    // The first of equal maxima: where the step first got there.
+    // The first of equal maxima (where the step first got there): `max_by_key` keeps the
+    // last, so the points go in reverse.
     let most = points
         .iter()
         .enumerate()
+        .rev()
         .filter_map(|(i, p)| p.sample.in_use().map(|b| (i, b)))
-        .fold(None, |best: Option<(usize, u64)>, (i, b)| match best {
-            Some((_, top)) if top >= b => best,
-            _ => Some((i, b)),
-        });
+        .max_by_key(|&(_, b)| b);
     let peak = most.map(|(i, bytes)| {
         json!({"bytes": bytes, "at": label(&points[i]),
                "after": i.checked_sub(1).map(|j| label(&points[j]))})

@@ -65,7 +65,6 @@ pub struct Range {
 
 struct Open {
     nvtx: bool,
-    memory: bool,
     traced: Option<Instant>,
     cat: &'static str,
     name: Cow<'static, str>,
@@ -106,13 +105,7 @@ impl Range {
             if a.nvtx {
                 crate::ops::nvtx::push(&name);
             }
-            Some(Open {
-                nvtx: a.nvtx,
-                memory: a.memory.is_some(),
-                traced: a.events.is_some().then(Instant::now),
-                cat,
-                name,
-            })
+            Some(Open { nvtx: a.nvtx, traced: a.events.is_some().then(Instant::now), cat, name })
         });
         let range = Self { open };
         range.memory_point("begin");
@@ -120,14 +113,12 @@ impl Range {
     }
 
     fn memory_point(&self, at: &'static str) {
-        let Some(o) = self.open.as_ref().filter(|o| o.memory) else { return };
+        let Some(o) = self.open.as_ref() else { return };
         ACTIVE.with(|s| {
             let mut s = s.borrow_mut();
-            let Some(a) = s.as_mut() else { return };
-            let sample = super::memory::MemoryNow::of(&a.device);
-            if let Some(points) = a.memory.as_mut() {
-                points.push(MemoryPoint { at, name: o.name.to_string(), cat: o.cat, sample });
-            }
+            let Some(Active { device, memory: Some(points), .. }) = s.as_mut() else { return };
+            let sample = super::memory::MemoryNow::of(device);
+            points.push(MemoryPoint { at, name: o.name.to_string(), cat: o.cat, sample });
         });
     }
 }
