@@ -41,3 +41,27 @@ fn recompute_and_written_out_layers_follow_autograd_over_micro_batches() {
         }
     }
 }
+
+/// `model.gradient_accumulation_fusion = false` gives each micro-batch's weight gradients
+/// buffers of their own, added to the sum in a pass of their own; the curve is the fused
+/// one (in-place accumulation, the default) up to rounding, in the parameters' dtype and in
+/// FP8 (whose weight-gradient GEMM adds into the sum on its own path).
+#[test]
+fn accumulation_fusion_off_follows_the_fused_curve() {
+    let selective = "model.recompute_granularity=\"selective\"";
+    let fp8: &[&str] = &[
+        "mixed_precision=bf16_with_fp8_current_scaling_mixed",
+        "mixed_precision.fp8_param_gather=false",
+        "mixed_precision.fp8_param=false",
+        "mixed_precision.first_last_layers_bf16=false",
+    ];
+    for (extra, tol) in [(&[selective][..], 1e-6), (fp8, 1e-3)] {
+        let fused = curve(extra);
+        let unfused = curve(&[extra, &["model.gradient_accumulation_fusion=false"]].concat());
+        assert_eq!(fused.len(), unfused.len());
+        for ((it, x), (_, y)) in fused.iter().zip(&unfused) {
+            let rel = (x - y).abs() / x.abs();
+            assert!(rel <= tol, "{extra:?} iteration {it}: unfused {y} vs fused {x}");
+        }
+    }
+}

@@ -227,11 +227,13 @@ until sed -n '/restart 1 /,$p' "$log" | grep -qE " iteration +$((saved + 1))/"; 
   ((SECONDS < end)) || fail "the restarted job did not train iteration $((saved + 1))"
   sleep 1
 done
-first=$(sed -n '/restart 1 /,$p' "$log" | grep -oE ' iteration +[0-9]+/' | head -n 1 | tr -dc 0-9)
+# Prefixes of output are taken with awk, which reads to the end: `head` would close the pipe
+# early and, under pipefail, the writer's SIGPIPE would fail the script (exit 141, seen in CI).
+first=$(sed -n '/restart 1 /,$p' "$log" | grep -oE ' iteration +[0-9]+/' | awk 'NR == 1' | tr -dc 0-9)
 [[ $first == $((saved + 1)) ]] || fail "restart's first iteration is $first, expected $((saved + 1))"
 scancel "$job"
 wait_done "$job" 60 >/dev/null
 echo "slurm_test: preempted at iteration $saved, requeued, resumed at $first; log:"
-sed 's/^/    /' "$log" | grep -vE ' iteration +[0-9]+/' | head -n 40
-sed -n '/restart 1 /,$p' "$log" | grep -E ' iteration +[0-9]+/' | head -n 2 | sed 's/^/    /'
+sed 's/^/    /' "$log" | grep -vE ' iteration +[0-9]+/' | awk 'NR <= 40'
+sed -n '/restart 1 /,$p' "$log" | grep -E ' iteration +[0-9]+/' | awk 'NR <= 2' | sed 's/^/    /'
 echo "slurm_test: PASSED in $((SECONDS - t0)) s"

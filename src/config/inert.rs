@@ -67,7 +67,6 @@ pub const HINTS: &[(&str, &str)] = &[
     ("model.bias_activation_fusion", "mbridge's kernels are always fused"),
     ("model.bias_dropout_fusion", "mbridge's kernels are always fused"),
     ("model.cross_entropy_loss_fusion", "mbridge's kernels are always fused"),
-    ("model.gradient_accumulation_fusion", "weight gradients accumulate inside the GEMMs"),
     ("model.masked_softmax_fusion", "mbridge's kernels are always fused"),
     ("model.persist_layer_norm", "mbridge's kernels are always fused"),
     ("dist.align_grad_reduce", "NCCL process groups"),

@@ -151,6 +151,9 @@ pub struct ModelConfig {
     pub bias_dropout_fusion: bool,
     pub apply_rope_fusion: bool,
     pub persist_layer_norm: bool,
+    /// Weight-gradient GEMMs add into the step's running gradient sum in place (Megatron
+    /// Bridge turns it on where the fused kernel exists; mbridge always has it).
+    #[default = true]
     pub gradient_accumulation_fusion: bool,
     pub deterministic_mode: bool,
     pub hf_model_id: Option<String>,

@@ -333,6 +333,12 @@ impl AttnSaved {
     pub(super) fn keeps_normed(&self) -> bool {
         self.normed.is_some()
     }
+
+    /// Whether an FP8 linear layer kept quantized operands.
+    #[cfg(test)]
+    pub(super) fn keeps_fp8(&self) -> bool {
+        self.qkv_saved.is_fp8() || self.proj_saved.is_fp8()
+    }
 }
 
 impl SelfAttention {
@@ -356,6 +362,7 @@ impl SelfAttention {
             adapter: self.qkv_adapter.as_ref(),
             column_tp: self.tp.as_ref(),
             fp8: self.fp8.as_ref(),
+            backward_follows: true,
         }
     }
 
@@ -366,6 +373,7 @@ impl SelfAttention {
             adapter: self.proj_adapter.as_ref(),
             column_tp: None,
             fp8: self.fp8.as_ref(),
+            backward_follows: true,
         }
     }
 
@@ -445,7 +453,8 @@ impl SelfAttention {
         // Under sequence parallelism `x` is this rank's part of the sequence, `xe` all of it.
         let xn = self.norm.forward_untracked(x)?;
         let xe = self.tp_boundary().enter(&xn)?;
-        let (qkv, qkv_saved) = self.qkv_linear().forward(&xe, None)?;
+        let (qkv, qkv_saved) =
+            self.qkv_linear().in_pass(inputs.backward_follows).forward(&xe, None)?;
         drop(xe);
         // Kept for `linear_qkv`'s weight gradient unless its FP8 input was kept instead.
         let normed = (!inputs.selective.layernorm && self.qkv_linear().needs_input()).then_some(xn);
@@ -486,12 +495,9 @@ impl SelfAttention {
         };
         let (out, state) = section("attn.core.fwd", x.device(), || self.core(&q, &k, &v, inputs))?;
         let s_full = qkv.dim(1)?;
-        let (y, proj_saved) = self.proj_linear().forward_row_plus(
-            &out.reshape((b, s_full, ()))?,
-            None,
-            self.tp_boundary(),
-            x,
-        )?;
+        let proj = self.proj_linear().in_pass(inputs.backward_follows);
+        let (y, proj_saved) =
+            proj.forward_row_plus(&out.reshape((b, s_full, ()))?, None, self.tp_boundary(), x)?;
         let core = (!inputs.selective.core_attn).then_some((out, state));
         // Recomputing the core attention means not keeping its output, in FP8 neither.
         let proj_saved =

@@ -38,6 +38,9 @@ pub struct ExplicitInputs {
     pub mask: OwnedAttnMask,
     /// What the layers recompute in the backward instead of keeping (selective recompute).
     pub selective: SelectiveRecompute,
+    /// Whether a backward follows the layers' forward (false in evaluation, see
+    /// [`forward_only_run`]).
+    pub backward_follows: bool,
 }
 
 impl ExplicitInputs {
@@ -50,7 +53,12 @@ impl ExplicitInputs {
             Some((c, s)) => Some((c.detach(), s.detach(), s.neg()?.detach())),
             None => None,
         };
-        Ok(Self { rope, mask, selective })
+        Ok(Self { rope, mask, selective, backward_follows: true })
+    }
+
+    /// The same inputs for a forward that no backward follows.
+    pub fn forward_only(self) -> Self {
+        Self { backward_follows: false, ..self }
     }
 }
 
@@ -86,8 +94,7 @@ fn forward_untracked(
     let x = x.detach();
     // Each block returns its output with the skip connection added.
     let (x2, attn_saved) = section("layer.fwd.attn", &dev, || attn.forward_saving(&x, inputs))?;
-    let (y, mlp_saved) =
-        section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs.selective))?;
+    let (y, mlp_saved) = section("layer.fwd.mlp", &dev, || mlp.forward_saving(&x2, inputs))?;
     let (attn, mlp, inputs, sink) = (attn.clone(), mlp.clone(), inputs.clone(), sink.clone());
     let backward: LayerBackward = Box::new(move |dy: &Tensor| {
         let _range = index.map(crate::profiling::Range::layer_backward);
@@ -161,7 +168,7 @@ pub fn forward_only_run(
         let _range = crate::profiling::Range::layer(first + i);
         let (x2, attn_saved) = attn.forward_saving(&h, inputs)?;
         drop(attn_saved);
-        let (y, mlp_saved) = mlp.forward_saving(&x2, inputs.selective)?;
+        let (y, mlp_saved) = mlp.forward_saving(&x2, inputs)?;
         drop(mlp_saved);
         h = y;
     }

@@ -37,6 +37,9 @@ pub(super) struct ExplicitLinear<'a> {
     pub column_tp: Option<&'a TensorParallel>,
     /// FP8 GEMMs (None: the parameters' dtype). Adapters keep their layer in that dtype.
     pub fp8: Option<&'a Fp8Linears>,
+    /// Whether a backward follows the forward (false in evaluation): an FP8 forward without
+    /// one quantizes only what its GEMM reads and keeps nothing.
+    pub backward_follows: bool,
 }
 
 /// What [`ExplicitLinear::backward`] needs from the forward besides its input.
@@ -49,6 +52,12 @@ pub(super) enum LinearSaved {
 }
 
 impl LinearSaved {
+    /// Whether this holds an FP8 layer's quantized operands.
+    #[cfg(test)]
+    pub fn is_fp8(&self) -> bool {
+        matches!(self, LinearSaved::Fp8(_))
+    }
+
     /// The same without an FP8 layer's quantized input, for a caller that recomputes the
     /// input in the backward rather than keep it (selective recompute).
     pub fn without_input(self) -> Self {
@@ -63,6 +72,11 @@ impl ExplicitLinear<'_> {
     /// Whether the written-out path covers this layer's adapter (if any).
     pub fn explicit_ok(adapter: Option<&Adapter>) -> bool {
         adapter.is_none_or(|a| a.explicit_parts().is_some())
+    }
+
+    /// The same layer in a pass after which a backward follows or not.
+    pub fn in_pass(self, backward_follows: bool) -> Self {
+        Self { backward_follows, ..self }
     }
 
     /// Whether [`Self::backward`] reads the forward input (for a weight or adapter gradient
@@ -111,8 +125,13 @@ impl ExplicitLinear<'_> {
         *dims.last_mut().context("linear input without dims")? = self.w.dim(0)?;
         let rows = x.reshape(((), x.dim(candle_core::D::Minus1)?))?;
         let r = residual.map(|r| r.reshape(((), r.dim(candle_core::D::Minus1)?))).transpose()?;
-        let keep = self.keeps_fp8_input();
         let cache = &self.fp8.context("an FP8 layer without its weight cache")?.weights;
+        if !self.backward_follows {
+            let w = cache.weight_for_forward(self.w, recipe)?;
+            let y = fp8::linear_forward(&rows, &w, r.as_ref(), recipe, x_amax)?;
+            return Ok((y.reshape(dims)?, LinearSaved::Nothing));
+        }
+        let keep = self.keeps_fp8_input();
         let w = cache.weight(self.w, recipe)?;
         let (y, saved) = fp8::linear_saving(&rows, w, r.as_ref(), recipe, keep, x_amax)?;
         Ok((y.reshape(dims)?, LinearSaved::Fp8(saved)))

@@ -7,7 +7,8 @@
 //! the forward-backward passes of a step ([`Fp8WeightCache::hold`]); the hold ends before the
 //! optimizer changes the weights, so a quantized weight can never outlive its values.
 //! Outside a hold (evaluation, generation, a step of one micro-batch without recompute,
-//! where nothing would be reused) each GEMM quantizes its weight itself.
+//! where nothing would be reused) each GEMM quantizes its weight itself; a forward without a
+//! backward quantizes only the orientation its GEMM reads.
 
 use crate::ops::fp8::{Fp8Recipe, Fp8Weight};
 use candle_core::{Result, Tensor, TensorId};
@@ -51,6 +52,17 @@ impl Fp8WeightCache {
                 Entry::Occupied(e) => Ok(e.get().clone()),
                 Entry::Vacant(e) => Ok(e.insert(quantize()?).clone()),
             },
+        }
+    }
+
+    /// The parameter `w` quantized for a forward GEMM without a backward (evaluation): the
+    /// held copy if there is one, else a fresh one for the forward alone, which is not kept
+    /// (a backward in the same hold needs both orientations).
+    pub fn weight_for_forward(&self, w: &Tensor, recipe: &Fp8Recipe) -> Result<Fp8Weight> {
+        let held = self.lock().as_ref().and_then(|held| held.get(&w.id()).cloned());
+        match held {
+            Some(q) => Ok(q),
+            None => Fp8Weight::quantize_for_forward(&w.detach(), recipe),
         }
     }
 
@@ -105,6 +117,11 @@ mod tests {
             let a = cache.weight(&w, &recipe).unwrap();
             let b = cache.weight(&w, &recipe).unwrap();
             assert!(a.is_shared() && b.is_shared());
+            assert_eq!(cache.held(), 1);
+            // A forward without a backward reuses the held copy but adds none of its own.
+            assert!(cache.weight_for_forward(&w, &recipe).unwrap().is_shared());
+            let other = Var::randn(0f32, 0.05, (16, 32), &Device::Cpu).unwrap();
+            assert!(!cache.weight_for_forward(&other, &recipe).unwrap().is_shared());
             assert_eq!(cache.held(), 1);
             // A nested hold neither empties the cache nor ends the outer one.
             drop(cache.hold());

@@ -161,6 +161,8 @@ pub struct GptModel {
     has_fp8_layers: bool,
     /// Their quantized weights, kept across the micro-batches of a step while held.
     fp8_weights: Fp8WeightCache,
+    /// `gradient_accumulation_fusion`: weight-gradient GEMMs add into the step's sum.
+    accumulation_fusion: bool,
 }
 
 impl GptModel {
@@ -395,7 +397,15 @@ impl GptModel {
             selective,
             has_fp8_layers,
             fp8_weights: fp8.weights,
+            accumulation_fusion: cfg.gradient_accumulation_fusion,
         })
+    }
+
+    /// Whether the weight-gradient GEMMs of a training step add into its running gradient
+    /// sum in place (`model.gradient_accumulation_fusion`, see
+    /// [`super::recompute::RecomputeGrads::with_accumulation_fusion`]).
+    pub fn accumulation_fusion(&self) -> bool {
+        self.accumulation_fusion
     }
 
     /// Keeps the FP8 layers' quantized weights for reuse until the hold is dropped (see
@@ -903,7 +913,9 @@ impl GptModel {
         let explicit = match (recompute, &cache) {
             _ if dropout_in_effect || !self.explicit_layers => None,
             (Some(sink), None) => Some((Some(sink), Arc::new(explicit_inputs()?))),
-            (None, None) if opts.no_grad => Some((None, Arc::new(explicit_inputs()?))),
+            (None, None) if opts.no_grad => {
+                Some((None, Arc::new(explicit_inputs()?.forward_only())))
+            }
             _ => None,
         };
         if self.selective.is_some() && recompute.is_some() && explicit.is_none() {
@@ -1044,7 +1056,7 @@ mod tests {
             let inputs = ExplicitInputs::new(None, mask, selective).unwrap();
             let layer = &model.layers[0];
             let (_, a) = layer.attn.forward_saving(&x, &inputs).unwrap();
-            let (_, m) = layer.mlp.forward_saving(&x, selective).unwrap();
+            let (_, m) = layer.mlp.forward_saving(&x, &inputs).unwrap();
             assert_eq!((a.keeps_core(), m.keeps_fc1()), (core, fc1), "{modules:?}");
             assert_eq!((a.keeps_normed(), m.keeps_normed()), normed, "{modules:?}");
         }
@@ -1067,9 +1079,36 @@ mod tests {
             let inputs = ExplicitInputs::new(None, mask, selective).unwrap();
             let layer = &model.layers[0];
             let (_, a) = layer.attn.forward_saving(&x, &inputs).unwrap();
-            let (_, m) = layer.mlp.forward_saving(&x, selective).unwrap();
+            let (_, m) = layer.mlp.forward_saving(&x, &inputs).unwrap();
             let keeps = (a.keeps_normed(), m.keeps_normed(), m.keeps_act());
             assert_eq!(keeps, (kept, kept, kept), "fp8_wgrad = {wgrad}");
         }
+    }
+
+    /// A forward that no backward follows (evaluation) runs the same FP8 GEMMs, so its
+    /// output equals the training forward's bit for bit, and keeps no quantized operands.
+    #[test]
+    fn an_fp8_forward_without_backward_matches_and_keeps_nothing() {
+        let mut cfg = crate::model::one_block_config();
+        cfg.fp8 = Some("hybrid".into());
+        let model =
+            GptModel::new(&cfg, ParallelLayout::single(), 3, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 8, 16), &Device::Cpu).unwrap();
+        let layer = &model.layers[0];
+        let run = |inputs: ExplicitInputs| {
+            let (x2, a) = layer.attn.forward_saving(&x, &inputs).unwrap();
+            let (y, m) = layer.mlp.forward_saving(&x2, &inputs).unwrap();
+            (y, a.keeps_fp8(), m.keeps_fp8())
+        };
+        let inputs = || {
+            let mask = crate::ops::attention::OwnedAttnMask::Causal { window_left: None };
+            ExplicitInputs::new(None, mask, SelectiveRecompute::default()).unwrap()
+        };
+        let (y_train, attn_kept, mlp_kept) = run(inputs());
+        assert!(attn_kept && mlp_kept, "training keeps the FP8 operands");
+        let (y_eval, attn_kept, mlp_kept) = run(inputs().forward_only());
+        assert!(!attn_kept && !mlp_kept, "evaluation keeps no FP8 operands");
+        let diff = (y_train - y_eval).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
 }

@@ -3,13 +3,13 @@
 
 use super::arch::GptArch;
 use super::attention::row_parallel;
+use super::explicit_layer::ExplicitInputs;
 use super::explicit_linear::{ExplicitLinear, LinearSaved, TpBoundary};
 use super::fp8_weights::Fp8Linears;
 use super::init::Init;
 use super::norm::Norm;
 use super::params::{ParamStore, ShardLayout};
 use super::recompute::LayerGrads;
-use super::recompute::SelectiveRecompute;
 use crate::config::model::Activation;
 use crate::ops::timing::section;
 use crate::ops::{self, manual, DropoutRng};
@@ -194,6 +194,12 @@ impl MlpSaved {
     pub(super) fn keeps_act(&self) -> bool {
         self.act.is_some()
     }
+
+    /// Whether an FP8 linear layer kept quantized operands.
+    #[cfg(test)]
+    pub(super) fn keeps_fp8(&self) -> bool {
+        self.fc1_out.as_ref().is_some_and(|(_, s)| s.is_fp8()) || self.fc2_saved.is_fp8()
+    }
 }
 
 impl Mlp {
@@ -217,6 +223,7 @@ impl Mlp {
             adapter: self.fc1_adapter.as_ref(),
             column_tp: self.tp.as_ref(),
             fp8: self.fp8.as_ref(),
+            backward_follows: true,
         }
     }
 
@@ -227,6 +234,7 @@ impl Mlp {
             adapter: self.fc2_adapter.as_ref(),
             column_tp: None,
             fp8: self.fp8.as_ref(),
+            backward_follows: true,
         }
     }
 
@@ -239,11 +247,12 @@ impl Mlp {
     pub(super) fn forward_saving(
         &self,
         x: &Tensor,
-        selective: SelectiveRecompute,
+        inputs: &ExplicitInputs,
     ) -> Result<(Tensor, MlpSaved)> {
+        let selective = inputs.selective;
         let recompute = selective.mlp;
         let xn = self.norm.forward_untracked(x)?;
-        let (fc1_out, fc1_saved) = self.fc1_of_normed(&xn)?;
+        let (fc1_out, fc1_saved) = self.fc1_of_normed(&xn, inputs.backward_follows)?;
         // Kept for `linear_fc1`'s weight gradient unless its FP8 input was kept instead (the
         // norm's backward reads the block input).
         let normed =
@@ -252,8 +261,9 @@ impl Mlp {
         let fp8 = self.fc2_linear().runs_fp8();
         let (act, act_amax) =
             manual::activation_forward_amax(&fc1_out, self.activation, self.gated, fp8)?;
+        let fc2 = self.fc2_linear().in_pass(inputs.backward_follows);
         let (y, fc2_saved) =
-            self.fc2_linear().forward_row_plus(&act, act_amax.as_ref(), self.tp_boundary(), x)?;
+            fc2.forward_row_plus(&act, act_amax.as_ref(), self.tp_boundary(), x)?;
         let fc2_needs_input = self.fc2_linear().needs_input();
         Ok((
             y,
@@ -269,9 +279,9 @@ impl Mlp {
 
     /// `linear_fc1` of the pre-norm's output `xn`, outside autograd (over the whole sequence
     /// under sequence parallelism).
-    fn fc1_of_normed(&self, xn: &Tensor) -> Result<(Tensor, LinearSaved)> {
+    fn fc1_of_normed(&self, xn: &Tensor, backward_follows: bool) -> Result<(Tensor, LinearSaved)> {
         let xe = self.tp_boundary().enter(xn)?;
-        self.fc1_linear().forward(&xe, None)
+        self.fc1_linear().in_pass(backward_follows).forward(&xe, None)
     }
 
     /// Gradient of the residual block's input `x` (`x + mlp(x)`) for the output gradient
@@ -297,7 +307,7 @@ impl Mlp {
             // Selective recompute: the norm and `linear_fc1` run again.
             None => section("mlp.fwd.fc1", dev, || {
                 let xn = self.norm.forward_untracked(x)?;
-                let out = self.fc1_of_normed(&xn)?;
+                let out = self.fc1_of_normed(&xn, true)?;
                 normed = Some(xn);
                 Ok::<_, anyhow::Error>(out)
             })?,

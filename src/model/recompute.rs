@@ -132,6 +132,9 @@ struct SideGrads {
     /// Stores pushed since the last take (one per recomputed segment or written-out piece).
     pushes: usize,
     observer: Option<Arc<dyn PushObserver>>,
+    /// `model.gradient_accumulation_fusion = false`: every gradient gets a buffer of its own
+    /// and is added to the sum in a pass of its own, nothing is written into the sum in place.
+    unfused: bool,
 }
 
 impl std::fmt::Debug for SideGrads {
@@ -139,6 +142,7 @@ impl std::fmt::Debug for SideGrads {
         f.debug_struct("SideGrads")
             .field("pushes", &self.pushes)
             .field("observed", &self.observer.is_some())
+            .field("unfused", &self.unfused)
             .finish()
     }
 }
@@ -156,6 +160,14 @@ impl RecomputeGrads {
     /// An empty sink whose pushes `observer` sees.
     pub fn observed(observer: Arc<dyn PushObserver>) -> Self {
         Self(Arc::new(Mutex::new(SideGrads { observer: Some(observer), ..Default::default() })))
+    }
+
+    /// The same sink with gradient-accumulation fusion on (the default) or off
+    /// (`model.gradient_accumulation_fusion`): whether gradients may be added into the
+    /// running sum in place (see [`Self::weight_grad`], [`Self::push_embedding`]).
+    pub fn with_accumulation_fusion(self, fused: bool) -> Self {
+        self.lock().unfused = !fused;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SideGrads> {
@@ -185,7 +197,7 @@ impl RecomputeGrads {
     ) -> candle_core::Result<()> {
         {
             let mut side = self.lock();
-            if let Some(sum) = side.sum.get(w) {
+            if let Some(sum) = side.sum.get(w).filter(|_| !side.unfused) {
                 // The sum owns its tensors (see `push`), so it may be written in place.
                 if crate::ops::manual::embedding_backward_into(ids, dy, sum)? {
                     side.pushes += 1;
@@ -224,9 +236,11 @@ impl RecomputeGrads {
         }
     }
 
-    /// The running sum of `w`'s gradients, if the sink has one (shares its storage).
+    /// The running sum of `w`'s gradients (sharing its storage) to add a gradient into in
+    /// place: None where the sink has none yet or accumulation fusion is off.
     pub fn sum_of(&self, w: &Tensor) -> Option<Tensor> {
-        self.lock().sum.get(w).cloned()
+        let side = self.lock();
+        side.sum.get(w).filter(|_| !side.unfused).cloned()
     }
 
     /// Adds `g` to the sum. The sink takes ownership: the caller keeps no clone of `g`'s
@@ -541,6 +555,35 @@ mod tests {
         let want = (dy1.t().unwrap().matmul(&x1).unwrap() + dy2.t().unwrap().matmul(&x2).unwrap())
             .unwrap();
         assert_eq!(got.to_vec2::<f64>().unwrap(), want.to_vec2::<f64>().unwrap());
+    }
+
+    /// With accumulation fusion off (`model.gradient_accumulation_fusion = false`) the
+    /// second micro-batch's gradient gets its own tensor and the sum is a new tensor with the
+    /// same value; nothing is written into the first one.
+    #[test]
+    fn without_accumulation_fusion_gradients_get_their_own_tensors() {
+        let dev = candle_core::Device::Cpu;
+        let w = Var::zeros((2, 2), DType::F64, &dev).unwrap();
+        let t = |v: &[f64]| Tensor::from_slice(v, (2, 2), &dev).unwrap();
+        let (dy, x) = (t(&[1., 2., 3., 4.]), t(&[1., 0., 2., 1.]));
+        let sink = RecomputeGrads::default().with_accumulation_fusion(false);
+        let mut first = LayerGrads::new(&sink);
+        first.weight_grad(w.as_tensor(), &dy, &x, false).unwrap();
+        let first_grad = first.get(w.as_tensor()).unwrap().clone();
+        first.push().unwrap();
+        assert!(sink.sum_of(w.as_tensor()).is_none(), "no sum to add into");
+        let mut second = LayerGrads::new(&sink);
+        second.weight_grad(w.as_tensor(), &dy, &x, false).unwrap();
+        let second_id = second.get(w.as_tensor()).unwrap().id();
+        second.push().unwrap();
+        let sum = sink.take();
+        let got = sum.get(w.as_tensor()).unwrap();
+        assert_ne!(got.id(), first_grad.id());
+        assert_ne!(got.id(), second_id);
+        let once = dy.t().unwrap().matmul(&x).unwrap();
+        assert_eq!(first_grad.to_vec2::<f64>().unwrap(), once.to_vec2::<f64>().unwrap());
+        let twice = (&once + &once).unwrap();
+        assert_eq!(got.to_vec2::<f64>().unwrap(), twice.to_vec2::<f64>().unwrap());
     }
 
     /// Pushes of the same parameter are summed in place (half precision in f32), so the sink

@@ -232,6 +232,19 @@ impl Fp8Weight {
         Ok(Self(WeightRepr::Cpu(Arc::new(quantize_cpu(w, recipe.forward)?))))
     }
 
+    /// `w` quantized for the forward GEMM alone (a pass without a backward: evaluation),
+    /// which skips writing the transposed values.
+    pub fn quantize_for_forward(w: &Tensor, recipe: &Fp8Recipe) -> Result<Self> {
+        check_2d("linear weight", w)?;
+        #[cfg(feature = "cuda")]
+        if w.device().is_cuda() {
+            return Ok(Self(WeightRepr::Cuda(Arc::new(
+                super::cuda::fp8::quantize_weight_for_forward(w, recipe)?,
+            ))));
+        }
+        Ok(Self(WeightRepr::Cpu(Arc::new(quantize_cpu(w, recipe.forward)?))))
+    }
+
     /// Whether another holder (a cache) shares these values.
     pub fn is_shared(&self) -> bool {
         match &self.0 {
@@ -288,13 +301,50 @@ pub fn linear(
     recipe: &Fp8Recipe,
 ) -> Result<Tensor> {
     check_2d("linear input", x)?;
-    check_2d("linear weight", w)?;
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() {
-        return super::cuda::fp8::linear(x, w, residual, recipe);
+    linear_forward(x, &Fp8Weight::quantize_for_forward(w, recipe)?, residual, recipe, None)
+}
+
+/// [`linear`] of an already quantized weight, keeping nothing for a backward (evaluation):
+/// the input's cast writes only the orientation the forward GEMM reads. `x_amax`: `x`'s
+/// amax from its producer, if it gave one.
+pub fn linear_forward(
+    x: &Tensor,
+    w: &Fp8Weight,
+    residual: Option<&Tensor>,
+    recipe: &Fp8Recipe,
+    x_amax: Option<&Fp8Amax>,
+) -> Result<Tensor> {
+    check_2d("linear input", x)?;
+    match &w.0 {
+        #[cfg(feature = "cuda")]
+        WeightRepr::Cuda(w) => {
+            if !x.device().is_cuda() {
+                candle_core::bail!("fp8 linear: a CUDA weight for a {:?} input", x.device());
+            }
+            let x_amax = x_amax.map(Fp8Amax::device_value).transpose()?;
+            super::cuda::fp8::linear_forward(x, w, residual, recipe, x_amax)
+        }
+        WeightRepr::Cpu(qw) => {
+            if !x.device().is_cpu() {
+                candle_core::bail!("fp8 linear: a CPU weight for a {:?} input", x.device());
+            }
+            let qx = quantize_cpu_with(x, recipe.forward, x_amax)?;
+            check_product_shapes(x, &qx, qw)?;
+            gemm_cpu(&qx, qw, residual, x.dtype())
+        }
     }
-    let (qx, qw) = (quantize_cpu(x, recipe.forward)?, quantize_cpu(w, recipe.forward)?);
-    gemm_cpu(&qx, &qw, residual, x.dtype())
+}
+
+/// That `x · wᵀ` is defined: the CPU GEMM's inner dimensions agree.
+fn check_product_shapes(x: &Tensor, qx: &Quantized, qw: &Quantized) -> Result<()> {
+    if qx.values.dim(1)? != qw.values.dim(1)? {
+        candle_core::bail!(
+            "fp8 linear: x {:?} · wᵀ {:?}: shapes do not agree",
+            x.dims(),
+            qw.values.t()?.dims()
+        );
+    }
+    Ok(())
 }
 
 /// [`linear`] of an already quantized weight, keeping it and, with `keep_input` (only under
@@ -327,13 +377,7 @@ pub fn linear_saving(
                 candle_core::bail!("fp8 linear: a CPU weight for a {:?} input", x.device());
             }
             let qx = quantize_cpu_with(x, recipe.forward, x_amax)?;
-            if qx.values.dim(1)? != qw.values.dim(1)? {
-                candle_core::bail!(
-                    "fp8 linear: x {:?} · wᵀ {:?}: shapes do not agree",
-                    x.dims(),
-                    qw.values.t()?.dims()
-                );
-            }
+            check_product_shapes(x, &qx, &qw)?;
             let y = gemm_cpu(&qx, &qw, residual, x.dtype())?;
             Ok((y, Fp8Saved(Saved::Cpu { weight: qw, input: keep_input.then_some(qx) })))
         }

@@ -93,9 +93,13 @@ impl Pipeline<'_> {
         let (mut loss_sums, mut tokens) = (Vec::new(), 0.0);
         // Parameter gradients produced outside the graph (recomputed segments, explicit
         // layers) of every micro-batch, summed as they arrive; only when backwards follow.
-        let side_grads = acc.as_ref().map(|_| match hooks.overlap {
-            Some(o) => RecomputeGrads::observed(o.clone()),
-            None => RecomputeGrads::default(),
+        let fused = self.chunks.iter().all(GptModel::accumulation_fusion);
+        let side_grads = acc.as_ref().map(|_| {
+            match hooks.overlap {
+                Some(o) => RecomputeGrads::observed(o.clone()),
+                None => RecomputeGrads::default(),
+            }
+            .with_accumulation_fusion(fused)
         });
         for step in steps {
             match step {

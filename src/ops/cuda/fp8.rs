@@ -176,17 +176,23 @@ impl Quantized {
     }
 }
 
-/// `x·Wᵀ (+ residual)` (see `ops::fp8::linear`), with the fast accumulator as Transformer
-/// Engine's forward GEMMs.
-pub fn linear(
+/// `x·Wᵀ (+ residual)` of a weight quantized for the forward (see
+/// `ops::fp8::linear_forward`): the cast of `x` writes its row-major values only. The fast
+/// accumulator, as Transformer Engine's forward GEMMs.
+pub(crate) fn linear_forward(
     x: &Tensor,
-    w: &Tensor,
+    qw: &Quantized,
     residual: Option<&Tensor>,
     recipe: &Fp8Recipe,
+    x_amax: Option<&CudaSlice<f32>>,
 ) -> Result<Tensor> {
-    let (qx, qw) =
-        (quantize(x, recipe.forward, true, false)?, quantize(w, recipe.forward, true, false)?);
-    forward_gemm(&qx, &qw, residual, x)
+    let qx = quantize_with(x, recipe.forward, true, false, x_amax)?;
+    forward_gemm(&qx, qw, residual, x)
+}
+
+/// A weight quantized for the forward GEMM alone (row-major).
+pub(crate) fn quantize_weight_for_forward(w: &Tensor, recipe: &Fp8Recipe) -> Result<Quantized> {
+    quantize(w, recipe.forward, true, false)
 }
 
 /// A weight quantized in both orientations: row-major for the forward GEMM, transposed for
