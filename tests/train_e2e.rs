@@ -145,16 +145,13 @@ fn fields_mbridge_does_not_act_on_are_refused_or_named() {
     let out = Command::cargo_bin("mbridge")
         .unwrap()
         .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
-        .args(["logger.log_params_norm=true", "+checkpoint.non_persistent_save_interval=5"])
+        .args(["validation.test_mode=true", "+checkpoint.non_persistent_save_interval=5"])
         .assert()
         .failure()
         .get_output()
         .clone();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("`logger.log_params_norm` = true: the parameters' norm is not logged"),
-        "{err}"
-    );
+    assert!(err.contains("`validation.test_mode` = true: test mode is not implemented"), "{err}");
     assert!(err.contains("`checkpoint.non_persistent_save_interval` = 5"), "{err}");
     let out = Command::cargo_bin("mbridge")
         .unwrap()
@@ -168,4 +165,115 @@ fn fields_mbridge_does_not_act_on_are_refused_or_named() {
     let log =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("`dataset.num_workers` = 3 has no effect in mbridge"), "{log}");
+}
+
+/// `validation.skip_train`: a run that loads a checkpoint evaluates it without training, with
+/// the validation and test losses the training run printed for the same weights, and writes
+/// nothing to the checkpoint directory.
+#[test]
+fn skip_train_evaluates_the_loaded_checkpoint_and_saves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let pretrain = |extra: &[String]| -> String {
+        let out = Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=6"])
+            .args(["logger.log_interval=1", "validation.eval_interval=100"])
+            .arg(format!("checkpoint.save={}", ckpt.display()))
+            .args(extra)
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        String::from_utf8(out).unwrap()
+    };
+    let trained = pretrain(&[]);
+    let eval_lines = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.contains("validation loss at iteration 6 on "))
+            .map(String::from)
+            .collect()
+    };
+    let want = eval_lines(&trained);
+    assert_eq!(want.len(), 2, "{trained}");
+    let before = cli_common::files(&ckpt);
+    let load = format!("checkpoint.load={}", ckpt.display());
+    let evaluated = pretrain(&[load, "validation.skip_train=true".into()]);
+    assert!(evaluated.contains("skipping training (--skip-train is on) ..."), "{evaluated}");
+    assert!(lm_losses(&evaluated).is_empty(), "{evaluated}");
+    assert_eq!(eval_lines(&evaluated), want, "{evaluated}");
+    assert_eq!(cli_common::files(&ckpt), before, "skip_train wrote to the checkpoint directory");
+}
+
+/// `logger.log_progress`: Megatron's `progress.txt` in the checkpoint directory gets a
+/// `Starting job` line per job and a line per save (iteration, throughputs, floating-point
+/// operations, tokens); a resumed job appends to the same file, and asynchronous saves get a
+/// line when submitted and one when on disk.
+#[test]
+fn log_progress_appends_megatrons_progress_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let pretrain = |iters: &str, extra: &[&str]| {
+        Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["pretrain", "--recipe", "tiny_llama", "validation.eval_iters=0"])
+            .args(["logger.log_progress=true", "checkpoint.save_interval=3", iters])
+            .arg(format!("checkpoint.save={}", ckpt.display()))
+            .arg(format!("checkpoint.load={}", ckpt.display()))
+            .args(extra)
+            .assert()
+            .success();
+    };
+    pretrain("train.train_iters=6", &[]);
+    pretrain("train.train_iters=9", &["checkpoint.async_save=true"]);
+    let text = std::fs::read_to_string(ckpt.join("progress.txt")).unwrap();
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
+    let events: Vec<String> = lines.iter().map(|t| t[3..t.len().min(5)].join(" ")).collect();
+    assert_eq!(
+        events,
+        [
+            "Starting job",
+            "Saved checkpoint Iteration: 3",
+            "Saved checkpoint Iteration: 6",
+            "Starting job",
+            "Saving async checkpoint Iteration: 9",
+            "Saved async checkpoint Iteration: 9",
+        ],
+        "{text}"
+    );
+    for t in &lines {
+        assert!(t[1].starts_with("Job ID: ") && t[2] == "# GPUs: 1", "{text}");
+        assert_eq!(t[0].len(), "2026-01-01 12:00:00".len(), "{text}");
+    }
+    // tiny_llama's operations per iteration (Megatron's formula) times the iterations, and
+    // 8 samples of 64 tokens per iteration.
+    let field = |line: &[&str], i: usize| line[i].split(": ").nth(1).unwrap().to_string();
+    let flops = |line: &[&str]| field(line, 7).parse::<f64>().unwrap();
+    let (at3, at6, at9) = (flops(&lines[1]), flops(&lines[2]), flops(&lines[4]));
+    assert!(
+        at3 > 0.0 && (at6 / at3 - 2.0).abs() < 1e-2 && (at9 / at3 - 3.0).abs() < 1e-2,
+        "{text}"
+    );
+    assert_eq!(field(&lines[2], 8), "0.00", "{text}");
+    assert!(field(&lines[1], 5).ends_with(" TFLOP/s/GPU"), "{text}");
+    assert!(field(&lines[4], 6).ends_with(" TFLOP/s/GPU"), "{text}");
+}
+
+/// `logger.skip_train_metrics_log`: the run trains (its final evaluation is at the last
+/// iteration) without printing a training log line.
+#[test]
+fn skip_train_metrics_log_trains_without_training_lines() {
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=4"])
+        .args(["logger.log_interval=1", "logger.skip_train_metrics_log=true"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).unwrap();
+    assert!(lm_losses(&out).is_empty(), "{out}");
+    assert!(out.contains("validation loss at iteration 4 on validation set"), "{out}");
 }

@@ -143,3 +143,45 @@ fn written_out_backward_with_tp_and_sp_matches_one_process() {
     let base = single(&[]);
     assert_close(&base, &run_ranks(4, &core)[0], "TP=2 (SP) × CP=2, selective core_attn");
 }
+
+/// `logger.log_params_norm`: the L2 norm of the parameters after each logged step. One
+/// process's equals the norm of its model's weights; TP=2, DP=2 with the distributed
+/// optimizer (shards summed over DP) and PP=2 with tied embeddings (the last stage's copy not
+/// counted) report the same norm, each element counted once.
+#[test]
+fn params_norm_is_the_whole_models_norm_under_any_layout() {
+    let logged = ["logger.log_params_norm=true", "logger.log_interval=2"];
+    let (loaded, toml) = config(&logged);
+    let fin = finalize(loaded.cfg, None, None).unwrap();
+    let mut trainer = Trainer::new(fin, toml, Device::Cpu).unwrap();
+    let base = trainer.train().unwrap();
+    let iterations: Vec<u64> = base.params_norms.iter().map(|p| p.0).collect();
+    assert_eq!(iterations, [2, 4, 6, 8]);
+    let sq = |t: &candle_core::Tensor| {
+        let t = t.to_dtype(candle_core::DType::F64).unwrap();
+        t.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+    };
+    let params = trainer.model().params().params();
+    let by_hand = params.iter().filter(|p| p.trainable).map(|p| sq(p.var.as_tensor())).sum::<f64>();
+    let last = base.params_norms[3].1;
+    assert!((last - by_hand.sqrt()).abs() <= 1e-6 * last, "{last} vs {}", by_hand.sqrt());
+    assert_ne!(base.params_norms[0].1, last, "the weights changed");
+    let tied = "model.share_embeddings_and_output_weights=true";
+    let (loaded, toml) = config(&[&logged[..], &[tied]].concat());
+    let fin = finalize(loaded.cfg, None, None).unwrap();
+    let base_tied = Trainer::new(fin, toml, Device::Cpu).unwrap().train().unwrap();
+    let layouts: [(&str, &[&str], &TrainOutcome); 3] = [
+        ("TP=2", &["model.tensor_model_parallel_size=2"], &base),
+        ("DP=2 distributed optimizer", &["ddp.use_distributed_optimizer=true"], &base),
+        ("PP=2 tied", &["model.pipeline_model_parallel_size=2", tied], &base_tied),
+    ];
+    for (what, layout, want) in layouts {
+        for (rank, got) in run_ranks(2, &[&logged[..], layout].concat()).iter().enumerate() {
+            assert_eq!(got.params_norms.len(), want.params_norms.len(), "{what} rank {rank}");
+            for ((it, x), (_, y)) in want.params_norms.iter().zip(&got.params_norms) {
+                let rel = (x - y).abs() / x;
+                assert!(rel < 1e-5, "{what} rank {rank} iteration {it}: {y} vs one process {x}");
+            }
+        }
+    }
+}

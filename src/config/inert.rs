@@ -24,10 +24,7 @@ pub const REFUSED: &[(&str, &str)] = &[
     ("checkpoint.use_checkpoint_args", "reading the model config from a checkpoint is not implemented; give the model in the recipe"),
     ("checkpoint.verify_integrity", "checkpoint integrity verification is not implemented"),
     ("logger.log_l2_norm_grad_to_tensorboard", "per-parameter gradient norms are not logged"),
-    ("logger.log_params_norm", "the parameters' norm is not logged"),
-    ("logger.log_progress", "progress.txt is not written"),
     ("logger.save_config_filepath", "the config is not saved there; `mbridge config show` prints it, and checkpoints keep run_config.toml"),
-    ("logger.skip_train_metrics_log", "training metrics are always logged"),
     ("rerun_state_machine.check_for_spiky_loss", "the rerun state machine is not implemented"),
     ("rerun_state_machine.rerun_mode", "the rerun state machine is not implemented"),
     ("rng.data_parallel_random_init", "every data-parallel replica starts from the same weights"),
@@ -41,7 +38,6 @@ pub const REFUSED: &[(&str, &str)] = &[
     ("train.decrease_batch_size_if_needed", "the batch size never changes during a run"),
     ("validation.full_validation", "validation runs `validation.eval_iters` batches"),
     ("train.skip_sync_grad_norm_across_mp", "the gradient norm is always summed over model-parallel ranks"),
-    ("validation.skip_train", "evaluation-only runs are not implemented"),
     ("validation.test_mode", "test mode is not implemented"),
 ];
 
@@ -150,13 +146,13 @@ mod tests {
         assert!(engine_unsupported(&cfg).is_empty());
         assert!(ignored_hints(&cfg).is_empty());
         cfg.checkpoint.ckpt_format = "zarr".into();
-        cfg.validation.skip_train = true;
+        cfg.validation.test_mode = true;
         cfg.model.bias_activation_fusion = !cfg.model.bias_activation_fusion;
         let errs = engine_unsupported(&cfg);
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs[0].starts_with("`checkpoint.ckpt_format` = \"zarr\""), "{errs:?}");
         assert!(errs[0].contains("(\"torch_dist\")"), "{errs:?}");
-        assert!(errs[1].starts_with("`validation.skip_train` = true"), "{errs:?}");
+        assert!(errs[1].starts_with("`validation.test_mode` = true"), "{errs:?}");
         let hints = ignored_hints(&cfg);
         assert_eq!(hints.len(), 1, "{hints:?}");
         assert!(hints[0].contains("model.bias_activation_fusion"), "{hints:?}");

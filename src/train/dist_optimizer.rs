@@ -348,6 +348,20 @@ impl DistributedOptimizer {
         Ok(())
     }
 
+    /// The master values of this rank's slices of the parameters for which
+    /// `counts(param_index)`.
+    pub fn shard_masters(
+        &self,
+        counts: impl Fn(usize) -> bool,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        self.slices
+            .iter()
+            .zip(self.inner.params())
+            .filter(|(s, _)| counts(s.param))
+            .map(|(_, p)| p.master_value())
+            .collect()
+    }
+
     /// This rank's data-parallel index.
     pub fn dp_rank(&self) -> usize {
         self.dp_rank

@@ -89,8 +89,7 @@ impl Trainer {
         let Some(g) = &self.groups else {
             return Ok(grad_norm(local_sq_norm(&self.acc, vars.iter())?.sqrt()));
         };
-        let all: Vec<Param> =
-            self.chunks.iter().flat_map(|m| m.params().params()).cloned().collect();
+        let all = self.all_params();
         // Same order as the optimizer's parameters (trainable ones of every chunk).
         let params: Vec<&Param> = all.iter().filter(|p| p.trainable).collect();
         let tp_rank = g.coords.tp;
@@ -111,6 +110,32 @@ impl Trainer {
                 Ok(grad_norm(total))
             }
         }
+    }
+
+    /// Every parameter of this rank's chunks, in the chunks' order; the trainable ones in
+    /// that order are the optimizer's parameters.
+    fn all_params(&self) -> Vec<Param> {
+        self.chunks.iter().flat_map(|m| m.params().params()).cloned().collect()
+    }
+
+    /// The L2 norm of the trainable parameters' master values over the whole model
+    /// (`logger.log_params_norm`, megatron-core's `calc_params_l2_norm`), each element
+    /// counted once as in the gradient norm: the distributed optimizer's shards summed over
+    /// DP, TP-replicated parameters on TP rank 0 only, the last stage's tied embedding copy
+    /// not at all. A collective: every rank calls it.
+    pub fn params_norm(&self) -> Result<f64> {
+        let Some(g) = &self.groups else {
+            return Ok(self.optimizer.master_sq_norm(|_| true)?.sqrt());
+        };
+        let all = self.all_params();
+        let params: Vec<&Param> = all.iter().filter(|p| p.trainable).collect();
+        let local =
+            self.optimizer.master_sq_norm(|i| counts_in_grad_norm(params[i], g.coords.tp))?;
+        let mut t = Tensor::new(&[local], &Device::Cpu)?;
+        if let RunOptimizer::Distributed(_) = &self.optimizer {
+            t = g.dp_cp.all_reduce(&t, ReduceOp::Sum)?;
+        }
+        Ok(g.mp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?[0].sqrt())
     }
 
     /// The optimizer update with the scheduler's lr and weight decay, the gradients multiplied

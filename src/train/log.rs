@@ -18,6 +18,8 @@ pub struct LogLine {
     pub lm_loss: Option<f64>,
     pub loss_scale: f64,
     pub grad_norm: Option<f64>,
+    /// L2 norm of the trainable parameters after the step (`logger.log_params_norm`).
+    pub params_norm: Option<f64>,
     pub skipped_iterations: u64,
     pub nan_iterations: u64,
 }
@@ -46,6 +48,9 @@ impl LogLine {
         s += &format!(" loss scale: {:.1} |", self.loss_scale);
         if let Some(g) = self.grad_norm {
             s += &format!(" grad norm: {g:.3} |");
+        }
+        if let Some(p) = self.params_norm {
+            s += &format!(" params norm: {p:.3} |");
         }
         s += &format!(" number of skipped iterations: {:3} |", self.skipped_iterations);
         s += &format!(" number of nan iterations: {:3} |", self.nan_iterations);
@@ -120,12 +125,40 @@ mod tests {
             lm_loss: Some(2.345678),
             loss_scale: 1.0,
             grad_norm: Some(0.812),
+            params_norm: None,
             skipped_iterations: 0,
             nan_iterations: 0,
         };
         assert_eq!(
             line.render("2026-01-01 12:00:00"),
             " [2026-01-01 12:00:00] iteration      100/    1000 | consumed samples:        51200 | elapsed time per iteration (ms): 1234.5 | learning rate: 3.000000E-04 | global batch size:   512 | lm loss: 2.345678E+00 | loss scale: 1.0 | grad norm: 0.812 | number of skipped iterations:   0 | number of nan iterations:   0 |"
+        );
+    }
+
+    /// `logger.log_params_norm`: Megatron's ` params norm: {:.3} |` right after the grad norm.
+    #[test]
+    fn params_norm_follows_the_grad_norm() {
+        let line = LogLine {
+            iteration: 1,
+            train_iters: 2,
+            consumed_samples: 8,
+            skipped_samples: 0,
+            elapsed_ms_per_iter: 10.0,
+            tflops_per_gpu: None,
+            mem_max_allocated_gb: None,
+            learning_rate: 1e-4,
+            global_batch_size: 8,
+            lm_loss: Some(1.0),
+            loss_scale: 1.0,
+            grad_norm: Some(0.5),
+            params_norm: Some(123.45678),
+            skipped_iterations: 0,
+            nan_iterations: 0,
+        };
+        let r = line.render("t");
+        assert!(
+            r.contains("| grad norm: 0.500 | params norm: 123.457 | number of skipped iterations:"),
+            "{r}"
         );
     }
 
@@ -144,6 +177,7 @@ mod tests {
             lm_loss: Some(1.0),
             loss_scale: 1.0,
             grad_norm: None,
+            params_norm: None,
             skipped_iterations: 0,
             nan_iterations: 0,
         };

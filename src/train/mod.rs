@@ -64,6 +64,7 @@ mod optimizer_state;
 pub mod phase_timer;
 mod pipeline;
 mod profile_hooks;
+mod progress_log;
 mod report;
 pub mod run_optimizer;
 mod schedule_resolve;

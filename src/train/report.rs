@@ -69,7 +69,10 @@ impl Trainer {
             format!("lm loss {kind}"): loss,
             format!("lm loss {kind} ppl"): perplexity(loss),
         }))?;
-        if let (Some(tb), 1) = (self.tb.as_mut(), split) {
+        // An evaluation-only run (`validation.skip_train`) leaves the event files alone, as
+        // Megatron's `write_to_tensorboard=not skip_train`.
+        let tb = self.tb.as_mut().filter(|_| !self.cfg.validation.skip_train);
+        if let (Some(tb), 1) = (tb, split) {
             let samples = self.state.consumed_train_samples as i64;
             tb.add_scalar("lm loss validation", loss as f32, self.state.step as i64)?;
             tb.add_scalar("lm loss validation vs samples", loss as f32, samples)?;
@@ -83,12 +86,17 @@ impl Trainer {
         Ok(Some(loss))
     }
 
+    /// Prints the log line of the iterations in `w` (on the reporting rank) and returns the
+    /// parameters' norm it shows with `logger.log_params_norm` (a collective: every rank
+    /// calls this).
     pub(super) fn log(
         &mut self,
         iteration: u64,
         w: &mut Window,
         flops_per_iter: f64,
-    ) -> Result<()> {
+    ) -> Result<Option<f64>> {
+        let params_norm =
+            if self.cfg.logger.log_params_norm { Some(self.params_norm()?) } else { None };
         let iters = w.iterations.max(1) as f64;
         let secs_per_iter = w.seconds / iters;
         let mem = super::memory::device_memory(&self.device);
@@ -109,6 +117,7 @@ impl Trainer {
             lm_loss: (w.advanced > 0).then(|| w.loss_sum / w.advanced as f64),
             loss_scale: self.scaler.as_ref().map_or(1.0, LossScaler::scale),
             grad_norm: w.grad_norm,
+            params_norm,
             skipped_iterations: w.skipped,
             nan_iterations: w.nan,
         };
@@ -121,7 +130,7 @@ impl Trainer {
             }
         }
         *w = Window::default();
-        Ok(())
+        Ok(params_norm)
     }
 
     /// TFLOP/s per device for an iteration of `seconds`, when throughput is logged.
@@ -225,9 +234,24 @@ impl Trainer {
     pub(super) fn report_saves(&mut self, wait: bool) -> Result<()> {
         let done = if wait { self.saver.wait()? } else { self.saver.poll()? };
         if let Some(done) = done {
-            report_saved(&done);
+            self.report_saved(&done)?;
         }
         Ok(())
+    }
+
+    /// A background save that finished: its line, and its progress line
+    /// (`logger.log_progress`).
+    pub(super) fn report_saved(&self, done: &SavedCheckpoint) -> Result<()> {
+        println!(
+            " successfully saved checkpoint from iteration {:7} to {} (asynchronously, {:.2} s)",
+            done.iteration,
+            done.dir.display(),
+            done.seconds
+        );
+        match &self.progress {
+            Some(p) => p.append(&format!("Saved async checkpoint\tIteration: {}", done.iteration)),
+            None => Ok(()),
+        }
     }
 
     /// End of a run: wait for the pending save, flush the logs, print the W&B upload command.
@@ -245,15 +269,6 @@ impl Trainer {
 }
 
 /// The "successfully saved" line for a finished background save.
-pub(super) fn report_saved(done: &SavedCheckpoint) {
-    println!(
-        " successfully saved checkpoint from iteration {:7} to {} (asynchronously, {:.2} s)",
-        done.iteration,
-        done.dir.display(),
-        done.seconds
-    );
-}
-
 fn finite_or_null(x: f64) -> Value {
     if x.is_finite() {
         json!(x)

@@ -47,6 +47,23 @@ impl RunOptimizer {
         }
     }
 
+    /// `Σ v²` over the master values this rank holds (its shards with the distributed
+    /// optimizer) of the parameters for which `counts(i)` (`i`: the parameter's index in the
+    /// optimizer's order), f32 per tensor and f64 across them, as the gradient norm.
+    pub fn master_sq_norm(&self, counts: impl Fn(usize) -> bool) -> candle_core::Result<f64> {
+        let masters = match self {
+            Self::Replicated(o) => o
+                .params()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| counts(*i))
+                .map(|(_, p)| p.master_value())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            Self::Distributed(o) => o.shard_masters(counts)?,
+        };
+        super::clip::sum_of_squares(&masters.iter().collect::<Vec<_>>())
+    }
+
     /// Re-reads master weights from the model (after weights were loaded without state).
     pub fn sync_master_from_model(&mut self) -> Result<(), OptimError> {
         match self {

@@ -90,6 +90,13 @@ impl Trainer {
                 tracing::debug!("{hint}");
             }
         }
+        // `logger.log_progress`: Megatron writes `Starting job` first thing.
+        let progress = match &cfg.checkpoint.save {
+            Some(dir) if cfg.logger.log_progress && groups.as_ref().is_none_or(|g| g.rank == 0) => {
+                Some(super::progress_log::ProgressLog::start(&PathBuf::from(dir), world)?)
+            }
+            _ => None,
+        };
         let dtype = candle_dtype(cfg.model.params_dtype);
         let started = std::time::Instant::now();
         let (layout, tp_comm) = match &groups {
@@ -269,8 +276,13 @@ impl Trainer {
             memory_reported: false,
             scaler,
             profiler,
+            progress,
         };
         t.restore()?;
+        let flops = t.state.floating_point_operations_so_far;
+        if let Some(p) = &mut t.progress {
+            p.set_flops_at_start(flops);
+        }
         Ok(t)
     }
 

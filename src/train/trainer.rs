@@ -14,7 +14,7 @@ use super::loss_scale::LossScaler;
 use super::optimizer::GradAccumulator;
 use super::phase_timer::PhaseTimer;
 use super::pipeline::{Pipeline, TrainHooks};
-use super::report::{report_saved, MetricsWriter};
+use super::report::MetricsWriter;
 use super::run_optimizer::RunOptimizer;
 use super::scheduler::OptimizerParamScheduler;
 use super::tensorboard::SummaryWriter;
@@ -50,6 +50,8 @@ pub struct TrainOutcome {
     pub grad_norms: Vec<(u64, Option<f64>)>,
     /// Learning rate of every iteration as the log line shows it: after the scheduler advanced.
     pub lrs: Vec<(u64, f64)>,
+    /// The parameters' L2 norm after each logged iteration (`logger.log_params_norm`).
+    pub params_norms: Vec<(u64, f64)>,
     pub last_validation_loss: Option<f64>,
 }
 
@@ -88,6 +90,9 @@ pub struct Trainer {
     pub(super) profiler: Profiler,
     /// fp16 runs: the loss scale (None for bf16 and f32).
     pub(super) scaler: Option<LossScaler>,
+    /// `logger.log_progress`: `progress.txt` in the checkpoint directory (rank 0 of a run that
+    /// saves).
+    pub(super) progress: Option<super::progress_log::ProgressLog>,
 }
 
 impl Trainer {
@@ -141,6 +146,7 @@ impl Trainer {
         let mut losses = Vec::new();
         let mut grad_norms = Vec::new();
         let mut lrs = Vec::new();
+        let mut params_norms = Vec::new();
         let mut last_val = None;
         let mut window = Window::default();
         let flops_per_iter =
@@ -148,8 +154,13 @@ impl Trainer {
         let mut reason = ExitReason::Finished;
         let mut saved_at = None;
         let start_step = self.state.step;
+        // `validation.skip_train`: evaluate the loaded (or initial) weights, train nothing.
+        let skip_train = self.cfg.validation.skip_train;
+        if skip_train && self.reports() {
+            println!("skipping training (--skip-train is on) ...");
+        }
         crate::parallel::watchdog::arm();
-        while self.state.step < train_iters {
+        while !skip_train && self.state.step < train_iters {
             // A background save that failed surfaces here, at the next step.
             self.report_saves(false)?;
             let iteration = self.state.step + 1;
@@ -183,11 +194,17 @@ impl Trainer {
             lrs.push((iteration, step.lr));
             let seconds = t0.elapsed().as_secs_f64();
             window.add(&step, seconds);
-            self.write_metrics(iteration, &step, seconds, flops_per_iter)?;
-            if iteration.is_multiple_of(self.cfg.logger.log_interval as u64) {
-                self.log(iteration, &mut window, flops_per_iter)?;
+            // `logger.skip_train_metrics_log`: no training metrics to any backend (console,
+            // TensorBoard, the metrics file), as Megatron Bridge skips `training_log`.
+            if !self.cfg.logger.skip_train_metrics_log {
+                self.write_metrics(iteration, &step, seconds, flops_per_iter)?;
+                if iteration.is_multiple_of(self.cfg.logger.log_interval as u64) {
+                    if let Some(norm) = self.log(iteration, &mut window, flops_per_iter)? {
+                        params_norms.push((iteration, norm));
+                    }
+                }
+                self.tensorboard(iteration, &step, seconds, flops_per_iter)?;
             }
-            self.tensorboard(iteration, &step, seconds, flops_per_iter)?;
             if let Some(every) = self.cfg.validation.eval_interval {
                 if self.eval_enabled()
                     && iteration.is_multiple_of(every as u64)
@@ -232,6 +249,7 @@ impl Trainer {
                     losses,
                     grad_norms,
                     lrs,
+                    params_norms,
                     last_validation_loss: last_val,
                 });
             }
@@ -254,6 +272,7 @@ impl Trainer {
             losses,
             grad_norms,
             lrs,
+            params_norms,
             last_validation_loss: last_val,
         })
     }
@@ -443,7 +462,7 @@ impl Trainer {
         let snapshot = self.checkpoint_snapshot()?;
         if self.cfg.checkpoint.async_save {
             if let Some(done) = self.saver.submit(&dir, snapshot, k)? {
-                report_saved(&done);
+                self.report_saved(&done)?;
             }
             if self.groups.as_ref().is_none_or(|g| g.rank == 0) {
                 tracing::info!(
@@ -452,7 +471,7 @@ impl Trainer {
                     t0.elapsed().as_secs_f64() * 1e3
                 );
             }
-            return Ok(());
+            return self.progress_of_save("Saving async checkpoint");
         }
         // Returns on every rank only once rank 0 has moved the tracker (its outcome is the
         // save's last message), so nobody reads or exits past a save before it is on disk.
@@ -465,7 +484,15 @@ impl Trainer {
                 saved.dir.display()
             );
         }
-        Ok(())
+        self.progress_of_save("Saved checkpoint")
+    }
+
+    /// `logger.log_progress`: the progress line of the save just made or submitted.
+    fn progress_of_save(&self, prefix: &str) -> Result<()> {
+        let Some(progress) = &self.progress else { return Ok(()) };
+        let s = &self.state;
+        let tokens = s.consumed_train_samples as f64 * self.cfg.model.seq_length as f64;
+        progress.checkpoint(prefix, s.step, s.floating_point_operations_so_far, tokens)
     }
 
     /// (any rank signalled, max elapsed minutes over ranks); local values on one process.
