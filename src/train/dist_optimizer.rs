@@ -348,17 +348,13 @@ impl DistributedOptimizer {
         Ok(())
     }
 
-    /// The master values of this rank's slices of the parameters for which
-    /// `counts(param_index)`.
-    pub fn shard_masters(
-        &self,
-        counts: impl Fn(usize) -> bool,
-    ) -> candle_core::Result<Vec<Tensor>> {
+    /// The states of this rank's slices of the parameters for which `counts(param_index)`.
+    pub fn shard_states_where(&self, counts: impl Fn(usize) -> bool) -> Vec<&ParamState> {
         self.slices
             .iter()
             .zip(self.inner.params())
             .filter(|(s, _)| counts(s.param))
-            .map(|(_, p)| p.master_value())
+            .map(|(_, p)| p)
             .collect()
     }
 

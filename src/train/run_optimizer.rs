@@ -2,12 +2,16 @@
 //! (`ddp.use_distributed_optimizer`). Both read and write checkpoints in one format.
 
 use anyhow::Result;
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 
 use super::dist_optimizer::DistributedOptimizer;
-use super::optimizer::{OptimError, Optimizer};
+use super::optimizer::{OptimError, Optimizer, ParamState};
 use super::optimizer_state::OptimizerState;
 use crate::parallel::comm::Communicator;
+
+/// Elements of master values reduced per batch by [`RunOptimizer::master_sq_norm`] (1 GiB of
+/// f32).
+const MASTER_BATCH_ELEMS: usize = 1 << 28;
 
 /// Replicated or distributed optimizer.
 #[derive(Debug)]
@@ -49,19 +53,30 @@ impl RunOptimizer {
 
     /// `Σ v²` over the master values this rank holds (its shards with the distributed
     /// optimizer) of the parameters for which `counts(i)` (`i`: the parameter's index in the
-    /// optimizer's order), f32 per tensor and f64 across them, as the gradient norm.
+    /// optimizer's order), f32 per tensor and f64 across them, as the gradient norm. Masters
+    /// kept as remainders are merged a batch at a time, so the f32 copies never all exist at
+    /// once.
     pub fn master_sq_norm(&self, counts: impl Fn(usize) -> bool) -> candle_core::Result<f64> {
-        let masters = match self {
-            Self::Replicated(o) => o
-                .params()
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| counts(*i))
-                .map(|(_, p)| p.master_value())
-                .collect::<candle_core::Result<Vec<_>>>()?,
-            Self::Distributed(o) => o.shard_masters(counts)?,
+        let states: Vec<&ParamState> = match self {
+            Self::Replicated(o) => {
+                o.params().iter().enumerate().filter(|(i, _)| counts(*i)).map(|(_, p)| p).collect()
+            }
+            Self::Distributed(o) => o.shard_states_where(counts),
         };
-        super::clip::sum_of_squares(&masters.iter().collect::<Vec<_>>())
+        let mut total = 0.0;
+        let mut batch: Vec<Tensor> = Vec::new();
+        let mut batch_elems = 0;
+        for (i, p) in states.iter().enumerate() {
+            let master = p.master_value()?;
+            batch_elems += master.elem_count();
+            batch.push(master);
+            if batch_elems >= MASTER_BATCH_ELEMS || i + 1 == states.len() {
+                total += super::clip::sum_of_squares(&batch.iter().collect::<Vec<_>>())?;
+                batch.clear();
+                batch_elems = 0;
+            }
+        }
+        Ok(total)
     }
 
     /// Re-reads master weights from the model (after weights were loaded without state).
