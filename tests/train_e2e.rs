@@ -277,3 +277,53 @@ fn skip_train_metrics_log_trains_without_training_lines() {
     assert!(lm_losses(&out).is_empty(), "{out}");
     assert!(out.contains("validation loss at iteration 4 on validation set"), "{out}");
 }
+
+/// `checkpoint.also_save_hf_checkpoint`: each saved checkpoint gets an `hf/` copy equal to what
+/// `mbridge export-hf` writes from it, and the checkpoint still resumes.
+#[test]
+fn also_save_hf_checkpoint_writes_the_export_beside_each_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let pretrain = |iters: &str| {
+        let out = Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["pretrain", "--recipe", "tiny_llama", "validation.eval_iters=0", iters])
+            .args(["checkpoint.also_save_hf_checkpoint=true", "checkpoint.save_interval=2"])
+            .arg(format!("checkpoint.save={}", ckpt.display()))
+            .arg(format!("checkpoint.load={}", ckpt.display()))
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        String::from_utf8(out).unwrap()
+    };
+    let out = pretrain("train.train_iters=4");
+    assert!(
+        out.contains(&format!(
+            "saved Hugging Face checkpoint to {}",
+            ckpt.join("iter_0000002/hf").display()
+        )),
+        "{out}"
+    );
+    for iter in ["iter_0000002", "iter_0000004"] {
+        let hf = ckpt.join(iter).join("hf");
+        let exported = dir.path().join(format!("export-{iter}"));
+        Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["export-hf"])
+            .args([ckpt.join(iter), exported.clone()])
+            .assert()
+            .success();
+        let copy = cli_common::files(&hf);
+        assert!(
+            copy.contains_key("config.json") && copy.contains_key("model.safetensors"),
+            "{copy:?}"
+        );
+        assert_eq!(copy, cli_common::files(&exported), "{iter}/hf differs from export-hf's output");
+    }
+    let resumed = pretrain("train.train_iters=5");
+    assert!(resumed.contains("successfully saved checkpoint from iteration       5"), "{resumed}");
+    assert!(!resumed.contains("saved checkpoint from iteration       2"), "{resumed}");
+    assert!(ckpt.join("iter_0000005/hf/model.safetensors").exists());
+}

@@ -17,7 +17,6 @@ use super::container::ConfigContainer;
 
 /// Fields whose non-default values mbridge cannot honour, with what is missing.
 pub const REFUSED: &[(&str, &str)] = &[
-    ("checkpoint.also_save_hf_checkpoint", "saving a Hugging Face copy beside each checkpoint is not implemented; run `mbridge export-hf` on the checkpoint"),
     ("checkpoint.ckpt_format", "mbridge writes its own sharded safetensors format (loaded by `checkpoint.load` and `mbridge export-hf`), not the other formats"),
     ("checkpoint.load_main_params_from_ckpt", "loading fp32 main parameters as the model weights is not implemented"),
     ("checkpoint.non_persistent_save_interval", "non-persistent checkpoints are not implemented"),

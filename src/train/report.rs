@@ -248,6 +248,7 @@ impl Trainer {
             done.dir.display(),
             done.seconds
         );
+        self.save_hf_copy(&done.dir)?;
         match &self.progress {
             Some(p) => p.append(&format!("Saved async checkpoint\tIteration: {}", done.iteration)),
             None => Ok(()),

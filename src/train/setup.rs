@@ -78,6 +78,14 @@ impl Trainer {
                     .into(),
             );
         }
+        if cfg.checkpoint.also_save_hf_checkpoint && cfg.peft.is_some() {
+            unsupported.push(
+                "`checkpoint.also_save_hf_checkpoint` = true with PEFT: an HF copy of adapters is \
+                 not written during training; run `mbridge export-hf --adapter-only` (or \
+                 `--merge-lora`) on the checkpoint"
+                    .into(),
+            );
+        }
         if !unsupported.is_empty() {
             bail!(
                 "this run asks for what mbridge's engine cannot do:\n  - {}",

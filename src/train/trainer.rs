@@ -483,8 +483,36 @@ impl Trainer {
                 self.state.step,
                 saved.dir.display()
             );
+            self.save_hf_copy(&saved.dir)?;
         }
         self.progress_of_save("Saved checkpoint")
+    }
+
+    /// `checkpoint.also_save_hf_checkpoint`: the committed checkpoint `iter_dir` exported to
+    /// `iter_dir/hf` as `mbridge export-hf` writes it (Megatron Bridge's layout). Synchronous,
+    /// on the rank that committed it, as Megatron Bridge's.
+    pub(super) fn save_hf_copy(&self, iter_dir: &std::path::Path) -> Result<()> {
+        if !self.cfg.checkpoint.also_save_hf_checkpoint {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let opts = crate::bridge::export::ExportOptions {
+            checkpoint: iter_dir.to_path_buf(),
+            out: iter_dir.join("hf"),
+            iteration: None,
+            dtype: None,
+            max_shard_bytes: 5_000_000_000,
+            merge_lora: false,
+            adapter_only: false,
+        };
+        let out = crate::bridge::export::export_hf(&opts)
+            .with_context(|| format!("cannot save the HF copy of {}", iter_dir.display()))?;
+        println!(
+            " saved Hugging Face checkpoint to {} ({:.1} s)",
+            out.display(),
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 
     /// `logger.log_progress`: the progress line of the save just made or submitted.
