@@ -145,14 +145,14 @@ fn fields_mbridge_does_not_act_on_are_refused_or_named() {
     let out = Command::cargo_bin("mbridge")
         .unwrap()
         .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
-        .args(["validation.test_mode=true", "+checkpoint.non_persistent_save_interval=5"])
+        .args(["validation.test_mode=true", "rng.data_parallel_random_init=true"])
         .assert()
         .failure()
         .get_output()
         .clone();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`validation.test_mode` = true: test mode is not implemented"), "{err}");
-    assert!(err.contains("`checkpoint.non_persistent_save_interval` = 5"), "{err}");
+    assert!(err.contains("`rng.data_parallel_random_init` = true"), "{err}");
     let out = Command::cargo_bin("mbridge")
         .unwrap()
         .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
@@ -326,4 +326,66 @@ fn also_save_hf_checkpoint_writes_the_export_beside_each_save() {
     assert!(resumed.contains("successfully saved checkpoint from iteration       5"), "{resumed}");
     assert!(!resumed.contains("saved checkpoint from iteration       2"), "{resumed}");
     assert!(ckpt.join("iter_0000005/hf/model.safetensors").exists());
+}
+
+/// Global non-persistent checkpoints (`checkpoint.non_persistent_save_interval`,
+/// `non_persistent_ckpt_type = "global"`): saved into `<save>/non_persistent` where no
+/// persistent one is saved, the two newest kept; a resume takes the newer of the persistent
+/// and the non-persistent checkpoint and continues the curve. Other kinds are refused.
+#[test]
+fn global_non_persistent_checkpoints_are_kept_two_deep_and_resume_when_newer() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let np = ckpt.join("non_persistent");
+    let pretrain = |iters: &str, extra: &[&str]| {
+        Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["pretrain", "--recipe", "tiny_llama", "validation.eval_iters=0", iters])
+            .args(["logger.log_interval=1", "checkpoint.save_interval=4"])
+            .args([
+                "checkpoint.non_persistent_save_interval=1",
+                "+checkpoint.non_persistent_ckpt_type=global",
+            ])
+            .arg(format!("checkpoint.save={}", ckpt.display()))
+            .arg(format!("checkpoint.load={}", ckpt.display()))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = pretrain("train.train_iters=6", &[]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let names = |d: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("iter_"))
+            .collect();
+        v.sort();
+        v
+    };
+    // Persistent: the interval's 4 and the final 6; non-persistent: 1, 2, 3, 5, 6 (the last
+    // iteration's too: the final persistent save comes after the loop, as in Megatron), of
+    // which the two newest remain.
+    assert_eq!(names(&ckpt), ["iter_0000004", "iter_0000006"]);
+    assert_eq!(names(&np), ["iter_0000005", "iter_0000006"]);
+    // A job that died after iteration 5's non-persistent save: nothing of 6 happened.
+    for d in [&ckpt, &np] {
+        std::fs::remove_dir_all(d.join("iter_0000006")).unwrap();
+    }
+    std::fs::write(ckpt.join("latest_checkpointed_iteration.txt"), "4").unwrap();
+    std::fs::write(np.join("latest_checkpointed_iteration.txt"), "5").unwrap();
+    let resumed = pretrain("train.train_iters=6", &[]);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{err}");
+    let want = format!("resumed from {} at iteration 5", np.join("iter_0000005").display());
+    assert!(err.contains(&want), "{err}");
+    let losses = |out: &std::process::Output| lm_losses(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(losses(&resumed), losses(&first)[5..], "iteration 6 after the resume");
+    // Only "global" is written.
+    let local = pretrain("train.train_iters=2", &["checkpoint.non_persistent_ckpt_type=local"]);
+    let err = String::from_utf8_lossy(&local.stderr);
+    assert!(
+        !local.status.success() && err.contains("\"global\" non-persistent checkpoints only"),
+        "{err}"
+    );
 }

@@ -29,6 +29,11 @@ pub fn iter_dir_name(iteration: u64) -> String {
     format!("iter_{iteration:07}")
 }
 
+/// The iteration an `iter_*` directory holds, from its name.
+pub fn iteration_of(dir: &Path) -> Option<u64> {
+    dir.file_name()?.to_str()?.strip_prefix("iter_")?.parse().ok()
+}
+
 /// The tensors one rank holds, with its coordinates.
 #[derive(Debug, Clone)]
 pub struct TensorSet {
@@ -376,8 +381,7 @@ fn complete_iterations(save: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let Ok(entries) = fs::read_dir(save) else { return Ok(out) };
     for e in entries {
         let e = e?;
-        let name = e.file_name().to_string_lossy().to_string();
-        if let Some(n) = name.strip_prefix("iter_").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(n) = iteration_of(&e.path()) {
             if is_complete(&e.path()) {
                 out.push((n, e.path()));
             }

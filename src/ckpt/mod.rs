@@ -21,7 +21,7 @@ pub mod shard_io;
 pub mod state;
 
 pub use format::{
-    find_checkpoint, is_complete, iter_dir_name, load_tensors, load_tensors_where,
+    find_checkpoint, is_complete, iter_dir_name, iteration_of, load_tensors, load_tensors_where,
     model_shard_name, prune_old, read_index, read_json, read_tracker, write_shard_files,
     CheckpointWrite, Index, IndexEntry, ShardFile, TensorSet,
 };

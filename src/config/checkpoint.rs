@@ -40,6 +40,33 @@ pub struct CheckpointConfig {
     pub save_tokenizer_assets: bool,
     pub also_save_hf_checkpoint: bool,
     pub use_checkpoint_args: bool,
+    /// Save a non-persistent checkpoint every this many iterations (where no persistent one
+    /// is saved): `non_persistent_ckpt_type = "global"`.
     pub non_persistent_save_interval: Option<usize>,
+    /// `"global"`: a checkpoint in [`Self::non_persistent_dir`] of which only the two newest are
+    /// kept, loaded instead of the persistent one when newer. Megatron's `"local"` and
+    /// `"in_memory"` (NVRx) are refused.
+    pub non_persistent_ckpt_type: Option<String>,
+    /// Where global non-persistent checkpoints go (default `<save>/non_persistent`).
+    pub non_persistent_global_ckpt_dir: Option<String>,
     pub verify_integrity: bool,
+}
+
+/// Megatron's subdirectory of the save directory for global non-persistent checkpoints.
+pub const NON_PERSISTENT_SUBDIR: &str = "non_persistent";
+
+impl CheckpointConfig {
+    /// The directory of global non-persistent checkpoints for a run saving to or loading from
+    /// `base`: `non_persistent_global_ckpt_dir`, else `<base>/non_persistent`; None when
+    /// non-persistent checkpoints are not global.
+    pub fn non_persistent_dir(&self, base: Option<&str>) -> Option<std::path::PathBuf> {
+        if self.non_persistent_ckpt_type.as_deref() != Some("global") {
+            return None;
+        }
+        match (&self.non_persistent_global_ckpt_dir, base) {
+            (Some(dir), _) => Some(dir.into()),
+            (None, Some(base)) => Some(std::path::Path::new(base).join(NON_PERSISTENT_SUBDIR)),
+            (None, None) => None,
+        }
+    }
 }

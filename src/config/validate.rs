@@ -78,6 +78,7 @@ pub fn finalize(
         ("train.train_iters", cfg.train.train_iters),
         ("train.train_samples", cfg.train.train_samples),
         ("checkpoint.save_interval", cfg.checkpoint.save_interval),
+        ("checkpoint.non_persistent_save_interval", cfg.checkpoint.non_persistent_save_interval),
         ("validation.eval_interval", cfg.validation.eval_interval),
     ] {
         if v == Some(0) {
@@ -406,6 +407,33 @@ pub fn finalize(
     }
     if cfg.checkpoint.async_save && cfg.checkpoint.save.is_none() {
         errs.push("`checkpoint.async_save` needs `checkpoint.save`".into());
+    }
+    let c = &cfg.checkpoint;
+    match c.non_persistent_ckpt_type.as_deref() {
+        None | Some("global") => {}
+        Some(kind @ ("local" | "in_memory")) => errs.push(format!(
+            "`checkpoint.non_persistent_ckpt_type` = {kind:?}: mbridge writes \"global\" \
+             non-persistent checkpoints only (NVRx's local and in-memory ones are not implemented)"
+        )),
+        Some(other) => errs.push(format!(
+            "`checkpoint.non_persistent_ckpt_type` = {other:?}: expected \"global\", \"local\" or \
+             \"in_memory\""
+        )),
+    }
+    if c.non_persistent_save_interval.is_some() {
+        if c.non_persistent_ckpt_type.is_none() {
+            errs.push(
+                "`checkpoint.non_persistent_save_interval` needs \
+                 `checkpoint.non_persistent_ckpt_type` = \"global\""
+                    .into(),
+            );
+        } else if c.non_persistent_dir(c.save.as_deref()).is_none() {
+            errs.push(
+                "`checkpoint.non_persistent_save_interval` needs `checkpoint.save` or \
+                 `checkpoint.non_persistent_global_ckpt_dir`"
+                    .into(),
+            );
+        }
     }
     if cfg.checkpoint.most_recent_k == 0 || cfg.checkpoint.most_recent_k < -1 {
         errs.push(format!(

@@ -299,7 +299,18 @@ impl Trainer {
         let c = &self.cfg.checkpoint;
         let resume = match &c.load {
             Some(load) => {
-                ckpt::find_checkpoint(&PathBuf::from(load), c.ckpt_step.map(|s| s as u64))?
+                let persistent =
+                    ckpt::find_checkpoint(&PathBuf::from(load), c.ckpt_step.map(|s| s as u64))?;
+                // A newer global non-persistent checkpoint wins, as in Megatron's load.
+                let non_persistent = match c.non_persistent_dir(Some(load)) {
+                    Some(dir) if c.ckpt_step.is_none() => ckpt::find_checkpoint(&dir, None)?,
+                    _ => None,
+                };
+                let iteration = |d: &Option<PathBuf>| d.as_deref().and_then(ckpt::iteration_of);
+                match (iteration(&persistent), iteration(&non_persistent)) {
+                    (p, Some(np)) if p.is_none_or(|p| np > p) => non_persistent,
+                    _ => persistent,
+                }
             }
             None => None,
         };

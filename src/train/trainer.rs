@@ -227,6 +227,16 @@ impl Trainer {
                     saved_at = Some(iteration);
                 }
             }
+            // A non-persistent checkpoint where no persistent one was just saved (Megatron's
+            // `elif`).
+            if let Some(every) = self.cfg.checkpoint.non_persistent_save_interval {
+                if iteration.is_multiple_of(every as u64)
+                    && reason == ExitReason::Finished
+                    && saved_at != Some(iteration)
+                {
+                    self.save_non_persistent()?;
+                }
+            }
             if let Some(mins) = self.cfg.train.exit_duration_in_mins {
                 if minutes > mins as f64 {
                     reason = ExitReason::ExitDuration;
@@ -456,8 +466,20 @@ impl Trainer {
     /// in flight is finished first). Every rank writes its own shards; rank 0 commits.
     pub fn save(&mut self) -> Result<()> {
         let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
-        let dir = PathBuf::from(dir);
-        let k = self.cfg.checkpoint.most_recent_k;
+        self.save_into(PathBuf::from(dir), self.cfg.checkpoint.most_recent_k)
+    }
+
+    /// A global non-persistent checkpoint (`checkpoint.non_persistent_save_interval`) into
+    /// [`crate::config::checkpoint::CheckpointConfig::non_persistent_dir`], where the two
+    /// newest are kept (Megatron removes all but the newest before each such save).
+    fn save_non_persistent(&mut self) -> Result<()> {
+        let c = &self.cfg.checkpoint;
+        let Some(dir) = c.non_persistent_dir(c.save.as_deref()) else { return Ok(()) };
+        self.save_into(dir, 2)
+    }
+
+    /// [`Self::save`] into `dir`, keeping its `k` newest checkpoints (-1: all).
+    fn save_into(&mut self, dir: PathBuf, k: i64) -> Result<()> {
         let t0 = Instant::now();
         let snapshot = self.checkpoint_snapshot()?;
         if self.cfg.checkpoint.async_save {
@@ -492,7 +514,10 @@ impl Trainer {
     /// `iter_dir/hf` as `mbridge export-hf` writes it (Megatron Bridge's layout). Synchronous,
     /// on the rank that committed it, as Megatron Bridge's.
     pub(super) fn save_hf_copy(&self, iter_dir: &std::path::Path) -> Result<()> {
-        if !self.cfg.checkpoint.also_save_hf_checkpoint {
+        let c = &self.cfg.checkpoint;
+        // Not for non-persistent checkpoints, which are only for resuming.
+        let non_persistent = c.non_persistent_dir(c.save.as_deref());
+        if !c.also_save_hf_checkpoint || iter_dir.parent() == non_persistent.as_deref() {
             return Ok(());
         }
         let t0 = Instant::now();
