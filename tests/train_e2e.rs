@@ -17,23 +17,23 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-#[test]
-fn pretrain_through_the_binary_logs_and_learns() {
+/// The stdout of `mbridge pretrain --recipe tiny_llama <overrides>`, which must succeed.
+fn pretrain_stdout<S: AsRef<std::ffi::OsStr>>(overrides: impl IntoIterator<Item = S>) -> String {
     let out = Command::cargo_bin("mbridge")
         .unwrap()
-        .args([
-            "pretrain",
-            "--recipe",
-            "tiny_llama",
-            "train.train_iters=30",
-            "logger.log_interval=5",
-        ])
+        .args(["pretrain", "--recipe", "tiny_llama"])
+        .args(overrides)
         .assert()
         .success()
         .get_output()
         .stdout
         .clone();
-    let out = String::from_utf8(out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn pretrain_through_the_binary_logs_and_learns() {
+    let out = pretrain_stdout(["train.train_iters=30", "logger.log_interval=5"]);
     let losses = lm_losses(&out);
     assert_eq!(losses.len(), 6, "{out}");
     assert!(losses[5] < losses[0] * 0.8, "loss did not fall: {losses:?}");
@@ -174,19 +174,10 @@ fn fields_mbridge_does_not_act_on_are_refused_or_named() {
 fn skip_train_evaluates_the_loaded_checkpoint_and_saves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    let pretrain = |extra: &[String]| -> String {
-        let out = Command::cargo_bin("mbridge")
-            .unwrap()
-            .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=6"])
-            .args(["logger.log_interval=1", "validation.eval_interval=100"])
-            .arg(format!("checkpoint.save={}", ckpt.display()))
-            .args(extra)
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone();
-        String::from_utf8(out).unwrap()
+    let pretrain = |extra: &[String]| {
+        let base = ["train.train_iters=6", "logger.log_interval=1", "validation.eval_interval=100"];
+        let save = format!("checkpoint.save={}", ckpt.display());
+        pretrain_stdout(base.iter().map(|s| s.to_string()).chain([save]).chain(extra.to_vec()))
     };
     let trained = pretrain(&[]);
     let eval_lines = |out: &str| -> Vec<String> {
@@ -264,16 +255,11 @@ fn log_progress_appends_megatrons_progress_lines() {
 /// iteration) without printing a training log line.
 #[test]
 fn skip_train_metrics_log_trains_without_training_lines() {
-    let out = Command::cargo_bin("mbridge")
-        .unwrap()
-        .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=4"])
-        .args(["logger.log_interval=1", "logger.skip_train_metrics_log=true"])
-        .assert()
-        .success()
-        .get_output()
-        .stdout
-        .clone();
-    let out = String::from_utf8(out).unwrap();
+    let out = pretrain_stdout([
+        "train.train_iters=4",
+        "logger.log_interval=1",
+        "logger.skip_train_metrics_log=true",
+    ]);
     assert!(lm_losses(&out).is_empty(), "{out}");
     assert!(out.contains("validation loss at iteration 4 on validation set"), "{out}");
 }
@@ -285,18 +271,14 @@ fn also_save_hf_checkpoint_writes_the_export_beside_each_save() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     let pretrain = |iters: &str| {
-        let out = Command::cargo_bin("mbridge")
-            .unwrap()
-            .args(["pretrain", "--recipe", "tiny_llama", "validation.eval_iters=0", iters])
-            .args(["checkpoint.also_save_hf_checkpoint=true", "checkpoint.save_interval=2"])
-            .arg(format!("checkpoint.save={}", ckpt.display()))
-            .arg(format!("checkpoint.load={}", ckpt.display()))
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone();
-        String::from_utf8(out).unwrap()
+        pretrain_stdout([
+            "validation.eval_iters=0".to_string(),
+            iters.to_string(),
+            "checkpoint.also_save_hf_checkpoint=true".into(),
+            "checkpoint.save_interval=2".into(),
+            format!("checkpoint.save={}", ckpt.display()),
+            format!("checkpoint.load={}", ckpt.display()),
+        ])
     };
     let out = pretrain("train.train_iters=4");
     assert!(

@@ -69,11 +69,15 @@ pub fn sci(x: f64) -> String {
             "-INF".into()
         };
     }
-    let s = format!("{x:.6E}");
-    // Rust prints `3.000000E-4`; Python pads the exponent to two digits with a sign.
-    let (mantissa, exp) = s.split_once('E').expect("E format");
+    python_exponent(&format!("{x:.6E}"), 'E')
+}
+
+/// Rust's exponent notation (`3.000000E-4`, `3.00e12`) as Python writes it: the exponent
+/// with a sign and at least two digits (`3.000000E-04`, `3.00e+12`). `e` is the exponent mark.
+pub fn python_exponent(rust: &str, e: char) -> String {
+    let (mantissa, exp) = rust.split_once(e).expect("exponent notation");
     let exp: i32 = exp.parse().expect("exponent");
-    format!("{mantissa}E{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    format!("{mantissa}{e}{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
 }
 
 /// Perplexity as Megatron reports it: `exp(min(20, loss))`.
@@ -110,9 +114,9 @@ mod tests {
         assert_eq!(format!("{:8}", 100), "     100");
     }
 
-    #[test]
-    fn log_line_matches_megatron_example() {
-        let line = LogLine {
+    /// Megatron's example line (iteration 100 of 1000, global batch 512).
+    fn example() -> LogLine {
+        LogLine {
             iteration: 100,
             train_iters: 1000,
             consumed_samples: 51200,
@@ -128,9 +132,13 @@ mod tests {
             params_norm: None,
             skipped_iterations: 0,
             nan_iterations: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn log_line_matches_megatron_example() {
         assert_eq!(
-            line.render("2026-01-01 12:00:00"),
+            example().render("2026-01-01 12:00:00"),
             " [2026-01-01 12:00:00] iteration      100/    1000 | consumed samples:        51200 | elapsed time per iteration (ms): 1234.5 | learning rate: 3.000000E-04 | global batch size:   512 | lm loss: 2.345678E+00 | loss scale: 1.0 | grad norm: 0.812 | number of skipped iterations:   0 | number of nan iterations:   0 |"
         );
     }
@@ -138,26 +146,9 @@ mod tests {
     /// `logger.log_params_norm`: Megatron's ` params norm: {:.3} |` right after the grad norm.
     #[test]
     fn params_norm_follows_the_grad_norm() {
-        let line = LogLine {
-            iteration: 1,
-            train_iters: 2,
-            consumed_samples: 8,
-            skipped_samples: 0,
-            elapsed_ms_per_iter: 10.0,
-            tflops_per_gpu: None,
-            mem_max_allocated_gb: None,
-            learning_rate: 1e-4,
-            global_batch_size: 8,
-            lm_loss: Some(1.0),
-            loss_scale: 1.0,
-            grad_norm: Some(0.5),
-            params_norm: Some(123.45678),
-            skipped_iterations: 0,
-            nan_iterations: 0,
-        };
-        let r = line.render("t");
+        let r = LogLine { params_norm: Some(123.45678), ..example() }.render("t");
         assert!(
-            r.contains("| grad norm: 0.500 | params norm: 123.457 | number of skipped iterations:"),
+            r.contains("| grad norm: 0.812 | params norm: 123.457 | number of skipped iterations:"),
             "{r}"
         );
     }
@@ -165,21 +156,10 @@ mod tests {
     #[test]
     fn gpu_peak_memory_follows_throughput() {
         let line = LogLine {
-            iteration: 5,
-            train_iters: 10,
-            consumed_samples: 10,
-            skipped_samples: 0,
-            elapsed_ms_per_iter: 100.0,
             tflops_per_gpu: Some(512.25),
             mem_max_allocated_gb: Some(19.876),
-            learning_rate: 1e-4,
-            global_batch_size: 2,
-            lm_loss: Some(1.0),
-            loss_scale: 1.0,
             grad_norm: None,
-            params_norm: None,
-            skipped_iterations: 0,
-            nan_iterations: 0,
+            ..example()
         };
         let r = line.render("t");
         assert!(

@@ -124,10 +124,10 @@ fn start_of_world_size(text: &str, world_size: usize) -> Option<(NaiveDateTime, 
 
 /// Python's `f"{x:.2e}"`: `3.15e+18`.
 fn exp2(x: f64) -> String {
-    let s = format!("{x:.2e}");
-    let (mantissa, exp) = s.split_once('e').expect("e format");
-    let exp: i32 = exp.parse().expect("exponent");
-    format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    if !x.is_finite() {
+        return format!("{x}");
+    }
+    super::log::python_exponent(&format!("{x:.2e}"), 'e')
 }
 
 #[cfg(test)]
@@ -139,6 +139,7 @@ mod tests {
         assert_eq!(exp2(3.0e12), "3.00e+12");
         assert_eq!(exp2(0.0), "0.00e+00");
         assert_eq!(exp2(1.234e-5), "1.23e-05");
+        assert_eq!(exp2(f64::INFINITY), "inf");
     }
 
     /// The start is the first `Starting job` after the last change of world size, with the
