@@ -269,7 +269,6 @@ impl Trainer {
     }
 }
 
-/// The "successfully saved" line for a finished background save.
 fn finite_or_null(x: f64) -> Value {
     if x.is_finite() {
         json!(x)
