@@ -194,6 +194,7 @@ fn tensorboard_tags_metrics_jsonl_and_wandb_command() {
             "++logger.log_timers_to_tensorboard=true",
         ])
         .args(["++logger.wandb_project=my-proj", "++logger.wandb_entity=team"])
+        .arg("logger.log_params_norm=true")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -216,6 +217,7 @@ fn tensorboard_tags_metrics_jsonl_and_wandb_command() {
         "throughput/tflops/device",
         "iteration-time",
         "mem-resident-bytes",
+        "params-norm",
     ] {
         assert_eq!(steps(tag), [1, 2, 3, 4, 5, 6], "{tag}");
     }
@@ -233,6 +235,15 @@ fn tensorboard_tags_metrics_jsonl_and_wandb_command() {
     assert_eq!(train[5]["iteration"], 6);
     assert!(train[5]["lm loss"].as_f64().unwrap() > 0.0);
     assert!(train[0]["throughput/tflops/device"].as_f64().unwrap() > 0.0);
+    // The log line's params norm (iterations 2, 4, 6) is the one TensorBoard and the metrics
+    // file got.
+    let logged: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| l.split("params norm: ").nth(1))
+        .map(|r| r[..r.find(' ').unwrap()].to_string())
+        .collect();
+    assert_eq!(logged.len(), 3, "{stdout}");
+    assert_eq!(format!("{:.3}", train[5]["params-norm"].as_f64().unwrap()), logged[2]);
     assert_eq!(lines.iter().filter(|l| l["kind"] == "validation").count(), 2);
     assert_eq!(lines.iter().filter(|l| l["kind"] == "test").count(), 1);
     // W&B without a TensorBoard directory: no silent fallback.

@@ -86,17 +86,29 @@ impl Trainer {
         Ok(Some(loss))
     }
 
-    /// Prints the log line of the iterations in `w` (on the reporting rank) and returns the
-    /// parameters' norm it shows with `logger.log_params_norm` (a collective: every rank
-    /// calls this).
+    /// `logger.log_params_norm`: the parameters' norm after `iteration` where a log line or
+    /// TensorBoard reports it (a collective: every rank calls this).
+    pub(super) fn params_norm_to_report(&self, iteration: u64) -> Result<Option<f64>> {
+        let l = &self.cfg.logger;
+        let logged = iteration.is_multiple_of(l.log_interval as u64);
+        let tensorboard = l.tensorboard_dir.is_some()
+            && iteration.is_multiple_of(l.tensorboard_log_interval.max(1) as u64);
+        Ok(if l.log_params_norm && (logged || tensorboard) {
+            Some(self.params_norm()?)
+        } else {
+            None
+        })
+    }
+
+    /// Prints the log line of the iterations in `w` (on the reporting rank), with
+    /// `params_norm` when it is logged.
     pub(super) fn log(
         &mut self,
         iteration: u64,
         w: &mut Window,
         flops_per_iter: f64,
-    ) -> Result<Option<f64>> {
-        let params_norm =
-            if self.cfg.logger.log_params_norm { Some(self.params_norm()?) } else { None };
+        params_norm: Option<f64>,
+    ) -> Result<()> {
         let iters = w.iterations.max(1) as f64;
         let secs_per_iter = w.seconds / iters;
         let mem = super::memory::device_memory(&self.device);
@@ -130,7 +142,7 @@ impl Trainer {
             }
         }
         *w = Window::default();
-        Ok(params_norm)
+        Ok(())
     }
 
     /// TFLOP/s per device for an iteration of `seconds`, when throughput is logged.
@@ -146,6 +158,7 @@ impl Trainer {
         s: &StepResult,
         seconds: f64,
         flops_per_iter: f64,
+        params_norm: Option<f64>,
     ) -> Result<()> {
         let every = self.cfg.logger.tensorboard_log_interval.max(1) as u64;
         let tflops = self.tflops(seconds, flops_per_iter);
@@ -170,6 +183,10 @@ impl Trainer {
         if let Some(g) = s.grad_norm {
             tb.add_scalar("grad-norm", g as f32, it)?;
             tb.add_scalar("grad-norm vs samples", g as f32, samples)?;
+        }
+        if let Some(p) = params_norm {
+            tb.add_scalar("params-norm", p as f32, it)?;
+            tb.add_scalar("params-norm vs samples", p as f32, samples)?;
         }
         let skipped = self.state.skipped_train_samples;
         tb.add_scalar("skipped-train-samples", skipped as f32, it)?;
@@ -200,6 +217,7 @@ impl Trainer {
         s: &StepResult,
         seconds: f64,
         flops_per_iter: f64,
+        params_norm: Option<f64>,
     ) -> Result<()> {
         if self.metrics.is_none() {
             return Ok(());
@@ -217,6 +235,9 @@ impl Trainer {
         });
         if let Some(t) = self.tflops(seconds, flops_per_iter) {
             line["throughput/tflops/device"] = json!(t);
+        }
+        if let Some(p) = params_norm {
+            line["params-norm"] = json!(p);
         }
         self.append_metrics(line)
     }

@@ -50,7 +50,8 @@ pub struct TrainOutcome {
     pub grad_norms: Vec<(u64, Option<f64>)>,
     /// Learning rate of every iteration as the log line shows it: after the scheduler advanced.
     pub lrs: Vec<(u64, f64)>,
-    /// The parameters' L2 norm after each logged iteration (`logger.log_params_norm`).
+    /// The parameters' L2 norm after each iteration that the log line or TensorBoard reports
+    /// (`logger.log_params_norm`).
     pub params_norms: Vec<(u64, f64)>,
     pub last_validation_loss: Option<f64>,
 }
@@ -197,13 +198,15 @@ impl Trainer {
             // `logger.skip_train_metrics_log`: no training metrics to any backend (console,
             // TensorBoard, the metrics file), as Megatron Bridge skips `training_log`.
             if !self.cfg.logger.skip_train_metrics_log {
-                self.write_metrics(iteration, &step, seconds, flops_per_iter)?;
-                if iteration.is_multiple_of(self.cfg.logger.log_interval as u64) {
-                    if let Some(norm) = self.log(iteration, &mut window, flops_per_iter)? {
-                        params_norms.push((iteration, norm));
-                    }
+                let params_norm = self.params_norm_to_report(iteration)?;
+                if let Some(norm) = params_norm {
+                    params_norms.push((iteration, norm));
                 }
-                self.tensorboard(iteration, &step, seconds, flops_per_iter)?;
+                self.write_metrics(iteration, &step, seconds, flops_per_iter, params_norm)?;
+                if iteration.is_multiple_of(self.cfg.logger.log_interval as u64) {
+                    self.log(iteration, &mut window, flops_per_iter, params_norm)?;
+                }
+                self.tensorboard(iteration, &step, seconds, flops_per_iter, params_norm)?;
             }
             if let Some(every) = self.cfg.validation.eval_interval {
                 if self.eval_enabled()
