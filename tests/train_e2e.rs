@@ -371,3 +371,39 @@ fn global_non_persistent_checkpoints_are_kept_two_deep_and_resume_when_newer() {
         "{err}"
     );
 }
+
+/// `checkpoint.use_checkpoint_args`: a run loading a checkpoint takes the model architecture
+/// from the checkpoint's config, so evaluating a 3-layer checkpoint with the 2-layer recipe
+/// gives the training run's validation loss; without it the shapes do not match.
+#[test]
+fn use_checkpoint_args_takes_the_architecture_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let save = format!("checkpoint.save={}", ckpt.display());
+    let base = ["train.train_iters=3", "validation.eval_interval=100"];
+    let trained = pretrain_stdout(base.iter().map(|s| s.to_string()).chain([
+        save.clone(),
+        "model.num_layers=3".into(),
+        "model.ffn_hidden_size=96".into(),
+    ]));
+    let val = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("validation loss at iteration 3 on validation set"))
+            .map(String::from)
+    };
+    let want = val(&trained).expect("a validation line");
+    let load = format!("checkpoint.load={}", ckpt.display());
+    let evaluated = pretrain_stdout(base.iter().map(|s| s.to_string()).chain([
+        load.clone(),
+        "validation.skip_train=true".into(),
+        "checkpoint.use_checkpoint_args=true".into(),
+    ]));
+    assert!(evaluated.contains("model: 3 layers, hidden 64, ffn 96"), "{evaluated}");
+    assert_eq!(val(&evaluated), Some(want), "{evaluated}");
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["pretrain", "--recipe", "tiny_llama", "validation.skip_train=true", &load])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the 2-layer recipe loaded a 3-layer checkpoint");
+}

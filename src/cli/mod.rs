@@ -1,5 +1,6 @@
 //! Command-line interface: one file per subcommand, each a thin call into the library.
 
+mod checkpoint_args;
 mod config_args;
 mod config_cmd;
 mod data_cmd;

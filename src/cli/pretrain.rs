@@ -90,12 +90,19 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     }
     let env = discover_from_process_env()?;
     let loaded = load(&args.config.request(task, args.peft.map(Into::into)))?;
+    let (loaded, args_from) = super::checkpoint_args::apply(loaded)?;
     // Ranks started by SLURM/OpenMPI know the world size from the environment too.
     let ranks = world_size(args.world_size).or((env.world_size > 1).then_some(env.world_size));
     let fin = finalize(loaded.cfg.clone(), ranks, None)?;
     if env.rank == 0 {
         for w in loaded.raw.replaced_overrides().iter().chain(&fin.warnings) {
             tracing::warn!("{w}");
+        }
+        if let Some(dir) = &args_from {
+            tracing::info!(
+                "model architecture from {} (checkpoint.use_checkpoint_args)",
+                dir.join("run_config.toml").display()
+            );
         }
         super::out(&plan(&fin, args.config.recipe.as_deref()));
     }

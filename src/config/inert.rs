@@ -19,7 +19,6 @@ use super::container::ConfigContainer;
 pub const REFUSED: &[(&str, &str)] = &[
     ("checkpoint.ckpt_format", "mbridge writes its own sharded safetensors format (loaded by `checkpoint.load` and `mbridge export-hf`), not the other formats"),
     ("checkpoint.load_main_params_from_ckpt", "loading fp32 main parameters as the model weights is not implemented"),
-    ("checkpoint.use_checkpoint_args", "reading the model config from a checkpoint is not implemented; give the model in the recipe"),
     ("checkpoint.verify_integrity", "checkpoint integrity verification is not implemented"),
     ("logger.log_l2_norm_grad_to_tensorboard", "per-parameter gradient norms are not logged"),
     ("logger.save_config_filepath", "the config is not saved there; `mbridge config show` prints it, and checkpoints keep run_config.toml"),
