@@ -145,14 +145,14 @@ fn fields_mbridge_does_not_act_on_are_refused_or_named() {
     let out = Command::cargo_bin("mbridge")
         .unwrap()
         .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
-        .args(["validation.test_mode=true", "rng.data_parallel_random_init=true"])
+        .args(["validation.test_mode=true", "validation.full_validation=true"])
         .assert()
         .failure()
         .get_output()
         .clone();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`validation.test_mode` = true: test mode is not implemented"), "{err}");
-    assert!(err.contains("`rng.data_parallel_random_init` = true"), "{err}");
+    assert!(err.contains("`validation.full_validation` = true"), "{err}");
     let out = Command::cargo_bin("mbridge")
         .unwrap()
         .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
