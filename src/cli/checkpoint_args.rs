@@ -5,11 +5,11 @@
 //! stay the run's own. Without a checkpoint there, the config is used as it is, as Megatron
 //! does.
 
-use crate::ckpt;
 use crate::config::raw::{get, Source};
 use crate::config::recipes::parse_toml;
 use crate::config::{schema, ConfigResult, LoadedConfig};
 use crate::config_err;
+use crate::train::checkpointing::checkpoint_to_resume;
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -55,10 +55,11 @@ pub fn apply(mut loaded: LoadedConfig) -> ConfigResult<(LoadedConfig, Option<Pat
     if !c.use_checkpoint_args {
         return Ok((loaded, None));
     }
-    let Some(load) = &c.load else {
+    if c.load.is_none() {
         return Err(config_err!("`checkpoint.use_checkpoint_args` needs `checkpoint.load`"));
-    };
-    let found = ckpt::find_checkpoint(&PathBuf::from(load), c.ckpt_step.map(|s| s as u64))
+    }
+    // The checkpoint the run will resume, a newer non-persistent one included.
+    let found = checkpoint_to_resume(c)
         .map_err(|e| config_err!("`checkpoint.use_checkpoint_args`: {e:#}"))?;
     let Some(dir) = found else { return Ok((loaded, None)) };
     let path = dir.join("run_config.toml");

@@ -10,12 +10,29 @@ use serde_json::json;
 
 use crate::bridge::import::TOKENIZER_FILES;
 use crate::ckpt::{self, OwnedCheckpoint, Partition, ShardedParam, TensorSet, TrainState};
+use crate::config::checkpoint::CheckpointConfig;
 use crate::config::tokenizer::{TokenizerConfig, TokenizerType};
 use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
 use crate::train::optimizer::OptimizerState;
 use crate::train::scheduler::{OptimizerParamScheduler, ResumePolicy, SchedulerState};
 use crate::train::trainer::Trainer;
+
+/// The checkpoint a run with `c` resumes: `checkpoint.load`'s (`ckpt_step`'s when set), or
+/// the global non-persistent one beside it when that is newer, as Megatron's load picks.
+pub fn checkpoint_to_resume(c: &CheckpointConfig) -> Result<Option<PathBuf>> {
+    let Some(load) = &c.load else { return Ok(None) };
+    let persistent = ckpt::find_checkpoint(&PathBuf::from(load), c.ckpt_step.map(|s| s as u64))?;
+    let non_persistent = match c.non_persistent_dir(Some(load)) {
+        Some(dir) if c.ckpt_step.is_none() => ckpt::find_checkpoint(&dir, None)?,
+        _ => None,
+    };
+    let iteration = |d: &Option<PathBuf>| d.as_deref().and_then(ckpt::iteration_of);
+    Ok(match (iteration(&persistent), iteration(&non_persistent)) {
+        (p, Some(np)) if p.is_none_or(|p| np > p) => non_persistent,
+        _ => persistent,
+    })
+}
 
 /// The checkpoint partition of a model parameter.
 pub fn partition_of(p: &Param) -> Partition {

@@ -96,9 +96,12 @@ pub fn validation_box(prefix: &str, lm_loss: f64) -> String {
     format!("{rule}\n{body}\n{rule}")
 }
 
-/// Local wall-clock time as `%Y-%m-%d %H:%M:%S`.
+/// Megatron's timestamps (`datetime.now().strftime(...)`): `2026-01-01 12:00:00`.
+pub const TIMESTAMP_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+
+/// Local wall-clock time as [`TIMESTAMP_FORMAT`].
 pub fn timestamp() -> String {
-    chrono::Local::now().format("%Y-%m-%d %H:%M:%S").to_string()
+    chrono::Local::now().format(TIMESTAMP_FORMAT).to_string()
 }
 
 #[cfg(test)]

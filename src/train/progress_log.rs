@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use chrono::{Local, NaiveDateTime};
 
-const TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+use super::log::{timestamp, TIMESTAMP_FORMAT};
 
 /// The progress file of one job (rank 0 of a run that saves checkpoints).
 #[derive(Debug)]
@@ -54,11 +54,8 @@ impl ProgressLog {
     /// Appends `{time}\tJob ID: {SLURM_JOB_ID}\t# GPUs: {world}\t{message}`.
     pub fn append(&self, message: &str) -> Result<()> {
         let job_id = std::env::var("SLURM_JOB_ID").unwrap_or_default();
-        let line = format!(
-            "{}\tJob ID: {job_id}\t# GPUs: {}\t{message}\n",
-            Local::now().format(TIME_FORMAT),
-            self.world_size
-        );
+        let line =
+            format!("{}\tJob ID: {job_id}\t# GPUs: {}\t{message}\n", timestamp(), self.world_size);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -115,7 +112,7 @@ fn start_of_world_size(text: &str, world_size: usize) -> Option<(NaiveDateTime, 
             continue;
         }
         if tokens.get(3) == Some(&"Starting job") && start.is_none() {
-            let time = NaiveDateTime::parse_from_str(tokens[0], TIME_FORMAT).ok()?;
+            let time = NaiveDateTime::parse_from_str(tokens[0], TIMESTAMP_FORMAT).ok()?;
             start = Some((time, latest_flops));
         }
     }
@@ -154,7 +151,7 @@ mod tests {
 2026-01-01 13:00:00\tJob ID: 3\t# GPUs: 8\tStarting job
 ";
         let (t, flops) = start_of_world_size(text, 8).unwrap();
-        assert_eq!(t.format(TIME_FORMAT).to_string(), "2026-01-01 12:00:00");
+        assert_eq!(t.format(TIMESTAMP_FORMAT).to_string(), "2026-01-01 12:00:00");
         assert_eq!(flops, 1.0e15);
         // World size 8 came after 4's jobs: their start no longer counts.
         assert!(start_of_world_size(text, 4).is_none());

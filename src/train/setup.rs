@@ -297,23 +297,7 @@ impl Trainer {
     /// Resume from `checkpoint.load`, or start from `checkpoint.pretrained_checkpoint`.
     fn restore(&mut self) -> Result<()> {
         let c = &self.cfg.checkpoint;
-        let resume = match &c.load {
-            Some(load) => {
-                let persistent =
-                    ckpt::find_checkpoint(&PathBuf::from(load), c.ckpt_step.map(|s| s as u64))?;
-                // A newer global non-persistent checkpoint wins, as in Megatron's load.
-                let non_persistent = match c.non_persistent_dir(Some(load)) {
-                    Some(dir) if c.ckpt_step.is_none() => ckpt::find_checkpoint(&dir, None)?,
-                    _ => None,
-                };
-                let iteration = |d: &Option<PathBuf>| d.as_deref().and_then(ckpt::iteration_of);
-                match (iteration(&persistent), iteration(&non_persistent)) {
-                    (p, Some(np)) if p.is_none_or(|p| np > p) => non_persistent,
-                    _ => persistent,
-                }
-            }
-            None => None,
-        };
+        let resume = checkpointing::checkpoint_to_resume(c)?;
         let peft = self.chunks[0].params().peft().is_some();
         if peft {
             // The frozen base always comes from the pretrained checkpoint; `load` then adds
