@@ -2,7 +2,7 @@
 //! written back in their own layout; family quirks and refusals.
 
 use mbridge::bridge::hf_config::{parse_config, to_hf_config, Family, Layout};
-use mbridge::config::model::DType;
+use mbridge::config::model::{DType, PositionEmbedding};
 use serde_json::{json, Value};
 
 /// Llama-3.1-8B's config.json in both transformers layouts.
@@ -79,7 +79,7 @@ fn family_quirks_and_refusals() {
         ("hidden_act", json!("gelu"), "hidden_act"),
         ("attention_bias", json!(true), "attention_bias"),
         ("num_local_experts", json!(8), "mixture-of-experts"),
-        ("rope_scaling", json!({"rope_type": "yarn", "factor": 4.0}), "yarn"),
+        ("rope_scaling", json!({"rope_type": "dynamic", "factor": 4.0}), "dynamic"),
     ] {
         let mut c = llama31(Layout::Transformers4);
         c[key] = val;
@@ -89,4 +89,40 @@ fn family_quirks_and_refusals() {
     let mut c = llama31(Layout::Transformers4);
     c["rope_scaling"]["high_freq_factor"] = json!(2.0);
     assert!(parse_config(&c, "c").unwrap_err().to_string().contains("high_freq_factor"));
+}
+
+/// `rope_type = "yarn"` maps onto Megatron Bridge's `yarn_*` fields (the original context
+/// defaulting to `max_position_embeddings`, as transformers does) and exports back unchanged,
+/// in both transformers layouts.
+#[test]
+fn yarn_rope_scaling_round_trips() {
+    for layout in [Layout::Transformers4, Layout::Transformers5] {
+        let mut c = llama31(layout);
+        let yarn = json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 16.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": false});
+        match layout {
+            Layout::Transformers4 => c["rope_scaling"] = yarn,
+            Layout::Transformers5 => {
+                let mut p = yarn;
+                p["rope_theta"] = json!(500000.0);
+                c["rope_parameters"] = p;
+            }
+        }
+        let parsed = parse_config(&c, "c").unwrap();
+        let m = &parsed.model;
+        assert_eq!(m.position_embedding_type, PositionEmbedding::Yarn);
+        assert!(!m.rope_scaling);
+        assert_eq!(m.yarn_rotary_scaling_factor, Some(4.0));
+        assert_eq!(m.yarn_original_max_position_embeddings, Some(4096));
+        assert_eq!((m.yarn_beta_fast, m.yarn_beta_slow), (Some(16.0), None));
+        assert_eq!((m.yarn_mscale, m.yarn_mscale_all_dim), (Some(1.0), Some(0.5)));
+        assert_eq!(m.yarn_correction_range_round_to_int, Some(false));
+        let out = to_hf_config(m, parsed.family, parsed.vocab_size, DType::BF16, Some(&c)).unwrap();
+        assert_eq!(parse_config(&out, "out").unwrap().model, *m, "{out}");
+        // Without its own original context, transformers takes max_position_embeddings.
+        let key = if layout == Layout::Transformers4 { "rope_scaling" } else { "rope_parameters" };
+        c[key].as_object_mut().unwrap().remove("original_max_position_embeddings");
+        let m = parse_config(&c, "c").unwrap().model;
+        assert_eq!(m.yarn_original_max_position_embeddings, m.max_position_embeddings);
+    }
 }

@@ -37,7 +37,7 @@ fn params(tp: usize) -> Vec<TensorSet> {
         .collect()
 }
 
-fn save(dir: &Path, iteration: u64, tp: usize, k: i64) -> std::path::PathBuf {
+fn save(dir: &Path, iteration: u64, tp: usize, k: impl Into<Retention>) -> std::path::PathBuf {
     let model = params(tp);
     let state =
         TrainState { step: iteration, consumed_train_samples: iteration * 8, ..Default::default() };
@@ -90,13 +90,39 @@ fn most_recent_k_keeps_the_newest() {
     for it in [100, 200, 300] {
         save(dir.path(), it, 1, 2);
     }
-    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+    assert_eq!(iteration_dirs(dir.path()), ["iter_0000200", "iter_0000300"]);
+}
+
+/// The `iter_*` directories under `dir`, sorted.
+fn iteration_dirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .filter(|n| n.starts_with("iter_"))
         .collect();
     names.sort();
-    assert_eq!(names, ["iter_0000200", "iter_0000300"]);
+    names
+}
+
+/// `checkpoint.save_retain_interval`: a checkpoint at a multiple of it stays; the others go
+/// once a newer one is committed (Megatron's rule), or beyond `most_recent_k` when that is set.
+#[test]
+fn save_retain_interval_keeps_multiples_and_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let retain = |k: i64| Retention { most_recent_k: k, retain_interval: Some(200) };
+    for it in [100, 200, 300, 400, 500] {
+        save(dir.path(), it, 1, retain(-1));
+    }
+    assert_eq!(iteration_dirs(dir.path()), ["iter_0000200", "iter_0000400", "iter_0000500"]);
+    let dir = tempfile::tempdir().unwrap();
+    for it in [100, 200, 300, 400, 500, 700] {
+        save(dir.path(), it, 1, retain(3));
+    }
+    // The three newest, and 200 (retained) beyond them.
+    assert_eq!(
+        iteration_dirs(dir.path()),
+        ["iter_0000200", "iter_0000400", "iter_0000500", "iter_0000700"]
+    );
 }
 
 #[test]

@@ -262,6 +262,18 @@ fn remaining_rules() {
         (&["+train.rampup_batch_size=[1, 1, 8]"], "rampup_batch_size` is not supported"),
         (&["+checkpoint.ckpt_step=3"], "`checkpoint.ckpt_step` needs `checkpoint.load`"),
         (&["checkpoint.most_recent_k=0"], "most_recent_k"),
+        (
+            &["checkpoint.save_retain_interval=15", "checkpoint.save_interval=10"],
+            "`checkpoint.save_retain_interval` (15) must be a multiple of `checkpoint.save_interval` (10)",
+        ),
+        (
+            &["validation.multiple_validation_sets=true"],
+            "`validation.multiple_validation_sets` requires `validation.full_validation`",
+        ),
+        (
+            &["validation.validation_set_names=[\"wiki\"]"],
+            "`validation.validation_set_names` requires `validation.multiple_validation_sets`",
+        ),
         (&["profiling.profile_step_end=1"], "profile_step_end"),
         (&["+model.max_position_embeddings=32"], "exceeds `model.max_position_embeddings` (32)"),
         (
@@ -273,6 +285,27 @@ fn remaining_rules() {
         let e = err("tiny_llama", ovs);
         assert!(e.contains(needle), "{ovs:?}: missing `{needle}` in:\n{e}");
     }
+}
+
+/// Megatron Bridge v0.2 kept `eval_iters`, `eval_interval` and `skip_train` on `train`; a
+/// value there still lands in `validation`, with a deprecation warning. megatron-core's
+/// dataset copies of `full_validation` and `multiple_validation_sets` turn them on as well.
+#[test]
+fn deprecated_train_fields_move_to_validation() {
+    let f = resolve(
+        "tiny_llama",
+        &["train.eval_iters=7", "train.eval_interval=5", "train.skip_train=true"],
+    )
+    .unwrap();
+    let v = &f.cfg.validation;
+    assert_eq!((v.eval_iters, v.eval_interval, v.skip_train), (Some(7), Some(5), true));
+    let deprecated: Vec<_> = f.warnings.iter().filter(|w| w.contains("deprecated")).collect();
+    assert_eq!(deprecated.len(), 3, "{:?}", f.warnings);
+    assert!(deprecated[0].contains("use `validation.eval_iters` instead"), "{deprecated:?}");
+    let f = resolve("tiny_llama", &[]).unwrap();
+    assert!(!f.warnings.iter().any(|w| w.contains("deprecated")), "{:?}", f.warnings);
+    let f = resolve("tiny_llama", &["dataset.full_validation=true"]).unwrap();
+    assert!(f.cfg.validation.full_validation);
 }
 
 #[test]

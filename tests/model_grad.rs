@@ -102,7 +102,7 @@ fn attention_layer_grad() {
             arch.head_dim,
             arch.rotary_percent,
             arch.rotary_base,
-            arch.rope_scaling_factor,
+            arch.rope_scaling,
             None,
         )
         .unwrap();

@@ -2,6 +2,7 @@
 //! equal ours after mapping the HF weights onto Megatron names and fused layouts.
 
 use candle_core::{DType, Device, Tensor};
+use mbridge::bridge::hf_config::parse_config;
 use mbridge::bridge::mapping::{export_to_hf_state, load_from_hf_state, megatron_to_hf};
 use mbridge::config::model::{Activation, ModelConfig, Normalization, PositionEmbedding};
 use mbridge::model::{ForwardOpts, GptModel, ParallelLayout};
@@ -14,9 +15,18 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// The subset of config.json → ModelConfig the fixtures need (the full mapping is the
-/// bridge's job, hf-mapping §6).
+/// bridge's job, hf-mapping §6). YaRN's fields come from the bridge's own parsing, which is
+/// what the YaRN fixture checks (it was written by transformers 4 or 5, whose layouts differ).
 fn model_config(hf: &Value) -> ModelConfig {
     let u = |k: &str| hf[k].as_u64().unwrap_or_else(|| panic!("config.json: {k}")) as usize;
+    let rope_type = hf["rope_parameters"]["rope_type"].as_str();
+    if rope_type.or(hf["rope_scaling"]["rope_type"].as_str()) == Some("yarn") {
+        let mut cfg = parse_config(hf, "config.json").unwrap().model;
+        assert_eq!(cfg.position_embedding_type, PositionEmbedding::Yarn);
+        (cfg.hidden_dropout, cfg.attention_dropout) = (0.0, 0.0);
+        cfg.vocab_size = Some(cfg.padded_vocab_size(u("vocab_size")));
+        return cfg;
+    }
     let rope = &hf["rope_parameters"];
     let mut cfg = ModelConfig {
         num_layers: u("num_hidden_layers"),
@@ -141,7 +151,7 @@ fn check_grads_vs_torch(name: &str) {
 
 #[test]
 fn grads_match_torch() {
-    for name in ["llama", "qwen2", "qwen3", "mistral"] {
+    for name in ["llama", "qwen2", "qwen3", "mistral", "qwen3_yarn"] {
         check_grads_vs_torch(name);
     }
 }
@@ -159,6 +169,13 @@ fn qwen2_qkv_bias_tied() {
 #[test]
 fn qwen3_qk_norm_head_dim() {
     check("qwen3");
+}
+
+/// YaRN (`rope_type = "yarn"`, Megatron's `position_embedding_type = "yarn"`): a ramp
+/// between extrapolated and interpolated frequencies and the attention factor of two mscales.
+#[test]
+fn qwen3_yarn_rope_scaling() {
+    check("qwen3_yarn");
 }
 
 #[test]

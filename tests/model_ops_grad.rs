@@ -4,7 +4,7 @@ mod model_common;
 
 use candle_core::{DType, Device, Tensor};
 use mbridge::config::model::{Activation, AttnBackend};
-use mbridge::ops::{self, AttentionShape, RopeTable};
+use mbridge::ops::{self, AttentionShape, RopeScaling, RopeTable};
 use model_common::{check_grads, project, rand_t, rand_var};
 
 fn named(vars: &[(&str, &candle_core::Var)]) -> Vec<(String, candle_core::Var)> {
@@ -47,7 +47,7 @@ fn rms_norm_matches_definition() {
 
 #[test]
 fn rope_grad_partial_and_llama3_scaled() {
-    let table = RopeTable::new(8, 0.5, 500000.0, Some(8.0), None).unwrap();
+    let table = RopeTable::new(8, 0.5, 500000.0, RopeScaling::Llama3(8.0), None).unwrap();
     assert_eq!(table.rot_dim, 4);
     let pos = Tensor::new(&[[0u32, 3, 7, 2000], [1, 2, 3, 4]], &Device::Cpu).unwrap();
     let (cos, sin) = table.cos_sin(&pos, DType::F64).unwrap();
@@ -58,7 +58,7 @@ fn rope_grad_partial_and_llama3_scaled() {
 
 #[test]
 fn rope_preserves_norm_and_passes_tail() {
-    let table = RopeTable::new(8, 0.5, 10000.0, None, None).unwrap();
+    let table = RopeTable::new(8, 0.5, 10000.0, RopeScaling::None, None).unwrap();
     let pos = Tensor::new(&[[5u32]], &Device::Cpu).unwrap();
     let (cos, sin) = table.cos_sin(&pos, DType::F64).unwrap();
     let x = rand_t(&[1, 1, 1, 8], 12, 1.0);

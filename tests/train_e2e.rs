@@ -145,14 +145,16 @@ fn fields_mbridge_does_not_act_on_are_refused_or_named() {
     let out = Command::cargo_bin("mbridge")
         .unwrap()
         .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
-        .args(["validation.test_mode=true", "validation.full_validation=true"])
+        .args(["validation.test_mode=true", "logger.mlflow_experiment=\"exp\""])
+        .args(["model.multi_latent_attention=true"])
         .assert()
         .failure()
         .get_output()
         .clone();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`validation.test_mode` = true: test mode is not implemented"), "{err}");
-    assert!(err.contains("`validation.full_validation` = true"), "{err}");
+    assert!(err.contains("`logger.mlflow_experiment` = \"exp\": MLflow is not supported"), "{err}");
+    assert!(err.contains("`model.multi_latent_attention` = true: multi-latent attention"), "{err}");
     let out = Command::cargo_bin("mbridge")
         .unwrap()
         .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=2"])
@@ -165,6 +167,33 @@ fn fields_mbridge_does_not_act_on_are_refused_or_named() {
     let log =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("`dataset.num_workers` = 3 has no effect in mbridge"), "{log}");
+}
+
+/// `optimizer.grad_norm_skip_threshold`: a step whose gradient norm exceeds it changes no
+/// weight (the losses are those of a run whose learning rate is 0), reports its norm and is
+/// counted as skipped; a threshold above every norm trains as usual.
+#[test]
+fn grad_norm_skip_threshold_skips_the_update() {
+    let base = ["train.train_iters=4", "validation.eval_iters=0"];
+    let run_with = |extra: &[&str]| {
+        let list: Vec<&str> = base.iter().chain(extra).copied().collect();
+        run(&args(&list)).unwrap()
+    };
+    let losses = |o: &TrainOutcome| o.losses.iter().map(|(_, l)| *l).collect::<Vec<_>>();
+    let frozen = run_with(&["optimizer.lr=0", "optimizer.min_lr=0"]);
+    let skipped = run_with(&["optimizer.grad_norm_skip_threshold=1e-9"]);
+    assert_eq!(losses(&skipped), losses(&frozen));
+    assert!(skipped.grad_norms.iter().all(|(_, g)| g.is_some_and(|g| g > 1e-9)));
+    let trained = run_with(&["optimizer.grad_norm_skip_threshold=1e9"]);
+    let (t, f) = (losses(&trained), losses(&frozen));
+    assert_eq!(t[0], f[0]);
+    assert!(t[3] < f[3], "{t:?} vs {f:?}");
+    // The log line counts the skipped iterations and still shows the norm, as Megatron's.
+    let out = pretrain_stdout(
+        base.iter().chain(&["logger.log_interval=2", "optimizer.grad_norm_skip_threshold=1e-9"]),
+    );
+    assert!(out.contains("| grad norm: "), "{out}");
+    assert!(out.contains("number of skipped iterations:   2 |"), "{out}");
 }
 
 /// `validation.skip_train`: a run that loads a checkpoint evaluates it without training, with

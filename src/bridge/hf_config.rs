@@ -247,8 +247,30 @@ fn read_rope(r: &Reader, layout: Layout, m: &mut ModelConfig) -> Result<()> {
                     .ok_or_else(|| anyhow!("`{origin}`: linear rope scaling needs `factor`"))?,
             );
         }
+        "yarn" => {
+            // Megatron Bridge's `YARN_ROPE_SCALING_MAPPING`; Hugging Face's original context
+            // defaults to `max_position_embeddings`.
+            m.position_embedding_type = PositionEmbedding::Yarn;
+            m.yarn_rotary_scaling_factor = Some(
+                num("factor")
+                    .ok_or_else(|| anyhow!("`{origin}`: yarn rope scaling needs `factor`"))?,
+            );
+            m.yarn_original_max_position_embeddings = match num("original_max_position_embeddings")
+            {
+                Some(n) => Some(n as usize),
+                None => m.max_position_embeddings,
+            };
+            m.yarn_beta_fast = num("beta_fast");
+            m.yarn_beta_slow = num("beta_slow");
+            m.yarn_mscale = num("mscale");
+            m.yarn_mscale_all_dim = num("mscale_all_dim");
+            m.yarn_correction_range_round_to_int = p.get("truncate").and_then(Value::as_bool);
+            if let Some(given) = num("attention_factor") {
+                bail!("`{origin}`: yarn `attention_factor` = {given} is not supported (Megatron derives it from `mscale` and `mscale_all_dim`)");
+            }
+        }
         other => {
-            bail!("`{origin}`: rope type `{other}` is not supported (default, llama3, linear are)")
+            bail!("`{origin}`: rope type `{other}` is not supported (default, llama3, linear, yarn are)")
         }
     }
     Ok(())
@@ -392,6 +414,27 @@ pub fn to_hf_config(
     } else if let Some(f) = m.seq_len_interpolation_factor {
         rope.insert("rope_type".into(), json!("linear"));
         rope.insert("factor".into(), json!(f));
+    }
+    if m.position_embedding_type == PositionEmbedding::Yarn {
+        rope.insert("rope_type".into(), json!("yarn"));
+        let optional = [
+            ("factor", m.yarn_rotary_scaling_factor),
+            ("beta_fast", m.yarn_beta_fast),
+            ("beta_slow", m.yarn_beta_slow),
+            ("mscale", m.yarn_mscale),
+            ("mscale_all_dim", m.yarn_mscale_all_dim),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                rope.insert(key.into(), json!(v));
+            }
+        }
+        if let Some(n) = m.yarn_original_max_position_embeddings {
+            rope.insert("original_max_position_embeddings".into(), json!(n));
+        }
+        if let Some(t) = m.yarn_correction_range_round_to_int {
+            rope.insert("truncate".into(), json!(t));
+        }
     }
     match layout {
         Layout::Transformers4 => {

@@ -36,11 +36,7 @@ pub fn load_hf_weights(dir: &Path, model: &GptModel) -> Result<()> {
     cmp("gated_linear_unit", want.gated.to_string(), have.gated.to_string());
     cmp("layernorm_epsilon", want.eps.to_string(), have.eps.to_string());
     cmp("rotary_base", want.rotary_base.to_string(), have.rotary_base.to_string());
-    cmp(
-        "rope_scaling_factor",
-        format!("{:?}", want.rope_scaling_factor),
-        format!("{:?}", have.rope_scaling_factor),
-    );
+    cmp("rope scaling", format!("{:?}", want.rope_scaling), format!("{:?}", have.rope_scaling));
     cmp("window_size", format!("{:?}", want.window_left), format!("{:?}", have.window_left));
     if !diffs.is_empty() {
         bail!(

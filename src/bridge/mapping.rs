@@ -165,13 +165,13 @@ pub fn megatron_params(
     if arch.normalization != Normalization::RMSNorm
         || !arch.gated
         || arch.add_bias_linear
-        || arch.position_embedding != PositionEmbedding::Rope
+        || !matches!(arch.position_embedding, PositionEmbedding::Rope | PositionEmbedding::Yarn)
         || arch.activation != Activation::Silu
         || arch.zero_centered_gamma
     {
         bail!(
             "the HF bridge maps Llama-style models only (RMSNorm without zero-centered gamma, \
-             gated SiLU MLP, RoPE, no linear biases)"
+             gated SiLU MLP, RoPE or YaRN, no linear biases)"
         );
     }
     let (h, d) = (arch.hidden, arch.head_dim);

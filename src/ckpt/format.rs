@@ -391,17 +391,46 @@ fn complete_iterations(save: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Keep the `k` newest complete checkpoints and always `keep` (the one just saved, which the
-/// tracker names — it may be older than a leftover `iter_*` of an earlier, longer run).
-pub fn prune_old(save: &Path, k: usize, keep: u64) -> Result<()> {
+/// Which checkpoints a save leaves besides the new one: the `most_recent_k` newest (−1 keeps
+/// all), and with `retain_interval` (Megatron's `save_retain_interval`) every checkpoint whose
+/// iteration is a multiple of it, while the others then go as soon as a newer one is
+/// committed (unless `most_recent_k` keeps more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub most_recent_k: i64,
+    pub retain_interval: Option<u64>,
+}
+
+impl From<i64> for Retention {
+    fn from(most_recent_k: i64) -> Self {
+        Retention { most_recent_k, retain_interval: None }
+    }
+}
+
+impl Retention {
+    /// How many of the newest checkpoints are kept whatever their iteration; None: all.
+    fn newest(&self) -> Option<usize> {
+        match (self.most_recent_k, self.retain_interval) {
+            (k, _) if k > 0 => Some(k as usize),
+            (_, Some(_)) => Some(1),
+            _ => None,
+        }
+    }
+
+    fn retains(&self, iteration: u64) -> bool {
+        self.retain_interval.is_some_and(|every| every > 0 && iteration.is_multiple_of(every))
+    }
+}
+
+/// Prune complete checkpoints as `r` says, always keeping `keep` (the one just saved, which
+/// the tracker names — it may be older than a leftover `iter_*` of an earlier, longer run).
+pub fn prune_old(save: &Path, r: Retention, keep: u64) -> Result<()> {
+    let Some(k) = r.newest() else { return Ok(()) };
     let all = complete_iterations(save)?;
-    let k = k.max(1);
-    if all.len() > k {
-        for (n, dir) in &all[..all.len() - k] {
-            if *n != keep {
-                fs::remove_dir_all(dir)
-                    .with_context(|| format!("cannot prune `{}`", dir.display()))?;
-            }
+    let older = all.len().saturating_sub(k.max(1));
+    for (n, dir) in &all[..older] {
+        if *n != keep && !r.retains(*n) {
+            fs::remove_dir_all(dir).with_context(|| format!("cannot prune `{}`", dir.display()))?;
         }
     }
     Ok(())

@@ -23,7 +23,7 @@ pub mod state;
 pub use format::{
     find_checkpoint, is_complete, iter_dir_name, iteration_of, load_tensors, load_tensors_where,
     model_shard_name, prune_old, read_index, read_json, read_tracker, write_shard_files,
-    CheckpointWrite, Index, IndexEntry, ShardFile, TensorSet,
+    CheckpointWrite, Index, IndexEntry, Retention, ShardFile, TensorSet,
 };
 pub use layout::{Partition, ShardedParam};
 pub use save::{

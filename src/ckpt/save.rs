@@ -14,7 +14,7 @@
 //! 4. rank 0 writes `model/index.json`, `optimizer/index.json` and `train_state.json` (last
 //!    inside the directory), fsyncs the directories, renames the directory to `iter_N/`,
 //!    fsyncs the run directory, writes `latest_train_state.json`, then the tracker, then
-//!    prunes to `most_recent_k`;
+//!    prunes as `checkpoint.most_recent_k` and `save_retain_interval` say;
 //! 5. rank 0 sends the outcome to every rank, so all return once the tracker has moved, and
 //!    all fail when any rank failed.
 //!
@@ -34,8 +34,8 @@ use rayon::prelude::*;
 
 use super::exchange::{from_rank0, to_rank0};
 use super::format::{
-    iter_dir_name, prune_old, shard_files, write_index, write_shards, CheckpointWrite, TensorSet,
-    WrittenShard, INDEX, LATEST_STATE, TRACKER,
+    iter_dir_name, prune_old, shard_files, write_index, write_shards, CheckpointWrite, Retention,
+    TensorSet, WrittenShard, INDEX, LATEST_STATE, TRACKER,
 };
 use super::state::TrainState;
 use crate::parallel::comm::Communicator;
@@ -44,11 +44,15 @@ use crate::parallel::comm::Communicator;
 const PARTS: [&str; 2] = ["model", "optimizer"];
 
 /// Write a checkpoint of one process (all of `w.model` and `w.optimizer`) atomically into
-/// `save/iter_NNNNNNN`, move the tracker, then prune to the `most_recent_k` newest (−1 keeps
-/// all; the new checkpoint is never pruned). Returns the iteration directory. On error the
+/// `save/iter_NNNNNNN`, move the tracker, then prune as `retention` says (the new checkpoint is
+/// never pruned). Returns the iteration directory. On error the
 /// temporary directory is removed and nothing that was on disk before is touched.
-pub fn save_checkpoint(save: &Path, w: &CheckpointWrite, most_recent_k: i64) -> Result<PathBuf> {
-    Ok(save_checkpoint_on(save, w, most_recent_k, None)?.dir)
+pub fn save_checkpoint(
+    save: &Path,
+    w: &CheckpointWrite,
+    retention: impl Into<Retention>,
+) -> Result<PathBuf> {
+    Ok(save_checkpoint_on(save, w, retention, None)?.dir)
 }
 
 /// What one rank did in a checkpoint save.
@@ -74,9 +78,10 @@ pub struct RankSave {
 pub fn save_checkpoint_on(
     save: &Path,
     w: &CheckpointWrite,
-    most_recent_k: i64,
+    retention: impl Into<Retention>,
     world: Option<&dyn Communicator>,
 ) -> Result<RankSave> {
+    let retention = retention.into();
     let world = world.filter(|c| c.size() > 1);
     let rank = world.map_or(0, |c| c.rank());
     let final_dir = save.join(iter_dir_name(w.iteration));
@@ -89,7 +94,7 @@ pub fn save_checkpoint_on(
     // The report of this rank's files is the barrier before rank 0 indexes and commits.
     let everyone = to_rank0(world, report).with_context(context)?;
     let outcome = everyone.map(|all| {
-        let result = all.and_then(|all| commit(save, &tmp, &final_dir, w, &all, most_recent_k));
+        let result = all.and_then(|all| commit(save, &tmp, &final_dir, w, &all, retention));
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
         }
@@ -125,7 +130,7 @@ pub fn save_checkpoint_on(
 pub fn save_checkpoint_with(
     save: &Path,
     w: &CheckpointWrite,
-    most_recent_k: i64,
+    retention: impl Into<Retention>,
     write_model: &(dyn Fn(&Path) -> Result<()> + Sync),
 ) -> Result<PathBuf> {
     let final_dir = save.join(iter_dir_name(w.iteration));
@@ -139,7 +144,7 @@ pub fn save_checkpoint_with(
         model?;
         let written = optimizer?;
         write_common(&tmp, w)?;
-        commit(save, &tmp, &final_dir, w, &written, most_recent_k)
+        commit(save, &tmp, &final_dir, w, &written, retention.into())
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
@@ -228,7 +233,7 @@ fn commit(
     final_dir: &Path,
     w: &CheckpointWrite,
     written: &[WrittenShard],
-    most_recent_k: i64,
+    retention: Retention,
 ) -> Result<()> {
     for part in PARTS {
         let dir = tmp.join(part);
@@ -263,9 +268,7 @@ fn commit(
     sync_dir(save)?;
     replace_file(&save.join(LATEST_STATE), state.as_bytes())?;
     replace_file(&save.join(TRACKER), w.iteration.to_string().as_bytes())?;
-    if most_recent_k > 0 {
-        prune_old(save, most_recent_k as usize, w.iteration)?;
-    }
+    prune_old(save, retention, w.iteration)?;
     Ok(())
 }
 
@@ -359,8 +362,9 @@ impl AsyncSaver {
         &mut self,
         save: &Path,
         ckpt: OwnedCheckpoint,
-        most_recent_k: i64,
+        retention: impl Into<Retention>,
     ) -> Result<Option<SavedCheckpoint>> {
+        let retention = retention.into();
         let previous = self.wait()?;
         let iteration = ckpt.iteration;
         let dir = save.join(iter_dir_name(iteration));
@@ -379,7 +383,7 @@ impl AsyncSaver {
                     })?;
                 }
                 let _ = copied_tx.send(());
-                save_checkpoint_on(&save, &ckpt.as_write(), most_recent_k, world.as_deref())
+                save_checkpoint_on(&save, &ckpt.as_write(), retention, world.as_deref())
             })
             .context("cannot start the checkpoint writer thread")?;
         let copied = Some(copied);

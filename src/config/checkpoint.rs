@@ -50,6 +50,65 @@ pub struct CheckpointConfig {
     /// Where global non-persistent checkpoints go (default `<save>/non_persistent`).
     pub non_persistent_global_ckpt_dir: Option<String>,
     pub verify_integrity: bool,
+    /// With periodic saves: a newer checkpoint replaces the previous one unless that one's
+    /// iteration is a multiple of this (Megatron's retained checkpoints).
+    pub save_retain_interval: Option<usize>,
+    /// With `use_checkpoint_args`: the tokenizer (`tokenizer_type`, `tokenizer_model`) also
+    /// comes from the checkpoint, as Megatron's default does.
+    #[default = true]
+    pub use_tokenizer_model_from_checkpoint_args: bool,
+    /// With `use_checkpoint_args`: the model parallelism (TP, PP, virtual PP, EP) also comes
+    /// from the checkpoint.
+    pub use_mp_args_from_checkpoint_args: bool,
+
+    // ---- Parsed so Megatron Bridge configs load; `config::inert` lists which values mbridge
+    // ---- refuses and which only tune checkpoint machinery it does not have.
+    pub save_params_interval: Option<usize>,
+    pub save_activations_interval: Option<usize>,
+    pub save_wgrads_interval: Option<usize>,
+    pub save_dgrads_interval: Option<usize>,
+    pub non_persistent_local_ckpt_dir: Option<String>,
+    #[default = "fully_parallel"]
+    pub non_persistent_local_ckpt_algo: String,
+    pub auto_detect_ckpt_format: bool,
+    pub ckpt_convert_format: Option<String>,
+    pub ckpt_convert_save: Option<String>,
+    #[default = 10]
+    pub async_ckpt_cpu_priority: i64,
+    #[default = 3]
+    pub async_ckpt_io_priority: i64,
+    pub async_ckpt_use_cpu_shm: bool,
+    #[default = "broadcast"]
+    pub ckpt_fully_parallel_load_exchange_algo: String,
+    pub ckpt_assume_constant_structure: bool,
+    #[default = true]
+    pub ckpt_load_validate_sharding_integrity: bool,
+    #[default = "assume_ok_unexpected"]
+    pub dist_ckpt_strictness: String,
+    pub dist_ckpt_save_pre_mcore_014: bool,
+    pub dist_ckpt_optim_fully_reshardable: bool,
+    pub distrib_optim_fully_reshardable_mem_efficient: bool,
+    pub replication: bool,
+    pub replication_jump: Option<usize>,
+    #[default = 2]
+    pub replication_factor: usize,
+    #[default = 1]
+    pub storage_writers_per_rank: usize,
+    #[default = true]
+    pub use_persistent_ckpt_worker: bool,
+    #[default = "nvrx"]
+    pub async_strategy: String,
+    #[default = "fork"]
+    pub async_write_results_mp_mode: String,
+    pub strict_fsdp_dtensor_load: bool,
+    pub custom_manager_class: Option<String>,
+    #[default = 1]
+    pub dist_ckpt_workers: usize,
+    pub hf_source_path: Option<String>,
+    pub hf_trust_remote_code: bool,
+    pub hf_distributed_save: bool,
+    #[default = 1]
+    pub hf_save_every_n_ranks: usize,
 }
 
 /// Megatron's subdirectory of the save directory for global non-persistent checkpoints.

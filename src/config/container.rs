@@ -40,4 +40,7 @@ pub struct ConfigContainer {
     pub rerun_state_machine: RerunStateMachineConfig,
     /// Environment variables set (if not already set) before anything else runs.
     pub env_vars: BTreeMap<String, toml::Value>,
+    /// Python hooks and Transformer Engine's tensor inspection: refused when set.
+    pub optimizer_config_override_provider: Option<toml::Value>,
+    pub tensor_inspect: Option<toml::Value>,
 }

@@ -47,6 +47,8 @@ pub struct PackedSequenceSpecs {
     pub pad_cu_seqlens: bool,
     #[default = 1]
     pub pad_seq_to_mult: usize,
+    #[default(-1)]
+    pub num_tokenizer_workers: i64,
 }
 
 /// `dataset.preprocessing.*`: how SFT rows become tokens (Megatron Bridge's
@@ -147,6 +149,35 @@ pub struct DatasetConfig {
     pub drop_last: bool,
     #[default = true]
     pub persistent_workers: bool,
+
+    // ---- megatron-core's copies of `validation.*` (either place turns them on) ----
+    pub full_validation: Option<bool>,
+    pub multiple_validation_sets: Option<bool>,
+
+    // ---- Parsed so Megatron Bridge configs load; `config::inert` lists which values mbridge
+    // ---- refuses and which only tune loader machinery it does not have.
+    pub allow_ambiguous_pad_tokens: bool,
+    pub fast_cache_load: bool,
+    pub defer_npy_index_mmap: bool,
+    #[default = 1]
+    pub data_parallel_size: usize,
+    pub sequences_per_dataset: Option<toml::Table>,
+    pub per_dataset_sequences_path: Option<String>,
+    pub context_parallel_size: Option<usize>,
+    pub inter_document_masking: bool,
+    #[default = true]
+    pub skip_getting_attention_mask_from_dataset: bool,
+    pub trust_remote_code: Option<bool>,
+    pub dataloader_save: Option<String>,
+    pub dataloader_load: Option<String>,
+    pub hf_dataset: Option<toml::Value>,
+    pub hf_validation_dataset: Option<toml::Value>,
+    pub hf_test_dataset: Option<toml::Value>,
+    pub hf_output_root: Option<String>,
+    pub hf_validation_proportion: Option<f64>,
+    pub hf_rewrite: bool,
+    pub enable_offline_packing: bool,
+    pub offline_packing_specs: Option<toml::Table>,
 }
 
 impl DatasetConfig {

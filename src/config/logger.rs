@@ -46,4 +46,32 @@ pub struct LoggerConfig {
     pub filter_warnings: bool,
     pub skip_train_metrics_log: bool,
     pub save_config_filepath: Option<String>,
+
+    // ---- Parsed so Megatron Bridge configs load; `config::inert` lists which values mbridge
+    // ---- refuses and which only tune Python logging or timers.
+    pub memory_keys: Option<toml::Value>,
+    pub log_memory_interval: Option<usize>,
+    pub log_device_memory_used: bool,
+    pub log_max_attention_logit: bool,
+    pub log_runtime_to_tensorboard: bool,
+    #[default = "hours"]
+    pub runtime_time_unit: String,
+    #[default = true]
+    #[serde(rename = "barrier_with_L1_time")]
+    pub barrier_with_l1_time: bool,
+    pub modules_to_filter: Option<Vec<String>>,
+    pub set_level_for_all_loggers: bool,
+    pub log_energy: bool,
+    pub mlflow_experiment: Option<String>,
+    pub mlflow_run_name: Option<String>,
+    pub mlflow_tracking_uri: Option<String>,
+    pub mlflow_tags: Option<toml::Table>,
+    pub mlflow_description: Option<String>,
+    #[default = true]
+    pub mlflow_log_artifacts: bool,
+    pub comet_project: Option<String>,
+    pub comet_experiment_name: Option<String>,
+    pub comet_workspace: Option<String>,
+    pub comet_api_key: Option<String>,
+    pub comet_tags: Option<Vec<String>>,
 }

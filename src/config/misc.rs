@@ -41,6 +41,9 @@ pub struct ProfilingConfig {
     pub record_shapes: bool,
     /// NVTX ranges on every step of the profiled ranks, not only inside the nsys window.
     pub nvtx_ranges: bool,
+    pub pytorch_profiler_collect_shapes: bool,
+    pub pytorch_profiler_collect_callstack: bool,
+    pub pytorch_profiler_collect_chakra: bool,
 }
 
 /// `rerun_state_machine.*` — what to do about NaN or spiky losses.
@@ -55,4 +58,7 @@ pub struct RerunStateMachineConfig {
     pub check_for_spiky_loss: bool,
     #[default = 10.0]
     pub spiky_loss_factor: f64,
+    pub error_injection_rate: u64,
+    #[default = "transient_error"]
+    pub error_injection_type: String,
 }

@@ -58,6 +58,13 @@ pub struct MixedPrecisionConfig {
     pub hysteresis: usize,
     pub num_layers_at_start_in_bf16: usize,
     pub num_layers_at_end_in_bf16: usize,
+    pub fp8_dot_product_attention: bool,
+    pub fp8_multi_head_attention: bool,
+    #[default = "nvfp4"]
+    pub fp4_recipe: String,
+    pub fp4_param: Option<bool>,
+    pub fp4_param_gather: bool,
+    pub reuse_grad_buf_for_mxfp8_param_ag: bool,
 }
 
 /// Names of the presets Megatron Bridge registers (hyphenated aliases are accepted too).

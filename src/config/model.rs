@@ -225,6 +225,69 @@ pub struct ModelConfig {
     pub moe_token_dispatcher_type: String,
     pub moe_permute_fusion: bool,
     pub mtp_num_layers: Option<usize>,
+
+    // ---- YaRN RoPE scaling (`position_embedding_type = "yarn"`) ----
+    /// The context-extension factor (`s`); YaRN needs it.
+    pub yarn_rotary_scaling_factor: Option<f64>,
+    /// The context the model was trained on before extension; YaRN needs it.
+    pub yarn_original_max_position_embeddings: Option<usize>,
+    /// Rotations per context above which a dimension keeps its frequency (default 32).
+    pub yarn_beta_fast: Option<f64>,
+    /// Rotations per context below which a dimension is fully interpolated (default 1).
+    pub yarn_beta_slow: Option<f64>,
+    /// Attention temperature: cos/sin are scaled by `mscale(s, yarn_mscale) /
+    /// mscale(s, yarn_mscale_all_dim)` (defaults 1 and 0).
+    pub yarn_mscale: Option<f64>,
+    pub yarn_mscale_all_dim: Option<f64>,
+    /// Round the correction range to whole dimensions (default true).
+    pub yarn_correction_range_round_to_int: Option<bool>,
+
+    // ---- Provider fields parsed so Megatron Bridge configs load; `config::inert` lists
+    // ---- which values mbridge refuses and which only tune machinery it does not have.
+    pub fp16_lm_cross_entropy: bool,
+    pub logit_dtype: Option<DType>,
+    #[default = true]
+    pub parallel_output: bool,
+    pub rotary_scaling_factor: Option<f64>,
+    #[default = true]
+    pub deallocate_pipeline_outputs: bool,
+    #[default = true]
+    pub scatter_embedding_sequence_parallel: bool,
+    pub tp_only_amax_red: bool,
+    pub tp_comm_overlap_cfg: Option<toml::Value>,
+    pub use_transformer_engine_full_layer_spec: bool,
+    pub use_transformer_engine_op_fuser: bool,
+    pub dense_grouped_gemm: bool,
+    pub transformer_layer_spec: Option<String>,
+    pub hf_model_revision: Option<String>,
+    pub mtp_enabled: bool,
+    #[default = 0.1]
+    pub mtp_loss_scaling_factor: f64,
+    pub init_model_with_meta_device: bool,
+    pub use_te_rng_tracker: bool,
+    pub restore_modelopt_state: bool,
+    pub use_arbitrary_attention_mask: Option<bool>,
+    pub qk_l2_norm: bool,
+    pub attention_output_gate: bool,
+    pub apply_query_key_layer_scaling: bool,
+    #[default = "transformer_engine"]
+    pub transformer_impl: String,
+    #[default = "none"]
+    pub cuda_graph_impl: String,
+    pub hierarchical_context_parallel_sizes: Option<Vec<usize>>,
+    // Multi-latent attention (DeepSeek) and hybrid Mamba models, which mbridge refuses.
+    pub multi_latent_attention: bool,
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: Option<usize>,
+    pub qk_head_dim: Option<usize>,
+    pub qk_pos_emb_head_dim: Option<usize>,
+    pub v_head_dim: Option<usize>,
+    pub rope_type: Option<String>,
+    pub mamba_state_dim: Option<usize>,
+    pub mamba_head_dim: Option<usize>,
+    pub mamba_num_groups: Option<usize>,
+    pub mamba_num_heads: Option<usize>,
+    pub hybrid_layer_pattern: Option<String>,
 }
 
 impl ModelConfig {

@@ -72,6 +72,13 @@ pub struct OptimizerConfig {
     #[default = 2]
     pub hysteresis: usize,
     pub log_num_zeros_in_grad: bool,
+    /// Skip the update of a step whose gradient norm (before clipping) exceeds this, as
+    /// megatron-core's optimizer does; None (Megatron's `inf`) never skips.
+    pub grad_norm_skip_threshold: Option<f64>,
+    pub decoupled_lr: Option<f64>,
+    pub decoupled_min_lr: Option<f64>,
+    pub use_layer_wise_distributed_optimizer: bool,
+    pub optimizer_cuda_graph: bool,
 }
 
 /// Learning-rate decay style (`scheduler.lr_decay_style`).
@@ -134,4 +141,7 @@ pub struct SchedulerConfig {
     pub weight_decay_incr_style: WdIncrStyle,
     /// Schedule length for shortened runs (must be ≥ train_iters); None ⇒ train_iters.
     pub max_steps: Option<usize>,
+    /// `"qwen3_next"`: Qwen3-Next's rule for which parameters get no weight decay; None is
+    /// Megatron's (1-D parameters and biases).
+    pub no_weight_decay_cond_type: Option<String>,
 }

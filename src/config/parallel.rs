@@ -29,6 +29,17 @@ pub struct DdpConfig {
     pub data_parallel_sharding_strategy: String,
     #[default = true]
     pub gradient_reduce_div_fusion: bool,
+    // Parsed so Megatron Bridge configs load (`config::inert`).
+    pub reduce_scatter_with_fp32_accumulation: bool,
+    pub param_name_patterns_for_fp32_local_accumulation: Vec<String>,
+    pub fp4_param_gather: bool,
+    pub reuse_grad_buf_for_mxfp8_param_ag: bool,
+    #[default = 1]
+    pub megatron_fsdp_version: usize,
+    #[default = "no_shard"]
+    pub outer_dp_sharding_strategy: String,
+    pub nccl_ub: bool,
+    pub delay_wgrad_compute: bool,
 }
 
 /// Distributed backend (`dist.distributed_backend`).
@@ -56,6 +67,19 @@ pub struct DistConfig {
     pub use_gloo_process_groups: bool,
     pub use_sharp: bool,
     pub external_gpu_device_mapping: bool,
+    // Parsed so Megatron Bridge configs load (`config::inert`).
+    /// The launcher's `LOCAL_RANK` is what counts; a value here is not used.
+    pub local_rank: Option<usize>,
+    pub use_megatron_fsdp: bool,
+    pub use_torch_fsdp2: bool,
+    pub nccl_communicator_config_path: Option<String>,
+    pub sharp_enabled_group: Option<String>,
+    pub high_priority_stream_groups: Vec<String>,
+    pub distributed_timeout_seconds_after_init: Option<u64>,
+    pub disable_jit_fuser: bool,
+    pub enable_megatron_core_experimental: bool,
+    pub use_decentralized_pg: bool,
+    pub eval_context_parallel_size: Option<usize>,
 }
 
 /// `comm_overlap.*` — present only when a recipe tunes communication overlap; None = auto.
@@ -75,4 +99,7 @@ pub struct CommOverlapConfig {
     pub defer_embedding_wgrad_compute: Option<bool>,
     pub wgrad_deferral_limit: Option<usize>,
     pub delay_wgrad_compute: Option<bool>,
+    pub tp_comm_overlap_cfg: Option<toml::Value>,
+    /// Filled in by Megatron Bridge itself; mbridge derives the data-parallel size.
+    pub data_parallel_size: Option<usize>,
 }

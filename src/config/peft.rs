@@ -38,6 +38,8 @@ pub struct PeftConfig {
     #[serde(rename = "lora_B_init_method")]
     pub lora_b_init_method: String,
     pub lora_dtype: Option<super::model::DType>,
+    pub sequence_parallel_input_regather: bool,
+    pub a2a_experimental: bool,
 }
 
 impl PeftConfig {

@@ -36,4 +36,26 @@ pub struct TokenizerConfig {
     pub tokenizer_hf_no_use_fast: bool,
     pub tokenizer_hf_no_include_special_tokens: bool,
     pub force_system_message: bool,
+    // Parsed so Megatron Bridge configs load (`config::inert`).
+    pub padded_vocab_size: Option<usize>,
+    #[default = true]
+    pub pad_vocab_size: bool,
+    pub metadata_path: Option<String>,
+    pub tiktoken_pattern: Option<String>,
+    #[default = 1000]
+    pub tiktoken_num_special_tokens: usize,
+    pub tokenizer_sentencepiece_legacy: bool,
+    pub trust_remote_code: bool,
+    #[default(-1)]
+    pub null_tokenizer_pad_id: i64,
+    /// Filled in by Megatron Bridge from `model.*`; mbridge pads with
+    /// `model.make_vocab_size_divisible_by` and TP.
+    #[default = 1]
+    pub make_vocab_size_divisible_by: usize,
+    #[default = 1]
+    pub tensor_model_parallel_size: usize,
+    pub rank: usize,
+    pub hf_tokenizer_kwargs: toml::Table,
+    pub sp_tokenizer_kwargs: toml::Table,
+    pub tokenizer_prompt_format: Option<String>,
 }

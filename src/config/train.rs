@@ -33,6 +33,16 @@ pub struct TrainConfig {
     #[default = true]
     pub check_optimizer_step_success: bool,
     pub skip_sync_grad_norm_across_mp: bool,
+    /// `"THRESHOLD:BS ..."` batch sizes by consumed tokens; refused as `rampup_batch_size` is.
+    pub step_batch_size_schedule: Option<String>,
+    pub gpu_sniff_test_interval: Option<usize>,
+    pub exit_signal_handler_for_dataloader: bool,
+    pub exit_signal_handler_for_training: bool,
+    /// Megatron Bridge v0.2's places of `validation.eval_iters`, `eval_interval` and
+    /// `skip_train`: a value set here is copied there, with a deprecation warning.
+    pub eval_iters: Option<usize>,
+    pub eval_interval: Option<usize>,
+    pub skip_train: Option<bool>,
 }
 
 /// `validation.*` — Megatron-LM `ValidationConfig`.
@@ -49,5 +59,13 @@ pub struct ValidationConfig {
     pub eval_micro_batch_size: Option<usize>,
     pub skip_train: bool,
     pub test_mode: bool,
+    /// Every evaluation covers the whole validation set once (its natural size, one epoch),
+    /// instead of `eval_iters` batches of an oversampled one.
     pub full_validation: bool,
+    /// Each dataset of the validation split's blend (`dataset.blend_per_split[1]`) is
+    /// evaluated on its own, with a loss of its own (`validation-<name>`); needs
+    /// `full_validation`, as Megatron.
+    pub multiple_validation_sets: bool,
+    /// Names of those sets, in blend order (default: their index).
+    pub validation_set_names: Option<Vec<String>>,
 }

@@ -43,6 +43,25 @@ pub fn finalize(
     let mut errs: Vec<String> = Vec::new();
     let mut warnings: Vec<String> = Vec::new();
 
+    // 0. Megatron Bridge v0.2's validation fields on `train`, copied as its finalize does.
+    let t = &cfg.train;
+    let v = &mut cfg.validation;
+    for (name, set) in [
+        ("eval_iters", t.eval_iters.map(|n| v.eval_iters = Some(n))),
+        ("eval_interval", t.eval_interval.map(|n| v.eval_interval = Some(n))),
+        ("skip_train", t.skip_train.map(|b| v.skip_train = b)),
+    ] {
+        if set.is_some() {
+            warnings.push(format!(
+                "`train.{name}` is deprecated and will be removed in a future release; use \
+                 `validation.{name}` instead (copied there)"
+            ));
+        }
+    }
+    // megatron-core's dataset config carries its own copies of these two switches.
+    v.full_validation |= cfg.dataset.full_validation == Some(true);
+    v.multiple_validation_sets |= cfg.dataset.multiple_validation_sets == Some(true);
+
     // 1. Mixed precision preset → model / optimizer / ddp fields.
     if let Some(mp) = cfg.mixed_precision.clone() {
         match resolve_mixed_precision(&mp) {
@@ -394,6 +413,21 @@ pub fn finalize(
     if !eval_gbs.is_multiple_of(eval_mbs * dp) {
         errs.push(format!("`validation.eval_global_batch_size` ({eval_gbs}) must be divisible by eval micro batch ({eval_mbs}) × data-parallel size ({dp})"));
     }
+    let val = &cfg.validation;
+    if val.multiple_validation_sets && !val.full_validation {
+        // Megatron: "--multiple-validation-sets currently requires --full-validation".
+        errs.push(
+            "`validation.multiple_validation_sets` requires `validation.full_validation` \
+             (each set is evaluated whole)"
+                .into(),
+        );
+    }
+    if val.validation_set_names.is_some() && !val.multiple_validation_sets {
+        errs.push(
+            "`validation.validation_set_names` requires `validation.multiple_validation_sets`"
+                .into(),
+        );
+    }
 
     // 11. Optimizer numerics, checkpoint and profiling consistency.
     if cfg.optimizer.fp16 && cfg.optimizer.bf16 {
@@ -440,6 +474,20 @@ pub fn finalize(
             "`checkpoint.most_recent_k` must be -1 (keep all) or ≥ 1 (got {})",
             cfg.checkpoint.most_recent_k
         ));
+    }
+    // Megatron's checks: retained checkpoints are some of the periodic ones.
+    if let Some(retain) = c.save_retain_interval {
+        match c.save_interval {
+            _ if retain == 0 => {
+                errs.push("`checkpoint.save_retain_interval` must be > 0 (got 0)".into())
+            }
+            Some(every) if retain.is_multiple_of(every) => {}
+            every => errs.push(format!(
+                "`checkpoint.save_retain_interval` ({retain}) must be a multiple of \
+                 `checkpoint.save_interval` ({})",
+                every.map_or("unset".to_string(), |n| n.to_string())
+            )),
+        }
     }
     let p = &cfg.profiling;
     if p.use_nsys_profiler && p.use_pytorch_profiler {

@@ -2,6 +2,7 @@
 //! numbers the layers need, plus the parallel layout of the stage being built.
 
 use crate::config::model::{Activation, ModelConfig, Normalization, PositionEmbedding};
+use crate::ops::{RopeScaling, Yarn};
 use anyhow::{bail, Result};
 
 /// Where this model instance sits in the tensor/pipeline-parallel grid.
@@ -75,8 +76,8 @@ pub struct GptArch {
     pub rotary_base: f64,
     /// Fraction of head dims that rotate.
     pub rotary_percent: f64,
-    /// Llama-3.1 RoPE scaling factor, when enabled.
-    pub rope_scaling_factor: Option<f64>,
+    /// RoPE frequency scaling: Llama-3.1's or YaRN's.
+    pub rope_scaling: RopeScaling,
     /// Linear position interpolation factor.
     pub seq_len_interpolation_factor: Option<f64>,
     /// Sliding window: number of previous tokens visible (`window_size[0]`).
@@ -111,9 +112,6 @@ impl GptArch {
         }
         if cfg.mtp_num_layers.is_some_and(|n| n > 0) {
             bail!("model.mtp_num_layers: multi-token prediction is not implemented yet");
-        }
-        if cfg.position_embedding_type == PositionEmbedding::Yarn {
-            bail!("model.position_embedding_type = yarn is not implemented yet");
         }
         if cfg.rotary_interleaved {
             bail!("model.rotary_interleaved = true is not implemented yet");
@@ -151,7 +149,7 @@ impl GptArch {
             position_embedding: cfg.position_embedding_type,
             rotary_base: cfg.rotary_base,
             rotary_percent: cfg.rotary_percent,
-            rope_scaling_factor: cfg.rope_scaling.then_some(cfg.rope_scaling_factor),
+            rope_scaling: rope_scaling(cfg)?,
             seq_len_interpolation_factor: cfg.seq_len_interpolation_factor,
             window_left: cfg.window_size.map(|[left, _]| left),
             attention_backend: cfg.attention_backend,
@@ -182,6 +180,43 @@ impl GptArch {
     pub fn qkv_rows(&self) -> usize {
         (self.heads + 2 * self.groups) * self.head_dim
     }
+}
+
+/// The RoPE scaling `cfg` asks for: YaRN with `position_embedding_type = "yarn"` (its
+/// factor and original context are required, the rest take megatron-core's defaults), else
+/// Llama-3.1's with `rope_scaling`.
+fn rope_scaling(cfg: &ModelConfig) -> Result<RopeScaling> {
+    if cfg.position_embedding_type != PositionEmbedding::Yarn {
+        return Ok(match cfg.rope_scaling {
+            true => RopeScaling::Llama3(cfg.rope_scaling_factor),
+            false => RopeScaling::None,
+        });
+    }
+    if cfg.rope_scaling {
+        bail!(
+            "model.rope_scaling (Llama-3.1) and position_embedding_type = yarn exclude each other"
+        );
+    }
+    let (Some(factor), Some(original)) =
+        (cfg.yarn_rotary_scaling_factor, cfg.yarn_original_max_position_embeddings)
+    else {
+        bail!(
+            "model.position_embedding_type = yarn needs model.yarn_rotary_scaling_factor and \
+             model.yarn_original_max_position_embeddings"
+        );
+    };
+    if !(factor.is_finite() && factor > 0.0) || original == 0 {
+        bail!("model.yarn_rotary_scaling_factor ({factor}) and yarn_original_max_position_embeddings ({original}) must be > 0");
+    }
+    Ok(RopeScaling::Yarn(Yarn {
+        factor,
+        original_max_positions: original as f64,
+        beta_fast: cfg.yarn_beta_fast.unwrap_or(32.0),
+        beta_slow: cfg.yarn_beta_slow.unwrap_or(1.0),
+        mscale: cfg.yarn_mscale,
+        mscale_all_dim: cfg.yarn_mscale_all_dim,
+        round_to_int: cfg.yarn_correction_range_round_to_int.unwrap_or(true),
+    }))
 }
 
 /// Global layer numbers (0-based) owned by pipeline stage `pp_rank` of `pp_size`: every

@@ -358,11 +358,11 @@ impl GptModel {
             final_norm = final_norm.map(|n| n.with_tp_grad_sum(tp.clone()));
         }
         let rope = match arch.position_embedding {
-            PositionEmbedding::Rope => Some(RopeTable::new(
+            PositionEmbedding::Rope | PositionEmbedding::Yarn => Some(RopeTable::new(
                 arch.head_dim,
                 arch.rotary_percent,
                 arch.rotary_base,
-                arch.rope_scaling_factor,
+                arch.rope_scaling,
                 arch.seq_len_interpolation_factor,
             )?),
             _ => None,

@@ -692,7 +692,9 @@ mod tests {
     /// The `-sin` rotation is the exact transpose of rope (partial rotary included).
     #[test]
     fn rope_backward_is_the_transpose() {
-        let table = crate::ops::RopeTable::new(8, 0.5, 10000.0, None, None).unwrap();
+        let table =
+            crate::ops::RopeTable::new(8, 0.5, 10000.0, crate::ops::RopeScaling::None, None)
+                .unwrap();
         let pos = Tensor::arange(0u32, 5, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let (cos, sin) = table.cos_sin(&pos, DType::F32).unwrap();
         let x = rand(&[1, 2, 5, 8], 1);

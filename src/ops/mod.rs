@@ -40,5 +40,5 @@ pub use dropout::DropoutRng;
 pub use flash::PackedSeqs;
 pub use linear::linear;
 pub use norm::{layer_norm, rms_norm, rms_norm_composite};
-pub use rope::{apply_rope, apply_rope_composite, RopeTable};
+pub use rope::{apply_rope, apply_rope_composite, RopeScaling, RopeTable, Yarn};
 pub use softmax::{masked_softmax, masked_softmax_composite, softmax_last_dim};

@@ -11,7 +11,9 @@ use crate::config::{ConfigContainer, Derived};
 use crate::data::sampler::{collate, Batch, DataSampler, LoaderKind, SamplerSpec};
 use crate::data::sft::{build_sft_datasets, SftBuildOptions, SftSplit};
 use crate::data::tokenizer::{build_tokenizer, dataset_pad_id, Tokenizer, TokenizerSpec};
-use crate::data::{build_gpt_datasets, parse_blend, BlendSpec, GptDatasetParams, PretrainDataset};
+use crate::data::{
+    build_gpt_datasets, parse_blend, Blend, BlendSpec, GptDatasetParams, PretrainDataset,
+};
 use crate::model::{HostStats, Microbatch};
 
 /// The tokenizer described by `tokenizer.*`.
@@ -32,28 +34,28 @@ pub fn tokenizer_from_config(cfg: &ConfigContainer) -> Result<Box<dyn Tokenizer>
     build_tokenizer(&spec).context("cannot build the tokenizer from `tokenizer.*`")
 }
 
-/// `train_valid_test_num_samples`: what each split must serve over the whole run.
-pub fn split_sample_counts(cfg: &ConfigContainer, d: &Derived) -> [usize; 3] {
+/// `train_valid_test_num_samples`: what each split must serve over the whole run. With
+/// `validation.full_validation` the validation split has no target: one epoch of it is built
+/// (megatron-core's `num_samples = None`).
+pub fn split_sample_counts(cfg: &ConfigContainer, d: &Derived) -> [Option<usize>; 3] {
     let eval_iters = cfg.validation.eval_iters.unwrap_or(0);
     let evals = match cfg.validation.eval_interval {
         Some(every) if every > 0 => d.train_iters / every + 1,
         _ => 1,
     };
+    let valid = eval_iters * d.eval_global_batch_size * evals;
     [
-        d.train_iters * d.global_batch_size,
-        eval_iters * d.eval_global_batch_size * evals,
-        eval_iters * d.eval_global_batch_size,
+        Some(d.train_iters * d.global_batch_size),
+        (!cfg.validation.full_validation).then_some(valid),
+        Some(eval_iters * d.eval_global_batch_size),
     ]
 }
 
-/// Train, validation and test datasets of a pretraining (or mock) run.
-pub fn build_pretrain_datasets(
-    cfg: &ConfigContainer,
-    d: &Derived,
-    tokenizer: &dyn Tokenizer,
-) -> Result<[Option<PretrainDataset>; 3]> {
+/// Where a pretraining run's data comes from: `dataset.blend_per_split`, `blend` /
+/// `data_path`, or megatron-core's mock data.
+fn pretrain_blend(cfg: &ConfigContainer) -> Result<BlendSpec> {
     let ds = &cfg.dataset;
-    let blend = match ds.kind() {
+    Ok(match ds.kind() {
         DatasetKind::Mock => BlendSpec::Mock,
         DatasetKind::Finetuning => {
             bail!("`dataset.dataset_root` holds SFT data: build it with `build_run_datasets`")
@@ -89,8 +91,13 @@ pub fn build_pretrain_datasets(
                 (None, None) => unreachable!("pretraining kind implies a blend"),
             }
         }
-    };
-    let params = GptDatasetParams {
+    })
+}
+
+/// The dataset parameters of a pretraining run.
+fn gpt_params(cfg: &ConfigContainer, tokenizer: &dyn Tokenizer) -> GptDatasetParams {
+    let ds = &cfg.dataset;
+    GptDatasetParams {
         random_seed: ds.random_seed.unwrap_or(cfg.rng.seed) as u32,
         seq_length: cfg.model.seq_length,
         split: ds.split.clone(),
@@ -105,9 +112,54 @@ pub fn build_pretrain_datasets(
         mmap_bin_files: ds.mmap_bin_files,
         mid_level_dataset_surplus: ds.mid_level_dataset_surplus,
         vocab_size: Some(tokenizer.vocab_size()),
-    };
-    let counts = split_sample_counts(cfg, d).map(Some);
-    build_gpt_datasets(&params, &blend, counts)
+    }
+}
+
+/// Train, validation and test datasets of a pretraining (or mock) run.
+pub fn build_pretrain_datasets(
+    cfg: &ConfigContainer,
+    d: &Derived,
+    tokenizer: &dyn Tokenizer,
+) -> Result<[Option<PretrainDataset>; 3]> {
+    let blend = pretrain_blend(cfg)?;
+    build_gpt_datasets(&gpt_params(cfg, tokenizer), &blend, split_sample_counts(cfg, d))
+}
+
+/// The validation split's datasets one by one, for `validation.multiple_validation_sets`
+/// (megatron-core builds one per prefix of `blend_per_split[1]`, each one epoch); None when
+/// the split is a single dataset, which the other splits' build covers.
+fn separate_validation_sets(
+    cfg: &ConfigContainer,
+    tokenizer: &dyn Tokenizer,
+) -> Result<Option<Vec<PretrainDataset>>> {
+    if !cfg.validation.multiple_validation_sets || cfg.dataset.kind() != DatasetKind::Pretraining {
+        return Ok(None);
+    }
+    let BlendSpec::PerSplit([_, Some(valid), _]) = pretrain_blend(cfg)? else { return Ok(None) };
+    if valid.prefixes.len() < 2 {
+        return Ok(None);
+    }
+    if valid.weights.is_some() {
+        bail!(
+            "`validation.multiple_validation_sets` evaluates each dataset of \
+             `dataset.blend_per_split[1]` on its own: list their prefixes without weights"
+        );
+    }
+    let params = gpt_params(cfg, tokenizer);
+    valid
+        .prefixes
+        .iter()
+        .map(|prefix| {
+            let one = Blend { prefixes: vec![prefix.clone()], weights: None };
+            let mut built = build_gpt_datasets(
+                &params,
+                &BlendSpec::PerSplit([None, Some(one), None]),
+                [None; 3],
+            )?;
+            built[1].take().with_context(|| format!("validation set {prefix:?} is empty"))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// A split the trainer draws micro-batches from: pretraining (GPT/blended/mock) or SFT data.
@@ -147,6 +199,66 @@ impl RunDataset {
             }
         }
     }
+}
+
+/// One validation set of a run, with the suffix of its loss's name: "" for the one set,
+/// `-<name>` (`validation.validation_set_names`) or `-<index>` for each of several
+/// (`validation.multiple_validation_sets`), as Megatron names them.
+#[derive(Debug, Clone)]
+pub struct ValidationSet {
+    pub suffix: String,
+    pub data: RunDataset,
+}
+
+/// The datasets a run trains and evaluates on.
+#[derive(Debug, Clone, Default)]
+pub struct RunSplits {
+    pub train: Option<RunDataset>,
+    /// Empty when the run has no validation data.
+    pub valid: Vec<ValidationSet>,
+    pub test: Option<RunDataset>,
+}
+
+/// The splits of any run ([`build_run_datasets`]), the validation split as separate sets
+/// where `validation.multiple_validation_sets` asks for them.
+pub fn build_run_splits(
+    cfg: &ConfigContainer,
+    d: &Derived,
+    tokenizer: &dyn Tokenizer,
+) -> Result<RunSplits> {
+    let (train, sets, test) = match separate_validation_sets(cfg, tokenizer)? {
+        Some(sets) => {
+            // The other splits without the combined validation blend, which no one reads.
+            let mut rest = cfg.clone();
+            if let Some(per_split) = rest.dataset.blend_per_split.as_mut() {
+                per_split[1].clear();
+            }
+            let [train, _, test] = build_run_datasets(&rest, d, tokenizer)?;
+            (train, sets.into_iter().map(RunDataset::Pretrain).collect(), test)
+        }
+        None => {
+            let [train, valid, test] = build_run_datasets(cfg, d, tokenizer)?;
+            (train, valid.into_iter().collect::<Vec<_>>(), test)
+        }
+    };
+    let v = &cfg.validation;
+    if let Some(names) = &v.validation_set_names {
+        if names.len() != sets.len() {
+            bail!(
+                "`validation.validation_set_names` has {} names for {} validation datasets",
+                names.len(),
+                sets.len()
+            );
+        }
+    }
+    let suffix = |i: usize| match (&v.validation_set_names, v.multiple_validation_sets) {
+        (Some(names), _) => format!("-{}", names[i]),
+        (None, true) => format!("-{i}"),
+        (None, false) => String::new(),
+    };
+    let valid =
+        sets.into_iter().enumerate().map(|(i, data)| ValidationSet { suffix: suffix(i), data });
+    Ok(RunSplits { train, valid: valid.collect(), test })
 }
 
 /// The train/valid/test splits of any run: SFT data under `dataset.dataset_root`, else

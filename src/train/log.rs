@@ -85,10 +85,11 @@ pub fn perplexity(loss: f64) -> f64 {
     loss.min(20.0).exp()
 }
 
-/// The dashed validation box: `validation loss at iteration 100 on validation set | ...`.
-pub fn validation_box(prefix: &str, lm_loss: f64) -> String {
+/// The dashed validation box: `validation loss at iteration 100 on validation set | ...`
+/// (`validation-<name> loss at ...` for one of several validation sets: `suffix`).
+pub fn validation_box(suffix: &str, prefix: &str, lm_loss: f64) -> String {
     let body = format!(
-        " validation loss at {prefix} | lm loss value: {} | lm loss PPL: {} | ",
+        " validation{suffix} loss at {prefix} | lm loss value: {} | lm loss PPL: {} | ",
         sci(lm_loss),
         sci(perplexity(lm_loss))
     );
@@ -173,7 +174,7 @@ mod tests {
 
     #[test]
     fn validation_box_is_framed() {
-        let b = validation_box("iteration 100 on validation set", 2.0);
+        let b = validation_box("", "iteration 100 on validation set", 2.0);
         let lines: Vec<&str> = b.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[1].contains("lm loss value: 2.000000E+00 | lm loss PPL: 7.389056E+00"));

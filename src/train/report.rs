@@ -15,25 +15,72 @@ use super::loss_scale::LossScaler;
 use super::trainer::{StepResult, Trainer, Window};
 use crate::ckpt::SavedCheckpoint;
 use crate::config::logger::LoggerConfig;
+use crate::data::sampler::{DataSampler, PretrainingSampler};
 use crate::parallel::ReduceOp;
 
 impl Trainer {
-    /// Token-weighted loss over `eval_iters` batches of split `split` (1 valid, 2 test).
-    pub(super) fn evaluate(&mut self, split: usize, prefix: &str) -> Result<Option<f64>> {
-        let Some(ds) = self.datasets[split].as_ref() else { return Ok(None) };
-        let eval_iters = self.cfg.validation.eval_iters.unwrap_or(0);
+    /// Evaluates every validation set and returns the first one's loss (None without
+    /// validation data). `at` completes the box's `validation loss at ...`.
+    pub(super) fn evaluate_validation(&mut self, at: &str) -> Result<Option<f64>> {
+        let mut first = None;
+        for set in 0..self.datasets.valid.len() {
+            let loss = self.evaluate(Some(set), at)?;
+            if set == 0 {
+                first = loss;
+            }
+        }
+        Ok(first)
+    }
+
+    /// Evaluates the test split over `eval_iters` global batches (None without test data).
+    pub(super) fn evaluate_test(&mut self, at: &str) -> Result<Option<f64>> {
+        self.evaluate(None, at)
+    }
+
+    /// Token-weighted loss of validation set `valid_set` (None: the test split): over
+    /// `eval_iters` global batches of `validation.eval_global_batch_size`, or with
+    /// `validation.full_validation` over every sample of the set once, in order, the last
+    /// global batch padded with samples that carry no loss.
+    fn evaluate(&mut self, valid_set: Option<usize>, at: &str) -> Result<Option<f64>> {
+        let (ds, suffix) = match valid_set {
+            Some(i) => (&self.datasets.valid[i].data, self.datasets.valid[i].suffix.as_str()),
+            None => match &self.datasets.test {
+                Some(ds) => (ds, ""),
+                None => return Ok(None),
+            },
+        };
+        let valid = valid_set.is_some();
+        let full = valid && self.cfg.validation.full_validation;
         let egbs = self.d.eval_global_batch_size;
         let embs = self.d.eval_micro_batch_size;
-        let consumed = if split == 1 { self.state.consumed_valid_samples as usize } else { 0 };
-        if consumed >= ds.len() {
-            return Ok(None);
-        }
-        let mut sampler =
-            sampler_for_split(&self.cfg, &self.d, split, ds, consumed, self.dp_rank())?;
+        let dp = self.d.data_parallel_size;
+        let mut sampler = if full {
+            let whole = PretrainingSampler::new(ds.len(), 0, embs, self.dp_rank(), dp, false, true)
+                .context("cannot sample the validation set")?;
+            DataSampler::Single(whole)
+        } else {
+            let consumed = if valid { self.state.consumed_valid_samples as usize } else { 0 };
+            if consumed >= ds.len() {
+                return Ok(None);
+            }
+            sampler_for_split(
+                &self.cfg,
+                &self.d,
+                if valid { 1 } else { 2 },
+                ds,
+                consumed,
+                self.dp_rank(),
+            )?
+        };
+        let batches = if full {
+            ds.len().div_ceil(egbs)
+        } else {
+            self.cfg.validation.eval_iters.unwrap_or(0)
+        };
         let (mut sum, mut count) = (0.0, 0.0);
-        for _ in 0..eval_iters {
+        for _ in 0..batches {
             let mut micro = Vec::new();
-            for _ in 0..egbs / (embs * self.d.data_parallel_size) {
+            for _ in 0..egbs / (embs * dp) {
                 let Some(idx) = sampler.next_micro()? else { break };
                 micro.push(ds.microbatch(&idx, &self.device)?);
             }
@@ -44,7 +91,7 @@ impl Trainer {
                 sum += s;
                 count += c;
             }
-            if split == 1 {
+            if valid && !full {
                 self.state.consumed_valid_samples += egbs as u64;
             }
         }
@@ -58,32 +105,41 @@ impl Trainer {
             return Ok(None);
         }
         let loss = sum / count;
+        let suffix = suffix.to_string();
+        self.report_evaluation(valid, &suffix, at, loss)?;
+        Ok(Some(loss))
+    }
+
+    /// Prints an evaluation's box and writes its loss to the metrics file and (validation
+    /// only) TensorBoard, under `lm loss validation<suffix>`.
+    fn report_evaluation(&mut self, valid: bool, suffix: &str, at: &str, loss: f64) -> Result<()> {
         if self.reports() {
-            println!("{}", validation_box(prefix, loss));
+            println!("{}", validation_box(suffix, at, loss));
         }
-        let kind = if split == 1 { "validation" } else { "test" };
+        let kind = if valid { "validation" } else { "test" };
+        let tag = format!("lm loss {kind}{suffix}");
         self.append_metrics(json!({
             "kind": kind,
             "iteration": self.state.step,
             "consumed_samples": self.state.consumed_train_samples,
-            format!("lm loss {kind}"): loss,
-            format!("lm loss {kind} ppl"): perplexity(loss),
+            tag.clone(): loss,
+            format!("{tag} ppl"): perplexity(loss),
         }))?;
         // An evaluation-only run (`validation.skip_train`) leaves the event files alone, as
         // Megatron's `write_to_tensorboard=not skip_train`.
         let tb = self.tb.as_mut().filter(|_| !self.cfg.validation.skip_train);
-        if let (Some(tb), 1) = (tb, split) {
+        if let (Some(tb), true) = (tb, valid) {
             let samples = self.state.consumed_train_samples as i64;
-            tb.add_scalar("lm loss validation", loss as f32, self.state.step as i64)?;
-            tb.add_scalar("lm loss validation vs samples", loss as f32, samples)?;
+            tb.add_scalar(&tag, loss as f32, self.state.step as i64)?;
+            tb.add_scalar(&format!("{tag} vs samples"), loss as f32, samples)?;
             if self.cfg.logger.log_validation_ppl_to_tensorboard {
                 let ppl = perplexity(loss) as f32;
-                tb.add_scalar("lm loss validation ppl", ppl, self.state.step as i64)?;
-                tb.add_scalar("lm loss validation ppl vs samples", ppl, samples)?;
+                tb.add_scalar(&format!("{tag} ppl"), ppl, self.state.step as i64)?;
+                tb.add_scalar(&format!("{tag} ppl vs samples"), ppl, samples)?;
             }
             tb.flush()?;
         }
-        Ok(Some(loss))
+        Ok(())
     }
 
     /// `logger.log_params_norm`: the parameters' norm after `iteration` where a log line or

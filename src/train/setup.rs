@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 use super::checkpointing;
-use super::datasets::{build_run_datasets, tokenizer_from_config};
+use super::datasets::{build_run_splits, tokenizer_from_config};
 use super::dp_setup;
 use super::loss_scale::LossScaler;
 use super::optimizer::{AdamConfig, Algorithm, GradAccumulator, SgdConfig};
@@ -213,7 +213,7 @@ impl Trainer {
                 super::log::timestamp()
             );
         }
-        let datasets = build_run_datasets(&cfg, &d, tokenizer.as_ref())?;
+        let datasets = build_run_splits(&cfg, &d, tokenizer.as_ref())?;
         if reporting {
             // Megatron's two setup timers, split: the model's share is mostly drawing the
             // initial weights.

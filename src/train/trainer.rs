@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::datasets::{sampler_for_split, RunDataset};
+use super::datasets::{sampler_for_split, RunSplits};
 use super::loss_scale::LossScaler;
 use super::optimizer::GradAccumulator;
 use super::phase_timer::PhaseTimer;
@@ -46,7 +46,7 @@ pub struct TrainOutcome {
     /// `lm loss` of every iteration this process ran, in order.
     pub losses: Vec<(u64, f64)>,
     /// Gradient norm (before clipping) of every iteration, as the log line shows it; `None`
-    /// for skipped iterations.
+    /// where none was computed (fp16 overflow, `train.iterations_to_skip`, a NaN loss).
     pub grad_norms: Vec<(u64, Option<f64>)>,
     /// Learning rate of every iteration as the log line shows it: after the scheduler advanced.
     pub lrs: Vec<(u64, f64)>,
@@ -72,7 +72,7 @@ pub struct Trainer {
     pub(super) reducer: Option<GradReducer>,
     pub(super) scheduler: OptimizerParamScheduler,
     pub(super) acc: GradAccumulator,
-    pub(super) datasets: [Option<RunDataset>; 3],
+    pub(super) datasets: RunSplits,
     pub(super) state: TrainState,
     pub(super) device: Device,
     pub(super) tb: Option<SummaryWriter>,
@@ -134,7 +134,7 @@ impl Trainer {
             crate::ops::main_grads::bf16_main_grads(!self.cfg.ddp.grad_reduce_in_fp32);
         let train_iters = self.d.train_iters as u64;
         let gbs = self.d.global_batch_size;
-        let train_ds = self.datasets[0].take().context("no training dataset was built")?;
+        let train_ds = self.datasets.train.take().context("no training dataset was built")?;
         let mut sampler = sampler_for_split(
             &self.cfg,
             &self.d,
@@ -213,8 +213,8 @@ impl Trainer {
                     && iteration.is_multiple_of(every as u64)
                     && iteration < train_iters
                 {
-                    last_val =
-                        self.evaluate(1, &format!("iteration {iteration} on validation set"))?;
+                    last_val = self
+                        .evaluate_validation(&format!("iteration {iteration} on validation set"))?;
                 }
             }
             // Exit decisions in Megatron Bridge's order: signal, periodic save, duration, interval.
@@ -275,9 +275,10 @@ impl Trainer {
         self.wrap_up()?;
         if self.eval_enabled() {
             let step = self.state.step;
-            last_val =
-                self.evaluate(1, &format!("iteration {step} on validation set"))?.or(last_val);
-            self.evaluate(2, &format!("iteration {step} on test set"))?;
+            last_val = self
+                .evaluate_validation(&format!("iteration {step} on validation set"))?
+                .or(last_val);
+            self.evaluate_test(&format!("iteration {step} on test set"))?;
         }
         Ok(TrainOutcome {
             reason,
@@ -290,8 +291,11 @@ impl Trainer {
         })
     }
 
+    /// Whether the run evaluates: `validation.eval_iters` > 0, or `full_validation` (which
+    /// sizes its evaluations by the data), as Megatron's `do_valid`.
     fn eval_enabled(&self) -> bool {
-        self.cfg.validation.eval_iters.unwrap_or(0) > 0
+        let v = &self.cfg.validation;
+        v.full_validation || v.eval_iters.unwrap_or(0) > 0
     }
 
     /// One iteration: accumulate micro-batch gradients, normalise them as megatron-core does
@@ -430,6 +434,21 @@ impl Trainer {
             });
         }
         timer.mark("grad-reduce-and-clip")?;
+        // `optimizer.grad_norm_skip_threshold`: megatron-core's optimizer skips the update (and
+        // the scheduler does not advance); the loss scale has already seen a finite step.
+        if let Some(threshold) = self.cfg.optimizer.grad_norm_skip_threshold {
+            if threshold.is_finite() && norm.norm > threshold {
+                tracing::info!("skipping grad norm because it's too large {}", norm.norm);
+                self.update_loss_scale(false);
+                return Ok(StepResult {
+                    loss,
+                    grad_norm: Some(norm.norm),
+                    skipped: true,
+                    nan: false,
+                    lr: self.scheduler.get_lr(),
+                });
+            }
+        }
         drop(phase);
         let _phase = Range::phase("optimizer");
         // A background save must hold its own copy of the weights before they change.
@@ -468,8 +487,13 @@ impl Trainer {
     /// or with `checkpoint.async_save` from a detached snapshot in the background (a save still
     /// in flight is finished first). Every rank writes its own shards; rank 0 commits.
     pub fn save(&mut self) -> Result<()> {
-        let Some(dir) = self.cfg.checkpoint.save.clone() else { return Ok(()) };
-        self.save_into(PathBuf::from(dir), self.cfg.checkpoint.most_recent_k)
+        let c = &self.cfg.checkpoint;
+        let Some(dir) = c.save.clone() else { return Ok(()) };
+        let retention = ckpt::Retention {
+            most_recent_k: c.most_recent_k,
+            retain_interval: c.save_retain_interval.map(|n| n as u64),
+        };
+        self.save_into(PathBuf::from(dir), retention)
     }
 
     /// A global non-persistent checkpoint (`checkpoint.non_persistent_save_interval`) into
@@ -478,11 +502,11 @@ impl Trainer {
     fn save_non_persistent(&mut self) -> Result<()> {
         let c = &self.cfg.checkpoint;
         let Some(dir) = c.non_persistent_dir(c.save.as_deref()) else { return Ok(()) };
-        self.save_into(dir, 2)
+        self.save_into(dir, 2.into())
     }
 
     /// [`Self::save`] into `dir`, keeping its `k` newest checkpoints (-1: all).
-    fn save_into(&mut self, dir: PathBuf, k: i64) -> Result<()> {
+    fn save_into(&mut self, dir: PathBuf, k: ckpt::Retention) -> Result<()> {
         let t0 = Instant::now();
         let snapshot = self.checkpoint_snapshot()?;
         if self.cfg.checkpoint.async_save {
@@ -635,12 +659,15 @@ impl Window {
         if s.nan {
             self.nan += 1;
         }
+        // A skipped step's norm is still shown (it is why a threshold skipped it).
+        if s.grad_norm.is_some() {
+            self.grad_norm = s.grad_norm;
+        }
         if s.skipped {
             self.skipped += 1;
         } else {
             self.advanced += 1;
             self.loss_sum += s.loss;
-            self.grad_norm = s.grad_norm;
         }
     }
 }

@@ -220,7 +220,8 @@ fn rope(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     // Full and partial rotary; q laid out [b, s, heads, d] and viewed as [b, heads, s, d]
     // (strided, as it comes out of the fused QKV).
     for (percent, b, s, heads, d) in [(1.0, 2, 64, 4, 64), (0.5, 1, 48, 3, 128)] {
-        let table = ops::RopeTable::new(d, percent, 500_000.0, Some(32.0), None)?;
+        let table =
+            ops::RopeTable::new(d, percent, 500_000.0, ops::RopeScaling::Llama3(32.0), None)?;
         let pos = Tensor::arange(0u32, s as u32, &Device::Cpu)?.unsqueeze(0)?.repeat((b, 1))?;
         let (cos, sin) = table.cos_sin(&pos, DType::F32)?;
         let round =
@@ -244,7 +245,7 @@ fn rope_qkv_dense_q(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
     let (b, s, groups, hpg, d) = (2, 40, 2, 3, 64);
     let l = QkvLayout { groups, hpg, head_dim: d };
     let rows = groups * (hpg + 2) * d;
-    let table = ops::RopeTable::new(d, 1.0, 500_000.0, None, None)?;
+    let table = ops::RopeTable::new(d, 1.0, 500_000.0, ops::RopeScaling::None, None)?;
     let pos = Tensor::arange(0u32, s as u32, &Device::Cpu)?.unsqueeze(0)?.repeat((b, 1))?;
     let (cos, sin) = table.cos_sin(&pos, DType::F32)?;
     let gpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_device(dev)?) };
