@@ -266,6 +266,11 @@ fn remaining_rules() {
             &["checkpoint.save_retain_interval=15", "checkpoint.save_interval=10"],
             "`checkpoint.save_retain_interval` (15) must be a multiple of `checkpoint.save_interval` (10)",
         ),
+        (&["optimizer.decoupled_min_lr=1e-5"], "`optimizer.decoupled_min_lr` needs"),
+        (
+            &["optimizer.decoupled_lr=1e-5", "optimizer.decoupled_min_lr=1e-4"],
+            "`optimizer.decoupled_lr` (0.00001) must be ≥ 0 and ≥ `optimizer.decoupled_min_lr`",
+        ),
         (
             &["validation.multiple_validation_sets=true"],
             "`validation.multiple_validation_sets` requires `validation.full_validation`",

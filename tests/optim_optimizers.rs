@@ -374,3 +374,37 @@ fn step_scaled_each_reports_each_updated_parameter_in_order() {
         );
     }
 }
+
+/// `optimizer.decoupled_lr`: the word embedding and the output layer (megatron-core's
+/// `is_embedding_or_output_parameter`, also as a distributed optimizer's slice of them) step
+/// with their own learning rate, the others with the scheduler's. SGD without momentum makes
+/// the update `lr · g` exactly.
+#[test]
+fn decoupled_lr_steps_the_embedding_and_output_layer() {
+    use mbridge::train::optimizer::is_embedding_or_output;
+    assert!(is_embedding_or_output("embedding.word_embeddings.weight"));
+    assert!(is_embedding_or_output("output_layer.weight[0..4096]"));
+    assert!(!is_embedding_or_output("decoder.final_layernorm.weight"));
+    assert!(!is_embedding_or_output("embedding.position_embeddings.weight"));
+    let names = ["embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight"];
+    let vars: Vec<Var> = names
+        .iter()
+        .map(|_| Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()).unwrap())
+        .collect();
+    let mut grads = GradStore::default();
+    for v in &vars {
+        grads.insert(v.as_tensor(), Tensor::new(&[1.0f32, -2.0, 4.0], &Device::Cpu).unwrap());
+    }
+    let sgd = Algorithm::Sgd(SgdConfig { momentum: 0.0 });
+    let params = names.iter().zip(&vars).map(|(n, v)| (n.to_string(), v.clone())).collect();
+    let mut opt = Optimizer::new(sgd, params).unwrap();
+    opt.set_decoupled_lr(Some(0.5));
+    opt.step(&grads, 0.25, 0.0).unwrap();
+    let values = |v: &Var| v.as_tensor().to_vec1::<f32>().unwrap();
+    assert_eq!(values(&vars[0]), vec![-0.5, 1.0, -2.0]);
+    assert_eq!(values(&vars[1]), vec![-0.25, 0.5, -1.0]);
+    // Unset, every parameter takes the scheduler's rate.
+    opt.set_decoupled_lr(None);
+    opt.step(&grads, 0.25, 0.0).unwrap();
+    assert_eq!(values(&vars[0]), vec![-0.75, 1.5, -3.0]);
+}

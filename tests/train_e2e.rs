@@ -196,6 +196,53 @@ fn grad_norm_skip_threshold_skips_the_update() {
     assert!(out.contains("number of skipped iterations:   2 |"), "{out}");
 }
 
+/// `optimizer.decoupled_lr`: the word embedding and the output layer follow their own peak
+/// and floor on the run's schedule. At 0 they never move while the rest trains, and
+/// `metrics.jsonl` records the rate each step (`decoupled-learning-rate`, Megatron Bridge's
+/// TensorBoard tag), here the main rate scaled by 2 in the warm-up and at the floor at the end.
+#[test]
+fn decoupled_lr_drives_the_embedding_and_output_layer() {
+    let weights = |t: &mbridge::train::trainer::Trainer, name: &str| {
+        let p = t.model().params().get(name).unwrap();
+        p.var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let base = args(&["train.train_iters=3", "validation.eval_iters=0"]);
+    let initial = tiny_trainer(&base).unwrap();
+    let mut frozen = base.clone();
+    frozen.extend(args(&["+optimizer.decoupled_lr=0.0", "+optimizer.decoupled_min_lr=0.0"]));
+    let mut t = tiny_trainer(&frozen).unwrap();
+    t.train().unwrap();
+    for name in ["embedding.word_embeddings.weight", "output_layer.weight"] {
+        assert_eq!(weights(&t, name), weights(&initial, name), "{name} moved");
+    }
+    let fc1 = "decoder.layers.0.mlp.linear_fc1.weight";
+    assert_ne!(weights(&t, fc1), weights(&initial, fc1));
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("m.jsonl");
+    let mut doubled = args(&["train.train_iters=8", "validation.eval_iters=0"]);
+    doubled.extend(args(&[
+        "scheduler.lr_warmup_iters=4",
+        "+optimizer.decoupled_lr=6e-3",
+        "+optimizer.decoupled_min_lr=1e-4",
+        &format!("+logger.metrics_jsonl=\"{}\"", metrics.display()),
+    ]));
+    run(&doubled).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["kind"] == "train")
+        .collect();
+    assert_eq!(lines.len(), 8);
+    let rate = |i: usize, key: &str| lines[i][key].as_f64().unwrap();
+    for i in 0..3 {
+        let (lr, dlr) = (rate(i, "learning-rate"), rate(i, "decoupled-learning-rate"));
+        assert!((dlr - 2.0 * lr).abs() <= 1e-12, "step {i}: {dlr} vs {lr}");
+    }
+    assert!((rate(7, "decoupled-learning-rate") - 1e-4).abs() <= 1e-12);
+}
+
 /// `validation.skip_train`: a run that loads a checkpoint evaluates it without training, with
 /// the validation and test losses the training run printed for the same weights, and writes
 /// nothing to the checkpoint directory.

@@ -70,8 +70,6 @@ pub const REFUSED: &[(&str, &str)] = &[
     ("ddp.fp4_param_gather", "FP4 is not implemented"),
     ("ddp.reuse_grad_buf_for_mxfp8_param_ag", "MXFP8 is not implemented"),
     ("ddp.outer_dp_sharding_strategy", "hybrid-sharded data parallelism is not implemented"),
-    ("optimizer.decoupled_lr", "the embedding and output layer share the learning rate of the others"),
-    ("optimizer.decoupled_min_lr", "the embedding and output layer share the learning rate of the others"),
     ("optimizer.use_layer_wise_distributed_optimizer", "the layer-wise distributed optimizer is not implemented; `ddp.use_distributed_optimizer` shards the optimizer state"),
     ("dataset.inter_document_masking", "use `dataset.reset_attention_mask` for attention within documents"),
     ("dataset.trust_remote_code", "mbridge runs no remote code"),

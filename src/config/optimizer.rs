@@ -75,6 +75,9 @@ pub struct OptimizerConfig {
     /// Skip the update of a step whose gradient norm (before clipping) exceeds this, as
     /// megatron-core's optimizer does; None (Megatron's `inf`) never skips.
     pub grad_norm_skip_threshold: Option<f64>,
+    /// The word embedding's and output layer's own peak learning rate (megatron-core's
+    /// decoupled parameter group), on the same schedule; its floor is `decoupled_min_lr`
+    /// (default `min_lr`).
     pub decoupled_lr: Option<f64>,
     pub decoupled_min_lr: Option<f64>,
     pub use_layer_wise_distributed_optimizer: bool,

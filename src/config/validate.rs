@@ -248,6 +248,22 @@ pub fn finalize(
             }
         }
     }
+    let o = &cfg.optimizer;
+    match (o.decoupled_lr, o.decoupled_min_lr) {
+        (None, Some(_)) => errs.push(
+            "`optimizer.decoupled_min_lr` needs `optimizer.decoupled_lr` (the embedding's and \
+             output layer's peak learning rate)"
+                .into(),
+        ),
+        (Some(max), min) if max < 0.0 || min.is_some_and(|m| m < 0.0 || m > max) => {
+            errs.push(format!(
+                "`optimizer.decoupled_lr` ({max}) must be ≥ 0 and ≥ `optimizer.decoupled_min_lr` \
+                 ({})",
+                min.map_or("unset".into(), |m| m.to_string())
+            ))
+        }
+        _ => {}
+    }
 
     // Megatron Bridge's rule for finetuning under context parallelism.
     if cfg.model.context_parallel_size > 1

@@ -92,6 +92,11 @@ impl DistributedOptimizer {
         self.params.iter().map(|p| p.var.clone()).collect()
     }
 
+    /// See [`Optimizer::set_decoupled_lr`].
+    pub fn set_decoupled_lr(&mut self, lr: Option<f64>) {
+        self.inner.set_decoupled_lr(lr);
+    }
+
     /// Elements of optimizer state this rank holds per moment (its shards).
     pub fn shard_numel(&self) -> usize {
         self.slices.iter().map(|s| s.len).sum()

@@ -138,17 +138,29 @@ impl Trainer {
         Ok(g.mp.all_reduce(&t, ReduceOp::Sum)?.to_vec1::<f64>()?[0].sqrt())
     }
 
+    /// `optimizer.decoupled_lr` as the scheduler shapes it now: the embedding's and output
+    /// layer's learning rate, warmed up from `lr_warmup_init` and decayed to
+    /// `decoupled_min_lr` (default `min_lr`), megatron-core's parameter-group override.
+    pub(super) fn decoupled_lr(&self) -> Option<f64> {
+        let o = &self.cfg.optimizer;
+        let min = o.decoupled_min_lr.unwrap_or(self.scheduler.params().min_lr);
+        o.decoupled_lr.map(|max| self.scheduler.get_lr_with(max, min))
+    }
+
     /// The optimizer update with the scheduler's lr and weight decay, the gradients multiplied
     /// by `grad_scale` (clipping coefficient / loss scale) as they are read; the distributed
     /// optimizer then all-gathers the updated parameters.
     pub(super) fn apply_update(&mut self, reduced: Reduced, grad_scale: Option<f64>) -> Result<()> {
         let (lr, wd) = (self.scheduler.get_lr(), self.scheduler.get_wd());
+        let decoupled = self.decoupled_lr();
         match (&mut self.optimizer, reduced) {
             (RunOptimizer::Replicated(o), Reduced::Full) => {
+                o.set_decoupled_lr(decoupled);
                 o.step_scaled(&self.acc, lr, wd, grad_scale)?
             }
             (RunOptimizer::Distributed(d), Reduced::Shards(shards)) => {
                 let g = self.groups.as_ref().context("the distributed optimizer needs groups")?;
+                d.set_decoupled_lr(decoupled);
                 d.step(&shards, lr, wd, grad_scale, &*g.dp_cp)?;
             }
             _ => unreachable!("the reduction matches the optimizer"),

@@ -144,6 +144,13 @@ pub fn default_wd_mult(name: &str, rank: usize) -> f64 {
     }
 }
 
+/// Whether `name` (a parameter, or a distributed optimizer's slice `name[a..b]` of one) is the
+/// word embedding or the output layer, megatron-core's `is_embedding_or_output_parameter`.
+pub fn is_embedding_or_output(name: &str) -> bool {
+    let param = name.split('[').next().unwrap_or(name);
+    param == "embedding.word_embeddings.weight" || param == "output_layer.weight"
+}
+
 /// `params` with [`default_wd_mult`]'s multipliers, for [`Optimizer::with_storage`].
 pub fn default_groups(params: Vec<(String, Var)>) -> Vec<(String, Var, f64)> {
     params
@@ -242,6 +249,9 @@ pub struct ParamState {
     pub var: Var,
     /// Multiplier on the scheduler's weight decay (0 for the no-decay group).
     pub wd_mult: f64,
+    /// The word embedding or the output layer, which take `optimizer.decoupled_lr` when it is
+    /// set (megatron-core's `is_embedding_or_output_parameter`).
+    pub decoupled_lr: bool,
     /// The fp32 master when the variable is stored in a narrower dtype.
     pub master: Master,
     /// Adam first moment or SGD momentum buffer (zeros before the first step; with zero
@@ -309,6 +319,8 @@ pub struct Optimizer {
     params: Vec<ParamState>,
     /// Optimizer steps taken (Adam's bias-correction `t`).
     steps: u64,
+    /// The embedding's and output layer's own learning rate ([`Self::set_decoupled_lr`]).
+    decoupled_lr: Option<f64>,
 }
 
 impl Optimizer {
@@ -360,9 +372,18 @@ impl Optimizer {
                 Algorithm::Adam(_) => Some(Tensor::zeros(var.shape(), m2, var.device())?),
                 Algorithm::Sgd(_) => None,
             };
-            states.push(ParamState { name, var, wd_mult, master, exp_avg: zeros, exp_avg_sq });
+            let decoupled_lr = is_embedding_or_output(&name);
+            states.push(ParamState {
+                name,
+                var,
+                wd_mult,
+                decoupled_lr,
+                master,
+                exp_avg: zeros,
+                exp_avg_sq,
+            });
         }
-        Ok(Self { algorithm, params: states, steps: 0 })
+        Ok(Self { algorithm, params: states, steps: 0, decoupled_lr: None })
     }
 
     /// The update rule.
@@ -383,6 +404,12 @@ impl Optimizer {
     /// Optimizer steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// The learning rate of the embedding and output layer in the next steps
+    /// (`optimizer.decoupled_lr` as the scheduler shapes it); None: the others' rate.
+    pub fn set_decoupled_lr(&mut self, lr: Option<f64>) {
+        self.decoupled_lr = lr;
     }
 
     /// Re-reads master copies from the model variables, for when the model's weights were
@@ -458,7 +485,12 @@ impl Optimizer {
         self.steps += 1;
         let t = self.steps as f64;
         let algorithm = self.algorithm;
+        let (base_lr, decoupled) = (lr, self.decoupled_lr);
         for (i, p) in self.params.iter_mut().enumerate() {
+            let lr = match (p.decoupled_lr, decoupled) {
+                (true, Some(d)) => d,
+                _ => base_lr,
+            };
             if let Algorithm::Adam(c) = algorithm {
                 if fused_adam(p, grads.grad_of(&p.var), lr, wd, t, &c, grad_scale)? {
                     after(i, p)?;

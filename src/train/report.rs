@@ -220,6 +220,7 @@ impl Trainer {
         let tflops = self.tflops(seconds, flops_per_iter);
         let world = self.d.world_size as f64;
         let l = self.cfg.logger.clone();
+        let decoupled_lr = self.decoupled_lr();
         let Some(tb) = self.tb.as_mut() else { return Ok(()) };
         if !iteration.is_multiple_of(every) {
             return Ok(());
@@ -232,6 +233,9 @@ impl Trainer {
         ] {
             tb.add_scalar(tag, v as f32, it)?;
             tb.add_scalar(&format!("{tag} vs samples"), v as f32, samples)?;
+        }
+        if let Some(d) = decoupled_lr {
+            tb.add_scalar("decoupled-learning-rate", d as f32, it)?;
         }
         if self.cfg.logger.log_loss_scale_to_tensorboard {
             tb.add_scalar("loss-scale", 1.0, it)?;
@@ -294,6 +298,9 @@ impl Trainer {
         }
         if let Some(p) = params_norm {
             line["params-norm"] = json!(p);
+        }
+        if let Some(d) = self.decoupled_lr() {
+            line["decoupled-learning-rate"] = json!(d);
         }
         self.append_metrics(line)
     }
