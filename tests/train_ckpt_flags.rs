@@ -178,6 +178,7 @@ fn wrong_shape_and_corrupted_shard_are_clear_errors() {
 fn tensorboard_tags_metrics_jsonl_and_wandb_command() {
     let tmp = tempfile::tempdir().unwrap();
     let tb = tmp.path().join("tb");
+    let saved_config = tmp.path().join("configs/run.yaml");
     let out = Command::new(assert_cmd::cargo::cargo_bin("mbridge"))
         .args([
             "pretrain",
@@ -195,6 +196,8 @@ fn tensorboard_tags_metrics_jsonl_and_wandb_command() {
         ])
         .args(["++logger.wandb_project=my-proj", "++logger.wandb_entity=team"])
         .arg("logger.log_params_norm=true")
+        .args(["logger.log_runtime_to_tensorboard=true", "logger.runtime_time_unit=\"seconds\""])
+        .arg(format!("logger.save_config_filepath=\"{}\"", saved_config.display()))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -218,9 +221,23 @@ fn tensorboard_tags_metrics_jsonl_and_wandb_command() {
         "iteration-time",
         "mem-resident-bytes",
         "params-norm",
+        "time/total",
+        "time/remaining_estimate",
     ] {
         assert_eq!(steps(tag), [1, 2, 3, 4, 5, 6], "{tag}");
     }
+    // Megatron Bridge's runtime report: batches, samples and tokens so far, and a remaining
+    // time that reaches 0 at the last iteration.
+    let values =
+        |tag: &str| -> Vec<f32> { scalars.iter().filter(|s| s.0 == tag).map(|s| s.2).collect() };
+    assert_eq!(values("time/batches"), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(values("time/tokens")[5], 48.0 * 64.0);
+    assert_eq!(values("time/remaining_estimate")[5], 0.0);
+    // `logger.save_config_filepath`: the resolved config, JSON for a .yaml path.
+    let copy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved_config).unwrap()).unwrap();
+    assert_eq!(copy["train"]["train_iters"], 6);
+    assert_eq!(copy["logger"]["runtime_time_unit"], "seconds");
     assert_eq!(steps("lm loss vs samples"), [8, 16, 24, 32, 40, 48]);
     // Validation at 3 (interval) and at the end (6).
     assert_eq!(steps("lm loss validation"), [3, 6]);

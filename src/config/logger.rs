@@ -3,6 +3,10 @@
 use serde::{Deserialize, Serialize};
 use smart_default::SmartDefault;
 
+/// The units `logger.runtime_time_unit` may name, with their length in seconds.
+pub const RUNTIME_TIME_UNITS: [(&str, f64); 4] =
+    [("seconds", 1.0), ("minutes", 60.0), ("hours", 3600.0), ("days", 86400.0)];
+
 /// `logger.*`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, SmartDefault)]
 #[serde(default, deny_unknown_fields)]

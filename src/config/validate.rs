@@ -505,6 +505,12 @@ pub fn finalize(
             )),
         }
     }
+    let unit = &cfg.logger.runtime_time_unit;
+    if !super::logger::RUNTIME_TIME_UNITS.iter().any(|(n, _)| n == unit) {
+        errs.push(format!(
+            "`logger.runtime_time_unit` = {unit:?}: expected \"seconds\", \"minutes\", \"hours\" or \"days\""
+        ));
+    }
     let p = &cfg.profiling;
     if p.use_nsys_profiler && p.use_pytorch_profiler {
         errs.push(

@@ -67,6 +67,7 @@ mod profile_hooks;
 mod progress_log;
 mod report;
 pub mod run_optimizer;
+pub mod run_records;
 mod schedule_resolve;
 pub mod scheduler;
 mod setup;

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::datasets::sampler_for_split;
 use super::log::{perplexity, timestamp, validation_box, LogLine};
 use super::loss_scale::LossScaler;
+use super::run_records::runtime_report;
 use super::trainer::{StepResult, Trainer, Window};
 use crate::ckpt::SavedCheckpoint;
 use crate::config::logger::LoggerConfig;
@@ -221,6 +222,8 @@ impl Trainer {
         let world = self.d.world_size as f64;
         let l = self.cfg.logger.clone();
         let decoupled_lr = self.decoupled_lr();
+        let (train_iters, seq_length) = (self.d.train_iters as u64, self.cfg.model.seq_length);
+        let started = self.started;
         let Some(tb) = self.tb.as_mut() else { return Ok(()) };
         if !iteration.is_multiple_of(every) {
             return Ok(());
@@ -247,6 +250,18 @@ impl Trainer {
         if let Some(p) = params_norm {
             tb.add_scalar("params-norm", p as f32, it)?;
             tb.add_scalar("params-norm vs samples", p as f32, samples)?;
+        }
+        if l.log_runtime_to_tensorboard {
+            for (tag, v) in runtime_report(
+                iteration,
+                train_iters,
+                samples as u64,
+                seq_length,
+                started.elapsed().as_secs_f64(),
+                &l.runtime_time_unit,
+            ) {
+                tb.add_scalar(tag, v as f32, it)?;
+            }
         }
         let skipped = self.state.skipped_train_samples;
         tb.add_scalar("skipped-train-samples", skipped as f32, it)?;

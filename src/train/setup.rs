@@ -1,7 +1,7 @@
 //! Building a run: tokenizer, model (this rank's TP shard of its pipeline stage(s)), optimizer, scheduler, data and
 //! logging sinks from a finalized config, then resuming from a checkpoint when there is one.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -238,6 +238,9 @@ impl Trainer {
             Some(path) if reporting => Some(MetricsWriter::open(&path)?),
             _ => None,
         };
+        if let (Some(path), true) = (&cfg.logger.save_config_filepath, reporting) {
+            super::run_records::save_config_copy(&cfg, &run_config_toml, Path::new(path));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         if cfg.train.exit_signal_handler {
             // `train.exit_signal` (SIGTERM by default, what SLURM sends before the time limit),
@@ -285,6 +288,7 @@ impl Trainer {
             scaler,
             profiler,
             progress,
+            started,
         };
         t.restore()?;
         let flops = t.state.floating_point_operations_so_far;

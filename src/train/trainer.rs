@@ -87,6 +87,8 @@ pub struct Trainer {
     pub(super) rng_seed: u64,
     /// Whether the one-time GPU memory report has been printed.
     pub(super) memory_reported: bool,
+    /// When this job's set-up began (`logger.log_runtime_to_tensorboard`'s start time).
+    pub(super) started: Instant,
     /// `profiling.*`: nsys window, NVTX ranges, Chrome trace, memory report.
     pub(super) profiler: Profiler,
     /// fp16 runs: the loss scale (None for bf16 and f32).
