@@ -243,6 +243,33 @@ fn decoupled_lr_drives_the_embedding_and_output_layer() {
     assert!((rate(7, "decoupled-learning-rate") - 1e-4).abs() <= 1e-12);
 }
 
+/// `rerun_state_machine.check_for_spiky_loss` (rerun machine disabled, Megatron Bridge's
+/// default): after the first 100 micro-batch loss sums (50 iterations of 2 micro-batches) set
+/// the reference, each sum at least `spiky_loss_factor` times it is warned about and training
+/// goes on. The losses fall, so a factor of 0.01 flags every later micro-batch and the default
+/// 10 none.
+#[test]
+fn spiky_losses_are_warned_about() {
+    let run = |factor: &str| {
+        let out = Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=52"])
+            .args(["validation.eval_iters=0", "rerun_state_machine.check_for_spiky_loss=true"])
+            .arg(format!("rerun_state_machine.spiky_loss_factor={factor}"))
+            .assert()
+            .success()
+            .get_output()
+            .clone();
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout)
+    };
+    let flagged = run("0.01");
+    let warnings: Vec<&str> = flagged.lines().filter(|l| l.contains("Spiky loss")).collect();
+    assert_eq!(warnings.len(), 4, "{flagged}");
+    assert!(warnings[0].contains("Rank 0, node ") && warnings[0].contains("iteration 51"));
+    assert!(flagged.contains("Max value for loss: "), "{flagged}");
+    assert!(!run("10.0").contains("Spiky loss"));
+}
+
 /// `validation.skip_train`: a run that loads a checkpoint evaluates it without training, with
 /// the validation and test losses the training run printed for the same weights, and writes
 /// nothing to the checkpoint directory.

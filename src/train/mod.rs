@@ -71,5 +71,6 @@ pub mod run_records;
 mod schedule_resolve;
 pub mod scheduler;
 mod setup;
+mod spiky_loss;
 pub mod tensorboard;
 pub mod trainer;

@@ -72,14 +72,15 @@ impl Pipeline<'_> {
     }
 
     /// Forward and backward of every micro-batch, gradients summed into `acc` (forwards
-    /// only when `acc` is None, e.g. a skipped iteration). Returns `(Σ CE, Σ tokens)` over the
-    /// micro-batches on the rank that computes the loss, zeros on the others.
+    /// only when `acc` is None, e.g. a skipped iteration). Returns each micro-batch's Σ CE, in
+    /// micro-batch order, and Σ tokens on the rank that computes the loss (nothing and 0 on
+    /// the others).
     pub fn train_batch(
         &self,
         micro: &[Microbatch],
         hooks: &TrainHooks,
         mut acc: Option<&mut GradAccumulator>,
-    ) -> Result<(f64, f64)> {
+    ) -> Result<(Vec<f64>, f64)> {
         let steps = plan(&self.spec(micro.len(), acc.is_none()))?;
         let mut pending: Vec<VecDeque<Pending>> =
             self.chunks.iter().map(|_| VecDeque::new()).collect();
@@ -163,13 +164,13 @@ impl Pipeline<'_> {
             // Moves them: the accumulator holds no other copy of these parameters' gradients.
             acc.add(&side.take())?;
         }
-        // Added on the host in micro-batch order, as they were one by one before.
-        let loss_sum = if loss_sums.is_empty() {
-            0.0
+        // Read in one transfer, in micro-batch order.
+        let sums = if loss_sums.is_empty() {
+            Vec::new()
         } else {
-            Tensor::cat(&loss_sums, 0)?.to_vec1::<f64>()?.iter().sum()
+            Tensor::cat(&loss_sums, 0)?.to_vec1()?
         };
-        Ok((loss_sum, tokens))
+        Ok((sums, tokens))
     }
 
     /// One exchange of the plan: the listed sends leave the outbox, the receives land in the
@@ -208,7 +209,8 @@ impl Pipeline<'_> {
     pub fn eval_batch(&self, micro: &[Microbatch]) -> Result<(f64, f64)> {
         let hooks =
             TrainHooks { dropout: &|_, _| None, objective: &|_, sum, _| Ok(sum), overlap: None };
-        self.train_batch(micro, &hooks, None)
+        let (sums, tokens) = self.train_batch(micro, &hooks, None)?;
+        Ok((sums.iter().sum(), tokens))
     }
 
     fn p2p(&self) -> &PipelineP2p {

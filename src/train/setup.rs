@@ -264,6 +264,10 @@ impl Trainer {
         let cfg_seed = cfg.rng.seed;
         let profiler = Profiler::new(&cfg, groups.as_ref().map_or(0, |g| g.rank), &device)?;
         let scaler = LossScaler::from_config(&cfg.optimizer);
+        let rerun = &cfg.rerun_state_machine;
+        let spiky_loss = rerun
+            .check_for_spiky_loss
+            .then(|| super::spiky_loss::SpikyLoss::new(rerun.spiky_loss_factor));
         let mut t = Trainer {
             cfg,
             d,
@@ -289,6 +293,7 @@ impl Trainer {
             profiler,
             progress,
             started,
+            spiky_loss,
         };
         t.restore()?;
         let flops = t.state.floating_point_operations_so_far;

@@ -87,6 +87,8 @@ pub struct Trainer {
     pub(super) rng_seed: u64,
     /// Whether the one-time GPU memory report has been printed.
     pub(super) memory_reported: bool,
+    /// `rerun_state_machine.check_for_spiky_loss`: the micro-batch loss sums seen so far.
+    pub(super) spiky_loss: Option<super::spiky_loss::SpikyLoss>,
     /// When this job's set-up began (`logger.log_runtime_to_tensorboard`'s start time).
     pub(super) started: Instant,
     /// `profiling.*`: nsys window, NVTX ranges, Chrome trace, memory report.
@@ -377,7 +379,12 @@ impl Trainer {
         } else {
             Vec::new()
         };
-        let (mut loss_sum, mut tokens) = pipeline.train_batch(micro, &hooks, acc)?;
+        let (micro_sums, mut tokens) = pipeline.train_batch(micro, &hooks, acc)?;
+        // Added on the host in micro-batch order, as they were one by one before.
+        let mut loss_sum: f64 = micro_sums.iter().sum();
+        if let Some(spiky) = &mut self.spiky_loss {
+            spiky.check_all(&micro_sums, iteration, self.groups.as_ref().map_or(0, |g| g.rank));
+        }
         drop(fp8_hold);
         timer.mark("forward-backward")?;
         drop(phase);
