@@ -141,3 +141,44 @@ fn sft_with_context_parallelism_matches_one_rank() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("model.calculate_per_token_loss=true"), "{err}");
 }
+
+/// `train.num_epochs` (Megatron Bridge's `_resolve_num_epochs`): the SFT training split (41
+/// examples) at global batch 4 is 11 iterations per epoch, so 2 epochs run 22 iterations and
+/// 0.5 epochs 6; pretraining data, whose size is what it is asked for, is refused.
+#[test]
+fn num_epochs_sets_the_iterations_from_the_training_split() {
+    let run = |epochs: &str| {
+        let out = Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["finetune", "--recipe", "tiny_llama"])
+            .arg("tokenizer.tokenizer_type=HuggingFaceTokenizer")
+            .arg(format!("+tokenizer.tokenizer_model={TOK}"))
+            .arg(format!("+dataset.dataset_root={DATA}"))
+            .args(["~train.train_iters", &format!("+train.num_epochs={epochs}")])
+            .args(["logger.log_interval=1", "validation.eval_iters=0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let two = run("2");
+    assert!(
+        two.contains(
+            "Setting training iterations to 22 based on 2 epochs, 41 train samples, 11 \
+             iterations per epoch, and global batch size 4"
+        ),
+        "{two}"
+    );
+    assert_eq!(lm_losses(&two).len(), 22, "{two}");
+    assert!(run("0.5").contains("Setting training iterations to 6 based on 0.5 epochs"));
+    let out = Command::cargo_bin("mbridge")
+        .unwrap()
+        .args(["pretrain", "--recipe", "tiny_llama", "~train.train_iters", "+train.num_epochs=1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("only supported for finite SFT datasets"),
+        "{err}"
+    );
+}

@@ -8,6 +8,7 @@ mod env;
 pub mod export_hf;
 pub mod generate;
 pub mod import_hf;
+mod num_epochs;
 pub mod preprocess_data;
 mod pretrain;
 mod recipes_cmd;

@@ -91,6 +91,7 @@ pub fn run(args: TrainArgs, mode: Mode) -> anyhow::Result<()> {
     let env = discover_from_process_env()?;
     let loaded = load(&args.config.request(task, args.peft.map(Into::into)))?;
     let (loaded, args_from) = super::checkpoint_args::apply(loaded)?;
+    let loaded = super::num_epochs::resolve(loaded, env.rank == 0)?;
     // Ranks started by SLURM/OpenMPI know the world size from the environment too.
     let ranks = world_size(args.world_size).or((env.world_size > 1).then_some(env.world_size));
     let fin = finalize(loaded.cfg.clone(), ranks, None)?;

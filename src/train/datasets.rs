@@ -272,7 +272,8 @@ pub fn build_run_datasets(
         return Ok(build_pretrain_datasets(cfg, d, tokenizer)?.map(|s| s.map(RunDataset::Pretrain)));
     }
     if cfg.train.num_epochs.is_some() {
-        bail!("`train.num_epochs` is not supported yet; set `train.train_iters`");
+        // The CLI turns it into `train.train_iters` first (`cli::num_epochs`).
+        bail!("`train.num_epochs` must be resolved into `train.train_iters` before the datasets are built");
     }
     let opts = SftBuildOptions::from_config(cfg)?;
     let sets = build_sft_datasets(&cfg.dataset, tokenizer, &opts)?;
