@@ -7,7 +7,7 @@
 //! run's own. Without a checkpoint there, the config is used as it is, as Megatron
 //! does.
 
-use crate::config::raw::{get, Source};
+use crate::config::raw::Source;
 use crate::config::recipes::parse_toml;
 use crate::config::{schema, ConfigResult, LoadedConfig};
 use crate::config_err;
@@ -104,7 +104,7 @@ pub fn apply(mut loaded: LoadedConfig) -> ConfigResult<(LoadedConfig, Option<Pat
         // A field the checkpoint's config leaves out has its default there.
         let value = match table.get(section).and_then(|t| t.get(field)) {
             Some(v) => v.clone(),
-            None => get(&schema::defaults(), &[section, field]).cloned().unwrap_or(Value::Null),
+            None => schema::lookup(&[section, field]).cloned().unwrap_or(Value::Null),
         };
         loaded.raw.set(&[section, field], value, Source::File(origin.clone()));
     }

@@ -126,16 +126,19 @@ pub fn build_pretrain_datasets(
 }
 
 /// The validation split's datasets one by one, for `validation.multiple_validation_sets`
-/// (megatron-core builds one per prefix of `blend_per_split[1]`, each one epoch); None when
-/// the split is a single dataset, which the other splits' build covers.
+/// (megatron-core builds one per prefix of `blend_per_split[1]`, each one epoch), with the
+/// blend of the other splits; None when the split is a single dataset, which the other
+/// splits' build covers.
 fn separate_validation_sets(
     cfg: &ConfigContainer,
     tokenizer: &dyn Tokenizer,
-) -> Result<Option<Vec<PretrainDataset>>> {
+) -> Result<Option<(BlendSpec, Vec<PretrainDataset>)>> {
     if !cfg.validation.multiple_validation_sets || cfg.dataset.kind() != DatasetKind::Pretraining {
         return Ok(None);
     }
-    let BlendSpec::PerSplit([_, Some(valid), _]) = pretrain_blend(cfg)? else { return Ok(None) };
+    let BlendSpec::PerSplit([train, Some(valid), test]) = pretrain_blend(cfg)? else {
+        return Ok(None);
+    };
     if valid.prefixes.len() < 2 {
         return Ok(None);
     }
@@ -159,7 +162,7 @@ fn separate_validation_sets(
             built[1].take().with_context(|| format!("validation set {prefix:?} is empty"))
         })
         .collect::<Result<Vec<_>>>()
-        .map(Some)
+        .map(|sets| Some((BlendSpec::PerSplit([train, None, test]), sets)))
 }
 
 /// A split the trainer draws micro-batches from: pretraining (GPT/blended/mock) or SFT data.
@@ -227,14 +230,12 @@ pub fn build_run_splits(
     tokenizer: &dyn Tokenizer,
 ) -> Result<RunSplits> {
     let (train, sets, test) = match separate_validation_sets(cfg, tokenizer)? {
-        Some(sets) => {
+        Some((rest, sets)) => {
             // The other splits without the combined validation blend, which no one reads.
-            let mut rest = cfg.clone();
-            if let Some(per_split) = rest.dataset.blend_per_split.as_mut() {
-                per_split[1].clear();
-            }
-            let [train, _, test] = build_run_datasets(&rest, d, tokenizer)?;
-            (train, sets.into_iter().map(RunDataset::Pretrain).collect(), test)
+            let counts = split_sample_counts(cfg, d);
+            let [train, _, test] = build_gpt_datasets(&gpt_params(cfg, tokenizer), &rest, counts)?;
+            let pretrain = |s: Option<PretrainDataset>| s.map(RunDataset::Pretrain);
+            (pretrain(train), sets.into_iter().map(RunDataset::Pretrain).collect(), pretrain(test))
         }
         None => {
             let [train, valid, test] = build_run_datasets(cfg, d, tokenizer)?;
