@@ -145,3 +145,26 @@ __device__ void cast64_impl(const T *x, unsigned long long rows, unsigned long l
 #define CAST64(NAME, T) CAST_FORMATS(cast64, cast64_impl, NAME, T)
 CAST64(bf16, __nv_bfloat16)
 CAST64(f16, __half)
+
+// Stored FP8 primary weights (`model::fp8_params`): E4M3 bytes widened, times scale_inv[0]
+// when it is given (dequantized f32 values), else unscaled (f16: exact for every E4M3 value,
+// what the transposed cast of a stored weight reads).
+template <typename T>
+__device__ void widen_impl(const unsigned char *x, unsigned long long n, const float *scale_inv,
+                           T *out) {
+    const float s = scale_inv == nullptr ? 1.f : *scale_inv;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float v = __half2float(__half(__nv_cvt_fp8_to_halfraw(x[i], __NV_E4M3)));
+        out[i] = from_f<T>(__fmul_rn(v, s));
+    }
+}
+
+#define WIDEN(NAME, T)                                                                          \
+    extern "C" __global__ void fp8_e4m3_widen_##NAME(const unsigned char *x,                   \
+                                                     unsigned long long n,                     \
+                                                     const float *scale_inv, T *out) {         \
+        widen_impl<T>(x, n, scale_inv, out);                                                    \
+    }
+WIDEN(f32, float)
+WIDEN(f16, __half)

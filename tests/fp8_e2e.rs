@@ -79,6 +79,51 @@ fn fp8_with_tensor_parallelism_tracks_one_rank() {
     }
 }
 
+/// Megatron Bridge's FP8 preset as it is (`fp8_param_gather = true`): the FP8 layers' GEMM
+/// weights are stored in FP8, cast from the f32 masters, so the curve tracks the run whose
+/// bf16 weights are quantized at each step without equalling it (the cast skips the bf16
+/// rounding). Either optimizer, and a run resumed from its checkpoint continues exactly.
+#[test]
+fn the_fp8_preset_stores_the_weights_in_fp8_and_resumes_exactly() {
+    let preset = ["mixed_precision=bf16_with_fp8_current_scaling_mixed"];
+    let (quantized, _) = losses(&FP8);
+    let (stored, plan) = losses(&preset);
+    assert!(plan.contains("stored in FP8 (`fp8_param`)"), "{plan}");
+    let (replicated, _) = losses(&[&preset[..], &["ddp.use_distributed_optimizer=false"]].concat());
+    assert_eq!(stored.len(), 12);
+    for (i, (q, s)) in quantized.iter().zip(&stored).enumerate() {
+        assert!((q - s).abs() / q < 2e-2, "iteration {}: bf16 weights {q} vs stored {s}", i + 1);
+    }
+    assert_ne!(quantized, stored);
+    assert_eq!(stored, replicated, "the distributed optimizer's DP=1 step is the replicated one");
+    // Interrupted at 6 and resumed: iterations 7..12 as in the uninterrupted run.
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = format!("checkpoint.save={}", dir.path().join("run").display());
+    let load = format!("checkpoint.load={}", dir.path().join("run").display());
+    let first =
+        [&preset[..], &[ckpt.as_str(), "checkpoint.save_interval=6", "train.exit_interval=6"]]
+            .concat();
+    let (head, _) = losses(&first);
+    assert_eq!(head, stored[..6]);
+    let (tail, _) = losses(&[&preset[..], &[load.as_str()]].concat());
+    assert_eq!(tail, stored[6..], "resumed run");
+}
+
+/// FP8 primary weights with the distributed optimizer over two data-parallel ranks: each rank
+/// casts the gathered f32 masters itself, so both hold the same FP8 weights and the curve
+/// tracks one rank's.
+#[test]
+fn fp8_primary_weights_with_data_parallelism_track_one_rank() {
+    let base = ["mixed_precision=bf16_with_fp8_current_scaling_mixed", "model.ffn_hidden_size=192"];
+    let (one, _) = losses(&base);
+    let dp = ["--nproc-per-node", "2", "--master-port", "29441"];
+    let (two, _) = losses(&[&base[..], &dp].concat());
+    assert_eq!(two.len(), one.len());
+    for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+        assert!((a - b).abs() / a < 1e-2, "iteration {}: DP=1 {a} vs DP=2 {b}", i + 1);
+    }
+}
+
 #[test]
 fn what_the_fp8_engine_does_not_run_is_refused() {
     let refused = |overrides: &[&str], expected: &str| {
@@ -90,8 +135,11 @@ fn what_the_fp8_engine_does_not_run_is_refused() {
             .failure()
             .stderr(predicates::str::contains(expected));
     };
-    // The preset keeps parameters in FP8, which mbridge does not.
-    refused(&["mixed_precision=bf16_with_fp8_current_scaling_mixed"], "fp8_param_gather=false");
+    // FP8 primary weights take bf16 gradients.
+    refused(
+        &["mixed_precision.fp8=hybrid", "mixed_precision.fp8_param=true"],
+        "use them with bf16 parameters",
+    );
     refused(&["mixed_precision=bf16_with_fp8_delayed_scaling_mixed"], "\"delayed\"");
     refused(&["mixed_precision=bf16_with_nvfp4_mixed"], "FP4");
     refused(&[&FP8[..], &["model.seq_length=62"]].concat(), "tokens per micro-batch");

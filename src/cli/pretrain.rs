@@ -222,9 +222,13 @@ pub fn plan(fin: &Finalized, recipe: Option<&str>) -> String {
     if let (Some(fp8), Some(span)) = (&m.fp8, m.fp8_layers()) {
         s += &format!(
             "precision: FP8 {fp8} with tensorwise current scaling in the linear layers of layers \
-             {}..{} of {} (0-based; the rest, the output layer and evaluation forwards in {:?})\n",
+             {}..{} of {} (0-based; the rest and the output layer in {:?})\n",
             span.start, span.end, m.num_layers, m.params_dtype
         );
+        if m.fp8_param == Some(true) {
+            s += "precision: their GEMM weights are stored in FP8 (`fp8_param`), cast from the \
+                  f32 master weights after every step\n";
+        }
     }
     s += &format!("data: {:?}\n", c.dataset.kind());
     s += &format!(

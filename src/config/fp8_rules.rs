@@ -30,11 +30,10 @@ pub fn engine_unsupported(cfg: &ConfigContainer) -> Vec<String> {
              delayed, block-wise and MX scaling are not implemented"
         ));
     }
-    if m.fp8_param == Some(true) || cfg.ddp.fp8_param_gather {
+    if m.fp8_param == Some(true) && m.params_dtype != DType::BF16 {
         errs.push(
-            "keeping parameters in FP8 (`mixed_precision.fp8_param_gather` / `fp8_param`) is not \
-             implemented: mbridge quantizes the bf16 parameters at each GEMM; set \
-             `mixed_precision.fp8_param_gather=false mixed_precision.fp8_param=false`"
+            "FP8 primary weights (`mixed_precision.fp8_param` / `fp8_param_gather`) take bf16 \
+             gradients: use them with bf16 parameters"
                 .into(),
         );
     }
@@ -115,7 +114,7 @@ mod tests {
         let errs = engine_unsupported(&c);
         assert_eq!(errs.len(), 4, "{errs:?}");
         assert!(errs[0].contains("\"delayed\""), "{errs:?}");
-        assert!(errs[1].contains("fp8_param_gather"), "{errs:?}");
+        assert!(errs[1].contains("fp8_param") && errs[1].contains("bf16"), "{errs:?}");
         assert!(errs[2].contains("bf16 or fp16"), "{errs:?}");
         assert!(
             errs[3].contains("tokens per micro-batch") && errs[3].contains("is 20"),

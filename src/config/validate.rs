@@ -654,7 +654,12 @@ fn apply_mixed_precision(cfg: &mut ConfigContainer, mp: &MixedPrecisionConfig) {
     m.autocast_dtype = mp.autocast_dtype;
     m.fp8 = mp.fp8.clone();
     m.fp8_recipe = mp.fp8.as_ref().and(mp.fp8_recipe.clone());
-    m.fp8_param = mp.fp8_param;
+    // Megatron Bridge keeps the two equal (setting either sets both); mbridge keeps FP8
+    // primary weights when either is on.
+    m.fp8_param = match (mp.fp8_param, mp.fp8_param_gather) {
+        (None, false) => None,
+        (param, gather) => Some(param == Some(true) || gather),
+    };
     m.fp8_wgrad = mp.fp8_wgrad;
     m.fp4 = mp.fp4.clone();
     m.first_last_layers_bf16 = mp.first_last_layers_bf16;

@@ -8,8 +8,10 @@
 //! optimizer changes the weights, so a quantized weight can never outlive its values.
 //! Outside a hold (evaluation, generation, a step of one micro-batch without recompute,
 //! where nothing would be reused) each GEMM quantizes its weight itself; a forward without a
-//! backward quantizes only the orientation its GEMM reads.
+//! backward quantizes only the orientation its GEMM reads. An FP8 primary weight
+//! ([`super::fp8_params`]) is read as stored; only its transposed copy is written and held.
 
+use super::fp8_params;
 use crate::ops::fp8::{Fp8Recipe, Fp8Weight};
 use candle_core::{Result, Tensor, TensorId};
 use std::collections::hash_map::Entry;
@@ -45,7 +47,10 @@ impl Fp8WeightCache {
     /// parameter itself, not a detached view of it.
     pub fn weight(&self, w: &Tensor, recipe: &Fp8Recipe) -> Result<Fp8Weight> {
         let mut cache = self.lock();
-        let quantize = || Fp8Weight::quantize(&w.detach(), recipe);
+        let quantize = || match fp8_params::is_stored(w) {
+            true => fp8_params::weight(w, true),
+            false => Fp8Weight::quantize(&w.detach(), recipe),
+        };
         match cache.as_mut() {
             None => quantize(),
             Some(held) => match held.entry(w.id()) {
@@ -62,6 +67,7 @@ impl Fp8WeightCache {
         let held = self.lock().as_ref().and_then(|held| held.get(&w.id()).cloned());
         match held {
             Some(q) => Ok(q),
+            None if fp8_params::is_stored(w) => fp8_params::weight(w, false),
             None => Fp8Weight::quantize_for_forward(&w.detach(), recipe),
         }
     }

@@ -307,8 +307,12 @@ impl GptModel {
         let has_fp8_layers = layer_numbers.iter().any(|&l| fp8.of_layer(l).is_some());
         let mut layers = Vec::with_capacity(layer_numbers.len());
         for &l in &layer_numbers {
+            // `mixed_precision.fp8_param`: the FP8 layers' GEMM weights are stored in FP8.
+            let fp8_stored = cfg.fp8_param == Some(true) && fp8.of_layer(l).is_some();
+            store.store_gemm_weights_in_fp8(fp8_stored);
             let mut attn = SelfAttention::new(&mut store, &arch, l, layout.tp_size)?;
             let mut mlp = Mlp::new(&mut store, &arch, l)?;
+            store.store_gemm_weights_in_fp8(false);
             attn.set_fp8(fp8.of_layer(l));
             mlp.set_fp8(fp8.of_layer(l));
             if let Some(tp) = &tp_group {
@@ -1109,6 +1113,44 @@ mod tests {
         let (y_eval, attn_kept, mlp_kept) = run(inputs().forward_only());
         assert!(!attn_kept && !mlp_kept, "evaluation keeps no FP8 operands");
         let diff = (y_train - y_eval).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    /// `fp8_param`: the block's four GEMM weights are stored in FP8 (the norms are not), and
+    /// the block computes what the same weights quantized at each GEMM give, bit for bit:
+    /// both cast the same values with the same tensorwise scale.
+    #[test]
+    fn fp8_primary_weights_are_stored_in_fp8_and_compute_the_same_block() {
+        let mut cfg = crate::model::one_block_config();
+        cfg.fp8 = Some("hybrid".into());
+        let quantized =
+            GptModel::new(&cfg, ParallelLayout::single(), 3, DType::F32, &Device::Cpu).unwrap();
+        cfg.fp8_param = Some(true);
+        let stored =
+            GptModel::new(&cfg, ParallelLayout::single(), 3, DType::F32, &Device::Cpu).unwrap();
+        let dtypes: Vec<(String, DType)> =
+            stored.params().params().iter().map(|p| (p.name.clone(), p.var.dtype())).collect();
+        for (name, dtype) in &dtypes {
+            let gemm = ["linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight"]
+                .iter()
+                .chain(&["linear_fc2.weight"])
+                .any(|s| name.ends_with(s));
+            let expected = if gemm { DType::F8E4M3 } else { DType::F32 };
+            assert_eq!(*dtype, expected, "{name}");
+        }
+        assert_eq!(dtypes.iter().filter(|(_, d)| *d == DType::F8E4M3).count(), 4);
+        // The checkpoint's view: the stored values scaled back, in the model's dtype.
+        let state = stored.params().local_state().unwrap();
+        assert!(state.iter().all(|(_, t)| t.dtype() == DType::F32));
+        let x = Tensor::randn(0f32, 1.0, (1, 8, 16), &Device::Cpu).unwrap();
+        let run = |model: &GptModel| {
+            let mask = crate::ops::attention::OwnedAttnMask::Causal { window_left: None };
+            let inputs = ExplicitInputs::new(None, mask, SelectiveRecompute::default()).unwrap();
+            let layer = &model.layers[0];
+            let (x2, _) = layer.attn.forward_saving(&x, &inputs).unwrap();
+            layer.mlp.forward_saving(&x2, &inputs).unwrap().0
+        };
+        let diff = (run(&quantized) - run(&stored)).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
     }
 }

@@ -37,6 +37,7 @@ pub mod attention;
 pub mod explicit_layer;
 mod explicit_linear;
 pub mod flops;
+pub mod fp8_params;
 pub mod fp8_weights;
 pub mod generate;
 pub mod gpt;

@@ -1,6 +1,7 @@
 //! Named parameter registry: every trainable tensor under its Megatron name, with its global
 //! shape and tensor-parallel partition dim, holding only this rank's shard.
 
+use super::fp8_params;
 use super::init::{draw_normal, init_full, Init};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rayon::prelude::*;
@@ -74,7 +75,13 @@ pub struct ParamStore {
     peft: Option<crate::config::peft::PeftConfig>,
     /// Parameters whose random values are still to be drawn (by [`Self::finish_init`]).
     pending: Vec<PendingDraw>,
+    /// GEMM weights created now are FP8 primary weights ([`Self::store_gemm_weights_in_fp8`]).
+    fp8_gemm_weights: bool,
 }
+
+/// The weights of a transformer layer's GEMMs, by the end of their Megatron names.
+const GEMM_WEIGHTS: [&str; 4] =
+    [".linear_qkv.weight", ".linear_proj.weight", ".linear_fc1.weight", ".linear_fc2.weight"];
 
 /// A registered parameter that holds zeros until [`ParamStore::finish_init`] draws its values.
 #[derive(Debug)]
@@ -98,6 +105,34 @@ impl ParamStore {
             frozen: false,
             peft: None,
             pending: Vec::new(),
+            fp8_gemm_weights: false,
+        }
+    }
+
+    /// While on, the GEMM weights created (`linear_qkv`, `linear_proj`, `linear_fc1`,
+    /// `linear_fc2`) are FP8 primary weights ([`super::fp8_params`]): the model turns it on
+    /// for the layers that run in FP8 under `mixed_precision.fp8_param`.
+    pub fn store_gemm_weights_in_fp8(&mut self, on: bool) {
+        self.fp8_gemm_weights = on;
+    }
+
+    /// The dtype parameter `name` is created with.
+    fn dtype_of(&self, name: &str) -> DType {
+        let gemm = GEMM_WEIGHTS.iter().any(|s| name.ends_with(s));
+        if self.fp8_gemm_weights && gemm && !self.frozen {
+            DType::F8E4M3
+        } else {
+            self.dtype
+        }
+    }
+
+    /// Sets `var` to `value` (its shape): cast to its dtype, or stored in FP8 with the value
+    /// kept for the optimizer's master.
+    fn set_value(var: &Var, value: &Tensor) -> Result<()> {
+        if fp8_params::is_stored(var.as_tensor()) {
+            fp8_params::store(var, value, true)
+        } else {
+            var.set(&value.to_dtype(var.dtype())?)
         }
     }
 
@@ -172,12 +207,15 @@ impl ParamStore {
                     init_key: init_key.to_string(),
                     std,
                 });
-                Var::zeros(shape, self.dtype, &self.device)?
+                Var::zeros(shape, self.dtype_of(name), &self.device)?
             }
             _ => {
                 let full =
                     init_full(init_key, global_shape, init, self.seed, self.dtype, &self.device)?;
-                Var::from_tensor(&shard_of(&full, partition_dim, layout, self.tp)?)?
+                let shard = shard_of(&full, partition_dim, layout, self.tp)?;
+                let var = Var::zeros(shard.shape(), self.dtype_of(name), &self.device)?;
+                Self::set_value(&var, &shard)?;
+                var
             }
         };
         // A frozen weight is used through a detached view: it shares the storage (so loads
@@ -234,7 +272,7 @@ impl ParamStore {
                 })
                 .collect::<Result<Vec<_>>>()?;
             for (d, shard) in batch.iter().zip(shards) {
-                self.params[d.param].var.set(&shard.to_device(&self.device)?)?;
+                Self::set_value(&self.params[d.param].var, &shard.to_device(&self.device)?)?;
             }
         }
         Ok(())
@@ -251,6 +289,11 @@ impl ParamStore {
     /// The PEFT config when adapters are on.
     pub fn peft(&self) -> Option<&crate::config::peft::PeftConfig> {
         self.peft.as_ref()
+    }
+
+    /// The parameters' dtype (`model.params_dtype`), which FP8 primary weights stand in for.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// This rank's TP coordinates.
@@ -329,7 +372,7 @@ impl ParamStore {
         }
         let full = full.to_dtype(self.dtype)?.to_device(&self.device)?;
         let shard = shard_of(&full, p.partition_dim, p.layout, self.tp)?;
-        p.var.set(&shard)
+        Self::set_value(&p.var, &shard)
     }
 
     /// Loads every parameter from full (global-shape) tensors keyed by Megatron name, e.g. a
@@ -363,11 +406,19 @@ impl ParamStore {
     }
 
     /// This rank's shards by Megatron name, in creation order (the full tensors when TP=1).
-    /// The tensors are detached snapshots: later optimizer steps do not change them.
+    /// The tensors are detached snapshots: later optimizer steps do not change them. FP8
+    /// primary weights come as the values they stand for, in the parameters' dtype.
     pub fn local_state(&self) -> Result<Vec<(String, Tensor)>> {
         self.params
             .iter()
-            .map(|p| Ok((p.name.clone(), p.var.as_tensor().detach().copy()?)))
+            .map(|p| {
+                let t = p.var.as_tensor();
+                let value = match fp8_params::is_stored(t) {
+                    true => fp8_params::value_as(t, self.dtype)?,
+                    false => t.detach().copy()?,
+                };
+                Ok((p.name.clone(), value))
+            })
             .collect()
     }
 }

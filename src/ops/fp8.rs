@@ -205,6 +205,32 @@ fn check_2d(what: &str, t: &Tensor) -> Result<(usize, usize)> {
     })
 }
 
+/// An FP8 primary weight (`mixed_precision.fp8_param`, Transformer Engine's FP8 model
+/// parameters): the matrix `x` (the f32 master, or initial values) cast to E4M3 with its own
+/// current scale, the scale every GEMM operand gets. Returns the values as an `F8E4M3`
+/// tensor and `1 / scale` (`[1]` f32), on `x`'s device.
+pub fn quantize_stored(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    check_2d("fp8 weight", x)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda::fp8::quantize_stored(x);
+    }
+    let q = quantize_cpu(x, Fp8Format::E4M3)?;
+    // Every value is an E4M3 value already: the conversion is exact.
+    let scale_inv = Tensor::from_vec(vec![q.scale_inv], 1, x.device())?;
+    Ok((q.values.to_dtype(DType::F8E4M3)?, scale_inv))
+}
+
+/// The f32 values of a stored FP8 weight (its E4M3 values times `1 / scale`).
+pub fn dequantize_stored(data: &Tensor, scale_inv: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if data.device().is_cuda() {
+        // candle's own FP8 casts are not built for every GPU; this one is.
+        return super::cuda::fp8::widen_stored(data, Some(scale_inv));
+    }
+    data.to_dtype(DType::F32)?.broadcast_mul(&scale_inv.to_dtype(DType::F32)?)
+}
+
 /// A weight quantized for its layer's GEMMs: the forward reads it as it is, the input
 /// gradient transposed. Clones share one copy, so the micro-batches of an optimizer step can
 /// all use one quantization of weights that do not change between them (Transformer Engine
@@ -243,6 +269,23 @@ impl Fp8Weight {
             ))));
         }
         Ok(Self(WeightRepr::Cpu(Arc::new(quantize_cpu(w, recipe.forward)?))))
+    }
+
+    /// An FP8 primary weight ([`quantize_stored`]'s values and `1 / scale`) as a GEMM
+    /// operand: the forward reads the values as they are stored; `transposed` also writes
+    /// them transposed for the input gradient (a backward follows).
+    pub fn from_stored(data: &Tensor, scale_inv: &Tensor, transposed: bool) -> Result<Self> {
+        check_2d("stored fp8 weight", data)?;
+        #[cfg(feature = "cuda")]
+        if data.device().is_cuda() {
+            return Ok(Self(WeightRepr::Cuda(Arc::new(super::cuda::fp8::weight_from_stored(
+                data, scale_inv, transposed,
+            )?))));
+        }
+        let _ = transposed;
+        let values = data.to_dtype(DType::F32)?;
+        let scale_inv = scale_inv.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0];
+        Ok(Self(WeightRepr::Cpu(Arc::new(Quantized { values, scale_inv }))))
     }
 
     /// Whether another holder (a cache) shares these values.

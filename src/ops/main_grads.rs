@@ -46,7 +46,8 @@ pub fn bf16_main_grads_on() -> bool {
 /// The dtype of the gradients of a parameter of `param` dtype on this thread.
 pub fn main_grad_dtype(param: DType) -> DType {
     match param {
-        DType::BF16 if bf16_main_grads_on() => DType::BF16,
+        // FP8 primary weights exist in bf16 runs only: their gradients are the bf16 params'.
+        DType::BF16 | DType::F8E4M3 if bf16_main_grads_on() => DType::BF16,
         DType::F64 => DType::F64,
         _ => DType::F32,
     }

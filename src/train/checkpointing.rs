@@ -12,6 +12,7 @@ use crate::bridge::import::TOKENIZER_FILES;
 use crate::ckpt::{self, OwnedCheckpoint, Partition, ShardedParam, TensorSet, TrainState};
 use crate::config::checkpoint::CheckpointConfig;
 use crate::config::tokenizer::{TokenizerConfig, TokenizerType};
+use crate::model::fp8_params;
 use crate::model::params::{shard_of, Param, TpCoord};
 use crate::model::GptModel;
 use crate::train::optimizer::OptimizerState;
@@ -108,6 +109,7 @@ pub fn snapshot(req: &SaveRequest) -> Result<OwnedCheckpoint> {
     let partitions: HashMap<&str, Partition> =
         params.iter().map(|p| (p.name.as_str(), partition_of(p))).collect();
     let mut model = Vec::new();
+    let model_dtype = req.models.first().map_or(candle_core::DType::BF16, |m| m.params().dtype());
     if req.writes_model {
         model.push(TensorSet {
             tp_rank: req.tp_rank,
@@ -115,12 +117,17 @@ pub fn snapshot(req: &SaveRequest) -> Result<OwnedCheckpoint> {
             dp_rank: None,
             params: params
                 .iter()
-                .map(|p| ShardedParam {
-                    name: p.name.clone(),
-                    tensor: p.var.as_tensor().detach(),
-                    partition: partition_of(p),
+                .map(|p| {
+                    // An FP8 primary weight is saved as the values it stands for, in the
+                    // model's dtype, which `export-hf` and every loader read.
+                    let t = p.var.as_tensor();
+                    let tensor = match fp8_params::is_stored(t) {
+                        true => fp8_params::value_as(t, model_dtype)?,
+                        false => t.detach(),
+                    };
+                    Ok(ShardedParam { name: p.name.clone(), tensor, partition: partition_of(p) })
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
         });
     }
     let mut json_docs =

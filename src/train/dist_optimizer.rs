@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor, TensorId, Var};
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 
 use super::grads::GradSource;
 use super::optimizer::{
@@ -20,6 +20,7 @@ use super::optimizer::{
     StateStorage,
 };
 use super::optimizer_state::OptimizerState;
+use crate::model::fp8_params;
 use crate::parallel::comm::Communicator;
 use crate::parallel::ddp::{BufferLayout, Collective, Flights, ShardSlice};
 
@@ -75,8 +76,8 @@ impl DistributedOptimizer {
         let mut inner_params = Vec::with_capacity(slices.len());
         for s in &slices {
             let p = &params[s.param];
-            let value = slice_of(&p.var.as_detached_tensor(), s)?
-                .to_dtype(shard_dtype(p.var.dtype(), storage.masters))?;
+            let dtype = shard_dtype(p.var.dtype(), storage.masters);
+            let value = slice_of(&fp8_params::master_init(p.var.as_tensor(), dtype)?, s)?;
             let name = format!("{}[{}..{}]", p.name, s.param_offset, s.param_offset + s.len);
             // The group follows the whole parameter (a 1-D slice of a matrix still decays).
             let wd = default_wd_mult(&p.name, p.var.rank());
@@ -147,7 +148,10 @@ impl DistributedOptimizer {
             last[bucket_index(&buckets, s)] = Some(j);
         }
         let (layout, slices, gathers) = (&self.layout, &self.slices, &mut self.gathers);
-        let mut gathered = Vec::with_capacity(buckets.len());
+        let params = &self.params;
+        // With one rank every slice is a whole parameter: an FP8 primary weight is cast from
+        // its master as soon as it is updated, and its buffer is not gathered.
+        let cast_here = |b: usize| layout.dp == 1 && layout.buffers[b].param_dtype == DType::F8E4M3;
         let mut values: Vec<Option<Tensor>> = vec![None; slices.len()];
         // Gathers start strictly in bucket order on every rank (collectives pair up by
         // order): each bucket once it and every earlier one are complete.
@@ -155,7 +159,11 @@ impl DistributedOptimizer {
         let mut start_complete =
             |updated: Option<usize>, values: &[Option<Tensor>]| -> candle_core::Result<()> {
                 while next < buckets.len() && last[next] <= updated {
-                    let dtype = layout.buffers[buckets[next].0].param_dtype;
+                    if cast_here(buckets[next].0) {
+                        next += 1;
+                        continue;
+                    }
+                    let dtype = gather_dtype(layout.buffers[buckets[next].0].param_dtype);
                     let shard = shard_tensor(layout, slices, &device, next, dtype, |j| {
                         values[j].clone().ok_or_else(|| {
                             candle_core::Error::Msg(format!(
@@ -165,41 +173,35 @@ impl DistributedOptimizer {
                     })?;
                     match gathers.as_mut() {
                         Some(flights) => flights.start(next, shard)?,
-                        None => gathered.push((next, dp.all_gather(&shard, 0)?)),
+                        // Written back at once: one bucket's gathered values at a time.
+                        None => write_bucket(layout, params, next, &dp.all_gather(&shard, 0)?)?,
                     }
                     next += 1;
                 }
                 Ok(())
             };
         self.inner.step_scaled_each(&grads, lr, wd, grad_scale, &mut |j, p| {
-            let dtype = layout.buffers[slices[j].buffer].param_dtype;
-            values[j] = Some(p.value_as(dtype)?);
+            let s = &slices[j];
+            if cast_here(s.buffer) {
+                let var = &params[s.param].var;
+                fp8_params::store(var, &p.master_value()?.reshape(var.shape())?, false)?;
+            } else {
+                let dtype = gather_dtype(layout.buffers[s.buffer].param_dtype);
+                values[j] = Some(p.value_as(dtype)?);
+            }
             start_complete(Some(j), &values)
         })?;
         start_complete(Some(usize::MAX), &values)?;
         if let Some(flights) = self.gathers.as_mut() {
-            gathered = flights.collect()?;
+            for (i, full) in flights.collect()? {
+                write_bucket(&self.layout, &self.params, i, &full)?;
+            }
         }
-        self.write_back(gathered)
+        Ok(())
     }
 
     fn device(&self) -> Device {
         self.params.first().map_or(Device::Cpu, |p| p.var.device().clone())
-    }
-
-    /// Copies every gathered bucket `(i, full)` into the model variables.
-    fn write_back(&self, gathered: Vec<(usize, Tensor)>) -> anyhow::Result<()> {
-        let buckets = self.layout.buckets();
-        for (i, full) in gathered {
-            let (b, k) = buckets[i];
-            let buf = &self.layout.buffers[b];
-            let bucket = &buf.buckets[k];
-            for span in &buf.params[bucket.params.clone()] {
-                let v = full.narrow(0, span.start - bucket.range.start, span.numel)?;
-                self.params[span.index].var.set(&v.reshape(span.dims.as_slice())?)?;
-            }
-        }
-        Ok(())
     }
 
     /// This rank's shard of bucket `i` as a flat tensor of `dtype` (see [`shard_tensor`]).
@@ -338,6 +340,13 @@ impl DistributedOptimizer {
                 ip.set_master(m)?;
             }
         }
+        // FP8 primary weights are cast from the restored masters, as every step casts them
+        // (the checkpoint's model tensors hold their values rounded to the model's dtype,
+        // whose amax can differ from the master's in the last bits).
+        for p in self.params.iter().filter(|p| fp8_params::is_stored(p.var.as_tensor())) {
+            let master = by_name[format!("{}.master", p.name).as_str()];
+            fp8_params::store(&p.var, &master.to_device(p.var.device())?, false)?;
+        }
         Ok(())
     }
 
@@ -346,7 +355,7 @@ impl DistributedOptimizer {
     pub fn sync_master_from_model(&mut self) -> Result<(), OptimError> {
         for (s, ip) in self.slices.iter().zip(self.inner.params_mut()) {
             let p = &self.params[s.param];
-            let v = slice_of(&p.var.as_detached_tensor(), s)?.to_dtype(ip.var.dtype())?;
+            let v = slice_of(&fp8_params::master_init(p.var.as_tensor(), ip.var.dtype())?, s)?;
             ip.var.set(&v)?;
             ip.sync_master_from_var()?;
         }
@@ -372,6 +381,41 @@ impl DistributedOptimizer {
     /// bf16 values beside their remainders), with its moments (for the memory report).
     pub fn shard_states(&self) -> &[ParamState] {
         self.inner.params()
+    }
+}
+
+/// Copies the gathered bucket `i` (`full`, all ranks' shards) into the model variables.
+fn write_bucket(
+    layout: &BufferLayout,
+    params: &[ModelParam],
+    i: usize,
+    full: &Tensor,
+) -> candle_core::Result<()> {
+    let (b, k) = layout.buckets()[i];
+    let buf = &layout.buffers[b];
+    let bucket = &buf.buckets[k];
+    for span in &buf.params[bucket.params.clone()] {
+        let v = full.narrow(0, span.start - bucket.range.start, span.numel)?;
+        let v = v.reshape(span.dims.as_slice())?;
+        let var = &params[span.index].var;
+        match fp8_params::is_stored(var.as_tensor()) {
+            // Each rank casts the gathered master with the scale of its amax.
+            true => fp8_params::store(var, &v, false)?,
+            false => var.set(&v)?,
+        }
+    }
+    Ok(())
+}
+
+/// The dtype in which the updated values of a parameter of `dtype` are gathered: its own, but
+/// f32 for an FP8 primary weight, whose scale (the amax of the whole parameter) only a rank
+/// holding all of it can take. The FP8 gather of megatron-core's `fp8_param_gather`, which
+/// reduces the amaxes over the ranks first, is not implemented: the f32 gather moves twice
+/// the bytes of bf16's.
+fn gather_dtype(dtype: candle_core::DType) -> candle_core::DType {
+    match dtype {
+        candle_core::DType::F8E4M3 => candle_core::DType::F32,
+        other => other,
     }
 }
 

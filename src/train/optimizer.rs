@@ -22,6 +22,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::grads::GradSource;
 use super::scheduler::OptimizerParamScheduler;
+use crate::model::fp8_params;
 use crate::ops::param_remainder;
 
 pub use super::grads::GradAccumulator;
@@ -285,6 +286,10 @@ impl ParamState {
     pub fn set_master(&mut self, value: Tensor) -> candle_core::Result<()> {
         match &self.master {
             Master::Variable => self.var.set(&value)?,
+            Master::Copy(_) if fp8_params::is_stored(self.var.as_tensor()) => {
+                fp8_params::store(&self.var, &value, false)?;
+                self.master = Master::Copy(value);
+            }
             Master::Copy(_) => {
                 self.var.set(&value.to_dtype(self.var.dtype())?)?;
                 self.master = Master::Copy(value);
@@ -303,7 +308,13 @@ impl ParamState {
         let var = self.var.as_detached_tensor();
         self.master = match &self.master {
             Master::Variable => Master::Variable,
-            Master::Copy(_) => Master::Copy(var.to_dtype(master_dtype(var.dtype()))?),
+            Master::Copy(_) => {
+                // Keyed by the variable's id, which a detached view does not share.
+                Master::Copy(fp8_params::master_init(
+                    self.var.as_tensor(),
+                    master_dtype(var.dtype()),
+                )?)
+            }
             Master::Remainder(_) => {
                 Master::Remainder(Tensor::zeros(var.shape(), DType::I16, var.device())?)
             }
@@ -361,7 +372,8 @@ impl Optimizer {
                 // The variable is the master exactly: every remainder is zero.
                 Master::Remainder(Tensor::zeros(var.shape(), DType::I16, var.device())?)
             } else {
-                Master::Copy(var.as_detached_tensor().to_dtype(mdt)?)
+                // An FP8 primary weight's master starts from the values it was stored from.
+                Master::Copy(fp8_params::master_init(var.as_tensor(), mdt)?)
             };
             let m1 = StateStorage::moment_dtype(storage.exp_avg, mdt);
             let m2 = StateStorage::moment_dtype(storage.exp_avg_sq, mdt);
@@ -550,7 +562,10 @@ fn fused_adam(
     grad_scale: Option<f64>,
 ) -> Result<bool, OptimError> {
     use crate::ops::cuda::adamw::{adam_step, adam_step_remainder, AdamStep, WeightDecay};
-    if !crate::ops::fused::use_fused_optimizer(p.var.device(), p.var.dtype()) {
+    // An FP8 primary weight steps its f32 master as an f32 parameter, then is cast from it.
+    let stored = fp8_params::is_stored(p.var.as_tensor());
+    let dtype = if stored { DType::F32 } else { p.var.dtype() };
+    if !crate::ops::fused::use_fused_optimizer(p.var.device(), dtype) {
         return Ok(false);
     }
     let group_wd = wd * p.wd_mult;
@@ -574,6 +589,10 @@ fn fused_adam(
         return Ok(false);
     }
     match &p.master {
+        Master::Copy(m) if stored => {
+            adam_step(m, &p.exp_avg, v, grad, None, &step)?;
+            fp8_params::store(&p.var, m, false)?;
+        }
         Master::Copy(m) => adam_step(m, &p.exp_avg, v, grad, Some(p.var.as_tensor()), &step)?,
         Master::Variable => adam_step(p.var.as_tensor(), &p.exp_avg, v, grad, None, &step)?,
         Master::Remainder(r) => {

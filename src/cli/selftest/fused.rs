@@ -589,7 +589,56 @@ fn fp8_linear(dev: &Device, seed: u64) -> Result<Vec<Measure>> {
         for (what, g, c) in kept {
             ms.push(compare(&format!("fp8 {name} {what}"), &g, &c, 0.0)?);
         }
+        ms.extend(stored_weight(dev, &x, &w, &dy, &recipe, name)?);
     }
+    Ok(ms)
+}
+
+/// An FP8 primary weight (`fp8_param`) cast on the GPU from f32 values holds what the CPU
+/// casts; its GEMMs (the stored bytes read in place, the transposed copy written from them)
+/// equal those of the same f32 weight quantized at the GEMM, bit for bit.
+fn stored_weight(
+    dev: &Device,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    recipe: &crate::ops::fp8::Fp8Recipe,
+    name: &str,
+) -> Result<Vec<Measure>> {
+    use crate::model::fp8_params;
+    use crate::ops::fp8::{self, Fp8Weight};
+    let store = |d: &Device| -> Result<candle_core::Var> {
+        let var = candle_core::Var::zeros(w.dims(), DType::F8E4M3, d)?;
+        fp8_params::store(&var, &w.to_device(d)?, false)?;
+        Ok(var)
+    };
+    let (on_gpu, on_cpu) = (store(dev)?, store(&Device::Cpu)?);
+    let value = |v: &candle_core::Var| fp8_params::value_as(v.as_tensor(), DType::F32);
+    let mut ms = vec![compare(
+        &format!("fp8 {name} stored weight: values"),
+        &value(&on_gpu)?,
+        &value(&on_cpu)?,
+        0.0,
+    )?];
+    let (gx, gdy) =
+        (x.to_dtype(DType::BF16)?.to_device(dev)?, dy.to_dtype(DType::BF16)?.to_device(dev)?);
+    let pass = |q: Fp8Weight| -> Result<(Tensor, Tensor)> {
+        let (y, kept) = fp8::linear_saving(&gx, q, None, recipe, true, None)?;
+        let (dx, _) = fp8::backward(&gdy, kept, None, recipe, None, None)?;
+        Ok((y, dx))
+    };
+    let (sy, sdx) = pass(fp8_params::weight(on_gpu.as_tensor(), true)?)?;
+    let (qy, qdx) = pass(Fp8Weight::quantize(&w.to_device(dev)?, recipe)?)?;
+    ms.push(compare(&format!("fp8 {name} stored weight: output"), &sy, &qy, 0.0)?);
+    ms.push(compare(&format!("fp8 {name} stored weight: input grad"), &sdx, &qdx, 0.0)?);
+    let y_eval = fp8::linear_forward(
+        &gx,
+        &fp8_params::weight(on_gpu.as_tensor(), false)?,
+        None,
+        recipe,
+        None,
+    )?;
+    ms.push(compare(&format!("fp8 {name} stored weight: forward only"), &y_eval, &qy, 0.0)?);
     Ok(ms)
 }
 

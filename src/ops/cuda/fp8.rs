@@ -7,9 +7,11 @@
 //! values in the orientations asked for; the scale never leaves the GPU.
 
 use super::gemm_lt::{fp8_gemm, fp8_gemm_into, Fp8Matrix};
-use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks};
+use super::{contiguous_view, cuda_storage, dtype_suffix, elementwise_blocks, wrap};
 use crate::ops::fp8::{Fp8Format, Fp8Recipe};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Result, Tensor};
 use std::sync::Arc;
@@ -21,20 +23,39 @@ pub(crate) struct Quantized {
     rows: usize,
     cols: usize,
     e5m2: bool,
-    data: Option<CudaSlice<u8>>,
+    data: Option<RowMajor>,
     data_t: Option<CudaSlice<u8>>,
     scale_inv: CudaSlice<f32>,
 }
 
+/// Where the row-major FP8 values live.
+enum RowMajor {
+    /// Written for this GEMM.
+    Owned(CudaSlice<u8>),
+    /// An FP8 primary weight's own storage (`F8E4M3`, contiguous), read in place.
+    Stored(Tensor),
+}
+
 impl Quantized {
-    /// The row-major values as a GEMM operand (`[rows, cols]`, K = cols).
-    fn matrix(&self) -> Fp8Matrix<'_> {
-        let data = self.data.as_ref().expect("quantized row-major");
-        Fp8Matrix {
-            data: data.slice(..),
+    /// `f` of the row-major values as a GEMM operand (`[rows, cols]`, K = cols).
+    fn with_matrix<R>(&self, f: impl FnOnce(&Fp8Matrix<'_>) -> Result<R>) -> Result<R> {
+        let operand = |data| Fp8Matrix {
+            data,
             e5m2: self.e5m2,
             scale_inv: self.scale_inv.slice(..),
             rows: self.rows,
+        };
+        match self.data.as_ref().expect("quantized row-major") {
+            RowMajor::Owned(data) => f(&operand(data.slice(..))),
+            RowMajor::Stored(t) => {
+                let (s, l) = t.storage_and_layout();
+                let view =
+                    contiguous_view::<float8::F8E4M3>(cuda_storage(&s, "fp8 weight")?, l, "fp8")?;
+                // SAFETY: F8E4M3 is one byte, as u8; the view covers exactly rows × cols.
+                let bytes = unsafe { view.transmute::<u8>(self.rows * self.cols) }
+                    .ok_or_else(|| candle_core::Error::Msg("fp8 weight: short storage".into()))?;
+                f(&operand(bytes))
+            }
         }
     }
 
@@ -67,7 +88,6 @@ fn quantize_with(
     let (rows, cols) = x.dims2()?;
     let x = x.contiguous()?;
     let dev = x.device().as_cuda_device()?.clone();
-    let suffix = dtype_suffix(x.dtype())?;
     let n = rows * cols;
     let computed = match known_amax {
         Some(_) => None,
@@ -82,13 +102,41 @@ fn quantize_with(
             dev.alloc::<f32>(1)?,
         )
     };
+    let stream = dev.cuda_stream();
+    let out = data.as_ref().map(|d| d.device_ptr(&stream));
+    let out_t = data_t.as_ref().map(|d| d.device_ptr(&stream));
+    // A null pointer tells the kernel to skip that orientation.
+    let (a, a_t) = (out.as_ref().map_or(0, |p| p.0), out_t.as_ref().map_or(0, |p| p.0));
+    cast(&x, format, amax, computed.is_some(), a, a_t, &scale_inv)?;
+    drop((out, out_t));
+    let data = data.map(RowMajor::Owned);
+    Ok(Quantized { rows, cols, e5m2: format == Fp8Format::E5M2, data, data_t, scale_inv })
+}
+
+/// The amax pass (into `amax`, zeroed, when `compute_amax`) and the cast of the matrix `x`
+/// (contiguous) with the scale of `amax`, writing the FP8 values to the device addresses
+/// `out` (row-major) and `out_t` (transposed), each skipped when 0, and `1 / scale` to
+/// `scale_inv`.
+fn cast(
+    x: &Tensor,
+    format: Fp8Format,
+    amax: &CudaSlice<f32>,
+    compute_amax: bool,
+    out: u64,
+    out_t: u64,
+    scale_inv: &CudaSlice<f32>,
+) -> Result<()> {
+    let (rows, cols) = x.dims2()?;
+    let dev = device(x)?;
+    let suffix = dtype_suffix(x.dtype())?;
+    let n = rows * cols;
     let (s, l) = x.storage_and_layout();
     let s = cuda_storage(&s, "fp8 quantize")?;
     let (n64, r64, c64) = (n as u64, rows as u64, cols as u64);
     let e5m2 = format == Fp8Format::E5M2;
     crate::with_float_type!(x.dtype(), T, {
         let xv = contiguous_view::<T>(s, l, "fp8 quantize")?;
-        if let Some(amax) = &computed {
+        if compute_amax {
             let f = crate::function!(&dev, &MODULE, &format!("fp8_amax_{suffix}"))?;
             let mut b = f.builder();
             b.arg(&xv).arg(&n64).arg(amax);
@@ -108,19 +156,8 @@ fn quantize_with(
         let kind = if tiled { "cast64" } else { "cast" };
         let name = format!("fp8_{kind}_{}_{suffix}", if e5m2 { "e5m2" } else { "e4m3" });
         let f = crate::function!(&dev, &MODULE, &name)?;
-        // A null pointer tells the kernel to skip that orientation.
-        let null = 0u64;
         let mut b = f.builder();
-        b.arg(&xv).arg(&r64).arg(&c64).arg(amax);
-        match &data {
-            Some(d) => b.arg(d),
-            None => b.arg(&null),
-        };
-        match &data_t {
-            Some(d) => b.arg(d),
-            None => b.arg(&null),
-        };
-        b.arg(&scale_inv);
+        b.arg(&xv).arg(&r64).arg(&c64).arg(amax).arg(&out).arg(&out_t).arg(scale_inv);
         let cfg = if tiled {
             LaunchConfig {
                 grid_dim: ((cols / 64) as u32, (rows / 64) as u32, 1),
@@ -138,7 +175,114 @@ fn quantize_with(
         // rows × cols bytes each.
         unsafe { b.launch(cfg) }.w()?;
     });
-    Ok(Quantized { rows, cols, e5m2, data, data_t, scale_inv })
+    Ok(())
+}
+
+/// An FP8 primary weight (see `ops::fp8::quantize_stored`): the matrix `x` cast to E4M3 with
+/// its own scale, as an `F8E4M3` tensor, and `1 / scale` (`[1]` f32).
+pub(crate) fn quantize_stored(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (rows, cols) = x.dims2()?;
+    let x = x.contiguous()?;
+    let dev = device(&x)?;
+    let amax = dev.alloc_zeros::<f32>(1)?;
+    // SAFETY: written by the cast kernel before anything reads them.
+    let (data, scale_inv) =
+        unsafe { (dev.alloc::<float8::F8E4M3>(rows * cols)?, dev.alloc::<f32>(1)?) };
+    let stream = dev.cuda_stream();
+    {
+        let (out, _guard) = data.device_ptr(&stream);
+        cast(&x, Fp8Format::E4M3, &amax, true, out, 0, &scale_inv)?;
+    }
+    Ok((wrap(data, &dev, (rows, cols)), wrap(scale_inv, &dev, 1)))
+}
+
+/// A stored FP8 weight `data` (`F8E4M3`, with its `1 / scale`) as a GEMM operand: the
+/// forward reads the storage in place; with `transposed` its bytes are also written
+/// transposed for the input gradient. That cast reads the values widened to f16 (exact for
+/// every E4M3 value) with a scale of exactly 1, so it moves the bytes unchanged.
+pub(crate) fn weight_from_stored(
+    data: &Tensor,
+    scale_inv: &Tensor,
+    transposed: bool,
+) -> Result<Quantized> {
+    let (rows, cols) = data.dims2()?;
+    if data.dtype() != DType::F8E4M3 || !data.is_contiguous() {
+        candle_core::bail!(
+            "fp8 weight: expected a contiguous F8E4M3 matrix, got {:?}",
+            data.dtype()
+        )
+    }
+    let dev = device(data)?;
+    let data_t = if transposed {
+        let unscaled = widen_stored(data, None)?;
+        let stream = dev.cuda_stream();
+        // Set on the device: a copy from the host would wait for the GPU to catch up.
+        let unit = f32_copy(&Tensor::full(Fp8Format::E4M3.max(), 1, data.device())?)?;
+        // SAFETY: written by the cast kernel before anything reads them.
+        let (t, ignored) = unsafe { (dev.alloc::<u8>(rows * cols)?, dev.alloc::<f32>(1)?) };
+        {
+            let (out_t, _guard) = t.device_ptr(&stream);
+            cast(&unscaled, Fp8Format::E4M3, &unit, false, 0, out_t, &ignored)?;
+        }
+        Some(t)
+    } else {
+        None
+    };
+    Ok(Quantized {
+        rows,
+        cols,
+        e5m2: false,
+        data: Some(RowMajor::Stored(data.clone())),
+        data_t,
+        scale_inv: f32_copy(scale_inv)?,
+    })
+}
+
+/// The values of a stored weight `data` (`F8E4M3`) times `scale_inv` as f32, or unscaled as
+/// f16 without it (exact).
+pub(crate) fn widen_stored(data: &Tensor, scale_inv: Option<&Tensor>) -> Result<Tensor> {
+    let data = data.contiguous()?;
+    let dev = device(&data)?;
+    let n = data.elem_count();
+    let (s, l) = data.storage_and_layout();
+    let bytes = contiguous_view::<float8::F8E4M3>(cuda_storage(&s, "fp8 widen")?, l, "fp8 widen")?;
+    let scale = scale_inv.map(f32_copy).transpose()?;
+    let null = 0u64;
+    let cfg = LaunchConfig {
+        grid_dim: (elementwise_blocks(n, 256).min(4096), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! launch {
+        ($t:ty, $suffix:literal) => {{
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let f = crate::function!(&dev, &MODULE, concat!("fp8_e4m3_widen_", $suffix))?;
+            let mut b = f.builder();
+            let n64 = n as u64;
+            b.arg(&bytes).arg(&n64);
+            match &scale {
+                Some(sc) => b.arg(sc),
+                None => b.arg(&null),
+            };
+            b.arg(&out);
+            // SAFETY: argument list matches `fp8_e4m3_widen_*` in kernels/fp8.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            wrap(out, &dev, data.shape().clone())
+        }};
+    }
+    Ok(match scale_inv {
+        Some(_) => launch!(f32, "f32"),
+        None => launch!(half::f16, "f16"),
+    })
+}
+
+/// A device copy of the f32 tensor `t` (a scale or amax).
+fn f32_copy(t: &Tensor) -> Result<CudaSlice<f32>> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let view = contiguous_view::<f32>(cuda_storage(&s, "fp8 scale")?, l, "fp8 scale")?;
+    device(&t)?.cuda_stream().clone_dtod(&view).w()
 }
 
 fn device(t: &Tensor) -> Result<CudaDevice> {
@@ -237,7 +381,10 @@ fn forward_gemm(
             qw.rows
         );
     }
-    fp8_gemm(&qw.matrix(), &qx.matrix(), qx.cols, residual, x.dtype(), true, &device(x)?)
+    let dev = device(x)?;
+    qw.with_matrix(|w| {
+        qx.with_matrix(|xm| fp8_gemm(w, xm, qx.cols, residual, x.dtype(), true, &dev))
+    })
 }
 
 /// `dy·W` from the quantized output gradient (row-major) and weight (transposed).
@@ -250,7 +397,8 @@ fn dgrad(qd: &Quantized, qw: &Quantized, dy: &Tensor) -> Result<Tensor> {
             qw.cols
         );
     }
-    fp8_gemm(&qw.transposed(), &qd.matrix(), qd.cols, None, dy.dtype(), false, &device(dy)?)
+    let dev = device(dy)?;
+    qd.with_matrix(|d| fp8_gemm(&qw.transposed(), d, qd.cols, None, dy.dtype(), false, &dev))
 }
 
 /// `dyᵀ·x` from the quantized output gradient and input (both transposed), as `out`, or

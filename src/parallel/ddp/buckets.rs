@@ -78,7 +78,8 @@ impl Buffer {
     /// parameters' are reduced in their main-grad dtype, f32 or bf16; others' are f32 (f64),
     /// whatever they travel in.
     pub fn main_grad_dtype(&self) -> DType {
-        if self.param_dtype == DType::BF16 {
+        // FP8 primary weights (bf16 runs only) take the bf16 parameters' gradients.
+        if matches!(self.param_dtype, DType::BF16 | DType::F8E4M3) {
             self.reduce_dtype
         } else {
             crate::train::optimizer::master_dtype(self.param_dtype)
@@ -140,6 +141,8 @@ impl BufferLayout {
             .map(|param_dtype| {
                 let reduce_dtype = if o.grad_reduce_in_fp32 || param_dtype == DType::F64 {
                     crate::train::optimizer::master_dtype(param_dtype)
+                } else if param_dtype == DType::F8E4M3 {
+                    DType::BF16
                 } else {
                     param_dtype
                 };
