@@ -94,6 +94,9 @@ __device__ __forceinline__ bool aligned4(const void *p, size_t bytes) {
 INSTANTIATE3(ADAM)
 ADAM_G(adamw_bf16_tgrad, __nv_bfloat16, __nv_bfloat16)
 ADAM_G(adamw_f16_tgrad, __half, __half)
+// An f32 master with a bf16 gradient and no parameter copy (an FP8 primary weight's master,
+// cast to FP8 after the step): the gradient is widened as it is read.
+ADAM_G(adamw_f32_bgrad, float, __nv_bfloat16)
 
 // ---- optimizer.store_param_remainders (Transformer Engine's FusedAdam layout) ----
 // The f32 master is not stored: its high 16 bits are the bf16 parameter and its low 16 bits a

@@ -12,7 +12,7 @@
 //! outside the GEMMs (checkpoints, norms, the optimizer's first master) goes through
 //! [`value_as`], which scales the stored values back.
 
-use crate::ops::fp8::{dequantize_stored, quantize_stored, Fp8Weight};
+use crate::ops::fp8::{dequantize_stored, quantize_stored_into, Fp8Weight};
 use crate::ops::timing::section;
 use candle_core::{DType, Device, Result, Tensor, TensorId, Var};
 use std::collections::HashMap;
@@ -56,8 +56,7 @@ pub fn store(var: &Var, value: &Tensor, high_precision: bool) -> Result<()> {
     }
     let device = var.device();
     let master = value.to_dtype(DType::F32)?;
-    let (data, scale_inv) = section("fp8_param.cast", device, || quantize_stored(&master))?;
-    section("fp8_param.set", device, || var.set(&data))?;
+    let scale_inv = section("fp8_param.cast", device, || quantize_stored_into(&master, var))?;
     let high_precision = match high_precision {
         true => Some(value.to_device(&Device::Cpu)?),
         false => None,

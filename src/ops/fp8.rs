@@ -207,18 +207,18 @@ fn check_2d(what: &str, t: &Tensor) -> Result<(usize, usize)> {
 
 /// An FP8 primary weight (`mixed_precision.fp8_param`, Transformer Engine's FP8 model
 /// parameters): the matrix `x` (the f32 master, or initial values) cast to E4M3 with its own
-/// current scale, the scale every GEMM operand gets. Returns the values as an `F8E4M3`
-/// tensor and `1 / scale` (`[1]` f32), on `x`'s device.
-pub fn quantize_stored(x: &Tensor) -> Result<(Tensor, Tensor)> {
+/// current scale, the scale every GEMM operand gets, into the stored weight `var`
+/// (`F8E4M3`, `x`'s shape; in place on a GPU). Returns `1 / scale` (`[1]` f32).
+pub fn quantize_stored_into(x: &Tensor, var: &candle_core::Var) -> Result<Tensor> {
     check_2d("fp8 weight", x)?;
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return super::cuda::fp8::quantize_stored(x);
+        return super::cuda::fp8::quantize_stored_into(x, var.as_tensor());
     }
     let q = quantize_cpu(x, Fp8Format::E4M3)?;
     // Every value is an E4M3 value already: the conversion is exact.
-    let scale_inv = Tensor::from_vec(vec![q.scale_inv], 1, x.device())?;
-    Ok((q.values.to_dtype(DType::F8E4M3)?, scale_inv))
+    var.set(&q.values.to_dtype(DType::F8E4M3)?)?;
+    Tensor::from_vec(vec![q.scale_inv], 1, x.device())
 }
 
 /// The f32 values of a stored FP8 weight (its E4M3 values times `1 / scale`).
@@ -271,7 +271,7 @@ impl Fp8Weight {
         Ok(Self(WeightRepr::Cpu(Arc::new(quantize_cpu(w, recipe.forward)?))))
     }
 
-    /// An FP8 primary weight ([`quantize_stored`]'s values and `1 / scale`) as a GEMM
+    /// An FP8 primary weight ([`quantize_stored_into`]'s values and `1 / scale`) as a GEMM
     /// operand: the forward reads the values as they are stored; `transposed` also writes
     /// them transposed for the input gradient (a backward follows).
     pub fn from_stored(data: &Tensor, scale_inv: &Tensor, transposed: bool) -> Result<Self> {

@@ -201,7 +201,8 @@ fn launch_cfg(n: usize) -> LaunchConfig {
 
 /// Updates `master` (f32), `exp_avg`, `exp_avg_sq` (both f32 or both bf16; contiguous,
 /// distinct buffers) in place from
-/// `grad · step.grad_scale` (f32 or `param`'s half precision; None = zeros) and writes the
+/// `grad · step.grad_scale` (f32 or `param`'s half precision, or bf16 for an f32 parameter
+/// that is its own master; None = zeros) and writes the
 /// rounded result into `param` (the model's variable, any float dtype). With `param = None`
 /// the master *is* the f32 parameter.
 pub fn adam_step(
@@ -216,9 +217,20 @@ pub fn adam_step(
     check_f32(&[(master, "master")], n)?;
     let moments = check_moments(exp_avg, exp_avg_sq, n)?;
     let pdt = param.map_or(DType::F32, |p| p.dtype());
-    let (grad, grad_is_half) = kernel_grad(grad, pdt)?;
+    // An f32 parameter that is its own master (an FP8 primary weight's master) with a bf16
+    // gradient: the kernel widens the gradient as it reads it.
+    let bf16_grad =
+        param.is_none() && grad.is_some_and(|g| g.dtype() == DType::BF16 && g.is_contiguous());
+    let (grad, grad_is_half) = match bf16_grad {
+        true => (grad.cloned(), true),
+        false => kernel_grad(grad, pdt)?,
+    };
     let dev = master.device().as_cuda_device()?.clone();
-    let tgrad = if grad_is_half { "_tgrad" } else { "" };
+    let tgrad = match (bf16_grad, grad_is_half) {
+        (true, _) => "_bgrad",
+        (false, true) => "_tgrad",
+        (false, false) => "",
+    };
     let name = format!("adamw_{}{tgrad}{moments}", dtype_suffix(pdt)?);
     let f = crate::function!(&dev, &MODULE, &name)?;
     let args = step.args(grad.is_some());
@@ -232,7 +244,8 @@ pub fn adam_step(
     let gguard = grad.as_ref().map(|g| g.storage_and_layout());
     // Without a gradient the master stands in as a valid pointer.
     let absent = Operand::F32(f32_view(&ms, ml, n, "master")?);
-    let gv = grad_view(gguard.as_ref(), grad_is_half, pdt, n, absent)?;
+    let gdt = if bf16_grad { DType::BF16 } else { pdt };
+    let gv = grad_view(gguard.as_ref(), grad_is_half, gdt, n, absent)?;
     let pguard = param.map(|p| p.storage_and_layout());
     with_float_type!(pdt, P, {
         match &pguard {

@@ -178,22 +178,33 @@ fn cast(
     Ok(())
 }
 
-/// An FP8 primary weight (see `ops::fp8::quantize_stored`): the matrix `x` cast to E4M3 with
-/// its own scale, as an `F8E4M3` tensor, and `1 / scale` (`[1]` f32).
-pub(crate) fn quantize_stored(x: &Tensor) -> Result<(Tensor, Tensor)> {
+/// An FP8 primary weight (see `ops::fp8::quantize_stored_into`): the matrix `x` cast to E4M3
+/// with its own scale straight into `dst` (a contiguous `F8E4M3` matrix of `x`'s shape, the
+/// weight's own storage); returns `1 / scale` (`[1]` f32).
+pub(crate) fn quantize_stored_into(x: &Tensor, dst: &Tensor) -> Result<Tensor> {
     let (rows, cols) = x.dims2()?;
+    if dst.dims() != [rows, cols] || dst.dtype() != DType::F8E4M3 || !dst.is_contiguous() {
+        candle_core::bail!(
+            "fp8 weight: cast of a {:?} value into a {:?} {:?} weight",
+            x.dims(),
+            dst.dims(),
+            dst.dtype()
+        )
+    }
     let x = x.contiguous()?;
     let dev = device(&x)?;
     let amax = dev.alloc_zeros::<f32>(1)?;
-    // SAFETY: written by the cast kernel before anything reads them.
-    let (data, scale_inv) =
-        unsafe { (dev.alloc::<float8::F8E4M3>(rows * cols)?, dev.alloc::<f32>(1)?) };
+    // SAFETY: written by the cast kernel before anything reads it.
+    let scale_inv = unsafe { dev.alloc::<f32>(1)? };
     let stream = dev.cuda_stream();
+    let (s, l) = dst.storage_and_layout();
+    let bytes = contiguous_view::<float8::F8E4M3>(cuda_storage(&s, "fp8 weight")?, l, "fp8")?;
     {
-        let (out, _guard) = data.device_ptr(&stream);
+        // Written in place through the view, as the fused optimizer writes its parameters.
+        let (out, _guard) = bytes.device_ptr(&stream);
         cast(&x, Fp8Format::E4M3, &amax, true, out, 0, &scale_inv)?;
     }
-    Ok((wrap(data, &dev, (rows, cols)), wrap(scale_inv, &dev, 1)))
+    Ok(wrap(scale_inv, &dev, 1))
 }
 
 /// A stored FP8 weight `data` (`F8E4M3`, with its `1 / scale`) as a GEMM operand: the
