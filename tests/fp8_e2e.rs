@@ -109,6 +109,28 @@ fn the_fp8_preset_stores_the_weights_in_fp8_and_resumes_exactly() {
     assert_eq!(tail, stored[6..], "resumed run");
 }
 
+/// Megatron Bridge keeps `fp8_param` and `fp8_param_gather` in sync (setting either sets
+/// both): after the preset, turning either off keeps the weights in bf16.
+#[test]
+fn either_fp8_param_switch_turns_the_stored_weights_off() {
+    let stored = |overrides: &[&str]| {
+        let out = Command::cargo_bin("mbridge")
+            .unwrap()
+            .args(["pretrain", "--recipe", "tiny_llama", "train.train_iters=1"])
+            .args(["validation.eval_iters=0", "model.num_layers=4"])
+            .arg("mixed_precision=bf16_with_fp8_current_scaling_mixed")
+            .args(overrides)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).contains("stored in FP8")
+    };
+    assert!(stored(&[]));
+    assert!(!stored(&["mixed_precision.fp8_param_gather=false"]));
+    assert!(!stored(&["mixed_precision.fp8_param=false"]));
+    assert!(stored(&["mixed_precision.fp8_param_gather=false", "mixed_precision.fp8_param=true"]));
+}
+
 /// FP8 primary weights with the distributed optimizer over two data-parallel ranks: each rank
 /// casts the gathered f32 masters itself, so both hold the same FP8 weights and the curve
 /// tracks one rank's.

@@ -123,8 +123,7 @@ pub fn preset(name: &str) -> Option<MixedPrecisionConfig> {
     } else if name.contains("nvfp4") {
         mp.fp4 = Some("e2m1".into());
     }
-    if mp.fp8.is_some() {
-        mp.fp8_param = Some(mp.fp8_param_gather);
-    }
+    // `fp8_param` stays unset: Megatron Bridge keeps it in sync with `fp8_param_gather`
+    // (setting either sets both), so an override of either one after the preset decides.
     Some(mp)
 }

@@ -654,11 +654,11 @@ fn apply_mixed_precision(cfg: &mut ConfigContainer, mp: &MixedPrecisionConfig) {
     m.autocast_dtype = mp.autocast_dtype;
     m.fp8 = mp.fp8.clone();
     m.fp8_recipe = mp.fp8.as_ref().and(mp.fp8_recipe.clone());
-    // Megatron Bridge keeps the two equal (setting either sets both); mbridge keeps FP8
-    // primary weights when either is on.
+    // Megatron Bridge keeps the two in sync (setting either sets both; an unset
+    // `fp8_param` follows `fp8_param_gather`): an explicit `fp8_param` decides.
     m.fp8_param = match (mp.fp8_param, mp.fp8_param_gather) {
         (None, false) => None,
-        (param, gather) => Some(param == Some(true) || gather),
+        (param, gather) => Some(param.unwrap_or(gather)),
     };
     m.fp8_wgrad = mp.fp8_wgrad;
     m.fp4 = mp.fp4.clone();
@@ -675,5 +675,5 @@ fn apply_mixed_precision(cfg: &mut ConfigContainer, mp: &MixedPrecisionConfig) {
     o.loss_scale_window = mp.loss_scale_window;
     o.hysteresis = mp.hysteresis;
     cfg.ddp.grad_reduce_in_fp32 = mp.grad_reduce_in_fp32;
-    cfg.ddp.fp8_param_gather = mp.fp8_param_gather;
+    cfg.ddp.fp8_param_gather = mp.fp8_param.unwrap_or(mp.fp8_param_gather);
 }
