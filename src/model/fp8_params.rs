@@ -3,9 +3,11 @@
 //! FP8 layers' GEMMs are kept as their E4M3 values (candle's `F8E4M3`, one byte each) instead
 //! of bf16, cast from the f32 master after every optimizer step with the master's own
 //! tensorwise scale. The forward reads the stored bytes in place; the input gradient's
-//! transposed copy is written once per step ([`super::fp8_weights`]). Against bf16
-//! parameters quantized at each step this drops two bytes per weight element, and the cast
-//! starts from the f32 master rather than from its bf16 rounding.
+//! transposed copy is written from them for each step (held across its micro-batches,
+//! [`super::fp8_weights`]). The cast starts from the f32 master rather than from its bf16
+//! rounding. It saves no memory against bf16 weights whose master is kept as a 16-bit
+//! remainder (`store_param_remainders`, 4 bytes a weight): an FP8 weight needs a full f32
+//! master (5).
 //!
 //! candle tensors carry no metadata, so the scale each weight was cast with lives here, keyed
 //! by its variable's id (Transformer Engine keeps it inside its `Float8Tensor`). Every reader
@@ -39,10 +41,10 @@ pub fn is_stored(t: &Tensor) -> bool {
     t.dtype() == DType::F8E4M3
 }
 
-/// Casts `value` (the weight's shape, any float dtype) into the stored weight `var` with its
-/// own scale. `high_precision`: whether to keep `value` (on the host) for the optimizer's
-/// first master, as Transformer Engine's `preserve_high_precision_init_val` does; the next
-/// write forgets it.
+/// Casts `value` (the weight's shape, any float dtype, on any device) into the stored weight
+/// `var` with its own scale. `high_precision`: whether to keep `value` (on the host) for the
+/// optimizer's first master, as Transformer Engine's `preserve_high_precision_init_val`
+/// does; the next write forgets it.
 pub fn store(var: &Var, value: &Tensor, high_precision: bool) -> Result<()> {
     if !is_stored(var.as_tensor()) {
         candle_core::bail!("fp8 params: the variable is {:?}, not a stored FP8 weight", var.dtype())
@@ -55,7 +57,7 @@ pub fn store(var: &Var, value: &Tensor, high_precision: bool) -> Result<()> {
         )
     }
     let device = var.device();
-    let master = value.to_dtype(DType::F32)?;
+    let master = value.to_device(device)?.to_dtype(DType::F32)?;
     let scale_inv = section("fp8_param.cast", device, || quantize_stored_into(&master, var))?;
     let high_precision = match high_precision {
         true => Some(value.to_device(&Device::Cpu)?),

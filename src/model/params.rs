@@ -126,13 +126,13 @@ impl ParamStore {
         }
     }
 
-    /// Sets `var` to `value` (its shape): cast to its dtype, or stored in FP8 with the value
-    /// kept for the optimizer's master.
+    /// Sets `var` to `value` (its shape, on any device): cast to its dtype, or stored in FP8
+    /// with the value kept for the optimizer's master (a host `value` is kept as it is).
     fn set_value(var: &Var, value: &Tensor) -> Result<()> {
         if fp8_params::is_stored(var.as_tensor()) {
             fp8_params::store(var, value, true)
         } else {
-            var.set(&value.to_dtype(var.dtype())?)
+            var.set(&value.to_device(var.device())?.to_dtype(var.dtype())?)
         }
     }
 
@@ -272,7 +272,7 @@ impl ParamStore {
                 })
                 .collect::<Result<Vec<_>>>()?;
             for (d, shard) in batch.iter().zip(shards) {
-                Self::set_value(&self.params[d.param].var, &shard.to_device(&self.device)?)?;
+                Self::set_value(&self.params[d.param].var, &shard)?;
             }
         }
         Ok(())

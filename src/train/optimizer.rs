@@ -286,12 +286,12 @@ impl ParamState {
     pub fn set_master(&mut self, value: Tensor) -> candle_core::Result<()> {
         match &self.master {
             Master::Variable => self.var.set(&value)?,
-            Master::Copy(_) if fp8_params::is_stored(self.var.as_tensor()) => {
-                fp8_params::store(&self.var, &value, false)?;
-                self.master = Master::Copy(value);
-            }
             Master::Copy(_) => {
-                self.var.set(&value.to_dtype(self.var.dtype())?)?;
+                if fp8_params::is_stored(self.var.as_tensor()) {
+                    fp8_params::store(&self.var, &value, false)?;
+                } else {
+                    self.var.set(&value.to_dtype(self.var.dtype())?)?;
+                }
                 self.master = Master::Copy(value);
             }
             Master::Remainder(_) => {
